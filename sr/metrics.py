@@ -1,0 +1,59 @@
+"""Image-quality metrics as the SR literature computes them, plus the two "dullness" measures of the app.
+
+Inputs are uint8 HxWx3 RGB arrays (values 0..255). PSNR and SSIM are computed on the Y channel of ITU-R
+BT.601 YCbCr with `shave` pixels removed from every border (BasicSR `metrics/psnr_ssim.py`, and the
+convention of EDSR/RCAN/XLSR tables).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from skimage.color import deltaE_ciede2000, rgb2lab
+from skimage.metrics import structural_similarity
+
+
+def rgb_to_y(image: np.ndarray) -> np.ndarray:
+    """uint8/float RGB (0..255) HxWx3 -> float64 Y in 16..235 (ITU-R BT.601, as MATLAB's rgb2ycbcr)."""
+    rgb = np.asarray(image, dtype=np.float64)
+    return 16.0 + (65.481 * rgb[..., 0] + 128.553 * rgb[..., 1] + 24.966 * rgb[..., 2]) / 255.0
+
+
+def _y_pair(output: np.ndarray, reference: np.ndarray, shave: int) -> tuple[np.ndarray, np.ndarray]:
+    if output.shape != reference.shape:
+        raise ValueError(f"images differ in shape: {output.shape} vs {reference.shape}")
+    a, b = rgb_to_y(output), rgb_to_y(reference)
+    if shave:
+        if min(a.shape) <= 2 * shave:
+            raise ValueError(f"image of {a.shape[1]}x{a.shape[0]} px is too small to shave {shave} px per border")
+        a, b = a[shave:-shave, shave:-shave], b[shave:-shave, shave:-shave]
+    return a, b
+
+
+def psnr_y(output: np.ndarray, reference: np.ndarray, shave: int = 0) -> float:
+    """Y-channel PSNR in dB (peak 255); `inf` for identical images."""
+    a, b = _y_pair(output, reference, shave)
+    mse = float(np.mean((a - b) ** 2))
+    return math.inf if mse == 0.0 else 10.0 * math.log10(255.0**2 / mse)
+
+
+def ssim_y(output: np.ndarray, reference: np.ndarray, shave: int = 0) -> float:
+    """Y-channel SSIM (Wang et al. 2004: 11x11 Gaussian window, sigma 1.5), from scikit-image."""
+    a, b = _y_pair(output, reference, shave)
+    return float(structural_similarity(a, b, data_range=255.0, gaussian_weights=True, sigma=1.5,
+                                       use_sample_covariance=False))
+
+
+def brightness_ratio(output: np.ndarray, reference: np.ndarray) -> float:
+    """Mean brightness (mean of all RGB values) of `output` over that of `reference`: < 1 means darker."""
+    reference_mean = float(np.mean(reference, dtype=np.float64))
+    if reference_mean == 0.0:
+        return 1.0 if float(np.mean(output, dtype=np.float64)) == 0.0 else math.inf
+    return float(np.mean(output, dtype=np.float64)) / reference_mean
+
+
+def delta_e(output: np.ndarray, reference: np.ndarray) -> float:
+    """Mean CIEDE2000 colour difference (CIELAB, D65) between two RGB images; about 2.3 is just noticeable."""
+    if output.shape != reference.shape:
+        raise ValueError(f"images differ in shape: {output.shape} vs {reference.shape}")
+    return float(np.mean(deltaE_ciede2000(rgb2lab(output), rgb2lab(reference))))

@@ -1,0 +1,269 @@
+"""The SR networks (XLSR and the teacher), the name -> constructor table, and self-describing weight files.
+
+Tensors are float32 NCHW RGB in [0, 1]. A weight file is a safetensors file whose metadata holds the
+architecture name and its config (`{"arch": "xlsr", "config": "{...json...}"}`), so `load_model(path)` needs
+nothing but the file.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass
+from enum import Enum
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
+SCALES = (2, 3, 4)
+
+
+class FinalActivation(str, Enum):
+    """The activation after depth-to-space. `clipped_relu` is Ayazoglu's fix (CVPRW 2021): clamp to [0, 1]."""
+
+    RELU = "relu"
+    CLIPPED_RELU = "clipped_relu"
+    LINEAR = "linear"
+
+
+def _final_activation(kind: FinalActivation) -> nn.Module:
+    if kind is FinalActivation.RELU:
+        return nn.ReLU()
+    if kind is FinalActivation.CLIPPED_RELU:
+        return nn.Hardtanh(0.0, 1.0)  # exported as Clip(0, 1)
+    return nn.Identity()
+
+
+@dataclass
+class XLSRConfig:
+    scale: int = 3
+    final_activation: FinalActivation = FinalActivation.RELU
+    channels: int = 32
+    skip_channels: int = 16
+    groups: int = 4  # the GBlocks' 3x3 convolutions are grouped: 4 groups of 8 channels, as in the paper
+    num_gblocks: int = 3
+
+    def __post_init__(self):
+        _check_scale(self.scale)
+        self.final_activation = _activation(self.final_activation)
+
+
+@dataclass
+class TeacherConfig:
+    scale: int = 3
+    final_activation: FinalActivation = FinalActivation.RELU  # the large "original" model keeps its ReLU
+    channels: int = 64
+    num_blocks: int = 12  # ~0.9M parameters: clearly stronger than XLSR, still trainable on 2 CPU cores
+
+    def __post_init__(self):
+        _check_scale(self.scale)
+        self.final_activation = _activation(self.final_activation)
+
+
+def _check_scale(scale: int) -> None:
+    if scale not in SCALES:
+        raise ValueError(f"scale must be one of {SCALES}, got {scale}")
+
+
+def _activation(value) -> FinalActivation:
+    try:
+        return FinalActivation(value)
+    except ValueError:
+        options = ", ".join(a.value for a in FinalActivation)
+        raise ValueError(f"unknown final activation {value!r}; choose one of: {options}") from None
+
+
+class GBlock(nn.Module):
+    """3x3 grouped convolution + ReLU, then a 1x1 convolution that mixes the groups."""
+
+    def __init__(self, channels: int, groups: int):
+        super().__init__()
+        self.grouped = nn.Conv2d(channels, channels, 3, padding=1, groups=groups)
+        self.relu = nn.ReLU()
+        self.mix = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mix(self.relu(self.grouped(x)))
+
+
+class XLSR(nn.Module):
+    """XLSR, Ayazoglu, "Extremely Lightweight Quantization Robust Real-Time Single-Image Super Resolution for
+    Mobile Devices", CVPRW 2021: about 22k parameters at x3.
+
+    input -> conv3x3(3->32) -> ReLU -> conv1x1 -> 3 GBlocks --.
+      `---> conv3x3(3->16) (skip branch) ------------------- concat(48) -> conv1x1(48->32) -> ReLU
+          -> conv3x3(32->3*s*s) -> depth-to-space -> final activation
+    """
+
+    def __init__(self, config: XLSRConfig | None = None):
+        super().__init__()
+        self.config = config = config or XLSRConfig()
+        c = config.channels
+        self.head = nn.Conv2d(3, c, 3, padding=1)
+        self.head_relu = nn.ReLU()
+        self.head_mix = nn.Conv2d(c, c, 1)
+        self.gblocks = nn.Sequential(*[GBlock(c, config.groups) for _ in range(config.num_gblocks)])
+        self.skip = nn.Conv2d(3, config.skip_channels, 3, padding=1)
+        self.fuse = nn.Conv2d(c + config.skip_channels, c, 1)
+        self.fuse_relu = nn.ReLU()
+        self.tail = nn.Conv2d(c, 3 * config.scale**2, 3, padding=1)
+        self.depth_to_space = nn.PixelShuffle(config.scale)
+        self.output = _final_activation(config.final_activation)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = self.gblocks(self.head_mix(self.head_relu(self.head(x))))
+        fused = self.fuse_relu(self.fuse(torch.cat([features, self.skip(x)], dim=1)))
+        return self.output(self.depth_to_space(self.tail(fused)))
+
+
+class ResBlock(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(channels, channels, 3, padding=1), nn.ReLU(), nn.Conv2d(channels, channels, 3, padding=1)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.body(x)
+
+
+class Teacher(nn.Module):
+    """An EDSR-baseline-like residual network (Lim et al., CVPRW 2017) with an ESPCN-style sub-pixel tail and
+    a ReLU output: the big "original" model, and the teacher for knowledge distillation."""
+
+    def __init__(self, config: TeacherConfig | None = None):
+        super().__init__()
+        self.config = config = config or TeacherConfig()
+        c = config.channels
+        self.head = nn.Conv2d(3, c, 3, padding=1)
+        self.body = nn.Sequential(*[ResBlock(c) for _ in range(config.num_blocks)], nn.Conv2d(c, c, 3, padding=1))
+        self.tail = nn.Conv2d(c, 3 * config.scale**2, 3, padding=1)
+        self.depth_to_space = nn.PixelShuffle(config.scale)
+        self.output = _final_activation(config.final_activation)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = self.head(x)
+        return self.output(self.depth_to_space(self.tail(features + self.body(features))))
+
+
+MODELS: dict[str, tuple[type[nn.Module], type]] = {
+    "xlsr": (XLSR, XLSRConfig),
+    "teacher": (Teacher, TeacherConfig),
+}
+
+
+def build_model(arch: str, **config) -> nn.Module:
+    """A fresh model: `build_model("xlsr", scale=3, final_activation="clipped_relu")`.
+
+    Raises:
+        ValueError: unknown architecture or config field.
+    """
+    if arch not in MODELS:
+        raise ValueError(f"unknown architecture {arch!r}; choose one of: {', '.join(MODELS)}")
+    model_class, config_class = MODELS[arch]
+    try:
+        return model_class(config_class(**config))
+    except TypeError as error:
+        raise ValueError(f"bad config for {arch}: {error}") from None
+
+
+def model_spec(model: nn.Module) -> dict:
+    """{"arch", "config"} of a model built here (enums as their values)."""
+    arch = next(name for name, (cls, _) in MODELS.items() if isinstance(model, cls))
+    config = {k: (v.value if isinstance(v, Enum) else v) for k, v in asdict(model.config).items()}
+    return {"arch": arch, "config": config}
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def save_weights(model: nn.Module, path: str | os.PathLike, extra: dict | None = None) -> Path:
+    """Write the model's weights and spec to a safetensors file, atomically (temp file + rename).
+
+    `extra` values are stored as JSON strings in the metadata (training config, steps, validation PSNR).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    spec = model_spec(model)
+    metadata = {"arch": spec["arch"], "config": json.dumps(spec["config"])}
+    metadata.update({k: json.dumps(v) for k, v in (extra or {}).items()})
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(handle)
+    try:
+        save_file(tensors, temp, metadata=metadata)
+        os.replace(temp, path)
+    finally:
+        if os.path.exists(temp):
+            os.unlink(temp)
+    return path
+
+
+def resolve_weights(name_or_path: str | os.PathLike) -> Path:
+    """A shipped model name (`xlsr-clip`) or a path -> the weight file's path.
+
+    Raises:
+        FileNotFoundError: neither a file nor a shipped name; the message lists the shipped names.
+    """
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    shipped = WEIGHTS_DIR / f"{name_or_path}.safetensors"
+    if shipped.is_file():
+        return shipped
+    names = ", ".join(shipped_models()) or "(none)"
+    raise FileNotFoundError(f"no model {str(name_or_path)!r}: not a file, and not a shipped model ({names})")
+
+
+def shipped_models() -> list[str]:
+    return sorted(p.stem for p in WEIGHTS_DIR.glob("*.safetensors"))
+
+
+def read_metadata(name_or_path) -> dict:
+    """The metadata of a weight file, JSON values decoded."""
+    path = resolve_weights(name_or_path)
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            raw = handle.metadata() or {}
+    except Exception as error:  # safetensors raises its own error types for non-safetensors files
+        raise ValueError(f"{path.name} is not a safetensors weight file ({error})") from None
+    decoded = {}
+    for key, value in raw.items():
+        try:
+            decoded[key] = json.loads(value)
+        except json.JSONDecodeError:
+            decoded[key] = value
+    return decoded
+
+
+def load_model(name_or_path: str | os.PathLike) -> nn.Module:
+    """Build the model described by a weight file and load its weights (no pickle is executed).
+
+    Raises:
+        FileNotFoundError: no such model.
+        ValueError: not a safetensors file, or one without our architecture metadata, or weights that do
+            not fit the recorded architecture.
+    """
+    path = resolve_weights(name_or_path)
+    metadata = read_metadata(path)
+    if "arch" not in metadata or "config" not in metadata:
+        raise ValueError(f"{path.name} has no 'arch'/'config' metadata: it was not written by sr.save_weights")
+    model = build_model(metadata["arch"], **metadata["config"])
+    from safetensors.torch import load_file
+
+    try:
+        model.load_state_dict(load_file(str(path)))
+    except RuntimeError as error:
+        raise ValueError(f"{path.name}: weights do not match {metadata['arch']} {metadata['config']}: {error}") from None
+    return model.eval()
+
+
+@torch.no_grad()
+def upscale(model: nn.Module, lr: torch.Tensor) -> torch.Tensor:
+    """Run `model` on a float32 1x3xHxW LR tensor in [0, 1]; returns 1x3x(sH)x(sW) clamped to [0, 1]."""
+    return model(lr).clamp_(0.0, 1.0)
