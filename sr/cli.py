@@ -80,6 +80,45 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    import shutil
+
+    from .calibrate import CalibrationConfig
+    from .quantize import calibrate_model
+
+    config = CalibrationConfig(method=args.method, samples=args.samples, patch_size=args.patch_size,
+                               seed=args.seed, percentile=args.percentile, data=args.data)
+    _print_config(config)
+    int8 = calibrate_model(args.model, config, args.scheme, threads=args.threads)
+    qdq = int8.qdq_onnx
+    if args.out:
+        from .export import write_atomic
+
+        qdq = write_atomic(int8.qdq_onnx.read_bytes(), args.out)
+    if args.json:
+        print(json.dumps({"model": args.model, "method": config.method.value, "samples": config.samples,
+                          "scheme": int8.scheme.value, "qdq_model": str(qdq), "tensors": [
+                              {k: v for k, v in r.to_dict().items() if k != "method"} for r in int8.ranges.values()]},
+                         indent=2))
+        return 0
+    print(f"{'tensor':<44}{'op':>13}{'observed min':>14}{'max':>9}{'low':>10}{'high':>9}{'clipped':>10}")
+    for r in int8.ranges.values():
+        print(f"{r.name[-44:]:<44}{int8.producers.get(r.name, ''):>13}{r.observed_min:>14.4f}{r.observed_max:>9.4f}"
+              f"{r.low:>10.4f}{r.high:>9.4f}{100 * r.clipped_fraction:>9.3f}%")
+    print(f"QDQ model: {qdq}" + (" (from the cache)" if int8.cached else f" ({int8.seconds:.1f} s)"))
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import BenchConfig, format_bench, run_bench
+
+    config = BenchConfig(model=args.model, samples=args.samples, large_samples=args.large_samples)
+    _print_config(config)
+    report = run_bench(config)
+    print(json.dumps(report, indent=2) if args.json else format_bench(report))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m sr", description=(
         "SR INT8 Lab: train, distill, export, calibrate and evaluate super-resolution networks in INT8."))
@@ -111,6 +150,26 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--json", action="store_true", help="print one JSON object")
     evaluate.set_defaults(run=cmd_eval)
 
+    calibrate = commands.add_parser("calibrate", help="calibrate a model for INT8 and write its QDQ ONNX model")
+    calibrate.add_argument("--model", required=True, help="shipped model name or weight file")
+    calibrate.add_argument("--method", default="entropy", help="entropy, minmax, percentile or mse")
+    calibrate.add_argument("--samples", type=int, default=100, help="calibration patches, 10..1000")
+    calibrate.add_argument("--scheme", default="tensorrt", help="tensorrt (symmetric int8) or cpu (uint8)")
+    calibrate.add_argument("--percentile", type=float, default=99.99, help="for --method percentile")
+    calibrate.add_argument("--patch-size", type=int, default=64, help="calibration patch side (LR px)")
+    calibrate.add_argument("--seed", type=int, default=0)
+    calibrate.add_argument("--data", default=None, help="calibration image folder (default: calib_data/)")
+    calibrate.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads (0 = its default)")
+    calibrate.add_argument("--out", default=None, help="also copy the QDQ model here")
+    calibrate.add_argument("--json", action="store_true", help="print one JSON object")
+    calibrate.set_defaults(run=cmd_calibrate)
+
+    bench = commands.add_parser("bench", help="calibration speed/memory vs onnxruntime, and engine latency")
+    bench.add_argument("--model", default="xlsr-clip")
+    bench.add_argument("--samples", type=int, default=100, help="samples for the comparison with onnxruntime")
+    bench.add_argument("--large-samples", type=int, default=1000, help="samples for the peak-memory run")
+    bench.add_argument("--json", action="store_true", help="print one JSON object")
+    bench.set_defaults(run=cmd_bench)
     return parser
 
 

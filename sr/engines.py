@@ -1,0 +1,180 @@
+"""Inference engines behind one interface: `engine.run(lr uint8 HxWx3) -> uint8 (sH)x(sW)x3`.
+
+PyTorch FP32, ONNX Runtime FP32 and INT8 (QDQ models from `sr.quantize`), and TensorRT (a strongly typed
+engine built from the `tensorrt`-scheme QDQ model; needs an NVIDIA GPU, `tensorrt` and torch with CUDA, see
+requirements-gpu.txt). Large inputs run in overlapping tiles: the overlap covers the network's receptive field,
+so the stitched result equals the whole-image result exactly (no seams) while memory stays bounded.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .data import to_tensor, to_uint8
+
+log = logging.getLogger(__name__)
+
+TILE = 256  # LR pixels per tile side
+OVERLAP = 32  # LR pixels; >= the receptive-field radius of XLSR (5) and of the teacher (27)
+
+
+def tiled(run_array: Callable[[np.ndarray], np.ndarray], lr: np.ndarray, scale: int, tile: int = TILE,
+          overlap: int = OVERLAP) -> np.ndarray:
+    """Run `run_array` (float32 1x3xhxw -> float32 1x3x(sh)x(sw)) over overlapping tiles of `lr` (uint8 HxWx3)
+    and stitch the centres. Returns uint8 (sH)x(sW)x3."""
+    if lr.ndim != 3 or lr.shape[2] != 3 or lr.dtype != np.uint8:
+        raise ValueError(f"expected a uint8 HxWx3 image, got {lr.dtype} {lr.shape}")
+    height, width = lr.shape[:2]
+    image = np.ascontiguousarray(lr.transpose(2, 0, 1)[None], dtype=np.float32) / 255.0
+    out = np.empty((height * scale, width * scale, 3), np.uint8)
+    for y in range(0, height, tile):
+        for x in range(0, width, tile):
+            y0, x0 = max(0, y - overlap), max(0, x - overlap)
+            y1, x1 = min(height, y + tile + overlap), min(width, x + tile + overlap)
+            result = run_array(image[:, :, y0:y1, x0:x1])
+            top, left = (y - y0) * scale, (x - x0) * scale
+            h, w = min(tile, height - y) * scale, min(tile, width - x) * scale
+            block = result[0, :, top : top + h, left : left + w]
+            out[y * scale : y * scale + h, x * scale : x * scale + w] = np.clip(
+                np.rint(block.transpose(1, 2, 0) * 255.0), 0, 255).astype(np.uint8)
+    return out
+
+
+class TorchEngine:
+    """PyTorch FP32 on the CPU (or a given device)."""
+
+    def __init__(self, model: torch.nn.Module, device: str = "cpu", name: str = "torch"):
+        self.model, self.device, self.name = model.eval().to(device), torch.device(device), name
+        self.scale = model.config.scale
+
+    @torch.no_grad()
+    def _run_array(self, array: np.ndarray) -> np.ndarray:
+        return self.model(torch.from_numpy(array).to(self.device)).float().cpu().numpy()
+
+    def run(self, lr: np.ndarray) -> np.ndarray:
+        return tiled(self._run_array, lr, self.scale)
+
+
+class OrtEngine:
+    """ONNX Runtime on the CPU: an FP32 model or a QDQ INT8 model."""
+
+    def __init__(self, onnx_path: str | os.PathLike, scale: int, threads: int = 0, name: str = "ort"):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        options.log_severity_level = 3
+        self.session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+        self.input_name = self.session.get_inputs()[0].name
+        self.scale, self.name, self.path = scale, name, Path(onnx_path)
+
+    def _run_array(self, array: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {self.input_name: array})[0]
+
+    def run(self, lr: np.ndarray) -> np.ndarray:
+        return tiled(self._run_array, lr, self.scale)
+
+
+def tensorrt_available() -> bool:
+    """True when TensorRT and a CUDA GPU are both usable."""
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+class TensorRTEngine:
+    """A strongly typed TensorRT engine built from a `tensorrt`-scheme QDQ model (TensorRT 10/11 API).
+
+    The engine is cached on disk, keyed by the ONNX model's hash, the GPU's name and TensorRT's version; device
+    buffers are torch CUDA tensors. Inputs run in tiles of at most TILE + 2 * OVERLAP pixels per side, the
+    optimisation profile's maximum.
+    """
+
+    def __init__(self, qdq_onnx: str | os.PathLike, scale: int, cache_dir: str | os.PathLike | None = None,
+                 name: str = "tensorrt"):
+        import tensorrt as trt
+
+        if not torch.cuda.is_available():
+            raise RuntimeError("TensorRT needs an NVIDIA GPU with CUDA; none is visible")
+        self.trt, self.scale, self.name = trt, scale, name
+        self.logger = trt.Logger(trt.Logger.WARNING)
+        qdq_onnx = Path(qdq_onnx)
+        from .quantize import CACHE_DIR
+
+        cache = Path(cache_dir or CACHE_DIR / "tensorrt")
+        cache.mkdir(parents=True, exist_ok=True)
+        key = hashlib.sha256(qdq_onnx.read_bytes() + torch.cuda.get_device_name().encode()
+                             + trt.__version__.encode()).hexdigest()[:20]
+        plan_path = cache / f"{qdq_onnx.stem}-{key}.plan"
+        plan = plan_path.read_bytes() if plan_path.is_file() else None
+        runtime = trt.Runtime(self.logger)
+        self.engine = runtime.deserialize_cuda_engine(plan) if plan else None
+        if self.engine is None:  # missing or stale/corrupt plan
+            plan = self._build(qdq_onnx)
+            from .export import write_atomic
+
+            write_atomic(plan, plan_path)
+            self.engine = runtime.deserialize_cuda_engine(plan)
+        self.context = self.engine.create_execution_context()
+        self.input_name, self.output_name = self.engine.get_tensor_name(0), self.engine.get_tensor_name(1)
+        self.stream = torch.cuda.Stream()
+
+    def _build(self, qdq_onnx: Path) -> bytes:
+        trt = self.trt
+        builder = trt.Builder(self.logger)
+        network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+        parser = trt.OnnxParser(network, self.logger)
+        if not parser.parse(qdq_onnx.read_bytes()):
+            errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+            raise RuntimeError(f"TensorRT could not parse {qdq_onnx.name}: {errors}")
+        config = builder.create_builder_config()
+        profile = builder.create_optimization_profile()
+        side = TILE + 2 * OVERLAP
+        profile.set_shape(network.get_input(0).name, (1, 3, 8, 8), (1, 3, side, side), (1, 3, side, side))
+        config.add_optimization_profile(profile)
+        plan = builder.build_serialized_network(network, config)
+        if plan is None:
+            raise RuntimeError(f"TensorRT failed to build an engine from {qdq_onnx.name}")
+        return bytes(plan)
+
+    def _run_array(self, array: np.ndarray) -> np.ndarray:
+        source = torch.from_numpy(array).cuda()
+        _, _, height, width = array.shape
+        result = torch.empty((1, 3, height * self.scale, width * self.scale), device="cuda", dtype=torch.float32)
+        self.context.set_input_shape(self.input_name, tuple(source.shape))
+        self.context.set_tensor_address(self.input_name, source.data_ptr())
+        self.context.set_tensor_address(self.output_name, result.data_ptr())
+        with torch.cuda.stream(self.stream):
+            if not self.context.execute_async_v3(self.stream.cuda_stream):
+                raise RuntimeError("TensorRT inference failed")
+        self.stream.synchronize()
+        return result.cpu().numpy()
+
+    def run(self, lr: np.ndarray) -> np.ndarray:
+        return tiled(self._run_array, lr, self.scale)
+
+
+def latency_ms(engine, lr: np.ndarray, repeats: int = 10, warmup: int = 2) -> float:
+    """Median wall time of `engine.run(lr)` in milliseconds."""
+    for _ in range(warmup):
+        engine.run(lr)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        engine.run(lr)
+        times.append((time.perf_counter() - start) * 1e3)
+    return float(np.median(times))
+
+
+__all__ = ["TorchEngine", "OrtEngine", "TensorRTEngine", "tensorrt_available", "tiled", "latency_ms",
+           "to_tensor", "to_uint8"]

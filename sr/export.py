@@ -1,0 +1,91 @@
+"""torch -> ONNX (opset 17, dynamic height/width), checked against torch and written atomically.
+
+The graph takes `input` float32 1x3xHxW in [0, 1] and returns `output` 1x3x(sH)x(sW).
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from torch import nn
+
+OPSET = 17
+INPUT, OUTPUT = "input", "output"
+
+
+def onnx_bytes(model: nn.Module) -> bytes:
+    """The serialized ONNX graph of `model` (eval mode, CPU)."""
+    model = model.eval().cpu()
+    example = torch.rand(1, 3, 24, 32)
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
+        torch.onnx.export(model, (example,), buffer, opset_version=OPSET, input_names=[INPUT],
+                          output_names=[OUTPUT], dynamic_axes={INPUT: {0: "batch", 2: "height", 3: "width"},
+                                                               OUTPUT: {0: "batch", 2: "out_height", 3: "out_width"}},
+                          dynamo=False)
+    proto = onnx.load_from_string(buffer.getvalue())
+    onnx.checker.check_model(proto)
+    return proto.SerializeToString()
+
+
+def max_abs_difference(model: nn.Module, onnx_model: bytes | str | os.PathLike, height: int = 37,
+                       width: int = 53, seed: int = 0) -> float:
+    """Largest |torch - ONNX Runtime| over a random image of an odd size (checks the dynamic axes too)."""
+    generator = torch.Generator().manual_seed(seed)
+    image = torch.rand(1, 3, height, width, generator=generator)
+    with torch.no_grad():
+        expected = model.eval().cpu()(image).numpy()
+    source = onnx_model if isinstance(onnx_model, bytes) else str(onnx_model)
+    session = ort.InferenceSession(source, providers=["CPUExecutionProvider"])
+    (actual,) = session.run(None, {INPUT: image.numpy()})
+    return float(np.max(np.abs(actual - expected)))
+
+
+def write_atomic(data: bytes, path: str | os.PathLike) -> Path:
+    """Write `data` to `path` through a temp file in the same folder and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temp, path)
+    finally:
+        if os.path.exists(temp):
+            os.unlink(temp)
+    return path
+
+
+def export_onnx(model: nn.Module, path: str | os.PathLike, tolerance: float = 1e-4) -> Path:
+    """Export `model` to ONNX at `path`, after checking ONNX Runtime matches torch within `tolerance`.
+
+    Example:
+        >>> export_onnx(load_model("xlsr-clip"), "cache/xlsr-clip.onnx")
+
+    Raises:
+        RuntimeError: ONNX Runtime's output differs from torch's by more than `tolerance`.
+    """
+    data = onnx_bytes(model)
+    difference = max_abs_difference(model, data)
+    if difference > tolerance:
+        raise RuntimeError(f"ONNX export differs from torch by {difference:.2e} (> {tolerance:.0e})")
+    return write_atomic(data, path)
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
