@@ -209,7 +209,7 @@ def fit(config: TrainConfig, teacher: nn.Module | None, alpha: float,
         optimizer.step()
         scheduler.step()
         step += 1
-        if step % 50 == 0 or step == config.steps:
+        if running_loss is None or step % 50 == 0 or step % config.val_every == 0 or step == config.steps:
             value = float(loss.detach())
             if not math.isfinite(value):
                 raise FloatingPointError(f"loss became {value} at step {step}; lower max_lr (now {config.max_lr})")

@@ -1,0 +1,35 @@
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = Path(os.environ.get("SR_DATA", ROOT.parent / "shared" / "data"))
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    if not (DATA / "Set5").is_dir():
+        pytest.skip(f"the shared SR data sets are not at {DATA}")
+    return DATA
+
+
+@pytest.fixture(scope="session", autouse=True)
+def isolated_cache(tmp_path_factory):
+    """Tests write their calibration cache to a temp folder, never to the user's cache/."""
+    import sr.quantize
+
+    cache = tmp_path_factory.mktemp("cache")
+    sr.quantize.CACHE_DIR = cache
+    os.environ["SR_CACHE_DIR"] = str(cache)
+    return cache
+
+
+@pytest.fixture
+def photo() -> np.ndarray:
+    """A deterministic 60x90 RGB test image with edges and gradients."""
+    y, x = np.mgrid[0:60, 0:90]
+    image = np.stack([(x * 3) % 256, (y * 4) % 256, ((x + y) * 2) % 256], axis=2)
+    image[20:40, 30:60] = 255
+    return image.astype(np.uint8)

@@ -1,0 +1,72 @@
+"""`python -m sr eval` end to end, against the numbers published in weights/README.md."""
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def published_set5() -> dict[str, float]:
+    card = (ROOT / "weights" / "README.md").read_text()
+    return {name: float(psnr) for name, psnr in re.findall(r"^\| `([\w-]+)` \| [\d,]+ \| ([\d.]+) /", card, re.M)}
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "sr", *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.parametrize("model", ["teacher", "xlsr-relu", "xlsr-clip", "xlsr-relu-kd", "xlsr-clip-kd"])
+def test_eval_reproduces_the_weights_card(model, data_dir):
+    done = run_cli("eval", "--model", model, "--data", str(data_dir / "Set5"), "--json")
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert set(report) >= {"model", "data", "scale", "bicubic", "mean", "images"}
+    assert report["scale"] == 3 and len(report["images"]) == 5
+    assert set(report["images"][0]) >= {"name", "psnr_y", "ssim_y"}
+    assert report["bicubic"]["psnr_y"] == pytest.approx(30.40, abs=0.01)
+    assert report["mean"]["psnr_y"] == pytest.approx(published_set5()[model], abs=0.01)
+
+
+def test_eval_int8_json(data_dir):
+    done = run_cli("eval", "--model", "xlsr-clip", "--data", str(data_dir / "Set5"), "--engine", "ort-int8",
+                   "--method", "minmax", "--samples", "10", "--scheme", "cpu", "--json")
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["int8_mean"] == report["mean"]
+    assert report["fp32_mean"]["psnr_y"] - report["int8_mean"]["psnr_y"] < 1.0
+    assert 0.9 < report["brightness_ratio"] < 1.1
+
+
+@pytest.mark.parametrize("args, message", [
+    (["calibrate", "--model", "xlsr-clip", "--method", "kl"], "unknown calibration method 'kl'"),
+    (["calibrate", "--model", "xlsr-clip", "--samples", "0"], "samples must be an integer from 10 to 1000, got 0"),
+    (["calibrate", "--model", "missing-model"], "no model 'missing-model'"),
+    (["eval", "--model", "xlsr-clip", "--data", "/nonexistent"], "no such image folder"),
+    (["eval", "--model", "xlsr-clip", "--data", ".", "--engine", "gpu"], "unknown engine 'gpu'"),
+    (["eval", "--model", "xlsr-clip", "--data", "weights", "--scale", "2"], "x3 model; --scale 2"),
+])
+def test_bad_arguments_give_clear_errors(args, message):
+    done = run_cli(*args)
+    assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr
+
+
+def test_calibrate_json_schema(tmp_path):
+    out = tmp_path / "m.onnx"
+    done = run_cli("calibrate", "--model", "xlsr-relu", "--method", "percentile", "--samples", "10",
+                   "--scheme", "tensorrt", "--out", str(out), "--json")
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert set(report) == {"model", "method", "samples", "scheme", "qdq_model", "tensors"}
+    assert out.is_file() and report["qdq_model"] == str(out)
+    assert set(report["tensors"][0]) == {"name", "observed_min", "observed_max", "low", "high", "clipped_fraction"}
+    assert any(t["clipped_fraction"] > 0 for t in report["tensors"])
+
+
+def test_help_lists_the_commands():
+    done = run_cli("--help")
+    for command in ("train", "distill", "eval", "calibrate", "bench"):
+        assert command in done.stdout

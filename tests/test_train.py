@@ -1,0 +1,90 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from sr.distill import DistillConfig, distill
+from sr.models import build_model, load_model, read_metadata, save_weights
+from sr.train import TrainConfig, charbonnier, train
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def tiny_data(tmp_path, photo):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for index in range(3):
+        Image.fromarray(np.roll(photo, 7 * index, axis=1)).save(folder / f"{index}.png")
+    return folder
+
+
+def _config(folder, out, **kwargs):
+    fields = dict(arch="xlsr", scale=2, train_dirs=[str(folder)], val_dir=str(folder), out=str(out), steps=60,
+                  batch_size=8, lr_patch=12, max_lr=3e-3, val_every=30, checkpoint_every=30, device="cpu")
+    fields.update(kwargs)
+    return fields
+
+
+def test_training_lowers_the_loss(tiny_data, tmp_path):
+    losses = []
+    result = train(TrainConfig(**_config(tiny_data, tmp_path / "m.safetensors")),
+                   on_progress=lambda event: losses.append(event["loss"]))
+    assert result.steps == 60 and losses[-1] < losses[0]
+    assert [h["step"] for h in result.history] == [30, 60] and all("val_psnr" in h for h in result.history)
+    metadata = read_metadata(result.weights)
+    assert metadata["steps"] == 60 and metadata["train"]["lr_patch"] == 12
+
+
+def test_resume_continues_from_checkpoint(tiny_data, tmp_path):
+    out = tmp_path / "r.safetensors"
+    stop_after = iter(range(100))
+    first = train(TrainConfig(**_config(tiny_data, out)), should_stop=lambda: next(stop_after) >= 30)
+    assert first.steps == 30
+    second = train(TrainConfig(**_config(tiny_data, out, resume=True)))
+    assert second.steps == 60 and second.history[0]["step"] == 30
+
+
+def test_distillation_uses_the_teacher(tiny_data, tmp_path):
+    torch.manual_seed(0)
+    bright, dark = build_model("teacher", scale=2, num_blocks=1), build_model("teacher", scale=2, num_blocks=1)
+    with torch.no_grad():
+        bright.tail.bias.fill_(1.0)  # outputs ~1 everywhere
+        dark.tail.weight.zero_()
+        dark.tail.bias.fill_(-1.0)  # outputs 0 (ReLU)
+    students = {}
+    for name, teacher in (("bright", bright), ("dark", dark)):
+        save_weights(teacher, tmp_path / f"{name}.safetensors")
+        result = distill(DistillConfig(**_config(tiny_data, tmp_path / f"s-{name}.safetensors", steps=40,
+                                                 val_dir=None), teacher=str(tmp_path / f"{name}.safetensors"),
+                                       alpha=0.0))
+        students[name] = load_model(result.weights)(torch.rand(1, 3, 16, 16)).mean().item()
+    assert students["bright"] > students["dark"] + 0.2  # pure distillation follows the teacher, not the data
+    assert "bright.safetensors" in read_metadata(tmp_path / "s-bright.safetensors")["distilled_from"]
+
+
+def test_config_errors(tmp_path):
+    with pytest.raises(ValueError, match="steps must be a positive integer"):
+        TrainConfig(steps=0)
+    with pytest.raises(ValueError, match="alpha must be in"):
+        DistillConfig(alpha=2.0)
+    with pytest.raises(FileNotFoundError, match="no such image folder"):
+        train(TrainConfig(**_config(tmp_path / "nowhere", tmp_path / "x.safetensors")))
+    assert charbonnier(torch.zeros(3), torch.zeros(3)).item() == pytest.approx(1e-3)
+
+
+def test_two_process_gloo_run(tiny_data, tmp_path):
+    out = tmp_path / "ddp.safetensors"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+               "-m", "sr", "train", "--arch", "xlsr", "--scale", "2", "--train-dirs", str(tiny_data),
+               "--val-dir", str(tiny_data), "--steps", "20", "--batch-size", "4", "--lr-patch", "12",
+               "--val-every", "10", "--device", "cpu", "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert out.is_file() and read_metadata(out)["steps"] == 20
