@@ -59,13 +59,22 @@ def _metrics_frame(rows: list[dict]) -> pd.DataFrame:
     return frame.round(4).replace([np.inf], "∞")
 
 
-def run_compare(image, model_a, model_b, method, samples, scheme, mode, display, calib_source, calib_files,
+def load_calibration_uploads(files):
+    """Decode the user's calibration images once, into this session's state."""
+    images = _read_calibration_uploads(files)
+    if images:
+        gr.Info(f"{len(images)} calibration image(s) ready; choose 'my uploads' to use them.")
+    return images
+
+
+def run_compare(image, model_a="teacher", model_b="xlsr-clip-kd", method="entropy", samples=100, scheme="tensorrt",
+                mode=MODES[0], display="bicubic", calib_source="calib_data/", calib_images=None,
                 progress=gr.Progress()):
     """The main comparison (also the `compare` API endpoint): four images, metrics, range chart."""
     _check_image(image)
     try:
-        calibration = _read_calibration_uploads(calib_files) if calib_source == "my uploads" else None
-        if calib_source == "my uploads" and calibration is None:
+        calibration = calib_images if calib_source == "my uploads" else None
+        if calib_source == "my uploads" and not calibration:
             raise gr.Error("Choose 'my uploads' only after uploading calibration images.")
         result = compare(image, model_a, model_b, method, int(samples), scheme, mode, display, calibration,
                          progress=lambda fraction, message: progress(fraction, desc=message))
@@ -200,7 +209,9 @@ def build_demo() -> gr.Blocks:
                            interactive=False)
             chart = gr.Plot(label="Activation ranges: observed vs chosen, clipped share")
 
-            inputs = [image, model_a, model_b, method, samples, scheme, mode, display, calib_source, calib_files]
+            calib_images = gr.State(None)
+            calib_files.upload(load_calibration_uploads, calib_files, calib_images, api_name=False)
+            inputs = [image, model_a, model_b, method, samples, scheme, mode, display, calib_source, calib_images]
             outputs = [*panels, metrics, chart, state]
             for button in (run, recalibrate):
                 event = button.click(run_compare, inputs, outputs, api_name="compare" if button is run else False,

@@ -119,6 +119,23 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_diagnose(args: argparse.Namespace) -> int:
+    from .diagnose import diagnose
+
+    print(f"# diagnose: model={args.model} method={args.method} samples={args.samples} scheme={args.scheme} "
+          f"data={args.data}", file=sys.stderr)
+    report = diagnose(args.model, args.method, args.samples, args.scheme, data=args.data, top=args.top)
+    if args.json:
+        print(json.dumps(report.to_json(), indent=2))
+        return 0
+    print(report.summary().replace("**", "").replace("`", ""))
+    print(f"{'tensor':<44}{'op':>9}{'drop alone':>12}{'recovery':>10}{'SQNR':>8}{'clipped':>10}")
+    for r in report.ranking:
+        print(f"{r.tensor[-44:]:<44}{r.op:>9}{r.psnr_drop_db:>11.3f} {r.recovery_db:>9.3f} {r.sqnr_db:>7.1f}"
+              f"{100 * r.clipped_fraction:>9.3f}%")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m sr", description=(
         "SR INT8 Lab: train, distill, export, calibrate and evaluate super-resolution networks in INT8."))
@@ -170,6 +187,15 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--large-samples", type=int, default=1000, help="samples for the peak-memory run")
     bench.add_argument("--json", action="store_true", help="print one JSON object")
     bench.set_defaults(run=cmd_bench)
+    diagnose = commands.add_parser("diagnose", help="rank the tensors whose INT8 range damages the output")
+    diagnose.add_argument("--model", required=True)
+    diagnose.add_argument("--method", default="entropy")
+    diagnose.add_argument("--samples", type=int, default=100)
+    diagnose.add_argument("--scheme", default="tensorrt")
+    diagnose.add_argument("--data", required=True, help="folder of ground-truth images to measure on")
+    diagnose.add_argument("--top", type=int, default=None, help="keep the N worst tensors")
+    diagnose.add_argument("--json", action="store_true")
+    diagnose.set_defaults(run=cmd_diagnose)
     return parser
 
 

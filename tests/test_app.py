@@ -1,0 +1,136 @@
+"""The app: handler functions without a browser, then a real server through gradio_client."""
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+
+@pytest.fixture
+def small_png(tmp_path, photo):
+    path = tmp_path / "small.png"
+    Image.fromarray(photo).save(path)
+    return str(path)
+
+
+def test_handler_returns_four_images_and_metrics(small_png):
+    import app
+
+    original, fp32, int8_a, int8_b, metrics, chart, state = app.run_compare(
+        small_png, "xlsr-relu", "xlsr-clip", "minmax", 10, "cpu", "Upscale my image", "nearest", "calib_data/", None,
+        progress=lambda *a, **k: None)
+    assert original.shape == fp32.shape == int8_a.shape == int8_b.shape == (180, 270, 3)
+    assert list(metrics["output"])[1].startswith("INT8 cpu (xlsr-relu)")
+    assert len(state["panels"]) == 4
+    slider = app.run_slider(state, app.PANELS[1], app.PANELS[3])
+    assert slider[0] is fp32 and slider[1] is int8_b
+    strip = app.run_roi(state, 0.5, 0.5, 32)
+    assert strip.shape[0] == 32 * 4 and strip.shape[1] > 4 * 32 * 4
+
+
+def test_ground_truth_mode_reports_truth_metrics(small_png):
+    import app
+
+    *_, metrics, _, _ = app.run_compare(small_png, "xlsr-relu", "xlsr-clip", "mse", 10, "tensorrt",
+                                        "Check against ground truth", "bicubic", "calib_data/", None,
+                                        progress=lambda *a, **k: None)
+    assert "PSNR vs truth (dB)" in metrics.columns and "bicubic" in list(metrics["output"])
+
+
+@pytest.mark.parametrize("content, message", [(b"", "empty"), (b"GIF89a garbage", "not an image|corrupt")])
+def test_bad_uploads_give_clear_errors(tmp_path, content, message):
+    import gradio as gr
+
+    import app
+
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(content)
+    with pytest.raises(gr.Error, match=message):
+        app.run_compare(str(bad), "xlsr-relu", "xlsr-clip", "minmax", 10, "cpu", "Upscale my image", "bicubic",
+                        "calib_data/", None, progress=lambda *a, **k: None)
+    with pytest.raises(gr.Error, match="Upload an image first"):
+        app.run_compare(None, "xlsr-relu", "xlsr-clip", "minmax", 10, "cpu", "Upscale my image", "bicubic",
+                        "calib_data/", None)
+
+
+def test_tiny_huge_and_odd_images(tmp_path):
+    import gradio as gr
+
+    from sr.compare import prepare_input
+
+    with pytest.raises(ValueError, match="too small"):
+        prepare_input(np.zeros((3, 3, 3), np.uint8), "Upscale my image", 3)
+    big = prepare_input(np.zeros((1500, 2100, 3), np.uint8), "Upscale my image", 3)
+    assert max(big.lr.shape) == 1024 and "downscaled" in big.notices[0]
+    gray16 = tmp_path / "g16.png"
+    Image.fromarray(np.full((40, 40), 40000, np.uint16)).save(gray16)
+    assert prepare_input(str(gray16), "Upscale my image", 3).lr.shape == (40, 40, 3)
+    rgba = prepare_input(np.zeros((20, 20, 4), np.uint8), "Upscale my image", 3)
+    assert rgba.lr.shape == (20, 20, 3) and rgba.lr.min() == 255  # transparent -> white
+
+
+def test_space_front_matter():
+    text = (ROOT / "README.md").read_text()
+    assert text.startswith("---\n")
+    meta = yaml.safe_load(text.split("---\n")[1])
+    assert meta["sdk"] == "gradio" and meta["app_file"] == "app.py"
+    import gradio
+
+    assert meta["sdk_version"] == gradio.__version__
+    for key in ("title", "python_version", "short_description", "license"):
+        assert meta.get(key), key
+    assert len(meta["short_description"]) <= 60
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server():
+    port = _free_port()
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen([sys.executable, "app.py", "--host", "127.0.0.1", "--port", str(port)], cwd=ROOT,
+                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                break
+        except OSError:
+            if process.poll() is not None:
+                raise RuntimeError(process.stdout.read())
+            time.sleep(0.5)
+    time.sleep(1)
+    yield url
+    process.terminate()
+    process.wait(timeout=30)
+
+
+def test_gradio_client_compare_and_recalibrate(server, small_png):
+    from gradio_client import Client, handle_file
+
+    client = Client(server, verbose=False)
+    first = client.predict(handle_file(small_png), api_name="/compare")  # every setting has a default
+    *images, metrics, _chart = first
+    assert len(images) == 4 and all(Path(p).suffix == ".png" for p in images)
+    assert Image.open(images[2]).size == (270, 180)
+    rows = {row[0]: row for row in metrics["data"]}
+    assert any(key.startswith("INT8") for key in rows)
+    again = client.predict(handle_file(small_png), "teacher", "xlsr-clip-kd", "minmax", 10, "tensorrt",
+                           api_name="/compare")
+    before = [row[1] for row in metrics["data"] if str(row[0]).startswith("INT8")]
+    after = [row[1] for row in again[4]["data"] if str(row[0]).startswith("INT8")]
+    assert before != after  # another calibration changes the INT8 outputs' metrics
