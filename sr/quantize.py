@@ -171,9 +171,10 @@ def write_qdq_model(fp32_onnx: Path, ranges: dict[str, TensorRange], scheme: Sch
 
 
 def _nodes_touching(model: onnx.ModelProto, tensors: Sequence[str]) -> list[str]:
-    """Nodes whose output is one of `tensors`: excluding them keeps those tensors in float."""
+    """Nodes that produce or consume one of `tensors`: excluding them all keeps those tensors in float (a
+    quantized consumer would otherwise put a QDQ pair on its input). The price: those ops run in float."""
     wanted = set(tensors)
-    return [node.name for node in model.graph.node if wanted & set(node.output)]
+    return [node.name for node in model.graph.node if wanted & (set(node.output) | set(node.input))]
 
 
 def cache_key(weights_hash: str, config: CalibrationConfig, scheme: Scheme, data_hash: str, fixes: Fixes) -> str:
