@@ -48,7 +48,7 @@ def test_entropy_hurts_more_than_mse(butterfly):
 
 
 def test_cache_hit_and_corrupt_rebuild():
-    config = CalibrationConfig(method="minmax", samples=10)
+    config = CalibrationConfig(method="minmax", samples=10, seed=777)  # a key no other test uses
     first = calibrate_model("xlsr-relu", config, "cpu")
     again = calibrate_model("xlsr-relu", config, "cpu")
     assert not first.cached and again.cached and again.qdq_onnx == first.qdq_onnx
@@ -56,7 +56,7 @@ def test_cache_hit_and_corrupt_rebuild():
     first.qdq_onnx.write_bytes(b"garbage")
     rebuilt = calibrate_model("xlsr-relu", config, "cpu")
     assert not rebuilt.cached and onnx.load(str(rebuilt.qdq_onnx)).graph.node
-    other = calibrate_model("xlsr-relu", CalibrationConfig(method="minmax", samples=10, seed=1), "cpu")
+    other = calibrate_model("xlsr-relu", CalibrationConfig(method="minmax", samples=10, seed=778), "cpu")
     assert other.key != first.key
 
 
