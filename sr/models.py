@@ -216,6 +216,9 @@ def resolve_weights(name_or_path: str | os.PathLike) -> Path:
     shipped = WEIGHTS_DIR / f"{name_or_path}.safetensors"
     if shipped.is_file():
         return shipped
+    in_project = WEIGHTS_DIR.parent / path  # e.g. runs/<name>.safetensors, trained in the app
+    if not path.is_absolute() and in_project.is_file():
+        return in_project
     names = ", ".join(shipped_models()) or "(none)"
     raise FileNotFoundError(f"no model {str(name_or_path)!r}: not a file, and not a shipped model ({names})")
 

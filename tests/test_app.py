@@ -134,3 +134,25 @@ def test_gradio_client_compare_and_recalibrate(server, small_png):
     before = [row[1] for row in metrics["data"] if str(row[0]).startswith("INT8")]
     after = [row[1] for row in again[4]["data"] if str(row[0]).startswith("INT8")]
     assert before != after  # another calibration changes the INT8 outputs' metrics
+
+
+def test_training_job_streams_registers_and_runs_one_at_a_time(tmp_path, photo, monkeypatch):
+    from sr import compare, jobs
+
+    folder = tmp_path / "train"
+    folder.mkdir()
+    for index in range(2):
+        Image.fromarray(np.roll(photo, 11 * index, axis=0)).resize((120, 120)).save(folder / f"{index}.png")
+    monkeypatch.setenv("SR_TRAIN_DIRS", str(folder))
+    monkeypatch.setattr(jobs, "RUNS_DIR", tmp_path / "runs")
+    monkeypatch.setattr(compare, "RUNS_DIR", tmp_path / "runs")
+    job = jobs.start(20, "clipped_relu", use_teacher=False)
+    with pytest.raises(RuntimeError, match="already running"):
+        jobs.start(20, "relu", use_teacher=False)
+    snapshots = list(job.stream(interval=0.2))
+    assert snapshots[-1].done and "saved as" in snapshots[-1].status, snapshots[-1].status
+    assert any(event["step"] == 20 for event in snapshots[-1].history)
+    assert any(name.endswith(f"{job.name}.safetensors") for name in compare.available_models())
+    assert jobs.cancel() == "no job is running"
+    with pytest.raises(RuntimeError, match="steps must be between"):
+        jobs.start(5, "relu", use_teacher=False)
