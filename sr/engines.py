@@ -109,9 +109,9 @@ class TensorRTEngine:
         self.trt, self.scale, self.name = trt, scale, name
         self.logger = trt.Logger(trt.Logger.WARNING)
         qdq_onnx = Path(qdq_onnx)
-        from .quantize import CACHE_DIR
+        from .quantize import cache_root
 
-        cache = Path(cache_dir or CACHE_DIR / "tensorrt")
+        cache = Path(cache_dir or cache_root() / "tensorrt")
         cache.mkdir(parents=True, exist_ok=True)
         key = hashlib.sha256(qdq_onnx.read_bytes() + torch.cuda.get_device_name().encode()
                              + trt.__version__.encode()).hexdigest()[:20]

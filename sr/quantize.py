@@ -40,7 +40,12 @@ from .models import load_model, resolve_weights
 
 log = logging.getLogger(__name__)
 
-CACHE_DIR = Path(os.environ.get("SR_CACHE_DIR", Path(__file__).resolve().parent.parent / "cache"))
+CACHE_DIR = Path(__file__).resolve().parent.parent / "cache"  # $SR_CACHE_DIR overrides it
+
+
+def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
+    """The cache folder: the argument, else $SR_CACHE_DIR, else cache/ in the project (read at call time)."""
+    return Path(cache_dir or os.environ.get("SR_CACHE_DIR") or CACHE_DIR)
 QUANTIZED_OPS = ["Conv", "Relu", "Clip", "Concat", "DepthToSpace"]
 
 
@@ -97,8 +102,9 @@ class CalibratedModel:
         return [r.to_dict() for r in self.ranges.values()]
 
 
-def fp32_onnx_path(model_name: str | os.PathLike, cache_dir: Path = CACHE_DIR) -> Path:
+def fp32_onnx_path(model_name: str | os.PathLike, cache_dir: Path | None = None) -> Path:
     """The FP32 ONNX export of a model, cached by the weight file's hash."""
+    cache_dir = cache_root(cache_dir)
     weights = resolve_weights(model_name)
     path = cache_dir / "onnx" / f"{weights.stem}-{file_sha256(weights)[:16]}.onnx"
     if not path.is_file() or not _loads(path):
@@ -186,7 +192,7 @@ def cache_key(weights_hash: str, config: CalibrationConfig, scheme: Scheme, data
 
 def calibrate_model(model_name: str | os.PathLike, config: CalibrationConfig | None = None,
                     scheme: Scheme | str = Scheme.TENSORRT, images: Sequence[np.ndarray] | None = None,
-                    fixes: Fixes | None = None, cache_dir: Path = CACHE_DIR, threads: int = 0,
+                    fixes: Fixes | None = None, cache_dir: Path | None = None, threads: int = 0,
                     progress: Callable[[float, str], None] | None = None) -> CalibratedModel:
     """Calibrate a model and write its QDQ INT8 ONNX model, or return the cached one.
 
@@ -205,6 +211,7 @@ def calibrate_model(model_name: str | os.PathLike, config: CalibrationConfig | N
     config = config or CalibrationConfig()
     scheme = Scheme.parse(scheme)
     fixes = fixes or Fixes()
+    cache_dir = cache_root(cache_dir)
     weights = resolve_weights(model_name)
     calibration_images = load_calibration_images(config.data if images is None else images)
     key = cache_key(file_sha256(weights), config, scheme, images_digest(calibration_images), fixes)

@@ -18,11 +18,8 @@ def data_dir() -> Path:
 @pytest.fixture(scope="session", autouse=True)
 def isolated_cache(tmp_path_factory):
     """Tests write their calibration cache to a temp folder, never to the user's cache/."""
-    import sr.quantize
-
     cache = tmp_path_factory.mktemp("cache")
-    sr.quantize.CACHE_DIR = cache
-    os.environ["SR_CACHE_DIR"] = str(cache)
+    os.environ["SR_CACHE_DIR"] = str(cache)  # read at call time by sr.quantize.cache_root, and by subprocesses
     return cache
 
 
