@@ -39,6 +39,15 @@ DEFAULT_CALIB_DIR = PACKAGE_ROOT / "calib_data"
 MIN_SAMPLES, MAX_SAMPLES = 10, 1000
 
 
+def parse_choice(choices: type[Enum], value, noun: str):
+    """`choices(value)`, or a ValueError that names the bad value and lists the options."""
+    try:
+        return choices(value)
+    except ValueError:
+        options = ", ".join(choice.value for choice in choices)
+        raise ValueError(f"unknown {noun} {value!r}; choose one of: {options}") from None
+
+
 class Method(str, Enum):
     MINMAX = "minmax"
     ENTROPY = "entropy"
@@ -47,11 +56,7 @@ class Method(str, Enum):
 
     @classmethod
     def parse(cls, value) -> "Method":
-        try:
-            return cls(value)
-        except ValueError:
-            raise ValueError(f"unknown calibration method {value!r}; choose one of: "
-                             f"{', '.join(m.value for m in cls)}") from None
+        return parse_choice(cls, value, "calibration method")
 
 
 @dataclass

@@ -12,7 +12,7 @@ from enum import Enum
 import numpy as np
 from tqdm import tqdm
 
-from .calibrate import CalibrationConfig
+from .calibrate import CalibrationConfig, parse_choice
 from .data import bicubic_resize, degrade, list_images, load_image
 from .engines import OrtEngine, TensorRTEngine, TorchEngine
 from .metrics import brightness_ratio, psnr_y, ssim_y
@@ -28,10 +28,7 @@ class EngineKind(str, Enum):
 
     @classmethod
     def parse(cls, value) -> "EngineKind":
-        try:
-            return cls(value)
-        except ValueError:
-            raise ValueError(f"unknown engine {value!r}; choose one of: {', '.join(e.value for e in cls)}") from None
+        return parse_choice(cls, value, "engine")
 
     @property
     def is_int8(self) -> bool:

@@ -34,7 +34,7 @@ from onnxruntime.quantization.calibrate import TensorData, TensorsData, save_ten
 
 from . import __version__
 from .calibrate import (CalibrationConfig, Method, TensorRange, TensorStats, calibration_patches, choose_ranges,
-                        collect_statistics, images_digest, load_calibration_images)
+                        collect_statistics, images_digest, load_calibration_images, parse_choice)
 from .export import export_onnx, file_sha256, write_atomic
 from .models import load_model, resolve_weights
 
@@ -55,11 +55,7 @@ class Scheme(str, Enum):
 
     @classmethod
     def parse(cls, value) -> "Scheme":
-        try:
-            return cls(value)
-        except ValueError:
-            raise ValueError(f"unknown INT8 scheme {value!r}; choose one of: "
-                             f"{', '.join(s.value for s in cls)}") from None
+        return parse_choice(cls, value, "INT8 scheme")
 
     @property
     def symmetric(self) -> bool:
