@@ -1,0 +1,169 @@
+"""Where results are kept: the cache and runs folders, atomic writes, per-entry locks, and the digest of the code
+and library versions that made a cached result.
+
+Every stage that keeps something on disk (the FP32 ONNX export, calibrated QDQ models, TensorRT plans, weights,
+checkpoints) goes through this module, so an engine never imports the calibration module to find a folder and
+an interrupted job never leaves a half-written file behind.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import inspect
+import marshal
+import os
+import shutil
+import tempfile
+import time
+from importlib import metadata
+from pathlib import Path
+from types import ModuleType
+from typing import Iterator
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+CACHE_DIR = PROJECT_ROOT / "cache"  # $SR_CACHE_DIR overrides it
+RUNS_DIR = PROJECT_ROOT / "runs"  # models trained in the app
+TEMP_PREFIX = ".tmp-"  # every temp file or folder this module makes starts with it
+STALE_SECONDS = 3600.0  # temp leftovers older than this belong to a crashed writer
+
+
+def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
+    """The cache folder.
+
+    Args:
+        cache_dir: an explicit folder; None reads $SR_CACHE_DIR at call time, else `cache/` in the project.
+
+    Returns:
+        the folder's path (not created).
+    """
+    return Path(cache_dir or os.environ.get("SR_CACHE_DIR") or CACHE_DIR)
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The SHA-256 hex digest of a file, read in 1 MiB blocks.
+
+    Raises:
+        FileNotFoundError: no such file.
+    """
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """A temp path beside `path` for a writer that wants a file name (safetensors, torch.save); renamed onto
+    `path` when the block ends without an exception, removed otherwise.
+
+    Example:
+        >>> with atomic_path("weights/model.safetensors") as temp:
+        ...     save_file(tensors, temp)
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f"{TEMP_PREFIX}{path.name}.")
+    os.close(handle)
+    try:
+        yield Path(temp)
+        os.replace(temp, path)
+    finally:
+        if os.path.exists(temp):
+            os.unlink(temp)
+
+
+def write_atomic(data: bytes, path: str | os.PathLike) -> Path:
+    """Write `data` to `path` through a temp file in the same folder, fsync and a rename.
+
+    Returns:
+        `path`.
+    """
+    with atomic_path(path) as temp:
+        with open(temp, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+    return Path(path)
+
+
+@contextlib.contextmanager
+def locked(path: str | os.PathLike) -> Iterator[None]:
+    """Hold an exclusive lock on `<path>.lock` for the block: one writer per entry across threads and processes
+    (flock locks belong to an open file, so two threads of one process exclude each other too)."""
+    lock_path = Path(f"{path}.lock")
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+def temp_dir(parent: str | os.PathLike) -> Path:
+    """A new empty temp folder inside `parent` (created), for building an entry before `publish_dir`."""
+    Path(parent).mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(dir=parent, prefix=TEMP_PREFIX))
+
+
+def publish_dir(work: Path, entry: Path) -> None:
+    """Move the finished folder `work` to `entry`. Call it holding `locked(entry)`: an existing `entry` was found
+    invalid by the caller under the same lock, so it is replaced."""
+    if entry.exists():
+        shutil.rmtree(entry)
+    os.replace(work, entry)
+
+
+def remove_stale_temps(folder: str | os.PathLike, older_than: float = STALE_SECONDS) -> int:
+    """Delete temp files and folders that crashed writers left in `folder`.
+
+    Returns:
+        how many were removed.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return 0
+    removed, now = 0, time.time()
+    for item in folder.glob(f"{TEMP_PREFIX}*"):
+        try:
+            if now - item.stat().st_mtime < older_than:
+                continue
+            shutil.rmtree(item) if item.is_dir() else item.unlink()
+            removed += 1
+        except OSError:
+            continue  # another process removed or is still using it
+    return removed
+
+
+def library_versions(*names: str) -> dict[str, str]:
+    """{distribution name: installed version or "missing"} for the libraries that shape a result."""
+    found = {}
+    for name in names:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = "missing"
+    return found
+
+
+def code_digest(*modules: ModuleType) -> str:
+    """A digest of the code that determines a result: each module's source file, plus the compiled code of the
+    functions its namespace holds *now* (so a function replaced at run time, e.g. a patched threshold search,
+    changes the digest as an edited file does).
+
+    Returns:
+        16 hex digits.
+    """
+    digest = hashlib.sha256()
+    for module in modules:
+        digest.update(module.__name__.encode())
+        source = getattr(module, "__file__", None)
+        if source and os.path.exists(source):
+            digest.update(Path(source).read_bytes())
+        for name, value in sorted(vars(module).items()):
+            if inspect.isfunction(value):
+                digest.update(name.encode())
+                digest.update(marshal.dumps(value.__code__))
+    return digest.hexdigest()[:16]
