@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 from enum import Enum
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -242,6 +243,42 @@ def read_metadata(name_or_path) -> dict:
         except json.JSONDecodeError:
             decoded[key] = value
     return decoded
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a weight file says about its model, read from the metadata only (no weights loaded)."""
+
+    name: str  # the shipped name, or the file's stem
+    path: Path
+    arch: str
+    scale: int
+    final_activation: str
+    parameters: int
+
+
+def model_info(name_or_path: str | os.PathLike) -> ModelInfo:
+    """Architecture, scale, final activation and parameter count of a weight file.
+
+    Args:
+        name_or_path: a shipped model name or a weight file.
+
+    Returns:
+        the ModelInfo.
+
+    Raises:
+        FileNotFoundError: no such model.
+        ValueError: not a weight file written by `save_weights`.
+    """
+    path = resolve_weights(name_or_path)
+    metadata = read_metadata(path)
+    if "arch" not in metadata or "config" not in metadata:
+        raise ValueError(f"{path.name} has no 'arch'/'config' metadata: it was not written by sr.save_weights")
+    with safe_open(str(path), framework="pt") as handle:
+        parameters = sum(int(np.prod(handle.get_slice(key).get_shape())) for key in handle.keys())
+    config = metadata["config"]
+    return ModelInfo(path.stem, path, metadata["arch"], int(config["scale"]),
+                     str(config.get("final_activation", "relu")), parameters)
 
 
 def load_model(name_or_path: str | os.PathLike) -> nn.Module:
