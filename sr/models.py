@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass
 from enum import Enum
 from pathlib import Path
@@ -18,6 +17,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
+
+from .choices import parse_choice
+from .store import atomic_path
 
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
 SCALES = (2, 3, 4)
@@ -29,6 +31,21 @@ class FinalActivation(str, Enum):
     RELU = "relu"
     CLIPPED_RELU = "clipped_relu"
     LINEAR = "linear"
+
+    @classmethod
+    def parse(cls, value) -> "FinalActivation":
+        """A member from itself or its value.
+
+        Args:
+            value: a FinalActivation or one of "relu", "clipped_relu", "linear".
+
+        Returns:
+            the member.
+
+        Raises:
+            ValueError: not one of the options; the message names `value` and lists them.
+        """
+        return parse_choice(cls, value, "final activation")
 
 
 def _final_activation(kind: FinalActivation) -> nn.Module:
@@ -50,7 +67,7 @@ class XLSRConfig:
 
     def __post_init__(self):
         _check_scale(self.scale)
-        self.final_activation = _activation(self.final_activation)
+        self.final_activation = FinalActivation.parse(self.final_activation)
 
 
 @dataclass
@@ -62,20 +79,12 @@ class TeacherConfig:
 
     def __post_init__(self):
         _check_scale(self.scale)
-        self.final_activation = _activation(self.final_activation)
+        self.final_activation = FinalActivation.parse(self.final_activation)
 
 
 def _check_scale(scale: int) -> None:
     if scale not in SCALES:
         raise ValueError(f"scale must be one of {SCALES}, got {scale}")
-
-
-def _activation(value) -> FinalActivation:
-    try:
-        return FinalActivation(value)
-    except ValueError:
-        options = ", ".join(a.value for a in FinalActivation)
-        raise ValueError(f"unknown final activation {value!r}; choose one of: {options}") from None
 
 
 class GBlock(nn.Module):
@@ -184,24 +193,23 @@ def count_parameters(model: nn.Module) -> int:
 
 
 def save_weights(model: nn.Module, path: str | os.PathLike, extra: dict | None = None) -> Path:
-    """Write the model's weights and spec to a safetensors file, atomically (temp file + rename).
+    """Write the model's weights and spec to a safetensors file, atomically (`sr.store.atomic_path`).
 
-    `extra` values are stored as JSON strings in the metadata (training config, steps, validation PSNR).
+    Args:
+        model: a model built here (`build_model`), on any device.
+        path: the weight file to write; its folder is created.
+        extra: more metadata (training config, steps, validation PSNR), each value stored as a JSON string.
+
+    Returns:
+        `path`.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     spec = model_spec(model)
     metadata = {"arch": spec["arch"], "config": json.dumps(spec["config"])}
     metadata.update({k: json.dumps(v) for k, v in (extra or {}).items()})
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        save_file(tensors, temp, metadata=metadata)
-        os.replace(temp, path)
-    finally:
-        if os.path.exists(temp):
-            os.unlink(temp)
+    with atomic_path(path) as temp:
+        save_file(tensors, str(temp), metadata=metadata)
     return path
 
 

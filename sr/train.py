@@ -12,7 +12,6 @@ import logging
 import math
 import os
 import platform
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,7 +25,8 @@ from tqdm import tqdm
 
 from .data import PatchSampler, degrade, list_images, load_image, to_tensor, to_uint8
 from .metrics import psnr_y
-from .models import MODELS, SCALES, build_model, load_model, save_weights
+from .models import MODELS, SCALES, FinalActivation, build_model, load_model, save_weights
+from .store import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,8 @@ class TrainConfig:
     def __post_init__(self):
         if self.arch not in MODELS:
             raise ValueError(f"unknown architecture {self.arch!r}; choose one of: {', '.join(MODELS)}")
+        # checked here, not when the model is built after the data is loaded; kept as the plain string value
+        self.final_activation = FinalActivation.parse(self.final_activation).value
         if self.scale not in SCALES:
             raise ValueError(f"scale must be one of {SCALES}, got {self.scale}")
         for name in ("steps", "batch_size", "lr_patch", "val_every", "checkpoint_every"):
@@ -119,15 +121,8 @@ def _distributed() -> tuple[int, int]:
 
 
 def _save_checkpoint(path: Path, state: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
+    with atomic_path(path) as temp:
         torch.save(state, temp)
-        os.replace(temp, path)
-    finally:
-        if os.path.exists(temp):
-            os.unlink(temp)
 
 
 def train(config: TrainConfig, on_progress: Callable[[dict], None] | None = None,

@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from sr.models import (XLSR, build_model, count_parameters, load_model, read_metadata, save_weights,
+from sr.models import (XLSR, FinalActivation, build_model, count_parameters, load_model, read_metadata, save_weights,
                        shipped_models)
 
 
@@ -33,8 +33,9 @@ def test_bad_configs():
         build_model("edsr")
     with pytest.raises(ValueError, match="scale must be one of"):
         build_model("xlsr", scale=5)
-    with pytest.raises(ValueError, match="unknown final activation 'tanh'"):
+    with pytest.raises(ValueError, match="unknown final activation 'tanh'; choose one of: relu, clipped_relu, linear"):
         build_model("xlsr", final_activation="tanh")
+    assert FinalActivation.parse("clipped_relu") is FinalActivation.parse(FinalActivation.CLIPPED_RELU)
 
 
 def test_weight_file_describes_itself(tmp_path):

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from sr.distill import DistillConfig, distill
-from sr.models import build_model, load_model, read_metadata, save_weights
+from sr.models import FinalActivation, build_model, load_model, read_metadata, save_weights
 from sr.train import TrainConfig, charbonnier, train
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -71,6 +71,9 @@ def test_distillation_uses_the_teacher(tiny_data, tmp_path):
 def test_config_errors(tmp_path):
     with pytest.raises(ValueError, match="steps must be a positive integer"):
         TrainConfig(steps=0)
+    with pytest.raises(ValueError, match="unknown final activation 'tanh'; choose one of: relu, clipped_relu, linear"):
+        TrainConfig(final_activation="tanh", train_dirs=[str(tmp_path / "nowhere")])  # fails before any I/O
+    assert TrainConfig(final_activation=FinalActivation.CLIPPED_RELU).final_activation == "clipped_relu"
     with pytest.raises(ValueError, match="alpha must be in"):
         DistillConfig(alpha=2.0)
     with pytest.raises(FileNotFoundError, match="no such image folder"):
