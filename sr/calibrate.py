@@ -3,14 +3,19 @@
 Every activation tensor of the ONNX graph is observed through ONNX Runtime, one small batch at a time, so memory
 does not grow with the sample count (onnxruntime's own histogram calibrators keep every activation of every
 sample). Two passes: the first finds each tensor's min/max, the second fills a 2048-bin histogram of |x| over
-[0, amax] (TensorRT's layout). The threshold searches are pure numpy functions of that histogram:
+[0, amax]. The threshold searches are pure numpy functions of that histogram, each the counterpart of a
+function in NVIDIA ModelOpt's `modelopt.torch.quantization.calib.histogram` (the oracle the tests call):
 
 - `minmax`: amax itself;
-- `entropy`: TensorRT's KL-divergence search (Migacz, "8-bit Inference with TensorRT", GTC 2017);
-- `percentile`: the |x| value below which `percentile` % of the values lie;
-- `mse`: the threshold that minimises the expected quantization MSE (clipping + rounding).
+- `entropy`: `_compute_amax_entropy`, the KL-divergence search of Migacz, "8-bit Inference with TensorRT"
+  (GTC 2017) as NVIDIA publishes it: the zero bin is first replaced by bin 1;
+- `entropy-zeros`: the same search counting the zero bin, i.e. the talk taken literally;
+- `percentile`: `_compute_amax_percentile`, the lower edge of the bin where the CDF reaches the percentile;
+- `mse`: `_compute_amax_mse`, the bin centre (from bin 128) minimising the MSE of quantized bin centres.
 
-Inputs are uint8 HxWx3 images; the graph sees float32 NCHW in [0, 1].
+Calibration images reach the network as a deployed model sees them: bicubic-downscaled by the model's scale
+(`CalibrationInputs.DOWNSCALED`), unless `raw` crops are asked for. Images are uint8 HxWx3; the graph sees
+float32 NCHW in [0, 1].
 """
 from __future__ import annotations
 
@@ -28,54 +33,82 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from .data import list_images, load_image
+from .choices import parse_choice
+from .data import degrade, list_images, load_image
+from .store import PROJECT_ROOT, write_atomic
 
 log = logging.getLogger(__name__)
 
-NUM_BINS = 2048  # TensorRT's histogram size
-NUM_QUANTIZED_BINS = 128  # int8 magnitudes
-PACKAGE_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_CALIB_DIR = PACKAGE_ROOT / "calib_data"
+NUM_BINS = 2048  # TensorRT's and ModelOpt's histogram size
+NUM_QUANTIZED_BINS = 128  # int8 magnitudes of a signed tensor (ModelOpt: 1 << (num_bits - 1))
+START_BIN = 128  # the smallest candidate threshold of the entropy and mse searches (ModelOpt's start_bin)
+DEFAULT_CALIB_DIR = PROJECT_ROOT / "calib_data"
 MIN_SAMPLES, MAX_SAMPLES = 10, 1000
 
 
-def parse_choice(choices: type[Enum], value, noun: str):
-    """`choices(value)`, or a ValueError that names the bad value and lists the options."""
-    try:
-        return choices(value)
-    except ValueError:
-        options = ", ".join(choice.value for choice in choices)
-        raise ValueError(f"unknown {noun} {value!r}; choose one of: {options}") from None
-
-
 class Method(str, Enum):
+    """How a tensor's threshold is chosen from its |x| histogram."""
+
     MINMAX = "minmax"
-    ENTROPY = "entropy"
+    ENTROPY = "entropy"  # ModelOpt / pytorch-quantization: the zero spike is flattened (bins[0] = bins[1])
+    ENTROPY_ZEROS = "entropy-zeros"  # the GTC 2017 loop literally: the zero spike of a ReLU output counts
     PERCENTILE = "percentile"
     MSE = "mse"
 
     @classmethod
     def parse(cls, value) -> "Method":
+        """The member for `value` ("entropy", ...); ValueError listing the options otherwise."""
         return parse_choice(cls, value, "calibration method")
+
+
+class CalibrationInputs(str, Enum):
+    """What the network is fed during calibration."""
+
+    DOWNSCALED = "downscaled"  # crops of the images bicubic-downscaled by the model's scale, as in deployment
+    RAW = "raw"  # crops of the images as they are (full-resolution photo statistics)
+
+    @classmethod
+    def parse(cls, value) -> "CalibrationInputs":
+        """The member for `value`; ValueError listing the options otherwise."""
+        return parse_choice(cls, value, "calibration input")
 
 
 @dataclass
 class CalibrationConfig:
+    """One calibration: method, sample count, where the images come from and how they are fed."""
+
     method: Method = Method.ENTROPY
     samples: int = 100
     patch_size: int = 64  # side of the LR patches fed to the network
     seed: int = 0
     percentile: float = 99.99  # only for Method.PERCENTILE (99.9 / 99.99 / 99.999)
     data: str | None = None  # image folder; None = calib_data/ (filled from scikit-image's photos)
+    inputs: CalibrationInputs = CalibrationInputs.DOWNSCALED
+    # Experiments: a calibration set that differs from what inference sees. value -> gain * value, then
+    # contrast around mid grey; a wrong preprocessing normalisation is a gain too.
+    gain: float = 1.0
+    contrast: float = 1.0
 
     def __post_init__(self):
         self.method = Method.parse(self.method)
-        if not isinstance(self.samples, int) or not MIN_SAMPLES <= self.samples <= MAX_SAMPLES:
+        self.inputs = CalibrationInputs.parse(self.inputs)
+        if isinstance(self.samples, bool) or not isinstance(self.samples, int) \
+                or not MIN_SAMPLES <= self.samples <= MAX_SAMPLES:
             raise ValueError(f"samples must be an integer from {MIN_SAMPLES} to {MAX_SAMPLES}, got {self.samples!r}")
         if self.patch_size < 8:
             raise ValueError(f"patch_size must be at least 8 pixels, got {self.patch_size}")
         if not 50.0 < self.percentile < 100.0:
             raise ValueError(f"percentile must be between 50 and 100 (e.g. 99.99), got {self.percentile}")
+        for name in ("gain", "contrast"):
+            if not 0.0 < getattr(self, name) <= 4.0:
+                raise ValueError(f"{name} must be in (0, 4] (1 = unchanged), got {getattr(self, name)}")
+        if self.data is not None:
+            self.data = str(self.data)
+
+    @property
+    def transformed(self) -> bool:
+        """True when the calibration images are altered (gain or contrast) before use."""
+        return self.gain != 1.0 or self.contrast != 1.0
 
 
 @dataclass
@@ -89,11 +122,18 @@ class TensorStats:
 
     @property
     def amax(self) -> float:
+        """The largest |x| seen."""
         return max(abs(self.observed_min), abs(self.observed_max))
 
     @property
     def bin_width(self) -> float:
+        """Width of one histogram bin (0 for an all-zero tensor)."""
         return self.amax / len(self.histogram) if self.amax > 0 else 0.0
+
+    @property
+    def bin_edges(self) -> np.ndarray:
+        """The NUM_BINS + 1 bin edges, as numpy/ModelOpt return them with a histogram."""
+        return np.arange(len(self.histogram) + 1) * self.bin_width
 
 
 @dataclass
@@ -109,19 +149,24 @@ class TensorRange:
     method: str
 
     def to_dict(self) -> dict:
+        """The fields as a JSON-ready dict."""
         return {"name": self.name, "observed_min": self.observed_min, "observed_max": self.observed_max,
                 "low": self.low, "high": self.high, "clipped_fraction": self.clipped_fraction, "method": self.method}
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Threshold searches: pure functions of a |x| histogram; each returns the number of bins kept, i.e. the
-# threshold is `bins * bin_width`.
+# Threshold searches: pure functions of a |x| histogram of equal-width bins starting at 0; each returns the
+# threshold in bin widths (threshold = bins * bin_width), as ModelOpt's return `calib_bin_edges[i]` or a centre.
 
 
 def entropy_threshold_bins(histogram: np.ndarray, num_quantized_bins: int = NUM_QUANTIZED_BINS,
-                           start_bin: int = NUM_QUANTIZED_BINS) -> int:
-    """TensorRT's entropy calibration (Migacz, "8-bit Inference with TensorRT", GTC 2017), for all candidates at
-    once.
+                           start_bin: int = START_BIN, count_zeros: bool = False) -> float:
+    """The KL-divergence threshold search (Migacz, GTC 2017), for all candidates at once.
+
+    As ModelOpt's `_compute_amax_entropy` (inherited from pytorch-quantization): unless `count_zeros`, bin 0 is
+    first given bin 1's count. After a ReLU, bin 0 holds every exact zero (often 10-60 % of the values); left in,
+    that spike dominates P, and Q, which spreads each level's count over its bins, matches it best with narrow
+    levels, i.e. a small threshold that clips the tail. `count_zeros=True` is the talk's loop taken literally.
 
     For every candidate i in [start_bin, len(histogram)]:
 
@@ -130,23 +175,30 @@ def entropy_threshold_bins(histogram: np.ndarray, num_quantized_bins: int = NUM_
         |<- Q: bins[0:i] merged into 128 levels (bin t -> level floor(t * 128 / i)), each level's count
               spread evenly over its non-empty bins; empty bins stay empty ->|
 
-    and the threshold minimises KL(P || Q). This is the algorithm of the talk and of TensorRT's
-    pytorch-quantization / ModelOpt `_compute_amax_entropy`; a candidate whose outliers land in an empty bin
-    (Q = 0 where P > 0) has infinite divergence; ties go to the largest threshold (their `last_argmin`).
+    and the threshold minimises KL(P || Q); a candidate whose outliers land in an empty bin (Q = 0 where P > 0)
+    has infinite divergence; ties go to the largest threshold (ModelOpt's `last_argmin`).
 
     Instead of building P and Q per candidate, KL is expanded into prefix sums: with C(i) = sum(bins[0:i]),
     S_j and n_j the count and the number of non-empty bins of level j, m_j = S_j / n_j and Z the total,
         Z * KL(i) = sum_{t < i-1} c_t log(c_t / Z) + L log(L / Z) - sum_j S_j log(m_j / C(i)) - T log(m_last / C(i))
     where T = sum(bins[i:]) and L = c_{i-1} + T; that is O(levels) per candidate instead of O(bins).
 
+    Args:
+        histogram: counts of |x| in equal bins from 0.
+        num_quantized_bins: quantized levels of one sign (128 for int8).
+        start_bin: the smallest candidate.
+        count_zeros: keep bin 0 as collected (`entropy-zeros`).
+
     Returns:
-        the number of bins i below the threshold (threshold = i * bin_width).
+        the number of bins i below the threshold (threshold = i * bin_width); len(histogram) when empty.
     """
-    counts = np.asarray(histogram, dtype=np.float64)
+    counts = np.array(histogram, dtype=np.float64)
     num_bins = counts.size
+    if not count_zeros and num_bins > 1:
+        counts[0] = counts[1]
     total = counts.sum()
     if total == 0 or num_bins <= start_bin:
-        return num_bins
+        return float(num_bins)
     prefix = np.concatenate([[0.0], np.cumsum(counts)])
     nonzero_prefix = np.concatenate([[0], np.cumsum(counts > 0)])
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -171,57 +223,92 @@ def entropy_threshold_bins(histogram: np.ndarray, num_quantized_bins: int = NUM_
     divergence = (reference - cross) / total
     divergence[(counts[widths - 1] == 0) & (tail > 0)] = np.inf
     best = divergence.size - 1 - int(np.argmin(divergence[::-1]))
-    return int(widths[best])
+    return float(widths[best])
 
 
-def percentile_threshold_bins(histogram: np.ndarray, percentile: float) -> int:
-    """Smallest i such that bins[0:i] hold at least `percentile` % of the values."""
+def percentile_threshold_bins(histogram: np.ndarray, percentile: float) -> float:
+    """As ModelOpt's `_compute_amax_percentile`: the lower edge of the first bin where the CDF reaches
+    `percentile` % (so the bin that crosses the percentile is itself clipped).
+
+    Args:
+        histogram: counts of |x| in equal bins from 0.
+        percentile: in (0, 100].
+
+    Returns:
+        the threshold in bins; len(histogram) when empty.
+    """
     counts = np.asarray(histogram, dtype=np.float64)
     total = counts.sum()
     if total == 0:
-        return counts.size
-    cumulative = np.cumsum(counts) / total
-    return int(min(np.searchsorted(cumulative, percentile / 100.0 - 1e-12) + 1, counts.size))
+        return float(counts.size)
+    cdf = np.cumsum(counts / total)
+    return float(min(int(np.searchsorted(cdf, percentile / 100.0)), counts.size))
 
 
-def mse_threshold_bins(histogram: np.ndarray, num_levels: int = 127, start_bin: int = 16) -> int:
-    """Threshold (in bins) minimising the expected MSE of symmetric quantization with `num_levels` steps per side.
+def mse_threshold_bins(histogram: np.ndarray, num_bits: int = 8, start_bin: int = START_BIN,
+                       chunk: int = 256) -> float:
+    """As ModelOpt's `_compute_amax_mse`: each candidate amax is a bin centre c_i (i from `start_bin` to the last
+    bin but one); the bin centres are fake-quantized with it (symmetric, narrow range: round(c * 127 / amax)
+    clamped to +-127) and the count-weighted squared error is summed; the first minimum wins.
 
-    Values are taken at their bin centres c: a value below the threshold T costs the uniform rounding error
-    (T / num_levels)^2 / 12, a value above costs its clipping error (c - T)^2. Vectorised over every candidate.
+    Args:
+        histogram: counts of |x| in equal bins from 0.
+        num_bits: quantization bits (8).
+        start_bin: the smallest candidate.
+        chunk: candidates evaluated per numpy block (memory: chunk x bins doubles).
+
+    Returns:
+        the threshold in bins (a bin centre, i + 0.5); len(histogram) when empty or too short.
     """
     counts = np.asarray(histogram, dtype=np.float64)
     num_bins = counts.size
-    if counts.sum() == 0:
-        return num_bins
-    centres = np.arange(num_bins) + 0.5  # in bin units
-    candidates = np.arange(min(start_bin, num_bins), num_bins + 1)
-    # sum over bins t >= T of n_t (c_t - T)^2 = S2 - 2 T S1 + T^2 S0 with suffix sums S_k = sum n_t c_t^k
-    suffix = lambda values: np.concatenate([np.cumsum(values[::-1])[::-1], [0.0]])
-    s0, s1, s2 = suffix(counts), suffix(counts * centres), suffix(counts * centres**2)
-    t = candidates.astype(np.float64)
-    clip_error = s2[candidates] - 2 * t * s1[candidates] + t * t * s0[candidates]
-    rounding_error = (counts.sum() - s0[candidates]) * (t / num_levels) ** 2 / 12.0
-    return int(candidates[int(np.argmin(clip_error + rounding_error))])
+    if counts.sum() == 0 or num_bins <= start_bin + 1:
+        return float(num_bins)
+    levels = float((1 << (num_bits - 1)) - 1)
+    centres = np.arange(num_bins, dtype=np.float64) + 0.5
+    errors = []
+    for first in range(start_bin, num_bins - 1, chunk):
+        amax = centres[first : min(first + chunk, num_bins - 1), None]
+        scale = levels / amax
+        quantized = np.clip(np.round(centres[None, :] * scale), -levels, levels) / scale
+        errors.append(((quantized - centres[None, :]) ** 2 * counts[None, :]).sum(axis=1))
+    return float(centres[start_bin + int(np.argmin(np.concatenate(errors)))])
 
 
 def threshold(stats: TensorStats, method: Method, percentile: float = 99.99) -> float:
-    """The symmetric threshold (amax) that `method` picks for a tensor."""
+    """The symmetric threshold (amax) that `method` picks for a tensor.
+
+    Args:
+        stats: the tensor's statistics.
+        method: the search.
+        percentile: for Method.PERCENTILE.
+
+    Returns:
+        the threshold, in the tensor's units.
+
+    Raises:
+        ValueError: unknown method.
+    """
     method = Method.parse(method)
     if method is Method.MINMAX or stats.amax == 0.0:
         return stats.amax
-    if method is Method.ENTROPY:
-        bins = entropy_threshold_bins(stats.histogram)
-    elif method is Method.PERCENTILE:
-        bins = percentile_threshold_bins(stats.histogram, percentile)
-    else:
-        bins = mse_threshold_bins(stats.histogram)
-    return bins * stats.bin_width
+    searches = {
+        Method.ENTROPY: lambda h: entropy_threshold_bins(h),
+        Method.ENTROPY_ZEROS: lambda h: entropy_threshold_bins(h, count_zeros=True),
+        Method.PERCENTILE: lambda h: percentile_threshold_bins(h, percentile),
+        Method.MSE: lambda h: mse_threshold_bins(h),
+    }
+    return searches[method](stats.histogram) * stats.bin_width
 
 
 def clipped_fraction(stats: TensorStats, low: float, high: float) -> float:
-    """Share of the calibration values outside [low, high], estimated from the |x| histogram (exact at bin
-    edges; for one-signed tensors the side that cannot be clipped is ignored)."""
+    """Share of the calibration values outside [low, high], estimated from the |x| histogram.
+
+    Exact at bin edges; for one-signed tensors the side that cannot be clipped is ignored.
+
+    Returns:
+        a fraction in [0, 1].
+    """
     total = stats.histogram.sum()
     if total == 0 or stats.bin_width == 0:
         return 0.0
@@ -232,8 +319,21 @@ def clipped_fraction(stats: TensorStats, low: float, high: float) -> float:
 
 def choose_ranges(stats: Sequence[TensorStats], method: Method, symmetric: bool,
                   percentile: float = 99.99) -> dict[str, TensorRange]:
-    """One range per tensor. Symmetric (TensorRT): [-T, T]. Asymmetric (uint8): [max(min, -T), min(max, T)],
-    always including 0 so that zero is exactly representable."""
+    """One range per tensor.
+
+    Symmetric (TensorRT): [-T, T]. Asymmetric (uint8): [max(min, -T), min(max, T)], always including 0 so that
+    zero is exactly representable.
+
+    Args:
+        stats: the tensors' statistics.
+        method: the threshold search.
+        symmetric: the scheme's activations are symmetric.
+        percentile: for Method.PERCENTILE.
+
+    Returns:
+        {tensor name: TensorRange}, in the order of `stats`.
+    """
+    method = Method.parse(method)
     ranges = {}
     for item in stats:
         amax = threshold(item, method, percentile)
@@ -242,7 +342,7 @@ def choose_ranges(stats: Sequence[TensorStats], method: Method, symmetric: bool,
         else:
             low, high = min(0.0, max(item.observed_min, -amax)), max(0.0, min(item.observed_max, amax))
         ranges[item.name] = TensorRange(item.name, float(low), float(high), item.observed_min, item.observed_max,
-                                        clipped_fraction(item, low, high), Method.parse(method).value)
+                                        clipped_fraction(item, low, high), method.value)
     return ranges
 
 
@@ -254,9 +354,18 @@ _SKIMAGE_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket",
 
 
 def ensure_calibration_images(folder: str | os.PathLike = DEFAULT_CALIB_DIR, crops_per_photo: int = 6,
-                              crop_size: int = 192, seed: int = 0) -> list[Path]:
+                              crop_size: int = 256, seed: int = 0) -> list[Path]:
     """The images in `folder`; if it holds none, first fill it with random crops of the photographs that ship
-    inside scikit-image (no download). Users may drop their own images in instead."""
+    inside scikit-image (no download). Users may drop their own images in instead.
+
+    Args:
+        folder: the calibration folder.
+        crops_per_photo, crop_size, seed: how the default crops are cut (256 px: 85 LR px after a x3 downscale,
+            room for distinct 64 px patches).
+
+    Returns:
+        the image paths, sorted.
+    """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     try:
@@ -265,8 +374,6 @@ def ensure_calibration_images(folder: str | os.PathLike = DEFAULT_CALIB_DIR, cro
         pass
     from PIL import Image
     from skimage import data as skdata
-
-    from .export import write_atomic
 
     rng = np.random.default_rng(seed)
     crops: dict[str, bytes] = {}  # made in full first, so a failure leaves the folder empty, not half-filled
@@ -289,7 +396,18 @@ def ensure_calibration_images(folder: str | os.PathLike = DEFAULT_CALIB_DIR, cro
 
 
 def load_calibration_images(source: str | os.PathLike | Sequence[np.ndarray] | None) -> list[np.ndarray]:
-    """uint8 HxWx3 images from a folder, a list of arrays, or (None) the default `calib_data/`."""
+    """The calibration images as given.
+
+    Args:
+        source: a folder, a list of uint8 HxWx3 arrays, or None for the default `calib_data/`.
+
+    Returns:
+        uint8 HxWx3 images.
+
+    Raises:
+        FileNotFoundError: no such folder, or no image in it.
+        ValueError: an empty list.
+    """
     if source is None:
         return [load_image(p) for p in ensure_calibration_images()]
     if isinstance(source, (str, os.PathLike)):
@@ -300,8 +418,37 @@ def load_calibration_images(source: str | os.PathLike | Sequence[np.ndarray] | N
     return images
 
 
+def prepare_calibration_images(images: Sequence[np.ndarray], config: CalibrationConfig,
+                               scale: int) -> list[np.ndarray]:
+    """What the network is fed: each image bicubic-downscaled by `scale` (unless `config.inputs` is raw), then
+    the experiment's gain and contrast.
+
+    Args:
+        images: uint8 HxWx3 images.
+        config: the calibration.
+        scale: the model's upscaling factor.
+
+    Returns:
+        uint8 HxWx3 images (images too small to downscale are used as they are).
+    """
+    prepared = []
+    for image in images:
+        image = np.asarray(image)[..., :3]
+        if config.inputs is CalibrationInputs.DOWNSCALED and min(image.shape[:2]) >= 2 * scale:
+            image = degrade(image, scale)[1]
+        if config.transformed:
+            values = (image.astype(np.float32) / 255.0 - 0.5) * config.contrast + 0.5
+            image = np.clip(np.rint(values * config.gain * 255.0), 0, 255).astype(np.uint8)
+        prepared.append(np.ascontiguousarray(image))
+    return prepared
+
+
 def images_digest(images: Sequence[np.ndarray]) -> str:
-    """A hash of the calibration images' pixels (part of the cache key)."""
+    """A hash of the images' pixels and shapes (part of the cache key).
+
+    Returns:
+        16 hex digits.
+    """
     digest = hashlib.sha256()
     for image in images:
         digest.update(str(image.shape).encode())
@@ -309,9 +456,19 @@ def images_digest(images: Sequence[np.ndarray]) -> str:
     return digest.hexdigest()[:16]
 
 
-def calibration_patches(images: Sequence[np.ndarray], samples: int, patch_size: int, seed: int = 0) -> Iterator[np.ndarray]:
-    """`samples` random patch_size x patch_size crops (float32 1x3xPxP in [0, 1]), generated lazily and
-    deterministically for a seed. Images smaller than a patch are used whole."""
+def calibration_patches(images: Sequence[np.ndarray], samples: int, patch_size: int,
+                        seed: int = 0) -> Iterator[np.ndarray]:
+    """Random crops of the images, generated lazily and deterministically for a seed.
+
+    Args:
+        images: uint8 HxWx3 images, as the network sees them (see `prepare_calibration_images`).
+        samples: how many crops.
+        patch_size: the crop side; images smaller than that are used whole.
+        seed: the random stream.
+
+    Yields:
+        float32 1x3xPxP patches in [0, 1].
+    """
     rng = np.random.default_rng(seed)
     for _ in range(samples):
         image = images[int(rng.integers(len(images)))]
@@ -329,7 +486,14 @@ def calibration_patches(images: Sequence[np.ndarray], samples: int, patch_size: 
 
 def activation_tensors(model: onnx.ModelProto) -> list[str]:
     """Every float tensor that a real INT8 deployment quantizes: the graph input and each node output (weights,
-    biases and Constant outputs excluded), in graph order."""
+    biases and Constant outputs excluded), in graph order.
+
+    Args:
+        model: the FP32 ONNX model.
+
+    Returns:
+        the tensor names.
+    """
     initializers = {init.name for init in model.graph.initializer}
     names = [model.graph.input[0].name]
     for node in model.graph.node:
@@ -339,7 +503,18 @@ def activation_tensors(model: onnx.ModelProto) -> list[str]:
     return names
 
 
-def _observing_session(model_path: str | os.PathLike, tensors: Sequence[str], threads: int) -> ort.InferenceSession:
+def observing_session(model_path: str | os.PathLike, tensors: Sequence[str], threads: int = 0) -> ort.InferenceSession:
+    """An ONNX Runtime session of the model that also returns `tensors` as outputs (basic optimisations only,
+    so every observed tensor survives).
+
+    Args:
+        model_path: the FP32 ONNX model.
+        tensors: tensor names to expose.
+        threads: intra-op threads (0: ONNX Runtime's default).
+
+    Returns:
+        the session.
+    """
     model = onnx.load(str(model_path))
     existing = {output.name for output in model.graph.output}
     for name in tensors:
@@ -383,7 +558,7 @@ def collect_statistics(model_path: str | os.PathLike, patches: Callable[[], Iter
     """
     model = onnx.load(str(model_path), load_external_data=False)
     names = activation_tensors(model)
-    session = _observing_session(model_path, names, threads)
+    session = observing_session(model_path, names, threads)
     input_name = session.get_inputs()[0].name
     outputs = [o.name for o in session.get_outputs()]
     index = {name: outputs.index(name) if name in outputs else None for name in names}

@@ -7,9 +7,10 @@ so the stitched result equals the whole-image result exactly (no seams) while me
 """
 from __future__ import annotations
 
-import hashlib
+import json
 import logging
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -18,6 +19,7 @@ import numpy as np
 import torch
 
 from .data import to_tensor, to_uint8
+from .store import cache_root, code_digest, file_sha256, locked, short_hash, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -92,10 +94,33 @@ def tensorrt_available() -> bool:
     return torch.cuda.is_available()
 
 
+def tensorrt_profile_shapes() -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+    """(min, opt, max) input shapes of the TensorRT optimisation profile: tiles up to TILE + 2 * OVERLAP a side."""
+    side = TILE + 2 * OVERLAP
+    return (1, 3, 8, 8), (1, 3, side, side), (1, 3, side, side)
+
+
+def tensorrt_plan_key(qdq_onnx: str | os.PathLike, gpu_name: str, tensorrt_version: str) -> str:
+    """The cache key of a TensorRT plan.
+
+    Args:
+        qdq_onnx: the QDQ model the plan is built from (its hash already covers the calibration code).
+        gpu_name: the CUDA device's name.
+        tensorrt_version: `tensorrt.__version__`.
+
+    Returns:
+        20 hex digits over the model's hash, the GPU, TensorRT's version, the profile's shapes and this
+        module's code.
+    """
+    parts = {"model": file_sha256(qdq_onnx), "gpu": gpu_name, "tensorrt": tensorrt_version,
+             "profile": tensorrt_profile_shapes(), "code": code_digest(sys.modules[__name__])}
+    return short_hash(json.dumps(parts, sort_keys=True), 20)
+
+
 class TensorRTEngine:
     """A strongly typed TensorRT engine built from a `tensorrt`-scheme QDQ model (TensorRT 10/11 API).
 
-    The engine is cached on disk, keyed by the ONNX model's hash, the GPU's name and TensorRT's version; device
+    The engine is cached on disk, keyed by `tensorrt_plan_key` (model, GPU, TensorRT version, profile); device
     buffers are torch CUDA tensors. Inputs run in tiles of at most TILE + 2 * OVERLAP pixels per side, the
     optimisation profile's maximum.
     """
@@ -109,21 +134,15 @@ class TensorRTEngine:
         self.trt, self.scale, self.name = trt, scale, name
         self.logger = trt.Logger(trt.Logger.WARNING)
         qdq_onnx = Path(qdq_onnx)
-        from .quantize import cache_root
-
         cache = Path(cache_dir or cache_root() / "tensorrt")
-        cache.mkdir(parents=True, exist_ok=True)
-        key = hashlib.sha256(qdq_onnx.read_bytes() + torch.cuda.get_device_name().encode()
-                             + trt.__version__.encode()).hexdigest()[:20]
+        key = tensorrt_plan_key(qdq_onnx, torch.cuda.get_device_name(), trt.__version__)
         plan_path = cache / f"{qdq_onnx.stem}-{key}.plan"
-        plan = plan_path.read_bytes() if plan_path.is_file() else None
         runtime = trt.Runtime(self.logger)
-        self.engine = runtime.deserialize_cuda_engine(plan) if plan else None
+        self.engine = runtime.deserialize_cuda_engine(plan_path.read_bytes()) if plan_path.is_file() else None
         if self.engine is None:  # missing or stale/corrupt plan
-            plan = self._build(qdq_onnx)
-            from .export import write_atomic
-
-            write_atomic(plan, plan_path)
+            with locked(plan_path):
+                plan = self._build(qdq_onnx)
+                write_atomic(plan, plan_path)
             self.engine = runtime.deserialize_cuda_engine(plan)
         self.context = self.engine.create_execution_context()
         self.input_name, self.output_name = self.engine.get_tensor_name(0), self.engine.get_tensor_name(1)
@@ -139,8 +158,7 @@ class TensorRTEngine:
             raise RuntimeError(f"TensorRT could not parse {qdq_onnx.name}: {errors}")
         config = builder.create_builder_config()
         profile = builder.create_optimization_profile()
-        side = TILE + 2 * OVERLAP
-        profile.set_shape(network.get_input(0).name, (1, 3, 8, 8), (1, 3, side, side), (1, 3, side, side))
+        profile.set_shape(network.get_input(0).name, *tensorrt_profile_shapes())
         config.add_optimization_profile(profile)
         plan = builder.build_serialized_network(network, config)
         if plan is None:

@@ -4,10 +4,8 @@ The graph takes `input` float32 1x3xHxW in [0, 1] and returns `output` 1x3x(sH)x
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import os
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -17,12 +15,21 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
+from .store import write_atomic
+
 OPSET = 17
 INPUT, OUTPUT = "input", "output"
 
 
 def onnx_bytes(model: nn.Module) -> bytes:
-    """The serialized ONNX graph of `model` (eval mode, CPU)."""
+    """The serialized ONNX graph of `model` (eval mode, CPU), checked by `onnx.checker`.
+
+    Args:
+        model: a network taking float32 1x3xHxW in [0, 1].
+
+    Returns:
+        the ModelProto's bytes.
+    """
     model = model.eval().cpu()
     example = torch.rand(1, 3, 24, 32)
     buffer = io.BytesIO()
@@ -39,7 +46,16 @@ def onnx_bytes(model: nn.Module) -> bytes:
 
 def max_abs_difference(model: nn.Module, onnx_model: bytes | str | os.PathLike, height: int = 37,
                        width: int = 53, seed: int = 0) -> float:
-    """Largest |torch - ONNX Runtime| over a random image of an odd size (checks the dynamic axes too)."""
+    """Largest |torch - ONNX Runtime| over a random image of an odd size (checks the dynamic axes too).
+
+    Args:
+        model: the torch network.
+        onnx_model: its ONNX export (bytes or a path).
+        height, width, seed: the random test image.
+
+    Returns:
+        the largest absolute difference.
+    """
     generator = torch.Generator().manual_seed(seed)
     image = torch.rand(1, 3, height, width, generator=generator)
     with torch.no_grad():
@@ -50,25 +66,16 @@ def max_abs_difference(model: nn.Module, onnx_model: bytes | str | os.PathLike, 
     return float(np.max(np.abs(actual - expected)))
 
 
-def write_atomic(data: bytes, path: str | os.PathLike) -> Path:
-    """Write `data` to `path` through a temp file in the same folder and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temp, path)
-    finally:
-        if os.path.exists(temp):
-            os.unlink(temp)
-    return path
-
-
 def export_onnx(model: nn.Module, path: str | os.PathLike, tolerance: float = 1e-4) -> Path:
-    """Export `model` to ONNX at `path`, after checking ONNX Runtime matches torch within `tolerance`.
+    """Export `model` to ONNX at `path` (atomically), after checking ONNX Runtime matches torch within `tolerance`.
+
+    Args:
+        model: the torch network.
+        path: the .onnx file to write.
+        tolerance: the largest accepted |torch - ONNX Runtime|.
+
+    Returns:
+        `path`.
 
     Example:
         >>> export_onnx(load_model("xlsr-clip"), "cache/xlsr-clip.onnx")
@@ -81,11 +88,3 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, tolerance: float = 1e
     if difference > tolerance:
         raise RuntimeError(f"ONNX export differs from torch by {difference:.2e} (> {tolerance:.0e})")
     return write_atomic(data, path)
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

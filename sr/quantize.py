@@ -14,11 +14,11 @@ dequantization of the network output, and whatever a fix explicitly excludes.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -28,52 +28,70 @@ from typing import Callable, Sequence
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 from onnxruntime.quantization.calibrate import TensorData, TensorsData, save_tensors_data
 
-from . import __version__
+from . import calibrate, data, export, models
 from .calibrate import (CalibrationConfig, Method, TensorRange, TensorStats, calibration_patches, choose_ranges,
-                        collect_statistics, images_digest, load_calibration_images, parse_choice)
-from .export import export_onnx, file_sha256, write_atomic
-from .models import load_model, resolve_weights
+                        collect_statistics, images_digest, load_calibration_images, prepare_calibration_images)
+from .choices import parse_choice
+from .export import export_onnx
+from .models import load_model, model_info
+from .store import (cache_root, code_digest, file_sha256, library_versions, locked, publish_dir, remove_stale_temps,
+                    short_hash, temp_dir, write_atomic)
 
 log = logging.getLogger(__name__)
 
-CACHE_DIR = Path(__file__).resolve().parent.parent / "cache"  # $SR_CACHE_DIR overrides it
+QUANTIZED_OPS = ["Conv", "Relu", "Clip", "Concat", "DepthToSpace"]  # everything the networks here are made of
 
 
-def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
-    """The cache folder: the argument, else $SR_CACHE_DIR, else cache/ in the project (read at call time)."""
-    return Path(cache_dir or os.environ.get("SR_CACHE_DIR") or CACHE_DIR)
-QUANTIZED_OPS = ["Conv", "Relu", "Clip", "Concat", "DepthToSpace"]
+class _DropPreprocessingAdvice(logging.Filter):
+    """quantize_static logs "Please consider to run pre-processing" on the root logger for every model; our
+    graphs come straight from the exporter with shapes, so the advice is noise. Dropped by message, once, at
+    import: no logger level is ever changed."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = str(record.msg)
+        return not (message.startswith("Please consider") and "pre-processing" in message)
+
+
+logging.getLogger().addFilter(_DropPreprocessingAdvice())
 
 
 class Scheme(str, Enum):
+    """How activations are quantized (weights are per-channel symmetric INT8 in both)."""
+
     TENSORRT = "tensorrt"
     CPU = "cpu"
 
     @classmethod
     def parse(cls, value) -> "Scheme":
+        """The member for `value`; ValueError listing the options otherwise."""
         return parse_choice(cls, value, "INT8 scheme")
 
     @property
     def symmetric(self) -> bool:
+        """True for symmetric INT8 activations (TensorRT)."""
         return self is Scheme.TENSORRT
 
 
 @dataclass
 class Fixes:
-    """Per-tensor overrides applied on top of a calibration (see `sr.diagnose`)."""
+    """Per-tensor overrides applied on top of a calibration (see `sr.diagnose.Fix`)."""
 
-    range_method: dict[str, str] = field(default_factory=dict)  # tensor -> method used for its range instead
+    range_method: dict[str, Method] = field(default_factory=dict)  # tensor -> method used for its range instead
     keep_float: list[str] = field(default_factory=list)  # tensors left unquantized (their QDQ pair removed)
 
+    def __post_init__(self):
+        self.range_method = {tensor: Method.parse(method) for tensor, method in self.range_method.items()}
+
     def is_empty(self) -> bool:
+        """True when nothing is overridden."""
         return not self.range_method and not self.keep_float
 
     def key(self) -> str:
-        return json.dumps({"range_method": dict(sorted(self.range_method.items())),
+        """A canonical JSON string of the overrides (part of the cache key)."""
+        return json.dumps({"range_method": {t: m.value for t, m in sorted(self.range_method.items())},
                            "keep_float": sorted(self.keep_float)}, sort_keys=True)
 
 
@@ -93,18 +111,39 @@ class CalibratedModel:
     producers: dict[str, str]  # tensor -> op type that produces it
     seconds: float  # time spent calibrating (0 when read from the cache)
     cached: bool
+    scale: int = 3
 
     def table(self) -> list[dict]:
+        """The chosen ranges as JSON-ready dicts, in graph order."""
         return [r.to_dict() for r in self.ranges.values()]
 
 
+def _fp32_key(weights: Path) -> str:
+    parts = {"weights": file_sha256(weights), "code": code_digest(models, export),
+             "versions": library_versions("torch", "onnx", "onnxruntime")}
+    return short_hash(json.dumps(parts, sort_keys=True))
+
+
 def fp32_onnx_path(model_name: str | os.PathLike, cache_dir: Path | None = None) -> Path:
-    """The FP32 ONNX export of a model, cached by the weight file's hash."""
-    cache_dir = cache_root(cache_dir)
-    weights = resolve_weights(model_name)
-    path = cache_dir / "onnx" / f"{weights.stem}-{file_sha256(weights)[:16]}.onnx"
-    if not path.is_file() or not _loads(path):
-        export_onnx(load_model(weights), path)
+    """The FP32 ONNX export of a model, cached by the weight file's hash, the export code and library versions.
+
+    Args:
+        model_name: a shipped model name or a weight file.
+        cache_dir: the cache folder (default: `sr.store.cache_root()`).
+
+    Returns:
+        the path of the .onnx file.
+
+    Raises:
+        FileNotFoundError: no such model.
+    """
+    weights = model_info(model_name).path
+    path = cache_root(cache_dir) / "onnx" / f"{weights.stem}-{_fp32_key(weights)}.onnx"
+    if _loads(path):
+        return path
+    with locked(path):  # concurrent callers wait for one export instead of racing the exporter
+        if not _loads(path):
+            export_onnx(load_model(weights), path)
     return path
 
 
@@ -118,7 +157,15 @@ def _loads(path: Path) -> bool:
 
 def tie_fused_ranges(model: onnx.ModelProto, ranges: dict[str, TensorRange]) -> dict[str, TensorRange]:
     """Give a Conv output that feeds only a ReLU/Clip (possibly through a DepthToSpace, a pure permutation)
-    the activation's output range: TensorRT fuses Conv+ReLU and quantizes once, after the activation."""
+    the activation's output range: TensorRT fuses Conv+ReLU and quantizes once, after the activation.
+
+    Args:
+        model: the FP32 ONNX model.
+        ranges: the calibrated ranges.
+
+    Returns:
+        a copy of `ranges` with the fused producers' ranges replaced.
+    """
     consumers: dict[str, list[onnx.NodeProto]] = {}
     producer = {}
     for node in model.graph.node:
@@ -144,30 +191,35 @@ def tie_fused_ranges(model: onnx.ModelProto, ranges: dict[str, TensorRange]) -> 
 def write_qdq_model(fp32_onnx: Path, ranges: dict[str, TensorRange], scheme: Scheme, out: Path,
                     keep_float: Sequence[str] = ()) -> Path:
     """Quantize `fp32_onnx` with `onnxruntime.quantization.quantize_static`, fed our ranges through its
-    calibration cache (no calibration runs inside ORT). `keep_float` tensors get no QDQ pair."""
+    calibration cache (no calibration runs inside ORT).
+
+    Args:
+        fp32_onnx: the FP32 model.
+        ranges: one range per activation tensor.
+        scheme: the INT8 scheme.
+        out: where to write the QDQ model (atomically).
+        keep_float: tensors that get no QDQ pair (their producers and consumers run in float).
+
+    Returns:
+        `out`.
+    """
     scheme = Scheme.parse(scheme)
     model = onnx.load(str(fp32_onnx))
     tied = tie_fused_ranges(model, ranges)
-    data = {name: TensorData(lowest=np.float32(r.low), highest=np.float32(r.high)) for name, r in tied.items()}
-    excluded = _nodes_touching(model, keep_float)
+    tensor_data = {name: TensorData(lowest=np.float32(r.low), highest=np.float32(r.high)) for name, r in tied.items()}
     with tempfile.TemporaryDirectory(prefix="sr-qdq-") as work:
         cache = Path(work) / "ranges.json"
-        save_tensors_data(TensorsData(CalibrationMethod.MinMax, data), cache)
+        save_tensors_data(TensorsData(CalibrationMethod.MinMax, tensor_data), cache)
         temp = Path(work) / "model.qdq.onnx"
-        quiet = logging.getLogger()  # quantize_static warns on the root logger about optional pre-processing
-        level = quiet.level
-        quiet.setLevel(logging.ERROR)
-        try:
-            quantize_static(
-                str(fp32_onnx), str(temp), calibration_data_reader=None, calibration_cache_path=str(cache),
-                quant_format=QuantFormat.QDQ, op_types_to_quantize=QUANTIZED_OPS, per_channel=True,
-                activation_type=QuantType.QInt8 if scheme.symmetric else QuantType.QUInt8,
-                weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=excluded,
-                extra_options={"ActivationSymmetric": scheme.symmetric, "WeightSymmetric": True,
-                               "QDQKeepRemovableActivations": scheme.symmetric},
-            )
-        finally:
-            quiet.setLevel(level)
+        quantize_static(
+            str(fp32_onnx), str(temp), calibration_data_reader=None, calibration_cache_path=str(cache),
+            quant_format=QuantFormat.QDQ, op_types_to_quantize=QUANTIZED_OPS, per_channel=True,
+            activation_type=QuantType.QInt8 if scheme.symmetric else QuantType.QUInt8,
+            weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
+            nodes_to_exclude=_nodes_touching(model, keep_float),
+            extra_options={"ActivationSymmetric": scheme.symmetric, "WeightSymmetric": True,
+                           "QDQKeepRemovableActivations": scheme.symmetric},
+        )
         write_atomic(temp.read_bytes(), out)
     return out
 
@@ -180,10 +232,20 @@ def _nodes_touching(model: onnx.ModelProto, tensors: Sequence[str]) -> list[str]
 
 
 def cache_key(weights_hash: str, config: CalibrationConfig, scheme: Scheme, data_hash: str, fixes: Fixes) -> str:
-    parts = {"weights": weights_hash, "method": config.method.value, "samples": config.samples,
-             "patch": config.patch_size, "seed": config.seed, "percentile": config.percentile,
-             "scheme": scheme.value, "data": data_hash, "fixes": fixes.key(), "version": __version__}
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
+    """The key of a calibrated model: everything that determines the QDQ file.
+
+    That is the weights, every calibration setting, the scheme, the calibration images' pixels, the fixes, the
+    code of the modules that compute the result (their source and the functions they hold now) and the versions
+    of torch, onnx and onnxruntime.
+
+    Returns:
+        20 hex digits.
+    """
+    settings = {k: (v.value if isinstance(v, Enum) else v) for k, v in asdict(config).items() if k != "data"}
+    parts = {"weights": weights_hash, "config": settings, "scheme": scheme.value, "data": data_hash,
+             "fixes": fixes.key(), "code": code_digest(data, models, export, calibrate, sys.modules[__name__]),
+             "versions": library_versions("torch", "onnx", "onnxruntime")}
+    return short_hash(json.dumps(parts, sort_keys=True), 20)
 
 
 def calibrate_model(model_name: str | os.PathLike, config: CalibrationConfig | None = None,
@@ -192,51 +254,88 @@ def calibrate_model(model_name: str | os.PathLike, config: CalibrationConfig | N
                     progress: Callable[[float, str], None] | None = None) -> CalibratedModel:
     """Calibrate a model and write its QDQ INT8 ONNX model, or return the cached one.
 
-    The cache key is (weights hash, method, samples, patch size, seed, scheme, calibration-data hash, fixes).
-    An entry is a folder written under a temp name and renamed into place; its manifest records each file's
-    SHA-256, and an entry that fails the check (a corrupt or partial file) is rebuilt.
+    An entry is built in a temp folder and renamed into place while holding the entry's lock, so threads and
+    processes that ask for the same entry wait for one calibration and then read it; its manifest records each
+    file's SHA-256, and an entry that fails the check (a corrupt or partial file) is rebuilt.
 
     Example:
         >>> int8 = calibrate_model("xlsr-clip", CalibrationConfig(method="entropy", samples=100), "tensorrt")
         >>> int8.qdq_onnx, int8.ranges["output"].high
 
+    Args:
+        model_name: a shipped model name or a weight file.
+        config: the calibration (default: CalibrationConfig()).
+        scheme: the INT8 scheme.
+        images: calibration images (uint8 HxWx3); None reads `config.data` (or calib_data/).
+        fixes: per-tensor overrides.
+        cache_dir: the cache folder (default: `sr.store.cache_root()`).
+        threads: ONNX Runtime threads for the observation passes (0: its default).
+        progress: called with (fraction done, message).
+
+    Returns:
+        the CalibratedModel.
+
     Raises:
         FileNotFoundError: unknown model or calibration folder.
-        ValueError: bad configuration.
+        ValueError: bad configuration, or a fix that names a tensor the model does not have.
     """
     config = config or CalibrationConfig()
     scheme = Scheme.parse(scheme)
     fixes = fixes or Fixes()
-    cache_dir = cache_root(cache_dir)
-    weights = resolve_weights(model_name)
-    calibration_images = load_calibration_images(config.data if images is None else images)
-    key = cache_key(file_sha256(weights), config, scheme, images_digest(calibration_images), fixes)
-    entry = cache_dir / "int8" / key
-    cached = _read_entry(entry)
-    fp32 = fp32_onnx_path(weights, cache_dir)
-    if cached is not None:
-        ranges, stats, producers = cached
-        return CalibratedModel(str(model_name), scheme, config, fixes, key, fp32, entry / "model.qdq.onnx",
-                               ranges, stats, producers, 0.0, True)
+    info = model_info(model_name)
+    source = load_calibration_images(config.data if images is None else images)
+    network_inputs = prepare_calibration_images(source, config, info.scale)
+    key = cache_key(file_sha256(info.path), config, scheme, images_digest(network_inputs), fixes)
+    folder = cache_root(cache_dir) / "int8"
+    entry = folder / key
+    fp32 = fp32_onnx_path(info.path, cache_dir)
 
-    started = time.perf_counter()
-    stats = collect_statistics(
-        fp32, lambda: calibration_patches(calibration_images, config.samples, config.patch_size, config.seed),
-        config.samples, need_histograms=True, threads=threads, progress=progress)
-    ranges = choose_ranges(stats, config.method, scheme.symmetric, config.percentile)
+    def result(found, seconds: float, cached: bool) -> CalibratedModel:
+        ranges, stats, producers = found
+        return CalibratedModel(str(model_name), scheme, config, fixes, key, fp32, entry / "model.qdq.onnx",
+                               ranges, stats, producers, seconds, cached, info.scale)
+
+    found = _read_entry(entry)
+    if found is not None:
+        return result(found, 0.0, True)
+    with locked(entry):
+        found = _read_entry(entry)  # another thread or process may have built it while we waited
+        if found is not None:
+            return result(found, 0.0, True)
+        remove_stale_temps(folder)
+        started = time.perf_counter()
+        stats = collect_statistics(
+            fp32, lambda: calibration_patches(network_inputs, config.samples, config.patch_size, config.seed),
+            config.samples, need_histograms=True, threads=threads, progress=progress)
+        ranges = _apply_fixes(choose_ranges(stats, config.method, scheme.symmetric, config.percentile), stats,
+                              fixes, config, scheme, info.name)
+        producers = _producers(fp32)
+        _write_entry(entry, fp32, ranges, stats, producers, config, scheme, fixes)
+        return result((ranges, stats, producers), time.perf_counter() - started, False)
+
+
+def _apply_fixes(ranges: dict[str, TensorRange], stats: list[TensorStats], fixes: Fixes, config: CalibrationConfig,
+                 scheme: Scheme, model: str) -> dict[str, TensorRange]:
+    for tensor in [*fixes.range_method, *fixes.keep_float]:
+        if tensor not in ranges:
+            raise ValueError(f"no tensor {tensor!r} in {model}; tensors: {', '.join(ranges)}")
     for tensor, method in fixes.range_method.items():
-        if tensor not in ranges:
-            raise ValueError(f"no tensor {tensor!r} in {weights.stem}; tensors: {', '.join(ranges)}")
-        ranges[tensor] = choose_ranges([s for s in stats if s.name == tensor], Method.parse(method),
-                                       scheme.symmetric, config.percentile)[tensor]
-    for tensor in fixes.keep_float:
-        if tensor not in ranges:
-            raise ValueError(f"no tensor {tensor!r} in {weights.stem}; tensors: {', '.join(ranges)}")
+        ranges[tensor] = choose_ranges([s for s in stats if s.name == tensor], method, scheme.symmetric,
+                                       config.percentile)[tensor]
+    return ranges
+
+
+def _producers(fp32: Path) -> dict[str, str]:
     model = onnx.load(str(fp32))
     producers = {node.output[0]: node.op_type for node in model.graph.node if node.output}
     producers[model.graph.input[0].name] = "Input"
+    return producers
 
-    work = Path(tempfile.mkdtemp(dir=_ensure(cache_dir / "int8"), prefix=f".{key}."))
+
+def _write_entry(entry: Path, fp32: Path, ranges: dict[str, TensorRange], stats: list[TensorStats],
+                 producers: dict[str, str], config: CalibrationConfig, scheme: Scheme, fixes: Fixes) -> None:
+    """Build the entry in a temp folder beside it, then publish it (the caller holds the entry's lock)."""
+    work = temp_dir(entry.parent)
     try:
         write_qdq_model(fp32, ranges, scheme, work / "model.qdq.onnx", keep_float=fixes.keep_float)
         (work / "ranges.json").write_text(json.dumps({"ranges": [r.to_dict() for r in ranges.values()],
@@ -247,19 +346,10 @@ def calibrate_model(model_name: str | os.PathLike, config: CalibrationConfig | N
         manifest = {name: file_sha256(work / name) for name in ("model.qdq.onnx", "ranges.json", "stats.npz")}
         (work / "manifest.json").write_text(json.dumps({"files": manifest, "config": asdict(config),
                                                         "scheme": scheme.value, "fixes": fixes.key()}, default=str))
-        if entry.exists():
-            shutil.rmtree(entry, ignore_errors=True)
-        os.replace(work, entry)
+        publish_dir(work, entry)
     finally:
-        shutil.rmtree(work, ignore_errors=True)
-    seconds = time.perf_counter() - started
-    return CalibratedModel(str(model_name), scheme, config, fixes, key, fp32, entry / "model.qdq.onnx", ranges,
-                           stats, producers, seconds, False)
-
-
-def _ensure(path: Path) -> Path:
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+        if work.exists():
+            shutil.rmtree(work, ignore_errors=True)
 
 
 def _read_entry(entry: Path):

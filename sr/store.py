@@ -11,14 +11,13 @@ import contextlib
 import fcntl
 import hashlib
 import inspect
-import marshal
 import os
 import shutil
 import tempfile
 import time
 from importlib import metadata
 from pathlib import Path
-from types import ModuleType
+from types import CodeType, ModuleType
 from typing import Iterator
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -148,6 +147,11 @@ def library_versions(*names: str) -> dict[str, str]:
     return found
 
 
+def short_hash(text: str, length: int = 16) -> str:
+    """The first `length` hex digits of the SHA-256 of `text` (cache keys)."""
+    return hashlib.sha256(text.encode()).hexdigest()[:length]
+
+
 def code_digest(*modules: ModuleType) -> str:
     """A digest of the code that determines a result: each module's source file, plus the compiled code of the
     functions its namespace holds *now* (so a function replaced at run time, e.g. a patched threshold search,
@@ -165,5 +169,19 @@ def code_digest(*modules: ModuleType) -> str:
         for name, value in sorted(vars(module).items()):
             if inspect.isfunction(value):
                 digest.update(name.encode())
-                digest.update(marshal.dumps(value.__code__))
+                _update_with_code(digest, value.__code__)
     return digest.hexdigest()[:16]
+
+
+def _update_with_code(digest, code: CodeType) -> None:
+    """Feed a code object's bytecode, names and constants (nested code included) to `digest`. marshal.dumps
+    would be shorter but is not deterministic: its back-references depend on reference counts."""
+    digest.update(code.co_code)
+    digest.update(repr((code.co_names, code.co_varnames)).encode())
+    for constant in code.co_consts:
+        if isinstance(constant, CodeType):
+            _update_with_code(digest, constant)
+        elif isinstance(constant, frozenset):  # `x in {"a", "b"}`: its order follows the per-process hash seed
+            digest.update(repr(sorted(map(repr, constant))).encode())
+        else:
+            digest.update(repr(constant).encode())

@@ -50,6 +50,26 @@ def test_resume_continues_from_checkpoint(tiny_data, tmp_path):
     assert second.steps == 60 and second.history[0]["step"] == 30
 
 
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tiny_data, tmp_path):
+    """Stopped at step 25 (between checkpoints 20 and 40) and resumed, a run must end bit for bit where the same
+    run ends without the interruption: the checkpoint carries the model, Adam, the one-cycle schedule, the patch
+    sampler's random state and the running loss. torch.equal, not allclose: on CPU, with the same thread count,
+    the same batches and the same states give the same float operations in the same order (no atomics)."""
+    fields = dict(steps=50, checkpoint_every=20, val_every=25, val_dir=None)
+    whole = train(TrainConfig(**_config(tiny_data, tmp_path / "whole.safetensors", **fields)))
+    out = tmp_path / "parts.safetensors"
+    calls = iter(range(1000))
+    train(TrainConfig(**_config(tiny_data, out, **fields)), should_stop=lambda: next(calls) >= 25)
+    assert read_metadata(out)["steps"] == 25
+    resumed = train(TrainConfig(**_config(tiny_data, out, resume=True, **fields)))
+    assert resumed.steps == 50
+    expected, actual = load_model(whole.weights).state_dict(), load_model(resumed.weights).state_dict()
+    assert expected.keys() == actual.keys()
+    different = [name for name in expected if not torch.equal(expected[name], actual[name])]
+    assert not different, f"resumed weights differ from the uninterrupted run in {different}"
+    assert resumed.history[-1]["loss"] == whole.history[-1]["loss"]  # the running loss was carried over too
+
+
 def test_distillation_uses_the_teacher(tiny_data, tmp_path):
     torch.manual_seed(0)
     bright, dark = build_model("teacher", scale=2, num_blocks=1), build_model("teacher", scale=2, num_blocks=1)
