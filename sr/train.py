@@ -33,6 +33,13 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class TrainConfig:
+    """How to train one model; `asdict(config)` is stored in the weight file's metadata.
+
+    Raises:
+        ValueError: (on construction) unknown architecture or final activation, unsupported scale, a count
+            below 1 or a non-positive max_lr; the message names the value.
+    """
+
     arch: str = "xlsr"
     final_activation: str = "relu"
     scale: int = 3
@@ -70,11 +77,14 @@ class TrainConfig:
 
     @property
     def checkpoint_path(self) -> Path:
+        """The resumable checkpoint beside the weights: `<out>` with the suffix `.ckpt.pt`."""
         return Path(self.out).with_suffix(".ckpt.pt")
 
 
 @dataclass
 class TrainResult:
+    """What `train`/`distill` return (on rank 0; other ranks get their own step count and an empty history)."""
+
     weights: Path
     steps: int
     wall_seconds: float
@@ -83,7 +93,16 @@ class TrainResult:
 
 
 def charbonnier(prediction: torch.Tensor, target: torch.Tensor, eps: float = 1e-3) -> torch.Tensor:
-    """Charbonnier loss sqrt((x - y)^2 + eps^2), a differentiable L1 (Lai et al., LapSRN, CVPR 2017)."""
+    """Charbonnier loss sqrt((x - y)^2 + eps^2), a differentiable L1 (Lai et al., LapSRN, CVPR 2017).
+
+    Args:
+        prediction: any shape.
+        target: the same shape.
+        eps: the smoothing constant; the loss of identical tensors is `eps`.
+
+    Returns:
+        the mean over all elements, a 0-d tensor.
+    """
     return torch.sqrt((prediction - target) ** 2 + eps * eps).mean()
 
 
@@ -91,11 +110,30 @@ class Validator:
     """Mean Y-PSNR (border shaved by `scale`) of a model over an image folder; images are degraded once."""
 
     def __init__(self, folder: str | os.PathLike, scale: int):
+        """Load and degrade every image of `folder`.
+
+        Args:
+            folder: HR images (uint8 RGB on disk).
+            scale: the SR factor; also the border shaved before PSNR.
+
+        Raises:
+            FileNotFoundError: no such folder, or no image in it.
+            ValueError: an image smaller than `scale` pixels on a side.
+        """
         self.scale = scale
         self.pairs = [degrade(load_image(p), scale) for p in list_images(folder)]
 
     @torch.no_grad()
     def __call__(self, model: nn.Module, device: torch.device) -> float:
+        """The mean Y-PSNR in dB of `model` (float32 NCHW RGB in [0, 1] in and out) over the folder.
+
+        Args:
+            model: the network; put in eval mode for the call, then back in its previous mode.
+            device: where `model` lives.
+
+        Returns:
+            the mean PSNR in dB.
+        """
         was_training = model.training
         model.eval()
         scores = []
@@ -104,6 +142,33 @@ class Validator:
             scores.append(psnr_y(sr, hr, shave=self.scale))
         model.train(was_training)
         return float(np.mean(scores))
+
+
+@dataclass
+class _Run:
+    """Everything a training run carries from one step to the next; `_snapshot` saves what a resume needs."""
+
+    config: TrainConfig
+    rank: int
+    world: int
+    device: torch.device
+    model: nn.Module
+    trainable: nn.Module  # `model`, or its DistributedDataParallel wrapper
+    teacher: nn.Module | None
+    alpha: float
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    sampler: PatchSampler | None = None
+    validator: Validator | None = None
+    step: int = 0
+    history: list[dict] = field(default_factory=list)
+    running_loss: float | None = None
+    elapsed_before: float = 0.0  # loop seconds of the runs this one resumes
+    started: float = 0.0  # perf_counter() when the loop began
+    restored_sampler_states: list[dict] | None = None  # one per rank, from the checkpoint
+
+    def wall_seconds(self) -> float:
+        return self.elapsed_before + time.perf_counter() - self.started
 
 
 def _resolve_device(name: str) -> torch.device:
@@ -127,7 +192,24 @@ def _save_checkpoint(path: Path, state: dict) -> None:
 
 def train(config: TrainConfig, on_progress: Callable[[dict], None] | None = None,
           should_stop: Callable[[], bool] | None = None) -> TrainResult:
-    """Train `config.arch` from scratch (or resume) and write its weights to `config.out`."""
+    """Train `config.arch` from scratch (or resume) and write its weights to `config.out`.
+
+    Args:
+        config: the run.
+        on_progress: called on rank 0 with {"step", "steps", "loss", "val_psnr"?} every 50 steps and at each
+            validation.
+        should_stop: polled before every step; True ends training early (the weights so far are saved).
+
+    Returns:
+        the TrainResult.
+
+    Raises:
+        FileNotFoundError: a training or validation folder is missing or holds no image, or `config.init`
+            names no model.
+        ValueError: no training image is large enough for the patches, or `config.init` is not a weight file
+            of the same architecture.
+        FloatingPointError: the loss became NaN or infinite (lower max_lr).
+    """
     return fit(config, teacher=None, alpha=1.0, on_progress=on_progress, should_stop=should_stop)
 
 
@@ -137,9 +219,44 @@ def fit(config: TrainConfig, teacher: nn.Module | None, alpha: float,
     """The training loop shared by `train` and `sr.distill.distill`.
 
     loss = alpha * L(student, HR) + (1 - alpha) * L(student, teacher(LR)), L = Charbonnier; the teacher (if
-    any) is frozen and run on the fly. `on_progress` receives {"step", "steps", "loss", "val_psnr"?} dicts;
-    `should_stop()` returning True ends training early (the weights reached so far are saved).
+    any) is frozen and run on the fly. With `config.resume`, a run continues from `<out>.ckpt.pt` and ends
+    with the same weights as the same run without the interruption (on the same device and thread count).
+
+    Args:
+        config: the run.
+        teacher: a frozen model of the same scale, or None for plain training.
+        alpha: the weight of the ground-truth term (ignored without a teacher).
+        on_progress: called on rank 0 with {"step", "steps", "loss", "val_psnr"?} dicts.
+        should_stop: polled before every step; True ends training early (the weights so far are saved).
+
+    Returns:
+        the TrainResult.
+
+    Raises:
+        ValueError: the teacher's scale differs from `config.scale`; see `train` for the others.
+        FileNotFoundError: see `train`.
+        FloatingPointError: the loss became NaN or infinite.
     """
+    run = _setup(config, teacher, alpha)
+    _restore(run)
+    _setup_data(run)
+    bar = tqdm(total=config.steps, initial=run.step, desc=Path(config.out).stem, disable=run.rank != 0,
+               dynamic_ncols=True, mininterval=1.0)
+    run.model.train()
+    run.started = time.perf_counter()  # the loop's clock (max_seconds, wall time) starts after data loading
+    while run.step < config.steps and not _should_end(run, should_stop):
+        loss = _train_step(run)
+        _track_loss(run, loss, bar)
+        bar.update(1)
+        _validate_and_report(run, bar, on_progress)
+        if run.step % config.checkpoint_every == 0 and run.step < config.steps:
+            _checkpoint(run)
+    bar.close()
+    return _finish(run)
+
+
+def _setup(config: TrainConfig, teacher: nn.Module | None, alpha: float) -> _Run:
+    """Process group, device, the model (seeded, or from `config.init`), the teacher, Adam and the schedule."""
     rank, world = _distributed()
     device = _resolve_device(config.device)
     if device.type == "cuda":
@@ -159,87 +276,141 @@ def fit(config: TrainConfig, teacher: nn.Module | None, alpha: float,
     optimizer = torch.optim.Adam(model.parameters(), lr=config.max_lr)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.max_lr, total_steps=config.steps,
                                                     pct_start=0.1)
-    start_step, history, elapsed_before = 0, [], 0.0
-    if config.resume and config.checkpoint_path.is_file():
-        state = torch.load(config.checkpoint_path, map_location=device, weights_only=True)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start_step, history, elapsed_before = state["step"], state["history"], state["wall_seconds"]
-        log.info("resumed from %s at step %d", config.checkpoint_path, start_step)
-    trainable = nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    return _Run(config=config, rank=rank, world=world, device=device, model=model, trainable=model,
+                teacher=teacher, alpha=alpha, optimizer=optimizer, scheduler=scheduler)
 
-    sampler = PatchSampler(config.train_dirs, config.scale, config.lr_patch, seed=config.seed)
-    sampler.reseed(config.seed, rank, start_step)  # each rank, and each resume, draws its own stream
-    validator = Validator(config.val_dir, config.scale) if config.val_dir and rank == 0 else None
 
-    def snapshot(step: int, wall: float) -> dict:
-        return {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "step": step, "history": history, "wall_seconds": wall}
+def _restore(run: _Run) -> None:
+    """Load `<out>.ckpt.pt` into the run when `config.resume` is set and the checkpoint exists."""
+    path = run.config.checkpoint_path
+    if run.config.resume and path.is_file():
+        state = torch.load(path, map_location=run.device, weights_only=True)
+        run.model.load_state_dict(state["model"])
+        run.optimizer.load_state_dict(state["optimizer"])
+        run.scheduler.load_state_dict(state["scheduler"])
+        run.step, run.history, run.elapsed_before = state["step"], state["history"], state["wall_seconds"]
+        run.running_loss = state.get("running_loss")  # absent in checkpoints written before it was kept
+        run.restored_sampler_states = state.get("sampler")
+        log.info("resumed from %s at step %d", path, run.step)
+    if run.world > 1:
+        run.trainable = nn.parallel.DistributedDataParallel(run.model)
 
-    started = time.perf_counter()
-    step, running_loss = start_step, None
-    bar = tqdm(total=config.steps, initial=start_step, desc=Path(config.out).stem, disable=rank != 0,
-               dynamic_ncols=True, mininterval=1.0)
-    model.train()
-    while step < config.steps:
-        if should_stop is not None and should_stop():
-            log.info("stopped at step %d on request", step)
-            break
-        if config.max_seconds is not None and time.perf_counter() - started > config.max_seconds:
-            log.info("stopped at step %d: time budget of %.0f s reached", step, config.max_seconds)
-            break
-        lr, hr = sampler.batch(config.batch_size)
-        lr, hr = lr.to(device, non_blocking=True), hr.to(device, non_blocking=True)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=config.amp and device.type == "cuda"):
-            prediction = trainable(lr)
-            if teacher is not None:
-                with torch.no_grad():
-                    target = teacher(lr)
-        loss = charbonnier(prediction.float(), hr)
+
+def _setup_data(run: _Run) -> None:
+    """The patch sampler (its random stream restored on resume) and, on rank 0, the validator."""
+    config = run.config
+    run.sampler = PatchSampler(config.train_dirs, config.scale, config.lr_patch, seed=config.seed)
+    states = run.restored_sampler_states
+    if states is not None and len(states) == run.world:
+        run.sampler.rng.bit_generator.state = states[run.rank]  # continue the exact stream of the first run
+    else:
+        if run.step and states is not None:
+            log.warning("the checkpoint was written by %d processes, this run has %d: the patch stream "
+                        "restarts, so the result will differ from an uninterrupted run", len(states), run.world)
+        run.sampler.reseed(config.seed, run.rank, run.step)  # each rank draws its own stream
+    run.validator = Validator(config.val_dir, config.scale) if config.val_dir and run.rank == 0 else None
+
+
+def _should_end(run: _Run, should_stop: Callable[[], bool] | None) -> bool:
+    if should_stop is not None and should_stop():
+        log.info("stopped at step %d on request", run.step)
+        return True
+    max_seconds = run.config.max_seconds
+    if max_seconds is not None and time.perf_counter() - run.started > max_seconds:
+        log.info("stopped at step %d: time budget of %.0f s reached", run.step, max_seconds)
+        return True
+    return False
+
+
+def _train_step(run: _Run) -> torch.Tensor:
+    """One batch: forward (teacher too), loss, backward, Adam and the schedule; returns the loss."""
+    config, device, teacher = run.config, run.device, run.teacher
+    lr, hr = run.sampler.batch(config.batch_size)
+    lr, hr = lr.to(device, non_blocking=True), hr.to(device, non_blocking=True)
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=config.amp and device.type == "cuda"):
+        prediction = run.trainable(lr)
         if teacher is not None:
-            loss = alpha * loss + (1.0 - alpha) * charbonnier(prediction.float(), target.float())
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        step += 1
-        if running_loss is None or step % 50 == 0 or step % config.val_every == 0 or step == config.steps:
-            value = float(loss.detach())
-            if not math.isfinite(value):
-                raise FloatingPointError(f"loss became {value} at step {step}; lower max_lr (now {config.max_lr})")
-            running_loss = value if running_loss is None else 0.9 * running_loss + 0.1 * value
-            bar.set_postfix(loss=f"{running_loss:.4f}", refresh=False)
-        bar.update(1)
-        if rank != 0:
-            continue
-        event = None
-        if step % config.val_every == 0 or step == config.steps:
-            event = {"step": step, "loss": running_loss}
-            if validator is not None:
-                event["val_psnr"] = validator(model, device)
-                bar.write(f"step {step}: loss {running_loss:.4f}, validation PSNR {event['val_psnr']:.3f} dB")
-            history.append(event)
-        elif step % 50 == 0:
-            event = {"step": step, "loss": running_loss}
-        if event is not None and on_progress is not None:
-            on_progress({**event, "steps": config.steps})
-        if step % config.checkpoint_every == 0 and step < config.steps:
-            _save_checkpoint(config.checkpoint_path, snapshot(step, elapsed_before + time.perf_counter() - started))
-    bar.close()
-    wall = elapsed_before + time.perf_counter() - started
-    result = TrainResult(weights=Path(config.out), steps=step, wall_seconds=wall, history=history,
-                         best_val_psnr=max((h["val_psnr"] for h in history if "val_psnr" in h), default=None))
-    if rank == 0:
-        if validator is not None and (not history or history[-1]["step"] != step):
-            history.append({"step": step, "loss": running_loss, "val_psnr": validator(model, device)})
-        _save_checkpoint(config.checkpoint_path, snapshot(step, wall))
-        save_weights(model, config.out, extra={
+            with torch.no_grad():
+                target = teacher(lr)
+    loss = charbonnier(prediction.float(), hr)
+    if teacher is not None:
+        loss = run.alpha * loss + (1.0 - run.alpha) * charbonnier(prediction.float(), target.float())
+    run.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    run.optimizer.step()
+    run.scheduler.step()
+    run.step += 1
+    return loss
+
+
+def _track_loss(run: _Run, loss: torch.Tensor, bar: tqdm) -> None:
+    """Fold the loss into the running average every 50 steps (a device sync), and at validations and the end."""
+    step, config = run.step, run.config
+    if run.running_loss is None or step % 50 == 0 or step % config.val_every == 0 or step == config.steps:
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise FloatingPointError(f"loss became {value} at step {step}; lower max_lr (now {config.max_lr})")
+        run.running_loss = value if run.running_loss is None else 0.9 * run.running_loss + 0.1 * value
+        bar.set_postfix(loss=f"{run.running_loss:.4f}", refresh=False)
+
+
+def _validate_and_report(run: _Run, bar: tqdm, on_progress: Callable[[dict], None] | None) -> None:
+    """On rank 0: validate every `val_every` steps and at the end (into the history); report every 50 steps."""
+    step, config = run.step, run.config
+    if run.rank != 0:
+        return
+    event = None
+    if step % config.val_every == 0 or step == config.steps:
+        event = {"step": step, "loss": run.running_loss}
+        if run.validator is not None:
+            event["val_psnr"] = run.validator(run.model, run.device)
+            bar.write(f"step {step}: loss {run.running_loss:.4f}, validation PSNR {event['val_psnr']:.3f} dB")
+        run.history.append(event)
+    elif step % 50 == 0:
+        event = {"step": step, "loss": run.running_loss}
+    if event is not None and on_progress is not None:
+        on_progress({**event, "steps": config.steps})
+
+
+def _checkpoint(run: _Run, wall_seconds: float | None = None) -> None:
+    """Write `<out>.ckpt.pt` (rank 0). Every rank must call it: the ranks' sampler states are gathered."""
+    states = _gather(run.sampler.rng.bit_generator.state, run.world)
+    if run.rank == 0:
+        _save_checkpoint(run.config.checkpoint_path, {
+            "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
+            "scheduler": run.scheduler.state_dict(), "step": run.step, "history": run.history,
+            "wall_seconds": run.wall_seconds() if wall_seconds is None else wall_seconds,
+            "running_loss": run.running_loss, "sampler": states,
+        })
+
+
+def _gather(value: dict, world: int) -> list[dict]:
+    """`value` from every rank, in rank order (a collective under torchrun)."""
+    if world == 1:
+        return [value]
+    gathered: list = [None] * world
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
+def _finish(run: _Run) -> TrainResult:
+    """Final validation, checkpoint and weight file (rank 0), then leave the process group."""
+    step, config = run.step, run.config
+    wall = run.wall_seconds()
+    result = TrainResult(weights=Path(config.out), steps=step, wall_seconds=wall, history=run.history,
+                         best_val_psnr=max((h["val_psnr"] for h in run.history if "val_psnr" in h), default=None))
+    if run.rank == 0 and run.validator is not None and (not run.history or run.history[-1]["step"] != step):
+        run.history.append({"step": step, "loss": run.running_loss,
+                            "val_psnr": run.validator(run.model, run.device)})
+    _checkpoint(run, wall)
+    if run.rank == 0:
+        teacher = run.teacher
+        save_weights(run.model, config.out, extra={
             "train": asdict(config), "steps": step, "wall_seconds": round(wall, 1),
-            "machine": _machine(device), "history": history,
+            "machine": _machine(run.device), "history": run.history,
             "distilled_from": getattr(teacher, "source", None) if teacher is not None else None,
         })
-    if world > 1:
+    if run.world > 1:
         dist.barrier()
         dist.destroy_process_group()
     return result

@@ -1,4 +1,5 @@
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -50,24 +51,46 @@ def test_resume_continues_from_checkpoint(tiny_data, tmp_path):
     assert second.steps == 60 and second.history[0]["step"] == 30
 
 
-def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tiny_data, tmp_path):
-    """Stopped at step 25 (between checkpoints 20 and 40) and resumed, a run must end bit for bit where the same
-    run ends without the interruption: the checkpoint carries the model, Adam, the one-cycle schedule, the patch
-    sampler's random state and the running loss. torch.equal, not allclose: on CPU, with the same thread count,
-    the same batches and the same states give the same float operations in the same order (no atomics)."""
+class _Crash(Exception):
+    pass
+
+
+def _interrupt_after(steps: int, crash: bool):
+    calls = iter(range(10_000))
+
+    def should_stop() -> bool:
+        if next(calls) < steps:
+            return False
+        if crash:
+            raise _Crash  # dies like a killed job: no final checkpoint, steps after the last one are lost
+        return True
+
+    return should_stop
+
+
+@pytest.mark.parametrize("crash", [False, True], ids=["stopped", "crashed"])
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tiny_data, tmp_path, crash):
+    """Interrupted after step 25 (stopped: checkpoint at 25; crashed: the loop's checkpoint at 20) and resumed,
+    a run must end bit for bit where the same run ends without the interruption: the checkpoint carries the
+    model, Adam, the one-cycle schedule, the patch sampler's random state and the running loss. torch.equal,
+    not allclose: on CPU with the same thread count, the same batches and states give the same operations in
+    the same order, so any difference is a state the checkpoint lost (the sampler stream used to restart)."""
     fields = dict(steps=50, checkpoint_every=20, val_every=25, val_dir=None)
     whole = train(TrainConfig(**_config(tiny_data, tmp_path / "whole.safetensors", **fields)))
     out = tmp_path / "parts.safetensors"
-    calls = iter(range(1000))
-    train(TrainConfig(**_config(tiny_data, out, **fields)), should_stop=lambda: next(calls) >= 25)
-    assert read_metadata(out)["steps"] == 25
+    if crash:
+        with pytest.raises(_Crash):
+            train(TrainConfig(**_config(tiny_data, out, **fields)), should_stop=_interrupt_after(25, crash))
+    else:
+        train(TrainConfig(**_config(tiny_data, out, **fields)), should_stop=_interrupt_after(25, crash))
+    assert torch.load(Path(f"{out}").with_suffix(".ckpt.pt"), weights_only=True)["step"] == (20 if crash else 25)
     resumed = train(TrainConfig(**_config(tiny_data, out, resume=True, **fields)))
     assert resumed.steps == 50
     expected, actual = load_model(whole.weights).state_dict(), load_model(resumed.weights).state_dict()
     assert expected.keys() == actual.keys()
     different = [name for name in expected if not torch.equal(expected[name], actual[name])]
     assert not different, f"resumed weights differ from the uninterrupted run in {different}"
-    assert resumed.history[-1]["loss"] == whole.history[-1]["loss"]  # the running loss was carried over too
+    assert resumed.history == whole.history  # the running loss was carried over too
 
 
 def test_distillation_uses_the_teacher(tiny_data, tmp_path):
@@ -101,13 +124,64 @@ def test_config_errors(tmp_path):
     assert charbonnier(torch.zeros(3), torch.zeros(3)).item() == pytest.approx(1e-3)
 
 
+def _free_port() -> int:
+    """A port no one listens on now (the OS picks it); a fixed one collides with parallel runs."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def test_two_process_gloo_run(tiny_data, tmp_path):
     out = tmp_path / "ddp.safetensors"
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+               "127.0.0.1", "--master_port", str(_free_port()),
                "-m", "sr", "train", "--arch", "xlsr", "--scale", "2", "--train-dirs", str(tiny_data),
                "--val-dir", str(tiny_data), "--steps", "20", "--batch-size", "4", "--lr-patch", "12",
-               "--val-every", "10", "--device", "cpu", "--out", str(out)]
+               "--val-every", "10", "--checkpoint-every", "10", "--device", "cpu", "--out", str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert out.is_file() and read_metadata(out)["steps"] == 20
+    checkpoint = torch.load(out.with_suffix(".ckpt.pt"), weights_only=True)
+    assert len(checkpoint["sampler"]) == 2  # each rank's patch stream, for an exact resume
+    assert checkpoint["sampler"][0] != checkpoint["sampler"][1]
+
+
+DDP_SCRIPT = """
+import sys
+from sr.train import TrainConfig, train
+
+folder, out, mode = sys.argv[1:4]
+config = TrainConfig(arch="xlsr", scale=2, train_dirs=[folder], val_dir=None, out=out, steps=20, batch_size=4,
+                     lr_patch=12, checkpoint_every=10, val_every=10, device="cpu", resume=mode == "resume")
+calls = iter(range(1000))
+
+def crash_after_12():
+    if mode == "crash" and next(calls) >= 12:
+        raise SystemExit(3)  # every rank dies at the same step; the checkpoint of step 10 survives
+    return False
+
+train(config, should_stop=crash_after_12)
+"""
+
+
+def test_two_process_resume_gives_the_same_weights(tiny_data, tmp_path):
+    """Under torchrun each rank draws its own patch stream; the checkpoint keeps all of them (gathered to rank 0)."""
+    script = tmp_path / "ddp_run.py"
+    script.write_text(DDP_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+
+    def torchrun(out, mode):
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                   "127.0.0.1", "--master_port", str(_free_port()), str(script), str(tiny_data), str(out), mode]
+        return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+    done = torchrun(tmp_path / "whole.safetensors", "whole")
+    assert done.returncode == 0, done.stderr[-3000:]
+    parts = tmp_path / "parts.safetensors"
+    assert torchrun(parts, "crash").returncode != 0 and not parts.exists()
+    done = torchrun(parts, "resume")
+    assert done.returncode == 0, done.stderr[-3000:]
+    expected = load_model(tmp_path / "whole.safetensors").state_dict()
+    actual = load_model(parts).state_dict()
+    assert all(torch.equal(expected[name], actual[name]) for name in expected)
