@@ -1,13 +1,19 @@
 """`python -m sr bench`: every figure is a ratio or a reading taken in one run, on the same data.
 
-- our entropy calibration vs onnxruntime's `create_calibrator(..., Entropy, num_bins=2048,
-  num_quantized_bins=128)` on the same samples: wall time, peak RSS of each (each runs in a fresh process)
-  and the largest threshold disagreement in TensorRT bins (amax / 2048);
-- peak RSS of a 1000-sample entropy calibration;
+- fidelity: our entropy / percentile / mse thresholds against NVIDIA ModelOpt's `_compute_amax_*` on identical
+  histograms (every tensor of the model), in bins;
+- end to end: our two-pass collection + search against ModelOpt's own `HistogramCalibrator` (which grows its
+  bins batch by batch) and against onnxruntime's entropy calibrator, on the same samples: wall time, peak RSS
+  (each in a fresh process) and the threshold differences relative to amax;
+- peak RSS of a large-sample entropy calibration (ours);
 - latency of PyTorch FP32, ORT FP32 and ORT INT8 (both schemes) on a 320x240 input.
+
+ModelOpt (`nvidia-modelopt`, a test dependency) is optional here: without it those figures are None.
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import resource
@@ -19,12 +25,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .calibrate import (CalibrationConfig, Method, calibration_patches, collect_statistics, load_calibration_images,
-                        threshold)
+from .calibrate import (CalibrationConfig, Method, activation_tensors, calibration_patches, collect_statistics,
+                        entropy_threshold_bins, load_calibration_images, mse_threshold_bins, observing_session,
+                        percentile_threshold_bins, prepare_calibration_images, threshold)
+from .models import model_info
 
 
 @dataclass
 class BenchConfig:
+    """What `python -m sr bench` measures on."""
+
     model: str = "xlsr-clip"
     samples: int = 100
     large_samples: int = 1000
@@ -33,10 +43,61 @@ class BenchConfig:
     def __post_init__(self):
         CalibrationConfig(samples=self.samples)
         CalibrationConfig(samples=self.large_samples)
+        model_info(self.model)
 
 
 def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _patches(model: str, samples: int, patch_size: int):
+    config = CalibrationConfig(samples=samples, patch_size=patch_size)
+    images = prepare_calibration_images(load_calibration_images(None), config, model_info(model).scale)
+    return lambda: calibration_patches(images, samples, patch_size, config.seed)
+
+
+def _ours(fp32, patches, samples: int) -> tuple[dict, dict]:
+    stats = collect_statistics(fp32, patches, samples)
+    return {s.name: threshold(s, Method.ENTROPY) for s in stats}, {s.name: s.amax for s in stats}
+
+
+def _modelopt(fp32, patches) -> tuple[dict, dict]:
+    """ModelOpt's HistogramCalibrator fed every tensor of every batch (as its quantizers would see them)."""
+    import onnx
+    import torch
+    from modelopt.torch.quantization.calib.histogram import HistogramCalibrator
+
+    names = activation_tensors(onnx.load(str(fp32), load_external_data=False))
+    session = observing_session(fp32, names)
+    outputs = [o.name for o in session.get_outputs()]
+    calibrators = {name: HistogramCalibrator(num_bits=8, axis=None, unsigned=False, num_bins=2048) for name in names}
+    for patch in patches():
+        values = dict(zip(outputs, session.run(None, {"input": patch})))
+        values["input"] = patch
+        for name in names:
+            calibrators[name].collect(torch.from_numpy(values[name]))
+    thresholds = {name: float(c.compute_amax("entropy")) for name, c in calibrators.items()}
+    return thresholds, {name: float(c._calib_bin_edges[-1]) for name, c in calibrators.items()}
+
+
+def _onnxruntime(fp32, patches) -> tuple[dict, dict]:
+    from onnxruntime.quantization.calibrate import CalibrationMethod, create_calibrator
+
+    class Reader:
+        def __init__(self):
+            self.iterator = iter(patches())
+
+        def get_next(self):
+            patch = next(self.iterator, None)
+            return None if patch is None else {"input": patch}
+
+    with tempfile.TemporaryDirectory() as work:
+        calibrator = create_calibrator(str(fp32), None, os.path.join(work, "augmented.onnx"), CalibrationMethod.Entropy,
+                                       extra_options={"num_bins": 2048, "num_quantized_bins": 128})
+        with contextlib.redirect_stdout(io.StringIO()):  # it prints progress lines
+            calibrator.collect_data(Reader())
+            result = calibrator.compute_data()
+    return {name: float(max(abs(float(d.range_value[0])), abs(float(d.range_value[1])))) for name, d in result.items()}, {}
 
 
 def _child(kind: str, model: str, samples: int, patch_size: int) -> dict:
@@ -44,37 +105,15 @@ def _child(kind: str, model: str, samples: int, patch_size: int) -> dict:
     from .quantize import fp32_onnx_path
 
     fp32 = fp32_onnx_path(model)
-    images = load_calibration_images(None)
+    patches = _patches(model, samples, patch_size)
     baseline_mb = _peak_rss_mb()
     started = time.perf_counter()
     if kind == "ours":
-        stats = collect_statistics(fp32, lambda: calibration_patches(images, samples, patch_size), samples)
-        thresholds = {s.name: threshold(s, Method.ENTROPY) for s in stats}
-        amax = {s.name: s.amax for s in stats}
+        thresholds, amax = _ours(fp32, patches, samples)
+    elif kind == "modelopt":
+        thresholds, amax = _modelopt(fp32, patches)
     else:
-        from onnxruntime.quantization.calibrate import CalibrationMethod, create_calibrator
-
-        class Reader:
-            def __init__(self):
-                self.patches = iter(calibration_patches(images, samples, patch_size))
-
-            def get_next(self):
-                patch = next(self.patches, None)
-                return None if patch is None else {"input": patch}
-
-        with tempfile.TemporaryDirectory() as work:
-            calibrator = create_calibrator(str(fp32), None, os.path.join(work, "augmented.onnx"),
-                                           CalibrationMethod.Entropy,
-                                           extra_options={"num_bins": 2048, "num_quantized_bins": 128})
-            import contextlib
-            import io
-
-            with contextlib.redirect_stdout(io.StringIO()):  # it prints progress lines
-                calibrator.collect_data(Reader())
-                result = calibrator.compute_data()
-        thresholds = {name: float(max(abs(float(d.range_value[0])), abs(float(d.range_value[1]))))
-                      for name, d in result.items()}
-        amax = {}
+        thresholds, amax = _onnxruntime(fp32, patches)
     return {"seconds": time.perf_counter() - started, "thresholds": thresholds, "amax": amax,
             "peak_rss_mb": _peak_rss_mb(), "baseline_rss_mb": baseline_mb}
 
@@ -90,17 +129,92 @@ def _run_child(kind: str, config: BenchConfig, samples: int) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def run_bench(config: BenchConfig) -> dict:
+def modelopt_available() -> bool:
+    """True when ModelOpt's histogram calibrator can be imported."""
+    try:
+        from modelopt.torch.quantization.calib import histogram  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def modelopt_thresholds_bins(histogram: np.ndarray, method: Method, percentile: float = 99.99) -> float:
+    """ModelOpt's threshold for a histogram over bins of width 1 from 0, in bins (the oracle of our searches).
+
+    `_compute_amax_mse` of ModelOpt 0.47 calls `fake_tensor_quant(centers, amax, num_bits, unsigned)`
+    positionally, which binds num_bits to the `bias` parameter of its autograd function; the call is made here
+    with keyword-bound arguments (bias None, num_bits, unsigned), what the function means to do.
+    `entropy-zeros` has no ModelOpt counterpart; its oracle runs ModelOpt's loop on a histogram whose bin 0 cannot
+    be overwritten (the `bins[0] = bins[1]` step becomes a no-op).
+
+    Raises:
+        ImportError: ModelOpt is not installed.
+    """
+    from modelopt.torch.quantization.calib import histogram as reference
+    from modelopt.torch.quantization.tensor_quant import FakeTensorQuantFunction
+
+    counts = np.asarray(histogram, dtype=np.int64)
+    edges = np.arange(counts.size + 1, dtype=np.float64)
+    method = Method.parse(method)
+    if method is Method.PERCENTILE:
+        return float(reference._compute_amax_percentile(counts, edges, percentile))
+    if method is Method.MSE:
+        original = reference.fake_tensor_quant
+        reference.fake_tensor_quant = lambda x, amax, num_bits, unsigned: FakeTensorQuantFunction.apply(
+            x, amax, None, num_bits, unsigned)
+        try:
+            return float(reference._compute_amax_mse(counts, edges, num_bits=8, unsigned=False))
+        finally:
+            reference.fake_tensor_quant = original
+    if method is Method.ENTROPY_ZEROS:
+        counts = counts.view(_KeepBinZero)
+    return float(reference._compute_amax_entropy(counts, edges, num_bits=8, unsigned=False, stride=1, start_bin=128))
+
+
+class _KeepBinZero(np.ndarray):
+    """An int array on which `a[0] = ...` is ignored (and whose copies are the same kind)."""
+
+    def __setitem__(self, key, value):
+        if isinstance(key, (int, np.integer)) and key == 0:
+            return
+        super().__setitem__(key, value)
+
+    def __array_wrap__(self, array, context=None, return_scalar=False):  # results of arithmetic are plain
+        array = array.view(np.ndarray)
+        return array[()] if return_scalar else array
+
+
+OURS_BINS = {
+    Method.ENTROPY: lambda h: entropy_threshold_bins(h),
+    Method.ENTROPY_ZEROS: lambda h: entropy_threshold_bins(h, count_zeros=True),
+    Method.PERCENTILE: lambda h: percentile_threshold_bins(h, 99.99),
+    Method.MSE: lambda h: mse_threshold_bins(h),
+}
+
+
+def _identical_histogram_differences(model: str, samples: int, patch_size: int) -> dict:
+    from .quantize import fp32_onnx_path
+
+    stats = collect_statistics(fp32_onnx_path(model), _patches(model, samples, patch_size), samples)
+    worst = {}
+    for method, ours in OURS_BINS.items():
+        differences = [abs(ours(s.histogram) - modelopt_thresholds_bins(s.histogram, method)) for s in stats
+                       if s.histogram.sum() > 0 and (method is not Method.ENTROPY_ZEROS or s.observed_min >= 0)]
+        worst[method.value] = float(max(differences))
+    return worst
+
+
+def _relative_differences(ours: dict, theirs: dict) -> dict:
+    differences = {name: abs(ours["thresholds"][name] - theirs["thresholds"][name]) / ours["amax"][name]
+                   for name in ours["thresholds"] if name in theirs["thresholds"] and ours["amax"][name] > 0}
+    worst = max(differences, key=differences.get)
+    return {"max": differences[worst], "median": float(np.median(list(differences.values()))), "worst_tensor": worst}
+
+
+def _latency(config: BenchConfig) -> dict:
     from .engines import latency_ms
     from .evaluate import create_engine
     from .quantize import calibrate_model
-
-    ours = _run_child("ours", config, config.samples)
-    theirs = _run_child("ort", config, config.samples)
-    large = _run_child("ours", config, config.large_samples)
-    differences = {name: abs(ours["thresholds"][name] - theirs["thresholds"][name]) / (ours["amax"][name] / 2048)
-                   for name in ours["thresholds"] if name in theirs["thresholds"] and ours["amax"][name] > 0}
-    worst = max(differences, key=differences.get)
 
     lr = np.asarray(load_calibration_images(None)[0])
     rng = np.random.default_rng(0)
@@ -110,29 +224,62 @@ def run_bench(config: BenchConfig) -> dict:
     for scheme in ("cpu", "tensorrt"):
         int8 = calibrate_model(config.model, CalibrationConfig(method="entropy", samples=config.samples), scheme)
         latency[f"ort_int8_{scheme}"] = latency_ms(create_engine("ort-int8", config.model, int8), lr)
-    return {
-        "model": config.model, "samples": config.samples,
-        "calib_seconds_ours": ours["seconds"], "calib_seconds_ort": theirs["seconds"],
-        "calib_speedup_vs_ort": theirs["seconds"] / ours["seconds"],
-        "calib_max_threshold_diff_bins": differences[worst], "calib_max_threshold_diff_tensor": worst,
-        "calib_median_threshold_diff_bins": float(np.median(list(differences.values()))),
-        "calib_peak_rss_mb_ours": ours["peak_rss_mb"], "calib_peak_rss_mb_ort": theirs["peak_rss_mb"],
-        "calib_1000_peak_rss_mb": large["peak_rss_mb"], "calib_1000_seconds": large["seconds"],
-        "latency_ms": latency,
-        "latency_ratio_int8_cpu_vs_ort_fp32": latency["ort_int8_cpu"] / latency["ort_fp32"],
-    }
+    return latency
+
+
+def run_bench(config: BenchConfig) -> dict:
+    """Measure everything the module docstring lists.
+
+    Args:
+        config: the model and sample counts.
+
+    Returns:
+        a flat JSON-ready dict of figures (ModelOpt figures None without ModelOpt).
+    """
+    ours = _run_child("ours", config, config.samples)
+    ort_run = _run_child("ort", config, config.samples)
+    large = _run_child("ours", config, config.large_samples)
+    report = {"model": config.model, "samples": config.samples, "large_samples": config.large_samples,
+              "calib_seconds_ours": ours["seconds"], "calib_seconds_ort": ort_run["seconds"],
+              "calib_speedup_vs_ort": ort_run["seconds"] / ours["seconds"],
+              "calib_peak_rss_mb_ours": ours["peak_rss_mb"], "calib_peak_rss_mb_ort": ort_run["peak_rss_mb"],
+              "calib_large_peak_rss_mb": large["peak_rss_mb"], "calib_large_seconds": large["seconds"],
+              "threshold_diff_vs_ort_relative": _relative_differences(ours, ort_run),
+              "calib_max_threshold_diff_bins_vs_modelopt": None, "calib_threshold_diff_bins_vs_modelopt": None,
+              "calib_speedup_vs_modelopt": None, "calib_seconds_modelopt": None, "calib_peak_rss_mb_modelopt": None,
+              "threshold_diff_vs_modelopt_end_to_end_relative": None}
+    if modelopt_available():
+        per_method = _identical_histogram_differences(config.model, config.samples, config.patch_size)
+        modelopt = _run_child("modelopt", config, config.samples)
+        report.update(calib_max_threshold_diff_bins_vs_modelopt=max(per_method.values()),
+                      calib_threshold_diff_bins_vs_modelopt=per_method,
+                      calib_speedup_vs_modelopt=modelopt["seconds"] / ours["seconds"],
+                      calib_seconds_modelopt=modelopt["seconds"], calib_peak_rss_mb_modelopt=modelopt["peak_rss_mb"],
+                      threshold_diff_vs_modelopt_end_to_end_relative=_relative_differences(ours, modelopt))
+    report["latency_ms"] = latency = _latency(config)
+    report["latency_ratio_int8_cpu_vs_ort_fp32"] = latency["ort_int8_cpu"] / latency["ort_fp32"]
+    return report
 
 
 def format_bench(report: dict) -> str:
+    """The bench report as text lines."""
     lat = report["latency_ms"]
-    return "\n".join([
-        f"model {report['model']}, {report['samples']} calibration samples (entropy)",
-        f"calibration time      ours {report['calib_seconds_ours']:.2f} s, onnxruntime {report['calib_seconds_ort']:.2f} s"
-        f"  -> {report['calib_speedup_vs_ort']:.1f}x",
-        f"peak RSS              ours {report['calib_peak_rss_mb_ours']:.0f} MB, onnxruntime "
-        f"{report['calib_peak_rss_mb_ort']:.0f} MB; ours with {1000} samples {report['calib_1000_peak_rss_mb']:.0f} MB",
-        f"threshold difference  max {report['calib_max_threshold_diff_bins']:.1f} bins "
-        f"({report['calib_max_threshold_diff_tensor']}), median {report['calib_median_threshold_diff_bins']:.1f}",
-        "latency (320x240, x3) " + ", ".join(f"{k} {v:.1f} ms" for k, v in lat.items()),
-        f"INT8 (cpu) / ORT FP32 latency: {report['latency_ratio_int8_cpu_vs_ort_fp32']:.2f}",
-    ])
+    lines = [f"model {report['model']}, {report['samples']} calibration samples (entropy)",
+             f"calibration time      ours {report['calib_seconds_ours']:.2f} s, onnxruntime "
+             f"{report['calib_seconds_ort']:.2f} s -> {report['calib_speedup_vs_ort']:.1f}x",
+             f"peak RSS              ours {report['calib_peak_rss_mb_ours']:.0f} MB, onnxruntime "
+             f"{report['calib_peak_rss_mb_ort']:.0f} MB; ours with {report['large_samples']} samples "
+             f"{report['calib_large_peak_rss_mb']:.0f} MB"]
+    if report["calib_speedup_vs_modelopt"] is not None:
+        end_to_end = report["threshold_diff_vs_modelopt_end_to_end_relative"]
+        lines += [f"vs ModelOpt           same histograms: max {report['calib_max_threshold_diff_bins_vs_modelopt']:.1f} "
+                  f"bins ({json.dumps(report['calib_threshold_diff_bins_vs_modelopt'])})",
+                  f"                      end to end: {report['calib_seconds_modelopt']:.1f} s -> "
+                  f"{report['calib_speedup_vs_modelopt']:.1f}x; thresholds differ by max {100 * end_to_end['max']:.2f}% "
+                  f"of amax ({end_to_end['worst_tensor']}), median {100 * end_to_end['median']:.2f}%"]
+    else:
+        lines.append("vs ModelOpt           not installed (pip install -r requirements-dev.txt)")
+    lines += [f"latency (320x240 -> x{model_info(report['model']).scale}) "
+              + ", ".join(f"{k} {v:.1f} ms" for k, v in lat.items()),
+              f"INT8 (cpu) / ORT FP32 latency: {report['latency_ratio_int8_cpu_vs_ort_fp32']:.2f}"]
+    return "\n".join(lines)

@@ -1,59 +1,103 @@
-"""`python -m sr <command>`: each sub-command fills a config dataclass, prints it, and calls one library function."""
+"""`python -m sr <command>`: each sub-command fills a config dataclass, prints it, and calls one library function.
+
+The labels, tables and messages a person reads are made here; the library returns numbers and dataclasses.
+"""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
+import math
 import sys
-from dataclasses import asdict
+from enum import Enum
 
 from . import __version__
+from .calibrate import CalibrationConfig, CalibrationInputs, Method
+from .quantize import Scheme
+from .train import TrainConfig
+
+TRAIN_DEFAULTS = {f.name: (f.default if f.default is not dataclasses.MISSING else f.default_factory())
+                  for f in dataclasses.fields(TrainConfig)}
+CALIBRATION_DEFAULTS = CalibrationConfig()
 
 
 def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--arch", default="xlsr", help="architecture: xlsr or teacher (default: xlsr)")
-    parser.add_argument("--final-activation", default="relu", help="relu, clipped_relu or linear (default: relu)")
-    parser.add_argument("--scale", type=int, default=3, help="2, 3 or 4 (default: 3)")
-    parser.add_argument("--train-dirs", nargs="+", default=["../shared/data/T91", "../shared/data/BSD200"],
-                        metavar="DIR", help="training image folders")
-    parser.add_argument("--val-dir", default="../shared/data/Set5", help="validation folder ('' for none)")
+    d = TRAIN_DEFAULTS
+    parser.add_argument("--arch", default=d["arch"], help=f"architecture: xlsr or teacher (default: {d['arch']})")
+    parser.add_argument("--final-activation", default=d["final_activation"],
+                        help=f"relu, clipped_relu or linear (default: {d['final_activation']})")
+    parser.add_argument("--scale", type=int, default=d["scale"], help=f"2, 3 or 4 (default: {d['scale']})")
+    parser.add_argument("--train-dirs", nargs="+", default=d["train_dirs"], metavar="DIR",
+                        help="training image folders (default: %(default)s)")
+    parser.add_argument("--val-dir", default=d["val_dir"], help="validation folder ('' for none; default: %(default)s)")
     parser.add_argument("--out", required=True, help="weight file to write (.safetensors)")
-    parser.add_argument("--steps", type=int, default=20_000)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--lr-patch", type=int, default=32, help="LR patch side in pixels (default: 32)")
-    parser.add_argument("--max-lr", type=float, default=2e-3, help="one-cycle peak learning rate")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--val-every", type=int, default=1000)
-    parser.add_argument("--checkpoint-every", type=int, default=1000)
+    for name, kind, text in (("steps", int, "optimizer steps"), ("batch_size", int, "patches per step"),
+                             ("lr_patch", int, "LR patch side in pixels"), ("max_lr", float, "one-cycle peak learning rate"),
+                             ("seed", int, "random seed"), ("val_every", int, "validate every N steps"),
+                             ("checkpoint_every", int, "checkpoint every N steps")):
+        parser.add_argument(f"--{name.replace('_', '-')}", type=kind, default=d[name], help=f"{text} (default: %(default)s)")
     parser.add_argument("--resume", action="store_true", help="continue from <out>.ckpt.pt")
-    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    parser.add_argument("--init", default=None, help="start from these weights (shipped name or file)")
+    parser.add_argument("--device", default=d["device"], help="auto, cpu or cuda (default: %(default)s)")
+    parser.add_argument("--init", default=d["init"], help="start from these weights (shipped name or file)")
     parser.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA")
-    parser.add_argument("--max-seconds", type=float, default=None, help="stop early after this many seconds")
+    parser.add_argument("--max-seconds", type=float, default=d["max_seconds"], help="stop early after this many seconds")
     parser.add_argument("--model-config", type=json.loads, default={}, metavar="JSON",
                         help='extra architecture fields, e.g. \'{"num_blocks": 8}\'')
 
 
 def _training_fields(args: argparse.Namespace) -> dict:
-    return dict(arch=args.arch, final_activation=args.final_activation, scale=args.scale,
-                train_dirs=args.train_dirs, val_dir=args.val_dir or None, out=args.out, steps=args.steps,
-                batch_size=args.batch_size, lr_patch=args.lr_patch, max_lr=args.max_lr, seed=args.seed,
-                val_every=args.val_every, checkpoint_every=args.checkpoint_every, resume=args.resume,
-                device=args.device, max_seconds=args.max_seconds, amp=args.amp, init=args.init, model_config=args.model_config)
+    fields = {name: getattr(args, name) for name in TRAIN_DEFAULTS if hasattr(args, name)}
+    fields["val_dir"] = args.val_dir or None
+    return fields
+
+
+def _add_calibration_arguments(parser: argparse.ArgumentParser, data_flag: tuple[str, ...] = ("--calib-data",)) -> None:
+    """The calibration options; defaults None so that --recommended can tell what the user set."""
+    c = CALIBRATION_DEFAULTS
+    methods = ", ".join(m.value for m in Method)
+    parser.add_argument("--method", default=None, help=f"{methods} (default: {c.method.value}). entropy is "
+                        "NVIDIA's KL search as ModelOpt publishes it (the zero bin flattened); entropy-zeros counts "
+                        "the spike of exact zeros after a ReLU, which pulls the threshold down")
+    parser.add_argument("--samples", type=int, default=None, help=f"calibration patches, 10..1000 (default: {c.samples})")
+    parser.add_argument("--scheme", default=None, help="tensorrt (symmetric int8) or cpu (uint8) (default: tensorrt)")
+    parser.add_argument("--percentile", type=float, default=c.percentile, help="for --method percentile (default: %(default)s)")
+    parser.add_argument("--patch-size", type=int, default=c.patch_size, help="calibration patch side, LR px (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=c.seed, help="calibration sample seed (default: %(default)s)")
+    parser.add_argument(*data_flag, dest="calib_data", default=None,
+                        help="calibration image folder (default: calib_data/)")
+    parser.add_argument("--calib-inputs", default=c.inputs.value, help="downscaled (bicubic by the model's scale, as in "
+                        "deployment) or raw crops (default: %(default)s)")
+    parser.add_argument("--gain", type=float, default=c.gain, help="experiment: multiply the calibration images by "
+                        "this brightness gain, e.g. 0.4 (default: %(default)s)")
+    parser.add_argument("--contrast", type=float, default=c.contrast, help="experiment: contrast gain around mid grey "
+                        "(default: %(default)s)")
+
+
+def _calibration(args: argparse.Namespace) -> tuple[CalibrationConfig, Scheme]:
+    c = CALIBRATION_DEFAULTS
+    config = CalibrationConfig(method=args.method or c.method, samples=c.samples if args.samples is None else args.samples,
+                               patch_size=args.patch_size, seed=args.seed, percentile=args.percentile,
+                               data=args.calib_data, inputs=args.calib_inputs, gain=args.gain, contrast=args.contrast)
+    return config, Scheme.parse(args.scheme or Scheme.TENSORRT)
 
 
 def _print_config(config) -> None:
-    print(f"# {type(config).__name__}: {json.dumps(asdict(config), default=str)}", file=sys.stderr)
+    fields = {k: (v.value if isinstance(v, Enum) else v) for k, v in dataclasses.asdict(config).items()}
+    print(f"# {type(config).__name__}: {json.dumps(fields, default=str)}", file=sys.stderr)
+
+
+def _trained(result) -> str:
+    return (f"wrote {result.weights} after {result.steps} steps in {result.wall_seconds:.0f} s"
+            + (f"; best validation PSNR {result.best_val_psnr:.3f} dB" if result.best_val_psnr else ""))
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .train import TrainConfig, train
+    from .train import train
 
     config = TrainConfig(**_training_fields(args))
     _print_config(config)
-    result = train(config)
-    print(f"wrote {result.weights} after {result.steps} steps in {result.wall_seconds:.0f} s"
-          + (f"; best validation PSNR {result.best_val_psnr:.3f} dB" if result.best_val_psnr else ""))
+    print(_trained(train(config)))
     return 0
 
 
@@ -62,18 +106,34 @@ def cmd_distill(args: argparse.Namespace) -> int:
 
     config = DistillConfig(**_training_fields(args), teacher=args.teacher, alpha=args.alpha)
     _print_config(config)
-    result = distill(config)
-    print(f"wrote {result.weights} after {result.steps} steps in {result.wall_seconds:.0f} s"
-          + (f"; best validation PSNR {result.best_val_psnr:.3f} dB" if result.best_val_psnr else ""))
+    print(_trained(distill(config)))
     return 0
 
 
-def cmd_eval(args: argparse.Namespace) -> int:
-    from .evaluate import EvalConfig, evaluate, format_report
+def format_report(report: dict) -> str:
+    """The evaluation report as a text table."""
+    lines = [f"{report['model']} on {report['data']} (x{report['scale']}, engine {report['engine']})",
+             f"{'image':<24}{'PSNR-Y':>10}{'SSIM-Y':>10}"]
+    lines += [f"{row['name']:<24}{row['psnr_y']:>10.3f}{row['ssim_y']:>10.4f}" for row in report["images"]]
+    lines.append(f"{'mean':<24}{report['mean']['psnr_y']:>10.3f}{report['mean']['ssim_y']:>10.4f}")
+    lines.append(f"{'bicubic':<24}{report['bicubic']['psnr_y']:>10.3f}{report['bicubic']['ssim_y']:>10.4f}")
+    if "fp32_mean" in report:
+        lines.append(f"{'fp32 (same model)':<24}{report['fp32_mean']['psnr_y']:>10.3f}"
+                     f"{report['fp32_mean']['ssim_y']:>10.4f}")
+        lines.append(f"INT8 {report['method']}/{report['samples']} samples/{report['scheme']}: "
+                     f"{report['int8_mean']['psnr_y'] - report['fp32_mean']['psnr_y']:+.3f} dB vs FP32, "
+                     f"brightness ratio {report['brightness_ratio']:.4f} (darkest image {report['worst_brightness_ratio']:.4f})")
+    return "\n".join(lines)
 
-    config = EvalConfig(model=args.model, data=args.data, scale=args.scale, engine=args.engine,
-                        method=args.method, samples=args.samples, scheme=args.scheme,
-                        recommended=args.recommended, threads=args.threads)
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .evaluate import EvalConfig, evaluate
+
+    if args.recommended and (args.method or args.samples is not None or args.scheme):
+        raise ValueError("--recommended chooses the method, samples and scheme itself; drop --method/--samples/--scheme")
+    calibration, scheme = _calibration(args)
+    config = EvalConfig(model=args.model, data=args.data, scale=args.scale, engine=args.engine, calibration=calibration,
+                        scheme=scheme, recommended=args.recommended, threads=args.threads)
     _print_config(config)
     report = evaluate(config, progress=not args.json)
     print(json.dumps(report, indent=2) if args.json else format_report(report))
@@ -81,20 +141,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    import shutil
-
-    from .calibrate import CalibrationConfig
     from .quantize import calibrate_model
+    from .store import write_atomic
 
-    config = CalibrationConfig(method=args.method, samples=args.samples, patch_size=args.patch_size,
-                               seed=args.seed, percentile=args.percentile, data=args.data)
+    config, scheme = _calibration(args)
     _print_config(config)
-    int8 = calibrate_model(args.model, config, args.scheme, threads=args.threads)
-    qdq = int8.qdq_onnx
-    if args.out:
-        from .export import write_atomic
-
-        qdq = write_atomic(int8.qdq_onnx.read_bytes(), args.out)
+    int8 = calibrate_model(args.model, config, scheme, threads=args.threads)
+    qdq = write_atomic(int8.qdq_onnx.read_bytes(), args.out) if args.out else int8.qdq_onnx
     if args.json:
         print(json.dumps({"model": args.model, "method": config.method.value, "samples": config.samples,
                           "scheme": int8.scheme.value, "qdq_model": str(qdq), "tensors": [
@@ -119,30 +172,46 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_diagnose(args: argparse.Namespace) -> int:
-    from .diagnose import diagnose
+def _db(value: float | None) -> str:
+    return "-" if value is None else ("inf" if math.isinf(value) else f"{value:.3f}")
 
-    print(f"# diagnose: model={args.model} method={args.method} samples={args.samples} scheme={args.scheme} "
-          f"data={args.data}", file=sys.stderr)
-    report = diagnose(args.model, args.method, args.samples, args.scheme, data=args.data, top=args.top)
+
+def diagnosis_summary(report) -> str:
+    """One paragraph on the whole model and the worst tensor (plain text)."""
+    if not report.ranking:
+        return "Nothing to rank."
+    top = report.ranking[0]
+    against = "the ground truth" if report.has_truth else "its FP32 output"
+    whole = (f"FP32 {report.fp32_psnr_y:.2f} dB, all activations INT8 {report.int8_psnr_y:.2f} dB" if report.has_truth
+             else f"all activations INT8 are {report.int8_psnr_vs_fp32_db:.2f} dB from FP32")
+    return (f"{report.model}, {report.method} / {report.samples} samples / {report.scheme}, PSNR against {against}: "
+            f"{whole} (brightness {report.int8_brightness:.3f}). The worst tensor is {top.tensor} ({top.op} -> "
+            f"{', '.join(top.consumers) or 'output'}): quantized alone it puts the output "
+            f"{_db(top.alone_psnr_vs_fp32_db)} dB from FP32; keeping only it in float recovers "
+            f"{top.recovery_db:.2f} dB. Its range [{top.low:.3g}, {top.high:.3g}] clips "
+            f"{100 * top.clipped_fraction:.3f}% of its calibration values and {100 * top.clipped_energy:.1f}% of their "
+            f"energy (observed [{top.observed_min:.3g}, {top.observed_max:.3g}]).")
+
+
+def cmd_diagnose(args: argparse.Namespace) -> int:
+    from .diagnose import DiagnoseConfig, diagnose
+
+    calibration, scheme = _calibration(args)
+    config = DiagnoseConfig(args.model, calibration, scheme, data=args.data, top=args.top)
+    _print_config(config)
+    report = diagnose(config)
     if args.json:
         print(json.dumps(report.to_json(), indent=2))
         return 0
-    print(report.summary().replace("**", "").replace("`", ""))
-    print(f"{'tensor':<44}{'op':>9}{'drop alone':>12}{'recovery':>10}{'SQNR':>8}{'clipped':>10}")
+    print(diagnosis_summary(report))
+    print(f"{'tensor':<44}{'op':>9}{'vs FP32 alone':>15}{'drop alone':>12}{'recovery':>10}{'SQNR':>8}{'clipped':>10}")
     for r in report.ranking:
-        print(f"{r.tensor[-44:]:<44}{r.op:>9}{r.psnr_drop_db:>11.3f} {r.recovery_db:>9.3f} {r.sqnr_db:>7.1f}"
-              f"{100 * r.clipped_fraction:>9.3f}%")
+        print(f"{r.tensor[-44:]:<44}{r.op:>9}{_db(r.alone_psnr_vs_fp32_db):>15}{_db(r.psnr_drop_db):>12}"
+              f"{r.recovery_db:>10.3f}{r.sqnr_db:>8.1f}{100 * r.clipped_fraction:>9.3f}%")
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m sr", description=(
-        "SR INT8 Lab: train, distill, export, calibrate and evaluate super-resolution networks in INT8."))
-    parser.add_argument("--version", action="version", version=f"sr {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-
+def _add_commands(commands) -> None:
     train = commands.add_parser("train", help="train a model from scratch (torchrun for several GPUs/processes)")
     _add_training_arguments(train)
     train.set_defaults(run=cmd_train)
@@ -158,48 +227,55 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--data", required=True, help="folder of ground-truth (HR) images")
     evaluate.add_argument("--scale", type=int, default=None, help="default: the model's own scale")
     evaluate.add_argument("--engine", default="torch", help="torch, ort, ort-int8 or tensorrt (default: torch)")
-    evaluate.add_argument("--method", default="entropy", help="INT8 calibration: entropy, minmax, percentile, mse")
-    evaluate.add_argument("--samples", type=int, default=100, help="calibration samples (10..1000)")
-    evaluate.add_argument("--scheme", default="tensorrt", help="INT8 scheme: tensorrt or cpu")
-    evaluate.add_argument("--recommended", action="store_true",
-                          help="use the calibration and fixes the README recommends (overrides --method/--scheme)")
+    _add_calibration_arguments(evaluate)
+    evaluate.add_argument("--recommended", action="store_true", help="calibrate as the README's findings recommend "
+                          "(a method, sample count and scheme; no per-tensor fixes); not combinable with "
+                          "--method/--samples/--scheme")
     evaluate.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads (0 = its default)")
     evaluate.add_argument("--json", action="store_true", help="print one JSON object")
     evaluate.set_defaults(run=cmd_eval)
 
     calibrate = commands.add_parser("calibrate", help="calibrate a model for INT8 and write its QDQ ONNX model")
     calibrate.add_argument("--model", required=True, help="shipped model name or weight file")
-    calibrate.add_argument("--method", default="entropy", help="entropy, minmax, percentile or mse")
-    calibrate.add_argument("--samples", type=int, default=100, help="calibration patches, 10..1000")
-    calibrate.add_argument("--scheme", default="tensorrt", help="tensorrt (symmetric int8) or cpu (uint8)")
-    calibrate.add_argument("--percentile", type=float, default=99.99, help="for --method percentile")
-    calibrate.add_argument("--patch-size", type=int, default=64, help="calibration patch side (LR px)")
-    calibrate.add_argument("--seed", type=int, default=0)
-    calibrate.add_argument("--data", default=None, help="calibration image folder (default: calib_data/)")
+    _add_calibration_arguments(calibrate, ("--calib-data", "--data"))
     calibrate.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads (0 = its default)")
     calibrate.add_argument("--out", default=None, help="also copy the QDQ model here")
     calibrate.add_argument("--json", action="store_true", help="print one JSON object")
     calibrate.set_defaults(run=cmd_calibrate)
 
-    bench = commands.add_parser("bench", help="calibration speed/memory vs onnxruntime, and engine latency")
+    bench = commands.add_parser("bench", help="calibration speed, memory and fidelity vs ModelOpt and onnxruntime; "
+                                "engine latency")
     bench.add_argument("--model", default="xlsr-clip")
-    bench.add_argument("--samples", type=int, default=100, help="samples for the comparison with onnxruntime")
-    bench.add_argument("--large-samples", type=int, default=1000, help="samples for the peak-memory run")
+    bench.add_argument("--samples", type=int, default=100, help="samples for the comparisons (default: %(default)s)")
+    bench.add_argument("--large-samples", type=int, default=1000, help="samples for the peak-memory run (default: %(default)s)")
     bench.add_argument("--json", action="store_true", help="print one JSON object")
     bench.set_defaults(run=cmd_bench)
+
     diagnose = commands.add_parser("diagnose", help="rank the tensors whose INT8 range damages the output")
-    diagnose.add_argument("--model", required=True)
-    diagnose.add_argument("--method", default="entropy")
-    diagnose.add_argument("--samples", type=int, default=100)
-    diagnose.add_argument("--scheme", default="tensorrt")
+    diagnose.add_argument("--model", required=True, help="shipped model name or weight file")
+    _add_calibration_arguments(diagnose)
     diagnose.add_argument("--data", required=True, help="folder of ground-truth images to measure on")
     diagnose.add_argument("--top", type=int, default=None, help="keep the N worst tensors")
-    diagnose.add_argument("--json", action="store_true")
+    diagnose.add_argument("--json", action="store_true", help="print one JSON object")
     diagnose.set_defaults(run=cmd_diagnose)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of `python -m sr`."""
+    parser = argparse.ArgumentParser(prog="python -m sr", description=(
+        "SR INT8 Lab: train, distill, export, calibrate and evaluate super-resolution networks in INT8."))
+    parser.add_argument("--version", action="version", version=f"sr {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    _add_commands(parser.add_subparsers(dest="command", metavar="COMMAND", required=True))
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the CLI.
+
+    Returns:
+        the exit status: 0, 2 for a bad argument or missing file (one line on stderr), 130 when interrupted.
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")

@@ -8,46 +8,86 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from .calibrate import CalibrationConfig
+from .choices import parse_choice
 from .data import bicubic_resize, degrade, load_image
 from .engines import OrtEngine, TorchEngine, tensorrt_available
 from .metrics import brightness_ratio, delta_e, psnr_y, ssim_y
-from .models import load_model, read_metadata, resolve_weights, shipped_models
+from .models import load_model, model_info, shipped_models
 from .quantize import CalibratedModel, Fixes, Scheme, calibrate_model
+from .store import RUNS_DIR
 
-RUNS_DIR = Path(__file__).resolve().parent.parent / "runs"
 MAX_SIDE = 1024  # LR pixels on the long side on CPU; larger inputs are downscaled (with a notice)
 MIN_SIDE = 8
-PRESETS = {"the story": ("teacher", "xlsr-clip-kd"), "same architecture": ("xlsr-relu", "xlsr-clip")}
-MODES = ("Upscale my image", "Check against ground truth")
+
+
+class InputMode(str, Enum):
+    """What the user's image is."""
+
+    UPSCALE = "upscale"  # an input to upscale: there is no ground truth, INT8 is compared with FP32
+    GROUND_TRUTH = "ground-truth"  # a high-resolution truth: degraded to make the input, outputs scored against it
+
+    @classmethod
+    def parse(cls, value) -> "InputMode":
+        """The member for `value`; ValueError listing the options otherwise."""
+        return parse_choice(cls, value, "input mode")
+
+
+class Display(str, Enum):
+    """How the input is enlarged to the output size for display."""
+
+    BICUBIC = "bicubic"
+    NEAREST = "nearest"
+
+    @classmethod
+    def parse(cls, value) -> "Display":
+        """The member for `value`; ValueError listing the options otherwise."""
+        return parse_choice(cls, value, "display resampling")
 
 
 def available_models() -> list[str]:
-    """Shipped models, then models trained in the app (runs/*.safetensors)."""
-    trained = sorted(str(p.relative_to(RUNS_DIR.parent)) for p in RUNS_DIR.glob("*.safetensors")) if RUNS_DIR.is_dir() else []
+    """Shipped models, then models trained in the app (runs/*.safetensors, as paths relative to the project).
+
+    Returns:
+        model names or relative paths, each accepted by `sr.models.load_model`.
+    """
+    trained = sorted(str(p.relative_to(RUNS_DIR.parent)) for p in RUNS_DIR.glob("*.safetensors")) \
+        if RUNS_DIR.is_dir() else []
     return shipped_models() + trained
 
 
 @dataclass
 class Prepared:
+    """The network's input (and the truth in ground-truth mode), with notices about what was changed."""
+
     lr: np.ndarray
     truth: np.ndarray | None
     notices: list[str] = field(default_factory=list)
 
 
-def prepare_input(image: np.ndarray | str | Path, mode: str, scale: int, max_side: int = MAX_SIDE) -> Prepared:
+def prepare_input(image: np.ndarray | str | Path, mode: InputMode | str, scale: int,
+                  max_side: int = MAX_SIDE) -> Prepared:
     """Decode (if a path) and size the user's image. In ground-truth mode it is the HR truth and is degraded.
+
+    Args:
+        image: a path, or an array (HxW, HxWx3 or HxWx4; uint8 or 16-bit).
+        mode: upscale or ground truth.
+        scale: the model's scale.
+        max_side: the largest LR side; larger inputs are downscaled, with a notice.
+
+    Returns:
+        the Prepared input (uint8 HxWx3).
 
     Raises:
         ValueError / ImageLoadError: unreadable or too small images, unknown mode.
     """
-    if mode not in MODES:
-        raise ValueError(f"unknown mode {mode!r}; choose one of: {', '.join(MODES)}")
+    mode = InputMode.parse(mode)
     array = load_image(image) if isinstance(image, (str, Path)) else np.asarray(image)
     if array.ndim == 2:
         array = np.repeat(array[..., None], 3, axis=2)
@@ -60,7 +100,7 @@ def prepare_input(image: np.ndarray | str | Path, mode: str, scale: int, max_sid
         alpha = array[..., 3:4].astype(np.float64) / 255.0
         array = np.rint(array[..., :3] * alpha + 255.0 * (1.0 - alpha)).astype(np.uint8)
     notices = []
-    limit = max_side * (scale if mode == MODES[1] else 1)
+    limit = max_side * (scale if mode is InputMode.GROUND_TRUTH else 1)
     height, width = array.shape[:2]
     if max(height, width) > limit:
         factor = limit / max(height, width)
@@ -68,7 +108,7 @@ def prepare_input(image: np.ndarray | str | Path, mode: str, scale: int, max_sid
         array = bicubic_resize(array, new_w, new_h)
         notices.append(f"The image ({width}x{height}) was downscaled to {new_w}x{new_h}: the CPU limit is "
                        f"{limit} px on the long side.")
-    if mode == MODES[1]:
+    if mode is InputMode.GROUND_TRUTH:
         if min(array.shape[:2]) < MIN_SIDE * scale:
             raise ValueError(f"the image is too small: ground-truth mode needs at least {MIN_SIDE * scale} px per side")
         truth, lr = degrade(array, scale)
@@ -85,6 +125,7 @@ class EngineCache:
         self.size, self.items, self.lock = size, OrderedDict(), threading.Lock()
 
     def get(self, key, make):
+        """The engine cached under `key`, made with `make()` on a miss."""
         with self.lock:
             if key in self.items:
                 self.items.move_to_end(key)
@@ -101,17 +142,18 @@ ENGINES = EngineCache()
 
 
 def fp32_engine(model: str) -> TorchEngine:
-    path = resolve_weights(model)
+    """The shared PyTorch FP32 engine of a model (re-made when its weight file changes)."""
+    path = model_info(model).path
     return ENGINES.get(("torch", str(path), path.stat().st_mtime), lambda: TorchEngine(load_model(path)))
 
 
 def int8_engine(int8: CalibratedModel):
-    scale = int(read_metadata(int8.model)["config"]["scale"])
+    """The shared INT8 engine of a calibrated model: TensorRT when available for the tensorrt scheme, else ORT."""
     if int8.scheme is Scheme.TENSORRT and tensorrt_available():
         from .engines import TensorRTEngine
 
-        return ENGINES.get(("trt", int8.key), lambda: TensorRTEngine(int8.qdq_onnx, scale))
-    return ENGINES.get(("ort", int8.key), lambda: OrtEngine(int8.qdq_onnx, scale, name="ort-int8"))
+        return ENGINES.get(("trt", int8.key), lambda: TensorRTEngine(int8.qdq_onnx, int8.scale))
+    return ENGINES.get(("ort", int8.key), lambda: OrtEngine(int8.qdq_onnx, int8.scale, name="ort-int8"))
 
 
 def _timed(engine, lr):
@@ -120,65 +162,124 @@ def _timed(engine, lr):
     return out, (time.perf_counter() - start) * 1e3
 
 
+class OutputKind(str, Enum):
+    """Which output a metrics row describes."""
+
+    FP32 = "fp32"
+    INT8 = "int8"
+    BICUBIC = "bicubic"
+
+
+@dataclass
+class OutputMetrics:
+    """One output's figures. PSNR/SSIM on Y with the scale shaved; `vs FP32` is against the same model's FP32
+    (the first model's for bicubic)."""
+
+    kind: OutputKind
+    model: str | None  # None for bicubic
+    engine: str
+    psnr_vs_fp32_db: float
+    ssim_vs_fp32: float
+    brightness_vs_fp32: float
+    delta_e_vs_fp32: float
+    latency_ms: float
+    psnr_vs_truth_db: float | None = None
+    ssim_vs_truth: float | None = None
+
+
 @dataclass
 class Comparison:
+    """One input, FP32 and INT8 outputs of two models, and their figures."""
+
     original: np.ndarray  # the input shown at the output size
-    fp32: np.ndarray  # FP32 of the first model
+    fp32_a: np.ndarray
     int8_a: np.ndarray
+    fp32_b: np.ndarray
     int8_b: np.ndarray
-    metrics: list[dict]
+    metrics: list[OutputMetrics]
     calibrations: tuple[CalibratedModel, CalibratedModel]
     notices: list[str]
     truth: np.ndarray | None
+    lr: np.ndarray
 
 
-def _row(label: str, output: np.ndarray, fp32: np.ndarray, truth: np.ndarray | None, scale: int, ms: float) -> dict:
-    row = {"output": label, "PSNR vs FP32 (dB)": psnr_y(output, fp32, scale), "SSIM vs FP32": ssim_y(output, fp32, scale),
-           "brightness vs FP32": brightness_ratio(output, fp32), "ΔE2000 vs FP32": delta_e(output, fp32),
-           "latency (ms)": ms}
+def _metrics(kind: OutputKind, model: str | None, engine: str, output: np.ndarray, fp32: np.ndarray,
+             truth: np.ndarray | None, scale: int, ms: float) -> OutputMetrics:
+    row = OutputMetrics(kind, model, engine, psnr_y(output, fp32, scale), ssim_y(output, fp32, scale),
+                        brightness_ratio(output, fp32), delta_e(output, fp32), ms)
     if truth is not None:
-        row["PSNR vs truth (dB)"] = psnr_y(output, truth, scale)
-        row["SSIM vs truth"] = ssim_y(output, truth, scale)
+        row.psnr_vs_truth_db, row.ssim_vs_truth = psnr_y(output, truth, scale), ssim_y(output, truth, scale)
     return row
 
 
-def compare(image, model_a: str = "teacher", model_b: str = "xlsr-clip-kd", method: str = "entropy",
-            samples: int = 100, scheme: str = "tensorrt", mode: str = MODES[0], display: str = "bicubic",
+def compare(image, model_a: str = "xlsr-relu", model_b: str = "xlsr-clip",
+            config: CalibrationConfig | None = None, scheme: Scheme | str = Scheme.TENSORRT,
+            mode: InputMode | str = InputMode.UPSCALE, display: Display | str = Display.BICUBIC,
             calibration_images: list[np.ndarray] | None = None, fixes: tuple[Fixes, Fixes] | None = None,
             progress=None) -> Comparison:
-    """FP32 of `model_a`, INT8 of `model_a` and of `model_b`, with metrics. `model_a` is the ReLU model of the
-    story, `model_b` the Clipped-ReLU one; any two models of the same scale work."""
-    scales = {int(read_metadata(m)["config"]["scale"]) for m in (model_a, model_b)}
+    """FP32 and INT8 outputs of two models of one scale, with metrics.
+
+    Args:
+        image: a path or an array (see `prepare_input`).
+        model_a, model_b: shipped names or weight files (the lab's story: a ReLU model and a Clipped-ReLU one).
+        config: the calibration of both INT8 models (default CalibrationConfig()).
+        scheme: the INT8 scheme.
+        mode: upscale (no truth) or ground truth.
+        display: how the input is enlarged for the "original" panel.
+        calibration_images: images to calibrate on instead of `config.data`.
+        fixes: per-model calibration overrides.
+        progress: called with (fraction done, message).
+
+    Returns:
+        the Comparison.
+
+    Raises:
+        ValueError: models of different scales, bad image or settings.
+    """
+    config = config or CalibrationConfig()
+    display = Display.parse(display)
+    scales = {model_info(m).scale for m in (model_a, model_b)}
     if len(scales) != 1:
         raise ValueError(f"{model_a} and {model_b} have different scales ({sorted(scales)}); pick two models of one scale")
     scale = scales.pop()
-    config = CalibrationConfig(method=method, samples=int(samples))
     prepared = prepare_input(image, mode, scale)
     lr, truth = prepared.lr, prepared.truth
     size = (lr.shape[1] * scale, lr.shape[0] * scale)
-    resample = Image.Resampling.NEAREST if display == "nearest" else Image.Resampling.BICUBIC
+    resample = Image.Resampling.NEAREST if display is Display.NEAREST else Image.Resampling.BICUBIC
     original = np.asarray(Image.fromarray(lr).resize(size, resample))
     fixes = fixes or (Fixes(), Fixes())
     int8 = []
     for index, (model, fix) in enumerate(zip((model_a, model_b), fixes)):
         step = (lambda fraction, message, i=index: progress((i + fraction) / 2, f"{model}: {message}")) if progress else None
         int8.append(calibrate_model(model, config, scheme, images=calibration_images, fixes=fix, progress=step))
-    rows, outputs = [], {}
-    for model, calibrated, label in ((model_a, int8[0], "A"), (model_b, int8[1], "B")):
+    rows, outputs = [], []
+    for model, calibrated in zip((model_a, model_b), int8):
         fp32, fp32_ms = _timed(fp32_engine(model), lr)
-        out, int8_ms = _timed(int8_engine(calibrated), lr)
-        outputs[label] = (fp32, out)
-        rows.append(_row(f"PyTorch FP32 ({model})", fp32, fp32, truth, scale, fp32_ms))
-        rows.append(_row(f"INT8 {calibrated.scheme.value} ({model})", out, fp32, truth, scale, int8_ms))
+        engine = int8_engine(calibrated)
+        out, int8_ms = _timed(engine, lr)
+        outputs.append((fp32, out))
+        rows.append(_metrics(OutputKind.FP32, model, "torch", fp32, fp32, truth, scale, fp32_ms))
+        rows.append(_metrics(OutputKind.INT8, model, f"{engine.name} {calibrated.scheme.value}", out, fp32, truth,
+                             scale, int8_ms))
     if truth is not None:
-        rows.append(_row("bicubic", bicubic_resize(lr, *size), outputs["A"][0], truth, scale, 0.0))
-    return Comparison(original, outputs["A"][0], outputs["A"][1], outputs["B"][1], rows, (int8[0], int8[1]),
-                      prepared.notices, truth)
+        rows.append(_metrics(OutputKind.BICUBIC, None, "PIL", bicubic_resize(lr, *size), outputs[0][0], truth,
+                             scale, 0.0))
+    return Comparison(original, outputs[0][0], outputs[0][1], outputs[1][0], outputs[1][1], rows,
+                      (int8[0], int8[1]), prepared.notices, truth, lr)
 
 
 def roi_strip(images: list[np.ndarray], center_x: float, center_y: float, size: int = 64, zoom: int = 4) -> np.ndarray:
-    """The same square crop of every image (centre in fractions 0..1), enlarged with nearest neighbour and laid
-    side by side with a white gap."""
+    """The same square crop of every image, enlarged with nearest neighbour and laid side by side.
+
+    Args:
+        images: uint8 HxWx3 images of one size.
+        center_x, center_y: the crop's centre in fractions 0..1.
+        size: the crop side in pixels.
+        zoom: the enlargement.
+
+    Returns:
+        uint8 (size*zoom)x(n*size*zoom + gaps)x3, with a 6 px white gap between crops.
+    """
     height, width = images[0].shape[:2]
     size = max(4, min(size, height, width))
     x0 = int(np.clip(center_x * width - size / 2, 0, width - size))

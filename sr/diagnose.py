@@ -1,23 +1,26 @@
-"""Which tensor makes the INT8 output dull? Per-tensor sensitivity, SQNR, histograms, and one-click fixes.
+"""Which tensor makes the INT8 output dull? Per-tensor sensitivity, SQNR, range coverage, and one-click fixes.
 
 Sensitivity is measured by simulation on the FP32 ONNX graph with ONNX Runtime: a QuantizeLinear/DequantizeLinear
 pair with the calibrated range is placed on the chosen activation tensors (weights stay FP32, so the numbers
 isolate the activation ranges, which is what calibration chooses). For each tensor t:
 
-- `psnr_drop_db`: FP32 PSNR minus the PSNR with only t quantized;
+- `alone_psnr_vs_fp32_db`: PSNR of the output with only t quantized, against the FP32 output (the ranking key:
+  the tensor that alone moves the output furthest from FP32 comes first; defined with or without ground truth);
+- `psnr_drop_db`: FP32 PSNR minus the PSNR with only t quantized, both against the ground truth (None when
+  there is none: upscale mode);
 - `recovery_db`: PSNR with every tensor but t quantized, minus the PSNR with all quantized;
 - `brightness`: mean brightness of the only-t output over FP32's;
 - `sqnr_db`: signal-to-quantization-noise ratio of t over its calibration histogram.
 
 Example:
-    >>> report = diagnose("xlsr-relu", "entropy", 100, "tensorrt", data="../shared/data/Set5")
+    >>> report = diagnose(DiagnoseConfig("xlsr-relu", data="../shared/data/Set5"))
     >>> report.ranking[0].tensor
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
+from enum import Enum
 from typing import Callable, Sequence
 
 import numpy as np
@@ -25,37 +28,65 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-from .calibrate import CalibrationConfig, Method, TensorRange, TensorStats
-from .compare import prepare_input
+from .calibrate import CalibrationConfig, Method, TensorRange, TensorStats, observing_session
+from .choices import parse_choice
+from .compare import InputMode, prepare_input
 from .data import degrade, list_images, load_image
 from .engines import OrtEngine, tiled
 from .metrics import brightness_ratio, psnr_y
-from .models import read_metadata
+from .models import model_info
 from .quantize import CalibratedModel, Fixes, Scheme, calibrate_model, tie_fused_ranges
 
-# The calibration the README recommends (see "Findings"): mse ranges, tensorrt scheme, 100 samples; with it every
-# convolution and every activation stays INT8.
-RECOMMENDED = {"method": "mse", "samples": 100, "scheme": "tensorrt"}
 
-FIXES = {
-    "range from minmax": lambda t: Fixes(range_method={t: "minmax"}),
-    "range from mse": lambda t: Fixes(range_method={t: "mse"}),
-    "range from percentile 99.99": lambda t: Fixes(range_method={t: "percentile"}),
-    "keep in float (no QDQ)": lambda t: Fixes(keep_float=[t]),
-}
+class Fix(str, Enum):
+    """A per-tensor fix, applied by recalibrating with an override."""
+
+    RANGE_MINMAX = "range-minmax"  # this tensor's range from its observed min/max
+    RANGE_MSE = "range-mse"
+    RANGE_PERCENTILE = "range-percentile"
+    KEEP_FLOAT = "keep-float"  # no QDQ pair: the tensor's producer and consumers run in float
+
+    @classmethod
+    def parse(cls, value) -> "Fix":
+        """The member for `value`; ValueError listing the options otherwise."""
+        return parse_choice(cls, value, "fix")
+
+    def overrides(self, tensor: str) -> Fixes:
+        """The calibration overrides that apply this fix to `tensor`."""
+        if self is Fix.KEEP_FLOAT:
+            return Fixes(keep_float=[tensor])
+        method = {Fix.RANGE_MINMAX: Method.MINMAX, Fix.RANGE_MSE: Method.MSE, Fix.RANGE_PERCENTILE: Method.PERCENTILE}
+        return Fixes(range_method={tensor: method[self]})
 
 
-def recommended_calibration(model: str) -> tuple[CalibrationConfig, Scheme, Fixes]:
-    return (CalibrationConfig(method=RECOMMENDED["method"], samples=RECOMMENDED["samples"]),
-            Scheme(RECOMMENDED["scheme"]), Fixes())
+@dataclass
+class DiagnoseConfig:
+    """One diagnosis: the model, its calibration, and the images to measure on (a folder or given images)."""
+
+    model: str
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    scheme: Scheme = Scheme.TENSORRT
+    data: str | None = None  # folder of ground-truth images; or pass images to `diagnose`
+    top: int | None = None  # keep the N worst tensors
+
+    def __post_init__(self):
+        self.scheme = Scheme.parse(self.scheme)
+        model_info(self.model)
+        if self.data is not None:
+            list_images(self.data)
+        if self.top is not None and self.top < 1:
+            raise ValueError(f"top must be at least 1, got {self.top}")
 
 
 @dataclass
 class LayerReport:
+    """The damage one tensor's INT8 range does."""
+
     tensor: str
     op: str
     consumers: list[str]
-    psnr_drop_db: float
+    alone_psnr_vs_fp32_db: float
+    psnr_drop_db: float | None
     recovery_db: float
     brightness: float
     sqnr_db: float
@@ -67,67 +98,40 @@ class LayerReport:
     observed_max: float
 
     def to_json(self) -> dict:
-        return {"tensor": self.tensor, "op": self.op, "psnr_drop_db": self.psnr_drop_db,
-                "recovery_db": self.recovery_db, "sqnr_db": self.sqnr_db, "clipped_fraction": self.clipped_fraction}
+        """The main figures as a JSON-ready dict."""
+        return {"tensor": self.tensor, "op": self.op, "alone_psnr_vs_fp32_db": _finite(self.alone_psnr_vs_fp32_db),
+                "psnr_drop_db": self.psnr_drop_db, "recovery_db": self.recovery_db, "sqnr_db": _finite(self.sqnr_db),
+                "clipped_fraction": self.clipped_fraction}
+
+
+def _finite(value: float) -> float | None:
+    return value if value is not None and math.isfinite(value) else None
 
 
 @dataclass
 class DiagnosisReport:
+    """The ranking and the whole-model figures. PSNRs are against the ground truth when there is one
+    (`has_truth`), else `fp32_psnr_y` is None and `int8_psnr_y` is against the FP32 output."""
+
     model: str
     method: str
     scheme: str
     samples: int
-    fp32_psnr_y: float
+    has_truth: bool
+    fp32_psnr_y: float | None
     int8_psnr_y: float  # all activations quantized (simulation)
+    int8_psnr_vs_fp32_db: float
     int8_brightness: float
     ranking: list[LayerReport]
     calibrated: CalibratedModel = field(repr=False)
     stats: dict[str, TensorStats] = field(repr=False)
 
     def to_json(self) -> dict:
-        return {"model": self.model, "method": self.method, "scheme": self.scheme, "fp32_psnr_y": self.fp32_psnr_y,
-                "int8_psnr_y": self.int8_psnr_y, "ranking": [r.to_json() for r in self.ranking]}
-
-    def ranking_rows(self) -> list[dict]:
-        return [{"tensor": r.tensor, "op": r.op, "PSNR drop alone (dB)": r.psnr_drop_db,
-                 "recovery if kept float (dB)": r.recovery_db, "brightness alone": r.brightness,
-                 "SQNR (dB)": r.sqnr_db, "clipped %": 100 * r.clipped_fraction,
-                 "clipped energy %": 100 * r.clipped_energy} for r in self.ranking]
-
-    def summary(self) -> str:
-        if not self.ranking:
-            return "Nothing to rank."
-        top = self.ranking[0]
-        return (f"**{self.model}**, {self.method} / {self.samples} samples / {self.scheme}: FP32 "
-                f"{self.fp32_psnr_y:.2f} dB, all activations INT8 {self.int8_psnr_y:.2f} dB "
-                f"(brightness {self.int8_brightness:.3f}). The worst tensor is `{top.tensor}` ({top.op} -> "
-                f"{', '.join(top.consumers) or 'output'}): quantized alone it costs {top.psnr_drop_db:.2f} dB; "
-                f"keeping only it in float recovers {top.recovery_db:.2f} dB. Its range [{top.low:.3g}, "
-                f"{top.high:.3g}] clips {100 * top.clipped_fraction:.3f}% of its values and "
-                f"{100 * top.clipped_energy:.1f}% of its signal energy (observed [{top.observed_min:.3g}, "
-                f"{top.observed_max:.3g}]).")
-
-    def histogram_figure(self, tensor: str | None):
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        figure, axis = plt.subplots(figsize=(8, 3))
-        if tensor and tensor in self.stats:
-            stats = self.stats[tensor]
-            edges = np.arange(len(stats.histogram) + 1) * stats.bin_width
-            axis.stairs(np.maximum(stats.histogram, 0.5), edges, fill=True, color="#6b8fb5")
-            chosen = self.calibrated.ranges[tensor]
-            limit = max(abs(chosen.low), abs(chosen.high)) if stats.observed_min < 0 else chosen.high
-            axis.axvline(limit, color="#d62728", label=f"chosen |range| {limit:.3g}")
-            axis.axvline(stats.amax, color="black", linestyle="--", label=f"observed max |x| {stats.amax:.3g}")
-            axis.set_yscale("log")
-            axis.set_xlabel("|x|")
-            axis.set_title(tensor, fontsize=9)
-            axis.legend(fontsize=8)
-        figure.tight_layout()
-        return figure
+        """The report as a JSON-ready dict."""
+        return {"model": self.model, "method": self.method, "scheme": self.scheme, "samples": self.samples,
+                "has_truth": self.has_truth, "fp32_psnr_y": self.fp32_psnr_y, "int8_psnr_y": self.int8_psnr_y,
+                "int8_psnr_vs_fp32_db": _finite(self.int8_psnr_vs_fp32_db), "int8_brightness": self.int8_brightness,
+                "ranking": [r.to_json() for r in self.ranking]}
 
 
 def _quant_params(r: TensorRange, symmetric: bool) -> tuple[float, int, int]:
@@ -142,7 +146,17 @@ def _quant_params(r: TensorRange, symmetric: bool) -> tuple[float, int, int]:
 
 def simulation_model(fp32: onnx.ModelProto, ranges: dict[str, TensorRange], quantized: Sequence[str],
                      symmetric: bool) -> bytes:
-    """The FP32 graph with a Q/DQ pair after each tensor in `quantized` (activation-only simulation)."""
+    """The FP32 graph with a Q/DQ pair after each tensor in `quantized` (activation-only simulation).
+
+    Args:
+        fp32: the FP32 model.
+        ranges: the ranges to quantize with.
+        quantized: the tensors that get a Q/DQ pair.
+        symmetric: INT8 symmetric (tensorrt) or UINT8 asymmetric (cpu).
+
+    Returns:
+        the serialized simulation model.
+    """
     model = onnx.ModelProto()
     model.CopyFrom(fp32)
     graph = model.graph
@@ -192,7 +206,7 @@ def _sqnr(stats: TensorStats, r: TensorRange, symmetric: bool) -> tuple[float, f
     return (10 * math.log10(energy / noise) if noise > 0 else math.inf), float(clipped / energy)
 
 
-def _eval_images(data: str | None, images: Sequence | None, mode: str, scale: int) -> list[tuple]:
+def _eval_pairs(data: str | None, images: Sequence | None, mode: InputMode, scale: int) -> list[tuple]:
     """[(lr, truth or None)] to measure on."""
     if images:
         prepared = [prepare_input(image, mode, scale) for image in images]
@@ -202,42 +216,80 @@ def _eval_images(data: str | None, images: Sequence | None, mode: str, scale: in
     return [tuple(reversed(degrade(load_image(path), scale))) for path in list_images(data)]
 
 
-def diagnose(model: str, method: str = "entropy", samples: int = 100, scheme: str = "tensorrt",
-             data: str | None = None, images_for_eval: Sequence | None = None, mode: str = "Check against ground truth",
-             top: int | None = None, progress: Callable[[float, str], None] | None = None) -> DiagnosisReport:
-    """Rank the activation tensors of `model` by the damage their INT8 range does.
+class _Simulator:
+    """Scores simulation models (a chosen set of quantized tensors) on the evaluation pairs."""
 
-    PSNR is measured against the ground truth when there is one (folders, ground-truth mode), else against the
-    model's own FP32 output.
-    """
-    scheme = Scheme.parse(scheme)
-    config = CalibrationConfig(method=method, samples=samples)
-    scale = int(read_metadata(model)["config"]["scale"])
-    calibrated = calibrate_model(model, config, scheme)
-    fp32 = onnx.load(str(calibrated.fp32_onnx))
-    ranges = tie_fused_ranges(fp32, calibrated.ranges)
-    # Quantization points: tensors a real deployment quantizes once (tied Conv outputs share their activation's
-    # QDQ, so the activation stands for both).
-    points = [name for name in calibrated.ranges if not _is_fused_into_activation(fp32, name)]
-    pairs = _eval_images(data, images_for_eval, mode, scale)
-    fp32_engine = OrtEngine(calibrated.fp32_onnx, scale)
-    references = [fp32_engine.run(lr) for lr, _ in pairs]
-    targets = [truth if truth is not None else ref for (lr, truth), ref in zip(pairs, references)]
+    def __init__(self, calibrated: CalibratedModel, pairs: list[tuple]):
+        self.fp32 = onnx.load(str(calibrated.fp32_onnx))
+        self.ranges = tie_fused_ranges(self.fp32, calibrated.ranges)
+        self.symmetric, self.scale = calibrated.scheme.symmetric, calibrated.scale
+        fp32_engine = OrtEngine(calibrated.fp32_onnx, self.scale)
+        self.lrs = [lr for lr, _ in pairs]
+        self.references = [fp32_engine.run(lr) for lr in self.lrs]
+        self.truths = [truth for _, truth in pairs]
+        self.has_truth = all(truth is not None for truth in self.truths)
 
-    def score(quantized: Sequence[str]) -> tuple[float, float]:
-        session = ort.InferenceSession(simulation_model(fp32, ranges, quantized, scheme.symmetric),
+    def outputs(self, quantized: Sequence[str]) -> list[np.ndarray]:
+        """The simulated INT8 outputs with `quantized` tensors quantized."""
+        session = ort.InferenceSession(simulation_model(self.fp32, self.ranges, quantized, self.symmetric),
                                        providers=["CPUExecutionProvider"])
         name = session.get_inputs()[0].name
-        outputs = [tiled(lambda a: session.run(None, {name: a})[0], lr, scale) for lr, _ in pairs]
-        psnr = float(np.mean([psnr_y(o, t, scale) for o, t in zip(outputs, targets)]))
-        bright = float(np.mean([brightness_ratio(o, r) for o, r in zip(outputs, references)]))
-        return psnr, bright
+        return [tiled(lambda a: session.run(None, {name: a})[0], lr, self.scale) for lr in self.lrs]
 
-    fp32_psnr = float(np.mean([psnr_y(r, t, scale) for r, t in zip(references, targets)])) \
-        if any(t is not r for t, r in zip(targets, references)) else math.inf
-    all_psnr, all_bright = score(points)
+    def score(self, quantized: Sequence[str]) -> tuple[float, float, float]:
+        """(PSNR vs truth or None, PSNR vs FP32, brightness vs FP32), means over the images."""
+        outputs = self.outputs(quantized)
+        vs_fp32 = float(np.mean([psnr_y(o, r, self.scale) for o, r in zip(outputs, self.references)]))
+        vs_truth = float(np.mean([psnr_y(o, t, self.scale) for o, t in zip(outputs, self.truths)])) \
+            if self.has_truth else None
+        bright = float(np.mean([brightness_ratio(o, r) for o, r in zip(outputs, self.references)]))
+        return vs_truth, vs_fp32, bright
+
+    def fp32_psnr(self) -> float | None:
+        """FP32 PSNR against the truth (None without truth)."""
+        if not self.has_truth:
+            return None
+        return float(np.mean([psnr_y(r, t, self.scale) for r, t in zip(self.references, self.truths)]))
+
+
+def quantization_points(model: onnx.ModelProto, tensors: Sequence[str]) -> list[str]:
+    """The tensors a deployment quantizes once: tied Conv outputs share their activation's QDQ, so the
+    activation stands for both.
+
+    Args:
+        model: the FP32 model.
+        tensors: the calibrated tensors.
+
+    Returns:
+        the subset of `tensors`, in order.
+    """
+    return [name for name in tensors if not _is_fused_into_activation(model, name)]
+
+
+def diagnose(config: DiagnoseConfig, images: Sequence | None = None, mode: InputMode | str = InputMode.GROUND_TRUTH,
+             progress: Callable[[float, str], None] | None = None) -> DiagnosisReport:
+    """Rank the activation tensors of a model by the damage their INT8 range does.
+
+    Args:
+        config: model, calibration, scheme, and the folder to measure on (unless `images` are given).
+        images: images to measure on instead (uint8 HxWx3 arrays or paths), read as `mode` says.
+        mode: whether `images` are ground truth (degraded first) or inputs to upscale.
+        progress: called with (fraction done, message).
+
+    Returns:
+        the DiagnosisReport; PSNR against the ground truth where there is one, else against FP32.
+
+    Raises:
+        ValueError / FileNotFoundError: bad configuration, no images.
+    """
+    mode = InputMode.parse(mode)
+    calibrated = calibrate_model(config.model, config.calibration, config.scheme)
+    simulator = _Simulator(calibrated, _eval_pairs(config.data, images, mode, calibrated.scale))
+    points = quantization_points(simulator.fp32, list(calibrated.ranges))
+    all_truth, all_fp32, all_bright = simulator.score(points)
+    fp32_psnr = simulator.fp32_psnr()
     consumers: dict[str, list[str]] = {}
-    for node in fp32.graph.node:
+    for node in simulator.fp32.graph.node:
         for name in node.input:
             consumers.setdefault(name, []).append(node.op_type)
     stats = {s.name: s for s in calibrated.stats}
@@ -245,18 +297,20 @@ def diagnose(model: str, method: str = "entropy", samples: int = 100, scheme: st
     for index, tensor in enumerate(points):
         if progress:
             progress(index / len(points), f"tensor {index + 1} of {len(points)}")
-        alone_psnr, alone_bright = score([tensor])
-        rest_psnr, _ = score([p for p in points if p != tensor])
-        r = ranges[tensor]
-        sqnr, energy = _sqnr(stats[tensor], r, scheme.symmetric)
+        alone_truth, alone_fp32, alone_bright = simulator.score([tensor])
+        rest_truth, rest_fp32, _ = simulator.score([p for p in points if p != tensor])
+        recovery = rest_truth - all_truth if simulator.has_truth else rest_fp32 - all_fp32
+        r = simulator.ranges[tensor]
+        sqnr, energy = _sqnr(stats[tensor], r, calibrated.scheme.symmetric)
+        drop = fp32_psnr - alone_truth if simulator.has_truth else None
         reports.append(LayerReport(tensor, calibrated.producers.get(tensor, "?"), consumers.get(tensor, []),
-                                   (fp32_psnr if math.isfinite(fp32_psnr) else 100.0) - alone_psnr
-                                   if math.isfinite(alone_psnr) else 0.0,
-                                   rest_psnr - all_psnr, alone_bright, sqnr, r.clipped_fraction, energy,
+                                   alone_fp32, drop, recovery, alone_bright, sqnr, r.clipped_fraction, energy,
                                    r.low, r.high, r.observed_min, r.observed_max))
-    reports.sort(key=lambda r: (r.psnr_drop_db + r.recovery_db), reverse=True)
-    return DiagnosisReport(model, config.method.value, scheme.value, samples, fp32_psnr, all_psnr, all_bright,
-                           reports[:top] if top else reports, calibrated, stats)
+    reports.sort(key=lambda r: r.alone_psnr_vs_fp32_db)
+    return DiagnosisReport(config.model, calibrated.config.method.value, calibrated.scheme.value,
+                           calibrated.config.samples, simulator.has_truth, fp32_psnr,
+                           all_truth if simulator.has_truth else all_fp32, all_fp32, all_bright,
+                           reports[: config.top] if config.top else reports, calibrated, stats)
 
 
 def _is_fused_into_activation(model: onnx.ModelProto, tensor: str) -> bool:
@@ -273,56 +327,99 @@ def _is_fused_into_activation(model: onnx.ModelProto, tensor: str) -> bool:
 
 @dataclass
 class FixOutcome:
+    """The real INT8 model before and after a fix, on one image."""
+
     before: np.ndarray
     after: np.ndarray
-    rows: list[dict]
+    has_truth: bool  # PSNRs are against the truth, else against FP32
+    psnr_before_db: float
+    psnr_after_db: float
+    brightness_before: float
+    brightness_after: float
     calibrated: CalibratedModel
 
 
-def apply_fix(report: DiagnosisReport, tensor: str, fix: str, image, mode: str,
+def apply_fix(report: DiagnosisReport, tensor: str, fix: Fix | str, image, mode: InputMode | str,
               progress: Callable[[float, str], None] | None = None) -> FixOutcome:
-    """Recalibrate `report.model` with `fix` on `tensor` and measure the real INT8 model before and after."""
-    if fix not in FIXES:
-        raise ValueError(f"unknown fix {fix!r}; choose one of: {', '.join(FIXES)}")
+    """Recalibrate `report.model` with `fix` on `tensor` and measure the real INT8 model before and after.
+
+    Args:
+        report: a diagnosis.
+        tensor: the tensor to fix.
+        fix: the fix.
+        image: the image to measure on (array or path), read as `mode` says.
+        mode: ground truth or upscale.
+        progress: called with (fraction done, message).
+
+    Returns:
+        the FixOutcome.
+
+    Raises:
+        ValueError: unknown fix or tensor.
+    """
+    fix, mode = Fix.parse(fix), InputMode.parse(mode)
     if tensor not in report.calibrated.ranges:
         raise ValueError(f"no tensor {tensor!r} in {report.model}")
-    scale = int(read_metadata(report.model)["config"]["scale"])
+    scale = report.calibrated.scale
     prepared = prepare_input(image, mode, scale)
     fixed = calibrate_model(report.model, report.calibrated.config, report.calibrated.scheme,
-                            fixes=FIXES[fix](tensor), progress=progress)
+                            fixes=fix.overrides(tensor), progress=progress)
     reference = OrtEngine(report.calibrated.fp32_onnx, scale).run(prepared.lr)
     target = prepared.truth if prepared.truth is not None else reference
     before = OrtEngine(report.calibrated.qdq_onnx, scale).run(prepared.lr)
     after = OrtEngine(fixed.qdq_onnx, scale).run(prepared.lr)
-    against = "truth" if prepared.truth is not None else "FP32"
-    rows = [{"INT8 model": label, f"PSNR vs {against} (dB)": psnr_y(out, target, scale),
-             "brightness vs FP32": brightness_ratio(out, reference)}
-            for label, out in (("before", before), (f"after: {fix} on {tensor}", after))]
-    return FixOutcome(before, after, rows, fixed)
+    return FixOutcome(before, after, prepared.truth is not None, psnr_y(before, target, scale),
+                      psnr_y(after, target, scale), brightness_ratio(before, reference),
+                      brightness_ratio(after, reference), fixed)
 
 
-def range_chart(*calibrations: CalibratedModel):
-    """Per tensor: observed range (light) vs chosen range (dark), clipped share; the 3 worst in red."""
-    import matplotlib
+@dataclass
+class TensorCoverage:
+    """How much of one tensor, for one image, falls outside its calibrated range."""
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    tensor: str
+    outside_fraction: float  # share of the values clipped by the range
+    low: float
+    high: float
+    image_min: float
+    image_max: float
 
-    figure, axes = plt.subplots(1, len(calibrations), figsize=(7 * len(calibrations), 6), squeeze=False)
-    for axis, calibrated in zip(axes[0], calibrations):
-        ranges = list(calibrated.ranges.values())
-        worst = {r.name for r in sorted(ranges, key=lambda r: r.clipped_fraction, reverse=True)[:3]
-                 if r.clipped_fraction > 0}
-        for row, r in enumerate(ranges):
-            axis.barh(row, r.observed_max - r.observed_min, left=r.observed_min, color="#d9d9d9", height=0.8)
-            axis.barh(row, r.high - r.low, left=r.low, color="#d62728" if r.name in worst else "#1f77b4",
-                      height=0.4)
-            axis.text(max(r.observed_max, r.high), row, f" {100 * r.clipped_fraction:.2f}%", va="center", fontsize=7)
-        axis.set_yticks(range(len(ranges)), [r.name.strip("/").replace("_output_0", "")[-28:] for r in ranges],
-                        fontsize=7)
-        axis.invert_yaxis()
-        axis.set_title(f"{calibrated.model}: {calibrated.config.method.value}, {calibrated.config.samples} samples, "
-                       f"{calibrated.scheme.value}", fontsize=9)
-        axis.set_xlabel("value (grey: observed, blue: chosen range, red: the 3 most clipped)")
-    figure.tight_layout()
-    return figure
+
+def range_coverage(calibrated: CalibratedModel, lr: np.ndarray, tile: int = 128) -> list[TensorCoverage]:
+    """Per quantized tensor, the share of this image's values that the calibrated range clips.
+
+    The image runs through the FP32 model in non-overlapping tiles (bounded memory; values near tile borders see
+    zero padding instead of their neighbours, a small bias in the share).
+
+    Args:
+        calibrated: the INT8 model whose ranges are checked.
+        lr: the network's input, uint8 HxWx3.
+        tile: tile side in pixels.
+
+    Returns:
+        one TensorCoverage per quantization point, the worst first.
+    """
+    model = onnx.load(str(calibrated.fp32_onnx))
+    ranges = tie_fused_ranges(model, calibrated.ranges)
+    points = quantization_points(model, list(calibrated.ranges))
+    session = observing_session(calibrated.fp32_onnx, points)
+    input_name = session.get_inputs()[0].name
+    names = [o.name for o in session.get_outputs()]
+    outside = dict.fromkeys(points, 0)
+    total = dict.fromkeys(points, 0)
+    low = dict.fromkeys(points, math.inf)
+    high = dict.fromkeys(points, -math.inf)
+    image = np.ascontiguousarray(lr.transpose(2, 0, 1)[None], dtype=np.float32) / 255.0
+    for y in range(0, lr.shape[0], tile):
+        for x in range(0, lr.shape[1], tile):
+            block = image[:, :, y : y + tile, x : x + tile]
+            values = dict(zip(names, session.run(None, {input_name: block})))
+            values[input_name] = block
+            for tensor in points:
+                value, r = values[tensor], ranges[tensor]
+                outside[tensor] += int(np.count_nonzero((value < r.low) | (value > r.high)))
+                total[tensor] += value.size
+                low[tensor], high[tensor] = min(low[tensor], float(value.min())), max(high[tensor], float(value.max()))
+    report = [TensorCoverage(t, outside[t] / max(1, total[t]), ranges[t].low, ranges[t].high, low[t], high[t])
+              for t in points]
+    return sorted(report, key=lambda c: c.outside_fraction, reverse=True)

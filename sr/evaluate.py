@@ -6,21 +6,29 @@ Example:
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 
 import numpy as np
 from tqdm import tqdm
 
-from .calibrate import CalibrationConfig, parse_choice
+from .calibrate import CalibrationConfig
+from .choices import parse_choice
 from .data import bicubic_resize, degrade, list_images, load_image
 from .engines import OrtEngine, TensorRTEngine, TorchEngine
 from .metrics import brightness_ratio, psnr_y, ssim_y
-from .models import load_model, read_metadata, resolve_weights
+from .models import load_model, model_info
 from .quantize import CalibratedModel, Fixes, Scheme, calibrate_model, fp32_onnx_path
+
+# The calibration the README's findings recommend (re-derived by scripts/findings.py): the smallest Set5 + Set14
+# INT8 loss of the tensorrt scheme over every method and sample count, averaged over the five shipped models.
+RECOMMENDED_CALIBRATION = CalibrationConfig(method="mse", samples=1000)
+RECOMMENDED_SCHEME = Scheme.TENSORRT
 
 
 class EngineKind(str, Enum):
+    """The runtimes a model can be evaluated with."""
+
     TORCH = "torch"
     ORT = "ort"
     ORT_INT8 = "ort-int8"
@@ -28,29 +36,32 @@ class EngineKind(str, Enum):
 
     @classmethod
     def parse(cls, value) -> "EngineKind":
+        """The member for `value`; ValueError listing the options otherwise."""
         return parse_choice(cls, value, "engine")
 
     @property
     def is_int8(self) -> bool:
+        """True for the engines that run a calibrated INT8 model."""
         return self in (EngineKind.ORT_INT8, EngineKind.TENSORRT)
 
 
 @dataclass
 class EvalConfig:
+    """One evaluation: a model, a folder of HR images, an engine and (for INT8) its calibration."""
+
     model: str
     data: str
     scale: int | None = None  # None: the model's own scale
     engine: EngineKind = EngineKind.TORCH
-    method: str = "entropy"
-    samples: int = 100
-    scheme: str = "tensorrt"
-    recommended: bool = False  # the calibration + fixes the README recommends (sr.diagnose.RECOMMENDED)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    scheme: Scheme = Scheme.TENSORRT
+    recommended: bool = False  # RECOMMENDED_CALIBRATION and RECOMMENDED_SCHEME instead of the two above
     threads: int = 0
 
     def __post_init__(self):
         self.engine = EngineKind.parse(self.engine)
-        resolve_weights(self.model)
-        model_scale = int(read_metadata(self.model)["config"]["scale"])
+        self.scheme = Scheme.parse(self.scheme)
+        model_scale = model_info(self.model).scale
         if self.scale is None:
             self.scale = model_scale
         if self.scale != model_scale:
@@ -58,26 +69,27 @@ class EvalConfig:
         list_images(self.data)
         if self.recommended and not self.engine.is_int8:
             raise ValueError("--recommended is an INT8 calibration: use it with --engine ort-int8 or tensorrt")
-        CalibrationConfig(method=self.method, samples=self.samples)  # validates both
-        Scheme.parse(self.scheme)
-
-
-def int8_model(model: str, method: str, samples: int, scheme: str, recommended: bool = False,
-               progress=None) -> CalibratedModel:
-    """The calibrated INT8 model an evaluation or the app uses (cached)."""
-    if recommended:
-        from .diagnose import recommended_calibration
-
-        config, scheme, fixes = recommended_calibration(model)
-    else:
-        config, fixes = CalibrationConfig(method=method, samples=samples), Fixes()
-    return calibrate_model(model, config, scheme, fixes=fixes, progress=progress)
+        if self.recommended:
+            self.calibration, self.scheme = RECOMMENDED_CALIBRATION, RECOMMENDED_SCHEME
 
 
 def create_engine(kind: EngineKind | str, model: str, int8: CalibratedModel | None = None, threads: int = 0):
-    """An engine of `kind` for `model`; INT8 kinds need the calibrated model."""
+    """An engine of `kind` for `model`.
+
+    Args:
+        kind: the runtime.
+        model: a shipped model name or a weight file.
+        int8: the calibrated model, for INT8 kinds.
+        threads: ONNX Runtime threads (0: its default).
+
+    Returns:
+        an object with `run(lr uint8 HxWx3) -> uint8 (sH)x(sW)x3`.
+
+    Raises:
+        ValueError: an INT8 kind without a calibrated model, or TensorRT with the cpu scheme.
+    """
     kind = EngineKind.parse(kind)
-    scale = int(read_metadata(model)["config"]["scale"])
+    scale = model_info(model).scale
     if kind is EngineKind.TORCH:
         return TorchEngine(load_model(model))
     if kind is EngineKind.ORT:
@@ -95,56 +107,46 @@ def _scores(output: np.ndarray, truth: np.ndarray, scale: int) -> dict:
     return {"psnr_y": psnr_y(output, truth, shave=scale), "ssim_y": ssim_y(output, truth, shave=scale)}
 
 
-def _mean(rows: list[dict], key: str) -> dict:
-    return {metric: float(np.mean([row[key][metric] for row in rows])) for metric in ("psnr_y", "ssim_y")}
+def _mean(rows: list[dict]) -> dict:
+    return {metric: float(np.mean([row[metric] for row in rows])) for metric in ("psnr_y", "ssim_y")}
 
 
 def evaluate(config: EvalConfig, progress: bool = False) -> dict:
     """Per-image and mean Y-PSNR/SSIM (border of `scale` px shaved) of bicubic and the model.
 
-    For INT8 engines, "mean" is the INT8 result, and "fp32_mean", "int8_mean" and "brightness_ratio" (mean
-    brightness of INT8 over FP32 outputs) are added.
+    Args:
+        config: the evaluation.
+        progress: show a progress bar.
+
+    Returns:
+        {"model", "data", "scale", "engine", "bicubic", "mean", "images"}; for INT8 engines "mean" is the INT8
+        result, and "fp32_mean", "int8_mean", "brightness_ratio" (mean brightness of INT8 over FP32 outputs,
+        < 1 is darker), "worst_brightness_ratio" and the calibration are added.
     """
     scale = config.scale
-    int8 = None
-    if config.engine.is_int8:
-        int8 = int8_model(config.model, config.method, config.samples, config.scheme, config.recommended)
+    int8 = calibrate_model(config.model, config.calibration, config.scheme) if config.engine.is_int8 else None
     engine = create_engine(config.engine, config.model, int8, config.threads)
-    reference = TorchEngine(load_model(config.model)) if config.engine.is_int8 else None
+    reference = TorchEngine(load_model(config.model)) if int8 is not None else None
     rows, bicubic_rows, fp32_rows, ratios = [], [], [], []
     for path in tqdm(list_images(config.data), desc="eval", disable=not progress):
         truth, lr = degrade(load_image(path), scale)
         output = engine.run(lr)
         row = {"name": path.name, **_scores(output, truth, scale)}
-        bicubic_rows.append({"s": _scores(bicubic_resize(lr, truth.shape[1], truth.shape[0]), truth, scale)})
+        bicubic_rows.append(_scores(bicubic_resize(lr, truth.shape[1], truth.shape[0]), truth, scale))
         if reference is not None:
             fp32 = reference.run(lr)
-            fp32_rows.append({"s": _scores(fp32, truth, scale)})
+            fp32_rows.append(_scores(fp32, truth, scale))
             ratios.append(brightness_ratio(output, fp32))
-            row["fp32_psnr_y"] = fp32_rows[-1]["s"]["psnr_y"]
+            row["fp32_psnr_y"] = fp32_rows[-1]["psnr_y"]
+            row["brightness_ratio"] = ratios[-1]
         rows.append(row)
     report = {"model": config.model, "data": config.data, "scale": scale, "engine": config.engine.value,
-              "bicubic": _mean(bicubic_rows, "s"),
-              "mean": {m: float(np.mean([r[m] for r in rows])) for m in ("psnr_y", "ssim_y")},
-              "images": rows}
+              "bicubic": _mean(bicubic_rows), "mean": _mean(rows), "images": rows}
     if int8 is not None:
+        calibration = {k: (v.value if isinstance(v, Enum) else v) for k, v in vars(int8.config).items()}
         report.update(method=int8.config.method.value, samples=int8.config.samples, scheme=int8.scheme.value,
-                      recommended=config.recommended, fixes=int8.fixes.key() if not int8.fixes.is_empty() else None,
-                      fp32_mean=_mean(fp32_rows, "s"), int8_mean=report["mean"],
-                      brightness_ratio=float(np.mean(ratios)))
+                      calibration=calibration, recommended=config.recommended,
+                      fixes=None if int8.fixes.is_empty() else int8.fixes.key(),
+                      fp32_mean=_mean(fp32_rows), int8_mean=report["mean"],
+                      brightness_ratio=float(np.mean(ratios)), worst_brightness_ratio=float(np.min(ratios)))
     return report
-
-
-def format_report(report: dict) -> str:
-    lines = [f"{report['model']} on {report['data']} (x{report['scale']}, engine {report['engine']})",
-             f"{'image':<24}{'PSNR-Y':>10}{'SSIM-Y':>10}"]
-    lines += [f"{row['name']:<24}{row['psnr_y']:>10.3f}{row['ssim_y']:>10.4f}" for row in report["images"]]
-    lines.append(f"{'mean':<24}{report['mean']['psnr_y']:>10.3f}{report['mean']['ssim_y']:>10.4f}")
-    lines.append(f"{'bicubic':<24}{report['bicubic']['psnr_y']:>10.3f}{report['bicubic']['ssim_y']:>10.4f}")
-    if "fp32_mean" in report:
-        lines.append(f"{'fp32 (same model)':<24}{report['fp32_mean']['psnr_y']:>10.3f}"
-                     f"{report['fp32_mean']['ssim_y']:>10.4f}")
-        lines.append(f"INT8 {report['method']}/{report['samples']} samples/{report['scheme']}: "
-                     f"{report['int8_mean']['psnr_y'] - report['fp32_mean']['psnr_y']:+.3f} dB vs FP32, "
-                     f"brightness ratio {report['brightness_ratio']:.4f}")
-    return "\n".join(lines)
