@@ -14,7 +14,14 @@ from skimage.metrics import structural_similarity
 
 
 def rgb_to_y(image: np.ndarray) -> np.ndarray:
-    """uint8/float RGB (0..255) HxWx3 -> float64 Y in 16..235 (ITU-R BT.601, as MATLAB's rgb2ycbcr)."""
+    """The luma of ITU-R BT.601 YCbCr, as MATLAB's rgb2ycbcr but not rounded to uint8.
+
+    Args:
+        image: uint8 or float RGB, values 0..255, shape HxWx3 (or ...x3).
+
+    Returns:
+        float64 Y in 16..235, shape HxW.
+    """
     rgb = np.asarray(image, dtype=np.float64)
     return 16.0 + (65.481 * rgb[..., 0] + 128.553 * rgb[..., 1] + 24.966 * rgb[..., 2]) / 255.0
 
@@ -31,21 +38,55 @@ def _y_pair(output: np.ndarray, reference: np.ndarray, shave: int) -> tuple[np.n
 
 
 def psnr_y(output: np.ndarray, reference: np.ndarray, shave: int = 0) -> float:
-    """Y-channel PSNR in dB (peak 255); `inf` for identical images."""
+    """Y-channel PSNR in dB (peak 255), the SR literature's convention.
+
+    Args:
+        output: uint8 HxWx3 RGB, the image scored.
+        reference: uint8 HxWx3 RGB ground truth, the same shape.
+        shave: pixels removed from every border before scoring (the scale, by convention).
+
+    Returns:
+        PSNR in dB; `inf` for identical images.
+
+    Raises:
+        ValueError: the shapes differ, or the image is too small to shave `shave` pixels per border.
+    """
     a, b = _y_pair(output, reference, shave)
     mse = float(np.mean((a - b) ** 2))
     return math.inf if mse == 0.0 else 10.0 * math.log10(255.0**2 / mse)
 
 
 def ssim_y(output: np.ndarray, reference: np.ndarray, shave: int = 0) -> float:
-    """Y-channel SSIM (Wang et al. 2004: 11x11 Gaussian window, sigma 1.5), from scikit-image."""
+    """Y-channel SSIM (Wang et al. 2004: 11x11 Gaussian window, sigma 1.5, C1 = (0.01 * 255)^2,
+    C2 = (0.03 * 255)^2), from scikit-image.
+
+    Args:
+        output: uint8 HxWx3 RGB, the image scored.
+        reference: uint8 HxWx3 RGB ground truth, the same shape.
+        shave: pixels removed from every border before scoring.
+
+    Returns:
+        the mean SSIM, at most 1.
+
+    Raises:
+        ValueError: the shapes differ, the image is too small to shave, or (scikit-image) smaller than the
+            11x11 window.
+    """
     a, b = _y_pair(output, reference, shave)
     return float(structural_similarity(a, b, data_range=255.0, gaussian_weights=True, sigma=1.5,
                                        use_sample_covariance=False))
 
 
 def brightness_ratio(output: np.ndarray, reference: np.ndarray) -> float:
-    """Mean brightness (mean of all RGB values) of `output` over that of `reference`: < 1 means darker."""
+    """Mean brightness (mean of all RGB values) of `output` over that of `reference`: < 1 means darker.
+
+    Args:
+        output: uint8 RGB image.
+        reference: uint8 RGB image (any shape; only the means are compared).
+
+    Returns:
+        the ratio; 1 when both are black, `inf` when only the reference is.
+    """
     reference_mean = float(np.mean(reference, dtype=np.float64))
     if reference_mean == 0.0:
         return 1.0 if float(np.mean(output, dtype=np.float64)) == 0.0 else math.inf
@@ -53,7 +94,18 @@ def brightness_ratio(output: np.ndarray, reference: np.ndarray) -> float:
 
 
 def delta_e(output: np.ndarray, reference: np.ndarray) -> float:
-    """Mean CIEDE2000 colour difference (CIELAB, D65) between two RGB images; about 2.3 is just noticeable."""
+    """Mean CIEDE2000 colour difference (CIELAB, D65) between two RGB images; about 2.3 is just noticeable.
+
+    Args:
+        output: uint8 HxWx3 RGB.
+        reference: uint8 HxWx3 RGB, the same shape.
+
+    Returns:
+        the mean Delta E 2000 over all pixels.
+
+    Raises:
+        ValueError: the shapes differ.
+    """
     if output.shape != reference.shape:
         raise ValueError(f"images differ in shape: {output.shape} vs {reference.shape}")
     return float(np.mean(deltaE_ciede2000(rgb2lab(output), rgb2lab(reference))))
