@@ -104,6 +104,12 @@ def _to_rgb8(image: Image.Image) -> np.ndarray:
 def list_images(folder: str | os.PathLike) -> list[Path]:
     """Image files directly inside `folder`, sorted by name.
 
+    Args:
+        folder: the folder (not searched recursively).
+
+    Returns:
+        the paths of files whose suffix is one of IMAGE_SUFFIXES (any case).
+
     Raises:
         FileNotFoundError: the folder does not exist or holds no image.
     """
@@ -117,14 +123,31 @@ def list_images(folder: str | os.PathLike) -> list[Path]:
 
 
 def modcrop(image: np.ndarray, scale: int) -> np.ndarray:
-    """Crop the bottom/right so that height and width are multiples of `scale` (the literature's convention)."""
+    """Crop the bottom/right so that height and width are multiples of `scale` (the literature's convention).
+
+    Args:
+        image: HxW or HxWxC array.
+        scale: the SR factor.
+
+    Returns:
+        a view of `image`, (H - H % scale) x (W - W % scale).
+    """
     height, width = image.shape[:2]
     return image[: height - height % scale, : width - width % scale]
 
 
 def bicubic_resize(image: np.ndarray, width: int, height: int) -> np.ndarray:
     """Bicubic resize of uint8 HxWx3 with PIL; when shrinking, PIL widens the kernel (antialiasing) like
-    MATLAB's `imresize`, which is how the SR benchmarks make their LR images."""
+    MATLAB's `imresize`, which is how the SR benchmarks make their LR images.
+
+    Args:
+        image: uint8 HxWx3 RGB.
+        width: the output width in pixels.
+        height: the output height in pixels.
+
+    Returns:
+        uint8 height x width x 3 RGB.
+    """
     return np.asarray(Image.fromarray(image).resize((width, height), Image.Resampling.BICUBIC))
 
 
@@ -148,12 +171,26 @@ def degrade(hr: np.ndarray, scale: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def to_tensor(image: np.ndarray) -> torch.Tensor:
-    """uint8 HxWx3 -> float32 1x3xHxW in [0, 1]."""
+    """The edge-to-inside conversion.
+
+    Args:
+        image: uint8 HxWx3 RGB.
+
+    Returns:
+        float32 1x3xHxW RGB in [0, 1] (a copy).
+    """
     return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).unsqueeze(0).float().div_(255.0)
 
 
 def to_uint8(tensor: torch.Tensor) -> np.ndarray:
-    """float 1x3xHxW (any range) -> uint8 HxWx3, clamped to [0, 1] and rounded."""
+    """The inside-to-edge conversion.
+
+    Args:
+        tensor: float 1x3xHxW RGB, any range and device.
+
+    Returns:
+        uint8 HxWx3 RGB: clamped to [0, 1], times 255, rounded.
+    """
     array = tensor.detach().float().clamp(0.0, 1.0).mul(255.0).round().squeeze(0).permute(1, 2, 0)
     return array.to(torch.uint8).cpu().numpy()
 
@@ -176,6 +213,19 @@ class PatchSampler:
     """
 
     def __init__(self, folders, scale: int, lr_patch: int, seed: int = 0):
+        """Load and degrade every image of `folders` once.
+
+        Args:
+            folders: a folder or a list of folders of HR images.
+            scale: the SR factor.
+            lr_patch: the LR patch side in pixels; HR patches are `lr_patch * scale`.
+            seed: the random stream's seed (`reseed` restarts it).
+
+        Raises:
+            ValueError: `lr_patch` below 4, or no image large enough for one HR patch.
+            FileNotFoundError: a folder is missing or holds no image.
+            ImageLoadError: an image cannot be read.
+        """
         if lr_patch < 4:
             raise ValueError(f"lr_patch must be at least 4 pixels, got {lr_patch}")
         self.scale, self.lr_patch = scale, lr_patch
@@ -194,11 +244,22 @@ class PatchSampler:
         self.rng = np.random.default_rng(seed)
 
     def reseed(self, *seed: int) -> None:
-        """Restart the random stream from `seed` (used on resume and per DDP rank)."""
+        """Restart the random stream (training seeds it with (seed, rank, step)).
+
+        Args:
+            *seed: integers, combined by numpy's SeedSequence.
+        """
         self.rng = np.random.default_rng(list(seed))
 
     def batch(self, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """`size` random pairs as float32 NCHW in [0, 1]: (LR Nx3xPxP, HR Nx3x(sP)x(sP))."""
+        """`size` random aligned patch pairs, each under a random one of the 8 flips/rotations.
+
+        Args:
+            size: the number of pairs N.
+
+        Returns:
+            (LR Nx3xPxP, HR Nx3x(sP)x(sP)), float32 RGB in [0, 1], P = lr_patch, s = scale.
+        """
         p, s = self.lr_patch, self.scale
         lr_batch = np.empty((size, p, p, 3), np.uint8)
         hr_batch = np.empty((size, p * s, p * s, 3), np.uint8)

@@ -58,6 +58,12 @@ def _final_activation(kind: FinalActivation) -> nn.Module:
 
 @dataclass
 class XLSRConfig:
+    """XLSR's hyper-parameters; the defaults are the paper's x3 network.
+
+    Raises:
+        ValueError: (on construction) a scale other than 2, 3 or 4, or an unknown final activation.
+    """
+
     scale: int = 3
     final_activation: FinalActivation = FinalActivation.RELU
     channels: int = 32
@@ -72,6 +78,12 @@ class XLSRConfig:
 
 @dataclass
 class TeacherConfig:
+    """The teacher's hyper-parameters.
+
+    Raises:
+        ValueError: (on construction) a scale other than 2, 3 or 4, or an unknown final activation.
+    """
+
     scale: int = 3
     final_activation: FinalActivation = FinalActivation.RELU  # the large "original" model keeps its ReLU
     channels: int = 64
@@ -91,12 +103,26 @@ class GBlock(nn.Module):
     """3x3 grouped convolution + ReLU, then a 1x1 convolution that mixes the groups."""
 
     def __init__(self, channels: int, groups: int):
+        """Build the layers.
+
+        Args:
+            channels: input and output channels.
+            groups: groups of the 3x3 convolution (must divide `channels`).
+        """
         super().__init__()
         self.grouped = nn.Conv2d(channels, channels, 3, padding=1, groups=groups)
         self.relu = nn.ReLU()
         self.mix = nn.Conv2d(channels, channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Run the module.
+
+        Args:
+            x: float32 NxCxHxW features.
+
+        Returns:
+            NxCxHxW features.
+        """
         return self.mix(self.relu(self.grouped(x)))
 
 
@@ -110,6 +136,11 @@ class XLSR(nn.Module):
     """
 
     def __init__(self, config: XLSRConfig | None = None):
+        """Build the layers.
+
+        Args:
+            config: the hyper-parameters; None for the paper's x3 network.
+        """
         super().__init__()
         self.config = config = config or XLSRConfig()
         c = config.channels
@@ -125,19 +156,42 @@ class XLSR(nn.Module):
         self.output = _final_activation(config.final_activation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Run the module.
+
+        Args:
+            x: float32 Nx3xHxW RGB in [0, 1].
+
+        Returns:
+            Nx3x(sH)x(sW) RGB, s = config.scale; in [0, 1] only with the Clipped ReLU output.
+        """
         features = self.gblocks(self.head_mix(self.head_relu(self.head(x))))
         fused = self.fuse_relu(self.fuse(torch.cat([features, self.skip(x)], dim=1)))
         return self.output(self.depth_to_space(self.tail(fused)))
 
 
 class ResBlock(nn.Module):
+    """conv3x3 -> ReLU -> conv3x3 plus the identity (EDSR's block, without batch norm or residual scaling)."""
+
     def __init__(self, channels: int):
+        """Build the layers.
+
+        Args:
+            channels: input and output channels.
+        """
         super().__init__()
         self.body = nn.Sequential(
             nn.Conv2d(channels, channels, 3, padding=1), nn.ReLU(), nn.Conv2d(channels, channels, 3, padding=1)
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Run the module.
+
+        Args:
+            x: float32 NxCxHxW features.
+
+        Returns:
+            NxCxHxW features.
+        """
         return x + self.body(x)
 
 
@@ -146,6 +200,11 @@ class Teacher(nn.Module):
     a ReLU output: the big "original" model, and the teacher for knowledge distillation."""
 
     def __init__(self, config: TeacherConfig | None = None):
+        """Build the layers.
+
+        Args:
+            config: the hyper-parameters; None for the shipped x3 teacher's.
+        """
         super().__init__()
         self.config = config = config or TeacherConfig()
         c = config.channels
@@ -156,6 +215,14 @@ class Teacher(nn.Module):
         self.output = _final_activation(config.final_activation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Run the module.
+
+        Args:
+            x: float32 Nx3xHxW RGB in [0, 1].
+
+        Returns:
+            Nx3x(sH)x(sW) RGB, s = config.scale, non-negative (ReLU output).
+        """
         features = self.head(x)
         return self.output(self.depth_to_space(self.tail(features + self.body(features))))
 
@@ -169,8 +236,15 @@ MODELS: dict[str, tuple[type[nn.Module], type]] = {
 def build_model(arch: str, **config) -> nn.Module:
     """A fresh model: `build_model("xlsr", scale=3, final_activation="clipped_relu")`.
 
+    Args:
+        arch: a key of MODELS ("xlsr", "teacher").
+        **config: fields of the architecture's config dataclass.
+
+    Returns:
+        the model, randomly initialised (torch's global RNG), in training mode.
+
     Raises:
-        ValueError: unknown architecture or config field.
+        ValueError: unknown architecture, unknown config field, or a bad config value.
     """
     if arch not in MODELS:
         raise ValueError(f"unknown architecture {arch!r}; choose one of: {', '.join(MODELS)}")
@@ -182,13 +256,28 @@ def build_model(arch: str, **config) -> nn.Module:
 
 
 def model_spec(model: nn.Module) -> dict:
-    """{"arch", "config"} of a model built here (enums as their values)."""
+    """What a weight file records about a model's architecture.
+
+    Args:
+        model: a model built here (an instance of a MODELS class).
+
+    Returns:
+        {"arch": name, "config": {field: value}}, enums as their values.
+    """
     arch = next(name for name, (cls, _) in MODELS.items() if isinstance(model, cls))
     config = {k: (v.value if isinstance(v, Enum) else v) for k, v in asdict(model.config).items()}
     return {"arch": arch, "config": config}
 
 
 def count_parameters(model: nn.Module) -> int:
+    """The number of scalar parameters of `model`.
+
+    Args:
+        model: any module.
+
+    Returns:
+        the count.
+    """
     return sum(p.numel() for p in model.parameters())
 
 
@@ -214,7 +303,14 @@ def save_weights(model: nn.Module, path: str | os.PathLike, extra: dict | None =
 
 
 def resolve_weights(name_or_path: str | os.PathLike) -> Path:
-    """A shipped model name (`xlsr-clip`) or a path -> the weight file's path.
+    """The weight file of a shipped model name (`xlsr-clip`) or a path.
+
+    Args:
+        name_or_path: a file (absolute, or relative to the working directory or to the project), or the stem
+            of a file in `weights/`.
+
+    Returns:
+        the file's path.
 
     Raises:
         FileNotFoundError: neither a file nor a shipped name; the message lists the shipped names.
@@ -233,11 +329,27 @@ def resolve_weights(name_or_path: str | os.PathLike) -> Path:
 
 
 def shipped_models() -> list[str]:
+    """The shipped model names.
+
+    Returns:
+        the stems of the `.safetensors` files in `weights/`, sorted.
+    """
     return sorted(p.stem for p in WEIGHTS_DIR.glob("*.safetensors"))
 
 
 def read_metadata(name_or_path) -> dict:
-    """The metadata of a weight file, JSON values decoded."""
+    """The metadata of a weight file, JSON values decoded.
+
+    Args:
+        name_or_path: a shipped model name or a weight file.
+
+    Returns:
+        {key: decoded value}; a value that is not JSON stays a string.
+
+    Raises:
+        FileNotFoundError: no such model.
+        ValueError: the file is not a safetensors file.
+    """
     path = resolve_weights(name_or_path)
     try:
         with safe_open(str(path), framework="pt") as handle:
@@ -292,6 +404,12 @@ def model_info(name_or_path: str | os.PathLike) -> ModelInfo:
 def load_model(name_or_path: str | os.PathLike) -> nn.Module:
     """Build the model described by a weight file and load its weights (no pickle is executed).
 
+    Args:
+        name_or_path: a shipped model name or a weight file.
+
+    Returns:
+        the model on the CPU, in eval mode.
+
     Raises:
         FileNotFoundError: no such model.
         ValueError: not a safetensors file, or one without our architecture metadata, or weights that do
@@ -313,5 +431,13 @@ def load_model(name_or_path: str | os.PathLike) -> nn.Module:
 
 @torch.no_grad()
 def upscale(model: nn.Module, lr: torch.Tensor) -> torch.Tensor:
-    """Run `model` on a float32 1x3xHxW LR tensor in [0, 1]; returns 1x3x(sH)x(sW) clamped to [0, 1]."""
+    """Run `model` without gradients and clamp its output.
+
+    Args:
+        model: an SR model.
+        lr: float32 1x3xHxW RGB in [0, 1], on the model's device.
+
+    Returns:
+        float32 1x3x(sH)x(sW) clamped to [0, 1].
+    """
     return model(lr).clamp_(0.0, 1.0)

@@ -77,7 +77,11 @@ class TrainConfig:
 
     @property
     def checkpoint_path(self) -> Path:
-        """The resumable checkpoint beside the weights: `<out>` with the suffix `.ckpt.pt`."""
+        """Where the resumable checkpoint is kept.
+
+        Returns:
+            `out` with the suffix `.ckpt.pt`, beside the weights.
+        """
         return Path(self.out).with_suffix(".ckpt.pt")
 
 
