@@ -1,17 +1,16 @@
-"""Training and distillation jobs for the app: one at a time, in a background thread, cancellable."""
+"""Training and distillation jobs of the app (not the library): one at a time, in a background thread, cancellable."""
 from __future__ import annotations
 
 import os
 import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from .distill import DistillConfig, distill
-from .train import TrainConfig, train
+from sr import store
+from sr.distill import DistillConfig, distill
+from sr.train import TrainConfig, train
 
-ROOT = Path(__file__).resolve().parent.parent
-RUNS_DIR = ROOT / "runs"
+ROOT = store.PROJECT_ROOT
 
 
 def training_dirs() -> list[str]:
@@ -64,7 +63,7 @@ def start(steps: int, final_activation: str, use_teacher: bool, alpha: float = 0
         name = f"xlsr-{final_activation.replace('clipped_relu', 'clip')}-{kind}-{steps}-{time.strftime('%H%M%S')}"
         job = _current = Job(name, steps)
     fields = dict(arch="xlsr", final_activation=final_activation, train_dirs=training_dirs(), val_dir=None,
-                  out=str(RUNS_DIR / f"{name}.safetensors"), steps=steps, batch_size=16, lr_patch=32,
+                  out=str(store.RUNS_DIR / f"{name}.safetensors"), steps=steps, batch_size=16, lr_patch=32,
                   val_every=max(10, steps // 5), checkpoint_every=10**9, device="cpu")
     validation = ROOT.parent / "shared" / "data" / "Set5"
     if validation.is_dir():
