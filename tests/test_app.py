@@ -25,25 +25,38 @@ def small_png(tmp_path, photo):
 def test_handler_returns_four_images_and_metrics(small_png):
     import app
 
-    original, fp32, int8_a, int8_b, metrics, chart, state = app.run_compare(
+    original, fp32_a, int8_a, fp32_b, int8_b, metrics, coverage, chart, state = app.run_compare(
         small_png, "xlsr-relu", "xlsr-clip", "minmax", 10, "cpu", "Upscale my image", "nearest", "calib_data/", None,
         progress=lambda *a, **k: None)
-    assert original.shape == fp32.shape == int8_a.shape == int8_b.shape == (180, 270, 3)
-    assert list(metrics["output"])[1].startswith("INT8 cpu (xlsr-relu)")
-    assert len(state["panels"]) == 4
-    slider = app.run_slider(state, app.PANELS[1], app.PANELS[3])
-    assert slider[0] is fp32 and slider[1] is int8_b
+    assert original.shape == fp32_a.shape == int8_a.shape == fp32_b.shape == int8_b.shape == (180, 270, 3)
+    assert list(metrics["output"]) == ["FP32 xlsr-relu", "INT8 xlsr-relu", "FP32 xlsr-clip", "INT8 xlsr-clip"]
+    assert "cpu" in list(metrics["engine"])[1] and "covers this image" in coverage
+    assert len(state["panels"]) == 5
+    slider = app.run_slider(state, app.PANELS[1], app.PANELS[4])
+    assert slider[0] is fp32_a and slider[1] is int8_b
     strip = app.run_roi(state, 0.5, 0.5, 32)
-    assert strip.shape[0] == 32 * 4 and strip.shape[1] > 4 * 32 * 4
+    assert strip.shape[0] == 32 * 4 and strip.shape[1] > 5 * 32 * 4
+
+
+def test_dark_calibration_is_flagged(small_png):
+    import app
+
+    *_, coverage, _, _ = app.run_compare(small_png, "xlsr-relu", "xlsr-clip", "minmax", 10, "tensorrt",
+                                         "Upscale my image", "bicubic", "calib_data/", None, 0.3,
+                                         progress=lambda *a, **k: None)
+    assert "does not cover this image" in coverage
+    model_a, model_b, method, gain, note = app.apply_preset("dark calibration set (40% brightness)")
+    assert gain["value"] == 0.4 and "Fix" in note
 
 
 def test_ground_truth_mode_reports_truth_metrics(small_png):
     import app
 
-    *_, metrics, _, _ = app.run_compare(small_png, "xlsr-relu", "xlsr-clip", "mse", 10, "tensorrt",
-                                        "Check against ground truth", "bicubic", "calib_data/", None,
-                                        progress=lambda *a, **k: None)
+    original, *_, metrics, _, _, _ = app.run_compare(small_png, "xlsr-relu", "xlsr-clip", "mse", 10, "tensorrt",
+                                                     "Check against ground truth", "bicubic", "calib_data/", None,
+                                                     progress=lambda *a, **k: None)
     assert "PSNR vs truth (dB)" in metrics.columns and "bicubic" in list(metrics["output"])
+    assert original.shape == (60, 90, 3)  # the truth itself (modcropped), not the degraded input
 
 
 @pytest.mark.parametrize("content, message", [(b"", "empty"), (b"GIF89a garbage", "not an image|corrupt")])
@@ -68,13 +81,15 @@ def test_tiny_huge_and_odd_images(tmp_path):
     from sr.compare import prepare_input
 
     with pytest.raises(ValueError, match="too small"):
-        prepare_input(np.zeros((3, 3, 3), np.uint8), "Upscale my image", 3)
-    big = prepare_input(np.zeros((1500, 2100, 3), np.uint8), "Upscale my image", 3)
+        prepare_input(np.zeros((3, 3, 3), np.uint8), "upscale", 3)
+    big = prepare_input(np.zeros((1500, 2100, 3), np.uint8), "upscale", 3)
     assert max(big.lr.shape) == 1024 and "downscaled" in big.notices[0]
     gray16 = tmp_path / "g16.png"
     Image.fromarray(np.full((40, 40), 40000, np.uint16)).save(gray16)
-    assert prepare_input(str(gray16), "Upscale my image", 3).lr.shape == (40, 40, 3)
-    rgba = prepare_input(np.zeros((20, 20, 4), np.uint8), "Upscale my image", 3)
+    assert prepare_input(str(gray16), "upscale", 3).lr.shape == (40, 40, 3)
+    with pytest.raises(ValueError, match="unknown input mode 'Upscale'; choose one of: upscale, ground-truth"):
+        prepare_input(str(gray16), "Upscale", 3)
+    rgba = prepare_input(np.zeros((20, 20, 4), np.uint8), "upscale", 3)
     assert rgba.lr.shape == (20, 20, 3) and rgba.lr.min() == 255  # transparent -> white
 
 
@@ -124,27 +139,29 @@ def test_gradio_client_compare_and_recalibrate(server, small_png):
 
     client = Client(server, verbose=False)
     first = client.predict(handle_file(small_png), api_name="/compare")  # every setting has a default
-    *images, metrics, _chart = first
-    assert len(images) == 4 and all(Path(p).suffix == ".png" for p in images)
+    *images, metrics, coverage, _chart = first
+    assert len(images) == 5 and all(Path(p).suffix == ".png" for p in images)
     assert Image.open(images[2]).size == (270, 180)
     rows = {row[0]: row for row in metrics["data"]}
-    assert any(key.startswith("INT8") for key in rows)
+    assert any(key.startswith("INT8") for key in rows) and "calibration" in coverage
     again = client.predict(handle_file(small_png), "teacher", "xlsr-clip-kd", "minmax", 10, "tensorrt",
                            api_name="/compare")
-    before = [row[1] for row in metrics["data"] if str(row[0]).startswith("INT8")]
-    after = [row[1] for row in again[4]["data"] if str(row[0]).startswith("INT8")]
+    column = metrics["headers"].index("PSNR vs FP32 (dB)")
+    before = [row[column] for row in metrics["data"] if str(row[0]).startswith("INT8")]
+    after = [row[column] for row in again[5]["data"] if str(row[0]).startswith("INT8")]
     assert before != after  # another calibration changes the INT8 outputs' metrics
 
 
 def test_training_job_streams_registers_and_runs_one_at_a_time(tmp_path, photo, monkeypatch):
-    from sr import compare, jobs
+    import app_jobs as jobs
+    from sr import compare, store
 
     folder = tmp_path / "train"
     folder.mkdir()
     for index in range(2):
         Image.fromarray(np.roll(photo, 11 * index, axis=0)).resize((120, 120)).save(folder / f"{index}.png")
     monkeypatch.setenv("SR_TRAIN_DIRS", str(folder))
-    monkeypatch.setattr(jobs, "RUNS_DIR", tmp_path / "runs")
+    monkeypatch.setattr(store, "RUNS_DIR", tmp_path / "runs")
     monkeypatch.setattr(compare, "RUNS_DIR", tmp_path / "runs")
     job = jobs.start(20, "clipped_relu", use_teacher=False)
     with pytest.raises(RuntimeError, match="already running"):

@@ -1,5 +1,6 @@
 """Diagnostics on a model with a planted out-of-range branch, the fixes, and the JSON schema."""
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -9,7 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from sr.diagnose import FIXES, apply_fix, diagnose
+from sr.calibrate import CalibrationConfig
+from sr.compare import InputMode
+from sr.diagnose import DiagnoseConfig, Fix, apply_fix, diagnose, range_coverage
 from sr.models import load_model, save_weights
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,23 +40,52 @@ def planted(tmp_path_factory, data_dir):
 
 def test_ranking_puts_the_planted_tensor_first(planted):
     path, images = planted
-    report = diagnose(path, "entropy", 20, "tensorrt", data=images)
+    report = diagnose(_config(path, images))
     assert report.ranking[0].tensor in PLANTED, [r.tensor for r in report.ranking[:3]]
     assert report.ranking[0].psnr_drop_db > 0.5 and report.int8_psnr_y < report.fp32_psnr_y - 0.5
     assert report.ranking[0].clipped_fraction > 0
 
 
-@pytest.mark.parametrize("fix, tensor", [("range from minmax", None), ("range from mse", None)])
-def test_fixes_recover_psnr(planted, fix, tensor):
+def _config(path, images, method="entropy"):
+    return DiagnoseConfig(path, CalibrationConfig(method=method, samples=20), "tensorrt", data=images)
+
+
+@pytest.mark.parametrize("fix", [Fix.RANGE_MINMAX, Fix.RANGE_MSE])
+def test_fixes_recover_psnr(planted, fix):
     path, images = planted
-    report = diagnose(path, "entropy", 20, "tensorrt", data=images)
+    report = diagnose(_config(path, images))
     image = np.asarray(Image.open(Path(images) / "butterfly.png").convert("RGB"))
-    outcome = apply_fix(report, tensor or report.ranking[0].tensor, fix, image, "Check against ground truth")
-    before, after = (row["PSNR vs truth (dB)"] for row in outcome.rows)
-    assert after > before + 0.3, outcome.rows
-    with pytest.raises(ValueError, match="unknown fix"):
-        apply_fix(report, report.ranking[0].tensor, "magic", image, "Check against ground truth")
-    assert set(FIXES) >= {"range from minmax", "range from mse", "keep in float (no QDQ)"}
+    outcome = apply_fix(report, report.ranking[0].tensor, fix, image, InputMode.GROUND_TRUTH)
+    assert outcome.has_truth and outcome.psnr_after_db > outcome.psnr_before_db + 0.3, outcome
+    with pytest.raises(ValueError, match="unknown fix 'magic'; choose one of: range-minmax"):
+        apply_fix(report, report.ranking[0].tensor, "magic", image, InputMode.GROUND_TRUTH)
+
+
+def test_upscale_mode_reports_against_fp32(planted):
+    """Without ground truth there is no "drop": figures are against the FP32 output, and agree with a real
+    comparison of the simulated all-INT8 output."""
+    path, images = planted
+    image = np.asarray(Image.open(Path(images) / "bird.png").convert("RGB"))
+    report = diagnose(_config(path, None), images=[image], mode=InputMode.UPSCALE)
+    assert not report.has_truth and report.fp32_psnr_y is None
+    assert report.int8_psnr_y == report.int8_psnr_vs_fp32_db < 40
+    assert all(r.psnr_drop_db is None and math.isfinite(r.alone_psnr_vs_fp32_db) for r in report.ranking)
+    assert report.ranking[0].tensor in PLANTED
+    truth_mode = diagnose(_config(path, images))
+    assert truth_mode.has_truth and 20 < truth_mode.int8_psnr_y < truth_mode.fp32_psnr_y < 40
+    assert truth_mode.ranking[0].psnr_drop_db > 0.5
+
+
+def test_range_coverage_flags_an_image_outside_the_calibration(photo):
+    """Calibrated on a dark set, a normal image leaves the input tensor's range: the check says so."""
+    from sr.quantize import calibrate_model
+
+    dark = calibrate_model("xlsr-relu", CalibrationConfig(method="minmax", samples=10, gain=0.3), "tensorrt")
+    normal = calibrate_model("xlsr-relu", CalibrationConfig(method="minmax", samples=10), "tensorrt")
+    bright = np.full((40, 40, 3), 230, np.uint8)
+    worst_dark, worst_normal = range_coverage(dark, bright)[0], range_coverage(normal, bright)[0]
+    assert worst_dark.outside_fraction > 0.5 and worst_normal.outside_fraction < 0.01
+    assert {c.tensor for c in range_coverage(dark, bright)} >= {"input", "output"}
 
 
 def test_diagnose_json_schema(data_dir):
@@ -62,18 +94,20 @@ def test_diagnose_json_schema(data_dir):
                            "--json", "--top", "3"], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
-    assert set(report) == {"model", "method", "scheme", "fp32_psnr_y", "int8_psnr_y", "ranking"}
-    assert len(report["ranking"]) == 3
-    assert set(report["ranking"][0]) == {"tensor", "op", "psnr_drop_db", "recovery_db", "sqnr_db", "clipped_fraction"}
+    assert set(report) == {"model", "method", "scheme", "samples", "has_truth", "fp32_psnr_y", "int8_psnr_y",
+                           "int8_psnr_vs_fp32_db", "int8_brightness", "ranking"}
+    assert len(report["ranking"]) == 3 and report["has_truth"]
+    assert set(report["ranking"][0]) == {"tensor", "op", "alone_psnr_vs_fp32_db", "psnr_drop_db", "recovery_db",
+                                         "sqnr_db", "clipped_fraction"}
 
 
 def test_keep_in_float_removes_the_tensors_qdq(planted):
     import onnx
 
     path, images = planted
-    report = diagnose(path, "entropy", 20, "tensorrt", data=images)
+    report = diagnose(_config(path, images))
     image = np.asarray(Image.open(Path(images) / "butterfly.png").convert("RGB"))
-    outcome = apply_fix(report, "/Concat_output_0", "keep in float (no QDQ)", image, "Check against ground truth")
+    outcome = apply_fix(report, "/Concat_output_0", Fix.KEEP_FLOAT, image, InputMode.GROUND_TRUTH)
     graph = onnx.load(str(outcome.calibrated.qdq_onnx)).graph
     quantized_inputs = {node.input[0] for node in graph.node if node.op_type == "QuantizeLinear"}
     assert "/Concat_output_0" not in quantized_inputs
