@@ -147,6 +147,14 @@ def modelopt_thresholds_bins(histogram: np.ndarray, method: Method, percentile: 
     `entropy-zeros` has no ModelOpt counterpart; its oracle runs ModelOpt's loop on a histogram whose bin 0 cannot
     be overwritten (the `bins[0] = bins[1]` step becomes a no-op).
 
+    Args:
+        histogram: counts of |x| in equal bins from 0.
+        method: entropy, entropy-zeros, percentile or mse.
+        percentile: for percentile.
+
+    Returns:
+        ModelOpt's threshold, in bins.
+
     Raises:
         ImportError: ModelOpt is not installed.
     """

@@ -163,10 +163,9 @@ def entropy_threshold_bins(histogram: np.ndarray, num_quantized_bins: int = NUM_
                            start_bin: int = START_BIN, count_zeros: bool = False) -> float:
     """The KL-divergence threshold search (Migacz, GTC 2017), for all candidates at once.
 
-    As ModelOpt's `_compute_amax_entropy` (inherited from pytorch-quantization): unless `count_zeros`, bin 0 is
-    first given bin 1's count. After a ReLU, bin 0 holds every exact zero (often 10-60 % of the values); left in,
-    that spike dominates P, and Q, which spreads each level's count over its bins, matches it best with narrow
-    levels, i.e. a small threshold that clips the tail. `count_zeros=True` is the talk's loop taken literally.
+    As ModelOpt's `_compute_amax_entropy`: unless `count_zeros` (the talk taken literally), bin 0 first gets bin
+    1's count. After a ReLU, bin 0 holds every exact zero (often 10-60 % of the values); left in, that spike
+    dominates P, and Q matches it best with narrow levels: a small threshold that clips the tail.
 
     For every candidate i in [start_bin, len(histogram)]:
 
@@ -175,10 +174,8 @@ def entropy_threshold_bins(histogram: np.ndarray, num_quantized_bins: int = NUM_
         |<- Q: bins[0:i] merged into 128 levels (bin t -> level floor(t * 128 / i)), each level's count
               spread evenly over its non-empty bins; empty bins stay empty ->|
 
-    and the threshold minimises KL(P || Q); a candidate whose outliers land in an empty bin (Q = 0 where P > 0)
-    has infinite divergence; ties go to the largest threshold (ModelOpt's `last_argmin`).
-
-    Instead of building P and Q per candidate, KL is expanded into prefix sums: with C(i) = sum(bins[0:i]),
+    and the threshold minimises KL(P || Q) (infinite where Q = 0 < P; ties go to the largest, ModelOpt's
+    `last_argmin`). Instead of building P and Q per candidate, KL is expanded into prefix sums: C(i) = sum(bins[0:i]),
     S_j and n_j the count and the number of non-empty bins of level j, m_j = S_j / n_j and Z the total,
         Z * KL(i) = sum_{t < i-1} c_t log(c_t / Z) + L log(L / Z) - sum_j S_j log(m_j / C(i)) - T log(m_last / C(i))
     where T = sum(bins[i:]) and L = c_{i-1} + T; that is O(levels) per candidate instead of O(bins).
@@ -305,6 +302,10 @@ def clipped_fraction(stats: TensorStats, low: float, high: float) -> float:
     """Share of the calibration values outside [low, high], estimated from the |x| histogram.
 
     Exact at bin edges; for one-signed tensors the side that cannot be clipped is ignored.
+
+    Args:
+        stats: the tensor's statistics.
+        low, high: the range.
 
     Returns:
         a fraction in [0, 1].

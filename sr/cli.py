@@ -93,6 +93,7 @@ def _trained(result) -> str:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    """`train`: fill TrainConfig, train, print where the weights went."""
     from .train import train
 
     config = TrainConfig(**_training_fields(args))
@@ -102,6 +103,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_distill(args: argparse.Namespace) -> int:
+    """`distill`: fill DistillConfig, distill, print where the weights went."""
     from .distill import DistillConfig, distill
 
     config = DistillConfig(**_training_fields(args), teacher=args.teacher, alpha=args.alpha)
@@ -127,6 +129,7 @@ def format_report(report: dict) -> str:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    """`eval`: fill EvalConfig, evaluate, print a table or JSON."""
     from .evaluate import EvalConfig, evaluate
 
     if args.recommended and (args.method or args.samples is not None or args.scheme):
@@ -141,6 +144,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
+    """`calibrate`: fill CalibrationConfig, calibrate (or read the cache), print the ranges."""
     from .quantize import calibrate_model
     from .store import write_atomic
 
@@ -163,6 +167,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    """`bench`: fill BenchConfig, measure, print the figures."""
     from .bench import BenchConfig, format_bench, run_bench
 
     config = BenchConfig(model=args.model, samples=args.samples, large_samples=args.large_samples)
@@ -194,6 +199,7 @@ def diagnosis_summary(report) -> str:
 
 
 def cmd_diagnose(args: argparse.Namespace) -> int:
+    """`diagnose`: fill DiagnoseConfig, rank the tensors, print a table or JSON."""
     from .diagnose import DiagnoseConfig, diagnose
 
     calibration, scheme = _calibration(args)

@@ -125,7 +125,15 @@ class EngineCache:
         self.size, self.items, self.lock = size, OrderedDict(), threading.Lock()
 
     def get(self, key, make):
-        """The engine cached under `key`, made with `make()` on a miss."""
+        """The engine cached under `key`.
+
+        Args:
+            key: any hashable.
+            make: called (outside the lock) to make the engine on a miss.
+
+        Returns:
+            the engine.
+        """
         with self.lock:
             if key in self.items:
                 self.items.move_to_end(key)

@@ -29,8 +29,21 @@ OVERLAP = 32  # LR pixels; >= the receptive-field radius of XLSR (5) and of the 
 
 def tiled(run_array: Callable[[np.ndarray], np.ndarray], lr: np.ndarray, scale: int, tile: int = TILE,
           overlap: int = OVERLAP) -> np.ndarray:
-    """Run `run_array` (float32 1x3xhxw -> float32 1x3x(sh)x(sw)) over overlapping tiles of `lr` (uint8 HxWx3)
-    and stitch the centres. Returns uint8 (sH)x(sW)x3."""
+    """Run a network over overlapping tiles of an image and stitch the tiles' centres.
+
+    Args:
+        run_array: float32 1x3xhxw in [0, 1] -> float32 1x3x(sh)x(sw).
+        lr: uint8 HxWx3.
+        scale: the network's upscaling factor.
+        tile: tile side in LR pixels.
+        overlap: LR pixels of context on each side (>= the receptive-field radius gives a seamless result).
+
+    Returns:
+        uint8 (sH)x(sW)x3.
+
+    Raises:
+        ValueError: `lr` is not uint8 HxWx3.
+    """
     if lr.ndim != 3 or lr.shape[2] != 3 or lr.dtype != np.uint8:
         raise ValueError(f"expected a uint8 HxWx3 image, got {lr.dtype} {lr.shape}")
     height, width = lr.shape[:2]
@@ -61,6 +74,7 @@ class TorchEngine:
         return self.model(torch.from_numpy(array).to(self.device)).float().cpu().numpy()
 
     def run(self, lr: np.ndarray) -> np.ndarray:
+        """Upscale uint8 HxWx3 to uint8 (sH)x(sW)x3, in seamless tiles."""
         return tiled(self._run_array, lr, self.scale)
 
 
@@ -82,6 +96,7 @@ class OrtEngine:
         return self.session.run(None, {self.input_name: array})[0]
 
     def run(self, lr: np.ndarray) -> np.ndarray:
+        """Upscale uint8 HxWx3 to uint8 (sH)x(sW)x3, in seamless tiles."""
         return tiled(self._run_array, lr, self.scale)
 
 
@@ -179,11 +194,21 @@ class TensorRTEngine:
         return result.cpu().numpy()
 
     def run(self, lr: np.ndarray) -> np.ndarray:
+        """Upscale uint8 HxWx3 to uint8 (sH)x(sW)x3, in seamless tiles."""
         return tiled(self._run_array, lr, self.scale)
 
 
 def latency_ms(engine, lr: np.ndarray, repeats: int = 10, warmup: int = 2) -> float:
-    """Median wall time of `engine.run(lr)` in milliseconds."""
+    """Median wall time of `engine.run(lr)` in milliseconds.
+
+    Args:
+        engine: any engine.
+        lr: the input, uint8 HxWx3.
+        repeats, warmup: timed and untimed runs.
+
+    Returns:
+        the median in ms.
+    """
     for _ in range(warmup):
         engine.run(lr)
     times = []

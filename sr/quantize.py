@@ -238,6 +238,13 @@ def cache_key(weights_hash: str, config: CalibrationConfig, scheme: Scheme, data
     code of the modules that compute the result (their source and the functions they hold now) and the versions
     of torch, onnx and onnxruntime.
 
+    Args:
+        weights_hash: the weight file's SHA-256.
+        config: the calibration.
+        scheme: the INT8 scheme.
+        data_hash: `images_digest` of the network's calibration inputs.
+        fixes: per-tensor overrides.
+
     Returns:
         20 hex digits.
     """
@@ -286,8 +293,7 @@ def calibrate_model(model_name: str | os.PathLike, config: CalibrationConfig | N
     source = load_calibration_images(config.data if images is None else images)
     network_inputs = prepare_calibration_images(source, config, info.scale)
     key = cache_key(file_sha256(info.path), config, scheme, images_digest(network_inputs), fixes)
-    folder = cache_root(cache_dir) / "int8"
-    entry = folder / key
+    entry = cache_root(cache_dir) / "int8" / key
     fp32 = fp32_onnx_path(info.path, cache_dir)
 
     def result(found, seconds: float, cached: bool) -> CalibratedModel:
@@ -296,22 +302,28 @@ def calibrate_model(model_name: str | os.PathLike, config: CalibrationConfig | N
                                ranges, stats, producers, seconds, cached, info.scale)
 
     found = _read_entry(entry)
-    if found is not None:
-        return result(found, 0.0, True)
-    with locked(entry):
-        found = _read_entry(entry)  # another thread or process may have built it while we waited
-        if found is not None:
-            return result(found, 0.0, True)
-        remove_stale_temps(folder)
-        started = time.perf_counter()
-        stats = collect_statistics(
-            fp32, lambda: calibration_patches(network_inputs, config.samples, config.patch_size, config.seed),
-            config.samples, need_histograms=True, threads=threads, progress=progress)
-        ranges = _apply_fixes(choose_ranges(stats, config.method, scheme.symmetric, config.percentile), stats,
-                              fixes, config, scheme, info.name)
-        producers = _producers(fp32)
-        _write_entry(entry, fp32, ranges, stats, producers, config, scheme, fixes)
-        return result((ranges, stats, producers), time.perf_counter() - started, False)
+    if found is None:
+        with locked(entry):
+            found = _read_entry(entry)  # another thread or process may have built it while we waited
+            if found is None:
+                started = time.perf_counter()
+                made = _calibrate_entry(entry, fp32, network_inputs, config, scheme, fixes, info.name, threads, progress)
+                return result(made, time.perf_counter() - started, False)
+    return result(found, 0.0, True)
+
+
+def _calibrate_entry(entry: Path, fp32: Path, network_inputs: list[np.ndarray], config: CalibrationConfig,
+                     scheme: Scheme, fixes: Fixes, model: str, threads: int, progress) -> tuple:
+    """Observe, choose the ranges, write and publish the entry (the caller holds its lock)."""
+    remove_stale_temps(entry.parent)
+    stats = collect_statistics(
+        fp32, lambda: calibration_patches(network_inputs, config.samples, config.patch_size, config.seed),
+        config.samples, need_histograms=True, threads=threads, progress=progress)
+    ranges = _apply_fixes(choose_ranges(stats, config.method, scheme.symmetric, config.percentile), stats, fixes,
+                          config, scheme, model)
+    producers = _producers(fp32)
+    _write_entry(entry, fp32, ranges, stats, producers, config, scheme, fixes)
+    return ranges, stats, producers
 
 
 def _apply_fixes(ranges: dict[str, TensorRange], stats: list[TensorStats], fixes: Fixes, config: CalibrationConfig,

@@ -42,6 +42,12 @@ def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
 def file_sha256(path: str | os.PathLike) -> str:
     """The SHA-256 hex digest of a file, read in 1 MiB blocks.
 
+    Args:
+        path: the file.
+
+    Returns:
+        64 hex digits.
+
     Raises:
         FileNotFoundError: no such file.
     """
@@ -76,6 +82,10 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 def write_atomic(data: bytes, path: str | os.PathLike) -> Path:
     """Write `data` to `path` through a temp file in the same folder, fsync and a rename.
 
+    Args:
+        data: the bytes.
+        path: the destination (its folder is created).
+
     Returns:
         `path`.
     """
@@ -108,8 +118,15 @@ def temp_dir(parent: str | os.PathLike) -> Path:
 
 
 def publish_dir(work: Path, entry: Path) -> None:
-    """Move the finished folder `work` to `entry`. Call it holding `locked(entry)`: an existing `entry` was found
-    invalid by the caller under the same lock, so it is replaced."""
+    """Move a finished folder into place.
+
+    Call it holding `locked(entry)`: an existing `entry` was found invalid by the caller under the same lock, so it
+    is replaced; nobody else's entry is ever deleted.
+
+    Args:
+        work: the finished temp folder (from `temp_dir`, same file system).
+        entry: its final path.
+    """
     if entry.exists():
         shutil.rmtree(entry)
     os.replace(work, entry)
@@ -117,6 +134,10 @@ def publish_dir(work: Path, entry: Path) -> None:
 
 def remove_stale_temps(folder: str | os.PathLike, older_than: float = STALE_SECONDS) -> int:
     """Delete temp files and folders that crashed writers left in `folder`.
+
+    Args:
+        folder: where to look (not recursive).
+        older_than: seconds since the last change; younger ones may belong to a live writer.
 
     Returns:
         how many were removed.
@@ -148,7 +169,15 @@ def library_versions(*names: str) -> dict[str, str]:
 
 
 def short_hash(text: str, length: int = 16) -> str:
-    """The first `length` hex digits of the SHA-256 of `text` (cache keys)."""
+    """A cache key.
+
+    Args:
+        text: what the key stands for (canonical JSON).
+        length: hex digits kept.
+
+    Returns:
+        the first `length` hex digits of the SHA-256 of `text`.
+    """
     return hashlib.sha256(text.encode()).hexdigest()[:length]
 
 
