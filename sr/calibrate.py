@@ -25,7 +25,6 @@ import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from enum import Enum
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
@@ -33,7 +32,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from .choices import parse_choice
+from .choices import Choice
 from .data import degrade, list_images, load_image
 from .store import PROJECT_ROOT, write_atomic
 
@@ -46,7 +45,7 @@ DEFAULT_CALIB_DIR = PROJECT_ROOT / "calib_data"
 MIN_SAMPLES, MAX_SAMPLES = 10, 1000
 
 
-class Method(str, Enum):
+class Method(Choice, noun="calibration method"):
     """How a tensor's threshold is chosen from its |x| histogram."""
 
     MINMAX = "minmax"
@@ -55,22 +54,12 @@ class Method(str, Enum):
     PERCENTILE = "percentile"
     MSE = "mse"
 
-    @classmethod
-    def parse(cls, value) -> "Method":
-        """The member for `value` ("entropy", ...); ValueError listing the options otherwise."""
-        return parse_choice(cls, value, "calibration method")
 
-
-class CalibrationInputs(str, Enum):
+class CalibrationInputs(Choice, noun="calibration input"):
     """What the network is fed during calibration."""
 
     DOWNSCALED = "downscaled"  # crops of the images bicubic-downscaled by the model's scale, as in deployment
     RAW = "raw"  # crops of the images as they are (full-resolution photo statistics)
-
-    @classmethod
-    def parse(cls, value) -> "CalibrationInputs":
-        """The member for `value`; ValueError listing the options otherwise."""
-        return parse_choice(cls, value, "calibration input")
 
 
 @dataclass

@@ -26,3 +26,17 @@ def parse_choice(choices: type[E], value, noun: str) -> E:
     except ValueError:
         options = ", ".join(str(choice.value) for choice in choices)
         raise ValueError(f"unknown {noun} {value!r}; choose one of: {options}") from None
+
+
+class Choice(str, Enum):
+    """Base of the lab's choice enums: `class Method(Choice, noun="calibration method")` gives `Method.parse`,
+    whose error names the bad value and lists the options."""
+
+    def __init_subclass__(cls, noun: str = "choice", **kwargs):
+        super().__init_subclass__(**kwargs)
+        cls._choice_noun = noun
+
+    @classmethod
+    def parse(cls, value):
+        """The member for `value` (a member or its value); ValueError listing the options otherwise."""
+        return parse_choice(cls, value, cls._choice_noun)

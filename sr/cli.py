@@ -13,7 +13,7 @@ import sys
 from enum import Enum
 
 from . import __version__
-from .calibrate import CalibrationConfig, CalibrationInputs, Method
+from .calibrate import CalibrationConfig, Method
 from .quantize import Scheme
 from .train import TrainConfig
 

@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image
 
 from .calibrate import CalibrationConfig
-from .choices import parse_choice
+from .choices import Choice
 from .data import bicubic_resize, degrade, load_image
 from .engines import OrtEngine, TorchEngine, tensorrt_available
 from .metrics import brightness_ratio, delta_e, psnr_y, ssim_y
@@ -27,28 +27,18 @@ MAX_SIDE = 1024  # LR pixels on the long side on CPU; larger inputs are downscal
 MIN_SIDE = 8
 
 
-class InputMode(str, Enum):
+class InputMode(Choice, noun="input mode"):
     """What the user's image is."""
 
     UPSCALE = "upscale"  # an input to upscale: there is no ground truth, INT8 is compared with FP32
     GROUND_TRUTH = "ground-truth"  # a high-resolution truth: degraded to make the input, outputs scored against it
 
-    @classmethod
-    def parse(cls, value) -> "InputMode":
-        """The member for `value`; ValueError listing the options otherwise."""
-        return parse_choice(cls, value, "input mode")
 
-
-class Display(str, Enum):
+class Display(Choice, noun="display resampling"):
     """How the input is enlarged to the output size for display."""
 
     BICUBIC = "bicubic"
     NEAREST = "nearest"
-
-    @classmethod
-    def parse(cls, value) -> "Display":
-        """The member for `value`; ValueError listing the options otherwise."""
-        return parse_choice(cls, value, "display resampling")
 
 
 def available_models() -> list[str]:

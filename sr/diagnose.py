@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from enum import Enum
 from typing import Callable, Sequence
 
 import numpy as np
@@ -29,7 +28,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 from .calibrate import CalibrationConfig, Method, TensorRange, TensorStats, observing_session
-from .choices import parse_choice
+from .choices import Choice
 from .compare import InputMode, prepare_input
 from .data import degrade, list_images, load_image
 from .engines import OrtEngine, tiled
@@ -38,18 +37,13 @@ from .models import model_info
 from .quantize import CalibratedModel, Fixes, Scheme, calibrate_model, tie_fused_ranges
 
 
-class Fix(str, Enum):
+class Fix(Choice, noun="fix"):
     """A per-tensor fix, applied by recalibrating with an override."""
 
     RANGE_MINMAX = "range-minmax"  # this tensor's range from its observed min/max
     RANGE_MSE = "range-mse"
     RANGE_PERCENTILE = "range-percentile"
     KEEP_FLOAT = "keep-float"  # no QDQ pair: the tensor's producer and consumers run in float
-
-    @classmethod
-    def parse(cls, value) -> "Fix":
-        """The member for `value`; ValueError listing the options otherwise."""
-        return parse_choice(cls, value, "fix")
 
     def overrides(self, tensor: str) -> Fixes:
         """The calibration overrides that apply this fix to `tensor`."""

@@ -13,12 +13,12 @@ import numpy as np
 from tqdm import tqdm
 
 from .calibrate import CalibrationConfig
-from .choices import parse_choice
+from .choices import Choice
 from .data import bicubic_resize, degrade, list_images, load_image
 from .engines import OrtEngine, TensorRTEngine, TorchEngine
 from .metrics import brightness_ratio, psnr_y, ssim_y
 from .models import load_model, model_info
-from .quantize import CalibratedModel, Fixes, Scheme, calibrate_model, fp32_onnx_path
+from .quantize import CalibratedModel, Scheme, calibrate_model, fp32_onnx_path
 
 # The calibration the README's findings recommend (re-derived by scripts/findings.py): the smallest Set5 + Set14
 # INT8 loss of the tensorrt scheme over every method and sample count, averaged over the five shipped models.
@@ -26,18 +26,13 @@ RECOMMENDED_CALIBRATION = CalibrationConfig(method="mse", samples=1000)
 RECOMMENDED_SCHEME = Scheme.TENSORRT
 
 
-class EngineKind(str, Enum):
+class EngineKind(Choice, noun="engine"):
     """The runtimes a model can be evaluated with."""
 
     TORCH = "torch"
     ORT = "ort"
     ORT_INT8 = "ort-int8"
     TENSORRT = "tensorrt"
-
-    @classmethod
-    def parse(cls, value) -> "EngineKind":
-        """The member for `value`; ValueError listing the options otherwise."""
-        return parse_choice(cls, value, "engine")
 
     @property
     def is_int8(self) -> bool:

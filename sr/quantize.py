@@ -34,7 +34,7 @@ from onnxruntime.quantization.calibrate import TensorData, TensorsData, save_ten
 from . import calibrate, data, export, models
 from .calibrate import (CalibrationConfig, Method, TensorRange, TensorStats, calibration_patches, choose_ranges,
                         collect_statistics, images_digest, load_calibration_images, prepare_calibration_images)
-from .choices import parse_choice
+from .choices import Choice
 from .export import export_onnx
 from .models import load_model, model_info
 from .store import (cache_root, code_digest, file_sha256, library_versions, locked, publish_dir, remove_stale_temps,
@@ -58,16 +58,11 @@ class _DropPreprocessingAdvice(logging.Filter):
 logging.getLogger().addFilter(_DropPreprocessingAdvice())
 
 
-class Scheme(str, Enum):
+class Scheme(Choice, noun="INT8 scheme"):
     """How activations are quantized (weights are per-channel symmetric INT8 in both)."""
 
     TENSORRT = "tensorrt"
     CPU = "cpu"
-
-    @classmethod
-    def parse(cls, value) -> "Scheme":
-        """The member for `value`; ValueError listing the options otherwise."""
-        return parse_choice(cls, value, "INT8 scheme")
 
     @property
     def symmetric(self) -> bool:

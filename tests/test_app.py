@@ -76,7 +76,6 @@ def test_bad_uploads_give_clear_errors(tmp_path, content, message):
 
 
 def test_tiny_huge_and_odd_images(tmp_path):
-    import gradio as gr
 
     from sr.compare import prepare_input
 
