@@ -95,13 +95,17 @@ def dark_calibration(bench: Bench, data: Path) -> list[dict]:
     folder = tempfile.mkdtemp(prefix="bsd20-")
     for path in list_images(data / "BSD200")[:20]:
         (Path(folder) / path.name).write_bytes(path.read_bytes())
-    cases = [(model, method, gain, fixes) for model in ("xlsr-relu", "xlsr-clip")
-             for method in ("minmax", "entropy", "percentile") for gain, fixes in ((1.0, "none"), (0.4, "none"), (0.2, "none"))]
-    cases += [(model, "minmax", 0.4, "keep input float") for model in ("xlsr-relu", "xlsr-clip")]
+    input_range = Fixes(fixed_range={"input": (0.0, 1.0)})
+    bounded = Fixes(fixed_range={"input": (0.0, 1.0), "output": (0.0, 1.0)})
+    cases = [(model, method, gain, "none", None) for model in ("xlsr-relu", "xlsr-clip")
+             for method in ("minmax", "entropy", "percentile") for gain in (1.0, 0.4, 0.2)]
+    cases += [(model, "minmax", 0.4, "keep input float", Fixes(keep_float=["input"])) for model in ("xlsr-relu", "xlsr-clip")]
+    cases += [(model, "minmax", 0.4, "input range fixed to [0, 1]", input_range) for model in ("xlsr-relu", "xlsr-clip")]
+    cases += [("xlsr-clip", "minmax", 0.4, "input and Clip output ranges fixed to [0, 1]", bounded)]
     rows = []
-    for model, method, gain, fix in cases:
+    for model, method, gain, fix, fixes in cases:
         config = CalibrationConfig(method=method, samples=100, data=folder, gain=gain)
-        int8 = calibrate_model(model, config, "tensorrt", fixes=Fixes(keep_float=["input"]) if fix != "none" else None)
+        int8 = calibrate_model(model, config, "tensorrt", fixes=fixes)
         rows.append({"model": model, "method": method, "gain": gain, "fix": fix, "data": "Set14",
                      **bench.score(model, int8, "Set14")})
         print(json.dumps(rows[-1]), flush=True)

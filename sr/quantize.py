@@ -33,7 +33,8 @@ from onnxruntime.quantization.calibrate import TensorData, TensorsData, save_ten
 
 from . import calibrate, data, export, models
 from .calibrate import (CalibrationConfig, Method, TensorRange, TensorStats, calibration_patches, choose_ranges,
-                        collect_statistics, images_digest, load_calibration_images, prepare_calibration_images)
+                        clipped_fraction, collect_statistics, images_digest, load_calibration_images,
+                        prepare_calibration_images)
 from .choices import Choice
 from .export import export_onnx
 from .models import load_model, model_info
@@ -76,18 +77,26 @@ class Fixes:
 
     range_method: dict[str, Method] = field(default_factory=dict)  # tensor -> method used for its range instead
     keep_float: list[str] = field(default_factory=list)  # tensors left unquantized (their QDQ pair removed)
+    # tensor -> a range known in advance, whatever the calibration saw: the input of a network fed [0, 1] images,
+    # the output of a Clip(0, 1)
+    fixed_range: dict[str, tuple[float, float]] = field(default_factory=dict)
 
     def __post_init__(self):
         self.range_method = {tensor: Method.parse(method) for tensor, method in self.range_method.items()}
+        self.fixed_range = {tensor: (float(low), float(high)) for tensor, (low, high) in self.fixed_range.items()}
+        for tensor, (low, high) in self.fixed_range.items():
+            if not low <= 0.0 <= high or low == high:
+                raise ValueError(f"the fixed range of {tensor!r} must include 0 and not be empty, got [{low}, {high}]")
 
     def is_empty(self) -> bool:
         """True when nothing is overridden."""
-        return not self.range_method and not self.keep_float
+        return not self.range_method and not self.keep_float and not self.fixed_range
 
     def key(self) -> str:
         """A canonical JSON string of the overrides (part of the cache key)."""
         return json.dumps({"range_method": {t: m.value for t, m in sorted(self.range_method.items())},
-                           "keep_float": sorted(self.keep_float)}, sort_keys=True)
+                           "keep_float": sorted(self.keep_float),
+                           "fixed_range": {t: list(r) for t, r in sorted(self.fixed_range.items())}}, sort_keys=True)
 
 
 @dataclass
@@ -323,12 +332,18 @@ def _calibrate_entry(entry: Path, fp32: Path, network_inputs: list[np.ndarray], 
 
 def _apply_fixes(ranges: dict[str, TensorRange], stats: list[TensorStats], fixes: Fixes, config: CalibrationConfig,
                  scheme: Scheme, model: str) -> dict[str, TensorRange]:
-    for tensor in [*fixes.range_method, *fixes.keep_float]:
+    for tensor in [*fixes.range_method, *fixes.keep_float, *fixes.fixed_range]:
         if tensor not in ranges:
             raise ValueError(f"no tensor {tensor!r} in {model}; tensors: {', '.join(ranges)}")
     for tensor, method in fixes.range_method.items():
         ranges[tensor] = choose_ranges([s for s in stats if s.name == tensor], method, scheme.symmetric,
                                        config.percentile)[tensor]
+    for tensor, (low, high) in fixes.fixed_range.items():
+        found = next(s for s in stats if s.name == tensor)
+        if scheme.symmetric:
+            low, high = -max(abs(low), abs(high)), max(abs(low), abs(high))
+        ranges[tensor] = TensorRange(tensor, low, high, found.observed_min, found.observed_max,
+                                     clipped_fraction(found, low, high), "fixed")
     return ranges
 
 
