@@ -5,9 +5,11 @@
 from __future__ import annotations
 
 import argparse
+import base64
 import logging
 import math
 import os
+import tempfile
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
@@ -49,6 +51,27 @@ PRESET_NOTES = {
 }
 FIX_LABELS = {Fix.RANGE_MINMAX: "range from minmax", Fix.RANGE_MSE: "range from mse",
               Fix.RANGE_PERCENTILE: "range from percentile 99.99", Fix.KEEP_FLOAT: "keep in float (no QDQ)"}
+
+
+class UntouchedImage(gr.Image):
+    """gr.Image whose upload reaches the handler as the very file the user sent (a path): Gradio neither decodes
+    nor converts it, so RGBA, 16-bit, CMYK and broken files all meet `sr.data.load_image` and its messages."""
+
+    is_template = True  # the browser side stays gr.Image's
+
+    def preprocess(self, payload):
+        """The uploaded file's path; a pasted data URL is written to a file first, byte for byte."""
+        if payload is None:
+            return None
+        if payload.url and payload.url.startswith("data:"):
+            header, _, body = payload.url.partition(",")
+            handle, path = tempfile.mkstemp(dir=self.GRADIO_CACHE, suffix=".upload")
+            with os.fdopen(handle, "wb") as file:
+                file.write(base64.b64decode(body) if ";base64" in header else body.encode())
+            return path
+        if payload.path is None:
+            raise gr.Error("The upload arrived without a file.")
+        return str(payload.path)
 
 
 def _examples() -> list[str]:
@@ -300,8 +323,8 @@ def _compare_controls(models: list[str]) -> dict:
     model_a, model_b = PRESETS[first]["models"]
     with gr.Row():
         with gr.Column(scale=1):
-            controls = {"image": gr.Image(label="Input image", type="filepath", sources=["upload", "clipboard"],
-                                          elem_id="input-image")}
+            controls = {"image": UntouchedImage(label="Input image", type="filepath", sources=["upload", "clipboard"],
+                                                image_mode=None, elem_id="input-image")}
             gr.Examples(_examples(), inputs=controls["image"])
             controls["mode"] = gr.Radio(list(MODES), value="Upscale my image", label="Mode")
             controls["preset"] = gr.Radio(list(PRESETS), value=first, label="Preset")

@@ -172,3 +172,28 @@ def test_training_job_streams_registers_and_runs_one_at_a_time(tmp_path, photo, 
     assert jobs.cancel() == "no job is running"
     with pytest.raises(RuntimeError, match="steps must be between"):
         jobs.start(5, "relu", use_teacher=False)
+
+
+def test_uploads_reach_the_lab_untouched(server, tmp_path):
+    """Through the real upload path: an RGBA PNG is composited on white (not black), a 16-bit ramp keeps its
+    levels (not saturated), and broken files get the lab's own message."""
+    from gradio_client import Client, handle_file
+
+    client = Client(server, verbose=False)
+    rgba = np.zeros((60, 90, 4), np.uint8)
+    rgba[:, :45] = (200, 30, 30, 255)  # left half opaque red, right half fully transparent black
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "rgba.png")
+    original = client.predict(handle_file(str(tmp_path / "rgba.png")), api_name="/compare")[0]
+    shown = np.asarray(Image.open(original).convert("RGB"))
+    assert shown[:, -60:].min() >= 250 and shown[:, :60, 0].mean() > 150  # transparent -> white, red kept
+    ramp = np.tile(np.linspace(0, 65535, 90).astype(np.uint16), (60, 1))
+    Image.fromarray(ramp).save(tmp_path / "ramp16.png")
+    shown = np.asarray(Image.open(client.predict(handle_file(str(tmp_path / "ramp16.png")), api_name="/compare")[0]))
+    assert 100 < shown.mean() < 155 and shown[:, :30].mean() < 80  # levels preserved, not 99.6% white
+    Image.new("1", (20000, 20000)).save(tmp_path / "huge.png")  # 400 MP claimed by a small file
+    for name, content, message in [("huge.png", (tmp_path / "huge.png").read_bytes(), "more than the limit"),
+                                   ("empty.png", b"", "empty"), ("text.png", b"hello, not an image", "not an image"),
+                                   ("cut.png", (tmp_path / "rgba.png").read_bytes()[:200], "corrupt or truncated")]:
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(Exception, match=message):
+            client.predict(handle_file(str(tmp_path / name)), api_name="/compare")

@@ -1,0 +1,480 @@
+"""SR INT8 Lab: the Gradio app, a thin shell over `sr/` (layout, event wiring and every word a user reads).
+
+    python app.py [--host 0.0.0.0] [--port 7860] [--share]
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import logging
+import math
+import os
+import tempfile
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+import gradio as gr
+import numpy as np
+import pandas as pd
+
+import app_jobs
+from sr.calibrate import CalibrationConfig, Method, ensure_calibration_images
+from sr.compare import InputMode, OutputKind, available_models, compare, roi_strip
+from sr.data import ImageLoadError, load_image
+from sr.diagnose import DiagnoseConfig, Fix, apply_fix, diagnose, range_coverage
+from sr.models import model_info
+from sr.plots import histogram_figure, range_chart
+
+log = logging.getLogger("app")
+HEAVY = "heavy"  # one concurrency id for all CPU-heavy work: parallel users queue instead of oversubscribing
+PANELS = ("Original", "FP32 model A", "INT8 model A", "FP32 model B", "INT8 model B")
+MAX_UPLOAD = "25mb"
+MODES = {"Upscale my image": InputMode.UPSCALE, "Check against ground truth": InputMode.GROUND_TRUTH}
+CALIB_SOURCES = ("calib_data/", "my uploads")
+COVERAGE_WARNING = 0.01  # warn when a tensor has more than 1% of this image's values outside its range
+METHOD_HELP = ("entropy: NVIDIA's KL search as ModelOpt publishes it (the spike of exact zeros after a ReLU is "
+               "flattened first); entropy-zeros: the same search counting that spike, which pulls thresholds down "
+               "and clips the tails.")
+PRESETS = {
+    "ReLU vs Clipped ReLU, same XLSR": {"models": ("xlsr-relu", "xlsr-clip"), "method": "entropy", "gain": 1.0},
+    "big ReLU teacher vs small Clipped-ReLU student": {"models": ("teacher", "xlsr-clip-kd"), "method": "entropy",
+                                                        "gain": 1.0},
+    "dark calibration set (40% brightness)": {"models": ("xlsr-relu", "xlsr-clip"), "method": "minmax", "gain": 0.4},
+}
+PRESET_NOTES = {
+    "dark calibration set (40% brightness)": (
+        "**Why this comes out dark:** every range was calibrated on images at 40% brightness, so brighter values in "
+        "your image are clipped at each layer, and the output loses its highlights (Set14: brightness ratio about "
+        "0.7 with minmax, and the Clipped ReLU does not protect). More samples cannot help: they come from the same "
+        "dark set. A preprocessing mismatch (the calibrator normalising differently from inference) does the same. "
+        "**Fix:** calibrate on images like the ones you deploy on (set the gain back to 1), or a wider set."),
+}
+FIX_LABELS = {Fix.RANGE_MINMAX: "range from minmax", Fix.RANGE_MSE: "range from mse",
+              Fix.RANGE_PERCENTILE: "range from percentile 99.99", Fix.KEEP_FLOAT: "keep in float (no QDQ)"}
+
+from gradio.events import Dependency
+
+class UntouchedImage(gr.Image):
+    """gr.Image whose upload reaches the handler as the very file the user sent (a path): Gradio neither decodes
+    nor converts it, so RGBA, 16-bit, CMYK and broken files all meet `sr.data.load_image` and its messages."""
+
+    is_template = True  # the browser side stays gr.Image's
+
+    def preprocess(self, payload):
+        """The uploaded file's path; a pasted data URL is written to a file first, byte for byte."""
+        if payload is None:
+            return None
+        if payload.url and payload.url.startswith("data:"):
+            header, _, body = payload.url.partition(",")
+            handle, path = tempfile.mkstemp(dir=self.GRADIO_CACHE, suffix=".upload")
+            with os.fdopen(handle, "wb") as file:
+                file.write(base64.b64decode(body) if ";base64" in header else body.encode())
+            return path
+        if payload.path is None:
+            raise gr.Error("The upload arrived without a file.")
+        return str(payload.path)
+    from typing import Callable, Literal, Sequence, Any, TYPE_CHECKING
+    from gradio.blocks import Block
+    if TYPE_CHECKING:
+        from gradio.components import Timer
+        from gradio.components.base import Component
+
+
+def _examples() -> list[str]:
+    images = ensure_calibration_images()
+    return [str(p) for p in images if p.name.endswith("-0.png")][:4]
+
+
+def _check_image(image) -> None:
+    if image is None:
+        raise gr.Error("Upload an image first (drag and drop, file picker or paste).")
+
+
+def _label(model: str) -> str:
+    """A panel label naming the model, its final activation and its size."""
+    info = model_info(model)
+    activation = {"relu": "ReLU output", "clipped_relu": "Clipped-ReLU output"}.get(info.final_activation,
+                                                                                 info.final_activation)
+    size = f"{info.parameters / 1e6:.2f}M" if info.parameters >= 1e5 else f"{info.parameters / 1e3:.0f}k"
+    return f"{info.name}, {activation}, {size}"
+
+
+def _number(value, digits: int):
+    if value is None:
+        return None
+    return "∞" if isinstance(value, float) and math.isinf(value) else round(float(value), digits)
+
+
+def metrics_frame(rows) -> pd.DataFrame:
+    """The comparison's OutputMetrics as a table with the app's column names and sensible decimals."""
+    names = {OutputKind.FP32: "FP32", OutputKind.INT8: "INT8", OutputKind.BICUBIC: "bicubic"}
+    records = []
+    for row in rows:
+        record = {"output": f"{names[row.kind]} {row.model or ''}".strip(), "engine": row.engine,
+                  "PSNR vs FP32 (dB)": _number(row.psnr_vs_fp32_db, 2), "SSIM vs FP32": _number(row.ssim_vs_fp32, 4),
+                  "brightness vs FP32": _number(row.brightness_vs_fp32, 4), "ΔE2000": _number(row.delta_e_vs_fp32, 2),
+                  "ms": _number(row.latency_ms, 0)}
+        if row.psnr_vs_truth_db is not None:
+            record["PSNR vs truth (dB)"] = _number(row.psnr_vs_truth_db, 2)
+            record["SSIM vs truth"] = _number(row.ssim_vs_truth, 4)
+        records.append(record)
+    return pd.DataFrame(records)
+
+
+def coverage_note(result) -> str:
+    """The first hint: does each model's calibration cover the values this image produces?"""
+    lines = []
+    for calibrated in result.calibrations:
+        worst = range_coverage(calibrated, result.lr)[0]
+        share = 100 * worst.outside_fraction
+        if worst.outside_fraction > COVERAGE_WARNING:
+            lines.append(f"⚠️ **{calibrated.model}: the calibration does not cover this image.** {share:.1f}% of "
+                         f"`{worst.tensor}` falls outside its calibrated range [{worst.low:.3g}, {worst.high:.3g}] "
+                         f"(this image: [{worst.image_min:.3g}, {worst.image_max:.3g}]); those values are clipped. "
+                         "Calibrate on images like this one.")
+        else:
+            lines.append(f"✓ {calibrated.model}: the calibration covers this image (worst tensor `{worst.tensor}`, "
+                         f"{share:.2f}% outside its range).")
+    return "\n\n".join(lines)
+
+
+def _read_calibration_uploads(files) -> list[np.ndarray] | None:
+    if not files:
+        return None
+    images = []
+    for file in files:
+        path = file if isinstance(file, str) else getattr(file, "name", str(file))
+        try:
+            images.append(load_image(path))
+        except (ImageLoadError, FileNotFoundError) as error:
+            gr.Warning(f"Skipped a calibration image: {error}")
+    if not images:
+        raise gr.Error("None of the uploaded calibration images could be read.")
+    return images
+
+
+def load_calibration_uploads(files):
+    """Decode the user's calibration images once, into this session's state."""
+    images = _read_calibration_uploads(files)
+    if images:
+        gr.Info(f"{len(images)} calibration image(s) ready; choose 'my uploads' to use them.")
+    return images
+
+
+def _calibration(method, samples, gain, seed) -> CalibrationConfig:
+    return CalibrationConfig(method=method, samples=int(samples), gain=float(gain), seed=int(seed or 0))
+
+
+def run_compare(image, model_a="xlsr-relu", model_b="xlsr-clip", method="entropy", samples=100, scheme="tensorrt",
+                mode="Upscale my image", display="bicubic", calib_source="calib_data/", calib_images=None, gain=1.0,
+                seed=0, progress=gr.Progress()):
+    """The main comparison (also the `compare` API endpoint): five images, metrics, coverage, range chart."""
+    _check_image(image)
+    try:
+        calibration = calib_images if calib_source == "my uploads" else None
+        if calib_source == "my uploads" and not calibration:
+            raise gr.Error("Choose 'my uploads' only after uploading calibration images.")
+        if mode not in MODES:
+            raise gr.Error(f"Unknown mode {mode!r}; choose one of: {', '.join(MODES)}")
+        result = compare(image, model_a, model_b, _calibration(method, samples, gain, seed), scheme, MODES[mode],
+                         display, calibration, progress=lambda fraction, message: progress(fraction, desc=message))
+        note = coverage_note(result)
+    except gr.Error:
+        raise
+    except (ValueError, FileNotFoundError) as error:
+        raise gr.Error(str(error)) from None
+    except Exception as error:  # never show a traceback to the user; keep it in the server log
+        log.exception("comparison failed")
+        raise gr.Error(f"The comparison failed: {type(error).__name__}: {error}") from None
+    for notice in result.notices:
+        gr.Warning(notice)
+    original = result.truth if result.truth is not None else result.original
+    panels = [original, result.fp32_a, result.int8_a, result.fp32_b, result.int8_b]
+    state = {"panels": panels, "calibrations": result.calibrations}
+    chart = range_chart(*result.calibrations)
+    return (*panels, metrics_frame(result.metrics), note, chart, state)
+
+
+def run_slider(state, left, right):
+    """The two chosen panels for the before/after slider."""
+    if not state:
+        return None
+    return (state["panels"][PANELS.index(left)], state["panels"][PANELS.index(right)])
+
+
+def run_roi(state, center_x, center_y, size):
+    """The same crop of every panel, enlarged."""
+    if not state:
+        return None
+    return roi_strip(state["panels"], center_x, center_y, int(size))
+
+
+def apply_preset(preset):
+    """Set the models, method and calibration gain of a preset, and show its note."""
+    chosen = PRESETS[preset]
+    model_a, model_b = chosen["models"]
+    return (gr.update(value=model_a, label=f"Model A ({_label(model_a)})"),
+            gr.update(value=model_b, label=f"Model B ({_label(model_b)})"),
+            gr.update(value=chosen["method"]), gr.update(value=chosen["gain"]), PRESET_NOTES.get(preset, ""))
+
+
+def relabel(model, which):
+    """Name the chosen model in its dropdown's label."""
+    return gr.update(label=f"Model {which} ({_label(model)})")
+
+
+def refresh_models():
+    """The model lists, after a training job added one."""
+    models = available_models()
+    return gr.update(choices=models), gr.update(choices=models)
+
+
+def new_seed():
+    """A fresh calibration seed: Recalibrate draws a new calibration sample."""
+    return int(np.random.default_rng().integers(1, 1 << 30))
+
+
+def diagnosis_text(report) -> str:
+    """The diagnosis in one Markdown paragraph."""
+    if not report.ranking:
+        return "Nothing to rank."
+    top = report.ranking[0]
+    whole = (f"FP32 {report.fp32_psnr_y:.2f} dB and all activations INT8 {report.int8_psnr_y:.2f} dB against the "
+             "ground truth" if report.has_truth else
+             f"all activations INT8 are {report.int8_psnr_vs_fp32_db:.2f} dB from the FP32 output (no ground truth)")
+    return (f"**{report.model}**, {report.method} / {report.samples} samples / {report.scheme}: {whole}, brightness "
+            f"{report.int8_brightness:.3f}. The worst tensor is `{top.tensor}` ({top.op} -> "
+            f"{', '.join(top.consumers) or 'output'}): quantized alone it puts the output "
+            f"{top.alone_psnr_vs_fp32_db:.2f} dB from FP32; keeping only it in float recovers {top.recovery_db:.2f} dB. "
+            f"Its range [{top.low:.3g}, {top.high:.3g}] clips {100 * top.clipped_fraction:.3f}% of its calibration "
+            f"values and {100 * top.clipped_energy:.1f}% of their energy (observed [{top.observed_min:.3g}, "
+            f"{top.observed_max:.3g}]).")
+
+
+def ranking_frame(report) -> pd.DataFrame:
+    """The diagnosis ranking with the app's column names."""
+    return pd.DataFrame([{"tensor": r.tensor, "op": r.op, "PSNR vs FP32, alone (dB)": _number(r.alone_psnr_vs_fp32_db, 2),
+                          "drop vs truth, alone (dB)": _number(r.psnr_drop_db, 3),
+                          "recovery if kept float (dB)": _number(r.recovery_db, 3),
+                          "brightness alone": _number(r.brightness, 4), "SQNR (dB)": _number(r.sqnr_db, 1),
+                          "clipped %": _number(100 * r.clipped_fraction, 3),
+                          "clipped energy %": _number(100 * r.clipped_energy, 2)} for r in report.ranking])
+
+
+def run_diagnose(image, model_a, model_b, which, mode, method, samples, scheme, gain=1.0, seed=0,
+                 progress=gr.Progress()):
+    """Rank the tensors of model A or B by the damage their INT8 range does (the `diagnose` API endpoint)."""
+    _check_image(image)
+    model = model_a if which == "model A" else model_b
+    try:
+        config = DiagnoseConfig(model, _calibration(method, samples, gain, seed), scheme)
+        report = diagnose(config, images=[image], mode=MODES.get(mode, mode),
+                          progress=lambda f, m: progress(f, desc=m))
+    except (ValueError, FileNotFoundError) as error:
+        raise gr.Error(str(error)) from None
+    except Exception as error:
+        log.exception("diagnosis failed")
+        raise gr.Error(f"The diagnosis failed: {type(error).__name__}: {error}") from None
+    culprit = report.ranking[0].tensor if report.ranking else None
+    chosen = report.calibrated.ranges.get(culprit)
+    figure = histogram_figure(report.stats[culprit], max(abs(chosen.low), abs(chosen.high))) if culprit else None
+    return (ranking_frame(report), figure, diagnosis_text(report),
+            gr.update(choices=[r.tensor for r in report.ranking], value=culprit), report)
+
+
+def run_fix(image, report, tensor, fix_label, mode, progress=gr.Progress()):
+    """Recalibrate with one fix on one tensor; the real INT8 model before and after."""
+    _check_image(image)
+    if report is None:
+        raise gr.Error("Run the diagnosis first.")
+    fix = next((fix for fix, label in FIX_LABELS.items() if label == fix_label), None)
+    if fix is None:
+        raise gr.Error(f"Unknown fix {fix_label!r}; choose one of: {', '.join(FIX_LABELS.values())}")
+    try:
+        outcome = apply_fix(report, tensor, fix, image, MODES.get(mode, mode), progress=lambda f, m: progress(f, desc=m))
+    except (ValueError, FileNotFoundError) as error:
+        raise gr.Error(str(error)) from None
+    except Exception as error:
+        log.exception("fix failed")
+        raise gr.Error(f"The fix failed: {type(error).__name__}: {error}") from None
+    against = "truth" if outcome.has_truth else "FP32"
+    table = pd.DataFrame([
+        {"INT8 model": "before", f"PSNR vs {against} (dB)": _number(outcome.psnr_before_db, 2),
+         "brightness vs FP32": _number(outcome.brightness_before, 4)},
+        {"INT8 model": f"after: {fix_label} on {tensor}", f"PSNR vs {against} (dB)": _number(outcome.psnr_after_db, 2),
+         "brightness vs FP32": _number(outcome.brightness_after, 4)}])
+    return outcome.before, outcome.after, table
+
+
+def start_training(steps, activation, use_teacher, alpha):
+    """Stream the job's loss and validation PSNR until it ends; one job at a time for the whole server."""
+    try:
+        job = app_jobs.start(int(steps), activation, bool(use_teacher), float(alpha))
+    except RuntimeError as error:
+        raise gr.Error(str(error)) from None
+    for snapshot in job.stream():
+        frame = pd.DataFrame(snapshot.history or [{"step": 0, "loss": None}])
+        validation = frame.dropna(subset=["val_psnr"])[["step", "val_psnr"]] if "val_psnr" in frame \
+            else pd.DataFrame({"step": [], "val_psnr": []})
+        yield snapshot.status, frame[["step", "loss"]].dropna(), validation
+
+
+def cancel_training():
+    """Ask the running job to stop (its weights so far are kept)."""
+    return app_jobs.cancel()
+
+
+def _compare_controls(models: list[str]) -> dict:
+    first = next(iter(PRESETS))
+    model_a, model_b = PRESETS[first]["models"]
+    with gr.Row():
+        with gr.Column(scale=1):
+            controls = {"image": UntouchedImage(label="Input image", type="filepath", sources=["upload", "clipboard"],
+                                                image_mode=None, elem_id="input-image")}
+            gr.Examples(_examples(), inputs=controls["image"])
+            controls["mode"] = gr.Radio(list(MODES), value="Upscale my image", label="Mode")
+            controls["preset"] = gr.Radio(list(PRESETS), value=first, label="Preset")
+            controls["preset_note"] = gr.Markdown()
+            controls["model_a"] = gr.Dropdown(models, value=model_a, label=f"Model A ({_label(model_a)})")
+            controls["model_b"] = gr.Dropdown(models, value=model_b, label=f"Model B ({_label(model_b)})")
+        with gr.Column(scale=1):
+            controls["method"] = gr.Dropdown([m.value for m in Method], value="entropy", label="Calibration method",
+                                             info=METHOD_HELP)
+            controls["samples"] = gr.Radio([10, 100, 1000], value=100, label="Calibration samples")
+            controls["scheme"] = gr.Radio(["tensorrt", "cpu"], value="tensorrt", label="INT8 scheme")
+            controls["calib_source"] = gr.Radio(list(CALIB_SOURCES), value=CALIB_SOURCES[0], label="Calibration images")
+            controls["calib_files"] = gr.File(label="My calibration images", file_count="multiple", file_types=["image"])
+            controls["gain"] = gr.Slider(0.1, 2.0, 1.0, step=0.05, label="Calibration brightness gain (experiment)",
+                                         info="Scale the calibration images' brightness: below 1 reproduces a "
+                                              "calibration set darker than what the model sees at run time.")
+            controls["seed"] = gr.Number(0, precision=0, label="Calibration seed")
+            controls["display"] = gr.Radio(["bicubic", "nearest"], value="bicubic", label="Original shown with")
+            controls["run"] = gr.Button("Run", variant="primary", elem_id="run")
+            controls["recalibrate"] = gr.Button("Recalibrate (new sample)", elem_id="recalibrate")
+    return controls
+
+
+def _compare_outputs() -> dict:
+    with gr.Row():
+        panels = [gr.Image(label=name, format="png", type="numpy", interactive=False,
+                           buttons=["download", "fullscreen"], elem_id=f"panel-{i}") for i, name in enumerate(PANELS)]
+    outputs = {"panels": panels, "coverage": gr.Markdown(elem_id="coverage"),
+               "metrics": gr.Dataframe(label="Metrics (Y-PSNR/SSIM with the scale shaved from each border)",
+                                       elem_id="metrics", interactive=False, wrap=True)}
+    with gr.Row():
+        outputs["left"] = gr.Dropdown(list(PANELS), value=PANELS[1], label="Slider left")
+        outputs["right"] = gr.Dropdown(list(PANELS), value=PANELS[2], label="Slider right")
+    outputs["slider"] = gr.ImageSlider(label="Before / after", format="png", type="numpy")
+    with gr.Row():
+        outputs["center_x"] = gr.Slider(0, 1, 0.5, label="Zoom centre x")
+        outputs["center_y"] = gr.Slider(0, 1, 0.5, label="Zoom centre y")
+        outputs["size"] = gr.Slider(16, 256, 64, step=8, label="Zoom crop (px)")
+    outputs["roi"] = gr.Image(label="Zoom: the same crop of every panel", format="png", type="numpy", interactive=False)
+    outputs["chart"] = gr.Plot(label="Activation ranges: observed vs chosen, clipped share")
+    outputs["state"] = gr.State(None)
+    return outputs
+
+
+def _wire_compare(c: dict, o: dict) -> None:
+    calib_images = gr.State(None)
+    c["calib_files"].upload(load_calibration_uploads, c["calib_files"], calib_images, api_name=False)
+    inputs = [c["image"], c["model_a"], c["model_b"], c["method"], c["samples"], c["scheme"], c["mode"], c["display"],
+              c["calib_source"], calib_images, c["gain"], c["seed"]]
+    outputs = [*o["panels"], o["metrics"], o["coverage"], o["chart"], o["state"]]
+    zoom = [o["state"], o["center_x"], o["center_y"], o["size"]]
+    run = c["run"].click(run_compare, inputs, outputs, api_name="compare", concurrency_id=HEAVY, concurrency_limit=1)
+    again = c["recalibrate"].click(new_seed, None, c["seed"], api_name=False).then(
+        run_compare, inputs, outputs, api_name=False, concurrency_id=HEAVY, concurrency_limit=1)
+    for event in (run, again):
+        event.then(run_slider, [o["state"], o["left"], o["right"]], o["slider"], api_name=False).then(
+            run_roi, zoom, o["roi"], api_name=False)
+    c["preset"].change(apply_preset, c["preset"], [c["model_a"], c["model_b"], c["method"], c["gain"], c["preset_note"]],
+                       api_name=False)
+    c["model_a"].input(lambda m: relabel(m, "A"), c["model_a"], c["model_a"], api_name=False)
+    c["model_b"].input(lambda m: relabel(m, "B"), c["model_b"], c["model_b"], api_name=False)
+    for control in (o["left"], o["right"]):
+        control.change(run_slider, [o["state"], o["left"], o["right"]], o["slider"], api_name=False)
+    for control in (o["center_x"], o["center_y"], o["size"]):
+        control.release(run_roi, zoom, o["roi"], api_name=False)
+
+
+def _diagnose_tab(c: dict) -> None:
+    gr.Markdown("Quantize one tensor at a time (and all but one) to find the tensor whose range does the damage, "
+                "then fix it in one click.")
+    with gr.Row():
+        which = gr.Radio(["model A", "model B"], value="model A", label="Diagnose")
+        button = gr.Button("Diagnose", variant="primary", elem_id="diagnose")
+    summary = gr.Markdown()
+    ranking = gr.Dataframe(label="Tensors ranked by how far their quantization alone moves the output from FP32",
+                           interactive=False, wrap=True)
+    histogram = gr.Plot(label="Histogram of the culprit with its chosen range")
+    report_state = gr.State(None)
+    with gr.Row():
+        tensor = gr.Dropdown([], label="Tensor to fix")
+        fix = gr.Dropdown(list(FIX_LABELS.values()), value=FIX_LABELS[Fix.RANGE_MINMAX], label="Fix")
+        fix_button = gr.Button("Apply fix", elem_id="apply-fix")
+    with gr.Row():
+        before = gr.Image(label="Before (INT8)", format="png", type="numpy", interactive=False)
+        after = gr.Image(label="After the fix (INT8)", format="png", type="numpy", interactive=False)
+    fix_metrics = gr.Dataframe(label="Before / after", interactive=False)
+    button.click(run_diagnose, [c["image"], c["model_a"], c["model_b"], which, c["mode"], c["method"], c["samples"],
+                                c["scheme"], c["gain"], c["seed"]],
+                 [ranking, histogram, summary, tensor, report_state], concurrency_id=HEAVY, concurrency_limit=1,
+                 api_name="diagnose")
+    fix_button.click(run_fix, [c["image"], report_state, tensor, fix, c["mode"]], [before, after, fix_metrics],
+                     concurrency_id=HEAVY, concurrency_limit=1, api_name=False)
+
+
+def _train_tab(c: dict) -> None:
+    gr.Markdown("A short XLSR training or distillation run on the CPU (needs the training images at "
+                "`../shared/data/`, or set `SR_TRAIN_DIRS`). One job at a time; the result appears in the model lists.")
+    with gr.Row():
+        steps = gr.Number(300, precision=0, label="Steps", minimum=10, maximum=100_000)
+        activation = gr.Radio(["relu", "clipped_relu", "linear"], value="clipped_relu", label="Final activation")
+        use_teacher = gr.Checkbox(True, label="Distil from the teacher")
+        alpha = gr.Slider(0, 1, 0.5, label="alpha (ground-truth weight)")
+    with gr.Row():
+        train_button = gr.Button("Start", variant="primary")
+        cancel_button = gr.Button("Cancel")
+    status = gr.Markdown()
+    loss_plot = gr.LinePlot(x="step", y="loss", title="Training loss")
+    val_plot = gr.LinePlot(x="step", y="val_psnr", title="Validation PSNR (dB)")
+    event = train_button.click(start_training, [steps, activation, use_teacher, alpha], [status, loss_plot, val_plot],
+                               api_name=False)
+    event.then(refresh_models, None, [c["model_a"], c["model_b"]], api_name=False)
+    cancel_button.click(cancel_training, None, status, api_name=False)
+
+
+def build_demo() -> gr.Blocks:
+    """The app's Blocks: Compare, diagnosis and training tabs."""
+    with gr.Blocks(title="SR INT8 Lab") as demo:
+        gr.Markdown("# SR INT8 Lab\nWhat INT8 post-training quantization does to a super-resolution network, side "
+                    "by side: FP32 and INT8 outputs of two models (by default a ReLU and a Clipped-ReLU XLSR, "
+                    "Ayazoglu, CVPRW 2021), with metrics, a check that the calibration covers your image, "
+                    "recalibration and a diagnosis of the tensor behind the damage. Pick an example or upload an "
+                    "image, then press **Run**.")
+        with gr.Tab("Compare"):
+            controls = _compare_controls(available_models())
+            _wire_compare(controls, _compare_outputs())
+        with gr.Tab("Why is it dull?"):
+            _diagnose_tab(controls)
+        with gr.Tab("Train"):
+            _train_tab(controls)
+    return demo
+
+
+def main() -> None:
+    """Parse the command line and launch the server."""
+    parser = argparse.ArgumentParser(description="SR INT8 Lab")
+    parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))
+    parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", "7860")))
+    parser.add_argument("--share", action="store_true", help="a temporary public gradio.live link")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO)
+    build_demo().queue(default_concurrency_limit=1).launch(server_name=args.host, server_port=args.port,
+                                                          share=args.share, max_file_size=MAX_UPLOAD,
+                                                          show_error=False)
+
+
+if __name__ == "__main__":
+    main()
