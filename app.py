@@ -300,11 +300,16 @@ def run_fix(image, report, tensor, fix_label, mode, progress=gr.Progress()):
     return outcome.before, outcome.after, table
 
 
-def start_training(steps, activation, use_teacher, alpha):
-    """Stream the job's loss and validation PSNR until it ends; one job at a time for the whole server."""
+def _owner(request: gr.Request | None) -> str:
+    """The browser tab that sent the request (jobs belong to it)."""
+    return getattr(request, "session_hash", None) or "local"
+
+
+def start_training(steps, activation, use_teacher, alpha, request: gr.Request = None):
+    """Queue a job for this tab and stream its loss and validation PSNR until it ends."""
     try:
-        job = app_jobs.start(int(steps), activation, bool(use_teacher), float(alpha))
-    except RuntimeError as error:
+        job = app_jobs.start(_owner(request), int(steps), activation, bool(use_teacher), float(alpha))
+    except (PermissionError, ValueError) as error:
         raise gr.Error(str(error)) from None
     for snapshot in job.stream():
         frame = pd.DataFrame(snapshot.history or [{"step": 0, "loss": None}])
@@ -313,9 +318,9 @@ def start_training(steps, activation, use_teacher, alpha):
         yield snapshot.status, frame[["step", "loss"]].dropna(), validation
 
 
-def cancel_training():
-    """Ask the running job to stop (its weights so far are kept)."""
-    return app_jobs.cancel()
+def cancel_training(request: gr.Request = None):
+    """Stop this tab's job (its weights so far are kept); other tabs' jobs are not touched."""
+    return app_jobs.cancel(_owner(request))
 
 
 def _compare_controls(models: list[str]) -> dict:
@@ -420,10 +425,15 @@ def _diagnose_tab(c: dict) -> None:
 
 
 def _train_tab(c: dict) -> None:
-    gr.Markdown("A short XLSR training or distillation run on the CPU (needs the training images at "
-                "`../shared/data/`, or set `SR_TRAIN_DIRS`). One job at a time; the result appears in the model lists.")
+    if not app_jobs.POLICY.enabled:
+        gr.Markdown("Training is off on this deployment: a public Space would let anyone spend its CPU. Run the "
+                    "lab yourself with `python app.py --allow-training` to train or distil XLSR models here.")
+    gr.Markdown(f"A short XLSR training or distillation run on the CPU (needs the training images at "
+                f"`../shared/data/`, or set `SR_TRAIN_DIRS`), at most {app_jobs.POLICY.max_steps} steps. Jobs run "
+                "one at a time in the order asked; only this tab can cancel its job; the result appears in the "
+                "model lists.")
     with gr.Row():
-        steps = gr.Number(300, precision=0, label="Steps", minimum=10, maximum=100_000)
+        steps = gr.Number(300, precision=0, label="Steps", minimum=1, maximum=app_jobs.POLICY.max_steps)
         activation = gr.Radio(["relu", "clipped_relu", "linear"], value="clipped_relu", label="Final activation")
         use_teacher = gr.Checkbox(True, label="Distil from the teacher")
         alpha = gr.Slider(0, 1, 0.5, label="alpha (ground-truth weight)")
@@ -463,7 +473,10 @@ def main() -> None:
     parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))
     parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", "7860")))
     parser.add_argument("--share", action="store_true", help="a temporary public gradio.live link")
+    parser.add_argument("--allow-training", action="store_true", help="let users train models (off on a public "
+                        "Space; SR_ALLOW_TRAINING=1 does the same)")
     args = parser.parse_args()
+    app_jobs.POLICY.enabled = app_jobs.POLICY.enabled or args.allow_training
     logging.basicConfig(level=logging.INFO)
     build_demo().queue(default_concurrency_limit=1).launch(server_name=args.host, server_port=args.port,
                                                           share=args.share, max_file_size=MAX_UPLOAD,

@@ -151,7 +151,18 @@ def test_gradio_client_compare_and_recalibrate(server, small_png):
     assert before != after  # another calibration changes the INT8 outputs' metrics
 
 
-def test_training_job_streams_registers_and_runs_one_at_a_time(tmp_path, photo, monkeypatch):
+def test_training_is_off_unless_the_operator_allows_it(monkeypatch):
+    import gradio as gr
+
+    import app
+    import app_jobs
+
+    monkeypatch.setattr(app_jobs.POLICY, "enabled", False)
+    with pytest.raises(gr.Error, match="Training is off on this deployment"):
+        next(app.start_training(20, "relu", False, 0.5))
+
+
+def test_training_jobs_belong_to_their_tab(tmp_path, photo, monkeypatch):
     import app_jobs as jobs
     from sr import compare, store
 
@@ -162,16 +173,25 @@ def test_training_job_streams_registers_and_runs_one_at_a_time(tmp_path, photo, 
     monkeypatch.setenv("SR_TRAIN_DIRS", str(folder))
     monkeypatch.setattr(store, "RUNS_DIR", tmp_path / "runs")
     monkeypatch.setattr(compare, "RUNS_DIR", tmp_path / "runs")
-    job = jobs.start(20, "clipped_relu", use_teacher=False)
-    with pytest.raises(RuntimeError, match="already running"):
-        jobs.start(20, "relu", use_teacher=False)
-    snapshots = list(job.stream(interval=0.2))
+    monkeypatch.setattr(jobs.POLICY, "enabled", True)
+    first = jobs.start("tab-one", 20, "clipped_relu", use_teacher=False)
+    second = jobs.start("tab-two", 1, "relu", use_teacher=False)  # one step works, and waits for the first
+    with pytest.raises(ValueError, match="you already have a job"):
+        jobs.start("tab-one", 20, "relu", use_teacher=False)
+    assert jobs.cancel("tab-three") == "you have no job running"  # nobody else's job can be cancelled
+    statuses = [snapshot.status for snapshot in second.stream(interval=0.1)]
+    assert any("in the queue" in status for status in statuses), statuses
+    snapshots = list(first.stream(interval=0.1))
     assert snapshots[-1].done and "saved as" in snapshots[-1].status, snapshots[-1].status
-    assert any(event["step"] == 20 for event in snapshots[-1].history)
-    assert any(name.endswith(f"{job.name}.safetensors") for name in compare.available_models())
-    assert jobs.cancel() == "no job is running"
-    with pytest.raises(RuntimeError, match="steps must be between"):
-        jobs.start(5, "relu", use_teacher=False)
+    assert "saved as" in statuses[-1] and any(event["step"] == 20 for event in snapshots[-1].history)
+    assert any(name.endswith(f"{first.name}.safetensors") for name in compare.available_models())
+    with pytest.raises(ValueError, match="steps must be between 1 and"):
+        jobs.start("tab-one", jobs.POLICY.max_steps + 1, "relu", use_teacher=False)
+    for index in range(jobs.MAX_RUNS_PER_OWNER + 1):  # each tab keeps its newest few models
+        (tmp_path / "runs" / f"xlsr-relu-train-1-tab-one-{index:06d}.safetensors").write_bytes(b"x")
+        time.sleep(0.01)
+    jobs._prune_runs("tab-one")
+    assert len(list((tmp_path / "runs").glob("*-tab-one-*.safetensors"))) == jobs.MAX_RUNS_PER_OWNER
 
 
 def test_uploads_reach_the_lab_untouched(server, tmp_path):
