@@ -10,6 +10,7 @@ import logging
 import math
 import os
 import tempfile
+import threading
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
@@ -21,7 +22,7 @@ import app_jobs
 from sr.calibrate import CalibrationConfig, Method, ensure_calibration_images
 from sr.compare import InputMode, OutputKind, available_models, compare, roi_strip
 from sr.data import ImageLoadError, load_image
-from sr.diagnose import DiagnoseConfig, Fix, apply_fix, diagnose, range_coverage
+from sr.diagnose import DiagnoseConfig, DiagnosisCancelled, Fix, apply_fix, diagnose, range_coverage
 from sr.models import model_info
 from sr.plots import histogram_figure, range_chart
 
@@ -31,6 +32,9 @@ PANELS = ("Original", "FP32 model A", "INT8 model A", "FP32 model B", "INT8 mode
 MAX_UPLOAD = "25mb"
 MODES = {"Upscale my image": InputMode.UPSCALE, "Check against ground truth": InputMode.GROUND_TRUTH}
 CALIB_SOURCES = ("calib_data/", "my uploads")
+DIAGNOSE_SIDE = 128  # the diagnosis measures on a centre crop of at most this many LR pixels a side
+MAX_CALIBRATION_FILES = 64
+MAX_CALIBRATION_PIXELS = 4_000_000  # per calibration image
 COVERAGE_WARNING = 0.01  # warn when a tensor has more than 1% of this image's values outside its range
 METHOD_HELP = ("entropy: NVIDIA's KL search as ModelOpt publishes it (the spike of exact zeros after a ReLU is "
                "flattened first); entropy-zeros: the same search counting that spike, which pulls thresholds down "
@@ -135,11 +139,14 @@ def coverage_note(result) -> str:
 def _read_calibration_uploads(files) -> list[np.ndarray] | None:
     if not files:
         return None
+    if len(files) > MAX_CALIBRATION_FILES:
+        gr.Warning(f"Only the first {MAX_CALIBRATION_FILES} of {len(files)} calibration images are used.")
+        files = files[:MAX_CALIBRATION_FILES]
     images = []
     for file in files:
         path = file if isinstance(file, str) else getattr(file, "name", str(file))
         try:
-            images.append(load_image(path))
+            images.append(load_image(path, max_pixels=MAX_CALIBRATION_PIXELS))
         except (ImageLoadError, FileNotFoundError) as error:
             gr.Warning(f"Skipped a calibration image: {error}")
     if not images:
@@ -255,15 +262,23 @@ def ranking_frame(report) -> pd.DataFrame:
                           "clipped energy %": _number(100 * r.clipped_energy, 2)} for r in report.ranking])
 
 
+_STOPS: dict[str, threading.Event] = {}  # per tab: set by Cancel, polled by the running diagnosis
+
+
 def run_diagnose(image, model_a, model_b, which, mode, method, samples, scheme, gain=1.0, seed=0,
-                 progress=gr.Progress()):
-    """Rank the tensors of model A or B by the damage their INT8 range does (the `diagnose` API endpoint)."""
+                 request: gr.Request = None, progress=gr.Progress()):
+    """Rank the tensors of model A or B by the damage their INT8 range does (the `diagnose` API endpoint).
+
+    It measures on the image's centre crop of at most DIAGNOSE_SIDE LR pixels a side, and stops on Cancel."""
     _check_image(image)
     model = model_a if which == "model A" else model_b
+    stop = _STOPS[_owner(request)] = threading.Event()
     try:
-        config = DiagnoseConfig(model, _calibration(method, samples, gain, seed), scheme)
+        config = DiagnoseConfig(model, _calibration(method, samples, gain, seed), scheme, max_side=DIAGNOSE_SIDE)
         report = diagnose(config, images=[image], mode=MODES.get(mode, mode),
-                          progress=lambda f, m: progress(f, desc=m))
+                          progress=lambda f, m: progress(f, desc=f"{m} (cancel to stop)"), should_stop=stop.is_set)
+    except DiagnosisCancelled as error:
+        raise gr.Error(f"Diagnosis cancelled: {error}.") from None
     except (ValueError, FileNotFoundError) as error:
         raise gr.Error(str(error)) from None
     except Exception as error:
@@ -272,8 +287,18 @@ def run_diagnose(image, model_a, model_b, which, mode, method, samples, scheme, 
     culprit = report.ranking[0].tensor if report.ranking else None
     chosen = report.calibrated.ranges.get(culprit)
     figure = histogram_figure(report.stats[culprit], max(abs(chosen.low), abs(chosen.high))) if culprit else None
-    return (ranking_frame(report), figure, diagnosis_text(report),
+    note = (f"\n\nMeasured on the centre {DIAGNOSE_SIDE}x{DIAGNOSE_SIDE} LR pixels of the image at most (two "
+            "simulated passes per tensor).")
+    return (ranking_frame(report), figure, diagnosis_text(report) + note,
             gr.update(choices=[r.tensor for r in report.ranking], value=culprit), report)
+
+
+def cancel_diagnosis(request: gr.Request = None) -> None:
+    """Ask this tab's running diagnosis to stop after its current pass."""
+    stop = _STOPS.get(_owner(request))
+    if stop is not None:
+        stop.set()
+        gr.Info("Stopping the diagnosis after the current pass.")
 
 
 def run_fix(image, report, tensor, fix_label, mode, progress=gr.Progress()):
@@ -403,6 +428,7 @@ def _diagnose_tab(c: dict) -> None:
     with gr.Row():
         which = gr.Radio(["model A", "model B"], value="model A", label="Diagnose")
         button = gr.Button("Diagnose", variant="primary", elem_id="diagnose")
+        cancel = gr.Button("Cancel", elem_id="cancel-diagnosis")
     summary = gr.Markdown()
     ranking = gr.Dataframe(label="Tensors ranked by how far their quantization alone moves the output from FP32",
                            interactive=False, wrap=True)
@@ -420,6 +446,7 @@ def _diagnose_tab(c: dict) -> None:
                                 c["scheme"], c["gain"], c["seed"]],
                  [ranking, histogram, summary, tensor, report_state], concurrency_id=HEAVY, concurrency_limit=1,
                  api_name="diagnose")
+    cancel.click(cancel_diagnosis, None, None, api_name=False)
     fix_button.click(run_fix, [c["image"], report_state, tensor, fix, c["mode"]], [before, after, fix_metrics],
                      concurrency_id=HEAVY, concurrency_limit=1, api_name=False)
 

@@ -62,6 +62,9 @@ class DiagnoseConfig:
     scheme: Scheme = Scheme.TENSORRT
     data: str | None = None  # folder of ground-truth images; or pass images to `diagnose`
     top: int | None = None  # keep the N worst tensors
+    # Each tensor costs two simulated passes: on a public server, measure on a centre crop of at most this many
+    # LR pixels a side (None: whole images).
+    max_side: int | None = None
 
     def __post_init__(self):
         self.scheme = Scheme.parse(self.scheme)
@@ -70,6 +73,12 @@ class DiagnoseConfig:
             list_images(self.data)
         if self.top is not None and self.top < 1:
             raise ValueError(f"top must be at least 1, got {self.top}")
+        if self.max_side is not None and self.max_side < 16:
+            raise ValueError(f"max_side must be at least 16 pixels, got {self.max_side}")
+
+
+class DiagnosisCancelled(RuntimeError):
+    """The caller asked the diagnosis to stop."""
 
 
 @dataclass
@@ -200,14 +209,37 @@ def _sqnr(stats: TensorStats, r: TensorRange, symmetric: bool) -> tuple[float, f
     return (10 * math.log10(energy / noise) if noise > 0 else math.inf), float(clipped / energy)
 
 
-def _eval_pairs(data: str | None, images: Sequence | None, mode: InputMode, scale: int) -> list[tuple]:
-    """[(lr, truth or None)] to measure on."""
+def _eval_pairs(data: str | None, images: Sequence | None, mode: InputMode, scale: int,
+                max_side: int | None) -> list[tuple]:
+    """[(lr, truth or None)] to measure on, centre-cropped to `max_side` LR pixels a side."""
     if images:
         prepared = [prepare_input(image, mode, scale) for image in images]
-        return [(p.lr, p.truth) for p in prepared]
-    if data is None:
+        pairs = [(p.lr, p.truth) for p in prepared]
+    elif data is None:
         raise ValueError("give an evaluation folder (--data) or images")
-    return [tuple(reversed(degrade(load_image(path), scale))) for path in list_images(data)]
+    else:
+        pairs = [tuple(reversed(degrade(load_image(path), scale))) for path in list_images(data)]
+    return [centre_crop(lr, truth, scale, max_side) for lr, truth in pairs] if max_side else pairs
+
+
+def centre_crop(lr: np.ndarray, truth: np.ndarray | None, scale: int, max_side: int) -> tuple:
+    """The centre of an LR image (at most `max_side` pixels a side) and the matching part of its truth.
+
+    Args:
+        lr: uint8 HxWx3.
+        truth: uint8 (sH)x(sW)x3 or None.
+        scale: the model's scale.
+        max_side: the largest side kept.
+
+    Returns:
+        (lr crop, truth crop or None).
+    """
+    height, width = lr.shape[:2]
+    top, left = max(0, (height - max_side) // 2), max(0, (width - max_side) // 2)
+    lr = lr[top : top + max_side, left : left + max_side]
+    if truth is not None:
+        truth = truth[top * scale : (top + lr.shape[0]) * scale, left * scale : (left + lr.shape[1]) * scale]
+    return np.ascontiguousarray(lr), truth
 
 
 class _Simulator:
@@ -246,6 +278,19 @@ class _Simulator:
         return float(np.mean([psnr_y(r, t, self.scale) for r, t in zip(self.references, self.truths)]))
 
 
+def diagnosis_passes(model: onnx.ModelProto, tensors: Sequence[str]) -> int:
+    """How many simulated passes over the images a diagnosis makes: two per quantization point, plus one.
+
+    Args:
+        model: the FP32 model.
+        tensors: the calibrated tensors.
+
+    Returns:
+        the pass count.
+    """
+    return 2 * len(quantization_points(model, tensors)) + 1
+
+
 def quantization_points(model: onnx.ModelProto, tensors: Sequence[str]) -> list[str]:
     """The tensors a deployment quantizes once: tied Conv outputs share their activation's QDQ, so the
     activation stands for both.
@@ -261,7 +306,8 @@ def quantization_points(model: onnx.ModelProto, tensors: Sequence[str]) -> list[
 
 
 def diagnose(config: DiagnoseConfig, images: Sequence | None = None, mode: InputMode | str = InputMode.GROUND_TRUTH,
-             progress: Callable[[float, str], None] | None = None) -> DiagnosisReport:
+             progress: Callable[[float, str], None] | None = None,
+             should_stop: Callable[[], bool] | None = None) -> DiagnosisReport:
     """Rank the activation tensors of a model by the damage their INT8 range does.
 
     Args:
@@ -269,16 +315,18 @@ def diagnose(config: DiagnoseConfig, images: Sequence | None = None, mode: Input
         images: images to measure on instead (uint8 HxWx3 arrays or paths), read as `mode` says.
         mode: whether `images` are ground truth (degraded first) or inputs to upscale.
         progress: called with (fraction done, message).
+        should_stop: polled before every simulated pass; True stops the diagnosis.
 
     Returns:
         the DiagnosisReport; PSNR against the ground truth where there is one, else against FP32.
 
     Raises:
         ValueError / FileNotFoundError: bad configuration, no images.
+        DiagnosisCancelled: `should_stop()` returned True.
     """
     mode = InputMode.parse(mode)
     calibrated = calibrate_model(config.model, config.calibration, config.scheme)
-    simulator = _Simulator(calibrated, _eval_pairs(config.data, images, mode, calibrated.scale))
+    simulator = _Simulator(calibrated, _eval_pairs(config.data, images, mode, calibrated.scale, config.max_side))
     points = quantization_points(simulator.fp32, list(calibrated.ranges))
     all_truth, all_fp32, all_bright = simulator.score(points)
     fp32_psnr = simulator.fp32_psnr()
@@ -289,6 +337,8 @@ def diagnose(config: DiagnoseConfig, images: Sequence | None = None, mode: Input
     stats = {s.name: s for s in calibrated.stats}
     reports = []
     for index, tensor in enumerate(points):
+        if should_stop is not None and should_stop():
+            raise DiagnosisCancelled(f"diagnosis stopped after {index} of {len(points)} tensors")
         if progress:
             progress(index / len(points), f"tensor {index + 1} of {len(points)}")
         alone_truth, alone_fp32, alone_bright = simulator.score([tensor])

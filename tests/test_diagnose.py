@@ -112,3 +112,16 @@ def test_keep_in_float_removes_the_tensors_qdq(planted):
     quantized_inputs = {node.input[0] for node in graph.node if node.op_type == "QuantizeLinear"}
     assert "/Concat_output_0" not in quantized_inputs
     assert len(quantized_inputs) >= 10  # the rest of the network stays INT8
+
+
+def test_diagnosis_is_bounded_and_cancellable(planted):
+    from sr.diagnose import DiagnosisCancelled
+
+    path, images = planted
+    image = np.asarray(Image.open(Path(images) / "butterfly.png").convert("RGB"))
+    config = DiagnoseConfig(path, CalibrationConfig(method="entropy", samples=20), "tensorrt", max_side=32)
+    report = diagnose(config, images=[image], mode=InputMode.UPSCALE)
+    assert report.ranking and report.ranking[0].tensor in PLANTED
+    calls = []
+    with pytest.raises(DiagnosisCancelled, match="stopped after 2 of"):
+        diagnose(config, images=[image], mode=InputMode.UPSCALE, should_stop=lambda: calls.append(1) or len(calls) > 2)
