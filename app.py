@@ -25,6 +25,7 @@ from sr.data import ImageLoadError, load_image
 from sr.diagnose import DiagnoseConfig, DiagnosisCancelled, Fix, apply_fix, diagnose, range_coverage
 from sr.models import model_info
 from sr.plots import histogram_figure, range_chart
+from sr.store import cache_root, remove_stale_temps
 
 log = logging.getLogger("app")
 HEAVY = "heavy"  # one concurrency id for all CPU-heavy work: parallel users queue instead of oversubscribing
@@ -505,6 +506,8 @@ def main() -> None:
     args = parser.parse_args()
     app_jobs.POLICY.enabled = app_jobs.POLICY.enabled or args.allow_training
     logging.basicConfig(level=logging.INFO)
+    for folder in ("int8", "onnx"):
+        remove_stale_temps(cache_root() / folder)  # what crashed writers left behind
     build_demo().queue(default_concurrency_limit=1).launch(server_name=args.host, server_port=args.port,
                                                           share=args.share, max_file_size=MAX_UPLOAD,
                                                           show_error=False)

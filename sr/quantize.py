@@ -38,8 +38,8 @@ from .calibrate import (CalibrationConfig, Method, TensorRange, TensorStats, cal
 from .choices import Choice
 from .export import export_onnx
 from .models import load_model, model_info
-from .store import (cache_root, code_digest, file_sha256, library_versions, locked, publish_dir, remove_stale_temps,
-                    short_hash, temp_dir, write_atomic)
+from .store import (cache_cap_bytes, cache_root, code_digest, evict, file_sha256, library_versions, locked, publish_dir,
+                    remove_stale_temps, short_hash, temp_dir, touch, write_atomic)
 
 log = logging.getLogger(__name__)
 
@@ -327,6 +327,7 @@ def _calibrate_entry(entry: Path, fp32: Path, network_inputs: list[np.ndarray], 
                           config, scheme, model)
     producers = _producers(fp32)
     _write_entry(entry, fp32, ranges, stats, producers, config, scheme, fixes)
+    evict(entry.parent, cache_cap_bytes(), keep=entry)
     return ranges, stats, producers
 
 
@@ -390,6 +391,7 @@ def _read_entry(entry: Path):
         arrays = np.load(entry / "stats.npz")
         stats = [TensorStats(str(n), float(lo), float(hi), h) for n, lo, hi, h in
                  zip(arrays["names"], arrays["low"], arrays["high"], arrays["histograms"])]
+        touch(entry)
         return ranges, stats, saved["producers"]
     except (OSError, ValueError, KeyError, json.JSONDecodeError):
         if entry.exists():

@@ -25,6 +25,7 @@ CACHE_DIR = PROJECT_ROOT / "cache"  # $SR_CACHE_DIR overrides it
 RUNS_DIR = PROJECT_ROOT / "runs"  # models trained in the app
 TEMP_PREFIX = ".tmp-"  # every temp file or folder this module makes starts with it
 STALE_SECONDS = 3600.0  # temp leftovers older than this belong to a crashed writer
+DEFAULT_CACHE_MB = 2048  # $SR_CACHE_MAX_MB overrides it: the calibration cache's size cap
 
 
 def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
@@ -155,6 +156,65 @@ def remove_stale_temps(folder: str | os.PathLike, older_than: float = STALE_SECO
         except OSError:
             continue  # another process removed or is still using it
     return removed
+
+
+def touch(path: str | os.PathLike) -> None:
+    """Mark a cache entry as just used (its modification time orders the eviction)."""
+    try:
+        os.utime(path)
+    except OSError:
+        pass
+
+
+def _size(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(item.stat().st_size for item in path.rglob("*") if item.is_file())
+
+
+def cache_cap_bytes() -> int:
+    """The cache's size cap: $SR_CACHE_MAX_MB (read at call time), else DEFAULT_CACHE_MB."""
+    return int(float(os.environ.get("SR_CACHE_MAX_MB") or DEFAULT_CACHE_MB) * 1024 * 1024)
+
+
+def evict(folder: str | os.PathLike, max_bytes: int, keep: str | os.PathLike | None = None) -> list[Path]:
+    """Delete the least recently used entries of `folder` until it holds at most `max_bytes`.
+
+    An entry is a file or folder directly inside `folder` (temp items and lock files aside); "used" is its
+    modification time (`touch`). An entry whose lock another thread or process holds is skipped.
+
+    Args:
+        folder: the cache folder.
+        max_bytes: the cap.
+        keep: an entry never deleted (the one just written).
+
+    Returns:
+        the deleted entries.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    entries = [item for item in folder.iterdir() if not item.name.startswith(TEMP_PREFIX)
+               and not item.name.endswith(".lock") and (keep is None or item != Path(keep))]
+    sizes = {item: _size(item) for item in entries}
+    total = sum(sizes.values()) + (_size(Path(keep)) if keep is not None and Path(keep).exists() else 0)
+    deleted = []
+    for item in sorted(entries, key=lambda p: p.stat().st_mtime):
+        if total <= max_bytes:
+            break
+        lock_path = Path(f"{item}.lock")
+        with open(lock_path, "a") as handle:
+            try:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # in use
+            try:
+                shutil.rmtree(item) if item.is_dir() else item.unlink()
+                total -= sizes[item]
+                deleted.append(item)
+            finally:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+    return deleted  # lock files stay: a waiter may hold one open
 
 
 def library_versions(*names: str) -> dict[str, str]:

@@ -152,3 +152,21 @@ def test_tensorrt_plan_key_covers_model_gpu_version_and_profile(tmp_path):
         assert engines.tensorrt_profile_shapes() != original and engines.tensorrt_plan_key(model, "H100", "10.9") != key
     finally:
         engines.TILE -= 64
+
+
+def test_cache_is_capped_least_recently_used_first(tmp_path, monkeypatch):
+    """Three entries under a cap that holds about two: the least recently used one goes, a used one stays."""
+    configs = [CalibrationConfig(method="minmax", samples=10, seed=seed) for seed in (501, 502, 503)]
+    first = calibrate_model("xlsr-relu", configs[0], "cpu", cache_dir=tmp_path)
+    second = calibrate_model("xlsr-relu", configs[1], "cpu", cache_dir=tmp_path)
+    entry_bytes = sum(p.stat().st_size for p in first.qdq_onnx.parent.iterdir())
+    import os
+    import time
+
+    os.utime(first.qdq_onnx.parent, (time.time() - 100, time.time() - 100))
+    os.utime(second.qdq_onnx.parent, (time.time() - 200, time.time() - 200))
+    assert calibrate_model("xlsr-relu", configs[0], "cpu", cache_dir=tmp_path).cached  # a read marks it used
+    monkeypatch.setenv("SR_CACHE_MAX_MB", str(2.5 * entry_bytes / 2**20))
+    third = calibrate_model("xlsr-relu", configs[2], "cpu", cache_dir=tmp_path)
+    alive = {p.name for p in (tmp_path / "int8").iterdir() if p.is_dir()}
+    assert alive == {first.key, third.key}, (alive, second.key)
