@@ -14,6 +14,7 @@ dequantization of the network output, and whatever a fix explicitly excludes.
 """
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -296,7 +297,8 @@ def calibrate_model(model_name: str | os.PathLike, config: CalibrationConfig | N
     info = model_info(model_name)
     source = load_calibration_images(config.data if images is None else images)
     network_inputs = prepare_calibration_images(source, config, info.scale)
-    key = cache_key(file_sha256(info.path), config, scheme, images_digest(network_inputs), fixes)
+    weights_hash, data_hash = file_sha256(info.path), images_digest(network_inputs)
+    key = cache_key(weights_hash, config, scheme, data_hash, fixes)
     entry = cache_root(cache_dir) / "int8" / key
     fp32 = fp32_onnx_path(info.path, cache_dir)
 
@@ -311,18 +313,73 @@ def calibrate_model(model_name: str | os.PathLike, config: CalibrationConfig | N
             found = _read_entry(entry)  # another thread or process may have built it while we waited
             if found is None:
                 started = time.perf_counter()
-                made = _calibrate_entry(entry, fp32, network_inputs, config, scheme, fixes, info.name, threads, progress)
+                made = _calibrate_entry(entry, fp32, network_inputs, config, scheme, fixes, info.name, threads,
+                                        progress, statistics_key(weights_hash, config, data_hash))
                 return result(made, time.perf_counter() - started, False)
     return result(found, 0.0, True)
 
 
+def statistics_key(weights_hash: str, config: CalibrationConfig, data_hash: str) -> str:
+    """The key of a model's tensor statistics: everything that determines them, and nothing that only chooses
+    ranges from them (method, percentile, scheme, fixes), so switching the method reuses the observation passes.
+
+    Args:
+        weights_hash: the weight file's SHA-256.
+        config: the calibration (its samples, patch size and seed count; the images are `data_hash`).
+        data_hash: `images_digest` of the network's calibration inputs (gain and downscaling included).
+
+    Returns:
+        20 hex digits.
+    """
+    parts = {"weights": weights_hash, "samples": config.samples, "patch": config.patch_size, "seed": config.seed,
+             "data": data_hash, "code": code_digest(data, models, export, calibrate),
+             "versions": library_versions("torch", "onnx", "onnxruntime")}
+    return short_hash(json.dumps(parts, sort_keys=True), 20)
+
+
+def cached_statistics(fp32: Path, key: str, network_inputs: list[np.ndarray], config: CalibrationConfig,
+                      cache_dir: Path | None = None, threads: int = 0, progress=None) -> list[TensorStats]:
+    """The tensor statistics of a calibration, from the cache or observed (then cached).
+
+    Args:
+        fp32: the FP32 ONNX model.
+        key: `statistics_key(...)`.
+        network_inputs: the prepared calibration images.
+        config: the calibration (samples, patch size, seed).
+        cache_dir: the cache folder (default: `sr.store.cache_root()`).
+        threads: ONNX Runtime threads.
+        progress: called with (fraction done, message).
+
+    Returns:
+        one TensorStats per activation tensor, in graph order.
+    """
+    path = cache_root(cache_dir) / "stats" / f"{key}.npz"
+    with locked(path):
+        try:
+            arrays = np.load(path)
+            stats = [TensorStats(str(n), float(lo), float(hi), h) for n, lo, hi, h in
+                     zip(arrays["names"], arrays["low"], arrays["high"], arrays["histograms"])]
+            touch(path)
+            return stats
+        except (OSError, ValueError, KeyError):
+            pass
+        stats = collect_statistics(
+            fp32, lambda: calibration_patches(network_inputs, config.samples, config.patch_size, config.seed),
+            config.samples, need_histograms=True, threads=threads, progress=progress)
+        buffer = io.BytesIO()
+        np.savez(buffer, names=np.array([s.name for s in stats]), low=np.array([s.observed_min for s in stats]),
+                 high=np.array([s.observed_max for s in stats]), histograms=np.stack([s.histogram for s in stats]))
+        write_atomic(buffer.getvalue(), path)
+    evict(path.parent, cache_cap_bytes() // 4, keep=path)
+    return stats
+
+
 def _calibrate_entry(entry: Path, fp32: Path, network_inputs: list[np.ndarray], config: CalibrationConfig,
-                     scheme: Scheme, fixes: Fixes, model: str, threads: int, progress) -> tuple:
-    """Observe, choose the ranges, write and publish the entry (the caller holds its lock)."""
+                     scheme: Scheme, fixes: Fixes, model: str, threads: int, progress, stats_key: str) -> tuple:
+    """Observe (or reuse the statistics), choose the ranges, write and publish the entry (the caller holds its
+    lock)."""
     remove_stale_temps(entry.parent)
-    stats = collect_statistics(
-        fp32, lambda: calibration_patches(network_inputs, config.samples, config.patch_size, config.seed),
-        config.samples, need_histograms=True, threads=threads, progress=progress)
+    stats = cached_statistics(fp32, stats_key, network_inputs, config, entry.parent.parent, threads, progress)
     ranges = _apply_fixes(choose_ranges(stats, config.method, scheme.symmetric, config.percentile), stats, fixes,
                           config, scheme, model)
     producers = _producers(fp32)
