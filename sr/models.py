@@ -18,34 +18,24 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .choices import parse_choice
+from .choices import Choice
 from .store import atomic_path
 
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
 SCALES = (2, 3, 4)
 
 
-class FinalActivation(str, Enum):
-    """The activation after depth-to-space. `clipped_relu` is Ayazoglu's fix (CVPRW 2021): clamp to [0, 1]."""
+class FinalActivation(Choice, noun="final activation"):
+    """The activation after depth-to-space. `clipped_relu` is Ayazoglu's fix (CVPRW 2021): clamp to [0, 1].
+
+    `FinalActivation.parse(value)` (from `Choice`, i.e. `sr.choices.parse_choice(cls, value, "final activation")`)
+    accepts a member or its value and otherwise raises ValueError("unknown final activation 'x'; choose one of:
+    relu, clipped_relu, linear").
+    """
 
     RELU = "relu"
     CLIPPED_RELU = "clipped_relu"
     LINEAR = "linear"
-
-    @classmethod
-    def parse(cls, value) -> "FinalActivation":
-        """A member from itself or its value.
-
-        Args:
-            value: a FinalActivation or one of "relu", "clipped_relu", "linear".
-
-        Returns:
-            the member.
-
-        Raises:
-            ValueError: not one of the options; the message names `value` and lists them.
-        """
-        return parse_choice(cls, value, "final activation")
 
 
 def _final_activation(kind: FinalActivation) -> nn.Module:
