@@ -37,6 +37,7 @@ DIAGNOSE_SIDE = 128  # the diagnosis measures on a centre crop of at most this m
 MAX_CALIBRATION_FILES = 64
 MAX_CALIBRATION_PIXELS = 4_000_000  # per calibration image
 COVERAGE_WARNING = 0.01  # warn when a tensor has more than 1% of this image's values outside its range
+COVERAGE_SIDE = 128  # the coverage check runs on a copy downscaled to at most this many pixels a side
 METHOD_HELP = ("entropy: NVIDIA's KL search as ModelOpt publishes it (the spike of exact zeros after a ReLU is "
                "flattened first); entropy-zeros: the same search counting that spike, which pulls thresholds down "
                "and clips the tails.")
@@ -124,7 +125,7 @@ def coverage_note(result) -> str:
     """The first hint: does each model's calibration cover the values this image produces?"""
     lines = []
     for calibrated in result.calibrations:
-        worst = range_coverage(calibrated, result.lr)[0]
+        worst = range_coverage(calibrated, result.lr, max_side=COVERAGE_SIDE)[0]
         share = 100 * worst.outside_fraction
         if worst.outside_fraction > COVERAGE_WARNING:
             lines.append(f"⚠️ **{calibrated.model}: the calibration does not cover this image.** {share:.1f}% of "
@@ -193,8 +194,21 @@ def run_compare(image, model_a="xlsr-relu", model_b="xlsr-clip", method="entropy
     original = result.truth if result.truth is not None else result.original
     panels = [original, result.fp32_a, result.int8_a, result.fp32_b, result.int8_b]
     state = {"panels": panels, "calibrations": result.calibrations}
-    chart = range_chart(*result.calibrations)
+    chart = _chart(*result.calibrations)
     return (*panels, metrics_frame(result.metrics), note, chart, state)
+
+
+_CHARTS: dict[tuple, object] = {}
+
+
+def _chart(first, second):
+    """The range chart of two calibrations (remembered: it depends on nothing else)."""
+    key = (first.key, second.key, first.model, second.model)
+    if key not in _CHARTS:
+        if len(_CHARTS) > 16:
+            _CHARTS.clear()
+        _CHARTS[key] = range_chart(first, second)
+    return _CHARTS[key]
 
 
 def run_slider(state, left, right):

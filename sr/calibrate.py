@@ -399,13 +399,29 @@ def load_calibration_images(source: str | os.PathLike | Sequence[np.ndarray] | N
         ValueError: an empty list.
     """
     if source is None:
-        return [load_image(p) for p in ensure_calibration_images()]
+        return _load_folder(ensure_calibration_images())
     if isinstance(source, (str, os.PathLike)):
-        return [load_image(p) for p in list_images(source)]
+        return _load_folder(list_images(source))
     images = [np.asarray(image) for image in source]
     if not images:
         raise ValueError("no calibration images were given")
     return images
+
+
+_FOLDERS: dict[tuple, list[np.ndarray]] = {}
+_PREPARED: dict[tuple, tuple[list, list[np.ndarray]]] = {}
+
+
+def _load_folder(paths: list[Path]) -> list[np.ndarray]:
+    """Decode a folder's images, remembered while no file changes (the app asks for calib_data/ on every run)."""
+    memo = tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in paths)
+    if memo not in _FOLDERS:
+        if len(_FOLDERS) > 8:
+            _FOLDERS.clear()
+        _FOLDERS[memo] = [load_image(p) for p in paths]
+        for image in _FOLDERS[memo]:
+            image.flags.writeable = False  # shared between callers
+    return _FOLDERS[memo]
 
 
 def prepare_calibration_images(images: Sequence[np.ndarray], config: CalibrationConfig,
@@ -421,6 +437,9 @@ def prepare_calibration_images(images: Sequence[np.ndarray], config: Calibration
     Returns:
         uint8 HxWx3 images (images too small to downscale are used as they are).
     """
+    memo = (tuple(id(image) for image in images), config.inputs, config.gain, config.contrast, scale)
+    if memo in _PREPARED and all(a is b for a, b in zip(_PREPARED[memo][0], images)):
+        return _PREPARED[memo][1]
     prepared = []
     for image in images:
         image = np.asarray(image)[..., :3]
@@ -430,6 +449,10 @@ def prepare_calibration_images(images: Sequence[np.ndarray], config: Calibration
             values = (image.astype(np.float32) / 255.0 - 0.5) * config.contrast + 0.5
             image = np.clip(np.rint(values * config.gain * 255.0), 0, 255).astype(np.uint8)
         prepared.append(np.ascontiguousarray(image))
+    if all(not image.flags.writeable for image in images):  # the shared folder images: remember the result
+        if len(_PREPARED) > 8:
+            _PREPARED.clear()
+        _PREPARED[memo] = (list(images), prepared)
     return prepared
 
 

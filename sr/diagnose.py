@@ -30,7 +30,7 @@ from onnx import TensorProto, helper, numpy_helper
 from .calibrate import CalibrationConfig, Method, TensorRange, TensorStats, observing_session
 from .choices import Choice
 from .compare import InputMode, prepare_input
-from .data import degrade, list_images, load_image
+from .data import bicubic_resize, degrade, list_images, load_image
 from .engines import OrtEngine, tiled
 from .metrics import brightness_ratio, psnr_y
 from .models import model_info
@@ -429,7 +429,8 @@ class TensorCoverage:
     image_max: float
 
 
-def range_coverage(calibrated: CalibratedModel, lr: np.ndarray, tile: int = 128) -> list[TensorCoverage]:
+def range_coverage(calibrated: CalibratedModel, lr: np.ndarray, tile: int = 128,
+                   max_side: int | None = None) -> list[TensorCoverage]:
     """Per quantized tensor, the share of this image's values that the calibrated range clips.
 
     The image runs through the FP32 model in non-overlapping tiles (bounded memory; values near tile borders see
@@ -439,10 +440,15 @@ def range_coverage(calibrated: CalibratedModel, lr: np.ndarray, tile: int = 128)
         calibrated: the INT8 model whose ranges are checked.
         lr: the network's input, uint8 HxWx3.
         tile: tile side in pixels.
+        max_side: check a bicubic-downscaled copy of at most this many pixels a side (a faster estimate: the
+            value ranges of a downscaled photo are nearly those of the photo); None checks the image itself.
 
     Returns:
         one TensorCoverage per quantization point, the worst first.
     """
+    if max_side is not None and max(lr.shape[:2]) > max_side:
+        factor = max_side / max(lr.shape[:2])
+        lr = bicubic_resize(lr, max(1, round(lr.shape[1] * factor)), max(1, round(lr.shape[0] * factor)))
     model = onnx.load(str(calibrated.fp32_onnx))
     ranges = tie_fused_ranges(model, calibrated.ranges)
     points = quantization_points(model, list(calibrated.ranges))

@@ -40,8 +40,11 @@ def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
     return Path(cache_dir or os.environ.get("SR_CACHE_DIR") or CACHE_DIR)
 
 
+_DIGESTS: dict[tuple, str] = {}
+
+
 def file_sha256(path: str | os.PathLike) -> str:
-    """The SHA-256 hex digest of a file, read in 1 MiB blocks.
+    """The SHA-256 hex digest of a file, read in 1 MiB blocks (remembered while its size and mtime stay).
 
     Args:
         path: the file.
@@ -52,11 +55,18 @@ def file_sha256(path: str | os.PathLike) -> str:
     Raises:
         FileNotFoundError: no such file.
     """
+    status = os.stat(path)
+    memo = (os.path.realpath(path), status.st_size, status.st_mtime_ns, status.st_ino)
+    if memo in _DIGESTS:
+        return _DIGESTS[memo]
     digest = hashlib.sha256()
     with open(path, "rb") as file:
         for block in iter(lambda: file.read(1 << 20), b""):
             digest.update(block)
-    return digest.hexdigest()
+    if len(_DIGESTS) > 4096:
+        _DIGESTS.clear()
+    _DIGESTS[memo] = digest.hexdigest()
+    return _DIGESTS[memo]
 
 
 @contextlib.contextmanager
