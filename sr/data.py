@@ -71,7 +71,10 @@ def load_image(source: str | os.PathLike | bytes, max_pixels: int = DEFAULT_MAX_
             return _to_rgb8(image)
     except ImageLoadError:
         raise
-    except (UnidentifiedImageError, Image.DecompressionBombError) as error:
+    except Image.DecompressionBombError as error:  # PIL refuses before we can read the size ourselves
+        raise ImageLoadError(f"{Path(name).name} has too many pixels: more than the limit of "
+                             f"{max_pixels / 1e6:.1f} MP ({error})") from error
+    except UnidentifiedImageError as error:
         raise ImageLoadError(f"{Path(name).name} is not an image we can read ({error})") from error
     except (OSError, ValueError, SyntaxError) as error:  # truncated or corrupt data inside a valid header
         raise ImageLoadError(f"{Path(name).name} is corrupt or truncated ({error})") from error

@@ -96,6 +96,19 @@ class TrainResult:
     history: list[dict]  # [{"step", "loss", "val_psnr"?}]
 
 
+def warmup_fraction(steps: int) -> float:
+    """The one-cycle warm-up share: 10 %, but at least two steps when there are three or more. torch's OneCycleLR
+    divides by the warm-up's length in steps minus one, which is zero at exactly 10 steps with 10 %.
+
+    Args:
+        steps: the schedule's length.
+
+    Returns:
+        pct_start for OneCycleLR.
+    """
+    return max(0.1, 2.0 / steps) if steps >= 3 else 0.1
+
+
 def charbonnier(prediction: torch.Tensor, target: torch.Tensor, eps: float = 1e-3) -> torch.Tensor:
     """Charbonnier loss sqrt((x - y)^2 + eps^2), a differentiable L1 (Lai et al., LapSRN, CVPR 2017).
 
@@ -279,7 +292,7 @@ def _setup(config: TrainConfig, teacher: nn.Module | None, alpha: float) -> _Run
             raise ValueError(f"teacher is x{teacher.config.scale} but the student is x{config.scale}")
     optimizer = torch.optim.Adam(model.parameters(), lr=config.max_lr)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.max_lr, total_steps=config.steps,
-                                                    pct_start=0.1)
+                                                    pct_start=warmup_fraction(config.steps))
     return _Run(config=config, rank=rank, world=world, device=device, model=model, trainable=model,
                 teacher=teacher, alpha=alpha, optimizer=optimizer, scheduler=scheduler)
 

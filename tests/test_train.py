@@ -185,3 +185,10 @@ def test_two_process_resume_gives_the_same_weights(tiny_data, tmp_path):
     expected = load_model(tmp_path / "whole.safetensors").state_dict()
     actual = load_model(parts).state_dict()
     assert all(torch.equal(expected[name], actual[name]) for name in expected)
+
+
+@pytest.mark.parametrize("steps", [1, 2, 3, 10, 11, 20])
+def test_short_schedules_run(steps, tiny_data, tmp_path):
+    """Any step count from 1 works (10 steps used to divide by zero inside OneCycleLR)."""
+    result = train(TrainConfig(**_config(tiny_data, tmp_path / "s.safetensors", steps=steps, val_dir=None)))
+    assert result.steps == steps
