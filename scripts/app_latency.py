@@ -1,9 +1,13 @@
-"""App targets, measured in one run: warm comparison for a 256x256 input at x3 for each preset pair, and an
-entropy recalibration with 100 samples (a fresh seed, so the cache cannot answer).
+"""App latency, measured in one process and printed with where the time goes: the warm comparison behind the
+Run button (five panels, metrics, coverage check, range chart) for a 256x256 input at x3, for each preset pair;
+a recalibration (a fresh seed: the cache cannot answer it); the first, cold run; and the peak memory of a
+4000x3000 upload.
 
-    python scripts/app_latency.py
+    python scripts/app_latency.py            # run it alone: the machine's cores are the budget
 """
+import resource
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -12,28 +16,55 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from sr.calibrate import CalibrationConfig, load_calibration_images  # noqa: E402
+import app  # noqa: E402
+from sr.calibrate import load_calibration_images  # noqa: E402
 from sr.compare import compare  # noqa: E402
-from sr.quantize import calibrate_model  # noqa: E402
 
 PAIRS = {"ReLU vs Clipped ReLU, same XLSR": ("xlsr-relu", "xlsr-clip"),
          "big ReLU teacher vs small Clipped-ReLU student": ("teacher", "xlsr-clip-kd")}
 
 
-def main():
+def _quiet(*_args, **_kwargs):
+    return None
+
+
+def warm(path: str, model_a: str, model_b: str, repeats: int = 5) -> None:
+    app.run_compare(path, model_a, model_b, progress=_quiet)  # calibrations cached, engines loaded
+    totals, stages = [], {}
+    for _ in range(repeats):
+        start = time.perf_counter()
+        app.run_compare(path, model_a, model_b, progress=_quiet)
+        totals.append(time.perf_counter() - start)
+        result = compare(path, model_a, model_b)
+        for stage, seconds in result.seconds.items():
+            stages.setdefault(stage, []).append(seconds)
+        start = time.perf_counter()
+        app.coverage_note(result)
+        stages.setdefault("coverage check", []).append(time.perf_counter() - start)
+    parts = ", ".join(f"{stage} {np.median(values):.3f}" for stage, values in stages.items())
+    print(f"  warm Run: {np.median(totals):.2f} s (median of {repeats}); library stages (s): {parts}")
+
+
+def main() -> None:
     image = np.asarray(Image.fromarray(load_calibration_images(None)[0]).resize((256, 256)))
-    for name, (model_a, model_b) in PAIRS.items():
-        compare(image, model_a, model_b)  # warm: calibrations cached, engines loaded
-        times = []
-        for _ in range(3):
-            start = time.perf_counter()
-            compare(image, model_a, model_b)
-            times.append(time.perf_counter() - start)
-        print(f"warm comparison, 256x256 -> 768x768, '{name}': {np.median(times):.2f} s")
-    seed = int(np.random.default_rng().integers(1, 1 << 30))
+    path = str(Path(tempfile.mkdtemp()) / "input.png")
+    Image.fromarray(image).save(path)
     start = time.perf_counter()
-    calibrate_model("xlsr-clip", CalibrationConfig(method="entropy", samples=100, seed=seed), "tensorrt")
-    print(f"entropy recalibration, 100 samples, xlsr-clip: {time.perf_counter() - start:.2f} s")
+    app.run_compare(path, "xlsr-relu", "xlsr-clip", seed=int(time.time()) % 100_000 + 1, progress=_quiet)
+    print(f"cold Run (fresh calibration seed, XLSR pair): {time.perf_counter() - start:.2f} s")
+    for name, (model_a, model_b) in PAIRS.items():
+        print(f"256x256 -> 768x768, '{name}'")
+        warm(path, model_a, model_b)
+    start = time.perf_counter()
+    app.run_compare(path, "xlsr-relu", "xlsr-clip", seed=app.new_seed(), progress=_quiet)
+    print(f"Recalibrate (new seed, XLSR pair, entropy, 100 samples): {time.perf_counter() - start:.2f} s")
+    big = str(Path(tempfile.mkdtemp()) / "big.png")
+    Image.fromarray(np.asarray(Image.fromarray(image).resize((4000, 3000), Image.Resampling.BICUBIC))).save(big)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    start = time.perf_counter()
+    app.run_compare(big, "xlsr-relu", "xlsr-clip", progress=_quiet)
+    print(f"4000x3000 upload (downscaled to the 1024 px limit): {time.perf_counter() - start:.1f} s, peak RSS "
+          f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB (before it: {before:.0f} MB)")
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ No UI code here (the app is a thin Gradio shell over this module). Images are ui
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import threading
@@ -230,6 +231,22 @@ class Comparison:
     notices: list[str]
     truth: np.ndarray | None
     lr: np.ndarray
+    seconds: dict[str, float] = field(default_factory=dict)  # wall time per stage: where the time goes
+
+
+class _Stopwatch:
+    """Adds the wall time of each `with watch("stage"):` block to `watch.seconds[stage]`."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, stage: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - start
 
 
 def _metrics(kind: OutputKind, model: str | None, engine: str, output: np.ndarray, fp32: np.ndarray,
@@ -274,31 +291,36 @@ def compare(image, model_a: str = "xlsr-relu", model_b: str = "xlsr-clip",
     scales = {model_info(m).scale for m in (model_a, model_b)}
     if len(scales) != 1:
         raise ValueError(f"{model_a} and {model_b} have different scales ({sorted(scales)}); pick two models of one scale")
-    scale = scales.pop()
-    prepared = prepare_input(image, mode, scale)
-    lr, truth = prepared.lr, prepared.truth
-    size = (lr.shape[1] * scale, lr.shape[0] * scale)
-    resample = Image.Resampling.NEAREST if display is Display.NEAREST else Image.Resampling.BICUBIC
-    original = np.asarray(Image.fromarray(lr).resize(size, resample))
-    fixes = fixes or (Fixes(), Fixes())
+    scale, watch = scales.pop(), _Stopwatch()
+    with watch("prepare"):
+        prepared = prepare_input(image, mode, scale)
+        lr, truth = prepared.lr, prepared.truth
+        size = (lr.shape[1] * scale, lr.shape[0] * scale)
+        resample = Image.Resampling.NEAREST if display is Display.NEAREST else Image.Resampling.BICUBIC
+        original = np.asarray(Image.fromarray(lr).resize(size, resample))
     int8 = []
-    for index, (model, fix) in enumerate(zip((model_a, model_b), fixes)):
+    for index, (model, fix) in enumerate(zip((model_a, model_b), fixes or (Fixes(), Fixes()))):
         step = (lambda fraction, message, i=index: progress((i + fraction) / 2, f"{model}: {message}")) if progress else None
-        int8.append(calibrate_model(model, config, scheme, images=calibration_images, fixes=fix, progress=step))
+        with watch("calibrate (cache)"):
+            int8.append(calibrate_model(model, config, scheme, images=calibration_images, fixes=fix, progress=step))
     rows, outputs = [], []
     for model, calibrated in zip((model_a, model_b), int8):
-        fp32, fp32_ms = fp32_output(model, lr)
-        engine = int8_engine(calibrated)
-        out, int8_ms = _timed(engine, lr)
+        with watch("FP32 (reused on recalibration)"):
+            fp32, fp32_ms = fp32_output(model, lr)
+        with watch("INT8"):
+            engine = int8_engine(calibrated)
+            out, int8_ms = _timed(engine, lr)
         outputs.append((fp32, out))
-        rows.append(_metrics(OutputKind.FP32, model, "torch", fp32, fp32, truth, scale, fp32_ms))
-        rows.append(_metrics(OutputKind.INT8, model, f"{engine.name} {calibrated.scheme.value}", out, fp32, truth,
-                             scale, int8_ms))
+        with watch("metrics"):
+            rows.append(_metrics(OutputKind.FP32, model, "torch", fp32, fp32, truth, scale, fp32_ms))
+            rows.append(_metrics(OutputKind.INT8, model, f"{engine.name} {calibrated.scheme.value}", out, fp32,
+                                 truth, scale, int8_ms))
     if truth is not None:
-        rows.append(_metrics(OutputKind.BICUBIC, None, "PIL", bicubic_resize(lr, *size), outputs[0][0], truth,
-                             scale, 0.0))
+        with watch("metrics"):
+            rows.append(_metrics(OutputKind.BICUBIC, None, "PIL", bicubic_resize(lr, *size), outputs[0][0], truth,
+                                 scale, 0.0))
     return Comparison(original, outputs[0][0], outputs[0][1], outputs[1][0], outputs[1][1], rows,
-                      (int8[0], int8[1]), prepared.notices, truth, lr)
+                      (int8[0], int8[1]), prepared.notices, truth, lr, watch.seconds)
 
 
 def roi_strip(images: list[np.ndarray], center_x: float, center_y: float, size: int = 64, zoom: int = 4) -> np.ndarray:
