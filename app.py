@@ -24,7 +24,7 @@ from sr.compare import InputMode, OutputKind, available_models, compare, roi_str
 from sr.data import ImageLoadError, load_image
 from sr.diagnose import DiagnoseConfig, DiagnosisCancelled, Fix, apply_fix, diagnose, range_coverage
 from sr.models import model_info
-from sr.plots import histogram_figure, range_chart
+from sr.plots import DifferenceKind, difference_image, histogram_figure, range_chart
 from sr.store import cache_root, remove_stale_temps
 
 log = logging.getLogger("app")
@@ -170,8 +170,11 @@ def _calibration(method, samples, gain, seed) -> CalibrationConfig:
 
 def run_compare(image, model_a="xlsr-relu", model_b="xlsr-clip", method="entropy", samples=100, scheme="tensorrt",
                 mode="Upscale my image", display="bicubic", calib_source="calib_data/", calib_images=None, gain=1.0,
-                seed=0, progress=gr.Progress()):
-    """The main comparison (also the `compare` API endpoint): five images, metrics, coverage, range chart."""
+                seed=0, history=None, progress=gr.Progress()):
+    """The main comparison (also the `compare` API endpoint): five images, metrics, coverage, range chart.
+
+    `history` (this tab's state) collects the INT8 loss of each calibration sample drawn for the same settings,
+    so that Recalibrate can say how much the result moves between samples."""
     _check_image(image)
     try:
         calibration = calib_images if calib_source == "my uploads" else None
@@ -194,8 +197,33 @@ def run_compare(image, model_a="xlsr-relu", model_b="xlsr-clip", method="entropy
     original = result.truth if result.truth is not None else result.original
     panels = [original, result.fp32_a, result.int8_a, result.fp32_b, result.int8_b]
     state = {"panels": panels, "calibrations": result.calibrations}
-    chart = _chart(*result.calibrations)
-    return (*panels, metrics_frame(result.metrics), note, chart, state)
+    history = _remember(history, result, (image, model_a, model_b, method, samples, scheme, mode, gain), seed)
+    labels = ["Truth" if result.truth is not None else "Original", f"FP32 {_label(model_a)}",
+              f"INT8 {_label(model_a)}", f"FP32 {_label(model_b)}", f"INT8 {_label(model_b)}"]
+    shown = [gr.update(value=panel, label=label) for panel, label in zip(panels, labels)]
+    return (*shown, metrics_frame(result.metrics), note + spread_note(history), _chart(*result.calibrations), state,
+            history)
+
+
+def _remember(history, result, settings, seed) -> dict:
+    """This tab's INT8 losses per calibration seed, for the current settings (other settings start afresh)."""
+    key = repr(settings)
+    history = history if history and history.get("key") == key else {"key": key, "runs": {}}
+    int8 = [row for row in result.metrics if row.kind is OutputKind.INT8]
+    history["runs"][int(seed or 0)] = [row.psnr_vs_fp32_db for row in int8]
+    return history
+
+
+def spread_note(history) -> str:
+    """How much the INT8 result moves between calibration samples (after two or more)."""
+    runs = list(history["runs"].values())
+    if len(runs) < 2:
+        return ""
+    losses = np.array(runs, dtype=np.float64)
+    parts = [f"model {name}: {losses[:, i].mean():.2f} ± {losses[:, i].std():.2f} dB from FP32"
+             for i, name in enumerate("AB")]
+    return (f"\n\n**Across {len(runs)} calibration samples** (seeds {', '.join(map(str, history['runs']))}): "
+            + "; ".join(parts) + ".")
 
 
 _CHARTS: dict[tuple, object] = {}
@@ -218,11 +246,42 @@ def run_slider(state, left, right):
     return (state["panels"][PANELS.index(left)], state["panels"][PANELS.index(right)])
 
 
-def run_roi(state, center_x, center_y, size):
-    """The same crop of every panel, enlarged."""
+DIFFERENCES = {  # label -> (panel index of the output, panel index of the reference)
+    "INT8 A vs FP32 A": (2, 1), "INT8 B vs FP32 B": (4, 3), "INT8 B vs INT8 A": (4, 2), "FP32 B vs FP32 A": (3, 1)}
+DIFFERENCE_KINDS = {"|difference| of luma": DifferenceKind.LUMA, "|difference| per channel": DifferenceKind.CHANNELS,
+                    "brightness shift (blue: darker, red: brighter)": DifferenceKind.BRIGHTNESS_SHIFT}
+
+
+def _difference(state, pair, kind, gain, bar_height=28):
+    output, reference = DIFFERENCES[pair]
+    return difference_image(state["panels"][output], state["panels"][reference], float(gain),
+                            DIFFERENCE_KINDS[kind], bar_height)
+
+
+def run_difference(state, pair, kind, gain):
+    """The amplified difference between two panels, with its scale bar."""
     if not state:
         return None
-    return roi_strip(state["panels"], center_x, center_y, int(size))
+    return _difference(state, pair, kind, gain)
+
+
+def run_roi(state, center_x, center_y, size, pair=None, kind=None, gain=16):
+    """The same crop of every panel (and of the difference view), enlarged."""
+    if not state:
+        return None
+    images = list(state["panels"])
+    if pair in DIFFERENCES and kind in DIFFERENCE_KINDS:
+        images.append(_difference(state, pair, kind, gain, bar_height=0))
+    return roi_strip(images, center_x, center_y, int(size))
+
+
+def zoom_at(state, size, pair, kind, gain, event: gr.SelectData):
+    """Clicking a point of any panel centres the zoom there, on every panel at once."""
+    if not state or event is None or event.index is None:
+        return gr.update(), gr.update(), None
+    height, width = state["panels"][0].shape[:2]
+    center_x, center_y = (event.index[0] + 0.5) / width, (event.index[1] + 0.5) / height
+    return center_x, center_y, run_roi(state, center_x, center_y, size, pair, kind, gain)
 
 
 def apply_preset(preset):
@@ -368,14 +427,18 @@ def _compare_controls(models: list[str]) -> dict:
     model_a, model_b = PRESETS[first]["models"]
     with gr.Row():
         with gr.Column(scale=1):
-            controls = {"image": UntouchedImage(label="Input image", type="filepath", sources=["upload", "clipboard"],
-                                                image_mode=None, elem_id="input-image")}
-            gr.Examples(_examples(), inputs=controls["image"])
+            examples = _examples()
+            controls = {"image": UntouchedImage(value=examples[0] if examples else None, label="Input image",
+                                                type="filepath", sources=["upload", "clipboard"], image_mode=None,
+                                                elem_id="input-image")}
+            gr.Examples(examples, inputs=controls["image"])
             controls["mode"] = gr.Radio(list(MODES), value="Upscale my image", label="Mode")
             controls["preset"] = gr.Radio(list(PRESETS), value=first, label="Preset")
             controls["preset_note"] = gr.Markdown()
-            controls["model_a"] = gr.Dropdown(models, value=model_a, label=f"Model A ({_label(model_a)})")
-            controls["model_b"] = gr.Dropdown(models, value=model_b, label=f"Model B ({_label(model_b)})")
+            controls["model_a"] = gr.Dropdown(models, value=model_a, label=f"Model A ({_label(model_a)})",
+                                              elem_id="model-a")
+            controls["model_b"] = gr.Dropdown(models, value=model_b, label=f"Model B ({_label(model_b)})",
+                                              elem_id="model-b")
         with gr.Column(scale=1):
             controls["method"] = gr.Dropdown([m.value for m in Method], value="entropy", label="Calibration method",
                                              info=METHOD_HELP)
@@ -397,9 +460,10 @@ def _compare_outputs() -> dict:
     with gr.Row():
         panels = [gr.Image(label=name, format="png", type="numpy", interactive=False,
                            buttons=["download", "fullscreen"], elem_id=f"panel-{i}") for i, name in enumerate(PANELS)]
-    outputs = {"panels": panels, "coverage": gr.Markdown(elem_id="coverage"),
+    outputs = {"panels": panels, "coverage": gr.Markdown(label="Calibration coverage", elem_id="coverage"),
                "metrics": gr.Dataframe(label="Metrics (Y-PSNR/SSIM with the scale shaved from each border)",
                                        elem_id="metrics", interactive=False, wrap=True)}
+    outputs["difference"] = _difference_view()
     with gr.Row():
         outputs["left"] = gr.Dropdown(list(PANELS), value=PANELS[1], label="Slider left")
         outputs["right"] = gr.Dropdown(list(PANELS), value=PANELS[2], label="Slider right")
@@ -408,25 +472,47 @@ def _compare_outputs() -> dict:
         outputs["center_x"] = gr.Slider(0, 1, 0.5, label="Zoom centre x")
         outputs["center_y"] = gr.Slider(0, 1, 0.5, label="Zoom centre y")
         outputs["size"] = gr.Slider(16, 256, 64, step=8, label="Zoom crop (px)")
-    outputs["roi"] = gr.Image(label="Zoom: the same crop of every panel", format="png", type="numpy", interactive=False)
+    outputs["roi"] = gr.Image(label="Zoom: the same crop of every panel (and of the difference view)", format="png",
+                              type="numpy", interactive=False, elem_id="zoom")
     outputs["chart"] = gr.Plot(label="Activation ranges: observed vs chosen, clipped share")
     outputs["state"] = gr.State(None)
     return outputs
 
 
+def _difference_view() -> dict:
+    gr.Markdown("### Difference view\nWhere INT8 departs from FP32, amplified. Click any panel to zoom every "
+                "panel, and this view, at that point.")
+    with gr.Row():
+        view = {"pair": gr.Dropdown(list(DIFFERENCES), value=next(iter(DIFFERENCES)), label="Compare"),
+                "kind": gr.Radio(list(DIFFERENCE_KINDS), value=next(iter(DIFFERENCE_KINDS)), label="Show"),
+                "gain": gr.Slider(1, 128, 16, step=1, label="Gain (x)")}
+    view["image"] = gr.Image(label="Amplified difference", format="png", type="numpy", interactive=False,
+                             elem_id="difference", buttons=["download", "fullscreen"])
+    return view
+
+
 def _wire_compare(c: dict, o: dict) -> None:
     calib_images = gr.State(None)
     c["calib_files"].upload(load_calibration_uploads, c["calib_files"], calib_images, api_name=False)
+    history = gr.State(None)
     inputs = [c["image"], c["model_a"], c["model_b"], c["method"], c["samples"], c["scheme"], c["mode"], c["display"],
-              c["calib_source"], calib_images, c["gain"], c["seed"]]
-    outputs = [*o["panels"], o["metrics"], o["coverage"], o["chart"], o["state"]]
-    zoom = [o["state"], o["center_x"], o["center_y"], o["size"]]
+              c["calib_source"], calib_images, c["gain"], c["seed"], history]
+    outputs = [*o["panels"], o["metrics"], o["coverage"], o["chart"], o["state"], history]
+    d = o["difference"]
+    zoom = [o["state"], o["center_x"], o["center_y"], o["size"], d["pair"], d["kind"], d["gain"]]
+    difference = [o["state"], d["pair"], d["kind"], d["gain"]]
     run = c["run"].click(run_compare, inputs, outputs, api_name="compare", concurrency_id=HEAVY, concurrency_limit=1)
     again = c["recalibrate"].click(new_seed, None, c["seed"], api_name=False).then(
         run_compare, inputs, outputs, api_name=False, concurrency_id=HEAVY, concurrency_limit=1)
     for event in (run, again):
         event.then(run_slider, [o["state"], o["left"], o["right"]], o["slider"], api_name=False).then(
+            run_difference, difference, d["image"], api_name=False).then(run_roi, zoom, o["roi"], api_name=False)
+    for control in (d["pair"], d["kind"], d["gain"]):
+        control.change(run_difference, difference, d["image"], api_name=False).then(
             run_roi, zoom, o["roi"], api_name=False)
+    for panel in [*o["panels"], d["image"]]:
+        panel.select(zoom_at, [o["state"], o["size"], d["pair"], d["kind"], d["gain"]],
+                     [o["center_x"], o["center_y"], o["roi"]], api_name=False)
     c["preset"].change(apply_preset, c["preset"], [c["model_a"], c["model_b"], c["method"], c["gain"], c["preset_note"]],
                        api_name=False)
     c["model_a"].input(lambda m: relabel(m, "A"), c["model_a"], c["model_a"], api_name=False)
@@ -434,7 +520,8 @@ def _wire_compare(c: dict, o: dict) -> None:
     for control in (o["left"], o["right"]):
         control.change(run_slider, [o["state"], o["left"], o["right"]], o["slider"], api_name=False)
     for control in (o["center_x"], o["center_y"], o["size"]):
-        control.release(run_roi, zoom, o["roi"], api_name=False)
+        # input: dragging and typing in the number box alike; always_last drops the stale ones
+        control.input(run_roi, zoom, o["roi"], api_name=False, trigger_mode="always_last")
 
 
 def _diagnose_tab(c: dict) -> None:
@@ -444,7 +531,7 @@ def _diagnose_tab(c: dict) -> None:
         which = gr.Radio(["model A", "model B"], value="model A", label="Diagnose")
         button = gr.Button("Diagnose", variant="primary", elem_id="diagnose")
         cancel = gr.Button("Cancel", elem_id="cancel-diagnosis")
-    summary = gr.Markdown()
+    summary = gr.Markdown(label="Diagnosis summary")
     ranking = gr.Dataframe(label="Tensors ranked by how far their quantization alone moves the output from FP32",
                            interactive=False, wrap=True)
     histogram = gr.Plot(label="Histogram of the culprit with its chosen range")

@@ -11,6 +11,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from .calibrate import Method, TensorStats, threshold
+from .choices import Choice
 from .quantize import CalibratedModel
 
 MAX_TENSORS = 24  # range-chart rows per model: the most clipped ones when a model has more
@@ -84,3 +85,68 @@ def histogram_figure(stats: TensorStats, chosen_limit: float | None = None,
     axis.legend(fontsize=8)
     figure.tight_layout()
     return figure
+
+
+class DifferenceKind(Choice, noun="difference view"):
+    """What a difference image shows."""
+
+    LUMA = "luma"  # |Y(a) - Y(b)|, a heat map
+    CHANNELS = "channels"  # |R|, |G|, |B| differences as an RGB image
+    BRIGHTNESS_SHIFT = "brightness-shift"  # signed Y(a) - Y(b): blue where a is darker, red where brighter
+
+
+def difference_image(output: np.ndarray, reference: np.ndarray, gain: float = 8.0,
+                     kind: DifferenceKind | str = DifferenceKind.LUMA, bar_height: int = 28) -> np.ndarray:
+    """An amplified picture of where and how much `output` differs from `reference`, with a scale bar.
+
+    Args:
+        output: uint8 HxWx3 (e.g. INT8).
+        reference: uint8 HxWx3 of the same shape (e.g. FP32).
+        gain: amplification: a difference of 255 / gain levels reaches the top of the colour scale.
+        kind: luma heat map, per-channel RGB, or signed brightness shift.
+        bar_height: pixels of the scale bar under the image (0 for none).
+
+    Returns:
+        uint8 (H + bar_height)xWx3.
+
+    Raises:
+        ValueError: different shapes, or a gain not in (0, 1000].
+    """
+    from matplotlib import colormaps
+    from PIL import Image, ImageDraw
+
+    from .metrics import rgb_to_y
+
+    kind = DifferenceKind.parse(kind)
+    if output.shape != reference.shape:
+        raise ValueError(f"images differ in shape: {output.shape} vs {reference.shape}")
+    if not 0 < gain <= 1000:
+        raise ValueError(f"gain must be in (0, 1000], got {gain}")
+    full_scale = 255.0 / gain  # levels (Y or channel) that saturate the colour scale
+    if kind is DifferenceKind.CHANNELS:
+        delta = np.abs(output.astype(np.float32) - reference.astype(np.float32))
+        picture = np.clip(delta / full_scale * 255.0, 0, 255).astype(np.uint8)
+        ramp, low_text = np.linspace(0, 1, 256)[:, None].repeat(3, 1), "0"
+    else:
+        delta = (rgb_to_y(output) - rgb_to_y(reference)) * (255.0 / 219.0)  # Y levels as 8-bit steps
+        if kind is DifferenceKind.LUMA:
+            cmap, values, low_text = colormaps["inferno"], np.abs(delta) / full_scale, "0"
+        else:
+            cmap, values, low_text = colormaps["RdBu_r"], 0.5 + delta / (2 * full_scale), f"-{full_scale:.3g}"
+        picture = (cmap(np.clip(values, 0, 1))[..., :3] * 255).astype(np.uint8)
+        ramp = cmap(np.linspace(0, 1, 256))[:, :3]
+    if bar_height <= 0:
+        return picture
+    width = picture.shape[1]
+    bar = np.full((bar_height, width, 3), 255, np.uint8)
+    strip = (ramp[np.linspace(0, 255, width).astype(int)] * 255).astype(np.uint8)
+    bar[: bar_height // 2] = strip[None]
+    canvas = Image.fromarray(bar)
+    draw = ImageDraw.Draw(canvas)
+    unit = "levels" if kind is DifferenceKind.CHANNELS else "Y levels"
+    high_text = f"{full_scale:.3g} {unit} (gain {gain:g})"
+    if draw.textlength(low_text) + draw.textlength(high_text) + 12 > width:
+        high_text = f"{full_scale:.3g}"
+    draw.text((2, bar_height // 2), low_text, fill=(0, 0, 0))
+    draw.text((max(2, width - 2 - draw.textlength(high_text)), bar_height // 2), high_text, fill=(0, 0, 0))
+    return np.concatenate([picture, np.asarray(canvas)], axis=0)

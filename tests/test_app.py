@@ -25,9 +25,11 @@ def small_png(tmp_path, photo):
 def test_handler_returns_four_images_and_metrics(small_png):
     import app
 
-    original, fp32_a, int8_a, fp32_b, int8_b, metrics, coverage, chart, state = app.run_compare(
+    *panels, metrics, coverage, chart, state, history = app.run_compare(
         small_png, "xlsr-relu", "xlsr-clip", "minmax", 10, "cpu", "Upscale my image", "nearest", "calib_data/", None,
         progress=lambda *a, **k: None)
+    original, fp32_a, int8_a, fp32_b, int8_b = (panel["value"] for panel in panels)
+    assert panels[2]["label"] == "INT8 xlsr-relu, ReLU output, 22k" and panels[4]["label"].startswith("INT8 xlsr-clip, Clipped")
     assert original.shape == fp32_a.shape == int8_a.shape == fp32_b.shape == int8_b.shape == (180, 270, 3)
     assert list(metrics["output"]) == ["FP32 xlsr-relu", "INT8 xlsr-relu", "FP32 xlsr-clip", "INT8 xlsr-clip"]
     assert "cpu" in list(metrics["engine"])[1] and "covers this image" in coverage
@@ -36,12 +38,19 @@ def test_handler_returns_four_images_and_metrics(small_png):
     assert slider[0] is fp32_a and slider[1] is int8_b
     strip = app.run_roi(state, 0.5, 0.5, 32)
     assert strip.shape[0] == 32 * 4 and strip.shape[1] > 5 * 32 * 4
+    difference = app.run_difference(state, "INT8 A vs FP32 A", "|difference| of luma", 32)
+    assert difference.shape[1] == 270 and difference[:180].std() > 0  # amplified, not blank
+    with_difference = app.run_roi(state, 0.5, 0.5, 32, "INT8 A vs FP32 A", "|difference| of luma", 32)
+    assert with_difference.shape[1] > strip.shape[1]
+    again = app.run_compare(small_png, "xlsr-relu", "xlsr-clip", "minmax", 10, "cpu", "Upscale my image", "nearest",
+                            "calib_data/", None, 1.0, 12345, history, progress=lambda *a, **k: None)
+    assert "Across 2 calibration samples" in again[6] and len(again[-1]["runs"]) == 2
 
 
 def test_dark_calibration_is_flagged(small_png):
     import app
 
-    *_, coverage, _, _ = app.run_compare(small_png, "xlsr-relu", "xlsr-clip", "minmax", 10, "tensorrt",
+    *_, coverage, _, _, _ = app.run_compare(small_png, "xlsr-relu", "xlsr-clip", "minmax", 10, "tensorrt",
                                          "Upscale my image", "bicubic", "calib_data/", None, 0.3,
                                          progress=lambda *a, **k: None)
     assert "does not cover this image" in coverage
@@ -52,11 +61,11 @@ def test_dark_calibration_is_flagged(small_png):
 def test_ground_truth_mode_reports_truth_metrics(small_png):
     import app
 
-    original, *_, metrics, _, _, _ = app.run_compare(small_png, "xlsr-relu", "xlsr-clip", "mse", 10, "tensorrt",
+    original, *_, metrics, _, _, _, _ = app.run_compare(small_png, "xlsr-relu", "xlsr-clip", "mse", 10, "tensorrt",
                                                      "Check against ground truth", "bicubic", "calib_data/", None,
                                                      progress=lambda *a, **k: None)
     assert "PSNR vs truth (dB)" in metrics.columns and "bicubic" in list(metrics["output"])
-    assert original.shape == (60, 90, 3)  # the truth itself (modcropped), not the degraded input
+    assert original["value"].shape == (60, 90, 3) and original["label"] == "Truth"  # not the degraded input
 
 
 @pytest.mark.parametrize("content, message", [(b"", "empty"), (b"GIF89a garbage", "not an image|corrupt")])
@@ -217,3 +226,12 @@ def test_uploads_reach_the_lab_untouched(server, tmp_path):
         (tmp_path / name).write_bytes(content)
         with pytest.raises(Exception, match=message):
             client.predict(handle_file(str(tmp_path / name)), api_name="/compare")
+
+
+def test_api_page_lists_only_the_public_endpoints(server):
+    from gradio_client import Client
+
+    info = Client(server, verbose=False).view_api(return_format="dict", print_info=False)
+    assert set(info["named_endpoints"]) == {"/compare", "/diagnose"} and not info["unnamed_endpoints"]
+    returns = [r["label"] for ep in info["named_endpoints"].values() for r in ep["returns"]]
+    assert not any(label.startswith("value_") for label in returns), returns

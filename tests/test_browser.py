@@ -1,9 +1,12 @@
-"""One end-to-end test in Debian's Chromium: upload through the page's file input, run, recalibrate."""
+"""One end-to-end test in Debian's Chromium: the default example, the teacher preset, the difference view,
+click-to-zoom, and a recalibration with a fresh sample."""
+import io
 import os
 import shutil
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -13,12 +16,14 @@ CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts"
 
 
+def _pixels(locator) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(locator.screenshot())).convert("RGB")).astype(np.float64)
+
+
 @pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="Debian's chromium is not installed (.ci/run installs it)")
-def test_upload_run_and_recalibrate(server, tmp_path, photo):  # noqa: F811
+def test_example_difference_zoom_and_recalibrate(server):  # noqa: F811
     from playwright.sync_api import expect, sync_playwright
 
-    upload = tmp_path / "upload.png"
-    Image.fromarray(photo).save(upload)
     ARTIFACTS.mkdir(exist_ok=True)
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=[
@@ -26,28 +31,44 @@ def test_upload_run_and_recalibrate(server, tmp_path, photo):  # noqa: F811
             "--disable-sync", "--no-first-run"])
         page = browser.new_page(viewport={"width": 1500, "height": 1400})
         page.goto(server)
-        page.locator("#input-image input[type=file]").set_input_files(str(upload))
-        page.get_by_label("ReLU vs Clipped ReLU, same XLSR").check()
+        expect(page.locator("#input-image img")).to_be_visible(timeout=60_000)  # an example is loaded already
+        page.screenshot(path=str(ARTIFACTS / "first-screen.png"))
+        page.get_by_label("big ReLU teacher vs small Clipped-ReLU student").check()
+        expect(page.locator("#model-a input")).to_have_value("teacher", timeout=30_000)
         page.locator("#run").click()
         for index in range(5):
-            expect(page.locator(f"#panel-{index} img")).to_be_visible(timeout=120_000)
+            expect(page.locator(f"#panel-{index} img")).to_be_visible(timeout=240_000)
         metrics = page.locator("#metrics")
         busy = page.locator(".progress-text, .eta-bar, .progress-bar")
-        expect(metrics).to_contain_text("INT8", timeout=60_000)
+        expect(metrics).to_contain_text("INT8 teacher", timeout=60_000)
         expect(busy).to_have_count(0, timeout=120_000)
+        difference = page.locator("#difference img")
+        expect(difference).to_have_count(1, timeout=60_000)
+        difference.scroll_into_view_if_needed()
+        expect(difference).to_be_visible(timeout=60_000)
+        amplified = _pixels(difference)
+        assert amplified[: int(amplified.shape[0] * 0.8)].std() > 2.0, "the amplified INT8 - FP32 difference is blank"
+        centre_x = page.get_by_role("spinbutton", name="number input for Zoom centre x")
+        before = centre_x.input_value()
+        page.locator("#panel-2 img").scroll_into_view_if_needed()
+        page.locator("#panel-2 img").click(position={"x": 10, "y": 10})
+        expect(centre_x).not_to_have_value(before, timeout=30_000)
+        assert float(centre_x.input_value()) < 0.2
         first = metrics.inner_text()
-        expect(page.locator("#coverage")).to_contain_text("calibration", timeout=30_000)
         page.locator("#recalibrate").click()  # a fresh calibration sample (new seed): the INT8 numbers move
         expect(busy.first).to_be_visible(timeout=30_000)
-        expect(busy).to_have_count(0, timeout=120_000)
+        expect(busy).to_have_count(0, timeout=240_000)
         deadline = time.time() + 120
-        while time.time() < deadline:  # the table passes through a "processing" state before the new numbers
+        text = first
+        while time.time() < deadline:
             text = metrics.inner_text()
-            busy = any(word in text for word in ("processing", "calibration pass", "%"))
-            if "INT8" in text and text != first and not busy:
+            if "INT8" in text and text != first and not any(w in text for w in ("processing", "calibration pass")):
                 break
             time.sleep(0.5)
         assert "INT8" in text and text != first, "recalibrating with a new sample did not change the metrics"
-        page.wait_for_timeout(1500)  # let the slider and zoom events that follow the run finish
+        expect(page.locator("#coverage")).to_contain_text("Across 2 calibration samples", timeout=30_000)
+        page.wait_for_timeout(1500)  # let the slider, difference and zoom events that follow the run finish
         page.screenshot(path=str(ARTIFACTS / "app.png"), full_page=True)
+        page.locator("#difference").screenshot(path=str(ARTIFACTS / "difference.png"))
+        expect(page.locator("#zoom img")).to_have_count(1)
         browser.close()
