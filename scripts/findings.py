@@ -2,7 +2,8 @@
 `<!-- findings:* -->` markers; no figure there is typed by hand). Writes docs/findings.json, docs/findings.png
 (INT8 loss per method) and docs/zero-spike.png (a post-ReLU histogram with both entropy thresholds).
 
-    python scripts/findings.py --data ../shared/data            # about 45 minutes on 2 CPU cores
+    python scripts/findings.py --data ../shared/data            # about 15 minutes on 2 CPU cores
+    python -m sr bench --json > docs/bench.json && python scripts/findings.py --readme-only
 
 Grid: every shipped model x method x samples (10, 100, 1000) on the tensorrt scheme, and x method at 100 samples
 on the cpu scheme; Set5 and Set14; INT8 Y-PSNR loss against the same model's FP32 output, and the brightness
@@ -241,7 +242,9 @@ def main() -> None:
         loss_figure(results["rows"], out)
     import findings_tables
 
-    findings_tables.rewrite_readme(json.loads(path.read_text()), ROOT / "README.md")
+    bench = out / "bench.json"
+    findings_tables.rewrite_readme(json.loads(path.read_text()), ROOT / "README.md",
+                                   json.loads(bench.read_text()) if bench.is_file() else None)
 
 
 if __name__ == "__main__":

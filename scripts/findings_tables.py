@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 START, END = "<!-- findings:start -->", "<!-- findings:end -->"
+BENCH_START, BENCH_END = "<!-- bench:start -->", "<!-- bench:end -->"
 MODELS = ["xlsr-relu", "xlsr-clip", "xlsr-relu-kd", "xlsr-clip-kd", "teacher"]
 METHODS = ["entropy", "entropy-zeros", "minmax", "percentile", "mse"]
 
@@ -97,6 +98,10 @@ def _statements(results: dict) -> list[str]:
     mixed = [r for r in dark if r["fix"].startswith("dark + calib_data")]
     clip_dark = [r for r in dark_04 if r["model"] == "xlsr-clip" and r["method"] == worst_dark["method"]]
     best = results["recommended"]
+    candidates = results["candidates"]
+    few = max(r["drop_db"] for r in candidates if r["case"].startswith("2 calibration"))
+    young = max(r["drop_db"] for r in candidates if r["case"].startswith("under-trained"))
+    wide = {r["method"]: r for r in candidates if r["case"].startswith("wide image branch")}
     kept_text = ", ".join(f"{r['brightness']:.3f}" for r in kept)
     mixed_text = ", ".join(f"{r['brightness']:.3f}" for r in mixed)
     fixed_text = ", ".join(f"{r['brightness']:.3f}" for r in fixed_input)
@@ -125,7 +130,14 @@ def _statements(results: dict) -> list[str]:
         "same dark set); a calibrator whose preprocessing scales images differently from inference is the same "
         "brightness gain. The app's coverage check flags it on the first run, and the preset "
         "\"dark calibration set\" reproduces it.",
-        f"5. **Recommended** (`--recommended`, re-derived from the table: the smallest mean loss of the tensorrt "
+        f"5. **The other candidates** (Set14): two calibration images instead of sixty cost at most {few:.2f} dB, "
+        f"an under-trained model (300 steps) at most {young:.2f} dB; neither darkens. An image-carrying branch "
+        f"40x wider than the rest, joined by a Concat, does: entropy loses {wide['entropy']['drop_db']:.1f} dB "
+        f"(brightness {wide['entropy']['brightness']:.3f}, darkest image {wide['entropy']['darkest']:.3f}); minmax "
+        f"ranges on the branch and the Concat leave {wide['entropy + minmax on skip/concat']['drop_db']:.1f} dB, "
+        "the price of one 8-bit grid spread over a 40x wider range (`python -m sr diagnose` ranks that Concat "
+        "first; the cure is a network without the disparity, or that tensor kept in float).",
+        f"6. **Recommended** (`--recommended`, re-derived from the table: the smallest mean loss of the tensorrt "
         f"scheme): `{best['method']}` with {best['samples']} samples, {best['mean_drop_db']:.3f} dB on average.",
     ]
 
@@ -156,10 +168,46 @@ def findings_section(results: dict) -> str:
     ])
 
 
-def rewrite_readme(results: dict, readme: Path) -> None:
-    """Replace the text between the findings markers in `readme` (the markers must exist)."""
-    text = readme.read_text()
-    pattern = re.compile(re.escape(START) + ".*?" + re.escape(END), re.S)
+def bench_section(bench: dict) -> str:
+    """The README's benchmark table from docs/bench.json (`python -m sr bench --json > docs/bench.json`)."""
+    lat, e2e, ort = bench["latency_ms"], bench["threshold_diff_vs_modelopt_end_to_end_relative"], \
+        bench["threshold_diff_vs_ort_relative"]
+    rows = [
+        ("largest threshold difference from ModelOpt, identical histograms, every tensor (entropy, "
+         "entropy-zeros, percentile, mse)", f"**{bench['calib_max_threshold_diff_bins_vs_modelopt']:g} bins** "
+         f"({', '.join(f'{k} {v:g}' for k, v in bench['calib_threshold_diff_bins_vs_modelopt'].items())})", "<= 1 bin"),
+        (f"our collection + entropy search vs ModelOpt's `HistogramCalibrator` collect + `compute_amax`, "
+         f"{bench['samples']} samples", f"{bench['calib_seconds_ours']:.2f} s vs {bench['calib_seconds_modelopt']:.1f} s: "
+         f"**{bench['calib_speedup_vs_modelopt']:.0f}x** faster", ">= 10x"),
+        ("end-to-end threshold difference from ModelOpt's own collection (its bins grow batch by batch)",
+         f"max {100 * e2e['max']:.1f}% of amax (`{e2e['worst_tensor']}`), median {100 * e2e['median']:.2f}%", ""),
+        ("vs onnxruntime's entropy calibrator (`num_bins=2048`, `num_quantized_bins=128`)",
+         f"{bench['calib_speedup_vs_ort']:.1f}x faster; thresholds differ by max {100 * ort['max']:.0f}% of amax, "
+         f"median {100 * ort['median']:.1f}% (a signed-histogram variant: 64 levels a sign)", ""),
+        ("peak RSS: ours / ModelOpt / onnxruntime", f"{bench['calib_peak_rss_mb_ours']:.0f} / "
+         f"{bench['calib_peak_rss_mb_modelopt']:.0f} / {bench['calib_peak_rss_mb_ort']:.0f} MB", ""),
+        (f"peak RSS, {bench['large_samples']}-sample entropy calibration (ours)",
+         f"**{bench['calib_large_peak_rss_mb']:.0f} MB** ({bench['calib_large_seconds']:.0f} s)", "< 1 GiB"),
+        ("latency 320x240 -> x3: torch FP32 / ORT FP32 / ORT INT8 cpu / ORT INT8 tensorrt",
+         " / ".join(f"{lat[k]:.0f}" for k in ("torch_fp32", "ort_fp32", "ort_int8_cpu", "ort_int8_tensorrt"))
+         + f" ms (INT8 cpu / FP32 = {bench['latency_ratio_int8_cpu_vs_ort_fp32']:.2f})", ""),
+    ]
+    lines = [f"`python -m sr bench --json` ({bench['model']}, one run, written by `scripts/findings.py` from "
+             "`docs/bench.json`):", "", "| figure | measured | target |", "|---|---|---|"]
+    lines += [f"| {name} | {value} | {target} |" for name, value, target in rows]
+    return "\n".join([BENCH_START, *lines, BENCH_END])
+
+
+def _replace(text: str, start: str, end: str, section: str, readme: Path) -> str:
+    pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.S)
     if not pattern.search(text):
-        raise SystemExit(f"{readme} has no {START} ... {END} markers")
-    readme.write_text(pattern.sub(lambda _: findings_section(results), text))
+        raise SystemExit(f"{readme} has no {start} ... {end} markers")
+    return pattern.sub(lambda _: section, text)
+
+
+def rewrite_readme(results: dict, readme: Path, bench: dict | None = None) -> None:
+    """Replace the text between the findings (and, given the bench report, the bench) markers in `readme`."""
+    text = _replace(readme.read_text(), START, END, findings_section(results), readme)
+    if bench is not None:
+        text = _replace(text, BENCH_START, BENCH_END, bench_section(bench), readme)
+    readme.write_text(text)

@@ -48,6 +48,8 @@ def test_eval_int8_json(data_dir):
     (["eval", "--model", "xlsr-clip", "--data", "/nonexistent"], "no such image folder"),
     (["eval", "--model", "xlsr-clip", "--data", ".", "--engine", "gpu"], "unknown engine 'gpu'"),
     (["eval", "--model", "xlsr-clip", "--data", "weights", "--scale", "2"], "x3 model; --scale 2"),
+    (["eval", "--model", "xlsr-clip", "--data", "weights", "--engine", "ort-int8", "--calib-inputs", "hr"],
+     "unknown calibration input 'hr'"),
 ])
 def test_bad_arguments_give_clear_errors(args, message):
     done = run_cli(*args)
@@ -70,3 +72,32 @@ def test_help_lists_the_commands():
     done = run_cli("--help")
     for command in ("train", "distill", "eval", "calibrate", "bench"):
         assert command in done.stdout
+
+
+def test_recommended_calibration_is_the_one_the_findings_derive():
+    from sr.evaluate import RECOMMENDED_CALIBRATION, RECOMMENDED_SCHEME
+
+    derived = json.loads((ROOT / "docs" / "findings.json").read_text())["recommended"]
+    assert (RECOMMENDED_CALIBRATION.method.value, RECOMMENDED_CALIBRATION.samples, RECOMMENDED_SCHEME.value) == (
+        derived["method"], derived["samples"], derived["scheme"])
+    rows = json.loads((ROOT / "docs" / "findings.json").read_text())["rows"]
+    assert (ROOT / "README.md").read_text().count("<!-- findings:") == 2 and len(rows) == 200
+
+
+@pytest.mark.parametrize("method", ["entropy", "entropy-zeros"])
+def test_both_entropy_readings_from_the_cli(method, data_dir):
+    done = run_cli("eval", "--model", "xlsr-relu", "--engine", "ort-int8", "--method", method, "--samples", "100",
+                   "--scheme", "tensorrt", "--data", str(data_dir / "Set5"), "--json")
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["method"] == method and report["calibration"]["inputs"] == "downscaled"
+    findings = json.loads((ROOT / "docs" / "findings.json").read_text())["rows"]
+    published = next(r for r in findings if r["model"] == "xlsr-relu" and r["method"] == method and r["samples"] == 100
+                      and r["scheme"] == "tensorrt" and r["data"] == "Set5")
+    assert report["fp32_mean"]["psnr_y"] - report["int8_mean"]["psnr_y"] == pytest.approx(published["drop_db"], abs=0.01)
+
+
+def test_recommended_refuses_explicit_settings():
+    done = run_cli("eval", "--model", "xlsr-clip", "--data", "weights", "--engine", "ort-int8", "--recommended",
+                   "--samples", "100")
+    assert done.returncode == 2 and "--recommended chooses the method" in done.stderr

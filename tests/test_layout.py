@@ -1,0 +1,51 @@
+"""The README's map of the code stays true: each module imports from `sr/` exactly what the map says, no
+function grows past ~60 lines, and `sr/` never imports gradio or the app."""
+import ast
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _map() -> dict[str, set[str]]:
+    section = (ROOT / "README.md").read_text().split("## Layout", 1)[1]
+    rows = re.findall(r"^\| `sr/(\w+)\.py` \| [^|]+ \| ([^|]+) \|$", section, re.M)
+    return {name: ({"*"} if "all of the above" in text else set(re.findall(r"[a-z_]+", text)) - {"-"})
+            for name, text in rows}
+
+
+def _imports(path: Path) -> set[str]:
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level == 1:
+            found |= {node.module} if node.module else {alias.name for alias in node.names}
+    return found - {"__init__"} - ({"__version__"} if path.name == "cli.py" else set())
+
+
+def test_every_module_is_on_the_map():
+    modules = {p.stem for p in (ROOT / "sr").glob("*.py")} - {"__init__", "__main__"}
+    assert set(_map()) == modules
+
+
+@pytest.mark.parametrize("name", sorted(_map()))
+def test_module_imports_what_the_map_says(name):
+    expected = _map()[name]
+    if expected == {"*"}:
+        return
+    assert _imports(ROOT / "sr" / f"{name}.py") == expected
+
+
+def test_no_long_functions_and_no_ui_in_the_library():
+    for path in [*sorted((ROOT / "sr").glob("*.py")), ROOT / "app.py", ROOT / "app_jobs.py"]:
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                assert node.end_lineno - node.lineno < 65, f"{path.name}:{node.name} is {node.end_lineno - node.lineno + 1} lines"
+        if path.parent.name == "sr":
+            imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+                        for alias in node.names}
+            imported |= {node.module.split(".")[0] for node in ast.walk(tree)
+                         if isinstance(node, ast.ImportFrom) and node.module and node.level == 0}
+            assert not imported & {"gradio", "app", "app_jobs", "pandas"}, path.name
