@@ -11,6 +11,7 @@ import math
 import os
 import tempfile
 import threading
+import types
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
@@ -59,25 +60,28 @@ FIX_LABELS = {Fix.RANGE_MINMAX: "range from minmax", Fix.RANGE_MSE: "range from 
               Fix.RANGE_PERCENTILE: "range from percentile 99.99", Fix.KEEP_FLOAT: "keep in float (no QDQ)"}
 
 
-class UntouchedImage(gr.Image):
-    """gr.Image whose upload reaches the handler as the very file the user sent (a path): Gradio neither decodes
-    nor converts it, so RGBA, 16-bit, CMYK and broken files all meet `sr.data.load_image` and its messages."""
+def _untouched(component: gr.Image, payload):
+    """The uploaded file's path; a pasted data URL is written to a file first, byte for byte."""
+    if payload is None:
+        return None
+    if payload.url and payload.url.startswith("data:"):
+        header, _, body = payload.url.partition(",")
+        handle, path = tempfile.mkstemp(dir=component.GRADIO_CACHE, suffix=".upload")
+        with os.fdopen(handle, "wb") as file:
+            file.write(base64.b64decode(body) if ";base64" in header else body.encode())
+        return path
+    if payload.path is None:
+        raise gr.Error("The upload arrived without a file.")
+    return str(payload.path)
 
-    is_template = True  # the browser side stays gr.Image's
 
-    def preprocess(self, payload):
-        """The uploaded file's path; a pasted data URL is written to a file first, byte for byte."""
-        if payload is None:
-            return None
-        if payload.url and payload.url.startswith("data:"):
-            header, _, body = payload.url.partition(",")
-            handle, path = tempfile.mkstemp(dir=self.GRADIO_CACHE, suffix=".upload")
-            with os.fdopen(handle, "wb") as file:
-                file.write(base64.b64decode(body) if ";base64" in header else body.encode())
-            return path
-        if payload.path is None:
-            raise gr.Error("The upload arrived without a file.")
-        return str(payload.path)
+def untouched_image(**kwargs) -> gr.Image:
+    """A gr.Image whose upload reaches the handler as the very file the user sent (a path): Gradio neither decodes
+    nor converts it, so RGBA, 16-bit, CMYK and broken files all meet `sr.data.load_image` and its messages. (An
+    instance override rather than a subclass: Gradio writes a .pyi stub beside any module defining a component.)"""
+    component = gr.Image(type="filepath", image_mode=None, **kwargs)
+    component.preprocess = types.MethodType(_untouched, component)
+    return component
 
 
 def _examples() -> list[str]:
@@ -196,13 +200,18 @@ def run_compare(image, model_a="xlsr-relu", model_b="xlsr-clip", method="entropy
         gr.Warning(notice)
     original = result.truth if result.truth is not None else result.original
     panels = [original, result.fp32_a, result.int8_a, result.fp32_b, result.int8_b]
-    state = {"panels": panels, "calibrations": result.calibrations}
-    history = _remember(history, result, (image, model_a, model_b, method, samples, scheme, mode, gain), seed)
     labels = ["Truth" if result.truth is not None else "Original", f"FP32 {_label(model_a)}",
               f"INT8 {_label(model_a)}", f"FP32 {_label(model_b)}", f"INT8 {_label(model_b)}"]
-    shown = [gr.update(value=panel, label=label) for panel, label in zip(panels, labels)]
-    return (*shown, metrics_frame(result.metrics), note + spread_note(history), _chart(*result.calibrations), state,
+    state = {"panels": panels, "calibrations": result.calibrations, "labels": labels}
+    history = _remember(history, result, (image, model_a, model_b, method, samples, scheme, mode, gain), seed)
+    return (*panels, metrics_frame(result.metrics), note + spread_note(history), _chart(*result.calibrations), state,
             history)
+
+
+def panel_labels(state):
+    """Name each panel for the model (activation, size) it shows."""
+    labels = state["labels"] if state else PANELS
+    return [gr.update(label=label) for label in labels]
 
 
 def _remember(history, result, settings, seed) -> dict:
@@ -412,6 +421,7 @@ def start_training(steps, activation, use_teacher, alpha, request: gr.Request = 
         raise gr.Error(str(error)) from None
     for snapshot in job.stream():
         frame = pd.DataFrame(snapshot.history or [{"step": 0, "loss": None}])
+        frame["step"] = frame["step"].astype(float)  # a numeric x axis, not one category per step
         validation = frame.dropna(subset=["val_psnr"])[["step", "val_psnr"]] if "val_psnr" in frame \
             else pd.DataFrame({"step": [], "val_psnr": []})
         yield snapshot.status, frame[["step", "loss"]].dropna(), validation
@@ -428,9 +438,8 @@ def _compare_controls(models: list[str]) -> dict:
     with gr.Row():
         with gr.Column(scale=1):
             examples = _examples()
-            controls = {"image": UntouchedImage(value=examples[0] if examples else None, label="Input image",
-                                                type="filepath", sources=["upload", "clipboard"], image_mode=None,
-                                                elem_id="input-image")}
+            controls = {"image": untouched_image(value=examples[0] if examples else None, label="Input image",
+                                                 sources=["upload", "clipboard"], elem_id="input-image")}
             gr.Examples(examples, inputs=controls["image"])
             controls["mode"] = gr.Radio(list(MODES), value="Upscale my image", label="Mode")
             controls["preset"] = gr.Radio(list(PRESETS), value=first, label="Preset")
@@ -457,25 +466,27 @@ def _compare_controls(models: list[str]) -> dict:
 
 
 def _compare_outputs() -> dict:
-    with gr.Row():
-        panels = [gr.Image(label=name, format="png", type="numpy", interactive=False,
-                           buttons=["download", "fullscreen"], elem_id=f"panel-{i}") for i, name in enumerate(PANELS)]
-    outputs = {"panels": panels, "coverage": gr.Markdown(label="Calibration coverage", elem_id="coverage"),
-               "metrics": gr.Dataframe(label="Metrics (Y-PSNR/SSIM with the scale shaved from each border)",
-                                       elem_id="metrics", interactive=False, wrap=True)}
-    outputs["difference"] = _difference_view()
-    with gr.Row():
-        outputs["left"] = gr.Dropdown(list(PANELS), value=PANELS[1], label="Slider left")
-        outputs["right"] = gr.Dropdown(list(PANELS), value=PANELS[2], label="Slider right")
-    outputs["slider"] = gr.ImageSlider(label="Before / after", format="png", type="numpy")
-    with gr.Row():
-        outputs["center_x"] = gr.Slider(0, 1, 0.5, label="Zoom centre x")
-        outputs["center_y"] = gr.Slider(0, 1, 0.5, label="Zoom centre y")
-        outputs["size"] = gr.Slider(16, 256, 64, step=8, label="Zoom crop (px)")
-    outputs["roi"] = gr.Image(label="Zoom: the same crop of every panel (and of the difference view)", format="png",
-                              type="numpy", interactive=False, elem_id="zoom")
-    outputs["chart"] = gr.Plot(label="Activation ranges: observed vs chosen, clipped share")
-    outputs["state"] = gr.State(None)
+    with gr.Column(visible=False) as results:  # shown when there is something to show
+        with gr.Row():
+            panels = [gr.Image(label=name, format="png", type="numpy", interactive=False,
+                               buttons=["download", "fullscreen"], elem_id=f"panel-{i}") for i, name in enumerate(PANELS)]
+        outputs = {"panels": panels, "coverage": gr.Markdown(label="Calibration coverage", elem_id="coverage"),
+                   "metrics": gr.Dataframe(label="Metrics (Y-PSNR/SSIM with the scale shaved from each border)",
+                                           elem_id="metrics", interactive=False, wrap=True)}
+        outputs["difference"] = _difference_view()
+        with gr.Row():
+            outputs["left"] = gr.Dropdown(list(PANELS), value=PANELS[1], label="Slider left")
+            outputs["right"] = gr.Dropdown(list(PANELS), value=PANELS[2], label="Slider right")
+        outputs["slider"] = gr.ImageSlider(label="Before / after", format="png", type="numpy")
+        with gr.Row():
+            outputs["center_x"] = gr.Slider(0, 1, 0.5, label="Zoom centre x")
+            outputs["center_y"] = gr.Slider(0, 1, 0.5, label="Zoom centre y")
+            outputs["size"] = gr.Slider(16, 256, 64, step=8, label="Zoom crop (px)")
+        outputs["roi"] = gr.Image(label="Zoom: the same crop of every panel (and of the difference view)", format="png",
+                                  type="numpy", interactive=False, elem_id="zoom")
+        outputs["chart"] = gr.Plot(label="Activation ranges: observed vs chosen, clipped share")
+        outputs["state"] = gr.State(None)
+    outputs["results"] = results
     return outputs
 
 
@@ -501,11 +512,14 @@ def _wire_compare(c: dict, o: dict) -> None:
     d = o["difference"]
     zoom = [o["state"], o["center_x"], o["center_y"], o["size"], d["pair"], d["kind"], d["gain"]]
     difference = [o["state"], d["pair"], d["kind"], d["gain"]]
-    run = c["run"].click(run_compare, inputs, outputs, api_name="compare", concurrency_id=HEAVY, concurrency_limit=1)
-    again = c["recalibrate"].click(new_seed, None, c["seed"], api_name=False).then(
+    reveal = lambda: gr.update(visible=True)  # noqa: E731
+    run = c["run"].click(reveal, None, o["results"], api_name=False, queue=False).then(
+        run_compare, inputs, outputs, api_name="compare", concurrency_id=HEAVY, concurrency_limit=1)
+    again = c["recalibrate"].click(new_seed, None, c["seed"], api_name=False).then(reveal, None, o["results"],
+                                                                                  api_name=False).then(
         run_compare, inputs, outputs, api_name=False, concurrency_id=HEAVY, concurrency_limit=1)
     for event in (run, again):
-        event.then(run_slider, [o["state"], o["left"], o["right"]], o["slider"], api_name=False).then(
+        event.then(panel_labels, o["state"], o["panels"], api_name=False).then(run_slider, [o["state"], o["left"], o["right"]], o["slider"], api_name=False).then(
             run_difference, difference, d["image"], api_name=False).then(run_roi, zoom, o["roi"], api_name=False)
     for control in (d["pair"], d["kind"], d["gain"]):
         control.change(run_difference, difference, d["image"], api_name=False).then(

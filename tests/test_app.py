@@ -28,8 +28,9 @@ def test_handler_returns_four_images_and_metrics(small_png):
     *panels, metrics, coverage, chart, state, history = app.run_compare(
         small_png, "xlsr-relu", "xlsr-clip", "minmax", 10, "cpu", "Upscale my image", "nearest", "calib_data/", None,
         progress=lambda *a, **k: None)
-    original, fp32_a, int8_a, fp32_b, int8_b = (panel["value"] for panel in panels)
-    assert panels[2]["label"] == "INT8 xlsr-relu, ReLU output, 22k" and panels[4]["label"].startswith("INT8 xlsr-clip, Clipped")
+    original, fp32_a, int8_a, fp32_b, int8_b = panels
+    labels = [update["label"] for update in app.panel_labels(state)]
+    assert labels[2] == "INT8 xlsr-relu, ReLU output, 22k" and labels[4].startswith("INT8 xlsr-clip, Clipped")
     assert original.shape == fp32_a.shape == int8_a.shape == fp32_b.shape == int8_b.shape == (180, 270, 3)
     assert list(metrics["output"]) == ["FP32 xlsr-relu", "INT8 xlsr-relu", "FP32 xlsr-clip", "INT8 xlsr-clip"]
     assert "cpu" in list(metrics["engine"])[1] and "covers this image" in coverage
@@ -61,11 +62,11 @@ def test_dark_calibration_is_flagged(small_png):
 def test_ground_truth_mode_reports_truth_metrics(small_png):
     import app
 
-    original, *_, metrics, _, _, _, _ = app.run_compare(small_png, "xlsr-relu", "xlsr-clip", "mse", 10, "tensorrt",
+    original, *_, metrics, _, _, _state, _ = app.run_compare(small_png, "xlsr-relu", "xlsr-clip", "mse", 10, "tensorrt",
                                                      "Check against ground truth", "bicubic", "calib_data/", None,
                                                      progress=lambda *a, **k: None)
     assert "PSNR vs truth (dB)" in metrics.columns and "bicubic" in list(metrics["output"])
-    assert original["value"].shape == (60, 90, 3) and original["label"] == "Truth"  # not the degraded input
+    assert original.shape == (60, 90, 3) and app.panel_labels(_state)[0]["label"] == "Truth"  # not the degraded input
 
 
 @pytest.mark.parametrize("content, message", [(b"", "empty"), (b"GIF89a garbage", "not an image|corrupt")])
