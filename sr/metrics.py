@@ -22,8 +22,9 @@ def rgb_to_y(image: np.ndarray) -> np.ndarray:
     Returns:
         float64 Y in 16..235, shape HxW.
     """
-    rgb = np.asarray(image, dtype=np.float64)
-    return 16.0 + (65.481 * rgb[..., 0] + 128.553 * rgb[..., 1] + 24.966 * rgb[..., 2]) / 255.0
+    image = np.asarray(image)
+    channel = lambda index: image[..., index].astype(np.float64)  # one HxW float at a time, not an HxWx3 copy
+    return 16.0 + (65.481 * channel(0) + 128.553 * channel(1) + 24.966 * channel(2)) / 255.0
 
 
 def _y_pair(output: np.ndarray, reference: np.ndarray, shave: int) -> tuple[np.ndarray, np.ndarray]:
@@ -73,8 +74,33 @@ def ssim_y(output: np.ndarray, reference: np.ndarray, shave: int = 0) -> float:
             11x11 window.
     """
     a, b = _y_pair(output, reference, shave)
-    return float(structural_similarity(a, b, data_range=255.0, gaussian_weights=True, sigma=1.5,
-                                       use_sample_covariance=False))
+    if a.size <= SSIM_STRIP_PIXELS:
+        return float(structural_similarity(a, b, data_range=255.0, gaussian_weights=True, sigma=1.5,
+                                           use_sample_covariance=False))
+    return _ssim_in_strips(a, b)
+
+
+SSIM_STRIP_PIXELS = 1 << 21  # above this, SSIM runs in horizontal strips (about 10 float64 copies per strip)
+_SSIM_RADIUS = 5  # the Gaussian window's radius: int(3.5 * 1.5 + 0.5), scikit-image's truncate and sigma
+
+
+def _ssim_in_strips(a: np.ndarray, b: np.ndarray) -> float:
+    """The same mean SSIM as one call on the whole image, computed strip by strip: each strip carries
+    _SSIM_RADIUS rows of context on both sides, so every kept row of the SSIM map sees exactly the pixels it
+    would see in the whole image; the map's border of _SSIM_RADIUS pixels is left out of the mean, as
+    scikit-image does."""
+    height, width = a.shape
+    rows = max(4 * _SSIM_RADIUS, SSIM_STRIP_PIXELS // width)
+    total, count = 0.0, 0
+    for top in range(_SSIM_RADIUS, height - _SSIM_RADIUS, rows):
+        bottom = min(top + rows, height - _SSIM_RADIUS)
+        lo, hi = top - _SSIM_RADIUS, min(height, bottom + _SSIM_RADIUS)
+        _, ssim_map = structural_similarity(a[lo:hi], b[lo:hi], data_range=255.0, gaussian_weights=True, sigma=1.5,
+                                            use_sample_covariance=False, full=True)
+        kept = ssim_map[top - lo : bottom - lo, _SSIM_RADIUS : width - _SSIM_RADIUS]
+        total += float(kept.sum(dtype=np.float64))
+        count += kept.size
+    return total / count
 
 
 def brightness_ratio(output: np.ndarray, reference: np.ndarray) -> float:

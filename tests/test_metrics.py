@@ -91,3 +91,18 @@ def test_bicubic_x3_matches_the_literature(data_dir, name, published_db):
         hr, lr = degrade(load_image(path), 3)  # as sr/evaluate.py does
         scores.append(psnr_y(bicubic_resize(lr, hr.shape[1], hr.shape[0]), hr, shave=3))
     assert float(np.mean(scores)) == pytest.approx(published_db, abs=0.1)
+
+
+def test_ssim_in_strips_equals_one_call(monkeypatch):
+    """Large images run SSIM strip by strip (bounded memory); the mean must be the whole-image one."""
+    import sr.metrics as metrics
+    from skimage.metrics import structural_similarity
+
+    rng = np.random.default_rng(4)
+    a = rng.integers(0, 256, (157, 83, 3), dtype=np.uint8)
+    b = np.clip(a.astype(int) + rng.integers(-25, 26, a.shape), 0, 255).astype(np.uint8)
+    ya, yb = rgb_to_y(a)[3:-3, 3:-3], rgb_to_y(b)[3:-3, 3:-3]
+    whole = structural_similarity(ya, yb, data_range=255.0, gaussian_weights=True, sigma=1.5,
+                                  use_sample_covariance=False)
+    monkeypatch.setattr(metrics, "SSIM_STRIP_PIXELS", 77 * 25)  # strips of 25 rows
+    assert ssim_y(a, b, shave=3) == pytest.approx(whole, abs=1e-12)
