@@ -6,7 +6,9 @@
   bins batch by batch) and against onnxruntime's entropy calibrator, on the same samples: wall time, peak RSS
   (each in a fresh process) and the threshold differences relative to amax;
 - peak RSS of a large-sample entropy calibration (ours);
-- latency of PyTorch FP32, ORT FP32 and ORT INT8 (both schemes) on a 320x240 input.
+- latency of every engine present (ORT FP32 and INT8 of both schemes, the cpu scheme with and without the
+  `sr.rewrite` step; OpenVINO FP32, BF16 and INT8) at 1 and 2 threads, on 320x240 and 1280x720 inputs: the bare
+  session and the end-to-end `engine.run` (tiling, uint8 conversion), medians of interleaved runs.
 
 ModelOpt (`nvidia-modelopt`, a test dependency) is optional here: without it those figures are None.
 """
@@ -22,6 +24,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -219,20 +222,81 @@ def _relative_differences(ours: dict, theirs: dict) -> dict:
     return {"max": differences[worst], "median": float(np.median(list(differences.values()))), "worst_tensor": worst}
 
 
-def _latency(config: BenchConfig) -> dict:
-    from .engines import latency_ms
-    from .evaluate import create_engine
-    from .quantize import calibrate_model
+SIZES = ((320, 240), (1280, 720))
+THREADS = (1, 2)
 
-    lr = np.asarray(load_calibration_images(None)[0])
+
+def _latency_engines(config: BenchConfig, threads: int, work: str) -> dict:
+    """name -> (end-to-end run(lr), session run(float array)) for every engine present, at `threads`."""
+    from .engines import OpenVinoEngine, OrtEngine, openvino_available
+    from .quantize import Scheme, calibrate_model, fp32_onnx_path, write_qdq_model
+
+    scale = model_info(config.model).scale
+    calibration = CalibrationConfig(method="entropy", samples=config.samples)
+    int8 = {scheme: calibrate_model(config.model, calibration, scheme) for scheme in ("cpu", "tensorrt")}
+    plain = write_qdq_model(int8["cpu"].fp32_onnx, int8["cpu"].ranges, Scheme.CPU, Path(work) / "plain.onnx",
+                            fast=False)
+    models = {"ort_fp32": fp32_onnx_path(config.model), "ort_int8_cpu": int8["cpu"].qdq_onnx,
+              "ort_int8_cpu_unrewritten": plain, "ort_int8_tensorrt": int8["tensorrt"].qdq_onnx}
+    engines = {name: OrtEngine(path, scale, threads) for name, path in models.items()}
+    if openvino_available():
+        engines["openvino_fp32"] = OpenVinoEngine(models["ort_fp32"], scale, threads)
+        engines["openvino_bf16"] = OpenVinoEngine(models["ort_fp32"], scale, threads, precision="bf16")
+        engines["openvino_int8_cpu"] = OpenVinoEngine(models["ort_int8_cpu"], scale, threads)
+        engines["openvino_int8_tensorrt"] = OpenVinoEngine(models["ort_int8_tensorrt"], scale, threads)
+    return {name: (engine.run, engine._run_array) for name, engine in engines.items()}
+
+
+def _median_ms(times: list[float]) -> float:
+    return float(np.median(times) * 1e3)
+
+
+def _latency(config: BenchConfig, rounds: int = 3, block: int = 4) -> dict:
+    """Per engine, threads and input size: the bare session time and the end-to-end time (tiling and uint8
+    conversion included), and ratios to ORT FP32 of the same run.
+
+    Engines take turns in blocks (`rounds` times `block` runs each, the first run of every block dropped):
+    interleaved, so that a slow minute of the shared machine hits every engine alike, but not run by run,
+    because the runtimes' spinning worker threads would then slow each other down.
+    """
     rng = np.random.default_rng(0)
-    lr = rng.integers(0, 256, (240, 320, 3), dtype=np.uint8) if lr.shape[0] < 240 or lr.shape[1] < 320 else lr[:240, :320]
-    latency = {"torch_fp32": latency_ms(create_engine("torch", config.model), lr),
-               "ort_fp32": latency_ms(create_engine("ort", config.model), lr)}
-    for scheme in ("cpu", "tensorrt"):
-        int8 = calibrate_model(config.model, CalibrationConfig(method="entropy", samples=config.samples), scheme)
-        latency[f"ort_int8_{scheme}"] = latency_ms(create_engine("ort-int8", config.model, int8), lr)
-    return latency
+    table = {}
+    with tempfile.TemporaryDirectory() as work:
+        for threads in THREADS:
+            engines = _latency_engines(config, threads, work)
+            for width, height in SIZES:
+                lr = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+                array = np.divide(lr.transpose(2, 0, 1)[None], np.float32(255.0), dtype=np.float32)
+                times = {name: ([], []) for name in engines}
+                for _ in range(rounds):
+                    for name, (run, session) in engines.items():
+                        for kind, call, argument in ((0, session, array), (1, run, lr)):
+                            for index in range(block + 1):
+                                started = time.perf_counter()
+                                call(argument)
+                                if index:
+                                    times[name][kind].append(time.perf_counter() - started)
+                for name, (session, end_to_end) in times.items():
+                    table[f"{name}@{threads}t@{width}x{height}"] = {"session_ms": _median_ms(session),
+                                                                    "end_to_end_ms": _median_ms(end_to_end)}
+    for key, row in table.items():
+        _, threads, size = key.split("@")
+        base = table[f"ort_fp32@{threads}@{size}"]
+        row["session_ratio"] = row["session_ms"] / base["session_ms"]
+        row["end_to_end_ratio"] = row["end_to_end_ms"] / base["end_to_end_ms"]
+    return table
+
+
+def _latency_ratios(table: dict) -> dict:
+    """The headline ratios at 2 threads, 320x240: the ORT INT8 path, and the best INT8 engine present."""
+    at = "@2t@320x240"
+    int8 = [key for key in table if key.endswith(at) and "int8" in key and "unrewritten" not in key]
+    best = min(int8, key=lambda key: table[key]["session_ms"])
+    return {"latency_ratio_int8_cpu_vs_ort_fp32": table[f"ort_int8_cpu{at}"]["session_ratio"],
+            "latency_ratio_int8_cpu_vs_ort_fp32_end_to_end": table[f"ort_int8_cpu{at}"]["end_to_end_ratio"],
+            "latency_ratio_int8_best_vs_ort_fp32": table[best]["session_ratio"],
+            "latency_ratio_int8_best_vs_ort_fp32_end_to_end": min(table[k]["end_to_end_ratio"] for k in int8),
+            "latency_int8_best_engine": best.split("@")[0]}
 
 
 def run_bench(config: BenchConfig) -> dict:
@@ -264,14 +328,13 @@ def run_bench(config: BenchConfig) -> dict:
                       calib_speedup_vs_modelopt=modelopt["seconds"] / ours["seconds"],
                       calib_seconds_modelopt=modelopt["seconds"], calib_peak_rss_mb_modelopt=modelopt["peak_rss_mb"],
                       threshold_diff_vs_modelopt_end_to_end_relative=_relative_differences(ours, modelopt))
-    report["latency_ms"] = latency = _latency(config)
-    report["latency_ratio_int8_cpu_vs_ort_fp32"] = latency["ort_int8_cpu"] / latency["ort_fp32"]
+    report["latency"] = _latency(config)
+    report.update(_latency_ratios(report["latency"]))
     return report
 
 
 def format_bench(report: dict) -> str:
     """The bench report as text lines."""
-    lat = report["latency_ms"]
     lines = [f"model {report['model']}, {report['samples']} calibration samples (entropy)",
              f"calibration time      ours {report['calib_seconds_ours']:.2f} s, onnxruntime "
              f"{report['calib_seconds_ort']:.2f} s -> {report['calib_speedup_vs_ort']:.1f}x",
@@ -287,7 +350,14 @@ def format_bench(report: dict) -> str:
                   f"of amax ({end_to_end['worst_tensor']}), median {100 * end_to_end['median']:.2f}%"]
     else:
         lines.append("vs ModelOpt           not installed (pip install -r requirements-dev.txt)")
-    lines += [f"latency (320x240 -> x{model_info(report['model']).scale}) "
-              + ", ".join(f"{k} {v:.1f} ms" for k, v in lat.items()),
-              f"INT8 (cpu) / ORT FP32 latency: {report['latency_ratio_int8_cpu_vs_ort_fp32']:.2f}"]
+    lines.append(f"latency ({report['model']}, x{model_info(report['model']).scale}), ms: session / end to end "
+                 "(ratio to ORT FP32 of the same threads and size)")
+    for key, row in report["latency"].items():
+        lines.append(f"  {key:<44}{row['session_ms']:>8.1f} / {row['end_to_end_ms']:>7.1f}   "
+                     f"({row['session_ratio']:.2f} / {row['end_to_end_ratio']:.2f})")
+    lines.append(f"INT8 / ORT FP32 at 2 threads, 320x240 (session / end to end): ORT cpu scheme "
+                 f"{report['latency_ratio_int8_cpu_vs_ort_fp32']:.2f} / "
+                 f"{report['latency_ratio_int8_cpu_vs_ort_fp32_end_to_end']:.2f}; best "
+                 f"({report['latency_int8_best_engine']}) {report['latency_ratio_int8_best_vs_ort_fp32']:.2f} / "
+                 f"{report['latency_ratio_int8_best_vs_ort_fp32_end_to_end']:.2f}")
     return "\n".join(lines)

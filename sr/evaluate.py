@@ -15,7 +15,7 @@ from tqdm import tqdm
 from .calibrate import CalibrationConfig
 from .choices import Choice
 from .data import bicubic_resize, degrade, list_images, load_image
-from .engines import OrtEngine, TensorRTEngine, TorchEngine
+from .engines import OpenVinoEngine, OrtEngine, TensorRTEngine, TorchEngine
 from .metrics import brightness_ratio, psnr_y, ssim_y
 from .models import load_model, model_info
 from .quantize import CalibratedModel, Scheme, calibrate_model, fp32_onnx_path
@@ -32,12 +32,15 @@ class EngineKind(Choice, noun="engine"):
     TORCH = "torch"
     ORT = "ort"
     ORT_INT8 = "ort-int8"
+    OPENVINO = "openvino"  # FP32 (INFERENCE_PRECISION_HINT f32)
+    OPENVINO_BF16 = "openvino-bf16"
+    OPENVINO_INT8 = "openvino-int8"  # the QDQ model, its Q/DQ pairs fused into INT8 kernels
     TENSORRT = "tensorrt"
 
     @property
     def is_int8(self) -> bool:
         """True for the engines that run a calibrated INT8 model."""
-        return self in (EngineKind.ORT_INT8, EngineKind.TENSORRT)
+        return self in (EngineKind.ORT_INT8, EngineKind.OPENVINO_INT8, EngineKind.TENSORRT)
 
 
 @dataclass
@@ -89,10 +92,15 @@ def create_engine(kind: EngineKind | str, model: str, int8: CalibratedModel | No
         return TorchEngine(load_model(model))
     if kind is EngineKind.ORT:
         return OrtEngine(fp32_onnx_path(model), scale, threads, name="ort-fp32")
+    if kind in (EngineKind.OPENVINO, EngineKind.OPENVINO_BF16):
+        precision = "bf16" if kind is EngineKind.OPENVINO_BF16 else "f32"
+        return OpenVinoEngine(fp32_onnx_path(model), scale, threads, precision, name=f"openvino-{precision}")
     if int8 is None:
         raise ValueError(f"the {kind.value} engine needs a calibrated INT8 model")
     if kind is EngineKind.ORT_INT8:
         return OrtEngine(int8.qdq_onnx, scale, threads, name=f"ort-int8-{int8.scheme.value}")
+    if kind is EngineKind.OPENVINO_INT8:
+        return OpenVinoEngine(int8.qdq_onnx, scale, threads, name=f"openvino-int8-{int8.scheme.value}")
     if int8.scheme is not Scheme.TENSORRT:
         raise ValueError("the tensorrt engine runs the tensorrt scheme only (symmetric INT8)")
     return TensorRTEngine(int8.qdq_onnx, scale)

@@ -32,13 +32,14 @@ import onnx
 from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 from onnxruntime.quantization.calibrate import TensorData, TensorsData, save_tensors_data
 
-from . import calibrate, data, export, models
+from . import calibrate, data, export, models, rewrite
 from .calibrate import (CalibrationConfig, Method, TensorRange, TensorStats, calibration_patches, choose_ranges,
                         clipped_fraction, collect_statistics, images_digest, load_calibration_images,
                         prepare_calibration_images)
 from .choices import Choice
 from .export import export_onnx
 from .models import load_model, model_info
+from .rewrite import REWRITE_OPS, rewrite_for_fast_int8
 from .store import (cache_cap_bytes, cache_root, code_digest, evict, file_sha256, library_versions, locked, publish_dir,
                     remove_stale_temps, short_hash, temp_dir, touch, write_atomic)
 
@@ -161,8 +162,8 @@ def _loads(path: Path) -> bool:
 
 
 def tie_fused_ranges(model: onnx.ModelProto, ranges: dict[str, TensorRange]) -> dict[str, TensorRange]:
-    """Give a Conv output that feeds only a ReLU/Clip (possibly through a DepthToSpace, a pure permutation)
-    the activation's output range: TensorRT fuses Conv+ReLU and quantizes once, after the activation.
+    """Give a Conv output that feeds only a ReLU/Clip (possibly through a DepthToSpace or a channel Slice, pure data
+    movement) the activation's output range: TensorRT fuses Conv+ReLU and quantizes once, after the activation.
 
     Args:
         model: the FP32 ONNX model.
@@ -187,14 +188,14 @@ def tie_fused_ranges(model: onnx.ModelProto, ranges: dict[str, TensorRange]) -> 
         while tensor in ranges and len(consumers.get(tensor, [])) == 1 and tensor in producer:
             tied[tensor] = TensorRange(tensor, source.low, source.high, ranges[tensor].observed_min,
                                        ranges[tensor].observed_max, ranges[tensor].clipped_fraction, source.method)
-            if producer[tensor].op_type != "DepthToSpace":
+            if producer[tensor].op_type not in ("DepthToSpace", "Slice"):
                 break
             tensor = producer[tensor].input[0]
     return tied
 
 
 def write_qdq_model(fp32_onnx: Path, ranges: dict[str, TensorRange], scheme: Scheme, out: Path,
-                    keep_float: Sequence[str] = ()) -> Path:
+                    keep_float: Sequence[str] = (), fast: bool = True) -> Path:
     """Quantize `fp32_onnx` with `onnxruntime.quantization.quantize_static`, fed our ranges through its
     calibration cache (no calibration runs inside ORT).
 
@@ -204,21 +205,27 @@ def write_qdq_model(fp32_onnx: Path, ranges: dict[str, TensorRange], scheme: Sch
         scheme: the INT8 scheme.
         out: where to write the QDQ model (atomically).
         keep_float: tensors that get no QDQ pair (their producers and consumers run in float).
+        fast: for the cpu scheme, apply `sr.rewrite` (every Conv on ORT's fast INT8 kernel, same outputs).
 
     Returns:
         `out`.
     """
     scheme = Scheme.parse(scheme)
     model = onnx.load(str(fp32_onnx))
+    op_types = QUANTIZED_OPS
+    if scheme is Scheme.CPU and fast:  # every Conv on ORT's fast INT8 kernel; the outputs stay bit-identical
+        model, ranges = rewrite_for_fast_int8(model, ranges)
+        op_types = QUANTIZED_OPS + REWRITE_OPS
     tied = tie_fused_ranges(model, ranges)
     tensor_data = {name: TensorData(lowest=np.float32(r.low), highest=np.float32(r.high)) for name, r in tied.items()}
     with tempfile.TemporaryDirectory(prefix="sr-qdq-") as work:
         cache = Path(work) / "ranges.json"
         save_tensors_data(TensorsData(CalibrationMethod.MinMax, tensor_data), cache)
-        temp = Path(work) / "model.qdq.onnx"
+        temp, source = Path(work) / "model.qdq.onnx", Path(work) / "model.fp32.onnx"
+        onnx.save(model, str(source))
         quantize_static(
-            str(fp32_onnx), str(temp), calibration_data_reader=None, calibration_cache_path=str(cache),
-            quant_format=QuantFormat.QDQ, op_types_to_quantize=QUANTIZED_OPS, per_channel=True,
+            str(source), str(temp), calibration_data_reader=None, calibration_cache_path=str(cache),
+            quant_format=QuantFormat.QDQ, op_types_to_quantize=op_types, per_channel=True,
             activation_type=QuantType.QInt8 if scheme.symmetric else QuantType.QUInt8,
             weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
             nodes_to_exclude=_nodes_touching(model, keep_float),
@@ -255,7 +262,7 @@ def cache_key(weights_hash: str, config: CalibrationConfig, scheme: Scheme, data
     """
     settings = {k: (v.value if isinstance(v, Enum) else v) for k, v in asdict(config).items() if k != "data"}
     parts = {"weights": weights_hash, "config": settings, "scheme": scheme.value, "data": data_hash,
-             "fixes": fixes.key(), "code": code_digest(data, models, export, calibrate, sys.modules[__name__]),
+             "fixes": fixes.key(), "code": code_digest(data, models, export, calibrate, rewrite, sys.modules[__name__]),
              "versions": library_versions("torch", "onnx", "onnxruntime")}
     return short_hash(json.dumps(parts, sort_keys=True), 20)
 
