@@ -143,10 +143,13 @@ class EngineCache:
 ENGINES = EngineCache()
 
 
-def fp32_engine(model: str) -> TorchEngine:
-    """The shared PyTorch FP32 engine of a model (re-made when its weight file changes)."""
-    path = model_info(model).path
-    return ENGINES.get(("torch", str(path), path.stat().st_mtime), lambda: TorchEngine(load_model(path)))
+def fp32_engine(model: str):
+    """The shared FP32 engine of a model (re-made when its file changes): PyTorch for weight files, ONNX Runtime
+    for a user's ONNX model."""
+    info = model_info(model)
+    if info.arch == "onnx":
+        return ENGINES.get(("ort-fp32", str(info.path)), lambda: OrtEngine(info.path, info.scale, name="ort-fp32"))
+    return ENGINES.get(("torch", str(info.path), info.path.stat().st_mtime), lambda: TorchEngine(load_model(info.path)))
 
 
 def int8_engine(int8: CalibratedModel):
@@ -316,7 +319,7 @@ def compare(image, model_a: str = "xlsr-relu", model_b: str = "xlsr-clip",
             out, int8_ms = _timed(engine, lr)
         outputs.append((fp32, out))
         with watch("metrics"):
-            rows.append(_metrics(OutputKind.FP32, model, "torch", fp32, fp32, truth, scale, fp32_ms))
+            rows.append(_metrics(OutputKind.FP32, model, fp32_engine(model).name, fp32, fp32, truth, scale, fp32_ms))
             rows.append(_metrics(OutputKind.INT8, model, f"{engine.name} ({calibrated.scheme.value} scheme)", out,
                                  fp32, truth, scale, int8_ms))
     if truth is not None:

@@ -29,7 +29,7 @@ OVERLAP = 32  # LR pixels; >= the receptive-field radius of XLSR (5) and of the 
 
 
 def tiled(run_array: Callable[[np.ndarray], np.ndarray], lr: np.ndarray, scale: int, tile: int = TILE,
-          overlap: int = OVERLAP) -> np.ndarray:
+          overlap: int = OVERLAP, fixed: tuple[int, int] | None = None) -> np.ndarray:
     """Run a network over overlapping tiles of an image and stitch the tiles' centres.
 
     Args:
@@ -38,6 +38,8 @@ def tiled(run_array: Callable[[np.ndarray], np.ndarray], lr: np.ndarray, scale: 
         scale: the network's upscaling factor.
         tile: tile side in LR pixels.
         overlap: LR pixels of context on each side (>= the receptive-field radius gives a seamless result).
+        fixed: (height, width) of a network that takes only that size: every tile is exactly that size, the
+            image mirrored at its borders to fill them.
 
     Returns:
         uint8 (sH)x(sW)x3.
@@ -50,19 +52,35 @@ def tiled(run_array: Callable[[np.ndarray], np.ndarray], lr: np.ndarray, scale: 
     height, width = lr.shape[:2]
     image = np.divide(lr.transpose(2, 0, 1)[None], np.float32(255.0), dtype=np.float32)  # one pass, same values
     out = np.empty((height * scale, width * scale, 3), np.uint8)
-    for y in range(0, height, tile):
-        for x in range(0, width, tile):
-            y0, x0 = max(0, y - overlap), max(0, x - overlap)
-            y1, x1 = min(height, y + tile + overlap), min(width, x + tile + overlap)
-            result = run_array(image[:, :, y0:y1, x0:x1])
-            top, left = (y - y0) * scale, (x - x0) * scale
-            h, w = min(tile, height - y) * scale, min(tile, width - x) * scale
-            # transposed first: the product is a new HxWx3 array in memory order, rounded and clipped in place
-            block = result[0, :, top : top + h, left : left + w].transpose(1, 2, 0) * np.float32(255.0)
-            np.rint(block, out=block)
-            np.clip(block, 0, 255, out=block)
-            out[y * scale : y * scale + h, x * scale : x * scale + w] = block
+    for y, x, window, (top, left), (h, w) in _windows(image, tile, overlap, fixed):
+        result = run_array(window)
+        top, left, h, w = top * scale, left * scale, h * scale, w * scale
+        # transposed first: the product is a new HxWx3 array in memory order, rounded and clipped in place
+        block = result[0, :, top : top + h, left : left + w].transpose(1, 2, 0) * np.float32(255.0)
+        np.rint(block, out=block)
+        np.clip(block, 0, 255, out=block)
+        out[y * scale : y * scale + h, x * scale : x * scale + w] = block
     return out
+
+
+def _windows(image: np.ndarray, tile: int, overlap: int, fixed: tuple[int, int] | None):
+    """(y, x, input window, offset of the kept part in the window, kept size), all in LR pixels."""
+    height, width = image.shape[2:]
+    if fixed is None:
+        for y in range(0, height, tile):
+            for x in range(0, width, tile):
+                y0, x0 = max(0, y - overlap), max(0, x - overlap)
+                y1, x1 = min(height, y + tile + overlap), min(width, x + tile + overlap)
+                yield y, x, image[:, :, y0:y1, x0:x1], (y - y0, x - x0), (min(tile, height - y), min(tile, width - x))
+        return
+    size_y, size_x = fixed
+    margin = min(overlap, (min(size_y, size_x) - 1) // 4)
+    step_y, step_x = size_y - 2 * margin, size_x - 2 * margin
+    padded = np.pad(image, ((0, 0), (0, 0), (margin, margin + step_y), (margin, margin + step_x)), mode="reflect")
+    for y in range(0, height, step_y):
+        for x in range(0, width, step_x):
+            window = np.ascontiguousarray(padded[:, :, y : y + size_y, x : x + size_x])
+            yield y, x, window, (margin, margin), (min(step_y, height - y), min(step_x, width - x))
 
 
 class TorchEngine:
@@ -81,8 +99,41 @@ class TorchEngine:
         return tiled(self._run_array, lr, self.scale)
 
 
+def _fixed_size(shape) -> tuple[int, int] | None:
+    """(height, width) when a 1x3xHxW input shape is static, else None."""
+    height, width = shape[2:4]
+    return (height, width) if isinstance(height, int) and isinstance(width, int) and height > 0 and width > 0 else None
+
+
+def ort_providers(onnx_path: str | os.PathLike, available: list[str] | None = None) -> list:
+    """ONNX Runtime execution providers for a model, best first, with the CPU as the fallback.
+
+    Where `onnxruntime-gpu` is installed (requirements-gpu.txt), a QDQ model goes to the TensorRT execution
+    provider (explicit quantization from the Q/DQ pairs, engines cached in the cache folder) and an FP32 model to
+    CUDA. Written from ONNX Runtime's documentation: no GPU provider could run where this lab was built.
+
+    Args:
+        onnx_path: the model.
+        available: the providers present (default: `onnxruntime.get_available_providers()`).
+
+    Returns:
+        a providers list for `InferenceSession`.
+    """
+    import onnxruntime as ort
+
+    available = ort.get_available_providers() if available is None else available
+    quantized = b"QuantizeLinear" in Path(onnx_path).read_bytes()
+    chain: list = []
+    if quantized and "TensorrtExecutionProvider" in available:
+        chain.append(("TensorrtExecutionProvider", {"trt_engine_cache_enable": True,
+                                                    "trt_engine_cache_path": str(cache_root() / "ort-tensorrt")}))
+    if "CUDAExecutionProvider" in available:
+        chain.append("CUDAExecutionProvider")
+    return [*chain, "CPUExecutionProvider"]
+
+
 class OrtEngine:
-    """ONNX Runtime on the CPU: an FP32 model or a QDQ INT8 model."""
+    """ONNX Runtime: an FP32 model or a QDQ INT8 model, on the best provider present (`provider` says which)."""
 
     def __init__(self, onnx_path: str | os.PathLike, scale: int, threads: int = 0, name: str = "ort"):
         import onnxruntime as ort
@@ -91,16 +142,19 @@ class OrtEngine:
         if threads:
             options.intra_op_num_threads = threads
         options.log_severity_level = 3
-        self.session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+        self.session = ort.InferenceSession(str(onnx_path), options, providers=ort_providers(onnx_path))
+        self.provider = self.session.get_providers()[0]
         self.input_name = self.session.get_inputs()[0].name
-        self.scale, self.name, self.path = scale, name, Path(onnx_path)
+        self.fixed = _fixed_size(self.session.get_inputs()[0].shape)
+        self.scale, self.path = scale, Path(onnx_path)
+        self.name = name if self.provider == "CPUExecutionProvider" else f"{name} ({self.provider})"
 
     def _run_array(self, array: np.ndarray) -> np.ndarray:
         return self.session.run(None, {self.input_name: array})[0]
 
     def run(self, lr: np.ndarray) -> np.ndarray:
-        """Upscale uint8 HxWx3 to uint8 (sH)x(sW)x3, in seamless tiles."""
-        return tiled(self._run_array, lr, self.scale)
+        """Upscale uint8 HxWx3 to uint8 (sH)x(sW)x3, in seamless tiles (of the model's size if it is fixed)."""
+        return tiled(self._run_array, lr, self.scale, fixed=self.fixed)
 
 
 def openvino_available() -> bool:

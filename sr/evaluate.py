@@ -89,7 +89,7 @@ def create_engine(kind: EngineKind | str, model: str, int8: CalibratedModel | No
     kind = EngineKind.parse(kind)
     scale = model_info(model).scale
     if kind is EngineKind.TORCH:
-        return TorchEngine(load_model(model))
+        return TorchEngine(load_model(model), name="torch-fp32")
     if kind is EngineKind.ORT:
         return OrtEngine(fp32_onnx_path(model), scale, threads, name="ort-fp32")
     if kind in (EngineKind.OPENVINO, EngineKind.OPENVINO_BF16):
@@ -129,7 +129,8 @@ def evaluate(config: EvalConfig, progress: bool = False) -> dict:
     scale = config.scale
     int8 = calibrate_model(config.model, config.calibration, config.scheme) if config.engine.is_int8 else None
     engine = create_engine(config.engine, config.model, int8, config.threads)
-    reference = TorchEngine(load_model(config.model)) if int8 is not None else None
+    reference = create_engine(EngineKind.ORT if model_info(config.model).arch == "onnx" else EngineKind.TORCH,
+                              config.model) if int8 is not None else None
     rows, bicubic_rows, fp32_rows, ratios = [], [], [], []
     for path in tqdm(list_images(config.data), desc="eval", disable=not progress):
         truth, lr = degrade(load_image(path), scale)

@@ -20,6 +20,7 @@ from torch import nn
 
 from .choices import Choice
 from .store import atomic_path
+from .usermodel import lookup
 
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
 SCALES = (2, 3, 4)
@@ -380,6 +381,9 @@ def model_info(name_or_path: str | os.PathLike) -> ModelInfo:
         FileNotFoundError: no such model.
         ValueError: not a weight file written by `save_weights`.
     """
+    user = lookup(str(name_or_path))
+    if user is not None:  # a registered ONNX model (sr.usermodel): its standard graph stands for the weights
+        return ModelInfo(user.name, user.standard_onnx, "onnx", user.contract.scale, "unknown", user.parameters)
     path = resolve_weights(name_or_path)
     metadata = read_metadata(path)
     if "arch" not in metadata or "config" not in metadata:
@@ -405,6 +409,9 @@ def load_model(name_or_path: str | os.PathLike) -> nn.Module:
         ValueError: not a safetensors file, or one without our architecture metadata, or weights that do
             not fit the recorded architecture.
     """
+    if lookup(str(name_or_path)) is not None:
+        raise ValueError(f"{name_or_path} is an ONNX model: it has no PyTorch weights (use the ort or openvino "
+                         "engines)")
     path = resolve_weights(name_or_path)
     metadata = read_metadata(path)
     if "arch" not in metadata or "config" not in metadata:

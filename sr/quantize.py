@@ -143,7 +143,10 @@ def fp32_onnx_path(model_name: str | os.PathLike, cache_dir: Path | None = None)
     Raises:
         FileNotFoundError: no such model.
     """
-    weights = model_info(model_name).path
+    info = model_info(model_name)
+    if info.arch == "onnx":  # a user's model: its standard graph is the FP32 model
+        return info.path
+    weights = info.path
     path = cache_root(cache_dir) / "onnx" / f"{weights.stem}-{_fp32_key(weights)}.onnx"
     if _loads(path):
         return path

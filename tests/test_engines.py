@@ -70,3 +70,30 @@ def test_small_inputs_run_in_one_tile():
     calls.clear()
     tiled(run_array, np.zeros((720, 1280, 3), np.uint8), 3)
     assert len(calls) == 6  # 512-pixel tiles
+
+
+def test_onnxruntime_providers_prefer_the_gpu_where_present(tmp_path):
+    """The provider chain is a pure function of what is installed: checked for a GPU install without one."""
+    from sr.engines import ort_providers
+
+    qdq = calibrate_model("xlsr-clip", CalibrationConfig(method="minmax", samples=10), "tensorrt")
+    gpu = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    chain = ort_providers(qdq.qdq_onnx, gpu)
+    assert chain[0][0] == "TensorrtExecutionProvider" and chain[1:] == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert ort_providers(qdq.fp32_onnx, gpu) == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert ort_providers(qdq.qdq_onnx, ["CPUExecutionProvider"]) == ["CPUExecutionProvider"]
+    assert OrtEngine(qdq.qdq_onnx, 3).provider == "CPUExecutionProvider"  # this machine
+
+
+@pytest.mark.skipif("CUDAExecutionProvider" not in __import__("onnxruntime").get_available_providers(),
+                    reason="needs onnxruntime-gpu and an NVIDIA GPU")
+def test_gpu_provider_runs_the_qdq_model(baboon):
+    hr, lr = baboon
+    int8 = calibrate_model("xlsr-clip", CalibrationConfig(method="entropy", samples=20), "tensorrt")
+    import onnxruntime as ort
+
+    engine = OrtEngine(int8.qdq_onnx, 3)
+    assert engine.provider != "CPUExecutionProvider"
+    cpu = ort.InferenceSession(str(int8.qdq_onnx), providers=["CPUExecutionProvider"])
+    on_cpu = tiled(lambda array: cpu.run(None, {"input": array})[0], lr, 3)
+    assert abs(psnr_y(engine.run(lr), hr, 3) - psnr_y(on_cpu, hr, 3)) < 0.1

@@ -1,0 +1,426 @@
+"""A super-resolution model the user brings as an ONNX file: checked, its contract detected, and turned into the
+lab's standard graph, so every stage (calibrate, quantize, engines, diagnose, eval) takes it like a shipped one.
+
+The lab's standard graph takes `input` float32 1x3xHxW RGB in [0, 1] (the LR image) and returns `output`
+1x3x(sH)x(sW) RGB. A user's model may differ in its contract, which is detected from the graph and a probe run
+(and can be overridden):
+
+- layout NCHW or NHWC; 1 channel (Y of BT.601 YCbCr) or 3 (RGB); values in [0, 1] or [0, 255];
+- LR in, HR out, or pre-upsampled (VDSR-style: bicubic-upscaled input, output of the same size);
+- a dynamic or a fixed input size (the engines tile to the fixed size);
+- the scale (the output/input size ratio on the probe; for a pre-upsampled model it cannot be seen: given or 3).
+
+The standard graph wraps the user's graph with what bridges the two: a cubic Resize for a pre-upsampled model,
+RGB -> Y before and Y + bicubic Cb/Cr -> RGB after for a Y-only model (what the SR literature does), a x255 /
+/255 pair for [0, 255] models, Transposes for NHWC. Registered models get the name `onnx:<digest>`, which
+`sr.models.model_info` and `sr.quantize.fp32_onnx_path` resolve.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import threading
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from .choices import Choice
+from .store import cache_root, file_sha256, locked, short_hash, write_atomic
+
+MAX_BYTES = int(float(os.environ.get("SR_MAX_ONNX_MB", "200")) * 1024 * 1024)
+PROBE_SECONDS = 30.0
+TIE_DB = 0.5  # range readings closer than this to a bicubic upscale are a tie, settled for [0, 1]
+PREFIX = "onnx:"
+STANDARD_DOMAINS = {"", "ai.onnx"}
+# BT.601 YCbCr from RGB, both in [0, 1] units (MATLAB rgb2ycbcr divided by 255)
+YCBCR = np.array([[65.481, 128.553, 24.966], [-37.797, -74.203, 112.0], [112.0, -93.786, -18.214]]) / 255.0
+YCBCR_OFFSET = np.array([16.0, 128.0, 128.0]) / 255.0
+
+
+class Layout(Choice, noun="layout"):
+    """Where the channel axis is."""
+
+    NCHW = "nchw"
+    NHWC = "nhwc"
+
+
+class Color(Choice, noun="colour"):
+    """What the channels hold."""
+
+    RGB = "rgb"
+    Y = "y"  # the luma of BT.601 YCbCr; the lab upscales Cb and Cr bicubically
+
+
+class UserModelError(ValueError):
+    """The file is not an ONNX super-resolution model the lab can run."""
+
+
+@dataclass(frozen=True)
+class Contract:
+    """How a user's model takes and returns images."""
+
+    layout: Layout = Layout.NCHW
+    color: Color = Color.RGB
+    value_range: int = 1  # 1: [0, 1]; 255: [0, 255]
+    pre_upsampled: bool = False
+    scale: int = 3
+    fixed_size: tuple[int, int] | None = None  # (height, width) of a fixed-size input
+    confidence_db: float | None = None  # how much better the chosen range reading fits a bicubic upscale
+
+    def to_dict(self) -> dict:
+        """JSON-ready fields."""
+        fields = asdict(self)
+        fields.update(layout=self.layout.value, color=self.color.value)
+        return fields
+
+
+@dataclass(frozen=True)
+class Overrides:
+    """What the user says about the contract (None: detect)."""
+
+    layout: str | None = None
+    color: str | None = None
+    value_range: int | None = None
+    pre_upsampled: bool | None = None
+    scale: int | None = None
+
+    def __post_init__(self):
+        if self.layout is not None:
+            Layout.parse(self.layout)
+        if self.color is not None:
+            Color.parse(self.color)
+        if self.value_range not in (None, 1, 255):
+            raise ValueError(f"range must be 1 or 255, got {self.value_range}")
+        if self.scale not in (None, 2, 3, 4):
+            raise ValueError(f"scale must be 2, 3 or 4, got {self.scale}")
+
+
+@dataclass(frozen=True)
+class UserModel:
+    """A registered model: its name in the lab, the user's file, the contract, and the standard graph."""
+
+    name: str
+    source: Path
+    contract: Contract
+    standard_onnx: Path
+    float_ops: tuple[str, ...]  # op types the INT8 model leaves in float
+    parameters: int
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checking an untrusted file.
+
+
+def check_file(path: str | os.PathLike) -> onnx.ModelProto:
+    """Load and check a user's ONNX file without trusting it.
+
+    Raises:
+        FileNotFoundError: no such file.
+        UserModelError: too large, not ONNX, external data, custom ops, or not an image-to-image model.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such ONNX file: {path}")
+    size = path.stat().st_size
+    if size == 0:
+        raise UserModelError(f"{path.name} is empty (0 bytes)")
+    if size > MAX_BYTES:
+        raise UserModelError(f"{path.name} is {size / 2**20:.0f} MB, more than the limit of {MAX_BYTES / 2**20:.0f} MB "
+                             "(SR_MAX_ONNX_MB)")
+    try:
+        model = onnx.load_model_from_string(path.read_bytes())
+    except Exception as error:  # protobuf raises its own DecodeError
+        raise UserModelError(f"{path.name} is not an ONNX model ({type(error).__name__}: {error})") from None
+    for tensor in model.graph.initializer:
+        if tensor.data_location == TensorProto.EXTERNAL:
+            raise UserModelError(f"{path.name} keeps its weights in external files; the lab only accepts "
+                                 "self-contained ONNX files (save with all tensors inside)")
+    custom = sorted({node.domain for node in model.graph.node} - STANDARD_DOMAINS)
+    if custom:
+        raise UserModelError(f"{path.name} uses custom-op domains ({', '.join(custom)}); only standard ONNX ops run here")
+    try:
+        onnx.checker.check_model(model)
+        model = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+    except Exception as error:
+        raise UserModelError(f"{path.name} fails the ONNX checker: {error}") from None
+    _check_image_to_image(model, path.name)
+    return model
+
+
+def _dims(value_info) -> list:
+    return [d.dim_value if d.HasField("dim_value") else None for d in value_info.type.tensor_type.shape.dim]
+
+
+def _check_image_to_image(model: onnx.ModelProto, name: str) -> None:
+    initializers = {init.name for init in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in initializers]
+    if len(inputs) != 1:
+        raise UserModelError(f"{name} has {len(inputs)} inputs; an SR model takes one image")
+    for kind, value in (("input", inputs[0]), ("output", model.graph.output[0])):
+        rank = len(value.type.tensor_type.shape.dim)
+        if rank != 4:
+            raise UserModelError(f"{name}: its {kind} {value.name!r} has rank {rank}, not 4 (an image batch); "
+                                 "is it a classifier?")
+        if value.type.tensor_type.elem_type != TensorProto.FLOAT:
+            raise UserModelError(f"{name}: its {kind} is {TensorProto.DataType.Name(value.type.tensor_type.elem_type)}, "
+                                 "not float32")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Detecting the contract.
+
+
+def _channel_layout(dims: list) -> tuple[Layout, int]:
+    if dims[1] in (1, 3):
+        return Layout.NCHW, dims[1]
+    if dims[3] in (1, 3):
+        return Layout.NHWC, dims[3]
+    raise UserModelError(f"cannot tell the channel axis of an input shaped {dims}: give --layout")
+
+
+def _probe_image(height: int, width: int) -> np.ndarray:
+    """A natural photo crop (scikit-image's, no download), float32 HxWx3 in [0, 1]."""
+    from PIL import Image
+    from skimage import data as skdata
+
+    photo = Image.fromarray(np.asarray(skdata.astronaut())[100:420, 100:420])
+    return np.asarray(photo.resize((width, height), Image.Resampling.BICUBIC), np.float32) / 255.0
+
+
+def _run_with_timeout(session, feed: dict, seconds: float) -> np.ndarray:
+    import onnxruntime as ort
+
+    options = ort.RunOptions()
+    timer = threading.Timer(seconds, lambda: setattr(options, "terminate", True))
+    timer.start()
+    try:
+        return session.run(None, feed, options)[0]
+    except Exception as error:
+        if options.terminate:
+            raise UserModelError(f"the model took longer than {seconds:.0f} s on a small probe image; stopped") from None
+        raise UserModelError(f"the model failed on a probe image: {error}") from None
+    finally:
+        timer.cancel()
+
+
+def detect_contract(model: onnx.ModelProto, overrides: Overrides = Overrides(),
+                    probe_seconds: float = PROBE_SECONDS) -> Contract:
+    """The contract of a checked model, from its graph and a probe run, with the user's overrides applied.
+
+    Range (and, for a same-size output, nothing else) is read from the probe: each candidate reading's output is
+    compared with a bicubic upscale of the probe, and the closest wins; `confidence_db` is its margin.
+
+    Raises:
+        UserModelError: the output is not an integer multiple of the input, or the model fails on the probe.
+    """
+    import onnxruntime as ort
+
+    initializers = {init.name for init in model.graph.initializer}
+    dims = _dims(next(i for i in model.graph.input if i.name not in initializers))
+    layout, channels = (Layout.parse(overrides.layout), None) if overrides.layout else _channel_layout(dims)
+    channels = channels or (dims[1] if layout is Layout.NCHW else dims[3])
+    spatial = dims[2:4] if layout is Layout.NCHW else dims[1:3]
+    fixed = tuple(spatial) if all(isinstance(d, int) and d > 0 for d in spatial) else None
+    height, width = fixed or (48, 40)
+    probe = _probe_image(height, width)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    color = Color.parse(overrides.color) if overrides.color else (Color.Y if channels == 1 else Color.RGB)
+    readings = {}
+    for value_range in ((overrides.value_range,) if overrides.value_range else (1, 255)):
+        x = probe if color is Color.RGB else (probe @ YCBCR[0] + YCBCR_OFFSET[0])[..., None]
+        x = (x * value_range).astype(np.float32)
+        x = x.transpose(2, 0, 1)[None] if layout is Layout.NCHW else x[None]
+        y = _run_with_timeout(session, {session.get_inputs()[0].name: np.ascontiguousarray(x)}, probe_seconds)
+        y = y[0] if layout is Layout.NHWC else y[0].transpose(1, 2, 0)
+        readings[value_range] = y / value_range
+    out_h, out_w = next(iter(readings.values())).shape[:2]
+    if out_h % height or out_w % width or out_h // height != out_w // width:
+        raise UserModelError(f"the output ({out_w}x{out_h}) is not an integer multiple of the input "
+                             f"({width}x{height}); not a super-resolution model?")
+    ratio = out_h // height
+    pre_upsampled = overrides.pre_upsampled if overrides.pre_upsampled is not None else ratio == 1
+    scale = overrides.scale or (ratio if ratio > 1 else 3)
+    reference = _bicubic(probe, out_w, out_h)
+    if color is Color.Y:
+        reference = (reference @ YCBCR[0] + YCBCR_OFFSET[0])[..., None]
+    fits = {r: -float(np.mean((np.clip(y, 0, 1) - reference) ** 2)) for r, y in readings.items()}
+    ranked = sorted(fits, key=fits.get, reverse=True)
+    confidence = None if len(ranked) < 2 else 10 * math.log10(max(-fits[ranked[1]], 1e-12) / max(-fits[ranked[0]], 1e-12))
+    if confidence is not None and confidence < TIE_DB:  # a scale-invariant model fits both: take the convention
+        ranked = [1, 255]
+    return Contract(layout, color, ranked[0], bool(pre_upsampled), int(scale), fixed, confidence)
+
+
+def _bicubic(image: np.ndarray, width: int, height: int) -> np.ndarray:
+    from PIL import Image
+
+    rgb = Image.fromarray(np.clip(np.rint(image * 255), 0, 255).astype(np.uint8))
+    return np.asarray(rgb.resize((width, height), Image.Resampling.BICUBIC), np.float32) / 255.0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The standard graph.
+
+
+def _const(graph: list, name: str, array: np.ndarray) -> str:
+    graph.append(numpy_helper.from_array(np.asarray(array), name))
+    return name
+
+
+def _resize(nodes: list, inits: list, source: str, scale: int, name: str) -> str:
+    """A cubic upscale like PIL's bicubic (Keys a = -0.5, half-pixel centres)."""
+    scales = _const(inits, f"{name}_scales", np.array([1, 1, scale, scale], np.float32))
+    nodes.append(helper.make_node("Resize", [source, "", scales], [name], name=name, mode="cubic",
+                                  cubic_coeff_a=-0.5, coordinate_transformation_mode="half_pixel"))
+    return name
+
+
+def standard_graph(model: onnx.ModelProto, contract: Contract) -> onnx.ModelProto:
+    """The user's graph wrapped to take and return the lab's standard images (see the module docstring).
+
+    Args:
+        model: the checked user model.
+        contract: its contract.
+
+    Returns:
+        a model with input `input` 1x3xHxW RGB [0, 1] and output `output` 1x3x(sH)x(sW) RGB.
+    """
+    inner = onnx.ModelProto()
+    inner.CopyFrom(model)
+    prefix = "user/"
+    rename = {}
+    for node in inner.graph.node:
+        node.name = prefix + node.name
+        for items in (node.input, node.output):
+            for index, value in enumerate(items):
+                if value:
+                    rename.setdefault(value, prefix + value)
+                    items[index] = rename[value]
+    for init in inner.graph.initializer:
+        init.name = rename.get(init.name, prefix + init.name)
+    initializers = {init.name for init in model.graph.initializer}
+    source_input = next(i.name for i in model.graph.input if i.name not in initializers)
+    user_in, user_out = prefix + source_input, prefix + inner.graph.output[0].name
+    nodes, inits = [], []
+    rgb = "input"
+    if contract.pre_upsampled:
+        rgb = _resize(nodes, inits, rgb, contract.scale, "standard/pre_upsample")
+    x = rgb
+    if contract.color is Color.Y:
+        weights = _const(inits, "standard/rgb_to_ycbcr_w", YCBCR.reshape(3, 3, 1, 1).astype(np.float32))
+        offset = _const(inits, "standard/rgb_to_ycbcr_b", YCBCR_OFFSET.astype(np.float32))
+        nodes.append(helper.make_node("Conv", [rgb, weights, offset], ["standard/ycbcr"], name="standard/to_ycbcr"))
+        nodes.append(helper.make_node("Split", ["standard/ycbcr", _const(inits, "standard/split", np.array([1, 2]))],
+                                      ["standard/y", "standard/cbcr"], name="standard/split", axis=1))
+        x = "standard/y"
+    if contract.value_range != 1:
+        nodes.append(helper.make_node("Mul", [x, _const(inits, "standard/to_range", np.float32(contract.value_range))],
+                                      ["standard/scaled"], name="standard/to_range"))
+        x = "standard/scaled"
+    if contract.layout is Layout.NHWC:
+        nodes.append(helper.make_node("Transpose", [x], ["standard/nhwc"], name="standard/to_nhwc", perm=[0, 2, 3, 1]))
+        x = "standard/nhwc"
+    nodes.append(helper.make_node("Identity", [x], [user_in], name="standard/into_user"))
+    nodes.extend(inner.graph.node)
+    y = user_out
+    if contract.layout is Layout.NHWC:
+        nodes.append(helper.make_node("Transpose", [y], ["standard/nchw"], name="standard/to_nchw", perm=[0, 3, 1, 2]))
+        y = "standard/nchw"
+    if contract.value_range != 1:
+        nodes.append(helper.make_node("Mul", [y, _const(inits, "standard/from_range",
+                                                         np.float32(1.0 / contract.value_range))],
+                                      ["standard/unscaled"], name="standard/from_range"))
+        y = "standard/unscaled"
+    if contract.color is Color.Y:
+        cbcr = "standard/cbcr" if contract.pre_upsampled else _resize(nodes, inits, "standard/cbcr", contract.scale,
+                                                                       "standard/cbcr_up")
+        nodes.append(helper.make_node("Concat", [y, cbcr], ["standard/ycbcr_out"], name="standard/join", axis=1))
+        inverse = np.linalg.inv(YCBCR)
+        weights = _const(inits, "standard/ycbcr_to_rgb_w", inverse.reshape(3, 3, 1, 1).astype(np.float32))
+        bias = _const(inits, "standard/ycbcr_to_rgb_b", (-inverse @ YCBCR_OFFSET).astype(np.float32))
+        nodes.append(helper.make_node("Conv", ["standard/ycbcr_out", weights, bias], ["standard/rgb"],
+                                      name="standard/to_rgb"))
+        y = "standard/rgb"
+    nodes.append(helper.make_node("Identity", [y], ["output"], name="standard/output"))
+    height, width = (contract.fixed_size if contract.fixed_size and not contract.pre_upsampled else ("height", "width"))
+    graph = helper.make_graph(nodes, "standard", [helper.make_tensor_value_info("input", TensorProto.FLOAT,
+                                                                                [1, 3, height, width])],
+                              [helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, 3, "out_height", "out_width"])],
+                              [*inits, *inner.graph.initializer])
+    opset = max(17, next((o.version for o in model.opset_import if o.domain in STANDARD_DOMAINS), 17))
+    standard = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="sr-int8-lab")
+    standard.ir_version = min(model.ir_version or 8, onnx.IR_VERSION) if model.ir_version >= 8 else 8
+    onnx.checker.check_model(standard)
+    return standard
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The registry.
+
+_REGISTRY: dict[str, UserModel] = {}
+
+
+def register_onnx(path: str | os.PathLike, overrides: Overrides = Overrides(),
+                  cache_dir: str | os.PathLike | None = None) -> UserModel:
+    """Check a user's ONNX file, detect its contract, write its standard graph (cached by file hash and
+    overrides) and register it.
+
+    Example:
+        >>> model = register_onnx("fsrcnn.onnx", Overrides(scale=3))
+        >>> evaluate(EvalConfig(model=model.name, data="../shared/data/Set5"))
+
+    Returns:
+        the UserModel; `model.name` works wherever a shipped model name does.
+
+    Raises:
+        FileNotFoundError, UserModelError: see `check_file` and `detect_contract`.
+    """
+    path = Path(path)
+    model = check_file(path)
+    key = short_hash(json.dumps({"file": file_sha256(path), "overrides": asdict(overrides)}, sort_keys=True), 12)
+    folder = cache_root(cache_dir) / "user" / key
+    with locked(folder):
+        saved = folder / "contract.json"
+        if saved.is_file() and (folder / "standard.onnx").is_file():
+            fields = json.loads(saved.read_text())
+            contract = Contract(Layout(fields["layout"]), Color(fields["color"]), fields["value_range"],
+                                fields["pre_upsampled"], fields["scale"],
+                                tuple(fields["fixed_size"]) if fields["fixed_size"] else None, fields["confidence_db"])
+        else:
+            contract = detect_contract(model, overrides)
+            write_atomic(standard_graph(model, contract).SerializeToString(), folder / "standard.onnx")
+            write_atomic(json.dumps(contract.to_dict()).encode(), saved)
+    from .quantize import QUANTIZED_OPS
+
+    ops = sorted({node.op_type for node in model.graph.node} - set(QUANTIZED_OPS) - {"Constant", "Identity"})
+    parameters = sum(int(np.prod(init.dims)) for init in model.graph.initializer)
+    registered = UserModel(f"{PREFIX}{key}", path, contract, folder / "standard.onnx", tuple(ops), parameters)
+    _REGISTRY[registered.name] = registered
+    return registered
+
+
+def lookup(name: str, cache_dir: str | os.PathLike | None = None) -> UserModel | None:
+    """The registered model called `name` (also one registered by another process, from the cache), or None."""
+    if not str(name).startswith(PREFIX):
+        return None
+    if name in _REGISTRY:
+        return _REGISTRY[name]
+    folder = cache_root(cache_dir) / "user" / str(name)[len(PREFIX):]
+    if not (folder / "contract.json").is_file():
+        return None
+    fields = json.loads((folder / "contract.json").read_text())
+    contract = Contract(Layout(fields["layout"]), Color(fields["color"]), fields["value_range"],
+                        fields["pre_upsampled"], fields["scale"],
+                        tuple(fields["fixed_size"]) if fields["fixed_size"] else None, fields["confidence_db"])
+    standard = onnx.load(str(folder / "standard.onnx"))
+    parameters = sum(int(np.prod(init.dims)) for init in standard.graph.initializer)
+    return UserModel(str(name), folder / "standard.onnx", contract, folder / "standard.onnx", (), parameters)
+
+
+def with_scale(contract: Contract, scale: int) -> Contract:
+    """The contract with another scale (a pre-upsampled model's scale is the user's to choose)."""
+    return replace(contract, scale=scale)

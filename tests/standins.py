@@ -1,0 +1,150 @@
+"""Small stand-ins for the SR models users bring, built here (no download): each is a working upscaler (hand-set
+weights, or a shipped model inside another contract), exported to ONNX by torch."""
+from __future__ import annotations
+
+import io
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+from sr.models import load_model
+
+
+def _export(model: nn.Module, path: Path, example: torch.Tensor, dynamic: bool = True) -> Path:
+    buffer = io.BytesIO()
+    axes = {"lr": {2: "h", 3: "w"}, "sr": {2: "H", 3: "W"}} if dynamic else None
+    if dynamic and example.shape[-1] == 3:  # NHWC
+        axes = {"lr": {1: "h", 2: "w"}, "sr": {1: "H", 2: "W"}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model.eval(), (example,), buffer, opset_version=17, input_names=["lr"],
+                          output_names=["sr"], dynamic_axes=axes, dynamo=False)
+    path.write_bytes(buffer.getvalue())
+    return path
+
+
+class FsrcnnY(nn.Module):
+    """FSRCNN-like, Y only: 5x5 feature conv, PReLU, shrink, map, expand, and a stride-3 ConvTranspose. The
+    weights carry the Y channel through channel 0 and upscale it with a bilinear kernel; the other channels are
+    small random noise, so the model is a real (if plain) upscaler."""
+
+    def __init__(self):
+        super().__init__()
+        generator = torch.Generator().manual_seed(0)
+        self.feature, self.shrink = nn.Conv2d(1, 16, 5, padding=2), nn.Conv2d(16, 8, 1)
+        self.map, self.expand = nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 16, 1)
+        self.acts = nn.ModuleList([nn.PReLU(c) for c in (16, 8, 8, 16)])
+        self.up = nn.ConvTranspose2d(16, 1, 9, stride=3, padding=3)
+        with torch.no_grad():
+            for conv in (self.feature, self.shrink, self.map, self.expand):
+                conv.weight.copy_(torch.randn(conv.weight.shape, generator=generator) * 0.01)
+                conv.bias.zero_()
+                centre = conv.weight.shape[-1] // 2
+                conv.weight[0].zero_()
+                conv.weight[0, 0, centre, centre] = 1.0
+            ramp = torch.tensor([1, 2, 3, 2, 1], dtype=torch.float32) / 3
+            kernel = torch.zeros(9)
+            kernel[2:7] = ramp
+            self.up.weight.zero_()
+            self.up.weight[0, 0] = torch.outer(kernel, kernel)
+            self.up.bias.zero_()
+
+    def forward(self, y):
+        x = y
+        for conv, act in zip((self.feature, self.shrink, self.map, self.expand), self.acts):
+            x = act(conv(x))
+        return self.up(x).clamp(0.0, 1.0)  # trained on [0, 1] images, it clamps its output to that range
+
+
+class VdsrLike(nn.Module):
+    """VDSR-like: the input is already bicubic-upscaled; a few convs predict a (tiny) residual added to it."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 3, 3, padding=1))
+        with torch.no_grad():
+            for parameter in self.body.parameters():
+                parameter.mul_(0.01)
+
+    def forward(self, x):
+        return (x + self.body(x)).clamp(0.0, 1.0)
+
+
+class Nhwc(nn.Module):
+    """A shipped model that takes and returns NHWC images."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return self.inner(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+
+
+class Range255(nn.Module):
+    """A shipped model that takes and returns values in [0, 255]."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return self.inner(x / 255.0) * 255.0
+
+
+class TanhOutput(nn.Module):
+    """A shipped model with a Tanh at its output: 0.5 + 0.5 tanh(atanh(2y - 1)) is y again."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        y = self.inner(x).clamp(0.001, 0.999)
+        return 0.5 + 0.5 * torch.tanh(0.5 * torch.log(y / (1 - y)))
+
+
+def build_all(folder: Path) -> dict[str, Path]:
+    """Every stand-in as an ONNX file in `folder`: name -> path."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rgb = torch.rand(1, 3, 24, 32)
+    return {
+        "fsrcnn-y": _export(FsrcnnY(), folder / "fsrcnn-y.onnx", torch.rand(1, 1, 24, 32)),
+        "vdsr-pre-upsampled": _export(VdsrLike(), folder / "vdsr.onnx", torch.rand(1, 3, 72, 96)),
+        "xlsr-nhwc": _export(Nhwc(load_model("xlsr-clip")), folder / "xlsr-nhwc.onnx", rgb.permute(0, 2, 3, 1)),
+        "xlsr-255": _export(Range255(load_model("xlsr-relu")), folder / "xlsr-255.onnx", rgb * 255),
+        "xlsr-fixed-48": _export(load_model("xlsr-clip"), folder / "xlsr-fixed.onnx", torch.rand(1, 3, 48, 48),
+                                 dynamic=False),
+        "xlsr-tanh": _export(TanhOutput(load_model("xlsr-clip")), folder / "xlsr-tanh.onnx", rgb),
+        "xlsr-clip-exported": _export(load_model("xlsr-clip"), folder / "xlsr-clip.onnx", rgb),
+    }
+
+
+def bad_files(folder: Path, good: Path) -> dict[str, tuple[Path, str]]:
+    """Files the lab must refuse, with the words its message must contain."""
+    folder.mkdir(parents=True, exist_ok=True)
+    model = onnx.load(str(good))
+    external = folder / "external.onnx"
+    onnx.save(model, str(external), save_as_external_data=True, all_tensors_to_one_file=True,
+              location="external.bin", size_threshold=0)
+    custom = onnx.load(str(good))
+    custom.graph.node[0].domain = "com.example.secret"
+    custom_path = folder / "custom.onnx"
+    custom_path.write_bytes(custom.SerializeToString())
+    classifier = nn.Sequential(nn.Conv2d(3, 8, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
+    truncated = folder / "truncated.onnx"
+    truncated.write_bytes(good.read_bytes()[:300])
+    empty = folder / "empty.onnx"
+    empty.write_bytes(b"")
+    return {"external data": (external, "external files"), "custom op": (custom_path, "custom-op domains"),
+            "classifier": (_export(classifier, folder / "classifier.onnx", torch.rand(1, 3, 24, 32), dynamic=False),
+                           "rank 2"),
+            "truncated": (truncated, "not an ONNX model"), "empty": (empty, "empty")}
+
+
+def mean_abs(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.mean(np.abs(a.astype(np.float64) - b.astype(np.float64))))
