@@ -469,24 +469,25 @@ def images_digest(images: Sequence[np.ndarray]) -> str:
     return digest.hexdigest()[:16]
 
 
-def calibration_patches(images: Sequence[np.ndarray], samples: int, patch_size: int,
+def calibration_patches(images: Sequence[np.ndarray], samples: int, patch_size: int | tuple[int, int],
                         seed: int = 0) -> Iterator[np.ndarray]:
     """Random crops of the images, generated lazily and deterministically for a seed.
 
     Args:
         images: uint8 HxWx3 images, as the network sees them (see `prepare_calibration_images`).
         samples: how many crops.
-        patch_size: the crop side; images smaller than that are used whole.
+        patch_size: the crop side, or (height, width); images smaller than that are used whole.
         seed: the random stream.
 
     Yields:
         float32 1x3xPxP patches in [0, 1].
     """
     rng = np.random.default_rng(seed)
+    patch_y, patch_x = (patch_size, patch_size) if isinstance(patch_size, int) else patch_size
     for _ in range(samples):
         image = images[int(rng.integers(len(images)))]
         height, width = image.shape[:2]
-        size_y, size_x = min(patch_size, height), min(patch_size, width)
+        size_y, size_x = min(patch_y, height), min(patch_x, width)
         y = int(rng.integers(height - size_y + 1))
         x = int(rng.integers(width - size_x + 1))
         patch = image[y : y + size_y, x : x + size_x, :3]
@@ -573,6 +574,8 @@ def collect_statistics(model_path: str | os.PathLike, patches: Callable[[], Iter
     names = activation_tensors(model)
     session = observing_session(model_path, names, threads)
     input_name = session.get_inputs()[0].name
+    if session.get_inputs()[0].shape[0] == 1:  # a model exported with batch 1 takes one patch at a time
+        batch_size = 1
     outputs = [o.name for o in session.get_outputs()]
     index = {name: outputs.index(name) if name in outputs else None for name in names}
     low = {name: np.inf for name in names}

@@ -74,6 +74,39 @@ def _add_calibration_arguments(parser: argparse.ArgumentParser, data_flag: tuple
                         "(default: %(default)s)")
 
 
+def _add_model_arguments(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    """--model NAME or --onnx PATH (a user's model, with overrides for what detection gets wrong)."""
+    which = parser.add_mutually_exclusive_group(required=required)
+    which.add_argument("--model", help="shipped model name or weight file")
+    which.add_argument("--onnx", metavar="PATH", help="your own ONNX super-resolution model (its contract is detected "
+                       "and printed; override it with the options below)")
+    parser.add_argument("--layout", default=None, help="ONNX model: nchw or nhwc")
+    parser.add_argument("--color", default=None, help="ONNX model: rgb or y (Y of BT.601; Cb/Cr upscaled bicubically)")
+    parser.add_argument("--range", dest="value_range", type=int, default=None, help="ONNX model: 1 or 255")
+    parser.add_argument("--pre-upsampled", action="store_true", default=None,
+                        help="ONNX model: takes a bicubic-upscaled input (VDSR-style)")
+    if not any(action.dest == "scale" for action in parser._actions):
+        parser.add_argument("--scale", type=int, default=None, help="ONNX model: its scale (2, 3, 4)")
+
+
+def _model(args: argparse.Namespace) -> str:
+    """The model name to hand the library: a shipped name, or a registered ONNX model (contract printed)."""
+    if not getattr(args, "onnx", None):
+        return args.model
+    from .usermodel import Overrides, register_onnx
+
+    user = register_onnx(args.onnx, Overrides(args.layout, args.color, args.value_range, args.pre_upsampled,
+                                              args.scale))
+    contract = user.contract
+    sure = "" if contract.confidence_db is None else f", range reading {contract.confidence_db:.1f} dB ahead"
+    print(f"# {args.onnx} -> {user.name}: {contract.layout.value}, {contract.color.value}, values in "
+          f"[0, {contract.value_range}], x{contract.scale}" + (", pre-upsampled" if contract.pre_upsampled else "")
+          + (f", fixed input {contract.fixed_size[1]}x{contract.fixed_size[0]}" if contract.fixed_size else "")
+          + sure + (f"; left in float by the INT8 model: {', '.join(user.float_ops)}" if user.float_ops else ""),
+          file=sys.stderr)
+    return user.name
+
+
 def _calibration(args: argparse.Namespace) -> tuple[CalibrationConfig, Scheme]:
     c = CALIBRATION_DEFAULTS
     config = CalibrationConfig(method=args.method or c.method, samples=c.samples if args.samples is None else args.samples,
@@ -135,8 +168,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.recommended and (args.method or args.samples is not None or args.scheme):
         raise ValueError("--recommended chooses the method, samples and scheme itself; drop --method/--samples/--scheme")
     calibration, scheme = _calibration(args)
-    config = EvalConfig(model=args.model, data=args.data, scale=args.scale, engine=args.engine, calibration=calibration,
-                        scheme=scheme, recommended=args.recommended, threads=args.threads)
+    model = _model(args)
+    engine = args.engine or ("ort" if args.onnx else "torch")
+    config = EvalConfig(model=model, data=args.data, scale=None if args.onnx else args.scale, engine=engine,
+                        calibration=calibration, scheme=scheme, recommended=args.recommended, threads=args.threads)
     _print_config(config)
     report = evaluate(config, progress=not args.json)
     print(json.dumps(report, indent=2) if args.json else format_report(report))
@@ -149,11 +184,12 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from .store import write_atomic
 
     config, scheme = _calibration(args)
+    model = _model(args)
     _print_config(config)
-    int8 = calibrate_model(args.model, config, scheme, threads=args.threads)
+    int8 = calibrate_model(model, config, scheme, threads=args.threads)
     qdq = write_atomic(int8.qdq_onnx.read_bytes(), args.out) if args.out else int8.qdq_onnx
     if args.json:
-        print(json.dumps({"model": args.model, "method": config.method.value, "samples": config.samples,
+        print(json.dumps({"model": model, "method": config.method.value, "samples": config.samples,
                           "scheme": int8.scheme.value, "qdq_model": str(qdq), "tensors": [
                               {k: v for k, v in r.to_dict().items() if k != "method"} for r in int8.ranges.values()]},
                          indent=2))
@@ -170,10 +206,30 @@ def cmd_bench(args: argparse.Namespace) -> int:
     """`bench`: fill BenchConfig, measure, print the figures."""
     from .bench import BenchConfig, format_bench, run_bench
 
-    config = BenchConfig(model=args.model, samples=args.samples, large_samples=args.large_samples)
+    config = BenchConfig(model=_model(args) if args.onnx else args.model or "xlsr-clip", samples=args.samples,
+                         large_samples=args.large_samples)
     _print_config(config)
     report = run_bench(config)
     print(json.dumps(report, indent=2) if args.json else format_bench(report))
+    return 0
+
+
+def cmd_export_int8(args: argparse.Namespace) -> int:
+    """`export-int8`: calibrate and write the deployment bundle (QDQ for TensorRT, calibration cache, CPU model)."""
+    from .bundle import export_bundle
+    from .data import degrade, list_images, load_image
+    from .models import model_info
+
+    config, _ = _calibration(args)
+    model = _model(args)
+    _print_config(config)
+    scale = model_info(model).scale
+    images = [degrade(load_image(p), scale)[1] for p in list_images(args.data)] if args.data else []
+    bundle = export_bundle(model, config, args.out, images=images)
+    print(f"wrote {bundle.folder}: {', '.join(bundle.files)}")
+    if bundle.psnr_fp32_vs_int8_db is not None:
+        print(f"INT8 vs FP32 on {len(images)} image(s): {bundle.psnr_fp32_vs_int8_db:.2f} dB, brightness "
+              f"{bundle.brightness:.4f}")
     return 0
 
 
@@ -203,7 +259,7 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
     from .diagnose import DiagnoseConfig, diagnose
 
     calibration, scheme = _calibration(args)
-    config = DiagnoseConfig(args.model, calibration, scheme, data=args.data, top=args.top)
+    config = DiagnoseConfig(_model(args), calibration, scheme, data=args.data, top=args.top)
     _print_config(config)
     report = diagnose(config)
     if args.json:
@@ -229,10 +285,11 @@ def _add_commands(commands) -> None:
     distill.set_defaults(run=cmd_distill)
 
     evaluate = commands.add_parser("eval", help="PSNR/SSIM of bicubic and a model (FP32 or INT8) on a folder")
-    evaluate.add_argument("--model", required=True, help="shipped model name or weight file")
-    evaluate.add_argument("--data", required=True, help="folder of ground-truth (HR) images")
     evaluate.add_argument("--scale", type=int, default=None, help="default: the model's own scale")
-    evaluate.add_argument("--engine", default="torch", help="torch, ort, ort-int8 or tensorrt (default: torch)")
+    _add_model_arguments(evaluate)
+    evaluate.add_argument("--data", required=True, help="folder of ground-truth (HR) images")
+    evaluate.add_argument("--engine", default=None, help="torch, ort, openvino, openvino-bf16, ort-int8, openvino-int8 "
+                          "or tensorrt (default: torch; ort for --onnx)")
     _add_calibration_arguments(evaluate)
     evaluate.add_argument("--recommended", action="store_true", help="calibrate as the README's findings recommend "
                           "(a method, sample count and scheme; no per-tensor fixes); not combinable with "
@@ -242,7 +299,7 @@ def _add_commands(commands) -> None:
     evaluate.set_defaults(run=cmd_eval)
 
     calibrate = commands.add_parser("calibrate", help="calibrate a model for INT8 and write its QDQ ONNX model")
-    calibrate.add_argument("--model", required=True, help="shipped model name or weight file")
+    _add_model_arguments(calibrate)
     _add_calibration_arguments(calibrate, ("--calib-data", "--data"))
     calibrate.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads (0 = its default)")
     calibrate.add_argument("--out", default=None, help="also copy the QDQ model here")
@@ -251,14 +308,22 @@ def _add_commands(commands) -> None:
 
     bench = commands.add_parser("bench", help="calibration speed, memory and fidelity vs ModelOpt and onnxruntime; "
                                 "engine latency")
-    bench.add_argument("--model", default="xlsr-clip")
+    _add_model_arguments(bench, required=False)
     bench.add_argument("--samples", type=int, default=100, help="samples for the comparisons (default: %(default)s)")
     bench.add_argument("--large-samples", type=int, default=1000, help="samples for the peak-memory run (default: %(default)s)")
     bench.add_argument("--json", action="store_true", help="print one JSON object")
     bench.set_defaults(run=cmd_bench)
 
+    export = commands.add_parser("export-int8", help="write a deployment bundle: TensorRT QDQ model, TensorRT "
+                                 "calibration cache, ONNX Runtime CPU model, ranges and a README")
+    _add_model_arguments(export)
+    _add_calibration_arguments(export)
+    export.add_argument("--out", required=True, help="the bundle folder")
+    export.add_argument("--data", default=None, help="HR images to measure the INT8 loss on (for the README)")
+    export.set_defaults(run=cmd_export_int8)
+
     diagnose = commands.add_parser("diagnose", help="rank the tensors whose INT8 range damages the output")
-    diagnose.add_argument("--model", required=True, help="shipped model name or weight file")
+    _add_model_arguments(diagnose)
     _add_calibration_arguments(diagnose)
     diagnose.add_argument("--data", required=True, help="folder of ground-truth images to measure on")
     diagnose.add_argument("--top", type=int, default=None, help="keep the N worst tensors")

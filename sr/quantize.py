@@ -310,7 +310,7 @@ def calibrate_model(model_name: str | os.PathLike, config: CalibrationConfig | N
     weights_hash, data_hash = file_sha256(info.path), images_digest(network_inputs)
     key = cache_key(weights_hash, config, scheme, data_hash, fixes)
     entry = cache_root(cache_dir) / "int8" / key
-    fp32 = fp32_onnx_path(info.path, cache_dir)
+    fp32 = fp32_onnx_path(model_name, cache_dir)
 
     def result(found, seconds: float, cached: bool) -> CalibratedModel:
         ranges, stats, producers = found
@@ -327,6 +327,13 @@ def calibrate_model(model_name: str | os.PathLike, config: CalibrationConfig | N
                                         progress, statistics_key(weights_hash, config, data_hash))
                 return result(made, time.perf_counter() - started, False)
     return result(found, 0.0, True)
+
+
+def fixed_input_size(fp32: Path) -> tuple[int, int] | None:
+    """(height, width) of a model that takes only one input size, else None."""
+    dims = onnx.load(str(fp32), load_external_data=False).graph.input[0].type.tensor_type.shape.dim
+    height, width = (d.dim_value if d.HasField("dim_value") else 0 for d in dims[2:4])
+    return (height, width) if height and width else None
 
 
 def statistics_key(weights_hash: str, config: CalibrationConfig, data_hash: str) -> str:
@@ -373,8 +380,9 @@ def cached_statistics(fp32: Path, key: str, network_inputs: list[np.ndarray], co
             return stats
         except (OSError, ValueError, KeyError):
             pass
+        patch = fixed_input_size(fp32) or config.patch_size  # a fixed-size model sees patches of its size
         stats = collect_statistics(
-            fp32, lambda: calibration_patches(network_inputs, config.samples, config.patch_size, config.seed),
+            fp32, lambda: calibration_patches(network_inputs, config.samples, patch, config.seed),
             config.samples, need_histograms=True, threads=threads, progress=progress)
         buffer = io.BytesIO()
         np.savez(buffer, names=np.array([s.name for s in stats]), low=np.array([s.observed_min for s in stats]),

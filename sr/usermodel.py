@@ -279,36 +279,27 @@ def _resize(nodes: list, inits: list, source: str, scale: int, name: str) -> str
     return name
 
 
-def standard_graph(model: onnx.ModelProto, contract: Contract) -> onnx.ModelProto:
-    """The user's graph wrapped to take and return the lab's standard images (see the module docstring).
-
-    Args:
-        model: the checked user model.
-        contract: its contract.
-
-    Returns:
-        a model with input `input` 1x3xHxW RGB [0, 1] and output `output` 1x3x(sH)x(sW) RGB.
-    """
+def _prefixed(model: onnx.ModelProto, prefix: str = "user/") -> tuple[onnx.ModelProto, str, str]:
+    """A copy of the user's graph with every name prefixed (no clash with the wrapper), and its input and output."""
     inner = onnx.ModelProto()
     inner.CopyFrom(model)
-    prefix = "user/"
     rename = {}
     for node in inner.graph.node:
         node.name = prefix + node.name
         for items in (node.input, node.output):
             for index, value in enumerate(items):
                 if value:
-                    rename.setdefault(value, prefix + value)
-                    items[index] = rename[value]
+                    items[index] = rename.setdefault(value, prefix + value)
     for init in inner.graph.initializer:
         init.name = rename.get(init.name, prefix + init.name)
     initializers = {init.name for init in model.graph.initializer}
     source_input = next(i.name for i in model.graph.input if i.name not in initializers)
-    user_in, user_out = prefix + source_input, prefix + inner.graph.output[0].name
-    nodes, inits = [], []
-    rgb = "input"
-    if contract.pre_upsampled:
-        rgb = _resize(nodes, inits, rgb, contract.scale, "standard/pre_upsample")
+    return inner, prefix + source_input, prefix + model.graph.output[0].name
+
+
+def _wrap_input(nodes: list, inits: list, contract: Contract) -> str:
+    """Standard input -> what the user's graph takes; returns the tensor to feed it."""
+    rgb = _resize(nodes, inits, "input", contract.scale, "standard/pre_upsample") if contract.pre_upsampled else "input"
     x = rgb
     if contract.color is Color.Y:
         weights = _const(inits, "standard/rgb_to_ycbcr_w", YCBCR.reshape(3, 3, 1, 1).astype(np.float32))
@@ -324,9 +315,11 @@ def standard_graph(model: onnx.ModelProto, contract: Contract) -> onnx.ModelProt
     if contract.layout is Layout.NHWC:
         nodes.append(helper.make_node("Transpose", [x], ["standard/nhwc"], name="standard/to_nhwc", perm=[0, 2, 3, 1]))
         x = "standard/nhwc"
-    nodes.append(helper.make_node("Identity", [x], [user_in], name="standard/into_user"))
-    nodes.extend(inner.graph.node)
-    y = user_out
+    return x
+
+
+def _wrap_output(nodes: list, inits: list, contract: Contract, y: str) -> str:
+    """What the user's graph returns -> the standard output; returns the final tensor."""
     if contract.layout is Layout.NHWC:
         nodes.append(helper.make_node("Transpose", [y], ["standard/nchw"], name="standard/to_nchw", perm=[0, 3, 1, 2]))
         y = "standard/nchw"
@@ -345,15 +338,34 @@ def standard_graph(model: onnx.ModelProto, contract: Contract) -> onnx.ModelProt
         nodes.append(helper.make_node("Conv", ["standard/ycbcr_out", weights, bias], ["standard/rgb"],
                                       name="standard/to_rgb"))
         y = "standard/rgb"
-    nodes.append(helper.make_node("Identity", [y], ["output"], name="standard/output"))
+    return y
+
+
+def standard_graph(model: onnx.ModelProto, contract: Contract) -> onnx.ModelProto:
+    """The user's graph wrapped to take and return the lab's standard images (see the module docstring).
+
+    Args:
+        model: the checked user model.
+        contract: its contract.
+
+    Returns:
+        a model with input `input` 1x3xHxW RGB [0, 1] and output `output` 1x3x(sH)x(sW) RGB.
+    """
+    inner, user_in, user_out = _prefixed(model)
+    nodes, inits = [], []
+    nodes.append(helper.make_node("Identity", [_wrap_input(nodes, inits, contract)], [user_in], name="standard/in"))
+    nodes.extend(inner.graph.node)
+    nodes.append(helper.make_node("Identity", [_wrap_output(nodes, inits, contract, user_out)], ["output"],
+                                  name="standard/output"))
     height, width = (contract.fixed_size if contract.fixed_size and not contract.pre_upsampled else ("height", "width"))
     graph = helper.make_graph(nodes, "standard", [helper.make_tensor_value_info("input", TensorProto.FLOAT,
                                                                                 [1, 3, height, width])],
-                              [helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, 3, "out_height", "out_width"])],
+                              [helper.make_tensor_value_info("output", TensorProto.FLOAT,
+                                                             [1, 3, "out_height", "out_width"])],
                               [*inits, *inner.graph.initializer])
     opset = max(17, next((o.version for o in model.opset_import if o.domain in STANDARD_DOMAINS), 17))
     standard = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="sr-int8-lab")
-    standard.ir_version = min(model.ir_version or 8, onnx.IR_VERSION) if model.ir_version >= 8 else 8
+    standard.ir_version = max(8, min(model.ir_version, onnx.IR_VERSION))
     onnx.checker.check_model(standard)
     return standard
 

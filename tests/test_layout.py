@@ -21,7 +21,7 @@ def _imports(path: Path) -> set[str]:
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom) and node.level == 1:
             found |= {node.module} if node.module else {alias.name for alias in node.names}
-    return found - {"__init__"} - ({"__version__"} if path.name == "cli.py" else set())
+    return found - {"__init__", "__version__"}
 
 
 def test_every_module_is_on_the_map():
