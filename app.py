@@ -9,9 +9,11 @@ import base64
 import logging
 import math
 import os
+import re
 import tempfile
 import threading
 import types
+from pathlib import Path
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
@@ -24,7 +26,10 @@ from sr.calibrate import CalibrationConfig, Method, ensure_calibration_images
 from sr.compare import InputMode, OutputKind, available_models, compare, roi_strip
 from sr.data import ImageLoadError, load_image
 from sr.diagnose import DiagnoseConfig, DiagnosisCancelled, Fix, apply_fix, diagnose, range_coverage
+from sr.bundle import export_bundle, zip_bundle
+from sr.compare import prepare_input
 from sr.models import model_info
+from sr.usermodel import Overrides, UserModelError, register_onnx
 from sr.plots import DifferenceKind, difference_image, histogram_figure, range_chart
 from sr.store import cache_root, remove_stale_temps
 
@@ -94,13 +99,72 @@ def _check_image(image) -> None:
         raise gr.Error("Upload an image first (drag and drop, file picker or paste).")
 
 
+_UPLOADED: dict[str, str] = {}  # registered ONNX model name -> the file name the user gave it
+
+
+def _shown(model: str | None) -> str | None:
+    """How a model is named on screen: an uploaded ONNX model by its file name."""
+    return _UPLOADED.get(model, model)
+
+
 def _label(model: str) -> str:
     """A panel label naming the model, its final activation and its size."""
     info = model_info(model)
+    size = f"{info.parameters / 1e6:.2f}M" if info.parameters >= 1e5 else f"{info.parameters / 1e3:.0f}k"
+    if info.arch == "onnx":
+        return f"{_shown(info.name)} (your ONNX model), {size}"
     activation = {"relu": "ReLU output", "clipped_relu": "Clipped-ReLU output"}.get(info.final_activation,
                                                                                  info.final_activation)
-    size = f"{info.parameters / 1e6:.2f}M" if info.parameters >= 1e5 else f"{info.parameters / 1e3:.0f}k"
     return f"{info.name}, {activation}, {size}"
+
+
+def contract_text(user) -> str:
+    """The detected contract of an uploaded model, in words."""
+    c = user.contract
+    sure = "" if c.confidence_db is None else f" (the [0, {c.value_range}] reading fits a bicubic upscale " \
+        f"{c.confidence_db:.1f} dB better than the other)"
+    return (f"**{_shown(user.name)}**: layout {c.layout.value.upper()}, "
+            f"{'Y (BT.601 luma; Cb/Cr upscaled bicubically)' if c.color.value == 'y' else 'RGB'}, values in "
+            f"[0, {c.value_range}]{sure}, x{c.scale}" + (", pre-upsampled input" if c.pre_upsampled else "")
+            + (f", fixed input {c.fixed_size[1]}x{c.fixed_size[0]} (tiled to it)" if c.fixed_size else "")
+            + (f". Left in float by the INT8 model: {', '.join(user.float_ops)}." if user.float_ops else ".")
+            + " Wrong? Override it below and upload again.")
+
+
+def load_onnx_model(file, layout, color, value_range, pre_upsampled, scale, model_b, choices):
+    """Check and register an uploaded ONNX model; it becomes model A (and B too when B's scale differs)."""
+    if file is None:
+        return gr.update(), gr.update(), "", choices
+    path = file if isinstance(file, str) else getattr(file, "name", str(file))
+    auto = lambda value, cast=str: None if value in (None, "auto") else cast(value)  # noqa: E731
+    try:
+        user = register_onnx(path, Overrides(auto(layout), auto(color), auto(value_range, int),
+                                             True if pre_upsampled else None, auto(scale, int)))
+    except (UserModelError, ValueError, FileNotFoundError) as error:
+        raise gr.Error(str(error)) from None
+    _UPLOADED[user.name] = Path(path).name
+    choices = [*(choices or []), user.name]
+    models = available_models() + choices
+    same_scale = model_info(model_b).scale == user.contract.scale
+    return (gr.update(choices=models, value=user.name, label=f"Model A ({_label(user.name)})"),
+            gr.update(choices=models) if same_scale else gr.update(choices=models, value=user.name,
+                                                                 label=f"Model B ({_label(user.name)})"),
+            contract_text(user), choices)
+
+
+def build_bundle(image, model_a, method, samples, gain, seed, mode, progress=gr.Progress()):
+    """Calibrate model A as set and offer the deployment bundle as a zip."""
+    try:
+        config = _calibration(method, samples, gain, seed)
+        lr = []
+        if image is not None:
+            lr = [prepare_input(image, MODES.get(mode, mode), model_info(model_a).scale).lr]
+        folder = Path(tempfile.mkdtemp(prefix="bundle-"))
+        bundle = export_bundle(model_a, config, folder / "bundle", images=lr)
+        name = re.sub(r"[^\w.-]+", "-", _shown(model_a)).strip("-")
+        return str(zip_bundle(bundle, folder / f"{name}-int8-{config.method.value}.zip"))
+    except (ValueError, FileNotFoundError) as error:
+        raise gr.Error(str(error)) from None
 
 
 def _number(value, digits: int):
@@ -114,7 +178,7 @@ def metrics_frame(rows) -> pd.DataFrame:
     names = {OutputKind.FP32: "FP32", OutputKind.INT8: "INT8", OutputKind.BICUBIC: "bicubic"}
     records = []
     for row in rows:
-        record = {"output": f"{names[row.kind]} {row.model or ''}".strip(), "engine": row.engine,
+        record = {"output": f"{names[row.kind]} {_shown(row.model) or ''}".strip(), "engine": row.engine,
                   "PSNR vs FP32 (dB)": _number(row.psnr_vs_fp32_db, 2), "SSIM vs FP32": _number(row.ssim_vs_fp32, 4),
                   "brightness vs FP32": _number(row.brightness_vs_fp32, 4), "ΔE2000": _number(row.delta_e_vs_fp32, 2),
                   "ms": _number(row.latency_ms, 0)}
@@ -132,12 +196,14 @@ def coverage_note(result) -> str:
         worst = range_coverage(calibrated, result.lr, max_side=COVERAGE_SIDE)[0]
         share = 100 * worst.outside_fraction
         if worst.outside_fraction > COVERAGE_WARNING:
-            lines.append(f"⚠️ **{calibrated.model}: the calibration does not cover this image.** {share:.1f}% of "
+            lines.append(f"⚠️ **{_shown(calibrated.model)}: the calibration does not cover this image.** "
+                         f"{share:.1f}% of "
                          f"`{worst.tensor}` falls outside its calibrated range [{worst.low:.3g}, {worst.high:.3g}] "
                          f"(this image: [{worst.image_min:.3g}, {worst.image_max:.3g}]); those values are clipped. "
                          "Calibrate on images like this one.")
         else:
-            lines.append(f"✓ {calibrated.model}: the calibration covers this image (worst tensor `{worst.tensor}`, "
+            lines.append(f"✓ {_shown(calibrated.model)}: the calibration covers this image (worst tensor "
+                         f"`{worst.tensor}`, "
                          f"{share:.2f}% outside its range).")
     return "\n\n".join(lines)
 
@@ -458,6 +524,7 @@ def _compare_controls(models: list[str]) -> dict:
                                               elem_id="model-a")
             controls["model_b"] = gr.Dropdown(models, value=model_b, label=f"Model B ({_label(model_b)})",
                                               elem_id="model-b")
+            controls.update(_your_model())
         with gr.Column(scale=1):
             controls["method"] = gr.Dropdown([m.value for m in Method], value="entropy", label="Calibration method",
                                              info=METHOD_HELP)
@@ -473,6 +540,23 @@ def _compare_controls(models: list[str]) -> dict:
             controls["run"] = gr.Button("Run", variant="primary", elem_id="run")
             controls["recalibrate"] = gr.Button("Recalibrate (new sample)", elem_id="recalibrate")
     return controls
+
+
+def _your_model() -> dict:
+    with gr.Accordion("Your own ONNX model", open=False):
+        parts = {"onnx": gr.File(label="Drop an ONNX super-resolution model", file_types=[".onnx"],
+                                 elem_id="onnx-upload"),
+                 "contract": gr.Markdown(elem_id="contract")}
+        with gr.Row():
+            parts["layout"] = gr.Dropdown(["auto", "nchw", "nhwc"], value="auto", label="Layout")
+            parts["color"] = gr.Dropdown(["auto", "rgb", "y"], value="auto", label="Colour")
+            parts["value_range"] = gr.Dropdown(["auto", "1", "255"], value="auto", label="Value range")
+            parts["scale"] = gr.Dropdown(["auto", "2", "3", "4"], value="auto", label="Scale")
+        parts["pre_upsampled"] = gr.Checkbox(False, label="Pre-upsampled input (VDSR-style)")
+        parts["bundle_button"] = gr.Button("Download INT8 model (model A, these calibration settings)",
+                                           elem_id="bundle-button")
+        parts["bundle"] = gr.File(label="INT8 deployment bundle", elem_id="bundle")
+    return parts
 
 
 def _compare_outputs() -> dict:
@@ -529,7 +613,8 @@ def _wire_compare(c: dict, o: dict) -> None:
                                                                                   api_name=False).then(
         run_compare, inputs, outputs, api_name=False, concurrency_id=HEAVY, concurrency_limit=1)
     for event in (run, again):
-        event.then(panel_labels, o["state"], o["panels"], api_name=False).then(run_slider, [o["state"], o["left"], o["right"]], o["slider"], api_name=False).then(
+        event.then(panel_labels, o["state"], o["panels"], api_name=False).then(
+            run_slider, [o["state"], o["left"], o["right"]], o["slider"], api_name=False).then(
             run_difference, difference, d["image"], api_name=False).then(run_roi, zoom, o["roi"], api_name=False)
     for control in (d["pair"], d["kind"], d["gain"]):
         control.change(run_difference, difference, d["image"], api_name=False).then(
@@ -537,6 +622,13 @@ def _wire_compare(c: dict, o: dict) -> None:
     for panel in [*o["panels"], d["image"]]:
         panel.select(zoom_at, [o["state"], o["size"], d["pair"], d["kind"], d["gain"]],
                      [o["center_x"], o["center_y"], o["roi"]], api_name=False)
+    uploads = gr.State([])
+    c["onnx"].upload(load_onnx_model, [c["onnx"], c["layout"], c["color"], c["value_range"], c["pre_upsampled"],
+                                       c["scale"], c["model_b"], uploads],
+                     [c["model_a"], c["model_b"], c["contract"], uploads], api_name=False)
+    c["bundle_button"].click(build_bundle, [c["image"], c["model_a"], c["method"], c["samples"], c["gain"], c["seed"],
+                                            c["mode"]], c["bundle"], api_name=False, concurrency_id=HEAVY,
+                             concurrency_limit=1)
     c["preset"].change(apply_preset, c["preset"], [c["model_a"], c["model_b"], c["method"], c["gain"], c["preset_note"]],
                        api_name=False)
     c["model_a"].input(lambda m: relabel(m, "A"), c["model_a"], c["model_a"], api_name=False)

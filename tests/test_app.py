@@ -236,3 +236,19 @@ def test_api_page_lists_only_the_public_endpoints(server):
     assert set(info["named_endpoints"]) == {"/compare", "/diagnose"} and not info["unnamed_endpoints"]
     returns = [r["label"] for ep in info["named_endpoints"].values() for r in ep["returns"]]
     assert not any(label.startswith("value_") for label in returns), returns
+
+
+def test_onnx_upload_handler(tmp_path):
+    import gradio as gr
+
+    import app
+    import standins
+
+    path = standins.build_all(tmp_path / "models")["xlsr-255"]
+    model_a, model_b, contract, choices = app.load_onnx_model(str(path), "auto", "auto", "auto", False, "auto",
+                                                              "xlsr-clip", [])
+    assert model_a["value"].startswith("onnx:") and "values in [0, 255]" in contract and choices == [model_a["value"]]
+    assert "xlsr-255.onnx (your ONNX model)" in model_a["label"]
+    (tmp_path / "bad.onnx").write_bytes(b"not onnx at all")
+    with pytest.raises(gr.Error, match="not an ONNX model"):
+        app.load_onnx_model(str(tmp_path / "bad.onnx"), "auto", "auto", "auto", False, "auto", "xlsr-clip", [])

@@ -2,6 +2,7 @@
 click-to-zoom, and a recalibration with a fresh sample."""
 import io
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -71,4 +72,36 @@ def test_example_difference_zoom_and_recalibrate(server):  # noqa: F811
         page.screenshot(path=str(ARTIFACTS / "app.png"), full_page=True)
         page.locator("#difference").screenshot(path=str(ARTIFACTS / "difference.png"))
         expect(page.locator("#zoom img")).to_have_count(1)
+        browser.close()
+
+
+@pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="Debian's chromium is not installed (.ci/run installs it)")
+def test_drop_an_onnx_model_and_download_its_bundle(server, tmp_path):  # noqa: F811
+    import zipfile
+
+    from playwright.sync_api import expect, sync_playwright
+
+    import standins
+
+    onnx_file = standins.build_all(tmp_path / "models")["xlsr-nhwc"]
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+            "--disable-sync", "--no-first-run"])
+        page = browser.new_page(viewport={"width": 1500, "height": 1400})
+        page.goto(server)
+        page.get_by_text("Your own ONNX model").click()
+        page.locator("#onnx-upload input[type=file]").set_input_files(str(onnx_file))
+        expect(page.locator("#contract")).to_contain_text("layout NHWC", timeout=120_000)
+        expect(page.locator("#model-a input")).to_have_value(re.compile("^onnx:"), timeout=30_000)
+        page.locator("#bundle-button").click()
+        link = page.locator("#bundle a").first
+        expect(link).to_be_visible(timeout=240_000)
+        with page.expect_download(timeout=60_000) as download:
+            link.click()
+        saved = tmp_path / "bundle.zip"
+        download.value.save_as(saved)
+        assert {"model.qdq.onnx", "calibration.cache", "model.cpu-int8.onnx"} <= set(zipfile.ZipFile(saved).namelist())
+        page.locator("#run").click()
+        expect(page.locator("#metrics")).to_contain_text("xlsr-nhwc.onnx", timeout=240_000)
         browser.close()
