@@ -77,6 +77,13 @@ class Contract:
         fields.update(layout=self.layout.value, color=self.color.value)
         return fields
 
+    @classmethod
+    def from_dict(cls, fields: dict) -> "Contract":
+        """The contract `to_dict` wrote."""
+        return cls(Layout(fields["layout"]), Color(fields["color"]), fields["value_range"], fields["pre_upsampled"],
+                   fields["scale"], tuple(fields["fixed_size"]) if fields["fixed_size"] else None,
+                   fields["confidence_db"])
+
 
 @dataclass(frozen=True)
 class Overrides:
@@ -398,10 +405,7 @@ def register_onnx(path: str | os.PathLike, overrides: Overrides = Overrides(),
     with locked(folder):
         saved = folder / "contract.json"
         if saved.is_file() and (folder / "standard.onnx").is_file():
-            fields = json.loads(saved.read_text())
-            contract = Contract(Layout(fields["layout"]), Color(fields["color"]), fields["value_range"],
-                                fields["pre_upsampled"], fields["scale"],
-                                tuple(fields["fixed_size"]) if fields["fixed_size"] else None, fields["confidence_db"])
+            contract = Contract.from_dict(json.loads(saved.read_text()))
         else:
             contract = detect_contract(model, overrides)
             write_atomic(standard_graph(model, contract).SerializeToString(), folder / "standard.onnx")
@@ -424,10 +428,7 @@ def lookup(name: str, cache_dir: str | os.PathLike | None = None) -> UserModel |
     folder = cache_root(cache_dir) / "user" / str(name)[len(PREFIX):]
     if not (folder / "contract.json").is_file():
         return None
-    fields = json.loads((folder / "contract.json").read_text())
-    contract = Contract(Layout(fields["layout"]), Color(fields["color"]), fields["value_range"],
-                        fields["pre_upsampled"], fields["scale"],
-                        tuple(fields["fixed_size"]) if fields["fixed_size"] else None, fields["confidence_db"])
+    contract = Contract.from_dict(json.loads((folder / "contract.json").read_text()))
     standard = onnx.load(str(folder / "standard.onnx"))
     parameters = sum(int(np.prod(init.dims)) for init in standard.graph.initializer)
     return UserModel(str(name), folder / "standard.onnx", contract, folder / "standard.onnx", (), parameters)

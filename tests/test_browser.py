@@ -17,6 +17,14 @@ CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts"
 
 
+def _open(playwright):
+    """Debian's Chromium, headless, with no background network traffic (this machine has no internet)."""
+    browser = playwright.chromium.launch(executable_path=CHROMIUM, args=[
+        "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+        "--disable-sync", "--no-first-run"])
+    return browser, browser.new_page(viewport={"width": 1500, "height": 1400})
+
+
 def _pixels(locator) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(locator.screenshot())).convert("RGB")).astype(np.float64)
 
@@ -27,10 +35,7 @@ def test_example_difference_zoom_and_recalibrate(server):  # noqa: F811
 
     ARTIFACTS.mkdir(exist_ok=True)
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-            "--disable-sync", "--no-first-run"])
-        page = browser.new_page(viewport={"width": 1500, "height": 1400})
+        browser, page = _open(playwright)
         page.goto(server)
         expect(page.locator("#input-image img")).to_be_visible(timeout=60_000)  # an example is loaded already
         page.screenshot(path=str(ARTIFACTS / "first-screen.png"))
@@ -85,10 +90,7 @@ def test_drop_an_onnx_model_and_download_its_bundle(server, tmp_path):  # noqa: 
 
     onnx_file = standins.build_all(tmp_path / "models")["xlsr-nhwc"]
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-            "--disable-sync", "--no-first-run"])
-        page = browser.new_page(viewport={"width": 1500, "height": 1400})
+        browser, page = _open(playwright)
         page.goto(server)
         page.get_by_text("Your own ONNX model").click()
         page.locator("#onnx-upload input[type=file]").set_input_files(str(onnx_file))
