@@ -43,8 +43,9 @@ class Bundle:
 
     folder: Path
     files: list[str]
-    psnr_fp32_vs_int8_db: float | None  # mean PSNR of INT8 against FP32 on the given images
+    psnr_fp32_vs_int8_db: float | None  # mean PSNR of INT8 against FP32 on the measured images
     brightness: float | None
+    measured_on: str = ""  # e.g. "5 given images"
 
 
 def calibration_cache_text(ranges: dict[str, TensorRange], method: Method) -> str:
@@ -123,22 +124,28 @@ def export_bundle(model: str, config: CalibrationConfig, out: str | Path, fixes:
                              "fixes": json.loads((fixes or Fixes()).key()),
                              "tensors": [r.to_dict() for r in ranges.values()]}, indent=1).encode(),
                  out / "ranges.json")
+    measured_on = "given images"
+    if not images:  # no images given: measure on the calibration images, and say so
+        images = load_calibration_images(config.data if calibration_images is None else calibration_images)[:8]
+        measured_on = "calibration images (no test images were given)"
     psnr, brightness = _measure(tensorrt, images)
-    (out / "README.md").write_text(_readme(model, config, tensorrt, psnr, brightness, len(images)))
+    (out / "README.md").write_text(_readme(model, config, tensorrt, psnr, brightness, len(images), measured_on))
     files = sorted(p.name for p in out.iterdir())
-    return Bundle(out, files, psnr, brightness)
+    return Bundle(out, files, psnr, brightness, f"{len(images)} {measured_on}")
 
 
 def _readme(model: str, config: CalibrationConfig, int8: CalibratedModel, psnr: float | None,
-            brightness: float | None, count: int) -> str:
+            brightness: float | None, count: int, measured_on: str) -> str:
     info = model_info(model)
-    measured = ("Not measured (no images given)." if psnr is None else
-                f"On {count} image(s): INT8 is {psnr:.2f} dB PSNR-Y from FP32, brightness ratio {brightness:.4f}.")
+    measured = ("Not measured." if psnr is None else f"On {count} {measured_on}: INT8 is {psnr:.2f} dB PSNR-Y "
+                f"from FP32, brightness ratio {brightness:.4f}.")
     return f"""# INT8 bundle of `{info.name}` (x{info.scale})
 
 Made by SR INT8 Lab {__version__}: {config.method.value} calibration, {config.samples} samples (seed {config.seed}),
 {"fixes: " + int8.fixes.key() if not int8.fixes.is_empty() else "no per-tensor fixes"}.
-The models take `input` float32 1x3xHxW RGB in [0, 1] and return `output` 1x3x(sH)x(sW).
+The models have the lab's standard interface: `input` float32 1x3xHxW RGB in [0, 1], `output` 1x3x(sH)x(sW). For
+a model you brought, that is your graph wrapped by the lab (layout, value range, and for a Y-only model the
+RGB -> Y conversion with bicubic Cb/Cr) so that it takes and returns RGB images; your own layers are unchanged.
 
 {measured}
 

@@ -499,8 +499,8 @@ def calibration_patches(images: Sequence[np.ndarray], samples: int, patch_size: 
 
 
 def activation_tensors(model: onnx.ModelProto) -> list[str]:
-    """Every float tensor that a real INT8 deployment quantizes: the graph input and each node output (weights,
-    biases and Constant outputs excluded), in graph order.
+    """Every float tensor that a real INT8 deployment quantizes: the graph input and each node output, in graph
+    order; constants are left out (initializers, Constant outputs, and what Identity nodes make of them).
 
     Args:
         model: the FP32 ONNX model.
@@ -508,12 +508,13 @@ def activation_tensors(model: onnx.ModelProto) -> list[str]:
     Returns:
         the tensor names.
     """
-    initializers = {init.name for init in model.graph.initializer}
+    constants = {init.name for init in model.graph.initializer}
     names = [model.graph.input[0].name]
     for node in model.graph.node:
-        if node.op_type == "Constant":
+        if node.op_type == "Constant" or (node.op_type == "Identity" and node.input[0] in constants):
+            constants.update(node.output)
             continue
-        names.extend(out for out in node.output if out and out not in initializers)
+        names.extend(out for out in node.output if out and out not in constants)
     return names
 
 

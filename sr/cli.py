@@ -11,6 +11,7 @@ import logging
 import math
 import sys
 from enum import Enum
+from pathlib import Path
 
 from . import __version__
 from .calibrate import CalibrationConfig, Method
@@ -98,7 +99,9 @@ def _model(args: argparse.Namespace) -> str:
     user = register_onnx(args.onnx, Overrides(args.layout, args.color, args.value_range, args.pre_upsampled,
                                               args.scale))
     contract = user.contract
-    sure = "" if contract.confidence_db is None else f", range reading {contract.confidence_db:.1f} dB ahead"
+    sure = "" if contract.confidence_db is None else (
+        f", range reading {contract.confidence_db:.1f} dB ahead" if contract.confidence_db >= 0.5 else
+        ", the two range readings fit alike (a tie: [0, 1] assumed; --range overrides)")
     print(f"# {args.onnx} -> {user.name}: {contract.layout.value}, {contract.color.value}, values in "
           f"[0, {contract.value_range}], x{contract.scale}" + (", pre-upsampled" if contract.pre_upsampled else "")
           + (f", fixed input {contract.fixed_size[1]}x{contract.fixed_size[0]}" if contract.fixed_size else "")
@@ -187,7 +190,10 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     model = _model(args)
     _print_config(config)
     int8 = calibrate_model(model, config, scheme, threads=args.threads)
-    qdq = write_atomic(int8.qdq_onnx.read_bytes(), args.out) if args.out else int8.qdq_onnx
+    out = Path(args.out) if args.out else None
+    if out is not None and out.is_dir():  # a folder: the file goes inside, named for what it is
+        out = out / f"{model.replace(':', '-')}-{config.method.value}-{config.samples}-{scheme.value}.qdq.onnx"
+    qdq = write_atomic(int8.qdq_onnx.read_bytes(), out) if out else int8.qdq_onnx
     if args.json:
         print(json.dumps({"model": model, "method": config.method.value, "samples": config.samples,
                           "scheme": int8.scheme.value, "qdq_model": str(qdq), "tensors": [
@@ -221,6 +227,8 @@ def cmd_export_int8(args: argparse.Namespace) -> int:
     from .models import model_info
 
     config, _ = _calibration(args)
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise ValueError(f"--out {args.out} is a file; give a folder for the bundle")
     model = _model(args)
     _print_config(config)
     scale = model_info(model).scale
@@ -228,7 +236,7 @@ def cmd_export_int8(args: argparse.Namespace) -> int:
     bundle = export_bundle(model, config, args.out, images=images)
     print(f"wrote {bundle.folder}: {', '.join(bundle.files)}")
     if bundle.psnr_fp32_vs_int8_db is not None:
-        print(f"INT8 vs FP32 on {len(images)} image(s): {bundle.psnr_fp32_vs_int8_db:.2f} dB, brightness "
+        print(f"INT8 vs FP32 on {bundle.measured_on}: {bundle.psnr_fp32_vs_int8_db:.2f} dB, brightness "
               f"{bundle.brightness:.4f}")
     return 0
 

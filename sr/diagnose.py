@@ -34,7 +34,7 @@ from .data import bicubic_resize, degrade, list_images, load_image
 from .engines import OrtEngine, tiled
 from .metrics import brightness_ratio, psnr_y
 from .models import model_info
-from .quantize import CalibratedModel, Fixes, Scheme, calibrate_model, tie_fused_ranges
+from .quantize import QUANTIZED_OPS, CalibratedModel, Fixes, Scheme, calibrate_model, tie_fused_ranges
 
 
 class Fix(Choice, noun="fix"):
@@ -292,8 +292,9 @@ def diagnosis_passes(model: onnx.ModelProto, tensors: Sequence[str]) -> int:
 
 
 def quantization_points(model: onnx.ModelProto, tensors: Sequence[str]) -> list[str]:
-    """The tensors a deployment quantizes once: tied Conv outputs share their activation's QDQ, so the
-    activation stands for both.
+    """The tensors the QDQ model quantizes (inputs and outputs of the quantized op types, as quantize_static
+    places its pairs), each once: tied Conv outputs share their activation's QDQ, so the activation stands for
+    both; an op the quantizer leaves in float adds no point of its own.
 
     Args:
         model: the FP32 model.
@@ -302,7 +303,12 @@ def quantization_points(model: onnx.ModelProto, tensors: Sequence[str]) -> list[
     Returns:
         the subset of `tensors`, in order.
     """
-    return [name for name in tensors if not _is_fused_into_activation(model, name)]
+    quantized = set()
+    for node in model.graph.node:
+        if node.op_type in QUANTIZED_OPS:
+            quantized.update(node.output)
+            quantized.update(node.input if node.op_type == "Concat" else node.input[:1])
+    return [name for name in tensors if name in quantized and not _is_fused_into_activation(model, name)]
 
 
 def diagnose(config: DiagnoseConfig, images: Sequence | None = None, mode: InputMode | str = InputMode.GROUND_TRUTH,

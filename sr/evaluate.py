@@ -15,7 +15,7 @@ from tqdm import tqdm
 from .calibrate import CalibrationConfig
 from .choices import Choice
 from .data import bicubic_resize, degrade, list_images, load_image
-from .engines import OpenVinoEngine, OrtEngine, TensorRTEngine, TorchEngine
+from .engines import OpenVinoEngine, OrtEngine, TensorRTEngine, TorchEngine, tensorrt_available
 from .metrics import brightness_ratio, psnr_y, ssim_y
 from .models import load_model, model_info
 from .quantize import CalibratedModel, Scheme, calibrate_model, fp32_onnx_path
@@ -57,8 +57,13 @@ class EvalConfig:
     threads: int = 0
 
     def __post_init__(self):
+        if self.threads < 0:
+            raise ValueError(f"threads must be 0 (the runtime's default) or more, got {self.threads}")
         self.engine = EngineKind.parse(self.engine)
         self.scheme = Scheme.parse(self.scheme)
+        if self.engine is EngineKind.TENSORRT and not tensorrt_available():
+            raise ValueError("the tensorrt engine needs an NVIDIA GPU with TensorRT (requirements-gpu.txt); on a CPU "
+                             "use --engine ort-int8 or openvino-int8")
         model_scale = model_info(self.model).scale
         if self.scale is None:
             self.scale = model_scale
@@ -69,6 +74,7 @@ class EvalConfig:
             raise ValueError("--recommended is an INT8 calibration: use it with --engine ort-int8 or tensorrt")
         if self.recommended:
             self.calibration, self.scheme = RECOMMENDED_CALIBRATION, RECOMMENDED_SCHEME
+
 
 
 def create_engine(kind: EngineKind | str, model: str, int8: CalibratedModel | None = None, threads: int = 0):

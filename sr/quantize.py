@@ -48,17 +48,17 @@ log = logging.getLogger(__name__)
 QUANTIZED_OPS = ["Conv", "Relu", "Clip", "Concat", "DepthToSpace"]  # everything the networks here are made of
 
 
-class _DropPreprocessingAdvice(logging.Filter):
-    """quantize_static logs "Please consider to run pre-processing" on the root logger for every model; our
-    graphs come straight from the exporter with shapes, so the advice is noise. Dropped by message, once, at
-    import: no logger level is ever changed."""
+class _QuietQuantizer(logging.Filter):
+    """onnxruntime.quantization logs advice and notes on the *root* logger ("Please consider pre-processing",
+    "Created a copy of bias input ...") for every model; below ERROR they are noise here. Dropped by their
+    source file, once, at import: no logger level is ever changed."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        message = str(record.msg)
-        return not (message.startswith("Please consider") and "pre-processing" in message)
+        source = record.pathname.replace(os.sep, "/")
+        return record.levelno >= logging.ERROR or "onnxruntime/quantization" not in source
 
 
-logging.getLogger().addFilter(_DropPreprocessingAdvice())
+logging.getLogger().addFilter(_QuietQuantizer())
 
 
 class Scheme(Choice, noun="INT8 scheme"):
@@ -425,7 +425,7 @@ def _apply_fixes(ranges: dict[str, TensorRange], stats: list[TensorStats], fixes
 
 def _producers(fp32: Path) -> dict[str, str]:
     model = onnx.load(str(fp32))
-    producers = {node.output[0]: node.op_type for node in model.graph.node if node.output}
+    producers = {name: node.op_type for node in model.graph.node for name in node.output if name}
     producers[model.graph.input[0].name] = "Input"
     return producers
 

@@ -69,6 +69,17 @@ def file_sha256(path: str | os.PathLike) -> str:
     return _DIGESTS[memo]
 
 
+def _umask() -> int:
+    """The process's umask, read without setting it (os.umask would flip a process-wide setting)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    return 0o022
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """A temp path beside `path` for a writer that wants a file name (safetensors, torch.save); renamed onto
@@ -82,6 +93,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f"{TEMP_PREFIX}{path.name}.")
     os.close(handle)
+    os.chmod(temp, 0o666 & ~_umask())  # mkstemp makes 0600; the published file gets the usual permissions
     try:
         yield Path(temp)
         os.replace(temp, path)

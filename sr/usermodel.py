@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import threading
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -29,7 +30,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from .choices import Choice
-from .store import cache_root, file_sha256, locked, short_hash, write_atomic
+from .store import cache_root, code_digest, file_sha256, locked, short_hash, write_atomic
 
 MAX_BYTES = int(float(os.environ.get("SR_MAX_ONNX_MB", "200")) * 1024 * 1024)
 PROBE_SECONDS = 30.0
@@ -209,7 +210,8 @@ def _run_with_timeout(session, feed: dict, seconds: float) -> np.ndarray:
     except Exception as error:
         if options.terminate:
             raise UserModelError(f"the model took longer than {seconds:.0f} s on a small probe image; stopped") from None
-        raise UserModelError(f"the model failed on a probe image: {error}") from None
+        message = " ".join(str(error).split())  # ONNX Runtime's message spans lines
+        raise UserModelError(f"the model failed on a probe image (wrong --layout or --color?): {message}") from None
     finally:
         timer.cancel()
 
@@ -249,6 +251,8 @@ def detect_contract(model: onnx.ModelProto, overrides: Overrides = Overrides(),
         raise UserModelError(f"the output ({out_w}x{out_h}) is not an integer multiple of the input "
                              f"({width}x{height}); not a super-resolution model?")
     ratio = out_h // height
+    if overrides.scale and ratio > 1 and overrides.scale != ratio:
+        raise UserModelError(f"the model upscales x{ratio} on a probe image; --scale {overrides.scale} contradicts it")
     pre_upsampled = overrides.pre_upsampled if overrides.pre_upsampled is not None else ratio == 1
     scale = overrides.scale or (ratio if ratio > 1 else 3)
     reference = _bicubic(probe, out_w, out_h)
@@ -299,9 +303,29 @@ def _prefixed(model: onnx.ModelProto, prefix: str = "user/") -> tuple[onnx.Model
                     items[index] = rename.setdefault(value, prefix + value)
     for init in inner.graph.initializer:
         init.name = rename.get(init.name, prefix + init.name)
+    _fold_constant_identities(inner.graph)
     initializers = {init.name for init in model.graph.initializer}
     source_input = next(i.name for i in model.graph.input if i.name not in initializers)
     return inner, prefix + source_input, prefix + model.graph.output[0].name
+
+
+def _fold_constant_identities(graph: onnx.GraphProto) -> None:
+    """Drop Identity nodes that only rename an initializer (exporters make them for shared weights): quantizers
+    expect weights and biases to be initializers."""
+    constants = {init.name for init in graph.initializer}
+    outputs = {out.name for out in graph.output}
+    alias = {}
+    kept = []
+    for node in graph.node:
+        if node.op_type == "Identity" and node.input[0] in constants and node.output[0] not in outputs:
+            alias[node.output[0]] = node.input[0]
+            continue
+        kept.append(node)
+    for node in kept:
+        for index, name in enumerate(node.input):
+            node.input[index] = alias.get(name, name)
+    del graph.node[:]
+    graph.node.extend(kept)
 
 
 def _wrap_input(nodes: list, inits: list, contract: Contract) -> str:
@@ -400,7 +424,8 @@ def register_onnx(path: str | os.PathLike, overrides: Overrides = Overrides(),
     """
     path = Path(path)
     model = check_file(path)
-    key = short_hash(json.dumps({"file": file_sha256(path), "overrides": asdict(overrides)}, sort_keys=True), 12)
+    key = short_hash(json.dumps({"file": file_sha256(path), "overrides": asdict(overrides),
+                                 "code": code_digest(sys.modules[__name__])}, sort_keys=True), 12)
     folder = cache_root(cache_dir) / "user" / key
     with locked(folder):
         saved = folder / "contract.json"

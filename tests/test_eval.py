@@ -48,6 +48,8 @@ def test_eval_int8_json(data_dir):
     (["eval", "--model", "xlsr-clip", "--data", "/nonexistent"], "no such image folder"),
     (["eval", "--model", "xlsr-clip", "--data", ".", "--engine", "gpu"], "unknown engine 'gpu'"),
     (["eval", "--model", "xlsr-clip", "--data", "weights", "--scale", "2"], "x3 model; --scale 2"),
+    (["eval", "--model", "xlsr-clip", "--data", "weights", "--threads", "-1"], "threads must be 0"),
+    (["export-int8", "--model", "xlsr-clip", "--out", "README.md"], "is a file; give a folder"),
     (["eval", "--model", "xlsr-clip", "--data", "weights", "--engine", "ort-int8", "--calib-inputs", "hr"],
      "unknown calibration input 'hr'"),
 ])
@@ -101,3 +103,17 @@ def test_recommended_refuses_explicit_settings():
     done = run_cli("eval", "--model", "xlsr-clip", "--data", "weights", "--engine", "ort-int8", "--recommended",
                    "--samples", "100")
     assert done.returncode == 2 and "--recommended chooses the method" in done.stderr
+
+
+@pytest.mark.skipif(__import__("sr.engines", fromlist=["x"]).tensorrt_available(), reason="TensorRT is present here")
+def test_tensorrt_engine_without_tensorrt_is_a_clear_error():
+    done = run_cli("eval", "--model", "xlsr-clip", "--data", "weights", "--engine", "tensorrt")
+    assert done.returncode == 2 and "needs an NVIDIA GPU with TensorRT" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_calibrate_out_may_be_a_folder(tmp_path):
+    done = run_cli("calibrate", "--model", "xlsr-relu", "--method", "minmax", "--samples", "10", "--out", str(tmp_path))
+    assert done.returncode == 0, done.stderr
+    written = list(tmp_path.glob("*.qdq.onnx"))
+    assert [p.name for p in written] == ["xlsr-relu-minmax-10-tensorrt.qdq.onnx"]
+    assert written[0].stat().st_mode & 0o044  # readable by others, like any file the user writes

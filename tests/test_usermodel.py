@@ -116,4 +116,8 @@ def test_overrides_win(stand_ins):
     assert model.contract.value_range == 1 and model.contract.confidence_db is None
     with pytest.raises(ValueError, match="range must be 1 or 255"):
         Overrides(value_range=100)
-    assert np.isfinite(register_onnx(stand_ins["vdsr-pre-upsampled"], Overrides(scale=2)).contract.scale)
+    assert register_onnx(stand_ins["vdsr-pre-upsampled"], Overrides(scale=2)).contract.scale == 2
+    with pytest.raises(UserModelError, match="upscales x3 on a probe image; --scale 2 contradicts it"):
+        register_onnx(stand_ins["xlsr-nhwc"], Overrides(scale=2))
+    with pytest.raises(UserModelError, match="wrong --layout or --color"):
+        register_onnx(stand_ins["fsrcnn-y"], Overrides(layout="nhwc"))
