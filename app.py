@@ -402,7 +402,8 @@ def diagnosis_text(report) -> str:
     whole = (f"FP32 {report.fp32_psnr_y:.2f} dB and all activations INT8 {report.int8_psnr_y:.2f} dB against the "
              "ground truth" if report.has_truth else
              f"all activations INT8 are {report.int8_psnr_vs_fp32_db:.2f} dB from the FP32 output (no ground truth)")
-    return (f"**{report.model}**, {report.method} / {report.samples} samples / {report.scheme}: {whole}, brightness "
+    return (f"**{_shown(report.model)}**, {report.method} / {report.samples} samples / {report.scheme}: {whole}, "
+            f"brightness "
             f"{report.int8_brightness:.3f}. The worst tensor is `{top.tensor}` ({top.op} -> "
             f"{', '.join(top.consumers) or 'output'}): quantized alone it puts the output "
             f"{top.alone_psnr_vs_fp32_db:.2f} dB from FP32; keeping only it in float recovers {top.recovery_db:.2f} dB. "

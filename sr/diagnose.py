@@ -19,6 +19,7 @@ Example:
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -334,7 +335,9 @@ def diagnose(config: DiagnoseConfig, images: Sequence | None = None, mode: Input
     calibrated = calibrate_model(config.model, config.calibration, config.scheme)
     simulator = _Simulator(calibrated, _eval_pairs(config.data, images, mode, calibrated.scale, config.max_side))
     points = quantization_points(simulator.fp32, list(calibrated.ranges))
+    started = time.perf_counter()
     all_truth, all_fp32, all_bright = simulator.score(points)
+    seconds_per_pass = time.perf_counter() - started  # the estimate: two such passes per tensor remain
     fp32_psnr = simulator.fp32_psnr()
     consumers: dict[str, list[str]] = {}
     for node in simulator.fp32.graph.node:
@@ -346,7 +349,8 @@ def diagnose(config: DiagnoseConfig, images: Sequence | None = None, mode: Input
         if should_stop is not None and should_stop():
             raise DiagnosisCancelled(f"diagnosis stopped after {index} of {len(points)} tensors")
         if progress:
-            progress(index / len(points), f"tensor {index + 1} of {len(points)}")
+            left = 2 * (len(points) - index) * seconds_per_pass
+            progress(index / len(points), f"tensor {index + 1} of {len(points)}, about {left:.0f} s left")
         alone_truth, alone_fp32, alone_bright = simulator.score([tensor])
         rest_truth, rest_fp32, _ = simulator.score([p for p in points if p != tensor])
         recovery = rest_truth - all_truth if simulator.has_truth else rest_fp32 - all_fp32

@@ -252,3 +252,17 @@ def test_onnx_upload_handler(tmp_path):
     (tmp_path / "bad.onnx").write_bytes(b"not onnx at all")
     with pytest.raises(gr.Error, match="not an ONNX model"):
         app.load_onnx_model(str(tmp_path / "bad.onnx"), "auto", "auto", "auto", False, "auto", "xlsr-clip", [])
+
+
+def test_diagnose_tab_on_an_uploaded_onnx_model(tmp_path, small_png):
+    import app
+    import standins
+
+    path = standins.build_all(tmp_path / "models")["xlsr-nhwc"]
+    model_a, *_ = app.load_onnx_model(str(path), "auto", "auto", "auto", False, "auto", "xlsr-clip", [])
+    messages = []
+    ranking, figure, summary, tensor, report = app.run_diagnose(
+        small_png, model_a["value"], "xlsr-clip", "model A", "Upscale my image", "entropy", 10, "tensorrt",
+        progress=lambda fraction, desc=None: messages.append(desc))
+    assert len(ranking) > 5 and summary.startswith("**xlsr-nhwc.onnx**")
+    assert any("s left" in (message or "") for message in messages)  # the cost is estimated as it goes
