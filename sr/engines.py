@@ -184,7 +184,7 @@ class OpenVinoEngine:
         if threads:
             self.config["INFERENCE_NUM_THREADS"] = threads
         self.compiled: dict[tuple, object] = {}
-        self.lock = threading.Lock()
+        self.lock, self.local = threading.Lock(), threading.local()
 
     def _compiled(self, shape: tuple):
         with self.lock:
@@ -194,13 +194,18 @@ class OpenVinoEngine:
                 if len(self.compiled) >= 8:
                     self.compiled.pop(next(iter(self.compiled)))
                 compiled = self.core.compile_model(model, "CPU", self.config)
-                self.compiled[shape] = (compiled, compiled.create_infer_request(), threading.Lock())
+                self.compiled[shape] = compiled
             return self.compiled[shape]
 
     def _run_array(self, array: np.ndarray) -> np.ndarray:
-        compiled, request, lock = self._compiled(tuple(array.shape))
-        with lock:  # a request is not reentrant; parallel callers of one shape take turns
-            return request.infer({0: array})[compiled.outputs[0]].copy()
+        compiled = self._compiled(tuple(array.shape))
+        # one infer request per thread and compiled model: a request is not reentrant, and its output buffer is
+        # reused by its next inference, which on this thread only comes after the caller has consumed this one
+        requests = self.local.__dict__.setdefault("requests", {})
+        if id(compiled) not in requests:
+            requests[id(compiled)] = (compiled, compiled.create_infer_request())
+        _, request = requests[id(compiled)]
+        return request.infer({0: array})[compiled.outputs[0]]
 
     def run(self, lr: np.ndarray) -> np.ndarray:
         """Upscale uint8 HxWx3 to uint8 (sH)x(sW)x3, in seamless tiles."""
