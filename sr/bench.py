@@ -28,9 +28,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .calibrate import (CalibrationConfig, Method, activation_tensors, calibration_patches, collect_statistics,
-                        entropy_threshold_bins, load_calibration_images, mse_threshold_bins, observing_session,
-                        percentile_threshold_bins, prepare_calibration_images, threshold)
+from .calibrate import (SEARCHES, CalibrationConfig, Method, activation_tensors, calibration_patches,
+                        collect_statistics, load_calibration_images, observing_session, prepare_calibration_images,
+                        threshold, threshold_bins)
 from .models import model_info
 
 
@@ -195,21 +195,14 @@ class _KeepBinZero(np.ndarray):
         return array[()] if return_scalar else array
 
 
-OURS_BINS = {
-    Method.ENTROPY: lambda h: entropy_threshold_bins(h),
-    Method.ENTROPY_ZEROS: lambda h: entropy_threshold_bins(h, count_zeros=True),
-    Method.PERCENTILE: lambda h: percentile_threshold_bins(h, 99.99),
-    Method.MSE: lambda h: mse_threshold_bins(h),
-}
-
-
 def _identical_histogram_differences(model: str, samples: int, patch_size: int) -> dict:
     from .quantize import fp32_onnx_path
 
     stats = collect_statistics(fp32_onnx_path(model), _patches(model, samples, patch_size), samples)
     worst = {}
-    for method, ours in OURS_BINS.items():
-        differences = [abs(ours(s.histogram) - modelopt_thresholds_bins(s.histogram, method)) for s in stats
+    for method in SEARCHES:
+        differences = [abs(threshold_bins(s.histogram, method) - modelopt_thresholds_bins(s.histogram, method))
+                       for s in stats
                        if s.histogram.sum() > 0 and (method is not Method.ENTROPY_ZEROS or s.observed_min >= 0)]
         worst[method.value] = float(max(differences))
     return worst

@@ -119,11 +119,6 @@ class TensorStats:
         """Width of one histogram bin (0 for an all-zero tensor)."""
         return self.amax / len(self.histogram) if self.amax > 0 else 0.0
 
-    @property
-    def bin_edges(self) -> np.ndarray:
-        """The NUM_BINS + 1 bin edges, as numpy/ModelOpt return them with a histogram."""
-        return np.arange(len(self.histogram) + 1) * self.bin_width
-
 
 @dataclass
 class TensorRange:
@@ -261,6 +256,36 @@ def mse_threshold_bins(histogram: np.ndarray, num_bits: int = 8, start_bin: int 
     return float(centres[start_bin + int(np.argmin(np.concatenate(errors)))])
 
 
+SEARCHES = (Method.ENTROPY, Method.ENTROPY_ZEROS, Method.PERCENTILE, Method.MSE)  # the histogram searches
+
+
+def threshold_bins(histogram: np.ndarray, method: Method, percentile: float = 99.99) -> float:
+    """The threshold, in bins, that a histogram search picks (the searches are looked up at call time).
+
+    Args:
+        histogram: counts of |x| in equal bins from 0.
+        method: one of SEARCHES.
+        percentile: for Method.PERCENTILE.
+
+    Returns:
+        the threshold in bin widths.
+
+    Raises:
+        ValueError: unknown method, or minmax (which needs no histogram).
+    """
+    method = Method.parse(method)
+    if method is Method.ENTROPY:
+        return entropy_threshold_bins(histogram)
+    if method is Method.ENTROPY_ZEROS:
+        return entropy_threshold_bins(histogram, count_zeros=True)
+    if method is Method.PERCENTILE:
+        return percentile_threshold_bins(histogram, percentile)
+    if method is Method.MSE:
+        return mse_threshold_bins(histogram)
+    raise ValueError(f"{method.value} is not a histogram search; choose one of: "
+                     f"{', '.join(m.value for m in SEARCHES)}")
+
+
 def threshold(stats: TensorStats, method: Method, percentile: float = 99.99) -> float:
     """The symmetric threshold (amax) that `method` picks for a tensor.
 
@@ -278,13 +303,7 @@ def threshold(stats: TensorStats, method: Method, percentile: float = 99.99) -> 
     method = Method.parse(method)
     if method is Method.MINMAX or stats.amax == 0.0:
         return stats.amax
-    searches = {
-        Method.ENTROPY: lambda h: entropy_threshold_bins(h),
-        Method.ENTROPY_ZEROS: lambda h: entropy_threshold_bins(h, count_zeros=True),
-        Method.PERCENTILE: lambda h: percentile_threshold_bins(h, percentile),
-        Method.MSE: lambda h: mse_threshold_bins(h),
-    }
-    return searches[method](stats.histogram) * stats.bin_width
+    return threshold_bins(stats.histogram, method, percentile) * stats.bin_width
 
 
 def clipped_fraction(stats: TensorStats, low: float, high: float) -> float:

@@ -279,19 +279,6 @@ class _Simulator:
         return float(np.mean([psnr_y(r, t, self.scale) for r, t in zip(self.references, self.truths)]))
 
 
-def diagnosis_passes(model: onnx.ModelProto, tensors: Sequence[str]) -> int:
-    """How many simulated passes over the images a diagnosis makes: two per quantization point, plus one.
-
-    Args:
-        model: the FP32 model.
-        tensors: the calibrated tensors.
-
-    Returns:
-        the pass count.
-    """
-    return 2 * len(quantization_points(model, tensors)) + 1
-
-
 def quantization_points(model: onnx.ModelProto, tensors: Sequence[str]) -> list[str]:
     """The tensors the QDQ model quantizes (inputs and outputs of the quantized op types, as quantize_static
     places its pairs), each once: tied Conv outputs share their activation's QDQ, so the activation stands for

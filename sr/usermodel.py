@@ -22,7 +22,7 @@ import math
 import os
 import sys
 import threading
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -457,8 +457,3 @@ def lookup(name: str, cache_dir: str | os.PathLike | None = None) -> UserModel |
     standard = onnx.load(str(folder / "standard.onnx"))
     parameters = sum(int(np.prod(init.dims)) for init in standard.graph.initializer)
     return UserModel(str(name), folder / "standard.onnx", contract, folder / "standard.onnx", (), parameters)
-
-
-def with_scale(contract: Contract, scale: int) -> Contract:
-    """The contract with another scale (a pre-upsampled model's scale is the user's to choose)."""
-    return replace(contract, scale=scale)

@@ -4,17 +4,11 @@ import pytest
 
 from sr.bench import modelopt_thresholds_bins
 from sr.calibrate import (CalibrationConfig, CalibrationInputs, Method, TensorStats, calibration_patches,
-                          choose_ranges, clipped_fraction, entropy_threshold_bins, mse_threshold_bins,
-                          percentile_threshold_bins, prepare_calibration_images, threshold)
+                          SEARCHES, choose_ranges, clipped_fraction, entropy_threshold_bins, mse_threshold_bins,
+                          percentile_threshold_bins, prepare_calibration_images, threshold, threshold_bins)
 
 pytest.importorskip("modelopt.torch.quantization.calib.histogram", reason="nvidia-modelopt is a test dependency")
 
-OURS = {
-    Method.ENTROPY: lambda h: entropy_threshold_bins(h),
-    Method.ENTROPY_ZEROS: lambda h: entropy_threshold_bins(h, count_zeros=True),
-    Method.PERCENTILE: lambda h: percentile_threshold_bins(h, 99.99),
-    Method.MSE: lambda h: mse_threshold_bins(h),
-}
 
 
 def _abs_histogram(values, bins=2048):
@@ -32,10 +26,10 @@ def _synthetic(kind: str) -> np.ndarray:
 
 
 @pytest.mark.parametrize("kind", ["gaussian", "laplacian", "post-relu zero spike", "heavy tail"])
-@pytest.mark.parametrize("method", list(OURS))
+@pytest.mark.parametrize("method", list(SEARCHES))
 def test_synthetic_histograms_match_modelopt(kind, method):
     hist = _synthetic(kind)
-    assert abs(OURS[method](hist) - modelopt_thresholds_bins(hist, method)) <= 1.0
+    assert abs(threshold_bins(hist, method) - modelopt_thresholds_bins(hist, method)) <= 1.0
 
 
 def test_the_zero_spike_is_what_separates_the_two_entropy_methods():
@@ -148,8 +142,8 @@ def real_histograms():
     return picked
 
 
-@pytest.mark.parametrize("method", list(OURS))
+@pytest.mark.parametrize("method", list(SEARCHES))
 def test_real_histograms_match_modelopt(real_histograms, method):
-    differences = {f"{model} {s.name}": abs(OURS[method](s.histogram) - modelopt_thresholds_bins(s.histogram, method))
+    differences = {f"{model} {s.name}": abs(threshold_bins(s.histogram, method) - modelopt_thresholds_bins(s.histogram, method))
                    for model, s in real_histograms}
     assert max(differences.values()) <= 1.0, differences
