@@ -354,6 +354,21 @@ def statistics_key(weights_hash: str, config: CalibrationConfig, data_hash: str)
     return short_hash(json.dumps(parts, sort_keys=True), 20)
 
 
+def _stats_bytes(stats: list[TensorStats]) -> bytes:
+    """The statistics as an .npz file's bytes (names, observed min/max, histograms)."""
+    buffer = io.BytesIO()
+    np.savez(buffer, names=np.array([s.name for s in stats]), low=np.array([s.observed_min for s in stats]),
+             high=np.array([s.observed_max for s in stats]), histograms=np.stack([s.histogram for s in stats]))
+    return buffer.getvalue()
+
+
+def _load_stats(path: Path) -> list[TensorStats]:
+    """The statistics `_stats_bytes` wrote (OSError, ValueError or KeyError for a missing or broken file)."""
+    arrays = np.load(path)
+    return [TensorStats(str(n), float(lo), float(hi), h) for n, lo, hi, h in
+            zip(arrays["names"], arrays["low"], arrays["high"], arrays["histograms"])]
+
+
 def cached_statistics(fp32: Path, key: str, network_inputs: list[np.ndarray], config: CalibrationConfig,
                       cache_dir: Path | None = None, threads: int = 0, progress=None) -> list[TensorStats]:
     """The tensor statistics of a calibration, from the cache or observed (then cached).
@@ -373,9 +388,7 @@ def cached_statistics(fp32: Path, key: str, network_inputs: list[np.ndarray], co
     path = cache_root(cache_dir) / "stats" / f"{key}.npz"
     with locked(path):
         try:
-            arrays = np.load(path)
-            stats = [TensorStats(str(n), float(lo), float(hi), h) for n, lo, hi, h in
-                     zip(arrays["names"], arrays["low"], arrays["high"], arrays["histograms"])]
+            stats = _load_stats(path)
             touch(path)
             return stats
         except (OSError, ValueError, KeyError):
@@ -384,10 +397,7 @@ def cached_statistics(fp32: Path, key: str, network_inputs: list[np.ndarray], co
         stats = collect_statistics(
             fp32, lambda: calibration_patches(network_inputs, config.samples, patch, config.seed),
             config.samples, need_histograms=True, threads=threads, progress=progress)
-        buffer = io.BytesIO()
-        np.savez(buffer, names=np.array([s.name for s in stats]), low=np.array([s.observed_min for s in stats]),
-                 high=np.array([s.observed_max for s in stats]), histograms=np.stack([s.histogram for s in stats]))
-        write_atomic(buffer.getvalue(), path)
+        write_atomic(_stats_bytes(stats), path)
     evict(path.parent, cache_cap_bytes() // 4, keep=path)
     return stats
 
@@ -438,9 +448,7 @@ def _write_entry(entry: Path, fp32: Path, ranges: dict[str, TensorRange], stats:
         write_qdq_model(fp32, ranges, scheme, work / "model.qdq.onnx", keep_float=fixes.keep_float)
         (work / "ranges.json").write_text(json.dumps({"ranges": [r.to_dict() for r in ranges.values()],
                                                       "producers": producers}))
-        np.savez(work / "stats.npz", names=np.array([s.name for s in stats]),
-                 low=np.array([s.observed_min for s in stats]), high=np.array([s.observed_max for s in stats]),
-                 histograms=np.stack([s.histogram for s in stats]))
+        (work / "stats.npz").write_bytes(_stats_bytes(stats))
         manifest = {name: file_sha256(work / name) for name in ("model.qdq.onnx", "ranges.json", "stats.npz")}
         (work / "manifest.json").write_text(json.dumps({"files": manifest, "config": asdict(config),
                                                         "scheme": scheme.value, "fixes": fixes.key()}, default=str))
@@ -463,9 +471,7 @@ def _read_entry(entry: Path):
         for item in saved["ranges"]:
             ranges[item["name"]] = TensorRange(item["name"], item["low"], item["high"], item["observed_min"],
                                                item["observed_max"], item["clipped_fraction"], item["method"])
-        arrays = np.load(entry / "stats.npz")
-        stats = [TensorStats(str(n), float(lo), float(hi), h) for n, lo, hi, h in
-                 zip(arrays["names"], arrays["low"], arrays["high"], arrays["histograms"])]
+        stats = _load_stats(entry / "stats.npz")
         touch(entry)
         return ranges, stats, saved["producers"]
     except (OSError, ValueError, KeyError, json.JSONDecodeError):
