@@ -121,15 +121,27 @@ def write_atomic(data: bytes, path: str | os.PathLike) -> Path:
 
 
 @contextlib.contextmanager
-def locked(path: str | os.PathLike) -> Iterator[None]:
+def locked(path: str | os.PathLike, wait: bool = True) -> Iterator[bool]:
     """Hold an exclusive lock on `<path>.lock` for the block: one writer per entry across threads and processes
-    (flock locks belong to an open file, so two threads of one process exclude each other too)."""
+    (flock locks belong to an open file, so two threads of one process exclude each other too).
+
+    Args:
+        path: the entry the lock stands for.
+        wait: block until the lock is free; False yields False at once when someone else holds it.
+
+    Yields:
+        True while the lock is held, False when `wait` is off and it was taken.
+    """
     lock_path = Path(f"{path}.lock")
     lock_path.parent.mkdir(parents=True, exist_ok=True)
     with open(lock_path, "a") as handle:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
         try:
-            yield
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
         finally:
             fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
@@ -224,18 +236,12 @@ def evict(folder: str | os.PathLike, max_bytes: int, keep: str | os.PathLike | N
     for item in sorted(entries, key=lambda p: p.stat().st_mtime):
         if total <= max_bytes:
             break
-        lock_path = Path(f"{item}.lock")
-        with open(lock_path, "a") as handle:
-            try:
-                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
+        with locked(item, wait=False) as held:
+            if not held:
                 continue  # in use
-            try:
-                shutil.rmtree(item) if item.is_dir() else item.unlink()
-                total -= sizes[item]
-                deleted.append(item)
-            finally:
-                fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+            shutil.rmtree(item) if item.is_dir() else item.unlink()
+            total -= sizes[item]
+            deleted.append(item)
     return deleted  # lock files stay: a waiter may hold one open
 
 
