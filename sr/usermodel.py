@@ -456,4 +456,6 @@ def lookup(name: str, cache_dir: str | os.PathLike | None = None) -> UserModel |
     contract = Contract.from_dict(json.loads((folder / "contract.json").read_text()))
     standard = onnx.load(str(folder / "standard.onnx"))
     parameters = sum(int(np.prod(init.dims)) for init in standard.graph.initializer)
-    return UserModel(str(name), folder / "standard.onnx", contract, folder / "standard.onnx", (), parameters)
+    found = UserModel(str(name), folder / "standard.onnx", contract, folder / "standard.onnx", (), parameters)
+    _REGISTRY[found.name] = found  # model_info asks on every call: read the file once per process
+    return found
