@@ -211,7 +211,7 @@ class PatchSampler:
     images smaller than one HR patch are skipped with a log line. Deterministic for a given seed.
 
     Example:
-        >>> sampler = PatchSampler(["../shared/data/T91"], scale=3, lr_patch=32, seed=0)
+        >>> sampler = PatchSampler(["path/to/T91"], scale=3, lr_patch=32, seed=0)
         >>> lr, hr = sampler.batch(16)   # 16x3x32x32 and 16x3x96x96, float32 in [0, 1]
     """
 

@@ -13,7 +13,7 @@ isolate the activation ranges, which is what calibration chooses). For each tens
 - `sqnr_db`: signal-to-quantization-noise ratio of t over its calibration histogram.
 
 Example:
-    >>> report = diagnose(DiagnoseConfig("xlsr-relu", data="../shared/data/Set5"))
+    >>> report = diagnose(DiagnoseConfig("xlsr-relu", data="path/to/Set5"))
     >>> report.ranking[0].tensor
 """
 from __future__ import annotations

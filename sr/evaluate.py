@@ -1,7 +1,7 @@
 """`python -m sr eval`: PSNR/SSIM of bicubic and of a model (FP32 or INT8) over a folder of HR images.
 
 Example:
-    >>> report = evaluate(EvalConfig(model="xlsr-clip", data="../shared/data/Set5", engine="ort-int8"))
+    >>> report = evaluate(EvalConfig(model="xlsr-clip", data="path/to/Set5", engine="ort-int8"))
     >>> report["mean"]["psnr_y"], report["int8_mean"]["psnr_y"]
 """
 from __future__ import annotations

@@ -4,7 +4,7 @@ checkpoint/resume, and DistributedDataParallel when started under `torchrun`.
 Example:
     >>> from sr.train import TrainConfig, train
     >>> result = train(TrainConfig(arch="xlsr", final_activation="clipped_relu", steps=200,
-    ...                            train_dirs=["../shared/data/T91"], out="runs/tiny.safetensors"))
+    ...                            train_dirs=["path/to/T91"], out="runs/tiny.safetensors"))
 """
 from __future__ import annotations
 

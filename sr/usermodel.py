@@ -414,7 +414,7 @@ def register_onnx(path: str | os.PathLike, overrides: Overrides = Overrides(),
 
     Example:
         >>> model = register_onnx("fsrcnn.onnx", Overrides(scale=3))
-        >>> evaluate(EvalConfig(model=model.name, data="../shared/data/Set5"))
+        >>> evaluate(EvalConfig(model=model.name, data="path/to/Set5"))
 
     Returns:
         the UserModel; `model.name` works wherever a shipped model name does.
