@@ -185,6 +185,8 @@ class OpenVinoEngine:
             self.config["INFERENCE_NUM_THREADS"] = threads
         self.compiled: dict[tuple, object] = {}
         self.lock, self.local = threading.Lock(), threading.local()
+        dims = self.core.read_model(str(self.path)).inputs[0].get_partial_shape()
+        self.fixed = _fixed_size([d.get_length() if d.is_static else None for d in dims])
 
     def _compiled(self, shape: tuple):
         with self.lock:
@@ -208,8 +210,8 @@ class OpenVinoEngine:
         return request.infer({0: array})[compiled.outputs[0]]
 
     def run(self, lr: np.ndarray) -> np.ndarray:
-        """Upscale uint8 HxWx3 to uint8 (sH)x(sW)x3, in seamless tiles."""
-        return tiled(self._run_array, lr, self.scale)
+        """Upscale uint8 HxWx3 to uint8 (sH)x(sW)x3, in seamless tiles (of the model's size if it is fixed)."""
+        return tiled(self._run_array, lr, self.scale, fixed=self.fixed)
 
 
 def tensorrt_available() -> bool:

@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import standins
@@ -120,3 +121,17 @@ def test_overrides_win(stand_ins):
         register_onnx(stand_ins["xlsr-nhwc"], Overrides(scale=2))
     with pytest.raises(UserModelError, match="wrong --layout or --color"):
         register_onnx(stand_ins["fsrcnn-y"], Overrides(layout="nhwc"))
+
+
+def test_fixed_size_model_runs_on_every_engine(registered, data_dir):
+    """OpenVINO tiles a fixed-size model to its size too, like ONNX Runtime (same output)."""
+    from sr.engines import OpenVinoEngine, openvino_available
+
+    if not openvino_available():
+        pytest.skip("openvino is not installed")
+    model = registered["xlsr-fixed-48"]
+    _, lr = degrade(load_image(data_dir / "Set5" / "bird.png"), 3)
+    ort_out = OrtEngine(model.standard_onnx, 3).run(lr)
+    engine = OpenVinoEngine(model.standard_onnx, 3)
+    assert engine.fixed == (48, 48)
+    assert np.abs(engine.run(lr).astype(int) - ort_out.astype(int)).max() <= 1
