@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import logging
 import math
 import os
@@ -29,7 +30,7 @@ from sr.diagnose import DiagnoseConfig, DiagnosisCancelled, Fix, apply_fix, diag
 from sr.bundle import export_bundle, zip_bundle
 from sr.compare import prepare_input
 from sr.models import model_info
-from sr.usermodel import Overrides, UserModelError, register_onnx
+from sr.usermodel import Overrides, register_onnx
 from sr.plots import DifferenceKind, difference_image, histogram_figure, range_chart
 from sr.store import cache_root, remove_stale_temps
 
@@ -94,6 +95,21 @@ def _examples() -> list[str]:
     return [str(p) for p in images if p.name.endswith("-0.png")][:4]
 
 
+@contextlib.contextmanager
+def _user_errors(action: str):
+    """Turn what the library raises into messages a person reads: its ValueError and FileNotFoundError as they
+    are, anything else as "The <action> failed" (the traceback stays in the server log, never on the page)."""
+    try:
+        yield
+    except gr.Error:
+        raise
+    except (ValueError, FileNotFoundError) as error:
+        raise gr.Error(str(error)) from None
+    except Exception as error:
+        log.exception("%s failed", action)
+        raise gr.Error(f"The {action} failed: {type(error).__name__}: {error}") from None
+
+
 def _check_image(image) -> None:
     if image is None:
         raise gr.Error("Upload an image first (drag and drop, file picker or paste).")
@@ -137,11 +153,9 @@ def load_onnx_model(file, layout, color, value_range, pre_upsampled, scale, mode
         return gr.update(), gr.update(), "", choices
     path = file if isinstance(file, str) else getattr(file, "name", str(file))
     auto = lambda value, cast=str: None if value in (None, "auto") else cast(value)  # noqa: E731
-    try:
+    with _user_errors("model check"):
         user = register_onnx(path, Overrides(auto(layout), auto(color), auto(value_range, int),
                                              True if pre_upsampled else None, auto(scale, int)))
-    except (UserModelError, ValueError, FileNotFoundError) as error:
-        raise gr.Error(str(error)) from None
     _UPLOADED[user.name] = Path(path).name
     choices = [*(choices or []), user.name]
     models = available_models() + choices
@@ -154,7 +168,7 @@ def load_onnx_model(file, layout, color, value_range, pre_upsampled, scale, mode
 
 def build_bundle(image, model_a, method, samples, gain, seed, mode, progress=gr.Progress()):
     """Calibrate model A as set and offer the deployment bundle as a zip."""
-    try:
+    with _user_errors("INT8 export"):
         config = _calibration(method, samples, gain, seed)
         lr = []
         if image is not None:
@@ -163,8 +177,6 @@ def build_bundle(image, model_a, method, samples, gain, seed, mode, progress=gr.
         bundle = export_bundle(model_a, config, folder / "bundle", images=lr)
         name = re.sub(r"[^\w.-]+", "-", _shown(model_a)).strip("-")
         return str(zip_bundle(bundle, folder / f"{name}-int8-{config.method.value}.zip"))
-    except (ValueError, FileNotFoundError) as error:
-        raise gr.Error(str(error)) from None
 
 
 def _number(value, digits: int):
@@ -252,7 +264,7 @@ def run_compare(image, model_a="xlsr-relu", model_b="xlsr-clip", method="entropy
     `history` (this tab's state) collects the INT8 loss of each calibration sample drawn for the same settings,
     so that Recalibrate can say how much the result moves between samples."""
     _check_image(image)
-    try:
+    with _user_errors("comparison"):
         calibration = calib_images if calib_source == "my uploads" else None
         if calib_source == "my uploads" and not calibration:
             raise gr.Error("Choose 'my uploads' only after uploading calibration images.")
@@ -265,13 +277,6 @@ def run_compare(image, model_a="xlsr-relu", model_b="xlsr-clip", method="entropy
         result = compare(image, model_a, model_b, _calibration(method, samples, gain, seed), scheme, MODES[mode],
                          display, calibration, progress=first_run)
         note = coverage_note(result)
-    except gr.Error:
-        raise
-    except (ValueError, FileNotFoundError) as error:
-        raise gr.Error(str(error)) from None
-    except Exception as error:  # never show a traceback to the user; keep it in the server log
-        log.exception("comparison failed")
-        raise gr.Error(f"The comparison failed: {type(error).__name__}: {error}") from None
     for notice in result.notices:
         gr.Warning(notice)
     original = result.truth if result.truth is not None else result.original
@@ -433,17 +438,13 @@ def run_diagnose(image, model_a, model_b, which, mode, method, samples, scheme, 
     _check_image(image)
     model = model_a if which == "model A" else model_b
     stop = _STOPS[_owner(request)] = threading.Event()
-    try:
+    with _user_errors("diagnosis"):
         config = DiagnoseConfig(model, _calibration(method, samples, gain, seed), scheme, max_side=DIAGNOSE_SIDE)
-        report = diagnose(config, images=[image], mode=MODES.get(mode, mode),
-                          progress=lambda f, m: progress(f, desc=f"{m} (cancel to stop)"), should_stop=stop.is_set)
-    except DiagnosisCancelled as error:
-        raise gr.Error(f"Diagnosis cancelled: {error}.") from None
-    except (ValueError, FileNotFoundError) as error:
-        raise gr.Error(str(error)) from None
-    except Exception as error:
-        log.exception("diagnosis failed")
-        raise gr.Error(f"The diagnosis failed: {type(error).__name__}: {error}") from None
+        try:
+            report = diagnose(config, images=[image], mode=MODES.get(mode, mode),
+                              progress=lambda f, m: progress(f, desc=f"{m} (cancel to stop)"), should_stop=stop.is_set)
+        except DiagnosisCancelled as error:
+            raise gr.Error(f"Diagnosis cancelled: {error}.") from None
     culprit = report.ranking[0].tensor if report.ranking else None
     chosen = report.calibrated.ranges.get(culprit)
     figure = histogram_figure(report.stats[culprit], max(abs(chosen.low), abs(chosen.high))) if culprit else None
@@ -469,13 +470,8 @@ def run_fix(image, report, tensor, fix_label, mode, progress=gr.Progress()):
     fix = next((fix for fix, label in FIX_LABELS.items() if label == fix_label), None)
     if fix is None:
         raise gr.Error(f"Unknown fix {fix_label!r}; choose one of: {', '.join(FIX_LABELS.values())}")
-    try:
+    with _user_errors("fix"):
         outcome = apply_fix(report, tensor, fix, image, MODES.get(mode, mode), progress=lambda f, m: progress(f, desc=m))
-    except (ValueError, FileNotFoundError) as error:
-        raise gr.Error(str(error)) from None
-    except Exception as error:
-        log.exception("fix failed")
-        raise gr.Error(f"The fix failed: {type(error).__name__}: {error}") from None
     against = "truth" if outcome.has_truth else "FP32"
     table = pd.DataFrame([
         {"INT8 model": "before", f"PSNR vs {against} (dB)": _number(outcome.psnr_before_db, 2),
