@@ -486,10 +486,10 @@ def _owner(request: gr.Request | None) -> str:
     return getattr(request, "session_hash", None) or "local"
 
 
-def start_training(steps, activation, use_teacher, alpha, request: gr.Request = None):
+def start_training(steps, activation, use_teacher, alpha, kd_mode="output", request: gr.Request = None):
     """Queue a job for this tab and stream its loss and validation PSNR until it ends."""
     try:
-        job = app_jobs.start(_owner(request), int(steps), activation, bool(use_teacher), float(alpha))
+        job = app_jobs.start(_owner(request), int(steps), activation, bool(use_teacher), float(alpha), kd_mode)
     except (PermissionError, ValueError) as error:
         raise gr.Error(str(error)) from None
     for snapshot in job.stream():
@@ -678,6 +678,10 @@ def _train_tab(c: dict) -> None:
         steps = gr.Number(300, precision=0, label="Steps", minimum=1, maximum=app_jobs.POLICY.max_steps)
         activation = gr.Radio(["relu", "clipped_relu", "linear"], value="clipped_relu", label="Final activation")
         use_teacher = gr.Checkbox(True, label="Distil from the teacher")
+        kd_mode = gr.Dropdown([("output (match its output)", "output"),
+                               ("upcycled (also zoomed-in/out inputs and flips, DUKD)", "upcycled"),
+                               ("feature (also its features, through an adapter)", "feature")],
+                              value="output", label="Distillation mode")
         alpha = gr.Slider(0, 1, 0.5, label="alpha (ground-truth weight)")
     with gr.Row():
         train_button = gr.Button("Start", variant="primary")
@@ -685,7 +689,8 @@ def _train_tab(c: dict) -> None:
     status = gr.Markdown()
     loss_plot = gr.LinePlot(x="step", y="loss", title="Training loss")
     val_plot = gr.LinePlot(x="step", y="val_psnr", title="Validation PSNR (dB)")
-    event = train_button.click(start_training, [steps, activation, use_teacher, alpha], [status, loss_plot, val_plot],
+    event = train_button.click(start_training, [steps, activation, use_teacher, alpha, kd_mode],
+                               [status, loss_plot, val_plot],
                                api_name=False)
     event.then(refresh_models, None, [c["model_a"], c["model_b"]], api_name=False)
     cancel_button.click(cancel_training, None, status, api_name=False)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sr import store
-from sr.distill import DistillConfig, distill
+from sr.distill import DistillConfig, KDMode, distill
 from sr.train import TrainConfig, train
 
 MAX_STEPS = 5_000  # about 10 minutes of XLSR on two CPU cores
@@ -61,6 +61,7 @@ class Job:
     final_activation: str
     use_teacher: bool
     alpha: float
+    kd_mode: str = "output"  # sr.distill.KDMode value; used only with the teacher
     history: list[dict] = field(default_factory=list)
     status: str = "queued"
     done: bool = False
@@ -97,12 +98,14 @@ def queue_position(job: Job) -> int:
         return next((index + 1 for index, queued in enumerate(_queue) if queued is job), 0)
 
 
-def start(owner: str, steps: int, final_activation: str, use_teacher: bool, alpha: float = 0.5) -> Job:
+def start(owner: str, steps: int, final_activation: str, use_teacher: bool, alpha: float = 0.5,
+          kd_mode: str = "output") -> Job:
     """Queue a job for `owner`.
 
     Raises:
         PermissionError: training is off on this deployment.
-        ValueError: steps out of range, or this owner already has a job queued or running.
+        ValueError: steps out of range, an unknown activation or distillation mode, or this owner already has a
+            job queued or running.
     """
     if not POLICY.enabled:
         raise PermissionError("Training is off on this deployment (the operator can start the app with "
@@ -110,15 +113,16 @@ def start(owner: str, steps: int, final_activation: str, use_teacher: bool, alph
     if not 1 <= steps <= POLICY.max_steps:
         raise ValueError(f"steps must be between 1 and {POLICY.max_steps}, got {steps}")
     TrainConfig(final_activation=final_activation)  # validates the activation before anything is queued
+    kd_mode = KDMode.parse(kd_mode).value
     global _worker
     with _lock:
         mine = [job for job in [_running, *_queue] if job is not None and job.owner == owner and not job.done]
         if mine:
             raise ValueError(f"you already have a job ({mine[0].name}); wait for it or cancel it")
-        kind = "kd" if use_teacher else "train"
+        kind = (f"kd-{kd_mode}" if kd_mode != "output" else "kd") if use_teacher else "train"
         name = (f"xlsr-{final_activation.replace('clipped_relu', 'clip')}-{kind}-{steps}-"
                 f"{owner[:8]}-{time.strftime('%H%M%S')}")
-        job = Job(name, owner, steps, final_activation, use_teacher, alpha)
+        job = Job(name, owner, steps, final_activation, use_teacher, alpha, kd_mode)
         _queue.append(job)
         if _worker is None or not _worker.is_alive():
             _worker = threading.Thread(target=_work, name="training-jobs", daemon=True)
@@ -167,7 +171,8 @@ def _run(job: Job) -> None:
     job.status = "starting"
     try:
         if job.use_teacher:
-            distill(DistillConfig(**fields, teacher="teacher", alpha=job.alpha), on_progress, job.stop.is_set)
+            distill(DistillConfig(**fields, teacher="teacher", alpha=job.alpha, kd_mode=job.kd_mode), on_progress,
+                    job.stop.is_set)
         else:
             train(TrainConfig(**fields), on_progress, job.stop.is_set)
         job.status = ("cancelled; " if job.stop.is_set() else "done; ") + f"saved as runs/{job.weights.name}"

@@ -45,6 +45,9 @@ def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-seconds", type=float, default=d["max_seconds"], help="stop early after this many seconds")
     parser.add_argument("--model-config", type=json.loads, default={}, metavar="JSON",
                         help='extra architecture fields, e.g. \'{"num_blocks": 8}\'')
+    parser.add_argument("--degradation", default=d["degradation"], help="LR images for training and validation: "
+                        "clean (bicubic), strong (blur 1.0, noise 8, JPEG 40), or blur=SIGMA,noise=SIGMA,jpeg=QUALITY "
+                        "(seeded per image; default: %(default)s)")
 
 
 def _training_fields(args: argparse.Namespace) -> dict:
@@ -142,7 +145,8 @@ def cmd_distill(args: argparse.Namespace) -> int:
     """`distill`: fill DistillConfig, distill, print where the weights went."""
     from .distill import DistillConfig, distill
 
-    config = DistillConfig(**_training_fields(args), teacher=args.teacher, alpha=args.alpha)
+    config = DistillConfig(**_training_fields(args), teacher=args.teacher, alpha=args.alpha, kd_mode=args.kd_mode,
+                           feature_weight=args.feature_weight)
     _print_config(config)
     print(_trained(distill(config)))
     return 0
@@ -150,11 +154,13 @@ def cmd_distill(args: argparse.Namespace) -> int:
 
 def format_report(report: dict) -> str:
     """The evaluation report as a text table."""
-    lines = [f"{report['model']} on {report['data']} (x{report['scale']}, engine {report['engine']})",
-             f"{'image':<24}{'PSNR-Y':>10}{'SSIM-Y':>10}"]
-    lines += [f"{row['name']:<24}{row['psnr_y']:>10.3f}{row['ssim_y']:>10.4f}" for row in report["images"]]
-    lines.append(f"{'mean':<24}{report['mean']['psnr_y']:>10.3f}{report['mean']['ssim_y']:>10.4f}")
-    lines.append(f"{'bicubic':<24}{report['bicubic']['psnr_y']:>10.3f}{report['bicubic']['ssim_y']:>10.4f}")
+    degradation = report.get("degradation", {}).get("name", "clean")
+    lines = [f"{report['model']} on {report['data']} (x{report['scale']}, engine {report['engine']}, "
+             f"LR {degradation})", f"{'image':<24}{'PSNR-Y':>10}{'SSIM-Y':>10}{'edge PSNR':>11}"]
+    row_line = lambda name, row: f"{name:<24}{row['psnr_y']:>10.3f}{row['ssim_y']:>10.4f}{row['edge_psnr_y']:>11.3f}"
+    lines += [row_line(row["name"], row) for row in report["images"]]
+    lines.append(row_line("mean", report["mean"]))
+    lines.append(row_line("bicubic", report["bicubic"]))
     if "fp32_mean" in report:
         lines.append(f"{'fp32 (same model)':<24}{report['fp32_mean']['psnr_y']:>10.3f}"
                      f"{report['fp32_mean']['ssim_y']:>10.4f}")
@@ -174,7 +180,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     model = _model(args)
     engine = args.engine or ("ort" if args.onnx else "torch")
     config = EvalConfig(model=model, data=args.data, scale=None if args.onnx else args.scale, engine=engine,
-                        calibration=calibration, scheme=scheme, recommended=args.recommended, threads=args.threads)
+                        calibration=calibration, scheme=scheme, recommended=args.recommended, threads=args.threads,
+                        degradation=args.degradation)
     _print_config(config)
     report = evaluate(config, progress=not args.json)
     print(json.dumps(report, indent=2) if args.json else format_report(report))
@@ -290,12 +297,20 @@ def _add_commands(commands) -> None:
     _add_training_arguments(distill)
     distill.add_argument("--teacher", default="teacher", help="teacher: shipped name or weight file")
     distill.add_argument("--alpha", type=float, default=0.5, help="weight of the ground-truth loss (default 0.5)")
+    distill.add_argument("--kd-mode", default="output", help="output (match the teacher's output), upcycled (also "
+                         "its outputs on zoomed-in/zoomed-out inputs and under flips/rotations, DUKD) or feature "
+                         "(also its features before the tail, through a 1x1 adapter) (default: %(default)s)")
+    distill.add_argument("--feature-weight", type=float, default=0.1, help="--kd-mode feature: weight of the "
+                         "feature hint (default: %(default)s)")
     distill.set_defaults(run=cmd_distill)
 
     evaluate = commands.add_parser("eval", help="PSNR/SSIM of bicubic and a model (FP32 or INT8) on a folder")
     evaluate.add_argument("--scale", type=int, default=None, help="default: the model's own scale")
     _add_model_arguments(evaluate)
     evaluate.add_argument("--data", required=True, help="folder of ground-truth (HR) images")
+    evaluate.add_argument("--degradation", default="clean", help="LR images: clean (bicubic, the benchmarks'), strong "
+                          "(blur 1.0, noise 8, JPEG 40) or blur=SIGMA,noise=SIGMA,jpeg=QUALITY; seeded by file name, "
+                          "the same in every run (default: %(default)s)")
     evaluate.add_argument("--engine", default=None, help="torch, ort, openvino, openvino-bf16, ort-int8, openvino-int8 "
                           "or tensorrt (default: torch; ort for --onnx)")
     _add_calibration_arguments(evaluate)

@@ -1,4 +1,5 @@
-"""Image loading, the SR degradation (HR -> LR) and the random patch sampler used for training.
+"""Image loading, the SR degradations (HR -> LR: clean bicubic, or bicubic then seeded blur, noise and JPEG) and
+the random patch sampler used for training.
 
 Convention: arrays at this module's edges are uint8 HxWx3 RGB; nothing here returns float tensors except
 `PatchSampler.batch`, which returns float32 NCHW RGB in [0, 1] (the convention inside `sr/`).
@@ -8,12 +9,15 @@ from __future__ import annotations
 import io
 import logging
 import os
-from dataclasses import dataclass
+import re
+import zlib
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
+from scipy.ndimage import gaussian_filter
 
 log = logging.getLogger(__name__)
 
@@ -154,12 +158,124 @@ def bicubic_resize(image: np.ndarray, width: int, height: int) -> np.ndarray:
     return np.asarray(Image.fromarray(image).resize((width, height), Image.Resampling.BICUBIC))
 
 
-def degrade(hr: np.ndarray, scale: int) -> tuple[np.ndarray, np.ndarray]:
-    """HR -> (cropped HR, LR): crop to a multiple of `scale`, then antialiased bicubic downscale.
+@dataclass(frozen=True)
+class Degradation:
+    """What is done to the bicubic LR image after downscaling, in this order: Gaussian blur, Gaussian noise,
+    JPEG. All zero / None is the clean bicubic setting of the SR benchmarks.
+
+    The random part (the noise) is seeded per image from `seed` and the image's name (`image_seed`), so every
+    run that names the same degradation sees exactly the same LR images, in training and in evaluation.
+    Order and kinds follow the "classical" degradation model used by blind SR (blur, noise, JPEG; e.g. Wang et
+    al., Real-ESRGAN, ICCVW 2021, one pass of its second-order pipeline), applied to the LR image at fixed
+    strengths instead of sampled ones.
+
+    Raises:
+        ValueError: (on construction) a negative blur or noise, or a JPEG quality outside 1..100.
+    """
+
+    blur: float = 0.0  # Gaussian sigma in LR pixels (0: none)
+    noise: float = 0.0  # Gaussian noise sigma in 0..255 units (0: none)
+    jpeg: int | None = None  # JPEG quality 1..100 (None: not compressed)
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.blur < 0 or self.noise < 0:
+            raise ValueError(f"blur and noise must be >= 0, got blur={self.blur}, noise={self.noise}")
+        if self.jpeg is not None and not 1 <= self.jpeg <= 100:
+            raise ValueError(f"jpeg quality must be 1..100 (or none), got {self.jpeg}")
+
+    @property
+    def is_clean(self) -> bool:
+        """True when the LR image is left as bicubic made it."""
+        return self.blur == 0 and self.noise == 0 and self.jpeg is None
+
+    def spec(self) -> str:
+        """The canonical text form: a preset's name when it is one, else e.g. "blur=1.0,noise=5.0,jpeg=40,seed=0"."""
+        for name, preset in DEGRADATIONS.items():
+            if preset == self:
+                return name
+        jpeg = "none" if self.jpeg is None else str(self.jpeg)
+        return f"blur={self.blur:g},noise={self.noise:g},jpeg={jpeg},seed={self.seed}"
+
+    def to_dict(self) -> dict:
+        """The fields and the canonical name, for reports and metadata."""
+        return {"name": self.spec(), **asdict(self)}
+
+    @classmethod
+    def parse(cls, value: "Degradation | str | None") -> "Degradation":
+        """A preset name ("clean", "strong"), a spec "blur=1,noise=5,jpeg=40[,seed=0]" (any subset), or a Degradation.
+
+        Raises:
+            ValueError: an unknown preset or field, or a value that is not a number; the message lists the presets.
+        """
+        if value is None:
+            return DEGRADATIONS["clean"]
+        if isinstance(value, Degradation):
+            return value
+        text = str(value).strip().lower()
+        if text in DEGRADATIONS:
+            return DEGRADATIONS[text]
+        fields: dict = {}
+        for part in filter(None, re.split(r"[,\s]+", text)):
+            key, _, number = part.partition("=")
+            if key not in ("blur", "noise", "jpeg", "seed") or not number:
+                raise ValueError(f"unknown degradation {value!r}; choose a preset ({', '.join(DEGRADATIONS)}) or "
+                                 "give blur=SIGMA,noise=SIGMA,jpeg=QUALITY")
+            try:
+                fields[key] = None if (key == "jpeg" and number == "none") else (
+                    int(number) if key in ("jpeg", "seed") else float(number))
+            except ValueError:
+                raise ValueError(f"degradation field {key}={number} is not a number") from None
+        return cls(**fields)
+
+
+# "strong": clearly visible blur, noise and blocking on the LR image (x3), yet an SR network can still recover
+# structure; chosen by eye on Set5, not taken from a paper.
+DEGRADATIONS = {"clean": Degradation(), "strong": Degradation(blur=1.0, noise=8.0, jpeg=40)}
+
+
+def image_seed(name: str, seed: int) -> np.random.SeedSequence:
+    """The seed of one image's degradation: `seed` combined with a CRC-32 of its file name (stable across runs,
+    machines and Python's hash randomisation), so an image gets the same noise wherever it is loaded."""
+    return np.random.SeedSequence([seed, zlib.crc32(name.encode())])
+
+
+def degrade_lr(lr: np.ndarray, degradation: Degradation, name: str = "") -> np.ndarray:
+    """Apply `degradation` to a (bicubic) LR image: Gaussian blur, then Gaussian noise, then JPEG.
+
+    Args:
+        lr: uint8 HxWx3 RGB.
+        degradation: the strengths; a clean one returns `lr` unchanged.
+        name: the image's name; with `degradation.seed` it seeds the noise (`image_seed`).
+
+    Returns:
+        uint8 HxWx3 RGB.
+    """
+    if degradation.is_clean:
+        return lr
+    image = lr.astype(np.float64)
+    if degradation.blur > 0:  # reflect at the borders, channels blurred apart
+        image = gaussian_filter(image, sigma=(degradation.blur, degradation.blur, 0), mode="reflect", truncate=3.0)
+    if degradation.noise > 0:
+        image = image + np.random.default_rng(image_seed(name, degradation.seed)).normal(0.0, degradation.noise,
+                                                                                         image.shape)
+    image = np.clip(np.rint(image), 0, 255).astype(np.uint8)
+    if degradation.jpeg is not None:  # PIL's encoder: 4:2:0 chroma subsampling, as most cameras and the web
+        buffer = io.BytesIO()
+        Image.fromarray(image).save(buffer, format="JPEG", quality=degradation.jpeg)
+        image = np.asarray(Image.open(buffer).convert("RGB"))
+    return np.ascontiguousarray(image)
+
+
+def degrade(hr: np.ndarray, scale: int, degradation: Degradation | None = None,
+            name: str = "") -> tuple[np.ndarray, np.ndarray]:
+    """HR -> (cropped HR, LR): crop to a multiple of `scale`, antialiased bicubic downscale, then `degradation`.
 
     Args:
         hr: uint8 HxWx3.
         scale: 2, 3 or 4.
+        degradation: None or a clean one for the benchmarks' bicubic LR; else blur/noise/JPEG (`degrade_lr`).
+        name: the image's name, which seeds its noise (the file name; the same in every run).
 
     Returns:
         (hr_cropped uint8 (s*h)x(s*w)x3, lr uint8 hxwx3).
@@ -170,7 +286,8 @@ def degrade(hr: np.ndarray, scale: int) -> tuple[np.ndarray, np.ndarray]:
     hr = modcrop(hr, scale)
     if hr.shape[0] < scale or hr.shape[1] < scale:
         raise ValueError(f"image of {hr.shape[1]}x{hr.shape[0]} px is too small to downscale by {scale}")
-    return hr, bicubic_resize(hr, hr.shape[1] // scale, hr.shape[0] // scale)
+    lr = bicubic_resize(hr, hr.shape[1] // scale, hr.shape[0] // scale)
+    return hr, lr if degradation is None else degrade_lr(lr, degradation, name)
 
 
 def to_tensor(image: np.ndarray) -> torch.Tensor:
@@ -202,20 +319,22 @@ def to_uint8(tensor: torch.Tensor) -> np.ndarray:
 class _Pair:
     lr: np.ndarray
     hr: np.ndarray
+    clean_lr: np.ndarray  # the bicubic LR before the degradation (the same array when there is none)
 
 
 class PatchSampler:
     """Random aligned LR/HR patch pairs from one or more image folders, with the 8 flips/rotations.
 
-    LR images are made once, for the whole image, with `degrade` (so the patches match evaluation exactly);
-    images smaller than one HR patch are skipped with a log line. Deterministic for a given seed.
+    LR images are made once, for the whole image, with `degrade` (so the patches match evaluation exactly, with
+    the same `degradation` seeded by the file name); images smaller than one HR patch are skipped with a log
+    line. Deterministic for a given seed; the degradation does not change which patches are drawn.
 
     Example:
         >>> sampler = PatchSampler(["path/to/T91"], scale=3, lr_patch=32, seed=0)
         >>> lr, hr = sampler.batch(16)   # 16x3x32x32 and 16x3x96x96, float32 in [0, 1]
     """
 
-    def __init__(self, folders, scale: int, lr_patch: int, seed: int = 0):
+    def __init__(self, folders, scale: int, lr_patch: int, seed: int = 0, degradation: Degradation | None = None):
         """Load and degrade every image of `folders` once.
 
         Args:
@@ -223,6 +342,7 @@ class PatchSampler:
             scale: the SR factor.
             lr_patch: the LR patch side in pixels; HR patches are `lr_patch * scale`.
             seed: the random stream's seed (`reseed` restarts it).
+            degradation: applied to each LR image (None: clean bicubic); its noise is seeded by the file name.
 
         Raises:
             ValueError: `lr_patch` below 4, or no image large enough for one HR patch.
@@ -240,8 +360,9 @@ class PatchSampler:
                     log.info("skipping %s: %dx%d is smaller than a %d px HR patch",
                              path.name, hr.shape[1], hr.shape[0], lr_patch * scale)
                     continue
-                hr, lr = degrade(hr, scale)
-                self.pairs.append(_Pair(lr=lr, hr=hr))
+                hr, clean = degrade(hr, scale)
+                lr = clean if degradation is None else degrade_lr(clean, degradation, path.name)
+                self.pairs.append(_Pair(lr=lr, hr=hr, clean_lr=clean))
         if not self.pairs:
             raise ValueError(f"no training image in {folders} is large enough for {lr_patch}x{scale} px patches")
         self.rng = np.random.default_rng(seed)
@@ -254,17 +375,21 @@ class PatchSampler:
         """
         self.rng = np.random.default_rng(list(seed))
 
-    def batch(self, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def batch(self, size: int, with_clean: bool = False) -> tuple[torch.Tensor, ...]:
         """`size` random aligned patch pairs, each under a random one of the 8 flips/rotations.
 
         Args:
             size: the number of pairs N.
+            with_clean: also return the same patches of the clean bicubic LR (what a teacher trained on clean
+                inputs is shown in distillation); the random draws are the same either way.
 
         Returns:
-            (LR Nx3xPxP, HR Nx3x(sP)x(sP)), float32 RGB in [0, 1], P = lr_patch, s = scale.
+            (LR Nx3xPxP, HR Nx3x(sP)x(sP)) and, with `with_clean`, the clean LR Nx3xPxP; float32 RGB in [0, 1],
+            P = lr_patch, s = scale.
         """
         p, s = self.lr_patch, self.scale
         lr_batch = np.empty((size, p, p, 3), np.uint8)
+        clean_batch = np.empty((size, p, p, 3), np.uint8) if with_clean else None
         hr_batch = np.empty((size, p * s, p * s, 3), np.uint8)
         images = self.rng.integers(len(self.pairs), size=size)
         transforms = self.rng.integers(8, size=size)
@@ -275,7 +400,11 @@ class PatchSampler:
             lr = pair.lr[y : y + p, x : x + p]
             hr = pair.hr[y * s : (y + p) * s, x * s : (x + p) * s]
             lr_batch[i], hr_batch[i] = _dihedral(lr, transform), _dihedral(hr, transform)
+            if with_clean:
+                clean_batch[i] = _dihedral(pair.clean_lr[y : y + p, x : x + p], transform)
         as_tensor = lambda a: torch.from_numpy(a).permute(0, 3, 1, 2).float().div_(255.0)
+        if with_clean:
+            return as_tensor(lr_batch), as_tensor(hr_batch), as_tensor(clean_batch)
         return as_tensor(lr_batch), as_tensor(hr_batch)
 
 

@@ -1,4 +1,5 @@
-"""`python -m sr eval`: PSNR/SSIM of bicubic and of a model (FP32 or INT8) over a folder of HR images.
+"""`python -m sr eval`: PSNR/SSIM/edge-PSNR of bicubic and of a model (FP32 or INT8) over a folder of HR images,
+with the clean bicubic LR or a seeded degradation (blur, noise, JPEG).
 
 Example:
     >>> report = evaluate(EvalConfig(model="xlsr-clip", data="path/to/Set5", engine="ort-int8"))
@@ -14,9 +15,9 @@ from tqdm import tqdm
 
 from .calibrate import CalibrationConfig
 from .choices import Choice
-from .data import bicubic_resize, degrade, list_images, load_image
+from .data import Degradation, bicubic_resize, degrade, list_images, load_image
 from .engines import OpenVinoEngine, OrtEngine, TensorRTEngine, TorchEngine, tensorrt_available
-from .metrics import brightness_ratio, psnr_y, ssim_y
+from .metrics import brightness_ratio, edge_psnr_y, psnr_y, ssim_y
 from .models import load_model, model_info
 from .quantize import CalibratedModel, Scheme, calibrate_model, fp32_onnx_path
 
@@ -55,8 +56,10 @@ class EvalConfig:
     scheme: Scheme = Scheme.TENSORRT
     recommended: bool = False  # RECOMMENDED_CALIBRATION and RECOMMENDED_SCHEME instead of the two above
     threads: int = 0
+    degradation: Degradation | str = "clean"  # a preset (clean, strong) or "blur=..,noise=..,jpeg=.."; seeded per image
 
     def __post_init__(self):
+        self.degradation = Degradation.parse(self.degradation)
         if self.threads < 0:
             raise ValueError(f"threads must be 0 (the runtime's default) or more, got {self.threads}")
         self.engine = EngineKind.parse(self.engine)
@@ -113,22 +116,28 @@ def create_engine(kind: EngineKind | str, model: str, int8: CalibratedModel | No
 
 
 def _scores(output: np.ndarray, truth: np.ndarray, scale: int) -> dict:
-    return {"psnr_y": psnr_y(output, truth, shave=scale), "ssim_y": ssim_y(output, truth, shave=scale)}
+    return {"psnr_y": psnr_y(output, truth, shave=scale), "ssim_y": ssim_y(output, truth, shave=scale),
+            "edge_psnr_y": edge_psnr_y(output, truth, shave=scale)}
 
 
 def _mean(rows: list[dict]) -> dict:
-    return {metric: float(np.mean([row[metric] for row in rows])) for metric in ("psnr_y", "ssim_y")}
+    """Means over the images; an image without edges (edge PSNR nan) is left out of the edge mean."""
+    means = {metric: float(np.mean([row[metric] for row in rows])) for metric in ("psnr_y", "ssim_y")}
+    edges = [row["edge_psnr_y"] for row in rows if not np.isnan(row["edge_psnr_y"])]
+    return {**means, "edge_psnr_y": float(np.mean(edges)) if edges else float("nan")}
 
 
 def evaluate(config: EvalConfig, progress: bool = False) -> dict:
-    """Per-image and mean Y-PSNR/SSIM (border of `scale` px shaved) of bicubic and the model.
+    """Per-image and mean Y-PSNR/SSIM and edge-region Y-PSNR (`sr.metrics.edge_psnr_y`: Sobel magnitude of the
+    ground truth above its 90th percentile, dilated 2 px), border of `scale` px shaved, of bicubic and the model,
+    on LR images made by `degrade` with `config.degradation` (seeded by each file's name: the same in every run).
 
     Args:
         config: the evaluation.
         progress: show a progress bar.
 
     Returns:
-        {"model", "data", "scale", "engine", "bicubic", "mean", "images"}; for INT8 engines "mean" is the INT8
+        {"model", "data", "scale", "engine", "degradation", "bicubic", "mean", "images"}; for INT8 engines "mean" is the INT8
         result, and "fp32_mean", "int8_mean", "brightness_ratio" (mean brightness of INT8 over FP32 outputs,
         < 1 is darker), "worst_brightness_ratio" and the calibration are added.
     """
@@ -139,7 +148,7 @@ def evaluate(config: EvalConfig, progress: bool = False) -> dict:
                               config.model) if int8 is not None else None
     rows, bicubic_rows, fp32_rows, ratios = [], [], [], []
     for path in tqdm(list_images(config.data), desc="eval", disable=not progress):
-        truth, lr = degrade(load_image(path), scale)
+        truth, lr = degrade(load_image(path), scale, config.degradation, path.name)
         output = engine.run(lr)
         row = {"name": path.name, **_scores(output, truth, scale)}
         bicubic_rows.append(_scores(bicubic_resize(lr, truth.shape[1], truth.shape[0]), truth, scale))
@@ -151,7 +160,7 @@ def evaluate(config: EvalConfig, progress: bool = False) -> dict:
             row["brightness_ratio"] = ratios[-1]
         rows.append(row)
     report = {"model": config.model, "data": config.data, "scale": scale, "engine": config.engine.value,
-              "bicubic": _mean(bicubic_rows), "mean": _mean(rows), "images": rows}
+              "degradation": config.degradation.to_dict(), "bicubic": _mean(bicubic_rows), "mean": _mean(rows), "images": rows}
     if int8 is not None:
         calibration = {k: (v.value if isinstance(v, Enum) else v) for k, v in vars(int8.config).items()}
         report.update(method=int8.config.method.value, samples=int8.config.samples, scheme=int8.scheme.value,

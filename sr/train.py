@@ -23,7 +23,7 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
-from .data import PatchSampler, degrade, list_images, load_image, to_tensor, to_uint8
+from .data import Degradation, PatchSampler, degrade, list_images, load_image, to_tensor, to_uint8
 from .metrics import psnr_y
 from .models import MODELS, SCALES, FinalActivation, build_model, load_model, save_weights
 from .store import atomic_path
@@ -59,6 +59,8 @@ class TrainConfig:
     amp: bool = False  # bf16 autocast on CUDA (about 2x faster for the teacher; no effect on CPU)
     max_seconds: float | None = None  # stop early (weights saved) once the loop has run this long
     model_config: dict = field(default_factory=dict)  # extra architecture fields, e.g. {"num_blocks": 8}
+    # LR images of training and validation: "clean" (bicubic), "strong", or "blur=..,noise=..,jpeg=.." (sr.data)
+    degradation: str = "clean"
 
     def __post_init__(self):
         if self.arch not in MODELS:
@@ -74,6 +76,7 @@ class TrainConfig:
             raise ValueError(f"max_lr must be positive, got {self.max_lr}")
         if isinstance(self.train_dirs, (str, os.PathLike)):
             self.train_dirs = [str(self.train_dirs)]
+        self.degradation = Degradation.parse(self.degradation).spec()  # canonical text: JSON-safe metadata
 
     @property
     def checkpoint_path(self) -> Path:
@@ -126,19 +129,20 @@ def charbonnier(prediction: torch.Tensor, target: torch.Tensor, eps: float = 1e-
 class Validator:
     """Mean Y-PSNR (border shaved by `scale`) of a model over an image folder; images are degraded once."""
 
-    def __init__(self, folder: str | os.PathLike, scale: int):
+    def __init__(self, folder: str | os.PathLike, scale: int, degradation: Degradation | None = None):
         """Load and degrade every image of `folder`.
 
         Args:
             folder: HR images (uint8 RGB on disk).
             scale: the SR factor; also the border shaved before PSNR.
+            degradation: of the LR images (None: clean bicubic), seeded by file name as `sr eval` does.
 
         Raises:
             FileNotFoundError: no such folder, or no image in it.
             ValueError: an image smaller than `scale` pixels on a side.
         """
         self.scale = scale
-        self.pairs = [degrade(load_image(p), scale) for p in list_images(folder)]
+        self.pairs = [degrade(load_image(p), scale, degradation, p.name) for p in list_images(folder)]
 
     @torch.no_grad()
     def __call__(self, model: nn.Module, device: torch.device) -> float:
@@ -171,8 +175,7 @@ class _Run:
     device: torch.device
     model: nn.Module
     trainable: nn.Module  # `model`, or its DistributedDataParallel wrapper
-    teacher: nn.Module | None
-    alpha: float
+    distiller: "Distiller | None"
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     sampler: PatchSampler | None = None
@@ -207,6 +210,45 @@ def _save_checkpoint(path: Path, state: dict) -> None:
         torch.save(state, temp)
 
 
+class Distiller(nn.Module):
+    """What `fit` needs from a distillation (the modes live in `sr.distill`): a frozen `teacher`, optional
+    trainable parts (an adapter; they join the optimizer and the checkpoint, never the student's weight file),
+    and the loss of one batch.
+
+    Attributes:
+        teacher: the frozen teacher (its scale is checked against the run's).
+        mode: the name recorded as `kd_mode` in the student's metadata.
+        source: what the teacher was loaded from, recorded as `distilled_from`.
+    """
+
+    mode: str = "output"
+    source: str | None = None
+
+    def attach(self, student: nn.Module) -> None:
+        """Called once with the (unwrapped) student before training, e.g. to hook its features."""
+
+    def loss(self, student: nn.Module, lr: torch.Tensor, hr: torch.Tensor, clean_lr: torch.Tensor,
+             prediction: torch.Tensor, step: int) -> torch.Tensor:
+        """The whole loss of one batch (ground truth term included).
+
+        Args:
+            student: the module to call for extra student passes (the DDP wrapper under torchrun).
+            lr: the student's input, float32 Nx3xPxP in [0, 1] (degraded when the run degrades).
+            hr: the ground truth, Nx3x(sP)x(sP).
+            clean_lr: the same patches of the clean bicubic LR (the teacher's input).
+            prediction: student(lr), already computed.
+            step: the step about to be taken (0-based), to seed any random choice reproducibly.
+
+        Returns:
+            a 0-d tensor.
+        """
+        raise NotImplementedError
+
+    def trainable_state(self) -> dict:
+        """The state of the trainable parts (no teacher), for the checkpoint."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("teacher.")}
+
+
 def train(config: TrainConfig, on_progress: Callable[[dict], None] | None = None,
           should_stop: Callable[[], bool] | None = None) -> TrainResult:
     """Train `config.arch` from scratch (or resume) and write its weights to `config.out`.
@@ -227,22 +269,21 @@ def train(config: TrainConfig, on_progress: Callable[[dict], None] | None = None
             of the same architecture.
         FloatingPointError: the loss became NaN or infinite (lower max_lr).
     """
-    return fit(config, teacher=None, alpha=1.0, on_progress=on_progress, should_stop=should_stop)
+    return fit(config, distiller=None, on_progress=on_progress, should_stop=should_stop)
 
 
-def fit(config: TrainConfig, teacher: nn.Module | None, alpha: float,
+def fit(config: TrainConfig, distiller: Distiller | None = None,
         on_progress: Callable[[dict], None] | None = None,
         should_stop: Callable[[], bool] | None = None) -> TrainResult:
     """The training loop shared by `train` and `sr.distill.distill`.
 
-    loss = alpha * L(student, HR) + (1 - alpha) * L(student, teacher(LR)), L = Charbonnier; the teacher (if
-    any) is frozen and run on the fly. With `config.resume`, a run continues from `<out>.ckpt.pt` and ends
-    with the same weights as the same run without the interruption (on the same device and thread count).
+    loss = L(student(LR), HR), L = Charbonnier, or the distiller's loss (its teacher frozen and run on the
+    fly). With `config.resume`, a run continues from `<out>.ckpt.pt` and ends with the same weights as the
+    same run without the interruption (on the same device and thread count).
 
     Args:
         config: the run.
-        teacher: a frozen model of the same scale, or None for plain training.
-        alpha: the weight of the ground-truth term (ignored without a teacher).
+        distiller: None for plain training, or a `Distiller` (`sr.distill`) whose teacher has the same scale.
         on_progress: called on rank 0 with {"step", "steps", "loss", "val_psnr"?} dicts.
         should_stop: polled before every step; True ends training early (the weights so far are saved).
 
@@ -254,7 +295,7 @@ def fit(config: TrainConfig, teacher: nn.Module | None, alpha: float,
         FileNotFoundError: see `train`.
         FloatingPointError: the loss became NaN or infinite.
     """
-    run = _setup(config, teacher, alpha)
+    run = _setup(config, distiller)
     _restore(run)
     _setup_data(run)
     bar = tqdm(total=config.steps, initial=run.step, desc=Path(config.out).stem, disable=run.rank != 0,
@@ -272,8 +313,8 @@ def fit(config: TrainConfig, teacher: nn.Module | None, alpha: float,
     return _finish(run)
 
 
-def _setup(config: TrainConfig, teacher: nn.Module | None, alpha: float) -> _Run:
-    """Process group, device, the model (seeded, or from `config.init`), the teacher, Adam and the schedule."""
+def _setup(config: TrainConfig, distiller: Distiller | None) -> _Run:
+    """Process group, device, the model (seeded, or from `config.init`), the distiller, Adam and the schedule."""
     rank, world = _distributed()
     device = _resolve_device(config.device)
     if device.type == "cuda":
@@ -286,15 +327,18 @@ def _setup(config: TrainConfig, teacher: nn.Module | None, alpha: float) -> _Run
                         **config.model_config).to(device)
     if config.init:
         model.load_state_dict(load_model(config.init).state_dict())
-    if teacher is not None:
-        teacher = teacher.to(device).eval().requires_grad_(False)
-        if teacher.config.scale != config.scale:
-            raise ValueError(f"teacher is x{teacher.config.scale} but the student is x{config.scale}")
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.max_lr)
+    parameters = list(model.parameters())
+    if distiller is not None:
+        if distiller.teacher.config.scale != config.scale:
+            raise ValueError(f"teacher is x{distiller.teacher.config.scale} but the student is x{config.scale}")
+        distiller.teacher.eval().requires_grad_(False)
+        distiller.to(device).attach(model)
+        parameters += [p for p in distiller.parameters() if p.requires_grad]  # the adapter, if any
+    optimizer = torch.optim.Adam(parameters, lr=config.max_lr)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.max_lr, total_steps=config.steps,
                                                     pct_start=warmup_fraction(config.steps))
     return _Run(config=config, rank=rank, world=world, device=device, model=model, trainable=model,
-                teacher=teacher, alpha=alpha, optimizer=optimizer, scheduler=scheduler)
+                distiller=distiller, optimizer=optimizer, scheduler=scheduler)
 
 
 def _restore(run: _Run) -> None:
@@ -303,6 +347,8 @@ def _restore(run: _Run) -> None:
     if run.config.resume and path.is_file():
         state = torch.load(path, map_location=run.device, weights_only=True)
         run.model.load_state_dict(state["model"])
+        if run.distiller is not None and state.get("distiller"):
+            run.distiller.load_state_dict(state["distiller"], strict=False)
         run.optimizer.load_state_dict(state["optimizer"])
         run.scheduler.load_state_dict(state["scheduler"])
         run.step, run.history, run.elapsed_before = state["step"], state["history"], state["wall_seconds"]
@@ -316,7 +362,9 @@ def _restore(run: _Run) -> None:
 def _setup_data(run: _Run) -> None:
     """The patch sampler (its random stream restored on resume) and, on rank 0, the validator."""
     config = run.config
-    run.sampler = PatchSampler(config.train_dirs, config.scale, config.lr_patch, seed=config.seed)
+    degradation = Degradation.parse(config.degradation)
+    run.sampler = PatchSampler(config.train_dirs, config.scale, config.lr_patch, seed=config.seed,
+                               degradation=None if degradation.is_clean else degradation)
     states = run.restored_sampler_states
     if states is not None and len(states) == run.world:
         run.sampler.rng.bit_generator.state = states[run.rank]  # continue the exact stream of the first run
@@ -325,7 +373,8 @@ def _setup_data(run: _Run) -> None:
             log.warning("the checkpoint was written by %d processes, this run has %d: the patch stream "
                         "restarts, so the result will differ from an uninterrupted run", len(states), run.world)
         run.sampler.reseed(config.seed, run.rank, run.step)  # each rank draws its own stream
-    run.validator = Validator(config.val_dir, config.scale) if config.val_dir and run.rank == 0 else None
+    run.validator = (Validator(config.val_dir, config.scale, None if degradation.is_clean else degradation)
+                     if config.val_dir and run.rank == 0 else None)
 
 
 def _should_end(run: _Run, should_stop: Callable[[], bool] | None) -> bool:
@@ -340,18 +389,17 @@ def _should_end(run: _Run, should_stop: Callable[[], bool] | None) -> bool:
 
 
 def _train_step(run: _Run) -> torch.Tensor:
-    """One batch: forward (teacher too), loss, backward, Adam and the schedule; returns the loss."""
-    config, device, teacher = run.config, run.device, run.teacher
-    lr, hr = run.sampler.batch(config.batch_size)
+    """One batch: forward, loss (the distiller's, teacher included, when distilling), backward, Adam and the
+    schedule; returns the loss."""
+    config, device, distiller = run.config, run.device, run.distiller
+    lr, hr, *clean = run.sampler.batch(config.batch_size, with_clean=distiller is not None)
     lr, hr = lr.to(device, non_blocking=True), hr.to(device, non_blocking=True)
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=config.amp and device.type == "cuda"):
         prediction = run.trainable(lr)
-        if teacher is not None:
-            with torch.no_grad():
-                target = teacher(lr)
-    loss = charbonnier(prediction.float(), hr)
-    if teacher is not None:
-        loss = run.alpha * loss + (1.0 - run.alpha) * charbonnier(prediction.float(), target.float())
+        if distiller is not None:
+            loss = distiller.loss(run.trainable, lr, hr, clean[0].to(device, non_blocking=True), prediction, run.step)
+    if distiller is None:
+        loss = charbonnier(prediction.float(), hr)
     run.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     run.optimizer.step()
@@ -398,6 +446,7 @@ def _checkpoint(run: _Run, wall_seconds: float | None = None) -> None:
             "scheduler": run.scheduler.state_dict(), "step": run.step, "history": run.history,
             "wall_seconds": run.wall_seconds() if wall_seconds is None else wall_seconds,
             "running_loss": run.running_loss, "sampler": states,
+            "distiller": run.distiller.trainable_state() if run.distiller is not None else None,
         })
 
 
@@ -421,11 +470,12 @@ def _finish(run: _Run) -> TrainResult:
                             "val_psnr": run.validator(run.model, run.device)})
     _checkpoint(run, wall)
     if run.rank == 0:
-        teacher = run.teacher
+        distiller = run.distiller
         save_weights(run.model, config.out, extra={
             "train": asdict(config), "steps": step, "wall_seconds": round(wall, 1),
             "machine": _machine(run.device), "history": run.history,
-            "distilled_from": getattr(teacher, "source", None) if teacher is not None else None,
+            "distilled_from": distiller.source if distiller is not None else None,
+            "kd_mode": distiller.mode if distiller is not None else None,
         })
     if run.world > 1:
         dist.barrier()

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sr.data import ImageLoadError, PatchSampler, degrade, load_image, modcrop
+from sr.data import DEGRADATIONS, Degradation, ImageLoadError, PatchSampler, degrade, degrade_lr, load_image, modcrop
 
 
 def _save(image: Image.Image, path, **kwargs):
@@ -106,3 +106,47 @@ def test_patch_sampler_is_deterministic_and_skips_small(tmp_path, photo, caplog)
     assert 0.0 <= float(lr.min()) and float(hr.max()) <= 1.0
     again = PatchSampler([tmp_path], scale=2, lr_patch=8, seed=3).batch(5)
     assert np.array_equal(lr.numpy(), again[0].numpy())
+
+
+def test_degradation_is_seeded_by_name_and_strengths_matter(photo):
+    strong = DEGRADATIONS["strong"]
+    _, clean = degrade(photo, 3)
+    _, first = degrade(photo, 3, strong, "a.png")
+    _, again = degrade(photo, 3, strong, "a.png")
+    assert np.array_equal(first, again)  # the same image name and seed: the same LR, in every run
+    assert not np.array_equal(first, degrade(photo, 3, strong, "b.png")[1])  # another image: other noise
+    assert not np.array_equal(first, degrade(photo, 3, Degradation(1.0, 8.0, 40, seed=1), "a.png")[1])
+    assert np.array_equal(degrade(photo, 3, Degradation(), "a.png")[1], clean)  # clean = the benchmarks' bicubic
+    errors = {}
+    for name, degradation in {"blur": Degradation(blur=1.0), "more blur": Degradation(blur=2.0),
+                              "noise": Degradation(noise=5.0), "more noise": Degradation(noise=20.0),
+                              "jpeg 90": Degradation(jpeg=90), "jpeg 10": Degradation(jpeg=10)}.items():
+        errors[name] = float(np.abs(degrade_lr(clean, degradation).astype(float) - clean).mean())
+    assert 0 < errors["blur"] < errors["more blur"] and 0 < errors["noise"] < errors["more noise"]
+    assert 0 < errors["jpeg 90"] < errors["jpeg 10"]
+    flat = np.full((30, 30, 3), 77, np.uint8)
+    assert np.all(degrade_lr(flat, Degradation(blur=2.0)) == 77)  # blur alone keeps a constant image constant
+
+
+def test_degradation_specs_and_errors():
+    assert Degradation.parse("strong") is DEGRADATIONS["strong"] and Degradation.parse(None).is_clean
+    custom = Degradation.parse("blur=0.5, noise=3,jpeg=70")
+    assert custom == Degradation(blur=0.5, noise=3.0, jpeg=70) and custom.spec() == "blur=0.5,noise=3,jpeg=70,seed=0"
+    assert Degradation.parse(custom.spec()) == custom and Degradation.parse("blur=1,noise=8,jpeg=40").spec() == "strong"
+    with pytest.raises(ValueError, match=r"unknown degradation 'heavy'; choose a preset \(clean, strong\)"):
+        Degradation.parse("heavy")
+    with pytest.raises(ValueError, match="jpeg quality must be 1..100"):
+        Degradation.parse("jpeg=0")
+    with pytest.raises(ValueError, match="noise=abc"):
+        Degradation.parse("noise=abc")
+    with pytest.raises(ValueError, match="blur and noise must be >= 0"):
+        Degradation(blur=-1.0)
+
+
+def test_degraded_sampler_draws_the_same_patches(tmp_path, photo):
+    _save(Image.fromarray(photo), tmp_path / "big.png")
+    plain = PatchSampler([tmp_path], scale=2, lr_patch=8, seed=3).batch(5)
+    lr, hr, clean = PatchSampler([tmp_path], scale=2, lr_patch=8, seed=3,
+                                 degradation=DEGRADATIONS["strong"]).batch(5, with_clean=True)
+    assert np.array_equal(hr.numpy(), plain[1].numpy()) and np.array_equal(clean.numpy(), plain[0].numpy())
+    assert not np.array_equal(lr.numpy(), clean.numpy())

@@ -31,6 +31,25 @@ def test_eval_reproduces_the_weights_card(model, data_dir):
     assert report["mean"]["psnr_y"] == pytest.approx(published_set5()[model], abs=0.01)
 
 
+def test_eval_degraded_json(data_dir):
+    """The report names its degradation, and the edge PSNR sits beside PSNR/SSIM; a degraded LR scores lower."""
+    reports = {}
+    for degradation in ("clean", "strong"):
+        done = run_cli("eval", "--model", "xlsr-relu", "--data", str(data_dir / "Set5"), "--degradation", degradation,
+                       "--json")
+        assert done.returncode == 0, done.stderr
+        reports[degradation] = json.loads(done.stdout)
+    strong, clean = reports["strong"], reports["clean"]
+    assert strong["degradation"] == {"name": "strong", "blur": 1.0, "noise": 8.0, "jpeg": 40, "seed": 0}
+    assert clean["degradation"]["name"] == "clean"
+    assert set(strong["mean"]) == set(strong["bicubic"]) == {"psnr_y", "ssim_y", "edge_psnr_y"}
+    assert clean["mean"]["edge_psnr_y"] < clean["mean"]["psnr_y"]  # edges are where SR errs most
+    assert strong["mean"]["psnr_y"] < clean["mean"]["psnr_y"] - 3 and strong["bicubic"]["psnr_y"] < 26
+    again = json.loads(run_cli("eval", "--model", "xlsr-relu", "--data", str(data_dir / "Set5"), "--degradation",
+                               "strong", "--json").stdout)
+    assert again["mean"] == strong["mean"]  # seeded per image: the same LR in every run
+
+
 def test_eval_int8_json(data_dir):
     done = run_cli("eval", "--model", "xlsr-clip", "--data", str(data_dir / "Set5"), "--engine", "ort-int8",
                    "--method", "minmax", "--samples", "10", "--scheme", "cpu", "--json")
@@ -52,6 +71,12 @@ def test_eval_int8_json(data_dir):
     (["export-int8", "--model", "xlsr-clip", "--out", "README.md"], "is a file; give a folder"),
     (["eval", "--model", "xlsr-clip", "--data", "weights", "--engine", "ort-int8", "--calib-inputs", "hr"],
      "unknown calibration input 'hr'"),
+    (["eval", "--model", "xlsr-clip", "--data", "weights", "--degradation", "heavy"],
+     "unknown degradation 'heavy'; choose a preset (clean, strong) or give blur=SIGMA,noise=SIGMA,jpeg=QUALITY"),
+    (["eval", "--model", "xlsr-clip", "--data", "weights", "--degradation", "jpeg=101"], "jpeg quality must be 1..100"),
+    (["distill", "--kd-mode", "logits", "--out", "x.safetensors"],
+     "unknown distillation mode 'logits'; choose one of: output, upcycled, feature"),
+    (["train", "--degradation", "blur=-1", "--out", "x.safetensors"], "blur and noise must be >= 0"),
 ])
 def test_bad_arguments_give_clear_errors(args, message):
     done = run_cli(*args)

@@ -6,7 +6,7 @@ from skimage.color import deltaE_ciede2000, rgb2lab
 from skimage.metrics import peak_signal_noise_ratio
 
 from sr.data import bicubic_resize, degrade, list_images, load_image
-from sr.metrics import brightness_ratio, delta_e, psnr_y, rgb_to_y, ssim_y
+from sr.metrics import brightness_ratio, delta_e, edge_mask, edge_psnr_y, psnr_y, rgb_to_y, ssim_y
 
 
 @pytest.fixture
@@ -106,3 +106,24 @@ def test_ssim_in_strips_equals_one_call(monkeypatch):
                                   use_sample_covariance=False)
     monkeypatch.setattr(metrics, "SSIM_STRIP_PIXELS", 77 * 25)  # strips of 25 rows
     assert ssim_y(a, b, shave=3) == pytest.approx(whole, abs=1e-12)
+
+
+def test_edge_psnr_on_a_step_edge():
+    """A vertical step between columns 31 and 32: Sobel responds on those two columns only (3% of the pixels,
+    so the 90th percentile is 0 and the mask is exactly them), dilated by 2 px to columns 29..34. An error of 10
+    grey levels on columns 28..35 (Y differs by 10 * 219 / 255) covers the whole edge region; an error on
+    column 5 is outside it and changes only the plain PSNR."""
+    reference = np.full((40, 64, 3), 50, np.uint8)
+    reference[:, 32:] = 200
+    output = reference.copy()
+    output[:, 28:36] += 10
+    mask = edge_mask(rgb_to_y(reference))
+    assert mask.all(axis=0).tolist() == [29 <= column <= 34 for column in range(64)]
+    expected = 20 * math.log10(255 / (10 * 219 / 255))
+    assert edge_psnr_y(output, reference) == pytest.approx(expected, abs=1e-9)
+    output[:, 5] += 30
+    assert edge_psnr_y(output, reference) == pytest.approx(expected, abs=1e-9)
+    assert psnr_y(output, reference) > expected  # the flat pixels dilute the plain PSNR
+    assert edge_psnr_y(reference, reference) == math.inf
+    assert math.isnan(edge_psnr_y(_gray(9), _gray(9)))  # no gradient, no edge region
+    assert edge_psnr_y(output, reference, shave=3) == pytest.approx(expected, abs=1e-9)

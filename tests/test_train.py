@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from sr.distill import DistillConfig, distill
+from sr.distill import DistillConfig, KDMode, distill
 from sr.models import FinalActivation, build_model, load_model, read_metadata, save_weights
 from sr.train import TrainConfig, charbonnier, train
 
@@ -111,6 +111,52 @@ def test_distillation_uses_the_teacher(tiny_data, tmp_path):
     assert "bright.safetensors" in read_metadata(tmp_path / "s-bright.safetensors")["distilled_from"]
 
 
+@pytest.fixture
+def tiny_teacher(tmp_path):
+    torch.manual_seed(0)
+    path = tmp_path / "tiny-teacher.safetensors"
+    save_weights(build_model("teacher", scale=2, num_blocks=1, channels=16), path)
+    return path
+
+
+@pytest.mark.parametrize("mode", [m.value for m in KDMode])
+def test_each_distillation_mode_trains_and_is_recorded(mode, tiny_data, tiny_teacher, tmp_path):
+    losses = []
+    out = tmp_path / f"{mode}.safetensors"
+    result = distill(DistillConfig(**_config(tiny_data, out, steps=12, val_every=6, max_lr=1e-3),
+                                   teacher=str(tiny_teacher), kd_mode=mode),
+                     on_progress=lambda event: losses.append(event["loss"]))
+    assert result.steps == 12 and losses and all(np.isfinite(losses))
+    metadata = read_metadata(out)
+    assert metadata["kd_mode"] == mode and metadata["train"]["kd_mode"] == mode
+    assert "tiny-teacher" in metadata["distilled_from"]
+    student = load_model(out)  # the feature mode's adapter is not in the student's file
+    assert set(student.state_dict()) == set(build_model("xlsr", scale=2).state_dict())
+    checkpoint = torch.load(out.with_suffix(".ckpt.pt"), weights_only=True)
+    assert (set(checkpoint["distiller"]) == {"fitted", "adapter.weight", "adapter.bias"}) == (mode == "feature")
+
+
+def test_feature_distillation_resumes_exactly(tiny_data, tiny_teacher, tmp_path):
+    """The adapter (and its least-squares start) is in the checkpoint: a resumed feature-KD run ends bit for bit
+    where the uninterrupted one does."""
+    fields = dict(steps=16, checkpoint_every=8, val_every=8, val_dir=None)
+    kd = dict(teacher=str(tiny_teacher), kd_mode="feature")
+    whole = distill(DistillConfig(**_config(tiny_data, tmp_path / "whole.safetensors", **fields), **kd))
+    out = tmp_path / "parts.safetensors"
+    distill(DistillConfig(**_config(tiny_data, out, **fields), **kd), should_stop=_interrupt_after(8, False))
+    resumed = distill(DistillConfig(**_config(tiny_data, out, resume=True, **fields), **kd))
+    expected, actual = load_model(whole.weights).state_dict(), load_model(resumed.weights).state_dict()
+    assert all(torch.equal(expected[name], actual[name]) for name in expected)
+
+
+def test_training_on_degraded_inputs(tiny_data, tiny_teacher, tmp_path):
+    clean = train(TrainConfig(**_config(tiny_data, tmp_path / "c.safetensors", steps=4, val_every=4)))
+    strong = distill(DistillConfig(**_config(tiny_data, tmp_path / "s.safetensors", steps=4, val_every=4,
+                                             degradation="strong"), teacher=str(tiny_teacher), kd_mode="upcycled"))
+    assert read_metadata(strong.weights)["train"]["degradation"] == "strong"
+    assert strong.history[-1]["val_psnr"] < clean.history[-1]["val_psnr"]  # validated on degraded inputs too
+
+
 def test_config_errors(tmp_path):
     with pytest.raises(ValueError, match="steps must be a positive integer"):
         TrainConfig(steps=0)
@@ -119,6 +165,11 @@ def test_config_errors(tmp_path):
     assert TrainConfig(final_activation=FinalActivation.CLIPPED_RELU).final_activation == "clipped_relu"
     with pytest.raises(ValueError, match="alpha must be in"):
         DistillConfig(alpha=2.0)
+    with pytest.raises(ValueError, match="unknown distillation mode 'logits'; choose one of: output, upcycled, feature"):
+        DistillConfig(kd_mode="logits")
+    with pytest.raises(ValueError, match="unknown degradation 'blurry'"):
+        TrainConfig(degradation="blurry")
+    assert TrainConfig(degradation="blur=1,noise=8,jpeg=40").degradation == "strong"
     with pytest.raises(FileNotFoundError, match="no such image folder"):
         train(TrainConfig(**_config(tmp_path / "nowhere", tmp_path / "x.safetensors")))
     assert charbonnier(torch.zeros(3), torch.zeros(3)).item() == pytest.approx(1e-3)
