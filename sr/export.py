@@ -39,9 +39,48 @@ def onnx_bytes(model: nn.Module) -> bytes:
                           output_names=[OUTPUT], dynamic_axes={INPUT: {0: "batch", 2: "height", 3: "width"},
                                                                OUTPUT: {0: "batch", 2: "out_height", 3: "out_width"}},
                           dynamo=False)
-    proto = onnx.load_from_string(buffer.getvalue())
+    proto = fold_constants(onnx.load_from_string(buffer.getvalue()))
     onnx.checker.check_model(proto)
     return proto.SerializeToString()
+
+
+def fold_constants(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Replace every node whose inputs are all constants by a Constant of its value (the TorchScript exporter
+    leaves F.pad's pads as a small int64 subgraph: ConstantOfShape, Concat, Reshape, Slice, Transpose, Cast).
+
+    Args:
+        model: the exported model (changed in place).
+
+    Returns:
+        `model`.
+    """
+    from onnx.reference import ReferenceEvaluator
+
+    values = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+    kept = []
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            values[node.output[0]] = onnx.numpy_helper.to_array(node.attribute[0].t)
+        elif node.input and all(name in values for name in node.input if name):
+            inputs = [name for name in node.input if name]
+            declared = [onnx.helper.make_tensor_value_info(
+                name, onnx.helper.np_dtype_to_tensor_dtype(values[name].dtype), values[name].shape) for name in inputs]
+            single = onnx.helper.make_model(
+                onnx.helper.make_graph([node], "fold", declared, [onnx.helper.make_tensor_value_info(o, 0, None)
+                                                                  for o in node.output]),
+                opset_imports=model.opset_import)
+            outputs = ReferenceEvaluator(single).run(None, {name: values[name] for name in inputs})
+            for name, value in zip(node.output, outputs):
+                values[name] = np.asarray(value)
+                kept.append(onnx.helper.make_node("Constant", [], [name], value=onnx.numpy_helper.from_array(
+                    np.asarray(value), name)))
+            continue
+        kept.append(node)
+    used = {name for node in kept for name in node.input}
+    kept = [n for n in kept if n.op_type != "Constant" or n.output[0] in used]
+    del model.graph.node[:]
+    model.graph.node.extend(kept)
+    return model
 
 
 def max_abs_difference(model: nn.Module, onnx_model: bytes | str | os.PathLike, height: int = 37,

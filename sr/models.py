@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
@@ -39,12 +40,64 @@ class FinalActivation(Choice, noun="final activation"):
     LINEAR = "linear"
 
 
-def _final_activation(kind: FinalActivation) -> nn.Module:
+def _final_activation(kind: FinalActivation, offset: float = 0.0) -> nn.Module:
+    """The final activation, for outputs shifted down by `offset` (centred I/O)."""
     if kind is FinalActivation.RELU:
-        return nn.ReLU()
+        return nn.ReLU() if not offset else _Floor(-offset)
     if kind is FinalActivation.CLIPPED_RELU:
-        return nn.Hardtanh(0.0, 1.0)  # exported as Clip(0, 1)
+        return nn.Hardtanh(-offset, 1.0 - offset)  # exported as Clip(0, 1), or Clip(-o, 1 - o)
     return nn.Identity()
+
+
+class _Floor(nn.Module):
+    """max(x, floor): a ReLU for outputs shifted down by -floor (exported as Clip with a min only)."""
+
+    def __init__(self, floor: float):
+        super().__init__()
+        self.floor = floor
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.clamp(x, min=self.floor)
+
+
+def _pad_input_explicitly(model: nn.Module) -> None:
+    """With centred I/O the input convolutions pad with -offset (a black pixel), done in `forward` by F.pad."""
+    if model.config.io_offset:
+        for name in model.INPUT_CONVS:
+            getattr(model, name).padding = (0, 0)
+
+
+IO_OFFSET = 128 / 255  # with this offset an 8-bit image's 256 levels are exactly the INT8 values at step 1/255
+
+
+def with_io_offset(model: nn.Module, offset: float = IO_OFFSET) -> nn.Module:
+    """The same network with centred I/O: it subtracts `offset` from its input, its layers work on centred values,
+    and it adds `offset` to its output. The convolutions that read the input absorb the shift in their biases
+    (b + offset * sum(W)), they pad with -offset (what a black pixel becomes) instead of 0, and the last
+    convolution gives the shift back (b - offset): the same function, to float rounding.
+
+    Why: symmetric INT8 (TensorRT) spends half its levels on negative values a [0, 1] image never has, so the
+    input and output are quantized at step 1/127, twice the 8-bit grid. Centred, with a fixed range of
+    +-127/255, every 8-bit level is an INT8 value and the input and output quantization lose nothing.
+
+    Args:
+        model: an XLSR or Teacher without an offset.
+        offset: the shift.
+
+    Returns:
+        a new model (CPU, eval mode) whose config records `io_offset`.
+    """
+    spec = model_spec(model)
+    if spec["config"].get("io_offset"):
+        raise ValueError("the model already has centred I/O")
+    shifted = build_model(spec["arch"], **{**spec["config"], "io_offset": offset})
+    shifted.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        for name in shifted.INPUT_CONVS:
+            conv = getattr(shifted, name)
+            conv.bias += offset * conv.weight.sum(dim=(1, 2, 3))
+        shifted.tail.bias -= offset
+    return shifted.eval()
 
 
 @dataclass
@@ -61,6 +114,9 @@ class XLSRConfig:
     skip_channels: int = 16
     groups: int = 4  # the GBlocks' 3x3 convolutions are grouped: 4 groups of 8 channels, as in the paper
     num_gblocks: int = 3
+
+    # centred I/O (`with_io_offset`): the layers see x - io_offset and produce y - io_offset, added back at the end
+    io_offset: float = 0.0
 
     def __post_init__(self):
         _check_scale(self.scale)
@@ -79,6 +135,9 @@ class TeacherConfig:
     final_activation: FinalActivation = FinalActivation.RELU  # the large "original" model keeps its ReLU
     channels: int = 64
     num_blocks: int = 12  # ~0.9M parameters: clearly stronger than XLSR, still trainable on 2 CPU cores
+
+    # centred I/O (`with_io_offset`): the layers see x - io_offset and produce y - io_offset, added back at the end
+    io_offset: float = 0.0
 
     def __post_init__(self):
         _check_scale(self.scale)
@@ -126,6 +185,8 @@ class XLSR(nn.Module):
           -> conv3x3(32->3*s*s) -> depth-to-space -> final activation
     """
 
+    INPUT_CONVS = ("head", "skip")  # the convolutions that read the image (`with_io_offset`)
+
     def __init__(self, config: XLSRConfig | None = None):
         """Build the layers.
 
@@ -144,7 +205,8 @@ class XLSR(nn.Module):
         self.fuse_relu = nn.ReLU()
         self.tail = nn.Conv2d(c, 3 * config.scale**2, 3, padding=1)
         self.depth_to_space = nn.PixelShuffle(config.scale)
-        self.output = _final_activation(config.final_activation)
+        self.output = _final_activation(config.final_activation, config.io_offset)
+        _pad_input_explicitly(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Run the module.
@@ -155,9 +217,13 @@ class XLSR(nn.Module):
         Returns:
             Nx3x(sH)x(sW) RGB, s = config.scale; in [0, 1] only with the Clipped ReLU output.
         """
+        offset = self.config.io_offset
+        if offset:  # the padding the input convolutions no longer do: the value that stands for a black pixel
+            x = F.pad(x - offset, (1, 1, 1, 1), value=-offset)
         features = self.gblocks(self.head_mix(self.head_relu(self.head(x))))
         fused = self.fuse_relu(self.fuse(torch.cat([features, self.skip(x)], dim=1)))
-        return self.output(self.depth_to_space(self.tail(fused)))
+        y = self.output(self.depth_to_space(self.tail(fused)))
+        return y + offset if offset else y
 
 
 class ResBlock(nn.Module):
@@ -190,6 +256,8 @@ class Teacher(nn.Module):
     """An EDSR-baseline-like residual network (Lim et al., CVPRW 2017) with an ESPCN-style sub-pixel tail and
     a ReLU output: the big "original" model, and the teacher for knowledge distillation."""
 
+    INPUT_CONVS = ("head",)
+
     def __init__(self, config: TeacherConfig | None = None):
         """Build the layers.
 
@@ -203,7 +271,8 @@ class Teacher(nn.Module):
         self.body = nn.Sequential(*[ResBlock(c) for _ in range(config.num_blocks)], nn.Conv2d(c, c, 3, padding=1))
         self.tail = nn.Conv2d(c, 3 * config.scale**2, 3, padding=1)
         self.depth_to_space = nn.PixelShuffle(config.scale)
-        self.output = _final_activation(config.final_activation)
+        self.output = _final_activation(config.final_activation, config.io_offset)
+        _pad_input_explicitly(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Run the module.
@@ -214,8 +283,10 @@ class Teacher(nn.Module):
         Returns:
             Nx3x(sH)x(sW) RGB, s = config.scale, non-negative (ReLU output).
         """
-        features = self.head(x)
-        return self.output(self.depth_to_space(self.tail(features + self.body(features))))
+        offset = self.config.io_offset
+        features = self.head(F.pad(x - offset, (1, 1, 1, 1), value=-offset) if offset else x)
+        y = self.output(self.depth_to_space(self.tail(features + self.body(features))))
+        return y + offset if offset else y
 
 
 MODELS: dict[str, tuple[type[nn.Module], type]] = {

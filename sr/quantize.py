@@ -6,8 +6,8 @@ Two schemes:
   explicitly quantized (QDQ) network. ONNX Runtime runs the same model on the CPU with the same numerics.
 - `cpu`: asymmetric UINT8 activations, per-channel INT8 weights: ONNX Runtime's fast x86 path.
 
-What is quantized: the graph input, every Conv (weights per output channel, activations per tensor, bias in
-INT32), every ReLU/Clip, the Concat and the DepthToSpace. A Conv followed by a ReLU/Clip is one fused unit in
+What is quantized: the graph input, every Conv (weights per output channel, activations per tensor; the bias
+stays float in `tensorrt`, as TensorRT's parser expects, and is INT32 in `cpu`), every ReLU/Clip, the Concat and the DepthToSpace. A Conv followed by a ReLU/Clip is one fused unit in
 TensorRT (and ONNX Runtime folds the activation into the Conv's output quantization for uint8): the Conv output
 gets the activation's range, as TensorRT's layer fusion does. Nothing stays in float except the final
 dequantization of the network output, and whatever a fix explicitly excludes.
@@ -164,16 +164,18 @@ def _loads(path: Path) -> bool:
         return False
 
 
-def tie_fused_ranges(model: onnx.ModelProto, ranges: dict[str, TensorRange]) -> dict[str, TensorRange]:
-    """Give a Conv output that feeds only a ReLU/Clip (possibly through a DepthToSpace or a channel Slice, pure data
-    movement) the activation's output range: TensorRT fuses Conv+ReLU and quantizes once, after the activation.
+def fused_sources(model: onnx.ModelProto, quantized: set[str]) -> dict[str, str]:
+    """Which quantized tensor lends its range to which: a Conv output that feeds only a ReLU/Clip (possibly through
+    a DepthToSpace or a channel Slice, pure data movement) takes the activation's output range, because TensorRT
+    fuses Conv+ReLU and quantizes once, after the activation. The one description of shared ranges that the QDQ
+    writer (`tie_fused_ranges`) and fake quantization (`sr.qat`) both use.
 
     Args:
         model: the FP32 ONNX model.
-        ranges: the calibrated ranges.
+        quantized: the tensors that get a range.
 
     Returns:
-        a copy of `ranges` with the fused producers' ranges replaced.
+        {tensor: the tensor whose range it takes}; tensors with their own range are not listed.
     """
     consumers: dict[str, list[onnx.NodeProto]] = {}
     producer = {}
@@ -182,18 +184,34 @@ def tie_fused_ranges(model: onnx.ModelProto, ranges: dict[str, TensorRange]) -> 
             consumers.setdefault(name, []).append(node)
         for name in node.output:
             producer[name] = node
-    tied = dict(ranges)
+    sources = {}
     for node in model.graph.node:
-        if node.op_type not in ("Relu", "Clip") or node.output[0] not in ranges:
+        if node.op_type not in ("Relu", "Clip") or node.output[0] not in quantized:
             continue
-        source = ranges[node.output[0]]
         tensor = node.input[0]
-        while tensor in ranges and len(consumers.get(tensor, [])) == 1 and tensor in producer:
-            tied[tensor] = TensorRange(tensor, source.low, source.high, ranges[tensor].observed_min,
-                                       ranges[tensor].observed_max, ranges[tensor].clipped_fraction, source.method)
+        while tensor in quantized and len(consumers.get(tensor, [])) == 1 and tensor in producer:
+            sources[tensor] = node.output[0]
             if producer[tensor].op_type not in ("DepthToSpace", "Slice"):
                 break
             tensor = producer[tensor].input[0]
+    return sources
+
+
+def tie_fused_ranges(model: onnx.ModelProto, ranges: dict[str, TensorRange]) -> dict[str, TensorRange]:
+    """Give each fused producer its activation's range (`fused_sources`).
+
+    Args:
+        model: the FP32 ONNX model.
+        ranges: the calibrated ranges.
+
+    Returns:
+        a copy of `ranges` with the fused producers' ranges replaced.
+    """
+    tied = dict(ranges)
+    for tensor, source_name in fused_sources(model, set(ranges)).items():
+        source, own = ranges[source_name], ranges[tensor]
+        tied[tensor] = TensorRange(tensor, source.low, source.high, own.observed_min, own.observed_max,
+                                   own.clipped_fraction, source.method)
     return tied
 
 
@@ -232,8 +250,10 @@ def write_qdq_model(fp32_onnx: Path, ranges: dict[str, TensorRange], scheme: Sch
             activation_type=QuantType.QInt8 if scheme.symmetric else QuantType.QUInt8,
             weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
             nodes_to_exclude=_nodes_touching(model, keep_float),
+            # tensorrt: biases stay float, as TensorRT's explicit-quantization parser expects (ModelOpt and AIMET
+            # write them so too); only activations and weights get Q/DQ pairs
             extra_options={"ActivationSymmetric": scheme.symmetric, "WeightSymmetric": True,
-                           "QDQKeepRemovableActivations": scheme.symmetric},
+                           "QDQKeepRemovableActivations": scheme.symmetric, "QuantizeBias": not scheme.symmetric},
         )
         write_atomic(temp.read_bytes(), out)
     return out
@@ -324,9 +344,38 @@ def calibrate_model(model_name: str | os.PathLike, config: CalibrationConfig | N
             if found is None:
                 started = time.perf_counter()
                 made = _calibrate_entry(entry, fp32, network_inputs, config, scheme, fixes, info.name, threads,
-                                        progress, statistics_key(weights_hash, config, data_hash))
+                                        progress, statistics_key(weights_hash, config, data_hash),
+                                        learned_ranges(model_name, scheme))
                 return result(made, time.perf_counter() - started, False)
     return result(found, 0.0, True)
+
+
+def learned_ranges(model_name: str | os.PathLike, scheme: Scheme | str) -> dict[str, tuple[float, float]] | None:
+    """The activation ranges a QAT run learned for `scheme` (`sr.qat`), recorded in the model file, or None.
+
+    Args:
+        model_name: a shipped model name, a weight file or a registered ONNX model.
+        scheme: the INT8 scheme asked for; ranges learned for another scheme do not apply.
+
+    Returns:
+        {tensor: (low, high)}, or None when the model was not fine-tuned for `scheme`.
+    """
+    record = qat_record(model_name)
+    if record is None or record.get("scheme") != Scheme.parse(scheme).value:
+        return None
+    return {tensor: (float(low), float(high)) for tensor, (low, high) in record["ranges"].items()}
+
+
+def qat_record(model_name: str | os.PathLike) -> dict | None:
+    """What `sr.qat` recorded in a fine-tuned model's file (scheme, learned ranges, the model it started from,
+    its run), or None for a model that was not fine-tuned."""
+    info = model_info(model_name)
+    if info.arch == "onnx":
+        props = {p.key: p.value for p in onnx.load(str(info.path), load_external_data=False).metadata_props}
+        record = json.loads(props["sr.qat"]) if "sr.qat" in props else None
+    else:
+        record = models.read_metadata(info.path).get("qat")
+    return record if isinstance(record, dict) else None
 
 
 def fixed_input_size(fp32: Path) -> tuple[int, int] | None:
@@ -403,13 +452,19 @@ def cached_statistics(fp32: Path, key: str, network_inputs: list[np.ndarray], co
 
 
 def _calibrate_entry(entry: Path, fp32: Path, network_inputs: list[np.ndarray], config: CalibrationConfig,
-                     scheme: Scheme, fixes: Fixes, model: str, threads: int, progress, stats_key: str) -> tuple:
-    """Observe (or reuse the statistics), choose the ranges, write and publish the entry (the caller holds its
-    lock)."""
+                     scheme: Scheme, fixes: Fixes, model: str, threads: int, progress, stats_key: str,
+                     learned: dict[str, tuple[float, float]] | None = None) -> tuple:
+    """Observe (or reuse the statistics), choose the ranges (a QAT model's learned ones where it has them), write
+    and publish the entry (the caller holds its lock)."""
     remove_stale_temps(entry.parent)
     stats = cached_statistics(fp32, stats_key, network_inputs, config, entry.parent.parent, threads, progress)
-    ranges = _apply_fixes(choose_ranges(stats, config.method, scheme.symmetric, config.percentile), stats, fixes,
-                          config, scheme, model)
+    ranges = choose_ranges(stats, config.method, scheme.symmetric, config.percentile)
+    for tensor, (low, high) in (learned or {}).items():
+        if tensor in ranges:
+            found = next(s for s in stats if s.name == tensor)
+            ranges[tensor] = TensorRange(tensor, low, high, found.observed_min, found.observed_max,
+                                         clipped_fraction(found, low, high), "qat")
+    ranges = _apply_fixes(ranges, stats, fixes, config, scheme, model)
     producers = _producers(fp32)
     _write_entry(entry, fp32, ranges, stats, producers, config, scheme, fixes)
     evict(entry.parent, cache_cap_bytes(), keep=entry)

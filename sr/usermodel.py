@@ -372,6 +372,16 @@ def _wrap_output(nodes: list, inits: list, contract: Contract, y: str) -> str:
     return y
 
 
+STANDARD_KEY = "sr.standard"  # metadata_props key of a standard graph the lab wrote: its contract as JSON
+
+
+def standard_contract(model: onnx.ModelProto) -> Contract | None:
+    """The contract of a standard graph the lab itself wrote (a QAT result carries it under `STANDARD_KEY`), or
+    None for any other model."""
+    props = {p.key: p.value for p in model.metadata_props}
+    return Contract.from_dict(json.loads(props[STANDARD_KEY])) if STANDARD_KEY in props else None
+
+
 def standard_graph(model: onnx.ModelProto, contract: Contract) -> onnx.ModelProto:
     """The user's graph wrapped to take and return the lab's standard images (see the module docstring).
 
@@ -432,8 +442,12 @@ def register_onnx(path: str | os.PathLike, overrides: Overrides = Overrides(),
         if saved.is_file() and (folder / "standard.onnx").is_file():
             contract = Contract.from_dict(json.loads(saved.read_text()))
         else:
-            contract = detect_contract(model, overrides)
-            write_atomic(standard_graph(model, contract).SerializeToString(), folder / "standard.onnx")
+            contract = standard_contract(model)  # a standard graph the lab wrote (QAT): taken as it is
+            standard = model if contract is not None else None
+            if standard is None:
+                contract = detect_contract(model, overrides)
+                standard = standard_graph(model, contract)
+            write_atomic(standard.SerializeToString(), folder / "standard.onnx")
             write_atomic(json.dumps(contract.to_dict()).encode(), saved)
     from .quantize import QUANTIZED_OPS
 

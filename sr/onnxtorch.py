@@ -1,0 +1,277 @@
+"""An ONNX graph run as a PyTorch module, so a model the lab only has as ONNX can be fine-tuned (QAT).
+
+`OnnxModule(model)` executes the graph's nodes in order with torch ops; float initializers become trainable
+`nn.Parameter`s named as in the graph (for the lab's own exports these are the PyTorch state-dict names), the
+rest stay constants. Ops covered (the ones our own models and the user models the ONNX loader accepts are
+made of; `tests/test_qat.py` checks each against ONNX Runtime):
+
+    Conv, ConvTranspose, Relu, LeakyRelu, PRelu, Clip, Sigmoid, Tanh, Log, Exp, Add, Sub, Mul, Div, Concat,
+    Split, Slice, Pad, Transpose, Reshape, DepthToSpace, SpaceToDepth, Resize (nearest, linear, cubic),
+    Identity, Constant
+
+plus any op a caller supplies (`extra_ops`: how `sr.qat` runs fake quantization). Anything else is refused when
+the module is built, with the list of what is missing.
+
+Example:
+    >>> module = OnnxModule(onnx.load("model.onnx"))
+    >>> y = module(torch.rand(1, 3, 32, 32))
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import onnx
+import torch
+import torch.nn.functional as F
+from onnx import numpy_helper
+from torch import nn
+
+Op = Callable[["OnnxModule", onnx.NodeProto, list], list]
+
+
+def _attrs(node: onnx.NodeProto) -> dict:
+    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+
+
+def _decode(value):
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _ints(tensor) -> list[int]:
+    return [int(v) for v in tensor.flatten().tolist()]
+
+
+def _conv(module, node, inputs):
+    a = _attrs(node)
+    x, weight = inputs[0], inputs[1]
+    bias = inputs[2] if len(inputs) > 2 else None
+    if _decode(a.get("auto_pad", "NOTSET")) not in ("NOTSET", "VALID"):
+        raise ValueError(f"Conv {node.name}: auto_pad={a['auto_pad']} is not supported")
+    pads = a.get("pads", [0, 0, 0, 0])
+    x = F.pad(x, (pads[1], pads[3], pads[0], pads[2]))
+    return [F.conv2d(x, weight, bias, a.get("strides", [1, 1]), 0, a.get("dilations", [1, 1]), a.get("group", 1))]
+
+
+def _conv_transpose(module, node, inputs):
+    a = _attrs(node)
+    x, weight = inputs[0], inputs[1]
+    bias = inputs[2] if len(inputs) > 2 else None
+    if "output_shape" in a:
+        raise ValueError(f"ConvTranspose {node.name}: output_shape is not supported")
+    y = F.conv_transpose2d(x, weight, bias, a.get("strides", [1, 1]), 0, a.get("output_padding", [0, 0]),
+                           a.get("group", 1), a.get("dilations", [1, 1]))
+    top, left, bottom, right = a.get("pads", [0, 0, 0, 0])
+    return [y[:, :, top:y.shape[2] - bottom, left:y.shape[3] - right]]
+
+
+def _clip(module, node, inputs):
+    a = _attrs(node)
+    low = inputs[1] if len(inputs) > 1 and inputs[1] is not None else a.get("min")
+    high = inputs[2] if len(inputs) > 2 and inputs[2] is not None else a.get("max")
+    x = inputs[0]
+    if low is not None:
+        x = torch.maximum(x, torch.as_tensor(low, dtype=x.dtype))
+    if high is not None:
+        x = torch.minimum(x, torch.as_tensor(high, dtype=x.dtype))
+    return [x]
+
+
+def _prelu(module, node, inputs):
+    x, slope = inputs
+    return [torch.where(x >= 0, x, x * slope)]
+
+
+def _split(module, node, inputs):
+    a = _attrs(node)
+    axis = a.get("axis", 0)
+    sizes = _ints(inputs[1]) if len(inputs) > 1 and inputs[1] is not None else a.get("split")
+    if sizes is None:
+        parts = len(node.output)
+        sizes = [inputs[0].shape[axis] // parts] * parts
+    return list(torch.split(inputs[0], sizes, dim=axis))
+
+
+def _slice(module, node, inputs):
+    x = inputs[0]
+    starts, ends = _ints(inputs[1]), _ints(inputs[2])
+    axes = _ints(inputs[3]) if len(inputs) > 3 and inputs[3] is not None else list(range(len(starts)))
+    steps = _ints(inputs[4]) if len(inputs) > 4 and inputs[4] is not None else [1] * len(starts)
+    index = [slice(None)] * x.dim()
+    for start, end, axis, step in zip(starts, ends, axes, steps):
+        if step != 1:
+            raise ValueError(f"Slice {node.name}: steps other than 1 are not supported")
+        size = x.shape[axis]
+        index[axis] = slice(max(min(start, size), -size), max(min(end, size), -size - 1))
+    return [x[tuple(index)]]
+
+
+def _pad(module, node, inputs):
+    a = _attrs(node)
+    pads = _ints(inputs[1])
+    value = float(inputs[2].item()) if len(inputs) > 2 and inputs[2] is not None else 0.0
+    half = len(pads) // 2
+    if any(pads[:2] + pads[half:half + 2]):
+        raise ValueError(f"Pad {node.name}: only the spatial axes may be padded")
+    mode = {"constant": "constant", "reflect": "reflect", "edge": "replicate"}[_decode(a.get("mode", "constant"))]
+    torch_pads = (pads[3], pads[half + 3], pads[2], pads[half + 2])
+    return [F.pad(inputs[0], torch_pads, mode=mode, value=value) if mode == "constant"
+            else F.pad(inputs[0], torch_pads, mode=mode)]
+
+
+def _depth_to_space(module, node, inputs):
+    a = _attrs(node)
+    block, mode = a["blocksize"], _decode(a.get("mode", "DCR"))
+    x = inputs[0]
+    if mode == "CRD":
+        return [F.pixel_shuffle(x, block)]
+    n, c, h, w = x.shape
+    x = x.reshape(n, block, block, c // block ** 2, h, w).permute(0, 3, 4, 1, 5, 2)
+    return [x.reshape(n, c // block ** 2, h * block, w * block)]
+
+
+def _keys(t: torch.Tensor, a: float) -> torch.Tensor:
+    """The cubic convolution kernel of Keys (1981) with parameter `a` at distances `t`."""
+    t = t.abs()
+    near = ((a + 2) * t - (a + 3)) * t * t + 1
+    far = ((a * t - 5 * a) * t + 8 * a) * t - 4 * a
+    return torch.where(t <= 1, near, torch.where(t < 2, far, torch.zeros_like(t)))
+
+
+def _cubic_matrix(size_in: int, size_out: int, a: float, align_corners: bool) -> torch.Tensor:
+    """size_out x size_in weights of ONNX's cubic Resize along one axis (edge pixels repeated outside)."""
+    out = torch.arange(size_out, dtype=torch.float64)
+    if align_corners:
+        source = out * ((size_in - 1) / (size_out - 1) if size_out > 1 else 0.0)
+    else:
+        source = (out + 0.5) * (size_in / size_out) - 0.5
+    base = torch.floor(source)
+    matrix = torch.zeros(size_out, size_in, dtype=torch.float64)
+    for offset in (-1, 0, 1, 2):
+        index = base + offset
+        weight = _keys(source - index, a)
+        matrix.index_put_((out.long(), index.clamp(0, size_in - 1).long()), weight, accumulate=True)
+    return matrix.float()
+
+
+def _resize(module, node, inputs):
+    a = _attrs(node)
+    mode = _decode(a.get("mode", "nearest"))
+    x = inputs[0]
+    sizes = inputs[3] if len(inputs) > 3 and inputs[3] is not None and inputs[3].numel() else None
+    scales = inputs[2] if len(inputs) > 2 and inputs[2] is not None and inputs[2].numel() else None
+    size = _ints(sizes)[2:] if sizes is not None else [int(d * s) for d, s in zip(x.shape[2:], scales.tolist()[2:])]
+    if mode == "nearest":
+        return [F.interpolate(x, size=size, mode="nearest")]
+    transform = _decode(a.get("coordinate_transformation_mode", "half_pixel"))
+    if transform not in ("half_pixel", "pytorch_half_pixel", "align_corners"):
+        raise ValueError(f"Resize {node.name}: coordinate_transformation_mode={transform} is not supported")
+    if mode == "linear":
+        return [F.interpolate(x, size=size, mode="bilinear", align_corners=transform == "align_corners")]
+    coefficient, corners = float(a.get("cubic_coeff_a", -0.75)), transform == "align_corners"
+    rows = _cubic_matrix(x.shape[2], size[0], coefficient, corners).to(x.device)
+    columns = _cubic_matrix(x.shape[3], size[1], coefficient, corners).to(x.device)
+    return [torch.einsum("oh,nchw,pw->ncop", rows, x, columns)]
+
+
+def _binary(fn):
+    return lambda module, node, inputs: [fn(inputs[0], inputs[1])]
+
+
+def _unary(fn):
+    return lambda module, node, inputs: [fn(inputs[0])]
+
+
+OPS: dict[str, Op] = {
+    "Conv": _conv, "ConvTranspose": _conv_transpose, "Clip": _clip, "PRelu": _prelu, "Split": _split,
+    "Slice": _slice, "Pad": _pad, "DepthToSpace": _depth_to_space, "Resize": _resize,
+    "Relu": _unary(torch.relu), "Sigmoid": _unary(torch.sigmoid), "Tanh": _unary(torch.tanh),
+    "Log": _unary(torch.log), "Exp": _unary(torch.exp), "Identity": _unary(lambda x: x),
+    "Add": _binary(torch.add), "Sub": _binary(torch.sub), "Mul": _binary(torch.mul), "Div": _binary(torch.div),
+    "LeakyRelu": lambda m, n, i: [F.leaky_relu(i[0], _attrs(n).get("alpha", 0.01))],
+    "Concat": lambda m, n, i: [torch.cat(i, dim=_attrs(n)["axis"])],
+    "Transpose": lambda m, n, i: [i[0].permute(*_attrs(n)["perm"])],
+    "Reshape": lambda m, n, i: [i[0].reshape([d if d else i[0].shape[k] for k, d in enumerate(_ints(i[1]))])],
+    "SpaceToDepth": lambda m, n, i: [F.pixel_unshuffle(i[0], _attrs(n)["blocksize"])],
+}
+
+
+class OnnxModule(nn.Module):
+    """An ONNX graph (one input, one output) as a torch module; float initializers are trainable parameters."""
+
+    def __init__(self, model: onnx.ModelProto, extra_ops: dict[str, Op] | None = None,
+                 frozen: Callable[[str], bool] = lambda name: False):
+        """Read the graph; nothing runs yet.
+
+        Args:
+            model: the ONNX model.
+            extra_ops: op handlers beyond `OPS` (they may shadow one).
+            frozen: initializer names that stay constants even when float.
+
+        Raises:
+            ValueError: the graph has ops that are not covered, or not exactly one input and one output.
+        """
+        super().__init__()
+        self.ops = {**OPS, **(extra_ops or {})}
+        graph = model.graph
+        missing = sorted({n.op_type for n in graph.node if n.op_type not in self.ops and n.op_type != "Constant"})
+        if missing:
+            raise ValueError(f"these ONNX ops cannot be fine-tuned here yet: {', '.join(missing)}; "
+                             f"covered: {', '.join(sorted(self.ops))}")
+        if len(graph.input) - len({i.name for i in graph.initializer} & {i.name for i in graph.input}) != 1 \
+                or len(graph.output) != 1:
+            raise ValueError("only graphs with one input and one output can be fine-tuned")
+        initializers = {i.name for i in graph.initializer}
+        self.input_name = next(i.name for i in graph.input if i.name not in initializers)
+        self.output_name = graph.output[0].name
+        self.params = nn.ParameterDict()
+        self.param_keys: dict[str, str] = {}  # ONNX name -> ParameterDict key ('.' is not allowed in keys)
+        self.constants: dict[str, torch.Tensor] = {}
+        for init in graph.initializer:
+            self._add_initializer(init.name, numpy_helper.to_array(init), frozen(init.name))
+        self.nodes = []
+        for node in graph.node:
+            if node.op_type == "Constant":
+                self.constants[node.output[0]] = torch.from_numpy(numpy_helper.to_array(_attrs(node)["value"]).copy())
+            else:
+                self.nodes.append(node)
+
+    def _add_initializer(self, name: str, array: np.ndarray, frozen: bool) -> None:
+        tensor = torch.from_numpy(np.array(array, copy=True))
+        if tensor.is_floating_point() and not frozen:
+            key = f"p{len(self.params)}"
+            self.params[key] = nn.Parameter(tensor.float())
+            self.param_keys[name] = key
+        else:
+            self.constants[name] = tensor
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """An initializer (parameter or constant) by its ONNX name."""
+        return self.params[self.param_keys[name]] if name in self.param_keys else self.constants[name]
+
+    def named_onnx_parameters(self) -> dict[str, nn.Parameter]:
+        """{ONNX initializer name: parameter}."""
+        return {name: self.params[key] for name, key in self.param_keys.items()}
+
+    def forward(self, x: torch.Tensor, keep: set[str] | None = None):
+        """Run the graph.
+
+        Args:
+            x: the graph's input.
+            keep: intermediate tensor names to return as well.
+
+        Returns:
+            the output, or (output, {name: tensor}) when `keep` is given.
+        """
+        values = {self.input_name: x}
+        for node in self.nodes:
+            inputs = [(values[n] if n in values else self.tensor(n)) if n else None for n in node.input]
+            outputs = self.ops[node.op_type](self, node, inputs)
+            values.update(zip(node.output, outputs))
+        if keep is None:
+            return values[self.output_name]
+        return values[self.output_name], {name: values[name] for name in keep if name in values}
+
+    def device_constants(self, device: torch.device) -> None:
+        """Move the constants to `device` (parameters move with `.to`)."""
+        self.constants = {k: v.to(device) for k, v in self.constants.items()}

@@ -1,0 +1,586 @@
+"""Quantization-aware fine-tuning (QAT): the exported INT8 model, trained.
+
+The fake-quantized network is not a second description of what gets quantized: it is the QDQ model that
+`sr.quantize.write_qdq_model` wrote, run in PyTorch (`sr.onnxtorch`), with each Q/DQ pair replaced by
+
+- activations: a fake quantizer with the pair's own numerics (symmetric INT8 with zero point 0 for `tensorrt`,
+  UINT8 with its zero point for `cpu`; saturating at the integer type's limits, rounding half to even as
+  QuantizeLinear does) and a learned step size, LSQ-style (Esser et al., ICLR 2020: the rounding passes the
+  gradient straight through, so the step size gets d/ds = round(x/s) - x/s inside the range and the limit
+  outside; we learn log(s), with Adam). Tensors that share a range in the QDQ model (a Conv feeding a ReLU/Clip,
+  `sr.quantize.fused_sources`) share one step size here;
+- weights: per-output-channel symmetric INT8, the step recomputed from the current weights (max |w| / 127, as
+  the writer does at export), rounding straight through.
+
+Conv biases stay float in training. In `tensorrt` they are float in the QDQ model too; in `cpu` the writer
+stores them in INT32 with step s_in * s_w (about 1e-5 here), an error far below anything measurable.
+
+Training starts from a calibration (any method), tunes weights and step sizes against
+alpha * L1(HR) + (1 - alpha) * L1(frozen FP32 model's output), and exports with the same writer: the trained
+FP32 weights plus the learned ranges give the QDQ model, which ONNX Runtime runs to the same PSNR as the fake
+quantization (`tests/test_qat.py`, 0.01 dB). A shipped/trained model becomes a safetensors file whose metadata
+holds the learned ranges (`qat`), so `calibrate_model` uses them for that scheme; an ONNX model becomes an ONNX
+file with the same record in its `metadata_props`.
+
+Example:
+    >>> result = quantization_aware_training(QatConfig(model="xlsr-clip", steps=2000,
+    ...                                                out="runs/xlsr-clip-qat.safetensors"))
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import onnx
+import torch
+import torch.distributed as dist
+from onnx import numpy_helper
+from torch import nn
+from tqdm import tqdm
+
+from .calibrate import CalibrationConfig, Method, TensorRange
+from .data import PatchSampler
+from .models import (
+    IO_OFFSET,
+    load_model,
+    model_info,
+    read_metadata,
+    save_weights,
+    with_io_offset,
+)
+from .onnxtorch import OnnxModule
+from .quantize import (
+    Fixes,
+    Scheme,
+    calibrate_model,
+    fp32_onnx_path,
+    fused_sources,
+    write_qdq_model,
+)
+from .store import atomic_path, file_sha256, write_atomic
+from .train import Validator, _distributed, _machine, _resolve_device, warmup_fraction
+from .usermodel import STANDARD_KEY, Contract, lookup
+
+log = logging.getLogger(__name__)
+
+METADATA_KEY = "qat"  # weight-file metadata key / ONNX metadata_props key ("sr.qat") of the learned ranges
+_INT_LIMITS = {np.dtype(np.int8): (-128, 127), np.dtype(np.uint8): (0, 255)}
+
+
+@dataclass
+class QatConfig:
+    """One QAT run; `asdict(config)` goes into the result's metadata.
+
+    Raises:
+        ValueError: (on construction) a bad scheme or method, a count below 1, alpha outside [0, 1] or a
+            non-positive learning rate; the message names the value.
+    """
+
+    model: str = "xlsr-clip"  # a shipped name, a weight file, or a registered ONNX model (onnx:<hash>)
+    out: str = "runs/qat.safetensors"  # .safetensors for PyTorch models, .onnx for ONNX models
+    scheme: str = "tensorrt"
+    method: str = "mse"  # the calibration the ranges start from
+    samples: int = 100
+    steps: int = 2000
+    batch_size: int = 16
+    lr_patch: int = 32
+    lr: float = 5e-5  # weights (cosine decay after a short warm-up)
+    range_lr: float = 2e-3  # log step sizes
+    alpha: float = 0.5  # weight of L1 to HR; 1 - alpha goes to L1 to the frozen FP32 output
+    seed: int = 0
+    train_dirs: list[str] = field(default_factory=lambda: ["../shared/data/T91", "../shared/data/BSD200"])
+    val_dir: str | None = "../shared/data/Set5"
+    val_every: int = 500
+    checkpoint_every: int = 500
+    resume: bool = False
+    device: str = "auto"
+    max_seconds: float | None = None
+    calib_data: str | None = None  # calibration images (default: calib_data/)
+    io_offset: bool = True  # centred I/O (`sr.models.with_io_offset`) where possible: the lab's architectures
+
+    def __post_init__(self):
+        self.scheme = Scheme.parse(self.scheme).value
+        self.method = Method.parse(self.method).value
+        for name in ("samples", "steps", "batch_size", "lr_patch", "val_every", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
+        if not (self.lr > 0 and self.range_lr > 0):
+            raise ValueError(f"learning rates must be positive, got lr={self.lr}, range_lr={self.range_lr}")
+        if isinstance(self.train_dirs, str):
+            self.train_dirs = [self.train_dirs]
+
+    @property
+    def checkpoint_path(self) -> Path:
+        """Where the resumable checkpoint is kept: `<out>.ckpt.pt`."""
+        return Path(f"{self.out}.ckpt.pt")
+
+
+@dataclass
+class Quantizer:
+    """One activation step size shared by the Q/DQ pairs listed in `tensors`."""
+
+    tensors: list[str]
+    zero_point: int
+    low: int  # integer limits the runtime saturates to
+    high: int
+    export_low: int  # integer limits ORT's writer maps a range onto (symmetric INT8: -127..127)
+
+
+class FakeQuantModel(nn.Module):
+    """A QDQ ONNX model as a trainable torch module (see the module docstring)."""
+
+    def __init__(self, fp32: onnx.ModelProto, qdq: onnx.ModelProto, frozen_tensors: list[str] = ()):
+        """Read both graphs; the FP32 graph gives the trainable weights and the shared ranges.
+
+        Args:
+            fp32: the FP32 model.
+            qdq: its QDQ model (`write_qdq_model(..., fast=False)`).
+            frozen_tensors: tensors whose step size is kept (ranges fixed in advance).
+
+        Raises:
+            ValueError: an op the interpreter does not cover, or a QDQ graph not written by our writer.
+        """
+        super().__init__()
+        self.fp32 = fp32
+        graph, initial_scales, self.quantizers = _fake_quant_graph(fp32, qdq)
+        self.groups = list(self.quantizers)
+        self.log_scales = nn.Parameter(torch.tensor([math.log(initial_scales[g]) for g in self.groups]))
+        self.group_index = {g: i for i, g in enumerate(self.groups)}
+        self.network = OnnxModule(graph, extra_ops={"FakeQuant": self._activation, "FakeQuantWeight": self._weight})
+        self.enabled = True
+        keep = torch.tensor([any(t in frozen_tensors for t in self.quantizers[g].tensors) for g in self.groups])
+        if keep.any():
+            self.log_scales.register_hook(lambda grad: grad.masked_fill(keep, 0.0))
+
+    def _activation(self, module, node, inputs):
+        group = onnx.helper.get_attribute_value(node.attribute[0]).decode()
+        x = inputs[0]
+        if not self.enabled:
+            return [x]
+        quantizer = self.quantizers[group]
+        scale = self.log_scales[self.group_index[group]].exp()
+        scaled = x / scale
+        rounded = scaled + (torch.round(scaled) - scaled).detach()  # straight through
+        q = torch.clamp(rounded + quantizer.zero_point, quantizer.low, quantizer.high)
+        return [(q - quantizer.zero_point) * scale]
+
+    def _weight(self, module, node, inputs):
+        weight = inputs[0]
+        if not self.enabled:
+            return [weight]
+        axis = onnx.helper.get_attribute_value(node.attribute[0])
+        dims = [d for d in range(weight.dim()) if d != axis]
+        scale = (weight.detach().abs().amax(dim=dims, keepdim=True) / 127.0).clamp_min(1e-12)
+        scaled = weight / scale
+        rounded = scaled + (torch.round(scaled) - scaled).detach()
+        return [torch.clamp(rounded, -127, 127) * scale]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.network(x)
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        """{FP32 initializer name: trained tensor}."""
+        return {name: p.detach().cpu() for name, p in self.network.named_onnx_parameters().items()}
+
+    def ranges(self) -> dict[str, tuple[float, float]]:
+        """{tensor: (low, high)} that make the QDQ writer reproduce the learned step sizes and zero points."""
+        result = {}
+        for group, quantizer in self.quantizers.items():
+            scale = float(self.log_scales[self.group_index[group]].detach().exp())
+            low = (quantizer.export_low - quantizer.zero_point) * scale
+            high = (quantizer.high - quantizer.zero_point) * scale
+            result.update({tensor: (low, high) for tensor in quantizer.tensors})
+        return result
+
+
+def _fake_quant_graph(fp32: onnx.ModelProto, qdq: onnx.ModelProto):
+    """The QDQ graph with its Q/DQ pairs replaced by FakeQuant / FakeQuantWeight nodes over the FP32 weights.
+
+    Returns:
+        (graph, {group: initial step size}, {group: Quantizer}).
+    """
+    init = {i.name: numpy_helper.to_array(i) for i in qdq.graph.initializer}
+    fp32_init = {i.name: i for i in fp32.graph.initializer}
+    quantized = {n.input[1][: -len("_scale")] for n in qdq.graph.node if n.op_type == "QuantizeLinear"}
+    sources = fused_sources(fp32, quantized)
+    q_outputs, nodes, scales, quantizers = {}, [], {}, {}
+    for node in qdq.graph.node:
+        if node.op_type == "QuantizeLinear":
+            tensor = node.input[1][: -len("_scale")]
+            group = sources.get(tensor, tensor)
+            zero = init[node.input[2]]
+            low, high = _INT_LIMITS[zero.dtype]
+            quantizer = quantizers.setdefault(group, Quantizer([], int(zero), low, high,
+                                                               -high if zero.dtype == np.int8 else low))
+            quantizer.tensors.append(tensor)
+            scales.setdefault(group, float(init[node.input[1]]))
+            q_outputs[node.output[0]] = node.input[0]
+            nodes.append(onnx.helper.make_node("FakeQuant", [node.input[0]], [node.output[0]], group=group))
+        elif node.op_type == "DequantizeLinear" and node.input[0] in q_outputs:
+            nodes.append(onnx.helper.make_node("Identity", [node.input[0]], [node.output[0]]))
+        elif node.op_type == "DequantizeLinear" and node.input[0] in init:
+            name = node.input[0][: -len("_quantized")]
+            if name not in fp32_init:
+                raise ValueError(f"{node.input[0]}: no FP32 initializer {name!r}; not a QDQ model of this graph")
+            axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+            if init[node.input[0]].dtype == np.int32:  # a cpu-scheme bias: trained in float (see the docstring)
+                nodes.append(onnx.helper.make_node("Identity", [name], [node.output[0]]))
+            else:
+                nodes.append(onnx.helper.make_node("FakeQuantWeight", [name], [node.output[0]], axis=axis))
+        else:
+            nodes.append(node)
+    kept = [i for i in qdq.graph.initializer if not i.name.endswith(("_quantized", "_scale", "_zero_point"))]
+    weights = [fp32_init[n.input[0]] for n in nodes if n.op_type in ("FakeQuantWeight", "Identity")
+               and n.input[0] in fp32_init]
+    graph = onnx.helper.make_graph(nodes, "fake-quant", list(qdq.graph.input), list(qdq.graph.output),
+                                   kept + weights)
+    return onnx.helper.make_model(graph), scales, quantizers
+
+
+def trainable_initializers(model: onnx.ModelProto) -> set[str]:
+    """The initializers QAT may change: Conv/ConvTranspose weights and biases, PRelu slopes (not the constants of
+    a wrapper, such as a x255 scale or a Resize's scales)."""
+    names = set()
+    for node in model.graph.node:
+        if node.op_type in ("Conv", "ConvTranspose"):
+            names.update(node.input[1:])
+        elif node.op_type == "PRelu":
+            names.add(node.input[1])
+    return names - {""}
+
+
+@dataclass
+class QatResult:
+    """What a QAT run wrote and measured."""
+
+    weights: Path  # the trained model (.safetensors, or .onnx for an ONNX model), learned ranges in its metadata
+    qdq_onnx: Path  # the deployable QDQ model of `scheme`
+    steps: int
+    wall_seconds: float
+    history: list[dict]  # {"step", "loss", "val_psnr"?}: validation PSNR of the fake-quantized model
+    fp32_val_psnr: float | None  # the original FP32 model on the validation set, for comparison
+
+
+@dataclass
+class _QatRun:
+    config: QatConfig
+    rank: int
+    world: int
+    device: torch.device
+    student: FakeQuantModel
+    trainable: nn.Module
+    reference: OnnxModule
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    sampler: PatchSampler
+    validator: Validator | None
+    calibrated_ranges: dict[str, TensorRange]
+    fp32_path: Path
+    scale: int
+    structure: str  # the model whose graph is trained: the original, or its centred-I/O version
+    step: int = 0
+    history: list[dict] = field(default_factory=list)
+    running_loss: float | None = None
+    elapsed_before: float = 0.0
+    started: float = 0.0
+    fp32_val_psnr: float | None = None
+
+    def wall_seconds(self) -> float:
+        return self.elapsed_before + time.perf_counter() - self.started
+
+
+def quantization_aware_training(config: QatConfig, on_progress: Callable[[dict], None] | None = None,
+                                should_stop: Callable[[], bool] | None = None) -> QatResult:
+    """Calibrate, fine-tune the fake-quantized model, and write the trained model and its QDQ model.
+
+    Args:
+        config: the run.
+        on_progress: called on rank 0 with {"step", "steps", "loss", "val_psnr"?} every 50 steps and at each
+            validation.
+        should_stop: polled before every step; True ends early (the result so far is written).
+
+    Returns:
+        the QatResult.
+
+    Raises:
+        FileNotFoundError: unknown model, or a missing data folder.
+        ValueError: a model whose graph has ops the interpreter does not cover; see QatConfig.
+        FloatingPointError: the loss became NaN or infinite.
+    """
+    run = _setup(config)
+    _restore(run)
+    bar = tqdm(total=config.steps, initial=run.step, desc=f"QAT {Path(config.out).stem}", disable=run.rank != 0,
+               dynamic_ncols=True, mininterval=1.0)
+    run.student.train()
+    run.started = time.perf_counter()
+    while run.step < config.steps and not _should_end(run, should_stop):
+        loss = _step(run)
+        if run.step % 50 == 0 or run.step == config.steps or run.running_loss is None:
+            value = float(loss)
+            if not math.isfinite(value):
+                raise FloatingPointError(f"QAT loss became {value} at step {run.step}; lower --lr")
+            run.running_loss = value if run.running_loss is None else 0.9 * run.running_loss + 0.1 * value
+            bar.set_postfix(loss=f"{run.running_loss:.5f}", refresh=False)
+        bar.update(1)
+        _report(run, bar, on_progress)
+        if run.step % config.checkpoint_every == 0 and run.step < config.steps:
+            _checkpoint(run)
+    bar.close()
+    return _finish(run)
+
+
+def _setup(config: QatConfig) -> _QatRun:
+    """Calibrate (cached), build the fake-quantized student and the frozen FP32 reference, Adam, the schedule."""
+    rank, world = _distributed()
+    device = _resolve_device(config.device)
+    if device.type == "cuda":
+        device = torch.device("cuda", rank % torch.cuda.device_count())
+    torch.manual_seed(config.seed)
+    info = model_info(config.model)
+    structure, fixes = _starting_point(config)
+    calibrated = calibrate_model(structure, CalibrationConfig(method=config.method, samples=config.samples,
+                                                              data=config.calib_data), config.scheme, fixes=fixes)
+    fp32 = onnx.load(str(calibrated.fp32_onnx))
+    qdq_path = Path(f"{config.out}.init.qdq.onnx")
+    write_qdq_model(calibrated.fp32_onnx, calibrated.ranges, Scheme.parse(config.scheme), qdq_path, fast=False)
+    frozen = [tensor for tensor in fixes.fixed_range]
+    student = FakeQuantModel(fp32, onnx.load(str(qdq_path)), frozen_tensors=frozen)
+    qdq_path.unlink()
+    trainable = trainable_initializers(fp32)
+    for name, parameter in student.network.named_onnx_parameters().items():
+        parameter.requires_grad_(name in trainable)
+    # the reference is the original model, whatever its I/O convention: both take and return [0, 1] images
+    reference = OnnxModule(onnx.load(str(fp32_onnx_path(config.model)))).requires_grad_(False).eval()
+    student.to(device), reference.to(device)
+    student.network.device_constants(device), reference.device_constants(device)
+    weights = [p for p in student.network.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam([{"params": weights, "lr": config.lr},
+                                  {"params": [student.log_scales], "lr": config.range_lr}])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _cosine(config.steps))
+    fixed = _fixed_size(fp32)
+    sampler = PatchSampler(config.train_dirs, info.scale, fixed or config.lr_patch, seed=config.seed)
+    validator = Validator(config.val_dir, info.scale) if config.val_dir and rank == 0 and not fixed else None
+    run = _QatRun(config, rank, world, device, student, student, reference, optimizer, scheduler, sampler,
+                  validator, calibrated.ranges, calibrated.fp32_onnx, info.scale, structure)
+    if validator is not None:
+        run.fp32_val_psnr = validator(reference, device)
+    return run
+
+
+def _starting_point(config: QatConfig) -> tuple[str, Fixes]:
+    """The model QAT trains and the ranges fixed in advance: with `io_offset`, the centred-I/O version of the
+    model (written beside `out`), whose input and output are quantized at exactly step 1/255 (range +-127/255,
+    kept fixed); otherwise the model itself, nothing fixed."""
+    info = model_info(config.model)
+    if not config.io_offset:
+        return str(config.model), Fixes()
+    if info.arch == "onnx":
+        log.info("centred I/O needs one of the lab's architectures: %s keeps its own I/O", config.model)
+        return str(config.model), Fixes()
+    base = load_model(config.model)
+    if base.config.io_offset:
+        centred = info.path
+    else:
+        centred = Path(f"{config.out}.centred.safetensors")
+        metadata = {k: v for k, v in read_metadata(config.model).items() if k not in ("arch", "config", METADATA_KEY)}
+        save_weights(with_io_offset(base, IO_OFFSET), centred, extra=metadata)
+    graph = onnx.load(str(fp32_onnx_path(centred)))
+    bound = 127 / 255
+    return str(centred), Fixes(fixed_range={tensor: (-bound, bound) for tensor in io_tensors(graph)})
+
+
+def io_tensors(model: onnx.ModelProto) -> tuple[str, str]:
+    """(the quantized image the network reads, the quantized image it writes) of a centred-I/O graph: the input
+    after the offset and the padding, and the output before the offset is added back."""
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    tensor = model.graph.input[0].name
+    while all(n.op_type in ("Sub", "Pad") for n in consumers.get(tensor, [])) and len(consumers[tensor]) == 1:
+        tensor = consumers[tensor][0].output[0]
+    producer = {name: node for node in model.graph.node for name in node.output}
+    output = model.graph.output[0].name
+    while producer[output].op_type == "Add":
+        output = producer[output].input[0]
+    return tensor, output
+
+
+def _cosine(steps: int) -> Callable[[int], float]:
+    warmup = max(1, int(warmup_fraction(steps) * steps * 0.5))
+    return lambda step: min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps))
+
+
+def _fixed_pair(model: onnx.ModelProto) -> tuple[int, int] | None:
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    height, width = (d.dim_value if d.HasField("dim_value") else 0 for d in dims[2:4])
+    return (height, width) if height and width else None
+
+
+def _fixed_size(model: onnx.ModelProto) -> int | None:
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    height, width = (d.dim_value if d.HasField("dim_value") else 0 for d in dims[2:4])
+    if height and width and height != width:
+        raise ValueError(f"a fixed-size model must take square inputs for QAT, this one takes {height}x{width}")
+    return height or None
+
+
+def _restore(run: _QatRun) -> None:
+    path = run.config.checkpoint_path
+    if run.config.resume and path.is_file():
+        state = torch.load(path, map_location=run.device, weights_only=True)
+        run.student.load_state_dict(state["student"])
+        run.optimizer.load_state_dict(state["optimizer"])
+        run.scheduler.load_state_dict(state["scheduler"])
+        run.step, run.history, run.elapsed_before = state["step"], state["history"], state["wall_seconds"]
+        run.running_loss = state["running_loss"]
+        states = state["sampler"]
+        if len(states) == run.world:
+            run.sampler.rng.bit_generator.state = states[run.rank]
+        else:
+            run.sampler.reseed(run.config.seed, run.rank, run.step)
+        log.info("resumed QAT from %s at step %d", path, run.step)
+    else:
+        run.sampler.reseed(run.config.seed, run.rank, run.step)
+    if run.world > 1:
+        run.trainable = nn.parallel.DistributedDataParallel(run.student)
+
+
+def _should_end(run: _QatRun, should_stop: Callable[[], bool] | None) -> bool:
+    if should_stop is not None and should_stop():
+        log.info("QAT stopped at step %d on request", run.step)
+        return True
+    limit = run.config.max_seconds
+    return limit is not None and time.perf_counter() - run.started > limit
+
+
+def _step(run: _QatRun) -> torch.Tensor:
+    lr, hr = run.sampler.batch(run.config.batch_size)
+    lr, hr = lr.to(run.device), hr.to(run.device)
+    prediction = run.trainable(lr)
+    loss = run.config.alpha * (prediction - hr).abs().mean()
+    if run.config.alpha < 1.0:
+        with torch.no_grad():
+            target = run.reference(lr)
+        loss = loss + (1.0 - run.config.alpha) * (prediction - target).abs().mean()
+    run.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    run.optimizer.step()
+    run.scheduler.step()
+    run.step += 1
+    return loss.detach()
+
+
+def _report(run: _QatRun, bar: tqdm, on_progress: Callable[[dict], None] | None) -> None:
+    step, config = run.step, run.config
+    if run.rank != 0:
+        return
+    event = None
+    if step % config.val_every == 0 or step == config.steps:
+        event = {"step": step, "loss": run.running_loss}
+        if run.validator is not None:
+            run.student.eval()
+            event["val_psnr"] = run.validator(run.student, run.device)
+            run.student.train()
+            bar.write(f"step {step}: loss {run.running_loss:.5f}, INT8 (fake-quant) validation PSNR "
+                      f"{event['val_psnr']:.3f} dB (FP32 {run.fp32_val_psnr:.3f})")
+        run.history.append(event)
+    elif step % 50 == 0:
+        event = {"step": step, "loss": run.running_loss}
+    if event is not None and on_progress is not None:
+        on_progress({**event, "steps": config.steps, "fp32_val_psnr": run.fp32_val_psnr})
+
+
+def _checkpoint(run: _QatRun, wall_seconds: float | None = None) -> None:
+    states = [run.sampler.rng.bit_generator.state]
+    if run.world > 1:
+        states = [None] * run.world
+        dist.all_gather_object(states, run.sampler.rng.bit_generator.state)
+    if run.rank == 0:
+        with atomic_path(run.config.checkpoint_path) as temp:
+            torch.save({"student": run.student.state_dict(), "optimizer": run.optimizer.state_dict(),
+                        "scheduler": run.scheduler.state_dict(), "step": run.step, "history": run.history,
+                        "wall_seconds": run.wall_seconds() if wall_seconds is None else wall_seconds,
+                        "running_loss": run.running_loss, "sampler": states}, temp)
+
+
+def _finish(run: _QatRun) -> QatResult:
+    """Final validation, checkpoint, the trained model and its QDQ model (rank 0), then leave the process group."""
+    wall = run.wall_seconds()
+    if run.rank == 0 and run.validator is not None and (not run.history or run.history[-1]["step"] != run.step):
+        run.student.eval()
+        run.history.append({"step": run.step, "loss": run.running_loss,
+                            "val_psnr": run.validator(run.student, run.device)})
+    _checkpoint(run, wall)
+    out = Path(run.config.out)
+    qdq = qdq_path_for(out, run.config.scheme)
+    if run.rank == 0:
+        record = {"scheme": run.config.scheme, "ranges": {t: list(r) for t, r in run.student.ranges().items()},
+                  "base": str(run.config.model), "base_sha256": file_sha256(model_info(run.config.model).path),
+                  "fp32_val_psnr": run.fp32_val_psnr, "config": asdict(run.config), "steps": run.step,
+                  "wall_seconds": round(wall, 1), "machine": _machine(run.device), "history": run.history}
+        export_trained(run.structure, run.fp32_path, run.student.weights(), record, out, qdq,
+                       run.calibrated_ranges)
+    if run.world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return QatResult(out, qdq, run.step, wall, run.history, run.fp32_val_psnr)
+
+
+def qdq_path_for(out: Path, scheme: str) -> Path:
+    """Where the QDQ model of a QAT result goes: `<out stem>.<scheme>.qdq.onnx` beside it."""
+    return out.with_name(f"{out.name.rsplit('.', 1)[0]}.{scheme}.qdq.onnx")
+
+
+def export_trained(base: str, fp32_path: Path, weights: dict[str, torch.Tensor], record: dict, out: Path,
+                   qdq_out: Path, calibrated: dict[str, TensorRange]) -> None:
+    """Write the trained model (`out`) and the QDQ model of its learned ranges (`qdq_out`), both atomically.
+
+    Args:
+        base: the model QAT started from (a PyTorch weight file gets a safetensors `out`, an ONNX model an ONNX one).
+        fp32_path: its FP32 ONNX model.
+        weights: {initializer name: trained tensor}.
+        record: what goes into the metadata under `qat` (its "ranges" are {tensor: [low, high]}).
+        out, qdq_out: the files to write.
+        calibrated: the starting calibration (its observed min/max are kept in the QDQ ranges' records).
+    """
+    fp32 = onnx.load(str(fp32_path))
+    for initializer in fp32.graph.initializer:
+        if initializer.name in weights:
+            initializer.CopyFrom(numpy_helper.from_array(weights[initializer.name].numpy(), initializer.name))
+    if model_info(base).arch == "onnx":  # a standard graph with its contract and the learned ranges
+        user = lookup(str(base))
+        standard = Contract(scale=user.contract.scale, fixed_size=_fixed_pair(fp32))
+        for key, value in ((STANDARD_KEY, json.dumps(standard.to_dict())), (f"sr.{METADATA_KEY}", json.dumps(record))):
+            entry = fp32.metadata_props.add()
+            entry.key, entry.value = key, value
+        write_atomic(fp32.SerializeToString(), out)
+    else:
+        model = load_model(base)
+        state = model.state_dict()
+        missing = set(weights) - set(state)
+        if missing:
+            raise ValueError(f"trained tensors {sorted(missing)} are not in {base}'s state dict")
+        state.update({name: tensor.to(state[name].dtype) for name, tensor in weights.items()})
+        model.load_state_dict(state)
+        metadata = {k: v for k, v in read_metadata(base).items() if k not in ("arch", "config", METADATA_KEY)}
+        save_weights(model, out, extra={**metadata, METADATA_KEY: record})
+    ranges = {}
+    for tensor, (low, high) in record["ranges"].items():
+        seen = calibrated.get(tensor)
+        ranges[tensor] = TensorRange(tensor, low, high, seen.observed_min if seen else low,
+                                     seen.observed_max if seen else high, float("nan"), "qat")
+    trained_fp32 = Path(f"{qdq_out}.fp32.onnx")
+    try:
+        write_atomic(fp32.SerializeToString(), trained_fp32)
+        write_qdq_model(trained_fp32, ranges, Scheme.parse(record["scheme"]), qdq_out)
+    finally:
+        trained_fp32.unlink(missing_ok=True)

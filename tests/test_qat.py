@@ -1,0 +1,161 @@
+"""Quantization-aware fine-tuning: the ONNX interpreter against ONNX Runtime, float biases in the tensorrt
+QDQ model, centred I/O, and short real QAT runs whose QDQ model ONNX Runtime scores like the fake quantization."""
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+import standins
+from sr.calibrate import CalibrationConfig
+from sr.evaluate import EvalConfig, evaluate
+from sr.export import onnx_bytes
+from sr.models import IO_OFFSET, load_model, read_metadata, with_io_offset
+from sr.onnxtorch import OnnxModule
+from sr.qat import QatConfig, io_tensors, quantization_aware_training
+from sr.quantize import calibrate_model, fp32_onnx_path, learned_ranges
+from sr.usermodel import register_onnx
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def stand_ins(tmp_path_factory):
+    return standins.build_all(tmp_path_factory.mktemp("standins"))
+
+
+def _ort(path, x: np.ndarray) -> np.ndarray:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, {session.get_inputs()[0].name: x})[0]
+
+
+def test_interpreter_matches_onnx_runtime(stand_ins, tmp_path):
+    """Every stand-in's standard graph (Resize cubic a=-0.5, PRelu, ConvTranspose, Split, Transpose, Tanh, Log...)
+    and the shipped models, run by sr.onnxtorch and by ONNX Runtime."""
+    paths = {name: register_onnx(p).standard_onnx for name, p in stand_ins.items() if "vdsr" not in name}
+    paths.update({name: fp32_onnx_path(name) for name in ("xlsr-relu", "teacher")})
+    generator = np.random.default_rng(0)
+    for name, path in paths.items():
+        model = onnx.load(str(path))
+        shape = [d.dim_value or 29 for d in model.graph.input[0].type.tensor_type.shape.dim]
+        x = generator.random(shape, dtype=np.float32)
+        with torch.no_grad():
+            ours = OnnxModule(model)(torch.from_numpy(x)).numpy()
+        assert np.abs(ours - _ort(path, x)).max() < 1e-4, name
+
+
+def test_interpreter_refuses_uncovered_ops():
+    node = onnx.helper.make_node("Gelu", ["input"], ["output"])
+    graph = onnx.helper.make_graph([node], "g", [onnx.helper.make_tensor_value_info("input", 1, [1, 3, 4, 4])],
+                                   [onnx.helper.make_tensor_value_info("output", 1, [1, 3, 4, 4])])
+    with pytest.raises(ValueError, match="cannot be fine-tuned here yet: Gelu"):
+        OnnxModule(onnx.helper.make_model(graph))
+
+
+def test_tensorrt_qdq_keeps_biases_float_and_cpu_quantizes_them():
+    """TensorRT's explicit-quantization parser wants Q/DQ on activations and weights only."""
+    config = CalibrationConfig(method="minmax", samples=10)
+    trt = onnx.load(str(calibrate_model("xlsr-clip", config, "tensorrt").qdq_onnx))
+    inits = {i.name: i for i in trt.graph.initializer}
+    dequantized = [inits[n.input[0]].data_type for n in trt.graph.node
+                   if n.op_type == "DequantizeLinear" and n.input[0] in inits]
+    assert dequantized and set(dequantized) == {onnx.TensorProto.INT8}  # weights only, no INT32 bias
+    for conv in (n for n in trt.graph.node if n.op_type == "Conv"):
+        assert inits[conv.input[2]].data_type == onnx.TensorProto.FLOAT
+        producer = {o: n.op_type for n in trt.graph.node for o in n.output}
+        assert producer[conv.input[0]] == producer[conv.input[1]] == "DequantizeLinear"
+    cpu = onnx.load(str(calibrate_model("xlsr-clip", config, "cpu").qdq_onnx))
+    cpu_inits = {i.name: i.data_type for i in cpu.graph.initializer}
+    assert onnx.TensorProto.INT32 in {cpu_inits[n.input[0]] for n in cpu.graph.node
+                                      if n.op_type == "DequantizeLinear" and n.input[0] in cpu_inits}
+
+
+def test_centred_io_is_the_same_function_and_puts_8_bit_images_on_the_int8_grid():
+    for name in ("xlsr-clip", "xlsr-relu", "teacher"):
+        model = load_model(name)
+        centred = with_io_offset(model)
+        x = torch.rand(1, 3, 23, 31)
+        with torch.no_grad():
+            assert (model(x) - centred(x)).abs().max() < 1e-5, name
+    graph = onnx.load_from_string(onnx_bytes(with_io_offset(load_model("xlsr-clip"))))
+    image_in, image_out = io_tensors(graph)
+    ops = {o: n.op_type for n in graph.graph.node for o in n.output}
+    assert (ops[image_in], ops[image_out]) == ("Pad", "Clip")
+    levels = (np.arange(256, dtype=np.float32) / 255 - np.float32(IO_OFFSET))
+    assert np.array_equal(np.round(levels / np.float32(1 / 255)), np.arange(-128, 128))
+    with pytest.raises(ValueError, match="already has centred I/O"):
+        with_io_offset(with_io_offset(load_model("xlsr-clip")))
+
+
+@pytest.fixture(scope="module")
+def qat_run(tmp_path_factory, data_dir):
+    out = tmp_path_factory.mktemp("qat") / "clip-qat.safetensors"
+    config = QatConfig(model="xlsr-clip", out=str(out), steps=24, samples=20, batch_size=4, val_every=12,
+                       checkpoint_every=12, train_dirs=[str(data_dir / "Set14")], val_dir=str(data_dir / "Set5"))
+    return config, quantization_aware_training(config)
+
+
+def test_qat_writes_a_model_whose_int8_ort_score_matches_the_fake_quantization(qat_run, data_dir):
+    config, result = qat_run
+    assert result.steps == 24 and result.qdq_onnx.is_file()
+    metadata = read_metadata(result.weights)
+    assert metadata["config"]["io_offset"] == pytest.approx(IO_OFFSET)
+    assert metadata["qat"]["base"] == "xlsr-clip" and metadata["qat"]["scheme"] == "tensorrt"
+    ranges = learned_ranges(result.weights, "tensorrt")
+    assert ranges and learned_ranges(result.weights, "cpu") is None
+    int8 = calibrate_model(str(result.weights), CalibrationConfig(samples=20), "tensorrt")
+    learned = [r for r in int8.ranges.values() if r.method == "qat"]
+    assert {r.name for r in learned} == set(ranges)
+    qdq = onnx.load(str(int8.qdq_onnx))
+    scales = {i.name: onnx.numpy_helper.to_array(i) for i in qdq.graph.initializer}
+    image_in, _ = io_tensors(onnx.load(str(int8.fp32_onnx)))
+    assert float(scales[f"{image_in}_scale"]) == pytest.approx(1 / 255, rel=1e-6)  # fixed, not learned away
+    report = evaluate(EvalConfig(model=str(result.weights), data=str(data_dir / "Set5"), engine="ort-int8",
+                                 calibration=CalibrationConfig(samples=20), scheme="tensorrt"))
+    assert abs(report["int8_mean"]["psnr_y"] - result.history[-1]["val_psnr"]) < 0.01
+    assert report["fp32_reference"]["model"] == "xlsr-clip"
+    assert report["int8_vs_reference_db"] == pytest.approx(
+        report["fp32_reference"]["psnr_y"] - report["int8_mean"]["psnr_y"])
+
+
+def test_qat_resume_ends_where_an_uninterrupted_run_ends(qat_run, tmp_path):
+    config, result = qat_run
+    stopped = QatConfig(**{**vars(config), "out": str(tmp_path / "resumed.safetensors")})
+    calls = iter(range(1000))
+    quantization_aware_training(stopped, should_stop=lambda: next(calls) >= 12)
+    resumed = quantization_aware_training(QatConfig(**{**vars(stopped), "resume": True}))
+    assert resumed.steps == 24
+    from safetensors.torch import load_file
+
+    a, b = load_file(str(result.weights)), load_file(str(resumed.weights))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert read_metadata(resumed.weights)["qat"]["ranges"] == read_metadata(result.weights)["qat"]["ranges"]
+
+
+def test_qat_of_a_user_onnx_model(stand_ins, data_dir, tmp_path):
+    user = register_onnx(stand_ins["xlsr-nhwc"])
+    out = tmp_path / "user-qat.onnx"
+    result = quantization_aware_training(QatConfig(
+        model=user.name, out=str(out), steps=6, samples=10, batch_size=2, val_every=6, checkpoint_every=6,
+        train_dirs=[str(data_dir / "Set5")], val_dir=str(data_dir / "Set5")))
+    trained = register_onnx(out)
+    assert learned_ranges(trained.name, "tensorrt")
+    report = evaluate(EvalConfig(model=trained.name, data=str(data_dir / "Set5"), engine="ort-int8",
+                                 calibration=CalibrationConfig(samples=10), scheme="tensorrt"))
+    assert abs(report["int8_mean"]["psnr_y"] - result.history[-1]["val_psnr"]) < 0.01
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model", "xlsr-clip", "--out", "x.onnx"], "--out must end in .safetensors"),
+    (["--model", "xlsr-clip", "--out", "x.safetensors", "--scheme", "fp8"], "unknown INT8 scheme 'fp8'"),
+    (["--model", "xlsr-clip", "--out", "x.safetensors", "--alpha", "2"], "alpha must be in"),
+    (["--model", "nope", "--out", "x.safetensors"], "no model 'nope'"),
+])
+def test_cli_qat_bad_arguments(argv, message, tmp_path):
+    run = subprocess.run([sys.executable, "-m", "sr", "qat", *argv], capture_output=True, text=True, cwd=tmp_path,
+                         env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}, timeout=120)
+    assert run.returncode == 2 and message in run.stderr, run.stderr
