@@ -352,6 +352,59 @@ def _add_commands(commands) -> None:
     diagnose.add_argument("--top", type=int, default=None, help="keep the N worst tensors")
     diagnose.add_argument("--json", action="store_true", help="print one JSON object")
     diagnose.set_defaults(run=cmd_diagnose)
+    _add_qat_command(commands)
+
+
+def _add_qat_command(commands) -> None:
+    from .qat import QatConfig
+
+    d = QatConfig()
+    qat = commands.add_parser("qat", help="quantization-aware fine-tuning: the INT8 model, trained (torchrun for "
+                              "several GPUs/processes)")
+    _add_model_arguments(qat)
+    qat.add_argument("--out", required=True, help="the trained model: .safetensors (a PyTorch model) or .onnx (an "
+                     "ONNX model); the QDQ model goes beside it as <name>.<scheme>.qdq.onnx")
+    qat.add_argument("--scheme", default=d.scheme, help="tensorrt or cpu (default: %(default)s)")
+    qat.add_argument("--method", default=d.method, help="calibration the ranges start from (default: %(default)s)")
+    qat.add_argument("--samples", type=int, default=d.samples, help="calibration samples (default: %(default)s)")
+    qat.add_argument("--calib-data", default=None, help="calibration images (default: calib_data/)")
+    for name, kind, text in (("steps", int, "optimizer steps"), ("batch_size", int, "patches per step"),
+                             ("lr_patch", int, "LR patch side in pixels"), ("lr", float, "weight learning rate"),
+                             ("range_lr", float, "learning rate of the log step sizes"),
+                             ("alpha", float, "weight of L1 to the HR image; 1 - alpha goes to L1 to the frozen "
+                              "FP32 model's output"), ("seed", int, "random seed"),
+                             ("val_every", int, "validate every N steps"), ("checkpoint_every", int, "checkpoint every N steps")):
+        qat.add_argument(f"--{name.replace('_', '-')}", type=kind, default=getattr(d, name),
+                         help=f"{text} (default: %(default)s)")
+    qat.add_argument("--train-dirs", nargs="+", default=d.train_dirs, metavar="DIR", help="training image folders "
+                     "(default: %(default)s)")
+    qat.add_argument("--val-dir", default=d.val_dir, help="validation folder ('' for none; default: %(default)s)")
+    qat.add_argument("--no-io-offset", dest="io_offset", action="store_false", help="keep the model's own I/O "
+                     "(default: centred I/O, an 8-bit image exactly on the INT8 grid; the lab's architectures only)")
+    qat.add_argument("--resume", action="store_true", help="continue from <out>.ckpt.pt")
+    qat.add_argument("--device", default=d.device, help="auto, cpu or cuda (default: %(default)s)")
+    qat.add_argument("--max-seconds", type=float, default=None, help="stop early after this many seconds")
+    qat.set_defaults(run=cmd_qat)
+
+
+def cmd_qat(args: argparse.Namespace) -> int:
+    """`qat`: fill QatConfig, fine-tune, print what was written and the INT8 figures."""
+    from .qat import QatConfig, quantization_aware_training
+
+    fields = {f.name for f in dataclasses.fields(QatConfig)} - {"model"}
+    config = QatConfig(model=_model(args), **{k: v for k, v in vars(args).items() if k in fields})
+    config.val_dir = config.val_dir or None
+    suffix = ".onnx" if config.model.startswith("onnx:") else ".safetensors"
+    if Path(config.out).suffix != suffix:
+        raise ValueError(f"--out must end in {suffix} for this model, got {config.out}")
+    _print_config(config)
+    result = quantization_aware_training(config)
+    print(f"wrote {result.weights} and {result.qdq_onnx} after {result.steps} steps in {result.wall_seconds:.0f} s")
+    if result.history and "val_psnr" in result.history[-1] and result.fp32_val_psnr is not None:
+        last = result.history[-1]["val_psnr"]
+        print(f"validation: INT8 (fake-quantized) {last:.3f} dB, original FP32 {result.fp32_val_psnr:.3f} dB, "
+              f"loss {result.fp32_val_psnr - last:+.3f} dB")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -19,7 +19,7 @@ from .data import Degradation, bicubic_resize, degrade, list_images, load_image
 from .engines import OpenVinoEngine, OrtEngine, TensorRTEngine, TorchEngine, tensorrt_available
 from .metrics import brightness_ratio, edge_psnr_y, psnr_y, ssim_y
 from .models import load_model, model_info
-from .quantize import CalibratedModel, Scheme, calibrate_model, fp32_onnx_path
+from .quantize import CalibratedModel, Scheme, calibrate_model, fp32_onnx_path, qat_record
 
 # The calibration the README's findings recommend (re-derived by scripts/findings.py): the smallest Set5 + Set14
 # INT8 loss of the tensorrt scheme over every method and sample count, averaged over the five shipped models.
@@ -168,4 +168,19 @@ def evaluate(config: EvalConfig, progress: bool = False) -> dict:
                       fixes=None if int8.fixes.is_empty() else int8.fixes.key(),
                       fp32_mean=_mean(fp32_rows), int8_mean=report["mean"],
                       brightness_ratio=float(np.mean(ratios)), worst_brightness_ratio=float(np.min(ratios)))
+        _compare_with_original(report, config)
     return report
+
+
+def _compare_with_original(report: dict, config: EvalConfig) -> None:
+    """For a QAT model (`sr.qat`), add the FP32 model it was fine-tuned from ("fp32_reference") and the INT8 loss
+    against it ("int8_vs_reference_db"): "fp32_mean" is the fine-tuned model's own FP32, which QAT may have made
+    worse, so the honest loss is measured against the original."""
+    record = qat_record(config.model)
+    if record is None:
+        return
+    original = evaluate(EvalConfig(model=record["base"], data=config.data, scale=config.scale,
+                                   engine=EngineKind.ORT if model_info(record["base"]).arch == "onnx" else EngineKind.TORCH,
+                                   degradation=config.degradation, threads=config.threads))
+    report["fp32_reference"] = {"model": record["base"], "what": "the FP32 model QAT started from", **original["mean"]}
+    report["int8_vs_reference_db"] = original["mean"]["psnr_y"] - report["int8_mean"]["psnr_y"]
