@@ -76,6 +76,9 @@ def _add_calibration_arguments(parser: argparse.ArgumentParser, data_flag: tuple
                         "this brightness gain, e.g. 0.4 (default: %(default)s)")
     parser.add_argument("--contrast", type=float, default=c.contrast, help="experiment: contrast gain around mid grey "
                         "(default: %(default)s)")
+    parser.add_argument("--refine", default=None, metavar="LIST", help="post-training refinements before quantizing, "
+                        "comma-separated: centred-io, equalize, range-search, adaround, bias-correction (sr/ptq.py; the "
+                        "refined model is cached and compared against the original)")
 
 
 def _add_model_arguments(parser: argparse.ArgumentParser, required: bool = True) -> None:
@@ -111,6 +114,18 @@ def _model(args: argparse.Namespace) -> str:
           + sure + (f"; left in float by the INT8 model: {', '.join(user.float_ops)}" if user.float_ops else ""),
           file=sys.stderr)
     return user.name
+
+
+def _refined(args: argparse.Namespace, model: str, calibration: CalibrationConfig, scheme: Scheme) -> str:
+    """`model`, or with --refine the refined model's file (made once, then cached)."""
+    if not getattr(args, "refine", None):
+        return model
+    from .ptq import RefineConfig, refine
+
+    config = RefineConfig(model, [r.strip() for r in args.refine.split(",") if r.strip()], calibration, scheme)
+    path = refine(config)
+    print(f"# refined ({', '.join(r.value for r in config.refinements)}): {path}", file=sys.stderr)
+    return str(path)
 
 
 def _calibration(args: argparse.Namespace) -> tuple[CalibrationConfig, Scheme]:
@@ -177,7 +192,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.recommended and (args.method or args.samples is not None or args.scheme):
         raise ValueError("--recommended chooses the method, samples and scheme itself; drop --method/--samples/--scheme")
     calibration, scheme = _calibration(args)
-    model = _model(args)
+    model = _refined(args, _model(args), calibration, scheme)
     engine = args.engine or ("ort" if args.onnx else "torch")
     config = EvalConfig(model=model, data=args.data, scale=None if args.onnx else args.scale, engine=engine,
                         calibration=calibration, scheme=scheme, recommended=args.recommended, threads=args.threads,
@@ -194,7 +209,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from .store import write_atomic
 
     config, scheme = _calibration(args)
-    model = _model(args)
+    model = _refined(args, _model(args), config, scheme)
     _print_config(config)
     int8 = calibrate_model(model, config, scheme, threads=args.threads)
     out = Path(args.out) if args.out else None
@@ -236,7 +251,7 @@ def cmd_export_int8(args: argparse.Namespace) -> int:
     config, _ = _calibration(args)
     if Path(args.out).exists() and not Path(args.out).is_dir():
         raise ValueError(f"--out {args.out} is a file; give a folder for the bundle")
-    model = _model(args)
+    model = _refined(args, _model(args), config, Scheme.TENSORRT)
     _print_config(config)
     scale = model_info(model).scale
     images = [degrade(load_image(p), scale)[1] for p in list_images(args.data)] if args.data else []
@@ -274,7 +289,8 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
     from .diagnose import DiagnoseConfig, diagnose
 
     calibration, scheme = _calibration(args)
-    config = DiagnoseConfig(_model(args), calibration, scheme, data=args.data, top=args.top)
+    config = DiagnoseConfig(_refined(args, _model(args), calibration, scheme), calibration, scheme, data=args.data,
+                            top=args.top)
     _print_config(config)
     report = diagnose(config)
     if args.json:
@@ -379,6 +395,8 @@ def _add_qat_command(commands) -> None:
     qat.add_argument("--train-dirs", nargs="+", default=d.train_dirs, metavar="DIR", help="training image folders "
                      "(default: %(default)s)")
     qat.add_argument("--val-dir", default=d.val_dir, help="validation folder ('' for none; default: %(default)s)")
+    qat.add_argument("--equalize", type=float, default=d.equalize, help="channel-equalization strength before "
+                     "calibration, 0..1 (sr/transforms.py; default: %(default)s)")
     qat.add_argument("--no-io-offset", dest="io_offset", action="store_false", help="keep the model's own I/O "
                      "(default: centred I/O, an 8-bit image exactly on the INT8 grid; the lab's architectures only)")
     qat.add_argument("--resume", action="store_true", help="continue from <out>.ckpt.pt")

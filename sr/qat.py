@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -46,30 +47,16 @@ from tqdm import tqdm
 
 from .calibrate import CalibrationConfig, Method, TensorRange
 from .data import PatchSampler
-from .models import (
-    IO_OFFSET,
-    load_model,
-    model_info,
-    read_metadata,
-    save_weights,
-    with_io_offset,
-)
+from .models import load_model, model_info, read_metadata, save_weights
 from .onnxtorch import OnnxModule
-from .quantize import (
-    Fixes,
-    Scheme,
-    calibrate_model,
-    fp32_onnx_path,
-    fused_sources,
-    write_qdq_model,
-)
+from .quantize import CalibratedModel, Fixes, Scheme, calibrate_model, fp32_onnx_path, fused_sources, write_qdq_model
 from .store import atomic_path, file_sha256, write_atomic
 from .train import Validator, _distributed, _machine, _resolve_device, warmup_fraction
+from .transforms import METADATA_KEY, calibration_batch, prepare
 from .usermodel import STANDARD_KEY, Contract, lookup
 
 log = logging.getLogger(__name__)
 
-METADATA_KEY = "qat"  # weight-file metadata key / ONNX metadata_props key ("sr.qat") of the learned ranges
 _INT_LIMITS = {np.dtype(np.int8): (-128, 127), np.dtype(np.uint8): (0, 255)}
 
 
@@ -102,7 +89,8 @@ class QatConfig:
     device: str = "auto"
     max_seconds: float | None = None
     calib_data: str | None = None  # calibration images (default: calib_data/)
-    io_offset: bool = True  # centred I/O (`sr.models.with_io_offset`) where possible: the lab's architectures
+    io_offset: bool = True  # centred I/O (`sr.transforms`) where possible: the lab's architectures
+    equalize: float = 0.0  # channel-equalization strength before calibration (`sr.transforms`; 0: none)
 
     def __post_init__(self):
         self.scheme = Scheme.parse(self.scheme).value
@@ -156,6 +144,8 @@ class FakeQuantModel(nn.Module):
         self.group_index = {g: i for i, g in enumerate(self.groups)}
         self.network = OnnxModule(graph, extra_ops={"FakeQuant": self._activation, "FakeQuantWeight": self._weight})
         self.enabled = True
+        self.active: set[str] | None = None  # activation groups quantized (None: all), for the PTQ searches
+        self.weight_override: dict[str, Callable[[], torch.Tensor]] = {}  # weight name -> its quantized value
         keep = torch.tensor([any(t in frozen_tensors for t in self.quantizers[g].tensors) for g in self.groups])
         if keep.any():
             self.log_scales.register_hook(lambda grad: grad.masked_fill(keep, 0.0))
@@ -163,7 +153,7 @@ class FakeQuantModel(nn.Module):
     def _activation(self, module, node, inputs):
         group = onnx.helper.get_attribute_value(node.attribute[0]).decode()
         x = inputs[0]
-        if not self.enabled:
+        if not self.enabled or (self.active is not None and group not in self.active):
             return [x]
         quantizer = self.quantizers[group]
         scale = self.log_scales[self.group_index[group]].exp()
@@ -174,6 +164,8 @@ class FakeQuantModel(nn.Module):
 
     def _weight(self, module, node, inputs):
         weight = inputs[0]
+        if node.input[0] in self.weight_override:
+            return [self.weight_override[node.input[0]]()]
         if not self.enabled:
             return [weight]
         axis = onnx.helper.get_attribute_value(node.attribute[0])
@@ -183,8 +175,18 @@ class FakeQuantModel(nn.Module):
         rounded = scaled + (torch.round(scaled) - scaled).detach()
         return [torch.clamp(rounded, -127, 127) * scale]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.network(x)
+    def forward(self, x: torch.Tensor, keep: set[str] | None = None):
+        """The fake-quantized output (and the tensors named in `keep`, as `OnnxModule.forward`)."""
+        return self.network(x, keep)
+
+    def scale(self, group: str) -> float:
+        """The current step size of an activation group."""
+        return float(self.log_scales[self.group_index[group]].detach().exp())
+
+    def set_scale(self, group: str, scale: float) -> None:
+        """Set an activation group's step size."""
+        with torch.no_grad():
+            self.log_scales[self.group_index[group]] = math.log(scale)
 
     def weights(self) -> dict[str, torch.Tensor]:
         """{FP32 initializer name: trained tensor}."""
@@ -345,18 +347,11 @@ def _setup(config: QatConfig) -> _QatRun:
         device = torch.device("cuda", rank % torch.cuda.device_count())
     torch.manual_seed(config.seed)
     info = model_info(config.model)
-    structure, fixes = _starting_point(config)
-    calibrated = calibrate_model(structure, CalibrationConfig(method=config.method, samples=config.samples,
-                                                              data=config.calib_data), config.scheme, fixes=fixes)
-    fp32 = onnx.load(str(calibrated.fp32_onnx))
-    qdq_path = Path(f"{config.out}.init.qdq.onnx")
-    write_qdq_model(calibrated.fp32_onnx, calibrated.ranges, Scheme.parse(config.scheme), qdq_path, fast=False)
-    frozen = [tensor for tensor in fixes.fixed_range]
-    student = FakeQuantModel(fp32, onnx.load(str(qdq_path)), frozen_tensors=frozen)
-    qdq_path.unlink()
-    trainable = trainable_initializers(fp32)
-    for name, parameter in student.network.named_onnx_parameters().items():
-        parameter.requires_grad_(name in trainable)
+    calibration = CalibrationConfig(method=config.method, samples=config.samples, data=config.calib_data)
+    patches = calibration_batch(calibration, info.scale) if config.equalize else None
+    structure, fixes = prepare(config.model, config.io_offset, config.equalize, patches, Path(config.out))
+    student, calibrated = fake_quantized(structure, calibration, config.scheme, fixes)
+    fp32 = student.fp32
     # the reference is the original model, whatever its I/O convention: both take and return [0, 1] images
     reference = OnnxModule(onnx.load(str(fp32_onnx_path(config.model)))).requires_grad_(False).eval()
     student.to(device), reference.to(device)
@@ -375,43 +370,24 @@ def _setup(config: QatConfig) -> _QatRun:
     return run
 
 
-def _starting_point(config: QatConfig) -> tuple[str, Fixes]:
-    """The model QAT trains and the ranges fixed in advance: with `io_offset`, the centred-I/O version of the
-    model (written beside `out`), whose input and output are quantized at exactly step 1/255 (range +-127/255,
-    kept fixed); otherwise the model itself, nothing fixed."""
-    info = model_info(config.model)
-    if not config.io_offset:
-        return str(config.model), Fixes()
-    if info.arch == "onnx":
-        log.info("centred I/O needs one of the lab's architectures: %s keeps its own I/O", config.model)
-        return str(config.model), Fixes()
-    base = load_model(config.model)
-    if base.config.io_offset:
-        centred = info.path
-    else:
-        centred = Path(f"{config.out}.centred.safetensors")
-        metadata = {k: v for k, v in read_metadata(config.model).items() if k not in ("arch", "config", METADATA_KEY)}
-        save_weights(with_io_offset(base, IO_OFFSET), centred, extra=metadata)
-    graph = onnx.load(str(fp32_onnx_path(centred)))
-    bound = 127 / 255
-    return str(centred), Fixes(fixed_range={tensor: (-bound, bound) for tensor in io_tensors(graph)})
+def fake_quantized(structure: str, calibration: CalibrationConfig, scheme: str,
+                   fixes: Fixes) -> tuple[FakeQuantModel, CalibratedModel]:
+    """Calibrate `structure` (cached) and build its fake-quantized model, trainable weights marked, fixed ranges'
+    step sizes frozen.
 
-
-def io_tensors(model: onnx.ModelProto) -> tuple[str, str]:
-    """(the quantized image the network reads, the quantized image it writes) of a centred-I/O graph: the input
-    after the offset and the padding, and the output before the offset is added back."""
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for node in model.graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
-    tensor = model.graph.input[0].name
-    while all(n.op_type in ("Sub", "Pad") for n in consumers.get(tensor, [])) and len(consumers[tensor]) == 1:
-        tensor = consumers[tensor][0].output[0]
-    producer = {name: node for node in model.graph.node for name in node.output}
-    output = model.graph.output[0].name
-    while producer[output].op_type == "Add":
-        output = producer[output].input[0]
-    return tensor, output
+    Returns:
+        (the FakeQuantModel, the calibration it starts from).
+    """
+    calibrated = calibrate_model(structure, calibration, scheme, fixes=fixes)
+    fp32 = onnx.load(str(calibrated.fp32_onnx))
+    with tempfile.TemporaryDirectory(prefix="sr-qat-") as work:
+        qdq_path = Path(work) / "start.qdq.onnx"
+        write_qdq_model(calibrated.fp32_onnx, calibrated.ranges, Scheme.parse(scheme), qdq_path, fast=False)
+        student = FakeQuantModel(fp32, onnx.load(str(qdq_path)), frozen_tensors=list(fixes.fixed_range))
+    trainable = trainable_initializers(fp32)
+    for name, parameter in student.network.named_onnx_parameters().items():
+        parameter.requires_grad_(name in trainable)
+    return student, calibrated
 
 
 def _cosine(steps: int) -> Callable[[int], float]:

@@ -1,0 +1,258 @@
+"""Post-training refinements beyond choosing each tensor's range from its histogram, run on the same fake-quantized
+graph as QAT (`sr.qat.FakeQuantModel`, the written QDQ model in PyTorch), with no training data beyond the
+calibration patches:
+
+- `centred-io`: the model's centred-I/O version (`sr.transforms`): input and output exactly on the INT8 grid.
+- `equalize`: channel equalization (`sr.transforms.equalize_channels`): per-channel scales moved between
+  consecutive Convs so that a per-tensor range serves the small channels of a tensor as well as its large ones.
+- `range-search`: each activation step size, in graph order, chosen among 0.5x..2x the calibrated one (and
+  that one) to minimise the mean squared error of the network's output against FP32 on the calibration patches,
+  with every other tensor quantized: the error where it matters, at the output, rather than each tensor's own.
+- `adaround`: AdaRound (Nagel et al., ICML 2020): each Conv's weights, in graph order, learn whether to round
+  up or down. W = s * clip(floor(W / s) + h(V)), h a rectified sigmoid, V trained with Adam to minimise the error
+  of that Conv's output (its input taken from the quantized network, its target from FP32) plus a regulariser
+  sum(1 - |2h - 1|^beta) that pushes h to 0 or 1 as beta falls from 20 to 2. The weight with the channel's
+  largest magnitude keeps its nearest rounding, so the writer's per-channel step (max |w| / 127) stays the same.
+- `bias-correction`: empirical bias correction (Nagel et al., ICCV 2019, "Data-Free Quantization"): for each
+  Conv in graph order, the mean over the calibration patches of (quantized network's output - FP32 output) of
+  that Conv, per channel, is subtracted from its bias.
+
+The result is a model file like a QAT result (`sr.qat.export_trained`: weights plus the chosen ranges in its
+`qat` metadata, `kind: "ptq"`), cached by everything that makes it, so `eval`/`calibrate`/the app can ask for it
+by options.
+
+Example:
+    >>> path = refine(RefineConfig("xlsr-clip", ["centred-io", "adaround", "bias-correction"]))
+"""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from dataclasses import asdict, dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from . import calibrate, qat, transforms
+from .calibrate import CalibrationConfig
+from .choices import Choice
+from .models import model_info
+from .onnxtorch import OnnxModule
+from .qat import FakeQuantModel, export_trained, fake_quantized, qdq_path_for
+from .transforms import calibration_batch, prepare
+from .quantize import Scheme
+from .store import cache_root, code_digest, file_sha256, library_versions, locked, short_hash
+
+log = logging.getLogger(__name__)
+
+
+class Refinement(Choice, noun="PTQ refinement"):
+    """One post-training refinement; applied in this order whatever order they are given in."""
+
+    CENTRED_IO = "centred-io"
+    EQUALIZE = "equalize"
+    RANGE_SEARCH = "range-search"
+    ADAROUND = "adaround"
+    BIAS_CORRECTION = "bias-correction"
+
+
+ORDER = list(Refinement)
+
+
+@dataclass
+class RefineConfig:
+    """Which refinements, on which model and calibration.
+
+    Raises:
+        ValueError: (on construction) an unknown refinement or scheme, or a count below 1.
+    """
+
+    model: str
+    refinements: list[Refinement | str] = field(default_factory=lambda: list(Refinement))
+    calibration: CalibrationConfig = field(default_factory=lambda: CalibrationConfig(method="mse"))
+    scheme: Scheme | str = Scheme.TENSORRT
+    patches: int = 32  # calibration patches the refinements measure on
+    patch_size: int = 48
+    adaround_steps: int = 300  # Adam steps per Conv
+    equalize: float = 0.5  # channel-equalization strength (with `equalize`)
+    seed: int = 0
+
+    def __post_init__(self):
+        chosen = {Refinement.parse(r) for r in self.refinements}
+        self.refinements = [r for r in ORDER if r in chosen]
+        self.scheme = Scheme.parse(self.scheme)
+        for name in ("patches", "patch_size", "adaround_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
+
+    def key(self, weights_hash: str) -> str:
+        """The cache key of the refined model."""
+        settings = {k: (v.value if isinstance(v, Enum) else v) for k, v in asdict(self.calibration).items()}
+        parts = {"weights": weights_hash, "refinements": [r.value for r in self.refinements], "calibration": settings,
+                 "scheme": self.scheme.value, "patches": self.patches, "patch_size": self.patch_size,
+                 "adaround_steps": self.adaround_steps, "equalize": self.equalize, "seed": self.seed,
+                 "code": code_digest(calibrate, qat, transforms, sys.modules[__name__]),
+                 "versions": library_versions("torch", "onnx", "onnxruntime")}
+        return short_hash(json.dumps(parts, sort_keys=True, default=str), 16)
+
+
+def refine(config: RefineConfig, cache_dir: Path | None = None,
+           progress: Callable[[float, str], None] | None = None) -> Path:
+    """The refined model's file (made once, then read from the cache).
+
+    Args:
+        config: the refinements.
+        cache_dir: the cache folder (default: `sr.store.cache_root()`).
+        progress: called with (fraction done, message).
+
+    Returns:
+        the path of a weight file (`.safetensors`) or, for an ONNX model, an `.onnx` file; pass it wherever a
+        model name goes. Its `qat` record names the original model (`base`), which `eval` compares against.
+
+    Raises:
+        FileNotFoundError: unknown model or calibration folder.
+        ValueError: see RefineConfig; an ONNX model with ops the interpreter does not cover.
+    """
+    info = model_info(config.model)
+    suffix = ".onnx" if info.arch == "onnx" else ".safetensors"
+    out = cache_root(cache_dir) / "refined" / f"{info.name.replace(':', '-')}-{config.key(file_sha256(info.path))}{suffix}"
+    with locked(out):
+        if out.is_file():
+            return out
+        _refine_into(config, out, progress or (lambda fraction, message: None))
+    return out
+
+
+def _refine_into(config: RefineConfig, out: Path, progress: Callable[[float, str], None]) -> None:
+    scale = model_info(config.model).scale
+    x = calibration_batch(config.calibration, scale, config.patches, config.patch_size, config.seed)
+    strength = config.equalize if Refinement.EQUALIZE in config.refinements else 0.0
+    structure, fixes = prepare(config.model, Refinement.CENTRED_IO in config.refinements, strength, x,
+                               out.with_name(out.stem))
+    student, calibrated = fake_quantized(structure, config.calibration, config.scheme.value, fixes)
+    student.eval()
+    for parameter in student.parameters():
+        parameter.requires_grad_(False)
+    reference = OnnxModule(student.fp32).eval().requires_grad_(False)  # the same function as the original model
+    with torch.no_grad():
+        target = reference(x)
+    frozen = {g for g, q in student.quantizers.items() if any(t in fixes.fixed_range for t in q.tensors)}
+    steps = {Refinement.RANGE_SEARCH: lambda: search_ranges(student, x, target, frozen),
+             Refinement.ADAROUND: lambda: adaround(student, reference, x, config.adaround_steps),
+             Refinement.BIAS_CORRECTION: lambda: correct_biases(student, reference, x)}
+    before = _output_mse(student, x, target)
+    for index, refinement in enumerate(r for r in config.refinements if r in steps):
+        progress(index / len(config.refinements), f"{refinement.value}")
+        steps[refinement]()
+        log.info("%s: output MSE vs FP32 %.3g -> %.3g", refinement.value, before, _output_mse(student, x, target))
+    record = {"kind": "ptq", "scheme": config.scheme.value, "refinements": [r.value for r in config.refinements],
+              "ranges": {t: list(r) for t, r in student.ranges().items()}, "base": str(config.model),
+              "base_sha256": file_sha256(model_info(config.model).path), "calibration": asdict(config.calibration),
+              "patches": config.patches}
+    export_trained(structure, calibrated.fp32_onnx, student.weights(), json.loads(json.dumps(record, default=str)),
+                   out, qdq_path_for(out, config.scheme.value), calibrated.ranges)
+    for leftover in out.parent.glob(f"{out.stem}.centred.*"):
+        leftover.unlink(missing_ok=True)
+
+
+@torch.no_grad()
+def _output_mse(student: FakeQuantModel, x: torch.Tensor, target: torch.Tensor) -> float:
+    return float(((student(x) - target) ** 2).mean())
+
+
+@torch.no_grad()
+def search_ranges(student: FakeQuantModel, x: torch.Tensor, target: torch.Tensor, frozen: set[str],
+                  factors: np.ndarray = np.geomspace(0.5, 2.0, 25)) -> dict[str, float]:
+    """Greedy output-error range search (see the module docstring); changes `student`'s step sizes.
+
+    Returns:
+        {group: chosen factor of its starting step size}.
+    """
+    chosen = {}
+    for group in student.groups:
+        if group in frozen:
+            continue
+        start = student.scale(group)
+        errors = []
+        for factor in [1.0, *factors]:
+            student.set_scale(group, start * factor)
+            errors.append((_output_mse(student, x, target), factor))
+        best = min(errors)[1]
+        student.set_scale(group, start * best)
+        chosen[group] = best
+    return chosen
+
+
+def _conv_nodes(student: FakeQuantModel):
+    """The Conv nodes of the fake-quantized graph whose weight is fake-quantized, in graph order."""
+    producers = {n.output[0]: n for n in student.network.nodes}
+    for node in student.network.nodes:
+        weight = producers.get(node.input[1]) if len(node.input) > 1 else None
+        if node.op_type == "Conv" and weight is not None and weight.op_type == "FakeQuantWeight":
+            yield node, weight.input[0], (node.input[2] if len(node.input) > 2 else "")
+
+
+@torch.no_grad()
+def correct_biases(student: FakeQuantModel, reference: OnnxModule, x: torch.Tensor) -> None:
+    """Empirical bias correction (see the module docstring); changes `student`'s biases."""
+    biases = {**student.network.named_onnx_parameters()}
+    for node, _, bias in _conv_nodes(student):
+        if bias not in biases:
+            continue
+        _, got = student(x, keep={node.output[0]})
+        _, want = reference(x, keep={node.output[0]})
+        biases[bias] -= (got[node.output[0]] - want[node.output[0]]).mean(dim=(0, 2, 3))
+
+
+_ZETA, _GAMMA = 1.1, -0.1  # AdaRound's rectified-sigmoid stretch
+
+
+def _soft_rounding(v: torch.Tensor) -> torch.Tensor:
+    return torch.clamp(torch.sigmoid(v) * (_ZETA - _GAMMA) + _GAMMA, 0.0, 1.0)
+
+
+def adaround(student: FakeQuantModel, reference: OnnxModule, x: torch.Tensor, steps: int = 300,
+             regulariser: float = 0.1, seed: int = 0) -> None:
+    """AdaRound (see the module docstring), Conv by Conv in graph order; changes `student`'s weights to values
+    on their INT8 grid."""
+    torch.manual_seed(seed)
+    weights = student.network.named_onnx_parameters()
+    for node, name, bias in _conv_nodes(student):
+        with torch.no_grad():
+            _, got = student(x, keep={node.input[0]})
+            _, want = reference(x, keep={node.output[0]})
+        inputs, target = got[node.input[0]], want[node.output[0]]
+        weight = weights[name]
+        scale = (weight.detach().abs().amax(dim=(1, 2, 3), keepdim=True) / 127.0).clamp_min(1e-12)
+        floor = torch.floor(weight.detach() / scale)
+        rest = (weight.detach() / scale - floor).clamp(0.01, 0.99)
+        v = torch.nn.Parameter(-torch.log((_ZETA - _GAMMA) / (rest - _GAMMA) - 1))  # h(v) = rest at the start
+        b = weights.get(bias)
+        conv = student.network.ops["Conv"]
+        nearest = scale * torch.clamp(torch.round(weight.detach() / scale), -127, 127)
+        with torch.no_grad():
+            start = float(((conv(None, node, [inputs, nearest, b])[0] - target) ** 2).mean()) + 1e-20
+        optimizer = torch.optim.Adam([v], lr=1e-2)
+        for step in range(steps):
+            soft = scale * torch.clamp(floor + _soft_rounding(v), -127, 127)
+            error = ((conv(None, node, [inputs, soft, b])[0] - target) ** 2).mean() / start
+            loss = error
+            if step >= steps // 5:  # AdaRound's warm-up without the regulariser, then beta from 20 down to 2
+                beta = 20 - (20 - 2) * (step - steps // 5) / max(1, steps - steps // 5 - 1)
+                loss = error + regulariser * (1 - (2 * _soft_rounding(v) - 1).abs().pow(beta)).mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        with torch.no_grad():
+            hard = floor + (_soft_rounding(v) >= 0.5).float()
+            largest = weight.abs().flatten(1).argmax(dim=1)  # keep each channel's largest weight, and so its step
+            flat = hard.flatten(1)
+            flat[torch.arange(flat.shape[0]), largest] = torch.round(weight / scale).flatten(1)[
+                torch.arange(flat.shape[0]), largest]
+            weight.copy_(scale * torch.clamp(flat.view_as(weight), -127, 127))
+
+

@@ -1,0 +1,97 @@
+"""Post-training refinements: channel equalization keeps the function, AdaRound leaves weights on their INT8 grid
+with the writer's step, bias correction moves the quantized Conv outputs' means onto FP32's, and the refined
+model, evaluated through the CLI, loses less than plain calibration against the original FP32 model."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+import standins
+from sr.calibrate import CalibrationConfig
+from sr.onnxtorch import OnnxModule
+from sr.ptq import RefineConfig, _conv_nodes, adaround, correct_biases
+from sr.qat import fake_quantized
+from sr.quantize import Fixes, fp32_onnx_path
+from sr.transforms import _with_values, calibration_batch, equalizable_pairs, equalize_channels
+from sr.usermodel import register_onnx
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _values(model):
+    return {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+
+
+def test_equalization_keeps_the_function(tmp_path):
+    models = {"xlsr-clip": onnx.load(str(fp32_onnx_path("xlsr-clip"))),
+              "fsrcnn-y": onnx.load(str(register_onnx(standins.build_all(tmp_path)["fsrcnn-y"]).standard_onnx))}
+    pairs = equalizable_pairs(models["xlsr-clip"])
+    assert ("/fuse/Conv_output_0", [("/gblocks/gblocks.2/mix/Conv_output_0", 0), ("/skip/Conv_output_0", 32)]) in pairs
+    x = torch.rand(4, 3, 24, 24)
+    for name, model in models.items():
+        changed = equalize_channels(model, x, strength=1.0)
+        assert bool(changed) == (name == "xlsr-clip")  # PRelu is not a ReLU: FSRCNN has no equalizable pair
+        after = _with_values(model, {**_values(model), **changed})
+        with torch.no_grad():
+            assert (OnnxModule(model)(x) - OnnxModule(after)(x)).abs().max() < 1e-5, name
+
+
+@pytest.fixture(scope="module")
+def student():
+    calibration = CalibrationConfig(method="mse", samples=20)
+    model, _ = fake_quantized("xlsr-clip", calibration, "tensorrt", Fixes())
+    model.eval().requires_grad_(False)
+    return model, OnnxModule(model.fp32).eval().requires_grad_(False), calibration_batch(calibration, 3, 8, 32)
+
+
+def test_adaround_weights_sit_on_the_writers_grid(student):
+    model, reference, x = student
+    before = {name: p.detach().clone() for name, p in model.network.named_onnx_parameters().items()}
+    adaround(model, reference, x, steps=20)
+    for _, name, _ in _conv_nodes(model):
+        weight, original = model.network.named_onnx_parameters()[name].detach(), before[name]
+        scale = original.abs().amax(dim=(1, 2, 3), keepdim=True) / 127
+        assert torch.allclose(weight.abs().amax(dim=(1, 2, 3), keepdim=True), original.abs().amax(dim=(1, 2, 3), keepdim=True))
+        steps = weight / scale
+        assert torch.allclose(steps, steps.round(), atol=1e-3)
+        assert (steps - original / scale).abs().max() <= 1.0 + 1e-3  # rounded up or down, never further
+
+
+def test_bias_correction_removes_the_mean_shift(student):
+    model, reference, x = student
+    node = next(_conv_nodes(model))[0]
+
+    def shift():
+        with torch.no_grad():
+            _, got = model(x, keep={node.output[0]})
+            _, want = reference(x, keep={node.output[0]})
+        return (got[node.output[0]] - want[node.output[0]]).mean(dim=(0, 2, 3)).abs().max()
+
+    correct_biases(model, reference, x)
+    assert shift() < 1e-5  # the first Conv's inputs do not depend on any correction
+
+
+def test_refined_model_loses_less_through_the_cli(data_dir, tmp_path):
+    def run(*extra):
+        command = [sys.executable, "-m", "sr", "eval", "--model", "xlsr-clip", "--engine", "ort-int8", "--method",
+                   "mse", "--samples", "20", "--data", str(data_dir / "Set5"), "--json", *extra]
+        done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=600)
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout)
+
+    plain = run()
+    refined = run("--refine", "bias-correction,centred-io,equalize")
+    assert refined["fp32_reference"]["model"] == "xlsr-clip"
+    plain_loss = plain["fp32_mean"]["psnr_y"] - plain["int8_mean"]["psnr_y"]
+    assert refined["int8_vs_reference_db"] < plain_loss - 0.03
+    assert np.isclose(refined["fp32_reference"]["psnr_y"], plain["fp32_mean"]["psnr_y"])
+
+
+def test_bad_refinement_is_refused():
+    with pytest.raises(ValueError, match="unknown PTQ refinement 'magic'"):
+        RefineConfig("xlsr-clip", ["magic"])
