@@ -500,6 +500,33 @@ def start_training(steps, activation, use_teacher, alpha, kd_mode="output", requ
         yield snapshot.status, frame[["step", "loss"]].dropna(), validation
 
 
+def start_qat(model, steps, request: gr.Request = None):
+    """Queue a QAT job for model A and stream its INT8 validation PSNR; the last value carries the new model."""
+    try:
+        job = app_jobs.start_qat(_owner(request), model, int(steps))
+    except (PermissionError, ValueError, FileNotFoundError) as error:
+        raise gr.Error(str(error)) from None
+    for snapshot in job.stream():
+        frame = pd.DataFrame(snapshot.history or [{"step": 0}])
+        frame["step"] = frame["step"].astype(float)
+        validation = frame.dropna(subset=["val_psnr"])[["step", "val_psnr"]] if "val_psnr" in frame \
+            else pd.DataFrame({"step": [], "val_psnr": []})
+        yield snapshot.status, validation, job.result if snapshot.done else None
+
+
+def offer_result(result, uploads, model_b):
+    """Add a finished INT8-ready model to the model lists and make it model A."""
+    if not result:
+        return gr.update(), gr.update(), uploads
+    if result.startswith("onnx:"):
+        _UPLOADED[result] = f"{result[5:13]} (INT8-ready)"
+        uploads = [*(uploads or []), result]
+    models = available_models() + list(uploads or [])
+    models += [] if result in models else [result]
+    return gr.update(choices=models, value=result, label=f"Model A ({_label(result)})"), gr.update(choices=models), \
+        uploads
+
+
 def cancel_training(request: gr.Request = None):
     """Stop this tab's job (its weights so far are kept); other tabs' jobs are not touched."""
     return app_jobs.cancel(_owner(request))
@@ -619,7 +646,7 @@ def _wire_compare(c: dict, o: dict) -> None:
     for panel in [*o["panels"], d["image"]]:
         panel.select(zoom_at, [o["state"], o["size"], d["pair"], d["kind"], d["gain"]],
                      [o["center_x"], o["center_y"], o["roi"]], api_name=False)
-    uploads = gr.State([])
+    uploads = c["uploads"]
     c["onnx"].upload(load_onnx_model, [c["onnx"], c["layout"], c["color"], c["value_range"], c["pre_upsampled"],
                                        c["scale"], c["model_b"], uploads],
                      [c["model_a"], c["model_b"], c["contract"], uploads], api_name=False)
@@ -694,6 +721,26 @@ def _train_tab(c: dict) -> None:
                                api_name=False)
     event.then(refresh_models, None, [c["model_a"], c["model_b"]], api_name=False)
     cancel_button.click(cancel_training, None, status, api_name=False)
+    _qat_section(c)
+
+
+def _qat_section(c: dict) -> None:
+    gr.Markdown("### Make it INT8-ready\nQuantization-aware fine-tuning of **model A** (Compare tab), your uploaded "
+                "ONNX model included: the INT8 model itself, TensorRT scheme, is trained against the images and the "
+                "original FP32 model, its ranges learned; the lab's own networks also get centred I/O (every 8-bit "
+                "level exactly an INT8 value). The result joins the model lists as model A, and its learned "
+                "ranges go into the deployment bundle. Same limits and queue as training.")
+    with gr.Row():
+        steps = gr.Number(300, precision=0, label="Fine-tuning steps", minimum=1, maximum=app_jobs.POLICY.max_steps)
+        start = gr.Button("Make model A INT8-ready", variant="primary", elem_id="qat-button")
+        cancel = gr.Button("Cancel")
+    status = gr.Markdown(elem_id="qat-status")
+    plot = gr.LinePlot(x="step", y="val_psnr", title="INT8 validation PSNR (dB)")
+    result = gr.State(None)
+    event = start.click(start_qat, [c["model_a"], steps], [status, plot, result], api_name=False)
+    event.then(offer_result, [result, c["uploads"], c["model_b"]], [c["model_a"], c["model_b"], c["uploads"]],
+               api_name=False)
+    cancel.click(cancel_training, None, status, api_name=False)
 
 
 def build_demo() -> gr.Blocks:
@@ -706,6 +753,7 @@ def build_demo() -> gr.Blocks:
                     "image, then press **Run**.")
         with gr.Tab("Compare"):
             controls = _compare_controls(available_models())
+            controls["uploads"] = gr.State([])  # this tab's ONNX models (uploaded, or made INT8-ready)
             _wire_compare(controls, _compare_outputs())
         with gr.Tab("Why is it dull?"):
             _diagnose_tab(controls)

@@ -17,11 +17,15 @@ from pathlib import Path
 
 from sr import store
 from sr.distill import DistillConfig, KDMode, distill
+from sr.models import model_info
+from sr.qat import QatConfig, quantization_aware_training
 from sr.train import TrainConfig, train
+from sr.usermodel import register_onnx
 
 MAX_STEPS = 5_000  # about 10 minutes of XLSR on two CPU cores
 MAX_RUNS_PER_OWNER = 3
 MAX_RUNS = 20
+QAT_EQUALIZE = 0.5  # the channel-equalization strength QAT starts from (the README's findings)
 
 
 @dataclass
@@ -62,16 +66,19 @@ class Job:
     use_teacher: bool
     alpha: float
     kd_mode: str = "output"  # sr.distill.KDMode value; used only with the teacher
+    base: str | None = None  # for a QAT job ("make it INT8-ready"): the model it fine-tunes
     history: list[dict] = field(default_factory=list)
     status: str = "queued"
     done: bool = False
     stop: threading.Event = field(default_factory=threading.Event)
     error: str | None = None
+    result: str | None = None  # the model name to offer once done (a registered ONNX model's name)
 
     @property
     def weights(self) -> Path:
-        """Where the trained model goes."""
-        return store.RUNS_DIR / f"{self.name}.safetensors"
+        """Where the trained model goes (an ONNX model's QAT result is an .onnx file)."""
+        onnx_base = self.base is not None and self.base.startswith("onnx:")
+        return store.RUNS_DIR / f"{self.name}{'.onnx' if onnx_base else '.safetensors'}"
 
     def stream(self, interval: float = 1.0):
         """Yield snapshots until the job ends (the last one included)."""
@@ -114,15 +121,35 @@ def start(owner: str, steps: int, final_activation: str, use_teacher: bool, alph
         raise ValueError(f"steps must be between 1 and {POLICY.max_steps}, got {steps}")
     TrainConfig(final_activation=final_activation)  # validates the activation before anything is queued
     kd_mode = KDMode.parse(kd_mode).value
+    kind = (f"kd-{kd_mode}" if kd_mode != "output" else "kd") if use_teacher else "train"
+    name = f"xlsr-{final_activation.replace('clipped_relu', 'clip')}-{kind}-{steps}-{owner[:8]}-{time.strftime('%H%M%S')}"
+    return _enqueue(owner, lambda: Job(name, owner, steps, final_activation, use_teacher, alpha, kd_mode))
+
+
+def start_qat(owner: str, model: str, steps: int) -> Job:
+    """Queue a QAT job ("make it INT8-ready") for `owner`, under the same policy and caps as training.
+
+    Raises:
+        PermissionError: training is off on this deployment.
+        ValueError: steps out of range, an unknown model, or this owner already has a job queued or running.
+    """
+    if not POLICY.enabled:
+        raise PermissionError("Fine-tuning is off on this deployment (the operator can start the app with "
+                              "--allow-training).")
+    if not 1 <= steps <= POLICY.max_steps:
+        raise ValueError(f"steps must be between 1 and {POLICY.max_steps}, got {steps}")
+    stem = model_info(model).name.replace(":", "-")
+    return _enqueue(owner, lambda: Job(f"{stem}-qat-{steps}-{owner[:8]}-{time.strftime('%H%M%S')}", owner, steps,
+                                       "", False, 1.0, base=model))
+
+
+def _enqueue(owner: str, make) -> Job:
     global _worker
     with _lock:
         mine = [job for job in [_running, *_queue] if job is not None and job.owner == owner and not job.done]
         if mine:
             raise ValueError(f"you already have a job ({mine[0].name}); wait for it or cancel it")
-        kind = (f"kd-{kd_mode}" if kd_mode != "output" else "kd") if use_teacher else "train"
-        name = (f"xlsr-{final_activation.replace('clipped_relu', 'clip')}-{kind}-{steps}-"
-                f"{owner[:8]}-{time.strftime('%H%M%S')}")
-        job = Job(name, owner, steps, final_activation, use_teacher, alpha, kd_mode)
+        job = make()
         _queue.append(job)
         if _worker is None or not _worker.is_alive():
             _worker = threading.Thread(target=_work, name="training-jobs", daemon=True)
@@ -170,7 +197,9 @@ def _run(job: Job) -> None:
 
     job.status = "starting"
     try:
-        if job.use_teacher:
+        if job.base is not None:
+            _run_qat(job, fields, on_progress)
+        elif job.use_teacher:
             distill(DistillConfig(**fields, teacher="teacher", alpha=job.alpha, kd_mode=job.kd_mode), on_progress,
                     job.stop.is_set)
         else:
@@ -180,13 +209,38 @@ def _run(job: Job) -> None:
         job.error = job.status = f"failed: {type(error).__name__}: {error}"
     finally:
         Path(f"{job.weights}").with_suffix(".ckpt.pt").unlink(missing_ok=True)
+        for leftover in store.RUNS_DIR.glob(f"{job.name}.*"):  # QAT's checkpoint and starting-point files
+            if leftover != job.weights and not leftover.name.endswith(".qdq.onnx"):
+                leftover.unlink(missing_ok=True)
         job.done = True
+
+
+def _run_qat(job: Job, fields: dict, on_progress) -> None:
+    """Fine-tune `job.base` for INT8 (tensorrt scheme); an ONNX result is registered so it can be offered."""
+    def report(event: dict) -> None:
+        on_progress(event)
+        if "val_psnr" in event and event.get("fp32_val_psnr"):
+            job.status += f" (INT8; the original in FP32: {event['fp32_val_psnr']:.2f} dB)"
+
+    config = QatConfig(model=job.base, out=str(job.weights), steps=job.steps, train_dirs=fields["train_dirs"],
+                       val_dir=fields["val_dir"], val_every=max(50, job.steps // 5), checkpoint_every=10**9, device="cpu",
+                       equalize=QAT_EQUALIZE)
+    quantization_aware_training(config, report, job.stop.is_set)
+    if job.weights.suffix == ".onnx":
+        job.result = register_onnx(job.weights).name
+    else:  # named as the model lists name trained models (relative to the project), or by its full path
+        inside = job.weights.parent == store.PROJECT_ROOT / "runs"
+        job.result = str(job.weights.relative_to(store.PROJECT_ROOT)) if inside else str(job.weights)
 
 
 def _prune_runs(owner: str) -> None:
     """Keep each owner's newest MAX_RUNS_PER_OWNER models and the newest MAX_RUNS overall."""
-    runs = sorted(store.RUNS_DIR.glob("*.safetensors"), key=lambda p: p.stat().st_mtime, reverse=True)
+    models = [*store.RUNS_DIR.glob("*.safetensors"), *store.RUNS_DIR.glob("*.onnx")]
+    runs = sorted([p for p in models if not p.name.endswith(".qdq.onnx")], key=lambda p: p.stat().st_mtime,
+                  reverse=True)
     tag = f"-{owner[:8]}-"
     mine = [p for p in runs if tag in p.name]
     for path in mine[MAX_RUNS_PER_OWNER:] + runs[MAX_RUNS:]:
+        for sibling in path.parent.glob(f"{path.stem}.*.qdq.onnx"):  # a QAT result's QDQ model goes with it
+            sibling.unlink(missing_ok=True)
         path.unlink(missing_ok=True)

@@ -204,6 +204,38 @@ def test_training_jobs_belong_to_their_tab(tmp_path, photo, monkeypatch):
     assert len(list((tmp_path / "runs").glob("*-tab-one-*.safetensors"))) == jobs.MAX_RUNS_PER_OWNER
 
 
+def test_make_it_int8_ready_adds_a_fine_tuned_model(tmp_path, photo, monkeypatch, data_dir):
+    """The app's QAT action: off unless allowed, then a real (short) QAT job whose result joins the model lists
+    as model A and carries its learned ranges."""
+    import gradio as gr
+
+    import app
+    import app_jobs as jobs
+    from sr import compare, store
+    from sr.quantize import learned_ranges
+
+    monkeypatch.setattr(jobs.POLICY, "enabled", False)
+    with pytest.raises(gr.Error, match="Fine-tuning is off on this deployment"):
+        next(app.start_qat("xlsr-clip", 5))
+    folder = tmp_path / "train"
+    folder.mkdir()
+    for index in range(2):
+        Image.fromarray(np.roll(photo, 11 * index, axis=0)).resize((120, 120)).save(folder / f"{index}.png")
+    monkeypatch.setenv("SR_TRAIN_DIRS", str(folder))
+    monkeypatch.setattr(store, "RUNS_DIR", tmp_path / "runs")
+    monkeypatch.setattr(compare, "RUNS_DIR", tmp_path / "runs")
+    monkeypatch.setattr(jobs.POLICY, "enabled", True)
+    monkeypatch.setattr(jobs, "QAT_EQUALIZE", 0.0)
+    updates = list(app.start_qat("xlsr-clip", 4))
+    status, _, result = updates[-1]
+    assert "saved as" in status and result and result.endswith(".safetensors"), status
+    assert learned_ranges(result, "tensorrt")
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == sorted([Path(result).name, Path(result).name.replace(
+        ".safetensors", ".tensorrt.qdq.onnx")])  # no checkpoint or starting-point file left behind
+    model_a, _, uploads = app.offer_result(result, [], "xlsr-relu")
+    assert model_a["value"] == result and result in model_a["choices"] and uploads == []
+
+
 def test_uploads_reach_the_lab_untouched(server, tmp_path):
     """Through the real upload path: an RGBA PNG is composited on white (not black), a 16-bit ramp keeps its
     levels (not saturated), and broken files get the lab's own message."""
