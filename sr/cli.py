@@ -9,6 +9,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import sys
 from enum import Enum
 from pathlib import Path
@@ -417,6 +418,8 @@ def cmd_qat(args: argparse.Namespace) -> int:
         raise ValueError(f"--out must end in {suffix} for this model, got {config.out}")
     _print_config(config)
     result = quantization_aware_training(config)
+    if int(os.environ.get("RANK", "0")):  # under torchrun, rank 0 reports
+        return 0
     print(f"wrote {result.weights} and {result.qdq_onnx} after {result.steps} steps in {result.wall_seconds:.0f} s")
     if result.history and "val_psnr" in result.history[-1] and result.fp32_val_psnr is not None:
         last = result.history[-1]["val_psnr"]

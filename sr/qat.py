@@ -508,6 +508,11 @@ def _finish(run: _QatRun) -> QatResult:
     if run.world > 1:
         dist.barrier()
         dist.destroy_process_group()
+    if run.rank == 0 and run.step >= run.config.steps:  # the starting-point files a resume would need
+        for leftover in out.parent.glob(f"{out.name}.centred.*"):
+            leftover.unlink(missing_ok=True)
+        for leftover in out.parent.glob(f"{out.name}.equalized.*"):
+            leftover.unlink(missing_ok=True)
     return QatResult(out, qdq, run.step, wall, run.history, run.fp32_val_psnr)
 
 
