@@ -24,6 +24,7 @@ import pandas as pd
 
 import app_jobs
 from sr.calibrate import CalibrationConfig, Method, ensure_calibration_images
+from sr.ptq import Refinement, RefineConfig, refine
 from sr.compare import InputMode, OutputKind, available_models, compare, roi_strip
 from sr.data import ImageLoadError, load_image
 from sr.diagnose import DiagnoseConfig, DiagnosisCancelled, Fix, apply_fix, diagnose, range_coverage
@@ -256,9 +257,18 @@ def _calibration(method, samples, gain, seed) -> CalibrationConfig:
     return CalibrationConfig(method=method, samples=int(samples), gain=float(gain), seed=int(seed or 0))
 
 
+def _refined(model: str, refinements, calibration: CalibrationConfig, scheme: str, progress) -> str:
+    """`model`, or its refined version (sr.ptq; made once per setting, then cached)."""
+    if not refinements:
+        return model
+    config = RefineConfig(model, list(refinements), calibration, scheme)
+    return str(refine(config, progress=lambda fraction, message: progress(
+        fraction, desc=f"refining {model}: {message} (first time only)")))
+
+
 def run_compare(image, model_a="xlsr-relu", model_b="xlsr-clip", method="entropy", samples=100, scheme="tensorrt",
                 mode="Upscale my image", display="bicubic", calib_source="calib_data/", calib_images=None, gain=1.0,
-                seed=0, history=None, progress=gr.Progress()):
+                seed=0, history=None, refinements=(), progress=gr.Progress()):
     """The main comparison (also the `compare` API endpoint): five images, metrics, coverage, range chart.
 
     `history` (this tab's state) collects the INT8 loss of each calibration sample drawn for the same settings,
@@ -274,15 +284,18 @@ def run_compare(image, model_a="xlsr-relu", model_b="xlsr-clip", method="entropy
         first_run = lambda fraction, message: progress(  # noqa: E731
             fraction, desc=f"{message}: calibrating these settings for the first time (about {estimate:.0f} s in all; "
                            "later runs read the cache)")
-        result = compare(image, model_a, model_b, _calibration(method, samples, gain, seed), scheme, MODES[mode],
-                         display, calibration, progress=first_run)
+        settings = _calibration(method, samples, gain, seed)
+        tuned_a, tuned_b = (_refined(m, refinements, settings, scheme, progress) for m in (model_a, model_b))
+        result = compare(image, tuned_a, tuned_b, settings, scheme, MODES[mode], display, calibration,
+                         progress=first_run)
         note = coverage_note(result)
     for notice in result.notices:
         gr.Warning(notice)
     original = result.truth if result.truth is not None else result.original
     panels = [original, result.fp32_a, result.int8_a, result.fp32_b, result.int8_b]
-    labels = ["Truth" if result.truth is not None else "Original", f"FP32 {_label(model_a)}",
-              f"INT8 {_label(model_a)}", f"FP32 {_label(model_b)}", f"INT8 {_label(model_b)}"]
+    tag = f" (refined: {', '.join(refinements)})" if refinements else ""
+    labels = ["Truth" if result.truth is not None else "Original", f"FP32 {_label(model_a)}{tag}",
+              f"INT8 {_label(model_a)}{tag}", f"FP32 {_label(model_b)}{tag}", f"INT8 {_label(model_b)}{tag}"]
     state = {"panels": panels, "calibrations": result.calibrations, "labels": labels}
     history = _remember(history, result, (image, model_a, model_b, method, samples, scheme, mode, gain), seed)
     return (*panels, metrics_frame(result.metrics), note + spread_note(history), _chart(*result.calibrations), state,
@@ -554,6 +567,13 @@ def _compare_controls(models: list[str]) -> dict:
                                              info=METHOD_HELP)
             controls["samples"] = gr.Radio([10, 100, 1000], value=100, label="Calibration samples")
             controls["scheme"] = gr.Radio(["tensorrt", "cpu"], value="tensorrt", label="INT8 scheme")
+            controls["refine"] = gr.CheckboxGroup(
+                [r.value for r in Refinement if r is not Refinement.RANGE_SEARCH], value=[],
+                label="Post-training refinements (both models)", elem_id="refine",
+                info="centred-io: the image's 256 levels exactly on the INT8 grid; equalize: per-channel scales moved "
+                     "between layers so small channels keep their precision; adaround: learned weight rounding; "
+                     "bias-correction: the INT8 mean shift removed. FP32 panels then show the refined model (the "
+                     "same function for the first two). The README's table says what each is worth.")
             controls["calib_source"] = gr.Radio(list(CALIB_SOURCES), value=CALIB_SOURCES[0], label="Calibration images")
             controls["calib_files"] = gr.File(label="My calibration images", file_count="multiple", file_types=["image"])
             controls["gain"] = gr.Slider(0.1, 2.0, 1.0, step=0.05, label="Calibration brightness gain (experiment)",
@@ -625,7 +645,7 @@ def _wire_compare(c: dict, o: dict) -> None:
     c["calib_files"].upload(load_calibration_uploads, c["calib_files"], calib_images, api_name=False)
     history = gr.State(None)
     inputs = [c["image"], c["model_a"], c["model_b"], c["method"], c["samples"], c["scheme"], c["mode"], c["display"],
-              c["calib_source"], calib_images, c["gain"], c["seed"], history]
+              c["calib_source"], calib_images, c["gain"], c["seed"], history, c["refine"]]
     outputs = [*o["panels"], o["metrics"], o["coverage"], o["chart"], o["state"], history]
     d = o["difference"]
     zoom = [o["state"], o["center_x"], o["center_y"], o["size"], d["pair"], d["kind"], d["gain"]]

@@ -161,6 +161,21 @@ def test_gradio_client_compare_and_recalibrate(server, small_png):
     assert before != after  # another calibration changes the INT8 outputs' metrics
 
 
+def test_refinements_in_the_compare_tab(small_png):
+    """Centred I/O and equalization in the app: the same FP32 function, a refined INT8 model, labelled so."""
+    import app
+
+    quiet = lambda *a, **k: None  # noqa: E731
+    plain = app.run_compare(small_png, "xlsr-relu", "xlsr-clip", "mse", 10, "tensorrt", "Upscale my image", "nearest",
+                            "calib_data/", None, progress=quiet)
+    refined = app.run_compare(small_png, "xlsr-relu", "xlsr-clip", "mse", 10, "tensorrt", "Upscale my image",
+                              "nearest", "calib_data/", None, 1.0, 0, None, ["centred-io", "equalize"], progress=quiet)
+    assert np.abs(plain[1].astype(int) - refined[1].astype(int)).max() <= 1  # FP32 A: the same function
+    assert not np.array_equal(plain[2], refined[2])  # INT8 A: a different INT8 model
+    labels = [update["label"] for update in app.panel_labels(refined[8])]
+    assert labels[2].endswith("(refined: centred-io, equalize)"), labels
+
+
 def test_training_is_off_unless_the_operator_allows_it(monkeypatch):
     import gradio as gr
 
