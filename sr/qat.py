@@ -402,11 +402,10 @@ def _fixed_pair(model: onnx.ModelProto) -> tuple[int, int] | None:
 
 
 def _fixed_size(model: onnx.ModelProto) -> int | None:
-    dims = model.graph.input[0].type.tensor_type.shape.dim
-    height, width = (d.dim_value if d.HasField("dim_value") else 0 for d in dims[2:4])
-    if height and width and height != width:
-        raise ValueError(f"a fixed-size model must take square inputs for QAT, this one takes {height}x{width}")
-    return height or None
+    pair = _fixed_pair(model)
+    if pair and pair[0] != pair[1]:
+        raise ValueError(f"a fixed-size model must take square inputs for QAT, this one takes {pair[0]}x{pair[1]}")
+    return pair[0] if pair else None
 
 
 def _restore(run: _QatRun) -> None:

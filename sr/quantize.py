@@ -233,8 +233,10 @@ def write_qdq_model(fp32_onnx: Path, ranges: dict[str, TensorRange], scheme: Sch
     """
     scheme = Scheme.parse(scheme)
     model = onnx.load(str(fp32_onnx))
-    op_types = QUANTIZED_OPS
+    op_types, own_movers = QUANTIZED_OPS, []
     if scheme is Scheme.CPU and fast:  # every Conv on ORT's fast INT8 kernel; the outputs stay bit-identical
+        # the model's own Pad/Slice (a centred model's input padding) stay float: only the rewrite's are quantized
+        own_movers = [node.name for node in model.graph.node if node.op_type in REWRITE_OPS]
         model, ranges = rewrite_for_fast_int8(model, ranges)
         op_types = QUANTIZED_OPS + REWRITE_OPS
     tied = tie_fused_ranges(model, ranges)
@@ -249,7 +251,7 @@ def write_qdq_model(fp32_onnx: Path, ranges: dict[str, TensorRange], scheme: Sch
             quant_format=QuantFormat.QDQ, op_types_to_quantize=op_types, per_channel=True,
             activation_type=QuantType.QInt8 if scheme.symmetric else QuantType.QUInt8,
             weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
-            nodes_to_exclude=_nodes_touching(model, keep_float),
+            nodes_to_exclude=_nodes_touching(model, keep_float) + own_movers,
             # tensorrt: biases stay float, as TensorRT's explicit-quantization parser expects (ModelOpt and AIMET
             # write them so too); only activations and weights get Q/DQ pairs
             extra_options={"ActivationSymmetric": scheme.symmetric, "WeightSymmetric": True,
