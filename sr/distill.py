@@ -24,7 +24,9 @@ of the same patch (x_clean) and the student the degraded one: the teacher's labe
   Loss: alpha * L(S(x), HR) + (1 - alpha) * mean(L_output, L_zoom_in, L_zoom_out, L_consistency), i.e. the same
   total teacher weight as `output`, spread over the upcycled inputs. Not implemented: DUKD's mixing of
   upcycled and original samples into one batch and its random choice among more augmentations (colour
-  jitter, mixup-style ones are not invertible and are left out on purpose).
+  jitter, mixup-style ones are not invertible and are left out on purpose). With a degradation, the zoomed
+  inputs are made from clean data and shown to both networks, so the student also trains on clean inputs;
+  degrading them as the training LR is left undone (the card measures what that costs on degraded inputs).
 
 - `feature`: feature distillation on matched intermediate tensors, FitNets' hint loss (Romero et al., ICLR
   2015) as SR work uses it (FAKD, He et al., ICIP 2020; LSFD, Yin et al., 2023, use features of the body).
