@@ -49,7 +49,8 @@ from .calibrate import CalibrationConfig, Method, TensorRange
 from .data import PatchSampler
 from .models import load_model, model_info, read_metadata, save_weights
 from .onnxtorch import OnnxModule
-from .quantize import CalibratedModel, Fixes, Scheme, calibrate_model, fp32_onnx_path, fused_sources, write_qdq_model
+from .quantize import (CalibratedModel, Fixes, Scheme, calibrate_model, fp32_onnx_path, fused_sources, qat_record,
+                       write_qdq_model)
 from .store import atomic_path, file_sha256, write_atomic
 from .train import Validator, _distributed, _machine, _resolve_device, warmup_fraction
 from .transforms import METADATA_KEY, calibration_batch, prepare
@@ -352,8 +353,9 @@ def _setup(config: QatConfig) -> _QatRun:
     structure, fixes = prepare(config.model, config.io_offset, config.equalize, patches, Path(config.out))
     student, calibrated = fake_quantized(structure, calibration, config.scheme, fixes)
     fp32 = student.fp32
-    # the reference is the original model, whatever its I/O convention: both take and return [0, 1] images
-    reference = OnnxModule(onnx.load(str(fp32_onnx_path(config.model)))).requires_grad_(False).eval()
+    # the reference is the original model, whatever its I/O convention (both take and return [0, 1] images); a
+    # QAT model fine-tuned again keeps the model it started from as its reference
+    reference = OnnxModule(onnx.load(str(fp32_onnx_path(original_model(config.model))))).requires_grad_(False).eval()
     student.to(device), reference.to(device)
     student.network.device_constants(device), reference.device_constants(device)
     weights = [p for p in student.network.parameters() if p.requires_grad]
@@ -388,6 +390,12 @@ def fake_quantized(structure: str, calibration: CalibrationConfig, scheme: str,
     for name, parameter in student.network.named_onnx_parameters().items():
         parameter.requires_grad_(name in trainable)
     return student, calibrated
+
+
+def original_model(model: str) -> str:
+    """The model a QAT/PTQ result was made from (its `base`), or `model` itself."""
+    record = qat_record(model)
+    return str(record["base"]) if record and record.get("base") else str(model)
 
 
 def _cosine(steps: int) -> Callable[[int], float]:
@@ -499,7 +507,8 @@ def _finish(run: _QatRun) -> QatResult:
     qdq = qdq_path_for(out, run.config.scheme)
     if run.rank == 0:
         record = {"scheme": run.config.scheme, "ranges": {t: list(r) for t, r in run.student.ranges().items()},
-                  "base": str(run.config.model), "base_sha256": file_sha256(model_info(run.config.model).path),
+                  "base": original_model(run.config.model),
+                  "base_sha256": file_sha256(model_info(original_model(run.config.model)).path),
                   "fp32_val_psnr": run.fp32_val_psnr, "config": asdict(run.config), "steps": run.step,
                   "wall_seconds": round(wall, 1), "machine": _machine(run.device), "history": run.history}
         export_trained(run.structure, run.fp32_path, run.student.weights(), record, out, qdq,

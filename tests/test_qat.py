@@ -16,7 +16,7 @@ from sr.evaluate import EvalConfig, evaluate
 from sr.export import onnx_bytes
 from sr.models import IO_OFFSET, load_model, read_metadata, with_io_offset
 from sr.onnxtorch import OnnxModule
-from sr.qat import QatConfig, quantization_aware_training
+from sr.qat import QatConfig, original_model, quantization_aware_training
 from sr.transforms import io_tensors
 from sr.quantize import calibrate_model, fp32_onnx_path, learned_ranges
 from sr.usermodel import register_onnx
@@ -106,6 +106,7 @@ def test_qat_writes_a_model_whose_int8_ort_score_matches_the_fake_quantization(q
     metadata = read_metadata(result.weights)
     assert metadata["config"]["io_offset"] == pytest.approx(IO_OFFSET)
     assert metadata["qat"]["base"] == "xlsr-clip" and metadata["qat"]["scheme"] == "tensorrt"
+    assert original_model(str(result.weights)) == "xlsr-clip"  # fine-tuning it again keeps the original as reference
     ranges = learned_ranges(result.weights, "tensorrt")
     assert ranges and learned_ranges(result.weights, "cpu") is None
     int8 = calibrate_model(str(result.weights), CalibrationConfig(samples=20), "tensorrt")
