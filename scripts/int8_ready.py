@@ -28,7 +28,7 @@ STEPS = {  # row label -> refinements (each row adds one to the row before, exce
     "+ bias correction": ["centred-io", "equalize", "bias-correction"],
     "+ AdaRound (instead of bias correction)": ["centred-io", "equalize", "adaround"],
     "+ AdaRound + bias correction": ["centred-io", "equalize", "adaround", "bias-correction"],
-    "+ output-error range search": ["centred-io", "equalize", "range-search", "bias-correction"],
+    "+ output-error range search (with bias correction, no AdaRound)": ["centred-io", "equalize", "range-search", "bias-correction"],
 }
 CALIBRATION = CalibrationConfig(method="mse", samples=100)
 
