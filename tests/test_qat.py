@@ -176,3 +176,24 @@ def test_cli_qat_bad_arguments(argv, message, tmp_path):
     run = subprocess.run([sys.executable, "-m", "sr", "qat", *argv], capture_output=True, text=True, cwd=tmp_path,
                          env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}, timeout=120)
     assert run.returncode == 2 and message in run.stderr, run.stderr
+
+
+def test_qat_under_torchrun(data_dir, tmp_path):
+    """Two processes (gloo on the CPU, as NCCL would be on GPUs): one result, each rank's patch stream kept."""
+    import os
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    out = tmp_path / "ddp.safetensors"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+               "--master_port", str(port), "-m", "sr", "qat", "--model", "xlsr-clip", "--out", str(out), "--steps", "4",
+               "--batch-size", "2", "--samples", "10", "--val-every", "4", "--train-dirs", str(data_dir / "Set5"),
+               "--val-dir", "", "--device", "cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("wrote ") == 1 and read_metadata(out)["qat"]["steps"] == 4
+    checkpoint = torch.load(f"{out}.ckpt.pt", weights_only=True)
+    assert len(checkpoint["sampler"]) == 2 and checkpoint["sampler"][0] != checkpoint["sampler"][1]
