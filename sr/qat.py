@@ -54,7 +54,7 @@ from .quantize import (CalibratedModel, Fixes, Scheme, calibrate_model, fp32_onn
 from .store import atomic_path, file_sha256, write_atomic
 from .train import Validator, _distributed, _machine, _resolve_device, warmup_fraction
 from .transforms import METADATA_KEY, calibration_batch, prepare
-from .usermodel import STANDARD_KEY, Contract, lookup
+from .usermodel import STANDARD_KEY, Contract, lookup, set_metadata
 
 log = logging.getLogger(__name__)
 
@@ -548,9 +548,8 @@ def export_trained(base: str, fp32_path: Path, weights: dict[str, torch.Tensor],
     if model_info(base).arch == "onnx":  # a standard graph with its contract and the learned ranges
         user = lookup(str(base))
         standard = Contract(scale=user.contract.scale, fixed_size=_fixed_pair(fp32))
-        for key, value in ((STANDARD_KEY, json.dumps(standard.to_dict())), (f"sr.{METADATA_KEY}", json.dumps(record))):
-            entry = fp32.metadata_props.add()
-            entry.key, entry.value = key, value
+        set_metadata(fp32, STANDARD_KEY, json.dumps(standard.to_dict()))
+        set_metadata(fp32, f"sr.{METADATA_KEY}", json.dumps(record))
         write_atomic(fp32.SerializeToString(), out)
     else:
         model = load_model(base)

@@ -24,7 +24,7 @@ from .models import IO_OFFSET, load_model, model_info, read_metadata, save_weigh
 from .onnxtorch import OnnxModule
 from .quantize import Fixes, fp32_onnx_path
 from .store import write_atomic
-from .usermodel import STANDARD_KEY, Contract, lookup, register_onnx
+from .usermodel import STANDARD_KEY, Contract, lookup, register_onnx, set_metadata
 
 log = logging.getLogger(__name__)
 
@@ -80,9 +80,8 @@ def _equalized(structure: str, strength: float, patches: torch.Tensor, work: Pat
     if model_info(structure).arch == "onnx":
         graph = _with_values(graph, changed)
         contract = lookup(structure).contract
-        entry = graph.metadata_props.add()
-        entry.key, entry.value = STANDARD_KEY, json.dumps(Contract(scale=contract.scale,
-                                                                   fixed_size=contract.fixed_size).to_dict())
+        set_metadata(graph, STANDARD_KEY, json.dumps(Contract(scale=contract.scale,
+                                                              fixed_size=contract.fixed_size).to_dict()))
         path = write_atomic(graph.SerializeToString(), Path(f"{work}.equalized.onnx"))
         return register_onnx(path).name
     network = load_model(structure)

@@ -375,6 +375,15 @@ def _wrap_output(nodes: list, inits: list, contract: Contract, y: str) -> str:
 STANDARD_KEY = "sr.standard"  # metadata_props key of a standard graph the lab wrote: its contract as JSON
 
 
+def set_metadata(model: onnx.ModelProto, key: str, value: str) -> None:
+    """Set one `metadata_props` entry of `model` (replacing an earlier one: the checker refuses duplicate keys)."""
+    kept = [p for p in model.metadata_props if p.key != key]
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
+    entry = model.metadata_props.add()
+    entry.key, entry.value = key, value
+
+
 def standard_contract(model: onnx.ModelProto) -> Contract | None:
     """The contract of a standard graph the lab itself wrote (a QAT result carries it under `STANDARD_KEY`), or
     None for any other model."""

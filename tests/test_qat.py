@@ -157,7 +157,7 @@ def test_qat_of_a_user_onnx_model(stand_ins, data_dir, tmp_path):
     user = register_onnx(stand_ins["xlsr-nhwc"])
     out = tmp_path / "user-qat.onnx"
     result = quantization_aware_training(QatConfig(
-        model=user.name, out=str(out), steps=6, samples=10, batch_size=2, val_every=6, checkpoint_every=6,
+        model=user.name, out=str(out), steps=6, samples=10, batch_size=2, val_every=6, checkpoint_every=6, equalize=0.5,
         train_dirs=[str(data_dir / "Set5")], val_dir=str(data_dir / "Set5")))
     trained = register_onnx(out)
     assert learned_ranges(trained.name, "tensorrt")
