@@ -49,10 +49,12 @@ from .calibrate import CalibrationConfig, Method, TensorRange
 from .data import PatchSampler
 from .models import load_model, model_info, read_metadata, save_weights
 from .onnxtorch import OnnxModule
-from .quantize import (CalibratedModel, Fixes, Scheme, calibrate_model, fp32_onnx_path, fused_sources, qat_record,
+from .quantize import (CalibratedModel, Fixes, Scheme, calibrate_model, fixed_input_size, fp32_onnx_path, fused_sources,
+                       qat_record,
                        write_qdq_model)
 from .store import atomic_path, file_sha256, write_atomic
-from .train import Validator, _distributed, _machine, _resolve_device, warmup_fraction
+from .train import (DEFAULT_TRAIN_DIRS, DEFAULT_VAL_DIR, Validator, _distributed, _gather, _machine, _resolve_device,
+                     _should_end, warmup_fraction)
 from .transforms import METADATA_KEY, calibration_batch, prepare
 from .usermodel import STANDARD_KEY, Contract, lookup, set_metadata
 
@@ -82,8 +84,8 @@ class QatConfig:
     range_lr: float = 2e-3  # log step sizes
     alpha: float = 0.5  # weight of L1 to HR; 1 - alpha goes to L1 to the frozen FP32 output
     seed: int = 0
-    train_dirs: list[str] = field(default_factory=lambda: ["../shared/data/T91", "../shared/data/BSD200"])
-    val_dir: str | None = "../shared/data/Set5"
+    train_dirs: list[str] = field(default_factory=lambda: list(DEFAULT_TRAIN_DIRS))
+    val_dir: str | None = DEFAULT_VAL_DIR
     val_every: int = 500
     checkpoint_every: int = 500
     resume: bool = False
@@ -403,14 +405,8 @@ def _cosine(steps: int) -> Callable[[int], float]:
     return lambda step: min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps))
 
 
-def _fixed_pair(model: onnx.ModelProto) -> tuple[int, int] | None:
-    dims = model.graph.input[0].type.tensor_type.shape.dim
-    height, width = (d.dim_value if d.HasField("dim_value") else 0 for d in dims[2:4])
-    return (height, width) if height and width else None
-
-
 def _fixed_size(model: onnx.ModelProto) -> int | None:
-    pair = _fixed_pair(model)
+    pair = fixed_input_size(model)
     if pair and pair[0] != pair[1]:
         raise ValueError(f"a fixed-size model must take square inputs for QAT, this one takes {pair[0]}x{pair[1]}")
     return pair[0] if pair else None
@@ -437,14 +433,6 @@ def _restore(run: _QatRun) -> None:
         run.trainable = nn.parallel.DistributedDataParallel(run.student)
 
 
-def _should_end(run: _QatRun, should_stop: Callable[[], bool] | None) -> bool:
-    if should_stop is not None and should_stop():
-        log.info("QAT stopped at step %d on request", run.step)
-        return True
-    limit = run.config.max_seconds
-    return limit is not None and time.perf_counter() - run.started > limit
-
-
 def _step(run: _QatRun) -> torch.Tensor:
     lr, hr = run.sampler.batch(run.config.batch_size)
     lr, hr = lr.to(run.device), hr.to(run.device)
@@ -469,10 +457,8 @@ def _report(run: _QatRun, bar: tqdm, on_progress: Callable[[dict], None] | None)
     event = None
     if step % config.val_every == 0 or step == config.steps:
         event = {"step": step, "loss": run.running_loss}
-        if run.validator is not None:
-            run.student.eval()
+        if run.validator is not None:  # the validator puts the model in eval mode for the call, and back
             event["val_psnr"] = run.validator(run.student, run.device)
-            run.student.train()
             bar.write(f"step {step}: loss {run.running_loss:.5f}, INT8 (fake-quant) validation PSNR "
                       f"{event['val_psnr']:.3f} dB (FP32 {run.fp32_val_psnr:.3f})")
         run.history.append(event)
@@ -483,10 +469,7 @@ def _report(run: _QatRun, bar: tqdm, on_progress: Callable[[dict], None] | None)
 
 
 def _checkpoint(run: _QatRun, wall_seconds: float | None = None) -> None:
-    states = [run.sampler.rng.bit_generator.state]
-    if run.world > 1:
-        states = [None] * run.world
-        dist.all_gather_object(states, run.sampler.rng.bit_generator.state)
+    states = _gather(run.sampler.rng.bit_generator.state, run.world)
     if run.rank == 0:
         with atomic_path(run.config.checkpoint_path) as temp:
             torch.save({"student": run.student.state_dict(), "optimizer": run.optimizer.state_dict(),
@@ -499,7 +482,6 @@ def _finish(run: _QatRun) -> QatResult:
     """Final validation, checkpoint, the trained model and its QDQ model (rank 0), then leave the process group."""
     wall = run.wall_seconds()
     if run.rank == 0 and run.validator is not None and (not run.history or run.history[-1]["step"] != run.step):
-        run.student.eval()
         run.history.append({"step": run.step, "loss": run.running_loss,
                             "val_psnr": run.validator(run.student, run.device)})
     _checkpoint(run, wall)
@@ -547,7 +529,7 @@ def export_trained(base: str, fp32_path: Path, weights: dict[str, torch.Tensor],
             initializer.CopyFrom(numpy_helper.from_array(weights[initializer.name].numpy(), initializer.name))
     if model_info(base).arch == "onnx":  # a standard graph with its contract and the learned ranges
         user = lookup(str(base))
-        standard = Contract(scale=user.contract.scale, fixed_size=_fixed_pair(fp32))
+        standard = Contract(scale=user.contract.scale, fixed_size=fixed_input_size(fp32))
         set_metadata(fp32, STANDARD_KEY, json.dumps(standard.to_dict()))
         set_metadata(fp32, f"sr.{METADATA_KEY}", json.dumps(record))
         write_atomic(fp32.SerializeToString(), out)

@@ -380,9 +380,10 @@ def qat_record(model_name: str | os.PathLike) -> dict | None:
     return record if isinstance(record, dict) else None
 
 
-def fixed_input_size(fp32: Path) -> tuple[int, int] | None:
-    """(height, width) of a model that takes only one input size, else None."""
-    dims = onnx.load(str(fp32), load_external_data=False).graph.input[0].type.tensor_type.shape.dim
+def fixed_input_size(fp32: Path | onnx.ModelProto) -> tuple[int, int] | None:
+    """(height, width) of a model (a file or a loaded graph) that takes only one input size, else None."""
+    model = fp32 if isinstance(fp32, onnx.ModelProto) else onnx.load(str(fp32), load_external_data=False)
+    dims = model.graph.input[0].type.tensor_type.shape.dim
     height, width = (d.dim_value if d.HasField("dim_value") else 0 for d in dims[2:4])
     return (height, width) if height and width else None
 

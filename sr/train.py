@@ -30,6 +30,11 @@ from .store import atomic_path
 
 log = logging.getLogger(__name__)
 
+# Where the training and validation images are in this project's set-up (the shared data sets beside the
+# checkout); a clone without them passes its own folders.
+DEFAULT_TRAIN_DIRS = ("../shared/data/T91", "../shared/data/BSD200")
+DEFAULT_VAL_DIR = "../shared/data/Set5"
+
 
 @dataclass
 class TrainConfig:
@@ -43,8 +48,8 @@ class TrainConfig:
     arch: str = "xlsr"
     final_activation: str = "relu"
     scale: int = 3
-    train_dirs: list[str] = field(default_factory=lambda: ["../shared/data/T91", "../shared/data/BSD200"])
-    val_dir: str | None = "../shared/data/Set5"
+    train_dirs: list[str] = field(default_factory=lambda: list(DEFAULT_TRAIN_DIRS))
+    val_dir: str | None = DEFAULT_VAL_DIR
     out: str = "runs/model.safetensors"
     steps: int = 20_000
     batch_size: int = 16  # per process; under torchrun the global batch is batch_size * world size

@@ -187,7 +187,9 @@ def test_training_is_off_unless_the_operator_allows_it(monkeypatch):
         next(app.start_training(20, "relu", False, 0.5))
 
 
-def test_training_jobs_belong_to_their_tab(tmp_path, photo, monkeypatch):
+@pytest.fixture
+def job_sandbox(tmp_path, photo, monkeypatch):
+    """Jobs allowed, two small training images, and runs/ in a temp folder (the model lists read it there)."""
     import app_jobs as jobs
     from sr import compare, store
 
@@ -199,6 +201,14 @@ def test_training_jobs_belong_to_their_tab(tmp_path, photo, monkeypatch):
     monkeypatch.setattr(store, "RUNS_DIR", tmp_path / "runs")
     monkeypatch.setattr(compare, "RUNS_DIR", tmp_path / "runs")
     monkeypatch.setattr(jobs.POLICY, "enabled", True)
+    return tmp_path
+
+
+def test_training_jobs_belong_to_their_tab(job_sandbox):
+    import app_jobs as jobs
+    from sr import compare
+
+    tmp_path = job_sandbox
     first = jobs.start("tab-one", 20, "clipped_relu", use_teacher=False)
     second = jobs.start("tab-two", 1, "relu", use_teacher=False)  # one step works, and waits for the first
     with pytest.raises(ValueError, match="you already have a job"):
@@ -219,26 +229,19 @@ def test_training_jobs_belong_to_their_tab(tmp_path, photo, monkeypatch):
     assert len(list((tmp_path / "runs").glob("*-tab-one-*.safetensors"))) == jobs.MAX_RUNS_PER_OWNER
 
 
-def test_make_it_int8_ready_adds_a_fine_tuned_model(tmp_path, photo, monkeypatch, data_dir):
+def test_make_it_int8_ready_adds_a_fine_tuned_model(job_sandbox, monkeypatch, data_dir):
     """The app's QAT action: off unless allowed, then a real (short) QAT job whose result joins the model lists
     as model A and carries its learned ranges."""
     import gradio as gr
 
     import app
     import app_jobs as jobs
-    from sr import compare, store
     from sr.quantize import learned_ranges
 
+    tmp_path = job_sandbox
     monkeypatch.setattr(jobs.POLICY, "enabled", False)
     with pytest.raises(gr.Error, match="Fine-tuning is off on this deployment"):
         next(app.start_qat("xlsr-clip", 5))
-    folder = tmp_path / "train"
-    folder.mkdir()
-    for index in range(2):
-        Image.fromarray(np.roll(photo, 11 * index, axis=0)).resize((120, 120)).save(folder / f"{index}.png")
-    monkeypatch.setenv("SR_TRAIN_DIRS", str(folder))
-    monkeypatch.setattr(store, "RUNS_DIR", tmp_path / "runs")
-    monkeypatch.setattr(compare, "RUNS_DIR", tmp_path / "runs")
     monkeypatch.setattr(jobs.POLICY, "enabled", True)
     monkeypatch.setattr(jobs, "QAT_EQUALIZE", 0.0)
     updates = list(app.start_qat("xlsr-clip", 4))
