@@ -43,7 +43,7 @@ from .choices import Choice
 from .models import model_info
 from .onnxtorch import OnnxModule
 from .qat import FakeQuantModel, export_trained, fake_quantized, qdq_path_for
-from .transforms import calibration_batch, prepare
+from .transforms import calibration_batch, prepare, remove_starting_points
 from .quantize import Scheme
 from .store import cache_root, code_digest, file_sha256, library_versions, locked, short_hash
 
@@ -140,8 +140,7 @@ def _refine_into(config: RefineConfig, out: Path, progress: Callable[[float, str
     reference = OnnxModule(student.fp32).eval().requires_grad_(False)  # the same function as the original model
     with torch.no_grad():
         target = reference(x)
-    frozen = {g for g, q in student.quantizers.items() if any(t in fixes.fixed_range for t in q.tensors)}
-    steps = {Refinement.RANGE_SEARCH: lambda: search_ranges(student, x, target, frozen),
+    steps = {Refinement.RANGE_SEARCH: lambda: search_ranges(student, x, target, student.frozen_groups),
              Refinement.ADAROUND: lambda: adaround(student, reference, x, config.adaround_steps),
              Refinement.BIAS_CORRECTION: lambda: correct_biases(student, reference, x)}
     before = _output_mse(student, x, target)
@@ -155,8 +154,7 @@ def _refine_into(config: RefineConfig, out: Path, progress: Callable[[float, str
               "patches": config.patches}
     export_trained(structure, calibrated.fp32_onnx, student.weights(), json.loads(json.dumps(record, default=str)),
                    out, qdq_path_for(out, config.scheme.value), calibrated.ranges)
-    for leftover in out.parent.glob(f"{out.stem}.centred.*"):
-        leftover.unlink(missing_ok=True)
+    remove_starting_points(out.with_name(out.stem))
 
 
 @torch.no_grad()

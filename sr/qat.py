@@ -55,7 +55,7 @@ from .quantize import (CalibratedModel, Fixes, Scheme, calibrate_model, fixed_in
 from .store import atomic_path, file_sha256, write_atomic
 from .train import (DEFAULT_TRAIN_DIRS, DEFAULT_VAL_DIR, Validator, _distributed, _gather, _machine, _resolve_device,
                      _should_end, warmup_fraction)
-from .transforms import METADATA_KEY, calibration_batch, prepare
+from .transforms import METADATA_KEY, calibration_batch, prepare, remove_starting_points
 from .usermodel import STANDARD_KEY, Contract, lookup, set_metadata
 
 log = logging.getLogger(__name__)
@@ -149,7 +149,8 @@ class FakeQuantModel(nn.Module):
         self.enabled = True
         self.active: set[str] | None = None  # activation groups quantized (None: all), for the PTQ searches
         self.weight_override: dict[str, Callable[[], torch.Tensor]] = {}  # weight name -> its quantized value
-        keep = torch.tensor([any(t in frozen_tensors for t in self.quantizers[g].tensors) for g in self.groups])
+        self.frozen_groups = {g for g in self.groups if any(t in frozen_tensors for t in self.quantizers[g].tensors)}
+        keep = torch.tensor([g in self.frozen_groups for g in self.groups])
         if keep.any():
             self.log_scales.register_hook(lambda grad: grad.masked_fill(keep, 0.0))
 
@@ -499,10 +500,7 @@ def _finish(run: _QatRun) -> QatResult:
         dist.barrier()
         dist.destroy_process_group()
     if run.rank == 0 and run.step >= run.config.steps:  # the starting-point files a resume would need
-        for leftover in out.parent.glob(f"{out.name}.centred.*"):
-            leftover.unlink(missing_ok=True)
-        for leftover in out.parent.glob(f"{out.name}.equalized.*"):
-            leftover.unlink(missing_ok=True)
+        remove_starting_points(out)
     return QatResult(out, qdq, run.step, wall, run.history, run.fp32_val_psnr)
 
 

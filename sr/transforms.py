@@ -63,6 +63,13 @@ def prepare(model: str, io_offset: bool, equalize: float, patches: torch.Tensor 
     return structure, Fixes(fixed_range={tensor: (-bound, bound) for tensor in io_tensors(graph)})
 
 
+def remove_starting_points(work: Path) -> None:
+    """Delete the files `prepare(..., work)` wrote (once the model made from them is saved)."""
+    for kind in ("centred", "equalized"):
+        for leftover in work.parent.glob(f"{work.name}.{kind}.*"):
+            leftover.unlink(missing_ok=True)
+
+
 def load_io_offset(model: str) -> float:
     """The centred-I/O offset of a model (0 for none, and for ONNX models)."""
     info = model_info(model)
