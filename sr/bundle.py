@@ -1,13 +1,17 @@
 """A deployment bundle: everything a deployment tool needs to run the INT8 model the lab made, in one folder (or
-zip), with a README saying how it was made and how well it does.
+zip), with a README saying how it was made and how well it does. Every model in it is the user's own graph (a
+user's model without the lab's wrapper: its own inputs, outputs and names), and the figures in its README are
+measured on exactly those INT8 models with the reference engine (ONNX Runtime on the CPU).
 
-- `model.qdq.onnx`: the TensorRT QDQ model (symmetric INT8 activations, per-channel symmetric weights) with the
-  chosen ranges and fixes (`trtexec --onnx=model.qdq.onnx --stronglyTyped`);
-- `calibration.cache`: the same ranges as a TensorRT calibration cache for the FP32 model (`trtexec
-  --onnx=model.fp32.onnx --int8 --calib=calibration.cache`): a header line naming the calibrator, then one
-  `tensor: <big-endian hex of the float32 scale>` line per tensor, scale = amax / 127;
-- `model.fp32.onnx`: the model in the lab's standard interface (1x3xHxW RGB in [0, 1] in, x s out);
+- `model.qdq.onnx`: the TensorRT QDQ model (`tensorrt` scheme: Q/DQ where NVIDIA ModelOpt puts them, symmetric
+  INT8, per-channel weights, float biases): `trtexec --onnx=model.qdq.onnx --stronglyTyped`;
+- `model.npu-int8.onnx`: every tensor in INT8, the output included (`npu` scheme);
 - `model.cpu-int8.onnx`: the ONNX Runtime CPU model (`cpu` scheme: UINT8 activations, fast-kernel rewrites);
+- `model.fp32.onnx`: the FP32 model the ranges belong to;
+- `calibration.cache` (only with `trt_version`, a TensorRT 10 release): the ranges of the tensors the tensorrt
+  model quantizes, as a TensorRT 10 calibration cache (`TRT-<major*10000+minor*100+patch>-EntropyCalibration2`,
+  then `tensor: <big-endian hex of the float32 scale>`, scale = amax / 127). TensorRT 11 removed implicit INT8
+  calibration: the QDQ model is the way there;
 - `ranges.json`: per tensor the range, the method, the sample count, the calibration-data digest, the lab version;
 - `README.md`: how it was made, its loss against FP32 on the given images, the commands that use it.
 """
@@ -22,19 +26,46 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import onnx
 
 from . import __version__
 from .calibrate import CalibrationConfig, Method, TensorRange, images_digest, load_calibration_images
-from .engines import OrtEngine
 from .metrics import brightness_ratio, psnr_y
 from .models import model_info
-from .quantize import CalibratedModel, Fixes, Scheme, calibrate_model, fp32_onnx_path, tie_fused_ranges
+from .quantize import CalibratedModel, Fixes, Scheme, calibrate_model, fp32_onnx_path, spec_of, tie_fused_ranges
+from .runtime import reference_engine
+from .usermodel import unwrap
 from .store import write_atomic
 
 CALIBRATORS = {Method.ENTROPY: "EntropyCalibration2", Method.ENTROPY_ZEROS: "EntropyCalibration2",
                Method.MINMAX: "MinMaxCalibration", Method.PERCENTILE: "EntropyCalibration2",
                Method.MSE: "EntropyCalibration2"}
-TENSORRT_VERSION_TAG = "TRT-100000"  # the header's TensorRT version field (10.0.0); TensorRT checks the calibrator name
+
+
+
+def tensorrt_cache_tag(version: str) -> str:
+    """The version field of a TensorRT 10 calibration cache header: `TRT-<major*10000+minor*100+patch>`.
+
+    Args:
+        version: a TensorRT 10 release, "10.3" or "10.3.0".
+
+    Returns:
+        e.g. "TRT-100300".
+
+    Raises:
+        ValueError: not a TensorRT 10 version (TensorRT 11 has no implicit INT8 calibration; older ones are not
+            supported here).
+    """
+    parts = str(version).strip().split(".")
+    if not 1 <= len(parts) <= 3 or not all(p.isdigit() for p in parts):
+        raise ValueError(f"not a TensorRT version: {version!r}; give e.g. 10.3.0")
+    major, minor, patch = (int(p) for p in (parts + ["0", "0"])[:3])
+    if major != 10:
+        raise ValueError(f"a calibration cache is for TensorRT 10 only (got {version}): TensorRT 11 removed implicit "
+                         "INT8 calibration; deploy model.qdq.onnx with --stronglyTyped instead")
+    if minor > 99 or patch > 99:
+        raise ValueError(f"not a TensorRT version: {version!r}")
+    return f"TRT-{major * 10000 + minor * 100 + patch}"
 
 
 @dataclass
@@ -48,17 +79,18 @@ class Bundle:
     measured_on: str = ""  # e.g. "5 given images"
 
 
-def calibration_cache_text(ranges: dict[str, TensorRange], method: Method) -> str:
-    """TensorRT's calibration cache: header, then `name: <hex of big-endian float32 amax / 127>` per tensor.
+def calibration_cache_text(ranges: dict[str, TensorRange], method: Method, trt_version: str = "10.0.0") -> str:
+    """TensorRT 10's calibration cache: header, then `name: <hex of big-endian float32 amax / 127>` per tensor.
 
     Args:
         ranges: tensor -> range (symmetric amax = max(|low|, |high|)).
         method: names the calibrator in the header.
+        trt_version: the TensorRT 10 release the cache is for (its header names it).
 
     Returns:
         the text.
     """
-    lines = [f"{TENSORRT_VERSION_TAG}-{CALIBRATORS[Method.parse(method)]}"]
+    lines = [f"{tensorrt_cache_tag(trt_version)}-{CALIBRATORS[Method.parse(method)]}"]
     for name, r in ranges.items():
         scale = max(abs(r.low), abs(r.high)) / 127.0
         lines.append(f"{name}: {struct.pack('>f', scale).hex()}")
@@ -81,20 +113,30 @@ def parse_calibration_cache(text: str) -> dict[str, float]:
 
 
 def _measure(int8: CalibratedModel, images: Sequence[np.ndarray]) -> tuple[float | None, float | None]:
+    """Mean PSNR-Y of the INT8 model against FP32 and its brightness ratio, with the reference engines."""
     if not images:
         return None, None
-    fp32, quantized = OrtEngine(int8.fp32_onnx, int8.scale), OrtEngine(int8.qdq_onnx, int8.scale)
+    fp32, quantized = reference_engine(int8.model), reference_engine(int8.model, int8)
     pairs = [(fp32.run(image), quantized.run(image)) for image in images]
     return (float(np.mean([psnr_y(q, f, int8.scale) for f, q in pairs])),
             float(np.mean([brightness_ratio(q, f) for f, q in pairs])))
 
 
+FILES = {Scheme.TENSORRT: "model.qdq.onnx", Scheme.NPU: "model.npu-int8.onnx", Scheme.CPU: "model.cpu-int8.onnx"}
+
+
+def _write_model(source: Path, out: Path) -> None:
+    """The user's own graph of a lab model file (`sr.usermodel.unwrap`), written atomically."""
+    write_atomic(unwrap(onnx.load(str(source))).SerializeToString(), out)
+
+
 def export_bundle(model: str, config: CalibrationConfig, out: str | Path, fixes: Fixes | None = None,
-                  images: Sequence[np.ndarray] = (), calibration_images: Sequence[np.ndarray] | None = None) -> Bundle:
+                  images: Sequence[np.ndarray] = (), calibration_images: Sequence[np.ndarray] | None = None,
+                  trt_version: str | None = None) -> Bundle:
     """Calibrate (or reuse the cache) and write the deployment bundle of the module docstring.
 
     Example:
-        >>> export_bundle("xlsr-clip", CalibrationConfig(method="mse", samples=1000), "bundle/")
+        >>> export_bundle("xlsr-clip", CalibrationConfig(method="mse", samples=1000), "bundle/", trt_version="10.3")
 
     Args:
         model: a shipped name, a weight file or a registered ONNX model.
@@ -103,59 +145,83 @@ def export_bundle(model: str, config: CalibrationConfig, out: str | Path, fixes:
         fixes: per-tensor overrides (as applied in the app).
         images: LR images (uint8 HxWx3) to measure the INT8 loss on, for the README.
         calibration_images: images to calibrate on instead of `config.data`.
+        trt_version: a TensorRT 10 release: also write its calibration cache (None: no cache).
 
     Returns:
-        the Bundle.
+        the Bundle (its figures are the tensorrt model's).
+
+    Raises:
+        ValueError: a `trt_version` that is not TensorRT 10.
     """
+    if trt_version is not None:
+        tensorrt_cache_tag(trt_version)  # refuse a bad version before any work
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    tensorrt = calibrate_model(model, config, Scheme.TENSORRT, images=calibration_images, fixes=fixes)
-    cpu = calibrate_model(model, config, Scheme.CPU, images=calibration_images, fixes=fixes)
-    shutil.copyfile(tensorrt.qdq_onnx, out / "model.qdq.onnx")
-    shutil.copyfile(cpu.qdq_onnx, out / "model.cpu-int8.onnx")
-    shutil.copyfile(fp32_onnx_path(model), out / "model.fp32.onnx")
-    import onnx
-
-    ranges = tie_fused_ranges(onnx.load(str(tensorrt.fp32_onnx)), tensorrt.ranges)
-    write_atomic(calibration_cache_text(ranges, config.method).encode(), out / "calibration.cache")
+    made = {scheme: calibrate_model(model, config, scheme, images=calibration_images, fixes=fixes)
+            for scheme in FILES}
+    tensorrt = made[Scheme.TENSORRT]
+    for scheme, name in FILES.items():
+        _write_model(made[scheme].qdq_onnx, out / name)
+    _write_model(fp32_onnx_path(model), out / "model.fp32.onnx")
+    spec = spec_of(tensorrt.fp32_onnx, Scheme.TENSORRT, tensorrt.fixes.keep_float)
+    ranges = {user_name(t): r for t, r in tie_fused_ranges(spec, tensorrt.ranges).items()}
+    if trt_version is not None:
+        write_atomic(calibration_cache_text(ranges, config.method, trt_version).encode(), out / "calibration.cache")
     digest = images_digest(load_calibration_images(config.data if calibration_images is None else calibration_images))
     write_atomic(json.dumps({"model": model, "method": config.method.value, "samples": config.samples,
                              "seed": config.seed, "calibration_data_digest": digest, "lab_version": __version__,
-                             "fixes": json.loads((fixes or Fixes()).key()),
-                             "tensors": [r.to_dict() for r in ranges.values()]}, indent=1).encode(),
-                 out / "ranges.json")
+                             "fixes": json.loads((fixes or Fixes()).key()), "scheme": Scheme.TENSORRT.value,
+                             "tensors": [{**r.to_dict(), "name": name} for name, r in ranges.items()]},
+                            indent=1).encode(), out / "ranges.json")
     measured_on = "given images"
     if not images:  # no images given: measure on the calibration images, and say so
         images = load_calibration_images(config.data if calibration_images is None else calibration_images)[:8]
         measured_on = "calibration images (no test images were given)"
-    psnr, brightness = _measure(tensorrt, images)
-    (out / "README.md").write_text(_readme(model, config, tensorrt, psnr, brightness, len(images), measured_on))
+    figures = {scheme: _measure(made[scheme], images) for scheme in FILES}
+    (out / "README.md").write_text(_readme(model, config, tensorrt, figures, len(images), measured_on, trt_version))
     files = sorted(p.name for p in out.iterdir())
+    psnr, brightness = figures[Scheme.TENSORRT]
     return Bundle(out, files, psnr, brightness, f"{len(images)} {measured_on}")
 
 
-def _readme(model: str, config: CalibrationConfig, int8: CalibratedModel, psnr: float | None,
-            brightness: float | None, count: int, measured_on: str) -> str:
+def user_name(tensor: str) -> str:
+    """A tensor's name in the user's own graph (the lab prefixes a user's names with `user/`)."""
+    return tensor[len("user/"):] if tensor.startswith("user/") else tensor
+
+
+def _readme(model: str, config: CalibrationConfig, int8: CalibratedModel, figures: dict, count: int,
+            measured_on: str, trt_version: str | None) -> str:
     info = model_info(model)
-    measured = ("Not measured." if psnr is None else f"On {count} {measured_on}: INT8 is {psnr:.2f} dB PSNR-Y "
-                f"from FP32, brightness ratio {brightness:.4f}.")
+    lines = []
+    for scheme, name in FILES.items():
+        psnr, brightness = figures[scheme]
+        lines.append(f"| `{name}` | {scheme.value} | " + ("not measured" if psnr is None else
+                     f"{psnr:.2f} dB | {brightness:.4f}") + " |")
+    cache = (f"| `calibration.cache` | TensorRT {trt_version}, implicit INT8: `trtexec --onnx=model.fp32.onnx --int8 "
+             f"--calib=calibration.cache` (only the tensors `model.qdq.onnx` quantizes) |\n" if trt_version else "")
     return f"""# INT8 bundle of `{info.name}` (x{info.scale})
 
 Made by SR INT8 Lab {__version__}: {config.method.value} calibration, {config.samples} samples (seed {config.seed}),
 {"fixes: " + int8.fixes.key() if not int8.fixes.is_empty() else "no per-tensor fixes"}.
-The models have the lab's standard interface: `input` float32 1x3xHxW RGB in [0, 1], `output` 1x3x(sH)x(sW). For
-a model you brought, that is your graph wrapped by the lab (layout, value range, and for a Y-only model the
-RGB -> Y conversion with bicubic Cb/Cr) so that it takes and returns RGB images; your own layers are unchanged.
+Each model is the network itself, with its own inputs and outputs (for a model you brought: your graph, your
+tensor names; the lab's colour conversion and layout handling are not in it and are not quantized).
 
-{measured}
+Measured on {count} {measured_on}, each INT8 model run by ONNX Runtime on the CPU against the FP32 model:
+
+| file | scheme | PSNR-Y vs FP32 | brightness INT8/FP32 |
+|---|---|---|---|
+{chr(10).join(lines)}
 
 | file | use |
 |---|---|
-| `model.qdq.onnx` | TensorRT: `trtexec --onnx=model.qdq.onnx --stronglyTyped --saveEngine=model.plan` |
-| `calibration.cache` | TensorRT, implicit INT8: `trtexec --onnx=model.fp32.onnx --int8 --calib=calibration.cache` |
-| `model.fp32.onnx` | the FP32 model the ranges belong to |
+| `model.qdq.onnx` | TensorRT 10 or 11: `trtexec --onnx=model.qdq.onnx --stronglyTyped --saveEngine=model.plan` |
+| `model.npu-int8.onnx` | accelerators that run every tensor in INT8, the output included |
 | `model.cpu-int8.onnx` | ONNX Runtime on a CPU (UINT8 activations) |
-| `ranges.json` | the ranges, how they were chosen, and the calibration data's digest |
+| `model.fp32.onnx` | the FP32 model the ranges belong to |
+{cache}| `ranges.json` | the ranges, how they were chosen, and the calibration data's digest |
+
+TensorRT 11 removed implicit INT8 calibration: the QDQ model is the way there. A calibration cache is written
+only when a TensorRT 10 version is given (`--trt-version`).
 """
 
 

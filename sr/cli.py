@@ -16,6 +16,7 @@ from pathlib import Path
 
 from . import __version__
 from .calibrate import CalibrationConfig, Method
+from .engines import EngineRefused
 from .quantize import Scheme
 from .train import TrainConfig
 
@@ -65,7 +66,8 @@ def _add_calibration_arguments(parser: argparse.ArgumentParser, data_flag: tuple
                         "NVIDIA's KL search as ModelOpt publishes it (the zero bin flattened); entropy-zeros counts "
                         "the spike of exact zeros after a ReLU, which pulls the threshold down")
     parser.add_argument("--samples", type=int, default=None, help=f"calibration patches, 10..1000 (default: {c.samples})")
-    parser.add_argument("--scheme", default=None, help="tensorrt (symmetric int8) or cpu (uint8) (default: tensorrt)")
+    parser.add_argument("--scheme", default=None, help="tensorrt (Q/DQ where NVIDIA ModelOpt puts them), npu (every "
+                        "tensor INT8, the output included) or cpu (uint8, ONNX Runtime's x86 path) (default: tensorrt)")
     parser.add_argument("--percentile", type=float, default=c.percentile, help="for --method percentile (default: %(default)s)")
     parser.add_argument("--patch-size", type=int, default=c.patch_size, help="calibration patch side, LR px (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=c.seed, help="calibration sample seed (default: %(default)s)")
@@ -256,7 +258,7 @@ def cmd_export_int8(args: argparse.Namespace) -> int:
     _print_config(config)
     scale = model_info(model).scale
     images = [degrade(load_image(p), scale)[1] for p in list_images(args.data)] if args.data else []
-    bundle = export_bundle(model, config, args.out, images=images)
+    bundle = export_bundle(model, config, args.out, images=images, trt_version=args.trt_version)
     print(f"wrote {bundle.folder}: {', '.join(bundle.files)}")
     if bundle.psnr_fp32_vs_int8_db is not None:
         print(f"INT8 vs FP32 on {bundle.measured_on}: {bundle.psnr_fp32_vs_int8_db:.2f} dB, brightness "
@@ -360,6 +362,8 @@ def _add_commands(commands) -> None:
     _add_calibration_arguments(export)
     export.add_argument("--out", required=True, help="the bundle folder")
     export.add_argument("--data", default=None, help="HR images to measure the INT8 loss on (for the README)")
+    export.add_argument("--trt-version", default=None, help="also write a TensorRT 10 calibration cache for this "
+                        "release, e.g. 10.3.0 (TensorRT 11 has no implicit INT8 calibration: use model.qdq.onnx)")
     export.set_defaults(run=cmd_export_int8)
 
     diagnose = commands.add_parser("diagnose", help="rank the tensors whose INT8 range damages the output")
@@ -452,6 +456,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except EngineRefused as error:
+        print(f"error: {error}. Use --engine ort-int8 (the reference) or ort.", file=sys.stderr)
+        return 3
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

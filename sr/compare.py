@@ -20,10 +20,11 @@ from PIL import Image
 from .calibrate import CalibrationConfig
 from .choices import Choice
 from .data import bicubic_resize, degrade, load_image
-from .engines import OpenVinoEngine, OrtEngine, TorchEngine, openvino_available, tensorrt_available
+from .engines import OrtEngine, TorchEngine
 from .metrics import brightness_ratio, delta_e, psnr_y, ssim_y
 from .models import load_model, model_info, shipped_models
 from .quantize import CalibratedModel, Fixes, Scheme, calibrate_model
+from .runtime import reference_engine
 from .store import RUNS_DIR
 
 MAX_SIDE = 1024  # LR pixels on the long side on CPU; larger inputs are downscaled (with a notice)
@@ -153,16 +154,10 @@ def fp32_engine(model: str):
 
 
 def int8_engine(int8: CalibratedModel):
-    """The shared INT8 engine of a calibrated model, the fastest present: TensorRT (GPU, tensorrt scheme), else
-    OpenVINO (every conv a fused INT8 kernel on x86), else ONNX Runtime. Its `name` says which."""
-    if int8.scheme is Scheme.TENSORRT and tensorrt_available():
-        from .engines import TensorRTEngine
-
-        return ENGINES.get(("trt", int8.key), lambda: TensorRTEngine(int8.qdq_onnx, int8.scale))
-    if openvino_available():
-        return ENGINES.get(("openvino", int8.key), lambda: OpenVinoEngine(int8.qdq_onnx, int8.scale,
-                                                                          name="openvino-int8"))
-    return ENGINES.get(("ort", int8.key), lambda: OrtEngine(int8.qdq_onnx, int8.scale, name="ort-int8"))
+    """The shared INT8 engine of a calibrated model for the panels and their figures: the reference (ONNX Runtime
+    on the CPU, `sr.runtime.reference_engine`), so that what the app shows is the INT8 model the bundle ships, as
+    `eval --engine ort-int8` scores it. Faster engines are checked against it in `sr.runtime` and `sr bench`."""
+    return ENGINES.get(("ort-reference", int8.key), lambda: reference_engine(int8.model, int8))
 
 
 def _timed(engine, lr):

@@ -1,14 +1,16 @@
 """Which tensor makes the INT8 output dull? Per-tensor sensitivity, SQNR, range coverage, and one-click fixes.
 
-Sensitivity is measured by simulation on the FP32 ONNX graph with ONNX Runtime: a QuantizeLinear/DequantizeLinear
-pair with the calibrated range is placed on the chosen activation tensors (weights stay FP32, so the numbers
-isolate the activation ranges, which is what calibration chooses). For each tensor t:
+Sensitivity is measured on the real INT8 model: the QDQ file the bundle ships, run by the reference engine (ONNX
+Runtime on the CPU), as written or with some of its Q/DQ pairs taken out again (`sr.quantize.without_quantization`).
+The tensors ranked are those the written model quantizes. For each tensor t:
 
-- `alone_psnr_vs_fp32_db`: PSNR of the output with only t quantized, against the FP32 output (the ranking key:
+- `alone_psnr_vs_fp32_db`: PSNR of the output with only t's activation pair left (weights in FP32, so the
+  figure isolates t's range, which is what calibration chooses), against the FP32 output (the ranking key:
   the tensor that alone moves the output furthest from FP32 comes first; defined with or without ground truth);
 - `psnr_drop_db`: FP32 PSNR minus the PSNR with only t quantized, both against the ground truth (None when
   there is none: upscale mode);
-- `recovery_db`: PSNR with every tensor but t quantized, minus the PSNR with all quantized;
+- `recovery_db`: PSNR of the written model without t's pair, minus the written model's ("all INT8": the same
+  figure `eval --engine ort-int8` gives for the same images and settings);
 - `brightness`: mean brightness of the only-t output over FP32's;
 - `sqnr_db`: signal-to-quantization-noise ratio of t over its calibration histogram.
 
@@ -26,7 +28,6 @@ from typing import Callable, Sequence
 import numpy as np
 import onnx
 import onnxruntime as ort
-from onnx import TensorProto, helper, numpy_helper
 
 from .calibrate import CalibrationConfig, Method, TensorRange, TensorStats, observing_session
 from .choices import Choice
@@ -35,7 +36,9 @@ from .data import bicubic_resize, degrade, list_images, load_image
 from .engines import OrtEngine, tiled
 from .metrics import brightness_ratio, psnr_y
 from .models import model_info
-from .quantize import QUANTIZED_OPS, CalibratedModel, Fixes, Scheme, calibrate_model, tie_fused_ranges
+from .quantize import (CalibratedModel, Fixes, Scheme, calibrate_model, spec_of, tie_fused_ranges,
+                       without_quantization)
+from .quantspec import ActivationSpec, activation_qparams, graph_quantization
 
 
 class Fix(Choice, noun="fix"):
@@ -138,70 +141,16 @@ class DiagnosisReport:
                 "ranking": [r.to_json() for r in self.ranking]}
 
 
-def _quant_params(r: TensorRange, symmetric: bool) -> tuple[float, int, int]:
-    """(scale, zero point, ONNX dtype) of a range, as ONNX Runtime's quantizer computes them."""
-    if symmetric:
-        amax = max(abs(r.low), abs(r.high), 1e-8)
-        return amax / 127.0, 0, TensorProto.INT8
-    low, high = min(r.low, 0.0), max(r.high, 0.0)
-    scale = max(high - low, 1e-8) / 255.0
-    return scale, int(round(-low / scale)), TensorProto.UINT8
-
-
-def simulation_model(fp32: onnx.ModelProto, ranges: dict[str, TensorRange], quantized: Sequence[str],
-                     symmetric: bool) -> bytes:
-    """The FP32 graph with a Q/DQ pair after each tensor in `quantized` (activation-only simulation).
-
-    Args:
-        fp32: the FP32 model.
-        ranges: the ranges to quantize with.
-        quantized: the tensors that get a Q/DQ pair.
-        symmetric: INT8 symmetric (tensorrt) or UINT8 asymmetric (cpu).
-
-    Returns:
-        the serialized simulation model.
-    """
-    model = onnx.ModelProto()
-    model.CopyFrom(fp32)
-    graph = model.graph
-    nodes = list(graph.node)
-    rename = {}
-    inserted_after: dict[int, list] = {}
-    producer_index = {out: i for i, node in enumerate(nodes) for out in node.output}
-    for tensor in quantized:
-        scale, zero, dtype = _quant_params(ranges[tensor], symmetric)
-        tag = tensor.replace("/", "_")
-        graph.initializer.extend([numpy_helper.from_array(np.array(scale, np.float32), f"{tag}_s"),
-                                  helper.make_tensor(f"{tag}_z", dtype, [], [zero])])
-        pair = [helper.make_node("QuantizeLinear", [tensor, f"{tag}_s", f"{tag}_z"], [f"{tag}_q"]),
-                helper.make_node("DequantizeLinear", [f"{tag}_q", f"{tag}_s", f"{tag}_z"], [f"{tag}_dq"])]
-        rename[tensor] = f"{tag}_dq"
-        inserted_after.setdefault(producer_index.get(tensor, -1), []).extend(pair)
-    rebuilt = list(inserted_after.get(-1, []))
-    for index, node in enumerate(nodes):
-        for position, name in enumerate(node.input):
-            if name in rename:
-                node.input[position] = rename[name]
-        rebuilt.append(node)
-        rebuilt.extend(inserted_after.get(index, []))
-    for output in graph.output:
-        if output.name in rename:  # keep the graph's output name: route it through an Identity
-            source = rename[output.name]
-            rebuilt.append(helper.make_node("Identity", [source], [output.name + "_final"]))
-            output.name = output.name + "_final"
-    del graph.node[:]
-    graph.node.extend(rebuilt)
-    return model.SerializeToString()
-
-
-def _sqnr(stats: TensorStats, r: TensorRange, symmetric: bool) -> tuple[float, float]:
-    """(SQNR dB, clipped share of signal energy) from the |x| histogram, values at bin centres."""
+def _sqnr(stats: TensorStats, r: TensorRange, activation: ActivationSpec) -> tuple[float, float]:
+    """(SQNR dB, clipped share of signal energy) from the |x| histogram, values at bin centres, on the grid the
+    written model uses for this tensor."""
     if stats.histogram.sum() == 0 or stats.bin_width == 0:
         return math.inf, 0.0
     centres = (np.arange(len(stats.histogram)) + 0.5) * stats.bin_width
-    scale, _, _ = _quant_params(r, symmetric)
+    scale, _ = activation_qparams(activation, r.low, r.high)
+    symmetric = activation.signed
     limit = max(abs(r.low), abs(r.high)) if (symmetric or stats.observed_min < 0) else r.high
-    levels = 127 if symmetric else 255
+    levels = activation.qmax if symmetric else activation.qmax - activation.qmin
     quantized = np.minimum(np.round(centres / scale), levels) * scale
     quantized = np.minimum(quantized, limit)
     energy = np.sum(stats.histogram * centres**2)
@@ -243,29 +192,41 @@ def centre_crop(lr: np.ndarray, truth: np.ndarray | None, scale: int, max_side: 
     return np.ascontiguousarray(lr), truth
 
 
-class _Simulator:
-    """Scores simulation models (a chosen set of quantized tensors) on the evaluation pairs."""
+class _Scorer:
+    """Scores the written QDQ model, and copies of it with some quantization taken out, on the evaluation pairs
+    with the reference engine (ONNX Runtime on the CPU): "all INT8" is the model the bundle ships."""
 
     def __init__(self, calibrated: CalibratedModel, pairs: list[tuple]):
         self.fp32 = onnx.load(str(calibrated.fp32_onnx))
-        self.ranges = tie_fused_ranges(self.fp32, calibrated.ranges)
-        self.symmetric, self.scale = calibrated.scheme.symmetric, calibrated.scale
-        fp32_engine = OrtEngine(calibrated.fp32_onnx, self.scale)
+        self.qdq = onnx.load(str(calibrated.qdq_onnx))
+        self.spec = spec_of(self.fp32, calibrated.scheme, calibrated.fixes.keep_float)
+        self.ranges = {**calibrated.ranges, **tie_fused_ranges(self.spec, calibrated.ranges)}
+        self.scale = calibrated.scale
+        fp32_engine = OrtEngine(calibrated.fp32_onnx, self.scale, cpu_only=True)
         self.lrs = [lr for lr, _ in pairs]
         self.references = [fp32_engine.run(lr) for lr in self.lrs]
         self.truths = [truth for _, truth in pairs]
         self.has_truth = all(truth is not None for truth in self.truths)
+        # the points: what the written model really quantizes (the cpu writer folds ReLU/Clip into the Conv)
+        written = graph_quantization(self.qdq, self.fp32).activations
+        self.points = [t for t in self.spec.activations if t in written]
 
-    def outputs(self, quantized: Sequence[str]) -> list[np.ndarray]:
-        """The simulated INT8 outputs with `quantized` tensors quantized."""
-        session = ort.InferenceSession(simulation_model(self.fp32, self.ranges, quantized, self.symmetric),
-                                       providers=["CPUExecutionProvider"])
+    def outputs(self, dropped: Sequence[str] = (), alone: str | None = None) -> list[np.ndarray]:
+        """The INT8 outputs of the written model without the pairs of `dropped`, or with `alone` as its only
+        quantized tensor (weights in FP32)."""
+        if alone is not None:
+            model = without_quantization(self.qdq, self.fp32, [p for p in self.points if p != alone], True)
+        elif dropped:
+            model = without_quantization(self.qdq, self.fp32, dropped)
+        else:
+            model = self.qdq
+        session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
         name = session.get_inputs()[0].name
         return [tiled(lambda a: session.run(None, {name: a})[0], lr, self.scale) for lr in self.lrs]
 
-    def score(self, quantized: Sequence[str]) -> tuple[float, float, float]:
+    def score(self, dropped: Sequence[str] = (), alone: str | None = None) -> tuple[float, float, float]:
         """(PSNR vs truth or None, PSNR vs FP32, brightness vs FP32), means over the images."""
-        outputs = self.outputs(quantized)
+        outputs = self.outputs(dropped, alone)
         vs_fp32 = float(np.mean([psnr_y(o, r, self.scale) for o, r in zip(outputs, self.references)]))
         vs_truth = float(np.mean([psnr_y(o, t, self.scale) for o, t in zip(outputs, self.truths)])) \
             if self.has_truth else None
@@ -277,26 +238,6 @@ class _Simulator:
         if not self.has_truth:
             return None
         return float(np.mean([psnr_y(r, t, self.scale) for r, t in zip(self.references, self.truths)]))
-
-
-def quantization_points(model: onnx.ModelProto, tensors: Sequence[str]) -> list[str]:
-    """The tensors the QDQ model quantizes (inputs and outputs of the quantized op types, as quantize_static
-    places its pairs), each once: tied Conv outputs share their activation's QDQ, so the activation stands for
-    both; an op the quantizer leaves in float adds no point of its own.
-
-    Args:
-        model: the FP32 model.
-        tensors: the calibrated tensors.
-
-    Returns:
-        the subset of `tensors`, in order.
-    """
-    quantized = set()
-    for node in model.graph.node:
-        if node.op_type in QUANTIZED_OPS:
-            quantized.update(node.output)
-            quantized.update(node.input if node.op_type == "Concat" else node.input[:1])
-    return [name for name in tensors if name in quantized and not _is_fused_into_activation(model, name)]
 
 
 def diagnose(config: DiagnoseConfig, images: Sequence | None = None, mode: InputMode | str = InputMode.GROUND_TRUTH,
@@ -320,10 +261,10 @@ def diagnose(config: DiagnoseConfig, images: Sequence | None = None, mode: Input
     """
     mode = InputMode.parse(mode)
     calibrated = calibrate_model(config.model, config.calibration, config.scheme)
-    simulator = _Simulator(calibrated, _eval_pairs(config.data, images, mode, calibrated.scale, config.max_side))
-    points = quantization_points(simulator.fp32, list(calibrated.ranges))
+    simulator = _Scorer(calibrated, _eval_pairs(config.data, images, mode, calibrated.scale, config.max_side))
+    points = simulator.points
     started = time.perf_counter()
-    all_truth, all_fp32, all_bright = simulator.score(points)
+    all_truth, all_fp32, all_bright = simulator.score()
     seconds_per_pass = time.perf_counter() - started  # the estimate: two such passes per tensor remain
     fp32_psnr = simulator.fp32_psnr()
     consumers: dict[str, list[str]] = {}
@@ -338,11 +279,11 @@ def diagnose(config: DiagnoseConfig, images: Sequence | None = None, mode: Input
         if progress:
             left = 2 * (len(points) - index) * seconds_per_pass
             progress(index / len(points), f"tensor {index + 1} of {len(points)}, about {left:.0f} s left")
-        alone_truth, alone_fp32, alone_bright = simulator.score([tensor])
-        rest_truth, rest_fp32, _ = simulator.score([p for p in points if p != tensor])
+        alone_truth, alone_fp32, alone_bright = simulator.score(alone=tensor)
+        rest_truth, rest_fp32, _ = simulator.score(dropped=[tensor])
         recovery = rest_truth - all_truth if simulator.has_truth else rest_fp32 - all_fp32
         r = simulator.ranges[tensor]
-        sqnr, energy = _sqnr(stats[tensor], r, calibrated.scheme.symmetric)
+        sqnr, energy = _sqnr(stats[tensor], r, simulator.spec.activations[tensor])
         drop = fp32_psnr - alone_truth if simulator.has_truth else None
         reports.append(LayerReport(tensor, calibrated.producers.get(tensor, "?"), consumers.get(tensor, []),
                                    alone_fp32, drop, recovery, alone_bright, sqnr, r.clipped_fraction, energy,
@@ -352,18 +293,6 @@ def diagnose(config: DiagnoseConfig, images: Sequence | None = None, mode: Input
                            calibrated.config.samples, simulator.has_truth, fp32_psnr,
                            all_truth if simulator.has_truth else all_fp32, all_fp32, all_bright,
                            reports[: config.top] if config.top else reports, calibrated, stats)
-
-
-def _is_fused_into_activation(model: onnx.ModelProto, tensor: str) -> bool:
-    """True for a tensor that only feeds a ReLU/Clip (or a DepthToSpace that does): TensorRT quantizes it
-    together with that activation."""
-    consumers = [node for node in model.graph.node if tensor in node.input]
-    if len(consumers) != 1:
-        return False
-    node = consumers[0]
-    if node.op_type in ("Relu", "Clip"):
-        return True
-    return node.op_type == "DepthToSpace" and _is_fused_into_activation(model, node.output[0])
 
 
 @dataclass
@@ -447,8 +376,9 @@ def range_coverage(calibrated: CalibratedModel, lr: np.ndarray, tile: int = 128,
         factor = max_side / max(lr.shape[:2])
         lr = bicubic_resize(lr, max(1, round(lr.shape[1] * factor)), max(1, round(lr.shape[0] * factor)))
     model = onnx.load(str(calibrated.fp32_onnx))
-    ranges = tie_fused_ranges(model, calibrated.ranges)
-    points = quantization_points(model, list(calibrated.ranges))
+    spec = spec_of(model, calibrated.scheme, calibrated.fixes.keep_float)
+    ranges = tie_fused_ranges(spec, calibrated.ranges)
+    points = list(spec.activations)
     session = observing_session(calibrated.fp32_onnx, points)
     input_name = session.get_inputs()[0].name
     names = [o.name for o in session.get_outputs()]

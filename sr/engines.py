@@ -14,9 +14,11 @@ import sys
 import threading
 import time
 from pathlib import Path
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
+import onnx
 import torch
 
 from .data import to_tensor, to_uint8
@@ -133,16 +135,19 @@ def ort_providers(onnx_path: str | os.PathLike, available: list[str] | None = No
 
 
 class OrtEngine:
-    """ONNX Runtime: an FP32 model or a QDQ INT8 model, on the best provider present (`provider` says which)."""
+    """ONNX Runtime: an FP32 model or a QDQ INT8 model, on the best provider present (`provider` says which), or
+    on the CPU alone (`cpu_only`: the lab's reference numerics)."""
 
-    def __init__(self, onnx_path: str | os.PathLike, scale: int, threads: int = 0, name: str = "ort"):
+    def __init__(self, onnx_path: str | os.PathLike, scale: int, threads: int = 0, name: str = "ort",
+                 cpu_only: bool = False):
         import onnxruntime as ort
 
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
         options.log_severity_level = 3
-        self.session = ort.InferenceSession(str(onnx_path), options, providers=ort_providers(onnx_path))
+        providers = ["CPUExecutionProvider"] if cpu_only else ort_providers(onnx_path)
+        self.session = ort.InferenceSession(str(onnx_path), options, providers=providers)
         self.provider = self.session.get_providers()[0]
         self.input_name = self.session.get_inputs()[0].name
         self.fixed = _fixed_size(self.session.get_inputs()[0].shape)
@@ -166,9 +171,55 @@ def openvino_available() -> bool:
     return True
 
 
+def unsigned_activations(model: "onnx.ModelProto") -> int:
+    """Re-express every signed-INT8 activation Q/DQ pair as UINT8 with its zero point moved by 128, in place.
+
+    The grid is the same (q_uint8 = q_int8 + 128 for every value, the clamp included), so the numerics are
+    unchanged; weights (Q/DQ of initializers, per-channel) keep their INT8 zero points. Why: OpenVINO 2026.4's
+    CPU plugin runs the signed-activation path wrongly on some CPUs (AMD Zen 4 without AMX: posterized, dark
+    output, 13-16 dB from ONNX Runtime on the same file), while the unsigned path agrees with ONNX Runtime on
+    both Intel and AMD. The conformance check below is what makes that claim safe on a CPU nobody tried.
+
+    Args:
+        model: a QDQ ONNX model (changed in place).
+
+    Returns:
+        how many zero points were moved.
+    """
+    from onnx import numpy_helper
+
+    initializers = {init.name: init for init in model.graph.initializer}
+    moved = set()
+    for node in model.graph.node:
+        if node.op_type not in ("QuantizeLinear", "DequantizeLinear") or len(node.input) < 3:
+            continue
+        zero = initializers.get(node.input[2])
+        if zero is None or zero.data_type != onnx.TensorProto.INT8 or zero.dims:
+            continue  # per-channel (weights) or not a constant
+        if node.op_type == "DequantizeLinear" and node.input[0] in initializers:
+            continue  # a quantized weight stored as INT8
+        moved.add(zero.name)
+    for name in moved:
+        value = numpy_helper.to_array(initializers[name]).astype(np.int16) + 128
+        initializers[name].CopyFrom(numpy_helper.from_array(value.astype(np.uint8), name))
+    return len(moved)
+
+
+def _openvino_source(onnx_path: Path) -> Path:
+    """The file OpenVINO reads: the model itself, or its unsigned-activation twin (cached by the model's hash)."""
+    model = onnx.load(str(onnx_path))
+    if not unsigned_activations(model):
+        return onnx_path
+    twin = cache_root() / "openvino" / f"{onnx_path.stem}-{file_sha256(onnx_path)[:16]}-u8.onnx"
+    if not twin.is_file():
+        write_atomic(model.SerializeToString(), twin)
+    return twin
+
+
 class OpenVinoEngine:
     """OpenVINO on the CPU: an FP32 ONNX model (run in FP32, or BF16 where the CPU has it) or a QDQ INT8 model,
-    whose Q/DQ pairs OpenVINO turns into fused INT8 kernels (grouped convolutions included).
+    whose Q/DQ pairs OpenVINO turns into fused INT8 kernels (grouped convolutions included). Signed activations
+    run through the equivalent unsigned graph (`unsigned_activations`).
 
     One compiled model per input shape (OpenVINO is fastest on static shapes), LATENCY hint, threads settable.
     """
@@ -179,7 +230,7 @@ class OpenVinoEngine:
 
         if precision not in ("f32", "bf16"):
             raise ValueError(f"unknown OpenVINO precision {precision!r}; choose one of: f32, bf16")
-        self.core, self.path, self.scale, self.name = ov.Core(), Path(onnx_path), scale, name
+        self.core, self.path, self.scale, self.name = ov.Core(), _openvino_source(Path(onnx_path)), scale, name
         self.config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": precision}
         if threads:
             self.config["INFERENCE_NUM_THREADS"] = threads
@@ -312,6 +363,114 @@ class TensorRTEngine:
         return tiled(self._run_array, lr, self.scale)
 
 
+@dataclass(frozen=True)
+class Tolerance:
+    """How far an engine's uint8 output may be from the reference's on the probe, in 8-bit levels."""
+
+    mean_levels: float  # mean absolute difference
+    p999_levels: float  # 99.9th percentile of the absolute difference (a few edge pixels may round apart)
+
+
+# FP32 is FP32 whatever the kernels (summation order only); an INT8 runtime requantizes with its own rounding
+# (measured: OpenVINO's INT8 kernels are 0.3-1.0 levels from ONNX Runtime on average, p99.9 <= 5, on the shipped
+# XLSRs, Intel and AMD alike); BF16 keeps 8 mantissa bits. A wrong kernel path is tens of levels off.
+FP32_TOLERANCE = Tolerance(0.05, 1.0)
+INT8_TOLERANCE = Tolerance(1.5, 8.0)
+BF16_TOLERANCE = Tolerance(1.5, 8.0)
+
+
+@dataclass(frozen=True)
+class Conformance:
+    """An engine's output on the probe against the reference engine's."""
+
+    engine: str
+    reference: str
+    mean_levels: float
+    p999_levels: float
+    max_levels: int
+    psnr_db: float  # of the engine's output against the reference's (RGB, whole image)
+    tolerance: Tolerance
+
+    @property
+    def passed(self) -> bool:
+        """True when the engine is within the tolerance."""
+        return self.mean_levels <= self.tolerance.mean_levels and self.p999_levels <= self.tolerance.p999_levels
+
+    def summary(self) -> str:
+        """One sentence: the verdict and its figures."""
+        verdict = "agrees with" if self.passed else "does not agree with"
+        return (f"{self.engine} {verdict} the reference ({self.reference}) on the conformance probe: mean "
+                f"{self.mean_levels:.2f} levels, 99.9th percentile {self.p999_levels:.0f}, max {self.max_levels} "
+                f"(tolerance: mean <= {self.tolerance.mean_levels}, 99.9th percentile <= "
+                f"{self.tolerance.p999_levels:.0f})")
+
+
+class EngineRefused(RuntimeError):
+    """An engine failed its conformance check against the reference: its outputs would be wrong."""
+
+    def __init__(self, conformance: Conformance):
+        super().__init__(conformance.summary() + "; it is not used on this machine")
+        self.conformance = conformance
+
+
+def probe_image(height: int = 48, width: int = 64, seed: int = 0) -> np.ndarray:
+    """The conformance probe: a deterministic uint8 HxWx3 image with what SR inputs have (smooth shading, hard
+    edges, fine texture, saturated colours, black and white).
+
+    Args:
+        height, width: its size.
+        seed: the texture's seed.
+
+    Returns:
+        uint8 HxWx3.
+    """
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    shade = np.stack([x / max(1, width - 1), y / max(1, height - 1), 0.5 + 0.5 * np.sin((x + y) / 5.0)], axis=2)
+    texture = np.random.default_rng(seed).random((height, width, 3), dtype=np.float32)
+    image = 0.7 * shade + 0.3 * texture
+    image[: height // 4, : width // 4] = (1.0, 1.0, 1.0)  # saturated corners, a hard edge, a dark bar
+    image[-height // 4 :, -width // 4 :] = (0.0, 0.0, 0.0)
+    image[:, width // 2 : width // 2 + 2] = (1.0, 0.1, 0.1)
+    return np.clip(np.rint(image * 255.0), 0, 255).astype(np.uint8)
+
+
+_VERDICTS: dict[tuple, Conformance] = {}
+_VERDICTS_LOCK = threading.Lock()
+
+
+def conformance(engine, reference, tolerance: Tolerance, key: tuple | None = None,
+                probe: np.ndarray | None = None) -> Conformance:
+    """Run the probe through an engine and the reference and compare (the verdict remembered under `key`).
+
+    Args:
+        engine, reference: objects with `run(lr uint8 HxWx3) -> uint8` and a `name`.
+        tolerance: what counts as agreeing.
+        key: what the verdict depends on (the model file's hash, the engine's kind, the input size), or None
+            not to remember it.
+        probe: the input (default: `probe_image`, or the model's fixed size where it has one).
+
+    Returns:
+        the Conformance.
+    """
+    with _VERDICTS_LOCK:
+        if key is not None and key in _VERDICTS:
+            return _VERDICTS[key]
+    if probe is None:
+        fixed = getattr(engine, "fixed", None) or getattr(reference, "fixed", None)
+        probe = probe_image(*(fixed or (48, 64)))
+    ours, theirs = engine.run(probe).astype(np.int16), reference.run(probe).astype(np.int16)
+    difference = np.abs(ours - theirs)
+    mse = float(np.mean(difference.astype(np.float64) ** 2))
+    verdict = Conformance(engine.name, reference.name, float(difference.mean()),
+                          float(np.percentile(difference, 99.9)), int(difference.max()),
+                          float("inf") if mse == 0 else float(10 * np.log10(255.0 ** 2 / mse)), tolerance)
+    log.info("%s", verdict.summary())
+    if key is not None:
+        with _VERDICTS_LOCK:
+            _VERDICTS[key] = verdict
+    return verdict
+
+
 def latency_ms(engine, lr: np.ndarray, repeats: int = 10, warmup: int = 2) -> float:
     """Median wall time of `engine.run(lr)` in milliseconds.
 
@@ -334,5 +493,6 @@ def latency_ms(engine, lr: np.ndarray, repeats: int = 10, warmup: int = 2) -> fl
 
 
 __all__ = ["TorchEngine", "OrtEngine", "OpenVinoEngine", "TensorRTEngine", "openvino_available", "tensorrt_available",
-           "tiled", "latency_ms",
+           "tiled", "latency_ms", "Conformance", "EngineRefused", "Tolerance", "conformance", "probe_image",
+           "unsigned_activations",
            "to_tensor", "to_uint8"]

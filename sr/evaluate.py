@@ -14,34 +14,17 @@ import numpy as np
 from tqdm import tqdm
 
 from .calibrate import CalibrationConfig
-from .choices import Choice
 from .data import Degradation, bicubic_resize, degrade, list_images, load_image
-from .engines import OpenVinoEngine, OrtEngine, TensorRTEngine, TorchEngine, tensorrt_available
+from .engines import tensorrt_available
 from .metrics import brightness_ratio, edge_psnr_y, psnr_y, ssim_y
-from .models import load_model, model_info
-from .quantize import CalibratedModel, Scheme, calibrate_model, fp32_onnx_path, qat_record
+from .models import model_info
+from .quantize import Scheme, calibrate_model, qat_record
+from .runtime import EngineKind, create_engine  # noqa: F401 (EngineKind is part of this module's API)
 
 # The calibration the README's findings recommend (re-derived by scripts/findings.py): the smallest Set5 + Set14
 # INT8 loss of the tensorrt scheme over every method and sample count, averaged over the five shipped models.
 RECOMMENDED_CALIBRATION = CalibrationConfig(method="mse", samples=1000)
 RECOMMENDED_SCHEME = Scheme.TENSORRT
-
-
-class EngineKind(Choice, noun="engine"):
-    """The runtimes a model can be evaluated with."""
-
-    TORCH = "torch"
-    ORT = "ort"
-    ORT_INT8 = "ort-int8"
-    OPENVINO = "openvino"  # FP32 (INFERENCE_PRECISION_HINT f32)
-    OPENVINO_BF16 = "openvino-bf16"
-    OPENVINO_INT8 = "openvino-int8"  # the QDQ model, its Q/DQ pairs fused into INT8 kernels
-    TENSORRT = "tensorrt"
-
-    @property
-    def is_int8(self) -> bool:
-        """True for the engines that run a calibrated INT8 model."""
-        return self in (EngineKind.ORT_INT8, EngineKind.OPENVINO_INT8, EngineKind.TENSORRT)
 
 
 @dataclass
@@ -78,41 +61,6 @@ class EvalConfig:
         if self.recommended:
             self.calibration, self.scheme = RECOMMENDED_CALIBRATION, RECOMMENDED_SCHEME
 
-
-
-def create_engine(kind: EngineKind | str, model: str, int8: CalibratedModel | None = None, threads: int = 0):
-    """An engine of `kind` for `model`.
-
-    Args:
-        kind: the runtime.
-        model: a shipped model name or a weight file.
-        int8: the calibrated model, for INT8 kinds.
-        threads: ONNX Runtime threads (0: its default).
-
-    Returns:
-        an object with `run(lr uint8 HxWx3) -> uint8 (sH)x(sW)x3`.
-
-    Raises:
-        ValueError: an INT8 kind without a calibrated model, or TensorRT with the cpu scheme.
-    """
-    kind = EngineKind.parse(kind)
-    scale = model_info(model).scale
-    if kind is EngineKind.TORCH:
-        return TorchEngine(load_model(model), name="torch-fp32")
-    if kind is EngineKind.ORT:
-        return OrtEngine(fp32_onnx_path(model), scale, threads, name="ort-fp32")
-    if kind in (EngineKind.OPENVINO, EngineKind.OPENVINO_BF16):
-        precision = "bf16" if kind is EngineKind.OPENVINO_BF16 else "f32"
-        return OpenVinoEngine(fp32_onnx_path(model), scale, threads, precision, name=f"openvino-{precision}")
-    if int8 is None:
-        raise ValueError(f"the {kind.value} engine needs a calibrated INT8 model")
-    if kind is EngineKind.ORT_INT8:
-        return OrtEngine(int8.qdq_onnx, scale, threads, name=f"ort-int8-{int8.scheme.value}")
-    if kind is EngineKind.OPENVINO_INT8:
-        return OpenVinoEngine(int8.qdq_onnx, scale, threads, name=f"openvino-int8-{int8.scheme.value}")
-    if int8.scheme is not Scheme.TENSORRT:
-        raise ValueError("the tensorrt engine runs the tensorrt scheme only (symmetric INT8)")
-    return TensorRTEngine(int8.qdq_onnx, scale)
 
 
 def _scores(output: np.ndarray, truth: np.ndarray, scale: int) -> dict:
@@ -159,7 +107,13 @@ def evaluate(config: EvalConfig, progress: bool = False) -> dict:
             row["fp32_psnr_y"] = fp32_rows[-1]["psnr_y"]
             row["brightness_ratio"] = ratios[-1]
         rows.append(row)
+    verdict = getattr(engine, "conformance", None)
     report = {"model": config.model, "data": config.data, "scale": scale, "engine": config.engine.value,
+              "engine_name": engine.name,
+              "conformance": None if verdict is None else {"reference": verdict.reference, "passed": verdict.passed,
+                                                           "mean_levels": verdict.mean_levels,
+                                                           "p999_levels": verdict.p999_levels,
+                                                           "max_levels": verdict.max_levels},
               "degradation": config.degradation.to_dict(), "bicubic": _mean(bicubic_rows), "mean": _mean(rows), "images": rows}
     if int8 is not None:
         calibration = {k: (v.value if isinstance(v, Enum) else v) for k, v in vars(int8.config).items()}

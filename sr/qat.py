@@ -1,15 +1,15 @@
 """Quantization-aware fine-tuning (QAT): the exported INT8 model, trained.
 
-The fake-quantized network is not a second description of what gets quantized: it is the QDQ model that
-`sr.quantize.write_qdq_model` wrote, run in PyTorch (`sr.onnxtorch`), with each Q/DQ pair replaced by
+The fake-quantized network is not a second description of what gets quantized: it is the FP32 graph run in
+PyTorch (`sr.onnxtorch`) with a fake quantizer wherever the spec (`sr.quantspec.QuantSpec`, the one the QDQ
+writer obeys) puts a Q/DQ pair:
 
 - activations: a fake quantizer with the pair's own numerics (symmetric INT8 with zero point 0 for `tensorrt`,
   UINT8 with its zero point for `cpu`; saturating at the integer type's limits, rounding half to even as
   QuantizeLinear does) and a learned step size, LSQ-style (Esser et al., ICLR 2020: the rounding passes the
   gradient straight through, so the step size gets d/ds = round(x/s) - x/s inside the range and the limit
-  outside; we learn log(s), with Adam). Tensors that share a range in the QDQ model (a Conv feeding a ReLU/Clip,
-  `sr.quantize.fused_sources`) share one step size here;
-- weights: per-output-channel symmetric INT8, the step recomputed from the current weights (max |w| / 127, as
+  outside; we learn log(s), with Adam). Tensors of one tie group of the spec share one step size here;
+- weights: per-output-channel (or, where the spec says, per-tensor) symmetric INT8, the step recomputed from the current weights (max |w| / 127, as
   the writer does at export), rounding straight through.
 
 Conv biases stay float in training. In `tensorrt` they are float in the QDQ model too; in `cpu` the writer
@@ -31,11 +31,10 @@ from __future__ import annotations
 import json
 import logging
 import math
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import onnx
@@ -49,7 +48,8 @@ from .calibrate import CalibrationConfig, Method, TensorRange
 from .data import PatchSampler
 from .models import load_model, model_info, read_metadata, save_weights
 from .onnxtorch import OnnxModule
-from .quantize import (CalibratedModel, Fixes, Scheme, calibrate_model, fixed_input_size, fp32_onnx_path, fused_sources,
+from .quantspec import QuantSpec, activation_qparams
+from .quantize import (CalibratedModel, Fixes, Scheme, calibrate_model, fixed_input_size, fp32_onnx_path, spec_of,
                        qat_record,
                        write_qdq_model)
 from .store import atomic_path, file_sha256, write_atomic
@@ -128,20 +128,23 @@ class Quantizer:
 class FakeQuantModel(nn.Module):
     """A QDQ ONNX model as a trainable torch module (see the module docstring)."""
 
-    def __init__(self, fp32: onnx.ModelProto, qdq: onnx.ModelProto, frozen_tensors: list[str] = ()):
-        """Read both graphs; the FP32 graph gives the trainable weights and the shared ranges.
+    def __init__(self, fp32: onnx.ModelProto, spec: QuantSpec, ranges: dict[str, TensorRange],
+                 frozen_tensors: Sequence[str] = ()):
+        """Read the FP32 graph and put a fake quantizer wherever the spec quantizes.
 
         Args:
-            fp32: the FP32 model.
-            qdq: its QDQ model (`write_qdq_model(..., fast=False)`).
+            fp32: the FP32 model (it gives the trainable weights).
+            spec: what is quantized (`sr.quantspec.quant_spec`): the tie groups share one step size.
+            ranges: the calibrated ranges, which give the starting step sizes.
             frozen_tensors: tensors whose step size is kept (ranges fixed in advance).
 
         Raises:
-            ValueError: an op the interpreter does not cover, or a QDQ graph not written by our writer.
+            ValueError: an op the interpreter does not cover.
         """
         super().__init__()
         self.fp32 = fp32
-        graph, initial_scales, self.quantizers = _fake_quant_graph(fp32, qdq)
+        self.spec = spec
+        graph, initial_scales, self.quantizers = _fake_quant_graph(fp32, spec, ranges)
         self.groups = list(self.quantizers)
         self.log_scales = nn.Parameter(torch.tensor([math.log(initial_scales[g]) for g in self.groups]))
         self.group_index = {g: i for i, g in enumerate(self.groups)}
@@ -173,7 +176,7 @@ class FakeQuantModel(nn.Module):
         if not self.enabled:
             return [weight]
         axis = onnx.helper.get_attribute_value(node.attribute[0])
-        dims = [d for d in range(weight.dim()) if d != axis]
+        dims = [d for d in range(weight.dim()) if d != axis]  # axis -1: one scale for the whole tensor
         scale = (weight.detach().abs().amax(dim=dims, keepdim=True) / 127.0).clamp_min(1e-12)
         scaled = weight / scale
         rounded = scaled + (torch.round(scaled) - scaled).detach()
@@ -207,48 +210,54 @@ class FakeQuantModel(nn.Module):
         return result
 
 
-def _fake_quant_graph(fp32: onnx.ModelProto, qdq: onnx.ModelProto):
-    """The QDQ graph with its Q/DQ pairs replaced by FakeQuant / FakeQuantWeight nodes over the FP32 weights.
+def _fake_quant_graph(fp32: onnx.ModelProto, spec: QuantSpec, ranges: dict[str, TensorRange]):
+    """The FP32 graph with a FakeQuant node after each activation of the spec and a FakeQuantWeight node in front
+    of each of its weights (the same places the QDQ writer puts its Q/DQ pairs).
 
     Returns:
         (graph, {group: initial step size}, {group: Quantizer}).
     """
-    init = {i.name: numpy_helper.to_array(i) for i in qdq.graph.initializer}
-    fp32_init = {i.name: i for i in fp32.graph.initializer}
-    quantized = {n.input[1][: -len("_scale")] for n in qdq.graph.node if n.op_type == "QuantizeLinear"}
-    sources = fused_sources(fp32, quantized)
-    q_outputs, nodes, scales, quantizers = {}, [], {}, {}
-    for node in qdq.graph.node:
-        if node.op_type == "QuantizeLinear":
-            tensor = node.input[1][: -len("_scale")]
-            group = sources.get(tensor, tensor)
-            zero = init[node.input[2]]
-            low, high = _INT_LIMITS[zero.dtype]
-            quantizer = quantizers.setdefault(group, Quantizer([], int(zero), low, high,
-                                                               -high if zero.dtype == np.int8 else low))
-            quantizer.tensors.append(tensor)
-            scales.setdefault(group, float(init[node.input[1]]))
-            q_outputs[node.output[0]] = node.input[0]
-            nodes.append(onnx.helper.make_node("FakeQuant", [node.input[0]], [node.output[0]], group=group))
-        elif node.op_type == "DequantizeLinear" and node.input[0] in q_outputs:
-            nodes.append(onnx.helper.make_node("Identity", [node.input[0]], [node.output[0]]))
-        elif node.op_type == "DequantizeLinear" and node.input[0] in init:
-            name = node.input[0][: -len("_quantized")]
-            if name not in fp32_init:
-                raise ValueError(f"{node.input[0]}: no FP32 initializer {name!r}; not a QDQ model of this graph")
-            axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
-            if init[node.input[0]].dtype == np.int32:  # a cpu-scheme bias: trained in float (see the docstring)
-                nodes.append(onnx.helper.make_node("Identity", [name], [node.output[0]]))
-            else:
-                nodes.append(onnx.helper.make_node("FakeQuantWeight", [name], [node.output[0]], axis=axis))
+    nodes, scales, quantizers, rename = [], {}, {}, {}
+    outputs = {o.name for o in fp32.graph.output}
+    producer = {name: node for node in fp32.graph.node for name in node.output}
+    pending: dict[str, list] = {}  # producer output -> FakeQuant nodes to put right after its producer
+    for tensor, activation in spec.activations.items():
+        group = activation.group
+        r = ranges[group]
+        scale, zero = activation_qparams(activation, r.low, r.high)
+        runtime = (-128, 127) if activation.signed else (0, 255)
+        quantizer = quantizers.setdefault(group, Quantizer([], zero, runtime[0], runtime[1], activation.qmin))
+        quantizer.tensors.append(tensor)
+        scales.setdefault(group, scale)
+        source, target = tensor, f"{tensor}_fake_quantized"
+        if tensor in outputs:
+            source, target = f"{tensor}_float", tensor
         else:
-            nodes.append(node)
-    kept = [i for i in qdq.graph.initializer if not i.name.endswith(("_quantized", "_scale", "_zero_point"))]
-    weights = [fp32_init[n.input[0]] for n in nodes if n.op_type in ("FakeQuantWeight", "Identity")
-               and n.input[0] in fp32_init]
-    graph = onnx.helper.make_graph(nodes, "fake-quant", list(qdq.graph.input), list(qdq.graph.output),
-                                   kept + weights)
-    return onnx.helper.make_model(graph), scales, quantizers
+            rename[tensor] = target
+        pending.setdefault(tensor, []).append(onnx.helper.make_node("FakeQuant", [source], [target], group=group))
+    for name, weight in spec.weights.items():
+        nodes.append(onnx.helper.make_node("FakeQuantWeight", [name], [f"{name}_fake_quantized"],
+                                           axis=-1 if weight.axis is None else weight.axis))
+        rename[name] = f"{name}_fake_quantized"
+    graph_input = fp32.graph.input[0].name
+    nodes.extend(pending.pop(graph_input, []))
+    for original in fp32.graph.node:
+        node = onnx.NodeProto()
+        node.CopyFrom(original)
+        for position, name in enumerate(node.input):
+            node.input[position] = rename.get(name, name)
+        for position, name in enumerate(node.output):
+            if name in outputs and name in pending:
+                node.output[position] = f"{name}_float"
+        nodes.append(node)
+        for name in original.output:
+            nodes.extend(pending.pop(name, []))
+    for tensor, extra in pending.items():  # other graph inputs
+        nodes[0:0] = extra
+    del producer
+    graph = onnx.helper.make_graph(nodes, "fake-quant", list(fp32.graph.input), list(fp32.graph.output),
+                                   list(fp32.graph.initializer))
+    return onnx.helper.make_model(graph, opset_imports=list(fp32.opset_import)), scales, quantizers
 
 
 def trainable_initializers(model: onnx.ModelProto) -> set[str]:
@@ -385,10 +394,8 @@ def fake_quantized(structure: str, calibration: CalibrationConfig, scheme: str,
     """
     calibrated = calibrate_model(structure, calibration, scheme, fixes=fixes)
     fp32 = onnx.load(str(calibrated.fp32_onnx))
-    with tempfile.TemporaryDirectory(prefix="sr-qat-") as work:
-        qdq_path = Path(work) / "start.qdq.onnx"
-        write_qdq_model(calibrated.fp32_onnx, calibrated.ranges, Scheme.parse(scheme), qdq_path, fast=False)
-        student = FakeQuantModel(fp32, onnx.load(str(qdq_path)), frozen_tensors=list(fixes.fixed_range))
+    spec = spec_of(fp32, scheme, fixes.keep_float)
+    student = FakeQuantModel(fp32, spec, calibrated.ranges, frozen_tensors=list(fixes.fixed_range))
     trainable = trainable_initializers(fp32)
     for name, parameter in student.network.named_onnx_parameters().items():
         parameter.requires_grad_(name in trainable)

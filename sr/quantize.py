@@ -1,16 +1,10 @@
-"""QDQ INT8 models from our calibration ranges (written by `onnxruntime.quantization`), and their on-disk cache.
+"""QDQ INT8 models from our calibration ranges and the one description of what is quantized (`sr.quantspec`),
+and their on-disk cache.
 
-Two schemes:
-
-- `tensorrt`: symmetric INT8 activations, per-channel symmetric INT8 weights: what TensorRT executes from an
-  explicitly quantized (QDQ) network. ONNX Runtime runs the same model on the CPU with the same numerics.
-- `cpu`: asymmetric UINT8 activations, per-channel INT8 weights: ONNX Runtime's fast x86 path.
-
-What is quantized: the graph input, every Conv (weights per output channel, activations per tensor; the bias
-stays float in `tensorrt`, as TensorRT's parser expects, and is INT32 in `cpu`), every ReLU/Clip, the Concat and the DepthToSpace. A Conv followed by a ReLU/Clip is one fused unit in
-TensorRT (and ONNX Runtime folds the activation into the Conv's output quantization for uint8): the Conv output
-gets the activation's range, as TensorRT's layer fusion does. Nothing stays in float except the final
-dequantization of the network output, and whatever a fix explicitly excludes.
+The symmetric schemes (`tensorrt`, `npu`) are written here, Q/DQ pair by Q/DQ pair, exactly as the spec says;
+the `cpu` scheme (asymmetric UINT8, INT32 biases, ORT's fast x86 kernels) is written by
+`onnxruntime.quantization.quantize_static`, fed our ranges through its calibration cache. Every written model is
+read back (`sr.quantspec.graph_quantization`) and must quantize what its spec says, or the writer raises.
 """
 from __future__ import annotations
 
@@ -36,16 +30,16 @@ from . import calibrate, data, export, models, rewrite
 from .calibrate import (CalibrationConfig, Method, TensorRange, TensorStats, calibration_patches, choose_ranges,
                         clipped_fraction, collect_statistics, images_digest, load_calibration_images,
                         prepare_calibration_images)
-from .choices import Choice
 from .export import export_onnx
 from .models import load_model, model_info
+from .quantspec import ALL_INT8_OPS, fused_ties, QuantSpec, Scheme, activation_qparams, graph_quantization, is_wrapper, quant_spec
 from .rewrite import REWRITE_OPS, rewrite_for_fast_int8
 from .store import (cache_cap_bytes, cache_root, code_digest, evict, file_sha256, library_versions, locked, publish_dir,
                     remove_stale_temps, short_hash, temp_dir, touch, write_atomic)
 
 log = logging.getLogger(__name__)
 
-QUANTIZED_OPS = ["Conv", "Relu", "Clip", "Concat", "DepthToSpace"]  # everything the networks here are made of
+QUANTIZED_OPS = list(ALL_INT8_OPS)  # the op types the all-INT8 placements cover (others stay float)
 
 
 class _QuietQuantizer(logging.Filter):
@@ -59,18 +53,6 @@ class _QuietQuantizer(logging.Filter):
 
 
 logging.getLogger().addFilter(_QuietQuantizer())
-
-
-class Scheme(Choice, noun="INT8 scheme"):
-    """How activations are quantized (weights are per-channel symmetric INT8 in both)."""
-
-    TENSORRT = "tensorrt"
-    CPU = "cpu"
-
-    @property
-    def symmetric(self) -> bool:
-        """True for symmetric INT8 activations (TensorRT)."""
-        return self is Scheme.TENSORRT
 
 
 @dataclass
@@ -164,83 +146,268 @@ def _loads(path: Path) -> bool:
         return False
 
 
-def fused_sources(model: onnx.ModelProto, quantized: set[str]) -> dict[str, str]:
-    """Which quantized tensor lends its range to which: a Conv output that feeds only a ReLU/Clip (possibly through
-    a DepthToSpace or a channel Slice, pure data movement) takes the activation's output range, because TensorRT
-    fuses Conv+ReLU and quantizes once, after the activation. The one description of shared ranges that the QDQ
-    writer (`tie_fused_ranges`) and fake quantization (`sr.qat`) both use.
+def tie_fused_ranges(spec: QuantSpec, ranges: dict[str, TensorRange]) -> dict[str, TensorRange]:
+    """The range each quantized tensor is written with: its tie group's (`QuantSpec.activations[t].group`).
 
     Args:
-        model: the FP32 ONNX model.
-        quantized: the tensors that get a range.
+        spec: what is quantized.
+        ranges: the calibrated ranges (one per calibrated tensor).
 
     Returns:
-        {tensor: the tensor whose range it takes}; tensors with their own range are not listed.
+        {quantized tensor: its range}, in the spec's order.
     """
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    producer = {}
-    for node in model.graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
-        for name in node.output:
-            producer[name] = node
-    sources = {}
-    for node in model.graph.node:
-        if node.op_type not in ("Relu", "Clip") or node.output[0] not in quantized:
-            continue
-        tensor = node.input[0]
-        while tensor in quantized and len(consumers.get(tensor, [])) == 1 and tensor in producer:
-            sources[tensor] = node.output[0]
-            if producer[tensor].op_type not in ("DepthToSpace", "Slice"):
-                break
-            tensor = producer[tensor].input[0]
-    return sources
-
-
-def tie_fused_ranges(model: onnx.ModelProto, ranges: dict[str, TensorRange]) -> dict[str, TensorRange]:
-    """Give each fused producer its activation's range (`fused_sources`).
-
-    Args:
-        model: the FP32 ONNX model.
-        ranges: the calibrated ranges.
-
-    Returns:
-        a copy of `ranges` with the fused producers' ranges replaced.
-    """
-    tied = dict(ranges)
-    for tensor, source_name in fused_sources(model, set(ranges)).items():
-        source, own = ranges[source_name], ranges[tensor]
+    tied = {}
+    for tensor, activation in spec.activations.items():
+        source, own = ranges[activation.group], ranges.get(tensor, ranges[activation.group])
         tied[tensor] = TensorRange(tensor, source.low, source.high, own.observed_min, own.observed_max,
                                    own.clipped_fraction, source.method)
     return tied
 
 
+def spec_of(fp32: Path | onnx.ModelProto, scheme: Scheme | str, keep_float: Sequence[str] = (),
+            per_tensor_weights: bool = False) -> QuantSpec:
+    """`sr.quantspec.quant_spec` of an FP32 model file or graph."""
+    model = fp32 if isinstance(fp32, onnx.ModelProto) else onnx.load(str(fp32), load_external_data=False)
+    return quant_spec(model, scheme, keep_float, per_tensor_weights)
+
+
 def write_qdq_model(fp32_onnx: Path, ranges: dict[str, TensorRange], scheme: Scheme, out: Path,
-                    keep_float: Sequence[str] = (), fast: bool = True) -> Path:
-    """Quantize `fp32_onnx` with `onnxruntime.quantization.quantize_static`, fed our ranges through its
-    calibration cache (no calibration runs inside ORT).
+                    keep_float: Sequence[str] = (), fast: bool = True, per_tensor_weights: bool = False) -> Path:
+    """Write the QDQ model of `fp32_onnx` that its spec describes, with our ranges.
 
     Args:
         fp32_onnx: the FP32 model.
-        ranges: one range per activation tensor.
+        ranges: one range per calibrated activation tensor (the spec's tie groups need theirs).
         scheme: the INT8 scheme.
         out: where to write the QDQ model (atomically).
-        keep_float: tensors that get no QDQ pair (their producers and consumers run in float).
+        keep_float: tensors that get no QDQ pair.
         fast: for the cpu scheme, apply `sr.rewrite` (every Conv on ORT's fast INT8 kernel, same outputs).
+        per_tensor_weights: npu only: one scale per weight tensor.
 
     Returns:
         `out`.
+
+    Raises:
+        RuntimeError: the written model does not quantize what the spec says (a writer bug: nothing is written).
     """
     scheme = Scheme.parse(scheme)
     model = onnx.load(str(fp32_onnx))
+    spec = quant_spec(model, scheme, keep_float, per_tensor_weights)
+    missing = [g for g in spec.groups() if g not in ranges]
+    if missing:
+        raise ValueError(f"no calibrated range for {', '.join(missing)}")
+    if scheme.symmetric:
+        written = insert_qdq(model, spec, ranges)
+    else:
+        written = _ort_qdq(model, spec, ranges, keep_float, fast)
+    check_against_spec(written, model, spec)
+    write_atomic(written.SerializeToString(), out)
+    return out
+
+
+def check_against_spec(qdq: onnx.ModelProto, fp32: onnx.ModelProto, spec: QuantSpec) -> None:
+    """Raise unless a QDQ model quantizes exactly the spec's activations and weights (for the cpu scheme, whose
+    writer folds ReLU/Clip into the Conv before it, a spec tensor the written graph no longer has is allowed).
+
+    Raises:
+        RuntimeError: naming the tensors that differ.
+    """
+    found = graph_quantization(qdq, fp32)
+    present = {name for node in qdq.graph.node for name in node.output} | {i.name for i in qdq.graph.input}
+    fp32_tensors = {name for node in fp32.graph.node for name in node.output} | {i.name for i in fp32.graph.input}
+    written = {t for t in found.activations if t in fp32_tensors}
+    wanted = set(spec.activations) if spec.scheme.symmetric else {t for t in spec.activations if t in present}
+    extra, lacking = sorted(written - wanted), sorted(wanted - written)
+    weights_differ = sorted(set(found.weights) ^ set(spec.weights)) if spec.scheme.symmetric else []
+    if extra or lacking or weights_differ:
+        raise RuntimeError(f"the QDQ model does not match its spec: quantized but not in the spec {extra}, "
+                           f"in the spec but not quantized {lacking}, weights differing {weights_differ}")
+
+
+def insert_qdq(model: onnx.ModelProto, spec: QuantSpec, ranges: dict[str, TensorRange]) -> onnx.ModelProto:
+    """A copy of `model` with a QuantizeLinear/DequantizeLinear pair on each activation of a symmetric spec and
+    INT8 weights (an INT8 initializer and a DequantizeLinear) for each of its weights; biases stay float.
+
+    Args:
+        model: the FP32 model.
+        spec: a tensorrt or npu spec of it.
+        ranges: the calibrated ranges (each tie group's range is used for all its members).
+
+    Returns:
+        the QDQ model (opset >= 13: per-channel DequantizeLinear).
+    """
+    from onnx import TensorProto, helper, numpy_helper
+
+    result = onnx.ModelProto()
+    result.CopyFrom(model)
+    graph = result.graph
+    outputs = {o.name for o in graph.output}
+    arrays = {i.name: i for i in graph.initializer}
+    added_inits, weight_nodes, after = [], [], {}
+    producer_index = {name: index for index, node in enumerate(graph.node) for name in node.output}
+    rename: dict[str, str] = {}  # tensor -> what its consumers read now
+    for tensor, activation in spec.activations.items():
+        r = ranges[activation.group]
+        scale, zero = activation_qparams(activation, r.low, r.high)
+        dtype = TensorProto.INT8 if activation.signed else TensorProto.UINT8
+        added_inits += [numpy_helper.from_array(np.array(scale, np.float32), f"{tensor}_scale"),
+                        helper.make_tensor(f"{tensor}_zero_point", dtype, [], [zero])]
+        source, target = tensor, f"{tensor}_dequantized"
+        if tensor in outputs:  # the graph output keeps its name: the producer's result is renamed instead
+            source, target = f"{tensor}_float", tensor
+            for output_index, name in enumerate(graph.node[producer_index[tensor]].output):
+                if name == tensor:
+                    graph.node[producer_index[tensor]].output[output_index] = source
+        else:
+            rename[tensor] = target
+        pair = [helper.make_node("QuantizeLinear", [source, f"{tensor}_scale", f"{tensor}_zero_point"],
+                                 [f"{tensor}_quantized"], name=f"{tensor}_QuantizeLinear"),
+                helper.make_node("DequantizeLinear", [f"{tensor}_quantized", f"{tensor}_scale",
+                                                      f"{tensor}_zero_point"], [target],
+                                 name=f"{tensor}_DequantizeLinear")]
+        after.setdefault(producer_index.get(tensor, -1), []).extend(pair)
+    for name, weight in spec.weights.items():
+        values = numpy_helper.to_array(arrays[name]).astype(np.float32)
+        if weight.axis is None:
+            scale = np.array(max(float(np.abs(values).max()), 1e-12) / 127.0, np.float32)
+            shaped = scale
+        else:
+            axes = tuple(d for d in range(values.ndim) if d != weight.axis)
+            scale = (np.abs(values).max(axis=axes) / 127.0).astype(np.float32)
+            scale[scale == 0] = 1.0
+            shape = [1] * values.ndim
+            shape[weight.axis] = -1
+            shaped = scale.reshape(shape)
+        quantized = np.clip(np.rint(values / shaped), -127, 127).astype(np.int8)
+        added_inits += [numpy_helper.from_array(quantized, f"{name}_quantized"),
+                        numpy_helper.from_array(scale, f"{name}_scale"),
+                        numpy_helper.from_array(np.zeros(scale.shape, np.int8), f"{name}_zero_point")]
+        attributes = {} if weight.axis is None else {"axis": weight.axis}
+        weight_nodes.append(helper.make_node("DequantizeLinear", [f"{name}_quantized", f"{name}_scale",
+                                                                  f"{name}_zero_point"], [f"{name}_dequantized"],
+                                             name=f"{name}_DequantizeLinear", **attributes))
+        rename[name] = f"{name}_dequantized"
+    rebuilt = weight_nodes + after.get(-1, [])
+    for index, node in enumerate(graph.node):
+        for position, name in enumerate(node.input):
+            if name in rename:
+                node.input[position] = rename[name]
+        rebuilt.append(node)
+        rebuilt.extend(after.get(index, []))
+    used = {name for node in rebuilt for name in node.input}
+    kept = [i for i in graph.initializer if i.name in used]
+    del graph.node[:]
+    graph.node.extend(rebuilt)
+    del graph.initializer[:]
+    graph.initializer.extend(kept + added_inits)
+    for opset in result.opset_import:
+        if opset.domain in ("", "ai.onnx") and opset.version < 13:
+            opset.version = 13
+    return result
+
+
+def without_quantization(qdq: onnx.ModelProto, fp32: onnx.ModelProto, activations: Sequence[str] = (),
+                         float_weights: bool = False) -> onnx.ModelProto:
+    """A written QDQ model with some of its quantization taken out again: the Q/DQ pairs of `activations` removed
+    (their consumers read the float tensor), and with `float_weights` every weight read in FP32 (the diagnosis
+    measures a tensor's damage this way, on the real INT8 model rather than a re-derived simulation).
+
+    Args:
+        qdq: the written model.
+        fp32: the FP32 model it was written from (for the weights).
+        activations: FP32 tensor names whose pairs are removed.
+        float_weights: replace each INT8 weight (and INT32 bias) by its FP32 value.
+
+    Returns:
+        a new model.
+    """
+    model = onnx.ModelProto()
+    model.CopyFrom(qdq)
+    graph = model.graph
+    initializers = {i.name: i for i in graph.initializer}
+    fp32_initializers = {i.name: i for i in fp32.graph.initializer}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    outputs = {o.name for o in graph.output}
+    drop, rename, restore = set(activations), {}, {}
+    removed = set()
+    for node in graph.node:
+        if node.op_type != "QuantizeLinear" or node.input[0] in initializers:
+            continue
+        pairs = [dq for dq in consumers.get(node.output[0], []) if dq.op_type == "DequantizeLinear"]
+        tensor = next((dq.output[0] for dq in pairs if dq.output[0] in outputs), node.input[0])
+        if tensor not in drop:
+            continue
+        removed.add(id(node))
+        removed.update(id(dq) for dq in pairs)
+        for dq in pairs:
+            if dq.output[0] in outputs:
+                restore[node.input[0]] = dq.output[0]  # the producer gets the output's name back
+            else:
+                rename[dq.output[0]] = node.input[0]
+    if float_weights:
+        found = graph_quantization(qdq, fp32).weights
+        for node in graph.node:
+            if node.op_type == "DequantizeLinear" and node.input[0] in initializers \
+                    and initializers[node.input[0]].data_type in (onnx.TensorProto.INT8, onnx.TensorProto.INT32):
+                name = _float_source(node, consumers, fp32, fp32_initializers, found)
+                if name is not None:
+                    removed.add(id(node))
+                    rename[node.output[0]] = name
+                    if name not in initializers:
+                        graph.initializer.append(fp32_initializers[name])
+                        initializers[name] = fp32_initializers[name]
+    kept = []
+    for node in graph.node:
+        if id(node) in removed:
+            continue
+        for position, name in enumerate(node.input):
+            node.input[position] = rename.get(name, name)
+        for position, name in enumerate(node.output):
+            node.output[position] = restore.get(name, name)
+        kept.append(node)
+    for node in kept:  # consumers of a restored output read its original name
+        for position, name in enumerate(node.input):
+            node.input[position] = restore.get(name, name)
+    del graph.node[:]
+    graph.node.extend(kept)
+    used = {name for node in kept for name in node.input}
+    unused = [i for i in graph.initializer if i.name not in used]
+    for init in unused:
+        graph.initializer.remove(init)
+    return model
+
+
+def _float_source(dq: onnx.NodeProto, consumers, fp32: onnx.ModelProto, fp32_initializers: dict,
+                  weights: dict) -> str | None:
+    """The FP32 initializer an INT8 weight's (or INT32 bias') DequantizeLinear stands for, or None."""
+    from .quantspec import _fp32_weight_of
+
+    for user in consumers.get(dq.output[0], []):
+        name = _fp32_weight_of(user, dq.output[0], fp32)
+        if name in fp32_initializers:
+            return name
+    stem = dq.input[0].removesuffix("_quantized")
+    return stem if stem in fp32_initializers else None
+
+
+def _ort_qdq(model: onnx.ModelProto, spec: QuantSpec, ranges: dict[str, TensorRange], keep_float: Sequence[str],
+             fast: bool) -> onnx.ModelProto:
+    """The cpu scheme through `onnxruntime.quantization.quantize_static` (UINT8 activations, INT32 biases)."""
     op_types, own_movers = QUANTIZED_OPS, []
-    if scheme is Scheme.CPU and fast:  # every Conv on ORT's fast INT8 kernel; the outputs stay bit-identical
+    if fast:  # every Conv on ORT's fast INT8 kernel; the outputs stay bit-identical
         # the model's own Pad/Slice (a centred model's input padding) stay float: only the rewrite's are quantized
         own_movers = [node.name for node in model.graph.node if node.op_type in REWRITE_OPS]
         model, ranges = rewrite_for_fast_int8(model, ranges)
         op_types = QUANTIZED_OPS + REWRITE_OPS
-    tied = tie_fused_ranges(model, ranges)
+    tied = dict(ranges)  # ties found on the graph ORT sees (the rewrite renames and adds tensors)
+    for tensor, source in fused_ties(model, set(ranges)).items():
+        tied[tensor] = TensorRange(tensor, ranges[source].low, ranges[source].high, ranges[tensor].observed_min,
+                                   ranges[tensor].observed_max, ranges[tensor].clipped_fraction, ranges[source].method)
     tensor_data = {name: TensorData(lowest=np.float32(r.low), highest=np.float32(r.high)) for name, r in tied.items()}
+    wrapper = [node.name for node in model.graph.node if is_wrapper(node.name)]
     with tempfile.TemporaryDirectory(prefix="sr-qdq-") as work:
         cache = Path(work) / "ranges.json"
         save_tensors_data(TensorsData(CalibrationMethod.MinMax, tensor_data), cache)
@@ -249,16 +416,12 @@ def write_qdq_model(fp32_onnx: Path, ranges: dict[str, TensorRange], scheme: Sch
         quantize_static(
             str(source), str(temp), calibration_data_reader=None, calibration_cache_path=str(cache),
             quant_format=QuantFormat.QDQ, op_types_to_quantize=op_types, per_channel=True,
-            activation_type=QuantType.QInt8 if scheme.symmetric else QuantType.QUInt8,
-            weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
-            nodes_to_exclude=_nodes_touching(model, keep_float) + own_movers,
-            # tensorrt: biases stay float, as TensorRT's explicit-quantization parser expects (ModelOpt and AIMET
-            # write them so too); only activations and weights get Q/DQ pairs
-            extra_options={"ActivationSymmetric": scheme.symmetric, "WeightSymmetric": True,
-                           "QDQKeepRemovableActivations": scheme.symmetric, "QuantizeBias": not scheme.symmetric},
+            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
+            nodes_to_exclude=_nodes_touching(model, keep_float) + own_movers + wrapper,
+            extra_options={"ActivationSymmetric": False, "WeightSymmetric": True,
+                           "QDQKeepRemovableActivations": False, "QuantizeBias": True},
         )
-        write_atomic(temp.read_bytes(), out)
-    return out
+        return onnx.load(str(temp))
 
 
 def _nodes_touching(model: onnx.ModelProto, tensors: Sequence[str]) -> list[str]:
@@ -325,7 +488,7 @@ def calibrate_model(model_name: str | os.PathLike, config: CalibrationConfig | N
     """
     config = config or CalibrationConfig()
     scheme = Scheme.parse(scheme)
-    fixes = fixes or Fixes()
+    fixes = with_known_input_range(model_name, fixes or Fixes())
     info = model_info(model_name)
     source = load_calibration_images(config.data if images is None else images)
     network_inputs = prepare_calibration_images(source, config, info.scale)
@@ -350,6 +513,32 @@ def calibrate_model(model_name: str | os.PathLike, config: CalibrationConfig | N
                                         learned_ranges(model_name, scheme))
                 return result(made, time.perf_counter() - started, False)
     return result(found, 0.0, True)
+
+
+def with_known_input_range(model_name: str | os.PathLike, fixes: Fixes) -> Fixes:
+    """A user's model takes values in a range its contract states ([0, 1] or [0, 255] of what it is fed): that is
+    its input's range, whatever a calibration search would pick (entropy, fed the many dark pixels of a luma
+    channel, chose +-0.063 for a Y input spanning [0.06, 0.92] and turned the output dark). Fixes given for the
+    input win.
+
+    Args:
+        model_name: any model name.
+        fixes: the fixes asked for.
+
+    Returns:
+        `fixes`, with the user's input range fixed for a registered ONNX model.
+    """
+    from .usermodel import lookup
+
+    user = lookup(str(model_name))
+    if user is None:
+        return fixes
+    graph = onnx.load(str(user.standard_onnx), load_external_data=False).graph
+    tensor = next((node.output[0] for node in graph.node if node.name == "standard/in"), None)
+    if tensor is None or tensor in fixes.fixed_range or tensor in fixes.range_method or tensor in fixes.keep_float:
+        return fixes
+    known = (0.0, float(user.contract.value_range))
+    return Fixes(dict(fixes.range_method), list(fixes.keep_float), {**fixes.fixed_range, tensor: known})
 
 
 def learned_ranges(model_name: str | os.PathLike, scheme: Scheme | str) -> dict[str, tuple[float, float]] | None:
@@ -462,11 +651,14 @@ def _calibrate_entry(entry: Path, fp32: Path, network_inputs: list[np.ndarray], 
     remove_stale_temps(entry.parent)
     stats = cached_statistics(fp32, stats_key, network_inputs, config, entry.parent.parent, threads, progress)
     ranges = choose_ranges(stats, config.method, scheme.symmetric, config.percentile)
+    unmatched = sorted(set(learned or {}) - set(ranges))
+    if unmatched:
+        raise ValueError(f"the model's learned ranges name tensors its graph does not have: {', '.join(unmatched)}; "
+                         "the model file and its QAT record disagree")
     for tensor, (low, high) in (learned or {}).items():
-        if tensor in ranges:
-            found = next(s for s in stats if s.name == tensor)
-            ranges[tensor] = TensorRange(tensor, low, high, found.observed_min, found.observed_max,
-                                         clipped_fraction(found, low, high), "qat")
+        found = next(s for s in stats if s.name == tensor)
+        ranges[tensor] = TensorRange(tensor, low, high, found.observed_min, found.observed_max,
+                                     clipped_fraction(found, low, high), "qat")
     ranges = _apply_fixes(ranges, stats, fixes, config, scheme, model)
     producers = _producers(fp32)
     _write_entry(entry, fp32, ranges, stats, producers, config, scheme, fixes)

@@ -22,6 +22,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from .calibrate import TensorRange
+from .quantspec import is_wrapper
 
 CHANNEL_MULTIPLE = 4
 REWRITE_OPS = ["Slice", "Pad"]  # the data-movement ops the rewrites add; quantized like the rest
@@ -127,8 +128,8 @@ def rewrite_for_fast_int8(model: onnx.ModelProto, ranges: dict[str, TensorRange]
     source = rewritten.graph.input[0].name
     input_convs, added = [], []
     for node in rewritten.graph.node:
-        if node.op_type != "Conv" or node.input[1] not in graph.initializers:
-            continue
+        if node.op_type != "Conv" or node.input[1] not in graph.initializers or is_wrapper(node.name):
+            continue  # the lab's wrapper around a user's model stays as it is (and in float)
         if _group(node) > 1:
             _densify(graph, node)
         if graph.array(node.input[1]).shape[0] % CHANNEL_MULTIPLE:

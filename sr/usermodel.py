@@ -115,7 +115,7 @@ class UserModel:
     source: Path
     contract: Contract
     standard_onnx: Path
-    float_ops: tuple[str, ...]  # op types the INT8 model leaves in float
+    float_ops: tuple[str, ...]  # op types no INT8 scheme quantizes (they run in float in every INT8 model)
     parameters: int
 
 
@@ -372,6 +372,72 @@ def _wrap_output(nodes: list, inits: list, contract: Contract, y: str) -> str:
     return y
 
 
+def unwrap(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The user's own graph out of a standard graph (FP32 or QDQ): the lab's wrapper nodes (`standard/...`)
+    removed, the user's input and output as the graph's, every name as the user's file had it. What goes into a
+    deployment bundle: the user deploys their model, not the lab's colour conversion or layout transposes.
+
+    Args:
+        model: a standard graph, or a QDQ model written from one (its Q/DQ pairs are the user's).
+
+    Returns:
+        the user's model (the same model when it has no wrapper).
+    """
+    wrapper = [n for n in model.graph.node if n.name.startswith("standard/")]
+    if not wrapper:
+        return model
+    inner = [n for n in model.graph.node if not n.name.startswith("standard/")]
+    made_inside = {o for n in inner for o in n.output}
+    source = next(n.output[0] for n in wrapper if n.name == "standard/in")
+    result = next(t for n in wrapper for t in n.input if t in made_inside)
+    renames = {}
+    for suffix in ("_dequantized", "_DequantizeLinear_Output"):  # a quantized output: the user's name on its DQ
+        stem = result[: -len(suffix)] if result.endswith(suffix) else None
+        if stem and stem in made_inside:
+            renames = {stem: f"{stem}_float", result: stem}
+            result = stem
+
+    def plain(name: str) -> str:
+        name = renames.get(name, name)
+        return name[len("user/"):] if name.startswith("user/") else name
+
+    nodes = []
+    for original in inner:
+        node = onnx.NodeProto()
+        node.CopyFrom(original)
+        node.name = plain(node.name)
+        for items in (node.input, node.output):
+            for index, name in enumerate(items):
+                if name:
+                    items[index] = plain(name)
+        nodes.append(node)
+    used = {name for node in nodes for name in node.input}
+    initializers = []
+    for original in model.graph.initializer:
+        if plain(original.name) in used:
+            init = onnx.TensorProto()
+            init.CopyFrom(original)
+            init.name = plain(init.name)
+            initializers.append(init)
+    try:
+        known = {v.name: v for v in onnx.shape_inference.infer_shapes(model).graph.value_info}
+    except Exception:  # shapes are a courtesy: a graph the inference cannot follow keeps unnamed dimensions
+        known = {}
+
+    def value_info(name: str, final: str) -> onnx.ValueInfoProto:
+        info = onnx.ValueInfoProto()
+        info.CopyFrom(known[name] if name in known else helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
+        info.name = final
+        return info
+
+    final_output = result[len("user/"):] if result.startswith("user/") else result
+    graph = helper.make_graph(nodes, model.graph.name or "user", [value_info(source, plain(source))],
+                              [value_info(result, final_output)], initializers)
+    unwrapped = helper.make_model(graph, opset_imports=list(model.opset_import), producer_name="sr-int8-lab")
+    unwrapped.ir_version = model.ir_version
+    return unwrapped
+
+
 STANDARD_KEY = "sr.standard"  # metadata_props key of a standard graph the lab wrote: its contract as JSON
 
 
@@ -458,9 +524,10 @@ def register_onnx(path: str | os.PathLike, overrides: Overrides = Overrides(),
                 standard = standard_graph(model, contract)
             write_atomic(standard.SerializeToString(), folder / "standard.onnx")
             write_atomic(json.dumps(contract.to_dict()).encode(), saved)
-    from .quantize import QUANTIZED_OPS
+    from .quantspec import ALL_INT8_OPS, TENSORRT_INPUT_OPS
 
-    ops = sorted({node.op_type for node in model.graph.node} - set(QUANTIZED_OPS) - {"Constant", "Identity"})
+    covered = {*ALL_INT8_OPS, *TENSORRT_INPUT_OPS, "Constant", "Identity"}
+    ops = sorted({node.op_type for node in model.graph.node} - covered)
     parameters = sum(int(np.prod(init.dims)) for init in model.graph.initializer)
     registered = UserModel(f"{PREFIX}{key}", path, contract, folder / "standard.onnx", tuple(ops), parameters)
     _REGISTRY[registered.name] = registered

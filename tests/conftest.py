@@ -30,3 +30,20 @@ def photo() -> np.ndarray:
     image = np.stack([(x * 3) % 256, (y * 4) % 256, ((x + y) * 2) % 256], axis=2)
     image[20:40, 30:60] = 255
     return image.astype(np.uint8)
+
+
+@pytest.fixture(scope="session")
+def stand_ins(tmp_path_factory, isolated_cache):
+    """Every stand-in of tests/standins.py as an ONNX file: name -> path (built once per run)."""
+    import standins
+
+    return standins.build_all(tmp_path_factory.mktemp("standins"))
+
+
+@pytest.fixture(scope="session")
+def registered(stand_ins):
+    """Every stand-in registered with the lab: name -> UserModel."""
+    from sr.usermodel import Overrides, register_onnx
+
+    return {name: register_onnx(path, Overrides(scale=3) if "vdsr" in name else Overrides())
+            for name, path in stand_ins.items()}

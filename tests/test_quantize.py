@@ -26,12 +26,14 @@ def test_export_matches_torch():
     assert onnx.load(str(path)).opset_import[0].version >= 17
 
 
-@pytest.mark.parametrize("scheme, within_db", [("tensorrt", 0.6), ("cpu", 0.6)])
-def test_int8_is_close_to_fp32(butterfly, scheme, within_db):
+@pytest.mark.parametrize("scheme, within_db, activation_pairs", [("tensorrt", 0.6, 10), ("npu", 0.6, 20),
+                                                                 ("cpu", 0.6, 12)])
+def test_int8_is_close_to_fp32(butterfly, scheme, within_db, activation_pairs):
+    """tensorrt: one pair per distinct Conv input (the input feeds two Convs); npu: every tensor of the graph."""
     hr, lr = butterfly
     int8 = calibrate_model("xlsr-clip", CalibrationConfig(method="mse", samples=50), scheme)
     ops = Counter(node.op_type for node in onnx.load(str(int8.qdq_onnx)).graph.node)
-    assert ops["QuantizeLinear"] >= 12 and ops["Conv"] == 11
+    assert ops["QuantizeLinear"] >= activation_pairs and ops["Conv"] == 11
     fp32 = TorchEngine(load_model("xlsr-clip")).run(lr)
     out = OrtEngine(int8.qdq_onnx, 3).run(lr)
     assert out.shape == fp32.shape == hr.shape
@@ -127,7 +129,7 @@ def test_bad_arguments():
         calibrate_model("xlsr-relu", CalibrationConfig(samples=10), "fp16")
     with pytest.raises(FileNotFoundError, match="no model 'nope'"):
         calibrate_model("nope", CalibrationConfig(samples=10), "cpu")
-    assert Scheme.TENSORRT.symmetric and not Scheme.CPU.symmetric
+    assert Scheme.TENSORRT.symmetric and Scheme.NPU.symmetric and not Scheme.CPU.symmetric
 
 
 @pytest.mark.skipif(not tensorrt_available(), reason="needs an NVIDIA GPU and TensorRT")

@@ -1,0 +1,383 @@
+"""The one description of what is quantized: a pure `QuantSpec` derived once from the FP32 graph, the scheme and
+the fixes, read by the QDQ writer, the diagnosis, QAT's fake quantizers, PTQ, the TensorRT cache and the coverage
+check. Nothing here runs a model; `graph_quantization` reads what a written QDQ model really quantizes, so that
+the spec and the file can be compared.
+
+Three targets, each named for what it deploys to:
+
+- `tensorrt`: Q/DQ where NVIDIA ModelOpt's ONNX PTQ (`modelopt.onnx.quantization`, int8) puts them for the same
+  graph: the activation inputs of Conv / ConvTranspose / MatMul / Gemm, Add and pooling, nothing on activations'
+  outputs, DepthToSpace or the network output (TensorRT fuses the rest and keeps the output in float). As in
+  ModelOpt, a Conv with too few channels (both sides < 16, unless one is a multiple of 8 and it is the first
+  layer or one side >= 16) stays in float, an Add with a constant input gets no Q/DQ, and the branch of a residual
+  Add that comes straight out of a Conv is not quantized there (TensorRT fuses the Add into that Conv).
+  Symmetric INT8 (-127..127), weights per output channel, float biases. Checked against ModelOpt itself, on every
+  shipped model and stand-in, in tests/test_quantspec.py; ModelOpt's other patterns (attention, LayerNorm, GEMV)
+  are not reproduced, and a graph with them may differ.
+- `npu`: every tensor in INT8, the network output included, as many NPUs run a network: the input and output of
+  each Conv / ReLU / Clip / Concat / DepthToSpace; a Conv feeding only an activation shares its range (the fused
+  unit quantizes once, after the activation). Symmetric INT8, weights per channel (or per tensor:
+  `per_tensor_weights`), float biases.
+- `cpu`: the `npu` placement with asymmetric UINT8 activations and INT32 biases: ONNX Runtime's fast x86 path.
+
+The lab's own wrapper around a user's model (nodes named `standard/...`: colour conversion, the Cb/Cr bicubic,
+layout transposes, [0, 255] scaling) is never quantized: it is not part of what the user deploys.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import onnx
+
+from .choices import Choice
+
+WRAPPER_PREFIX = "standard/"  # node and tensor names of the lab's wrapper around a user's graph (sr.usermodel)
+
+
+class Scheme(Choice, noun="INT8 scheme"):
+    """The INT8 target: where Q/DQ go and how activations are quantized."""
+
+    TENSORRT = "tensorrt"
+    NPU = "npu"
+    CPU = "cpu"
+
+    @property
+    def symmetric(self) -> bool:
+        """True for symmetric INT8 activations (tensorrt, npu)."""
+        return self is not Scheme.CPU
+
+
+# ModelOpt's int8 placement quantizes the inputs of these (its CASK partition heads and KGEN ops)
+TENSORRT_INPUT_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm", "Add", "MaxPool", "AveragePool",
+                      "GlobalAveragePool")
+ALL_INT8_OPS = ("Conv", "Relu", "Clip", "Concat", "DepthToSpace")  # npu / cpu: inputs and outputs of these
+WEIGHT_AXIS = {"Conv": 0, "ConvTranspose": 1, "MatMul": 1, "Gemm": 1}  # the output-channel axis of each weight
+
+
+@dataclass(frozen=True)
+class ActivationSpec:
+    """One quantized activation tensor."""
+
+    tensor: str
+    group: str  # the tensor whose range it takes (itself when it has its own): a tie group
+    signed: bool  # INT8 with zero point 0 (symmetric), or UINT8 with a zero point
+    qmin: int  # the integer grid a range is mapped onto: -127..127 (symmetric) or 0..255
+    qmax: int
+
+
+@dataclass(frozen=True)
+class WeightSpec:
+    """One quantized weight (an initializer), always symmetric INT8 -127..127."""
+
+    tensor: str
+    node: str  # the node that reads it
+    axis: int | None  # the per-channel axis, None for one scale per tensor
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """What a scheme quantizes in one FP32 graph, and how (see the module docstring)."""
+
+    scheme: Scheme
+    activations: dict[str, ActivationSpec]  # in graph order
+    weights: dict[str, WeightSpec]
+    float_bias: bool  # biases stay float (tensorrt, npu) or are INT32 (cpu)
+    float_tensors: tuple[str, ...]  # activations a quantizing op reads in float: fixes, small convs, the wrapper
+    excluded_nodes: tuple[str, ...] = field(default=())  # nodes whose inputs are not quantized
+
+    def groups(self) -> list[str]:
+        """The tie groups (each needs one range), in graph order."""
+        return list(dict.fromkeys(a.group for a in self.activations.values()))
+
+    def members(self, group: str) -> list[str]:
+        """The tensors of a tie group."""
+        return [a.tensor for a in self.activations.values() if a.group == group]
+
+    def qparams(self, tensor: str, low: float, high: float) -> tuple[float, int]:
+        """(scale, zero point) of `tensor` for a range, as the writer computes them.
+
+        Args:
+            tensor: a quantized activation.
+            low, high: its range.
+
+        Returns:
+            (scale > 0, zero point).
+        """
+        return activation_qparams(self.activations[tensor], low, high)
+
+
+def activation_qparams(spec: ActivationSpec, low: float, high: float) -> tuple[float, int]:
+    """(scale, zero point) of a range on a spec's grid (ONNX Runtime's quantizer does the same arithmetic)."""
+    if spec.signed:
+        amax = max(abs(low), abs(high), 1e-8)
+        return float(np.float32(amax / spec.qmax)), 0
+    low, high = min(low, 0.0), max(high, 0.0)
+    scale = float(np.float32(max(high - low, 1e-8) / (spec.qmax - spec.qmin)))
+    return scale, int(np.clip(round(spec.qmin - low / scale), spec.qmin, spec.qmax))
+
+
+def _conv_too_small(node: onnx.NodeProto, weight: np.ndarray | None, graph_inputs: set[str]) -> bool:
+    """ModelOpt's `find_nodes_from_convs_to_exclude` for INT8: a Conv with fewer than 16 channels on both sides is
+    left in float unless TensorRT has a kernel for it."""
+    if weight is None or weight.ndim not in (3, 4, 5):
+        return True  # a non-constant weight: ModelOpt skips the Conv
+    out_channels, in_channels = weight.shape[0], weight.shape[1]
+    if out_channels >= 16 and in_channels >= 16:
+        return False
+    group = next((a.i for a in node.attribute if a.name == "group"), 1)
+    kernel = next((list(a.ints) for a in node.attribute if a.name == "kernel_shape"), list(weight.shape[2:]))
+    if group == 1 and (out_channels % 8 == 0 or in_channels % 8 == 0) and len(set(kernel)) == 1 and (
+            node.input[0] in graph_inputs or out_channels >= 16 or in_channels >= 16):
+        return False
+    return not (group > 1 and out_channels % 8 == 0 and all(k >= 3 for k in kernel))
+
+
+def _constants(model: onnx.ModelProto) -> tuple[dict[str, np.ndarray], set[str]]:
+    """(initializer arrays, names of every constant tensor: initializers, Constant outputs and their Identities)."""
+    arrays = {init.name: onnx.numpy_helper.to_array(init) for init in model.graph.initializer}
+    constants = set(arrays)
+    for node in model.graph.node:
+        if node.op_type == "Constant" or (node.op_type == "Identity" and node.input and node.input[0] in constants):
+            constants.update(node.output)
+    return arrays, constants
+
+
+def is_wrapper(name: str) -> bool:
+    """True for a node or tensor of the lab's wrapper (see the module docstring)."""
+    return name.startswith(WRAPPER_PREFIX)
+
+
+def _float_activations(model: onnx.ModelProto) -> set[str]:
+    """Tensors known to be float (not integer shape arithmetic): the float graph inputs, and the outputs of nodes
+    whose first non-constant input is float, propagated in graph order. A node with no float input (Shape, an
+    integer subgraph) makes integer outputs, except Cast to float."""
+    floating = {i.name for i in model.graph.input if i.type.tensor_type.elem_type == onnx.TensorProto.FLOAT}
+    for node in model.graph.node:
+        if node.op_type in ("Shape", "Size", "NonZero", "ArgMax", "ArgMin"):
+            continue
+        if node.op_type == "Cast":
+            to = next((a.i for a in node.attribute if a.name == "to"), None)
+            if to == onnx.TensorProto.FLOAT:
+                floating.update(node.output)
+            continue
+        if node.input and node.input[0] in floating:
+            floating.update(o for o in node.output if o)
+    return floating
+
+
+def quant_spec(model: onnx.ModelProto, scheme: Scheme | str, keep_float: Sequence[str] = (),
+               per_tensor_weights: bool = False) -> QuantSpec:
+    """What `scheme` quantizes in `model`.
+
+    Args:
+        model: the FP32 ONNX model (a shipped export, or a user's graph inside the lab's wrapper).
+        scheme: the INT8 target.
+        keep_float: activation tensors left unquantized (a fix).
+        per_tensor_weights: one scale per weight tensor instead of one per output channel (npu only: some NPUs
+            have no per-channel weights).
+
+    Returns:
+        the QuantSpec.
+
+    Raises:
+        ValueError: per-tensor weights asked for a scheme other than npu.
+    """
+    scheme = Scheme.parse(scheme)
+    if per_tensor_weights and scheme is not Scheme.NPU:
+        raise ValueError("per-tensor weights are an option of the npu scheme only")
+    arrays, constants = _constants(model)
+    floating = _float_activations(model)
+    user_nodes = [n for n in model.graph.node if not is_wrapper(n.name)]
+    wrapper_outputs = {o for n in model.graph.node if is_wrapper(n.name) for o in n.output}
+    graph_inputs = {i.name for i in model.graph.input} | {
+        t for n in user_nodes for t in n.input if t in wrapper_outputs}  # what the user's own graph takes
+    keep = set(keep_float)
+    producers = {name: node for node in user_nodes for name in node.output}
+
+    def activation(name: str) -> bool:
+        return bool(name) and name not in constants and name in floating and not is_wrapper(name)
+
+    quantized: list[str] = []
+    weights: dict[str, WeightSpec] = {}
+    excluded, floated = [], []
+    for node in user_nodes:
+        if scheme is Scheme.TENSORRT:
+            if node.op_type not in TENSORRT_INPUT_OPS:
+                continue
+            weight = arrays.get(node.input[1]) if len(node.input) > 1 else None
+            if node.op_type == "Conv" and _conv_too_small(node, weight, graph_inputs):
+                excluded.append(node.name)
+                floated.extend(t for t in node.input[:1] if activation(t))
+                continue
+            inputs = [t for t in (node.input if node.op_type in ("Add", "MatMul") else node.input[:1])]
+            if node.op_type == "Add" and any(t in constants for t in node.input):
+                continue  # a bias or an offset: TensorRT folds it, ModelOpt puts no Q/DQ there
+            if node.op_type == "Add":
+                fused = _non_residual_input(node, producers)
+                inputs = [t for t in inputs if t != fused]
+            tensors = [t for t in inputs if activation(t)]
+        else:
+            if node.op_type not in ALL_INT8_OPS:
+                continue
+            if scheme is Scheme.CPU and node.op_type in ("Relu", "Clip") and \
+                    getattr(producers.get(node.input[0]), "op_type", None) not in ALL_INT8_OPS:
+                continue  # ONNX Runtime's writer quantizes an activation only as part of a quantized op before it
+            inputs = list(node.input) if node.op_type == "Concat" else list(node.input[:1])
+            tensors = [t for t in [*inputs, *node.output] if activation(t)]
+            weight = arrays.get(node.input[1]) if node.op_type == "Conv" and len(node.input) > 1 else None
+        quantized.extend(tensors)
+        if node.op_type in WEIGHT_AXIS and len(node.input) > 1 and node.input[1] in arrays and weight is not None \
+                and weight.dtype == np.float32:
+            axis = None if per_tensor_weights else WEIGHT_AXIS[node.op_type]
+            if node.op_type == "Gemm" and any(a.name == "transB" and a.i for a in node.attribute):
+                axis = None if per_tensor_weights else 0
+            weights[node.input[1]] = WeightSpec(node.input[1], node.name, axis)
+    ordered = [t for t in dict.fromkeys(quantized)]
+    floated += [t for t in ordered if t in keep]
+    ordered = [t for t in ordered if t not in keep]
+    ties = {} if scheme is Scheme.TENSORRT else fused_ties(model, set(ordered))
+    signed = scheme.symmetric
+    qmin, qmax = (-127, 127) if signed else (0, 255)
+    activations = {t: ActivationSpec(t, ties.get(t, t), signed, qmin, qmax) for t in ordered}
+    return QuantSpec(scheme, activations, weights, scheme.symmetric, tuple(dict.fromkeys(floated)), tuple(excluded))
+
+
+def _backbone(tensor: str, producers: dict[str, onnx.NodeProto]) -> onnx.NodeProto | None:
+    """The Conv/ConvTranspose a tensor comes straight out of (through a ReLU or BatchNormalization TensorRT fuses
+    into it), or None: ModelOpt's `get_fusible_backbone`, for the op types the lab's graphs have."""
+    node = producers.get(tensor)
+    while node is not None and node.op_type in ("Relu", "BatchNormalization"):
+        node = producers.get(node.input[0])
+    return node if node is not None and node.op_type in ("Conv", "ConvTranspose") else None
+
+
+def _ancestors(node: onnx.NodeProto, producers: dict[str, onnx.NodeProto]) -> dict[int, tuple[int, str]]:
+    """{id(ancestor): (distance, name)} of a node, itself at distance 0 (breadth first over its inputs)."""
+    found, frontier, distance = {id(node): (0, node.name)}, [node], 0
+    while frontier:
+        distance += 1
+        upper = []
+        for current in frontier:
+            for name in current.input:
+                parent = producers.get(name)
+                if parent is not None and id(parent) not in found:
+                    found[id(parent)] = (distance, parent.name)
+                    upper.append(parent)
+        frontier = upper
+    return found
+
+
+def _non_residual_input(node: onnx.NodeProto, producers: dict[str, onnx.NodeProto]) -> str | None:
+    """The input of a residual Add that TensorRT fuses into the Conv producing it (ModelOpt's
+    `build_non_residual_input_map`: the branch with a Conv backbone, the longer path to the lowest common ancestor
+    when both have one), or None when neither is (an input of the graph, a constant, no Conv)."""
+    if len(node.input) != 2 or any(name not in producers for name in node.input):
+        return None
+    first, second = (producers[name] for name in node.input)
+    backbones = [_backbone(name, producers) for name in node.input]
+    up_first, up_second = _ancestors(first, producers), _ancestors(second, producers)
+    common = [(up_first[key][0] + up_second[key][0], up_first[key][0], up_second[key][0], up_first[key][1])
+              for key in up_first.keys() & up_second.keys()]
+    _, d1, d2, lca = min(common) if common else (0, 0, 0, None)
+    if backbones[0] is not None and backbones[1] is not None:
+        if backbones[0] is backbones[1]:
+            return None
+        return node.input[0] if d1 > d2 else node.input[1]
+    for index, backbone in enumerate(backbones):
+        if backbone is not None:
+            return None if lca == backbone.name else node.input[index]
+    return None
+
+
+def fused_ties(model: onnx.ModelProto, quantized: set[str]) -> dict[str, str]:
+    """A Conv output that feeds only a ReLU/Clip (possibly through a DepthToSpace or a channel Slice, pure data
+    movement) takes the activation's output range: the fused unit quantizes once, after the activation; a
+    DepthToSpace output keeps its input's grid (data movement cannot change a scale)."""
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    producer = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+        for name in node.output:
+            producer[name] = node
+    ties = {}
+    for node in model.graph.node:
+        if node.op_type not in ("Relu", "Clip") or node.output[0] not in quantized:
+            continue
+        tensor = node.input[0]
+        while tensor in quantized and len(consumers.get(tensor, [])) == 1 and tensor in producer:
+            ties[tensor] = node.output[0]
+            if producer[tensor].op_type not in ("DepthToSpace", "Slice"):
+                break
+            tensor = producer[tensor].input[0]
+    for node in model.graph.node:  # a DepthToSpace not followed by an activation: its output on its input's grid
+        if node.op_type == "DepthToSpace" and node.input[0] in quantized and node.output[0] in quantized \
+                and node.output[0] not in ties and node.input[0] not in ties:
+            ties[node.output[0]] = node.input[0]
+    return ties
+
+
+@dataclass(frozen=True)
+class GraphQuantization:
+    """What a written QDQ model quantizes, read from its Q/DQ nodes."""
+
+    activations: dict[str, tuple[float, int]]  # FP32 tensor name -> (scale, zero point)
+    weights: dict[str, int | None]  # FP32 weight name -> per-channel axis (None: one scale)
+
+
+def graph_quantization(qdq: onnx.ModelProto, fp32: onnx.ModelProto) -> GraphQuantization:
+    """The activations and weights a QDQ model quantizes, named as in its FP32 graph.
+
+    An activation is quantized where a QuantizeLinear reads it (or reads the renamed producer output of a
+    quantized graph output); a weight where a DequantizeLinear reads an INT8 initializer that replaces an FP32
+    weight. Tensors a writer added (a rewrite's padding) are reported under their own names.
+
+    Args:
+        qdq: the QDQ model.
+        fp32: the FP32 model it was written from.
+
+    Returns:
+        the GraphQuantization.
+    """
+    initializers = {i.name: onnx.numpy_helper.to_array(i) for i in qdq.graph.initializer}
+    fp32_outputs = {o.name for o in fp32.graph.output}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in qdq.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    activations, weights = {}, {}
+    fp32_weights = {i.name for i in fp32.graph.initializer}
+    for node in qdq.graph.node:
+        if node.op_type == "QuantizeLinear" and node.input[0] not in initializers:
+            tensor = node.input[0]
+            for dq in consumers.get(node.output[0], []):  # a graph output's pair ends in the output's own name
+                if dq.op_type == "DequantizeLinear" and dq.output[0] in fp32_outputs:
+                    tensor = dq.output[0]
+            zero = int(initializers[node.input[2]]) if len(node.input) > 2 else 0
+            activations[tensor] = (float(initializers[node.input[1]]), zero)
+        elif node.op_type == "DequantizeLinear" and node.input[0] in initializers \
+                and initializers[node.input[0]].dtype == np.int8:
+            users = consumers.get(node.output[0], [])
+            name = next((u_name for u in users for u_name in [_fp32_weight_of(u, node.output[0], fp32)]
+                         if u_name in fp32_weights), None)
+            if name is None:  # nodes without unique names: the writers name a weight's INT8 copy after it
+                stem = node.input[0].removesuffix("_quantized")
+                name = stem if stem in fp32_weights else node.input[0]
+            scale = initializers[node.input[1]]
+            weights[name] = next((a.i for a in node.attribute if a.name == "axis"), 1) if scale.ndim else None
+    return GraphQuantization(activations, weights)
+
+
+def _fp32_weight_of(node: onnx.NodeProto, dq_output: str, fp32: onnx.ModelProto) -> str:
+    """The FP32 weight that `dq_output` stands for in `node` (the same node of the FP32 graph, by name and slot)."""
+    matches = [n for n in fp32.graph.node if n.name and n.name == node.name and n.op_type == node.op_type]
+    for original in matches[:1] if len(matches) == 1 else []:
+            slot = list(node.input).index(dq_output)
+            return original.input[slot] if slot < len(original.input) else ""
+    return ""
+
+
+__all__ = ["Scheme", "QuantSpec", "ActivationSpec", "WeightSpec", "quant_spec", "activation_qparams",
+           "graph_quantization", "GraphQuantization", "is_wrapper", "WRAPPER_PREFIX"]

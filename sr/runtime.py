@@ -1,0 +1,157 @@
+"""Which engine runs what: ONNX Runtime on the CPU is the reference numerics, and every other engine is checked
+against it on a probe when it is created (`sr.engines.conformance`) and refused in words when it disagrees.
+
+The one place that decides which engine serves a purpose (scores, the app's panels, the bundle, the diagnosis,
+the benchmark), so that the lab shows one INT8: the written QDQ model as ONNX Runtime's CPU kernels execute it.
+
+Example:
+    >>> engine = create_engine("openvino-int8", "xlsr-clip", int8)   # EngineRefused if it is wrong on this CPU
+    >>> engine, refused = best_int8_engine(int8)                     # the fastest that agrees, and who did not
+"""
+from __future__ import annotations
+
+import logging
+import platform
+
+from .choices import Choice
+from .engines import (BF16_TOLERANCE, FP32_TOLERANCE, INT8_TOLERANCE, Conformance, EngineRefused, OpenVinoEngine,
+                      OrtEngine, TensorRTEngine, TorchEngine, conformance, openvino_available, tensorrt_available)
+from .models import load_model, model_info
+from .quantize import CalibratedModel, Scheme, fp32_onnx_path
+from .store import file_sha256
+
+log = logging.getLogger(__name__)
+
+
+class EngineKind(Choice, noun="engine"):
+    """The runtimes a model can be evaluated with."""
+
+    TORCH = "torch"
+    ORT = "ort"
+    ORT_INT8 = "ort-int8"  # the reference INT8: ONNX Runtime's CPU kernels on the written QDQ model
+    OPENVINO = "openvino"  # FP32 (INFERENCE_PRECISION_HINT f32)
+    OPENVINO_BF16 = "openvino-bf16"
+    OPENVINO_INT8 = "openvino-int8"  # the QDQ model, its Q/DQ pairs fused into INT8 kernels
+    TENSORRT = "tensorrt"
+
+    @property
+    def is_int8(self) -> bool:
+        """True for the engines that run a calibrated INT8 model."""
+        return self in (EngineKind.ORT_INT8, EngineKind.OPENVINO_INT8, EngineKind.TENSORRT)
+
+
+def cpu_name() -> str:
+    """The CPU's model name (part of a conformance verdict's key: a kernel path can be right on one CPU and wrong
+    on another)."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def reference_engine(model: str, int8: CalibratedModel | None = None, threads: int = 0) -> OrtEngine:
+    """The reference: ONNX Runtime on the CPU, on the QDQ model (INT8) or the FP32 export.
+
+    Args:
+        model: a shipped model name, a weight file or a registered ONNX model.
+        int8: the calibrated model for INT8, None for FP32.
+        threads: ONNX Runtime threads (0: its default).
+
+    Returns:
+        the engine; its name says what it runs.
+    """
+    if int8 is None:
+        return OrtEngine(fp32_onnx_path(model), model_info(model).scale, threads, name="ort-fp32", cpu_only=True)
+    return OrtEngine(int8.qdq_onnx, int8.scale, threads, name=f"ort-int8-{int8.scheme.value}", cpu_only=True)
+
+
+def _checked(engine, model: str, int8: CalibratedModel | None, tolerance, kind: str):
+    """`engine` if it agrees with the reference on the probe, else EngineRefused (the verdict is remembered per
+    model file, engine kind, CPU and input size)."""
+    path = int8.qdq_onnx if int8 is not None else fp32_onnx_path(model)
+    key = (kind, file_sha256(path), cpu_name(), getattr(engine, "fixed", None))
+    verdict = conformance(engine, reference_engine(model, int8), tolerance, key)
+    if not verdict.passed:
+        raise EngineRefused(verdict)
+    engine.conformance = verdict
+    return engine
+
+
+def create_engine(kind: EngineKind | str, model: str, int8: CalibratedModel | None = None, threads: int = 0):
+    """An engine of `kind` for `model`, checked against the reference unless it is the reference.
+
+    Args:
+        kind: the runtime.
+        model: a shipped model name, a weight file or a registered ONNX model.
+        int8: the calibrated model, for INT8 kinds.
+        threads: runtime threads (0: its default).
+
+    Returns:
+        an object with `run(lr uint8 HxWx3) -> uint8 (sH)x(sW)x3` and a `name`.
+
+    Raises:
+        ValueError: an INT8 kind without a calibrated model, or TensorRT with a scheme it does not run.
+        EngineRefused: the engine disagrees with the reference on this machine (the message gives the figures).
+    """
+    kind = EngineKind.parse(kind)
+    scale = model_info(model).scale
+    if kind is EngineKind.TORCH:
+        return TorchEngine(load_model(model), name="torch-fp32")
+    if kind is EngineKind.ORT:
+        engine = OrtEngine(fp32_onnx_path(model), scale, threads, name="ort-fp32")
+        return engine if engine.provider == "CPUExecutionProvider" else _checked(engine, model, None, FP32_TOLERANCE,
+                                                                                 engine.provider)
+    if kind in (EngineKind.OPENVINO, EngineKind.OPENVINO_BF16):
+        precision = "bf16" if kind is EngineKind.OPENVINO_BF16 else "f32"
+        engine = OpenVinoEngine(fp32_onnx_path(model), scale, threads, precision, name=f"openvino-{precision}")
+        return _checked(engine, model, None, BF16_TOLERANCE if precision == "bf16" else FP32_TOLERANCE, kind.value)
+    if int8 is None:
+        raise ValueError(f"the {kind.value} engine needs a calibrated INT8 model")
+    if kind is EngineKind.ORT_INT8:
+        engine = OrtEngine(int8.qdq_onnx, scale, threads, name=f"ort-int8-{int8.scheme.value}")
+        return engine if engine.provider == "CPUExecutionProvider" else _checked(engine, model, int8, INT8_TOLERANCE,
+                                                                                 engine.provider)
+    if kind is EngineKind.OPENVINO_INT8:
+        engine = OpenVinoEngine(int8.qdq_onnx, scale, threads, name=f"openvino-int8-{int8.scheme.value}")
+        return _checked(engine, model, int8, INT8_TOLERANCE, kind.value)
+    if int8.scheme is Scheme.CPU:
+        raise ValueError("the tensorrt engine runs the symmetric schemes only (tensorrt, npu), not cpu")
+    return _checked(TensorRTEngine(int8.qdq_onnx, scale), model, int8, INT8_TOLERANCE, kind.value)
+
+
+def int8_candidates(int8: CalibratedModel) -> list[EngineKind]:
+    """The INT8 engines present for a calibrated model, fastest first (the reference last)."""
+    kinds = []
+    if int8.scheme is not Scheme.CPU and tensorrt_available():
+        kinds.append(EngineKind.TENSORRT)
+    if openvino_available():
+        kinds.append(EngineKind.OPENVINO_INT8)
+    return [*kinds, EngineKind.ORT_INT8]
+
+
+def best_int8_engine(int8: CalibratedModel, threads: int = 0) -> tuple[object, list[Conformance]]:
+    """The fastest INT8 engine present that agrees with the reference (for speed: the benchmark, batch work).
+
+    Args:
+        int8: the calibrated model.
+        threads: runtime threads.
+
+    Returns:
+        (the engine, the verdicts of the engines refused on the way).
+    """
+    refused = []
+    for kind in int8_candidates(int8):
+        try:
+            return create_engine(kind, int8.model, int8, threads), refused
+        except EngineRefused as error:
+            log.warning("%s", error)
+            refused.append(error.conformance)
+    raise AssertionError("unreachable: the reference is always a candidate")
+
+
+__all__ = ["EngineKind", "create_engine", "reference_engine", "best_int8_engine", "int8_candidates", "EngineRefused",
+           "cpu_name"]

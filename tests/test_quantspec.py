@@ -1,0 +1,126 @@
+"""The one description of what is quantized: the written QDQ models quantize exactly what their spec says, and the
+tensorrt spec puts Q/DQ where NVIDIA ModelOpt's ONNX PTQ does (ModelOpt itself, run here on the CPU)."""
+import contextlib
+import io
+import logging
+
+import numpy as np
+import onnx
+import pytest
+
+from sr.calibrate import CalibrationConfig
+from sr.models import shipped_models
+from sr.quantize import calibrate_model, fp32_onnx_path, spec_of
+from sr.quantspec import Scheme, graph_quantization, quant_spec
+
+SHIPPED = shipped_models()
+
+
+def _fp32(name: str, registered) -> str:
+    return registered[name].name if name in registered else name
+
+
+def _every_model(registered) -> list[str]:
+    return [*SHIPPED, *(registered[name].name for name in sorted(registered))]
+
+
+@pytest.mark.parametrize("scheme", ["tensorrt", "npu", "cpu"])
+def test_written_models_quantize_what_the_spec_says(registered, scheme):
+    """For every shipped model and stand-in: the Q/DQ pairs of the written model are the spec's, and so are the
+    INT8 weights (the cpu writer folds ReLU/Clip into their Conv: a folded tensor is absent, never extra)."""
+    for model in _every_model(registered):
+        int8 = calibrate_model(model, CalibrationConfig(method="minmax", samples=10), scheme)
+        fp32 = onnx.load(str(int8.fp32_onnx))
+        spec = spec_of(fp32, scheme)
+        found = graph_quantization(onnx.load(str(int8.qdq_onnx)), fp32)
+        names = {n for node in fp32.graph.node for n in node.output} | {i.name for i in fp32.graph.input}
+        written = {t for t in found.activations if t in names}
+        assert spec.activations, model
+        if scheme == "cpu":
+            present = {n for node in onnx.load(str(int8.qdq_onnx)).graph.node for n in node.output} | {"input"}
+            assert written == {t for t in spec.activations if t in present}, model
+        else:
+            assert written == set(spec.activations), model
+            assert found.weights == {w: s.axis for w, s in spec.weights.items()}, model
+            for tensor, activation in spec.activations.items():  # one grid per tie group
+                group = spec.members(activation.group)
+                assert len({found.activations[t] for t in group}) == 1, (model, group)
+        assert not any(t.startswith("standard/") for t in spec.activations), model  # the lab's wrapper is float
+
+
+def _modelopt_placement(path) -> tuple[set[str], set[str]]:
+    """(activation tensors, weight initializers) ModelOpt 0.47's int8 ONNX PTQ quantizes in the model at `path`."""
+    from modelopt.onnx.quantization import quantize
+
+    model = onnx.load(str(path))
+    dims = [d.dim_value or 24 for d in model.graph.input[0].type.tensor_type.shape.dim]
+    data = np.random.default_rng(0).random([2, *dims[1:]], dtype=np.float32)
+    out = path.with_suffix(".modelopt.onnx")
+    logging.disable(logging.WARNING)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            quantize(str(path), quantize_mode="int8", calibration_data=data, calibration_method="max",
+                     output_path=str(out), high_precision_dtype="fp32", calibration_eps=["cpu"])
+    finally:
+        logging.disable(logging.NOTSET)
+    written = onnx.load(str(out))
+    initializers = {i.name for i in written.graph.initializer}
+    quantized = [n.input[0] for n in written.graph.node if n.op_type == "QuantizeLinear"]
+    return {t for t in quantized if t not in initializers}, {t for t in quantized if t in initializers}
+
+
+def _strip(name: str) -> str:
+    return name[len("user/"):] if name.startswith("user/") else name
+
+
+def test_tensorrt_placement_is_modelopts(registered, stand_ins, tmp_path):
+    """Oracle: for every shipped model (its FP32 export) and every stand-in (the user's own file), the tensorrt
+    spec quantizes the same activations and the same weights as `modelopt.onnx.quantization.quantize`."""
+    pytest.importorskip("modelopt.onnx.quantization")
+    cases = {name: fp32_onnx_path(name) for name in SHIPPED}
+    cases.update({name: path for name, path in stand_ins.items()})
+    for name, path in cases.items():
+        copy = tmp_path / f"{name}.onnx"
+        copy.write_bytes(path.read_bytes())
+        activations, weights = _modelopt_placement(copy)
+        standard = fp32_onnx_path(registered[name].name) if name in registered else path
+        spec = spec_of(standard, "tensorrt")
+        assert {_strip(t) for t in spec.activations} == activations, name
+        assert {_strip(w) for w in spec.weights} == weights, name
+
+
+def test_small_convs_stay_float_and_are_listed():
+    """ModelOpt's channel rule: an 8 -> 8 Conv (not the first layer) has no INT8 kernel; its input is listed in
+    float and its weight is not quantized."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    weights = [numpy_helper.from_array(np.ones((8, 3, 3, 3), np.float32), "w0"),
+               numpy_helper.from_array(np.ones((8, 8, 3, 3), np.float32), "w1")]
+    graph = helper.make_graph([helper.make_node("Conv", ["x", "w0"], ["a"], name="first", pads=[1, 1, 1, 1]),
+                               helper.make_node("Relu", ["a"], ["b"], name="relu"),
+                               helper.make_node("Conv", ["b", "w1"], ["y"], name="small", pads=[1, 1, 1, 1])],
+                              "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 8, 8])], weights)
+    spec = quant_spec(helper.make_model(graph), "tensorrt")
+    assert set(spec.activations) == {"x"} and set(spec.weights) == {"w0"}
+    assert spec.float_tensors == ("b",) and spec.excluded_nodes == ("small",)
+    npu = quant_spec(helper.make_model(graph), "npu")
+    assert set(npu.activations) == {"x", "a", "b", "y"} and npu.activations["a"].group == "b"
+
+
+def test_per_tensor_weights_are_an_npu_option():
+    spec = spec_of(fp32_onnx_path("xlsr-clip"), "npu", per_tensor_weights=True)
+    assert spec.weights and all(w.axis is None for w in spec.weights.values())
+    with pytest.raises(ValueError, match="npu scheme only"):
+        spec_of(fp32_onnx_path("xlsr-clip"), "tensorrt", per_tensor_weights=True)
+    assert Scheme.parse("npu") is Scheme.NPU
+
+
+def test_learned_ranges_that_match_no_tensor_are_an_error(tmp_path, monkeypatch):
+    """A QAT record whose ranges name a tensor the graph lacks is refused, never skipped."""
+    from sr import quantize
+
+    monkeypatch.setattr(quantize, "learned_ranges", lambda model, scheme: {"no/such/tensor": (-1.0, 1.0)})
+    with pytest.raises(ValueError, match="no/such/tensor"):
+        calibrate_model("xlsr-relu", CalibrationConfig(method="minmax", samples=10, seed=4711), "npu",
+                        cache_dir=tmp_path)
