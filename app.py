@@ -33,6 +33,7 @@ from sr.compare import prepare_input
 from sr.models import model_info
 from sr.usermodel import Overrides, register_onnx
 from sr.plots import DifferenceKind, difference_image, histogram_figure, range_chart
+from sr.quantspec import Scheme
 from sr.store import cache_root, remove_stale_temps
 
 log = logging.getLogger("app")
@@ -566,7 +567,10 @@ def _compare_controls(models: list[str]) -> dict:
             controls["method"] = gr.Dropdown([m.value for m in Method], value="entropy", label="Calibration method",
                                              info=METHOD_HELP)
             controls["samples"] = gr.Radio([10, 100, 1000], value=100, label="Calibration samples")
-            controls["scheme"] = gr.Radio(["tensorrt", "cpu"], value="tensorrt", label="INT8 scheme")
+            controls["scheme"] = gr.Radio([s.value for s in Scheme], value="tensorrt", label="INT8 scheme",
+                                          info="tensorrt: Q/DQ where NVIDIA ModelOpt puts them; npu: every tensor "
+                                               "INT8, the output included (npu-per-tensor: one scale per weight "
+                                               "tensor); cpu: UINT8, ONNX Runtime's x86 path")
             controls["refine"] = gr.CheckboxGroup(
                 [r.value for r in Refinement if r is not Refinement.RANGE_SEARCH], value=[],
                 label="Post-training refinements (both models)", elem_id="refine",

@@ -356,14 +356,12 @@ def _add_commands(commands) -> None:
     bench.add_argument("--json", action="store_true", help="print one JSON object")
     bench.set_defaults(run=cmd_bench)
 
-    export = commands.add_parser("export-int8", help="write a deployment bundle: TensorRT QDQ model, TensorRT "
-                                 "calibration cache, ONNX Runtime CPU model, ranges and a README")
+    export = commands.add_parser("export-int8", help="write a deployment bundle: TensorRT, NPU and CPU INT8 models, ranges, README")
     _add_model_arguments(export)
     _add_calibration_arguments(export)
     export.add_argument("--out", required=True, help="the bundle folder")
     export.add_argument("--data", default=None, help="HR images to measure the INT8 loss on (for the README)")
-    export.add_argument("--trt-version", default=None, help="also write a TensorRT 10 calibration cache for this "
-                        "release, e.g. 10.3.0 (TensorRT 11 has no implicit INT8 calibration: use model.qdq.onnx)")
+    export.add_argument("--trt-version", help="also write a TensorRT 10 calibration cache (e.g. 10.3.0)")
     export.set_defaults(run=cmd_export_int8)
 
     diagnose = commands.add_parser("diagnose", help="rank the tensors whose INT8 range damages the output")

@@ -208,16 +208,24 @@ class _Scorer:
         self.truths = [truth for _, truth in pairs]
         self.has_truth = all(truth is not None for truth in self.truths)
         # the points: what the written model really quantizes (the cpu writer folds ReLU/Clip into the Conv)
+        # one point per tie group (a Conv output quantized on its activation's grid is part of that activation's
+        # point: what it clips, the activation clips anyway)
         written = graph_quantization(self.qdq, self.fp32).activations
-        self.points = [t for t in self.spec.activations if t in written]
+        self.written = [t for t in self.spec.activations if t in written]
+        self.points = [t for t in self.written if self.spec.activations[t].group == t]
+
+    def _members(self, points: Sequence[str]) -> list[str]:
+        groups = set(points)
+        return [t for t in self.written if self.spec.activations[t].group in groups]
 
     def outputs(self, dropped: Sequence[str] = (), alone: str | None = None) -> list[np.ndarray]:
-        """The INT8 outputs of the written model without the pairs of `dropped`, or with `alone` as its only
-        quantized tensor (weights in FP32)."""
+        """The INT8 outputs of the written model without the pairs of the groups in `dropped`, or with `alone`'s
+        group as its only quantized activations (weights in FP32)."""
         if alone is not None:
-            model = without_quantization(self.qdq, self.fp32, [p for p in self.points if p != alone], True)
+            kept = set(self._members([alone]))
+            model = without_quantization(self.qdq, self.fp32, [t for t in self.written if t not in kept], True)
         elif dropped:
-            model = without_quantization(self.qdq, self.fp32, dropped)
+            model = without_quantization(self.qdq, self.fp32, self._members(dropped))
         else:
             model = self.qdq
         session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
@@ -378,7 +386,8 @@ def range_coverage(calibrated: CalibratedModel, lr: np.ndarray, tile: int = 128,
     model = onnx.load(str(calibrated.fp32_onnx))
     spec = spec_of(model, calibrated.scheme, calibrated.fixes.keep_float)
     ranges = tie_fused_ranges(spec, calibrated.ranges)
-    points = list(spec.activations)
+    points = [t for t, activation in spec.activations.items() if activation.group == t]  # a tied Conv output's
+    # clipped negatives are its ReLU's doing
     session = observing_session(calibrated.fp32_onnx, points)
     input_name = session.get_inputs()[0].name
     names = [o.name for o in session.get_outputs()]

@@ -32,7 +32,8 @@ from .calibrate import (CalibrationConfig, Method, TensorRange, TensorStats, cal
                         prepare_calibration_images)
 from .export import export_onnx
 from .models import load_model, model_info
-from .quantspec import ALL_INT8_OPS, fused_ties, QuantSpec, Scheme, activation_qparams, graph_quantization, is_wrapper, quant_spec
+from .quantspec import (ALL_INT8_OPS, QuantSpec, Scheme, activation_qparams, fused_ties, graph_quantization, is_wrapper,
+                        quant_spec, weight_int8)
 from .rewrite import REWRITE_OPS, rewrite_for_fast_int8
 from .store import (cache_cap_bytes, cache_root, code_digest, evict, file_sha256, library_versions, locked, publish_dir,
                     remove_stale_temps, short_hash, temp_dir, touch, write_atomic)
@@ -236,8 +237,6 @@ def insert_qdq(model: onnx.ModelProto, spec: QuantSpec, ranges: dict[str, Tensor
     Returns:
         the QDQ model (opset >= 13: per-channel DequantizeLinear).
     """
-    from onnx import TensorProto, helper, numpy_helper
-
     result = onnx.ModelProto()
     result.CopyFrom(model)
     graph = result.graph
@@ -247,51 +246,26 @@ def insert_qdq(model: onnx.ModelProto, spec: QuantSpec, ranges: dict[str, Tensor
     producer_index = {name: index for index, node in enumerate(graph.node) for name in node.output}
     rename: dict[str, str] = {}  # tensor -> what its consumers read now
     for tensor, activation in spec.activations.items():
-        r = ranges[activation.group]
-        scale, zero = activation_qparams(activation, r.low, r.high)
-        dtype = TensorProto.INT8 if activation.signed else TensorProto.UINT8
-        added_inits += [numpy_helper.from_array(np.array(scale, np.float32), f"{tensor}_scale"),
-                        helper.make_tensor(f"{tensor}_zero_point", dtype, [], [zero])]
         source, target = tensor, f"{tensor}_dequantized"
         if tensor in outputs:  # the graph output keeps its name: the producer's result is renamed instead
             source, target = f"{tensor}_float", tensor
-            for output_index, name in enumerate(graph.node[producer_index[tensor]].output):
-                if name == tensor:
-                    graph.node[producer_index[tensor]].output[output_index] = source
+            producer = graph.node[producer_index[tensor]]
+            producer.output[list(producer.output).index(tensor)] = source
         else:
             rename[tensor] = target
-        pair = [helper.make_node("QuantizeLinear", [source, f"{tensor}_scale", f"{tensor}_zero_point"],
-                                 [f"{tensor}_quantized"], name=f"{tensor}_QuantizeLinear"),
-                helper.make_node("DequantizeLinear", [f"{tensor}_quantized", f"{tensor}_scale",
-                                                      f"{tensor}_zero_point"], [target],
-                                 name=f"{tensor}_DequantizeLinear")]
+        r = ranges[activation.group]
+        inits, pair = _activation_pair(tensor, activation, r.low, r.high, source, target)
+        added_inits += inits
         after.setdefault(producer_index.get(tensor, -1), []).extend(pair)
     for name, weight in spec.weights.items():
-        values = numpy_helper.to_array(arrays[name]).astype(np.float32)
-        if weight.axis is None:
-            scale = np.array(max(float(np.abs(values).max()), 1e-12) / 127.0, np.float32)
-            shaped = scale
-        else:
-            axes = tuple(d for d in range(values.ndim) if d != weight.axis)
-            scale = (np.abs(values).max(axis=axes) / 127.0).astype(np.float32)
-            scale[scale == 0] = 1.0
-            shape = [1] * values.ndim
-            shape[weight.axis] = -1
-            shaped = scale.reshape(shape)
-        quantized = np.clip(np.rint(values / shaped), -127, 127).astype(np.int8)
-        added_inits += [numpy_helper.from_array(quantized, f"{name}_quantized"),
-                        numpy_helper.from_array(scale, f"{name}_scale"),
-                        numpy_helper.from_array(np.zeros(scale.shape, np.int8), f"{name}_zero_point")]
-        attributes = {} if weight.axis is None else {"axis": weight.axis}
-        weight_nodes.append(helper.make_node("DequantizeLinear", [f"{name}_quantized", f"{name}_scale",
-                                                                  f"{name}_zero_point"], [f"{name}_dequantized"],
-                                             name=f"{name}_DequantizeLinear", **attributes))
-        rename[name] = f"{name}_dequantized"
+        inits, node = _weight_dequantizer(name, onnx.numpy_helper.to_array(arrays[name]), weight.axis)
+        added_inits += inits
+        weight_nodes.append(node)
+        rename[name] = node.output[0]
     rebuilt = weight_nodes + after.get(-1, [])
     for index, node in enumerate(graph.node):
         for position, name in enumerate(node.input):
-            if name in rename:
-                node.input[position] = rename[name]
+            node.input[position] = rename.get(name, name)
         rebuilt.append(node)
         rebuilt.extend(after.get(index, []))
     used = {name for node in rebuilt for name in node.input}
@@ -304,6 +278,34 @@ def insert_qdq(model: onnx.ModelProto, spec: QuantSpec, ranges: dict[str, Tensor
         if opset.domain in ("", "ai.onnx") and opset.version < 13:
             opset.version = 13
     return result
+
+
+def _activation_pair(tensor: str, activation, low: float, high: float, source: str, target: str):
+    """(initializers, [QuantizeLinear, DequantizeLinear]) of one activation: `source` in, `target` out."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    scale, zero = activation_qparams(activation, low, high)
+    dtype = TensorProto.INT8 if activation.signed else TensorProto.UINT8
+    inits = [numpy_helper.from_array(np.array(scale, np.float32), f"{tensor}_scale"),
+             helper.make_tensor(f"{tensor}_zero_point", dtype, [], [zero])]
+    pair = [helper.make_node("QuantizeLinear", [source, f"{tensor}_scale", f"{tensor}_zero_point"],
+                             [f"{tensor}_quantized"], name=f"{tensor}_QuantizeLinear"),
+            helper.make_node("DequantizeLinear", [f"{tensor}_quantized", f"{tensor}_scale", f"{tensor}_zero_point"],
+                             [target], name=f"{tensor}_DequantizeLinear")]
+    return inits, pair
+
+
+def _weight_dequantizer(name: str, values: np.ndarray, axis: int | None):
+    """(initializers, DequantizeLinear) of one weight in symmetric INT8 (`sr.quantspec.weight_int8`)."""
+    from onnx import helper, numpy_helper
+
+    quantized, scale = weight_int8(values, axis)
+    inits = [numpy_helper.from_array(quantized, f"{name}_quantized"), numpy_helper.from_array(scale, f"{name}_scale"),
+             numpy_helper.from_array(np.zeros(scale.shape, np.int8), f"{name}_zero_point")]
+    node = helper.make_node("DequantizeLinear", [f"{name}_quantized", f"{name}_scale", f"{name}_zero_point"],
+                            [f"{name}_dequantized"], name=f"{name}_DequantizeLinear",
+                            **({} if axis is None else {"axis": axis}))
+    return inits, node
 
 
 def without_quantization(qdq: onnx.ModelProto, fp32: onnx.ModelProto, activations: Sequence[str] = (),
@@ -324,15 +326,44 @@ def without_quantization(qdq: onnx.ModelProto, fp32: onnx.ModelProto, activation
     model = onnx.ModelProto()
     model.CopyFrom(qdq)
     graph = model.graph
-    initializers = {i.name: i for i in graph.initializer}
-    fp32_initializers = {i.name: i for i in fp32.graph.initializer}
     consumers: dict[str, list[onnx.NodeProto]] = {}
     for node in graph.node:
         for name in node.input:
             consumers.setdefault(name, []).append(node)
+    removed, rename, restore = _activation_pairs(graph, consumers, set(activations))
+    if float_weights:
+        initializers = {i.name: i for i in graph.initializer}
+        fp32_initializers = {i.name: i for i in fp32.graph.initializer}
+        for node in graph.node:
+            if node.op_type == "DequantizeLinear" and node.input[0] in initializers \
+                    and initializers[node.input[0]].data_type in (onnx.TensorProto.INT8, onnx.TensorProto.INT32):
+                name = _float_source(node, consumers, fp32, fp32_initializers)
+                if name is not None:
+                    removed.add(id(node))
+                    rename[node.output[0]] = name
+                    if name not in initializers:
+                        graph.initializer.append(fp32_initializers[name])
+                        initializers[name] = fp32_initializers[name]
+    kept = [node for node in graph.node if id(node) not in removed]
+    for node in kept:
+        for position, name in enumerate(node.input):
+            node.input[position] = restore.get(rename.get(name, name), rename.get(name, name))
+        for position, name in enumerate(node.output):
+            node.output[position] = restore.get(name, name)
+    del graph.node[:]
+    graph.node.extend(kept)
+    used = {name for node in kept for name in node.input}
+    for init in [i for i in graph.initializer if i.name not in used]:
+        graph.initializer.remove(init)
+    return model
+
+
+def _activation_pairs(graph: onnx.GraphProto, consumers: dict, drop: set[str]) -> tuple[set, dict, dict]:
+    """The Q/DQ pairs of the activations in `drop`: (ids of their nodes, {DQ output: float tensor} for their
+    consumers, {renamed producer output: the graph output's name} for a quantized graph output)."""
+    initializers = {i.name for i in graph.initializer}
     outputs = {o.name for o in graph.output}
-    drop, rename, restore = set(activations), {}, {}
-    removed = set()
+    removed, rename, restore = set(), {}, {}
     for node in graph.node:
         if node.op_type != "QuantizeLinear" or node.input[0] in initializers:
             continue
@@ -347,41 +378,10 @@ def without_quantization(qdq: onnx.ModelProto, fp32: onnx.ModelProto, activation
                 restore[node.input[0]] = dq.output[0]  # the producer gets the output's name back
             else:
                 rename[dq.output[0]] = node.input[0]
-    if float_weights:
-        found = graph_quantization(qdq, fp32).weights
-        for node in graph.node:
-            if node.op_type == "DequantizeLinear" and node.input[0] in initializers \
-                    and initializers[node.input[0]].data_type in (onnx.TensorProto.INT8, onnx.TensorProto.INT32):
-                name = _float_source(node, consumers, fp32, fp32_initializers, found)
-                if name is not None:
-                    removed.add(id(node))
-                    rename[node.output[0]] = name
-                    if name not in initializers:
-                        graph.initializer.append(fp32_initializers[name])
-                        initializers[name] = fp32_initializers[name]
-    kept = []
-    for node in graph.node:
-        if id(node) in removed:
-            continue
-        for position, name in enumerate(node.input):
-            node.input[position] = rename.get(name, name)
-        for position, name in enumerate(node.output):
-            node.output[position] = restore.get(name, name)
-        kept.append(node)
-    for node in kept:  # consumers of a restored output read its original name
-        for position, name in enumerate(node.input):
-            node.input[position] = restore.get(name, name)
-    del graph.node[:]
-    graph.node.extend(kept)
-    used = {name for node in kept for name in node.input}
-    unused = [i for i in graph.initializer if i.name not in used]
-    for init in unused:
-        graph.initializer.remove(init)
-    return model
+    return removed, rename, restore
 
 
-def _float_source(dq: onnx.NodeProto, consumers, fp32: onnx.ModelProto, fp32_initializers: dict,
-                  weights: dict) -> str | None:
+def _float_source(dq: onnx.NodeProto, consumers, fp32: onnx.ModelProto, fp32_initializers: dict) -> str | None:
     """The FP32 initializer an INT8 weight's (or INT32 bias') DequantizeLinear stands for, or None."""
     from .quantspec import _fp32_weight_of
 

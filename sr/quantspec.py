@@ -16,8 +16,8 @@ Three targets, each named for what it deploys to:
   are not reproduced, and a graph with them may differ.
 - `npu`: every tensor in INT8, the network output included, as many NPUs run a network: the input and output of
   each Conv / ReLU / Clip / Concat / DepthToSpace; a Conv feeding only an activation shares its range (the fused
-  unit quantizes once, after the activation). Symmetric INT8, weights per channel (or per tensor:
-  `per_tensor_weights`), float biases.
+  unit quantizes once, after the activation). Symmetric INT8, weights per channel, float biases;
+  `npu-per-tensor`: the same with one scale per weight tensor (accelerators without per-channel weights).
 - `cpu`: the `npu` placement with asymmetric UINT8 activations and INT32 biases: ONNX Runtime's fast x86 path.
 
 The lab's own wrapper around a user's model (nodes named `standard/...`: colour conversion, the Cb/Cr bicubic,
@@ -41,12 +41,18 @@ class Scheme(Choice, noun="INT8 scheme"):
 
     TENSORRT = "tensorrt"
     NPU = "npu"
+    NPU_PER_TENSOR = "npu-per-tensor"  # npu with one scale per weight tensor (accelerators without per-channel)
     CPU = "cpu"
 
     @property
     def symmetric(self) -> bool:
         """True for symmetric INT8 activations (tensorrt, npu)."""
         return self is not Scheme.CPU
+
+    @property
+    def all_int8(self) -> bool:
+        """True for the placements that quantize every tensor of the covered ops (npu, npu-per-tensor, cpu)."""
+        return self is not Scheme.TENSORRT
 
 
 # ModelOpt's int8 placement quantizes the inputs of these (its CASK partition heads and KGEN ops)
@@ -118,6 +124,25 @@ def activation_qparams(spec: ActivationSpec, low: float, high: float) -> tuple[f
     return scale, int(np.clip(round(spec.qmin - low / scale), spec.qmin, spec.qmax))
 
 
+def weight_int8(values: np.ndarray, axis: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric INT8 of a weight: step max|w| / 127 per channel along `axis` (or one for the tensor), values
+    rounded half to even and clipped to -127..127; an all-zero channel gets step 1.
+
+    Returns:
+        (INT8 values, float32 steps: a scalar, or one per channel).
+    """
+    values = np.asarray(values, np.float32)
+    if axis is None:
+        scale = np.array(max(float(np.abs(values).max(initial=0.0)), 1e-12) / 127.0, np.float32)
+        shaped = scale
+    else:
+        reduce = tuple(d for d in range(values.ndim) if d != axis)
+        scale = (np.abs(values).max(axis=reduce) / 127.0).astype(np.float32)
+        scale[scale == 0] = 1.0
+        shaped = scale.reshape([-1 if d == axis else 1 for d in range(values.ndim)])
+    return np.clip(np.rint(values / shaped), -127, 127).astype(np.int8), scale
+
+
 def _conv_too_small(node: onnx.NodeProto, weight: np.ndarray | None, graph_inputs: set[str]) -> bool:
     """ModelOpt's `find_nodes_from_convs_to_exclude` for INT8: a Conv with fewer than 16 channels on both sides is
     left in float unless TensorRT has a kernel for it."""
@@ -187,61 +212,84 @@ def quant_spec(model: onnx.ModelProto, scheme: Scheme | str, keep_float: Sequenc
     scheme = Scheme.parse(scheme)
     if per_tensor_weights and scheme is not Scheme.NPU:
         raise ValueError("per-tensor weights are an option of the npu scheme only")
-    arrays, constants = _constants(model)
-    floating = _float_activations(model)
-    user_nodes = [n for n in model.graph.node if not is_wrapper(n.name)]
-    wrapper_outputs = {o for n in model.graph.node if is_wrapper(n.name) for o in n.output}
-    graph_inputs = {i.name for i in model.graph.input} | {
-        t for n in user_nodes for t in n.input if t in wrapper_outputs}  # what the user's own graph takes
-    keep = set(keep_float)
-    producers = {name: node for node in user_nodes for name in node.output}
-
-    def activation(name: str) -> bool:
-        return bool(name) and name not in constants and name in floating and not is_wrapper(name)
-
+    per_tensor_weights = per_tensor_weights or scheme is Scheme.NPU_PER_TENSOR
+    graph = _GraphFacts.of(model)
     quantized: list[str] = []
     weights: dict[str, WeightSpec] = {}
     excluded, floated = [], []
-    for node in user_nodes:
-        if scheme is Scheme.TENSORRT:
-            if node.op_type not in TENSORRT_INPUT_OPS:
-                continue
-            weight = arrays.get(node.input[1]) if len(node.input) > 1 else None
-            if node.op_type == "Conv" and _conv_too_small(node, weight, graph_inputs):
-                excluded.append(node.name)
-                floated.extend(t for t in node.input[:1] if activation(t))
-                continue
-            inputs = [t for t in (node.input if node.op_type in ("Add", "MatMul") else node.input[:1])]
-            if node.op_type == "Add" and any(t in constants for t in node.input):
-                continue  # a bias or an offset: TensorRT folds it, ModelOpt puts no Q/DQ there
-            if node.op_type == "Add":
-                fused = _non_residual_input(node, producers)
-                inputs = [t for t in inputs if t != fused]
-            tensors = [t for t in inputs if activation(t)]
-        else:
-            if node.op_type not in ALL_INT8_OPS:
-                continue
-            if scheme is Scheme.CPU and node.op_type in ("Relu", "Clip") and \
-                    getattr(producers.get(node.input[0]), "op_type", None) not in ALL_INT8_OPS:
-                continue  # ONNX Runtime's writer quantizes an activation only as part of a quantized op before it
-            inputs = list(node.input) if node.op_type == "Concat" else list(node.input[:1])
-            tensors = [t for t in [*inputs, *node.output] if activation(t)]
-            weight = arrays.get(node.input[1]) if node.op_type == "Conv" and len(node.input) > 1 else None
-        quantized.extend(tensors)
-        if node.op_type in WEIGHT_AXIS and len(node.input) > 1 and node.input[1] in arrays and weight is not None \
-                and weight.dtype == np.float32:
-            axis = None if per_tensor_weights else WEIGHT_AXIS[node.op_type]
-            if node.op_type == "Gemm" and any(a.name == "transB" and a.i for a in node.attribute):
-                axis = None if per_tensor_weights else 0
-            weights[node.input[1]] = WeightSpec(node.input[1], node.name, axis)
-    ordered = [t for t in dict.fromkeys(quantized)]
-    floated += [t for t in ordered if t in keep]
-    ordered = [t for t in ordered if t not in keep]
+    for node in graph.user_nodes:
+        placed = _tensorrt_inputs(graph, node) if scheme is Scheme.TENSORRT else _all_int8_tensors(graph, node, scheme)
+        if placed is None:  # a Conv TensorRT has no INT8 kernel for: left in float
+            excluded.append(node.name)
+            floated.extend(t for t in node.input[:1] if graph.activation(t))
+            continue
+        quantized.extend(placed)
+        weight = graph.arrays.get(node.input[1]) if len(node.input) > 1 else None
+        weighted = node.op_type in WEIGHT_AXIS if scheme is Scheme.TENSORRT else node.op_type == "Conv"
+        if weighted and weight is not None and weight.dtype == np.float32:
+            axis = 0 if node.op_type == "Gemm" and any(a.name == "transB" and a.i for a in node.attribute) \
+                else WEIGHT_AXIS[node.op_type]
+            weights[node.input[1]] = WeightSpec(node.input[1], node.name, None if per_tensor_weights else axis)
+    ordered = list(dict.fromkeys(quantized))
+    floated += [t for t in ordered if t in set(keep_float)]
+    ordered = [t for t in ordered if t not in set(keep_float)]
     ties = {} if scheme is Scheme.TENSORRT else fused_ties(model, set(ordered))
-    signed = scheme.symmetric
-    qmin, qmax = (-127, 127) if signed else (0, 255)
-    activations = {t: ActivationSpec(t, ties.get(t, t), signed, qmin, qmax) for t in ordered}
+    qmin, qmax = (-127, 127) if scheme.symmetric else (0, 255)
+    activations = {t: ActivationSpec(t, ties.get(t, t), scheme.symmetric, qmin, qmax) for t in ordered}
     return QuantSpec(scheme, activations, weights, scheme.symmetric, tuple(dict.fromkeys(floated)), tuple(excluded))
+
+
+@dataclass(frozen=True)
+class _GraphFacts:
+    """What the placement rules look up in a graph."""
+
+    arrays: dict[str, np.ndarray]  # initializers
+    constants: set[str]
+    floating: set[str]  # float activations (not shape arithmetic)
+    user_nodes: list  # every node but the lab's wrapper
+    producers: dict  # tensor -> its producer among the user's nodes
+    inputs: set[str]  # what the user's own graph takes (the graph inputs, or what the wrapper feeds it)
+
+    @classmethod
+    def of(cls, model: onnx.ModelProto) -> "_GraphFacts":
+        arrays, constants = _constants(model)
+        user_nodes = [n for n in model.graph.node if not is_wrapper(n.name)]
+        wrapper_outputs = {o for n in model.graph.node if is_wrapper(n.name) for o in n.output}
+        inputs = {i.name for i in model.graph.input} | {t for n in user_nodes for t in n.input if t in wrapper_outputs}
+        return cls(arrays, constants, _float_activations(model), user_nodes,
+                   {name: node for node in user_nodes for name in node.output}, inputs)
+
+    def activation(self, name: str) -> bool:
+        """True for a float activation of the user's graph (not a constant, not the wrapper's)."""
+        return bool(name) and name not in self.constants and name in self.floating and not is_wrapper(name)
+
+
+def _tensorrt_inputs(graph: _GraphFacts, node: onnx.NodeProto) -> list[str] | None:
+    """The tensors ModelOpt's placement quantizes at `node` (its activation inputs), or None for a Conv left in
+    float."""
+    if node.op_type not in TENSORRT_INPUT_OPS:
+        return []
+    weight = graph.arrays.get(node.input[1]) if len(node.input) > 1 else None
+    if node.op_type == "Conv" and _conv_too_small(node, weight, graph.inputs):
+        return None
+    if node.op_type == "Add" and any(t in graph.constants for t in node.input):
+        return []  # a bias or an offset: TensorRT folds it, ModelOpt puts no Q/DQ there
+    inputs = list(node.input) if node.op_type in ("Add", "MatMul") else list(node.input[:1])
+    if node.op_type == "Add":
+        fused = _non_residual_input(node, graph.producers)
+        inputs = [t for t in inputs if t != fused]
+    return [t for t in inputs if graph.activation(t)]
+
+
+def _all_int8_tensors(graph: _GraphFacts, node: onnx.NodeProto, scheme: Scheme) -> list[str]:
+    """The tensors the npu / cpu placement quantizes at `node`: its inputs and outputs for the covered ops."""
+    if node.op_type not in ALL_INT8_OPS:
+        return []
+    if scheme is Scheme.CPU and node.op_type in ("Relu", "Clip") and \
+            getattr(graph.producers.get(node.input[0]), "op_type", None) not in ALL_INT8_OPS:
+        return []  # ONNX Runtime's writer quantizes an activation only as part of a quantized op before it
+    inputs = list(node.input) if node.op_type == "Concat" else list(node.input[:1])
+    return [t for t in [*inputs, *node.output] if graph.activation(t)]
 
 
 def _backbone(tensor: str, producers: dict[str, onnx.NodeProto]) -> onnx.NodeProto | None:
@@ -379,5 +427,5 @@ def _fp32_weight_of(node: onnx.NodeProto, dq_output: str, fp32: onnx.ModelProto)
     return ""
 
 
-__all__ = ["Scheme", "QuantSpec", "ActivationSpec", "WeightSpec", "quant_spec", "activation_qparams",
+__all__ = ["weight_int8", "Scheme", "QuantSpec", "ActivationSpec", "WeightSpec", "quant_spec", "activation_qparams",
            "graph_quantization", "GraphQuantization", "is_wrapper", "WRAPPER_PREFIX"]

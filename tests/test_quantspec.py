@@ -24,7 +24,7 @@ def _every_model(registered) -> list[str]:
     return [*SHIPPED, *(registered[name].name for name in sorted(registered))]
 
 
-@pytest.mark.parametrize("scheme", ["tensorrt", "npu", "cpu"])
+@pytest.mark.parametrize("scheme", ["tensorrt", "npu", "npu-per-tensor", "cpu"])
 def test_written_models_quantize_what_the_spec_says(registered, scheme):
     """For every shipped model and stand-in: the Q/DQ pairs of the written model are the spec's, and so are the
     INT8 weights (the cpu writer folds ReLU/Clip into their Conv: a folded tensor is absent, never extra)."""
@@ -114,6 +114,8 @@ def test_per_tensor_weights_are_an_npu_option():
     with pytest.raises(ValueError, match="npu scheme only"):
         spec_of(fp32_onnx_path("xlsr-clip"), "tensorrt", per_tensor_weights=True)
     assert Scheme.parse("npu") is Scheme.NPU
+    written = calibrate_model("xlsr-clip", CalibrationConfig(method="minmax", samples=10), "npu-per-tensor")
+    assert {s.axis for s in spec_of(written.fp32_onnx, written.scheme).weights.values()} == {None}
 
 
 def test_learned_ranges_that_match_no_tensor_are_an_error(tmp_path, monkeypatch):
