@@ -32,6 +32,7 @@ from .calibrate import (SEARCHES, CalibrationConfig, Method, activation_tensors,
                         collect_statistics, load_calibration_images, observing_session, prepare_calibration_images,
                         threshold, threshold_bins)
 from .models import model_info
+from .runtime import cpu_name
 
 
 @dataclass
@@ -219,25 +220,34 @@ SIZES = ((320, 240), (1280, 720))
 THREADS = (1, 2)
 
 
-def _latency_engines(config: BenchConfig, threads: int, work: str) -> dict:
-    """name -> (end-to-end run(lr), session run(float array)) for every engine present, at `threads`."""
-    from .engines import OpenVinoEngine, OrtEngine, openvino_available
-    from .quantize import Scheme, calibrate_model, fp32_onnx_path, write_qdq_model
+def _latency_engines(config: BenchConfig, threads: int, work: str) -> tuple[dict, dict]:
+    """(name -> (end-to-end run(lr), session run(float array)) for every engine present that agrees with the
+    reference, name -> its conformance verdict (refused ones included)), at `threads`."""
+    from .engines import EngineRefused, OrtEngine, openvino_available
+    from .quantize import Scheme, calibrate_model, write_qdq_model
+    from .runtime import EngineKind, create_engine
 
     scale = model_info(config.model).scale
     calibration = CalibrationConfig(method="entropy", samples=config.samples)
-    int8 = {scheme: calibrate_model(config.model, calibration, scheme) for scheme in ("cpu", "tensorrt")}
+    int8 = {scheme: calibrate_model(config.model, calibration, scheme) for scheme in ("cpu", "tensorrt", "npu")}
     plain = write_qdq_model(int8["cpu"].fp32_onnx, int8["cpu"].ranges, Scheme.CPU, Path(work) / "plain.onnx",
                             fast=False)
-    models = {"ort_fp32": fp32_onnx_path(config.model), "ort_int8_cpu": int8["cpu"].qdq_onnx,
-              "ort_int8_cpu_unrewritten": plain, "ort_int8_tensorrt": int8["tensorrt"].qdq_onnx}
-    engines = {name: OrtEngine(path, scale, threads) for name, path in models.items()}
-    if openvino_available():
-        engines["openvino_fp32"] = OpenVinoEngine(models["ort_fp32"], scale, threads)
-        engines["openvino_bf16"] = OpenVinoEngine(models["ort_fp32"], scale, threads, precision="bf16")
-        engines["openvino_int8_cpu"] = OpenVinoEngine(models["ort_int8_cpu"], scale, threads)
-        engines["openvino_int8_tensorrt"] = OpenVinoEngine(models["ort_int8_tensorrt"], scale, threads)
-    return {name: (engine.run, engine._run_array) for name, engine in engines.items()}
+    engines = {"ort_fp32": create_engine(EngineKind.ORT, config.model, None, threads),
+               "ort_int8_cpu_unrewritten": OrtEngine(plain, scale, threads)}
+    engines.update({f"ort_int8_{scheme}": create_engine(EngineKind.ORT_INT8, config.model, int8[scheme], threads)
+                    for scheme in int8})
+    others = [("openvino_fp32", EngineKind.OPENVINO, None), ("openvino_bf16", EngineKind.OPENVINO_BF16, None)]
+    others += [(f"openvino_int8_{scheme}", EngineKind.OPENVINO_INT8, int8[scheme]) for scheme in int8]
+    verdicts = {}
+    for name, kind, calibrated in others if openvino_available() else []:
+        try:
+            engines[name] = create_engine(kind, config.model, calibrated, threads)
+            verdicts[name] = engines[name].conformance
+        except EngineRefused as error:  # wrong on this CPU: timed not at all, reported
+            verdicts[name] = error.conformance
+    summaries = {name: {"passed": v.passed, "mean_levels": v.mean_levels, "p999_levels": v.p999_levels,
+                        "max_levels": v.max_levels, "psnr_db": v.psnr_db} for name, v in verdicts.items()}
+    return {name: (engine.run, engine._run_array) for name, engine in engines.items()}, summaries
 
 
 def _median_ms(times: list[float]) -> float:
@@ -253,10 +263,10 @@ def _latency(config: BenchConfig, rounds: int = 3, block: int = 4) -> dict:
     because the runtimes' spinning worker threads would then slow each other down.
     """
     rng = np.random.default_rng(0)
-    table = {}
+    table, conformance = {}, {}
     with tempfile.TemporaryDirectory() as work:
         for threads in THREADS:
-            engines = _latency_engines(config, threads, work)
+            engines, conformance = _latency_engines(config, threads, work)
             for width, height in SIZES:
                 lr = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
                 array = np.divide(lr.transpose(2, 0, 1)[None], np.float32(255.0), dtype=np.float32)
@@ -277,11 +287,12 @@ def _latency(config: BenchConfig, rounds: int = 3, block: int = 4) -> dict:
         base = table[f"ort_fp32@{threads}@{size}"]
         row["session_ratio"] = row["session_ms"] / base["session_ms"]
         row["end_to_end_ratio"] = row["end_to_end_ms"] / base["end_to_end_ms"]
-    return table
+    return table, conformance
 
 
 def _latency_ratios(table: dict) -> dict:
-    """The headline ratios at 2 threads, 320x240: the ORT INT8 path, and the best INT8 engine present."""
+    """The headline ratios at 2 threads, 320x240: the ORT INT8 path, and the best INT8 engine present that
+    agrees with the reference (refused engines are not in the table)."""
     at = "@2t@320x240"
     int8 = [key for key in table if key.endswith(at) and "int8" in key and "unrewritten" not in key]
     best = min(int8, key=lambda key: table[key]["session_ms"])
@@ -321,7 +332,8 @@ def run_bench(config: BenchConfig) -> dict:
                       calib_speedup_vs_modelopt=modelopt["seconds"] / ours["seconds"],
                       calib_seconds_modelopt=modelopt["seconds"], calib_peak_rss_mb_modelopt=modelopt["peak_rss_mb"],
                       threshold_diff_vs_modelopt_end_to_end_relative=_relative_differences(ours, modelopt))
-    report["latency"] = _latency(config)
+    report["latency"], report["conformance"] = _latency(config)
+    report["cpu"] = cpu_name()
     report.update(_latency_ratios(report["latency"]))
     return report
 
@@ -348,6 +360,10 @@ def format_bench(report: dict) -> str:
     for key, row in report["latency"].items():
         lines.append(f"  {key:<44}{row['session_ms']:>8.1f} / {row['end_to_end_ms']:>7.1f}   "
                      f"({row['session_ratio']:.2f} / {row['end_to_end_ratio']:.2f})")
+    lines.append(f"conformance to the reference (ONNX Runtime CPU) on {report.get('cpu', 'this CPU')}, 8-bit levels:")
+    for name, verdict in report.get("conformance", {}).items():
+        lines.append(f"  {name:<28}{'agrees' if verdict['passed'] else 'REFUSED'}: mean {verdict['mean_levels']:.2f}, "
+                     f"99.9th percentile {verdict['p999_levels']:.0f}, max {verdict['max_levels']}")
     lines.append(f"INT8 / ORT FP32 at 2 threads, 320x240 (session / end to end): ORT cpu scheme "
                  f"{report['latency_ratio_int8_cpu_vs_ort_fp32']:.2f} / "
                  f"{report['latency_ratio_int8_cpu_vs_ort_fp32_end_to_end']:.2f}; best "

@@ -21,6 +21,7 @@ import json
 import math
 import os
 import sys
+import tempfile
 import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -132,7 +133,7 @@ def check_file(path: str | os.PathLike) -> onnx.ModelProto:
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no such ONNX file: {path}")
+        raise FileNotFoundError(f"no such ONNX file: {path.name}")
     size = path.stat().st_size
     if size == 0:
         raise UserModelError(f"{path.name} is empty (0 bytes)")
@@ -142,21 +143,63 @@ def check_file(path: str | os.PathLike) -> onnx.ModelProto:
     try:
         model = onnx.load_model_from_string(path.read_bytes())
     except Exception as error:  # protobuf raises its own DecodeError
-        raise UserModelError(f"{path.name} is not an ONNX model ({type(error).__name__}: {error})") from None
-    for tensor in model.graph.initializer:
-        if tensor.data_location == TensorProto.EXTERNAL:
-            raise UserModelError(f"{path.name} keeps its weights in external files; the lab only accepts "
-                                 "self-contained ONNX files (save with all tensors inside)")
-    custom = sorted({node.domain for node in model.graph.node} - STANDARD_DOMAINS)
+        raise UserModelError(f"{path.name} is not an ONNX model ({type(error).__name__}: {clean_message(error)})") from None
+    if any(_is_external(tensor) for tensor in _tensors(model.graph)):
+        raise UserModelError(f"{path.name} keeps tensors in external files; the lab only accepts self-contained "
+                             "ONNX files (save with all tensors inside)")
+    custom = sorted({node.domain for node in _nodes(model.graph)} - STANDARD_DOMAINS)
     if custom:
         raise UserModelError(f"{path.name} uses custom-op domains ({', '.join(custom)}); only standard ONNX ops run here")
     try:
         onnx.checker.check_model(model)
         model = onnx.shape_inference.infer_shapes(model, strict_mode=False)
     except Exception as error:
-        raise UserModelError(f"{path.name} fails the ONNX checker: {error}") from None
+        raise UserModelError(f"{path.name} fails the ONNX checker: {clean_message(error)}") from None
     _check_image_to_image(model, path.name)
     return model
+
+
+def _nodes(graph: onnx.GraphProto):
+    """Every node of a graph and of its subgraphs (If / Loop / Scan bodies), depth first."""
+    for node in graph.node:
+        yield node
+        for attribute in node.attribute:
+            for sub in ([attribute.g] if attribute.HasField("g") else []) + list(attribute.graphs):
+                yield from _nodes(sub)
+
+
+def _tensors(graph: onnx.GraphProto):
+    """Every tensor stored in a graph: initializers, sparse initializers, and the tensors of node attributes
+    (Constant's value, ConstantOfShape's, ...), in its subgraphs too."""
+    yield from graph.initializer
+    for sparse in graph.sparse_initializer:
+        yield from (sparse.values, sparse.indices)
+    for node in graph.node:
+        for attribute in node.attribute:
+            if attribute.HasField("t"):
+                yield attribute.t
+            yield from attribute.tensors
+            for sparse in ([attribute.sparse_tensor] if attribute.HasField("sparse_tensor") else []) + \
+                    list(attribute.sparse_tensors):
+                yield from (sparse.values, sparse.indices)
+            for sub in ([attribute.g] if attribute.HasField("g") else []) + list(attribute.graphs):
+                yield from _tensors(sub)
+
+
+def _is_external(tensor: onnx.TensorProto) -> bool:
+    """True for a tensor whose data would be read from another file."""
+    return tensor.data_location == TensorProto.EXTERNAL or len(tensor.external_data) > 0
+
+
+def clean_message(message: str) -> str:
+    """A runtime's error message fit to show a visitor: one line, no file paths, no tensor contents (a shape list
+    printed by an error could carry bytes a hostile model read), at most 300 characters."""
+    import re
+
+    message = " ".join(str(message).split())
+    message = re.sub(r"(?<![\w.])/(?:[\w.+-]+/)*[\w.+-]+", "<path>", message)
+    message = re.sub(r"\{[-\d,\s]{12,}\}|\[[-\d,\s]{24,}\]", "{...}", message)
+    return message[:300]
 
 
 def _dims(value_info) -> list:
@@ -210,8 +253,8 @@ def _run_with_timeout(session, feed: dict, seconds: float) -> np.ndarray:
     except Exception as error:
         if options.terminate:
             raise UserModelError(f"the model took longer than {seconds:.0f} s on a small probe image; stopped") from None
-        message = " ".join(str(error).split())  # ONNX Runtime's message spans lines
-        raise UserModelError(f"the model failed on a probe image (wrong --layout or --color?): {message}") from None
+        raise UserModelError("the model failed on a probe image (wrong --layout or --color?): "
+                             f"{clean_message(error)}") from None
     finally:
         timer.cancel()
 
@@ -236,7 +279,9 @@ def detect_contract(model: onnx.ModelProto, overrides: Overrides = Overrides(),
     fixed = tuple(spatial) if all(isinstance(d, int) and d > 0 for d in spatial) else None
     height, width = fixed or (48, 40)
     probe = _probe_image(height, width)
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    with tempfile.TemporaryDirectory(prefix="sr-probe-") as empty:  # any file reference resolves to an empty folder
+        (Path(empty) / "model.onnx").write_bytes(model.SerializeToString())
+        session = ort.InferenceSession(str(Path(empty) / "model.onnx"), providers=["CPUExecutionProvider"])
     color = Color.parse(overrides.color) if overrides.color else (Color.Y if channels == 1 else Color.RGB)
     readings = {}
     for value_range in ((overrides.value_range,) if overrides.value_range else (1, 255)):
