@@ -151,7 +151,11 @@ def findings_section(results: dict) -> str:
         "`calib_data/`, bicubic-downscaled by the model's scale (as a deployed model sees its inputs).",
         "**tensorrt scheme** (symmetric INT8 activations), 100 samples:",
         method_table(rows, "tensorrt"),
-        "**cpu scheme** (asymmetric UINT8 activations), 100 samples:",
+        "**npu scheme** (every tensor INT8, the network output included: today's NPUs; symmetric), 100 samples:",
+        method_table(rows, "npu"),
+        "**npu-per-tensor scheme** (the npu placement with one scale per weight tensor), 100 samples:",
+        method_table(rows, "npu-per-tensor"),
+        "**cpu scheme** (asymmetric UINT8 activations, the npu placement), 100 samples:",
         method_table(rows, "cpu"),
         "**Sample count** (tensorrt scheme), mean loss over the five models, Set5 / Set14 (dB):",
         samples_table(rows),
@@ -197,6 +201,13 @@ def bench_section(bench: dict) -> str:
     lines = [f"`python -m sr bench --json` ({bench['model']}, one run, written by `scripts/findings.py` from "
              "`docs/bench.json`):", "", "| figure | measured | target |", "|---|---|---|"]
     lines += [f"| {name} | {value} | {target} |" for name, value, target in rows]
+    verdicts = bench.get("conformance", {})
+    if verdicts:
+        lines += ["", f"Conformance to the reference (ONNX Runtime on the CPU, the written QDQ model) on "
+                  f"{bench.get('cpu', 'the bench CPU')}, in 8-bit levels on the probe; a refused engine is not timed:",
+                  "", "| engine | verdict | mean | 99.9th percentile | max |", "|---|---|---|---|---|"]
+        lines += [f"| {name} | {'agrees' if v['passed'] else '**refused**'} | {v['mean_levels']:.2f} | "
+                  f"{v['p999_levels']:.0f} | {v['max_levels']} |" for name, v in verdicts.items()]
     lines += ["", "Latency (ms, session / end to end, ratio to ORT FP32 of the same threads and size in brackets; "
               "end to end adds tiling and the uint8 conversion):", "",
               "| engine | 1 thread, 320x240 | 2 threads, 320x240 | 1 thread, 1280x720 | 2 threads, 1280x720 |",

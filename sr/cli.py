@@ -383,18 +383,21 @@ def _add_qat_command(commands) -> None:
     _add_model_arguments(qat)
     qat.add_argument("--out", required=True, help="the trained model: .safetensors (a PyTorch model) or .onnx (an "
                      "ONNX model); the QDQ model goes beside it as <name>.<scheme>.qdq.onnx")
-    qat.add_argument("--scheme", default=d.scheme, help="tensorrt or cpu (default: %(default)s)")
+    qat.add_argument("--scheme", default=d.scheme, help="tensorrt, npu, npu-per-tensor or cpu (default: %(default)s)")
     qat.add_argument("--method", default=d.method, help="calibration the ranges start from (default: %(default)s)")
     qat.add_argument("--samples", type=int, default=d.samples, help="calibration samples (default: %(default)s)")
     qat.add_argument("--calib-data", default=None, help="calibration images (default: calib_data/)")
     for name, kind, text in (("steps", int, "optimizer steps"), ("batch_size", int, "patches per step"),
                              ("lr_patch", int, "LR patch side in pixels"), ("lr", float, "weight learning rate"),
                              ("range_lr", float, "learning rate of the log step sizes"),
-                             ("alpha", float, "weight of L1 to the HR image; 1 - alpha goes to L1 to the frozen "
-                              "FP32 model's output"), ("seed", int, "random seed"),
+                             ("alpha", float, "weight of L1 to the HR image; 1 - alpha - beta goes to L1 to the "
+                              "frozen FP32 model's output"), ("seed", int, "random seed"),
+                             ("beta", float, "weight of L1 to the teacher's output (with --teacher)"),
                              ("val_every", int, "validate every N steps"), ("checkpoint_every", int, "checkpoint every N steps")):
         qat.add_argument(f"--{name.replace('_', '-')}", type=kind, default=getattr(d, name),
                          help=f"{text} (default: %(default)s)")
+    qat.add_argument("--teacher", default=None, help="teacher-guided QAT: a larger FP32 model (e.g. teacher)")
+    qat.add_argument("--kd-mode", default=d.kd_mode, help="output or upcycled (default: %(default)s)")
     qat.add_argument("--train-dirs", nargs="+", default=d.train_dirs, metavar="DIR", help="training image folders "
                      "(default: %(default)s)")
     qat.add_argument("--val-dir", default=d.val_dir, help="validation folder ('' for none; default: %(default)s)")

@@ -82,7 +82,11 @@ class QatConfig:
     lr_patch: int = 32
     lr: float = 5e-5  # weights (cosine decay after a short warm-up)
     range_lr: float = 2e-3  # log step sizes
-    alpha: float = 0.5  # weight of L1 to HR; 1 - alpha goes to L1 to the frozen FP32 output
+    alpha: float = 0.5  # weight of L1 to HR; 1 - alpha - beta goes to L1 to the frozen FP32 output
+    # teacher-guided QAT: a frozen, larger FP32 model whose outputs the INT8 student also learns (weight beta)
+    teacher: str | None = None
+    beta: float = 0.0  # weight of the teacher term (needs a teacher)
+    kd_mode: str = "output"  # output: L1 to T(x); upcycled: also on zoomed-in and zoomed-out inputs (DUKD)
     seed: int = 0
     train_dirs: list[str] = field(default_factory=lambda: list(DEFAULT_TRAIN_DIRS))
     val_dir: str | None = DEFAULT_VAL_DIR
@@ -103,6 +107,13 @@ class QatConfig:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
         if not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
+        if not 0.0 <= self.beta <= 1.0 - self.alpha:
+            raise ValueError(f"beta (the teacher's weight) must be in [0, 1 - alpha], got {self.beta}")
+        if (self.teacher is None) != (self.beta == 0.0):
+            raise ValueError("a teacher needs a weight and a weight needs a teacher: give both --teacher and --beta "
+                             "(> 0), or neither")
+        if self.kd_mode not in ("output", "upcycled"):
+            raise ValueError(f"unknown distillation mode {self.kd_mode!r}; choose one of: output, upcycled")
         if not (self.lr > 0 and self.range_lr > 0):
             raise ValueError(f"learning rates must be positive, got lr={self.lr}, range_lr={self.range_lr}")
         if isinstance(self.train_dirs, str):
@@ -307,6 +318,7 @@ class _QatRun:
     elapsed_before: float = 0.0
     started: float = 0.0
     fp32_val_psnr: float | None = None
+    teacher: nn.Module | None = None
 
     def wall_seconds(self) -> float:
         return self.elapsed_before + time.perf_counter() - self.started
@@ -379,6 +391,11 @@ def _setup(config: QatConfig) -> _QatRun:
     validator = Validator(config.val_dir, info.scale) if config.val_dir and rank == 0 and not fixed else None
     run = _QatRun(config, rank, world, device, student, student, reference, optimizer, scheduler, sampler,
                   validator, calibrated.ranges, calibrated.fp32_onnx, info.scale, structure)
+    if config.teacher is not None:
+        run.teacher = load_model(config.teacher).to(device).requires_grad_(False).eval()
+        if model_info(config.teacher).scale != info.scale:
+            raise ValueError(f"the teacher {config.teacher} is x{model_info(config.teacher).scale}, the model "
+                             f"x{info.scale}")
     if validator is not None:
         run.fp32_val_psnr = validator(reference, device)
     return run
@@ -445,17 +462,45 @@ def _step(run: _QatRun) -> torch.Tensor:
     lr, hr = run.sampler.batch(run.config.batch_size)
     lr, hr = lr.to(run.device), hr.to(run.device)
     prediction = run.trainable(lr)
-    loss = run.config.alpha * (prediction - hr).abs().mean()
-    if run.config.alpha < 1.0:
+    config = run.config
+    loss = config.alpha * (prediction - hr).abs().mean()
+    own = 1.0 - config.alpha - config.beta
+    if own > 0:
         with torch.no_grad():
             target = run.reference(lr)
-        loss = loss + (1.0 - run.config.alpha) * (prediction - target).abs().mean()
+        loss = loss + own * (prediction - target).abs().mean()
+    if run.teacher is not None:
+        loss = loss + config.beta * _teacher_term(run, lr, hr, prediction)
     run.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     run.optimizer.step()
     run.scheduler.step()
     run.step += 1
     return loss.detach()
+
+
+def _teacher_term(run: _QatRun, lr: torch.Tensor, hr: torch.Tensor, prediction: torch.Tensor) -> torch.Tensor:
+    """L1 of the INT8 student to the frozen teacher on the training patch (`output`), and with `upcycled` also on
+    inputs the training pair does not have (DUKD, see `sr.distill`): a crop of the HR patch taken as an LR input
+    (zoom-in) and the LR patch downscaled by 2 (zoom-out), on half the batch, the terms averaged. The teacher runs
+    on the fly: the patch stream is random, so no patch repeats and no output is worth keeping."""
+    with torch.no_grad():
+        target = run.teacher(lr)
+    term = (prediction - target).abs().mean()
+    if run.config.kd_mode != "upcycled":
+        return term
+    rng = np.random.default_rng([run.config.seed, run.step, 24])
+    half, size = max(1, lr.shape[0] // 2), lr.shape[-1]
+    y, x = (int(v) for v in rng.integers(0, hr.shape[-1] - size + 1, size=2))
+    zoom_in = hr[:half, :, y : y + size, x : x + size].contiguous()
+    zoom_out = torch.nn.functional.interpolate(lr[:half], size=(max(4, size // 2),) * 2, mode="bicubic",
+                                               antialias=True, align_corners=False).clamp(0.0, 1.0)
+    terms = [term]
+    for extra in (zoom_in, zoom_out):
+        with torch.no_grad():
+            label = run.teacher(extra)
+        terms.append((run.trainable(extra) - label).abs().mean())
+    return torch.stack(terms).mean()
 
 
 def _report(run: _QatRun, bar: tqdm, on_progress: Callable[[dict], None] | None) -> None:
