@@ -514,10 +514,10 @@ def start_training(steps, activation, use_teacher, alpha, kd_mode="output", requ
         yield snapshot.status, frame[["step", "loss"]].dropna(), validation
 
 
-def start_qat(model, steps, request: gr.Request = None):
+def start_qat(model, steps, use_teacher=False, request: gr.Request = None):
     """Queue a QAT job for model A and stream its INT8 validation PSNR; the last value carries the new model."""
     try:
-        job = app_jobs.start_qat(_owner(request), model, int(steps))
+        job = app_jobs.start_qat(_owner(request), model, int(steps), bool(use_teacher))
     except (PermissionError, ValueError, FileNotFoundError) as error:
         raise gr.Error(str(error)) from None
     for snapshot in job.stream():
@@ -756,12 +756,14 @@ def _qat_section(c: dict) -> None:
                 "ranges go into the deployment bundle. Same limits and queue as training.")
     with gr.Row():
         steps = gr.Number(300, precision=0, label="Fine-tuning steps", minimum=1, maximum=app_jobs.POLICY.max_steps)
+        guided = gr.Checkbox(False, label="Guided by the teacher (the shipped 940k-parameter FP32 model; several "
+                             "times slower per step; see the README for what it is worth)")
         start = gr.Button("Make model A INT8-ready", variant="primary", elem_id="qat-button")
         cancel = gr.Button("Cancel")
     status = gr.Markdown(elem_id="qat-status")
     plot = gr.LinePlot(x="step", y="val_psnr", title="INT8 validation PSNR (dB)")
     result = gr.State(None)
-    event = start.click(start_qat, [c["model_a"], steps], [status, plot, result], api_name=False)
+    event = start.click(start_qat, [c["model_a"], steps, guided], [status, plot, result], api_name=False)
     event.then(offer_result, [result, c["uploads"], c["model_b"]], [c["model_a"], c["model_b"], c["uploads"]],
                api_name=False)
     cancel.click(cancel_training, None, status, api_name=False)

@@ -26,6 +26,7 @@ MAX_STEPS = 5_000  # about 10 minutes of XLSR on two CPU cores
 MAX_RUNS_PER_OWNER = 3
 MAX_RUNS = 20
 QAT_EQUALIZE = 0.5  # the channel-equalization strength QAT starts from (the README's findings)
+QAT_TEACHER_BETA = 0.25  # weight of the teacher term in teacher-guided QAT (scripts/kd_qat.py measures it)
 
 
 @dataclass
@@ -126,8 +127,9 @@ def start(owner: str, steps: int, final_activation: str, use_teacher: bool, alph
     return _enqueue(owner, lambda: Job(name, owner, steps, final_activation, use_teacher, alpha, kd_mode))
 
 
-def start_qat(owner: str, model: str, steps: int) -> Job:
-    """Queue a QAT job ("make it INT8-ready") for `owner`, under the same policy and caps as training.
+def start_qat(owner: str, model: str, steps: int, use_teacher: bool = False) -> Job:
+    """Queue a QAT job ("make it INT8-ready") for `owner`, under the same policy and caps as training; with
+    `use_teacher`, teacher-guided (the shipped x3 teacher, weight QAT_TEACHER_BETA).
 
     Raises:
         PermissionError: training is off on this deployment.
@@ -138,9 +140,16 @@ def start_qat(owner: str, model: str, steps: int) -> Job:
                               "--allow-training).")
     if not 1 <= steps <= POLICY.max_steps:
         raise ValueError(f"steps must be between 1 and {POLICY.max_steps}, got {steps}")
-    stem = model_info(model).name.replace(":", "-")
+    info = model_info(model)
+    if use_teacher and info.scale != model_info("teacher").scale:
+        raise ValueError(f"the teacher upscales x{model_info('teacher').scale}; {_shown_name(model)} is x{info.scale}")
+    stem = info.name.replace(":", "-")
     return _enqueue(owner, lambda: Job(f"{stem}-qat-{steps}-{owner[:8]}-{time.strftime('%H%M%S')}", owner, steps,
-                                       "", False, 1.0, base=model))
+                                       "", bool(use_teacher), 1.0, base=model))
+
+
+def _shown_name(model: str) -> str:
+    return "your model" if str(model).startswith("onnx:") else str(model)
 
 
 def _enqueue(owner: str, make) -> Job:
@@ -224,7 +233,8 @@ def _run_qat(job: Job, fields: dict, on_progress) -> None:
 
     config = QatConfig(model=job.base, out=str(job.weights), steps=job.steps, train_dirs=fields["train_dirs"],
                        val_dir=fields["val_dir"], val_every=max(50, job.steps // 5), checkpoint_every=10**9, device="cpu",
-                       equalize=QAT_EQUALIZE)
+                       equalize=QAT_EQUALIZE, teacher="teacher" if job.use_teacher else None,
+                       beta=QAT_TEACHER_BETA if job.use_teacher else 0.0)
     quantization_aware_training(config, report, job.stop.is_set)
     if job.weights.suffix == ".onnx":
         job.result = register_onnx(job.weights).name

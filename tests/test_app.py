@@ -252,6 +252,11 @@ def test_make_it_int8_ready_adds_a_fine_tuned_model(job_sandbox, monkeypatch, da
         ".safetensors", ".tensorrt.qdq.onnx")])  # no checkpoint or starting-point file left behind
     model_a, _, uploads = app.offer_result(result, [], "xlsr-relu")
     assert model_a["value"] == result and result in model_a["choices"] and uploads == []
+    *_, (status, _, guided) = list(app.start_qat("xlsr-clip", 2, True))  # teacher-guided: the record says so
+    from sr.quantize import qat_record
+
+    config = qat_record(guided)["config"]
+    assert config["teacher"] == "teacher" and config["beta"] == jobs.QAT_TEACHER_BETA, status
 
 
 def test_uploads_reach_the_lab_untouched(server, tmp_path):
