@@ -1,5 +1,5 @@
-"""The measurements behind the README's "Findings", and the README tables themselves (between the
-`<!-- findings:* -->` markers; no figure there is typed by hand). Writes docs/findings.json, docs/findings.png
+"""The measurements behind docs/findings.md, and its tables themselves (between the `<!-- findings:* -->`
+markers; no figure there is typed by hand), the bench tables of docs/measured.md and the README's summary. Writes docs/findings.json, docs/findings.png
 (INT8 loss per method) and docs/zero-spike.png (a post-ReLU histogram with both entropy thresholds).
 
     python scripts/findings.py --data ../shared/data            # about 15 minutes on 2 CPU cores
@@ -244,7 +244,7 @@ def main() -> None:
     import findings_tables
 
     bench = out / "bench.json"
-    findings_tables.rewrite_readme(json.loads(path.read_text()), ROOT / "README.md",
+    findings_tables.rewrite_readme(json.loads(path.read_text()), ROOT,
                                    json.loads(bench.read_text()) if bench.is_file() else None)
 
 

@@ -5,6 +5,7 @@ comes from the measurements, and every comparison in the prose is computed, not 
 """
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import numpy as np
 
 START, END = "<!-- findings:start -->", "<!-- findings:end -->"
 BENCH_START, BENCH_END = "<!-- bench:start -->", "<!-- bench:end -->"
+SUMMARY_START, SUMMARY_END = "<!-- summary:start -->", "<!-- summary:end -->"
 MODELS = ["xlsr-relu", "xlsr-clip", "xlsr-relu-kd", "xlsr-clip-kd", "teacher"]
 METHODS = ["entropy", "entropy-zeros", "minmax", "percentile", "mse"]
 
@@ -229,9 +231,58 @@ def _replace(text: str, start: str, end: str, section: str, readme: Path) -> str
     return pattern.sub(lambda _: section, text)
 
 
-def rewrite_readme(results: dict, readme: Path, bench: dict | None = None) -> None:
-    """Replace the text between the findings (and, given the bench report, the bench) markers in `readme`."""
-    text = _replace(readme.read_text(), START, END, findings_section(results), readme)
+def summary_section(results: dict, bench: dict | None, int8_ready: dict | None, kd: dict | None) -> str:
+    """The README's few headline figures, each from the JSON its script wrote."""
+    rows = results["rows"]
+    lines = [SUMMARY_START]
+    clip = {name: _one(rows, model="xlsr-clip", scheme="tensorrt", method="entropy", samples=100, data=name)
+            for name in ("Set5", "Set14")}
+    relu = {name: _one(rows, model="xlsr-relu", scheme="tensorrt", method="entropy", samples=100, data=name)
+            for name in ("Set5", "Set14")}
+    lines.append(f"- **Post-training INT8** (the first screen's settings: entropy, 100 samples, `tensorrt` scheme) "
+                 f"loses {relu['Set5']['drop_db']:.2f} / {relu['Set14']['drop_db']:.2f} dB (`xlsr-relu`) and "
+                 f"{clip['Set5']['drop_db']:.2f} / {clip['Set14']['drop_db']:.2f} dB (`xlsr-clip`) on Set5 / Set14 "
+                 "against the same model in FP32 ([findings](docs/findings.md)).")
+    dark = next((r for r in results["dark"] if r["model"] == "xlsr-relu" and r["method"] == "entropy"
+                 and r["gain"] == 0.4 and r["fix"] == "none"), None)
+    if dark:
+        lines.append(f"- **Dark** when the calibration images are darker than the inputs: at 40% brightness "
+                     f"`xlsr-relu` keeps {dark['brightness']:.2f} of its brightness, {dark['drop_db']:.1f} dB down.")
+    if int8_ready:
+        qat = {m: int8_ready[m].get("QAT") for m in int8_ready}
+        if all(qat.values()):
+            lines.append("- **Near-lossless after QAT**: " + ", ".join(
+                f"`{m}-qat` {q['Set5']['loss_db']:.3f} / {q['Set14']['loss_db']:.3f} dB" for m, q in qat.items())
+                + " against the original FP32 model ([near-lossless INT8](docs/near-lossless.md)).")
+    if kd:
+        lines.append("- **A teacher inside QAT**: " + "; ".join(
+            f"`{v['twin']}` {v['Set5_gain_db']:+.3f} / {v['Set14_gain_db']:+.3f} dB (seed spread "
+            f"{v['Set5_spread_db']:.3f} / {v['Set14_spread_db']:.3f}): {'pays' if v['pays'] else 'does not pay'}"
+            for v in kd["verdicts"]) + f" ({kd['steps']}-step runs).")
+    if bench:
+        refused = [name for name, v in bench.get("conformance", {}).items() if not v["passed"]]
+        lines.append(f"- **Speed** on {bench.get('cpu', 'this CPU')}, 2 threads, 320x240: ONNX Runtime `cpu` scheme "
+                     f"{bench['latency_ratio_int8_cpu_vs_ort_fp32']:.2f}x the FP32 time; the fastest engine that "
+                     f"agrees with the reference ({bench['latency_int8_best_engine']}) "
+                     f"{bench['latency_ratio_int8_best_vs_ort_fp32']:.2f}x"
+                     + (f"; refused here: {', '.join(refused)}" if refused else "; every engine agreed with the "
+                        "reference") + " ([measured](docs/measured.md)).")
+    lines.append(SUMMARY_END)
+    return "\n".join(lines)
+
+
+def rewrite_readme(results: dict, root: Path, bench: dict | None = None) -> None:
+    """Replace the text between the findings markers (docs/findings.md), the bench markers (docs/measured.md)
+    and the summary markers (README.md), and say which files changed."""
+    findings, measured, readme = root / "docs" / "findings.md", root / "docs" / "measured.md", root / "README.md"
+    findings.write_text(_replace(findings.read_text(), START, END, findings_section(results), findings))
+    changed = [findings]
     if bench is not None:
-        text = _replace(text, BENCH_START, BENCH_END, bench_section(bench), readme)
-    readme.write_text(text)
+        measured.write_text(_replace(measured.read_text(), BENCH_START, BENCH_END, bench_section(bench), measured))
+        changed.append(measured)
+    extra = {name: json.loads((root / "docs" / f"{name}.json").read_text()) if (root / "docs" / f"{name}.json").is_file()
+             else None for name in ("int8_ready", "kd_qat")}
+    summary = summary_section(results, bench, extra["int8_ready"], extra["kd_qat"])
+    readme.write_text(_replace(readme.read_text(), SUMMARY_START, SUMMARY_END, summary, readme))
+    changed.append(readme)
+    print("rewrote " + ", ".join(str(path.relative_to(root)) for path in changed))

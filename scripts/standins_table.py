@@ -1,4 +1,4 @@
-"""The README's table of stand-in ONNX models: each built by tests/standins.py, its detected contract, and its
+"""The table in docs/your-model.md of stand-in ONNX models: each built by tests/standins.py, its detected contract, and its
 FP32 / INT8 Set5 figures (minmax and entropy, 20 samples, tensorrt scheme).
 
     python scripts/standins_table.py --data ../shared/data
@@ -39,10 +39,11 @@ def main() -> None:
         lines.append(f"| `{name}` | {contract} | {', '.join(user.float_ops) or '-'} | "
                      f"{report['fp32_mean']['psnr_y']:.2f} | " + " | ".join(cells) + " |")
         print(lines[-1], flush=True)
-    readme = ROOT / "README.md"
+    readme = ROOT / "docs" / "your-model.md"
     text = readme.read_text()
     table = "<!-- standins:start -->\n" + "\n".join(lines) + "\n<!-- standins:end -->"
     readme.write_text(re.sub(r"<!-- standins:start -->.*?<!-- standins:end -->", lambda _: table, text, flags=re.S))
+    print(f"rewrote the stand-ins table in {readme}")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""The README's map of the code stays true: each module imports from `sr/` exactly what the map says, no
+"""The map of the code (docs/layout.md) stays true: each module imports from `sr/` exactly what the map says, no
 function grows past ~60 lines, and `sr/` never imports gradio or the app."""
 import ast
 import re
@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _map() -> dict[str, set[str]]:
-    section = (ROOT / "README.md").read_text().split("## Layout", 1)[1]
+    section = (ROOT / "docs" / "layout.md").read_text()
     rows = re.findall(r"^\| `sr/(\w+)\.py` \| [^|]+ \| ([^|]+) \|$", section, re.M)
     return {name: ({"*"} if "all of the above" in text else set(re.findall(r"[a-z_]+", text)) - {"-"})
             for name, text in rows}
