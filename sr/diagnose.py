@@ -342,10 +342,10 @@ def apply_fix(report: DiagnosisReport, tensor: str, fix: Fix | str, image, mode:
     prepared = prepare_input(image, mode, scale)
     fixed = calibrate_model(report.model, report.calibrated.config, report.calibrated.scheme,
                             fixes=fix.overrides(tensor), progress=progress)
-    reference = OrtEngine(report.calibrated.fp32_onnx, scale).run(prepared.lr)
+    reference = OrtEngine(report.calibrated.fp32_onnx, scale, cpu_only=True).run(prepared.lr)
     target = prepared.truth if prepared.truth is not None else reference
-    before = OrtEngine(report.calibrated.qdq_onnx, scale).run(prepared.lr)
-    after = OrtEngine(fixed.qdq_onnx, scale).run(prepared.lr)
+    before = OrtEngine(report.calibrated.qdq_onnx, scale, cpu_only=True).run(prepared.lr)  # the reference INT8
+    after = OrtEngine(fixed.qdq_onnx, scale, cpu_only=True).run(prepared.lr)
     return FixOutcome(before, after, prepared.truth is not None, psnr_y(before, target, scale),
                       psnr_y(after, target, scale), brightness_ratio(before, reference),
                       brightness_ratio(after, reference), fixed)

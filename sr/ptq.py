@@ -132,7 +132,7 @@ def _refine_into(config: RefineConfig, out: Path, progress: Callable[[float, str
     x = calibration_batch(config.calibration, scale, config.patches, config.patch_size, config.seed)
     strength = config.equalize if Refinement.EQUALIZE in config.refinements else 0.0
     structure, fixes = prepare(config.model, Refinement.CENTRED_IO in config.refinements, strength, x,
-                               out.with_name(out.stem))
+                               out.with_name(out.stem), config.scheme)
     student, calibrated = fake_quantized(structure, config.calibration, config.scheme.value, fixes)
     student.eval()
     for parameter in student.parameters():

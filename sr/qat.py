@@ -374,7 +374,7 @@ def _setup(config: QatConfig) -> _QatRun:
     info = model_info(config.model)
     calibration = CalibrationConfig(method=config.method, samples=config.samples, data=config.calib_data)
     patches = calibration_batch(calibration, info.scale) if config.equalize else None
-    structure, fixes = prepare(config.model, config.io_offset, config.equalize, patches, Path(config.out))
+    structure, fixes = prepare(config.model, config.io_offset, config.equalize, patches, Path(config.out), config.scheme)
     student, calibrated = fake_quantized(structure, calibration, config.scheme, fixes)
     fp32 = student.fp32
     # the reference is the original model, whatever its I/O convention (both take and return [0, 1] images); a

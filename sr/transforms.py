@@ -22,7 +22,7 @@ import torch
 from .calibrate import calibration_patches, load_calibration_images, prepare_calibration_images
 from .models import IO_OFFSET, load_model, model_info, read_metadata, save_weights, with_io_offset
 from .onnxtorch import OnnxModule
-from .quantize import Fixes, fp32_onnx_path
+from .quantize import Fixes, Scheme, fp32_onnx_path
 from .store import write_atomic
 from .usermodel import STANDARD_KEY, Contract, lookup, register_onnx, set_metadata
 
@@ -32,7 +32,7 @@ METADATA_KEY = "qat"  # weight-file metadata key of a tuned model's record (writ
 
 
 def prepare(model: str, io_offset: bool, equalize: float, patches: torch.Tensor | None,
-            work: Path) -> tuple[str, Fixes]:
+            work: Path, scheme: Scheme | str = Scheme.TENSORRT) -> tuple[str, Fixes]:
     """The model to quantize and the ranges fixed in advance.
 
     Args:
@@ -41,10 +41,12 @@ def prepare(model: str, io_offset: bool, equalize: float, patches: torch.Tensor 
         equalize: channel-equalization strength (0: none).
         patches: calibration patches (needed when `equalize` > 0).
         work: where the changed model files go (`<work>.centred.safetensors`, `<work>.equalized.*`).
+        scheme: the INT8 scheme the ranges are for.
 
     Returns:
-        (the model name or file to quantize, the ranges fixed in advance: the centred input and output at
-        +-127/255, i.e. step 1/255).
+        (the model name or file to quantize, the ranges fixed in advance: the centred input and output on the
+        8-bit grid, step 1/255: +-127/255 for symmetric INT8 (-128/255 is then the level -128), -128/255..127/255
+        for UINT8, whose zero point is then exactly 128).
     """
     structure, info = str(model), model_info(model)
     if io_offset and info.arch == "onnx":
@@ -58,9 +60,9 @@ def prepare(model: str, io_offset: bool, equalize: float, patches: torch.Tensor 
         structure = _equalized(structure, equalize, patches, work)
     if not load_io_offset(structure):
         return structure, Fixes()
-    bound = 127 / 255
+    low = -127 / 255 if Scheme.parse(scheme).symmetric else -128 / 255
     graph = onnx.load(str(fp32_onnx_path(structure)))
-    return structure, Fixes(fixed_range={tensor: (-bound, bound) for tensor in io_tensors(graph)})
+    return structure, Fixes(fixed_range={tensor: (low, 127 / 255) for tensor in io_tensors(graph)})
 
 
 def remove_starting_points(work: Path) -> None:

@@ -48,6 +48,22 @@ def test_handler_returns_four_images_and_metrics(small_png):
     assert "Across 2 calibration samples" in again[6] and len(again[-1]["runs"]) == 2
 
 
+def test_the_first_screen_shows_the_reference_int8(small_png, data_dir):
+    """Default settings: the INT8 panels are the written QDQ model as ONNX Runtime's CPU kernels run it (what
+    `eval --engine ort-int8` scores and the bundle ships), pixel for pixel, on any CPU."""
+    import app
+    from sr.calibrate import CalibrationConfig
+    from sr.engines import OrtEngine
+    from sr.quantize import calibrate_model
+
+    *panels, metrics, _, _, state, _ = app.run_compare(small_png, progress=lambda *a, **k: None)
+    lr = np.asarray(Image.open(small_png).convert("RGB"))
+    for index, model in ((2, "xlsr-relu"), (4, "xlsr-clip")):
+        int8 = calibrate_model(model, CalibrationConfig(method="entropy", samples=100), "tensorrt")
+        assert np.array_equal(panels[index], OrtEngine(int8.qdq_onnx, 3, cpu_only=True).run(lr)), model
+    assert all(name.startswith("ort-int8-tensorrt") for name in list(metrics["engine"])[1::2])
+
+
 def test_dark_calibration_is_flagged(small_png):
     import app
 

@@ -95,3 +95,25 @@ def test_refined_model_loses_less_through_the_cli(data_dir, tmp_path):
 def test_bad_refinement_is_refused():
     with pytest.raises(ValueError, match="unknown PTQ refinement 'magic'"):
         RefineConfig("xlsr-clip", ["magic"])
+
+
+@pytest.mark.parametrize("scheme, zero_point", [("tensorrt", 0), ("cpu", 128)])
+def test_centred_io_is_exact_under_every_scheme(scheme, zero_point, tmp_path):
+    """The centred input and output land on the 8-bit grid (step 1/255) in both integer types: UINT8 with
+    +-127/255 used to give step 254/255^2 and zero point 128 (one level in 256 exact)."""
+    import onnx
+
+    from sr.calibrate import CalibrationConfig
+    from sr.quantize import calibrate_model, spec_of
+    from sr.quantspec import graph_quantization
+    from sr.transforms import io_tensors, prepare
+
+    structure, fixes = prepare("xlsr-clip", True, 0.0, None, tmp_path / "m", scheme)
+    int8 = calibrate_model(structure, CalibrationConfig(method="minmax", samples=10), scheme, fixes=fixes)
+    fp32 = onnx.load(str(int8.fp32_onnx))
+    written = graph_quantization(onnx.load(str(int8.qdq_onnx)), fp32).activations
+    quantized_io = [t for t in io_tensors(fp32) if t in written]
+    assert quantized_io and set(quantized_io) <= set(spec_of(fp32, scheme).activations)
+    for tensor in quantized_io:
+        scale, zero = written[tensor]
+        assert scale == pytest.approx(1 / 255, rel=1e-6) and zero == zero_point, (tensor, scale, zero)
