@@ -22,7 +22,7 @@ import onnx
 import torch
 
 from .data import to_tensor, to_uint8
-from .store import cache_root, code_digest, file_sha256, locked, short_hash, write_atomic
+from .store import cache_cap_bytes, cache_root, code_digest, evict, file_sha256, locked, short_hash, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -213,6 +213,7 @@ def _openvino_source(onnx_path: Path) -> Path:
     twin = cache_root() / "openvino" / f"{onnx_path.stem}-{file_sha256(onnx_path)[:16]}-u8.onnx"
     if not twin.is_file():
         write_atomic(model.SerializeToString(), twin)
+        evict(twin.parent, cache_cap_bytes(), keep=twin)
     return twin
 
 

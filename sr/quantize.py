@@ -639,7 +639,7 @@ def cached_statistics(fp32: Path, key: str, network_inputs: list[np.ndarray], co
             fp32, lambda: calibration_patches(network_inputs, config.samples, patch, config.seed),
             config.samples, need_histograms=True, threads=threads, progress=progress)
         write_atomic(_stats_bytes(stats), path)
-    evict(path.parent, cache_cap_bytes() // 4, keep=path)
+    evict(path.parent, cache_cap_bytes(), keep=[path, fp32])
     return stats
 
 
@@ -662,7 +662,7 @@ def _calibrate_entry(entry: Path, fp32: Path, network_inputs: list[np.ndarray], 
     ranges = _apply_fixes(ranges, stats, fixes, config, scheme, model)
     producers = _producers(fp32)
     _write_entry(entry, fp32, ranges, stats, producers, config, scheme, fixes)
-    evict(entry.parent, cache_cap_bytes(), keep=entry)
+    evict(entry.parent, cache_cap_bytes(), keep=[entry, fp32])
     return ranges, stats, producers
 
 

@@ -211,27 +211,31 @@ def cache_cap_bytes() -> int:
     return int(float(os.environ.get("SR_CACHE_MAX_MB") or DEFAULT_CACHE_MB) * 1024 * 1024)
 
 
-def evict(folder: str | os.PathLike, max_bytes: int, keep: str | os.PathLike | None = None) -> list[Path]:
-    """Delete the least recently used entries of `folder` until it holds at most `max_bytes`.
+def evict(folder: str | os.PathLike, max_bytes: int, keep=None) -> list[Path]:
+    """Delete the least recently used entries of the cache until all of it holds at most `max_bytes`.
 
-    An entry is a file or folder directly inside `folder` (temp items and lock files aside); "used" is its
-    modification time (`touch`). An entry whose lock another thread or process holds is skipped.
+    The cap is one total over every kind of entry (`folder`'s siblings: calibrations, statistics, exports,
+    uploaded models, OpenVINO twins, refined models, TensorRT plans). An entry is a file or folder directly inside
+    one of those folders (temp items and lock files aside); "used" is its modification time (`touch`). An entry
+    whose lock another thread or process holds is skipped.
 
     Args:
-        folder: the cache folder.
+        folder: the folder of the entry just written (its parent is the cache root).
         max_bytes: the cap.
-        keep: an entry never deleted (the one just written).
+        keep: an entry never deleted (the one just written), or several (what the caller is still using).
 
     Returns:
         the deleted entries.
     """
-    folder = Path(folder)
-    if not folder.is_dir():
+    kept = [Path(keep)] if isinstance(keep, (str, os.PathLike)) else [Path(k) for k in (keep or [])]
+    root = Path(folder).parent
+    if not root.is_dir():
         return []
-    entries = [item for item in folder.iterdir() if not item.name.startswith(TEMP_PREFIX)
-               and not item.name.endswith(".lock") and (keep is None or item != Path(keep))]
+    kinds = [item for item in root.iterdir() if item.is_dir() and not item.name.startswith(TEMP_PREFIX)]
+    entries = [item for kind in kinds for item in kind.iterdir() if not item.name.startswith(TEMP_PREFIX)
+               and not item.name.endswith(".lock") and not any(k == item or item in k.parents for k in kept)]
     sizes = {item: _size(item) for item in entries}
-    total = sum(sizes.values()) + (_size(Path(keep)) if keep is not None and Path(keep).exists() else 0)
+    total = sum(sizes.values()) + sum(_size(k) for k in kept if k.exists() and k.parent.parent == root)
     deleted = []
     for item in sorted(entries, key=lambda p: p.stat().st_mtime):
         if total <= max_bytes:

@@ -31,7 +31,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from .choices import Choice
-from .store import cache_root, code_digest, file_sha256, locked, short_hash, write_atomic
+from .store import cache_cap_bytes, cache_root, code_digest, evict, file_sha256, locked, short_hash, touch, write_atomic
 
 MAX_BYTES = int(float(os.environ.get("SR_MAX_ONNX_MB", "200")) * 1024 * 1024)
 PROBE_SECONDS = 30.0
@@ -569,6 +569,8 @@ def register_onnx(path: str | os.PathLike, overrides: Overrides = Overrides(),
                 standard = standard_graph(model, contract)
             write_atomic(standard.SerializeToString(), folder / "standard.onnx")
             write_atomic(json.dumps(contract.to_dict()).encode(), saved)
+        touch(folder)  # used now: the cache's LRU eviction counts uploaded models too
+    evict(folder.parent, cache_cap_bytes(), keep=folder)
     from .quantspec import ALL_INT8_OPS, TENSORRT_INPUT_OPS
 
     covered = {*ALL_INT8_OPS, *TENSORRT_INPUT_OPS, "Constant", "Identity"}
@@ -584,7 +586,9 @@ def lookup(name: str, cache_dir: str | os.PathLike | None = None) -> UserModel |
     if not str(name).startswith(PREFIX):
         return None
     if name in _REGISTRY:
-        return _REGISTRY[name]
+        if _REGISTRY[name].standard_onnx.is_file():  # the cache's total cap may have evicted it since
+            return _REGISTRY[name]
+        del _REGISTRY[name]
     folder = cache_root(cache_dir) / "user" / str(name)[len(PREFIX):]
     if not (folder / "contract.json").is_file():
         return None

@@ -157,18 +157,50 @@ def test_tensorrt_plan_key_covers_model_gpu_version_and_profile(tmp_path):
 
 
 def test_cache_is_capped_least_recently_used_first(tmp_path, monkeypatch):
-    """Three entries under a cap that holds about two: the least recently used one goes, a used one stays."""
+    """Three entries under a total cap that holds all but about half of one: the least recently used entry
+    goes, a used one stays."""
+    import os
+    import time
+
+    from sr.store import cache_root
+
+    def cache_bytes():
+        return sum(p.stat().st_size for p in cache_root(tmp_path).rglob("*") if p.is_file())
+
     configs = [CalibrationConfig(method="minmax", samples=10, seed=seed) for seed in (501, 502, 503)]
     first = calibrate_model("xlsr-relu", configs[0], "cpu", cache_dir=tmp_path)
     second = calibrate_model("xlsr-relu", configs[1], "cpu", cache_dir=tmp_path)
     entry_bytes = sum(p.stat().st_size for p in first.qdq_onnx.parent.iterdir())
-    import os
-    import time
-
+    stats_bytes = max(p.stat().st_size for p in (cache_root(tmp_path) / "stats").iterdir() if p.suffix == ".npz")
     os.utime(first.qdq_onnx.parent, (time.time() - 100, time.time() - 100))
     os.utime(second.qdq_onnx.parent, (time.time() - 200, time.time() - 200))
     assert calibrate_model("xlsr-relu", configs[0], "cpu", cache_dir=tmp_path).cached  # a read marks it used
-    monkeypatch.setenv("SR_CACHE_MAX_MB", str(2.5 * entry_bytes / 2**20))
+    cap = cache_bytes() + entry_bytes + stats_bytes - entry_bytes / 2
+    monkeypatch.setenv("SR_CACHE_MAX_MB", str(cap / 2**20))
     third = calibrate_model("xlsr-relu", configs[2], "cpu", cache_dir=tmp_path)
     alive = {p.name for p in (tmp_path / "int8").iterdir() if p.is_dir()}
     assert alive == {first.key, third.key}, (alive, second.key)
+    assert cache_bytes() <= cap
+
+
+def test_one_total_cap_counts_uploaded_models(tmp_path, monkeypatch, stand_ins):
+    """Calibrations, statistics, exports and uploaded models share one cap: after many uploads under a small
+    cap the whole cache stays under it, the newest entry survives, and an evicted upload is reported as gone."""
+    from sr.store import cache_root
+    from sr.usermodel import lookup, register_onnx
+
+    first = register_onnx(stand_ins["fsrcnn-y"], cache_dir=tmp_path)
+    calibrate_model("xlsr-relu", CalibrationConfig(method="minmax", samples=10, seed=601), "tensorrt",
+                    cache_dir=tmp_path)
+    size = sum(p.stat().st_size for p in cache_root(tmp_path).rglob("*") if p.is_file())
+    monkeypatch.setenv("SR_CACHE_MAX_MB", str(0.6 * size / 2**20))
+    import os
+    import time
+
+    for folder in cache_root(tmp_path).iterdir():  # everything so far is old
+        for entry in folder.iterdir():
+            os.utime(entry, (time.time() - 500, time.time() - 500))
+    newest = register_onnx(stand_ins["xlsr-nhwc"], cache_dir=tmp_path)
+    total = sum(p.stat().st_size for p in cache_root(tmp_path).rglob("*") if p.is_file() and not p.name.endswith(".lock"))
+    assert total <= 0.6 * size + 1 and newest.standard_onnx.is_file()
+    assert not first.standard_onnx.is_file() and lookup(first.name, tmp_path) is None
