@@ -245,8 +245,12 @@ def _latency_engines(config: BenchConfig, threads: int, work: str) -> tuple[dict
             verdicts[name] = engines[name].conformance
         except EngineRefused as error:  # wrong on this CPU: timed not at all, reported
             verdicts[name] = error.conformance
+        except Exception as error:  # could not build the model at all
+            verdicts[name] = f"{type(error).__name__}: {error}"
     summaries = {name: {"passed": v.passed, "mean_levels": v.mean_levels, "p999_levels": v.p999_levels,
-                        "max_levels": v.max_levels, "psnr_db": v.psnr_db} for name, v in verdicts.items()}
+                        "max_levels": v.max_levels, "psnr_db": v.psnr_db} if not isinstance(v, str) else
+                 {"passed": False, "error": v, "mean_levels": float("nan"), "p999_levels": float("nan"),
+                  "max_levels": -1, "psnr_db": float("nan")} for name, v in verdicts.items()}
     return {name: (engine.run, engine._run_array) for name, engine in engines.items()}, summaries
 
 

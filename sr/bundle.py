@@ -1,7 +1,8 @@
 """A deployment bundle: everything a deployment tool needs to run the INT8 model the lab made, in one folder (or
 zip), with a README saying how it was made and how well it does. Every model in it is the user's own graph (a
 user's model without the lab's wrapper: its own inputs, outputs and names), and the figures in its README are
-measured on exactly those INT8 models with the reference engine (ONNX Runtime on the CPU).
+measured on those INT8 networks with the reference engine (ONNX Runtime on the CPU; a user's network inside the
+lab's float wrapper, which changes no value the network sees).
 
 - `model.qdq.onnx`: the TensorRT QDQ model (`tensorrt` scheme: Q/DQ where NVIDIA ModelOpt puts them, symmetric
   INT8, per-channel weights, float biases): `trtexec --onnx=model.qdq.onnx --stronglyTyped`;

@@ -39,6 +39,7 @@ from .models import model_info
 from .quantize import (CalibratedModel, Fixes, Scheme, calibrate_model, spec_of, tie_fused_ranges,
                        without_quantization)
 from .quantspec import ActivationSpec, activation_qparams, graph_quantization
+from .rewrite import rewrite_for_fast_int8
 
 
 class Fix(Choice, noun="fix"):
@@ -210,6 +211,9 @@ class _Scorer:
         # the points: what the written model really quantizes (the cpu writer folds ReLU/Clip into the Conv)
         # one point per tie group (a Conv output quantized on its activation's grid is part of that activation's
         # point: what it clips, the activation clips anyway)
+        # the cpu writer changed some weights' shapes (sr.rewrite): their FP32 values come from the rewritten graph
+        self.weights_from = rewrite_for_fast_int8(self.fp32, calibrated.ranges)[0] \
+            if calibrated.scheme is Scheme.CPU else None
         written = graph_quantization(self.qdq, self.fp32).activations
         self.written = [t for t in self.spec.activations if t in written]
         self.points = [t for t in self.written if self.spec.activations[t].group == t]
@@ -223,7 +227,8 @@ class _Scorer:
         group as its only quantized activations (weights in FP32)."""
         if alone is not None:
             kept = set(self._members([alone]))
-            model = without_quantization(self.qdq, self.fp32, [t for t in self.written if t not in kept], True)
+            model = without_quantization(self.qdq, self.fp32, [t for t in self.written if t not in kept], True,
+                                         self.weights_from)
         elif dropped:
             model = without_quantization(self.qdq, self.fp32, self._members(dropped))
         else:

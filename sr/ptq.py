@@ -85,6 +85,9 @@ class RefineConfig:
         chosen = {Refinement.parse(r) for r in self.refinements}
         self.refinements = [r for r in ORDER if r in chosen]
         self.scheme = Scheme.parse(self.scheme)
+        if Refinement.ADAROUND in self.refinements and self.scheme is Scheme.NPU_PER_TENSOR:
+            raise ValueError("AdaRound here rounds onto per-channel weight steps; the npu-per-tensor scheme has one "
+                             "step per weight tensor: drop adaround or use npu")
         for name in ("patches", "patch_size", "adaround_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")

@@ -411,8 +411,9 @@ def fake_quantized(structure: str, calibration: CalibrationConfig, scheme: str,
     """
     calibrated = calibrate_model(structure, calibration, scheme, fixes=fixes)
     fp32 = onnx.load(str(calibrated.fp32_onnx))
-    spec = spec_of(fp32, scheme, fixes.keep_float)
-    student = FakeQuantModel(fp32, spec, calibrated.ranges, frozen_tensors=list(fixes.fixed_range))
+    spec = spec_of(fp32, scheme, calibrated.fixes.keep_float)
+    # every range fixed in advance stays (the caller's and those calibrate_model adds, a user's input range)
+    student = FakeQuantModel(fp32, spec, calibrated.ranges, frozen_tensors=list(calibrated.fixes.fixed_range))
     trainable = trainable_initializers(fp32)
     for name, parameter in student.network.named_onnx_parameters().items():
         parameter.requires_grad_(name in trainable)

@@ -33,7 +33,7 @@ from .calibrate import (CalibrationConfig, Method, TensorRange, TensorStats, cal
 from .export import export_onnx
 from .models import load_model, model_info
 from .quantspec import (ALL_INT8_OPS, QuantSpec, Scheme, activation_qparams, fused_ties, graph_quantization, is_wrapper,
-                        quant_spec, weight_int8)
+                        quant_spec, used_names, weight_int8)
 from .rewrite import REWRITE_OPS, rewrite_for_fast_int8
 from .store import (cache_cap_bytes, cache_root, code_digest, evict, file_sha256, library_versions, locked, publish_dir,
                     remove_stale_temps, short_hash, temp_dir, touch, write_atomic)
@@ -268,7 +268,7 @@ def insert_qdq(model: onnx.ModelProto, spec: QuantSpec, ranges: dict[str, Tensor
             node.input[position] = rename.get(name, name)
         rebuilt.append(node)
         rebuilt.extend(after.get(index, []))
-    used = {name for node in rebuilt for name in node.input}
+    used = used_names(rebuilt)
     kept = [i for i in graph.initializer if i.name in used]
     del graph.node[:]
     graph.node.extend(rebuilt)
@@ -309,7 +309,7 @@ def _weight_dequantizer(name: str, values: np.ndarray, axis: int | None):
 
 
 def without_quantization(qdq: onnx.ModelProto, fp32: onnx.ModelProto, activations: Sequence[str] = (),
-                         float_weights: bool = False) -> onnx.ModelProto:
+                         float_weights: bool = False, weights_from: onnx.ModelProto | None = None) -> onnx.ModelProto:
     """A written QDQ model with some of its quantization taken out again: the Q/DQ pairs of `activations` removed
     (their consumers read the float tensor), and with `float_weights` every weight read in FP32 (the diagnosis
     measures a tensor's damage this way, on the real INT8 model rather than a re-derived simulation).
@@ -319,6 +319,8 @@ def without_quantization(qdq: onnx.ModelProto, fp32: onnx.ModelProto, activation
         fp32: the FP32 model it was written from (for the weights).
         activations: FP32 tensor names whose pairs are removed.
         float_weights: replace each INT8 weight (and INT32 bias) by its FP32 value.
+        weights_from: the FP32 graph whose weights those are, when the writer changed their shapes (the cpu
+            scheme's fast-kernel rewrite); default `fp32`.
 
     Returns:
         a new model.
@@ -332,6 +334,7 @@ def without_quantization(qdq: onnx.ModelProto, fp32: onnx.ModelProto, activation
             consumers.setdefault(name, []).append(node)
     removed, rename, restore = _activation_pairs(graph, consumers, set(activations))
     if float_weights:
+        fp32 = weights_from if weights_from is not None else fp32
         initializers = {i.name: i for i in graph.initializer}
         fp32_initializers = {i.name: i for i in fp32.graph.initializer}
         for node in graph.node:
@@ -352,7 +355,7 @@ def without_quantization(qdq: onnx.ModelProto, fp32: onnx.ModelProto, activation
             node.output[position] = restore.get(name, name)
     del graph.node[:]
     graph.node.extend(kept)
-    used = {name for node in kept for name in node.input}
+    used = used_names(kept)
     for init in [i for i in graph.initializer if i.name not in used]:
         graph.initializer.remove(init)
     return model
@@ -403,7 +406,7 @@ def _ort_qdq(model: onnx.ModelProto, spec: QuantSpec, ranges: dict[str, TensorRa
         model, ranges = rewrite_for_fast_int8(model, ranges)
         op_types = QUANTIZED_OPS + REWRITE_OPS
     tied = dict(ranges)  # ties found on the graph ORT sees (the rewrite renames and adds tensors)
-    for tensor, source in fused_ties(model, set(ranges)).items():
+    for tensor, source in fused_ties(model, set(ranges) - set(keep_float)).items():  # a float tensor ties nothing
         tied[tensor] = TensorRange(tensor, ranges[source].low, ranges[source].high, ranges[tensor].observed_min,
                                    ranges[tensor].observed_max, ranges[tensor].clipped_fraction, ranges[source].method)
     tensor_data = {name: TensorData(lowest=np.float32(r.low), highest=np.float32(r.high)) for name, r in tied.items()}
@@ -488,7 +491,7 @@ def calibrate_model(model_name: str | os.PathLike, config: CalibrationConfig | N
     """
     config = config or CalibrationConfig()
     scheme = Scheme.parse(scheme)
-    fixes = with_known_input_range(model_name, fixes or Fixes())
+    fixes = with_known_input_range(model_name, fixes or Fixes(), scheme)
     info = model_info(model_name)
     source = load_calibration_images(config.data if images is None else images)
     network_inputs = prepare_calibration_images(source, config, info.scale)
@@ -515,15 +518,17 @@ def calibrate_model(model_name: str | os.PathLike, config: CalibrationConfig | N
     return result(found, 0.0, True)
 
 
-def with_known_input_range(model_name: str | os.PathLike, fixes: Fixes) -> Fixes:
+def with_known_input_range(model_name: str | os.PathLike, fixes: Fixes, scheme: Scheme | str) -> Fixes:
     """A user's model takes values in a range its contract states ([0, 1] or [0, 255] of what it is fed): that is
     its input's range, whatever a calibration search would pick (entropy, fed the many dark pixels of a luma
-    channel, chose +-0.063 for a Y input spanning [0.06, 0.92] and turned the output dark). Fixes given for the
-    input win.
+    channel, chose +-0.063 for a Y input spanning [0.06, 0.92] and turned the output dark). The range is read off
+    the lab's wrapper itself (its [0, 255] scaling, when there is one), so a tuned copy registered again keeps
+    it. Fixes given for the input, and ranges a QAT run learned for it, win.
 
     Args:
         model_name: any model name.
         fixes: the fixes asked for.
+        scheme: the INT8 scheme.
 
     Returns:
         `fixes`, with the user's input range fixed for a registered ONNX model.
@@ -535,10 +540,13 @@ def with_known_input_range(model_name: str | os.PathLike, fixes: Fixes) -> Fixes
         return fixes
     graph = onnx.load(str(user.standard_onnx), load_external_data=False).graph
     tensor = next((node.output[0] for node in graph.node if node.name == "standard/in"), None)
-    if tensor is None or tensor in fixes.fixed_range or tensor in fixes.range_method or tensor in fixes.keep_float:
+    learned = learned_ranges(model_name, scheme) or {}
+    if tensor is None or tensor in learned or tensor in fixes.fixed_range or tensor in fixes.range_method \
+            or tensor in fixes.keep_float:
         return fixes
-    known = (0.0, float(user.contract.value_range))
-    return Fixes(dict(fixes.range_method), list(fixes.keep_float), {**fixes.fixed_range, tensor: known})
+    scaling = next((init for init in graph.initializer if init.name == "standard/to_range"), None)
+    high = float(onnx.numpy_helper.to_array(scaling)) if scaling is not None else 1.0
+    return Fixes(dict(fixes.range_method), list(fixes.keep_float), {**fixes.fixed_range, tensor: (0.0, high)})
 
 
 def learned_ranges(model_name: str | os.PathLike, scheme: Scheme | str) -> dict[str, tuple[float, float]] | None:

@@ -175,20 +175,29 @@ def is_wrapper(name: str) -> bool:
 
 
 def _float_activations(model: onnx.ModelProto) -> set[str]:
-    """Tensors known to be float (not integer shape arithmetic): the float graph inputs, and the outputs of nodes
-    whose first non-constant input is float, propagated in graph order. A node with no float input (Shape, an
-    integer subgraph) makes integer outputs, except Cast to float."""
+    """Tensors known to be float (not integer shape arithmetic or masks): those shape inference types FLOAT, and,
+    where it says nothing, the outputs of nodes with a float non-constant input, in graph order (Shape and the
+    index-valued ops make integers, Cast says what it makes)."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False).graph
+        typed = {v.name: v.type.tensor_type.elem_type for v in [*inferred.value_info, *inferred.input,
+                                                                *inferred.output]}
+    except Exception:  # inference is a help, not a requirement
+        typed = {}
     floating = {i.name for i in model.graph.input if i.type.tensor_type.elem_type == onnx.TensorProto.FLOAT}
     for node in model.graph.node:
-        if node.op_type in ("Shape", "Size", "NonZero", "ArgMax", "ArgMin"):
-            continue
-        if node.op_type == "Cast":
-            to = next((a.i for a in node.attribute if a.name == "to"), None)
-            if to == onnx.TensorProto.FLOAT:
-                floating.update(node.output)
-            continue
-        if node.input and node.input[0] in floating:
-            floating.update(o for o in node.output if o)
+        for name in node.output:
+            if not name:
+                continue
+            if typed.get(name):
+                if typed[name] == onnx.TensorProto.FLOAT:
+                    floating.add(name)
+            elif node.op_type == "Cast":
+                if next((a.i for a in node.attribute if a.name == "to"), None) == onnx.TensorProto.FLOAT:
+                    floating.add(name)
+            elif node.op_type not in ("Shape", "Size", "NonZero", "ArgMax", "ArgMin") and \
+                    any(t in floating for t in node.input):
+                floating.add(name)
     return floating
 
 
@@ -276,7 +285,7 @@ def _tensorrt_inputs(graph: _GraphFacts, node: onnx.NodeProto) -> list[str] | No
         return []  # a bias or an offset: TensorRT folds it, ModelOpt puts no Q/DQ there
     inputs = list(node.input) if node.op_type in ("Add", "MatMul") else list(node.input[:1])
     if node.op_type == "Add":
-        fused = _non_residual_input(node, graph.producers)
+        fused = _non_residual_input(node, graph.producers, graph.constants)
         inputs = [t for t in inputs if t != fused]
     return [t for t in inputs if graph.activation(t)]
 
@@ -292,13 +301,58 @@ def _all_int8_tensors(graph: _GraphFacts, node: onnx.NodeProto, scheme: Scheme) 
     return [t for t in [*inputs, *node.output] if graph.activation(t)]
 
 
-def _backbone(tensor: str, producers: dict[str, onnx.NodeProto]) -> onnx.NodeProto | None:
-    """The Conv/ConvTranspose a tensor comes straight out of (through a ReLU or BatchNormalization TensorRT fuses
-    into it), or None: ModelOpt's `get_fusible_backbone`, for the op types the lab's graphs have."""
+# ModelOpt's `get_fusible_backbone`: the backward paths from an Add's input to a Conv that TensorRT fuses
+# (BiasAdd / ConstMul: an Add / Mul with a constant input, optional), copy ops allowed anywhere along them
+_FUSIBLE_PATHS = [[*head, conv] for conv in ("Conv", "ConvTranspose") for head in (
+    ["BiasAdd", "ConstMul"], ["Relu", "BiasAdd", "ConstMul"], ["BatchNormalization", "BiasAdd"],
+    ["Relu", "BatchNormalization", "BiasAdd"], ["MaxPool", "Relu", "BatchNormalization", "BiasAdd"],
+    ["Mul", "Sigmoid", "BatchNormalization"])]
+_OPTIONAL = ("BiasAdd", "ConstMul")
+_COPY_OPS = ("Flatten", "Transpose", "Concat", "Split", "Squeeze", "Expand", "ReverseSequence", "Reshape", "Tile",
+             "Gather", "Slice", "GatherElements", "GatherND", "ScatterElements", "ScatterND", "OneHot")
+
+
+def _kind(node: onnx.NodeProto, constants: set[str]) -> str:
+    if node.op_type in ("Add", "Mul") and any(t in constants for t in node.input):
+        return "BiasAdd" if node.op_type == "Add" else "ConstMul"
+    return node.op_type
+
+
+def _on_path(node, path: list[str], producers: dict, constants: set[str]) -> bool:
+    """True when a backward path of `path`'s op types starts at `node` (ModelOpt's `has_path_type`)."""
+    if not path:
+        return True
+    kind = _kind(node, constants)
+    parents = [producers[t] for t in node.input if t in producers and t not in constants]
+    if kind == path[0] or node.op_type == path[0]:
+        return len(path) == 1 or any(_on_path(parent, path[1:], producers, constants) for parent in parents)
+    if kind in _COPY_OPS:
+        return any(_on_path(parent, path, producers, constants) for parent in parents)
+    return path[0] in _OPTIONAL and _on_path(node, path[1:], producers, constants)
+
+
+def _first_conv(node, producers: dict, constants: set[str], seen: set | None = None):
+    """The first Conv/ConvTranspose found going back from `node`, depth first (ModelOpt's `_get_backbone`)."""
+    seen = set() if seen is None else seen
+    if id(node) in seen:
+        return None
+    seen.add(id(node))
+    if node.op_type in ("Conv", "ConvTranspose"):
+        return node
+    for name in node.input:
+        if name in producers and name not in constants:
+            found = _first_conv(producers[name], producers, constants, seen)
+            if found is not None:
+                return found
+    return None
+
+
+def _backbone(tensor: str, producers: dict, constants: set[str]) -> onnx.NodeProto | None:
+    """The Conv TensorRT fuses the producer of `tensor` into, or None (ModelOpt's `get_fusible_backbone`)."""
     node = producers.get(tensor)
-    while node is not None and node.op_type in ("Relu", "BatchNormalization"):
-        node = producers.get(node.input[0])
-    return node if node is not None and node.op_type in ("Conv", "ConvTranspose") else None
+    if node is None or not any(_on_path(node, list(path), producers, constants) for path in _FUSIBLE_PATHS):
+        return None
+    return _first_conv(node, producers, constants)
 
 
 def _ancestors(node: onnx.NodeProto, producers: dict[str, onnx.NodeProto]) -> dict[int, tuple[int, str]]:
@@ -317,14 +371,15 @@ def _ancestors(node: onnx.NodeProto, producers: dict[str, onnx.NodeProto]) -> di
     return found
 
 
-def _non_residual_input(node: onnx.NodeProto, producers: dict[str, onnx.NodeProto]) -> str | None:
+def _non_residual_input(node: onnx.NodeProto, producers: dict[str, onnx.NodeProto],
+                        constants: set[str]) -> str | None:
     """The input of a residual Add that TensorRT fuses into the Conv producing it (ModelOpt's
     `build_non_residual_input_map`: the branch with a Conv backbone, the longer path to the lowest common ancestor
     when both have one), or None when neither is (an input of the graph, a constant, no Conv)."""
     if len(node.input) != 2 or any(name not in producers for name in node.input):
         return None
     first, second = (producers[name] for name in node.input)
-    backbones = [_backbone(name, producers) for name in node.input]
+    backbones = [_backbone(name, producers, constants) for name in node.input]
     up_first, up_second = _ancestors(first, producers), _ancestors(second, producers)
     common = [(up_first[key][0] + up_second[key][0], up_first[key][0], up_second[key][0], up_first[key][1])
               for key in up_first.keys() & up_second.keys()]
@@ -365,6 +420,18 @@ def fused_ties(model: onnx.ModelProto, quantized: set[str]) -> dict[str, str]:
                 and node.output[0] not in ties and node.input[0] not in ties:
             ties[node.output[0]] = node.input[0]
     return ties
+
+
+def used_names(nodes) -> set[str]:
+    """Every tensor name the nodes read, their subgraphs' reads included (an If / Loop body may read an outer
+    initializer by name)."""
+    found = set()
+    for node in nodes:
+        found.update(node.input)
+        for attribute in node.attribute:
+            for sub in ([attribute.g] if attribute.HasField("g") else []) + list(attribute.graphs):
+                found |= used_names(sub.node)
+    return found
 
 
 @dataclass(frozen=True)
@@ -427,5 +494,5 @@ def _fp32_weight_of(node: onnx.NodeProto, dq_output: str, fp32: onnx.ModelProto)
     return ""
 
 
-__all__ = ["weight_int8", "Scheme", "QuantSpec", "ActivationSpec", "WeightSpec", "quant_spec", "activation_qparams",
+__all__ = ["used_names", "weight_int8", "Scheme", "QuantSpec", "ActivationSpec", "WeightSpec", "quant_spec", "activation_qparams",
            "graph_quantization", "GraphQuantization", "is_wrapper", "WRAPPER_PREFIX"]

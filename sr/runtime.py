@@ -145,11 +145,16 @@ def best_int8_engine(int8: CalibratedModel, threads: int = 0) -> tuple[object, l
     """
     refused = []
     for kind in int8_candidates(int8):
+        if kind is EngineKind.ORT_INT8:
+            return create_engine(kind, int8.model, int8, threads), refused
         try:
             return create_engine(kind, int8.model, int8, threads), refused
         except EngineRefused as error:
             log.warning("%s", error)
             refused.append(error.conformance)
+        except Exception as error:  # a runtime that cannot even build the model: the next one is tried
+            log.warning("%s could not run %s (%s: %s); trying the next engine", kind.value, int8.qdq_onnx.name,
+                        type(error).__name__, error)
     raise AssertionError("unreachable: the reference is always a candidate")
 
 

@@ -456,7 +456,9 @@ def unwrap(model: onnx.ModelProto) -> onnx.ModelProto:
                 if name:
                     items[index] = plain(name)
         nodes.append(node)
-    used = {name for node in nodes for name in node.input}
+    from .quantspec import used_names
+
+    used = used_names(nodes)
     initializers = []
     for original in model.graph.initializer:
         if plain(original.name) in used:
@@ -464,23 +466,31 @@ def unwrap(model: onnx.ModelProto) -> onnx.ModelProto:
             init.CopyFrom(original)
             init.name = plain(init.name)
             initializers.append(init)
-    try:
-        known = {v.name: v for v in onnx.shape_inference.infer_shapes(model).graph.value_info}
-    except Exception:  # shapes are a courtesy: a graph the inference cannot follow keeps unnamed dimensions
-        known = {}
-
-    def value_info(name: str, final: str) -> onnx.ValueInfoProto:
-        info = onnx.ValueInfoProto()
-        info.CopyFrom(known[name] if name in known else helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
-        info.name = final
-        return info
-
     final_output = result[len("user/"):] if result.startswith("user/") else result
-    graph = helper.make_graph(nodes, model.graph.name or "user", [value_info(source, plain(source))],
-                              [value_info(result, final_output)], initializers)
+    graph = helper.make_graph(nodes, model.graph.name or "user",
+                              *_value_infos(model, [(source, plain(source))], [(result, final_output)]), initializers)
     unwrapped = helper.make_model(graph, opset_imports=list(model.opset_import), producer_name="sr-int8-lab")
     unwrapped.ir_version = model.ir_version
     return unwrapped
+
+
+def _value_infos(model: onnx.ModelProto, *groups: list[tuple[str, str]]) -> list[list[onnx.ValueInfoProto]]:
+    """Typed, shaped value infos of tensors of `model` under new names (shape inference where it can; shapes are
+    a courtesy: a graph the inference cannot follow keeps unnamed dimensions)."""
+    try:
+        known = {v.name: v for v in onnx.shape_inference.infer_shapes(model).graph.value_info}
+    except Exception:
+        known = {}
+    made = []
+    for pairs in groups:
+        infos = []
+        for name, final in pairs:
+            info = onnx.ValueInfoProto()
+            info.CopyFrom(known[name] if name in known else helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
+            info.name = final
+            infos.append(info)
+        made.append(infos)
+    return made
 
 
 STANDARD_KEY = "sr.standard"  # metadata_props key of a standard graph the lab wrote: its contract as JSON

@@ -132,7 +132,7 @@ def test_diagnosis_is_bounded_and_cancellable(planted):
         diagnose(config, images=[image], mode=InputMode.UPSCALE, should_stop=lambda: calls.append(1) or len(calls) > 2)
 
 
-@pytest.mark.parametrize("model, scheme", [("xlsr-relu", "tensorrt"), ("xlsr-clip", "npu")])
+@pytest.mark.parametrize("model, scheme", [("xlsr-relu", "tensorrt"), ("xlsr-clip", "npu"), ("xlsr-clip", "cpu")])
 def test_all_int8_is_the_eval_figure(model, scheme, data_dir):
     """The diagnosis measures the written QDQ model with the reference engine: its "all INT8" PSNR is what
     `eval --engine ort-int8` reports for the same settings (the simulation it replaced was 0.6 dB off)."""

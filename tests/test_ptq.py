@@ -117,3 +117,10 @@ def test_centred_io_is_exact_under_every_scheme(scheme, zero_point, tmp_path):
     for tensor in quantized_io:
         scale, zero = written[tensor]
         assert scale == pytest.approx(1 / 255, rel=1e-6) and zero == zero_point, (tensor, scale, zero)
+
+
+def test_adaround_refuses_per_tensor_weights():
+    from sr.ptq import RefineConfig
+
+    with pytest.raises(ValueError, match="per-channel weight steps"):
+        RefineConfig("xlsr-clip", ["adaround"], scheme="npu-per-tensor")

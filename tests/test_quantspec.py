@@ -126,3 +126,50 @@ def test_learned_ranges_that_match_no_tensor_are_an_error(tmp_path, monkeypatch)
     with pytest.raises(ValueError, match="no/such/tensor"):
         calibrate_model("xlsr-relu", CalibrationConfig(method="minmax", samples=10, seed=4711), "npu",
                         cache_dir=tmp_path)
+
+
+def _residual_blocks() -> dict:
+    """Residual patterns ModelOpt treats specially: EDSR's scaled residual (Conv -> Mul(res_scale) -> Add), a
+    Conv -> ReLU -> Add block, a SiLU (x * sigmoid(x)) branch, a branch through a copy op, and two Conv branches."""
+    import torch
+    from torch import nn
+
+    class Edsr(nn.Module):
+        def __init__(self, kind: str):
+            super().__init__()
+            self.kind = kind
+            self.head, self.a, self.b = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1), \
+                nn.Conv2d(16, 16, 3, padding=1)
+            self.tail = nn.Conv2d(16, 27, 3, padding=1)
+
+        def forward(self, x):
+            r = self.head(x)
+            if self.kind == "scaled":
+                m = self.b(torch.relu(self.a(r))) * 0.1
+            elif self.kind == "relu":
+                m = torch.relu(self.b(torch.relu(self.a(r))))
+            elif self.kind == "silu":
+                y = self.b(self.a(r))
+                m = y * torch.sigmoid(y)
+            elif self.kind == "copy":
+                m = torch.flatten(self.b(self.a(r)), 2).reshape(r.shape)
+            else:  # two convolution branches
+                m, r = self.a(r), self.b(r)
+            return nn.functional.pixel_shuffle(self.tail(r + m), 3)
+
+    return {kind: Edsr(kind) for kind in ("scaled", "relu", "silu", "copy", "two-branches")}
+
+
+def test_residual_adds_are_placed_as_modelopt_places_them(tmp_path):
+    """Oracle: which input of a residual Add ModelOpt quantizes (the branch TensorRT fuses into its Conv is left)."""
+    pytest.importorskip("modelopt.onnx.quantization")
+    import torch
+
+    for name, module in _residual_blocks().items():
+        path = tmp_path / f"{name}.onnx"
+        torch.onnx.export(module.eval(), (torch.rand(1, 3, 24, 24),), str(path), opset_version=17,
+                          input_names=["lr"], output_names=["sr"], dynamo=False)
+        activations, weights = _modelopt_placement(path)
+        spec = spec_of(path, "tensorrt")
+        assert set(spec.activations) == activations, name
+        assert set(spec.weights) == weights, name
