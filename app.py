@@ -105,11 +105,22 @@ def _user_errors(action: str):
         yield
     except gr.Error:
         raise
-    except (ValueError, FileNotFoundError) as error:
+    except FileNotFoundError as error:  # the library names files by their base name; never a server path
+        raise gr.Error(_no_paths(str(error))) from None
+    except ValueError as error:
         raise gr.Error(str(error)) from None
+    except PermissionError:
+        log.exception("%s failed", action)
+        raise gr.Error(f"The {action} failed: the server cannot write its cache folder (read-only?). The operator "
+                       "can point SR_CACHE_DIR at a writable one.") from None
     except Exception as error:
         log.exception("%s failed", action)
-        raise gr.Error(f"The {action} failed: {type(error).__name__}: {error}") from None
+        raise gr.Error(f"The {action} failed: {type(error).__name__}: {_no_paths(str(error))}") from None
+
+
+def _no_paths(message: str) -> str:
+    """A message without absolute file paths (a visitor sees the file's name at most)."""
+    return re.sub(r"(?<![\w.])/(?:[^\s/:'\"]+/)+([^\s/:'\"]+)", r"\1", message)
 
 
 def _check_image(image) -> None:
@@ -255,7 +266,13 @@ def _calibration_estimate(model_a: str, model_b: str, samples: int) -> float:
 
 
 def _calibration(method, samples, gain, seed) -> CalibrationConfig:
-    return CalibrationConfig(method=method, samples=int(samples), gain=float(gain), seed=int(seed or 0))
+    try:
+        return CalibrationConfig(method=method, samples=int(samples), gain=float(gain), seed=int(seed or 0))
+    except (TypeError, ValueError) as error:  # a missing or non-numeric widget value through the API
+        if isinstance(error, ValueError) and "samples must" in str(error):
+            raise
+        raise ValueError(f"the calibration settings must be numbers (samples {samples!r}, gain {gain!r}, seed "
+                         f"{seed!r})") from None
 
 
 def _refined(model: str, refinements, calibration: CalibrationConfig, scheme: str, progress) -> str:

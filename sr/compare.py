@@ -19,7 +19,7 @@ from PIL import Image
 
 from .calibrate import CalibrationConfig
 from .choices import Choice
-from .data import bicubic_resize, degrade, load_image
+from .data import bicubic_resize, degrade, frame_count, load_image
 from .engines import OrtEngine, TorchEngine
 from .metrics import brightness_ratio, delta_e, psnr_y, ssim_y
 from .models import load_model, model_info, shipped_models
@@ -84,6 +84,7 @@ def prepare_input(image: np.ndarray | str | Path, mode: InputMode | str, scale: 
     """
     mode = InputMode.parse(mode)
     array = load_image(image) if isinstance(image, (str, Path)) else np.asarray(image)
+    frames = frame_count(image) if isinstance(image, (str, Path)) else 1
     if array.ndim == 2:
         array = np.repeat(array[..., None], 3, axis=2)
     if array.ndim != 3 or array.shape[2] not in (3, 4):
@@ -94,7 +95,7 @@ def prepare_input(image: np.ndarray | str | Path, mode: InputMode | str, scale: 
     if array.shape[2] == 4:
         alpha = array[..., 3:4].astype(np.float64) / 255.0
         array = np.rint(array[..., :3] * alpha + 255.0 * (1.0 - alpha)).astype(np.uint8)
-    notices = []
+    notices = [f"The image is an animation of {frames} frames; the first frame is used."] if frames > 1 else []
     limit = max_side * (scale if mode is InputMode.GROUND_TRUTH else 1)
     height, width = array.shape[:2]
     if max(height, width) > limit:

@@ -50,7 +50,7 @@ def load_image(source: str | os.PathLike | bytes, max_pixels: int = DEFAULT_MAX_
         FileNotFoundError: the path does not exist.
         ImageLoadError: the data is empty, corrupt, not an image, or larger than `max_pixels`.
     """
-    name = "<bytes>" if isinstance(source, (bytes, bytearray)) else str(source)
+    name = "the uploaded file" if isinstance(source, (bytes, bytearray)) else str(source)
     if isinstance(source, (bytes, bytearray)):
         if not source:
             raise ImageLoadError("the uploaded file is empty (0 bytes)")
@@ -79,9 +79,19 @@ def load_image(source: str | os.PathLike | bytes, max_pixels: int = DEFAULT_MAX_
         raise ImageLoadError(f"{Path(name).name} has too many pixels: more than the limit of "
                              f"{max_pixels / 1e6:.1f} MP ({error})") from error
     except UnidentifiedImageError as error:
-        raise ImageLoadError(f"{Path(name).name} is not an image we can read ({error})") from error
+        raise ImageLoadError(f"{Path(name).name} is not an image we can read (PNG, JPEG, WebP, TIFF, BMP, GIF and "
+                             "the other formats Pillow decodes)") from error
     except (OSError, ValueError, SyntaxError) as error:  # truncated or corrupt data inside a valid header
         raise ImageLoadError(f"{Path(name).name} is corrupt or truncated ({error})") from error
+
+
+def frame_count(path: str | os.PathLike) -> int:
+    """How many frames an image file holds (an animated GIF, WebP or APNG: more than one), 1 when unreadable."""
+    try:
+        with Image.open(path) as image:
+            return int(getattr(image, "n_frames", 1))
+    except Exception:
+        return 1
 
 
 def _to_rgb8(image: Image.Image) -> np.ndarray:

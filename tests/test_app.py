@@ -337,3 +337,31 @@ def test_diagnose_tab_on_an_uploaded_onnx_model(tmp_path, small_png):
         progress=lambda fraction, desc=None: messages.append(desc))
     assert len(ranking) > 5 and summary.startswith("**xlsr-nhwc.onnx**")
     assert any("s left" in (message or "") for message in messages)  # the cost is estimated as it goes
+
+
+def test_small_hostile_inputs_get_words(tmp_path):
+    """An animation says which frame is used; missing widget values, undecodable bytes and a read-only cache
+    are answered in words, without a server path."""
+    import gradio as gr
+
+    import app
+    from sr.compare import prepare_input
+    from sr.data import ImageLoadError, load_image
+
+    frames = [Image.new("RGB", (24, 24), colour) for colour in ("red", "blue", "green")]
+    gif = tmp_path / "moving.gif"
+    frames[0].save(gif, save_all=True, append_images=frames[1:])
+    assert "animation of 3 frames; the first frame is used" in " ".join(prepare_input(str(gif), "upscale", 3).notices)
+    with pytest.raises(ValueError, match="must be numbers"):
+        app._calibration("entropy", None, 1.0, 0)
+    with pytest.raises(ImageLoadError) as error:
+        load_image(b"not an image at all")
+    assert "BytesIO" not in str(error.value) and "0x" not in str(error.value)
+    with pytest.raises(gr.Error) as shown:
+        with app._user_errors("comparison"):
+            raise PermissionError(13, "Permission denied", "/srv/app/cache/int8/abc")
+    assert "/srv" not in str(shown.value) and "cannot write its cache folder" in str(shown.value)
+    with pytest.raises(gr.Error) as shown:
+        with app._user_errors("comparison"):
+            raise FileNotFoundError("no such image file: /srv/app/uploads/x.png")
+    assert "/srv" not in str(shown.value) and "x.png" in str(shown.value)
