@@ -11,8 +11,10 @@ import logging
 import math
 import os
 import re
+import shutil
 import tempfile
 import threading
+import time
 import types
 from pathlib import Path
 
@@ -186,10 +188,29 @@ def build_bundle(image, model_a, method, samples, gain, seed, mode, progress=gr.
         lr = []
         if image is not None:
             lr = [prepare_input(image, MODES.get(mode, mode), model_info(model_a).scale).lr]
-        folder = Path(tempfile.mkdtemp(prefix="bundle-"))
+        folder = _bundle_folder()
         bundle = export_bundle(model_a, config, folder / "bundle", images=lr)
         name = re.sub(r"[^\w.-]+", "-", _shown(model_a)).strip("-")
-        return str(zip_bundle(bundle, folder / f"{name}-int8-{config.method.value}.zip"))
+        archive = zip_bundle(bundle, folder / f"{name}-int8-{config.method.value}.zip")
+        shutil.rmtree(folder / "bundle", ignore_errors=True)  # the zip is what is offered
+        return str(archive)
+
+
+BUNDLE_KEEP_SECONDS = 900  # a bundle's zip stays this long for its download, then the next bundle removes it
+
+
+def _bundle_folder() -> Path:
+    """A fresh folder for one bundle under the cache's bundles/, after removing those older than
+    BUNDLE_KEEP_SECONDS (so bundles cannot fill the disk)."""
+    root = cache_root() / "bundles"
+    root.mkdir(parents=True, exist_ok=True)
+    for old in root.iterdir():
+        try:
+            if time.time() - old.stat().st_mtime > BUNDLE_KEEP_SECONDS:
+                shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
+        except OSError:
+            pass
+    return Path(tempfile.mkdtemp(prefix="bundle-", dir=root))
 
 
 def _number(value, digits: int):
@@ -788,7 +809,8 @@ def _qat_section(c: dict) -> None:
 
 def build_demo() -> gr.Blocks:
     """The app's Blocks: Compare, diagnosis and training tabs."""
-    with gr.Blocks(title="SR INT8 Lab") as demo:
+    # Gradio's own temp files (uploads, outputs) older than an hour are deleted every hour
+    with gr.Blocks(title="SR INT8 Lab", delete_cache=(3600, 3600)) as demo:
         gr.Markdown("# SR INT8 Lab\nWhat INT8 post-training quantization does to a super-resolution network, side "
                     "by side: FP32 and INT8 outputs of two models (by default a ReLU and a Clipped-ReLU XLSR, "
                     "Ayazoglu, CVPRW 2021), with metrics, a check that the calibration covers your image, "

@@ -365,3 +365,20 @@ def test_small_hostile_inputs_get_words(tmp_path):
         with app._user_errors("comparison"):
             raise FileNotFoundError("no such image file: /srv/app/uploads/x.png")
     assert "/srv" not in str(shown.value) and "x.png" in str(shown.value)
+
+
+def test_bundles_do_not_pile_up(small_png, monkeypatch):
+    """Each bundle leaves only its zip, under the cache's bundles/, and old ones go when a new one is made."""
+    import os
+
+    import app
+    from sr.store import cache_root
+
+    first = Path(app.build_bundle(small_png, "xlsr-clip", "minmax", 10, 1.0, 0, "Upscale my image",
+                                  progress=lambda *a, **k: None))
+    assert first.is_file() and first.parent.parent == cache_root() / "bundles"
+    assert [p.name for p in first.parent.iterdir()] == [first.name]
+    os.utime(first.parent, (time.time() - app.BUNDLE_KEEP_SECONDS - 10,) * 2)
+    second = Path(app.build_bundle(small_png, "xlsr-clip", "minmax", 10, 1.0, 0, "Upscale my image",
+                                   progress=lambda *a, **k: None))
+    assert second.is_file() and not first.exists()
