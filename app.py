@@ -40,8 +40,30 @@ from sr.store import cache_root, remove_stale_temps
 
 log = logging.getLogger("app")
 HEAVY = "heavy"  # one concurrency id for all CPU-heavy work: parallel users queue instead of oversubscribing
+# Two heavy slots, one lane each: work that touches an uploaded model runs in its own lane, so a visitor's
+# (possibly slow) model never holds up another's comparison of the shipped models, and each lane runs one job.
+HEAVY_SLOTS = 2
+_LANES = {"uploaded": threading.Lock(), "shipped": threading.Lock()}
+
+
+@contextlib.contextmanager
+def _lane(*models):
+    """Hold the lane of this work: "uploaded" when any model is an uploaded ONNX model, else "shipped". The
+    shipped lane waits its turn; the uploaded lane does not wait inside a heavy slot (two uploads queued there
+    would hold both slots): when another uploaded model is being worked on, this one is refused in words."""
+    lane = "uploaded" if any(str(m or "").startswith("onnx:") for m in models) else "shipped"
+    if not _LANES[lane].acquire(blocking=lane == "shipped"):
+        raise gr.Error("Another visitor's uploaded model is being processed (uploaded models take turns so that "
+                       "nobody's comparison of the shipped models waits for them): try again in a minute.")
+    try:
+        yield
+    finally:
+        _LANES[lane].release()
 PANELS = ("Original", "FP32 model A", "INT8 model A", "FP32 model B", "INT8 model B")
 MAX_UPLOAD = "25mb"
+# an uploaded model's cost, known from its graph before anything runs (sr.usermodel.macs_per_pixel); the operator
+# can raise it (SR_MAX_MMAC_PER_PIXEL); ten 3x3 convolutions of 256 channels need 5.9 million
+MAX_MACS_PER_PIXEL = float(os.environ.get("SR_MAX_MMAC_PER_PIXEL", "2.0")) * 1e6
 MODES = {"Upscale my image": InputMode.UPSCALE, "Check against ground truth": InputMode.GROUND_TRUTH}
 CALIB_SOURCES = ("calib_data/", "my uploads")
 DIAGNOSE_SIDE = 128  # the diagnosis measures on a centre crop of at most this many LR pixels a side
@@ -171,6 +193,10 @@ def load_onnx_model(file, layout, color, value_range, pre_upsampled, scale, mode
     with _user_errors("model check"):
         user = register_onnx(path, Overrides(auto(layout), auto(color), auto(value_range, int),
                                              True if pre_upsampled else None, auto(scale, int)))
+    if user.macs_per_pixel > MAX_MACS_PER_PIXEL:
+        raise gr.Error(f"{Path(path).name} needs {user.macs_per_pixel / 1e6:.1f} million multiply-accumulates per "
+                       f"input pixel; this server runs uploaded models up to {MAX_MACS_PER_PIXEL / 1e6:.1f} million "
+                       "(the shipped teacher needs 0.9). Run it locally (python -m sr ... --onnx) for no limit.")
     _UPLOADED[user.name] = Path(path).name
     choices = [*(choices or []), user.name]
     models = available_models() + choices
@@ -189,7 +215,8 @@ def build_bundle(image, model_a, method, samples, gain, seed, mode, progress=gr.
         if image is not None:
             lr = [prepare_input(image, MODES.get(mode, mode), model_info(model_a).scale).lr]
         folder = _bundle_folder()
-        bundle = export_bundle(model_a, config, folder / "bundle", images=lr)
+        with _lane(model_a):
+            bundle = export_bundle(model_a, config, folder / "bundle", images=lr)
         name = re.sub(r"[^\w.-]+", "-", _shown(model_a)).strip("-")
         archive = zip_bundle(bundle, folder / f"{name}-int8-{config.method.value}.zip")
         shutil.rmtree(folder / "bundle", ignore_errors=True)  # the zip is what is offered
@@ -324,10 +351,11 @@ def run_compare(image, model_a="xlsr-relu", model_b="xlsr-clip", method="entropy
             fraction, desc=f"{message}: calibrating these settings for the first time (about {estimate:.0f} s in all; "
                            "later runs read the cache)")
         settings = _calibration(method, samples, gain, seed)
-        tuned_a, tuned_b = (_refined(m, refinements, settings, scheme, progress) for m in (model_a, model_b))
-        result = compare(image, tuned_a, tuned_b, settings, scheme, MODES[mode], display, calibration,
-                         progress=first_run)
-        note = coverage_note(result)
+        with _lane(model_a, model_b):
+            tuned_a, tuned_b = (_refined(m, refinements, settings, scheme, progress) for m in (model_a, model_b))
+            result = compare(image, tuned_a, tuned_b, settings, scheme, MODES[mode], display, calibration,
+                             progress=first_run)
+            note = coverage_note(result)
     for notice in result.notices:
         gr.Warning(notice)
     original = result.truth if result.truth is not None else result.original
@@ -493,8 +521,10 @@ def run_diagnose(image, model_a, model_b, which, mode, method, samples, scheme, 
     with _user_errors("diagnosis"):
         config = DiagnoseConfig(model, _calibration(method, samples, gain, seed), scheme, max_side=DIAGNOSE_SIDE)
         try:
-            report = diagnose(config, images=[image], mode=MODES.get(mode, mode),
-                              progress=lambda f, m: progress(f, desc=f"{m} (cancel to stop)"), should_stop=stop.is_set)
+            with _lane(model):
+                report = diagnose(config, images=[image], mode=MODES.get(mode, mode),
+                                  progress=lambda f, m: progress(f, desc=f"{m} (cancel to stop)"),
+                                  should_stop=stop.is_set)
         except DiagnosisCancelled as error:
             raise gr.Error(f"Diagnosis cancelled: {error}.") from None
     culprit = report.ranking[0].tensor if report.ranking else None
@@ -523,7 +553,9 @@ def run_fix(image, report, tensor, fix_label, mode, progress=gr.Progress()):
     if fix is None:
         raise gr.Error(f"Unknown fix {fix_label!r}; choose one of: {', '.join(FIX_LABELS.values())}")
     with _user_errors("fix"):
-        outcome = apply_fix(report, tensor, fix, image, MODES.get(mode, mode), progress=lambda f, m: progress(f, desc=m))
+        with _lane(report.model):
+            outcome = apply_fix(report, tensor, fix, image, MODES.get(mode, mode),
+                                progress=lambda f, m: progress(f, desc=m))
     against = "truth" if outcome.has_truth else "FP32"
     table = pd.DataFrame([
         {"INT8 model": "before", f"PSNR vs {against} (dB)": _number(outcome.psnr_before_db, 2),
@@ -694,10 +726,10 @@ def _wire_compare(c: dict, o: dict) -> None:
     difference = [o["state"], d["pair"], d["kind"], d["gain"]]
     reveal = lambda: gr.update(visible=True)  # noqa: E731
     run = c["run"].click(reveal, None, o["results"], api_name=False, queue=False).then(
-        run_compare, inputs, outputs, api_name="compare", concurrency_id=HEAVY, concurrency_limit=1)
+        run_compare, inputs, outputs, api_name="compare", concurrency_id=HEAVY, concurrency_limit=HEAVY_SLOTS)
     again = c["recalibrate"].click(new_seed, None, c["seed"], api_name=False).then(reveal, None, o["results"],
                                                                                   api_name=False).then(
-        run_compare, inputs, outputs, api_name=False, concurrency_id=HEAVY, concurrency_limit=1)
+        run_compare, inputs, outputs, api_name=False, concurrency_id=HEAVY, concurrency_limit=HEAVY_SLOTS)
     for event in (run, again):
         event.then(panel_labels, o["state"], o["panels"], api_name=False).then(
             run_slider, [o["state"], o["left"], o["right"]], o["slider"], api_name=False).then(
@@ -714,7 +746,7 @@ def _wire_compare(c: dict, o: dict) -> None:
                      [c["model_a"], c["model_b"], c["contract"], uploads], api_name=False)
     c["bundle_button"].click(build_bundle, [c["image"], c["model_a"], c["method"], c["samples"], c["gain"], c["seed"],
                                             c["mode"]], c["bundle"], api_name=False, concurrency_id=HEAVY,
-                             concurrency_limit=1)
+                             concurrency_limit=HEAVY_SLOTS)
     c["preset"].change(apply_preset, c["preset"], [c["model_a"], c["model_b"], c["method"], c["gain"], c["preset_note"]],
                        api_name=False)
     c["model_a"].input(lambda m: relabel(m, "A"), c["model_a"], c["model_a"], api_name=False)
@@ -748,11 +780,11 @@ def _diagnose_tab(c: dict) -> None:
     fix_metrics = gr.Dataframe(label="Before / after", interactive=False)
     button.click(run_diagnose, [c["image"], c["model_a"], c["model_b"], which, c["mode"], c["method"], c["samples"],
                                 c["scheme"], c["gain"], c["seed"]],
-                 [ranking, histogram, summary, tensor, report_state], concurrency_id=HEAVY, concurrency_limit=1,
+                 [ranking, histogram, summary, tensor, report_state], concurrency_id=HEAVY, concurrency_limit=HEAVY_SLOTS,
                  api_name="diagnose")
     cancel.click(cancel_diagnosis, None, None, api_name=False)
     fix_button.click(run_fix, [c["image"], report_state, tensor, fix, c["mode"]], [before, after, fix_metrics],
-                     concurrency_id=HEAVY, concurrency_limit=1, api_name=False)
+                     concurrency_id=HEAVY, concurrency_limit=HEAVY_SLOTS, api_name=False)
 
 
 def _train_tab(c: dict) -> None:

@@ -118,6 +118,7 @@ class UserModel:
     standard_onnx: Path
     float_ops: tuple[str, ...]  # op types no INT8 scheme quantizes (they run in float in every INT8 model)
     parameters: int
+    macs_per_pixel: float = 0.0  # multiply-accumulates per LR pixel (`macs_per_pixel`): the cost of running it
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -541,6 +542,49 @@ def standard_graph(model: onnx.ModelProto, contract: Contract) -> onnx.ModelProt
     return standard
 
 
+def macs_per_pixel(model: onnx.ModelProto, size: tuple[int, int] = (32, 32)) -> float:
+    """Multiply-accumulates per input pixel of a standard graph (or any NCHW image model): the cost of running it,
+    known before anything runs. From shape inference on a `size` input (the model's own size when it is fixed):
+    Conv and ConvTranspose count output (input) pixels x channels x kernel, MatMul and Gemm their products; other
+    ops are cheap beside them and left out.
+
+    Args:
+        model: the model.
+        size: (height, width) of the probe input when the model's is not fixed.
+
+    Returns:
+        MACs per input pixel (0.0 when the shapes cannot be inferred).
+    """
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    dims = probe.graph.input[0].type.tensor_type.shape.dim
+    fixed = [d.dim_value for d in dims[2:4]] if len(dims) == 4 and all(d.dim_value > 0 for d in dims[2:4]) else None
+    height, width = fixed or size
+    for dim, value in zip(dims, [1, dims[1].dim_value or 3, height, width]):
+        dim.ClearField("dim_param")
+        dim.dim_value = value
+    try:
+        inferred = onnx.shape_inference.infer_shapes(probe, strict_mode=False).graph
+    except Exception:
+        return 0.0
+    shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
+              for v in [*inferred.value_info, *inferred.input, *inferred.output]}
+    weights = {init.name: list(init.dims) for init in probe.graph.initializer}
+    total = 0
+    for node in probe.graph.node:
+        if node.op_type not in ("Conv", "ConvTranspose", "MatMul", "Gemm") or len(node.input) < 2:
+            continue
+        weight = weights.get(node.input[1])
+        out, source = shapes.get(node.output[0]), shapes.get(node.input[0])
+        if node.op_type == "Conv" and weight and out and all(out):
+            total += int(np.prod(out[1:])) * int(np.prod(weight[1:]))
+        elif node.op_type == "ConvTranspose" and weight and source and all(source):
+            total += int(np.prod(source[1:])) * int(np.prod(weight[1:]))
+        elif node.op_type in ("MatMul", "Gemm") and out and source and all(out) and all(source):
+            total += int(np.prod(out)) * source[-1]
+    return total / float(height * width)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The registry.
 
@@ -586,7 +630,8 @@ def register_onnx(path: str | os.PathLike, overrides: Overrides = Overrides(),
     covered = {*ALL_INT8_OPS, *TENSORRT_INPUT_OPS, "Constant", "Identity"}
     ops = sorted({node.op_type for node in model.graph.node} - covered)
     parameters = sum(int(np.prod(init.dims)) for init in model.graph.initializer)
-    registered = UserModel(f"{PREFIX}{key}", path, contract, folder / "standard.onnx", tuple(ops), parameters)
+    cost = macs_per_pixel(onnx.load(str(folder / "standard.onnx")))
+    registered = UserModel(f"{PREFIX}{key}", path, contract, folder / "standard.onnx", tuple(ops), parameters, cost)
     _REGISTRY[registered.name] = registered
     return registered
 
@@ -605,6 +650,7 @@ def lookup(name: str, cache_dir: str | os.PathLike | None = None) -> UserModel |
     contract = Contract.from_dict(json.loads((folder / "contract.json").read_text()))
     standard = onnx.load(str(folder / "standard.onnx"))
     parameters = sum(int(np.prod(init.dims)) for init in standard.graph.initializer)
-    found = UserModel(str(name), folder / "standard.onnx", contract, folder / "standard.onnx", (), parameters)
+    found = UserModel(str(name), folder / "standard.onnx", contract, folder / "standard.onnx", (), parameters,
+                      macs_per_pixel(standard))
     _REGISTRY[found.name] = found  # model_info asks on every call: read the file once per process
     return found

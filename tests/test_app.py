@@ -382,3 +382,72 @@ def test_bundles_do_not_pile_up(small_png, monkeypatch):
     second = Path(app.build_bundle(small_png, "xlsr-clip", "minmax", 10, 1.0, 0, "Upscale my image",
                                    progress=lambda *a, **k: None))
     assert second.is_file() and not first.exists()
+
+
+def _conv_stack(path: Path, channels: int, layers: int) -> Path:
+    """An x3 RGB model of `layers` 3x3 convolutions of `channels` channels and a pixel shuffle (random weights,
+    small enough to keep the output in range)."""
+    import torch
+    from torch import nn
+
+    body = [nn.Conv2d(3, channels, 3, padding=1)]
+    for _ in range(layers - 2):
+        body += [nn.ReLU(), nn.Conv2d(channels, channels, 3, padding=1)]
+    body += [nn.ReLU(), nn.Conv2d(channels, 27, 3, padding=1), nn.PixelShuffle(3)]
+    model = nn.Sequential(*body).eval()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.mul_(0.1)
+    torch.onnx.export(model, (torch.rand(1, 3, 16, 16),), str(path), opset_version=17, input_names=["lr"],
+                      output_names=["sr"], dynamic_axes={"lr": {2: "h", 3: "w"}, "sr": {2: "H", 3: "W"}}, dynamo=False)
+    return path
+
+
+def test_an_uploaded_models_cost_is_known_before_it_runs(tmp_path):
+    """Ten 3x3 convolutions of 256 channels (5.9 million MACs per pixel) are refused in words at upload."""
+    import gradio as gr
+
+    import app
+
+    heavy = _conv_stack(tmp_path / "heavy.onnx", 256, 10)
+    with pytest.raises(gr.Error, match="million multiply-accumulates per input pixel"):
+        app.load_onnx_model(str(heavy), "auto", "auto", "auto", False, "auto", "xlsr-clip", [])
+
+
+def test_an_uploaded_model_does_not_hold_up_the_shipped_models(small_png, tmp_path):
+    """A visitor's slow uploaded model (a long first calibration) runs in its own lane of the two heavy slots:
+    another visitor's cached comparison of the shipped models answers meanwhile, within 10 s; a second upload
+    is refused in words instead of taking the other slot."""
+    import threading
+
+    import gradio as gr
+
+    import app
+    from sr.usermodel import register_onnx
+
+    slow = register_onnx(_conv_stack(tmp_path / "slow.onnx", 64, 8)).name
+    quiet = lambda *a, **k: None  # noqa: E731
+    app.run_compare(small_png, "xlsr-relu", "xlsr-clip", "minmax", 10, progress=quiet)  # cached from now on
+    errors = []
+    heavy = threading.Thread(target=lambda: _capture(errors, app.run_compare, small_png, slow, slow, "entropy", 300,
+                                                      progress=quiet), daemon=True)
+    heavy.start()
+    time.sleep(3)
+    started = time.perf_counter()
+    app.run_compare(small_png, "xlsr-relu", "xlsr-clip", "minmax", 10, progress=quiet)
+    waited = time.perf_counter() - started
+    assert heavy.is_alive(), f"the slow model should still be calibrating ({errors})"
+    assert waited < 10, f"the cached shipped comparison waited {waited:.1f} s behind an uploaded model"
+    with pytest.raises(gr.Error, match="uploaded model is being processed"):
+        app.run_compare(small_png, slow, "xlsr-clip", "minmax", 10, progress=quiet)
+    heavy.join(timeout=600)
+    assert not errors
+    events = [fn for fn in app.build_demo().fns.values() if getattr(fn, "concurrency_id", None) == app.HEAVY]
+    assert events and {fn.concurrency_limit for fn in events} == {app.HEAVY_SLOTS}
+
+
+def _capture(errors: list, function, *args, **kwargs):
+    try:
+        function(*args, **kwargs)
+    except Exception as error:  # noqa: BLE001 (reported by the test)
+        errors.append(error)
