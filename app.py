@@ -28,7 +28,7 @@ import app_jobs
 from sr.calibrate import CalibrationConfig, Method, ensure_calibration_images
 from sr.ptq import Refinement, RefineConfig, refine
 from sr.compare import InputMode, OutputKind, available_models, compare, roi_strip
-from sr.data import ImageLoadError, load_image
+from sr.data import ImageLoadError, bicubic_resize, load_image
 from sr.diagnose import DiagnoseConfig, DiagnosisCancelled, Fix, apply_fix, diagnose, range_coverage
 from sr.bundle import export_bundle, zip_bundle
 from sr.compare import prepare_input
@@ -68,7 +68,11 @@ MODES = {"Upscale my image": InputMode.UPSCALE, "Check against ground truth": In
 CALIB_SOURCES = ("calib_data/", "my uploads")
 DIAGNOSE_SIDE = 128  # the diagnosis measures on a centre crop of at most this many LR pixels a side
 MAX_CALIBRATION_FILES = 64
-MAX_CALIBRATION_PIXELS = 4_000_000  # per calibration image
+MAX_CALIBRATION_PIXELS = 4_000_000  # per calibration image file
+# what a session keeps of each: at most this many pixels (downscaled on upload; the calibration crops 64x64
+# patches after downscaling by the model's scale anyway), so that 64 uploads hold at most ~100 MB
+KEPT_CALIBRATION_PIXELS = 500_000
+SESSION_STATE_SECONDS = 3600  # per-session state (images, results) is freed this long after it was set
 COVERAGE_WARNING = 0.01  # warn when a tensor has more than 1% of this image's values outside its range
 COVERAGE_SIDE = 128  # the coverage check runs on a copy downscaled to at most this many pixels a side
 METHOD_HELP = ("entropy: NVIDIA's KL search as ModelOpt publishes it (the spike of exact zeros after a ReLU is "
@@ -291,12 +295,21 @@ def _read_calibration_uploads(files) -> list[np.ndarray] | None:
     for file in files:
         path = file if isinstance(file, str) else getattr(file, "name", str(file))
         try:
-            images.append(load_image(path, max_pixels=MAX_CALIBRATION_PIXELS))
+            images.append(_kept(load_image(path, max_pixels=MAX_CALIBRATION_PIXELS)))
         except (ImageLoadError, FileNotFoundError) as error:
             gr.Warning(f"Skipped a calibration image: {error}")
     if not images:
         raise gr.Error("None of the uploaded calibration images could be read.")
     return images
+
+
+def _kept(image: np.ndarray) -> np.ndarray:
+    """A calibration upload as the session keeps it: downscaled to at most KEPT_CALIBRATION_PIXELS."""
+    height, width = image.shape[:2]
+    if height * width <= KEPT_CALIBRATION_PIXELS:
+        return image
+    factor = math.sqrt(KEPT_CALIBRATION_PIXELS / (height * width))
+    return bicubic_resize(image, max(1, int(width * factor)), max(1, int(height * factor)))
 
 
 def load_calibration_uploads(files):
@@ -697,7 +710,7 @@ def _compare_outputs() -> dict:
         outputs["roi"] = gr.Image(label="Zoom: the same crop of every panel (and of the difference view)", format="png",
                                   type="numpy", interactive=False, elem_id="zoom")
         outputs["chart"] = gr.Plot(label="Activation ranges: observed vs chosen, clipped share")
-        outputs["state"] = gr.State(None)
+        outputs["state"] = gr.State(None, time_to_live=SESSION_STATE_SECONDS)
     outputs["results"] = results
     return outputs
 
@@ -715,7 +728,7 @@ def _difference_view() -> dict:
 
 
 def _wire_compare(c: dict, o: dict) -> None:
-    calib_images = gr.State(None)
+    calib_images = gr.State(None, time_to_live=SESSION_STATE_SECONDS)
     c["calib_files"].upload(load_calibration_uploads, c["calib_files"], calib_images, api_name=False)
     history = gr.State(None)
     inputs = [c["image"], c["model_a"], c["model_b"], c["method"], c["samples"], c["scheme"], c["mode"], c["display"],
@@ -769,7 +782,7 @@ def _diagnose_tab(c: dict) -> None:
     ranking = gr.Dataframe(label="Tensors ranked by how far their quantization alone moves the output from FP32",
                            interactive=False, wrap=True)
     histogram = gr.Plot(label="Histogram of the culprit with its chosen range")
-    report_state = gr.State(None)
+    report_state = gr.State(None, time_to_live=SESSION_STATE_SECONDS)
     with gr.Row():
         tensor = gr.Dropdown([], label="Tensor to fix")
         fix = gr.Dropdown(list(FIX_LABELS.values()), value=FIX_LABELS[Fix.RANGE_MINMAX], label="Fix")

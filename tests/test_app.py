@@ -451,3 +451,16 @@ def _capture(errors: list, function, *args, **kwargs):
         function(*args, **kwargs)
     except Exception as error:  # noqa: BLE001 (reported by the test)
         errors.append(error)
+
+
+def test_calibration_uploads_are_kept_small(tmp_path):
+    """A session keeps each calibration upload at most KEPT_CALIBRATION_PIXELS (64 of them stay ~100 MB)."""
+    import app
+
+    big = tmp_path / "big.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (1500, 2000, 3), dtype=np.uint8)).save(big)
+    kept = app._read_calibration_uploads([str(big), str(big)])
+    assert len(kept) == 2 and all(k.shape[0] * k.shape[1] <= app.KEPT_CALIBRATION_PIXELS for k in kept)
+    assert abs(kept[0].shape[1] / kept[0].shape[0] - 2000 / 1500) < 0.01  # the aspect ratio is kept
+    states = [block for block in app.build_demo().blocks.values() if type(block).__name__ == "State"]
+    assert any(getattr(state, "time_to_live", None) == app.SESSION_STATE_SECONDS for state in states)
