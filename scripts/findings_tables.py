@@ -144,10 +144,74 @@ def _statements(results: dict) -> list[str]:
     ]
 
 
-def findings_section(results: dict) -> str:
+def seed_answers(results: dict, int8_ready: dict | None, kd: dict | None) -> list[str]:
+    """The lab's founding questions, in their order, each answered from the measurements: does the Clipped ReLU
+    matter (and where), what the smaller retrained model costs, what distillation buys in FP32 and in INT8; then
+    what the INT8 target (placement, per-tensor weights) does."""
+    rows = results["rows"]
+    t = dict(scheme="tensorrt", samples=100, method="entropy")
+
+    def fp32(model, name):
+        return _one(rows, model=model, data=name, **t)["fp32"]
+
+    relu = np.mean([_mean(rows, model=m, method=k, scheme="tensorrt", samples=100)
+                    for m in ("xlsr-relu", "xlsr-relu-kd") for k in METHODS])
+    clip = np.mean([_mean(rows, model=m, method=k, scheme="tensorrt", samples=100)
+                    for m in ("xlsr-clip", "xlsr-clip-kd") for k in METHODS])
+    lines = ["**The questions this lab was built for**, answered from the measurements below:", ""]
+    where = ""
+    if int8_ready and all("QAT" in int8_ready.get(m, {}) for m in ("xlsr-relu", "xlsr-clip")):
+        q = {m: int8_ready[m]["QAT"] for m in ("xlsr-relu", "xlsr-clip")}
+        centred = {m: int8_ready[m]["+ centred I/O"]["Set5"]["loss_db"] - int8_ready[m]["PTQ (mse, 100 samples)"]
+                   ["Set5"]["loss_db"] for m in ("xlsr-relu", "xlsr-clip")}
+        where = (f"; centred I/O changes the Set5 loss by {centred['xlsr-relu']:+.3f} dB (ReLU) and "
+                 f"{centred['xlsr-clip']:+.3f} dB (Clipped ReLU); after QAT the twins lose "
+                 f"{q['xlsr-relu']['Set5']['loss_db']:.3f} / {q['xlsr-relu']['Set14']['loss_db']:.3f} (ReLU) and "
+                 f"{q['xlsr-clip']['Set5']['loss_db']:.3f} / {q['xlsr-clip']['Set14']['loss_db']:.3f} dB (Clipped ReLU)")
+    bounded = [r for r in results["dark"] if r["fix"].startswith("input and Clip output")]
+    lines.append(f"- **Does the Clipped ReLU matter?** Post-training (tensorrt, every method, 100 samples, both "
+                 f"sets) the ReLU XLSRs lose {relu:.2f} dB and the Clipped-ReLU XLSRs {clip:.2f} dB on average"
+                 f"{where}. It does not protect against a dark calibration set by itself (4. below); its bound "
+                 "helps only where it fixes a range that is quantized: with every tensor in INT8 (`npu`) and its "
+                 "output range fixed to [0, 1], the dark case keeps "
+                 + ", ".join(f"{r['brightness']:.3f}" for r in bounded) + " of its brightness.")
+    teacher = [fp32("teacher", n) for n in ("Set5", "Set14")]
+    small = [fp32("xlsr-clip", n) for n in ("Set5", "Set14")]
+    drops = {m: [_one(rows, model=m, data=n, **t)["drop_db"] for n in ("Set5", "Set14")]
+             for m in ("teacher", "xlsr-clip")}
+    lines.append(f"- **The smaller retrained model**: the 22k-parameter Clipped-ReLU XLSR scores {small[0]:.2f} / "
+                 f"{small[1]:.2f} dB in FP32 against the 940k-parameter teacher's {teacher[0]:.2f} / "
+                 f"{teacher[1]:.2f} (Set5 / Set14), 43x fewer parameters for {teacher[0] - small[0]:.2f} dB; in "
+                 f"INT8 (entropy, 100 samples) the teacher loses {drops['teacher'][0]:.2f} / {drops['teacher'][1]:.2f} "
+                 f"dB and the XLSR {drops['xlsr-clip'][0]:.2f} / {drops['xlsr-clip'][1]:.2f}.")
+    kd_fp32 = {m: [fp32(f"{m}-kd", n) - fp32(m, n) for n in ("Set5", "Set14")] for m in ("xlsr-relu", "xlsr-clip")}
+    text = (f"- **Distillation**: in FP32 the distilled twins move Set5 / Set14 by "
+            f"{kd_fp32['xlsr-relu'][0]:+.3f} / {kd_fp32['xlsr-relu'][1]:+.3f} dB (ReLU) and "
+            f"{kd_fp32['xlsr-clip'][0]:+.3f} / {kd_fp32['xlsr-clip'][1]:+.3f} dB (Clipped ReLU)")
+    if kd:
+        text += ("; inside QAT, on the INT8 model that ships, the teacher moves them by " + ", ".join(
+            f"{v['Set5_gain_db']:+.3f} / {v['Set14_gain_db']:+.3f} dB (`{v['twin']}`, seed spread "
+            f"{v['Set5_spread_db']:.3f} / {v['Set14_spread_db']:.3f}: {'pays' if v['pays'] else 'does not pay'})"
+            for v in kd["verdicts"]) + ". With this teacher (33.5 dB, 0.8 dB above its students) distillation is "
+            "a wash, in FP32 and in INT8")
+    lines.append(text + ".")
+    schemes = {s: _mean(rows, scheme=s, samples=100) for s in ("tensorrt", "npu", "npu-per-tensor", "cpu")}
+    per_tensor = [np.mean([_one(rows, model=m, scheme="npu-per-tensor", samples=100, method=k, data=n)["drop_db"]
+                           - _one(rows, model=m, scheme="npu", samples=100, method=k, data=n)["drop_db"]
+                           for m in ("xlsr-relu", "xlsr-clip") for k in METHODS]) for n in ("Set5", "Set14")]
+    lines.append(f"- **The INT8 target**: at 100 samples, averaged over models, methods and sets, the `tensorrt` "
+                 f"placement (Q/DQ where ModelOpt puts them, the output in float) loses {schemes['tensorrt']:.2f} dB, "
+                 f"`npu` (every tensor INT8) {schemes['npu']:.2f}, `cpu` {schemes['cpu']:.2f}; per-tensor weights "
+                 f"(`npu-per-tensor`) cost the two XLSRs {per_tensor[0]:+.3f} / {per_tensor[1]:+.3f} dB more than "
+                 "per-channel ones (Set5 / Set14), with no darkening.")
+    return lines
+
+
+def findings_section(results: dict, int8_ready: dict | None = None, kd: dict | None = None) -> str:
     rows = results["rows"]
     return "\n\n".join([
         START,
+        "\n".join(seed_answers(results, int8_ready, kd)),
         "Each cell: Y-PSNR loss of INT8 against the same model in FP32, Set5 / Set14 (dB), and in brackets the "
         "brightness ratio INT8/FP32 of the darkest image of both sets. Calibration: 64x64 patches of "
         "`calib_data/`, bicubic-downscaled by the model's scale (as a deployed model sees its inputs).",
@@ -275,13 +339,14 @@ def rewrite_readme(results: dict, root: Path, bench: dict | None = None) -> None
     """Replace the text between the findings markers (docs/findings.md), the bench markers (docs/measured.md)
     and the summary markers (README.md), and say which files changed."""
     findings, measured, readme = root / "docs" / "findings.md", root / "docs" / "measured.md", root / "README.md"
-    findings.write_text(_replace(findings.read_text(), START, END, findings_section(results), findings))
+    extra = {name: json.loads((root / "docs" / f"{name}.json").read_text()) if (root / "docs" / f"{name}.json").is_file()
+             else None for name in ("int8_ready", "kd_qat")}
+    findings.write_text(_replace(findings.read_text(), START, END,
+                                 findings_section(results, extra["int8_ready"], extra["kd_qat"]), findings))
     changed = [findings]
     if bench is not None:
         measured.write_text(_replace(measured.read_text(), BENCH_START, BENCH_END, bench_section(bench), measured))
         changed.append(measured)
-    extra = {name: json.loads((root / "docs" / f"{name}.json").read_text()) if (root / "docs" / f"{name}.json").is_file()
-             else None for name in ("int8_ready", "kd_qat")}
     summary = summary_section(results, bench, extra["int8_ready"], extra["kd_qat"])
     readme.write_text(_replace(readme.read_text(), SUMMARY_START, SUMMARY_END, summary, readme))
     changed.append(readme)
