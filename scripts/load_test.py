@@ -112,7 +112,7 @@ def main() -> None:
           f"{len(latencies)} answered, {len(errors)} errors, {len(mismatches)} answers for the wrong request")
     if latencies:
         print(f"latency p50 {np.percentile(latencies, 50):.1f} s, p95 {np.percentile(latencies, 95):.1f} s "
-              "(queued: one heavy job at a time)")
+              "(two heavy slots: uploaded models and shipped models each take turns in their own)")
     print(f"server peak RSS {rss:.0f} MB")
     for error in errors[:5]:
         print(error)

@@ -146,6 +146,8 @@ class OrtEngine:
         if threads:
             options.intra_op_num_threads = threads
         options.log_severity_level = 3
+        # no memory arena: a 1024x768 input's tiles made the arena keep several hundred MB per session for good
+        options.enable_cpu_mem_arena = False
         providers = ["CPUExecutionProvider"] if cpu_only else ort_providers(onnx_path)
         self.session = ort.InferenceSession(str(onnx_path), options, providers=providers)
         self.provider = self.session.get_providers()[0]
