@@ -23,7 +23,7 @@ from .runtime import EngineKind, create_engine  # noqa: F401 (EngineKind is part
 
 # The calibration the README's findings recommend (re-derived by scripts/findings.py): the smallest Set5 + Set14
 # INT8 loss of the tensorrt scheme over every method and sample count, averaged over the five shipped models.
-RECOMMENDED_CALIBRATION = CalibrationConfig(method="mse", samples=1000)
+RECOMMENDED_CALIBRATION = CalibrationConfig(method="entropy", samples=1000)
 RECOMMENDED_SCHEME = Scheme.TENSORRT
 
 
