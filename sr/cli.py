@@ -216,7 +216,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     _print_config(config)
     int8 = calibrate_model(model, config, scheme, threads=args.threads)
     out = Path(args.out) if args.out else None
-    if out is not None and out.is_dir():  # a folder: the file goes inside, named for what it is
+    if out is not None and (out.is_dir() or args.out.endswith(("/", os.sep))):  # a folder: the file goes inside,
+        out.mkdir(parents=True, exist_ok=True)  # named for what it is
         out = out / f"{model.replace(':', '-')}-{config.method.value}-{config.samples}-{scheme.value}.qdq.onnx"
     qdq = write_atomic(int8.qdq_onnx.read_bytes(), out) if out else int8.qdq_onnx
     if args.json:
