@@ -295,6 +295,15 @@ def _replace(text: str, start: str, end: str, section: str, readme: Path) -> str
     return pattern.sub(lambda _: section, text)
 
 
+def replace_between(path: Path, start: str, end: str, body: str, what: str) -> None:
+    """Write `body` between the `start` and `end` markers of the file at `path` (atomically), and say so."""
+    from sr.store import write_atomic
+
+    text = _replace(path.read_text(), start, end, f"{start}\n{body}\n{end}", path)
+    write_atomic(text.encode(), path)
+    print(f"rewrote {what} in {path}")
+
+
 def summary_section(results: dict, bench: dict | None, int8_ready: dict | None, kd: dict | None) -> str:
     """The README's few headline figures, each from the JSON its script wrote."""
     rows = results["rows"]

@@ -15,6 +15,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
 
 from sr.calibrate import CalibrationConfig  # noqa: E402
 from sr.evaluate import EvalConfig, evaluate  # noqa: E402
@@ -98,14 +99,10 @@ def statements(table: dict) -> list[str]:
 
 def rewrite_readme(table: dict, readme: Path = ROOT / "docs" / "near-lossless.md") -> None:
     """Replace the text between the int8ready markers."""
-    text = readme.read_text()
-    if START not in text or END not in text:
-        raise SystemExit(f"{readme} has no {START} ... {END} markers")
-    head, rest = text.split(START, 1)
-    _, tail = rest.split(END, 1)
-    body = "\n".join([table_markdown(table), "", *statements(table)])
-    write_atomic(f"{head}{START}\n{body}\n{END}{tail}".encode(), readme)
-    print(f"rewrote the INT8-ready table in {readme}")
+    from findings_tables import replace_between
+
+    replace_between(readme, START, END, "\n".join([table_markdown(table), "", *statements(table)]),
+                    "the INT8-ready table")
 
 
 def main() -> None:

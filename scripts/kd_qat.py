@@ -19,6 +19,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
 
 from sr.evaluate import EvalConfig, evaluate  # noqa: E402
 from sr.qat import QatConfig, quantization_aware_training  # noqa: E402
@@ -107,13 +108,9 @@ def markdown(results: dict) -> str:
 
 
 def rewrite_readme(results: dict, readme: Path = ROOT / "docs" / "near-lossless.md") -> None:
-    text = readme.read_text()
-    if START not in text or END not in text:
-        raise SystemExit(f"{readme} has no {START} ... {END} markers")
-    head, rest = text.split(START, 1)
-    _, tail = rest.split(END, 1)
-    write_atomic(f"{head}{START}\n{markdown(results)}\n{END}{tail}".encode(), readme)
-    print(f"rewrote the teacher-guided QAT table in {readme}")
+    from findings_tables import replace_between
+
+    replace_between(readme, START, END, markdown(results), "the teacher-guided QAT table")
 
 
 def main() -> None:
