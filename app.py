@@ -818,8 +818,9 @@ def _train_tab(c: dict) -> None:
                               value="output", label="Distillation mode")
         alpha = gr.Slider(0, 1, 0.5, label="alpha (ground-truth weight)")
     with gr.Row():
-        train_button = gr.Button("Start", variant="primary")
-        cancel_button = gr.Button("Cancel")
+        on = app_jobs.POLICY.enabled  # off: the controls are shown disabled, with the reason above them
+        train_button = gr.Button("Start" if on else "Start (training is off here)", variant="primary", interactive=on)
+        cancel_button = gr.Button("Cancel", interactive=on)
     status = gr.Markdown()
     loss_plot = gr.LinePlot(x="step", y="loss", title="Training loss")
     val_plot = gr.LinePlot(x="step", y="val_psnr", title="Validation PSNR (dB)")
@@ -841,8 +842,10 @@ def _qat_section(c: dict) -> None:
         steps = gr.Number(300, precision=0, label="Fine-tuning steps", minimum=1, maximum=app_jobs.POLICY.max_steps)
         guided = gr.Checkbox(False, label="Guided by the teacher (the shipped 940k-parameter FP32 model; several "
                              "times slower per step; see the README for what it is worth)")
-        start = gr.Button("Make model A INT8-ready", variant="primary", elem_id="qat-button")
-        cancel = gr.Button("Cancel")
+        on = app_jobs.POLICY.enabled
+        start = gr.Button("Make model A INT8-ready" if on else "Make model A INT8-ready (fine-tuning is off here)",
+                          variant="primary", elem_id="qat-button", interactive=on)
+        cancel = gr.Button("Cancel", interactive=on)
     status = gr.Markdown(elem_id="qat-status")
     plot = gr.LinePlot(x="step", y="val_psnr", title="INT8 validation PSNR (dB)")
     result = gr.State(None)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
 import os
 import resource
 import subprocess
@@ -33,6 +34,8 @@ from .calibrate import (SEARCHES, CalibrationConfig, Method, activation_tensors,
                         threshold, threshold_bins)
 from .models import model_info
 from .runtime import cpu_name
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -316,6 +319,8 @@ def run_bench(config: BenchConfig) -> dict:
     Returns:
         a flat JSON-ready dict of figures (ModelOpt figures None without ModelOpt).
     """
+    log.info("bench: calibration speed and memory (ours, onnxruntime, ModelOpt; about 2 minutes), then the latency "
+             "and conformance of every engine (about 5 minutes)")
     ours = _run_child("ours", config, config.samples)
     ort_run = _run_child("ort", config, config.samples)
     large = _run_child("ours", config, config.large_samples)
@@ -336,6 +341,7 @@ def run_bench(config: BenchConfig) -> dict:
                       calib_speedup_vs_modelopt=modelopt["seconds"] / ours["seconds"],
                       calib_seconds_modelopt=modelopt["seconds"], calib_peak_rss_mb_modelopt=modelopt["peak_rss_mb"],
                       threshold_diff_vs_modelopt_end_to_end_relative=_relative_differences(ours, modelopt))
+    log.info("bench: calibration done; timing every engine at 1 and 2 threads, 320x240 and 1280x720")
     report["latency"], report["conformance"] = _latency(config)
     report["cpu"] = cpu_name()
     report.update(_latency_ratios(report["latency"]))

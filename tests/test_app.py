@@ -464,3 +464,18 @@ def test_calibration_uploads_are_kept_small(tmp_path):
     assert abs(kept[0].shape[1] / kept[0].shape[0] - 2000 / 1500) < 0.01  # the aspect ratio is kept
     states = [block for block in app.build_demo().blocks.values() if type(block).__name__ == "State"]
     assert any(getattr(state, "time_to_live", None) == app.SESSION_STATE_SECONDS for state in states)
+
+
+def test_training_controls_are_disabled_when_training_is_off(monkeypatch):
+    """Off (the Space's default): Start and "Make model A INT8-ready" are shown disabled with the reason, not
+    clickable into an error."""
+    import app
+    import app_jobs
+
+    monkeypatch.setattr(app_jobs.POLICY, "enabled", False)
+    buttons = [b for b in app.build_demo().blocks.values() if type(b).__name__ == "Button"]
+    guarded = [b for b in buttons if "is off here" in str(b.value)]
+    assert len(guarded) == 2 and not any(b.interactive for b in guarded)
+    monkeypatch.setattr(app_jobs.POLICY, "enabled", True)
+    buttons = [b for b in app.build_demo().blocks.values() if type(b).__name__ == "Button"]
+    assert not any("is off here" in str(b.value) for b in buttons)
