@@ -258,7 +258,7 @@ def metrics_frame(rows) -> pd.DataFrame:
         record = {"output": f"{names[row.kind]} {_shown(row.model) or ''}".strip(), "engine": row.engine,
                   "PSNR vs FP32 (dB)": _number(row.psnr_vs_fp32_db, 2), "SSIM vs FP32": _number(row.ssim_vs_fp32, 4),
                   "brightness vs FP32": _number(row.brightness_vs_fp32, 4), "ΔE2000": _number(row.delta_e_vs_fp32, 2),
-                  "ms": _number(row.latency_ms, 0)}
+                  "time on this CPU (ms)": _number(row.latency_ms, 0)}
         if row.psnr_vs_truth_db is not None:
             record["PSNR vs truth (dB)"] = _number(row.psnr_vs_truth_db, 2)
             record["SSIM vs truth"] = _number(row.ssim_vs_truth, 4)
@@ -320,10 +320,26 @@ def load_calibration_uploads(files):
     return images
 
 
+_CALIBRATION_RATE = {"seconds_per_sample_mparam": 0.0}  # measured by this server's last first calibration
+
+
 def _calibration_estimate(model_a: str, model_b: str, samples: int) -> float:
-    """Seconds a first calibration of both models takes here, roughly: 100 samples of a 22k-parameter XLSR take
-    about 1.5 s on two cores (`python -m sr bench`), and the observation passes grow with the model's size."""
-    return sum(1.5 * samples / 100 * max(1.0, model_info(m).parameters / 22_000 * 0.5) for m in (model_a, model_b))
+    """Seconds a first calibration of both models takes here: from the last first calibration this server did
+    (seconds per sample and per million parameters), or, before any, 1.5 s per 100 samples of a 22k-parameter
+    XLSR (`python -m sr bench` on two cores)."""
+    rate = _CALIBRATION_RATE["seconds_per_sample_mparam"]
+    sizes = [max(0.022, model_info(m).parameters / 1e6) for m in (model_a, model_b)]
+    if rate > 0:
+        return sum(rate * samples * size for size in sizes)
+    return sum(1.5 * samples / 100 * max(1.0, size / 0.022 * 0.5) for size in sizes)
+
+
+def _measured(calibrations) -> None:
+    """Learn the calibration rate from what was just calibrated (not read from the cache)."""
+    fresh = [c for c in calibrations if not c.cached and c.seconds > 0]
+    if fresh:
+        rates = [c.seconds / c.config.samples / max(0.022, model_info(c.model).parameters / 1e6) for c in fresh]
+        _CALIBRATION_RATE["seconds_per_sample_mparam"] = float(np.mean(rates))
 
 
 def _calibration(method, samples, gain, seed) -> CalibrationConfig:
@@ -369,6 +385,7 @@ def run_compare(image, model_a="xlsr-relu", model_b="xlsr-clip", method="entropy
             result = compare(image, tuned_a, tuned_b, settings, scheme, MODES[mode], display, calibration,
                              progress=first_run)
             note = coverage_note(result)
+            _measured(result.calibrations)
     for notice in result.notices:
         gr.Warning(notice)
     original = result.truth if result.truth is not None else result.original

@@ -479,3 +479,18 @@ def test_training_controls_are_disabled_when_training_is_off(monkeypatch):
     monkeypatch.setattr(app_jobs.POLICY, "enabled", True)
     buttons = [b for b in app.build_demo().blocks.values() if type(b).__name__ == "Button"]
     assert not any("is off here" in str(b.value) for b in buttons)
+
+
+def test_the_calibration_estimate_is_measured_here(small_png):
+    """After a first calibration the app's estimate comes from what this machine took, not a constant."""
+    import app
+
+    app._CALIBRATION_RATE["seconds_per_sample_mparam"] = 0.0
+    constant = app._calibration_estimate("xlsr-relu", "xlsr-clip", 100)
+    started = time.perf_counter()
+    app.run_compare(small_png, "xlsr-relu", "xlsr-clip", "percentile", 20, "tensorrt", "Upscale my image", "nearest",
+                    "calib_data/", None, 1.0, 4242, progress=lambda *a, **k: None)  # a seed no other test uses
+    took = time.perf_counter() - started
+    measured = app._calibration_estimate("xlsr-relu", "xlsr-clip", 20)
+    assert app._CALIBRATION_RATE["seconds_per_sample_mparam"] > 0 and measured != constant / 5
+    assert measured <= took  # the calibrations are part of what that run took
