@@ -714,6 +714,8 @@ def _compare_outputs() -> dict:
                                buttons=["download", "fullscreen"], elem_id=f"panel-{i}") for i, name in enumerate(PANELS)]
         outputs = {"panels": panels, "coverage": gr.Markdown(label="Calibration coverage", elem_id="coverage"),
                    "metrics": gr.Dataframe(label="Metrics (Y-PSNR/SSIM with the scale shaved from each border)",
+                                           headers=["output", "engine", "PSNR vs FP32 (dB)", "SSIM vs FP32",
+                                                    "brightness vs FP32", "ΔE2000", "time on this CPU (ms)"],
                                            elem_id="metrics", interactive=False, wrap=True)}
         outputs["difference"] = _difference_view()
         with gr.Row():
@@ -797,7 +799,9 @@ def _diagnose_tab(c: dict) -> None:
         cancel = gr.Button("Cancel", elem_id="cancel-diagnosis")
     summary = gr.Markdown(label="Diagnosis summary")
     ranking = gr.Dataframe(label="Tensors ranked by how far their quantization alone moves the output from FP32",
-                           interactive=False, wrap=True)
+                           headers=["tensor", "op", "PSNR vs FP32, alone (dB)", "drop vs truth, alone (dB)",
+                                    "recovery if kept float (dB)", "brightness alone", "SQNR (dB)", "clipped %",
+                                    "clipped energy %"], interactive=False, wrap=True)
     histogram = gr.Plot(label="Histogram of the culprit with its chosen range")
     report_state = gr.State(None, time_to_live=SESSION_STATE_SECONDS)
     with gr.Row():
@@ -807,7 +811,8 @@ def _diagnose_tab(c: dict) -> None:
     with gr.Row():
         before = gr.Image(label="Before (INT8)", format="png", type="numpy", interactive=False)
         after = gr.Image(label="After the fix (INT8)", format="png", type="numpy", interactive=False)
-    fix_metrics = gr.Dataframe(label="Before / after", interactive=False)
+    fix_metrics = gr.Dataframe(label="Before / after", headers=["INT8 model", "PSNR (dB)", "brightness vs FP32"],  # until a fix runs
+                               interactive=False)
     button.click(run_diagnose, [c["image"], c["model_a"], c["model_b"], which, c["mode"], c["method"], c["samples"],
                                 c["scheme"], c["gain"], c["seed"]],
                  [ranking, histogram, summary, tensor, report_state], concurrency_id=HEAVY, concurrency_limit=HEAVY_SLOTS,
