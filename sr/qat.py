@@ -54,7 +54,7 @@ from .quantize import (CalibratedModel, Fixes, Scheme, calibrate_model, fixed_in
                        write_qdq_model)
 from .store import atomic_path, file_sha256, write_atomic
 from .train import (DEFAULT_TRAIN_DIRS, DEFAULT_VAL_DIR, Validator, _distributed, _gather, _machine, _resolve_device,
-                     _should_end, warmup_fraction)
+                    _should_end, end_distributed, warmup_fraction)
 from .transforms import METADATA_KEY, calibration_batch, prepare, remove_starting_points
 from .usermodel import STANDARD_KEY, Contract, lookup, set_metadata
 
@@ -550,8 +550,7 @@ def _finish(run: _QatRun) -> QatResult:
         export_trained(run.structure, run.fp32_path, run.student.weights(), record, out, qdq,
                        run.calibrated_ranges)
     if run.world > 1:
-        dist.barrier()
-        dist.destroy_process_group()
+        end_distributed(run)
     if run.rank == 0 and run.step >= run.config.steps:  # the starting-point files a resume would need
         remove_starting_points(out)
     return QatResult(out, qdq, run.step, wall, run.history, run.fp32_val_psnr)

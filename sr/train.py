@@ -483,9 +483,20 @@ def _finish(run: _Run) -> TrainResult:
             "kd_mode": distiller.mode if distiller is not None else None,
         })
     if run.world > 1:
-        dist.barrier()
-        dist.destroy_process_group()
+        end_distributed(run)
     return result
+
+
+def end_distributed(run) -> None:
+    """Leave the process group cleanly: every rank at the barrier, then the DistributedDataParallel wrapper (its
+    reducer owns threads of the group) freed before the group is destroyed. Destroying the group under a live
+    wrapper let a rank abort at exit now and then ("terminate called without an active exception", SIGABRT)."""
+    import gc
+
+    dist.barrier()
+    run.trainable = None
+    gc.collect()
+    dist.destroy_process_group()
 
 
 def _machine(device: torch.device) -> str:
