@@ -897,6 +897,50 @@ def build_demo() -> gr.Blocks:
     return demo
 
 
+MAX_REQUEST_BYTES = 32 * 1024 * 1024  # any request but a file upload (which has MAX_UPLOAD per file)
+
+
+class RequestSizeLimit:
+    """ASGI middleware: refuse a request body over MAX_REQUEST_BYTES (413, in words) on every route but the upload
+    route, whose files Gradio caps itself. A queue call carries file references, not files: a `data:` URL of 100
+    MB in its payload used to pass the upload cap and land in Gradio's temp folder."""
+
+    def __init__(self, app, max_bytes: int = MAX_REQUEST_BYTES):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope.get("path", "").rstrip("/").endswith("/upload"):
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            return await self._refuse(send)
+        seen = 0
+
+        async def counted():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.max_bytes:
+                raise _TooLarge()
+            return message
+
+        try:
+            return await self.app(scope, counted, send)
+        except _TooLarge:
+            return await self._refuse(send)
+
+    async def _refuse(self, send) -> None:
+        body = (f'{{"error": "the request is larger than {self.max_bytes // 2**20} MB; upload files through the '
+                'page (up to 25 MB each) instead of inside the request"}').encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+
+class _TooLarge(Exception):
+    """A streamed request body went over the limit."""
+
+
 def main() -> None:
     """Parse the command line and launch the server."""
     parser = argparse.ArgumentParser(description="SR INT8 Lab")
@@ -910,9 +954,12 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO)
     for folder in ("int8", "onnx"):
         remove_stale_temps(cache_root() / folder)  # what crashed writers left behind
+    from starlette.middleware import Middleware
+
     build_demo().queue(default_concurrency_limit=1).launch(server_name=args.host, server_port=args.port,
                                                           share=args.share, max_file_size=MAX_UPLOAD,
-                                                          show_error=False)
+                                                          show_error=False,
+                                                          app_kwargs={"middleware": [Middleware(RequestSizeLimit)]})
 
 
 if __name__ == "__main__":

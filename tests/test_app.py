@@ -494,3 +494,15 @@ def test_the_calibration_estimate_is_measured_here(small_png):
     measured = app._calibration_estimate("xlsr-relu", "xlsr-clip", 20)
     assert app._CALIBRATION_RATE["seconds_per_sample_mparam"] > 0 and measured != constant / 5
     assert measured <= took  # the calibrations are part of what that run took
+
+
+def test_an_oversized_request_is_refused(server):
+    """A queue call of 40 MB (a data: URL inside the payload would be one) is refused with 413 before it is read
+    into Gradio's temp folder; the server keeps serving."""
+    import requests
+
+    big = b'{"data": ["data:image/png;base64,' + b"A" * (40 * 2**20) + b'"], "fn_index": 0, "session_hash": "x"}'
+    answer = requests.post(f"{server}gradio_api/queue/join", data=big, headers={"content-type": "application/json"},
+                           timeout=60)
+    assert answer.status_code == 413 and "larger than" in answer.text
+    assert requests.get(server, timeout=30).status_code == 200
