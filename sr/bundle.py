@@ -19,7 +19,6 @@ lab's float wrapper, which changes no value the network sees).
 from __future__ import annotations
 
 import json
-import shutil
 import struct
 import zipfile
 from dataclasses import dataclass
@@ -113,12 +112,13 @@ def parse_calibration_cache(text: str) -> dict[str, float]:
     return scales
 
 
-def _measure(int8: CalibratedModel, images: Sequence[np.ndarray]) -> tuple[float | None, float | None]:
-    """Mean PSNR-Y of the INT8 model against FP32 and its brightness ratio, with the reference engines."""
+def _measure(int8: CalibratedModel, images: Sequence[np.ndarray],
+             fp32_outputs: Sequence[np.ndarray]) -> tuple[float | None, float | None]:
+    """Mean PSNR-Y of the INT8 model against the FP32 outputs and its brightness ratio, with the reference engine."""
     if not images:
         return None, None
-    fp32, quantized = reference_engine(int8.model), reference_engine(int8.model, int8)
-    pairs = [(fp32.run(image), quantized.run(image)) for image in images]
+    quantized = reference_engine(int8.model, int8)
+    pairs = [(fp32, quantized.run(image)) for image, fp32 in zip(images, fp32_outputs)]
     return (float(np.mean([psnr_y(q, f, int8.scale) for f, q in pairs])),
             float(np.mean([brightness_ratio(q, f) for f, q in pairs])))
 
@@ -178,7 +178,9 @@ def export_bundle(model: str, config: CalibrationConfig, out: str | Path, fixes:
     if not images:  # no images given: measure on the calibration images, and say so
         images = load_calibration_images(config.data if calibration_images is None else calibration_images)[:8]
         measured_on = "calibration images (no test images were given)"
-    figures = {scheme: _measure(made[scheme], images) for scheme in FILES}
+    fp32 = reference_engine(model)  # the FP32 outputs once, for the three INT8 models
+    fp32_outputs = [fp32.run(image) for image in images]
+    figures = {scheme: _measure(made[scheme], images, fp32_outputs) for scheme in FILES}
     (out / "README.md").write_text(_readme(model, config, tensorrt, figures, len(images), measured_on, trt_version))
     files = sorted(p.name for p in out.iterdir())
     psnr, brightness = figures[Scheme.TENSORRT]

@@ -446,7 +446,9 @@ def conformance(engine, reference, tolerance: Tolerance, key: tuple | None = Non
     """Run the probe through an engine and the reference and compare (the verdict remembered under `key`).
 
     Args:
-        engine, reference: objects with `run(lr uint8 HxWx3) -> uint8` and a `name`.
+        engine: an object with `run(lr uint8 HxWx3) -> uint8` and a `name`.
+        reference: the same kind of object, or a function that makes it (called only when the verdict is not
+            remembered: the reference's session is not built for nothing).
         tolerance: what counts as agreeing.
         key: what the verdict depends on (the model file's hash, the engine's kind, the input size), or None
             not to remember it.
@@ -458,6 +460,7 @@ def conformance(engine, reference, tolerance: Tolerance, key: tuple | None = Non
     with _VERDICTS_LOCK:
         if key is not None and key in _VERDICTS:
             return _VERDICTS[key]
+    reference = reference() if callable(reference) else reference
     if probe is None:
         fixed = getattr(engine, "fixed", None) or getattr(reference, "fixed", None)
         probe = probe_image(*(fixed or (48, 64)))

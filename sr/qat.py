@@ -39,7 +39,6 @@ from typing import Callable, Sequence
 import numpy as np
 import onnx
 import torch
-import torch.distributed as dist
 from onnx import numpy_helper
 from torch import nn
 from tqdm import tqdm
@@ -59,8 +58,6 @@ from .transforms import METADATA_KEY, calibration_batch, prepare, remove_startin
 from .usermodel import STANDARD_KEY, Contract, lookup, set_metadata
 
 log = logging.getLogger(__name__)
-
-_INT_LIMITS = {np.dtype(np.int8): (-128, 127), np.dtype(np.uint8): (0, 255)}
 
 
 @dataclass
@@ -133,7 +130,7 @@ class Quantizer:
     zero_point: int
     low: int  # integer limits the runtime saturates to
     high: int
-    export_low: int  # integer limits ORT's writer maps a range onto (symmetric INT8: -127..127)
+    export_low: int  # the lowest integer the writer maps a range onto (symmetric INT8: -127; UINT8: 0)
 
 
 class FakeQuantModel(nn.Module):

@@ -32,8 +32,8 @@ from .calibrate import (CalibrationConfig, Method, TensorRange, TensorStats, cal
                         prepare_calibration_images)
 from .export import export_onnx
 from .models import load_model, model_info
-from .quantspec import (ALL_INT8_OPS, QuantSpec, Scheme, activation_qparams, fused_ties, graph_quantization, is_wrapper,
-                        quant_spec, used_names, weight_int8)
+from .quantspec import (ALL_INT8_OPS, QuantSpec, Scheme, activation_qparams, fp32_initializer_of, fused_ties,
+                        graph_quantization, is_wrapper, quant_spec, used_names, weight_int8)
 from .rewrite import REWRITE_OPS, rewrite_for_fast_int8
 from .store import (cache_cap_bytes, cache_root, code_digest, evict, file_sha256, library_versions, locked, publish_dir,
                     remove_stale_temps, short_hash, temp_dir, touch, write_atomic)
@@ -157,12 +157,14 @@ def tie_fused_ranges(spec: QuantSpec, ranges: dict[str, TensorRange]) -> dict[st
     Returns:
         {quantized tensor: its range}, in the spec's order.
     """
-    tied = {}
-    for tensor, activation in spec.activations.items():
-        source, own = ranges[activation.group], ranges.get(tensor, ranges[activation.group])
-        tied[tensor] = TensorRange(tensor, source.low, source.high, own.observed_min, own.observed_max,
-                                   own.clipped_fraction, source.method)
-    return tied
+    return {tensor: _tied(tensor, ranges[a.group], ranges.get(tensor, ranges[a.group]))
+            for tensor, a in spec.activations.items()}
+
+
+def _tied(tensor: str, source: TensorRange, own: TensorRange) -> TensorRange:
+    """`tensor`'s range taken from `source` (its tie group), its own observations kept."""
+    return TensorRange(tensor, source.low, source.high, own.observed_min, own.observed_max, own.clipped_fraction,
+                       source.method)
 
 
 def spec_of(fp32: Path | onnx.ModelProto, scheme: Scheme | str, keep_float: Sequence[str] = (),
@@ -340,7 +342,7 @@ def without_quantization(qdq: onnx.ModelProto, fp32: onnx.ModelProto, activation
         for node in graph.node:
             if node.op_type == "DequantizeLinear" and node.input[0] in initializers \
                     and initializers[node.input[0]].data_type in (onnx.TensorProto.INT8, onnx.TensorProto.INT32):
-                name = _float_source(node, consumers, fp32, fp32_initializers)
+                name = fp32_initializer_of(node, consumers, fp32, set(fp32_initializers))
                 if name is not None:
                     removed.add(id(node))
                     rename[node.output[0]] = name
@@ -384,18 +386,6 @@ def _activation_pairs(graph: onnx.GraphProto, consumers: dict, drop: set[str]) -
     return removed, rename, restore
 
 
-def _float_source(dq: onnx.NodeProto, consumers, fp32: onnx.ModelProto, fp32_initializers: dict) -> str | None:
-    """The FP32 initializer an INT8 weight's (or INT32 bias') DequantizeLinear stands for, or None."""
-    from .quantspec import _fp32_weight_of
-
-    for user in consumers.get(dq.output[0], []):
-        name = _fp32_weight_of(user, dq.output[0], fp32)
-        if name in fp32_initializers:
-            return name
-    stem = dq.input[0].removesuffix("_quantized")
-    return stem if stem in fp32_initializers else None
-
-
 def _ort_qdq(model: onnx.ModelProto, spec: QuantSpec, ranges: dict[str, TensorRange], keep_float: Sequence[str],
              fast: bool) -> onnx.ModelProto:
     """The cpu scheme through `onnxruntime.quantization.quantize_static` (UINT8 activations, INT32 biases)."""
@@ -407,8 +397,7 @@ def _ort_qdq(model: onnx.ModelProto, spec: QuantSpec, ranges: dict[str, TensorRa
         op_types = QUANTIZED_OPS + REWRITE_OPS
     tied = dict(ranges)  # ties found on the graph ORT sees (the rewrite renames and adds tensors)
     for tensor, source in fused_ties(model, set(ranges) - set(keep_float)).items():  # a float tensor ties nothing
-        tied[tensor] = TensorRange(tensor, ranges[source].low, ranges[source].high, ranges[tensor].observed_min,
-                                   ranges[tensor].observed_max, ranges[tensor].clipped_fraction, ranges[source].method)
+        tied[tensor] = _tied(tensor, ranges[source], ranges[tensor])
     tensor_data = {name: TensorData(lowest=np.float32(r.low), highest=np.float32(r.high)) for name, r in tied.items()}
     wrapper = [node.name for node in model.graph.node if is_wrapper(node.name)]
     with tempfile.TemporaryDirectory(prefix="sr-qdq-") as work:
@@ -522,8 +511,8 @@ def with_known_input_range(model_name: str | os.PathLike, fixes: Fixes, scheme: 
     """A user's model takes values in a range its contract states ([0, 1] or [0, 255] of what it is fed): that is
     its input's range, whatever a calibration search would pick (entropy, fed the many dark pixels of a luma
     channel, chose +-0.063 for a Y input spanning [0.06, 0.92] and turned the output dark). The range is read off
-    the lab's wrapper itself (its [0, 255] scaling, when there is one), so a tuned copy registered again keeps
-    it. Fixes given for the input, and ranges a QAT run learned for it, win.
+    the lab's wrapper itself (`sr.usermodel.known_input`), so a tuned copy registered again keeps it. Fixes given
+    for the input, and ranges a QAT run learned for it, win.
 
     Args:
         model_name: any model name.
@@ -536,16 +525,12 @@ def with_known_input_range(model_name: str | os.PathLike, fixes: Fixes, scheme: 
     from .usermodel import lookup
 
     user = lookup(str(model_name))
-    if user is None:
+    if user is None or user.input_range is None:
         return fixes
-    graph = onnx.load(str(user.standard_onnx), load_external_data=False).graph
-    tensor = next((node.output[0] for node in graph.node if node.name == "standard/in"), None)
-    learned = learned_ranges(model_name, scheme) or {}
-    if tensor is None or tensor in learned or tensor in fixes.fixed_range or tensor in fixes.range_method \
-            or tensor in fixes.keep_float:
+    tensor, high = user.input_range
+    if tensor in fixes.fixed_range or tensor in fixes.range_method or tensor in fixes.keep_float \
+            or tensor in (learned_ranges(model_name, scheme) or {}):
         return fixes
-    scaling = next((init for init in graph.initializer if init.name == "standard/to_range"), None)
-    high = float(onnx.numpy_helper.to_array(scaling)) if scaling is not None else 1.0
     return Fixes(dict(fixes.range_method), list(fixes.keep_float), {**fixes.fixed_range, tensor: (0.0, high)})
 
 

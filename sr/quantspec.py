@@ -101,17 +101,6 @@ class QuantSpec:
         """The tensors of a tie group."""
         return [a.tensor for a in self.activations.values() if a.group == group]
 
-    def qparams(self, tensor: str, low: float, high: float) -> tuple[float, int]:
-        """(scale, zero point) of `tensor` for a range, as the writer computes them.
-
-        Args:
-            tensor: a quantized activation.
-            low, high: its range.
-
-        Returns:
-            (scale > 0, zero point).
-        """
-        return activation_qparams(self.activations[tensor], low, high)
 
 
 def activation_qparams(spec: ActivationSpec, low: float, high: float) -> tuple[float, int]:
@@ -474,25 +463,35 @@ def graph_quantization(qdq: onnx.ModelProto, fp32: onnx.ModelProto) -> GraphQuan
             activations[tensor] = (float(initializers[node.input[1]]), zero)
         elif node.op_type == "DequantizeLinear" and node.input[0] in initializers \
                 and initializers[node.input[0]].dtype == np.int8:
-            users = consumers.get(node.output[0], [])
-            name = next((u_name for u in users for u_name in [_fp32_weight_of(u, node.output[0], fp32)]
-                         if u_name in fp32_weights), None)
-            if name is None:  # nodes without unique names: the writers name a weight's INT8 copy after it
-                stem = node.input[0].removesuffix("_quantized")
-                name = stem if stem in fp32_weights else node.input[0]
+            name = fp32_initializer_of(node, consumers, fp32, fp32_weights) or node.input[0]
             scale = initializers[node.input[1]]
             weights[name] = next((a.i for a in node.attribute if a.name == "axis"), 1) if scale.ndim else None
     return GraphQuantization(activations, weights)
 
 
-def _fp32_weight_of(node: onnx.NodeProto, dq_output: str, fp32: onnx.ModelProto) -> str:
-    """The FP32 weight that `dq_output` stands for in `node` (the same node of the FP32 graph, by name and slot)."""
-    matches = [n for n in fp32.graph.node if n.name and n.name == node.name and n.op_type == node.op_type]
-    for original in matches[:1] if len(matches) == 1 else []:
-            slot = list(node.input).index(dq_output)
-            return original.input[slot] if slot < len(original.input) else ""
-    return ""
+def fp32_initializer_of(dq: onnx.NodeProto, consumers: dict, fp32: onnx.ModelProto, names: set[str]) -> str | None:
+    """The FP32 initializer that a QDQ model's DequantizeLinear of a constant stands for: the input in the same slot
+    of the same node of the FP32 graph (matched by its name, when that name is unique), else the initializer the
+    writers named its INT8 copy after (`<name>_quantized`).
+
+    Args:
+        dq: the DequantizeLinear.
+        consumers: {tensor: nodes of the QDQ model that read it}.
+        fp32: the FP32 model.
+        names: the FP32 model's initializer names.
+
+    Returns:
+        the name, or None when neither way finds one.
+    """
+    for user in consumers.get(dq.output[0], []):
+        matches = [n for n in fp32.graph.node if n.name and n.name == user.name and n.op_type == user.op_type]
+        if len(matches) == 1:
+            slot = list(user.input).index(dq.output[0])
+            if slot < len(matches[0].input) and matches[0].input[slot] in names:
+                return matches[0].input[slot]
+    stem = dq.input[0].removesuffix("_quantized")
+    return stem if stem in names else None
 
 
 __all__ = ["used_names", "weight_int8", "Scheme", "QuantSpec", "ActivationSpec", "WeightSpec", "quant_spec", "activation_qparams",
-           "graph_quantization", "GraphQuantization", "is_wrapper", "WRAPPER_PREFIX"]
+           "graph_quantization", "GraphQuantization", "fp32_initializer_of", "is_wrapper", "WRAPPER_PREFIX"]

@@ -119,6 +119,7 @@ class UserModel:
     float_ops: tuple[str, ...]  # op types no INT8 scheme quantizes (they run in float in every INT8 model)
     parameters: int
     macs_per_pixel: float = 0.0  # multiply-accumulates per LR pixel (`macs_per_pixel`): the cost of running it
+    input_range: tuple[str, float] | None = None  # (the user's input tensor, the top of its range): `known_input`
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -585,6 +586,23 @@ def macs_per_pixel(model: onnx.ModelProto, size: tuple[int, int] = (32, 32)) -> 
     return total / float(height * width)
 
 
+def known_input(standard: onnx.ModelProto) -> tuple[str, float] | None:
+    """The tensor the lab's wrapper feeds the user's graph, and the top of its range (the range is [0, top]: 1, or
+    the wrapper's [0, 255] scaling): what the user's model takes, whatever a calibration search would pick.
+
+    Args:
+        standard: a standard graph.
+
+    Returns:
+        (tensor, top), or None for a graph without the wrapper.
+    """
+    tensor = next((node.output[0] for node in standard.graph.node if node.name == "standard/in"), None)
+    if tensor is None:
+        return None
+    scaling = next((init for init in standard.graph.initializer if init.name == "standard/to_range"), None)
+    return tensor, float(numpy_helper.to_array(scaling)) if scaling is not None else 1.0
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The registry.
 
@@ -630,8 +648,9 @@ def register_onnx(path: str | os.PathLike, overrides: Overrides = Overrides(),
     covered = {*ALL_INT8_OPS, *TENSORRT_INPUT_OPS, "Constant", "Identity"}
     ops = sorted({node.op_type for node in model.graph.node} - covered)
     parameters = sum(int(np.prod(init.dims)) for init in model.graph.initializer)
-    cost = macs_per_pixel(onnx.load(str(folder / "standard.onnx")))
-    registered = UserModel(f"{PREFIX}{key}", path, contract, folder / "standard.onnx", tuple(ops), parameters, cost)
+    standard = onnx.load(str(folder / "standard.onnx"))
+    registered = UserModel(f"{PREFIX}{key}", path, contract, folder / "standard.onnx", tuple(ops), parameters,
+                           macs_per_pixel(standard), known_input(standard))
     _REGISTRY[registered.name] = registered
     return registered
 
@@ -651,6 +670,6 @@ def lookup(name: str, cache_dir: str | os.PathLike | None = None) -> UserModel |
     standard = onnx.load(str(folder / "standard.onnx"))
     parameters = sum(int(np.prod(init.dims)) for init in standard.graph.initializer)
     found = UserModel(str(name), folder / "standard.onnx", contract, folder / "standard.onnx", (), parameters,
-                      macs_per_pixel(standard))
+                      macs_per_pixel(standard), known_input(standard))
     _REGISTRY[found.name] = found  # model_info asks on every call: read the file once per process
     return found

@@ -6,7 +6,7 @@ import pytest
 
 from sr import cli
 from sr.calibrate import CalibrationConfig
-from sr.engines import (INT8_TOLERANCE, EngineRefused, OpenVinoEngine, OrtEngine, conformance, openvino_available,
+from sr.engines import (INT8_TOLERANCE, OpenVinoEngine, OrtEngine, conformance, openvino_available,
                         probe_image, unsigned_activations)
 from sr.quantize import calibrate_model
 from sr.runtime import EngineKind, best_int8_engine, cpu_name, create_engine, reference_engine

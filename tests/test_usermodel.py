@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 
 import standins
@@ -183,10 +184,9 @@ def test_the_bundle_holds_the_users_own_graph(registered, stand_ins, data_dir, t
     assert "calibration.cache" not in bundle.files
 
 
-def _constant_reading(location: str, offset: int = 0) -> "onnx.ModelProto":
+def _constant_reading(location: str, offset: int = 0) -> onnx.ModelProto:
     """The hostile model of the report: a Constant whose tensor has external data at `location` (8 bytes), cast
     to int64 and used as a Reshape shape, so that an error message would print the bytes."""
-    import onnx
     from onnx import TensorProto, helper
 
     constant = onnx.TensorProto()
@@ -211,7 +211,6 @@ def _constant_reading(location: str, offset: int = 0) -> "onnx.ModelProto":
 def test_a_model_cannot_read_server_files(tmp_path):
     """External data anywhere (a Constant's tensor, an If branch's initializer) is refused before anything runs;
     no message carries a byte of the file or a server path."""
-    import onnx
     from onnx import TensorProto, helper
 
     secret = (ROOT / "app.py").read_bytes()[:8]
