@@ -7,10 +7,13 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
+import hashlib
+import hmac
 import logging
 import math
 import os
 import re
+import secrets
 import shutil
 import tempfile
 import threading
@@ -44,21 +47,53 @@ HEAVY = "heavy"  # one concurrency id for all CPU-heavy work: parallel users que
 # (possibly slow) model never holds up another's comparison of the shipped models, and each lane runs one job.
 HEAVY_SLOTS = 2
 _LANES = {"uploaded": threading.Lock(), "shipped": threading.Lock()}
+_WAITING: list[object] = []  # the requests waiting inside a heavy slot for the shipped lane, first first
 
 
 @contextlib.contextmanager
-def _lane(*models):
+def _lane(*models, progress=None):
     """Hold the lane of this work: "uploaded" when any model is an uploaded ONNX model, else "shipped". The
-    shipped lane waits its turn; the uploaded lane does not wait inside a heavy slot (two uploads queued there
-    would hold both slots): when another uploaded model is being worked on, this one is refused in words."""
+    shipped lane waits its turn, showing its real place in line through `progress`; the uploaded lane does not
+    wait inside a heavy slot (two uploads queued there would hold both slots): when another uploaded model is
+    being worked on, this one is refused in words."""
     lane = "uploaded" if any(str(m or "").startswith("onnx:") for m in models) else "shipped"
-    if not _LANES[lane].acquire(blocking=lane == "shipped"):
+    if lane == "uploaded" and not _LANES[lane].acquire(blocking=False):
         raise gr.Error("Another visitor's uploaded model is being processed (uploaded models take turns so that "
                        "nobody's comparison of the shipped models waits for them): try again in a minute.")
+    if lane == "shipped":
+        me = object()
+        _WAITING.append(me)
+        try:
+            while not _LANES[lane].acquire(timeout=0.5):
+                if progress is not None:
+                    progress(None, desc=f"waiting: number {_WAITING.index(me) + 1} in line for the shipped models")
+        finally:
+            _WAITING.remove(me)
     try:
         yield
     finally:
         _LANES[lane].release()
+
+
+# Every heavy request stops (in words) after this many seconds: with the cost cap on uploaded models, ordinary
+# work takes well under a minute; the operator can raise it (SR_MAX_REQUEST_SECONDS)
+MAX_REQUEST_SECONDS = float(os.environ.get("SR_MAX_REQUEST_SECONDS", "300"))
+
+
+def _capped(progress, what: str):
+    """`progress` for one heavy request, which stops it once it has run MAX_REQUEST_SECONDS (the library calls it
+    between batches, so the request ends there, its caches left whole)."""
+    deadline = time.monotonic() + MAX_REQUEST_SECONDS
+
+    def report(fraction, desc=None, **kwargs):
+        if time.monotonic() > deadline:
+            raise gr.Error(f"The {what} was stopped after {MAX_REQUEST_SECONDS:.0f} s, the limit for one request on "
+                           "this server: try fewer calibration samples, a smaller image, or run it locally.")
+        progress(fraction, desc=desc, **kwargs)
+
+    return report
+
+
 PANELS = ("Original", "FP32 model A", "INT8 model A", "FP32 model B", "INT8 model B")
 MAX_UPLOAD = "25mb"
 # an uploaded model's cost, known from its graph before anything runs (sr.usermodel.macs_per_pixel); the operator
@@ -213,14 +248,16 @@ def load_onnx_model(file, layout, color, value_range, pre_upsampled, scale, mode
 
 def build_bundle(image, model_a, method, samples, gain, seed, mode, progress=gr.Progress()):
     """Calibrate model A as set and offer the deployment bundle as a zip."""
+    progress = _capped(progress, "INT8 export")
     with _user_errors("INT8 export"):
         config = _calibration(method, samples, gain, seed)
         lr = []
         if image is not None:
             lr = [prepare_input(image, MODES.get(mode, mode), model_info(model_a).scale).lr]
         folder = _bundle_folder()
-        with _lane(model_a):
-            bundle = export_bundle(model_a, config, folder / "bundle", images=lr)
+        with _lane(model_a, progress=progress):
+            bundle = export_bundle(model_a, config, folder / "bundle", images=lr,
+                                   progress=lambda fraction, message: progress(fraction, desc=message))
         name = re.sub(r"[^\w.-]+", "-", _shown(model_a)).strip("-")
         archive = zip_bundle(bundle, folder / f"{name}-int8-{config.method.value}.zip")
         shutil.rmtree(folder / "bundle", ignore_errors=True)  # the zip is what is offered
@@ -369,6 +406,7 @@ def run_compare(image, model_a="xlsr-relu", model_b="xlsr-clip", method="entropy
     `history` (this tab's state) collects the INT8 loss of each calibration sample drawn for the same settings,
     so that Recalibrate can say how much the result moves between samples."""
     _check_image(image)
+    progress = _capped(progress, "comparison")
     with _user_errors("comparison"):
         calibration = calib_images if calib_source == "my uploads" else None
         if calib_source == "my uploads" and not calibration:
@@ -380,7 +418,7 @@ def run_compare(image, model_a="xlsr-relu", model_b="xlsr-clip", method="entropy
             fraction, desc=f"{message}: calibrating these settings for the first time (about {estimate:.0f} s in all; "
                            "later runs read the cache)")
         settings = _calibration(method, samples, gain, seed)
-        with _lane(model_a, model_b):
+        with _lane(model_a, model_b, progress=progress):
             tuned_a, tuned_b = (_refined(m, refinements, settings, scheme, progress) for m in (model_a, model_b))
             result = compare(image, tuned_a, tuned_b, settings, scheme, MODES[mode], display, calibration,
                              progress=first_run)
@@ -540,18 +578,20 @@ def ranking_frame(report) -> pd.DataFrame:
 _STOPS: dict[str, threading.Event] = {}  # per tab: set by Cancel, polled by the running diagnosis
 
 
-def run_diagnose(image, model_a, model_b, which, mode, method, samples, scheme, gain=1.0, seed=0,
-                 request: gr.Request = None, progress=gr.Progress()):
+def run_diagnose(image, model_a, model_b, which, mode, method, samples, scheme, gain=1.0, seed=0, owner=None,
+                 progress=gr.Progress()):
     """Rank the tensors of model A or B by the damage their INT8 range does (the `diagnose` API endpoint).
 
-    It measures on the image's centre crop of at most DIAGNOSE_SIDE LR pixels a side, and stops on Cancel."""
+    It measures on the image's centre crop of at most DIAGNOSE_SIDE LR pixels a side, and stops on Cancel (from
+    the page whose owner token started it; an API call without one cannot be cancelled)."""
     _check_image(image)
+    progress = _capped(progress, "diagnosis")
     model = model_a if which == "model A" else model_b
-    stop = _STOPS[_owner(request)] = threading.Event()
+    stop = _STOPS[_verified_owner(owner) or secrets.token_hex(8)] = threading.Event()
     with _user_errors("diagnosis"):
         config = DiagnoseConfig(model, _calibration(method, samples, gain, seed), scheme, max_side=DIAGNOSE_SIDE)
         try:
-            with _lane(model):
+            with _lane(model, progress=progress):
                 report = diagnose(config, images=[image], mode=MODES.get(mode, mode),
                                   progress=lambda f, m: progress(f, desc=f"{m} (cancel to stop)"),
                                   should_stop=stop.is_set)
@@ -566,9 +606,9 @@ def run_diagnose(image, model_a, model_b, which, mode, method, samples, scheme, 
             gr.update(choices=[r.tensor for r in report.ranking], value=culprit), report)
 
 
-def cancel_diagnosis(request: gr.Request = None) -> None:
-    """Ask this tab's running diagnosis to stop after its current pass."""
-    stop = _STOPS.get(_owner(request))
+def cancel_diagnosis(owner=None) -> None:
+    """Ask this page's running diagnosis to stop after its current pass (nobody else's)."""
+    stop = _STOPS.get(_owner(owner))
     if stop is not None:
         stop.set()
         gr.Info("Stopping the diagnosis after the current pass.")
@@ -582,8 +622,9 @@ def run_fix(image, report, tensor, fix_label, mode, progress=gr.Progress()):
     fix = next((fix for fix, label in FIX_LABELS.items() if label == fix_label), None)
     if fix is None:
         raise gr.Error(f"Unknown fix {fix_label!r}; choose one of: {', '.join(FIX_LABELS.values())}")
+    progress = _capped(progress, "fix")
     with _user_errors("fix"):
-        with _lane(report.model):
+        with _lane(report.model, progress=progress):
             outcome = apply_fix(report, tensor, fix, image, MODES.get(mode, mode),
                                 progress=lambda f, m: progress(f, desc=m))
     against = "truth" if outcome.has_truth else "FP32"
@@ -595,15 +636,42 @@ def run_fix(image, report, tensor, fix_label, mode, progress=gr.Progress()):
     return outcome.before, outcome.after, table
 
 
-def _owner(request: gr.Request | None) -> str:
-    """The browser tab that sent the request (jobs belong to it)."""
-    return getattr(request, "session_hash", None) or "local"
+# Owner tokens: issued by this server to each browser when the page loads (kept in its localStorage), signed so
+# that only tokens it issued are accepted. Jobs and cancellations belong to the token, never to the session hash
+# a client sends (anyone can send anyone's). SR_OWNER_SECRET keeps tokens valid across restarts.
+_OWNER_SECRET = os.environ.get("SR_OWNER_SECRET", "").encode() or secrets.token_bytes(32)
 
 
-def start_training(steps, activation, use_teacher, alpha, kd_mode="output", request: gr.Request = None):
-    """Queue a job for this tab and stream its loss and validation PSNR until it ends."""
+def _signature(ident: str) -> str:
+    return hmac.new(_OWNER_SECRET, ident.encode(), hashlib.sha256).hexdigest()[:32]
+
+
+def issue_owner(current=None) -> str:
+    """This browser's owner token: the one it holds when this server issued it, else a fresh one."""
+    if _verified_owner(current):
+        return current
+    ident = secrets.token_urlsafe(18)
+    return f"{ident}.{_signature(ident)}"
+
+
+def _verified_owner(token) -> str | None:
+    """The owner a token names, when this server signed it (None otherwise)."""
+    ident, _, signature = str(token or "").partition(".")
+    return ident if ident and hmac.compare_digest(signature, _signature(ident)) else None
+
+
+def _owner(token) -> str:
+    """The owner behind a request's token; a token this server did not issue is refused in words."""
+    ident = _verified_owner(token)
+    if ident is None:
+        raise gr.Error("This page has no owner token from this server (it may have restarted): reload the page.")
+    return ident
+
+
+def start_training(steps, activation, use_teacher, alpha, kd_mode="output", owner=None):
+    """Queue a job for this page's owner and stream its loss and validation PSNR until it ends."""
     try:
-        job = app_jobs.start(_owner(request), int(steps), activation, bool(use_teacher), float(alpha), kd_mode)
+        job = app_jobs.start(_owner(owner), int(steps), activation, bool(use_teacher), float(alpha), kd_mode)
     except (PermissionError, ValueError) as error:
         raise gr.Error(str(error)) from None
     for snapshot in job.stream():
@@ -614,10 +682,10 @@ def start_training(steps, activation, use_teacher, alpha, kd_mode="output", requ
         yield snapshot.status, frame[["step", "loss"]].dropna(), validation
 
 
-def start_qat(model, steps, use_teacher=False, request: gr.Request = None):
+def start_qat(model, steps, use_teacher=False, owner=None):
     """Queue a QAT job for model A and stream its INT8 validation PSNR; the last value carries the new model."""
     try:
-        job = app_jobs.start_qat(_owner(request), model, int(steps), bool(use_teacher))
+        job = app_jobs.start_qat(_owner(owner), model, int(steps), bool(use_teacher))
     except (PermissionError, ValueError, FileNotFoundError) as error:
         raise gr.Error(str(error)) from None
     for snapshot in job.stream():
@@ -641,9 +709,9 @@ def offer_result(result, uploads, model_b):
         uploads
 
 
-def cancel_training(request: gr.Request = None):
-    """Stop this tab's job (its weights so far are kept); other tabs' jobs are not touched."""
-    return app_jobs.cancel(_owner(request))
+def cancel_training(owner=None):
+    """Stop this page's job (its weights so far are kept); nobody else's job is touched."""
+    return app_jobs.cancel(_owner(owner))
 
 
 def _compare_controls(models: list[str]) -> dict:
@@ -814,10 +882,10 @@ def _diagnose_tab(c: dict) -> None:
     fix_metrics = gr.Dataframe(label="Before / after", headers=["INT8 model", "PSNR (dB)", "brightness vs FP32"],  # until a fix runs
                                interactive=False)
     button.click(run_diagnose, [c["image"], c["model_a"], c["model_b"], which, c["mode"], c["method"], c["samples"],
-                                c["scheme"], c["gain"], c["seed"]],
+                                c["scheme"], c["gain"], c["seed"], c["owner"]],
                  [ranking, histogram, summary, tensor, report_state], concurrency_id=HEAVY, concurrency_limit=HEAVY_SLOTS,
                  api_name="diagnose")
-    cancel.click(cancel_diagnosis, None, None, api_name=False)
+    cancel.click(cancel_diagnosis, c["owner"], None, api_name=False)
     fix_button.click(run_fix, [c["image"], report_state, tensor, fix, c["mode"]], [before, after, fix_metrics],
                      concurrency_id=HEAVY, concurrency_limit=HEAVY_SLOTS, api_name=False)
 
@@ -846,11 +914,11 @@ def _train_tab(c: dict) -> None:
     status = gr.Markdown()
     loss_plot = gr.LinePlot(x="step", y="loss", title="Training loss")
     val_plot = gr.LinePlot(x="step", y="val_psnr", title="Validation PSNR (dB)")
-    event = train_button.click(start_training, [steps, activation, use_teacher, alpha, kd_mode],
+    event = train_button.click(start_training, [steps, activation, use_teacher, alpha, kd_mode, c["owner"]],
                                [status, loss_plot, val_plot],
                                api_name=False)
     event.then(refresh_models, None, [c["model_a"], c["model_b"]], api_name=False)
-    cancel_button.click(cancel_training, None, status, api_name=False)
+    cancel_button.click(cancel_training, c["owner"], status, api_name=False)
     _qat_section(c)
 
 
@@ -871,10 +939,10 @@ def _qat_section(c: dict) -> None:
     status = gr.Markdown(elem_id="qat-status")
     plot = gr.LinePlot(x="step", y="val_psnr", title="INT8 validation PSNR (dB)")
     result = gr.State(None)
-    event = start.click(start_qat, [c["model_a"], steps, guided], [status, plot, result], api_name=False)
+    event = start.click(start_qat, [c["model_a"], steps, guided, c["owner"]], [status, plot, result], api_name=False)
     event.then(offer_result, [result, c["uploads"], c["model_b"]], [c["model_a"], c["model_b"], c["uploads"]],
                api_name=False)
-    cancel.click(cancel_training, None, status, api_name=False)
+    cancel.click(cancel_training, c["owner"], status, api_name=False)
 
 
 def build_demo() -> gr.Blocks:
@@ -889,11 +957,14 @@ def build_demo() -> gr.Blocks:
         with gr.Tab("Compare"):
             controls = _compare_controls(available_models())
             controls["uploads"] = gr.State([])  # this tab's ONNX models (uploaded, or made INT8-ready)
+            # this browser's owner token (jobs and cancellations belong to it), issued when the page loads
+            controls["owner"] = gr.BrowserState(None, storage_key="sr-int8-lab-owner")
             _wire_compare(controls, _compare_outputs())
         with gr.Tab("Why is it dull?"):
             _diagnose_tab(controls)
         with gr.Tab("Train"):
             _train_tab(controls)
+        demo.load(issue_owner, controls["owner"], controls["owner"], api_name=False)
     return demo
 
 

@@ -2,13 +2,17 @@
 
 Off unless the operator enables them (`python app.py --allow-training`, or SR_ALLOW_TRAINING=1): a public Space
 must not let anonymous users spend its CPU. When on, jobs run one at a time in a background thread, in the order
-they were asked for (a waiting job shows its place in the queue); each belongs to the browser tab that started
-it (only that tab can cancel it); steps are capped; each owner keeps at most a few finished models in runs/ and
-the folder as a whole is capped, oldest first.
+they were asked for (a waiting job shows its place in the queue); each belongs to the owner token of the browser
+that started it (issued and signed by the server, never the client's session hash; only its owner can cancel it);
+steps and seconds are capped; a job whose page went away (nobody has read its progress for ABANDONED_SECONDS) is
+dropped, or stopped when running. Each owner keeps at most a few finished models in runs/, named without any part
+of the owner's token; the folder as a whole is capped, and another owner's model is evicted for it only once its
+owner's hold (OWNED_SECONDS) has expired.
 """
 from __future__ import annotations
 
 import os
+import secrets
 import threading
 import time
 from collections import deque
@@ -25,6 +29,9 @@ from sr.usermodel import register_onnx
 MAX_STEPS = 5_000  # about 10 minutes of XLSR on two CPU cores
 MAX_RUNS_PER_OWNER = 3
 MAX_RUNS = 20
+MAX_JOB_SECONDS = 900.0  # a job's wall-time cap: it stops (weights so far kept) after this long
+ABANDONED_SECONDS = 30.0  # a job nobody has watched for this long belongs to a page that went away
+OWNED_SECONDS = 3600.0  # a finished model is its owner's alone (safe from others' eviction) for this long
 QAT_EQUALIZE = 0.5  # the channel-equalization strength QAT starts from (the README's findings)
 QAT_TEACHER_BETA = 0.25  # weight of the teacher term in teacher-guided QAT (scripts/kd_qat.py measures it)
 
@@ -35,6 +42,7 @@ class Policy:
 
     enabled: bool = os.environ.get("SR_ALLOW_TRAINING", "") == "1"
     max_steps: int = MAX_STEPS
+    max_seconds: float = MAX_JOB_SECONDS
 
 
 POLICY = Policy()
@@ -74,6 +82,15 @@ class Job:
     stop: threading.Event = field(default_factory=threading.Event)
     error: str | None = None
     result: str | None = None  # the model name to offer once done (a registered ONNX model's name)
+    watched: float | None = None  # when its page last read its progress (None: a library caller, never abandoned)
+
+    def abandoned(self) -> bool:
+        """True when the page that watched this job has not read its progress for ABANDONED_SECONDS."""
+        return self.watched is not None and time.monotonic() - self.watched > ABANDONED_SECONDS
+
+    def should_stop(self) -> bool:
+        """Cancelled, or its page went away."""
+        return self.stop.is_set() or self.abandoned()
 
     @property
     def weights(self) -> Path:
@@ -84,6 +101,7 @@ class Job:
     def stream(self, interval: float = 1.0):
         """Yield snapshots until the job ends (the last one included)."""
         while True:
+            self.watched = time.monotonic()
             finished = self.done
             status = self.status
             if not finished and status == "queued":
@@ -123,7 +141,7 @@ def start(owner: str, steps: int, final_activation: str, use_teacher: bool, alph
     TrainConfig(final_activation=final_activation)  # validates the activation before anything is queued
     kd_mode = KDMode.parse(kd_mode).value
     kind = (f"kd-{kd_mode}" if kd_mode != "output" else "kd") if use_teacher else "train"
-    name = f"xlsr-{final_activation.replace('clipped_relu', 'clip')}-{kind}-{steps}-{owner[:8]}-{time.strftime('%H%M%S')}"
+    name = f"xlsr-{final_activation.replace('clipped_relu', 'clip')}-{kind}-{steps}-{_tag()}"
     return _enqueue(owner, lambda: Job(name, owner, steps, final_activation, use_teacher, alpha, kd_mode))
 
 
@@ -144,8 +162,13 @@ def start_qat(owner: str, model: str, steps: int, use_teacher: bool = False) -> 
     if use_teacher and info.scale != model_info("teacher").scale:
         raise ValueError(f"the teacher upscales x{model_info('teacher').scale}; {_shown_name(model)} is x{info.scale}")
     stem = info.name.replace(":", "-")
-    return _enqueue(owner, lambda: Job(f"{stem}-qat-{steps}-{owner[:8]}-{time.strftime('%H%M%S')}", owner, steps,
-                                       "", bool(use_teacher), 1.0, base=model))
+    return _enqueue(owner, lambda: Job(f"{stem}-qat-{steps}-{_tag()}", owner, steps, "", bool(use_teacher), 1.0,
+                                       base=model))
+
+
+def _tag() -> str:
+    """A model name's unique part: the time and random letters, nothing of its owner."""
+    return f"{time.strftime('%H%M%S')}-{secrets.token_hex(3)}"
 
 
 def _shown_name(model: str) -> str:
@@ -155,10 +178,15 @@ def _shown_name(model: str) -> str:
 def _enqueue(owner: str, make) -> Job:
     global _worker
     with _lock:
+        _drop_abandoned()
         mine = [job for job in [_running, *_queue] if job is not None and job.owner == owner and not job.done]
         if mine:
             raise ValueError(f"you already have a job ({mine[0].name}); wait for it or cancel it")
+        if len(_runs()) >= MAX_RUNS and not _evictable(owner):
+            raise ValueError(f"the server keeps at most {MAX_RUNS} trained models and all of them belong to "
+                             "visitors of the last hour; try again later")
         job = make()
+        _RESULTS[job.name] = (owner, time.time())
         _queue.append(job)
         if _worker is None or not _worker.is_alive():
             _worker = threading.Thread(target=_work, name="training-jobs", daemon=True)
@@ -179,10 +207,18 @@ def cancel(owner: str) -> str:
     return "you have no job running"
 
 
+def _drop_abandoned() -> None:
+    """Drop the queued jobs whose page went away (call with the lock held)."""
+    for job in [job for job in _queue if job.abandoned()]:
+        _queue.remove(job)
+        job.status, job.done = "dropped: its page was closed before it started", True
+
+
 def _work() -> None:
     global _running
     while True:
         with _lock:
+            _drop_abandoned()
             if not _queue:
                 _running = None
                 return
@@ -194,12 +230,15 @@ def _work() -> None:
 def _run(job: Job) -> None:
     fields = dict(arch="xlsr", final_activation=job.final_activation, train_dirs=training_dirs(), val_dir=None,
                   out=str(job.weights), steps=job.steps, batch_size=16, lr_patch=32,
-                  val_every=max(1, job.steps // 5), checkpoint_every=10**9, device="cpu")
+                  val_every=max(1, job.steps // 5), checkpoint_every=10**9, device="cpu",
+                  max_seconds=POLICY.max_seconds)
     validation = store.PROJECT_ROOT.parent / "shared" / "data" / "Set5"
     if validation.is_dir():
         fields["val_dir"] = str(validation)
 
     def on_progress(event: dict) -> None:
+        with _lock:
+            _drop_abandoned()
         job.history.append(event)
         job.status = f"step {event['step']} of {job.steps}, loss {event['loss']:.4f}" + (
             f", validation PSNR {event['val_psnr']:.2f} dB" if "val_psnr" in event else "")
@@ -210,10 +249,12 @@ def _run(job: Job) -> None:
             _run_qat(job, fields, on_progress)
         elif job.use_teacher:
             distill(DistillConfig(**fields, teacher="teacher", alpha=job.alpha, kd_mode=job.kd_mode), on_progress,
-                    job.stop.is_set)
+                    job.should_stop)
         else:
-            train(TrainConfig(**fields), on_progress, job.stop.is_set)
-        job.status = ("cancelled; " if job.stop.is_set() else "done; ") + f"saved as runs/{job.weights.name}"
+            train(TrainConfig(**fields), on_progress, job.should_stop)
+        ended = ("cancelled; " if job.stop.is_set() else "stopped: its page was closed; " if job.abandoned()
+                 else "done; ")
+        job.status = ended + f"saved as runs/{job.weights.name}"
     except Exception as error:  # reported in the UI, never raised into the server
         job.error = job.status = f"failed: {type(error).__name__}: {error}"
     finally:
@@ -233,9 +274,10 @@ def _run_qat(job: Job, fields: dict, on_progress) -> None:
 
     config = QatConfig(model=job.base, out=str(job.weights), steps=job.steps, train_dirs=fields["train_dirs"],
                        val_dir=fields["val_dir"], val_every=max(50, job.steps // 5), checkpoint_every=10**9, device="cpu",
+                       max_seconds=fields["max_seconds"],
                        equalize=QAT_EQUALIZE, teacher="teacher" if job.use_teacher else None,
                        beta=QAT_TEACHER_BETA if job.use_teacher else 0.0)
-    quantization_aware_training(config, report, job.stop.is_set)
+    quantization_aware_training(config, report, job.should_stop)
     if job.weights.suffix == ".onnx":
         job.result = register_onnx(job.weights).name
     else:  # named as the model lists name trained models (relative to the project), or by its full path
@@ -243,14 +285,35 @@ def _run_qat(job: Job, fields: dict, on_progress) -> None:
         job.result = str(job.weights.relative_to(store.PROJECT_ROOT)) if inside else str(job.weights)
 
 
-def _prune_runs(owner: str) -> None:
-    """Keep each owner's newest MAX_RUNS_PER_OWNER models and the newest MAX_RUNS overall."""
+_RESULTS: dict[str, tuple[str, float]] = {}  # a job's name -> its owner and when it was asked for
+
+
+def _runs() -> list[Path]:
+    """The finished models in runs/, newest first (a QAT result's QDQ files go with it, not counted)."""
     models = [*store.RUNS_DIR.glob("*.safetensors"), *store.RUNS_DIR.glob("*.onnx")]
-    runs = sorted([p for p in models if not p.name.endswith(".qdq.onnx")], key=lambda p: p.stat().st_mtime,
+    return sorted([p for p in models if not p.name.endswith(".qdq.onnx")], key=lambda p: p.stat().st_mtime,
                   reverse=True)
-    tag = f"-{owner[:8]}-"
-    mine = [p for p in runs if tag in p.name]
-    for path in mine[MAX_RUNS_PER_OWNER:] + runs[MAX_RUNS:]:
+
+
+def _held_by_other(path: Path, owner: str) -> bool:
+    """True while `path` is another owner's model within its OWNED_SECONDS."""
+    holder, since = _RESULTS.get(path.name.split(".")[0], ("", 0.0))
+    return holder not in ("", owner) and time.time() - since < OWNED_SECONDS
+
+
+def _evictable(owner: str) -> list[Path]:
+    """The models `owner` may evict to make room, oldest first: its own, and those no longer held by anyone."""
+    return [p for p in reversed(_runs()) if not _held_by_other(p, owner)]
+
+
+def _prune_runs(owner: str) -> None:
+    """Keep each owner's newest MAX_RUNS_PER_OWNER models; over MAX_RUNS in all, evict the oldest of those this
+    owner may evict (its own, or no longer held). Nobody evicts another owner's model while it is held."""
+    mine = [p for p in _runs() if _RESULTS.get(p.name.split(".")[0], ("",))[0] == owner]
+    doomed = mine[MAX_RUNS_PER_OWNER:]
+    over = len(_runs()) - len(doomed) - MAX_RUNS
+    doomed += [p for p in _evictable(owner) if p not in doomed][:max(0, over)]
+    for path in doomed:
         for sibling in path.parent.glob(f"{path.stem}.*.qdq.onnx"):  # a QAT result's QDQ model goes with it
             sibling.unlink(missing_ok=True)
         path.unlink(missing_ok=True)

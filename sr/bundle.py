@@ -133,7 +133,7 @@ def _write_model(source: Path, out: Path) -> None:
 
 def export_bundle(model: str, config: CalibrationConfig, out: str | Path, fixes: Fixes | None = None,
                   images: Sequence[np.ndarray] = (), calibration_images: Sequence[np.ndarray] | None = None,
-                  trt_version: str | None = None) -> Bundle:
+                  trt_version: str | None = None, progress=None) -> Bundle:
     """Calibrate (or reuse the cache) and write the deployment bundle of the module docstring.
 
     Example:
@@ -144,6 +144,7 @@ def export_bundle(model: str, config: CalibrationConfig, out: str | Path, fixes:
         config: the calibration.
         out: the folder to write (created).
         fixes: per-tensor overrides (as applied in the app).
+        progress: called with (fraction, message) while calibrating (a caller may raise from it to stop).
         images: LR images (uint8 HxWx3) to measure the INT8 loss on, for the README.
         calibration_images: images to calibrate on instead of `config.data`.
         trt_version: a TensorRT 10 release: also write its calibration cache (None: no cache).
@@ -158,8 +159,10 @@ def export_bundle(model: str, config: CalibrationConfig, out: str | Path, fixes:
         tensorrt_cache_tag(trt_version)  # refuse a bad version before any work
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    made = {scheme: calibrate_model(model, config, scheme, images=calibration_images, fixes=fixes)
-            for scheme in FILES}
+    made = {}
+    for index, scheme in enumerate(FILES):
+        step = (lambda f, m, i=index: progress((i + f) / len(FILES), f"{m} ({scheme.value})")) if progress else None
+        made[scheme] = calibrate_model(model, config, scheme, images=calibration_images, fixes=fixes, progress=step)
     tensorrt = made[Scheme.TENSORRT]
     for scheme, name in FILES.items():
         _write_model(made[scheme].qdq_onnx, out / name)

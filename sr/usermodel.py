@@ -338,22 +338,45 @@ def _resize(nodes: list, inits: list, source: str, scale: int, name: str) -> str
 
 
 def _prefixed(model: onnx.ModelProto, prefix: str = "user/") -> tuple[onnx.ModelProto, str, str]:
-    """A copy of the user's graph with every name prefixed (no clash with the wrapper), and its input and output."""
+    """A copy of the user's graph with every name prefixed (no clash with the wrapper), and its input and output.
+    Names inside If / Loop / Scan bodies are renamed with the same map (a branch that reads an outer tensor keeps
+    reading it); nodes without a name get a unique one (`<op>_<n>`), since fixes and diagnoses key nodes by name."""
     inner = onnx.ModelProto()
     inner.CopyFrom(model)
-    rename = {}
-    for node in inner.graph.node:
-        node.name = prefix + node.name
-        for items in (node.input, node.output):
-            for index, value in enumerate(items):
-                if value:
-                    items[index] = rename.setdefault(value, prefix + value)
-    for init in inner.graph.initializer:
-        init.name = rename.get(init.name, prefix + init.name)
+    taken = {node.name for node in _nodes(inner.graph) if node.name}
+    counter = iter(range(10**9))
+
+    def node_name(node: onnx.NodeProto) -> str:
+        if not node.name:
+            node.name = next(n for n in (f"{node.op_type}_{i}" for i in counter) if n not in taken)
+            taken.add(node.name)
+        return prefix + node.name
+
+    rename: dict[str, str] = {}
+    _rename_graph(inner.graph, lambda name: rename.setdefault(name, prefix + name), node_name, top=True)
     _fold_constant_identities(inner.graph)
     initializers = {init.name for init in model.graph.initializer}
     source_input = next(i.name for i in model.graph.input if i.name not in initializers)
     return inner, prefix + source_input, prefix + model.graph.output[0].name
+
+
+def _rename_graph(graph: onnx.GraphProto, tensor, node, top: bool = False) -> None:
+    """Rename, in place, every tensor (`tensor(name)`) and node (`node(node_proto)`) of a graph and of its
+    subgraphs; a subgraph's own inputs, outputs and value infos too (the top graph's are the caller's)."""
+    for proto in graph.node:
+        proto.name = node(proto)
+        for items in (proto.input, proto.output):
+            for index, value in enumerate(items):
+                if value:
+                    items[index] = tensor(value)
+        for attribute in proto.attribute:
+            for sub in ([attribute.g] if attribute.HasField("g") else []) + list(attribute.graphs):
+                _rename_graph(sub, tensor, node)
+    for init in graph.initializer:
+        init.name = tensor(init.name)
+    if not top:
+        for info in [*graph.input, *graph.output, *graph.value_info]:
+            info.name = tensor(info.name)
 
 
 def _fold_constant_identities(graph: onnx.GraphProto) -> None:
@@ -452,12 +475,10 @@ def unwrap(model: onnx.ModelProto) -> onnx.ModelProto:
     for original in inner:
         node = onnx.NodeProto()
         node.CopyFrom(original)
-        node.name = plain(node.name)
-        for items in (node.input, node.output):
-            for index, name in enumerate(items):
-                if name:
-                    items[index] = plain(name)
         nodes.append(node)
+    graph_of_nodes = helper.make_graph(nodes, "inner", [], [])
+    _rename_graph(graph_of_nodes, plain, lambda proto: plain(proto.name), top=True)
+    nodes = list(graph_of_nodes.node)
     from .quantspec import used_names
 
     used = used_names(nodes)

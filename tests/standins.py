@@ -27,6 +27,20 @@ def _export(model: nn.Module, path: Path, example: torch.Tensor, dynamic: bool =
     return path
 
 
+def conv_stack(path: Path, channels: int, layers: int) -> Path:
+    """An x3 RGB model of `layers` 3x3 convolutions of `channels` channels and a pixel shuffle (random weights,
+    small enough to keep the output in range): a model as slow as wanted, for the cost cap and the lanes."""
+    body = [nn.Conv2d(3, channels, 3, padding=1)]
+    for _ in range(layers - 2):
+        body += [nn.ReLU(), nn.Conv2d(channels, channels, 3, padding=1)]
+    body += [nn.ReLU(), nn.Conv2d(channels, 27, 3, padding=1), nn.PixelShuffle(3)]
+    model = nn.Sequential(*body)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.mul_(0.1)
+    return _export(model, path, torch.rand(1, 3, 16, 16))
+
+
 class FsrcnnY(nn.Module):
     """FSRCNN-like, Y only: 5x5 feature conv, PReLU, shrink, map, expand, and a stride-3 ConvTranspose. The
     weights carry the Y channel through channel 0 and upscale it with a bilinear kernel; the other channels are

@@ -11,6 +11,8 @@ import pytest
 import yaml
 from PIL import Image
 
+import standins
+
 ROOT = Path(__file__).resolve().parent.parent
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
@@ -200,7 +202,7 @@ def test_training_is_off_unless_the_operator_allows_it(monkeypatch):
 
     monkeypatch.setattr(app_jobs.POLICY, "enabled", False)
     with pytest.raises(gr.Error, match="Training is off on this deployment"):
-        next(app.start_training(20, "relu", False, 0.5))
+        next(app.start_training(20, "relu", False, 0.5, owner=app.issue_owner()))
 
 
 @pytest.fixture
@@ -238,11 +240,100 @@ def test_training_jobs_belong_to_their_tab(job_sandbox):
     assert any(name.endswith(f"{first.name}.safetensors") for name in compare.available_models())
     with pytest.raises(ValueError, match="steps must be between 1 and"):
         jobs.start("tab-one", jobs.POLICY.max_steps + 1, "relu", use_teacher=False)
-    for index in range(jobs.MAX_RUNS_PER_OWNER + 1):  # each tab keeps its newest few models
-        (tmp_path / "runs" / f"xlsr-relu-train-1-tab-one-{index:06d}.safetensors").write_bytes(b"x")
+    assert "tab-one" not in first.name and "tab-two" not in second.name  # names carry nothing of the owner
+
+
+def test_finished_models_are_evicted_only_by_their_owner(job_sandbox, monkeypatch):
+    """Each owner keeps its newest few models; a crowd of fresh owners can neither evict another visitor's recent
+    model nor fill the folder past the cap (they are refused in words); once the hold expires, they can."""
+    import app_jobs as jobs
+
+    runs = job_sandbox / "runs"
+    runs.mkdir()
+    monkeypatch.setattr(jobs, "_RESULTS", {})
+    monkeypatch.setattr(jobs, "MAX_RUNS", 5)
+
+    def finished(owner: str, index: int) -> Path:
+        path = runs / f"xlsr-relu-train-1-{owner}{index:03d}.safetensors"
+        path.write_bytes(b"x")
+        jobs._RESULTS[path.stem] = (owner, time.time())
         time.sleep(0.01)
-    jobs._prune_runs("tab-one")
-    assert len(list((tmp_path / "runs").glob("*-tab-one-*.safetensors"))) == jobs.MAX_RUNS_PER_OWNER
+        return path
+
+    victim = finished("victim", 0)
+    for index in range(jobs.MAX_RUNS_PER_OWNER + 1):
+        finished("busy", index)
+    jobs._prune_runs("busy")
+    assert len(list(runs.glob("*busy*"))) == jobs.MAX_RUNS_PER_OWNER and victim.exists()
+    for index in range(3):  # fresh owners (as forged tokens would be): the folder fills, the victim's model stays
+        finished(f"fresh{index}", index)
+        jobs._prune_runs(f"fresh{index}")
+    assert victim.exists() and len(list(runs.iterdir())) <= jobs.MAX_RUNS + 1
+    with pytest.raises(ValueError, match="at most 5 trained models"):
+        jobs.start("yet-another", 1, "relu", use_teacher=False)
+    jobs._RESULTS[victim.stem] = ("victim", time.time() - jobs.OWNED_SECONDS - 1)  # its hold has expired
+    finished("fresh9", 9)
+    jobs._prune_runs("fresh9")
+    assert not victim.exists() and len(list(runs.iterdir())) == jobs.MAX_RUNS
+
+
+def _queue_call(url: str, demo, fn, data: list, session: str):
+    """A raw queue call, as a browser (or a hostile client) makes it: join, then the open event stream."""
+    import requests
+
+    index = next(i for i, block_fn in demo.fns.items() if block_fn.fn is fn)
+    joined = requests.post(f"{url}gradio_api/queue/join", json={"data": data, "fn_index": index, "session_hash": session,
+                                                               "event_data": None, "trigger_id": None}, timeout=30)
+    assert joined.status_code == 200, joined.text
+    return requests.get(f"{url}gradio_api/queue/data", params={"session_hash": session}, stream=True, timeout=60)
+
+
+def _messages(stream, until: str) -> list[dict]:
+    import json
+
+    seen = []
+    for line in stream.iter_lines():
+        if line.startswith(b"data:"):
+            seen.append(json.loads(line[5:]))
+            if seen[-1].get("msg") in (until, "process_completed"):
+                return seen
+    return seen
+
+
+def test_a_forged_owner_cannot_cancel_and_a_closed_page_drops_its_job(job_sandbox, monkeypatch):
+    """Through raw queue calls on a real server: a job belongs to the server-issued owner token, not the session
+    hash; neither the victim's session hash nor a token with a forged signature can cancel it; when the page
+    that watches it goes away, the job stops (its weights so far kept)."""
+    import app
+    import app_jobs as jobs
+
+    monkeypatch.setattr(jobs, "ABANDONED_SECONDS", 3.0)
+    demo = app.build_demo().queue()
+    demo.launch(server_port=_free_port(), prevent_thread_lock=True, quiet=True)
+    try:
+        victim = app.issue_owner()
+        assert app.issue_owner(victim) == victim and app._verified_owner(victim)
+        watching = _queue_call(demo.local_url, demo, app.start_training, [3000, "relu", False, 0.5, "output", victim],
+                               "victim-session")
+        assert _messages(watching, "process_generating")[-1]["msg"] == "process_generating"
+        job = jobs._running or jobs._queue[0]
+        ident = victim.split(".")[0]
+        for forged, session in [(None, "victim-session"), (f"{ident}.{'0' * 32}", "forger"),
+                                (f"{ident}.", "forger"), (ident, "forger")]:
+            answer = _messages(_queue_call(demo.local_url, demo, app.cancel_training, [forged], session),
+                               "process_completed")[-1]
+            assert not answer["success"] and "no owner token" in str(answer), answer
+        answer = _messages(_queue_call(demo.local_url, demo, app.cancel_training, [app.issue_owner()], "forger"),
+                           "process_completed")[-1]
+        assert answer["output"]["data"] == ["you have no job running"] and not job.stop.is_set()
+        watching.close()  # the victim's page goes away
+        deadline = time.time() + 60
+        while not job.done and time.time() < deadline:
+            time.sleep(0.2)
+        assert job.done and job.status.startswith("stopped: its page was closed"), job.status
+        assert job.history[-1]["step"] < 3000
+    finally:
+        demo.close()
 
 
 def test_make_it_int8_ready_adds_a_fine_tuned_model(job_sandbox, monkeypatch, data_dir):
@@ -257,10 +348,11 @@ def test_make_it_int8_ready_adds_a_fine_tuned_model(job_sandbox, monkeypatch, da
     tmp_path = job_sandbox
     monkeypatch.setattr(jobs.POLICY, "enabled", False)
     with pytest.raises(gr.Error, match="Fine-tuning is off on this deployment"):
-        next(app.start_qat("xlsr-clip", 5))
+        next(app.start_qat("xlsr-clip", 5, owner=app.issue_owner()))
     monkeypatch.setattr(jobs.POLICY, "enabled", True)
     monkeypatch.setattr(jobs, "QAT_EQUALIZE", 0.0)
-    updates = list(app.start_qat("xlsr-clip", 4))
+    owner = app.issue_owner()
+    updates = list(app.start_qat("xlsr-clip", 4, owner=owner))
     status, _, result = updates[-1]
     assert "saved as" in status and result and result.endswith(".safetensors"), status
     assert learned_ranges(result, "tensorrt")
@@ -268,7 +360,7 @@ def test_make_it_int8_ready_adds_a_fine_tuned_model(job_sandbox, monkeypatch, da
         ".safetensors", ".tensorrt.qdq.onnx")])  # no checkpoint or starting-point file left behind
     model_a, _, uploads = app.offer_result(result, [], "xlsr-relu")
     assert model_a["value"] == result and result in model_a["choices"] and uploads == []
-    *_, (status, _, guided) = list(app.start_qat("xlsr-clip", 2, True))  # teacher-guided: the record says so
+    *_, (status, _, guided) = list(app.start_qat("xlsr-clip", 2, True, owner))  # teacher-guided: the record says so
     from sr.quantize import qat_record
 
     config = qat_record(guided)["config"]
@@ -313,8 +405,6 @@ def test_onnx_upload_handler(tmp_path):
     import gradio as gr
 
     import app
-    import standins
-
     path = standins.build_all(tmp_path / "models")["xlsr-255"]
     model_a, model_b, contract, choices = app.load_onnx_model(str(path), "auto", "auto", "auto", False, "auto",
                                                               "xlsr-clip", [])
@@ -327,8 +417,6 @@ def test_onnx_upload_handler(tmp_path):
 
 def test_diagnose_tab_on_an_uploaded_onnx_model(tmp_path, small_png):
     import app
-    import standins
-
     path = standins.build_all(tmp_path / "models")["xlsr-nhwc"]
     model_a, *_ = app.load_onnx_model(str(path), "auto", "auto", "auto", False, "auto", "xlsr-clip", [])
     messages = []
@@ -384,32 +472,13 @@ def test_bundles_do_not_pile_up(small_png, monkeypatch):
     assert second.is_file() and not first.exists()
 
 
-def _conv_stack(path: Path, channels: int, layers: int) -> Path:
-    """An x3 RGB model of `layers` 3x3 convolutions of `channels` channels and a pixel shuffle (random weights,
-    small enough to keep the output in range)."""
-    import torch
-    from torch import nn
-
-    body = [nn.Conv2d(3, channels, 3, padding=1)]
-    for _ in range(layers - 2):
-        body += [nn.ReLU(), nn.Conv2d(channels, channels, 3, padding=1)]
-    body += [nn.ReLU(), nn.Conv2d(channels, 27, 3, padding=1), nn.PixelShuffle(3)]
-    model = nn.Sequential(*body).eval()
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.mul_(0.1)
-    torch.onnx.export(model, (torch.rand(1, 3, 16, 16),), str(path), opset_version=17, input_names=["lr"],
-                      output_names=["sr"], dynamic_axes={"lr": {2: "h", 3: "w"}, "sr": {2: "H", 3: "W"}}, dynamo=False)
-    return path
-
-
 def test_an_uploaded_models_cost_is_known_before_it_runs(tmp_path):
     """Ten 3x3 convolutions of 256 channels (5.9 million MACs per pixel) are refused in words at upload."""
     import gradio as gr
 
     import app
 
-    heavy = _conv_stack(tmp_path / "heavy.onnx", 256, 10)
+    heavy = standins.conv_stack(tmp_path / "heavy.onnx", 256, 10)
     with pytest.raises(gr.Error, match="million multiply-accumulates per input pixel"):
         app.load_onnx_model(str(heavy), "auto", "auto", "auto", False, "auto", "xlsr-clip", [])
 
@@ -425,7 +494,7 @@ def test_an_uploaded_model_does_not_hold_up_the_shipped_models(small_png, tmp_pa
     import app
     from sr.usermodel import register_onnx
 
-    slow = register_onnx(_conv_stack(tmp_path / "slow.onnx", 64, 8)).name
+    slow = register_onnx(standins.conv_stack(tmp_path / "slow.onnx", 64, 8)).name
     quiet = lambda *a, **k: None  # noqa: E731
     app.run_compare(small_png, "xlsr-relu", "xlsr-clip", "minmax", 10, progress=quiet)  # cached from now on
     errors = []
@@ -506,3 +575,20 @@ def test_an_oversized_request_is_refused(server):
                            timeout=60)
     assert answer.status_code == 413 and "larger than" in answer.text
     assert requests.get(server, timeout=30).status_code == 200
+
+
+def test_a_heavy_request_stops_at_its_wall_time_cap(small_png, monkeypatch):
+    """A calibration that runs past the cap stops in words between batches; the cache it was filling stays
+    whole, so the same request under the normal cap then completes."""
+    import gradio as gr
+
+    import app
+
+    settings = (small_png, "xlsr-relu", "xlsr-clip", "percentile", 20, "tensorrt", "Upscale my image", "nearest",
+                "calib_data/", None, 1.0, 4343)  # a seed no other test uses: nothing cached
+    monkeypatch.setattr(app, "MAX_REQUEST_SECONDS", 0.0)
+    with pytest.raises(gr.Error, match=r"stopped after 0 s, the limit for one request"):
+        app.run_compare(*settings, progress=lambda *a, **k: None)
+    monkeypatch.setattr(app, "MAX_REQUEST_SECONDS", 300.0)
+    outputs = app.run_compare(*settings, progress=lambda *a, **k: None)
+    assert outputs[2] is not None and outputs[5] is not None

@@ -249,3 +249,51 @@ def test_runtime_messages_are_cleaned():
     raw = "[ShapeInferenceError] /home/app/cache/user/abc/contract.json: requested shape:{34,34,34,83,82,32,73,78}\n x"
     cleaned = clean_message(raw)
     assert "/home" not in cleaned and "34,34,34" not in cleaned and "\n" not in cleaned
+
+
+def _branching_model() -> onnx.ModelProto:
+    """x3 RGB: an unnamed Conv, an If whose branches read the outer tensor `feat` (by name), a pixel shuffle."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(3)
+    weights = [numpy_helper.from_array(rng.normal(0, 0.2, (8, 3, 3, 3)).astype(np.float32), "w1"),
+               numpy_helper.from_array(rng.normal(0, 0.1, (27, 8, 3, 3)).astype(np.float32), "w2")]
+    relu = helper.make_graph([helper.make_node("Relu", ["feat"], ["branch"])], "then", [],
+                             [helper.make_tensor_value_info("branch", TensorProto.FLOAT, None)])
+    same = helper.make_graph([helper.make_node("Identity", ["feat"], ["branch_else"])], "else", [],
+                             [helper.make_tensor_value_info("branch_else", TensorProto.FLOAT, None)])
+    nodes = [helper.make_node("Conv", ["lr", "w1"], ["feat"], pads=[1, 1, 1, 1]),  # no name, like many exporters
+             helper.make_node("Constant", [], ["cond"], value=helper.make_tensor("c", TensorProto.BOOL, [], [True])),
+             helper.make_node("If", ["cond"], ["picked"], then_branch=relu, else_branch=same),
+             helper.make_node("Conv", ["picked", "w2"], ["wide"], pads=[1, 1, 1, 1]),
+             helper.make_node("DepthToSpace", ["wide"], ["sr"], blocksize=3, mode="CRD")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("lr", TensorProto.FLOAT, [1, 3, "h", "w"])],
+                              [helper.make_tensor_value_info("sr", TensorProto.FLOAT, [1, 3, "H", "W"])], weights)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_subgraphs_reading_outer_tensors_and_unnamed_nodes(tmp_path):
+    """An If branch that names an outer tensor keeps reading it through the lab's renaming (it used to be refused:
+    "must be topologically sorted"), unnamed nodes get unique names, and the bundle's FP32 model is the user's
+    graph again, with the user's output."""
+    import onnxruntime as ort
+
+    from sr.quantize import fp32_onnx_path
+
+    path = tmp_path / "branching.onnx"
+    path.write_bytes(_branching_model().SerializeToString())
+    user = register_onnx(path)
+    standard = onnx.load(fp32_onnx_path(user.name))
+    names = [node.name for node in standard.graph.node]
+    assert "user/" not in names and len(set(names)) == len(names) and "user/Conv_0" in names
+    image = np.random.default_rng(0).random((1, 3, 10, 12), dtype=np.float32)
+    expected = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"lr": image})[0]
+    got = OrtEngine(fp32_onnx_path(user.name), 3).run((image[0].transpose(1, 2, 0) * 255).round().astype(np.uint8))
+    shown = np.clip(expected[0].transpose(1, 2, 0), 0, 1) * 255
+    assert got.shape == (30, 36, 3) and np.abs(got - shown).max() <= 1  # the lab runs the user's branch
+    bundle = export_bundle(user.name, CalibrationConfig(method="minmax", samples=10), tmp_path / "bundle")
+    session = ort.InferenceSession(str(bundle.folder / "model.fp32.onnx"), providers=["CPUExecutionProvider"])
+    assert [o.name for o in session.get_outputs()] == ["sr"]
+    assert np.allclose(session.run(None, {"lr": image})[0], expected, atol=1e-5)
+    int8 = ort.InferenceSession(str(bundle.folder / "model.qdq.onnx"), providers=["CPUExecutionProvider"])
+    assert np.abs(int8.run(None, {"lr": image})[0] - expected).mean() < 0.05
