@@ -60,13 +60,13 @@ def peak_rss_mb(pid: int, field: str = "VmHWM") -> float:
     return float("nan")
 
 
-def fn_index(url: str, handler: str) -> int:
-    """The index of the page's event whose handler is `handler` (as a browser finds it in the config)."""
-    import requests
+def fn_index(handler: str) -> int:
+    """The index of the page's event whose handler is `handler` (the server runs this same app.py, so its events
+    are numbered as a copy built here numbers them)."""
+    sys.path.insert(0, str(ROOT))
+    import app
 
-    config = requests.get(f"{url}config", timeout=30).json()
-    return next(dep["id"] for dep in config["dependencies"] if dep.get("api_name") == handler or
-                handler in str(dep.get("js") or "") or dep.get("fn_name", "") == handler)
+    return next(i for i, fn in app.build_demo().fns.items() if getattr(fn.fn, "__name__", "") == handler)
 
 
 def queue_call(url: str, index: int, data: list, session: str, timeout: float = 600) -> dict:
@@ -103,7 +103,7 @@ def fill_sessions(url: str, count: int, folder: Path) -> float:
         paths.append(folder / f"calib-{index}.png")
         Image.fromarray(np.roll(photo, 37 * index, axis=1)).save(paths[-1], compress_level=1)
     files = upload(url, paths)
-    index = fn_index(url, "load_calibration_uploads")
+    index = fn_index("load_calibration_uploads")
     for session in range(count):
         answer = queue_call(url, index, [files], f"holder-{session}")
         if not answer.get("success"):
@@ -120,15 +120,20 @@ def heavy_visitor(url: str, folder: Path, stop: threading.Event, answered: list)
     model = conv_stack(folder / "heavy.onnx", 64, 49)
     file = upload(url, [model])[0]
     session = "heavy-visitor"
-    answer = queue_call(url, fn_index(url, "load_onnx_model"), [file, "auto", "auto", "auto", False, "auto",
+    answer = queue_call(url, fn_index("load_onnx_model"), [file, "auto", "auto", "auto", False, "auto",
                                                                "xlsr-clip", []], session)
     name = answer["output"]["data"][0]["value"]
     image = upload(url, [Path(folder / "client-0.png")])[0]
     seed = 1
     while not stop.is_set():
         seed += 1
-        queue_call(url, fn_index(url, "compare"), [image, name, name, "entropy", 100, "tensorrt", "Upscale my image",
-                                                  "bicubic", "calib_data/", None, 1.0, seed, None, []], session)
+        try:
+            queue_call(url, fn_index("run_compare"), [image, name, name, "entropy", 100, "tensorrt", "Upscale my image",
+                                                      "bicubic", "calib_data/", None, 1.0, seed, None, []], session)
+        except Exception:  # the server stopping under it, once the ordinary clients are done
+            if stop.is_set():
+                return
+            raise
         answered.append(seed)
 
 

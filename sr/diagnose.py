@@ -33,7 +33,7 @@ from .calibrate import CalibrationConfig, Method, TensorRange, TensorStats, obse
 from .choices import Choice
 from .compare import InputMode, prepare_input
 from .data import bicubic_resize, degrade, list_images, load_image
-from .engines import OrtEngine, tiled
+from .engines import OrtEngine, Seamless
 from .metrics import brightness_ratio, psnr_y
 from .models import model_info
 from .quantize import (CalibratedModel, Fixes, Scheme, calibrate_model, spec_of, tie_fused_ranges,
@@ -193,6 +193,17 @@ def centre_crop(lr: np.ndarray, truth: np.ndarray | None, scale: int, max_side: 
     return np.ascontiguousarray(lr), truth
 
 
+class _SessionEngine(Seamless):
+    """One of the scorer's variants as an engine: seamless tiles, the radius measured once for all variants."""
+
+    def __init__(self, session, scale: int, radius):
+        self.session, self.scale, self._radius = session, scale, radius
+        self.input_name = session.get_inputs()[0].name
+
+    def _run_array(self, array: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {self.input_name: array})[0]
+
+
 class _Scorer:
     """Scores the written QDQ model, and copies of it with some quantization taken out, on the evaluation pairs
     with the reference engine (ONNX Runtime on the CPU): "all INT8" is the model the bundle ships."""
@@ -205,6 +216,7 @@ class _Scorer:
         self.scale = calibrated.scale
         fp32_engine = OrtEngine(calibrated.fp32_onnx, self.scale, cpu_only=True)
         self.lrs = [lr for lr, _ in pairs]
+        self.radius: int | None | bool = False  # the model's receptive radius once a large image needed tiles
         self.references = [fp32_engine.run(lr) for lr in self.lrs]
         self.truths = [truth for _, truth in pairs]
         self.has_truth = all(truth is not None for truth in self.truths)
@@ -233,9 +245,11 @@ class _Scorer:
             model = without_quantization(self.qdq, self.fp32, self._members(dropped))
         else:
             model = self.qdq
-        session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-        name = session.get_inputs()[0].name
-        return [tiled(lambda a: session.run(None, {name: a})[0], lr, self.scale) for lr in self.lrs]
+        engine = _SessionEngine(ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]),
+                                self.scale, self.radius)
+        outputs = [engine.run(lr) for lr in self.lrs]
+        self.radius = engine._radius
+        return outputs
 
     def score(self, dropped: Sequence[str] = (), alone: str | None = None) -> tuple[float, float, float]:
         """(PSNR vs truth or None, PSNR vs FP32, brightness vs FP32), means over the images."""

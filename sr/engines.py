@@ -3,7 +3,9 @@
 PyTorch FP32, ONNX Runtime FP32 and INT8 (QDQ models from `sr.quantize`), and TensorRT (a strongly typed
 engine built from the `tensorrt`-scheme QDQ model; needs an NVIDIA GPU, `tensorrt` and torch with CUDA, see
 requirements-gpu.txt). Large inputs run in overlapping tiles: the overlap covers the network's receptive field,
-so the stitched result equals the whole-image result exactly (no seams) while memory stays bounded.
+measured per model the first time an image needs tiles (`receptive_radius`), so the stitched result equals the
+whole-image result exactly (no seams) while memory stays bounded; a model that looks farther than MAX_RADIUS
+(global pooling, attention over the whole image) runs whole instead.
 """
 from __future__ import annotations
 
@@ -27,7 +29,82 @@ from .store import cache_cap_bytes, cache_root, code_digest, evict, file_sha256,
 log = logging.getLogger(__name__)
 
 TILE = 512  # LR pixels per tile side: inputs up to 512x512 run whole (a split costs the overlap twice)
-OVERLAP = 32  # LR pixels; >= the receptive-field radius of XLSR (5) and of the teacher (27)
+OVERLAP = 32  # LR pixels of tile overlap when none was measured (XLSR looks 5 pixels away, the teacher 27)
+MAX_RADIUS = 96  # LR pixels: the farthest context `receptive_radius` looks for
+
+
+def receptive_radius(run_array: Callable[[np.ndarray], np.ndarray], scale: int,
+                     fixed: tuple[int, int] | None = None, limit: int = MAX_RADIUS) -> int | None:
+    """How far a network looks, in LR pixels: the smallest r such that changing the input only farther than r from
+    a pixel (in the max norm) leaves that pixel's output unchanged. Measured, not assumed: two random images that
+    agree within r of the centre and differ beyond it (the second darker), a binary search over r (about 9 runs of a
+    (2 limit + 3)-pixel square, or of the model's fixed size).
+
+    Returns:
+        the radius, or None when it reaches beyond `limit` (global pooling, whole-image attention: tiles
+        cannot be seamless).
+    """
+    if fixed is not None:
+        limit = min(limit, (min(fixed) - 3) // 2)
+        height, width = fixed
+    else:
+        height = width = 2 * limit + 3
+    if limit < 1:
+        return None
+    rng = np.random.default_rng(0)
+    # beyond r, a darker random image: a systematic change (a global average moves with it) as well as a local one
+    base = rng.random((1, 3, height, width), dtype=np.float32)
+    other = np.float32(0.2) * rng.random((1, 3, height, width), dtype=np.float32)
+    cy, cx = height // 2, width // 2
+    rows, cols = np.ogrid[:height, :width]
+
+    def centre(image: np.ndarray) -> np.ndarray:
+        return run_array(image)[0, :, cy * scale:(cy + 1) * scale, cx * scale:(cx + 1) * scale]
+
+    reference = centre(base)
+
+    def reaches_beyond(radius: int) -> bool:
+        inside = (np.abs(rows - cy) <= radius) & (np.abs(cols - cx) <= radius)
+        return bool(np.abs(centre(np.where(inside, base, other)) - reference).max() > 1e-6)
+
+    if reaches_beyond(limit):
+        return None
+    low, high = 0, limit  # reaches beyond `high`: no; the answer is in [low, high]
+    while low < high:
+        middle = (low + high) // 2
+        low, high = (middle + 1, high) if reaches_beyond(middle) else (low, middle)
+    return high
+
+
+class Seamless:
+    """What every engine shares: `run` in seamless tiles, the overlap measured on the engine's own model the
+    first time an image needs tiles (images up to one tile run whole and need no overlap)."""
+
+    scale: int
+    fixed: tuple[int, int] | None = None
+    max_side: int | None = None  # the largest input side the engine takes (TensorRT's profile), None: any
+    _radius: int | None | bool = False  # False: not measured yet
+
+    def _run_array(self, array: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def run(self, lr: np.ndarray) -> np.ndarray:
+        """Upscale uint8 HxWx3 to uint8 (sH)x(sW)x3, in seamless tiles (of the model's size if it is fixed)."""
+        height, width = lr.shape[:2]
+        side = self.max_side or TILE
+        whole = (height, width) == self.fixed if self.fixed else max(height, width) <= side
+        if whole:
+            return tiled(self._run_array, lr, self.scale, tile=max(height, width, 1), fixed=self.fixed)
+        if self._radius is False:
+            self._radius = receptive_radius(self._run_array, self.scale, self.fixed)
+            if self._radius is None:
+                log.warning("%s looks farther than %d pixels: its tiles cannot be seamless; it runs whole where "
+                            "it can", getattr(self, "name", "the model"), MAX_RADIUS)
+        overlap = MAX_RADIUS if self._radius is None else self._radius
+        if self._radius is None and self.fixed is None and self.max_side is None:
+            return tiled(self._run_array, lr, self.scale, tile=max(height, width), fixed=None)
+        tile = side if self.max_side is None else max(1, self.max_side - 2 * overlap)
+        return tiled(self._run_array, lr, self.scale, tile=tile, overlap=overlap, fixed=self.fixed)
 
 
 def tiled(run_array: Callable[[np.ndarray], np.ndarray], lr: np.ndarray, scale: int, tile: int = TILE,
@@ -85,7 +162,7 @@ def _windows(image: np.ndarray, tile: int, overlap: int, fixed: tuple[int, int] 
             yield y, x, window, (margin, margin), (min(step_y, height - y), min(step_x, width - x))
 
 
-class TorchEngine:
+class TorchEngine(Seamless):
     """PyTorch FP32 on the CPU (or a given device)."""
 
     def __init__(self, model: torch.nn.Module, device: str = "cpu", name: str = "torch"):
@@ -95,10 +172,6 @@ class TorchEngine:
     @torch.no_grad()
     def _run_array(self, array: np.ndarray) -> np.ndarray:
         return self.model(torch.from_numpy(array).to(self.device)).float().cpu().numpy()
-
-    def run(self, lr: np.ndarray) -> np.ndarray:
-        """Upscale uint8 HxWx3 to uint8 (sH)x(sW)x3, in seamless tiles."""
-        return tiled(self._run_array, lr, self.scale)
 
 
 def _fixed_size(shape) -> tuple[int, int] | None:
@@ -134,7 +207,7 @@ def ort_providers(onnx_path: str | os.PathLike, available: list[str] | None = No
     return [*chain, "CPUExecutionProvider"]
 
 
-class OrtEngine:
+class OrtEngine(Seamless):
     """ONNX Runtime: an FP32 model or a QDQ INT8 model, on the best provider present (`provider` says which), or
     on the CPU alone (`cpu_only`: the lab's reference numerics)."""
 
@@ -158,10 +231,6 @@ class OrtEngine:
 
     def _run_array(self, array: np.ndarray) -> np.ndarray:
         return self.session.run(None, {self.input_name: array})[0]
-
-    def run(self, lr: np.ndarray) -> np.ndarray:
-        """Upscale uint8 HxWx3 to uint8 (sH)x(sW)x3, in seamless tiles (of the model's size if it is fixed)."""
-        return tiled(self._run_array, lr, self.scale, fixed=self.fixed)
 
 
 def openvino_available() -> bool:
@@ -219,7 +288,7 @@ def _openvino_source(onnx_path: Path) -> Path:
     return twin
 
 
-class OpenVinoEngine:
+class OpenVinoEngine(Seamless):
     """OpenVINO on the CPU: an FP32 ONNX model (run in FP32, or BF16 where the CPU has it) or a QDQ INT8 model,
     whose Q/DQ pairs OpenVINO turns into fused INT8 kernels (grouped convolutions included). Signed activations
     run through the equivalent unsigned graph (`unsigned_activations`).
@@ -237,8 +306,10 @@ class OpenVinoEngine:
         self.config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": precision}
         if threads:
             self.config["INFERENCE_NUM_THREADS"] = threads
-        self.compiled: dict[tuple, object] = {}
-        self.lock, self.local = threading.Lock(), threading.local()
+        # per input shape: the compiled model and its infer requests, one per thread (a request is not reentrant);
+        # evicting a shape drops its requests with it (they used to live on in each thread and keep it alive)
+        self.compiled: dict[tuple, tuple[object, threading.local]] = {}
+        self.lock = threading.Lock()
         dims = self.core.read_model(str(self.path)).inputs[0].get_partial_shape()
         self.fixed = _fixed_size([d.get_length() if d.is_static else None for d in dims])
 
@@ -249,23 +320,16 @@ class OpenVinoEngine:
                 model.reshape({model.inputs[0].any_name: list(shape)})
                 if len(self.compiled) >= 8:
                     self.compiled.pop(next(iter(self.compiled)))
-                compiled = self.core.compile_model(model, "CPU", self.config)
-                self.compiled[shape] = compiled
+                self.compiled[shape] = (self.core.compile_model(model, "CPU", self.config), threading.local())
             return self.compiled[shape]
 
     def _run_array(self, array: np.ndarray) -> np.ndarray:
-        compiled = self._compiled(tuple(array.shape))
-        # one infer request per thread and compiled model: a request is not reentrant, and its output buffer is
-        # reused by its next inference, which on this thread only comes after the caller has consumed this one
-        requests = self.local.__dict__.setdefault("requests", {})
-        if id(compiled) not in requests:
-            requests[id(compiled)] = (compiled, compiled.create_infer_request())
-        _, request = requests[id(compiled)]
-        return request.infer({0: array})[compiled.outputs[0]]
-
-    def run(self, lr: np.ndarray) -> np.ndarray:
-        """Upscale uint8 HxWx3 to uint8 (sH)x(sW)x3, in seamless tiles (of the model's size if it is fixed)."""
-        return tiled(self._run_array, lr, self.scale, fixed=self.fixed)
+        compiled, requests = self._compiled(tuple(array.shape))
+        # the output buffer of a request is reused by its next inference, which on this thread only comes after
+        # the caller has consumed this one
+        if not hasattr(requests, "request"):
+            requests.request = compiled.create_infer_request()
+        return requests.request.infer({0: array})[compiled.outputs[0]]
 
 
 def tensorrt_available() -> bool:
@@ -277,13 +341,17 @@ def tensorrt_available() -> bool:
     return torch.cuda.is_available()
 
 
-def tensorrt_profile_shapes() -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
-    """(min, opt, max) input shapes of the TensorRT optimisation profile: tiles up to TILE + 2 * OVERLAP a side."""
+def tensorrt_profile_shapes(fixed: tuple[int, int] | None = None) -> tuple[tuple[int, ...], ...]:
+    """(min, opt, max) input shapes of the TensorRT optimisation profile: tiles up to TILE + 2 * OVERLAP a side,
+    or exactly the model's size when it takes only one (`fixed`)."""
+    if fixed is not None:
+        return ((1, 3, *fixed),) * 3
     side = TILE + 2 * OVERLAP
     return (1, 3, 8, 8), (1, 3, side, side), (1, 3, side, side)
 
 
-def tensorrt_plan_key(qdq_onnx: str | os.PathLike, gpu_name: str, tensorrt_version: str) -> str:
+def tensorrt_plan_key(qdq_onnx: str | os.PathLike, gpu_name: str, tensorrt_version: str,
+                      fixed: tuple[int, int] | None = None) -> str:
     """The cache key of a TensorRT plan.
 
     Args:
@@ -296,16 +364,17 @@ def tensorrt_plan_key(qdq_onnx: str | os.PathLike, gpu_name: str, tensorrt_versi
         module's code.
     """
     parts = {"model": file_sha256(qdq_onnx), "gpu": gpu_name, "tensorrt": tensorrt_version,
-             "profile": tensorrt_profile_shapes(), "code": code_digest(sys.modules[__name__])}
+             "profile": tensorrt_profile_shapes(fixed), "code": code_digest(sys.modules[__name__])}
     return short_hash(json.dumps(parts, sort_keys=True), 20)
 
 
-class TensorRTEngine:
+class TensorRTEngine(Seamless):
     """A strongly typed TensorRT engine built from a `tensorrt`-scheme QDQ model (TensorRT 10/11 API).
 
     The engine is cached on disk, keyed by `tensorrt_plan_key` (model, GPU, TensorRT version, profile); device
     buffers are torch CUDA tensors. Inputs run in tiles of at most TILE + 2 * OVERLAP pixels per side, the
-    optimisation profile's maximum.
+    optimisation profile's maximum, or of the model's own size when it is fixed. One execution context, used
+    by one thread at a time (its input shape and addresses are per call).
     """
 
     def __init__(self, qdq_onnx: str | os.PathLike, scale: int, cache_dir: str | os.PathLike | None = None,
@@ -317,8 +386,12 @@ class TensorRTEngine:
         self.trt, self.scale, self.name = trt, scale, name
         self.logger = trt.Logger(trt.Logger.WARNING)
         qdq_onnx = Path(qdq_onnx)
+        dims = onnx.load(str(qdq_onnx), load_external_data=False).graph.input[0].type.tensor_type.shape.dim
+        self.fixed = _fixed_size([d.dim_value if d.HasField("dim_value") else None for d in dims])
+        self.max_side = None if self.fixed else TILE + 2 * OVERLAP
+        self.lock = threading.Lock()
         cache = Path(cache_dir or cache_root() / "tensorrt")
-        key = tensorrt_plan_key(qdq_onnx, torch.cuda.get_device_name(), trt.__version__)
+        key = tensorrt_plan_key(qdq_onnx, torch.cuda.get_device_name(), trt.__version__, self.fixed)
         plan_path = cache / f"{qdq_onnx.stem}-{key}.plan"
         runtime = trt.Runtime(self.logger)
         self.engine = runtime.deserialize_cuda_engine(plan_path.read_bytes()) if plan_path.is_file() else None
@@ -341,7 +414,7 @@ class TensorRTEngine:
             raise RuntimeError(f"TensorRT could not parse {qdq_onnx.name}: {errors}")
         config = builder.create_builder_config()
         profile = builder.create_optimization_profile()
-        profile.set_shape(network.get_input(0).name, *tensorrt_profile_shapes())
+        profile.set_shape(network.get_input(0).name, *tensorrt_profile_shapes(self.fixed))
         config.add_optimization_profile(profile)
         plan = builder.build_serialized_network(network, config)
         if plan is None:
@@ -352,18 +425,15 @@ class TensorRTEngine:
         source = torch.from_numpy(array).cuda()
         _, _, height, width = array.shape
         result = torch.empty((1, 3, height * self.scale, width * self.scale), device="cuda", dtype=torch.float32)
-        self.context.set_input_shape(self.input_name, tuple(source.shape))
-        self.context.set_tensor_address(self.input_name, source.data_ptr())
-        self.context.set_tensor_address(self.output_name, result.data_ptr())
-        with torch.cuda.stream(self.stream):
-            if not self.context.execute_async_v3(self.stream.cuda_stream):
-                raise RuntimeError("TensorRT inference failed")
-        self.stream.synchronize()
+        with self.lock:  # the context's shape and addresses belong to one call at a time
+            self.context.set_input_shape(self.input_name, tuple(source.shape))
+            self.context.set_tensor_address(self.input_name, source.data_ptr())
+            self.context.set_tensor_address(self.output_name, result.data_ptr())
+            with torch.cuda.stream(self.stream):
+                if not self.context.execute_async_v3(self.stream.cuda_stream):
+                    raise RuntimeError("TensorRT inference failed")
+            self.stream.synchronize()
         return result.cpu().numpy()
-
-    def run(self, lr: np.ndarray) -> np.ndarray:
-        """Upscale uint8 HxWx3 to uint8 (sH)x(sW)x3, in seamless tiles."""
-        return tiled(self._run_array, lr, self.scale)
 
 
 @dataclass(frozen=True)

@@ -97,3 +97,88 @@ def test_gpu_provider_runs_the_qdq_model(baboon):
     cpu = ort.InferenceSession(str(int8.qdq_onnx), providers=["CPUExecutionProvider"])
     on_cpu = tiled(lambda array: cpu.run(None, {"input": array})[0], lr, 3)
     assert abs(psnr_y(engine.run(lr), hr, 3) - psnr_y(on_cpu, hr, 3)) < 0.1
+
+
+def _wide_model(path, dilation: int, pooled: bool = False):
+    """x3 RGB ONNX model that looks 2 * dilation + 4 LR pixels away (two dilated 3x3 convs and a dilated 5x5);
+    `pooled`: times a global average (a model that sees the whole image)."""
+    import torch
+    from torch import nn
+
+    class Wide(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv2d(3, 8, 3, padding=dilation, dilation=dilation)
+            self.b = nn.Conv2d(8, 8, 3, padding=dilation, dilation=dilation)
+            self.c = nn.Conv2d(8, 27, 5, padding=4, dilation=2)
+
+        def forward(self, x):
+            y = self.b(torch.relu(self.a(x)))
+            if pooled:
+                y = y * torch.sigmoid(y.mean(dim=(2, 3), keepdim=True))
+            return nn.functional.pixel_shuffle(self.c(torch.relu(y)), 3)
+
+    torch.manual_seed(0)
+    torch.onnx.export(Wide().eval(), (torch.rand(1, 3, 16, 16),), str(path), opset_version=17, input_names=["lr"],
+                      output_names=["sr"], dynamic_axes={"lr": {2: "h", 3: "w"}, "sr": {2: "H", 3: "W"}}, dynamo=False)
+    return path
+
+
+@pytest.mark.parametrize("engine_kind", ["ort", "openvino"])
+def test_tiles_overlap_by_the_models_measured_receptive_field(engine_kind, tmp_path, photo):
+    """A model that looks 44 pixels away (more than the old fixed 32-pixel overlap) is measured, and its tiles are
+    seamless: the stitched image equals the whole-image run exactly. A model with a global average is found to
+    look beyond any radius and runs whole."""
+    from sr.engines import receptive_radius
+
+    if engine_kind == "openvino" and not openvino_available():
+        pytest.skip("OpenVINO is not installed")
+    make = OrtEngine if engine_kind == "ort" else OpenVinoEngine
+    engine = make(_wide_model(tmp_path / "wide.onnx", 20), 3)
+    assert receptive_radius(engine._run_array, 3) == 44
+    lr = np.tile(photo, (10, 8, 1))[:600, :700]
+    whole = tiled(engine._run_array, lr, 3, tile=10_000)
+    assert np.array_equal(engine.run(lr), whole) and engine._radius == 44
+    assert not np.array_equal(tiled(engine._run_array, lr, 3), whole)  # what the fixed 32 pixels gave
+    pooled = make(_wide_model(tmp_path / "pooled.onnx", 2, pooled=True), 3)
+    assert receptive_radius(pooled._run_array, 3) is None
+    assert np.array_equal(pooled.run(lr), tiled(pooled._run_array, lr, 3, tile=10_000))
+
+
+def test_openvino_drops_the_requests_of_evicted_shapes(tmp_path):
+    """Compiled models evicted from the per-shape cache are freed, their per-thread infer requests with them
+    (they used to stay alive in every thread that had used them: memory grew with shapes x threads)."""
+    import gc
+    import threading
+    import weakref
+
+    if not openvino_available():
+        pytest.skip("OpenVINO is not installed")
+    engine = OpenVinoEngine(_wide_model(tmp_path / "small.onnx", 1), 3)
+    first = []
+
+    def work(offset: int):
+        for size in range(8, 20):
+            engine._run_array(np.zeros((1, 3, size, size + offset), np.float32))
+            if size == 8 and offset == 0:
+                first.append(weakref.ref(engine.compiled[(1, 3, 8, 8)][0]))
+
+    threads = [threading.Thread(target=work, args=(offset,)) for offset in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    work(0)  # this thread too (it stays alive)
+    gc.collect()
+    assert len(engine.compiled) <= 8 and first and first[0]() is None
+
+
+def test_a_fixed_size_model_gets_a_tensorrt_profile_of_its_size():
+    """TensorRT's profile for a model that takes one size is that size (the 8..576 range broke such models); its
+    plan is keyed apart. (The engine itself needs a GPU with TensorRT: tested only where there is one.)"""
+    from sr.engines import tensorrt_plan_key, tensorrt_profile_shapes
+
+    assert tensorrt_profile_shapes((64, 96)) == ((1, 3, 64, 96),) * 3
+    assert tensorrt_profile_shapes()[0] == (1, 3, 8, 8)
+    model = str(__file__)
+    assert tensorrt_plan_key(model, "H100", "10.9", (64, 96)) != tensorrt_plan_key(model, "H100", "10.9")
