@@ -226,7 +226,6 @@ def test_training_jobs_belong_to_their_tab(job_sandbox):
     import app_jobs as jobs
     from sr import compare
 
-    tmp_path = job_sandbox
     first = jobs.start("tab-one", 20, "clipped_relu", use_teacher=False)
     second = jobs.start("tab-two", 1, "relu", use_teacher=False)  # one step works, and waits for the first
     with pytest.raises(ValueError, match="you already have a job"):
