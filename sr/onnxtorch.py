@@ -6,8 +6,10 @@ rest stay constants. Ops covered (the ones our own models and the user models th
 made of; `tests/test_qat.py` checks each against ONNX Runtime):
 
     Conv, ConvTranspose, Relu, LeakyRelu, PRelu, Clip, Sigmoid, Tanh, Log, Exp, Add, Sub, Mul, Div, Concat,
-    Split, Slice, Pad, Transpose, Reshape, DepthToSpace, SpaceToDepth, Resize (nearest, linear, cubic),
-    Identity, Constant
+    Split (even, uneven, num_outputs), Slice (positive steps), Pad (with axes), Transpose (perm or reversed),
+    Reshape, DepthToSpace, SpaceToDepth, Resize (nearest with every coordinate transformation and nearest mode,
+    linear and cubic with half_pixel, pytorch_half_pixel, align_corners, asymmetric, tf_half_pixel_for_nn),
+    Identity, Constant (every value attribute but sparse and string)
 
 plus any op a caller supplies (`extra_ops`: how `sr.qat` runs fake quantization). Anything else is refused when
 the module is built, with the list of what is missing.
@@ -85,11 +87,13 @@ def _prelu(module, node, inputs):
 def _split(module, node, inputs):
     a = _attrs(node)
     axis = a.get("axis", 0)
+    size = inputs[0].shape[axis]
     sizes = _ints(inputs[1]) if len(inputs) > 1 and inputs[1] is not None else a.get("split")
-    if sizes is None:
-        parts = len(node.output)
-        sizes = [inputs[0].shape[axis] // parts] * parts
-    return list(torch.split(inputs[0], sizes, dim=axis))
+    if sizes is None:  # num_outputs (opset 18): ceil(size / n) each, the last one smaller when uneven
+        parts = a.get("num_outputs", len(node.output))
+        chunk = -(-size // parts)
+        sizes = [min(chunk, size - chunk * index) for index in range(parts)]
+    return list(torch.split(inputs[0], list(sizes), dim=axis))
 
 
 def _slice(module, node, inputs):
@@ -99,17 +103,23 @@ def _slice(module, node, inputs):
     steps = _ints(inputs[4]) if len(inputs) > 4 and inputs[4] is not None else [1] * len(starts)
     index = [slice(None)] * x.dim()
     for start, end, axis, step in zip(starts, ends, axes, steps):
-        if step != 1:
-            raise ValueError(f"Slice {node.name}: steps other than 1 are not supported")
+        if step < 1:
+            raise ValueError(f"Slice {node.name}: negative steps are not supported")
         size = x.shape[axis]
-        index[axis] = slice(max(min(start, size), -size), max(min(end, size), -size - 1))
+        index[axis] = slice(max(min(start, size), -size), max(min(end, size), -size - 1), step)
     return [x[tuple(index)]]
 
 
 def _pad(module, node, inputs):
     a = _attrs(node)
     pads = _ints(inputs[1])
-    value = float(inputs[2].item()) if len(inputs) > 2 and inputs[2] is not None else 0.0
+    value = float(inputs[2].item()) if len(inputs) > 2 and inputs[2] is not None and inputs[2].numel() else 0.0
+    if len(inputs) > 3 and inputs[3] is not None:  # axes (opset 18): the pads are for these axes only
+        rank, given = inputs[0].dim(), len(pads) // 2
+        full = [0] * (2 * rank)
+        for index, axis in enumerate(_ints(inputs[3])):
+            full[axis % rank], full[rank + axis % rank] = pads[index], pads[given + index]
+        pads = full
     half = len(pads) // 2
     if any(pads[:2] + pads[half:half + 2]):
         raise ValueError(f"Pad {node.name}: only the spatial axes may be padded")
@@ -154,23 +164,76 @@ def _cubic_matrix(size_in: int, size_out: int, a: float, align_corners: bool) ->
     return matrix.float()
 
 
+def _source_coordinates(size_in: int, size_out: int, scale: float, transform: str) -> torch.Tensor:
+    """Where each output index samples the input along one axis (ONNX Resize's coordinate_transformation_mode;
+    `scale` is the given scale, or size_out / size_in when sizes were given)."""
+    out = torch.arange(size_out, dtype=torch.float64)
+    if transform == "half_pixel":
+        return (out + 0.5) / scale - 0.5
+    if transform == "pytorch_half_pixel":
+        return (out + 0.5) / scale - 0.5 if size_out > 1 else torch.zeros_like(out)
+    if transform == "align_corners":
+        return out * ((size_in - 1) / (size_out - 1) if size_out > 1 else 0.0)
+    if transform == "asymmetric":
+        return out / scale
+    if transform == "tf_half_pixel_for_nn":
+        return (out + 0.5) / scale
+    raise ValueError(f"coordinate_transformation_mode={transform} is not supported")
+
+
+def _nearest_index(source: torch.Tensor, mode: str, size_in: int) -> torch.Tensor:
+    rounding = {"round_prefer_floor": lambda v: torch.ceil(v - 0.5), "round_prefer_ceil": lambda v: torch.floor(v + 0.5),
+                "floor": torch.floor, "ceil": torch.ceil}
+    if mode not in rounding:
+        raise ValueError(f"nearest_mode={mode} is not supported")
+    return rounding[mode](source).clamp(0, size_in - 1).long()
+
+
+def _linear_matrix(source: torch.Tensor, size_in: int) -> torch.Tensor:
+    """size_out x size_in weights of linear interpolation at `source` (edges clamped, as ONNX Runtime does)."""
+    source = source.clamp(0, size_in - 1)
+    low = torch.floor(source).clamp(max=size_in - 1)
+    high = (low + 1).clamp(max=size_in - 1)
+    fraction = source - low
+    rows = torch.arange(len(source))
+    matrix = torch.zeros(len(source), size_in, dtype=torch.float64)
+    matrix.index_put_((rows, low.long()), 1 - fraction, accumulate=True)
+    matrix.index_put_((rows, high.long()), fraction, accumulate=True)
+    return matrix.float()
+
+
 def _resize(module, node, inputs):
     a = _attrs(node)
     mode = _decode(a.get("mode", "nearest"))
     x = inputs[0]
     sizes = inputs[3] if len(inputs) > 3 and inputs[3] is not None and inputs[3].numel() else None
     scales = inputs[2] if len(inputs) > 2 and inputs[2] is not None and inputs[2].numel() else None
-    size = _ints(sizes)[2:] if sizes is not None else [int(d * s) for d, s in zip(x.shape[2:], scales.tolist()[2:])]
-    if mode == "nearest":
-        return [F.interpolate(x, size=size, mode="nearest")]
+    if sizes is not None:
+        size = _ints(sizes)[2:]
+        factors = [o / i for o, i in zip(size, x.shape[2:])]
+    else:
+        factors = scales.tolist()[2:]
+        size = [int(d * f) for d, f in zip(x.shape[2:], factors)]
     transform = _decode(a.get("coordinate_transformation_mode", "half_pixel"))
-    if transform not in ("half_pixel", "pytorch_half_pixel", "align_corners"):
-        raise ValueError(f"Resize {node.name}: coordinate_transformation_mode={transform} is not supported")
-    if mode == "linear":
+    try:
+        sources = [_source_coordinates(x.shape[2 + k], size[k], factors[k], transform) for k in range(2)]
+        if mode == "nearest":
+            nearest = _decode(a.get("nearest_mode", "round_prefer_floor"))
+            rows, columns = (_nearest_index(sources[k], nearest, x.shape[2 + k]).to(x.device) for k in range(2))
+            return [x.index_select(2, rows).index_select(3, columns)]
+    except ValueError as error:
+        raise ValueError(f"Resize {node.name}: {error}") from None
+    if mode == "linear" and transform in ("half_pixel", "pytorch_half_pixel", "align_corners"):
         return [F.interpolate(x, size=size, mode="bilinear", align_corners=transform == "align_corners")]
-    coefficient, corners = float(a.get("cubic_coeff_a", -0.75)), transform == "align_corners"
-    rows = _cubic_matrix(x.shape[2], size[0], coefficient, corners).to(x.device)
-    columns = _cubic_matrix(x.shape[3], size[1], coefficient, corners).to(x.device)
+    if mode == "linear":
+        rows, columns = (_linear_matrix(sources[k], x.shape[2 + k]).to(x.device) for k in range(2))
+    else:
+        if transform not in ("half_pixel", "pytorch_half_pixel", "align_corners"):
+            raise ValueError(f"Resize {node.name}: cubic with coordinate_transformation_mode={transform} is not "
+                             "supported")
+        coefficient, corners = float(a.get("cubic_coeff_a", -0.75)), transform == "align_corners"
+        rows = _cubic_matrix(x.shape[2], size[0], coefficient, corners).to(x.device)
+        columns = _cubic_matrix(x.shape[3], size[1], coefficient, corners).to(x.device)
     return [torch.einsum("oh,nchw,pw->ncop", rows, x, columns)]
 
 
@@ -190,10 +253,31 @@ OPS: dict[str, Op] = {
     "Add": _binary(torch.add), "Sub": _binary(torch.sub), "Mul": _binary(torch.mul), "Div": _binary(torch.div),
     "LeakyRelu": lambda m, n, i: [F.leaky_relu(i[0], _attrs(n).get("alpha", 0.01))],
     "Concat": lambda m, n, i: [torch.cat(i, dim=_attrs(n)["axis"])],
-    "Transpose": lambda m, n, i: [i[0].permute(*_attrs(n)["perm"])],
+    "Transpose": lambda m, n, i: [i[0].permute(*_attrs(n).get("perm", range(i[0].dim() - 1, -1, -1)))],
     "Reshape": lambda m, n, i: [i[0].reshape([d if d else i[0].shape[k] for k, d in enumerate(_ints(i[1]))])],
     "SpaceToDepth": lambda m, n, i: [F.pixel_unshuffle(i[0], _attrs(n)["blocksize"])],
 }
+
+
+def _constant(node: onnx.NodeProto) -> torch.Tensor:
+    """A Constant node's value, whichever attribute holds it."""
+    a = _attrs(node)
+    if "value" in a:
+        return torch.from_numpy(numpy_helper.to_array(a["value"]).copy())
+    for name, dtype in (("value_float", torch.float32), ("value_floats", torch.float32), ("value_int", torch.int64),
+                        ("value_ints", torch.int64)):
+        if name in a:
+            return torch.tensor(a[name], dtype=dtype)
+    raise ValueError(f"Constant {node.name}: only tensor, float and int values can be fine-tuned here "
+                     f"(this one has {', '.join(a) or 'no value'})")
+
+
+def _check_at_load(node: onnx.NodeProto, module: "OnnxModule") -> None:
+    """Refuse, when the module is built, what would only fail once it runs."""
+    if node.op_type == "Slice" and len(node.input) > 4 and node.input[4]:
+        steps = module.constants.get(node.input[4])
+        if steps is not None and any(v < 1 for v in _ints(steps)):
+            raise ValueError(f"Slice {node.name}: negative steps are not supported")
 
 
 class OnnxModule(nn.Module):
@@ -232,8 +316,9 @@ class OnnxModule(nn.Module):
         self.nodes = []
         for node in graph.node:
             if node.op_type == "Constant":
-                self.constants[node.output[0]] = torch.from_numpy(numpy_helper.to_array(_attrs(node)["value"]).copy())
+                self.constants[node.output[0]] = _constant(node)
             else:
+                _check_at_load(node, self)
                 self.nodes.append(node)
 
     def _add_initializer(self, name: str, array: np.ndarray, frozen: bool) -> None:

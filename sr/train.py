@@ -383,14 +383,24 @@ def _setup_data(run: _Run) -> None:
 
 
 def _should_end(run: _Run, should_stop: Callable[[], bool] | None) -> bool:
+    """Whether the loop ends before this step: on request, or when the time budget is spent. Under torchrun the
+    ranks decide together (one all-reduce of their votes): a rank that stopped alone would leave the others
+    waiting in the gradient all-reduce for good."""
+    reason = None
     if should_stop is not None and should_stop():
-        log.info("stopped at step %d on request", run.step)
-        return True
+        reason = "on request"
     max_seconds = run.config.max_seconds
-    if max_seconds is not None and time.perf_counter() - run.started > max_seconds:
-        log.info("stopped at step %d: time budget of %.0f s reached", run.step, max_seconds)
-        return True
-    return False
+    if reason is None and max_seconds is not None and time.perf_counter() - run.started > max_seconds:
+        reason = f"time budget of {max_seconds:.0f} s reached"
+    stop = reason is not None
+    if run.world > 1:
+        vote = torch.tensor([int(stop)], device=run.device)
+        dist.all_reduce(vote, op=dist.ReduceOp.MAX)
+        stop = bool(vote.item())
+        reason = reason or "another process stopped"
+    if stop:
+        log.info("stopped at step %d: %s", run.step, reason)
+    return stop
 
 
 def _train_step(run: _Run) -> torch.Tensor:

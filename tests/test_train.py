@@ -198,7 +198,25 @@ def test_two_process_gloo_run(tiny_data, tmp_path):
     assert checkpoint["sampler"][0] != checkpoint["sampler"][1]
 
 
+def test_one_rank_stopping_stops_all_ranks(tiny_data, tmp_path):
+    """Under torchrun a stop decided by one rank alone (a cancel, its own clock past --max-seconds) is agreed by
+    all: the run ends, its weights saved, instead of the other rank waiting in the gradient all-reduce for good."""
+    script = tmp_path / "ddp_run.py"
+    script.write_text(DDP_SCRIPT)
+    out = tmp_path / "stopped.safetensors"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+               "127.0.0.1", "--master_port", str(_free_port()), str(script), str(tiny_data), str(out), "rank1-stops"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    try:
+        done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the ranks deadlocked when one of them stopped alone")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert read_metadata(out)["steps"] == 5
+
+
 DDP_SCRIPT = """
+import os
 import sys
 from sr.train import TrainConfig, train
 
@@ -208,9 +226,10 @@ config = TrainConfig(arch="xlsr", scale=2, train_dirs=[folder], val_dir=None, ou
 calls = iter(range(1000))
 
 def crash_after_12():
-    if mode == "crash" and next(calls) >= 12:
+    call = next(calls)
+    if mode == "crash" and call >= 12:
         raise SystemExit(3)  # every rank dies at the same step; the checkpoint of step 10 survives
-    return False
+    return mode == "rank1-stops" and os.environ["RANK"] == "1" and call >= 5  # only one rank wants to stop
 
 train(config, should_stop=crash_after_12)
 """

@@ -1,0 +1,94 @@
+"""sr.onnxtorch: each op variant a user's exporter writes, run as torch, against ONNX Runtime on the same graph."""
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from sr.onnxtorch import OnnxModule
+
+
+def _model(nodes, initializers=(), out_shape=None, opset: int = 18) -> onnx.ModelProto:
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 5, 7])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, out_shape)], list(initializers))
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+
+
+def _agrees(model: onnx.ModelProto, atol: float = 1e-5) -> None:
+    x = np.random.default_rng(0).random((1, 3, 5, 7), dtype=np.float32)
+    expected = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    with torch.no_grad():
+        got = OnnxModule(model)(torch.from_numpy(x)).numpy()
+    assert got.shape == expected.shape and np.abs(got - expected).max() <= atol, np.abs(got - expected).max()
+
+
+def _ints(name, values):
+    return numpy_helper.from_array(np.array(values, np.int64), name)
+
+
+def _floats(name, values):
+    return numpy_helper.from_array(np.array(values, np.float32), name)
+
+
+TRANSFORMS = ["half_pixel", "pytorch_half_pixel", "align_corners", "asymmetric", "tf_half_pixel_for_nn"]
+
+
+@pytest.mark.parametrize("transform", TRANSFORMS)
+@pytest.mark.parametrize("nearest_mode", ["round_prefer_floor", "round_prefer_ceil", "floor", "ceil"])
+@pytest.mark.parametrize("sizes", [None, [1, 3, 8, 10]])  # scales x2 x3, or sizes that are no integer factor
+def test_resize_nearest(transform, nearest_mode, sizes):
+    extra = [_ints("sizes", sizes)] if sizes else [_floats("scales", [1, 1, 2, 3])]
+    node = helper.make_node("Resize", ["x", "", "" if sizes else "scales", "sizes" if sizes else ""], ["y"],
+                            mode="nearest", coordinate_transformation_mode=transform, nearest_mode=nearest_mode)
+    _agrees(_model([node], extra))
+
+
+@pytest.mark.parametrize("transform", ["half_pixel", "align_corners", "asymmetric", "tf_half_pixel_for_nn"])
+def test_resize_linear(transform):
+    node = helper.make_node("Resize", ["x", "", "scales"], ["y"], mode="linear", coordinate_transformation_mode=transform)
+    _agrees(_model([node], [_floats("scales", [1, 1, 2, 2])]))
+
+
+def _pad_with_axes():
+    return _model([helper.make_node("Pad", ["x", "pads", "", "axes"], ["y"], mode="edge")],  # axes: opset 18
+                  [_ints("pads", [1, 2, 0, 3]), _ints("axes", [2, 3])])
+
+
+def _split(uneven: bool):
+    if uneven:  # num_outputs (opset 18): 7 columns -> 3, 3, 1
+        split = helper.make_node("Split", ["x"], ["p", "q", "r"], axis=3, num_outputs=3)
+        return _model([split, helper.make_node("Concat", ["r", "p", "q"], ["y"], axis=3)])
+    split = helper.make_node("Split", ["x", "sizes"], ["p", "q"], axis=3)  # 7 columns -> 2, 5
+    return _model([split, helper.make_node("Concat", ["q", "p"], ["y"], axis=3)], [_ints("sizes", [2, 5])])
+
+
+def _constants():
+    half = helper.make_node("Constant", [], ["half"], value_float=0.5)
+    shape = helper.make_node("Constant", [], ["shape"], value_ints=[1, 3, 35])
+    return _model([half, shape, helper.make_node("Mul", ["x", "half"], ["m"]),
+                   helper.make_node("Reshape", ["m", "shape"], ["y"])])
+
+
+def _transpose():  # no perm: the axes reversed, then reversed back with Mul in between
+    return _model([helper.make_node("Transpose", ["x"], ["t"]), helper.make_node("Sigmoid", ["t"], ["s"]),
+                   helper.make_node("Transpose", ["s"], ["y"])])
+
+
+def _slice_steps():
+    return _model([helper.make_node("Slice", ["x", "starts", "ends", "axes", "steps"], ["y"])],
+                  [_ints("starts", [0, 1]), _ints("ends", [5, 7]), _ints("axes", [2, 3]), _ints("steps", [2, 3])])
+
+
+@pytest.mark.parametrize("make", [_pad_with_axes, lambda: _split(True), lambda: _split(False), _constants, _transpose,
+                                  _slice_steps], ids=["pad-axes", "split-uneven", "split-sizes", "constant-values",
+                                                      "transpose-no-perm", "slice-steps"])
+def test_other_op_variants(make):
+    _agrees(make(), atol=1e-6)
+
+
+def test_negative_slice_steps_are_refused_when_the_module_is_built():
+    node = helper.make_node("Slice", ["x", "starts", "ends", "axes", "steps"], ["y"])
+    model = _model([node], [_ints("starts", [-1]), _ints("ends", [-100]), _ints("axes", [3]), _ints("steps", [-1])])
+    with pytest.raises(ValueError, match="negative steps"):
+        OnnxModule(model)
