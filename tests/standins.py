@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
+from onnx import TensorProto, helper
 from torch import nn
 
 from sr.models import load_model
@@ -162,3 +163,25 @@ def bad_files(folder: Path, good: Path) -> dict[str, tuple[Path, str]]:
 
 def mean_abs(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.mean(np.abs(a.astype(np.float64) - b.astype(np.float64))))
+
+
+def constant_reading(location: str, offset: int = 0) -> onnx.ModelProto:
+    """The hostile model of the report: a Constant whose tensor has external data at `location` (8 bytes), cast
+    to int64 and used as a Reshape shape, so that an error message would print the bytes."""
+    constant = onnx.TensorProto()
+    constant.name, constant.data_type = "stolen", TensorProto.UINT8
+    constant.dims.append(8)
+    constant.data_location = TensorProto.EXTERNAL
+    for key, value in (("location", location), ("offset", str(offset)), ("length", "8")):
+        entry = constant.external_data.add()
+        entry.key, entry.value = key, value
+    nodes = [helper.make_node("Constant", [], ["bytes"], value=constant),
+             helper.make_node("Cast", ["bytes"], ["shape"], to=TensorProto.INT64),
+             helper.make_node("Reshape", ["lr", "shape"], ["flat"]),
+             helper.make_node("Reshape", ["flat", "back"], ["y"]),
+             helper.make_node("Resize", ["y", "", "scales"], ["sr"], mode="nearest")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("lr", TensorProto.FLOAT, [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info("sr", TensorProto.FLOAT, [1, 3, 24, 24])],
+                              [helper.make_tensor("back", TensorProto.INT64, [4], [1, 3, 8, 8]),
+                               helper.make_tensor("scales", TensorProto.FLOAT, [4], [1, 1, 3, 3])])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])

@@ -482,36 +482,74 @@ def test_an_uploaded_models_cost_is_known_before_it_runs(tmp_path):
         app.load_onnx_model(str(heavy), "auto", "auto", "auto", False, "auto", "xlsr-clip", [])
 
 
-def test_an_uploaded_model_does_not_hold_up_the_shipped_models(small_png, tmp_path):
-    """A visitor's slow uploaded model (a long first calibration) runs in its own lane of the two heavy slots:
-    another visitor's cached comparison of the shipped models answers meanwhile, within 10 s; a second upload
-    is refused in words instead of taking the other slot."""
+def _uploaded(url: str, path: Path) -> dict:
+    """A file uploaded as the page uploads it: its file data for a queue call."""
+    import requests
+
+    names = requests.post(f"{url}gradio_api/upload", files=[("files", (path.name, path.read_bytes()))], timeout=60)
+    return {"path": names.json()[0], "orig_name": path.name, "meta": {"_type": "gradio.FileData"}}
+
+
+def test_an_uploaded_model_does_not_hold_up_the_shipped_models(server, small_png, tmp_path):
+    """On the real server, through the page's own queue calls: a visitor's slow uploaded model (a long first
+    calibration) runs in its own lane of the two heavy slots, so another visitor's cached comparison of the
+    shipped models answers meanwhile, within 10 s; a second upload-lane request is refused in words instead of
+    taking the other slot."""
     import threading
 
-    import gradio as gr
+    from gradio_client import Client, handle_file
 
     import app
-    from sr.usermodel import register_onnx
 
-    slow = register_onnx(standins.conv_stack(tmp_path / "slow.onnx", 64, 8)).name
-    quiet = lambda *a, **k: None  # noqa: E731
-    app.run_compare(small_png, "xlsr-relu", "xlsr-clip", "minmax", 10, progress=quiet)  # cached from now on
-    errors = []
-    heavy = threading.Thread(target=lambda: _capture(errors, app.run_compare, small_png, slow, slow, "entropy", 300,
-                                                      progress=quiet), daemon=True)
+    demo = app.build_demo()  # the server runs this same app: its events are numbered alike
+    contract = ["auto", "auto", "auto", False, "auto", "xlsr-clip", []]
+    model = standins.conv_stack(tmp_path / "slow.onnx", 64, 5)
+    for visitor in ("heavy-visitor", "second-visitor"):  # (a model is in the lists of the visitors who uploaded it)
+        answer = _messages(_queue_call(server, demo, app.load_onnx_model, [_uploaded(server, model), *contract],
+                                       visitor), "process_completed")[-1]
+    slow = answer["output"]["data"][0]["value"]
+    client = Client(server, verbose=False)
+    shipped = (handle_file(small_png), "xlsr-relu", "xlsr-clip", "minmax", 10)
+    client.predict(*shipped, api_name="/compare")  # cached from now on
+    image, heavy_answer = _uploaded(server, Path(small_png)), []
+    settings = ["tensorrt", "Upscale my image", "bicubic", "calib_data/", None, 1.0, 0, None, []]
+    heavy = threading.Thread(target=lambda: heavy_answer.extend(_messages(_queue_call(
+        server, demo, app.run_compare, [image, slow, slow, "entropy", 1000, *settings], "heavy-visitor"),
+        "process_completed")), daemon=True)
     heavy.start()
     time.sleep(3)
     started = time.perf_counter()
-    app.run_compare(small_png, "xlsr-relu", "xlsr-clip", "minmax", 10, progress=quiet)
+    client.predict(*shipped, api_name="/compare")
     waited = time.perf_counter() - started
-    assert heavy.is_alive(), f"the slow model should still be calibrating ({errors})"
+    assert heavy.is_alive(), f"the slow model should still be calibrating ({heavy_answer[-1:]})"
     assert waited < 10, f"the cached shipped comparison waited {waited:.1f} s behind an uploaded model"
-    with pytest.raises(gr.Error, match="uploaded model is being processed"):
-        app.run_compare(small_png, slow, "xlsr-clip", "minmax", 10, progress=quiet)
-    heavy.join(timeout=600)
-    assert not errors
-    events = [fn for fn in app.build_demo().fns.values() if getattr(fn, "concurrency_id", None) == app.HEAVY]
+    second = _messages(_queue_call(server, demo, app.run_compare, [image, slow, "xlsr-clip", "minmax", 10, *settings],
+                                   "second-visitor"), "process_completed")[-1]
+    assert not second["success"] and "uploaded model is being processed" in str(second), second
+    heavy.join(timeout=600)  # (read to its end: nothing keeps calibrating under the next tests)
+    assert heavy_answer and heavy_answer[-1]["success"], heavy_answer[-1:]
+    events = [fn for fn in demo.fns.values() if getattr(fn, "concurrency_id", None) == app.HEAVY]
     assert events and {fn.concurrency_limit for fn in events} == {app.HEAVY_SLOTS}
+
+
+def test_a_model_that_reads_server_files_is_refused_through_the_page(server, tmp_path):
+    """The report's hostile upload, through the page's own upload event on the real server: a Constant whose
+    tensor points at app.py (and at the cache's contract files) is refused, and the answer carries neither a
+    byte of those files nor a server path."""
+    import app
+
+    demo = app.build_demo()
+    secret = (ROOT / "app.py").read_bytes()[:8]
+    for location in (str(ROOT / "app.py"), "app.py", "cache/user/x/contract.json"):
+        path = tmp_path / "hostile.onnx"
+        path.write_bytes(standins.constant_reading(location).SerializeToString())
+        answer = _messages(_queue_call(server, demo, app.load_onnx_model,
+                                       [_uploaded(server, path), "auto", "auto", "auto", False, "auto", "xlsr-clip", []],
+                                       "hostile"), "process_completed")[-1]
+        text = str(answer)
+        assert not answer["success"] and "external files" in text, text
+        assert ",".join(str(b) for b in secret) not in text and secret.decode(errors="ignore") not in text
+        assert str(ROOT) not in text and "/tmp" not in text
 
 
 def _capture(errors: list, function, *args, **kwargs):

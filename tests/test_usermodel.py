@@ -184,30 +184,6 @@ def test_the_bundle_holds_the_users_own_graph(registered, stand_ins, data_dir, t
     assert "calibration.cache" not in bundle.files
 
 
-def _constant_reading(location: str, offset: int = 0) -> onnx.ModelProto:
-    """The hostile model of the report: a Constant whose tensor has external data at `location` (8 bytes), cast
-    to int64 and used as a Reshape shape, so that an error message would print the bytes."""
-    from onnx import TensorProto, helper
-
-    constant = onnx.TensorProto()
-    constant.name, constant.data_type = "stolen", TensorProto.UINT8
-    constant.dims.append(8)
-    constant.data_location = TensorProto.EXTERNAL
-    for key, value in (("location", location), ("offset", str(offset)), ("length", "8")):
-        entry = constant.external_data.add()
-        entry.key, entry.value = key, value
-    nodes = [helper.make_node("Constant", [], ["bytes"], value=constant),
-             helper.make_node("Cast", ["bytes"], ["shape"], to=TensorProto.INT64),
-             helper.make_node("Reshape", ["lr", "shape"], ["flat"]),
-             helper.make_node("Reshape", ["flat", "back"], ["y"]),
-             helper.make_node("Resize", ["y", "", "scales"], ["sr"], mode="nearest")]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("lr", TensorProto.FLOAT, [1, 3, 8, 8])],
-                              [helper.make_tensor_value_info("sr", TensorProto.FLOAT, [1, 3, 24, 24])],
-                              [helper.make_tensor("back", TensorProto.INT64, [4], [1, 3, 8, 8]),
-                               helper.make_tensor("scales", TensorProto.FLOAT, [4], [1, 1, 3, 3])])
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-
-
 def test_a_model_cannot_read_server_files(tmp_path):
     """External data anywhere (a Constant's tensor, an If branch's initializer) is refused before anything runs;
     no message carries a byte of the file or a server path."""
@@ -215,17 +191,17 @@ def test_a_model_cannot_read_server_files(tmp_path):
 
     secret = (ROOT / "app.py").read_bytes()[:8]
     hostile = tmp_path / "hostile.onnx"
-    hostile.write_bytes(_constant_reading(str(ROOT / "app.py")).SerializeToString())
+    hostile.write_bytes(standins.constant_reading(str(ROOT / "app.py")).SerializeToString())
     with pytest.raises(UserModelError, match="external files") as refused:
         register_onnx(hostile)
     message = str(refused.value)
     assert str(ROOT) not in message and str(tmp_path) not in message
     assert ",".join(str(b) for b in secret) not in message and secret.decode(errors="ignore") not in message
     relative = tmp_path / "relative.onnx"
-    relative.write_bytes(_constant_reading("app.py").SerializeToString())
+    relative.write_bytes(standins.constant_reading("app.py").SerializeToString())
     with pytest.raises(UserModelError, match="external files"):
         register_onnx(relative)
-    inner = _constant_reading("app.py").graph
+    inner = standins.constant_reading("app.py").graph
     branch = helper.make_graph([helper.make_node("Identity", ["stolen"], ["out"])], "then", [],
                                [helper.make_tensor_value_info("out", TensorProto.UINT8, [8])],
                                [inner.node[0].attribute[0].t])
