@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
+import contextvars
 import hashlib
 import hmac
 import logging
@@ -50,12 +51,37 @@ _LANES = {"uploaded": threading.Lock(), "shipped": threading.Lock()}
 _WAITING: list[object] = []  # the requests waiting inside a heavy slot for the shipped lane, first first
 
 
+UPLOADED_NICE = 10  # the CPU priority of work on uploaded models (CFS weight 110 against the shipped lane's 1024)
+
+
+def _niced(work):
+    """`work()` in a thread of its own at a lower CPU priority (nice UPLOADED_NICE): the ONNX Runtime and numpy
+    threads it starts inherit it, so an uploaded model takes only the CPU the shipped models' work leaves. (A
+    fresh thread: a lowered priority cannot be raised again without privileges, so no pooled thread gets it.)"""
+    context, box = contextvars.copy_context(), {}
+
+    def target():
+        with contextlib.suppress(OSError, AttributeError):  # no setpriority: the work runs at the usual priority
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), UPLOADED_NICE)
+        try:
+            box["value"] = context.run(work)
+        except BaseException as error:  # noqa: BLE001 (raised again in the caller's thread)
+            box["error"] = error
+
+    thread = threading.Thread(target=target, name="uploaded-model", daemon=True)
+    thread.start()
+    thread.join()
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
 @contextlib.contextmanager
 def _lane(*models, progress=None):
-    """Hold the lane of this work: "uploaded" when any model is an uploaded ONNX model, else "shipped". The
-    shipped lane waits its turn, showing its real place in line through `progress`; the uploaded lane does not
-    wait inside a heavy slot (two uploads queued there would hold both slots): when another uploaded model is
-    being worked on, this one is refused in words."""
+    """Hold the lane of this work: "uploaded" when any model is an uploaded ONNX model, else "shipped", and yield
+    how to run the work in it (uploaded: `_niced`). The shipped lane waits its turn, showing its real place in
+    line through `progress`; the uploaded lane does not wait inside a heavy slot (two uploads queued there would
+    hold both slots): when another uploaded model is being worked on, this one is refused in words."""
     lane = "uploaded" if any(str(m or "").startswith("onnx:") for m in models) else "shipped"
     if lane == "uploaded" and not _LANES[lane].acquire(blocking=False):
         raise gr.Error("Another visitor's uploaded model is being processed (uploaded models take turns so that "
@@ -70,7 +96,7 @@ def _lane(*models, progress=None):
         finally:
             _WAITING.remove(me)
     try:
-        yield
+        yield _niced if lane == "uploaded" else (lambda work: work())
     finally:
         _LANES[lane].release()
 
@@ -255,9 +281,9 @@ def build_bundle(image, model_a, method, samples, gain, seed, mode, progress=gr.
         if image is not None:
             lr = [prepare_input(image, MODES.get(mode, mode), model_info(model_a).scale).lr]
         folder = _bundle_folder()
-        with _lane(model_a, progress=progress):
-            bundle = export_bundle(model_a, config, folder / "bundle", images=lr,
-                                   progress=lambda fraction, message: progress(fraction, desc=message))
+        with _lane(model_a, progress=progress) as run:
+            bundle = run(lambda: export_bundle(model_a, config, folder / "bundle", images=lr,
+                                               progress=lambda fraction, message: progress(fraction, desc=message)))
         name = re.sub(r"[^\w.-]+", "-", _shown(model_a)).strip("-")
         archive = zip_bundle(bundle, folder / f"{name}-int8-{config.method.value}.zip")
         shutil.rmtree(folder / "bundle", ignore_errors=True)  # the zip is what is offered
@@ -418,10 +444,11 @@ def run_compare(image, model_a="xlsr-relu", model_b="xlsr-clip", method="entropy
             fraction, desc=f"{message}: calibrating these settings for the first time (about {estimate:.0f} s in all; "
                            "later runs read the cache)")
         settings = _calibration(method, samples, gain, seed)
-        with _lane(model_a, model_b, progress=progress):
-            tuned_a, tuned_b = (_refined(m, refinements, settings, scheme, progress) for m in (model_a, model_b))
-            result = compare(image, tuned_a, tuned_b, settings, scheme, MODES[mode], display, calibration,
-                             progress=first_run)
+        with _lane(model_a, model_b, progress=progress) as run:
+            tuned_a, tuned_b = (run(lambda m=m: _refined(m, refinements, settings, scheme, progress))
+                                for m in (model_a, model_b))
+            result = run(lambda: compare(image, tuned_a, tuned_b, settings, scheme, MODES[mode], display, calibration,
+                                         progress=first_run))
             note = coverage_note(result)
             _measured(result.calibrations)
     for notice in result.notices:
@@ -591,10 +618,10 @@ def run_diagnose(image, model_a, model_b, which, mode, method, samples, scheme, 
     with _user_errors("diagnosis"):
         config = DiagnoseConfig(model, _calibration(method, samples, gain, seed), scheme, max_side=DIAGNOSE_SIDE)
         try:
-            with _lane(model, progress=progress):
-                report = diagnose(config, images=[image], mode=MODES.get(mode, mode),
-                                  progress=lambda f, m: progress(f, desc=f"{m} (cancel to stop)"),
-                                  should_stop=stop.is_set)
+            with _lane(model, progress=progress) as run:
+                report = run(lambda: diagnose(config, images=[image], mode=MODES.get(mode, mode),
+                                              progress=lambda f, m: progress(f, desc=f"{m} (cancel to stop)"),
+                                              should_stop=stop.is_set))
         except DiagnosisCancelled as error:
             raise gr.Error(f"Diagnosis cancelled: {error}.") from None
     culprit = report.ranking[0].tensor if report.ranking else None
@@ -624,9 +651,9 @@ def run_fix(image, report, tensor, fix_label, mode, progress=gr.Progress()):
         raise gr.Error(f"Unknown fix {fix_label!r}; choose one of: {', '.join(FIX_LABELS.values())}")
     progress = _capped(progress, "fix")
     with _user_errors("fix"):
-        with _lane(report.model, progress=progress):
-            outcome = apply_fix(report, tensor, fix, image, MODES.get(mode, mode),
-                                progress=lambda f, m: progress(f, desc=m))
+        with _lane(report.model, progress=progress) as run:
+            outcome = run(lambda: apply_fix(report, tensor, fix, image, MODES.get(mode, mode),
+                                            progress=lambda f, m: progress(f, desc=m)))
     against = "truth" if outcome.has_truth else "FP32"
     table = pd.DataFrame([
         {"INT8 model": "before", f"PSNR vs {against} (dB)": _number(outcome.psnr_before_db, 2),

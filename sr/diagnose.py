@@ -40,6 +40,7 @@ from .quantize import (CalibratedModel, Fixes, Scheme, calibrate_model, spec_of,
                        without_quantization)
 from .quantspec import ActivationSpec, activation_qparams, graph_quantization
 from .rewrite import rewrite_for_fast_int8
+from .store import logged_progress
 
 
 class Fix(Choice, noun="fix"):
@@ -300,12 +301,12 @@ def diagnose(config: DiagnoseConfig, images: Sequence | None = None, mode: Input
             consumers.setdefault(name, []).append(node.op_type)
     stats = {s.name: s for s in calibrated.stats}
     reports = []
+    progress = progress or logged_progress(f"diagnosing {config.model}")
     for index, tensor in enumerate(points):
         if should_stop is not None and should_stop():
             raise DiagnosisCancelled(f"diagnosis stopped after {index} of {len(points)} tensors")
-        if progress:
-            left = 2 * (len(points) - index) * seconds_per_pass
-            progress(index / len(points), f"tensor {index + 1} of {len(points)}, about {left:.0f} s left")
+        left = 2 * (len(points) - index) * seconds_per_pass
+        progress(index / len(points), f"tensor {index + 1} of {len(points)}, about {left:.0f} s left")
         alone_truth, alone_fp32, alone_bright = simulator.score(alone=tensor)
         rest_truth, rest_fp32, _ = simulator.score(dropped=[tensor])
         recovery = rest_truth - all_truth if simulator.has_truth else rest_fp32 - all_fp32

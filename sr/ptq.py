@@ -45,7 +45,7 @@ from .onnxtorch import OnnxModule
 from .qat import FakeQuantModel, export_trained, fake_quantized, qdq_path_for
 from .transforms import calibration_batch, prepare, remove_starting_points
 from .quantize import Scheme
-from .store import cache_root, code_digest, file_sha256, library_versions, locked, short_hash
+from .store import cache_root, code_digest, file_sha256, library_versions, locked, logged_progress, short_hash
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +126,7 @@ def refine(config: RefineConfig, cache_dir: Path | None = None,
     with locked(out):
         if out.is_file():
             return out
-        _refine_into(config, out, progress or (lambda fraction, message: None))
+        _refine_into(config, out, progress or logged_progress(f"refining {info.name}"))
     return out
 
 

@@ -35,8 +35,8 @@ from .models import load_model, model_info
 from .quantspec import (ALL_INT8_OPS, QuantSpec, Scheme, activation_qparams, fp32_initializer_of, fused_ties,
                         graph_quantization, is_wrapper, quant_spec, used_names, weight_int8)
 from .rewrite import REWRITE_OPS, rewrite_for_fast_int8
-from .store import (cache_cap_bytes, cache_root, code_digest, evict, file_sha256, library_versions, locked, publish_dir,
-                    remove_stale_temps, short_hash, temp_dir, touch, write_atomic)
+from .store import (cache_cap_bytes, cache_root, code_digest, evict, file_sha256, library_versions, locked,
+                    logged_progress, publish_dir, remove_stale_temps, short_hash, temp_dir, touch, write_atomic)
 
 log = logging.getLogger(__name__)
 
@@ -500,6 +500,8 @@ def calibrate_model(model_name: str | os.PathLike, config: CalibrationConfig | N
             found = _read_entry(entry)  # another thread or process may have built it while we waited
             if found is None:
                 started = time.perf_counter()
+                progress = progress or logged_progress(f"calibrating {info.name} ({config.method.value}, "
+                                                       f"{config.samples} samples, {scheme.value})")
                 made = _calibrate_entry(entry, fp32, network_inputs, config, scheme, fixes, info.name, threads,
                                         progress, statistics_key(weights_hash, config, data_hash),
                                         learned_ranges(model_name, scheme))

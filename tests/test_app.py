@@ -629,3 +629,24 @@ def test_a_heavy_request_stops_at_its_wall_time_cap(small_png, monkeypatch):
     monkeypatch.setattr(app, "MAX_REQUEST_SECONDS", 300.0)
     outputs = app.run_compare(*settings, progress=lambda *a, **k: None)
     assert outputs[2] is not None and outputs[5] is not None
+
+
+def test_work_on_uploaded_models_runs_at_a_lower_cpu_priority():
+    """Work on an uploaded model runs in a thread of its own at nice UPLOADED_NICE (the threads it starts inherit
+    it), so on a busy CPU the shipped models' work gets most of it; errors come back to the caller; the shipped
+    lane runs in the caller's thread, unchanged."""
+    import threading
+
+    import app
+
+    def priority():
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    before = priority()
+    with app._lane("onnx:0123456789abcdef") as run:
+        assert run(priority) == max(before, app.UPLOADED_NICE)
+        with pytest.raises(ZeroDivisionError):
+            run(lambda: 1 / 0)
+    with app._lane("xlsr-relu", "xlsr-clip") as run:
+        assert run(priority) == before
+    assert priority() == before
