@@ -432,7 +432,7 @@ def run_compare(image, model_a="xlsr-relu", model_b="xlsr-clip", method="entropy
     `history` (this tab's state) collects the INT8 loss of each calibration sample drawn for the same settings,
     so that Recalibrate can say how much the result moves between samples."""
     _check_image(image)
-    progress = _capped(progress, "comparison")
+    progress, started = _capped(progress, "comparison"), time.perf_counter()
     with _user_errors("comparison"):
         calibration = calib_images if calib_source == "my uploads" else None
         if calib_source == "my uploads" and not calibration:
@@ -458,10 +458,18 @@ def run_compare(image, model_a="xlsr-relu", model_b="xlsr-clip", method="entropy
     tag = f" (refined: {', '.join(refinements)})" if refinements else ""
     labels = ["Truth" if result.truth is not None else "Original", f"FP32 {_label(model_a)}{tag}",
               f"INT8 {_label(model_a)}{tag}", f"FP32 {_label(model_b)}{tag}", f"INT8 {_label(model_b)}{tag}"]
-    state = {"panels": panels, "calibrations": result.calibrations, "labels": labels}
+    state = {"panels": panels, "calibrations": result.calibrations, "labels": labels, "seed": int(seed or 0),
+             "seconds": time.perf_counter() - started}
     history = _remember(history, result, (image, model_a, model_b, method, samples, scheme, mode, gain), seed)
     return (*panels, metrics_frame(result.metrics), note + spread_note(history), _chart(*result.calibrations), state,
             history)
+
+
+def done_note(state) -> str:
+    """The page's "done" line: how long the comparison took and which calibration sample it drew."""
+    if not state:
+        return ""
+    return f"Done in {state['seconds']:.1f} s (calibration sample {state['seed']})."
 
 
 def panel_labels(state):
@@ -804,14 +812,21 @@ def _your_model() -> dict:
 
 def _compare_outputs() -> dict:
     with gr.Column(visible=False) as results:  # shown when there is something to show
+        # what the page is doing: "Running..." from the click, "Done in ..." once every view is drawn (the
+        # browser test waits on it too)
+        status = gr.Markdown(elem_id="run-status")
         with gr.Row():
-            panels = [gr.Image(label=name, format="png", type="numpy", interactive=False,
+            panels = [gr.Image(label=name, format="png", type="numpy", interactive=False, elem_classes=["sr-panel"],
                                buttons=["download", "fullscreen"], elem_id=f"panel-{i}") for i, name in enumerate(PANELS)]
         outputs = {"panels": panels, "coverage": gr.Markdown(label="Calibration coverage", elem_id="coverage"),
                    "metrics": gr.Dataframe(label="Metrics (Y-PSNR/SSIM with the scale shaved from each border)",
                                            headers=["output", "engine", "PSNR vs FP32 (dB)", "SSIM vs FP32",
                                                     "brightness vs FP32", "ΔE2000", "time on this CPU (ms)"],
                                            elem_id="metrics", interactive=False, wrap=True)}
+        gr.Markdown("PSNR and SSIM: of each output against the FP32 output of the same model (Y channel; higher is "
+                    "closer). Brightness: mean luma of the output over FP32's (below 1 is darker). ΔE2000: mean "
+                    "colour difference, CIEDE2000 (below 1 is invisible to most people). Time: wall time of that "
+                    "output on this server's CPU, in milliseconds.", elem_id="metrics-help")
         outputs["difference"] = _difference_view()
         with gr.Row():
             outputs["left"] = gr.Dropdown(list(PANELS), value=PANELS[1], label="Slider left")
@@ -825,7 +840,7 @@ def _compare_outputs() -> dict:
                                   type="numpy", interactive=False, elem_id="zoom")
         outputs["chart"] = gr.Plot(label="Activation ranges: observed vs chosen, clipped share")
         outputs["state"] = gr.State(None, time_to_live=SESSION_STATE_SECONDS)
-    outputs["results"] = results
+    outputs["results"], outputs["status"] = results, status
     return outputs
 
 
@@ -851,16 +866,18 @@ def _wire_compare(c: dict, o: dict) -> None:
     d = o["difference"]
     zoom = [o["state"], o["center_x"], o["center_y"], o["size"], d["pair"], d["kind"], d["gain"]]
     difference = [o["state"], d["pair"], d["kind"], d["gain"]]
-    reveal = lambda: gr.update(visible=True)  # noqa: E731
-    run = c["run"].click(reveal, None, o["results"], api_name=False, queue=False).then(
+    reveal = lambda: (gr.update(visible=True), "Running...")  # noqa: E731
+    run = c["run"].click(reveal, None, [o["results"], o["status"]], api_name=False, queue=False).then(
         run_compare, inputs, outputs, api_name="compare", concurrency_id=HEAVY, concurrency_limit=HEAVY_SLOTS)
-    again = c["recalibrate"].click(new_seed, None, c["seed"], api_name=False).then(reveal, None, o["results"],
-                                                                                  api_name=False).then(
+    again = c["recalibrate"].click(new_seed, None, c["seed"], api_name=False).then(
+        reveal, None, [o["results"], o["status"]], api_name=False).then(
         run_compare, inputs, outputs, api_name=False, concurrency_id=HEAVY, concurrency_limit=HEAVY_SLOTS)
     for event in (run, again):
-        event.then(panel_labels, o["state"], o["panels"], api_name=False).then(
+        event.success(panel_labels, o["state"], o["panels"], api_name=False).then(
             run_slider, [o["state"], o["left"], o["right"]], o["slider"], api_name=False).then(
-            run_difference, difference, d["image"], api_name=False).then(run_roi, zoom, o["roi"], api_name=False)
+            run_difference, difference, d["image"], api_name=False).then(run_roi, zoom, o["roi"], api_name=False).then(
+            done_note, o["state"], o["status"], api_name=False)
+        event.failure(lambda: "Stopped: the message above says why.", None, o["status"], api_name=False)
     for control in (d["pair"], d["kind"], d["gain"]):
         control.change(run_difference, difference, d["image"], api_name=False).then(
             run_roi, zoom, o["roi"], api_name=False)
@@ -995,6 +1012,10 @@ def build_demo() -> gr.Blocks:
     return demo
 
 
+# panel titles wrap beside the panel's buttons instead of running under them (Gradio floats a label over the image)
+CSS = """
+.sr-panel [data-testid="block-label"] { white-space: normal; max-width: calc(100% - 72px); line-height: 1.3; }
+"""
 MAX_REQUEST_BYTES = 32 * 1024 * 1024  # any request but a file upload (which has MAX_UPLOAD per file)
 
 
@@ -1055,7 +1076,7 @@ def main() -> None:
     from starlette.middleware import Middleware
 
     build_demo().queue(default_concurrency_limit=1).launch(server_name=args.host, server_port=args.port,
-                                                          share=args.share, max_file_size=MAX_UPLOAD,
+                                                          share=args.share, max_file_size=MAX_UPLOAD, css=CSS,
                                                           show_error=False,
                                                           app_kwargs={"middleware": [Middleware(RequestSizeLimit)]})
 
