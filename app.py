@@ -459,7 +459,7 @@ def run_compare(image, model_a="xlsr-relu", model_b="xlsr-clip", method="entropy
     labels = ["Truth" if result.truth is not None else "Original", f"FP32 {_label(model_a)}{tag}",
               f"INT8 {_label(model_a)}{tag}", f"FP32 {_label(model_b)}{tag}", f"INT8 {_label(model_b)}{tag}"]
     state = {"panels": panels, "calibrations": result.calibrations, "labels": labels, "seed": int(seed or 0),
-             "seconds": time.perf_counter() - started}
+             "seconds": time.perf_counter() - started, "finished": time.strftime("%H:%M:%S")}
     history = _remember(history, result, (image, model_a, model_b, method, samples, scheme, mode, gain), seed)
     return (*panels, metrics_frame(result.metrics), note + spread_note(history), _chart(*result.calibrations), state,
             history)
@@ -469,7 +469,7 @@ def done_note(state) -> str:
     """The page's "done" line: how long the comparison took and which calibration sample it drew."""
     if not state:
         return ""
-    return f"Done in {state['seconds']:.1f} s (calibration sample {state['seed']})."
+    return f"Done at {state['finished']} in {state['seconds']:.1f} s (calibration sample {state['seed']})."
 
 
 def panel_labels(state):

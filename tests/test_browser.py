@@ -1,6 +1,7 @@
 """End-to-end tests in Debian's Chromium: the default example, the teacher preset, the difference view,
 click-to-zoom, a recalibration with a fresh sample; an uploaded ONNX model and its bundle. They wait on the page's
-own "done" line (#run-status), never on fixed delays, so a loaded machine only makes them slower.
+own "done" line (#run-status, with the time it finished), never on fixed delays, so a loaded machine only makes
+them slower.
 
 With SR_WRITE_SCREENSHOTS=1 the first test also writes the README's screenshot, docs/first-screen.png."""
 import io
@@ -18,7 +19,7 @@ from test_app import server  # noqa: F401  (the launched app)
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "artifacts"
-DONE = re.compile(r"Done in [0-9.]+ s \(calibration sample \d+\)\.")
+DONE = re.compile(r"^Done at [0-9:]{8} in [0-9.]+ s \(calibration sample \d+\)\.$")
 SLOW = 300_000  # ms: a first calibration of the teacher on a loaded 2-core machine
 
 
@@ -26,7 +27,7 @@ def _wait_done(page, previous: str | None = None) -> str:
     """Wait for the page's "done" line (a new one when `previous` is given) and return it."""
     from playwright.sync_api import expect
 
-    status = page.locator("#run-status")
+    status = page.locator("#run-status p")  # the line itself, not the progress overlay drawn over it
     expect(status).to_have_text(DONE, timeout=SLOW)
     if previous is not None:
         expect(status).not_to_have_text(previous.strip(), timeout=SLOW)
@@ -76,7 +77,7 @@ def test_example_difference_zoom_and_recalibrate(server):  # noqa: F811
             shutil.copyfile(shot, ROOT / "docs" / "first-screen.png")
         page.get_by_label("big ReLU teacher vs small Clipped-ReLU student").check()
         expect(page.locator("#model-a input")).to_have_value("teacher", timeout=30_000)
-        previous = page.locator("#run-status").inner_text()
+        previous = page.locator("#run-status p").inner_text()
         page.locator("#run").click()
         done = _wait_done(page, previous)
         for index in range(5):
