@@ -796,8 +796,12 @@ def _compare_controls(models: list[str]) -> dict:
 def _your_model() -> dict:
     with gr.Accordion("Your own ONNX model", open=False):
         parts = {"onnx": gr.File(label="Drop an ONNX super-resolution model", file_types=[".onnx"],
-                                 elem_id="onnx-upload"),
-                 "contract": gr.Markdown(elem_id="contract")}
+                                 elem_id="onnx-upload")}
+        examples = sorted((Path(__file__).resolve().parent / "examples").glob("*.onnx"))
+        if examples:  # small models of other families (examples/README.md says how each was made)
+            gr.Examples([[str(path)] for path in examples], inputs=parts["onnx"], elem_id="onnx-examples",
+                        label="Or try an example model (examples/README.md says what each is)")
+        parts["contract"] = gr.Markdown(elem_id="contract")
         with gr.Row():
             parts["layout"] = gr.Dropdown(["auto", "nchw", "nhwc"], value="auto", label="Layout")
             parts["color"] = gr.Dropdown(["auto", "rgb", "y"], value="auto", label="Colour")
@@ -885,7 +889,8 @@ def _wire_compare(c: dict, o: dict) -> None:
         panel.select(zoom_at, [o["state"], o["size"], d["pair"], d["kind"], d["gain"]],
                      [o["center_x"], o["center_y"], o["roi"]], api_name=False)
     uploads = c["uploads"]
-    c["onnx"].upload(load_onnx_model, [c["onnx"], c["layout"], c["color"], c["value_range"], c["pre_upsampled"],
+    # change, not upload: a click on an example model sets the file too
+    c["onnx"].change(load_onnx_model, [c["onnx"], c["layout"], c["color"], c["value_range"], c["pre_upsampled"],
                                        c["scale"], c["model_b"], uploads],
                      [c["model_a"], c["model_b"], c["contract"], uploads], api_name=False)
     c["bundle_button"].click(build_bundle, [c["image"], c["model_a"], c["method"], c["samples"], c["gain"], c["seed"],

@@ -121,6 +121,9 @@ def test_drop_an_onnx_model_and_download_its_bundle(server, tmp_path):  # noqa: 
         browser, page = _open(playwright)
         page.goto(server)
         page.get_by_text("Your own ONNX model").click()
+        page.locator("#onnx-examples").get_by_text("fsrcnn-y.onnx").click()  # a one-click example model
+        expect(page.locator("#contract")).to_contain_text("Y (BT.601 luma", timeout=120_000)
+        page.locator("#onnx-upload").get_by_label("Clear").click()  # then the user's own file
         page.locator("#onnx-upload input[type=file]").set_input_files(str(onnx_file))
         expect(page.locator("#contract")).to_contain_text("layout NHWC", timeout=120_000)
         expect(page.locator("#model-a input")).to_have_value(re.compile("^onnx:"), timeout=30_000)
