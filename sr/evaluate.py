@@ -136,5 +136,7 @@ def _compare_with_original(report: dict, config: EvalConfig) -> None:
     original = evaluate(EvalConfig(model=record["base"], data=config.data, scale=config.scale,
                                    engine=EngineKind.ORT if model_info(record["base"]).arch == "onnx" else EngineKind.TORCH,
                                    degradation=config.degradation, threads=config.threads))
-    report["fp32_reference"] = {"model": record["base"], "what": "the FP32 model QAT started from", **original["mean"]}
+    what = "the FP32 model the refinements started from" if record.get("kind") == "ptq" else \
+        "the FP32 model QAT started from"
+    report["fp32_reference"] = {"model": record["base"], "what": what, **original["mean"]}
     report["int8_vs_reference_db"] = original["mean"]["psnr_y"] - report["int8_mean"]["psnr_y"]

@@ -87,6 +87,7 @@ def test_refined_model_loses_less_through_the_cli(data_dir, tmp_path):
     plain = run()
     refined = run("--refine", "bias-correction,centred-io,equalize")
     assert refined["fp32_reference"]["model"] == "xlsr-clip"
+    assert refined["fp32_reference"]["what"] == "the FP32 model the refinements started from"
     plain_loss = plain["fp32_mean"]["psnr_y"] - plain["int8_mean"]["psnr_y"]
     assert refined["int8_vs_reference_db"] < plain_loss - 0.03
     assert np.isclose(refined["fp32_reference"]["psnr_y"], plain["fp32_mean"]["psnr_y"])

@@ -86,8 +86,17 @@ def test_centred_io_is_the_same_function_and_puts_8_bit_images_on_the_int8_grid(
     image_in, image_out = io_tensors(graph)
     ops = {o: n.op_type for n in graph.graph.node for o in n.output}
     assert (ops[image_in], ops[image_out]) == ("Pad", "Clip")
-    levels = (np.arange(256, dtype=np.float32) / 255 - np.float32(IO_OFFSET))
-    assert np.array_equal(np.round(levels / np.float32(1 / 255)), np.arange(-128, 128))
+    # every 8-bit level, through the exported graph's own input Pad: the tensor the INT8 input quantizer sees is
+    # exactly level/255 - 128/255, i.e. the INT8 values -128..127 at step 1/255
+    import onnxruntime as ort
+
+    graph.graph.output.append(onnx.helper.make_tensor_value_info(image_in, onnx.TensorProto.FLOAT, None))
+    session = ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
+    ramp = np.tile(np.arange(256, dtype=np.float32) / 255, (3, 4, 1))[None]  # 1x3x4x256, every level
+    seen = session.run([image_in], {session.get_inputs()[0].name: ramp})[0]
+    inner = seen[0, :, seen.shape[2] // 2, seen.shape[3] - 256 - (seen.shape[3] - 256) // 2:][:, :256]
+    assert np.array_equal(np.rint(inner * 255), np.tile(np.arange(-128, 128, dtype=np.float32), (3, 1)))
+    assert np.abs(inner * 255 - np.rint(inner * 255)).max() < 1e-4
     with pytest.raises(ValueError, match="already has centred I/O"):
         with_io_offset(with_io_offset(load_model("xlsr-clip")))
 

@@ -97,7 +97,10 @@ def test_bundle_round_trip(registered, data_dir, tmp_path):
         assert psnr_y(np.clip(np.rint(out), 0, 255).astype(np.uint8), hr, 3) == pytest.approx(shown[path.name], abs=0.01)
     text = (bundle.folder / "calibration.cache").read_text()
     assert text.splitlines()[0] == "TRT-100300-EntropyCalibration2"
-    scales = parse_calibration_cache(text)
+    # read as TensorRT reads it (`name: <IEEE float32 bits, big-endian, 8 hex digits>`), not with the lab's parser
+    scales = {name: float(np.array([int(bits, 16)], np.uint32).view(np.float32)[0])
+              for name, _, bits in (line.rpartition(": ") for line in text.strip().splitlines()[1:])}
+    assert scales == pytest.approx(parse_calibration_cache(text), rel=0)
     written = graph_quantization(onnx.load(str(bundle.folder / "model.qdq.onnx")),
                                  onnx.load(str(bundle.folder / "model.fp32.onnx"))).activations
     assert set(scales) == set(written) and scales
@@ -273,3 +276,13 @@ def test_subgraphs_reading_outer_tensors_and_unnamed_nodes(tmp_path):
     assert np.allclose(session.run(None, {"lr": image})[0], expected, atol=1e-5)
     int8 = ort.InferenceSession(str(bundle.folder / "model.qdq.onnx"), providers=["CPUExecutionProvider"])
     assert np.abs(int8.run(None, {"lr": image})[0] - expected).mean() < 0.05
+
+
+def test_calibration_cache_lines_are_tensorrts_format():
+    """A range of +-1 is the scale 1/127, written as TensorRT's cache stores it: the float32's bits, big-endian,
+    in hex (0x3c010204, worked out by hand from IEEE 754: exponent 120, mantissa 0x010204)."""
+    from sr.bundle import calibration_cache_text
+    from sr.calibrate import TensorRange
+
+    text = calibration_cache_text({"x": TensorRange("x", -1.0, 0.5, -1.0, 0.5, 0.0, "minmax")}, "minmax", "10.3")
+    assert text.splitlines() == ["TRT-100300-MinMaxCalibration", "x: 3c010204"]
