@@ -170,9 +170,11 @@ def export_bundle(model: str, config: CalibrationConfig, out: str | Path, fixes:
     spec = spec_of(tensorrt.fp32_onnx, Scheme.TENSORRT, tensorrt.fixes.keep_float)
     ranges = {user_name(t): r for t, r in tie_fused_ranges(spec, tensorrt.ranges).items()}
     if trt_version is not None:
-        write_atomic(calibration_cache_text(ranges, config.method, trt_version).encode(), out / "calibration.cache")
+        write_atomic(calibration_cache_text(ranges, tensorrt.config.method, trt_version).encode(),
+                     out / "calibration.cache")
     digest = images_digest(load_calibration_images(config.data if calibration_images is None else calibration_images))
-    write_atomic(json.dumps({"model": model, "method": config.method.value, "samples": config.samples,
+    write_atomic(json.dumps({"model": model, "method": tensorrt.config.method.value, "auto": tensorrt.choice,
+                             "samples": config.samples,
                              "seed": config.seed, "calibration_data_digest": digest, "lab_version": __version__,
                              "fixes": json.loads((fixes or Fixes()).key()), "scheme": Scheme.TENSORRT.value,
                              "tensors": [{**r.to_dict(), "name": name} for name, r in ranges.items()]},
@@ -203,12 +205,18 @@ def _readme(model: str, config: CalibrationConfig, int8: CalibratedModel, figure
         psnr, brightness = figures[scheme]
         lines.append(f"| `{name}` | {scheme.value} | " + ("not measured" if psnr is None else
                      f"{psnr:.2f} dB | {brightness:.4f}") + " |")
+    method = int8.config.method.value if not int8.choice else (
+        f"{int8.choice['method']} (chosen by the automatic method, the best against FP32 of "
+        f"{', '.join(int8.choice['candidates'])} on {int8.choice['held_back_images']} held-back calibration images)")
+    notes = int8.warnings(figures[Scheme.TENSORRT][1], measured_on)
+    warnings = "".join(f"\n**Warning:** {note}.\n" for note in notes)
     cache = (f"| `calibration.cache` | TensorRT {trt_version}, implicit INT8: `trtexec --onnx=model.fp32.onnx --int8 "
              f"--calib=calibration.cache` (only the tensors `model.qdq.onnx` quantizes) |\n" if trt_version else "")
     return f"""# INT8 bundle of `{info.name}` (x{info.scale})
 
-Made by SR INT8 Lab {__version__}: {config.method.value} calibration, {config.samples} samples (seed {config.seed}),
+Made by SR INT8 Lab {__version__}: {method} calibration, {config.samples} samples (seed {config.seed}),
 {"fixes: " + int8.fixes.key() if not int8.fixes.is_empty() else "no per-tensor fixes"}.
+{warnings}
 Each model is the network itself, with its own inputs and outputs (for a model you brought: your graph, your
 tensor names; the lab's colour conversion and layout handling are not in it and are not quantized).
 

@@ -53,6 +53,7 @@ class Method(Choice, noun="calibration method"):
     ENTROPY_ZEROS = "entropy-zeros"  # the GTC 2017 loop literally: the zero spike of a ReLU output counts
     PERCENTILE = "percentile"
     MSE = "mse"
+    AUTO = "auto"  # every search above from one set of statistics, scored on held-back images (sr.quantize)
 
 
 class CalibrationInputs(Choice, noun="calibration input"):
@@ -304,6 +305,17 @@ def threshold(stats: TensorStats, method: Method, percentile: float = 99.99) -> 
     if method is Method.MINMAX or stats.amax == 0.0:
         return stats.amax
     return threshold_bins(stats.histogram, method, percentile) * stats.bin_width
+
+
+def clipped_energy(stats: TensorStats, low: float, high: float) -> float:
+    """Share of the calibration values' energy (sum of x^2) beyond the range, from the |x| histogram (bin
+    centres); for one-signed tensors the side that cannot be clipped is ignored."""
+    if stats.histogram.sum() == 0 or stats.bin_width == 0:
+        return 0.0
+    limit = max(abs(low), abs(high)) if stats.observed_min < 0 else high
+    centres = (np.arange(len(stats.histogram)) + 0.5) * stats.bin_width
+    energy = float(np.sum(stats.histogram * centres ** 2))
+    return float(np.sum(stats.histogram[centres > limit] * centres[centres > limit] ** 2)) / energy if energy else 0.0
 
 
 def clipped_fraction(stats: TensorStats, low: float, high: float) -> float:

@@ -63,9 +63,11 @@ def _add_calibration_arguments(parser: argparse.ArgumentParser, data_flag: tuple
     """The calibration options; defaults None so that --recommended can tell what the user set."""
     c = CALIBRATION_DEFAULTS
     methods = ", ".join(m.value for m in Method)
-    parser.add_argument("--method", default=None, help=f"{methods} (default: {c.method.value}). entropy is "
-                        "NVIDIA's KL search as ModelOpt publishes it (the zero bin flattened); entropy-zeros counts "
-                        "the spike of exact zeros after a ReLU, which pulls the threshold down")
+    parser.add_argument("--method", default=None, help=f"{methods} (default: auto). auto calibrates entropy, "
+                        "percentile, mse and minmax from one set of statistics, scores each against FP32 on held-back "
+                        "calibration images and keeps the best (and says which); entropy is NVIDIA's KL search as "
+                        "ModelOpt publishes it (the zero bin flattened); entropy-zeros counts the spike of exact "
+                        "zeros after a ReLU, which pulls the threshold down")
     parser.add_argument("--samples", type=int, default=None, help=f"calibration patches, 10..1000 (default: {c.samples})")
     parser.add_argument("--scheme", default=None, help="tensorrt (Q/DQ where NVIDIA ModelOpt puts them), npu (every "
                         "tensor INT8, the output included) or cpu (uint8, ONNX Runtime's x86 path) (default: tensorrt)")
@@ -134,7 +136,7 @@ def _refined(args: argparse.Namespace, model: str, calibration: CalibrationConfi
 
 def _calibration(args: argparse.Namespace) -> tuple[CalibrationConfig, Scheme]:
     c = CALIBRATION_DEFAULTS
-    config = CalibrationConfig(method=args.method or c.method, samples=c.samples if args.samples is None else args.samples,
+    config = CalibrationConfig(method=args.method or Method.AUTO, samples=c.samples if args.samples is None else args.samples,
                                patch_size=args.patch_size, seed=args.seed, percentile=args.percentile,
                                data=args.calib_data, inputs=args.calib_inputs, gain=args.gain, contrast=args.contrast)
     return config, Scheme.parse(args.scheme or Scheme.TENSORRT)
@@ -186,7 +188,18 @@ def format_report(report: dict) -> str:
         lines.append(f"INT8 {report['method']}/{report['samples']} samples/{report['scheme']}: "
                      f"{report['int8_mean']['psnr_y'] - report['fp32_mean']['psnr_y']:+.3f} dB vs FP32, "
                      f"brightness ratio {report['brightness_ratio']:.4f} (darkest image {report['worst_brightness_ratio']:.4f})")
+        lines += _choice_and_warnings(report.get("auto"), report.get("warnings", []))
     return "\n".join(lines)
+
+
+def _choice_and_warnings(choice: dict | None, warnings: list[str]) -> list[str]:
+    """What the automatic method chose (with each candidate's score), and the warnings, as text lines."""
+    lines = []
+    if choice:
+        scores = ", ".join(f"{name} {c['psnr_vs_fp32_db']:.2f} dB" for name, c in choice["candidates"].items())
+        lines.append(f"method auto chose {choice['method']} (PSNR vs FP32 on {choice['held_back_images']} held-back "
+                     f"calibration images: {scores})")
+    return lines + [f"warning: {note}" for note in warnings]
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -222,7 +235,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         out = out / f"{model.replace(':', '-')}-{config.method.value}-{config.samples}-{scheme.value}.qdq.onnx"
     qdq = write_atomic(int8.qdq_onnx.read_bytes(), out) if out else int8.qdq_onnx
     if args.json:
-        print(json.dumps({"model": model, "method": config.method.value, "samples": config.samples,
+        print(json.dumps({"model": model, "method": int8.config.method.value, "samples": config.samples,
+                          "auto": int8.choice, "warnings": int8.warnings(),
                           "scheme": int8.scheme.value, "qdq_model": str(qdq), "tensors": [
                               {k: v for k, v in r.to_dict().items() if k != "method"} for r in int8.ranges.values()]},
                          indent=2))
@@ -232,6 +246,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         print(f"{r.name[-44:]:<44}{int8.producers.get(r.name, ''):>13}{r.observed_min:>14.4f}{r.observed_max:>9.4f}"
               f"{r.low:>10.4f}{r.high:>9.4f}{100 * r.clipped_fraction:>9.3f}%")
     print(f"QDQ model: {qdq}" + (" (from the cache)" if int8.cached else f" ({int8.seconds:.1f} s)"))
+    for line in _choice_and_warnings(int8.choice, int8.warnings()):
+        print(line, file=sys.stderr)
     return 0
 
 

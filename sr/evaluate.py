@@ -121,7 +121,8 @@ def evaluate(config: EvalConfig, progress: bool = False) -> dict:
                       calibration=calibration, recommended=config.recommended,
                       fixes=None if int8.fixes.is_empty() else int8.fixes.key(),
                       fp32_mean=_mean(fp32_rows), int8_mean=report["mean"],
-                      brightness_ratio=float(np.mean(ratios)), worst_brightness_ratio=float(np.min(ratios)))
+                      brightness_ratio=float(np.mean(ratios)), worst_brightness_ratio=float(np.min(ratios)),
+                      auto=int8.choice, warnings=int8.warnings(float(np.mean(ratios)), "these images"))
         _compare_with_original(report, config)
     return report
 

@@ -16,7 +16,7 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from enum import Enum
 from pathlib import Path
 from typing import Callable, Sequence
@@ -28,9 +28,11 @@ from onnxruntime.quantization.calibrate import TensorData, TensorsData, save_ten
 
 from . import calibrate, data, export, models, rewrite
 from .calibrate import (CalibrationConfig, Method, TensorRange, TensorStats, calibration_patches, choose_ranges,
-                        clipped_fraction, collect_statistics, images_digest, load_calibration_images,
+                        clipped_energy, clipped_fraction, collect_statistics, images_digest, load_calibration_images,
                         prepare_calibration_images)
+from .engines import OrtEngine
 from .export import export_onnx
+from .metrics import brightness_ratio, psnr_y
 from .models import load_model, model_info
 from .quantspec import (ALL_INT8_OPS, QuantSpec, Scheme, activation_qparams, fp32_initializer_of, fused_ties,
                         graph_quantization, is_wrapper, quant_spec, used_names, weight_int8)
@@ -101,10 +103,39 @@ class CalibratedModel:
     seconds: float  # time spent calibrating (0 when read from the cache)
     cached: bool
     scale: int = 3
+    # with Method.AUTO: {"method": the one chosen, "candidates": {method: {"psnr_vs_fp32_db", "brightness"}},
+    # "held_back_images": how many images scored them}; `config` is then the chosen method's
+    choice: dict | None = None
 
-    def table(self) -> list[dict]:
-        """The chosen ranges as JSON-ready dicts, in graph order."""
-        return [r.to_dict() for r in self.ranges.values()]
+    def warnings(self, brightness: float | None = None, measured_on: str = "the calibration images") -> list[str]:
+        """Plain-words warnings: quantized tensors whose range cuts off more than CLIP_ENERGY_WARNING of their
+        signal energy on the calibration images, and (given the INT8/FP32 brightness measured somewhere) an
+        output darker or brighter than FP32 by more than BRIGHTNESS_WARNING."""
+        notes = []
+        stats = {item.name: item for item in self.stats}
+        quantized = spec_of(self.fp32_onnx, self.scheme, self.fixes.keep_float).activations
+        cut = {name: clipped_energy(stats[name], r.low, r.high) for name, r in self.ranges.items()
+               if name in quantized and name in stats and r.method not in ("qat", "fixed")}
+        over = sorted((share, name) for name, share in cut.items() if share > CLIP_ENERGY_WARNING)
+        if over:
+            share, name = over[-1]
+            r = self.ranges[name]
+            notes.append(f"{len(over)} INT8 range{'s' if len(over) > 1 else ''} cut off more than "
+                         f"{100 * CLIP_ENERGY_WARNING:.0f}% of a tensor's signal energy on the calibration images "
+                         f"(worst: {name}, {100 * share:.0f}%; {self.config.method.value} chose [{r.low:.3g}, "
+                         f"{r.high:.3g}] for values up to {r.observed_max:.3g}): another method (mse, minmax, or "
+                         "auto, which tries each) keeps more of it")
+        if brightness is not None and abs(brightness - 1.0) > BRIGHTNESS_WARNING:
+            notes.append(f"the INT8 output is {'darker' if brightness < 1 else 'brighter'} than FP32 on "
+                         f"{measured_on} (brightness ratio {brightness:.3f}): its ranges clip the image")
+        return notes
+
+
+CLIP_ENERGY_WARNING = 0.05  # a range that cuts off more of a tensor's signal energy than this is reported
+BRIGHTNESS_WARNING = 0.02  # an INT8 output whose brightness departs from FP32's by more than this is reported
+AUTO_CANDIDATES = (Method.ENTROPY, Method.PERCENTILE, Method.MSE, Method.MINMAX)
+AUTO_HELD_BACK = 4  # calibration images kept out of the statistics to score the candidates on (at most)
+AUTO_SIDE = 128  # LR pixels a side of each held-back image's centre crop
 
 
 def _fp32_key(weights: Path) -> str:
@@ -480,6 +511,8 @@ def calibrate_model(model_name: str | os.PathLike, config: CalibrationConfig | N
     """
     config = config or CalibrationConfig()
     scheme = Scheme.parse(scheme)
+    if config.method is Method.AUTO:
+        return _calibrate_auto(model_name, config, scheme, images, fixes, cache_dir, threads, progress)
     fixes = with_known_input_range(model_name, fixes or Fixes(), scheme)
     info = model_info(model_name)
     source = load_calibration_images(config.data if images is None else images)
@@ -507,6 +540,54 @@ def calibrate_model(model_name: str | os.PathLike, config: CalibrationConfig | N
                                         learned_ranges(model_name, scheme))
                 return result(made, time.perf_counter() - started, False)
     return result(found, 0.0, True)
+
+
+def _calibrate_auto(model_name, config: CalibrationConfig, scheme: Scheme, images, fixes: Fixes | None,
+                    cache_dir: Path | None, threads: int, progress) -> CalibratedModel:
+    """Method.AUTO: calibrate every AUTO_CANDIDATES search from one set of statistics (the images minus the
+    held-back ones), score each INT8 model against FP32 on centre crops of the held-back images (ONNX Runtime on
+    the CPU, the reference numerics), keep the best by PSNR. The choice is cached beside the calibrations."""
+    source = load_calibration_images(config.data if images is None else images)
+    if len(source) < 2:
+        raise ValueError("the automatic method needs at least two calibration images (some are held back to score "
+                         "the candidates)")
+    held = source[len(source) - max(1, min(AUTO_HELD_BACK, len(source) // 5)):]
+    rest = source[:len(source) - len(held)]
+    scale = model_info(model_name).scale
+    lrs = [_centre_crop(data.bicubic_resize(image, max(1, image.shape[1] // scale), max(1, image.shape[0] // scale)))
+           for image in held]
+    key = short_hash(json.dumps([file_sha256(model_info(model_name).path), asdict(config), scheme.value,
+                                 images_digest(source), (fixes or Fixes()).key(), code_digest(sys.modules[__name__])],
+                                default=str), 20)
+    record = cache_root(cache_dir) / "auto" / f"{key}.json"
+    try:
+        choice = json.loads(record.read_text())
+        chosen = calibrate_model(model_name, replace(config, method=choice["method"]), scheme, rest, fixes,
+                                 cache_dir, threads, progress)
+        return replace(chosen, choice=choice)
+    except (OSError, ValueError, KeyError):
+        pass
+    reference = OrtEngine(fp32_onnx_path(model_name, cache_dir), scale, cpu_only=True)
+    truths = [reference.run(lr) for lr in lrs]
+    made, candidates = {}, {}
+    for method in AUTO_CANDIDATES:
+        made[method] = calibrate_model(model_name, replace(config, method=method), scheme, rest, fixes, cache_dir,
+                                       threads, progress)
+        engine = OrtEngine(made[method].qdq_onnx, scale, cpu_only=True)
+        outputs = [engine.run(lr) for lr in lrs]
+        candidates[method.value] = {
+            "psnr_vs_fp32_db": float(np.mean([min(psnr_y(o, t, scale), 99.0) for o, t in zip(outputs, truths)])),
+            "brightness": float(np.mean([brightness_ratio(o, t) for o, t in zip(outputs, truths)]))}
+    best = max(AUTO_CANDIDATES, key=lambda m: candidates[m.value]["psnr_vs_fp32_db"])
+    choice = {"method": best.value, "candidates": candidates, "held_back_images": len(held)}
+    write_atomic(json.dumps(choice).encode(), record)
+    return replace(made[best], choice=choice)
+
+
+def _centre_crop(image: np.ndarray, side: int = AUTO_SIDE) -> np.ndarray:
+    height, width = image.shape[:2]
+    top, left = max(0, (height - side) // 2), max(0, (width - side) // 2)
+    return np.ascontiguousarray(image[top:top + side, left:left + side])
 
 
 def with_known_input_range(model_name: str | os.PathLike, fixes: Fixes, scheme: Scheme | str) -> Fixes:

@@ -110,7 +110,7 @@ def test_calibrate_json_schema(tmp_path):
                    "--scheme", "tensorrt", "--out", str(out), "--json")
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
-    assert set(report) == {"model", "method", "samples", "scheme", "qdq_model", "tensors"}
+    assert set(report) == {"model", "method", "samples", "scheme", "qdq_model", "tensors", "auto", "warnings"}
     assert out.is_file() and report["qdq_model"] == str(out)
     assert set(report["tensors"][0]) == {"name", "observed_min", "observed_max", "low", "high", "clipped_fraction"}
     assert any(t["clipped_fraction"] > 0 for t in report["tensors"])

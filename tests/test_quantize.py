@@ -14,6 +14,8 @@ from sr.metrics import psnr_y
 from sr.models import load_model
 from sr.quantize import Scheme, calibrate_model, fp32_onnx_path
 
+ROOT = Path(__file__).resolve().parent.parent
+
 
 @pytest.fixture(scope="module")
 def butterfly(data_dir):
@@ -204,3 +206,29 @@ def test_one_total_cap_counts_uploaded_models(tmp_path, monkeypatch, stand_ins):
     total = sum(p.stat().st_size for p in cache_root(tmp_path).rglob("*") if p.is_file() and not p.name.endswith(".lock"))
     assert total <= 0.6 * size + 1 and newest.standard_onnx.is_file()
     assert not first.standard_onnx.is_file() and lookup(first.name, tmp_path) is None
+
+
+def test_the_automatic_method_never_destroys_a_y_only_model_and_the_others_warn(capsys, data_dir):
+    """The CLI's default (auto) on the example FSRCNN (Y only): on Set5, images it never saw, the INT8 model stays
+    within 1 dB of FP32 and as bright, and the report says what was chosen among which scores; entropy, which
+    used to be the default, turns it dark, and eval's JSON says so in words."""
+    import json
+
+    from sr import cli
+    from sr.compare import compare
+
+    base = ["eval", "--onnx", str(ROOT / "examples" / "fsrcnn-y.onnx"), "--data", str(data_dir / "Set5"),
+            "--engine", "ort-int8", "--json"]
+    assert cli.main(base) == 0
+    auto = json.loads(capsys.readouterr().out)
+    loss = auto["fp32_mean"]["psnr_y"] - auto["int8_mean"]["psnr_y"]
+    assert loss <= 1.0 and auto["brightness_ratio"] >= 0.98 and not auto["warnings"], auto["warnings"]
+    choice = auto["auto"]
+    assert auto["method"] == choice["method"] != "entropy" and set(choice["candidates"]) >= {"entropy", "minmax"}
+    assert choice["method"] == max(choice["candidates"], key=lambda m: choice["candidates"][m]["psnr_vs_fp32_db"])
+    assert cli.main(base + ["--method", "entropy"]) == 0
+    entropy = json.loads(capsys.readouterr().out)
+    assert entropy["brightness_ratio"] < 0.9 and any("darker than FP32" in w for w in entropy["warnings"])
+    assert any("signal energy" in w for w in entropy["warnings"]) and entropy["auto"] is None
+    shown = compare(np.full((40, 40, 3), 128, np.uint8), "xlsr-relu", "xlsr-clip", CalibrationConfig(method="auto"))
+    assert sum("the automatic method chose" in note for note in shown.notices) == 2
