@@ -10,7 +10,8 @@
   `sr.rewrite` step; OpenVINO FP32, BF16 and INT8) at 1 and 2 threads, on 320x240 and 1280x720 inputs: the bare
   session and the end-to-end `engine.run` (tiling, uint8 conversion), medians of interleaved runs.
 
-ModelOpt (`nvidia-modelopt`, a test dependency) is optional here: without it those figures are None.
+ModelOpt (`nvidia-modelopt`, a test dependency) is optional here: without it those figures are None. The
+ModelOpt oracle itself lives outside `sr/` (`oracles/modelopt_reference.py`, beside it in the source tree).
 """
 from __future__ import annotations
 
@@ -29,9 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .calibrate import (SEARCHES, CalibrationConfig, Method, activation_tensors, calibration_patches,
-                        collect_statistics, load_calibration_images, observing_session, prepare_calibration_images,
-                        threshold, threshold_bins)
+from .calibrate import (SEARCHES, CalibrationConfig, Method, calibration_patches, collect_statistics,
+                        load_calibration_images, prepare_calibration_images, threshold, threshold_bins)
 from .models import model_info
 from .runtime import cpu_name
 
@@ -69,22 +69,9 @@ def _ours(fp32, patches, samples: int) -> tuple[dict, dict]:
 
 
 def _modelopt(fp32, patches) -> tuple[dict, dict]:
-    """ModelOpt's HistogramCalibrator fed every tensor of every batch (as its quantizers would see them)."""
-    import onnx
-    import torch
-    from modelopt.torch.quantization.calib.histogram import HistogramCalibrator
+    from oracles.modelopt_reference import histogram_calibrator
 
-    names = activation_tensors(onnx.load(str(fp32), load_external_data=False))
-    session = observing_session(fp32, names)
-    outputs = [o.name for o in session.get_outputs()]
-    calibrators = {name: HistogramCalibrator(num_bits=8, axis=None, unsigned=False, num_bins=2048) for name in names}
-    for patch in patches():
-        values = dict(zip(outputs, session.run(None, {"input": patch})))
-        values["input"] = patch
-        for name in names:
-            calibrators[name].collect(torch.from_numpy(values[name]))
-    thresholds = {name: float(c.compute_amax("entropy")) for name, c in calibrators.items()}
-    return thresholds, {name: float(c._calib_bin_edges[-1]) for name, c in calibrators.items()}
+    return histogram_calibrator(fp32, patches)
 
 
 def _onnxruntime(fp32, patches) -> tuple[dict, dict]:
@@ -137,69 +124,17 @@ def _run_child(kind: str, config: BenchConfig, samples: int) -> dict:
 
 
 def modelopt_available() -> bool:
-    """True when ModelOpt's histogram calibrator can be imported."""
+    """True when ModelOpt and the oracle module (`oracles/`, beside `sr/` in the source tree) can be imported."""
     try:
-        from modelopt.torch.quantization.calib import histogram  # noqa: F401
-    except Exception:
+        from oracles.modelopt_reference import modelopt_available as available
+    except ImportError:
         return False
-    return True
-
-
-def modelopt_thresholds_bins(histogram: np.ndarray, method: Method, percentile: float = 99.99) -> float:
-    """ModelOpt's threshold for a histogram over bins of width 1 from 0, in bins (the oracle of our searches).
-
-    `_compute_amax_mse` of ModelOpt 0.47 calls `fake_tensor_quant(centers, amax, num_bits, unsigned)`
-    positionally, which binds num_bits to the `bias` parameter of its autograd function; the call is made here
-    with keyword-bound arguments (bias None, num_bits, unsigned), what the function means to do.
-    `entropy-zeros` has no ModelOpt counterpart; its oracle runs ModelOpt's loop on a histogram whose bin 0 cannot
-    be overwritten (the `bins[0] = bins[1]` step becomes a no-op).
-
-    Args:
-        histogram: counts of |x| in equal bins from 0.
-        method: entropy, entropy-zeros, percentile or mse.
-        percentile: for percentile.
-
-    Returns:
-        ModelOpt's threshold, in bins.
-
-    Raises:
-        ImportError: ModelOpt is not installed.
-    """
-    from modelopt.torch.quantization.calib import histogram as reference
-    from modelopt.torch.quantization.tensor_quant import FakeTensorQuantFunction
-
-    counts = np.asarray(histogram, dtype=np.int64)
-    edges = np.arange(counts.size + 1, dtype=np.float64)
-    method = Method.parse(method)
-    if method is Method.PERCENTILE:
-        return float(reference._compute_amax_percentile(counts, edges, percentile))
-    if method is Method.MSE:
-        original = reference.fake_tensor_quant
-        reference.fake_tensor_quant = lambda x, amax, num_bits, unsigned: FakeTensorQuantFunction.apply(
-            x, amax, None, num_bits, unsigned)
-        try:
-            return float(reference._compute_amax_mse(counts, edges, num_bits=8, unsigned=False))
-        finally:
-            reference.fake_tensor_quant = original
-    if method is Method.ENTROPY_ZEROS:
-        counts = counts.view(_KeepBinZero)
-    return float(reference._compute_amax_entropy(counts, edges, num_bits=8, unsigned=False, stride=1, start_bin=128))
-
-
-class _KeepBinZero(np.ndarray):
-    """An int array on which `a[0] = ...` is ignored (and whose copies are the same kind)."""
-
-    def __setitem__(self, key, value):
-        if isinstance(key, (int, np.integer)) and key == 0:
-            return
-        super().__setitem__(key, value)
-
-    def __array_wrap__(self, array, context=None, return_scalar=False):  # results of arithmetic are plain
-        array = array.view(np.ndarray)
-        return array[()] if return_scalar else array
+    return available()
 
 
 def _identical_histogram_differences(model: str, samples: int, patch_size: int) -> dict:
+    from oracles.modelopt_reference import modelopt_thresholds_bins
+
     from .quantize import fp32_onnx_path
 
     stats = collect_statistics(fp32_onnx_path(model), _patches(model, samples, patch_size), samples)
@@ -227,7 +162,8 @@ def _latency_engines(config: BenchConfig, threads: int, work: str) -> tuple[dict
     """(name -> (end-to-end run(lr), session run(float array)) for every engine present that agrees with the
     reference, name -> its conformance verdict (refused ones included)), at `threads`."""
     from .engines import EngineRefused, OrtEngine, openvino_available
-    from .quantize import Scheme, calibrate_model, write_qdq_model
+    from .quantize import Scheme, calibrate_model
+    from .qdq import write_qdq_model
     from .runtime import EngineKind, create_engine
 
     scale = model_info(config.model).scale

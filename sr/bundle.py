@@ -32,7 +32,8 @@ from . import __version__
 from .calibrate import CalibrationConfig, Method, TensorRange, images_digest, load_calibration_images
 from .metrics import brightness_ratio, psnr_y
 from .models import model_info
-from .quantize import CalibratedModel, Fixes, Scheme, calibrate_model, fp32_onnx_path, spec_of, tie_fused_ranges
+from .quantize import CalibratedModel, Fixes, Scheme, calibrate_model, fp32_onnx_path
+from .qdq import spec_of, tie_fused_ranges
 from .runtime import reference_engine
 from .usermodel import unwrap
 from .store import write_atomic

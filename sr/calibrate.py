@@ -144,6 +144,14 @@ class TensorRange:
 # threshold in bin widths (threshold = bins * bin_width), as ModelOpt's return `calib_bin_edges[i]` or a centre.
 
 
+def _prefix_sums(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Prefix sums of the counts, of the non-empty bins and of c log c (each with a leading 0)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        c_log_c = np.where(counts > 0, counts * np.log(np.where(counts > 0, counts, 1.0)), 0.0)
+    return (np.concatenate([[0.0], np.cumsum(counts)]), np.concatenate([[0], np.cumsum(counts > 0)]),
+            np.concatenate([[0.0], np.cumsum(c_log_c)]))
+
+
 def entropy_threshold_bins(histogram: np.ndarray, num_quantized_bins: int = NUM_QUANTIZED_BINS,
                            start_bin: int = START_BIN, count_zeros: bool = False) -> float:
     """The KL-divergence threshold search (Migacz, GTC 2017), for all candidates at once.
@@ -181,12 +189,7 @@ def entropy_threshold_bins(histogram: np.ndarray, num_quantized_bins: int = NUM_
     total = counts.sum()
     if total == 0 or num_bins <= start_bin:
         return float(num_bins)
-    prefix = np.concatenate([[0.0], np.cumsum(counts)])
-    nonzero_prefix = np.concatenate([[0], np.cumsum(counts > 0)])
-    with np.errstate(divide="ignore", invalid="ignore"):
-        c_log_c = np.where(counts > 0, counts * np.log(np.where(counts > 0, counts, 1.0)), 0.0)
-    c_log_c_prefix = np.concatenate([[0.0], np.cumsum(c_log_c)])
-
+    prefix, nonzero_prefix, c_log_c_prefix = _prefix_sums(counts)
     widths = np.arange(start_bin, num_bins + 1)  # candidate i
     levels = np.arange(num_quantized_bins + 1)
     # first bin of level j: ceil(j * i / levels) (bin t is in level j iff j * i <= t * levels < (j + 1) * i)

@@ -340,7 +340,11 @@ def _add_commands(commands) -> None:
     distill.add_argument("--feature-weight", type=float, default=0.1, help="--kd-mode feature: weight of the "
                          "feature hint (default: %(default)s)")
     distill.set_defaults(run=cmd_distill)
+    _add_int8_commands(commands)
+    _add_qat_command(commands)
 
+
+def _add_int8_commands(commands) -> None:
     evaluate = commands.add_parser("eval", help="PSNR/SSIM of bicubic and a model (FP32 or INT8) on a folder")
     evaluate.add_argument("--scale", type=int, default=None, help="default: the model's own scale")
     _add_model_arguments(evaluate)
@@ -389,7 +393,6 @@ def _add_commands(commands) -> None:
     diagnose.add_argument("--top", type=int, default=None, help="keep the N worst tensors")
     diagnose.add_argument("--json", action="store_true", help="print one JSON object")
     diagnose.set_defaults(run=cmd_diagnose)
-    _add_qat_command(commands)
 
 
 def _add_qat_command(commands) -> None:

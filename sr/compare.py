@@ -322,15 +322,21 @@ def compare(image, model_a: str = "xlsr-relu", model_b: str = "xlsr-clip",
         with watch("metrics"):
             rows.append(_metrics(OutputKind.BICUBIC, None, "PIL", bicubic_resize(lr, *size), outputs[0][0], truth,
                                  scale, 0.0))
-    notices = list(prepared.notices)
-    for model, calibrated, row in zip((model_a, model_b), int8, [r for r in rows if r.kind is OutputKind.INT8]):
+    notices = prepared.notices + _calibration_notices((model_a, model_b), int8, rows)
+    return Comparison(original, outputs[0][0], outputs[0][1], outputs[1][0], outputs[1][1], rows,
+                      (int8[0], int8[1]), notices, truth, lr, watch.seconds)
+
+
+def _calibration_notices(models, int8: list[CalibratedModel], rows: list) -> list[str]:
+    """What the automatic method chose, and each calibration's warnings (brightness as measured on this image)."""
+    notices = []
+    for model, calibrated, row in zip(models, int8, [r for r in rows if r.kind is OutputKind.INT8]):
         if calibrated.choice:
             notices.append(f"{model}: the automatic method chose {calibrated.choice['method']} (best of "
                            f"{', '.join(calibrated.choice['candidates'])} on {calibrated.choice['held_back_images']} "
                            "held-back calibration images).")
         notices += [f"{model}: {note}." for note in calibrated.warnings(row.brightness_vs_fp32, "this image")]
-    return Comparison(original, outputs[0][0], outputs[0][1], outputs[1][0], outputs[1][1], rows,
-                      (int8[0], int8[1]), notices, truth, lr, watch.seconds)
+    return notices
 
 
 def roi_strip(images: list[np.ndarray], center_x: float, center_y: float, size: int = 64, zoom: int = 4) -> np.ndarray:

@@ -36,8 +36,8 @@ from .data import bicubic_resize, degrade, list_images, load_image
 from .engines import OrtEngine, Seamless
 from .metrics import brightness_ratio, psnr_y
 from .models import model_info
-from .quantize import (CalibratedModel, Fixes, Scheme, calibrate_model, spec_of, tie_fused_ranges,
-                       without_quantization)
+from .quantize import CalibratedModel, Fixes, Scheme, calibrate_model
+from .qdq import spec_of, tie_fused_ranges, without_quantization
 from .quantspec import ActivationSpec, activation_qparams, graph_quantization
 from .rewrite import rewrite_for_fast_int8
 from .store import logged_progress

@@ -48,9 +48,8 @@ from .data import PatchSampler
 from .models import load_model, model_info, read_metadata, save_weights
 from .onnxtorch import OnnxModule
 from .quantspec import QuantSpec, activation_qparams
-from .quantize import (CalibratedModel, Fixes, Scheme, calibrate_model, fixed_input_size, fp32_onnx_path, spec_of,
-                       qat_record,
-                       write_qdq_model)
+from .quantize import CalibratedModel, Fixes, Scheme, calibrate_model, fp32_onnx_path, qat_record
+from .qdq import fixed_input_size, spec_of, write_qdq_model
 from .store import atomic_path, file_sha256, write_atomic
 from .train import (DEFAULT_TRAIN_DIRS, DEFAULT_VAL_DIR, Validator, _distributed, _gather, _machine, _resolve_device,
                     _should_end, end_distributed, warmup_fraction)

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from sr.bench import modelopt_thresholds_bins
+from oracles.modelopt_reference import modelopt_thresholds_bins
 from sr.calibrate import (CalibrationConfig, CalibrationInputs, Method, TensorStats, calibration_patches,
                           SEARCHES, choose_ranges, clipped_fraction, entropy_threshold_bins, mse_threshold_bins,
                           percentile_threshold_bins, prepare_calibration_images, threshold, threshold_bins)

@@ -113,7 +113,7 @@ def test_keep_in_float_removes_the_tensors_qdq(planted):
     graph = onnx.load(str(outcome.calibrated.qdq_onnx)).graph
     quantized_inputs = {node.input[0] for node in graph.node if node.op_type == "QuantizeLinear"}
     assert "/Concat_output_0" not in quantized_inputs
-    from sr.quantize import spec_of
+    from sr.qdq import spec_of
 
     everything = set(spec_of(outcome.calibrated.fp32_onnx, "tensorrt").activations)
     assert quantized_inputs == everything - {"/Concat_output_0"}  # the rest of the network stays INT8
@@ -144,7 +144,7 @@ def test_all_int8_is_the_eval_figure(model, scheme, data_dir):
                                  calibration=calibration, scheme=scheme))
     assert report.int8_psnr_y == pytest.approx(scored["int8_mean"]["psnr_y"], abs=0.01)
     assert report.fp32_psnr_y == pytest.approx(scored["fp32_mean"]["psnr_y"], abs=0.01)
-    from sr.quantize import spec_of
+    from sr.qdq import spec_of
 
     spec = spec_of(report.calibrated.fp32_onnx, scheme)
     assert {r.tensor for r in report.ranking} == {t for t, a in spec.activations.items() if a.group == t}

@@ -105,7 +105,8 @@ def test_centred_io_is_exact_under_every_scheme(scheme, zero_point, tmp_path):
     import onnx
 
     from sr.calibrate import CalibrationConfig
-    from sr.quantize import calibrate_model, spec_of
+    from sr.quantize import calibrate_model
+    from sr.qdq import spec_of
     from sr.quantspec import graph_quantization
     from sr.transforms import io_tensors, prepare
 

@@ -137,7 +137,8 @@ def test_qat_model_goes_into_the_deployment_bundle(qat_run, tmp_path):
     """The bundle carries the learned ranges (tensorrt) and a CPU model; the centred model's own Pad stays float
     in the fast CPU rewrite, whose outputs equal the plain QDQ model's."""
     from sr.bundle import export_bundle
-    from sr.quantize import Scheme, write_qdq_model
+    from sr.quantize import Scheme
+    from sr.qdq import write_qdq_model
 
     _, result = qat_run
     export_bundle(str(result.weights), CalibrationConfig(samples=10), tmp_path / "bundle")

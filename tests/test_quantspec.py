@@ -10,7 +10,8 @@ import pytest
 
 from sr.calibrate import CalibrationConfig
 from sr.models import shipped_models
-from sr.quantize import calibrate_model, fp32_onnx_path, spec_of
+from sr.quantize import calibrate_model, fp32_onnx_path
+from sr.qdq import spec_of
 from sr.quantspec import Scheme, graph_quantization, quant_spec
 
 SHIPPED = shipped_models()

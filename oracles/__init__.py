@@ -1,0 +1,1 @@
+"""Reference implementations the lab is checked against (test and benchmark dependencies)."""
