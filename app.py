@@ -36,7 +36,7 @@ from sr.data import ImageLoadError, bicubic_resize, load_image
 from sr.diagnose import DiagnoseConfig, DiagnosisCancelled, Fix, apply_fix, diagnose, range_coverage
 from sr.bundle import export_bundle, zip_bundle
 from sr.compare import prepare_input
-from sr.models import model_info
+from sr.models import is_uploaded, model_info
 from sr.usermodel import Overrides, register_onnx
 from sr.plots import DifferenceKind, difference_image, histogram_figure, range_chart
 from sr.quantspec import Scheme
@@ -82,7 +82,7 @@ def _lane(*models, progress=None):
     how to run the work in it (uploaded: `_niced`). The shipped lane waits its turn, showing its real place in
     line through `progress`; the uploaded lane does not wait inside a heavy slot (two uploads queued there would
     hold both slots): when another uploaded model is being worked on, this one is refused in words."""
-    lane = "uploaded" if any(str(m or "").startswith("onnx:") for m in models) else "shipped"
+    lane = "uploaded" if any(is_uploaded(m) for m in models) else "shipped"
     if lane == "uploaded" and not _LANES[lane].acquire(blocking=False):
         raise gr.Error("Another visitor's uploaded model is being processed (uploaded models take turns so that "
                        "nobody's comparison of the shipped models waits for them): try again in a minute.")
@@ -229,7 +229,7 @@ def _label(model: str) -> str:
     """A panel label naming the model, its final activation and its size."""
     info = model_info(model)
     size = f"{info.parameters / 1e6:.2f}M" if info.parameters >= 1e5 else f"{info.parameters / 1e3:.0f}k"
-    if info.arch == "onnx":
+    if info.uploaded:
         return f"{_shown(info.name)} (your ONNX model), {size}"
     activation = {"relu": "ReLU output", "clipped_relu": "Clipped-ReLU output"}.get(info.final_activation,
                                                                                  info.final_activation)
@@ -735,7 +735,7 @@ def offer_result(result, uploads, model_b):
     """Add a finished INT8-ready model to the model lists and make it model A."""
     if not result:
         return gr.update(), gr.update(), uploads
-    if result.startswith("onnx:"):
+    if is_uploaded(result):
         _UPLOADED[result] = f"{result[5:13]} (INT8-ready)"
         uploads = [*(uploads or []), result]
     models = available_models() + list(uploads or [])

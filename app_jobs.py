@@ -21,7 +21,7 @@ from pathlib import Path
 
 from sr import store
 from sr.distill import DistillConfig, KDMode, distill
-from sr.models import model_info
+from sr.models import is_uploaded, model_info
 from sr.qat import QatConfig, quantization_aware_training
 from sr.train import TrainConfig, train
 from sr.usermodel import register_onnx
@@ -95,8 +95,7 @@ class Job:
     @property
     def weights(self) -> Path:
         """Where the trained model goes (an ONNX model's QAT result is an .onnx file)."""
-        onnx_base = self.base is not None and self.base.startswith("onnx:")
-        return store.RUNS_DIR / f"{self.name}{'.onnx' if onnx_base else '.safetensors'}"
+        return store.RUNS_DIR / f"{self.name}{model_info(self.base).tuned_suffix if self.base else '.safetensors'}"
 
     def stream(self, interval: float = 1.0):
         """Yield snapshots until the job ends (the last one included)."""
@@ -172,7 +171,7 @@ def _tag() -> str:
 
 
 def _shown_name(model: str) -> str:
-    return "your model" if str(model).startswith("onnx:") else str(model)
+    return "your model" if is_uploaded(model) else str(model)
 
 
 def _enqueue(owner: str, make) -> Job:

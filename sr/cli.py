@@ -439,7 +439,9 @@ def cmd_qat(args: argparse.Namespace) -> int:
     fields = {f.name for f in dataclasses.fields(QatConfig)} - {"model"}
     config = QatConfig(model=_model(args), **{k: v for k, v in vars(args).items() if k in fields})
     config.val_dir = config.val_dir or None
-    suffix = ".onnx" if config.model.startswith("onnx:") else ".safetensors"
+    from .models import model_info
+
+    suffix = model_info(config.model).tuned_suffix
     if Path(config.out).suffix != suffix:
         raise ValueError(f"--out must end in {suffix} for this model, got {config.out}")
     _print_config(config)

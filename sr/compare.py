@@ -20,11 +20,10 @@ from PIL import Image
 from .calibrate import CalibrationConfig
 from .choices import Choice
 from .data import bicubic_resize, degrade, frame_count, load_image
-from .engines import OrtEngine, TorchEngine
 from .metrics import brightness_ratio, delta_e, psnr_y, ssim_y
-from .models import load_model, model_info, shipped_models
+from .models import model_info, shipped_models
 from .quantize import CalibratedModel, Fixes, Scheme, calibrate_model
-from .runtime import reference_engine
+from .runtime import create_engine, reference_engine
 from .store import RUNS_DIR
 
 MAX_SIDE = 1024  # LR pixels on the long side on CPU; larger inputs are downscaled (with a notice)
@@ -149,9 +148,8 @@ def fp32_engine(model: str):
     """The shared FP32 engine of a model (re-made when its file changes): PyTorch for weight files, ONNX Runtime
     for a user's ONNX model."""
     info = model_info(model)
-    if info.arch == "onnx":
-        return ENGINES.get(("ort-fp32", str(info.path)), lambda: OrtEngine(info.path, info.scale, name="ort-fp32"))
-    return ENGINES.get(("torch", str(info.path), info.path.stat().st_mtime), lambda: TorchEngine(load_model(info.path)))
+    return ENGINES.get((info.fp32_engine, str(info.path), info.path.stat().st_mtime),
+                       lambda: create_engine(info.fp32_engine, model))
 
 
 def int8_engine(int8: CalibratedModel):

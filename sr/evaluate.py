@@ -92,8 +92,7 @@ def evaluate(config: EvalConfig, progress: bool = False) -> dict:
     scale = config.scale
     int8 = calibrate_model(config.model, config.calibration, config.scheme) if config.engine.is_int8 else None
     engine = create_engine(config.engine, config.model, int8, config.threads)
-    reference = create_engine(EngineKind.ORT if model_info(config.model).arch == "onnx" else EngineKind.TORCH,
-                              config.model) if int8 is not None else None
+    reference = create_engine(model_info(config.model).fp32_engine, config.model) if int8 is not None else None
     rows, bicubic_rows, fp32_rows, ratios = [], [], [], []
     for path in tqdm(list_images(config.data), desc="eval", disable=not progress):
         truth, lr = degrade(load_image(path), scale, config.degradation, path.name)
@@ -135,7 +134,7 @@ def _compare_with_original(report: dict, config: EvalConfig) -> None:
     if record is None:
         return
     original = evaluate(EvalConfig(model=record["base"], data=config.data, scale=config.scale,
-                                   engine=EngineKind.ORT if model_info(record["base"]).arch == "onnx" else EngineKind.TORCH,
+                                   engine=model_info(record["base"]).fp32_engine,
                                    degradation=config.degradation, threads=config.threads))
     what = "the FP32 model the refinements started from" if record.get("kind") == "ptq" else \
         "the FP32 model QAT started from"

@@ -13,6 +13,7 @@ from enum import Enum
 from pathlib import Path
 
 import numpy as np
+import onnx
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
@@ -20,8 +21,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .choices import Choice
-from .store import atomic_path
-from .usermodel import lookup
+from .store import atomic_path, write_atomic
+from .usermodel import STANDARD_KEY, Contract, lookup, register_onnx, set_metadata
 
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
 SCALES = (2, 3, 4)
@@ -427,16 +428,111 @@ def read_metadata(name_or_path) -> dict:
     return decoded
 
 
+RECORD_KEY = "qat"  # a tuned model's record: weight-file metadata "qat", or an ONNX model's metadata_props "sr.qat"
+
+
 @dataclass(frozen=True)
 class ModelInfo:
-    """What a weight file says about its model, read from the metadata only (no weights loaded)."""
+    """A model every stage accepts, read from its metadata only (no weights loaded): a lab weight file (its
+    architecture's config), or a user's ONNX model registered with `sr.usermodel` (its standard graph stands for
+    the weights; `contract` says what it takes and returns). The stages ask it what they need, never which kind
+    it is: where its FP32 graph is, which engine runs it, how a tuned copy is saved (`save_tuned`)."""
 
-    name: str  # the shipped name, or the file's stem
+    name: str  # the shipped name, the file's stem, or a registered model's "onnx:<key>"
     path: Path
     arch: str
     scale: int
     final_activation: str
     parameters: int
+    contract: object | None = None  # sr.usermodel.Contract of a user's model
+    input_range: tuple[str, float] | None = None  # (tensor, high) of a user's model's fixed input range [0, high]
+
+    @property
+    def uploaded(self) -> bool:
+        """A user's model (an ONNX file they brought), not one of the lab's weight files."""
+        return self.contract is not None
+
+    @property
+    def tuned_suffix(self) -> str:
+        """The file type a tuned copy is saved as."""
+        return ".onnx" if self.uploaded else ".safetensors"
+
+    @property
+    def fp32_engine(self) -> str:
+        """The runtime of the FP32 model (an `sr.runtime.EngineKind` value): PyTorch for a weight file, ONNX
+        Runtime for a user's graph."""
+        return "ort" if self.uploaded else "torch"
+
+    @property
+    def ready_fp32_onnx(self) -> Path | None:
+        """The FP32 ONNX graph when the model is one already (a user's), else None (a weight file is exported)."""
+        return self.path if self.uploaded else None
+
+    @property
+    def supports_centred_io(self) -> bool:
+        """Whether centred I/O can be built in (the lab's architectures; a user's graph keeps its own I/O)."""
+        return not self.uploaded
+
+    def io_offset(self) -> float:
+        """The centred-I/O offset built into the model (0 for none, and for a user's graph)."""
+        return 0.0 if self.uploaded else float(read_metadata(self.path)["config"].get("io_offset", 0.0))
+
+    def record(self) -> dict | None:
+        """What fine-tuning or refining recorded in the model's file (`sr.qat`, `sr.ptq`), or None."""
+        if self.uploaded:
+            props = {p.key: p.value for p in onnx.load(str(self.path), load_external_data=False).metadata_props}
+            record = json.loads(props[f"sr.{RECORD_KEY}"]) if f"sr.{RECORD_KEY}" in props else None
+        else:
+            record = read_metadata(self.path).get(RECORD_KEY)
+        return record if isinstance(record, dict) else None
+
+
+def is_uploaded(name: str | os.PathLike | None) -> bool:
+    """True for a registered user's model (cheap: no file is read for a weight file)."""
+    return lookup(str(name or "")) is not None
+
+
+def save_tuned(base: str | os.PathLike, graph: onnx.ModelProto, changed: dict[str, np.ndarray], out: str | os.PathLike,
+               record: dict | None = None) -> str:
+    """A copy of `base` with some weights changed, saved the way `base` is, and the name to use it by.
+
+    Args:
+        base: the model that was tuned.
+        graph: its FP32 ONNX graph (a user's standard graph keeps the tuned values itself).
+        changed: {initializer name: new value}; for a weight file the initializer names are its state-dict names.
+        out: the file to write (`tuned_suffix`).
+        record: what the tuning records (under RECORD_KEY).
+
+    Returns:
+        a weight file's path, or the registered name of a user's tuned graph (its contract kept).
+
+    Raises:
+        ValueError: a changed tensor that the weight file does not have.
+    """
+    info, out = model_info(base), Path(out)
+    if info.uploaded:
+        copy = onnx.ModelProto()
+        copy.CopyFrom(graph)
+        for initializer in copy.graph.initializer:
+            if initializer.name in changed:
+                initializer.CopyFrom(onnx.numpy_helper.from_array(np.asarray(changed[initializer.name]),
+                                                                  initializer.name))
+        set_metadata(copy, STANDARD_KEY, json.dumps(Contract(scale=info.contract.scale,
+                                                             fixed_size=info.contract.fixed_size).to_dict()))
+        if record is not None:
+            set_metadata(copy, f"sr.{RECORD_KEY}", json.dumps(record))
+        write_atomic(copy.SerializeToString(), out)
+        return register_onnx(out).name
+    model = load_model(base)
+    state = model.state_dict()
+    missing = set(changed) - set(state)
+    if missing:
+        raise ValueError(f"tuned tensors {sorted(missing)} are not in {info.name}'s weights")
+    state.update({name: torch.as_tensor(np.asarray(value)).to(state[name].dtype) for name, value in changed.items()})
+    model.load_state_dict(state)
+    metadata = {k: v for k, v in read_metadata(base).items() if k not in ("arch", "config", RECORD_KEY)}
+    save_weights(model, out, extra={**metadata, **({RECORD_KEY: record} if record is not None else {})})
+    return str(out)
 
 
 def model_info(name_or_path: str | os.PathLike) -> ModelInfo:
@@ -454,7 +550,8 @@ def model_info(name_or_path: str | os.PathLike) -> ModelInfo:
     """
     user = lookup(str(name_or_path))
     if user is not None:  # a registered ONNX model (sr.usermodel): its standard graph stands for the weights
-        return ModelInfo(user.name, user.standard_onnx, "onnx", user.contract.scale, "unknown", user.parameters)
+        return ModelInfo(user.name, user.standard_onnx, "onnx", user.contract.scale, "unknown", user.parameters,
+                         user.contract, user.input_range)
     path = resolve_weights(name_or_path)
     metadata = read_metadata(path)
     if "arch" not in metadata or "config" not in metadata:

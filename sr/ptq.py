@@ -121,8 +121,8 @@ def refine(config: RefineConfig, cache_dir: Path | None = None,
         ValueError: see RefineConfig; an ONNX model with ops the interpreter does not cover.
     """
     info = model_info(config.model)
-    suffix = ".onnx" if info.arch == "onnx" else ".safetensors"
-    out = cache_root(cache_dir) / "refined" / f"{info.name.replace(':', '-')}-{config.key(file_sha256(info.path))}{suffix}"
+    out = cache_root(cache_dir) / "refined" / f"{info.name.replace(':', '-')}-{config.key(file_sha256(info.path))}" \
+        f"{info.tuned_suffix}"
     with locked(out):
         if out.is_file():
             return out

@@ -28,7 +28,6 @@ Example:
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -45,7 +44,7 @@ from tqdm import tqdm
 
 from .calibrate import CalibrationConfig, Method, TensorRange
 from .data import PatchSampler
-from .models import load_model, model_info, read_metadata, save_weights
+from .models import load_model, model_info, save_tuned
 from .onnxtorch import OnnxModule
 from .quantspec import QuantSpec, activation_qparams
 from .quantize import CalibratedModel, Fixes, Scheme, calibrate_model, fp32_onnx_path, qat_record
@@ -53,8 +52,7 @@ from .qdq import fixed_input_size, spec_of, write_qdq_model
 from .store import atomic_path, file_sha256, write_atomic
 from .train import (DEFAULT_TRAIN_DIRS, DEFAULT_VAL_DIR, Validator, _distributed, _gather, _machine, _resolve_device,
                     _should_end, end_distributed, warmup_fraction)
-from .transforms import METADATA_KEY, calibration_batch, prepare, remove_starting_points
-from .usermodel import STANDARD_KEY, Contract, lookup, set_metadata
+from .transforms import calibration_batch, prepare, remove_starting_points
 
 log = logging.getLogger(__name__)
 
@@ -573,22 +571,7 @@ def export_trained(base: str, fp32_path: Path, weights: dict[str, torch.Tensor],
     for initializer in fp32.graph.initializer:
         if initializer.name in weights:
             initializer.CopyFrom(numpy_helper.from_array(weights[initializer.name].numpy(), initializer.name))
-    if model_info(base).arch == "onnx":  # a standard graph with its contract and the learned ranges
-        user = lookup(str(base))
-        standard = Contract(scale=user.contract.scale, fixed_size=fixed_input_size(fp32))
-        set_metadata(fp32, STANDARD_KEY, json.dumps(standard.to_dict()))
-        set_metadata(fp32, f"sr.{METADATA_KEY}", json.dumps(record))
-        write_atomic(fp32.SerializeToString(), out)
-    else:
-        model = load_model(base)
-        state = model.state_dict()
-        missing = set(weights) - set(state)
-        if missing:
-            raise ValueError(f"trained tensors {sorted(missing)} are not in {base}'s state dict")
-        state.update({name: tensor.to(state[name].dtype) for name, tensor in weights.items()})
-        model.load_state_dict(state)
-        metadata = {k: v for k, v in read_metadata(base).items() if k not in ("arch", "config", METADATA_KEY)}
-        save_weights(model, out, extra={**metadata, METADATA_KEY: record})
+    save_tuned(base, fp32, weights, out, record)  # the weight file, or a standard graph with its contract
     ranges = {}
     for tensor, (low, high) in record["ranges"].items():
         seen = calibrated.get(tensor)

@@ -62,8 +62,8 @@ def fp32_onnx_path(model_name: str | os.PathLike, cache_dir: Path | None = None)
         FileNotFoundError: no such model.
     """
     info = model_info(model_name)
-    if info.arch == "onnx":  # a user's model: its standard graph is the FP32 model
-        return info.path
+    if info.ready_fp32_onnx is not None:  # a user's model: its standard graph is the FP32 model
+        return info.ready_fp32_onnx
     weights = info.path
     path = cache_root(cache_dir) / "onnx" / f"{weights.stem}-{_fp32_key(weights)}.onnx"
     if _loads(path):
@@ -232,12 +232,10 @@ def with_known_input_range(model_name: str | os.PathLike, fixes: Fixes, scheme: 
     Returns:
         `fixes`, with the user's input range fixed for a registered ONNX model.
     """
-    from .usermodel import lookup
-
-    user = lookup(str(model_name))
-    if user is None or user.input_range is None:
+    known = model_info(model_name).input_range
+    if known is None:
         return fixes
-    tensor, high = user.input_range
+    tensor, high = known
     if tensor in fixes.fixed_range or tensor in fixes.range_method or tensor in fixes.keep_float \
             or tensor in (learned_ranges(model_name, scheme) or {}):
         return fixes
@@ -261,15 +259,9 @@ def learned_ranges(model_name: str | os.PathLike, scheme: Scheme | str) -> dict[
 
 
 def qat_record(model_name: str | os.PathLike) -> dict | None:
-    """What `sr.qat` recorded in a fine-tuned model's file (scheme, learned ranges, the model it started from,
-    its run), or None for a model that was not fine-tuned."""
-    info = model_info(model_name)
-    if info.arch == "onnx":
-        props = {p.key: p.value for p in onnx.load(str(info.path), load_external_data=False).metadata_props}
-        record = json.loads(props["sr.qat"]) if "sr.qat" in props else None
-    else:
-        record = models.read_metadata(info.path).get("qat")
-    return record if isinstance(record, dict) else None
+    """What `sr.qat` (or `sr.ptq`) recorded in a tuned model's file (scheme, learned ranges, the model it started
+    from, its run), or None for a model that was not tuned."""
+    return model_info(model_name).record()
 
 
 def statistics_key(weights_hash: str, config: CalibrationConfig, data_hash: str) -> str:

@@ -11,7 +11,6 @@ function to float rounding.
 """
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -20,15 +19,13 @@ import onnx
 import torch
 
 from .calibrate import calibration_patches, load_calibration_images, prepare_calibration_images
-from .models import IO_OFFSET, load_model, model_info, read_metadata, save_weights, with_io_offset
+from .models import (IO_OFFSET, RECORD_KEY, load_model, model_info, read_metadata, save_tuned, save_weights,
+                     with_io_offset)
 from .onnxtorch import OnnxModule
 from .quantize import Fixes, Scheme, fp32_onnx_path
-from .store import write_atomic
-from .usermodel import STANDARD_KEY, Contract, lookup, register_onnx, set_metadata
 
 log = logging.getLogger(__name__)
 
-METADATA_KEY = "qat"  # weight-file metadata key of a tuned model's record (written by sr.qat / sr.ptq)
 
 
 def prepare(model: str, io_offset: bool, equalize: float, patches: torch.Tensor | None,
@@ -49,7 +46,7 @@ def prepare(model: str, io_offset: bool, equalize: float, patches: torch.Tensor 
         for UINT8, whose zero point is then exactly 128).
     """
     structure, info = str(model), model_info(model)
-    if io_offset and info.arch == "onnx":
+    if io_offset and not info.supports_centred_io:
         log.info("centred I/O needs one of the lab's architectures: %s keeps its own I/O", model)
     elif io_offset:
         base = load_model(model)
@@ -74,32 +71,18 @@ def remove_starting_points(work: Path) -> None:
 
 def load_io_offset(model: str) -> float:
     """The centred-I/O offset of a model (0 for none, and for ONNX models)."""
-    info = model_info(model)
-    return 0.0 if info.arch == "onnx" else float(read_metadata(info.path)["config"].get("io_offset", 0.0))
+    return model_info(model).io_offset()
 
 
 def _metadata(model: str) -> dict:
-    return {k: v for k, v in read_metadata(model).items() if k not in ("arch", "config", METADATA_KEY)}
+    return {k: v for k, v in read_metadata(model).items() if k not in ("arch", "config", RECORD_KEY)}
 
 
 def _equalized(structure: str, strength: float, patches: torch.Tensor, work: Path) -> str:
     """`structure` with its channels equalized, as a new file (registered, for an ONNX model)."""
     graph = onnx.load(str(fp32_onnx_path(structure)))
     changed = equalize_channels(graph, patches, strength)
-    if model_info(structure).arch == "onnx":
-        graph = _with_values(graph, changed)
-        contract = lookup(structure).contract
-        set_metadata(graph, STANDARD_KEY, json.dumps(Contract(scale=contract.scale,
-                                                              fixed_size=contract.fixed_size).to_dict()))
-        path = write_atomic(graph.SerializeToString(), Path(f"{work}.equalized.onnx"))
-        return register_onnx(path).name
-    network = load_model(structure)
-    state = network.state_dict()
-    state.update({name: torch.from_numpy(value) for name, value in changed.items()})
-    network.load_state_dict(state)
-    path = Path(f"{work}.equalized.safetensors")
-    save_weights(network, path, extra=_metadata(structure))
-    return str(path)
+    return save_tuned(structure, graph, changed, Path(f"{work}.equalized{model_info(structure).tuned_suffix}"))
 
 
 def calibration_batch(calibration, scale: int, count: int = 32, size: int = 48, seed: int = 0) -> torch.Tensor:

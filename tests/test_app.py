@@ -645,8 +645,10 @@ def test_work_on_uploaded_models_runs_at_a_lower_cpu_priority():
     def priority():
         return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
 
+    from sr.usermodel import register_onnx
+
     before = priority()
-    with app._lane("onnx:0123456789abcdef") as run:
+    with app._lane(register_onnx(ROOT / "examples" / "fsrcnn-y.onnx").name) as run:
         assert run(priority) == max(before, app.UPLOADED_NICE)
         with pytest.raises(ZeroDivisionError):
             run(lambda: 1 / 0)

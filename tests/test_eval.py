@@ -2,7 +2,6 @@
 import json
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,7 +15,19 @@ def published_set5() -> dict[str, float]:
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "sr", *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    """`python -m sr ARGS`, in this process (`sr.cli.main`): its exit status and what it printed."""
+    import contextlib
+    import io
+
+    from sr import cli
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = cli.main(list(args))
+        except SystemExit as exit:  # argparse's errors and --help
+            code = exit.code if isinstance(exit.code, int) else 1
+    return subprocess.CompletedProcess(list(args), code, out.getvalue(), err.getvalue())
 
 
 @pytest.mark.parametrize("model", ["teacher", "xlsr-relu", "xlsr-clip", "xlsr-relu-kd", "xlsr-clip-kd", "xlsr-relu-qat",
