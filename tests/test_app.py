@@ -493,6 +493,7 @@ def _uploaded(url: str, path: Path) -> dict:
     return {"path": names.json()[0], "orig_name": path.name, "meta": {"_type": "gradio.FileData"}}
 
 
+@pytest.mark.slow
 def test_an_uploaded_model_does_not_hold_up_the_shipped_models(server, small_png, tmp_path):
     """On the real server, through the page's own queue calls: a visitor's slow uploaded model (a long first
     calibration) runs in its own lane of the two heavy slots, so another visitor's cached comparison of the

@@ -57,6 +57,7 @@ def _pixels(locator) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(locator.screenshot())).convert("RGB")).astype(np.float64)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="Debian's chromium is not installed (.ci/run installs it)")
 def test_example_difference_zoom_and_recalibrate(server):  # noqa: F811
     from playwright.sync_api import expect, sync_playwright
@@ -108,6 +109,7 @@ def test_example_difference_zoom_and_recalibrate(server):  # noqa: F811
         browser.close()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="Debian's chromium is not installed (.ci/run installs it)")
 def test_drop_an_onnx_model_and_download_its_bundle(server, tmp_path):  # noqa: F811
     import zipfile

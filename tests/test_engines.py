@@ -86,6 +86,7 @@ def test_onnxruntime_providers_prefer_the_gpu_where_present(tmp_path):
     assert OrtEngine(qdq.qdq_onnx, 3).provider == "CPUExecutionProvider"  # this machine
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif("CUDAExecutionProvider" not in __import__("onnxruntime").get_available_providers(),
                     reason="needs onnxruntime-gpu and an NVIDIA GPU")
 def test_gpu_provider_runs_the_qdq_model(baboon):

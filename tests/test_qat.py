@@ -188,6 +188,7 @@ def test_cli_qat_bad_arguments(argv, message, tmp_path):
     assert run.returncode == 2 and message in run.stderr, run.stderr
 
 
+@pytest.mark.slow
 def test_qat_under_torchrun(data_dir, tmp_path):
     """Two processes (gloo on the CPU, as NCCL would be on GPUs): one result, each rank's patch stream kept."""
     import os

@@ -134,6 +134,7 @@ def test_bad_arguments():
     assert Scheme.TENSORRT.symmetric and Scheme.NPU.symmetric and not Scheme.CPU.symmetric
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not tensorrt_available(), reason="needs an NVIDIA GPU and TensorRT")
 def test_tensorrt_matches_onnxruntime(butterfly):
     from sr.engines import TensorRTEngine

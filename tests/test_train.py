@@ -182,6 +182,7 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_process_gloo_run(tiny_data, tmp_path):
     out = tmp_path / "ddp.safetensors"
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
@@ -198,6 +199,7 @@ def test_two_process_gloo_run(tiny_data, tmp_path):
     assert checkpoint["sampler"][0] != checkpoint["sampler"][1]
 
 
+@pytest.mark.slow
 def test_one_rank_stopping_stops_all_ranks(tiny_data, tmp_path):
     """Under torchrun a stop decided by one rank alone (a cancel, its own clock past --max-seconds) is agreed by
     all: the run ends, its weights saved, instead of the other rank waiting in the gradient all-reduce for good."""
@@ -235,6 +237,7 @@ train(config, should_stop=crash_after_12)
 """
 
 
+@pytest.mark.slow
 def test_two_process_resume_gives_the_same_weights(tiny_data, tmp_path):
     """Under torchrun each rank draws its own patch stream; the checkpoint keeps all of them (gathered to rank 0)."""
     script = tmp_path / "ddp_run.py"
