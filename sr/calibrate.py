@@ -34,6 +34,7 @@ import onnxruntime as ort
 
 from .choices import Choice
 from .data import degrade, list_images, load_image
+from .quantspec import float_activations
 from .store import PROJECT_ROOT, write_atomic
 
 log = logging.getLogger(__name__)
@@ -534,7 +535,8 @@ def calibration_patches(images: Sequence[np.ndarray], samples: int, patch_size: 
 
 def activation_tensors(model: onnx.ModelProto) -> list[str]:
     """Every float tensor that a real INT8 deployment quantizes: the graph input and each node output, in graph
-    order; constants are left out (initializers, Constant outputs, and what Identity nodes make of them).
+    order; constants are left out (initializers, Constant outputs, and what Identity nodes make of them), and so
+    are integer tensors (an exporter's shape arithmetic: Shape, Gather, Concat of int64 pads) and masks.
 
     Args:
         model: the FP32 ONNX model.
@@ -543,12 +545,13 @@ def activation_tensors(model: onnx.ModelProto) -> list[str]:
         the tensor names.
     """
     constants = {init.name for init in model.graph.initializer}
+    floating = float_activations(model)
     names = [model.graph.input[0].name]
     for node in model.graph.node:
         if node.op_type == "Constant" or (node.op_type == "Identity" and node.input[0] in constants):
             constants.update(node.output)
             continue
-        names.extend(out for out in node.output if out and out not in constants)
+        names.extend(out for out in node.output if out and out not in constants and out in floating)
     return names
 
 

@@ -163,7 +163,7 @@ def is_wrapper(name: str) -> bool:
     return name.startswith(WRAPPER_PREFIX)
 
 
-def _float_activations(model: onnx.ModelProto) -> set[str]:
+def float_activations(model: onnx.ModelProto) -> set[str]:
     """Tensors known to be float (not integer shape arithmetic or masks): those shape inference types FLOAT, and,
     where it says nothing, the outputs of nodes with a float non-constant input, in graph order (Shape and the
     index-valued ops make integers, Cast says what it makes)."""
@@ -254,7 +254,7 @@ class _GraphFacts:
         user_nodes = [n for n in model.graph.node if not is_wrapper(n.name)]
         wrapper_outputs = {o for n in model.graph.node if is_wrapper(n.name) for o in n.output}
         inputs = {i.name for i in model.graph.input} | {t for n in user_nodes for t in n.input if t in wrapper_outputs}
-        return cls(arrays, constants, _float_activations(model), user_nodes,
+        return cls(arrays, constants, float_activations(model), user_nodes,
                    {name: node for node in user_nodes for name in node.output}, inputs)
 
     def activation(self, name: str) -> bool:

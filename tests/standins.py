@@ -185,3 +185,36 @@ def constant_reading(location: str, offset: int = 0) -> onnx.ModelProto:
                               [helper.make_tensor("back", TensorProto.INT64, [4], [1, 3, 8, 8]),
                                helper.make_tensor("scales", TensorProto.FLOAT, [4], [1, 1, 3, 3])])
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def shape_padded(path: Path) -> Path:
+    """waifu2x-like, as some exporters write it: x2 RGB, replicate padding whose pads come out of an int64 shape
+    subgraph (Shape -> Gather -> Mul -> Unsqueeze -> Tile -> Add), a valid 3x3 conv, LeakyReLU 0.1, pixel shuffle."""
+    from onnx import numpy_helper
+
+    rng = np.random.default_rng(5)
+    weight = rng.normal(0, 0.05, (12, 3, 3, 3)).astype(np.float32)
+    weight[:, :, 1, 1] += np.repeat(np.eye(3, dtype=np.float32), 4, axis=0)  # roughly nearest-neighbour x2
+    nodes = [helper.make_node("Shape", ["lr"], ["shape"]),
+             helper.make_node("Gather", ["shape", "two"], ["height"], axis=0),
+             helper.make_node("Mul", ["height", "zero"], ["nothing"]),
+             helper.make_node("Unsqueeze", ["nothing", "axis0"], ["nothing1"]),
+             helper.make_node("Tile", ["nothing1", "eight"], ["zeros8"]),
+             helper.make_node("Add", ["pads_const", "zeros8"], ["pads"]),
+             helper.make_node("Pad", ["lr", "pads"], ["padded"], mode="edge"),
+             helper.make_node("Conv", ["padded", "w"], ["features"]),
+             helper.make_node("LeakyRelu", ["features"], ["activated"], alpha=0.1),
+             helper.make_node("DepthToSpace", ["activated"], ["sr"], blocksize=2, mode="CRD")]
+    constants = [numpy_helper.from_array(np.array(2, np.int64), "two"),
+                 numpy_helper.from_array(np.array(0, np.int64), "zero"),
+                 numpy_helper.from_array(np.array([0], np.int64), "axis0"),
+                 numpy_helper.from_array(np.array([8], np.int64), "eight"),
+                 numpy_helper.from_array(np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64), "pads_const"),
+                 numpy_helper.from_array(weight, "w")]
+    graph = helper.make_graph(nodes, "waifu2x-like",
+                              [helper.make_tensor_value_info("lr", TensorProto.FLOAT, [1, 3, "h", "w"])],
+                              [helper.make_tensor_value_info("sr", TensorProto.FLOAT, [1, 3, "H", "W"])], constants)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model)
+    path.write_bytes(model.SerializeToString())
+    return path

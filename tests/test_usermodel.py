@@ -17,6 +17,7 @@ from sr.diagnose import DiagnoseConfig, diagnose
 from sr.engines import OrtEngine
 from sr.evaluate import EvalConfig, evaluate
 from sr.metrics import psnr_y
+from sr.quantize import calibrate_model
 from sr.usermodel import Overrides, UserModelError, register_onnx
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -286,3 +287,18 @@ def test_calibration_cache_lines_are_tensorrts_format():
 
     text = calibration_cache_text({"x": TensorRange("x", -1.0, 0.5, -1.0, 0.5, 0.0, "minmax")}, "minmax", "10.3")
     assert text.splitlines() == ["TRT-100300-MinMaxCalibration", "x: 3c010204"]
+
+
+def test_integer_shape_subgraphs_are_not_calibrated(tmp_path, data_dir):
+    """A model whose padding comes out of an int64 shape subgraph (as waifu2x exports) calibrates and evaluates
+    under every scheme: only its float tensors get ranges (the int64 ones used to crash the histogram pass)."""
+    user = register_onnx(standins.shape_padded(tmp_path / "waifu2x-like.onnx"))
+    assert user.contract.scale == 2
+    for scheme in ("tensorrt", "npu", "cpu"):
+        int8 = calibrate_model(user.name, CalibrationConfig(method="entropy", samples=10), scheme)
+        assert not any(name.startswith(("user/shape", "user/height", "user/nothing", "user/zeros8", "user/pads"))
+                       for name in int8.ranges), sorted(int8.ranges)
+        assert "user/padded" in int8.ranges
+    report = evaluate(EvalConfig(model=user.name, data=str(data_dir / "Set5"), engine="ort-int8",
+                                 calibration=CalibrationConfig(method="auto", samples=20)))
+    assert report["fp32_mean"]["psnr_y"] - report["int8_mean"]["psnr_y"] < 1.0
