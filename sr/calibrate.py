@@ -35,7 +35,7 @@ import onnxruntime as ort
 from .choices import Choice
 from .data import degrade, list_images, load_image
 from .quantspec import float_activations
-from .store import PROJECT_ROOT, write_atomic
+from .store import PROJECT_ROOT, Memo, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -443,20 +443,21 @@ def load_calibration_images(source: str | os.PathLike | Sequence[np.ndarray] | N
     return images
 
 
-_FOLDERS: dict[tuple, list[np.ndarray]] = {}
-_PREPARED: dict[tuple, tuple[list, list[np.ndarray]]] = {}
+_FOLDERS = Memo(8)  # a folder's files (name, size, mtime) -> its decoded images (read-only)
+_PREPARED = Memo(8)  # (ids of those images, how they are fed) -> (the images, the network's inputs)
 
 
 def _load_folder(paths: list[Path]) -> list[np.ndarray]:
     """Decode a folder's images, remembered while no file changes (the app asks for calib_data/ on every run)."""
     memo = tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in paths)
-    if memo not in _FOLDERS:
-        if len(_FOLDERS) > 8:
-            _FOLDERS.clear()
-        _FOLDERS[memo] = [load_image(p) for p in paths]
-        for image in _FOLDERS[memo]:
+
+    def decoded() -> list[np.ndarray]:
+        images = [load_image(p) for p in paths]
+        for image in images:
             image.flags.writeable = False  # shared between callers
-    return _FOLDERS[memo]
+        return images
+
+    return _FOLDERS.get(memo, decoded)
 
 
 def prepare_calibration_images(images: Sequence[np.ndarray], config: CalibrationConfig,
@@ -473,8 +474,9 @@ def prepare_calibration_images(images: Sequence[np.ndarray], config: Calibration
         uint8 HxWx3 images (images too small to downscale are used as they are).
     """
     memo = (tuple(id(image) for image in images), config.inputs, config.gain, config.contrast, scale)
-    if memo in _PREPARED and all(a is b for a, b in zip(_PREPARED[memo][0], images)):
-        return _PREPARED[memo][1]
+    found = _PREPARED.peek(memo)
+    if found is not None and all(a is b for a, b in zip(found[0], images)):  # the very same arrays, not reused ids
+        return found[1]
     prepared = []
     for image in images:
         image = np.asarray(image)[..., :3]
@@ -485,9 +487,7 @@ def prepare_calibration_images(images: Sequence[np.ndarray], config: Calibration
             image = np.clip(np.rint(values * config.gain * 255.0), 0, 255).astype(np.uint8)
         prepared.append(np.ascontiguousarray(image))
     if all(not image.flags.writeable for image in images):  # the shared folder images: remember the result
-        if len(_PREPARED) > 8:
-            _PREPARED.clear()
-        _PREPARED[memo] = (list(images), prepared)
+        _PREPARED.put(memo, (list(images), prepared))
     return prepared
 
 

@@ -7,9 +7,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import math
-import threading
 import time
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -24,7 +22,7 @@ from .metrics import brightness_ratio, delta_e, psnr_y, ssim_y
 from .models import model_info, shipped_models
 from .quantize import CalibratedModel, Fixes, Scheme, calibrate_model
 from .runtime import create_engine, reference_engine
-from .store import RUNS_DIR
+from .store import RUNS_DIR, Memo
 
 MAX_SIDE = 1024  # LR pixels on the long side on CPU; larger inputs are downscaled (with a notice)
 MIN_SIDE = 8
@@ -113,35 +111,7 @@ def prepare_input(image: np.ndarray | str | Path, mode: InputMode | str, scale: 
     return Prepared(np.ascontiguousarray(array), None, notices)
 
 
-class EngineCache:
-    """Engines are expensive to create and read-only afterwards: share them between sessions (LRU)."""
-
-    def __init__(self, size: int = 12):
-        self.size, self.items, self.lock = size, OrderedDict(), threading.Lock()
-
-    def get(self, key, make):
-        """The engine cached under `key`.
-
-        Args:
-            key: any hashable.
-            make: called (outside the lock) to make the engine on a miss.
-
-        Returns:
-            the engine.
-        """
-        with self.lock:
-            if key in self.items:
-                self.items.move_to_end(key)
-                return self.items[key]
-        value = make()
-        with self.lock:
-            self.items[key] = value
-            while len(self.items) > self.size:
-                self.items.popitem(last=False)
-        return value
-
-
-ENGINES = EngineCache()
+ENGINES = Memo(12)  # engines are expensive to create and read-only afterwards: shared between sessions
 
 
 def fp32_engine(model: str):
@@ -165,8 +135,7 @@ def _timed(engine, lr):
     return out, (time.perf_counter() - start) * 1e3
 
 
-_FP32_OUTPUTS: OrderedDict = OrderedDict()  # (weights, input digest) -> (output, ms): reused on Recalibrate
-_FP32_LOCK = threading.Lock()
+_FP32_OUTPUTS = Memo(8)  # (weights, input digest) -> (output, ms): reused on Recalibrate
 
 
 def fp32_output(model: str, lr: np.ndarray) -> tuple[np.ndarray, float]:
@@ -181,16 +150,7 @@ def fp32_output(model: str, lr: np.ndarray) -> tuple[np.ndarray, float]:
     """
     path = model_info(model).path
     key = (str(path), path.stat().st_mtime_ns, lr.shape, hashlib.sha256(np.ascontiguousarray(lr).tobytes()).hexdigest())
-    with _FP32_LOCK:
-        if key in _FP32_OUTPUTS:
-            _FP32_OUTPUTS.move_to_end(key)
-            return _FP32_OUTPUTS[key]
-    found = _timed(fp32_engine(model), lr)
-    with _FP32_LOCK:
-        _FP32_OUTPUTS[key] = found
-        while len(_FP32_OUTPUTS) > 8:
-            _FP32_OUTPUTS.popitem(last=False)
-    return found
+    return _FP32_OUTPUTS.get(key, lambda: _timed(fp32_engine(model), lr))
 
 
 class OutputKind(str, Enum):

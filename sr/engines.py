@@ -24,7 +24,8 @@ import onnx
 import torch
 
 from .data import to_tensor, to_uint8
-from .store import cache_cap_bytes, cache_root, code_digest, evict, file_sha256, locked, short_hash, write_atomic
+from .store import (Memo, cache_cap_bytes, cache_root, code_digest, evict, file_sha256, locked, short_hash,
+                    write_atomic)
 
 log = logging.getLogger(__name__)
 
@@ -507,8 +508,7 @@ def probe_image(height: int = 48, width: int = 64, seed: int = 0) -> np.ndarray:
     return np.clip(np.rint(image * 255.0), 0, 255).astype(np.uint8)
 
 
-_VERDICTS: dict[tuple, Conformance] = {}
-_VERDICTS_LOCK = threading.Lock()
+_VERDICTS = Memo(256)  # (model hash, engine kind, CPU, probe size) -> Conformance
 
 
 def conformance(engine, reference, tolerance: Tolerance, key: tuple | None = None,
@@ -527,9 +527,9 @@ def conformance(engine, reference, tolerance: Tolerance, key: tuple | None = Non
     Returns:
         the Conformance.
     """
-    with _VERDICTS_LOCK:
-        if key is not None and key in _VERDICTS:
-            return _VERDICTS[key]
+    known = _VERDICTS.peek(key) if key is not None else None
+    if known is not None:
+        return known
     reference = reference() if callable(reference) else reference
     if probe is None:
         fixed = getattr(engine, "fixed", None) or getattr(reference, "fixed", None)
@@ -542,8 +542,7 @@ def conformance(engine, reference, tolerance: Tolerance, key: tuple | None = Non
                           float("inf") if mse == 0 else float(10 * np.log10(255.0 ** 2 / mse)), tolerance)
     log.info("%s", verdict.summary())
     if key is not None:
-        with _VERDICTS_LOCK:
-            _VERDICTS[key] = verdict
+        _VERDICTS.put(key, verdict)
     return verdict
 
 

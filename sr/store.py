@@ -7,6 +7,7 @@ an interrupted job never leaves a half-written file behind.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import fcntl
 import hashlib
@@ -15,6 +16,7 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 import time
 from importlib import metadata
 from pathlib import Path
@@ -41,7 +43,43 @@ def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
     return Path(cache_dir or os.environ.get("SR_CACHE_DIR") or CACHE_DIR)
 
 
-_DIGESTS: dict[tuple, str] = {}
+class Memo:
+    """The one kind of process-wide memo: a thread-safe LRU map of at most `size` entries. A miss is made
+    outside the lock (two threads may both make it; the values are equal); a lookup never races an eviction
+    (each cache used to have its own dict, eviction rule and check-then-read race with another thread's clear)."""
+
+    def __init__(self, size: int):
+        self.size, self.items, self.lock = size, collections.OrderedDict(), threading.Lock()
+
+    def get(self, key, make):
+        """The value remembered under `key`, made by `make()` (and remembered) on a miss."""
+        with self.lock:
+            if key in self.items:
+                self.items.move_to_end(key)
+                return self.items[key]
+        value = make()
+        self.put(key, value)
+        return value
+
+    def put(self, key, value) -> None:
+        """Remember `value` under `key` (evicting the least recently used beyond `size`)."""
+        with self.lock:
+            self.items[key] = value
+            self.items.move_to_end(key)
+            while len(self.items) > self.size:
+                self.items.popitem(last=False)
+
+    def peek(self, key, default=None):
+        """The value under `key`, or `default` (no making, no reordering)."""
+        with self.lock:
+            return self.items.get(key, default)
+
+    def clear(self) -> None:
+        with self.lock:
+            self.items.clear()
+
+
+_DIGESTS = Memo(4096)  # (real path, size, mtime, inode) -> SHA-256
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -58,16 +96,15 @@ def file_sha256(path: str | os.PathLike) -> str:
     """
     status = os.stat(path)
     memo = (os.path.realpath(path), status.st_size, status.st_mtime_ns, status.st_ino)
-    if memo in _DIGESTS:
-        return _DIGESTS[memo]
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    if len(_DIGESTS) > 4096:
-        _DIGESTS.clear()
-    _DIGESTS[memo] = digest.hexdigest()
-    return _DIGESTS[memo]
+
+    def hashed() -> str:
+        digest = hashlib.sha256()
+        with open(path, "rb") as file:
+            for block in iter(lambda: file.read(1 << 20), b""):
+                digest.update(block)
+        return digest.hexdigest()
+
+    return _DIGESTS.get(memo, hashed)
 
 
 def _umask() -> int:

@@ -232,7 +232,7 @@ def _channel_layout(dims: list) -> tuple[Layout, int]:
         return Layout.NCHW, dims[1]
     if dims[3] in (1, 3):
         return Layout.NHWC, dims[3]
-    raise UserModelError(f"cannot tell the channel axis of an input shaped {dims}: give --layout")
+    raise UserModelError(f"cannot tell the channel axis of an input shaped {dims}: say which layout it takes (nchw or nhwc)")
 
 
 def _probe_image(height: int, width: int) -> np.ndarray:
@@ -255,7 +255,7 @@ def _run_with_timeout(session, feed: dict, seconds: float) -> np.ndarray:
     except Exception as error:
         if options.terminate:
             raise UserModelError(f"the model took longer than {seconds:.0f} s on a small probe image; stopped") from None
-        raise UserModelError("the model failed on a probe image (wrong --layout or --color?): "
+        raise UserModelError("the model failed on a probe image (is the layout or the colour set right?): "
                              f"{clean_message(error)}") from None
     finally:
         timer.cancel()
@@ -299,7 +299,7 @@ def detect_contract(model: onnx.ModelProto, overrides: Overrides = Overrides(),
                              f"({width}x{height}); not a super-resolution model?")
     ratio = out_h // height
     if overrides.scale and ratio > 1 and overrides.scale != ratio:
-        raise UserModelError(f"the model upscales x{ratio} on a probe image; --scale {overrides.scale} contradicts it")
+        raise UserModelError(f"the model upscales x{ratio} on a probe image; the scale given (x{overrides.scale}) contradicts it")
     pre_upsampled = overrides.pre_upsampled if overrides.pre_upsampled is not None else ratio == 1
     scale = overrides.scale or (ratio if ratio > 1 else 3)
     reference = _bicubic(probe, out_w, out_h)

@@ -150,3 +150,44 @@ def test_degraded_sampler_draws_the_same_patches(tmp_path, photo):
                                  degradation=DEGRADATIONS["strong"]).batch(5, with_clean=True)
     assert np.array_equal(hr.numpy(), plain[1].numpy()) and np.array_equal(clean.numpy(), plain[0].numpy())
     assert not np.array_equal(lr.numpy(), clean.numpy())
+
+
+def test_the_calibration_images_memo_never_races_its_evictions(tmp_path):
+    """Several threads reading more folders than the memo keeps (so each read evicts another's entry) always get
+    their own images: a lookup used to race another thread's clear() (KeyError)."""
+    import threading
+
+    from PIL import Image
+
+    from sr.calibrate import load_calibration_images
+
+    folders = []
+    for index in range(12):
+        folder = tmp_path / f"set{index}"
+        folder.mkdir()
+        for name in range(20):  # several images a folder: the memo's bookkeeping takes a while
+            Image.fromarray(np.full((4, 4, 3), index * 20, np.uint8)).save(folder / f"{name:02d}.png")
+        folders.append(folder)
+    errors = []
+
+    def read(offset: int):
+        try:
+            for step in range(100):
+                index = (offset + step) % len(folders)
+                assert int(load_calibration_images(str(folders[index]))[0][0, 0, 0]) == index * 20
+        except Exception as error:  # noqa: BLE001 (reported below)
+            errors.append(repr(error))
+
+    import sys
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as the interpreter can: races show at once
+    try:
+        threads = [threading.Thread(target=read, args=(offset,)) for offset in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert not errors, errors[:3]

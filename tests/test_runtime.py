@@ -69,7 +69,7 @@ def test_explicit_engine_that_fails_is_refused_by_the_cli(monkeypatch, capsys, d
     original = OpenVinoEngine.run
     monkeypatch.setattr(OpenVinoEngine, "run", lambda self, lr: np.clip(original(self, lr).astype(int) - 30, 0, 255)
                         .astype(np.uint8))
-    monkeypatch.setattr("sr.engines._VERDICTS", {})
+    monkeypatch.setattr("sr.engines._VERDICTS", __import__("sr.store", fromlist=["Memo"]).Memo(256))
     code = cli.main(["eval", "--model", "xlsr-clip", "--engine", "openvino-int8", "--method", "entropy",
                      "--samples", "20", "--data", str(data_dir / "Set5")])
     err = capsys.readouterr().err
@@ -79,7 +79,7 @@ def test_explicit_engine_that_fails_is_refused_by_the_cli(monkeypatch, capsys, d
 @needs_openvino
 def test_best_engine_falls_back_to_the_reference(monkeypatch):
     int8 = calibrate_model("xlsr-clip", CalibrationConfig(method="entropy", samples=20), "npu")
-    monkeypatch.setattr("sr.engines._VERDICTS", {})
+    monkeypatch.setattr("sr.engines._VERDICTS", __import__("sr.store", fromlist=["Memo"]).Memo(256))
     original = OpenVinoEngine.run
     monkeypatch.setattr(OpenVinoEngine, "run", lambda self, lr: 255 - original(self, lr))
     engine, refused = best_int8_engine(int8)

@@ -128,9 +128,9 @@ def test_overrides_win(stand_ins):
     with pytest.raises(ValueError, match="range must be 1 or 255"):
         Overrides(value_range=100)
     assert register_onnx(stand_ins["vdsr-pre-upsampled"], Overrides(scale=2)).contract.scale == 2
-    with pytest.raises(UserModelError, match="upscales x3 on a probe image; --scale 2 contradicts it"):
+    with pytest.raises(UserModelError, match=r"upscales x3 on a probe image; the scale given \(x2\) contradicts it"):
         register_onnx(stand_ins["xlsr-nhwc"], Overrides(scale=2))
-    with pytest.raises(UserModelError, match="wrong --layout or --color"):
+    with pytest.raises(UserModelError, match="is the layout or the colour set right"):
         register_onnx(stand_ins["fsrcnn-y"], Overrides(layout="nhwc"))
 
 
