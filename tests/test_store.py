@@ -1,0 +1,81 @@
+"""sr.store: atomic writes, per-entry locks, the one total cache cap, the memo, logged progress."""
+import logging
+import os
+import threading
+import time
+
+import pytest
+
+from sr import store
+
+
+def test_write_atomic_leaves_the_old_file_whole_when_a_write_fails(tmp_path):
+    path = store.write_atomic(b"old", tmp_path / "f.bin")
+    with pytest.raises(RuntimeError):
+        with store.atomic_path(path) as temp:
+            temp.write_bytes(b"half")
+            raise RuntimeError("the writer died")
+    assert path.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["f.bin"]
+
+
+def test_a_held_lock_keeps_others_out_until_released(tmp_path):
+    entry = tmp_path / "entry"
+    order = []
+    def wait_for_it():
+        with store.locked(entry):
+            order.append("waiter")
+
+    with store.locked(entry):
+        waiter = threading.Thread(target=wait_for_it)
+        waiter.start()
+        time.sleep(0.2)
+        with store.locked(entry, wait=False) as held:
+            assert not held  # a second holder is refused while the first holds it
+        order.append("holder")
+    waiter.join(timeout=10)
+    assert order == ["holder", "waiter"]
+
+
+def test_eviction_is_one_total_over_every_kind_least_recently_used_first(tmp_path):
+    root = tmp_path / "cache"
+    for kind, names in (("int8", ["a", "b"]), ("user", ["c"])):
+        for name in names:
+            store.write_atomic(b"x" * 1000, root / kind / name)
+            time.sleep(0.01)
+    store.touch(root / "int8" / "a")  # used again: now the newest
+    deleted = store.evict(root / "int8", 2000, keep=root / "user" / "c")
+    assert [p.name for p in deleted] == ["b"] and (root / "int8" / "a").exists() and (root / "user" / "c").exists()
+
+
+def test_memo_is_a_bounded_lru_that_makes_each_miss_once_per_thread():
+    memo, made = store.Memo(2), []
+
+    def make(value):
+        made.append(value)
+        return value * 10
+
+    assert memo.get("a", lambda: make(1)) == 10 and memo.get("a", lambda: make(99)) == 10
+    memo.get("b", lambda: make(2))
+    memo.get("a", lambda: make(99))  # a is the most recent now
+    memo.get("c", lambda: make(3))  # evicts b, the least recently used
+    assert made == [1, 2, 3] and memo.peek("b") is None and memo.peek("a") == 10 and memo.peek("c") == 30
+
+
+def test_logged_progress_is_quiet_for_short_work_and_says_the_time_left(caplog, monkeypatch):
+    clock = [100.0]
+    monkeypatch.setattr(store.time, "perf_counter", lambda: clock[0])
+    report = store.logged_progress("calibrating x", every=5.0)
+    with caplog.at_level(logging.INFO, logger="sr"):
+        clock[0] += 2
+        report(0.5, "pass 1 of 2")  # under 5 s in: nothing
+        clock[0] += 4
+        report(0.25, "pass 1 of 2")
+    lines = [r.getMessage() for r in caplog.records if r.name == "sr"]
+    assert lines == ["calibrating x: pass 1 of 2, 25% done, about 18 s left"]
+
+
+def test_cache_root_follows_the_environment_at_call_time(tmp_path, monkeypatch):
+    monkeypatch.setenv("SR_CACHE_DIR", str(tmp_path / "elsewhere"))
+    assert store.cache_root() == tmp_path / "elsewhere" and store.cache_root(tmp_path) == tmp_path
+    monkeypatch.delenv("SR_CACHE_DIR")
+    assert store.cache_root() == store.CACHE_DIR and os.fspath(store.CACHE_DIR).endswith("cache")
