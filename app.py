@@ -40,7 +40,7 @@ from sr.models import is_uploaded, model_info
 from sr.usermodel import Overrides, register_onnx
 from sr.plots import DifferenceKind, difference_image, histogram_figure, range_chart
 from sr.quantspec import Scheme
-from sr.store import cache_root, remove_stale_temps
+from sr.store import Memo, cache_root, remove_stale_temps
 
 log = logging.getLogger("app")
 HEAVY = "heavy"  # one concurrency id for all CPU-heavy work: parallel users queue instead of oversubscribing
@@ -499,17 +499,12 @@ def spread_note(history) -> str:
             + "; ".join(parts) + ".")
 
 
-_CHARTS: dict[tuple, object] = {}
+_CHARTS = Memo(16)  # (the two calibrations' keys, models) -> their range chart (it depends on nothing else)
 
 
 def _chart(first, second):
-    """The range chart of two calibrations (remembered: it depends on nothing else)."""
-    key = (first.key, second.key, first.model, second.model)
-    if key not in _CHARTS:
-        if len(_CHARTS) > 16:
-            _CHARTS.clear()
-        _CHARTS[key] = range_chart(first, second)
-    return _CHARTS[key]
+    """The range chart of two calibrations (remembered)."""
+    return _CHARTS.get((first.key, second.key, first.model, second.model), lambda: range_chart(first, second))
 
 
 def run_slider(state, left, right):
@@ -622,7 +617,9 @@ def run_diagnose(image, model_a, model_b, which, mode, method, samples, scheme, 
     _check_image(image)
     progress = _capped(progress, "diagnosis")
     model = model_a if which == "model A" else model_b
-    stop = _STOPS[_verified_owner(owner) or secrets.token_hex(8)] = threading.Event()
+    stop, ident = threading.Event(), _verified_owner(owner)
+    if ident is not None:  # only a page's own Cancel can reach it
+        _STOPS[ident] = stop
     with _user_errors("diagnosis"):
         config = DiagnoseConfig(model, _calibration(method, samples, gain, seed), scheme, max_side=DIAGNOSE_SIDE)
         try:

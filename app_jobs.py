@@ -23,7 +23,7 @@ from sr import store
 from sr.distill import DistillConfig, KDMode, distill
 from sr.models import is_uploaded, model_info
 from sr.qat import QatConfig, quantization_aware_training
-from sr.train import TrainConfig, train
+from sr.train import TrainConfig, default_training_dirs, default_validation_dir, train
 from sr.usermodel import register_onnx
 
 MAX_STEPS = 5_000  # about 10 minutes of XLSR on two CPU cores
@@ -46,13 +46,6 @@ class Policy:
 
 
 POLICY = Policy()
-
-
-def training_dirs() -> list[str]:
-    """Training folders: $SR_TRAIN_DIRS (os.pathsep-separated) or the shared T91 + BSD200."""
-    if os.environ.get("SR_TRAIN_DIRS"):
-        return os.environ["SR_TRAIN_DIRS"].split(os.pathsep)
-    return [str(store.PROJECT_ROOT.parent / "shared" / "data" / name) for name in ("T91", "BSD200")]
 
 
 @dataclass
@@ -227,13 +220,10 @@ def _work() -> None:
 
 
 def _run(job: Job) -> None:
-    fields = dict(arch="xlsr", final_activation=job.final_activation, train_dirs=training_dirs(), val_dir=None,
-                  out=str(job.weights), steps=job.steps, batch_size=16, lr_patch=32,
+    fields = dict(arch="xlsr", final_activation=job.final_activation, train_dirs=default_training_dirs(),
+                  val_dir=default_validation_dir(), out=str(job.weights), steps=job.steps, batch_size=16, lr_patch=32,
                   val_every=max(1, job.steps // 5), checkpoint_every=10**9, device="cpu",
                   max_seconds=POLICY.max_seconds)
-    validation = store.PROJECT_ROOT.parent / "shared" / "data" / "Set5"
-    if validation.is_dir():
-        fields["val_dir"] = str(validation)
 
     def on_progress(event: dict) -> None:
         with _lock:

@@ -50,8 +50,8 @@ from .quantspec import QuantSpec, activation_qparams
 from .quantize import CalibratedModel, Fixes, Scheme, calibrate_model, fp32_onnx_path, qat_record
 from .qdq import fixed_input_size, spec_of, write_qdq_model
 from .store import atomic_path, file_sha256, write_atomic
-from .train import (DEFAULT_TRAIN_DIRS, DEFAULT_VAL_DIR, Validator, _distributed, _gather, _machine, _resolve_device,
-                    _should_end, end_distributed, warmup_fraction)
+from .train import (Validator, _distributed, _gather, _machine, _resolve_device, _should_end, default_training_dirs,
+                    default_validation_dir, end_distributed, training_folders, warmup_fraction)
 from .transforms import calibration_batch, prepare, remove_starting_points
 
 log = logging.getLogger(__name__)
@@ -82,8 +82,8 @@ class QatConfig:
     beta: float = 0.0  # weight of the teacher term (needs a teacher)
     kd_mode: str = "output"  # output: L1 to T(x); upcycled: also on zoomed-in and zoomed-out inputs (DUKD)
     seed: int = 0
-    train_dirs: list[str] = field(default_factory=lambda: list(DEFAULT_TRAIN_DIRS))
-    val_dir: str | None = DEFAULT_VAL_DIR
+    train_dirs: list[str] = field(default_factory=default_training_dirs)
+    val_dir: str | None = field(default_factory=default_validation_dir)
     val_every: int = 500
     checkpoint_every: int = 500
     resume: bool = False
@@ -381,7 +381,7 @@ def _setup(config: QatConfig) -> _QatRun:
                                   {"params": [student.log_scales], "lr": config.range_lr}])
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _cosine(config.steps))
     fixed = _fixed_size(fp32)
-    sampler = PatchSampler(config.train_dirs, info.scale, fixed or config.lr_patch, seed=config.seed)
+    sampler = PatchSampler(training_folders(config.train_dirs), info.scale, fixed or config.lr_patch, seed=config.seed)
     validator = Validator(config.val_dir, info.scale) if config.val_dir and rank == 0 and not fixed else None
     run = _QatRun(config, rank, world, device, student, student, reference, optimizer, scheduler, sampler,
                   validator, calibrated.ranges, calibrated.fp32_onnx, info.scale, structure)

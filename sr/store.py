@@ -74,10 +74,6 @@ class Memo:
         with self.lock:
             return self.items.get(key, default)
 
-    def clear(self) -> None:
-        with self.lock:
-            self.items.clear()
-
 
 _DIGESTS = Memo(4096)  # (real path, size, mtime, inode) -> SHA-256
 

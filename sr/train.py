@@ -15,7 +15,7 @@ import platform
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -26,14 +26,40 @@ from tqdm import tqdm
 from .data import Degradation, PatchSampler, degrade, list_images, load_image, to_tensor, to_uint8
 from .metrics import psnr_y
 from .models import MODELS, SCALES, FinalActivation, build_model, load_model, save_weights
-from .store import atomic_path
+from .store import PROJECT_ROOT, atomic_path
 
 log = logging.getLogger(__name__)
 
-# Where the training and validation images are in this project's set-up (the shared data sets beside the
-# checkout); a clone without them passes its own folders.
-DEFAULT_TRAIN_DIRS = ("../shared/data/T91", "../shared/data/BSD200")
-DEFAULT_VAL_DIR = "../shared/data/Set5"
+# Where the training and validation images are in this project's set-up: the shared data sets beside the checkout
+# (found from the project, not the working directory); a clone without them gives its own folders.
+SHARED_DATA = PROJECT_ROOT.parent / "shared" / "data"
+
+
+def default_training_dirs() -> list[str]:
+    """The training folders when none are given: $SR_TRAIN_DIRS (os.pathsep-separated), else T91 and BSD200 of
+    SHARED_DATA (what the shipped models were trained on)."""
+    if os.environ.get("SR_TRAIN_DIRS"):
+        return os.environ["SR_TRAIN_DIRS"].split(os.pathsep)
+    return [str(SHARED_DATA / name) for name in ("T91", "BSD200")]
+
+
+def default_validation_dir() -> str | None:
+    """Set5 of SHARED_DATA when it is there, else None (validation is optional)."""
+    return str(SHARED_DATA / "Set5") if (SHARED_DATA / "Set5").is_dir() else None
+
+
+def training_folders(folders: Sequence[str]) -> list[str]:
+    """`folders`, each checked to exist.
+
+    Raises:
+        FileNotFoundError: a folder that is not there, with where training images can come from.
+    """
+    for folder in folders:
+        if not Path(folder).is_dir():
+            raise FileNotFoundError(f"no training images at {folder}: give folders of HR images (the CLI's "
+                                    "--train-dirs, or SR_TRAIN_DIRS; the shipped models were trained on T91 and "
+                                    "BSD200)")
+    return list(folders)
 
 
 @dataclass
@@ -48,8 +74,8 @@ class TrainConfig:
     arch: str = "xlsr"
     final_activation: str = "relu"
     scale: int = 3
-    train_dirs: list[str] = field(default_factory=lambda: list(DEFAULT_TRAIN_DIRS))
-    val_dir: str | None = DEFAULT_VAL_DIR
+    train_dirs: list[str] = field(default_factory=default_training_dirs)
+    val_dir: str | None = field(default_factory=default_validation_dir)
     out: str = "runs/model.safetensors"
     steps: int = 20_000
     batch_size: int = 16  # per process; under torchrun the global batch is batch_size * world size
@@ -368,7 +394,7 @@ def _setup_data(run: _Run) -> None:
     """The patch sampler (its random stream restored on resume) and, on rank 0, the validator."""
     config = run.config
     degradation = Degradation.parse(config.degradation)
-    run.sampler = PatchSampler(config.train_dirs, config.scale, config.lr_patch, seed=config.seed,
+    run.sampler = PatchSampler(training_folders(config.train_dirs), config.scale, config.lr_patch, seed=config.seed,
                                degradation=None if degradation.is_clean else degradation)
     states = run.restored_sampler_states
     if states is not None and len(states) == run.world:
