@@ -56,7 +56,7 @@ def training_folders(folders: Sequence[str]) -> list[str]:
     """
     for folder in folders:
         if not Path(folder).is_dir():
-            raise FileNotFoundError(f"no training images at {folder}: give folders of HR images (the CLI's "
+            raise FileNotFoundError(f"no such image folder: {folder} (training needs folders of HR images: the CLI's "
                                     "--train-dirs, or SR_TRAIN_DIRS; the shipped models were trained on T91 and "
                                     "BSD200)")
     return list(folders)

@@ -269,7 +269,7 @@ def test_short_schedules_run(steps, tiny_data, tmp_path):
 
 def test_default_training_folders_come_from_the_project_and_missing_ones_say_what_to_give(tmp_path, monkeypatch):
     """The defaults do not depend on the working directory; $SR_TRAIN_DIRS wins; a missing folder is named with
-    where training images can come from (it used to be a bare "no such image folder: ../shared/data/T91")."""
+    where training images can come from (it used to say only "no such image folder: ../shared/data/T91")."""
     from sr.train import SHARED_DATA, default_training_dirs
 
     monkeypatch.delenv("SR_TRAIN_DIRS", raising=False)
@@ -278,5 +278,5 @@ def test_default_training_folders_come_from_the_project_and_missing_ones_say_wha
     assert SHARED_DATA.is_absolute() and (SHARED_DATA / "T91").is_dir()  # found from here, another folder
     monkeypatch.setenv("SR_TRAIN_DIRS", os.pathsep.join(["/a", "/b"]))
     assert TrainConfig(out=str(tmp_path / "x.safetensors")).train_dirs == ["/a", "/b"]
-    with pytest.raises(FileNotFoundError, match=r"no training images at /a: .*--train-dirs, or SR_TRAIN_DIRS"):
+    with pytest.raises(FileNotFoundError, match=r"no such image folder: /a \(training needs .*--train-dirs, or SR_TRAIN_DIRS"):
         train(TrainConfig(out=str(tmp_path / "x.safetensors"), steps=1, val_dir=None))
