@@ -492,6 +492,16 @@ def is_uploaded(name: str | os.PathLike | None) -> bool:
     return lookup(str(name or "")) is not None
 
 
+def with_values(model: onnx.ModelProto, values: dict[str, np.ndarray]) -> onnx.ModelProto:
+    """A copy of an ONNX model with some initializers' values replaced (by name)."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    for initializer in copy.graph.initializer:
+        if initializer.name in values:
+            initializer.CopyFrom(onnx.numpy_helper.from_array(values[initializer.name], initializer.name))
+    return copy
+
+
 def save_tuned(base: str | os.PathLike, graph: onnx.ModelProto, changed: dict[str, np.ndarray], out: str | os.PathLike,
                record: dict | None = None) -> str:
     """A copy of `base` with some weights changed, saved the way `base` is, and the name to use it by.
@@ -511,12 +521,7 @@ def save_tuned(base: str | os.PathLike, graph: onnx.ModelProto, changed: dict[st
     """
     info, out = model_info(base), Path(out)
     if info.uploaded:
-        copy = onnx.ModelProto()
-        copy.CopyFrom(graph)
-        for initializer in copy.graph.initializer:
-            if initializer.name in changed:
-                initializer.CopyFrom(onnx.numpy_helper.from_array(np.asarray(changed[initializer.name]),
-                                                                  initializer.name))
+        copy = with_values(graph, {name: np.asarray(value) for name, value in changed.items()})
         set_metadata(copy, STANDARD_KEY, json.dumps(Contract(scale=info.contract.scale,
                                                              fixed_size=info.contract.fixed_size).to_dict()))
         if record is not None:

@@ -180,20 +180,23 @@ def _calibrate_auto(model_name, config: CalibrationConfig, scheme: Scheme, image
                          "the candidates)")
     held = source[len(source) - max(1, min(AUTO_HELD_BACK, len(source) // 5)):]
     rest = source[:len(source) - len(held)]
-    scale = model_info(model_name).scale
-    lrs = [_centre_crop(data.bicubic_resize(image, max(1, image.shape[1] // scale), max(1, image.shape[0] // scale)))
+    info = model_info(model_name)
+    scale = info.scale
+    # downscaled as deployed (and as calibration feeds them); an image too small for that is used as it is
+    lrs = [_centre_crop(data.degrade(image, scale)[1] if min(image.shape[:2]) >= 2 * scale else image)
            for image in held]
-    key = short_hash(json.dumps([file_sha256(model_info(model_name).path), asdict(config), scheme.value,
+    key = short_hash(json.dumps([file_sha256(info.path), asdict(config), scheme.value,
                                  images_digest(source), (fixes or Fixes()).key(), code_digest(sys.modules[__name__])],
                                 default=str), 20)
     record = cache_root(cache_dir) / "auto" / f"{key}.json"
     try:
         choice = json.loads(record.read_text())
-        chosen = calibrate_model(model_name, replace(config, method=choice["method"]), scheme, rest, fixes,
-                                 cache_dir, threads, progress)
-        return replace(chosen, choice=choice)
-    except (OSError, ValueError, KeyError):
-        pass
+        method = Method.parse(choice["method"])
+    except (OSError, ValueError, KeyError, TypeError):  # not chosen yet, or an unreadable record: choose again
+        choice = None
+    if choice is not None:
+        return replace(calibrate_model(model_name, replace(config, method=method), scheme, rest, fixes, cache_dir,
+                                       threads, progress), choice=choice)
     reference = OrtEngine(fp32_onnx_path(model_name, cache_dir), scale, cpu_only=True)
     truths = [reference.run(lr) for lr in lrs]
     made, candidates = {}, {}

@@ -20,7 +20,7 @@ import torch
 
 from .calibrate import calibration_patches, load_calibration_images, prepare_calibration_images
 from .models import (IO_OFFSET, RECORD_KEY, load_model, model_info, read_metadata, save_tuned, save_weights,
-                     with_io_offset)
+                     with_io_offset, with_values)
 from .onnxtorch import OnnxModule
 from .quantize import Fixes, Scheme, fp32_onnx_path
 
@@ -181,7 +181,7 @@ def equalize_channels(model: onnx.ModelProto, x: torch.Tensor, strength: float =
     changed: dict[str, np.ndarray] = {}
     for consumer, producers in equalizable_pairs(model):
         b = nodes[consumer]
-        trial = _with_values(model, {**values, **changed})
+        trial = with_values(model, {**values, **changed})
         _, seen = OnnxModule(trial)(x, keep={b.input[0]})
         peaks = seen[b.input[0]].abs().amax(dim=(0, 2, 3)).numpy()
         if not peaks.max() > 0:
@@ -203,12 +203,3 @@ def equalize_channels(model: onnx.ModelProto, x: torch.Tensor, strength: float =
             w[g * per_group_out:(g + 1) * per_group_out, channel % per_group_in] /= e
         changed[weight] = w
     return changed
-
-
-def _with_values(model: onnx.ModelProto, values: dict[str, np.ndarray]) -> onnx.ModelProto:
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    for initializer in copy.graph.initializer:
-        if initializer.name in values:
-            initializer.CopyFrom(onnx.numpy_helper.from_array(values[initializer.name], initializer.name))
-    return copy

@@ -13,11 +13,12 @@ import torch
 
 import standins
 from sr.calibrate import CalibrationConfig
+from sr.models import with_values
 from sr.onnxtorch import OnnxModule
 from sr.ptq import RefineConfig, _conv_nodes, adaround, correct_biases
 from sr.qat import fake_quantized
 from sr.quantize import Fixes, fp32_onnx_path
-from sr.transforms import _with_values, calibration_batch, equalizable_pairs, equalize_channels
+from sr.transforms import calibration_batch, equalizable_pairs, equalize_channels
 from sr.usermodel import register_onnx
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -36,7 +37,7 @@ def test_equalization_keeps_the_function(tmp_path):
     for name, model in models.items():
         changed = equalize_channels(model, x, strength=1.0)
         assert bool(changed) == (name == "xlsr-clip")  # PRelu is not a ReLU: FSRCNN has no equalizable pair
-        after = _with_values(model, {**_values(model), **changed})
+        after = with_values(model, {**_values(model), **changed})
         with torch.no_grad():
             assert (OnnxModule(model)(x) - OnnxModule(after)(x)).abs().max() < 1e-5, name
 
