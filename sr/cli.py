@@ -59,7 +59,8 @@ def _training_fields(args: argparse.Namespace) -> dict:
     return fields
 
 
-def _add_calibration_arguments(parser: argparse.ArgumentParser, data_flag: tuple[str, ...] = ("--calib-data",)) -> None:
+def _add_calibration_arguments(parser: argparse.ArgumentParser, data_flag: tuple[str, ...] = ("--calib-data",),
+                               refine: bool = True) -> None:
     """The calibration options; defaults None so that --recommended can tell what the user set."""
     c = CALIBRATION_DEFAULTS
     methods = ", ".join(m.value for m in Method)
@@ -82,6 +83,8 @@ def _add_calibration_arguments(parser: argparse.ArgumentParser, data_flag: tuple
                         "this brightness gain, e.g. 0.4 (default: %(default)s)")
     parser.add_argument("--contrast", type=float, default=c.contrast, help="experiment: contrast gain around mid grey "
                         "(default: %(default)s)")
+    if not refine:
+        return
     parser.add_argument("--refine", default=None, metavar="LIST", help="post-training refinements before quantizing, "
                         "comma-separated: centred-io, equalize, range-search, adaround, bias-correction (sr/ptq.py; the "
                         "refined model is cached and compared against the original)")
@@ -342,6 +345,7 @@ def _add_commands(commands) -> None:
     distill.set_defaults(run=cmd_distill)
     _add_int8_commands(commands)
     _add_qat_command(commands)
+    _add_ready_command(commands)
 
 
 def _add_int8_commands(commands) -> None:
@@ -393,6 +397,66 @@ def _add_int8_commands(commands) -> None:
     diagnose.add_argument("--top", type=int, default=None, help="keep the N worst tensors")
     diagnose.add_argument("--json", action="store_true", help="print one JSON object")
     diagnose.set_defaults(run=cmd_diagnose)
+
+
+def _add_ready_command(commands) -> None:
+    from .ready import ReadyConfig
+
+    d = {f.name: f for f in dataclasses.fields(ReadyConfig)}
+    ready = commands.add_parser("int8-ready", help="make a model INT8-ready in a time budget: range methods, then "
+                                "refinements, then mixed precision, then QAT, until the target loss is met")
+    _add_model_arguments(ready)
+    _add_calibration_arguments(ready, refine=False)
+    ready.add_argument("--data", default=None, help="ground-truth (HR) images to measure the loss on (default: the "
+                       "calibration images)")
+    ready.add_argument("--target-db", type=float, default=d["target_db"].default,
+                       help="the largest loss against the original FP32 model accepted, dB (default: %(default)s)")
+    ready.add_argument("--budget-minutes", type=float, default=d["budget_minutes"].default,
+                       help="time for the whole search, the bundle included (default: %(default)s)")
+    ready.add_argument("--max-float", type=int, default=d["max_float"].default,
+                       help="the most tensors mixed precision may leave in float (default: %(default)s)")
+    ready.add_argument("--train-dirs", nargs="+", default=None, metavar="DIR", help="QAT's training images (default: "
+                       "the lab's training folders, else the measurement images)")
+    ready.add_argument("--no-qat", dest="qat", action="store_false", help="stop before the QAT route")
+    ready.add_argument("--out", default=None, help="write the deployment bundle of the chosen model here")
+    ready.add_argument("--json", action="store_true", help="print one JSON object")
+    ready.set_defaults(run=cmd_ready)
+
+
+def format_ready(result) -> str:
+    """The route taken, each candidate's loss, and what was chosen, as text."""
+    lines = [f"# {result.model}: target {result.target_db:.3f} dB below the original FP32 "
+             f"({result.fp32_psnr_db:.2f} dB PSNR-Y on {result.measured_on})"]
+    for step in result.steps:
+        lines.append(f"{step.route} ({step.seconds:.0f} s):")
+        lines += [f"  {c.what:<60} loss {c.loss_db:+.3f} dB, brightness {c.brightness:.3f}" for c in step.tried]
+        lines += [f"  note: {note}" for note in step.notes]
+    verdict = "met" if result.met else "NOT met (the best reached)"
+    lines.append(f"chosen: {result.chosen.what}: loss {result.loss_db:+.3f} dB against the original FP32 (negative: "
+                 f"INT8 scored higher), target {verdict}, in {result.seconds:.0f} s")
+    for entry in result.float_tensors:
+        lines.append(f"  left in float: {entry['tensor']} ({entry['latency_ms_added']:+.2f} ms on the CPU reference)")
+    latency = result.latency_ms
+    lines.append(f"latency on the CPU reference ({latency['input']} LR): FP32 {latency['fp32']:.2f} ms, all INT8 "
+                 f"{latency['int8_all']:.2f} ms, chosen {latency['chosen']:.2f} ms")
+    if result.bundle is not None:
+        lines.append(f"bundle: {result.bundle}")
+    return "\n".join(lines)
+
+
+def cmd_ready(args: argparse.Namespace) -> int:
+    """`int8-ready`: fill ReadyConfig, search, print the route and the choice (or JSON); exit 1 if not met."""
+    from .ready import ReadyConfig, make_ready
+
+    calibration, scheme = _calibration(args)
+    config = ReadyConfig(model=_model(args), data=args.data, target_db=args.target_db,
+                         budget_minutes=args.budget_minutes, out=args.out, calibration=calibration, scheme=scheme,
+                         max_float=args.max_float, train_dirs=args.train_dirs, qat=args.qat)
+    _print_config(config)
+    report = None if args.json else (lambda f, m: print(f"[{100 * f:3.0f}% of the budget] {m}", file=sys.stderr))
+    result = make_ready(config, progress=report)
+    print(json.dumps(result.to_json(), indent=2) if args.json else format_ready(result))
+    return 0 if result.met else 1
 
 
 def _add_qat_command(commands) -> None:
@@ -470,7 +534,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the CLI.
 
     Returns:
-        the exit status: 0, 2 for a bad argument or missing file (one line on stderr), 130 when interrupted.
+        the exit status: 0, 1 when `int8-ready` did not meet its target, 2 for a bad argument or missing file (one line on stderr), 130 when interrupted.
     """
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -161,7 +161,7 @@ def _sqnr(stats: TensorStats, r: TensorRange, activation: ActivationSpec) -> tup
     return (10 * math.log10(energy / noise) if noise > 0 else math.inf), float(clipped / energy)
 
 
-def _eval_pairs(data: str | None, images: Sequence | None, mode: InputMode, scale: int,
+def eval_pairs(data: str | None, images: Sequence | None, mode: InputMode, scale: int,
                 max_side: int | None) -> list[tuple]:
     """[(lr, truth or None)] to measure on, centre-cropped to `max_side` LR pixels a side."""
     if images:
@@ -205,7 +205,7 @@ class _SessionEngine(Seamless):
         return self.session.run(None, {self.input_name: array})[0]
 
 
-class _Scorer:
+class Scorer:
     """Scores the written QDQ model, and copies of it with some quantization taken out, on the evaluation pairs
     with the reference engine (ONNX Runtime on the CPU): "all INT8" is the model the bundle ships."""
 
@@ -289,7 +289,7 @@ def diagnose(config: DiagnoseConfig, images: Sequence | None = None, mode: Input
     """
     mode = InputMode.parse(mode)
     calibrated = calibrate_model(config.model, config.calibration, config.scheme)
-    simulator = _Scorer(calibrated, _eval_pairs(config.data, images, mode, calibrated.scale, config.max_side))
+    simulator = Scorer(calibrated, eval_pairs(config.data, images, mode, calibrated.scale, config.max_side))
     points = simulator.points
     started = time.perf_counter()
     all_truth, all_fp32, all_bright = simulator.score()

@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .choices import Choice
-from .store import atomic_path, write_atomic
+from .store import Memo, atomic_path, write_atomic
 from .usermodel import STANDARD_KEY, Contract, lookup, register_onnx, set_metadata
 
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
@@ -540,11 +540,30 @@ def save_tuned(base: str | os.PathLike, graph: onnx.ModelProto, changed: dict[st
     return str(out)
 
 
+_ONNX_FILES = Memo(64)  # (path, size, mtime) -> the registered model of an .onnx file given by its path
+
+
+def _onnx_file(name_or_path: str | os.PathLike):
+    """The registered model of an ONNX file given by its path (a tuned copy a refinement or QAT wrote, or a
+    user's file), registered on first use; None for anything else."""
+    path = Path(name_or_path)
+    if path.suffix.lower() != ".onnx" or not path.is_file():
+        return None
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    found = _ONNX_FILES.peek(key)
+    if found is None or not found.standard_onnx.is_file():  # the cache's cap may have evicted it since
+        found = register_onnx(path)
+        _ONNX_FILES.put(key, found)
+    return found
+
+
 def model_info(name_or_path: str | os.PathLike) -> ModelInfo:
     """Architecture, scale, final activation and parameter count of a weight file.
 
     Args:
-        name_or_path: a shipped model name or a weight file.
+        name_or_path: a shipped model name, a weight file, a registered ONNX model, or an ONNX file's path
+            (registered on first use).
 
     Returns:
         the ModelInfo.
@@ -553,7 +572,7 @@ def model_info(name_or_path: str | os.PathLike) -> ModelInfo:
         FileNotFoundError: no such model.
         ValueError: not a weight file written by `save_weights`.
     """
-    user = lookup(str(name_or_path))
+    user = lookup(str(name_or_path)) or _onnx_file(name_or_path)
     if user is not None:  # a registered ONNX model (sr.usermodel): its standard graph stands for the weights
         return ModelInfo(user.name, user.standard_onnx, "onnx", user.contract.scale, "unknown", user.parameters,
                          user.contract, user.input_range)

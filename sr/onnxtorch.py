@@ -20,13 +20,14 @@ Example:
 """
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import numpy as np
 import onnx
 import torch
 import torch.nn.functional as F
-from onnx import numpy_helper
+from onnx import TensorProto, numpy_helper
 from torch import nn
 
 Op = Callable[["OnnxModule", onnx.NodeProto, list], list]
@@ -245,7 +246,106 @@ def _unary(fn):
     return lambda module, node, inputs: [fn(inputs[0])]
 
 
+def _pool(kind: str):
+    """MaxPool / AveragePool over 2-D windows (explicit pads; ceil_mode; AveragePool's count_include_pad)."""
+    def run(module, node, inputs):
+        a = _attrs(node)
+        if _decode(a.get("auto_pad", "NOTSET")) not in ("NOTSET", "VALID") or any(d != 1 for d in a.get("dilations", [1])):
+            raise ValueError(f"{node.op_type} {node.name}: only explicit pads and no dilation are supported")
+        kernel = list(a["kernel_shape"])
+        strides = list(a.get("strides", [1] * len(kernel)))
+        pads = list(a.get("pads", [0] * 2 * len(kernel)))
+        x, ceil = inputs[0], bool(a.get("ceil_mode", 0))
+        if pads[:2] != pads[2:]:  # uneven pads: pad explicitly (-inf for max, zeros counted for average)
+            fill = -math.inf if kind == "max" else 0.0
+            x = F.pad(x, [pads[1], pads[3], pads[0], pads[2]], value=fill)
+            pads = [0, 0, 0, 0]
+        if kind == "max":
+            return [F.max_pool2d(x, kernel, strides, pads[:2], ceil_mode=ceil)]
+        return [F.avg_pool2d(x, kernel, strides, pads[:2], ceil_mode=ceil,
+                             count_include_pad=bool(a.get("count_include_pad", 0)))]
+    return run
+
+
+def _layer_norm(module, node, inputs):
+    a = _attrs(node)
+    x, axis = inputs[0], a.get("axis", -1)
+    axis = axis % x.dim()
+    shape = x.shape[axis:]
+    bias = inputs[2] if len(inputs) > 2 else None
+    return [F.layer_norm(x, shape, inputs[1].expand(shape) if inputs[1] is not None else None,
+                         None if bias is None else bias.expand(shape), a.get("epsilon", 1e-5))]
+
+
+def _reduce_mean(module, node, inputs):
+    a = _attrs(node)
+    axes = a.get("axes")
+    if axes is None and len(inputs) > 1 and inputs[1] is not None:  # axes as an input (opset 18)
+        axes = _ints(inputs[1])
+    keep = bool(a.get("keepdims", 1))
+    if not axes:
+        return [inputs[0].mean().reshape([1] * inputs[0].dim() if keep else [])]
+    return [inputs[0].mean(dim=[int(d) for d in axes], keepdim=keep)]
+
+
+def _gather(module, node, inputs):
+    axis = _attrs(node).get("axis", 0)
+    data, index = inputs[0], inputs[1].long()
+    axis = axis % data.dim()
+    index = torch.where(index < 0, index + data.shape[axis], index)
+    picked = data.index_select(axis, index.flatten())
+    return [picked.reshape(list(data.shape[:axis]) + list(index.shape) + list(data.shape[axis + 1:]))]
+
+
+def _unsqueeze(module, node, inputs):
+    axes = _attrs(node).get("axes") or _ints(inputs[1])
+    x = inputs[0]
+    rank = x.dim() + len(axes)
+    for axis in sorted(a % rank for a in axes):
+        x = x.unsqueeze(axis)
+    return [x]
+
+
+def _squeeze(module, node, inputs):
+    axes = _attrs(node).get("axes") or (_ints(inputs[1]) if len(inputs) > 1 and inputs[1] is not None else None)
+    x = inputs[0]
+    if axes is None:
+        return [x.squeeze()]
+    for axis in sorted((a % x.dim() for a in axes), reverse=True):
+        x = x.squeeze(axis)
+    return [x]
+
+
+_CAST = {TensorProto.FLOAT: torch.float32, TensorProto.INT64: torch.int64, TensorProto.INT32: torch.int32,
+         TensorProto.FLOAT16: torch.float16, TensorProto.DOUBLE: torch.float64, TensorProto.BOOL: torch.bool,
+         TensorProto.UINT8: torch.uint8, TensorProto.INT8: torch.int8}
+
+
+def _cast(module, node, inputs):
+    to = _attrs(node)["to"]
+    if to not in _CAST:
+        raise ValueError(f"Cast {node.name}: to type {to} is not supported")
+    return [inputs[0].to(_CAST[to])]
+
+
+def _gelu(module, node, inputs):
+    approximate = _decode(_attrs(node).get("approximate", "none"))
+    return [F.gelu(inputs[0], approximate="tanh" if approximate == "tanh" else "none")]
+
+
 OPS: dict[str, Op] = {
+    "MaxPool": _pool("max"), "AveragePool": _pool("average"), "LayerNormalization": _layer_norm,
+    "ReduceMean": _reduce_mean, "Gather": _gather, "Unsqueeze": _unsqueeze, "Squeeze": _squeeze, "Cast": _cast,
+    "Gelu": _gelu, "Erf": _unary(torch.erf), "Sqrt": _unary(torch.sqrt), "Neg": _unary(torch.neg),
+    "Abs": _unary(torch.abs), "Pow": _binary(torch.pow), "MatMul": _binary(torch.matmul),
+    "Softmax": lambda m, n, i: [torch.softmax(i[0], dim=_attrs(n).get("axis", -1))],
+    "GlobalAveragePool": lambda m, n, i: [i[0].mean(dim=(2, 3), keepdim=True)],
+    "Shape": lambda m, n, i: [torch.tensor(list(i[0].shape)[_attrs(n).get("start", 0):_attrs(n).get("end")],
+                                           dtype=torch.int64, device=i[0].device)],
+    "Tile": lambda m, n, i: [i[0].repeat(*_ints(i[1]))],
+    "Expand": lambda m, n, i: [i[0] * torch.ones(_ints(i[1]), dtype=i[0].dtype, device=i[0].device)],
+    "Flatten": lambda m, n, i: [i[0].reshape(int(np.prod(i[0].shape[:_attrs(n).get("axis", 1)])), -1)],
+
     "Conv": _conv, "ConvTranspose": _conv_transpose, "Clip": _clip, "PRelu": _prelu, "Split": _split,
     "Slice": _slice, "Pad": _pad, "DepthToSpace": _depth_to_space, "Resize": _resize,
     "Relu": _unary(torch.relu), "Sigmoid": _unary(torch.sigmoid), "Tanh": _unary(torch.tanh),

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -92,6 +93,9 @@ class QatConfig:
     calib_data: str | None = None  # calibration images (default: calib_data/)
     io_offset: bool = True  # centred I/O (`sr.transforms`) where possible: the lab's architectures
     equalize: float = 0.0  # channel-equalization strength before calibration (`sr.transforms`; 0: none)
+    # end with the weights of the best validation (the validation images then choose the model too: measure the
+    # result on other images)
+    keep_best: bool = False
 
     def __post_init__(self):
         self.scheme = Scheme.parse(self.scheme).value
@@ -313,6 +317,7 @@ class _QatRun:
     started: float = 0.0
     fp32_val_psnr: float | None = None
     teacher: nn.Module | None = None
+    best: tuple | None = None  # (validation PSNR, step, student state) with keep_best
 
     def wall_seconds(self) -> float:
         return self.elapsed_before + time.perf_counter() - self.started
@@ -379,7 +384,7 @@ def _setup(config: QatConfig) -> _QatRun:
     weights = [p for p in student.network.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam([{"params": weights, "lr": config.lr},
                                   {"params": [student.log_scales], "lr": config.range_lr}])
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _cosine(config.steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _cosine(config.steps, config.max_seconds))
     fixed = _fixed_size(fp32)
     sampler = PatchSampler(training_folders(config.train_dirs), info.scale, fixed or config.lr_patch, seed=config.seed)
     validator = Validator(config.val_dir, info.scale) if config.val_dir and rank == 0 and not fixed else None
@@ -420,9 +425,19 @@ def original_model(model: str) -> str:
     return str(record["base"]) if record and record.get("base") else str(model)
 
 
-def _cosine(steps: int) -> Callable[[int], float]:
+def _cosine(steps: int, max_seconds: float | None = None) -> Callable[[int], float]:
+    """Warm-up, then cosine decay over the run: over `steps`, or over `max_seconds` when the time budget ends
+    the run first (the decay follows whichever is further along), so a run stopped by its budget ends at a low
+    learning rate instead of being cut off at a high one."""
     warmup = max(1, int(warmup_fraction(steps) * steps * 0.5))
-    return lambda step: min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps))
+    started = time.perf_counter()
+
+    def factor(step: int) -> float:
+        done = min(step, steps) / steps
+        if max_seconds:
+            done = max(done, min(1.0, (time.perf_counter() - started) / max_seconds))
+        return min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * done))
+    return factor
 
 
 def _fixed_size(model: onnx.ModelProto) -> int | None:
@@ -507,13 +522,20 @@ def _report(run: _QatRun, bar: tqdm, on_progress: Callable[[dict], None] | None)
         event = {"step": step, "loss": run.running_loss}
         if run.validator is not None:  # the validator puts the model in eval mode for the call, and back
             event["val_psnr"] = run.validator(run.student, run.device)
+            _remember_best(run, event["val_psnr"])
             bar.write(f"step {step}: loss {run.running_loss:.5f}, INT8 (fake-quant) validation PSNR "
-                      f"{event['val_psnr']:.3f} dB (FP32 {run.fp32_val_psnr:.3f})")
+                      f"{event['val_psnr']:.3f} dB (FP32 {run.fp32_val_psnr:.3f})", file=sys.stderr)
         run.history.append(event)
     elif step % 50 == 0:
         event = {"step": step, "loss": run.running_loss}
     if event is not None and on_progress is not None:
         on_progress({**event, "steps": config.steps, "fp32_val_psnr": run.fp32_val_psnr})
+
+
+def _remember_best(run: _QatRun, psnr: float) -> None:
+    """With `keep_best`, a copy of the student's state at its best validation so far."""
+    if run.config.keep_best and (run.best is None or psnr > run.best[0]):
+        run.best = (psnr, run.step, {k: v.detach().clone() for k, v in run.student.state_dict().items()})
 
 
 def _checkpoint(run: _QatRun, wall_seconds: float | None = None) -> None:
@@ -532,6 +554,13 @@ def _finish(run: _QatRun) -> QatResult:
     if run.rank == 0 and run.validator is not None and (not run.history or run.history[-1]["step"] != run.step):
         run.history.append({"step": run.step, "loss": run.running_loss,
                             "val_psnr": run.validator(run.student, run.device)})
+        _remember_best(run, run.history[-1]["val_psnr"])
+    if run.best is not None and run.best[0] > run.history[-1]["val_psnr"]:
+        log.info("keeping the weights of step %d (validation %.3f dB, the last %.3f dB)", run.best[1], run.best[0],
+                 run.history[-1]["val_psnr"])
+        run.student.load_state_dict(run.best[2])
+        run.history.append({"step": run.step, "loss": run.running_loss, "val_psnr": run.best[0],
+                            "kept_step": run.best[1]})
     _checkpoint(run, wall)
     out = Path(run.config.out)
     qdq = qdq_path_for(out, run.config.scheme)

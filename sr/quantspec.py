@@ -215,8 +215,14 @@ def quant_spec(model: onnx.ModelProto, scheme: Scheme | str, keep_float: Sequenc
     quantized: list[str] = []
     weights: dict[str, WeightSpec] = {}
     excluded, floated = [], []
+    # the cpu writer (ONNX Runtime's quantizer) keeps a tensor in float by excluding every node that touches it,
+    # so those nodes quantize nothing else either (a Conv reading a float tensor leaves its output in float)
+    touching = set() if scheme.symmetric else set(keep_float)
     for node in graph.user_nodes:
         placed = _tensorrt_inputs(graph, node) if scheme is Scheme.TENSORRT else _all_int8_tensors(graph, node, scheme)
+        if placed is not None and touching & (set(node.input) | set(node.output)):
+            excluded.append(node.name)
+            continue
         if placed is None:  # a Conv TensorRT has no INT8 kernel for: left in float
             excluded.append(node.name)
             floated.extend(t for t in node.input[:1] if graph.activation(t))

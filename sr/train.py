@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import platform
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -470,7 +471,8 @@ def _validate_and_report(run: _Run, bar: tqdm, on_progress: Callable[[dict], Non
         event = {"step": step, "loss": run.running_loss}
         if run.validator is not None:
             event["val_psnr"] = run.validator(run.model, run.device)
-            bar.write(f"step {step}: loss {run.running_loss:.4f}, validation PSNR {event['val_psnr']:.3f} dB")
+            bar.write(f"step {step}: loss {run.running_loss:.4f}, validation PSNR {event['val_psnr']:.3f} dB",
+                      file=sys.stderr)
         run.history.append(event)
     elif step % 50 == 0:
         event = {"step": step, "loss": run.running_loss}

@@ -2,7 +2,7 @@
 
 - centred I/O (`sr.models.with_io_offset`): an 8-bit image's levels become exactly the INT8 values at step 1/255,
   so the input and output are quantized losslessly; those two ranges are fixed in advance;
-- channel equalization: per-channel scales moved between a Conv and the Conv that reads it (through a ReLU or a
+- channel equalization: per-channel scales moved between a Conv and the Conv that reads it (through a ReLU, LeakyReLU, PReLU or a
   Concat), so a per-tensor INT8 range serves every channel (activation equalization, in the spirit of the
   cross-layer equalization of Nagel et al., ICCV 2019, which balances weights instead).
 
@@ -26,6 +26,8 @@ from .quantize import Fixes, Scheme, fp32_onnx_path
 
 log = logging.getLogger(__name__)
 
+# activations f with f(e x) = e f(x) for e > 0, per channel: a per-channel scale passes through them unchanged
+POSITIVE_HOMOGENEOUS = ("Relu", "LeakyRelu", "PRelu")
 
 
 def prepare(model: str, io_offset: bool, equalize: float, patches: torch.Tensor | None,
@@ -117,9 +119,10 @@ def io_tensors(model: onnx.ModelProto) -> tuple[str, str]:
 
 def equalizable_pairs(model: onnx.ModelProto) -> list[tuple[str, list[tuple[str, int]]]]:
     """Where per-channel scales can move between layers without changing the function: a Conv B whose input is
-    made, through an optional ReLU and/or a Concat, only by Convs (each feeding nothing else). Scaling channel c
-    of a producer (its weights and bias) by e > 0 and B's weights for input channel c by 1 / e is exact (ReLU
-    commutes with positive scaling; Concat only stacks).
+    made, through an optional ReLU, LeakyReLU or PReLU and/or a Concat, only by Convs (each feeding nothing else).
+    Scaling channel c of a producer (its weights and bias) by e > 0 and B's weights for input channel c by 1 / e is
+    exact (those activations commute with positive scaling, a PReLU's slopes staying per channel; Concat only
+    stacks).
 
     Returns:
         [(B's output, [(a producer Conv's output, its first channel in B's input), ...])], in graph order.
@@ -133,7 +136,7 @@ def equalizable_pairs(model: onnx.ModelProto) -> list[tuple[str, list[tuple[str,
 
     def conv_behind(tensor: str) -> str | None:
         node = producer.get(tensor)
-        if node is not None and node.op_type == "Relu" and consumers.get(tensor) == 1:
+        if node is not None and node.op_type in POSITIVE_HOMOGENEOUS and consumers.get(tensor) == 1:
             tensor, node = node.input[0], producer.get(node.input[0])
         ok = node is not None and node.op_type == "Conv" and consumers.get(tensor) == 1 and len(node.input) > 2
         return node.output[0] if ok else None

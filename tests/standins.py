@@ -218,3 +218,197 @@ def shape_padded(path: Path) -> Path:
     onnx.checker.check_model(model)
     path.write_bytes(model.SerializeToString())
     return path
+
+
+# The families people ship, as small trainable stand-ins. Each core takes RGB or Y in [0, 1] NCHW; `family`
+# puts it in its contract and trains it briefly, so that its tensor statistics are those of a working network.
+
+class EspcnCore(nn.Module):
+    """ESPCN-like (Shi et al. 2016): Y in, tanh between 5x5 / 3x3 convs, a x3 pixel shuffle."""
+
+    def __init__(self, scale: int = 3):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(1, 32, 5, padding=2), nn.Tanh(), nn.Conv2d(32, 16, 3, padding=1), nn.Tanh(),
+                                  nn.Conv2d(16, scale * scale, 3, padding=1), nn.PixelShuffle(scale))
+
+    def forward(self, y):
+        return self.body(y)
+
+
+class Esa(nn.Module):
+    """RLFN's enhanced spatial attention: 1x1 down, strided conv, MaxPool, conv, bilinear Resize back, Sigmoid gate."""
+
+    def __init__(self, channels: int, inner: int = 8):
+        super().__init__()
+        self.down, self.strided = nn.Conv2d(channels, inner, 1), nn.Conv2d(inner, inner, 3, stride=2)
+        self.pool, self.conv = nn.MaxPool2d(7, 3), nn.Conv2d(inner, inner, 3, padding=1)
+        self.skip, self.up = nn.Conv2d(inner, inner, 1), nn.Conv2d(inner, channels, 1)
+
+    def forward(self, x):
+        c1 = self.down(x)
+        small = self.conv(self.pool(self.strided(c1)))
+        back = nn.functional.interpolate(small, size=x.shape[2:], mode="bilinear", align_corners=False)
+        return x * torch.sigmoid(self.up(back + self.skip(c1)))
+
+
+class RlfnLike(nn.Module):
+    """RLFN-like (Kong et al., NTIRE 2022 efficient SR): a residual block with ESA, RGB x4 by pixel shuffle."""
+
+    def __init__(self, scale: int = 4, channels: int = 16):
+        super().__init__()
+        self.head = nn.Conv2d(3, channels, 3, padding=1)
+        self.body = nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1), nn.LeakyReLU(0.05),
+                                  nn.Conv2d(channels, channels, 3, padding=1))
+        self.esa = Esa(channels)
+        self.tail = nn.Sequential(nn.Conv2d(channels, 3 * scale * scale, 3, padding=1), nn.PixelShuffle(scale))
+
+    def forward(self, x):
+        feature = self.head(x)
+        return self.tail(self.esa(self.body(feature)) + feature)
+
+
+class Rrdb(nn.Module):
+    """One residual-in-residual dense block (ESRGAN): dense Concat, LeakyReLU 0.2, residuals scaled by 0.2."""
+
+    def __init__(self, channels: int = 16, growth: int = 8):
+        super().__init__()
+        self.convs = nn.ModuleList([nn.Conv2d(channels + k * growth, growth if k < 2 else channels, 3, padding=1)
+                                    for k in range(3)])
+
+    def forward(self, x):
+        features = [x]
+        for k, conv in enumerate(self.convs):
+            out = conv(torch.cat(features, dim=1))
+            if k < 2:
+                features.append(nn.functional.leaky_relu(out, 0.2))
+        return x + 0.2 * out
+
+
+class RrdbX4(nn.Module):
+    """Real-ESRGAN-like x4: RRDB trunk, two nearest x2 Resizes each followed by a conv and LeakyReLU 0.2."""
+
+    def __init__(self, channels: int = 16):
+        super().__init__()
+        self.head, self.block = nn.Conv2d(3, channels, 3, padding=1), Rrdb(channels)
+        self.trunk = nn.Conv2d(channels, channels, 3, padding=1)
+        self.up1, self.up2 = nn.Conv2d(channels, channels, 3, padding=1), nn.Conv2d(channels, channels, 3, padding=1)
+        self.last = nn.Conv2d(channels, 3, 3, padding=1)
+
+    def forward(self, x):
+        feature = self.head(x)
+        feature = feature + self.trunk(self.block(feature))
+        for conv in (self.up1, self.up2):
+            feature = nn.functional.leaky_relu(conv(nn.functional.interpolate(feature, scale_factor=2.0,
+                                                                              mode="nearest")), 0.2)
+        return self.last(feature)
+
+
+class TransformerBlock(nn.Module):
+    """A SwinIR-light-like transformer block: LayerNorm, attention by MatMul and Softmax, GELU MLP. Attention runs
+    across channels (Restormer's transposed attention), so any image size runs without Swin's window padding."""
+
+    def __init__(self, channels: int = 16):
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(channels), nn.LayerNorm(channels)
+        self.qkv, self.proj = nn.Linear(channels, 3 * channels), nn.Linear(channels, channels)
+        self.mlp = nn.Sequential(nn.Linear(channels, 2 * channels), nn.GELU(), nn.Linear(2 * channels, channels))
+
+    def forward(self, x):
+        batch, channels, height, width = x.shape
+        tokens = x.flatten(2).transpose(1, 2)  # B, HW, C
+        q, k, v = self.qkv(self.norm1(tokens)).chunk(3, dim=-1)
+        attention = torch.softmax(q.transpose(1, 2) @ k / (height * width) ** 0.5, dim=-1)  # B, C, C
+        tokens = tokens + self.proj((attention @ v.transpose(1, 2)).transpose(1, 2))
+        tokens = tokens + self.mlp(self.norm2(tokens))
+        return tokens.transpose(1, 2).reshape(batch, channels, height, width)
+
+
+class SwinLightLike(nn.Module):
+    """SwinIR-light-like x2: conv head, one transformer block, conv, pixel shuffle."""
+
+    def __init__(self, scale: int = 2, channels: int = 16):
+        super().__init__()
+        self.head, self.block = nn.Conv2d(3, channels, 3, padding=1), TransformerBlock(channels)
+        self.tail = nn.Sequential(nn.Conv2d(channels, 3 * scale * scale, 3, padding=1), nn.PixelShuffle(scale))
+
+    def forward(self, x):
+        feature = self.head(x)
+        return self.tail(feature + self.block(feature))
+
+
+class TfNames(nn.Module):
+    """The ESPCN stand-in as a TensorFlow export reads: NHWC Y in and out."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return self.inner(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+
+
+def _y(rgb: torch.Tensor) -> torch.Tensor:
+    return (65.481 * rgb[:, 0:1] + 128.553 * rgb[:, 1:2] + 24.966 * rgb[:, 2:3] + 16.0) / 255.0
+
+
+def train_briefly(model: nn.Module, scale: int, folder: str, steps: int = 300, luma: bool = False,
+                  pre_upsampled: bool = False, seed: int = 0) -> nn.Module:
+    """`steps` Adam steps of L1 on 24 px LR patches of `folder` (bicubic-downscaled, as the lab evaluates)."""
+    from sr.data import PatchSampler
+
+    torch.manual_seed(seed)
+    sampler = PatchSampler(folder, scale, 24, seed)
+    optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
+    model.train()
+    for _ in range(steps):
+        lr, hr = (torch.as_tensor(a) for a in sampler.batch(8))
+        if pre_upsampled:
+            lr = nn.functional.interpolate(lr, scale_factor=scale, mode="bicubic", align_corners=False).clamp(0, 1)
+        if luma:
+            lr, hr = _y(lr), _y(hr)
+        loss = (model(lr) - hr).abs().mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model.eval()
+
+
+FAMILIES = {  # name -> (core, scale, takes Y, pre-upsampled, how it is exported)
+    "fsrcnn": (FsrcnnY, 3, True, False, "nchw"),
+    "vdsr": (VdsrLike, 3, False, True, "nchw"),
+    "espcn": (EspcnCore, 3, True, False, "nhwc-tf"),
+    "rlfn": (RlfnLike, 4, False, False, "nchw"),
+    "rrdb": (RrdbX4, 4, False, False, "nchw"),
+    "swinir-light": (SwinLightLike, 2, False, False, "nchw"),
+}
+
+
+def family(name: str, folder: Path, train_dir: str, steps: int = 300) -> Path:
+    """The stand-in `name` of FAMILIES, trained `steps` steps on `train_dir`, as `folder/<name>.onnx`; the
+    waifu2x-like one (`shape_padded`) is hand-set, not trained."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if name == "waifu2x":
+        return shape_padded(folder / "waifu2x.onnx")
+    make, scale, luma, pre, export = FAMILIES[name]
+    model = train_briefly(make(), scale, train_dir, steps, luma, pre)
+    channels = 1 if luma else 3
+    side = 24 * (scale if pre else 1)
+    if export == "nhwc-tf":
+        return _export_tf(TfNames(model), folder / f"{name}.onnx", torch.rand(1, side, side, channels))
+    return _export(model, folder / f"{name}.onnx", torch.rand(1, channels, side, side))
+
+
+def _export_tf(model: nn.Module, path: Path, example: torch.Tensor) -> Path:
+    """Exported with TensorFlow-style tensor names (`serving_default_input_1:0`, `StatefulPartitionedCall:0`)."""
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model.eval(), (example,), buffer, opset_version=17,
+                          input_names=["serving_default_input_1:0"], output_names=["StatefulPartitionedCall:0"],
+                          dynamic_axes={"serving_default_input_1:0": {1: "h", 2: "w"},
+                                        "StatefulPartitionedCall:0": {1: "H", 2: "W"}}, dynamo=False)
+    path.write_bytes(buffer.getvalue())
+    return path
+
+
+FAMILY_NAMES = [*FAMILIES, "waifu2x"]

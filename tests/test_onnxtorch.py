@@ -92,3 +92,56 @@ def test_negative_slice_steps_are_refused_when_the_module_is_built():
     model = _model([node], [_ints("starts", [-1]), _ints("ends", [-100]), _ints("axes", [3]), _ints("steps", [-1])])
     with pytest.raises(ValueError, match="negative steps"):
         OnnxModule(model)
+
+
+def _pools():  # max with uneven pads and ceil mode, average without the pads counted: shapes back by Resize
+    maximum = helper.make_node("MaxPool", ["x"], ["m"], kernel_shape=[3, 3], strides=[2, 2], pads=[0, 0, 1, 1],
+                               ceil_mode=1)
+    average = helper.make_node("AveragePool", ["m"], ["a"], kernel_shape=[3, 3], pads=[1, 1, 1, 1])
+    return _model([maximum, average, helper.make_node("GlobalAveragePool", ["a"], ["g"]),
+                   helper.make_node("Mul", ["a", "g"], ["y"])])
+
+
+def _attention():  # SwinIR-like: LayerNorm over channels (last axis), Q K^T, Softmax, GELU (as Erf and opset 20)
+    nodes = [helper.make_node("Transpose", ["x"], ["t"], perm=[0, 2, 3, 1]),  # 1 5 7 3
+             helper.make_node("Reshape", ["t", "tokens"], ["s"]),  # 1 35 3
+             helper.make_node("LayerNormalization", ["s", "gamma", "beta"], ["n"], axis=-1, epsilon=1e-5),
+             helper.make_node("MatMul", ["n", "wq"], ["q"]),
+             helper.make_node("Transpose", ["q"], ["qt"], perm=[0, 2, 1]),
+             helper.make_node("MatMul", ["q", "qt"], ["scores"]),
+             helper.make_node("Softmax", ["scores"], ["p"], axis=-1),
+             helper.make_node("MatMul", ["p", "n"], ["o"]),
+             helper.make_node("Div", ["o", "root2"], ["half"]), helper.make_node("Erf", ["half"], ["e"]),
+             helper.make_node("Add", ["e", "one"], ["e1"]), helper.make_node("Mul", ["o", "e1"], ["g2"]),
+             helper.make_node("Gelu", ["g2"], ["g"], approximate="tanh"),
+             helper.make_node("ReduceMean", ["g", "last"], ["mean"], keepdims=1),
+             helper.make_node("Sub", ["g", "mean"], ["c"]), helper.make_node("Pow", ["c", "two"], ["sq"]),
+             helper.make_node("Sqrt", ["sq"], ["r"]), helper.make_node("Neg", ["r"], ["y"])]
+    rng = np.random.default_rng(1)
+    return _model(nodes, [_ints("tokens", [1, 35, 3]), _floats("gamma", rng.random(3) + 0.5),
+                          _floats("beta", rng.random(3)), _floats("wq", rng.normal(size=(3, 3))),
+                          _floats("root2", [2 ** 0.5]), _floats("one", [1.0]), _ints("last", [-1]),
+                          _floats("two", [2.0])], opset=20)
+
+
+def _shape_ops():  # an exporter's int64 shape arithmetic: Shape, Gather, Cast, Unsqueeze, Squeeze, Tile, Expand
+    nodes = [helper.make_node("Shape", ["x"], ["shape"]),
+             helper.make_node("Gather", ["shape", "axis"], ["width"], axis=0),
+             helper.make_node("Cast", ["width"], ["wf"], to=TensorProto.FLOAT),
+             helper.make_node("Unsqueeze", ["wf", "zero"], ["w1"]),
+             helper.make_node("Squeeze", ["w1", "zero"], ["w0"]),
+             helper.make_node("Div", ["x", "w0"], ["scaled"]),
+             helper.make_node("Tile", ["scaled", "repeats"], ["tiled"]),
+             helper.make_node("Expand", ["bias", "shape"], ["b"]),
+             helper.make_node("Add", ["tiled", "b2"], ["t2"]),
+             helper.make_node("Flatten", ["t2"], ["flat"], axis=1),
+             helper.make_node("Reshape", ["flat", "back"], ["r"]),
+             helper.make_node("Abs", ["r"], ["a"]), helper.make_node("Concat", ["a", "b"], ["y"], axis=1)]
+    return _model(nodes, [_ints("axis", [3]), _ints("zero", [0]), _ints("repeats", [1, 2, 1, 1]),
+                          _floats("bias", np.zeros((1, 1, 1, 1)) + 0.25), _floats("b2", [0.5]),
+                          _ints("back", [1, 6, 5, 7])])
+
+
+@pytest.mark.parametrize("make", [_pools, _attention, _shape_ops], ids=["pools", "attention", "shape-ops"])
+def test_ops_of_modern_and_exported_graphs(make):
+    _agrees(make(), atol=1e-5)

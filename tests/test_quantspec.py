@@ -9,6 +9,7 @@ import onnx
 import pytest
 
 from sr.calibrate import CalibrationConfig
+from sr.calibrated import Fixes
 from sr.models import shipped_models
 from sr.quantize import calibrate_model, fp32_onnx_path
 from sr.qdq import spec_of
@@ -174,3 +175,22 @@ def test_residual_adds_are_placed_as_modelopt_places_them(tmp_path):
         spec = spec_of(path, "tensorrt")
         assert set(spec.activations) == activations, name
         assert set(spec.weights) == weights, name
+
+
+@pytest.mark.parametrize("scheme", ["npu", "cpu"])
+def test_a_conv_input_kept_in_float_is_written_as_the_spec_says(registered, scheme):
+    """Mixed precision picks tensors on the tensorrt grid; the bundle then writes every scheme with them. The cpu
+    writer keeps a tensor in float by excluding the nodes that touch it, so the Conv reading it quantizes its
+    output no more: the spec says the same (the written model used to fail its check against the spec)."""
+    model = registered["fsrcnn-y"].name
+    tensorrt = spec_of(calibrate_model(model, CalibrationConfig(method="minmax", samples=10), "tensorrt").fp32_onnx,
+                       "tensorrt")
+    conv_inputs = [t for t in tensorrt.activations if "PRelu" in t]
+    assert conv_inputs
+    for tensor in conv_inputs:
+        int8 = calibrate_model(model, CalibrationConfig(method="minmax", samples=10), scheme,
+                               fixes=Fixes(keep_float=[tensor]))
+        fp32 = onnx.load(str(int8.fp32_onnx))
+        found = graph_quantization(onnx.load(str(int8.qdq_onnx)), fp32)
+        assert tensor not in found.activations
+        assert tensor not in spec_of(fp32, scheme, [tensor]).activations

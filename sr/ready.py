@@ -1,0 +1,437 @@
+"""Make a model INT8-ready within a time budget: the cheapest route that reaches a target loss.
+
+Every candidate is measured the same way: PSNR-Y against the ground truth on the given images (or the
+calibration images), the original FP32 model minus the INT8 model, the INT8 model being the QDQ file the bundle
+ships run by the reference engine (ONNX Runtime on the CPU). That is the loss `eval` reports against the original
+(`int8_vs_reference_db`). The routes are tried in order of cost, and the first to meet the target ends the search:
+
+1. **range methods**: each range search (entropy, percentile, mse, minmax) from one set of statistics;
+2. **refinements** on the best method: centred I/O (the lab's architectures), channel equalization, bias
+   correction, then AdaRound as well (`sr.ptq`);
+3. **mixed precision**: the fewest tensors left in float to reach the target. Tensors are ranked by what leaving
+   each one alone in float recovers, then added in that order (what NNCF's accuracy-aware quantization and
+   Polygraphy's precision bisect do by hand). Each one's CPU latency cost is measured;
+4. **QAT** in the time left (`sr.qat`), stopping once its validation on the same images meets the target.
+
+The best candidate (the first to meet the target, else the lowest loss) is written as the deployment bundle.
+
+Example:
+    >>> result = make_ready(ReadyConfig("xlsr-relu", data="../shared/data/Set5", target_db=0.05, budget_minutes=5))
+    >>> result.loss_db, [step.route for step in result.steps]
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from .bundle import export_bundle
+from .calibrate import CalibrationConfig, Method, ensure_calibration_images, load_calibration_images
+from .calibrated import CalibratedModel, Fixes
+from .compare import InputMode
+from .data import list_images
+from .diagnose import Scorer, eval_pairs
+from .engines import OrtEngine
+from .metrics import brightness_ratio, psnr_y
+from .models import model_info
+from .ptq import RefineConfig, Refinement, refine
+from .quantize import AUTO_CANDIDATES, calibrate_model
+from .quantspec import Scheme
+from .runtime import reference_engine
+from .store import cache_root, short_hash
+from .train import default_training_dirs
+
+RESERVE_SECONDS = 20.0  # kept back from QAT for its own export and the bundle
+MIN_QAT_SECONDS = 45.0  # less time than this left: QAT is not started
+
+
+@dataclass
+class ReadyConfig:
+    """What to make INT8-ready, measured on which images, to what target, in how much time.
+
+    Raises:
+        ValueError / FileNotFoundError: (on construction) an unknown model or folder, or a bad number.
+    """
+
+    model: str
+    data: str | None = None  # ground-truth images to measure on (None: the calibration images)
+    target_db: float = 0.05  # the largest loss against the original FP32 model accepted
+    budget_minutes: float = 10.0
+    out: str | None = None  # the bundle folder (None: no bundle)
+    calibration: CalibrationConfig = field(default_factory=lambda: CalibrationConfig(method=Method.AUTO))
+    scheme: Scheme | str = Scheme.TENSORRT
+    max_float: int = 8  # the most tensors mixed precision may leave in float
+    max_images: int = 16  # the most images measured on
+    train_dirs: list[str] | None = None  # QAT's training images (None: the lab's training folders, if present)
+    qat: bool = True  # allow the QAT route
+
+    def __post_init__(self):
+        self.scheme = Scheme.parse(self.scheme)
+        model_info(self.model)
+        if self.data is not None:
+            list_images(self.data)
+        if not (self.target_db >= 0 and math.isfinite(self.target_db)):
+            raise ValueError(f"the target loss must be 0 dB or more, got {self.target_db}")
+        if not (self.budget_minutes > 0 and math.isfinite(self.budget_minutes)):
+            raise ValueError(f"the time budget must be more than 0 minutes, got {self.budget_minutes}")
+        if self.max_float < 0 or self.max_images < 1:
+            raise ValueError("max_float must be 0 or more and max_images 1 or more")
+
+
+@dataclass
+class Candidate:
+    """One INT8 model tried, and its measured loss."""
+
+    what: str
+    model: str  # the model file quantized (the original, or a tuned copy)
+    calibration: CalibrationConfig
+    fixes: Fixes
+    loss_db: float
+    brightness: float
+    calibrated: CalibratedModel = field(repr=False)
+
+    def to_json(self) -> dict:
+        return {"what": self.what, "loss_db": round(self.loss_db, 4), "brightness": round(self.brightness, 4)}
+
+
+@dataclass
+class Step:
+    """One route taken: what it tried, its best, and the seconds it took."""
+
+    route: str
+    tried: list[Candidate]
+    seconds: float
+    notes: list[str] = field(default_factory=list)
+    best: Candidate | None = None
+
+    def to_json(self) -> dict:
+        return {"route": self.route, "seconds": round(self.seconds, 1), "tried": [c.to_json() for c in self.tried],
+                "best": None if self.best is None else self.best.what, "notes": self.notes}
+
+
+@dataclass
+class ReadyResult:
+    """What `make_ready` did and what it chose."""
+
+    model: str
+    target_db: float
+    measured_on: str
+    fp32_psnr_db: float
+    chosen: Candidate
+    steps: list[Step]
+    seconds: float
+    float_tensors: list[dict]  # {"tensor", "latency_ms_added"} for the tensors left in float
+    latency_ms: dict  # {"fp32", "int8_all", "chosen"} on the CPU reference engine
+    bundle: Path | None = None
+
+    @property
+    def loss_db(self) -> float:
+        return self.chosen.loss_db
+
+    @property
+    def met(self) -> bool:
+        return self.chosen.loss_db <= self.target_db
+
+    def to_json(self) -> dict:
+        return {"model": self.model, "target_db": self.target_db, "met": self.met,
+                "loss_db_vs_original": round(self.loss_db, 4), "brightness": round(self.chosen.brightness, 4),
+                "fp32_psnr_db": round(self.fp32_psnr_db, 3), "measured_on": self.measured_on,
+                "seconds": round(self.seconds, 1), "route": [s.to_json() for s in self.steps],
+                "chosen": {"what": self.chosen.what, "model": self.chosen.model,
+                           "method": self.chosen.calibration.method.value,
+                           "samples": self.chosen.calibration.samples},
+                "float_tensors": self.float_tensors, "latency_ms": self.latency_ms,
+                "bundle": None if self.bundle is None else str(self.bundle)}
+
+
+class _Judge:
+    """The one measure of every candidate: the original FP32 model's PSNR-Y against the truth minus the INT8
+    model's, and INT8's brightness over FP32's, on the same pairs."""
+
+    def __init__(self, original: str, pairs: list[tuple]):
+        self.pairs, self.scale = pairs, model_info(original).scale
+        fp32 = reference_engine(original)
+        self.fp32_outputs = [fp32.run(lr) for lr, _ in pairs]
+        self.fp32_psnr = float(np.mean([psnr_y(o, t, self.scale) for o, t in zip(self.fp32_outputs, self.truths)]))
+
+    @property
+    def truths(self) -> list[np.ndarray]:
+        return [truth for _, truth in self.pairs]
+
+    def loss(self, calibrated: CalibratedModel) -> tuple[float, float]:
+        engine = OrtEngine(calibrated.qdq_onnx, calibrated.scale, cpu_only=True)
+        outputs = [engine.run(lr) for lr, _ in self.pairs]
+        int8 = float(np.mean([psnr_y(o, t, self.scale) for o, t in zip(outputs, self.truths)]))
+        bright = float(np.mean([brightness_ratio(o, r) for o, r in zip(outputs, self.fp32_outputs)]))
+        return self.fp32_psnr - int8, bright
+
+    def candidate(self, what: str, model: str, calibration: CalibrationConfig, scheme: Scheme,
+                  fixes: Fixes | None = None, progress=None) -> Candidate:
+        calibrated = calibrate_model(model, calibration, scheme, fixes=fixes, progress=progress)
+        loss, bright = self.loss(calibrated)
+        return Candidate(what, model, calibration, calibrated.fixes, loss, bright, calibrated)
+
+
+class _Clock:
+    def __init__(self, minutes: float):
+        self.start = time.perf_counter()
+        self.deadline = self.start + 60.0 * minutes
+
+    def left(self) -> float:
+        return self.deadline - time.perf_counter()
+
+    def since(self, mark: float) -> float:
+        return time.perf_counter() - mark
+
+
+def make_ready(config: ReadyConfig, progress: Callable[[float, str], None] | None = None,
+               should_stop: Callable[[], bool] | None = None) -> ReadyResult:
+    """Try the routes of the module docstring in order until the target is met or the budget is spent.
+
+    Args:
+        config: the model, images, target and budget.
+        progress: called with (fraction of the budget spent, message).
+        should_stop: polled between candidates; True ends the search with the best so far.
+
+    Returns:
+        the ReadyResult (its bundle written when `config.out` is given).
+
+    Raises:
+        ValueError / FileNotFoundError: bad configuration, or images too small for the model.
+    """
+    clock = _Clock(config.budget_minutes)
+    say = _announcer(clock, progress)
+    info = model_info(config.model)
+    original = _original(config.model)
+    pairs = _pairs(config, info.scale)
+    measured_on = f"{len(pairs)} images of {Path(config.data).name}" if config.data else \
+        f"{len(pairs)} calibration images"
+    judge = _Judge(original, pairs)
+    steps: list[Step] = []
+    stop = should_stop or (lambda: False)
+    routes = [_range_methods, _refinements, _mixed_precision] + ([_qat] if config.qat else [])
+    for route in routes:
+        best = _best(steps)
+        if best is not None and (best.loss_db <= config.target_db or clock.left() <= 0 or stop()):
+            break
+        step = route(config, judge, best, clock, say, stop)
+        if step is not None:
+            steps.append(step)
+    chosen = _chosen(steps, config.target_db)
+    say(f"chosen: {chosen.what}, {chosen.loss_db:.3f} dB below the original FP32")
+    floats, latency = _latencies(chosen, steps, pairs[0][0])
+    bundle = None
+    if config.out:
+        say("writing the bundle")
+        bundle = export_bundle(chosen.model, chosen.calibration, config.out, chosen.fixes,
+                               images=[lr for lr, _ in pairs[:8]]).folder
+    return ReadyResult(config.model, config.target_db, measured_on, judge.fp32_psnr, chosen, steps,
+                       clock.since(clock.start), floats, latency, bundle)
+
+
+def loss_on(candidate: Candidate, data: str, max_images: int = 16) -> tuple[float, float]:
+    """A candidate's (loss against the original FP32 model, brightness) on another folder of ground-truth images:
+    the chosen model checked on images the search did not see."""
+    scale = candidate.calibrated.scale
+    judge = _Judge(_original(candidate.model),
+                   eval_pairs(data, None, InputMode.GROUND_TRUTH, scale, None)[:max_images])
+    return judge.loss(candidate.calibrated)
+
+
+def _announcer(clock: _Clock, progress) -> Callable[[str], None]:
+    budget = clock.deadline - clock.start
+
+    def say(message: str) -> None:
+        if progress is not None:
+            progress(min(1.0, clock.since(clock.start) / budget), message)
+    return say
+
+
+def _original(model: str) -> str:
+    """The model a tuned copy was made from (the loss is always against it), or `model` itself."""
+    record = model_info(model).record()
+    return str(record["base"]) if record and record.get("base") else str(model)
+
+
+def _pairs(config: ReadyConfig, scale: int) -> list[tuple]:
+    """(LR, truth) pairs of the measurement images: the data folder's, else the calibration images'."""
+    if config.data:
+        return eval_pairs(config.data, None, InputMode.GROUND_TRUTH, scale, None)[:config.max_images]
+    images = load_calibration_images(config.calibration.data)[:config.max_images]
+    return eval_pairs(None, images, InputMode.GROUND_TRUTH, scale, None)
+
+
+def _best(steps: Sequence[Step]) -> Candidate | None:
+    tried = [c for s in steps for c in s.tried]
+    return min(tried, key=lambda c: c.loss_db) if tried else None
+
+
+def _chosen(steps: Sequence[Step], target: float) -> Candidate:
+    """The first candidate (in route order) to meet the target, else the one with the lowest loss."""
+    for step in steps:
+        for candidate in step.tried:
+            if candidate.loss_db <= target:
+                return candidate
+    return _best(steps)
+
+
+def _range_methods(config: ReadyConfig, judge: _Judge, best, clock: _Clock, say, stop) -> Step:
+    mark, tried = time.perf_counter(), []
+    methods = [config.calibration.method] if config.calibration.method is not Method.AUTO else list(AUTO_CANDIDATES)
+    for method in methods:
+        if tried and (clock.left() <= 0 or stop()):
+            break
+        say(f"range methods: {method.value}")
+        tried.append(judge.candidate(method.value, config.model, replace(config.calibration, method=method),
+                                     config.scheme))
+        if tried[-1].loss_db <= config.target_db:
+            break
+    step = Step("range methods", tried, clock.since(mark))
+    step.best = min(tried, key=lambda c: c.loss_db)
+    return step
+
+
+def _refinement_lists(config: ReadyConfig, model: str) -> tuple[list[list[Refinement]], list[str]]:
+    notes, first = [], [Refinement.EQUALIZE, Refinement.BIAS_CORRECTION]
+    if model_info(model).supports_centred_io:
+        first.insert(0, Refinement.CENTRED_IO)
+    else:
+        notes.append("centred I/O left out: it is built into the lab's own architectures; an uploaded graph keeps "
+                     "its own input and output")
+    lists = [first]
+    if config.scheme is not Scheme.NPU_PER_TENSOR:
+        lists.append([*first[:-1], Refinement.ADAROUND, Refinement.BIAS_CORRECTION])
+    else:
+        notes.append("AdaRound left out: it rounds onto per-channel weight steps, and npu-per-tensor has one step "
+                     "per weight tensor")
+    return lists, notes
+
+
+def _refinements(config: ReadyConfig, judge: _Judge, best: Candidate, clock: _Clock, say, stop) -> Step | None:
+    if model_info(best.model).record() is not None:
+        return Step("refinements", [], 0.0, ["the model is already tuned; refinements start from an original"])
+    mark, tried = time.perf_counter(), []
+    lists, notes = _refinement_lists(config, best.model)
+    for refinements in lists:
+        if tried and (clock.left() <= 0 or stop()):
+            break
+        names = ", ".join(r.value for r in refinements)
+        say(f"refinements: {names}")
+        try:
+            path = refine(RefineConfig(best.model, refinements, best.calibration, config.scheme))
+        except ValueError as error:  # an op the interpreter does not cover: the route is closed, in words
+            return Step("refinements", tried, clock.since(mark), [*notes, f"refinements are not possible: {error}"])
+        tried.append(judge.candidate(f"{best.calibration.method.value} + {names}", str(path), best.calibration,
+                                     config.scheme))
+        if tried[-1].loss_db <= config.target_db:
+            break
+    step = Step("refinements", tried, clock.since(mark), notes)
+    step.best = min(tried, key=lambda c: c.loss_db) if tried else None
+    return step
+
+
+def _mixed_precision(config: ReadyConfig, judge: _Judge, best: Candidate, clock: _Clock, say, stop) -> Step | None:
+    if config.max_float == 0:
+        return None
+    mark = time.perf_counter()
+    scorer = Scorer(best.calibrated, judge.pairs)
+    all_int8 = scorer.score()[0]
+    gains = []
+    for index, point in enumerate(scorer.points):
+        if clock.left() <= 0 or stop():
+            break
+        say(f"mixed precision: what keeping each tensor in float recovers ({index + 1} of {len(scorer.points)})")
+        gains.append((scorer.score(dropped=[point])[0] - all_int8, point))
+    kept: list[str] = []
+    for gain, point in sorted(gains, reverse=True)[:config.max_float]:
+        if gain <= 0 or clock.left() <= 0:
+            break
+        kept.append(point)
+        if judge.fp32_psnr - scorer.score(dropped=kept)[0] <= config.target_db:
+            break
+    if not kept:
+        return Step("mixed precision", [], clock.since(mark), ["no tensor left in float lowers the loss"])
+    say(f"mixed precision: {len(kept)} tensor(s) in float, written and measured")
+    fixes = replace(best.fixes, keep_float=[*best.fixes.keep_float, *kept])
+    what = f"{best.what} + {len(kept)} tensor(s) in float"
+    candidate = judge.candidate(what, best.model, best.calibration, config.scheme, fixes)
+    step = Step("mixed precision", [candidate], clock.since(mark),
+                [f"ranked {len(gains)} of {len(scorer.points)} tensors by what keeping each in float recovers"])
+    step.best = candidate
+    return step
+
+
+def _qat(config: ReadyConfig, judge: _Judge, best: Candidate, clock: _Clock, say, stop) -> Step | None:
+    from .qat import QatConfig, quantization_aware_training
+
+    seconds = clock.left() - RESERVE_SECONDS
+    if seconds < MIN_QAT_SECONDS:
+        return Step("QAT", [], 0.0, [f"not started: {max(0.0, clock.left()):.0f} s of the budget left"])
+    train_dirs = config.train_dirs or [d for d in default_training_dirs() if Path(d).is_dir()]
+    notes = [] if train_dirs else ["QAT trains on the measurement images (no training folders were found)"]
+    train_dirs = train_dirs or [config.data or str(config.calibration.data or ensure_calibration_images()[0].parent)]
+    mark, original = time.perf_counter(), _original(config.model)
+    info = model_info(original)
+    out = cache_root() / "ready" / f"{info.name.replace(':', '-')}-{short_hash(str(time.time()), 8)}-qat" \
+        f"{info.tuned_suffix}"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    qat_config = QatConfig(model=original, out=str(out), scheme=config.scheme.value,
+                           method=best.calibration.method.value, samples=best.calibration.samples,
+                           steps=100_000, max_seconds=seconds, train_dirs=train_dirs, val_dir=config.data,
+                           val_every=50, checkpoint_every=100_000, calib_data=config.calibration.data,
+                           keep_best=config.data is not None,
+                           equalize=0.5 if Refinement.EQUALIZE.value in best.what else 0.0)
+    reached = {"loss": math.inf}
+
+    def seen(event: dict) -> None:
+        if "val_psnr" in event and event.get("fp32_val_psnr") is not None:
+            reached["loss"] = event["fp32_val_psnr"] - event["val_psnr"]
+        say(f"QAT: step {event['step']}" + (f", validation loss {reached['loss']:.3f} dB"
+                                            if math.isfinite(reached["loss"]) else ""))
+
+    try:
+        result = quantization_aware_training(qat_config, seen, lambda: reached["loss"] <= config.target_db
+                                             or stop() or clock.left() < RESERVE_SECONDS)
+    except ValueError as error:  # an op the interpreter does not cover: the route is closed, in words
+        return Step("QAT", [], clock.since(mark), [*notes, f"QAT is not possible: {error}"])
+    calibration = replace(best.calibration, method=Method.parse(qat_config.method))
+    candidate = judge.candidate(f"QAT, {result.steps} steps", str(result.weights), calibration, config.scheme)
+    step = Step("QAT", [candidate], clock.since(mark), notes)
+    step.best = candidate
+    return step
+
+
+def _latencies(chosen: Candidate, steps: Sequence[Step], lr: np.ndarray) -> tuple[list[dict], dict]:
+    """The tensors the chosen model leaves in float, each with the CPU latency it adds (measured by leaving the
+    tensors in float one more at a time), and the latency of FP32, all-INT8 and the chosen model."""
+    crop = lr[:128, :128]
+    fp32 = _milliseconds(OrtEngine(chosen.calibrated.fp32_onnx, chosen.calibrated.scale, cpu_only=True), crop)
+    kept = list(chosen.fixes.keep_float)
+    floats, base = [], None
+    if kept:
+        base_model = calibrate_model(chosen.model, chosen.calibration, chosen.calibrated.scheme,
+                                     fixes=replace(chosen.fixes, keep_float=[]))
+        base = previous = _milliseconds(OrtEngine(base_model.qdq_onnx, base_model.scale, cpu_only=True), crop)
+        for index, tensor in enumerate(kept):
+            partial = calibrate_model(chosen.model, chosen.calibration, chosen.calibrated.scheme,
+                                      fixes=replace(chosen.fixes, keep_float=kept[:index + 1]))
+            now = _milliseconds(OrtEngine(partial.qdq_onnx, partial.scale, cpu_only=True), crop)
+            floats.append({"tensor": tensor, "latency_ms_added": round(now - previous, 3)})
+            previous = now
+    chosen_ms = _milliseconds(OrtEngine(chosen.calibrated.qdq_onnx, chosen.calibrated.scale, cpu_only=True), crop)
+    return floats, {"fp32": round(fp32, 3), "int8_all": round(chosen_ms if base is None else base, 3),
+                    "chosen": round(chosen_ms, 3), "input": f"{crop.shape[1]}x{crop.shape[0]}"}
+
+
+def _milliseconds(engine: OrtEngine, lr: np.ndarray, runs: int = 7) -> float:
+    engine.run(lr)
+    times = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        engine.run(lr)
+        times.append(time.perf_counter() - started)
+    return 1000.0 * float(np.median(times))

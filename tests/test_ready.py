@@ -1,0 +1,115 @@
+"""sr.ready and `python -m sr int8-ready`: the routes in order of cost, each candidate measured against the original
+FP32 model as `eval` measures it, the target ending the search, the bundle of the chosen model, words for bad input."""
+import json
+import shutil
+
+import onnx
+import pytest
+
+from sr import cli
+from sr.calibrate import CalibrationConfig
+from sr.evaluate import EvalConfig, evaluate
+from sr.quantspec import graph_quantization
+from sr.ready import ReadyConfig, make_ready
+
+
+@pytest.fixture(scope="module")
+def two_images(data_dir, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("two")
+    for name in sorted(p.name for p in (data_dir / "Set5").iterdir())[:2]:
+        shutil.copy(data_dir / "Set5" / name, folder / name)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def fsrcnn(tmp_path_factory, data_dir):
+    """The FSRCNN family's stand-in, trained briefly (Y only, PReLU, a stride-3 ConvTranspose)."""
+    import standins
+
+    return standins.family("fsrcnn", tmp_path_factory.mktemp("f"), str(data_dir / "T91"), steps=200)
+
+
+def _ready(capsys, *argv) -> tuple[int, dict]:
+    code = cli.main(["int8-ready", *argv, "--json"])
+    return code, json.loads(capsys.readouterr().out)
+
+
+def test_every_route_but_qat_and_the_bundle_on_a_users_graph(capsys, fsrcnn, two_images, tmp_path):
+    """A target of 0 dB is out of reach: range methods, refinements (equalization through PReLU) and mixed
+    precision all run, each candidate's loss is what `eval` reports for it, and the bundle ships the chosen
+    model with its float tensors."""
+    code, report = _ready(capsys, "--onnx", str(fsrcnn), "--data", str(two_images), "--target-db", "0",
+                          "--samples", "20", "--max-float", "1", "--budget-minutes", "5", "--no-qat",
+                          "--out", str(tmp_path / "bundle"))
+    assert code == 1 and report["met"] is False  # not met: said, and the exit status says so
+    routes = [step["route"] for step in report["route"]]
+    assert routes == ["range methods", "refinements", "mixed precision"]
+    methods = report["route"][0]["tried"]
+    assert [m["what"] for m in methods] == ["entropy", "percentile", "mse", "minmax"]
+    model = report["model"]
+    for tried in methods[2:]:  # as eval measures it: the original FP32 minus the INT8 model, PSNR-Y vs the truth
+        shown = evaluate(EvalConfig(model=model, data=str(two_images), engine="ort-int8",
+                                    calibration=CalibrationConfig(method=tried["what"], samples=20)))
+        assert tried["loss_db"] == pytest.approx(shown["fp32_mean"]["psnr_y"] - shown["int8_mean"]["psnr_y"],
+                                                 abs=1e-3)
+    every = [c["loss_db"] for step in report["route"] for c in step["tried"]]
+    assert report["loss_db_vs_original"] == pytest.approx(min(every), abs=1e-4)
+    assert report["route"][1]["tried"] and "centred I/O left out" in " ".join(report["route"][1]["notes"])
+    assert isinstance(report["seconds"], float) and report["seconds"] < 300
+    bundle = tmp_path / "bundle"
+    assert {"model.qdq.onnx", "model.npu-int8.onnx", "model.cpu-int8.onnx", "README.md"} <= {
+        p.name for p in bundle.iterdir()}
+    if report["float_tensors"]:  # the bundle leaves the chosen tensors in float
+        shipped = graph_quantization(onnx.load(str(bundle / "model.qdq.onnx")),
+                                     onnx.load(str(bundle / "model.fp32.onnx"))).activations
+        for entry in report["float_tensors"]:
+            assert entry["tensor"].removeprefix("user/") not in shipped
+
+
+def test_refinements_run_on_a_graph_with_an_int64_shape_subgraph(tmp_path, two_images):
+    """The waifu2x-like export (its padding's pads come out of Shape -> Gather -> ... -> Tile): equalization and
+    bias correction run on it, and the refined copy is a model like any other."""
+    import standins
+    from sr.ptq import RefineConfig, refine
+    from sr.usermodel import register_onnx
+
+    user = register_onnx(standins.shape_padded(tmp_path / "waifu2x.onnx"))
+    path = refine(RefineConfig(user.name, ["equalize", "bias-correction"],
+                               CalibrationConfig(method="mse", samples=20, data=str(two_images))))
+    shown = evaluate(EvalConfig(model=str(path), data=str(two_images), engine="ort-int8",
+                                calibration=CalibrationConfig(method="mse", samples=20)))
+    assert shown["int8_vs_reference_db"] < 1.0 and shown["fp32_reference"]["model"] == user.name
+
+
+def test_a_met_target_ends_the_search_at_the_first_candidate(two_images):
+    result = make_ready(ReadyConfig("xlsr-clip", data=str(two_images), target_db=30.0, budget_minutes=2,
+                                    calibration=CalibrationConfig(method="auto", samples=20)))
+    assert result.met and len(result.steps) == 1 and len(result.steps[0].tried) == 1
+    assert result.to_json()["float_tensors"] == []
+
+
+def test_qat_in_the_time_left_measured_against_the_original(two_images, stand_ins):
+    """With only QAT left to try, it runs in the budget and its model is measured against the original FP32 (a
+    QAT model's own FP32 differs)."""
+    from sr.usermodel import register_onnx
+
+    user = register_onnx(stand_ins["fsrcnn-y"])
+    result = make_ready(ReadyConfig(user.name, data=str(two_images), target_db=0.0, budget_minutes=1.5,
+                                    calibration=CalibrationConfig(method="minmax", samples=20), max_float=0,
+                                    train_dirs=[str(two_images)]))
+    assert [s.route for s in result.steps][-1] == "QAT"
+    qat = result.steps[-1].tried[0]
+    assert qat.what.startswith("QAT") and result.seconds < 1.5 * 60 + 30
+    shown = evaluate(EvalConfig(model=qat.model, data=str(two_images), engine="ort-int8",
+                                calibration=CalibrationConfig(method="minmax", samples=20)))
+    assert qat.loss_db == pytest.approx(shown["int8_vs_reference_db"], abs=1e-3)
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--target-db", "-1"], "0 dB or more"),
+    (["--budget-minutes", "0"], "more than 0 minutes"),
+    (["--data", "/no/such/folder"], "no such"),
+])
+def test_bad_arguments_are_refused_in_words(capsys, argv, words):
+    assert cli.main(["int8-ready", "--model", "xlsr-clip", *argv]) == 2
+    assert words in capsys.readouterr().err
