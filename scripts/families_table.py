@@ -61,11 +61,14 @@ def main() -> None:
     parser.add_argument("--budget-minutes", type=float, default=10.0)
     parser.add_argument("--only", nargs="+", default=standins.FAMILY_NAMES)
     args = parser.parse_args()
-    folder, rows = Path(tempfile.mkdtemp()), []
+    folder, saved = Path(tempfile.mkdtemp()), ROOT / "docs" / "families.json"
+    rows = {r["name"]: r for r in (json.loads(saved.read_text()) if saved.is_file() else [])}  # --only: the rest kept
     for name in args.only:
-        rows.append(row(name, Path(args.data), args.budget_minutes, folder))
-        print(markdown(rows).splitlines()[-1], flush=True)
-    write_atomic(json.dumps(rows, indent=1).encode(), ROOT / "docs" / "families.json")
+        rows[name] = row(name, Path(args.data), args.budget_minutes, folder)
+        rows[name]["budget_minutes"] = args.budget_minutes
+        print(markdown([rows[name]]).splitlines()[-1], flush=True)
+    rows = [rows[name] for name in standins.FAMILY_NAMES if name in rows]
+    write_atomic(json.dumps(rows, indent=1).encode(), saved)
     table = "<!-- families:start -->\n" + markdown(rows) + "\n<!-- families:end -->"
     for page in (ROOT / "README.md", ROOT / "docs" / "your-model.md"):
         text = page.read_text()
