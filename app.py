@@ -40,6 +40,7 @@ from sr.models import is_uploaded, model_info
 from sr.usermodel import Overrides, register_onnx
 from sr.plots import DifferenceKind, difference_image, histogram_figure, range_chart
 from sr.quantspec import Scheme
+from sr.ready import ReadyConfig, make_ready
 from sr.store import Memo, cache_root, remove_stale_temps
 
 log = logging.getLogger("app")
@@ -288,6 +289,53 @@ def build_bundle(image, model_a, method, samples, gain, seed, mode, progress=gr.
         archive = zip_bundle(bundle, folder / f"{name}-int8-{config.method.value}.zip")
         shutil.rmtree(folder / "bundle", ignore_errors=True)  # the zip is what is offered
         return str(archive)
+
+
+READY_IMAGES = 4  # the search measures on this many calibration images (each candidate: one pass over them)
+
+
+def make_ready_for(model_a, samples, scheme, target, minutes, uploads, model_b, progress=gr.Progress()):
+    """Make model A INT8-ready (`sr.ready`, what `python -m sr int8-ready` runs): the route taken as a table,
+    the chosen model's bundle as a zip, and the chosen model offered as model A when it is a tuned copy."""
+    progress = _capped(progress, "INT8-ready search")
+    with _user_errors("INT8-ready search"):
+        minutes = min(float(minutes), (MAX_REQUEST_SECONDS - 60) / 60)  # room for the bundle within the cap
+        config = ReadyConfig(model_a, target_db=float(target), budget_minutes=minutes, scheme=scheme,
+                             calibration=CalibrationConfig(method=Method.AUTO, samples=int(samples)),
+                             max_images=READY_IMAGES, qat=app_jobs.POLICY.enabled)
+        folder = _bundle_folder()
+        with _lane(model_a, progress=progress) as run:
+            result = run(lambda: make_ready(config, lambda fraction, message: progress(fraction, desc=message)))
+            chosen = result.chosen
+            bundle = run(lambda: export_bundle(chosen.model, chosen.calibration, folder / "bundle", chosen.fixes))
+        name = re.sub(r"[^\w.-]+", "-", _shown(model_a)).strip("-")
+        archive = zip_bundle(bundle, folder / f"{name}-int8-ready.zip")
+        shutil.rmtree(folder / "bundle", ignore_errors=True)
+    tuned = chosen.model != str(model_a) and not chosen.fixes.keep_float
+    offered = (register_onnx(chosen.model).name if chosen.model.endswith(".onnx") else chosen.model) if tuned else None
+    a, b, uploads = offer_result(offered, uploads, model_b)
+    method = gr.update(value=chosen.calibration.method.value) if tuned else gr.update()
+    return ready_report(result, model_a), str(archive), a, b, uploads, method
+
+
+def ready_report(result, model_a) -> str:
+    """The INT8-ready search as the page shows it: each route's candidates, the choice, what it costs."""
+    lines = [f"**{_shown(model_a)}**: target {result.target_db:.3f} dB below the original FP32 model, measured on "
+             f"{result.measured_on} (the CLI's `int8-ready --data` measures on your own ground-truth images).", "",
+             "| route | candidate | loss vs original FP32 (dB) | brightness |", "|---|---|---|---|"]
+    for step in result.steps:
+        lines += [f"| {step.route} | {c.what} | {c.loss_db:+.3f} | {c.brightness:.3f} |" for c in step.tried]
+    notes = [note for step in result.steps for note in step.notes]
+    if not app_jobs.POLICY.enabled:
+        notes.append("QAT is off on this server (fine-tuning is allowed only with --allow-training); run "
+                     "`python -m sr int8-ready` locally for that route")
+    verdict = "target met" if result.met else "target **not** met: the best reached"
+    lines += ["", f"**Chosen: {result.chosen.what}**, {result.loss_db:+.3f} dB, {verdict}, in {result.seconds:.0f} s. "
+              "The bundle below is this model."]
+    lines += [f"- left in float: `{e['tensor']}` ({e['latency_ms_added']:+.2f} ms on this CPU)"
+              for e in result.float_tensors]
+    lines += [f"- {note}" for note in notes]
+    return "\n".join(lines)
 
 
 BUNDLE_KEEP_SECONDS = 900  # a bundle's zip stays this long for its download, then the next bundle removes it
@@ -807,6 +855,12 @@ def _your_model() -> dict:
         parts["pre_upsampled"] = gr.Checkbox(False, label="Pre-upsampled input (VDSR-style)")
         parts["bundle_button"] = gr.Button("Download INT8 model (model A, these calibration settings)",
                                            elem_id="bundle-button")
+        with gr.Row():
+            parts["ready_target"] = gr.Number(0.05, label="Target loss vs FP32 (dB)", minimum=0, maximum=10)
+            parts["ready_minutes"] = gr.Slider(1, 4, value=2, step=0.5, label="Time budget (minutes)")
+        parts["ready_button"] = gr.Button("Make model A INT8-ready (range methods, refinements, mixed precision"
+                                          + (", QAT" if app_jobs.POLICY.enabled else "") + ")", elem_id="ready-button")
+        parts["ready_report"] = gr.Markdown(elem_id="ready-report")
         parts["bundle"] = gr.File(label="INT8 deployment bundle", elem_id="bundle")
     return parts
 
@@ -893,6 +947,10 @@ def _wire_compare(c: dict, o: dict) -> None:
     c["bundle_button"].click(build_bundle, [c["image"], c["model_a"], c["method"], c["samples"], c["gain"], c["seed"],
                                             c["mode"]], c["bundle"], api_name=False, concurrency_id=HEAVY,
                              concurrency_limit=HEAVY_SLOTS)
+    c["ready_button"].click(make_ready_for, [c["model_a"], c["samples"], c["scheme"], c["ready_target"],
+                                             c["ready_minutes"], uploads, c["model_b"]],
+                            [c["ready_report"], c["bundle"], c["model_a"], c["model_b"], uploads, c["method"]],
+                            api_name=False, concurrency_id=HEAVY, concurrency_limit=HEAVY_SLOTS)
     c["preset"].change(apply_preset, c["preset"], [c["model_a"], c["model_b"], c["method"], c["gain"], c["preset_note"]],
                        api_name=False)
     c["model_a"].input(lambda m: relabel(m, "A"), c["model_a"], c["model_a"], api_name=False)
@@ -969,7 +1027,8 @@ def _train_tab(c: dict) -> None:
 
 
 def _qat_section(c: dict) -> None:
-    gr.Markdown("### Make it INT8-ready\nQuantization-aware fine-tuning of **model A** (Compare tab), your uploaded "
+    gr.Markdown("### Fine-tune model A for INT8 (QAT)\nQuantization-aware fine-tuning of **model A** (Compare tab), "
+                "your uploaded "
                 "ONNX model included: the INT8 model itself, TensorRT scheme, is trained against the images and the "
                 "original FP32 model, its ranges learned; the lab's own networks also get centred I/O (every 8-bit "
                 "level exactly an INT8 value). The result joins the model lists as model A, and its learned "
@@ -979,7 +1038,7 @@ def _qat_section(c: dict) -> None:
         guided = gr.Checkbox(False, label="Guided by the teacher (the shipped 940k-parameter FP32 model; several "
                              "times slower per step; see the README for what it is worth)")
         on = app_jobs.POLICY.enabled
-        start = gr.Button("Make model A INT8-ready" if on else "Make model A INT8-ready (fine-tuning is off here)",
+        start = gr.Button("Fine-tune model A for INT8" if on else "Fine-tune model A for INT8 (fine-tuning is off here)",
                           variant="primary", elem_id="qat-button", interactive=on)
         cancel = gr.Button("Cancel", interactive=on)
     status = gr.Markdown(elem_id="qat-status")

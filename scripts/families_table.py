@@ -44,14 +44,16 @@ def row(name: str, data: Path, budget: float, folder: Path) -> dict:
 
 def markdown(rows: list[dict]) -> str:
     lines = ["| family (stand-in) | contract | default INT8 loss, Set5 (brightness) | int8-ready route | "
-             "loss Set5 / Set14 | seconds |", "|---|---|---|---|---|---|"]
+             "loss Set5 / Set14 | seconds | curve (where the target was not met) |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         ready = r["ready"]
         route = " -> ".join(s["route"] for s in ready["route"])
         warned = " warned" if r["default_warnings"] else ""
         lines.append(f"| {r['name']} | {r['contract']} | {r['default_method']}: {r['default_loss_db']:.3f} dB "
                      f"({r['default_brightness']:.3f}){warned} | {route}: {ready['chosen']['what']} | "
-                     f"{ready['loss_db_vs_original']:.3f} / {r['set14_loss_db']:.3f} | {ready['seconds']:.0f} |")
+                     f"{ready['loss_db_vs_original']:.3f} / {r['set14_loss_db']:.3f} | {ready['seconds']:.0f} |"
+                     + (" |" if ready["met"] else " not met; best loss so far: " + ", ".join(
+                         f"{p['best_loss_db']:.2f} at {p['seconds']:.0f} s" for p in ready["curve"]) + " |"))
     return "\n".join(lines)
 
 

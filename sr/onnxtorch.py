@@ -103,12 +103,23 @@ def _slice(module, node, inputs):
     axes = _ints(inputs[3]) if len(inputs) > 3 and inputs[3] is not None else list(range(len(starts)))
     steps = _ints(inputs[4]) if len(inputs) > 4 and inputs[4] is not None else [1] * len(starts)
     index = [slice(None)] * x.dim()
+    backwards = []
     for start, end, axis, step in zip(starts, ends, axes, steps):
-        if step < 1:
-            raise ValueError(f"Slice {node.name}: negative steps are not supported")
         size = x.shape[axis]
-        index[axis] = slice(max(min(start, size), -size), max(min(end, size), -size - 1), step)
-    return [x[tuple(index)]]
+        if step == 0:
+            raise ValueError(f"Slice {node.name}: a step of 0")
+        if step > 0:
+            index[axis] = slice(max(min(start, size), -size), max(min(end, size), -size - 1), step)
+            continue
+        # a negative step (ONNX: start clamped to [0, size - 1], end to [-1, size - 1], both after adding size
+        # to a negative value): the indices picked, in order
+        start = min(max(start + size if start < 0 else start, 0), size - 1)
+        end = min(max(end + size if end < 0 else end, -1), size - 1)
+        backwards.append((axis, torch.arange(start, end, step, device=x.device)))
+    x = x[tuple(index)]
+    for axis, picked in backwards:
+        x = x.index_select(axis, picked)
+    return [x]
 
 
 def _pad(module, node, inputs):
@@ -328,6 +339,12 @@ def _cast(module, node, inputs):
     return [inputs[0].to(_CAST[to])]
 
 
+def _constant_of_shape(module, node, inputs):
+    value = _attrs(node).get("value")
+    fill = torch.from_numpy(numpy_helper.to_array(value).copy()) if value is not None else torch.zeros(1)
+    return [fill.reshape(()).expand(_ints(inputs[0])).clone().to(inputs[0].device)]
+
+
 def _gelu(module, node, inputs):
     approximate = _decode(_attrs(node).get("approximate", "none"))
     return [F.gelu(inputs[0], approximate="tanh" if approximate == "tanh" else "none")]
@@ -336,7 +353,7 @@ def _gelu(module, node, inputs):
 OPS: dict[str, Op] = {
     "MaxPool": _pool("max"), "AveragePool": _pool("average"), "LayerNormalization": _layer_norm,
     "ReduceMean": _reduce_mean, "Gather": _gather, "Unsqueeze": _unsqueeze, "Squeeze": _squeeze, "Cast": _cast,
-    "Gelu": _gelu, "Erf": _unary(torch.erf), "Sqrt": _unary(torch.sqrt), "Neg": _unary(torch.neg),
+    "ConstantOfShape": _constant_of_shape, "Gelu": _gelu, "Erf": _unary(torch.erf), "Sqrt": _unary(torch.sqrt), "Neg": _unary(torch.neg),
     "Abs": _unary(torch.abs), "Pow": _binary(torch.pow), "MatMul": _binary(torch.matmul),
     "Softmax": lambda m, n, i: [torch.softmax(i[0], dim=_attrs(n).get("axis", -1))],
     "GlobalAveragePool": lambda m, n, i: [i[0].mean(dim=(2, 3), keepdim=True)],
@@ -376,8 +393,8 @@ def _check_at_load(node: onnx.NodeProto, module: "OnnxModule") -> None:
     """Refuse, when the module is built, what would only fail once it runs."""
     if node.op_type == "Slice" and len(node.input) > 4 and node.input[4]:
         steps = module.constants.get(node.input[4])
-        if steps is not None and any(v < 1 for v in _ints(steps)):
-            raise ValueError(f"Slice {node.name}: negative steps are not supported")
+        if steps is not None and any(v == 0 for v in _ints(steps)):
+            raise ValueError(f"Slice {node.name}: a step of 0 is not a slice")
 
 
 class OnnxModule(nn.Module):

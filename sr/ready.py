@@ -93,9 +93,11 @@ class Candidate:
     loss_db: float
     brightness: float
     calibrated: CalibratedModel = field(repr=False)
+    at: float = 0.0  # seconds into the search when it was measured
 
     def to_json(self) -> dict:
-        return {"what": self.what, "loss_db": round(self.loss_db, 4), "brightness": round(self.brightness, 4)}
+        return {"what": self.what, "loss_db": round(self.loss_db, 4), "brightness": round(self.brightness, 4),
+                "at_seconds": round(self.at, 1)}
 
 
 @dataclass
@@ -107,10 +109,14 @@ class Step:
     seconds: float
     notes: list[str] = field(default_factory=list)
     best: Candidate | None = None
+    # QAT: its validation loss (fake-quantized, on the measurement images) as it trained: {"seconds", "step",
+    # "loss_db"}, seconds into the search
+    validation: list[dict] = field(default_factory=list)
 
     def to_json(self) -> dict:
         return {"route": self.route, "seconds": round(self.seconds, 1), "tried": [c.to_json() for c in self.tried],
-                "best": None if self.best is None else self.best.what, "notes": self.notes}
+                "best": None if self.best is None else self.best.what, "notes": self.notes,
+                **({"validation": self.validation} if self.validation else {})}
 
 
 @dataclass
@@ -136,6 +142,14 @@ class ReadyResult:
     def met(self) -> bool:
         return self.chosen.loss_db <= self.target_db
 
+    def curve(self) -> list[dict]:
+        """The best loss reached so far against the seconds spent, one point per candidate measured."""
+        points, best = [], math.inf
+        for candidate in sorted((c for s in self.steps for c in s.tried), key=lambda c: c.at):
+            best = min(best, candidate.loss_db)
+            points.append({"seconds": round(candidate.at, 1), "best_loss_db": round(best, 4)})
+        return points
+
     def to_json(self) -> dict:
         return {"model": self.model, "target_db": self.target_db, "met": self.met,
                 "loss_db_vs_original": round(self.loss_db, 4), "brightness": round(self.chosen.brightness, 4),
@@ -144,7 +158,7 @@ class ReadyResult:
                 "chosen": {"what": self.chosen.what, "model": self.chosen.model,
                            "method": self.chosen.calibration.method.value,
                            "samples": self.chosen.calibration.samples},
-                "float_tensors": self.float_tensors, "latency_ms": self.latency_ms,
+                "float_tensors": self.float_tensors, "latency_ms": self.latency_ms, "curve": self.curve(),
                 "bundle": None if self.bundle is None else str(self.bundle)}
 
 
@@ -152,8 +166,9 @@ class _Judge:
     """The one measure of every candidate: the original FP32 model's PSNR-Y against the truth minus the INT8
     model's, and INT8's brightness over FP32's, on the same pairs."""
 
-    def __init__(self, original: str, pairs: list[tuple]):
+    def __init__(self, original: str, pairs: list[tuple], started: float | None = None):
         self.pairs, self.scale = pairs, model_info(original).scale
+        self.started = time.perf_counter() if started is None else started
         fp32 = reference_engine(original)
         self.fp32_outputs = [fp32.run(lr) for lr, _ in pairs]
         self.fp32_psnr = float(np.mean([psnr_y(o, t, self.scale) for o, t in zip(self.fp32_outputs, self.truths)]))
@@ -173,7 +188,8 @@ class _Judge:
                   fixes: Fixes | None = None, progress=None) -> Candidate:
         calibrated = calibrate_model(model, calibration, scheme, fixes=fixes, progress=progress)
         loss, bright = self.loss(calibrated)
-        return Candidate(what, model, calibration, calibrated.fixes, loss, bright, calibrated)
+        return Candidate(what, model, calibration, calibrated.fixes, loss, bright, calibrated,
+                         time.perf_counter() - self.started)
 
 
 class _Clock:
@@ -210,7 +226,7 @@ def make_ready(config: ReadyConfig, progress: Callable[[float, str], None] | Non
     pairs = _pairs(config, info.scale)
     measured_on = f"{len(pairs)} images of {Path(config.data).name}" if config.data else \
         f"{len(pairs)} calibration images"
-    judge = _Judge(original, pairs)
+    judge = _Judge(original, pairs, clock.start)
     steps: list[Step] = []
     stop = should_stop or (lambda: False)
     routes = [_range_methods, _refinements, _mixed_precision] + ([_qat] if config.qat else [])
@@ -385,11 +401,13 @@ def _qat(config: ReadyConfig, judge: _Judge, best: Candidate, clock: _Clock, say
                            val_every=50, checkpoint_every=100_000, calib_data=config.calibration.data,
                            keep_best=config.data is not None,
                            equalize=0.5 if Refinement.EQUALIZE.value in best.what else 0.0)
-    reached = {"loss": math.inf}
+    reached, validation = {"loss": math.inf}, []
 
     def seen(event: dict) -> None:
         if "val_psnr" in event and event.get("fp32_val_psnr") is not None:
             reached["loss"] = event["fp32_val_psnr"] - event["val_psnr"]
+            validation.append({"seconds": round(clock.since(clock.start), 1), "step": event["step"],
+                               "loss_db": round(reached["loss"], 4)})
         say(f"QAT: step {event['step']}" + (f", validation loss {reached['loss']:.3f} dB"
                                             if math.isfinite(reached["loss"]) else ""))
 
@@ -400,7 +418,7 @@ def _qat(config: ReadyConfig, judge: _Judge, best: Candidate, clock: _Clock, say
         return Step("QAT", [], clock.since(mark), [*notes, f"QAT is not possible: {error}"])
     calibration = replace(best.calibration, method=Method.parse(qat_config.method))
     candidate = judge.candidate(f"QAT, {result.steps} steps", str(result.weights), calibration, config.scheme)
-    step = Step("QAT", [candidate], clock.since(mark), notes)
+    step = Step("QAT", [candidate], clock.since(mark), notes, validation=validation)
     step.best = candidate
     return step
 

@@ -336,6 +336,50 @@ class SwinLightLike(nn.Module):
         return self.tail(feature + self.block(feature))
 
 
+class Waifu2xLike(nn.Module):
+    """waifu2x upconv_7-like x2 (RGB): replicate padding of 7 px, six valid 3x3 convs with LeakyReLU 0.1, a
+    stride-2 ConvTranspose; exported with its pads computed by an int64 shape subgraph (`with_shape_pads`)."""
+
+    def __init__(self, widths=(16, 32, 32, 64, 64, 64)):
+        super().__init__()
+        layers, channels = [], 3
+        for width in widths:
+            layers += [nn.Conv2d(channels, width, 3), nn.LeakyReLU(0.1)]
+            channels = width
+        self.body = nn.Sequential(*layers)
+        self.up = nn.ConvTranspose2d(channels, 3, 4, stride=2, padding=3)
+
+    def forward(self, x):
+        return self.up(self.body(nn.functional.pad(x, (7, 7, 7, 7), mode="replicate")))
+
+
+def with_shape_pads(path: Path) -> Path:
+    """Rewrite the first Pad's constant pads as some exporters write them: the same values out of an int64 shape
+    subgraph (Shape -> Gather -> Mul by 0 -> Unsqueeze -> Tile -> Add to the constant)."""
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path))
+    pad = next(n for n in model.graph.node if n.op_type == "Pad")
+    source = pad.input[1]
+    nodes = [helper.make_node("Shape", [model.graph.input[0].name], ["sp_shape"]),
+             helper.make_node("Gather", ["sp_shape", "sp_two"], ["sp_height"], axis=0),
+             helper.make_node("Mul", ["sp_height", "sp_zero"], ["sp_nothing"]),
+             helper.make_node("Unsqueeze", ["sp_nothing", "sp_axis0"], ["sp_nothing1"]),
+             helper.make_node("Tile", ["sp_nothing1", "sp_eight"], ["sp_zeros8"]),
+             helper.make_node("Add", [source, "sp_zeros8"], ["sp_pads"])]
+    pad.input[1] = "sp_pads"
+    index = list(model.graph.node).index(pad)
+    for offset, node in enumerate(nodes):
+        model.graph.node.insert(index + offset, node)
+    model.graph.initializer.extend([numpy_helper.from_array(np.array(2, np.int64), "sp_two"),
+                                    numpy_helper.from_array(np.array(0, np.int64), "sp_zero"),
+                                    numpy_helper.from_array(np.array([0], np.int64), "sp_axis0"),
+                                    numpy_helper.from_array(np.array([8], np.int64), "sp_eight")])
+    onnx.checker.check_model(model)
+    path.write_bytes(model.SerializeToString())
+    return path
+
+
 class TfNames(nn.Module):
     """The ESPCN stand-in as a TensorFlow export reads: NHWC Y in and out."""
 
@@ -380,22 +424,21 @@ FAMILIES = {  # name -> (core, scale, takes Y, pre-upsampled, how it is exported
     "rlfn": (RlfnLike, 4, False, False, "nchw"),
     "rrdb": (RrdbX4, 4, False, False, "nchw"),
     "swinir-light": (SwinLightLike, 2, False, False, "nchw"),
+    "waifu2x": (Waifu2xLike, 2, False, False, "nchw-shape-pads"),
 }
 
 
 def family(name: str, folder: Path, train_dir: str, steps: int = 300) -> Path:
-    """The stand-in `name` of FAMILIES, trained `steps` steps on `train_dir`, as `folder/<name>.onnx`; the
-    waifu2x-like one (`shape_padded`) is hand-set, not trained."""
+    """The stand-in `name` of FAMILIES, trained `steps` steps on `train_dir`, as `folder/<name>.onnx`."""
     folder.mkdir(parents=True, exist_ok=True)
-    if name == "waifu2x":
-        return shape_padded(folder / "waifu2x.onnx")
     make, scale, luma, pre, export = FAMILIES[name]
     model = train_briefly(make(), scale, train_dir, steps, luma, pre)
     channels = 1 if luma else 3
     side = 24 * (scale if pre else 1)
     if export == "nhwc-tf":
         return _export_tf(TfNames(model), folder / f"{name}.onnx", torch.rand(1, side, side, channels))
-    return _export(model, folder / f"{name}.onnx", torch.rand(1, channels, side, side))
+    path = _export(model, folder / f"{name}.onnx", torch.rand(1, channels, side, side))
+    return with_shape_pads(path) if export == "nchw-shape-pads" else path
 
 
 def _export_tf(model: nn.Module, path: Path, example: torch.Tensor) -> Path:
@@ -411,4 +454,4 @@ def _export_tf(model: nn.Module, path: Path, example: torch.Tensor) -> Path:
     return path
 
 
-FAMILY_NAMES = [*FAMILIES, "waifu2x"]
+FAMILY_NAMES = list(FAMILIES)

@@ -577,7 +577,7 @@ def test_calibration_uploads_are_kept_small(tmp_path):
 
 
 def test_training_controls_are_disabled_when_training_is_off(monkeypatch):
-    """Off (the Space's default): Start and "Make model A INT8-ready" are shown disabled with the reason, not
+    """Off (the Space's default): Start and "Fine-tune model A for INT8" are shown disabled with the reason, not
     clickable into an error."""
     import app
     import app_jobs
@@ -656,3 +656,19 @@ def test_work_on_uploaded_models_runs_at_a_lower_cpu_priority():
     with app._lane("xlsr-relu", "xlsr-clip") as run:
         assert run(priority) == before
     assert priority() == before
+
+
+def test_make_model_a_int8_ready_shows_the_route_and_offers_the_chosen_bundle(monkeypatch):
+    """The Compare tab's "Make model A INT8-ready" runs what `python -m sr int8-ready` runs: the table of the
+    route, the chosen model's bundle, and (QAT being off on the Space) says so."""
+    import zipfile
+
+    import app
+    import app_jobs
+
+    monkeypatch.setattr(app_jobs.POLICY, "enabled", False)
+    report, archive, *_ = app.make_ready_for("xlsr-clip", 20, "tensorrt", 30.0, 1, [], "xlsr-relu",
+                                             progress=lambda *a, **k: None)
+    assert "| range methods | entropy |" in report and "Chosen: entropy" in report and "target met" in report
+    assert "QAT is off on this server" in report
+    assert {"model.qdq.onnx", "README.md"} <= set(zipfile.ZipFile(archive).namelist())

@@ -1,5 +1,6 @@
 """End-to-end tests in Debian's Chromium: the default example, the teacher preset, the difference view,
-click-to-zoom, a recalibration with a fresh sample; an uploaded ONNX model and its bundle. They wait on the page's
+click-to-zoom, a recalibration with a fresh sample; an uploaded ONNX model, its bundle, and the INT8-ready
+search on it. They wait on the page's
 own "done" line (#run-status, with the time it finished), never on fixed delays, so a loaded machine only makes
 them slower.
 
@@ -139,6 +140,10 @@ def test_drop_an_onnx_model_and_download_its_bundle(server, tmp_path):  # noqa: 
         names = set(zipfile.ZipFile(saved).namelist())
         assert {"model.qdq.onnx", "model.npu-int8.onnx", "model.cpu-int8.onnx", "README.md"} <= names
         assert "calibration.cache" not in names  # TensorRT 10 only, asked for by version (the CLI's --trt-version)
+        page.locator("#ready-button").click()  # the search int8-ready runs, on the user's model, in the page
+        expect(page.locator("#ready-report")).to_contain_text("Chosen:", timeout=SLOW)
+        expect(page.locator("#ready-report")).to_contain_text("range methods")
+        expect(page.locator("#bundle a").first).to_contain_text("int8-ready", timeout=60_000)
         page.locator("#run").click()
         _wait_done(page)
         expect(page.locator("#metrics")).to_contain_text("xlsr-nhwc.onnx")

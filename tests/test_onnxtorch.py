@@ -87,10 +87,18 @@ def test_other_op_variants(make):
     _agrees(make(), atol=1e-6)
 
 
-def test_negative_slice_steps_are_refused_when_the_module_is_built():
+@pytest.mark.parametrize("starts, ends, steps", [([-1], [-100], [-1]), ([5], [0], [-2]), ([-2], [-9223372036854775807], [-1]),
+                                                 ([100], [1], [-3])])
+def test_negative_slice_steps(starts, ends, steps):  # torch's replicate padding exports one (the pads reversed)
     node = helper.make_node("Slice", ["x", "starts", "ends", "axes", "steps"], ["y"])
-    model = _model([node], [_ints("starts", [-1]), _ints("ends", [-100]), _ints("axes", [3]), _ints("steps", [-1])])
-    with pytest.raises(ValueError, match="negative steps"):
+    _agrees(_model([node], [_ints("starts", starts), _ints("ends", ends), _ints("axes", [3]),
+                            _ints("steps", steps)]), atol=0.0)
+
+
+def test_a_slice_step_of_zero_is_refused_when_the_module_is_built():
+    node = helper.make_node("Slice", ["x", "starts", "ends", "axes", "steps"], ["y"])
+    model = _model([node], [_ints("starts", [0]), _ints("ends", [3]), _ints("axes", [3]), _ints("steps", [0])])
+    with pytest.raises(ValueError, match="step of 0"):
         OnnxModule(model)
 
 
@@ -124,7 +132,8 @@ def _attention():  # SwinIR-like: LayerNorm over channels (last axis), Q K^T, So
                           _floats("two", [2.0])], opset=20)
 
 
-def _shape_ops():  # an exporter's int64 shape arithmetic: Shape, Gather, Cast, Unsqueeze, Squeeze, Tile, Expand
+def _shape_ops():  # an exporter's int64 shape arithmetic: Shape, Gather, Cast, Unsqueeze, Squeeze, Tile, Expand,
+    # ConstantOfShape
     nodes = [helper.make_node("Shape", ["x"], ["shape"]),
              helper.make_node("Gather", ["shape", "axis"], ["width"], axis=0),
              helper.make_node("Cast", ["width"], ["wf"], to=TensorProto.FLOAT),
@@ -136,10 +145,13 @@ def _shape_ops():  # an exporter's int64 shape arithmetic: Shape, Gather, Cast, 
              helper.make_node("Add", ["tiled", "b2"], ["t2"]),
              helper.make_node("Flatten", ["t2"], ["flat"], axis=1),
              helper.make_node("Reshape", ["flat", "back"], ["r"]),
-             helper.make_node("Abs", ["r"], ["a"]), helper.make_node("Concat", ["a", "b"], ["y"], axis=1)]
+             helper.make_node("Abs", ["r"], ["a"]),
+             helper.make_node("ConstantOfShape", ["ones_shape"], ["ones"],
+                              value=numpy_helper.from_array(np.array([1.0], np.float32))),
+             helper.make_node("Mul", ["a", "ones"], ["a1"]), helper.make_node("Concat", ["a1", "b"], ["y"], axis=1)]
     return _model(nodes, [_ints("axis", [3]), _ints("zero", [0]), _ints("repeats", [1, 2, 1, 1]),
                           _floats("bias", np.zeros((1, 1, 1, 1)) + 0.25), _floats("b2", [0.5]),
-                          _ints("back", [1, 6, 5, 7])])
+                          _ints("back", [1, 6, 5, 7]), _ints("ones_shape", [1, 1, 1, 7])])
 
 
 @pytest.mark.parametrize("make", [_pools, _attention, _shape_ops], ids=["pools", "attention", "shape-ops"])

@@ -118,12 +118,12 @@ def test_bad_arguments_are_refused_in_words(capsys, argv, words):
 
 @pytest.fixture(scope="module")
 def families(tmp_path_factory, data_dir):
-    """Every family stand-in, trained briefly, registered: name -> registered name."""
+    """Every family stand-in, trained briefly, registered: name -> UserModel."""
     import standins
     from sr.usermodel import register_onnx
 
     folder = tmp_path_factory.mktemp("families")
-    return {name: register_onnx(standins.family(name, folder, str(data_dir / "T91"), steps=150)).name
+    return {name: register_onnx(standins.family(name, folder, str(data_dir / "T91"), steps=150))
             for name in standins.FAMILY_NAMES}
 
 
@@ -131,15 +131,17 @@ SCALES = {"fsrcnn": 3, "vdsr": 3, "espcn": 3, "rlfn": 4, "rrdb": 4, "swinir-ligh
 
 
 @pytest.mark.parametrize("name", list(SCALES))
-def test_every_family_the_default_is_near_lossless_or_warns_and_diagnose_and_int8_ready_run(families, name,
-                                                                                           two_images):
+def test_every_family_the_default_is_near_lossless_or_warns_and_diagnose_int8_ready_and_the_bundle_run(
+        families, name, two_images, tmp_path):
     """The issue's bar for the default INT8 (auto): at most 1 dB lost with brightness of 0.98 or more, or a
-    warning in words; then diagnose ranks its tensors and int8-ready's cheapest route runs, on every family at
-    its own scale (2, 3 and 4)."""
+    warning in words; then diagnose ranks its tensors, and int8-ready's cheapest route runs and bundles the
+    user's own graph (its own input name), on every family at its own scale (2, 3 and 4)."""
+    import onnxruntime as ort
+
     from sr.diagnose import DiagnoseConfig, diagnose
     from sr.models import model_info
 
-    model = families[name]
+    model = families[name].name
     assert model_info(model).scale == SCALES[name]
     calibration = CalibrationConfig(method="auto", samples=20)
     report = evaluate(EvalConfig(model=model, data=str(two_images), engine="ort-int8", calibration=calibration))
@@ -151,5 +153,8 @@ def test_every_family_the_default_is_near_lossless_or_warns_and_diagnose_and_int
     # (the waifu2x-like model's one Conv is too small for TensorRT's INT8 kernels: nothing to rank)
     assert len(diagnosis.ranking) == min(2, len(quantized)) and all(e.tensor in quantized for e in diagnosis.ranking)
     result = make_ready(ReadyConfig(model, data=str(two_images), target_db=50.0, budget_minutes=1,
-                                    calibration=calibration, qat=False))
+                                    calibration=calibration, qat=False, out=str(tmp_path / "bundle")))
     assert result.met and result.steps[0].route == "range methods"
+    original = onnx.load(str(families[name].source))
+    shipped = ort.InferenceSession(str(result.bundle / "model.qdq.onnx"), providers=["CPUExecutionProvider"])
+    assert [i.name for i in shipped.get_inputs()] == [original.graph.input[0].name]
