@@ -468,11 +468,6 @@ class ModelInfo:
         """The FP32 ONNX graph when the model is one already (a user's), else None (a weight file is exported)."""
         return self.path if self.uploaded else None
 
-    @property
-    def supports_centred_io(self) -> bool:
-        """Whether centred I/O can be built in (the lab's architectures; a user's graph keeps its own I/O)."""
-        return not self.uploaded
-
     def io_offset(self) -> float:
         """The centred-I/O offset built into the model (0 for none, and for a user's graph)."""
         return 0.0 if self.uploaded else float(read_metadata(self.path)["config"].get("io_offset", 0.0))

@@ -44,6 +44,7 @@ from .quantspec import Scheme
 from .runtime import reference_engine
 from .store import cache_root, short_hash
 from .train import default_training_dirs
+from .transforms import centring_reason
 
 RESERVE_SECONDS = 20.0  # kept back from QAT for its own export and the bundle
 MIN_QAT_SECONDS = 45.0  # less time than this left: QAT is not started
@@ -313,11 +314,11 @@ def _range_methods(config: ReadyConfig, judge: _Judge, best, clock: _Clock, say,
 
 def _refinement_lists(config: ReadyConfig, model: str) -> tuple[list[list[Refinement]], list[str]]:
     notes, first = [], [Refinement.EQUALIZE, Refinement.BIAS_CORRECTION]
-    if model_info(model).supports_centred_io:
+    reason = centring_reason(model)
+    if reason is None:
         first.insert(0, Refinement.CENTRED_IO)
     else:
-        notes.append("centred I/O left out: it is built into the lab's own architectures; an uploaded graph keeps "
-                     "its own input and output")
+        notes.append(f"centred I/O left out: {reason}")
     lists = [first]
     if config.scheme is not Scheme.NPU_PER_TENSOR:
         lists.append([*first[:-1], Refinement.ADAROUND, Refinement.BIAS_CORRECTION])

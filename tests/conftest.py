@@ -47,3 +47,14 @@ def registered(stand_ins):
 
     return {name: register_onnx(path, Overrides(scale=3) if "vdsr" in name else Overrides())
             for name, path in stand_ins.items()}
+
+
+@pytest.fixture(scope="session")
+def families(tmp_path_factory, data_dir):
+    """Every model-family stand-in of tests/standins.py, trained briefly, registered: name -> UserModel."""
+    import standins
+    from sr.usermodel import register_onnx
+
+    folder = tmp_path_factory.mktemp("families")
+    return {name: register_onnx(standins.family(name, folder, str(data_dir / "T91"), steps=150))
+            for name in standins.FAMILY_NAMES}

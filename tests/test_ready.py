@@ -116,17 +116,6 @@ def test_bad_arguments_are_refused_in_words(capsys, argv, words):
     assert words in capsys.readouterr().err
 
 
-@pytest.fixture(scope="module")
-def families(tmp_path_factory, data_dir):
-    """Every family stand-in, trained briefly, registered: name -> UserModel."""
-    import standins
-    from sr.usermodel import register_onnx
-
-    folder = tmp_path_factory.mktemp("families")
-    return {name: register_onnx(standins.family(name, folder, str(data_dir / "T91"), steps=150))
-            for name in standins.FAMILY_NAMES}
-
-
 SCALES = {"fsrcnn": 3, "vdsr": 3, "espcn": 3, "rlfn": 4, "rrdb": 4, "swinir-light": 2, "waifu2x": 2}
 
 
