@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from sr.calibrate import CalibrationConfig, Method  # noqa: E402
 from sr.data import degrade, list_images, load_image  # noqa: E402
 from sr.diagnose import DiagnoseConfig, diagnose  # noqa: E402
-from sr.engines import OrtEngine  # noqa: E402
+from sr.engines import reference  # noqa: E402
 from sr.metrics import brightness_ratio, psnr_y  # noqa: E402
 from sr.models import load_model, model_info, save_weights  # noqa: E402
 from sr.quantize import Fixes, calibrate_model, fp32_onnx_path  # noqa: E402
@@ -47,15 +47,15 @@ class Bench:
     def reference(self, model: str, name: str) -> list[np.ndarray]:
         key = (model, name)
         if key not in self.fp32:
-            engine = OrtEngine(fp32_onnx_path(model), model_info(model).scale)
+            engine = reference(fp32_onnx_path(model), model_info(model).scale)
             self.fp32[key] = [engine.run(lr) for _, lr in self.sets[name]]
         return self.fp32[key]
 
     def score(self, model: str, int8, name: str = "Set5", images=None) -> dict:
-        engine = OrtEngine(int8.qdq_onnx, int8.scale)
+        engine = reference(int8.qdq_onnx, int8.scale)
         pairs = images or self.sets[name]
         references = self.reference(model, name) if images is None else [
-            OrtEngine(fp32_onnx_path(model), int8.scale).run(lr) for _, lr in pairs]
+            reference(fp32_onnx_path(model), int8.scale).run(lr) for _, lr in pairs]
         outputs = [engine.run(lr) for _, lr in pairs]
         fp32 = np.mean([psnr_y(r, hr, 3) for r, (hr, _) in zip(references, pairs)])
         quantized = np.mean([psnr_y(o, hr, 3) for o, (hr, _) in zip(outputs, pairs)])

@@ -60,11 +60,11 @@ def _training_fields(args: argparse.Namespace) -> dict:
 
 
 def _add_calibration_arguments(parser: argparse.ArgumentParser, data_flag: tuple[str, ...] = ("--calib-data",),
-                               refine: bool = True) -> None:
+                               refine: bool = True, seed_flag: str = "--seed", method: str = "auto") -> None:
     """The calibration options; defaults None so that --recommended can tell what the user set."""
     c = CALIBRATION_DEFAULTS
     methods = ", ".join(m.value for m in Method)
-    parser.add_argument("--method", default=None, help=f"{methods} (default: auto). auto calibrates entropy, "
+    parser.add_argument("--method", default=None, help=f"{methods} (default: {method}). auto calibrates entropy, "
                         "percentile, mse and minmax from one set of statistics, scores each against FP32 on held-back "
                         "calibration images and keeps the best (and says which); entropy is NVIDIA's KL search as "
                         "ModelOpt publishes it (the zero bin flattened); entropy-zeros counts the spike of exact "
@@ -74,7 +74,8 @@ def _add_calibration_arguments(parser: argparse.ArgumentParser, data_flag: tuple
                         "tensor INT8, the output included) or cpu (uint8, ONNX Runtime's x86 path) (default: tensorrt)")
     parser.add_argument("--percentile", type=float, default=c.percentile, help="for --method percentile (default: %(default)s)")
     parser.add_argument("--patch-size", type=int, default=c.patch_size, help="calibration patch side, LR px (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=c.seed, help="calibration sample seed (default: %(default)s)")
+    parser.add_argument(seed_flag, dest="calib_seed", type=int, default=c.seed,
+                        help="calibration sample seed (default: %(default)s)")
     parser.add_argument(*data_flag, dest="calib_data", default=None,
                         help="calibration image folder (default: calib_data/)")
     parser.add_argument("--calib-inputs", default=c.inputs.value, help="downscaled (bicubic by the model's scale, as in "
@@ -137,10 +138,11 @@ def _refined(args: argparse.Namespace, model: str, calibration: CalibrationConfi
     return str(path)
 
 
-def _calibration(args: argparse.Namespace) -> tuple[CalibrationConfig, Scheme]:
+def _calibration(args: argparse.Namespace, method: Method = Method.AUTO) -> tuple[CalibrationConfig, Scheme]:
+    """The calibration options as a CalibrationConfig (`method` when --method is not given), and the scheme."""
     c = CALIBRATION_DEFAULTS
-    config = CalibrationConfig(method=args.method or Method.AUTO, samples=c.samples if args.samples is None else args.samples,
-                               patch_size=args.patch_size, seed=args.seed, percentile=args.percentile,
+    config = CalibrationConfig(method=args.method or method, samples=c.samples if args.samples is None else args.samples,
+                               patch_size=args.patch_size, seed=args.calib_seed, percentile=args.percentile,
                                data=args.calib_data, inputs=args.calib_inputs, gain=args.gain, contrast=args.contrast)
     return config, Scheme.parse(args.scheme or Scheme.TENSORRT)
 
@@ -468,10 +470,9 @@ def _add_qat_command(commands) -> None:
     _add_model_arguments(qat)
     qat.add_argument("--out", required=True, help="the trained model: .safetensors (a PyTorch model) or .onnx (an "
                      "ONNX model); the QDQ model goes beside it as <name>.<scheme>.qdq.onnx")
-    qat.add_argument("--scheme", default=d.scheme, help="tensorrt, npu, npu-per-tensor or cpu (default: %(default)s)")
-    qat.add_argument("--method", default=d.method, help="calibration the ranges start from (default: %(default)s)")
-    qat.add_argument("--samples", type=int, default=d.samples, help="calibration samples (default: %(default)s)")
-    qat.add_argument("--calib-data", default=None, help="calibration images (default: calib_data/)")
+    # the calibration the ranges start from: the same options as every INT8 command (its --method default mse;
+    # --calib-seed, since --seed is the training's)
+    _add_calibration_arguments(qat, refine=False, seed_flag="--calib-seed", method="mse")
     for name, kind, text in (("steps", int, "optimizer steps (XLSR: 500 take 1-2 minutes on 2 CPU cores)"), ("batch_size", int, "patches per step"),
                              ("lr_patch", int, "LR patch side in pixels"), ("lr", float, "weight learning rate"),
                              ("range_lr", float, "learning rate of the log step sizes"),
@@ -500,8 +501,10 @@ def cmd_qat(args: argparse.Namespace) -> int:
     """`qat`: fill QatConfig, fine-tune, print what was written and the INT8 figures."""
     from .qat import QatConfig, quantization_aware_training
 
-    fields = {f.name for f in dataclasses.fields(QatConfig)} - {"model"}
-    config = QatConfig(model=_model(args), **{k: v for k, v in vars(args).items() if k in fields})
+    fields = {f.name for f in dataclasses.fields(QatConfig)} - {"model", "calibration", "scheme"}
+    calibration, scheme = _calibration(args, Method.MSE)
+    config = QatConfig(model=_model(args), calibration=calibration, scheme=scheme,
+                       **{k: v for k, v in vars(args).items() if k in fields})
     config.val_dir = config.val_dir or None
     from .models import model_info
 

@@ -234,6 +234,13 @@ class OrtEngine(Seamless):
         return self.session.run(None, {self.input_name: array})[0]
 
 
+def reference(onnx_path: str | os.PathLike, scale: int, threads: int = 0, name: str = "ort-reference") -> OrtEngine:
+    """The lab's reference numerics: ONNX Runtime's CPU kernels on an FP32 or QDQ model. Every INT8 figure the
+    lab shows is measured with it, and every other engine is checked against it (`sr.runtime`); the one place
+    it is made."""
+    return OrtEngine(onnx_path, scale, threads, name=name, cpu_only=True)
+
+
 def openvino_available() -> bool:
     """True when OpenVINO's runtime can be imported."""
     try:

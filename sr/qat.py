@@ -28,11 +28,13 @@ Example:
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import sys
 import time
 from dataclasses import asdict, dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -69,9 +71,9 @@ class QatConfig:
 
     model: str = "xlsr-clip"  # a shipped name, a weight file, or a registered ONNX model (onnx:<hash>)
     out: str = "runs/qat.safetensors"  # .safetensors for PyTorch models, .onnx for ONNX models
-    scheme: str = "tensorrt"
-    method: str = "mse"  # the calibration the ranges start from
-    samples: int = 100
+    scheme: Scheme | str = Scheme.TENSORRT
+    # the calibration the ranges start from (its images: calib_data/ unless `data` says otherwise)
+    calibration: CalibrationConfig = field(default_factory=lambda: CalibrationConfig(method=Method.MSE))
     steps: int = 2000
     batch_size: int = 16
     lr_patch: int = 32
@@ -90,7 +92,6 @@ class QatConfig:
     resume: bool = False
     device: str = "auto"
     max_seconds: float | None = None
-    calib_data: str | None = None  # calibration images (default: calib_data/)
     io_offset: bool = True  # centred I/O (`sr.transforms`) where possible: the lab's architectures
     equalize: float = 0.0  # channel-equalization strength before calibration (`sr.transforms`; 0: none)
     # end with the weights of the best validation (the validation images then choose the model too: measure the
@@ -98,9 +99,10 @@ class QatConfig:
     keep_best: bool = False
 
     def __post_init__(self):
-        self.scheme = Scheme.parse(self.scheme).value
-        self.method = Method.parse(self.method).value
-        for name in ("samples", "steps", "batch_size", "lr_patch", "val_every", "checkpoint_every"):
+        self.scheme = Scheme.parse(self.scheme)
+        if isinstance(self.calibration, dict):  # read back from a record or a checkpoint
+            self.calibration = CalibrationConfig(**self.calibration)
+        for name in ("steps", "batch_size", "lr_patch", "val_every", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
         if not 0.0 <= self.alpha <= 1.0:
@@ -371,10 +373,10 @@ def _setup(config: QatConfig) -> _QatRun:
         device = torch.device("cuda", rank % torch.cuda.device_count())
     torch.manual_seed(config.seed)
     info = model_info(config.model)
-    calibration = CalibrationConfig(method=config.method, samples=config.samples, data=config.calib_data)
+    calibration = config.calibration
     patches = calibration_batch(calibration, info.scale) if config.equalize else None
     structure, fixes = prepare(config.model, config.io_offset, config.equalize, patches, Path(config.out), config.scheme)
-    student, calibrated = fake_quantized(structure, calibration, config.scheme, fixes)
+    student, calibrated = fake_quantized(structure, calibration, config.scheme.value, fixes)
     fp32 = student.fp32
     # the reference is the original model, whatever its I/O convention (both take and return [0, 1] images); a
     # QAT model fine-tuned again keeps the model it started from as its reference
@@ -532,6 +534,11 @@ def _report(run: _QatRun, bar: tqdm, on_progress: Callable[[dict], None] | None)
         on_progress({**event, "steps": config.steps, "fp32_val_psnr": run.fp32_val_psnr})
 
 
+def _plain(value):
+    """`value` with its enums as their values (JSON-ready)."""
+    return json.loads(json.dumps(value, default=lambda v: v.value if isinstance(v, Enum) else str(v)))
+
+
 def _remember_best(run: _QatRun, psnr: float) -> None:
     """With `keep_best`, a copy of the student's state at its best validation so far."""
     if run.config.keep_best and (run.best is None or psnr > run.best[0]):
@@ -563,12 +570,12 @@ def _finish(run: _QatRun) -> QatResult:
                             "kept_step": run.best[1]})
     _checkpoint(run, wall)
     out = Path(run.config.out)
-    qdq = qdq_path_for(out, run.config.scheme)
+    qdq = qdq_path_for(out, run.config.scheme.value)
     if run.rank == 0:
-        record = {"scheme": run.config.scheme, "ranges": {t: list(r) for t, r in run.student.ranges().items()},
+        record = {"scheme": run.config.scheme.value, "ranges": {t: list(r) for t, r in run.student.ranges().items()},
                   "base": original_model(run.config.model),
                   "base_sha256": file_sha256(model_info(original_model(run.config.model)).path),
-                  "fp32_val_psnr": run.fp32_val_psnr, "config": asdict(run.config), "steps": run.step,
+                  "fp32_val_psnr": run.fp32_val_psnr, "config": _plain(asdict(run.config)), "steps": run.step,
                   "wall_seconds": round(wall, 1), "machine": _machine(run.device), "history": run.history}
         export_trained(run.structure, run.fp32_path, run.student.weights(), record, out, qdq,
                        run.calibrated_ranges)

@@ -25,7 +25,7 @@ import onnx
 from . import calibrate, calibrated, data, export, models, qdq, quantspec, rewrite
 from .calibrate import CalibrationConfig, Method, images_digest, load_calibration_images, prepare_calibration_images
 from .calibrated import CalibratedModel, Fixes, calibrate_entry, read_entry
-from .engines import OrtEngine
+from .engines import reference
 from .export import export_onnx
 from .metrics import brightness_ratio, psnr_y
 from .models import load_model, model_info
@@ -197,13 +197,13 @@ def _calibrate_auto(model_name, config: CalibrationConfig, scheme: Scheme, image
     if choice is not None:
         return replace(calibrate_model(model_name, replace(config, method=method), scheme, rest, fixes, cache_dir,
                                        threads, progress), choice=choice)
-    reference = OrtEngine(fp32_onnx_path(model_name, cache_dir), scale, cpu_only=True)
-    truths = [reference.run(lr) for lr in lrs]
+    fp32 = reference(fp32_onnx_path(model_name, cache_dir), scale)
+    truths = [fp32.run(lr) for lr in lrs]
     made, candidates = {}, {}
     for method in AUTO_CANDIDATES:
         made[method] = calibrate_model(model_name, replace(config, method=method), scheme, rest, fixes, cache_dir,
                                        threads, progress)
-        engine = OrtEngine(made[method].qdq_onnx, scale, cpu_only=True)
+        engine = reference(made[method].qdq_onnx, scale)
         outputs = [engine.run(lr) for lr in lrs]
         candidates[method.value] = {
             "psnr_vs_fp32_db": float(np.mean([min(psnr_y(o, t, scale), 99.0) for o, t in zip(outputs, truths)])),

@@ -35,7 +35,7 @@ from .calibrated import CalibratedModel, Fixes
 from .compare import InputMode
 from .data import list_images
 from .diagnose import Scorer, eval_pairs
-from .engines import OrtEngine
+from .engines import OrtEngine, reference
 from .metrics import brightness_ratio, psnr_y
 from .models import model_info
 from .ptq import RefineConfig, Refinement, refine
@@ -179,7 +179,7 @@ class _Judge:
         return [truth for _, truth in self.pairs]
 
     def loss(self, calibrated: CalibratedModel) -> tuple[float, float]:
-        engine = OrtEngine(calibrated.qdq_onnx, calibrated.scale, cpu_only=True)
+        engine = reference(calibrated.qdq_onnx, calibrated.scale)
         outputs = [engine.run(lr) for lr, _ in self.pairs]
         int8 = float(np.mean([psnr_y(o, t, self.scale) for o, t in zip(outputs, self.truths)]))
         bright = float(np.mean([brightness_ratio(o, r) for o, r in zip(outputs, self.fp32_outputs)]))
@@ -396,10 +396,9 @@ def _qat(config: ReadyConfig, judge: _Judge, best: Candidate, clock: _Clock, say
     out = cache_root() / "ready" / f"{info.name.replace(':', '-')}-{short_hash(str(time.time()), 8)}-qat" \
         f"{info.tuned_suffix}"
     out.parent.mkdir(parents=True, exist_ok=True)
-    qat_config = QatConfig(model=original, out=str(out), scheme=config.scheme.value,
-                           method=best.calibration.method.value, samples=best.calibration.samples,
+    qat_config = QatConfig(model=original, out=str(out), scheme=config.scheme, calibration=best.calibration,
                            steps=100_000, max_seconds=seconds, train_dirs=train_dirs, val_dir=config.data,
-                           val_every=50, checkpoint_every=100_000, calib_data=config.calibration.data,
+                           val_every=50, checkpoint_every=100_000,
                            keep_best=config.data is not None,
                            equalize=0.5 if Refinement.EQUALIZE.value in best.what else 0.0)
     reached, validation = {"loss": math.inf}, []
@@ -417,8 +416,7 @@ def _qat(config: ReadyConfig, judge: _Judge, best: Candidate, clock: _Clock, say
                                              or stop() or clock.left() < RESERVE_SECONDS)
     except ValueError as error:  # an op the interpreter does not cover: the route is closed, in words
         return Step("QAT", [], clock.since(mark), [*notes, f"QAT is not possible: {error}"])
-    calibration = replace(best.calibration, method=Method.parse(qat_config.method))
-    candidate = judge.candidate(f"QAT, {result.steps} steps", str(result.weights), calibration, config.scheme)
+    candidate = judge.candidate(f"QAT, {result.steps} steps", str(result.weights), best.calibration, config.scheme)
     step = Step("QAT", [candidate], clock.since(mark), notes, validation=validation)
     step.best = candidate
     return step
@@ -428,20 +426,20 @@ def _latencies(chosen: Candidate, steps: Sequence[Step], lr: np.ndarray) -> tupl
     """The tensors the chosen model leaves in float, each with the CPU latency it adds (measured by leaving the
     tensors in float one more at a time), and the latency of FP32, all-INT8 and the chosen model."""
     crop = lr[:128, :128]
-    fp32 = _milliseconds(OrtEngine(chosen.calibrated.fp32_onnx, chosen.calibrated.scale, cpu_only=True), crop)
+    fp32 = _milliseconds(reference(chosen.calibrated.fp32_onnx, chosen.calibrated.scale), crop)
     kept = list(chosen.fixes.keep_float)
     floats, base = [], None
     if kept:
         base_model = calibrate_model(chosen.model, chosen.calibration, chosen.calibrated.scheme,
                                      fixes=replace(chosen.fixes, keep_float=[]))
-        base = previous = _milliseconds(OrtEngine(base_model.qdq_onnx, base_model.scale, cpu_only=True), crop)
+        base = previous = _milliseconds(reference(base_model.qdq_onnx, base_model.scale), crop)
         for index, tensor in enumerate(kept):
             partial = calibrate_model(chosen.model, chosen.calibration, chosen.calibrated.scheme,
                                       fixes=replace(chosen.fixes, keep_float=kept[:index + 1]))
-            now = _milliseconds(OrtEngine(partial.qdq_onnx, partial.scale, cpu_only=True), crop)
+            now = _milliseconds(reference(partial.qdq_onnx, partial.scale), crop)
             floats.append({"tensor": tensor, "latency_ms_added": round(now - previous, 3)})
             previous = now
-    chosen_ms = _milliseconds(OrtEngine(chosen.calibrated.qdq_onnx, chosen.calibrated.scale, cpu_only=True), crop)
+    chosen_ms = _milliseconds(reference(chosen.calibrated.qdq_onnx, chosen.calibrated.scale), crop)
     return floats, {"fp32": round(fp32, 3), "int8_all": round(chosen_ms if base is None else base, 3),
                     "chosen": round(chosen_ms, 3), "input": f"{crop.shape[1]}x{crop.shape[0]}"}
 

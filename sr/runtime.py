@@ -15,7 +15,8 @@ import platform
 
 from .choices import Choice
 from .engines import (BF16_TOLERANCE, FP32_TOLERANCE, INT8_TOLERANCE, Conformance, EngineRefused, OpenVinoEngine,
-                      OrtEngine, TensorRTEngine, TorchEngine, conformance, openvino_available, tensorrt_available)
+                      OrtEngine, TensorRTEngine, TorchEngine, conformance, openvino_available, reference,
+                      tensorrt_available)
 from .models import load_model, model_info
 from .quantize import CalibratedModel, Scheme, fp32_onnx_path
 from .store import file_sha256
@@ -65,8 +66,8 @@ def reference_engine(model: str, int8: CalibratedModel | None = None, threads: i
         the engine; its name says what it runs.
     """
     if int8 is None:
-        return OrtEngine(fp32_onnx_path(model), model_info(model).scale, threads, name="ort-fp32", cpu_only=True)
-    return OrtEngine(int8.qdq_onnx, int8.scale, threads, name=f"ort-int8-{int8.scheme.value}", cpu_only=True)
+        return reference(fp32_onnx_path(model), model_info(model).scale, threads, name="ort-fp32")
+    return reference(int8.qdq_onnx, int8.scale, threads, name=f"ort-int8-{int8.scheme.value}")
 
 
 def _checked(engine, model: str, int8: CalibratedModel | None, tolerance, kind: str):
