@@ -19,6 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 import standins  # noqa: E402
+from sr.calibrate import CalibrationConfig  # noqa: E402
 from sr.evaluate import EvalConfig, evaluate  # noqa: E402
 from sr.ready import ReadyConfig, loss_on, make_ready  # noqa: E402
 from sr.store import write_atomic  # noqa: E402
@@ -30,7 +31,8 @@ def row(name: str, data: Path, budget: float, folder: Path) -> dict:
     user = register_onnx(path)
     c = user.contract
     contract = f"{c.layout.value}, {c.color.value}, x{c.scale}" + (", pre-upsampled" if c.pre_upsampled else "")
-    default = evaluate(EvalConfig(model=user.name, data=str(data / "Set5"), engine="ort-int8"))
+    default = evaluate(EvalConfig(model=user.name, data=str(data / "Set5"), engine="ort-int8",
+                                  calibration=CalibrationConfig(method="auto")))  # the CLI's default
     started = time.perf_counter()
     result = make_ready(ReadyConfig(user.name, data=str(data / "Set5"), target_db=0.05, budget_minutes=budget),
                         progress=lambda f, m: print(f"  {name} [{100 * f:3.0f}%] {m}", flush=True))

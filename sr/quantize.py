@@ -239,10 +239,32 @@ def with_known_input_range(model_name: str | os.PathLike, fixes: Fixes, scheme: 
     if known is None:
         return fixes
     tensor, high = known
-    if tensor in fixes.fixed_range or tensor in fixes.range_method or tensor in fixes.keep_float \
-            or tensor in (learned_ranges(model_name, scheme) or {}):
+    learned = learned_ranges(model_name, scheme) or {}
+    fixed = {t: (0.0, high) for t in _same_values(onnx.load(str(fp32_onnx_path(model_name))), tensor)
+             if t not in fixes.fixed_range and t not in fixes.range_method and t not in fixes.keep_float
+             and t not in learned}
+    if not fixed:
         return fixes
-    return Fixes(dict(fixes.range_method), list(fixes.keep_float), {**fixes.fixed_range, tensor: (0.0, high)})
+    return Fixes(dict(fixes.range_method), list(fixes.keep_float), {**fixes.fixed_range, **fixed})
+
+
+MOVERS = ("Identity", "Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "DepthToSpace", "SpaceToDepth")
+
+
+def _same_values(model: onnx.ModelProto, tensor: str) -> list[str]:
+    """`tensor` and the tensors that hold its values moved about (transposed, reshaped, edge- or reflect-padded):
+    the same range (an NHWC model's Transpose output is what its first Conv reads, and what is quantized)."""
+    found, frontier = [], [tensor]
+    while frontier:
+        current = frontier.pop()
+        found.append(current)
+        for node in model.graph.node:
+            if current not in node.input[:1]:
+                continue
+            mode = next((a.s for a in node.attribute if a.name == "mode"), b"constant")
+            if node.op_type in MOVERS or (node.op_type == "Pad" and mode in (b"edge", b"reflect")):
+                frontier.append(node.output[0])
+    return found
 
 
 def learned_ranges(model_name: str | os.PathLike, scheme: Scheme | str) -> dict[str, tuple[float, float]] | None:
