@@ -74,9 +74,6 @@ class DiagnoseConfig:
 
     def __post_init__(self):
         self.scheme = Scheme.parse(self.scheme)
-        model_info(self.model)
-        if self.data is not None:
-            list_images(self.data)
         if self.top is not None and self.top < 1:
             raise ValueError(f"top must be at least 1, got {self.top}")
         if self.max_side is not None and self.max_side < 16:
@@ -168,7 +165,7 @@ def eval_pairs(data: str | None, images: Sequence | None, mode: InputMode, scale
         prepared = [prepare_input(image, mode, scale) for image in images]
         pairs = [(p.lr, p.truth) for p in prepared]
     elif data is None:
-        raise ValueError("give an evaluation folder (--data) or images")
+        raise ValueError("no images to measure on: give a folder of ground-truth images, or the images")
     else:
         pairs = [tuple(reversed(degrade(load_image(path), scale))) for path in list_images(data)]
     return [centre_crop(lr, truth, scale, max_side) for lr, truth in pairs] if max_side else pairs
@@ -288,6 +285,9 @@ def diagnose(config: DiagnoseConfig, images: Sequence | None = None, mode: Input
         DiagnosisCancelled: `should_stop()` returned True.
     """
     mode = InputMode.parse(mode)
+    model_info(config.model)  # an unknown model or folder is said before any work (the constructor reads nothing)
+    if config.data is not None:
+        list_images(config.data)
     calibrated = calibrate_model(config.model, config.calibration, config.scheme)
     simulator = Scorer(calibrated, eval_pairs(config.data, images, mode, calibrated.scale, config.max_side))
     points = simulator.points

@@ -7,7 +7,7 @@ Example:
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 
 import numpy as np
@@ -50,16 +50,24 @@ class EvalConfig:
         if self.engine is EngineKind.TENSORRT and not tensorrt_available():
             raise ValueError("the tensorrt engine needs an NVIDIA GPU with TensorRT (requirements-gpu.txt); on a CPU "
                              "use --engine ort-int8 or openvino-int8")
-        model_scale = model_info(self.model).scale
-        if self.scale is None:
-            self.scale = model_scale
-        if self.scale != model_scale:
-            raise ValueError(f"{self.model} is a x{model_scale} model; --scale {self.scale} does not match")
-        list_images(self.data)
         if self.recommended and not self.engine.is_int8:
-            raise ValueError("--recommended is an INT8 calibration: use it with --engine ort-int8 or tensorrt")
+            raise ValueError("the recommended calibration is for INT8: use it with an INT8 engine (ort-int8 or tensorrt)")
         if self.recommended:
             self.calibration, self.scheme = RECOMMENDED_CALIBRATION, RECOMMENDED_SCHEME
+
+    def checked(self) -> "EvalConfig":
+        """This evaluation with its scale filled in, once the model and the folder are found (the constructor
+        reads no file; this does).
+
+        Raises:
+            FileNotFoundError: no such model or folder, or a folder without images.
+            ValueError: a scale that is not the model's.
+        """
+        model_scale = model_info(self.model).scale
+        if self.scale is not None and self.scale != model_scale:
+            raise ValueError(f"{self.model} is a x{model_scale} model; the scale asked for (x{self.scale}) does not match")
+        list_images(self.data)
+        return replace(self, scale=model_scale) if self.scale is None else self
 
 
 
@@ -89,6 +97,7 @@ def evaluate(config: EvalConfig, progress: bool = False) -> dict:
         result, and "fp32_mean", "int8_mean", "brightness_ratio" (mean brightness of INT8 over FP32 outputs,
         < 1 is darker), "worst_brightness_ratio" and the calibration are added.
     """
+    config = config.checked()
     scale = config.scale
     int8 = calibrate_model(config.model, config.calibration, config.scheme) if config.engine.is_int8 else None
     engine = create_engine(config.engine, config.model, int8, config.threads)

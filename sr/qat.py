@@ -110,7 +110,7 @@ class QatConfig:
         if not 0.0 <= self.beta <= 1.0 - self.alpha:
             raise ValueError(f"beta (the teacher's weight) must be in [0, 1 - alpha], got {self.beta}")
         if (self.teacher is None) != (self.beta == 0.0):
-            raise ValueError("a teacher needs a weight and a weight needs a teacher: give both --teacher and --beta "
+            raise ValueError("a teacher needs a weight and a weight needs a teacher: give both a teacher and its weight beta "
                              "(> 0), or neither")
         if self.kd_mode not in ("output", "upcycled"):
             raise ValueError(f"unknown distillation mode {self.kd_mode!r}; choose one of: output, upcycled")
@@ -354,7 +354,7 @@ def quantization_aware_training(config: QatConfig, on_progress: Callable[[dict],
         if run.step % 50 == 0 or run.step == config.steps or run.running_loss is None:
             value = float(loss)
             if not math.isfinite(value):
-                raise FloatingPointError(f"QAT loss became {value} at step {run.step}; lower --lr")
+                raise FloatingPointError(f"QAT loss became {value} at step {run.step}; lower the learning rate (lr)")
             run.running_loss = value if run.running_loss is None else 0.9 * run.running_loss + 0.1 * value
             bar.set_postfix(loss=f"{run.running_loss:.5f}", refresh=False)
         bar.update(1)

@@ -112,7 +112,7 @@ def test_example_difference_zoom_and_recalibrate(server):  # noqa: F811
 
 @pytest.mark.slow
 @pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="Debian's chromium is not installed (.ci/run installs it)")
-def test_drop_an_onnx_model_and_download_its_bundle(server, tmp_path):  # noqa: F811
+def test_drop_an_onnx_model_and_download_its_bundle(server, tmp_path, data_dir):  # noqa: F811
     import zipfile
 
     from playwright.sync_api import expect, sync_playwright
@@ -120,6 +120,7 @@ def test_drop_an_onnx_model_and_download_its_bundle(server, tmp_path):  # noqa: 
     import standins
 
     onnx_file = standins.build_all(tmp_path / "models")["xlsr-nhwc"]
+    rlfn = standins.family("rlfn", tmp_path / "models", str(data_dir / "T91"), steps=100)
     with sync_playwright() as playwright:
         browser, page = _open(playwright)
         page.goto(server)
@@ -140,11 +141,16 @@ def test_drop_an_onnx_model_and_download_its_bundle(server, tmp_path):  # noqa: 
         names = set(zipfile.ZipFile(saved).namelist())
         assert {"model.qdq.onnx", "model.npu-int8.onnx", "model.cpu-int8.onnx", "README.md"} <= names
         assert "calibration.cache" not in names  # TensorRT 10 only, asked for by version (the CLI's --trt-version)
+        page.locator("#run").click()
+        _wait_done(page)
+        expect(page.locator("#metrics")).to_contain_text("xlsr-nhwc.onnx")
+        # a model family people ship (RLFN with its ESA attention, x4), made INT8-ready in the page
+        page.locator("#onnx-upload").get_by_label("Clear").click()
+        page.locator("#onnx-upload input[type=file]").set_input_files(str(rlfn))
+        expect(page.locator("#contract")).to_contain_text("rlfn.onnx", timeout=120_000)
         page.locator("#ready-button").click()  # the search int8-ready runs, on the user's model, in the page
         expect(page.locator("#ready-report")).to_contain_text("Chosen:", timeout=SLOW)
         expect(page.locator("#ready-report")).to_contain_text("range methods")
         expect(page.locator("#bundle a").first).to_contain_text("int8-ready", timeout=60_000)
-        page.locator("#run").click()
-        _wait_done(page)
-        expect(page.locator("#metrics")).to_contain_text("xlsr-nhwc.onnx")
         browser.close()
+
