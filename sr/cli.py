@@ -130,9 +130,15 @@ def _refined(args: argparse.Namespace, model: str, calibration: CalibrationConfi
     """`model`, or with --refine the refined model's file (made once, then cached)."""
     if not getattr(args, "refine", None):
         return model
-    from .ptq import RefineConfig, refine
+    from .ptq import Refinement, RefineConfig, refine
 
     config = RefineConfig(model, [r.strip() for r in args.refine.split(",") if r.strip()], calibration, scheme)
+    if Refinement.CENTRED_IO in config.refinements:
+        from .transforms import centring_reason
+
+        reason = centring_reason(model)
+        if reason is not None:  # said, not only logged: the refinement the user asked for is left out
+            print(f"# centred I/O left out: {reason}", file=sys.stderr)
     path = refine(config)
     print(f"# refined ({', '.join(r.value for r in config.refinements)}): {path}", file=sys.stderr)
     return str(path)

@@ -75,3 +75,12 @@ def test_equalization_passes_leaky_relu_and_prelu(families):
         assert pairs, name
         consumer = next(n for n in graph.graph.node if n.output[0] == pairs[0][0])
         assert producers[consumer.input[0]].op_type == activation
+
+
+def test_the_cli_says_why_centred_io_is_left_out(families, data_dir, capsys):
+    from sr import cli
+
+    assert cli.main(["eval", "--onnx", str(families["vdsr"].source),
+                     "--data", str(data_dir / "Set5"), "--engine", "ort-int8", "--method", "mse", "--samples", "10",
+                     "--refine", "centred-io,bias-correction", "--json"]) == 0
+    assert "centred I/O left out: the input reaches an Add" in capsys.readouterr().err
