@@ -1,0 +1,83 @@
+"""`python -m sr`'s arguments and outputs, in this process (`sr.cli.main`): every bad argument gets one clear line and
+exit status 2, the JSON outputs keep their keys, and --help lists the commands."""
+import json
+import subprocess
+
+import pytest
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    """`python -m sr ARGS`, in this process (`sr.cli.main`): its exit status and what it printed."""
+    import contextlib
+    import io
+
+    from sr import cli
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = cli.main(list(args))
+        except SystemExit as exit:  # argparse's errors and --help
+            code = exit.code if isinstance(exit.code, int) else 1
+    return subprocess.CompletedProcess(list(args), code, out.getvalue(), err.getvalue())
+
+
+@pytest.mark.parametrize("args, message", [
+    (["calibrate", "--model", "xlsr-clip", "--method", "kl"], "unknown calibration method 'kl'"),
+    (["calibrate", "--model", "xlsr-clip", "--samples", "0"], "samples must be an integer from 10 to 1000, got 0"),
+    (["calibrate", "--model", "missing-model"], "no model 'missing-model'"),
+    (["eval", "--model", "xlsr-clip", "--data", "/nonexistent"], "no such image folder"),
+    (["eval", "--model", "xlsr-clip", "--data", ".", "--engine", "gpu"], "unknown engine 'gpu'"),
+    (["eval", "--model", "xlsr-clip", "--data", "weights", "--scale", "2"], "x3 model; the scale asked for (x2) does not match"),
+    (["eval", "--model", "xlsr-clip", "--data", "weights", "--threads", "-1"], "threads must be 0"),
+    (["export-int8", "--model", "xlsr-clip", "--out", "README.md"], "is a file; give a folder"),
+    (["eval", "--model", "xlsr-clip", "--data", "weights", "--engine", "ort-int8", "--calib-inputs", "hr"],
+     "unknown calibration input 'hr'"),
+    (["eval", "--model", "xlsr-clip", "--data", "weights", "--degradation", "heavy"],
+     "unknown degradation 'heavy'; choose a preset (clean, strong) or give blur=SIGMA,noise=SIGMA,jpeg=QUALITY"),
+    (["eval", "--model", "xlsr-clip", "--data", "weights", "--degradation", "jpeg=101"], "jpeg quality must be 1..100"),
+    (["distill", "--kd-mode", "logits", "--out", "x.safetensors"],
+     "unknown distillation mode 'logits'; choose one of: output, upcycled, feature"),
+    (["train", "--degradation", "blur=-1", "--out", "x.safetensors"], "blur and noise must be >= 0"),
+])
+def test_bad_arguments_give_clear_errors(args, message):
+    done = run_cli(*args)
+    assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr
+
+
+def test_calibrate_json_schema(tmp_path):
+    out = tmp_path / "m.onnx"
+    done = run_cli("calibrate", "--model", "xlsr-relu", "--method", "percentile", "--samples", "10",
+                   "--scheme", "tensorrt", "--out", str(out), "--json")
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert set(report) == {"model", "method", "samples", "scheme", "qdq_model", "tensors", "auto", "warnings"}
+    assert out.is_file() and report["qdq_model"] == str(out)
+    assert set(report["tensors"][0]) == {"name", "observed_min", "observed_max", "low", "high", "clipped_fraction"}
+    assert any(t["clipped_fraction"] > 0 for t in report["tensors"])
+
+
+def test_help_lists_the_commands():
+    done = run_cli("--help")
+    for command in ("train", "distill", "eval", "calibrate", "bench"):
+        assert command in done.stdout
+
+
+def test_recommended_refuses_explicit_settings():
+    done = run_cli("eval", "--model", "xlsr-clip", "--data", "weights", "--engine", "ort-int8", "--recommended",
+                   "--samples", "100")
+    assert done.returncode == 2 and "--recommended chooses the method" in done.stderr
+
+
+@pytest.mark.skipif(__import__("sr.engines", fromlist=["x"]).tensorrt_available(), reason="TensorRT is present here")
+def test_tensorrt_engine_without_tensorrt_is_a_clear_error():
+    done = run_cli("eval", "--model", "xlsr-clip", "--data", "weights", "--engine", "tensorrt")
+    assert done.returncode == 2 and "needs an NVIDIA GPU with TensorRT" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_calibrate_out_may_be_a_folder(tmp_path):
+    done = run_cli("calibrate", "--model", "xlsr-relu", "--method", "minmax", "--samples", "10", "--out", str(tmp_path))
+    assert done.returncode == 0, done.stderr
+    written = list(tmp_path.glob("*.qdq.onnx"))
+    assert [p.name for p in written] == ["xlsr-relu-minmax-10-tensorrt.qdq.onnx"]
+    assert written[0].stat().st_mode & 0o044  # readable by others, like any file the user writes

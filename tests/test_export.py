@@ -1,0 +1,12 @@
+"""sr.export: torch -> ONNX, checked against torch."""
+import onnx
+
+from sr.export import max_abs_difference
+from sr.models import load_model
+from sr.quantize import fp32_onnx_path
+
+
+def test_export_matches_torch():
+    path = fp32_onnx_path("xlsr-clip")
+    assert max_abs_difference(load_model("xlsr-clip"), path) <= 1e-4
+    assert onnx.load(str(path)).opset_import[0].version >= 17
