@@ -53,8 +53,8 @@ from .quantspec import QuantSpec, activation_qparams
 from .quantize import CalibratedModel, Fixes, Scheme, calibrate_model, fp32_onnx_path, qat_record
 from .qdq import fixed_input_size, spec_of, write_qdq_model
 from .store import atomic_path, file_sha256, write_atomic
-from .train import (Validator, _distributed, _gather, _machine, _resolve_device, _should_end, default_training_dirs,
-                    default_validation_dir, end_distributed, training_folders, warmup_fraction)
+from .train import (Validator, default_training_dirs, default_validation_dir, distributed_rank, end_distributed,
+                    gather_states, machine_name, resolve_device, should_end, training_folders, warmup_fraction)
 from .transforms import calibration_batch, prepare, remove_starting_points
 
 log = logging.getLogger(__name__)
@@ -349,7 +349,7 @@ def quantization_aware_training(config: QatConfig, on_progress: Callable[[dict],
                dynamic_ncols=True, mininterval=1.0)
     run.student.train()
     run.started = time.perf_counter()
-    while run.step < config.steps and not _should_end(run, should_stop):
+    while run.step < config.steps and not should_end(run, should_stop):
         loss = _step(run)
         if run.step % 50 == 0 or run.step == config.steps or run.running_loss is None:
             value = float(loss)
@@ -367,8 +367,8 @@ def quantization_aware_training(config: QatConfig, on_progress: Callable[[dict],
 
 def _setup(config: QatConfig) -> _QatRun:
     """Calibrate (cached), build the fake-quantized student and the frozen FP32 reference, Adam, the schedule."""
-    rank, world = _distributed()
-    device = _resolve_device(config.device)
+    rank, world = distributed_rank()
+    device = resolve_device(config.device)
     if device.type == "cuda":
         device = torch.device("cuda", rank % torch.cuda.device_count())
     torch.manual_seed(config.seed)
@@ -546,7 +546,7 @@ def _remember_best(run: _QatRun, psnr: float) -> None:
 
 
 def _checkpoint(run: _QatRun, wall_seconds: float | None = None) -> None:
-    states = _gather(run.sampler.rng.bit_generator.state, run.world)
+    states = gather_states(run.sampler.rng.bit_generator.state, run.world)
     if run.rank == 0:
         with atomic_path(run.config.checkpoint_path) as temp:
             torch.save({"student": run.student.state_dict(), "optimizer": run.optimizer.state_dict(),
@@ -576,7 +576,7 @@ def _finish(run: _QatRun) -> QatResult:
                   "base": original_model(run.config.model),
                   "base_sha256": file_sha256(model_info(original_model(run.config.model)).path),
                   "fp32_val_psnr": run.fp32_val_psnr, "config": _plain(asdict(run.config)), "steps": run.step,
-                  "wall_seconds": round(wall, 1), "machine": _machine(run.device), "history": run.history}
+                  "wall_seconds": round(wall, 1), "machine": machine_name(run.device), "history": run.history}
         export_trained(run.structure, run.fp32_path, run.student.weights(), record, out, qdq,
                        run.calibrated_ranges)
     if run.world > 1:

@@ -223,13 +223,14 @@ class _Run:
         return self.elapsed_before + time.perf_counter() - self.started
 
 
-def _resolve_device(name: str) -> torch.device:
+def resolve_device(name: str) -> torch.device:
+    """`auto` (CUDA when present, else the CPU), or the device named."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
 
 
-def _distributed() -> tuple[int, int]:
+def distributed_rank() -> tuple[int, int]:
     """(rank, world size), initialising the process group when started by torchrun."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
@@ -334,7 +335,7 @@ def fit(config: TrainConfig, distiller: Distiller | None = None,
                dynamic_ncols=True, mininterval=1.0)
     run.model.train()
     run.started = time.perf_counter()  # the loop's clock (max_seconds, wall time) starts after data loading
-    while run.step < config.steps and not _should_end(run, should_stop):
+    while run.step < config.steps and not should_end(run, should_stop):
         loss = _train_step(run)
         _track_loss(run, loss, bar)
         bar.update(1)
@@ -347,8 +348,8 @@ def fit(config: TrainConfig, distiller: Distiller | None = None,
 
 def _setup(config: TrainConfig, distiller: Distiller | None) -> _Run:
     """Process group, device, the model (seeded, or from `config.init`), the distiller, Adam and the schedule."""
-    rank, world = _distributed()
-    device = _resolve_device(config.device)
+    rank, world = distributed_rank()
+    device = resolve_device(config.device)
     if device.type == "cuda":
         torch.cuda.set_device(rank % torch.cuda.device_count())
         device = torch.device("cuda", rank % torch.cuda.device_count())
@@ -409,7 +410,7 @@ def _setup_data(run: _Run) -> None:
                      if config.val_dir and run.rank == 0 else None)
 
 
-def _should_end(run: _Run, should_stop: Callable[[], bool] | None) -> bool:
+def should_end(run: _Run, should_stop: Callable[[], bool] | None) -> bool:
     """Whether the loop ends before this step: on request, or when the time budget is spent. Under torchrun the
     ranks decide together (one all-reduce of their votes): a rank that stopped alone would leave the others
     waiting in the gradient all-reduce for good."""
@@ -482,7 +483,7 @@ def _validate_and_report(run: _Run, bar: tqdm, on_progress: Callable[[dict], Non
 
 def _checkpoint(run: _Run, wall_seconds: float | None = None) -> None:
     """Write `<out>.ckpt.pt` (rank 0). Every rank must call it: the ranks' sampler states are gathered."""
-    states = _gather(run.sampler.rng.bit_generator.state, run.world)
+    states = gather_states(run.sampler.rng.bit_generator.state, run.world)
     if run.rank == 0:
         _save_checkpoint(run.config.checkpoint_path, {
             "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
@@ -493,7 +494,7 @@ def _checkpoint(run: _Run, wall_seconds: float | None = None) -> None:
         })
 
 
-def _gather(value: dict, world: int) -> list[dict]:
+def gather_states(value: dict, world: int) -> list[dict]:
     """`value` from every rank, in rank order (a collective under torchrun)."""
     if world == 1:
         return [value]
@@ -516,7 +517,7 @@ def _finish(run: _Run) -> TrainResult:
         distiller = run.distiller
         save_weights(run.model, config.out, extra={
             "train": asdict(config), "steps": step, "wall_seconds": round(wall, 1),
-            "machine": _machine(run.device), "history": run.history,
+            "machine": machine_name(run.device), "history": run.history,
             "distilled_from": distiller.source if distiller is not None else None,
             "kd_mode": distiller.mode if distiller is not None else None,
         })
@@ -537,7 +538,8 @@ def end_distributed(run) -> None:
     dist.destroy_process_group()
 
 
-def _machine(device: torch.device) -> str:
+def machine_name(device: torch.device) -> str:
+    """What ran a job, for its record: the GPU's name, or the CPU and its thread count."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
