@@ -37,8 +37,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from . import calibrate, qat, transforms
-from .calibrate import CalibrationConfig
+from . import calibrate, calibrated, data, models, onnxtorch, qat, qdq, quantize, quantspec, transforms, usermodel
+from .calibrate import CalibrationConfig, images_digest, load_calibration_images
 from .choices import Choice
 from .models import model_info
 from .onnxtorch import OnnxModule
@@ -61,6 +61,8 @@ class Refinement(Choice, noun="PTQ refinement"):
 
 
 ORDER = list(Refinement)
+# the modules a refined model is made by (its key covers their code)
+REFINED_BY = (calibrate, calibrated, data, models, onnxtorch, qat, qdq, quantize, quantspec, transforms, usermodel)
 
 
 @dataclass
@@ -93,12 +95,17 @@ class RefineConfig:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
 
     def key(self, weights_hash: str) -> str:
-        """The cache key of the refined model."""
-        settings = {k: (v.value if isinstance(v, Enum) else v) for k, v in asdict(self.calibration).items()}
+        """The cache key of the refined model: everything that determines it. The calibration images by their
+        pixels (`images_digest`), not their folder's name, so that changed images make a new model; and the code
+        of every module the refined model passes through (the interpreter, the fake quantizers, the writer, the
+        spec, the pipeline, the model files), so that a fix in any of them does too."""
+        settings = {k: (v.value if isinstance(v, Enum) else v) for k, v in asdict(self.calibration).items()
+                    if k != "data"}
         parts = {"weights": weights_hash, "refinements": [r.value for r in self.refinements], "calibration": settings,
+                 "data": images_digest(load_calibration_images(self.calibration.data)),
                  "scheme": self.scheme.value, "patches": self.patches, "patch_size": self.patch_size,
                  "adaround_steps": self.adaround_steps, "equalize": self.equalize, "seed": self.seed,
-                 "code": code_digest(calibrate, qat, transforms, sys.modules[__name__]),
+                 "code": code_digest(*REFINED_BY, sys.modules[__name__]),
                  "versions": library_versions("torch", "onnx", "onnxruntime")}
         return short_hash(json.dumps(parts, sort_keys=True, default=str), 16)
 

@@ -1,7 +1,9 @@
 """Post-training refinements: channel equalization keeps the function, AdaRound leaves weights on their INT8 grid
 with the writer's step, bias correction moves the quantized Conv outputs' means onto FP32's, and the refined
 model, evaluated through the CLI, loses less than plain calibration against the original FP32 model."""
+import inspect
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -127,3 +129,30 @@ def test_adaround_refuses_per_tensor_weights():
 
     with pytest.raises(ValueError, match="per-channel weight steps"):
         RefineConfig("xlsr-clip", ["adaround"], scheme="npu-per-tensor")
+
+
+def test_the_refined_models_key_covers_the_images_and_every_module_it_passes_through(tmp_path, monkeypatch, photo):
+    """A refined model is cached by its key: new images in the same folder, or a change to the interpreter, the
+    pipeline or the model files, make a new one (the key used to hold the folder's name and three modules' code,
+    so a refined model survived a fix in sr.onnxtorch)."""
+    from PIL import Image
+
+    import sr.models
+    import sr.onnxtorch
+    import sr.quantize
+
+    folder = tmp_path / "calibration"
+    folder.mkdir()
+    Image.fromarray(photo).save(folder / "a.png")
+    config = RefineConfig("xlsr-clip", ["bias-correction"], CalibrationConfig(method="mse", data=str(folder)))
+    first = config.key("weights")
+    Image.fromarray(255 - photo).save(folder / "a.png")
+    os.utime(folder / "a.png", (1, 1))  # a different file, whatever the clock's resolution
+    second = config.key("weights")
+    assert second != first
+    for module in (sr.onnxtorch, sr.quantize, sr.models):
+        name = next(n for n, v in vars(module).items() if inspect.isfunction(v) and v.__module__ == module.__name__)
+        with monkeypatch.context() as patch:
+            patch.setattr(module, name, lambda *a, **k: None)
+            assert config.key("weights") != second, module.__name__
+    assert config.key("weights") == second
