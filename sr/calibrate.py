@@ -312,14 +312,19 @@ def threshold(stats: TensorStats, method: Method, percentile: float = 99.99) -> 
 
 
 def clipped_energy(stats: TensorStats, low: float, high: float) -> float:
-    """Share of the calibration values' energy (sum of x^2) beyond the range, from the |x| histogram (bin
-    centres); for one-signed tensors the side that cannot be clipped is ignored."""
+    """Share of a tensor's signal energy (sum of x^2 over the calibration values) that the range cuts off: the
+    energy of what clipping removes, sum of (|x| - limit)^2 over the values beyond it, from the |x| histogram
+    (bin centres, the bins wholly beyond the limit, as `clipped_fraction` counts them); for one-signed tensors
+    the side that cannot be clipped is ignored. (It used to count the whole x^2 of every clipped value, so a
+    Softmax's 1s clipped to 0.9995 were said to lose 81% of its energy.)"""
     if stats.histogram.sum() == 0 or stats.bin_width == 0:
         return 0.0
     limit = max(abs(low), abs(high)) if stats.observed_min < 0 else high
     centres = (np.arange(len(stats.histogram)) + 0.5) * stats.bin_width
     energy = float(np.sum(stats.histogram * centres ** 2))
-    return float(np.sum(stats.histogram[centres > limit] * centres[centres > limit] ** 2)) / energy if energy else 0.0
+    first_clipped = int(np.ceil(limit / stats.bin_width - 1e-9))
+    cut = stats.histogram[first_clipped:] * np.maximum(centres[first_clipped:] - limit, 0.0) ** 2
+    return float(np.sum(cut)) / energy if energy else 0.0
 
 
 def clipped_fraction(stats: TensorStats, low: float, high: float) -> float:

@@ -147,3 +147,21 @@ def test_real_histograms_match_modelopt(real_histograms, method):
     differences = {f"{model} {s.name}": abs(threshold_bins(s.histogram, method) - modelopt_thresholds_bins(s.histogram, method))
                    for model, s in real_histograms}
     assert max(differences.values()) <= 1.0, differences
+
+
+def test_clipped_energy_is_the_energy_clipping_removes():
+    """A range is warned about by the energy it cuts off: sum (|x| - limit)^2 beyond it, against sum x^2."""
+    from sr.calibrate import TensorStats, clipped_energy
+
+    histogram = np.zeros(2048, np.int64)
+    histogram[-1] = 1000  # a Softmax: most values at its top, 1.0
+    histogram[1000] = 10
+    stats = TensorStats("softmax", 0.0, 1.0, histogram)
+    width = stats.bin_width
+    assert clipped_energy(stats, 0.0, 1.0) == 0.0
+    almost = 2047 * width  # the last bin's lower edge: its values lose at most one bin width
+    assert 0 < clipped_energy(stats, 0.0, almost) < 1e-6
+    half = clipped_energy(stats, 0.0, 0.5)  # the top values lose half their amplitude: a quarter of their energy
+    centre = 2047.5 * width
+    expected = 1000 * (centre - 0.5) ** 2 / (1000 * centre ** 2 + 10 * (1000.5 * width) ** 2)
+    assert half == pytest.approx(expected, rel=1e-9) and 0.2 < half < 0.25
