@@ -251,19 +251,21 @@ def with_known_input_range(model_name: str | os.PathLike, fixes: Fixes, scheme: 
 MOVERS = ("Identity", "Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "DepthToSpace", "SpaceToDepth")
 
 
+def moves_values(node: onnx.NodeProto) -> bool:
+    """Whether `node`'s output holds its first input's values, only moved about (transposed, reshaped, edge- or
+    reflect-padded): the same range, and an offset added to the input passes through it unchanged."""
+    mode = next((a.s for a in node.attribute if a.name == "mode"), b"constant")
+    return node.op_type in MOVERS or (node.op_type == "Pad" and mode in (b"edge", b"reflect"))
+
+
 def _same_values(model: onnx.ModelProto, tensor: str) -> list[str]:
-    """`tensor` and the tensors that hold its values moved about (transposed, reshaped, edge- or reflect-padded):
-    the same range (an NHWC model's Transpose output is what its first Conv reads, and what is quantized)."""
+    """`tensor` and the tensors that hold its values moved about (`moves_values`): the same range (an NHWC
+    model's Transpose output is what its first Conv reads, and what is quantized)."""
     found, frontier = [], [tensor]
     while frontier:
         current = frontier.pop()
         found.append(current)
-        for node in model.graph.node:
-            if current not in node.input[:1]:
-                continue
-            mode = next((a.s for a in node.attribute if a.name == "mode"), b"constant")
-            if node.op_type in MOVERS or (node.op_type == "Pad" and mode in (b"edge", b"reflect")):
-                frontier.append(node.output[0])
+        frontier += [n.output[0] for n in model.graph.node if current in n.input[:1] and moves_values(n)]
     return found
 
 

@@ -39,6 +39,7 @@ from .engines import OrtEngine, reference
 from .metrics import brightness_ratio, psnr_y
 from .models import model_info
 from .ptq import RefineConfig, Refinement, refine
+from .qat import original_model
 from .quantize import AUTO_CANDIDATES, calibrate_model
 from .quantspec import Scheme
 from .runtime import reference_engine
@@ -225,7 +226,7 @@ def make_ready(config: ReadyConfig, progress: Callable[[float, str], None] | Non
     info = model_info(config.model)  # the constructor reads nothing: an unknown model or folder is said here
     if config.data is not None:
         list_images(config.data)
-    original = _original(config.model)
+    original = original_model(config.model)
     pairs = _pairs(config, info.scale)
     measured_on = f"{len(pairs)} images of {Path(config.data).name}" if config.data else \
         f"{len(pairs)} calibration images"
@@ -256,7 +257,7 @@ def loss_on(candidate: Candidate, data: str, max_images: int = 16) -> tuple[floa
     """A candidate's (loss against the original FP32 model, brightness) on another folder of ground-truth images:
     the chosen model checked on images the search did not see."""
     scale = candidate.calibrated.scale
-    judge = _Judge(_original(candidate.model),
+    judge = _Judge(original_model(candidate.model),
                    eval_pairs(data, None, InputMode.GROUND_TRUTH, scale, None)[:max_images])
     return judge.loss(candidate.calibrated)
 
@@ -268,12 +269,6 @@ def _announcer(clock: _Clock, progress) -> Callable[[str], None]:
         if progress is not None:
             progress(min(1.0, clock.since(clock.start) / budget), message)
     return say
-
-
-def _original(model: str) -> str:
-    """The model a tuned copy was made from (the loss is always against it), or `model` itself."""
-    record = model_info(model).record()
-    return str(record["base"]) if record and record.get("base") else str(model)
 
 
 def _pairs(config: ReadyConfig, scale: int) -> list[tuple]:
@@ -393,7 +388,7 @@ def _qat(config: ReadyConfig, judge: _Judge, best: Candidate, clock: _Clock, say
     train_dirs = config.train_dirs or [d for d in default_training_dirs() if Path(d).is_dir()]
     notes = [] if train_dirs else ["QAT trains on the measurement images (no training folders were found)"]
     train_dirs = train_dirs or [config.data or str(config.calibration.data or ensure_calibration_images()[0].parent)]
-    mark, original = time.perf_counter(), _original(config.model)
+    mark, original = time.perf_counter(), original_model(config.model)
     info = model_info(original)
     out = cache_root() / "ready" / f"{info.name.replace(':', '-')}-{short_hash(str(time.time()), 8)}-qat" \
         f"{info.tuned_suffix}"

@@ -23,7 +23,7 @@ from .models import (IO_OFFSET, RECORD_KEY, load_model, model_info, read_metadat
                      with_io_offset, with_values)
 from .onnxtorch import OnnxModule
 from .qdq import spec_of
-from .quantize import Fixes, Scheme, fp32_onnx_path
+from .quantize import Fixes, Scheme, fp32_onnx_path, moves_values
 from .usermodel import known_input
 
 log = logging.getLogger(__name__)
@@ -231,9 +231,6 @@ class CentringImpossible(ValueError):
     """Centred I/O cannot be built into this graph without changing its function (the message says why)."""
 
 
-MOVERS = ("Identity", "Transpose", "DepthToSpace", "SpaceToDepth")  # ops that only move values: an offset passes
-
-
 def _a(op: str) -> str:
     return f"an {op}" if op[0] in "AEIOU" else f"a {op}"
 
@@ -324,8 +321,7 @@ def _centre_input(c: _Centring, tensor: str) -> None:
         current = frontier.pop()
         c.centred.append(current)
         for node in c.consumers(current):
-            mode = _attr(node, "mode", b"constant")
-            if node.op_type in MOVERS or (node.op_type == "Pad" and mode in (b"edge", b"reflect")):
+            if moves_values(node) and node.input[0] == current:
                 frontier.append(node.output[0])
             elif node.op_type == "Conv":
                 _centre_conv(c, node, current)
@@ -366,7 +362,7 @@ def _centre_output(c: _Centring, tensor: str) -> None:
     """The network writes `tensor - offset` (the last Conv's bias takes -offset, a Clip's limits move with it)
     and an Add puts the offset back, so the quantized output is on the centred grid."""
     chain, node = [], c.producer(tensor)
-    while node is not None and (node.op_type in MOVERS or node.op_type == "Clip"):
+    while node is not None and (moves_values(node) or node.op_type == "Clip"):
         chain.append(node)
         node = c.producer(node.input[0])
     if node is None or node.op_type not in ("Conv", "ConvTranspose"):

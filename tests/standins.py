@@ -15,15 +15,17 @@ from torch import nn
 from sr.models import load_model
 
 
-def _export(model: nn.Module, path: Path, example: torch.Tensor, dynamic: bool = True) -> Path:
+def _export(model: nn.Module, path: Path, example: torch.Tensor, dynamic: bool = True,
+            names: tuple[str, str] = ("lr", "sr")) -> Path:
     buffer = io.BytesIO()
-    axes = {"lr": {2: "h", 3: "w"}, "sr": {2: "H", 3: "W"}} if dynamic else None
-    if dynamic and example.shape[-1] == 3:  # NHWC
-        axes = {"lr": {1: "h", 2: "w"}, "sr": {1: "H", 2: "W"}}
+    given, made = names
+    axes = {given: {2: "h", 3: "w"}, made: {2: "H", 3: "W"}} if dynamic else None
+    if dynamic and example.shape[-1] in (1, 3):  # NHWC (RGB or Y)
+        axes = {given: {1: "h", 2: "w"}, made: {1: "H", 2: "W"}}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(model.eval(), (example,), buffer, opset_version=17, input_names=["lr"],
-                          output_names=["sr"], dynamic_axes=axes, dynamo=False)
+        torch.onnx.export(model.eval(), (example,), buffer, opset_version=17, input_names=[given],
+                          output_names=[made], dynamic_axes=axes, dynamo=False)
     path.write_bytes(buffer.getvalue())
     return path
 
@@ -380,17 +382,6 @@ def with_shape_pads(path: Path) -> Path:
     return path
 
 
-class TfNames(nn.Module):
-    """The ESPCN stand-in as a TensorFlow export reads: NHWC Y in and out."""
-
-    def __init__(self, inner):
-        super().__init__()
-        self.inner = inner
-
-    def forward(self, x):
-        return self.inner(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
-
-
 def _y(rgb: torch.Tensor) -> torch.Tensor:
     return (65.481 * rgb[:, 0:1] + 128.553 * rgb[:, 1:2] + 24.966 * rgb[:, 2:3] + 16.0) / 255.0
 
@@ -436,22 +427,10 @@ def family(name: str, folder: Path, train_dir: str, steps: int = 300) -> Path:
     channels = 1 if luma else 3
     side = 24 * (scale if pre else 1)
     if export == "nhwc-tf":
-        return _export_tf(TfNames(model), folder / f"{name}.onnx", torch.rand(1, side, side, channels))
+        return _export(Nhwc(model), folder / f"{name}.onnx", torch.rand(1, side, side, channels),
+                       names=("serving_default_input_1:0", "StatefulPartitionedCall:0"))  # TensorFlow's names
     path = _export(model, folder / f"{name}.onnx", torch.rand(1, channels, side, side))
     return with_shape_pads(path) if export == "nchw-shape-pads" else path
-
-
-def _export_tf(model: nn.Module, path: Path, example: torch.Tensor) -> Path:
-    """Exported with TensorFlow-style tensor names (`serving_default_input_1:0`, `StatefulPartitionedCall:0`)."""
-    buffer = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(model.eval(), (example,), buffer, opset_version=17,
-                          input_names=["serving_default_input_1:0"], output_names=["StatefulPartitionedCall:0"],
-                          dynamic_axes={"serving_default_input_1:0": {1: "h", 2: "w"},
-                                        "StatefulPartitionedCall:0": {1: "H", 2: "W"}}, dynamo=False)
-    path.write_bytes(buffer.getvalue())
-    return path
 
 
 FAMILY_NAMES = list(FAMILIES)
