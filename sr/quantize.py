@@ -30,7 +30,7 @@ from .export import export_onnx
 from .metrics import brightness_ratio, psnr_y
 from .models import load_model, model_info
 from .quantspec import Scheme
-from .store import (cache_root, code_digest, file_sha256, library_versions, locked, logged_progress, short_hash,
+from .store import (Memo, cache_root, code_digest, file_sha256, library_versions, locked, logged_progress, short_hash,
                     write_atomic)
 
 log = logging.getLogger(__name__)
@@ -240,7 +240,7 @@ def with_known_input_range(model_name: str | os.PathLike, fixes: Fixes, scheme: 
         return fixes
     tensor, high = known
     learned = learned_ranges(model_name, scheme) or {}
-    fixed = {t: (0.0, high) for t in _same_values(onnx.load(str(fp32_onnx_path(model_name))), tensor)
+    fixed = {t: (0.0, high) for t in _same_values(fp32_onnx_path(model_name), tensor)
              if t not in fixes.fixed_range and t not in fixes.range_method and t not in fixes.keep_float
              and t not in learned}
     if not fixed:
@@ -258,9 +258,19 @@ def moves_values(node: onnx.NodeProto) -> bool:
     return node.op_type in MOVERS or (node.op_type == "Pad" and mode in (b"edge", b"reflect"))
 
 
-def _same_values(model: onnx.ModelProto, tensor: str) -> list[str]:
+_SAME_VALUES = Memo(256)  # (graph file, size, mtime, tensor) -> `_same_values` (asked on every calibration call)
+
+
+def _same_values(fp32: Path, tensor: str) -> list[str]:
     """`tensor` and the tensors that hold its values moved about (`moves_values`): the same range (an NHWC
-    model's Transpose output is what its first Conv reads, and what is quantized)."""
+    model's Transpose output is what its first Conv reads, and what is quantized). Remembered per graph file, so
+    a cached calibration does not read the graph again."""
+    stat = Path(fp32).stat()
+    return _SAME_VALUES.get((str(fp32), stat.st_size, stat.st_mtime_ns, tensor),
+                            lambda: _walk_same_values(onnx.load(str(fp32)), tensor))
+
+
+def _walk_same_values(model: onnx.ModelProto, tensor: str) -> list[str]:
     found, frontier = [], [tensor]
     while frontier:
         current = frontier.pop()
