@@ -120,7 +120,7 @@ def cached_statistics(fp32: Path, key: str, network_inputs: list[np.ndarray], co
 
     Args:
         fp32: the FP32 ONNX model.
-        key: `statistics_key(...)`.
+        key: `QuantRecipe.statistics_key(...)`.
         network_inputs: the prepared calibration images.
         config: the calibration (samples, patch size, seed).
         cache_dir: the cache folder (default: `sr.store.cache_root()`).

@@ -7,7 +7,9 @@ nothing but the file.
 from __future__ import annotations
 
 import json
+import logging
 import os
+import sys
 from dataclasses import asdict, dataclass
 from enum import Enum
 from pathlib import Path
@@ -20,9 +22,14 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from . import export
+from .centring import IO_OFFSET, CentringImpossible, centre_user_io, user_io
 from .choices import Choice
-from .store import Memo, atomic_path, write_atomic
+from .store import (Memo, atomic_path, cache_root, code_digest, file_sha256, library_versions, locked, short_hash,
+                    write_atomic)
 from .usermodel import STANDARD_KEY, Contract, lookup, register_onnx, set_metadata
+
+log = logging.getLogger(__name__)
 
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
 SCALES = (2, 3, 4)
@@ -66,9 +73,6 @@ def _pad_input_explicitly(model: nn.Module) -> None:
     if model.config.io_offset:
         for name in model.INPUT_CONVS:
             getattr(model, name).padding = (0, 0)
-
-
-IO_OFFSET = 128 / 255  # with this offset an 8-bit image's 256 levels are exactly the INT8 values at step 1/255
 
 
 def with_io_offset(model: nn.Module, offset: float = IO_OFFSET) -> nn.Module:
@@ -463,14 +467,69 @@ class ModelInfo:
         Runtime for a user's graph."""
         return "ort" if self.uploaded else "torch"
 
-    @property
-    def ready_fp32_onnx(self) -> Path | None:
-        """The FP32 ONNX graph when the model is one already (a user's), else None (a weight file is exported)."""
-        return self.path if self.uploaded else None
-
     def io_offset(self) -> float:
         """The centred-I/O offset built into the model (0 for none, and for a user's graph)."""
         return 0.0 if self.uploaded else float(read_metadata(self.path)["config"].get("io_offset", 0.0))
+
+    def fp32_onnx(self, cache_dir: Path | None = None) -> Path:
+        """The FP32 ONNX model: a user's standard graph as it is; a weight file's export (`sr.export`), made once
+        and cached by the file's hash, the export code and the library versions.
+
+        Args:
+            cache_dir: the cache folder (default: `sr.store.cache_root()`).
+        """
+        if self.uploaded:
+            return self.path
+        parts = {"weights": file_sha256(self.path), "code": code_digest(sys.modules[__name__], export),
+                 "versions": library_versions("torch", "onnx", "onnxruntime")}
+        path = cache_root(cache_dir) / "onnx" / f"{self.path.stem}-{short_hash(json.dumps(parts, sort_keys=True))}.onnx"
+        if _checks(path):
+            return path
+        with locked(path):  # concurrent callers wait for one export instead of racing the exporter
+            if not _checks(path):
+                export.export_onnx(load_model(self.path), path)
+        return path
+
+    @property
+    def input_top(self) -> float:
+        """The top of the input's value range: 1, or 255 for a user's model that takes 0..255."""
+        return self.input_range[1] if self.input_range else 1.0
+
+    def centring_reason(self) -> str | None:
+        """None when centred I/O can be built into the model (the lab's architectures; a user's graph whose input
+        reaches only convolutions and whose output comes from one), else why not, in words."""
+        if not self.uploaded:
+            return None
+        try:
+            graph = onnx.load(str(self.path))
+            centre_user_io(graph, user_io(graph), self.input_top)
+        except CentringImpossible as error:
+            return str(error)
+        return None
+
+    def centred_copy(self, work: Path) -> tuple[str | None, list[str] | None]:
+        """The model with centred I/O built in, saved as `<work>.centred<tuned_suffix>`: a lab architecture through
+        `with_io_offset`, a user's graph through `sr.centring.centre_user_io`.
+
+        Returns:
+            (the copy's name, or None when the model is centred already or cannot be; the tensors on the centred
+            grid: None for the model's own input and output, [] when nothing was centred).
+        """
+        if self.uploaded:
+            graph = onnx.load(str(self.path))
+            try:
+                centred_graph, centred = centre_user_io(graph, user_io(graph), self.input_top)
+            except CentringImpossible as error:
+                log.info("centred I/O left out for %s: %s", self.name, error)
+                return None, []
+            return save_tuned(self.name, centred_graph, {}, Path(f"{work}.centred.onnx")), centred
+        base = load_model(self.path)
+        if base.config.io_offset:
+            return None, None
+        out = str(Path(f"{work}.centred.safetensors"))
+        kept = {k: v for k, v in read_metadata(self.path).items() if k not in ("arch", "config", RECORD_KEY)}
+        save_weights(with_io_offset(base, IO_OFFSET), out, extra=kept)
+        return out, None
 
     def record(self) -> dict | None:
         """What fine-tuning or refining recorded in the model's file (`sr.qat`, `sr.ptq`), or None."""
@@ -480,6 +539,14 @@ class ModelInfo:
         else:
             record = read_metadata(self.path).get(RECORD_KEY)
         return record if isinstance(record, dict) else None
+
+
+def _checks(path: Path) -> bool:
+    try:
+        onnx.checker.check_model(str(path))
+        return True
+    except Exception:  # absent, partial or corrupt: export it (again)
+        return False
 
 
 def is_uploaded(name: str | os.PathLike | None) -> bool:

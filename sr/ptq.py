@@ -28,46 +28,28 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 from dataclasses import asdict, dataclass, field
-from enum import Enum
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
 
-from . import calibrate, calibrated, data, models, onnxtorch, qat, qdq, quantize, quantspec, transforms, usermodel
 from .calibrate import CalibrationConfig, images_digest, load_calibration_images
-from .choices import Choice
 from .models import model_info
 from .onnxtorch import OnnxModule
 from .qat import FakeQuantModel, export_trained, fake_quantized, qdq_path_for
 from .transforms import calibration_batch, prepare, remove_starting_points
 from .quantize import Scheme
-from .store import cache_root, code_digest, file_sha256, library_versions, locked, logged_progress, short_hash
+from .recipe import QuantRecipe, Refinement, RefineSettings
+from .store import cache_root, file_sha256, locked, logged_progress
 
 log = logging.getLogger(__name__)
 
 
-class Refinement(Choice, noun="PTQ refinement"):
-    """One post-training refinement; applied in this order whatever order they are given in."""
-
-    CENTRED_IO = "centred-io"
-    EQUALIZE = "equalize"
-    RANGE_SEARCH = "range-search"
-    ADAROUND = "adaround"
-    BIAS_CORRECTION = "bias-correction"
-
-
-ORDER = list(Refinement)
-# the modules a refined model is made by (its key covers their code)
-REFINED_BY = (calibrate, calibrated, data, models, onnxtorch, qat, qdq, quantize, quantspec, transforms, usermodel)
-
-
 @dataclass
 class RefineConfig:
-    """Which refinements, on which model and calibration.
+    """Which refinements, on which model and calibration (`recipe` is the same as a `QuantRecipe`).
 
     Raises:
         ValueError: (on construction) an unknown refinement or scheme, or a count below 1.
@@ -84,30 +66,21 @@ class RefineConfig:
     seed: int = 0
 
     def __post_init__(self):
-        chosen = {Refinement.parse(r) for r in self.refinements}
-        self.refinements = [r for r in ORDER if r in chosen]
-        self.scheme = Scheme.parse(self.scheme)
-        if Refinement.ADAROUND in self.refinements and self.scheme is Scheme.NPU_PER_TENSOR:
-            raise ValueError("AdaRound here rounds onto per-channel weight steps; the npu-per-tensor scheme has one "
-                             "step per weight tensor: drop adaround or use npu")
-        for name in ("patches", "patch_size", "adaround_steps"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        recipe = self.recipe  # checks everything
+        self.refinements, self.scheme = recipe.refinements, recipe.scheme
+
+    @property
+    def recipe(self) -> QuantRecipe:
+        """The recipe these refinements are part of."""
+        return QuantRecipe(self.calibration, self.scheme, refinements=list(self.refinements),
+                           refine=RefineSettings(self.patches, self.patch_size, self.adaround_steps, self.equalize,
+                                                 self.seed))
 
     def key(self, weights_hash: str) -> str:
-        """The cache key of the refined model: everything that determines it. The calibration images by their
-        pixels (`images_digest`), not their folder's name, so that changed images make a new model; and the code
-        of every module the refined model passes through (the interpreter, the fake quantizers, the writer, the
-        spec, the pipeline, the model files), so that a fix in any of them does too."""
-        settings = {k: (v.value if isinstance(v, Enum) else v) for k, v in asdict(self.calibration).items()
-                    if k != "data"}
-        parts = {"weights": weights_hash, "refinements": [r.value for r in self.refinements], "calibration": settings,
-                 "data": images_digest(load_calibration_images(self.calibration.data)),
-                 "scheme": self.scheme.value, "patches": self.patches, "patch_size": self.patch_size,
-                 "adaround_steps": self.adaround_steps, "equalize": self.equalize, "seed": self.seed,
-                 "code": code_digest(*REFINED_BY, sys.modules[__name__]),
-                 "versions": library_versions("torch", "onnx", "onnxruntime")}
-        return short_hash(json.dumps(parts, sort_keys=True, default=str), 16)
+        """The cache key of the refined model: `QuantRecipe.key`, which covers the calibration images by their
+        pixels and the code of every module the refined model passes through."""
+        images = load_calibration_images(self.calibration.data)
+        return self.recipe.key(weights_hash, images_digest(images), 16)
 
 
 def refine(config: RefineConfig, cache_dir: Path | None = None,

@@ -31,7 +31,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from enum import Enum
@@ -43,7 +42,6 @@ import onnx
 import torch
 from onnx import numpy_helper
 from torch import nn
-from tqdm import tqdm
 
 from .calibrate import CalibrationConfig, Method, TensorRange
 from .data import PatchSampler
@@ -52,9 +50,10 @@ from .onnxtorch import OnnxModule
 from .quantspec import QuantSpec, activation_qparams
 from .quantize import CalibratedModel, Fixes, Scheme, calibrate_model, fp32_onnx_path, qat_record
 from .qdq import fixed_input_size, spec_of, write_qdq_model
-from .store import atomic_path, file_sha256, write_atomic
-from .train import (Validator, default_training_dirs, default_validation_dir, distributed_rank, end_distributed,
-                    gather_states, machine_name, resolve_device, should_end, training_folders, warmup_fraction)
+from .store import file_sha256, write_atomic
+from .loop import (LoopState, checkpoint, continue_stream, distributed_rank, end_distributed, final_validation,
+                   machine_name, resolve_device, restore, run_loop)
+from .train import Validator, default_training_dirs, default_validation_dir, training_folders, warmup_fraction
 from .transforms import calibration_batch, prepare, remove_starting_points
 
 log = logging.getLogger(__name__)
@@ -295,34 +294,58 @@ class QatResult:
     fp32_val_psnr: float | None  # the original FP32 model on the validation set, for comparison
 
 
-@dataclass
-class _QatRun:
-    config: QatConfig
-    rank: int
-    world: int
-    device: torch.device
-    student: FakeQuantModel
-    trainable: nn.Module
+@dataclass(kw_only=True)
+class _QatRun(LoopState):
+    """A QAT run in the shared loop (`sr.loop`): the fake-quantized student against the ground truth, its own FP32
+    original and, optionally, a teacher."""
+
     reference: OnnxModule
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
-    sampler: PatchSampler
-    validator: Validator | None
     calibrated_ranges: dict[str, TensorRange]
     fp32_path: Path
     scale: int
     structure: str  # the model whose graph is trained: the original, or its centred-I/O version
-    step: int = 0
-    history: list[dict] = field(default_factory=list)
-    running_loss: float | None = None
-    elapsed_before: float = 0.0
-    started: float = 0.0
     fp32_val_psnr: float | None = None
     teacher: nn.Module | None = None
     best: tuple | None = None  # (validation PSNR, step, student state) with keep_best
+    loss_digits: int = 5
 
-    def wall_seconds(self) -> float:
-        return self.elapsed_before + time.perf_counter() - self.started
+    @property
+    def student(self) -> FakeQuantModel:
+        return self.model
+
+    def train_step(self) -> torch.Tensor:
+        lr, hr = self.sampler.batch(self.config.batch_size)
+        lr, hr = lr.to(self.device), hr.to(self.device)
+        prediction = self.trainable(lr)
+        config = self.config
+        loss = config.alpha * (prediction - hr).abs().mean()
+        own = 1.0 - config.alpha - config.beta
+        if own > 0:
+            with torch.no_grad():
+                target = self.reference(lr)
+            loss = loss + own * (prediction - target).abs().mean()
+        if self.teacher is not None:
+            loss = loss + config.beta * _teacher_term(self, lr, hr, prediction)
+        self.take_step(loss)
+        return loss.detach()
+
+    def own_state(self) -> dict:
+        return {"student": self.model.state_dict()}
+
+    def load_own_state(self, state: dict) -> None:
+        self.model.load_state_dict(state["student"])
+
+    def validation_line(self, psnr: float) -> str:
+        return (f"step {self.step}: loss {self.running_loss:.5f}, INT8 (fake-quant) validation PSNR {psnr:.3f} dB "
+                f"(FP32 {self.fp32_val_psnr:.3f})")
+
+    def after_validation(self, psnr: float) -> None:
+        """With `keep_best`, a copy of the student's state at its best validation so far."""
+        if self.config.keep_best and (self.best is None or psnr > self.best[0]):
+            self.best = (psnr, self.step, {k: v.detach().clone() for k, v in self.model.state_dict().items()})
+
+    def progress_extra(self) -> dict:
+        return {"fp32_val_psnr": self.fp32_val_psnr}
 
 
 def quantization_aware_training(config: QatConfig, on_progress: Callable[[dict], None] | None = None,
@@ -344,24 +367,9 @@ def quantization_aware_training(config: QatConfig, on_progress: Callable[[dict],
         FloatingPointError: the loss became NaN or infinite.
     """
     run = _setup(config)
-    _restore(run)
-    bar = tqdm(total=config.steps, initial=run.step, desc=f"QAT {Path(config.out).stem}", disable=run.rank != 0,
-               dynamic_ncols=True, mininterval=1.0)
-    run.student.train()
-    run.started = time.perf_counter()
-    while run.step < config.steps and not should_end(run, should_stop):
-        loss = _step(run)
-        if run.step % 50 == 0 or run.step == config.steps or run.running_loss is None:
-            value = float(loss)
-            if not math.isfinite(value):
-                raise FloatingPointError(f"QAT loss became {value} at step {run.step}; lower the learning rate (lr)")
-            run.running_loss = value if run.running_loss is None else 0.9 * run.running_loss + 0.1 * value
-            bar.set_postfix(loss=f"{run.running_loss:.5f}", refresh=False)
-        bar.update(1)
-        _report(run, bar, on_progress)
-        if run.step % config.checkpoint_every == 0 and run.step < config.steps:
-            _checkpoint(run)
-    bar.close()
+    restore(run)
+    continue_stream(run)
+    run_loop(run, f"QAT {Path(config.out).stem}", on_progress, should_stop)
     return _finish(run)
 
 
@@ -390,8 +398,10 @@ def _setup(config: QatConfig) -> _QatRun:
     fixed = _fixed_size(fp32)
     sampler = PatchSampler(training_folders(config.train_dirs), info.scale, fixed or config.lr_patch, seed=config.seed)
     validator = Validator(config.val_dir, info.scale) if config.val_dir and rank == 0 and not fixed else None
-    run = _QatRun(config, rank, world, device, student, student, reference, optimizer, scheduler, sampler,
-                  validator, calibrated.ranges, calibrated.fp32_onnx, info.scale, structure)
+    run = _QatRun(config=config, rank=rank, world=world, device=device, model=student, trainable=student,
+                  optimizer=optimizer, scheduler=scheduler, sampler=sampler, validator=validator, reference=reference,
+                  calibrated_ranges=calibrated.ranges, fp32_path=calibrated.fp32_onnx, scale=info.scale,
+                  structure=structure)
     if config.teacher is not None:
         run.teacher = load_model(config.teacher).to(device).requires_grad_(False).eval()
         if model_info(config.teacher).scale != info.scale:
@@ -449,48 +459,6 @@ def _fixed_size(model: onnx.ModelProto) -> int | None:
     return pair[0] if pair else None
 
 
-def _restore(run: _QatRun) -> None:
-    path = run.config.checkpoint_path
-    if run.config.resume and path.is_file():
-        state = torch.load(path, map_location=run.device, weights_only=True)
-        run.student.load_state_dict(state["student"])
-        run.optimizer.load_state_dict(state["optimizer"])
-        run.scheduler.load_state_dict(state["scheduler"])
-        run.step, run.history, run.elapsed_before = state["step"], state["history"], state["wall_seconds"]
-        run.running_loss = state["running_loss"]
-        states = state["sampler"]
-        if len(states) == run.world:
-            run.sampler.rng.bit_generator.state = states[run.rank]
-        else:
-            run.sampler.reseed(run.config.seed, run.rank, run.step)
-        log.info("resumed QAT from %s at step %d", path, run.step)
-    else:
-        run.sampler.reseed(run.config.seed, run.rank, run.step)
-    if run.world > 1:
-        run.trainable = nn.parallel.DistributedDataParallel(run.student)
-
-
-def _step(run: _QatRun) -> torch.Tensor:
-    lr, hr = run.sampler.batch(run.config.batch_size)
-    lr, hr = lr.to(run.device), hr.to(run.device)
-    prediction = run.trainable(lr)
-    config = run.config
-    loss = config.alpha * (prediction - hr).abs().mean()
-    own = 1.0 - config.alpha - config.beta
-    if own > 0:
-        with torch.no_grad():
-            target = run.reference(lr)
-        loss = loss + own * (prediction - target).abs().mean()
-    if run.teacher is not None:
-        loss = loss + config.beta * _teacher_term(run, lr, hr, prediction)
-    run.optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    run.optimizer.step()
-    run.scheduler.step()
-    run.step += 1
-    return loss.detach()
-
-
 def _teacher_term(run: _QatRun, lr: torch.Tensor, hr: torch.Tensor, prediction: torch.Tensor) -> torch.Tensor:
     """L1 of the INT8 student to the frozen teacher on the training patch (`output`), and with `upcycled` also on
     inputs the training pair does not have (DUKD, see `sr.distill`): a crop of the HR patch taken as an LR input
@@ -515,60 +483,22 @@ def _teacher_term(run: _QatRun, lr: torch.Tensor, hr: torch.Tensor, prediction: 
     return torch.stack(terms).mean()
 
 
-def _report(run: _QatRun, bar: tqdm, on_progress: Callable[[dict], None] | None) -> None:
-    step, config = run.step, run.config
-    if run.rank != 0:
-        return
-    event = None
-    if step % config.val_every == 0 or step == config.steps:
-        event = {"step": step, "loss": run.running_loss}
-        if run.validator is not None:  # the validator puts the model in eval mode for the call, and back
-            event["val_psnr"] = run.validator(run.student, run.device)
-            _remember_best(run, event["val_psnr"])
-            bar.write(f"step {step}: loss {run.running_loss:.5f}, INT8 (fake-quant) validation PSNR "
-                      f"{event['val_psnr']:.3f} dB (FP32 {run.fp32_val_psnr:.3f})", file=sys.stderr)
-        run.history.append(event)
-    elif step % 50 == 0:
-        event = {"step": step, "loss": run.running_loss}
-    if event is not None and on_progress is not None:
-        on_progress({**event, "steps": config.steps, "fp32_val_psnr": run.fp32_val_psnr})
-
-
 def _plain(value):
     """`value` with its enums as their values (JSON-ready)."""
     return json.loads(json.dumps(value, default=lambda v: v.value if isinstance(v, Enum) else str(v)))
 
 
-def _remember_best(run: _QatRun, psnr: float) -> None:
-    """With `keep_best`, a copy of the student's state at its best validation so far."""
-    if run.config.keep_best and (run.best is None or psnr > run.best[0]):
-        run.best = (psnr, run.step, {k: v.detach().clone() for k, v in run.student.state_dict().items()})
-
-
-def _checkpoint(run: _QatRun, wall_seconds: float | None = None) -> None:
-    states = gather_states(run.sampler.rng.bit_generator.state, run.world)
-    if run.rank == 0:
-        with atomic_path(run.config.checkpoint_path) as temp:
-            torch.save({"student": run.student.state_dict(), "optimizer": run.optimizer.state_dict(),
-                        "scheduler": run.scheduler.state_dict(), "step": run.step, "history": run.history,
-                        "wall_seconds": run.wall_seconds() if wall_seconds is None else wall_seconds,
-                        "running_loss": run.running_loss, "sampler": states}, temp)
-
-
 def _finish(run: _QatRun) -> QatResult:
     """Final validation, checkpoint, the trained model and its QDQ model (rank 0), then leave the process group."""
     wall = run.wall_seconds()
-    if run.rank == 0 and run.validator is not None and (not run.history or run.history[-1]["step"] != run.step):
-        run.history.append({"step": run.step, "loss": run.running_loss,
-                            "val_psnr": run.validator(run.student, run.device)})
-        _remember_best(run, run.history[-1]["val_psnr"])
+    final_validation(run)
     if run.best is not None and run.best[0] > run.history[-1]["val_psnr"]:
         log.info("keeping the weights of step %d (validation %.3f dB, the last %.3f dB)", run.best[1], run.best[0],
                  run.history[-1]["val_psnr"])
         run.student.load_state_dict(run.best[2])
         run.history.append({"step": run.step, "loss": run.running_loss, "val_psnr": run.best[0],
                             "kept_step": run.best[1]})
-    _checkpoint(run, wall)
+    checkpoint(run, wall)
     out = Path(run.config.out)
     qdq = qdq_path_for(out, run.config.scheme.value)
     if run.rank == 0:

@@ -1,40 +1,37 @@
-"""The INT8 pipeline: `calibrate_model` turns a model and a calibration into a QDQ model, cached under a key
-that covers everything that determines the result (weights, every setting, the scheme, the images' pixels, the
-fixes, the code of every module involved, the library versions).
+"""The INT8 pipeline: `calibrate_model` turns a model and a calibration into a QDQ model, cached under its
+`sr.recipe.QuantRecipe`'s key, which covers everything that determines the result (weights, every setting, the
+scheme, the images' pixels, the fixes, the code of every module involved, the library versions).
 
 The statistics are observed once per model and image set and shared by every method; the ranges are chosen from
 them (or, with the automatic method, every search is tried and the best kept, scored against FP32 on held-back
-images); `sr.qdq` writes the model as the spec says; `sr.calibrated` holds the entry. Also here: the FP32 export,
-a user's model's known input range and a fine-tuned model's learned ranges.
+images); `sr.qdq` writes the model as the spec says; `sr.calibrated` holds the entry. Also here: a
+user's model's known input range and a fine-tuned model's learned ranges.
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
-import sys
 import time
-from dataclasses import asdict, replace
-from enum import Enum
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 import onnx
 
-from . import calibrate, calibrated, data, export, models, qdq, quantspec, rewrite
+from . import data
+from .centring import moves_values
 from .calibrate import CalibrationConfig, Method, images_digest, load_calibration_images, prepare_calibration_images
 from .calibrated import CalibratedModel, Fixes, calibrate_entry, read_entry
 from .engines import reference
-from .export import export_onnx
 from .metrics import brightness_ratio, psnr_y
-from .models import load_model, model_info
+from .models import model_info
 from .quantspec import Scheme
-from .store import (Memo, cache_root, code_digest, file_sha256, library_versions, locked, logged_progress, short_hash,
-                    write_atomic)
+from .recipe import QuantRecipe
+from .store import Memo, cache_root, file_sha256, locked, logged_progress, write_atomic
 
 log = logging.getLogger(__name__)
-
 
 
 AUTO_CANDIDATES = (Method.ENTROPY, Method.PERCENTILE, Method.MSE, Method.MINMAX)
@@ -42,69 +39,14 @@ AUTO_HELD_BACK = 4  # calibration images kept out of the statistics to score the
 AUTO_SIDE = 128  # LR pixels a side of each held-back image's centre crop
 
 
-def _fp32_key(weights: Path) -> str:
-    parts = {"weights": file_sha256(weights), "code": code_digest(models, export),
-             "versions": library_versions("torch", "onnx", "onnxruntime")}
-    return short_hash(json.dumps(parts, sort_keys=True))
-
-
 def fp32_onnx_path(model_name: str | os.PathLike, cache_dir: Path | None = None) -> Path:
-    """The FP32 ONNX export of a model, cached by the weight file's hash, the export code and library versions.
-
-    Args:
-        model_name: a shipped model name or a weight file.
-        cache_dir: the cache folder (default: `sr.store.cache_root()`).
-
-    Returns:
-        the path of the .onnx file.
+    """The FP32 ONNX model of a model (`sr.models.ModelInfo.fp32_onnx`: a weight file's cached export, or a
+    user's standard graph).
 
     Raises:
         FileNotFoundError: no such model.
     """
-    info = model_info(model_name)
-    if info.ready_fp32_onnx is not None:  # a user's model: its standard graph is the FP32 model
-        return info.ready_fp32_onnx
-    weights = info.path
-    path = cache_root(cache_dir) / "onnx" / f"{weights.stem}-{_fp32_key(weights)}.onnx"
-    if _loads(path):
-        return path
-    with locked(path):  # concurrent callers wait for one export instead of racing the exporter
-        if not _loads(path):
-            export_onnx(load_model(weights), path)
-    return path
-
-
-def _loads(path: Path) -> bool:
-    try:
-        onnx.checker.check_model(str(path))
-        return True
-    except Exception:
-        return False
-
-
-def cache_key(weights_hash: str, config: CalibrationConfig, scheme: Scheme, data_hash: str, fixes: Fixes) -> str:
-    """The key of a calibrated model: everything that determines the QDQ file.
-
-    That is the weights, every calibration setting, the scheme, the calibration images' pixels, the fixes, the
-    code of the modules that compute the result (their source and the functions they hold now) and the versions
-    of torch, onnx and onnxruntime.
-
-    Args:
-        weights_hash: the weight file's SHA-256.
-        config: the calibration.
-        scheme: the INT8 scheme.
-        data_hash: `images_digest` of the network's calibration inputs.
-        fixes: per-tensor overrides.
-
-    Returns:
-        20 hex digits.
-    """
-    settings = {k: (v.value if isinstance(v, Enum) else v) for k, v in asdict(config).items() if k != "data"}
-    parts = {"weights": weights_hash, "config": settings, "scheme": scheme.value, "data": data_hash,
-             "fixes": fixes.key(), "code": code_digest(data, models, export, calibrate, rewrite, quantspec, qdq,
-                                                       calibrated, sys.modules[__name__]),
-             "versions": library_versions("torch", "onnx", "onnxruntime")}
-    return short_hash(json.dumps(parts, sort_keys=True), 20)
+    return model_info(model_name).fp32_onnx(cache_dir)
 
 
 def calibrate_model(model_name: str | os.PathLike, config: CalibrationConfig | None = None,
@@ -144,8 +86,8 @@ def calibrate_model(model_name: str | os.PathLike, config: CalibrationConfig | N
     info = model_info(model_name)
     source = load_calibration_images(config.data if images is None else images)
     network_inputs = prepare_calibration_images(source, config, info.scale)
-    weights_hash, data_hash = file_sha256(info.path), images_digest(network_inputs)
-    key = cache_key(weights_hash, config, scheme, data_hash, fixes)
+    weights_hash, data_hash, recipe = file_sha256(info.path), images_digest(network_inputs), QuantRecipe(config, scheme, fixes)
+    key = recipe.key(weights_hash, data_hash)
     entry = cache_root(cache_dir) / "int8" / key
     fp32 = fp32_onnx_path(model_name, cache_dir)
 
@@ -163,7 +105,7 @@ def calibrate_model(model_name: str | os.PathLike, config: CalibrationConfig | N
                 progress = progress or logged_progress(f"calibrating {info.name} ({config.method.value}, "
                                                        f"{config.samples} samples, {scheme.value})")
                 made = calibrate_entry(entry, fp32, network_inputs, config, scheme, fixes, info.name, threads,
-                                        progress, statistics_key(weights_hash, config, data_hash),
+                                        progress, recipe.statistics_key(weights_hash, data_hash),
                                         learned_ranges(model_name, scheme))
                 return result(made, time.perf_counter() - started, False)
     return result(found, 0.0, True)
@@ -185,9 +127,7 @@ def _calibrate_auto(model_name, config: CalibrationConfig, scheme: Scheme, image
     # downscaled as deployed (and as calibration feeds them); an image too small for that is used as it is
     lrs = [_centre_crop(data.degrade(image, scale)[1] if min(image.shape[:2]) >= 2 * scale else image)
            for image in held]
-    key = short_hash(json.dumps([file_sha256(info.path), asdict(config), scheme.value,
-                                 images_digest(source), (fixes or Fixes()).key(), code_digest(sys.modules[__name__])],
-                                default=str), 20)
+    key = QuantRecipe(config, scheme, fixes or Fixes()).key(file_sha256(info.path), images_digest(source))
     record = cache_root(cache_dir) / "auto" / f"{key}.json"
     try:
         choice = json.loads(record.read_text())
@@ -248,16 +188,6 @@ def with_known_input_range(model_name: str | os.PathLike, fixes: Fixes, scheme: 
     return Fixes(dict(fixes.range_method), list(fixes.keep_float), {**fixes.fixed_range, **fixed})
 
 
-MOVERS = ("Identity", "Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "DepthToSpace", "SpaceToDepth")
-
-
-def moves_values(node: onnx.NodeProto) -> bool:
-    """Whether `node`'s output holds its first input's values, only moved about (transposed, reshaped, edge- or
-    reflect-padded): the same range, and an offset added to the input passes through it unchanged."""
-    mode = next((a.s for a in node.attribute if a.name == "mode"), b"constant")
-    return node.op_type in MOVERS or (node.op_type == "Pad" and mode in (b"edge", b"reflect"))
-
-
 _SAME_VALUES = Memo(256)  # (graph file, size, mtime, tensor) -> `_same_values` (asked on every calibration call)
 
 
@@ -299,23 +229,3 @@ def qat_record(model_name: str | os.PathLike) -> dict | None:
     """What `sr.qat` (or `sr.ptq`) recorded in a tuned model's file (scheme, learned ranges, the model it started
     from, its run), or None for a model that was not tuned."""
     return model_info(model_name).record()
-
-
-def statistics_key(weights_hash: str, config: CalibrationConfig, data_hash: str) -> str:
-    """The key of a model's tensor statistics: everything that determines them, and nothing that only chooses
-    ranges from them (method, percentile, scheme, fixes), so switching the method reuses the observation passes.
-
-    Args:
-        weights_hash: the weight file's SHA-256.
-        config: the calibration (its samples, patch size and seed count; the images are `data_hash`).
-        data_hash: `images_digest` of the network's calibration inputs (gain and downscaling included).
-
-    Returns:
-        20 hex digits.
-    """
-    parts = {"weights": weights_hash, "samples": config.samples, "patch": config.patch_size, "seed": config.seed,
-             "data": data_hash, "code": code_digest(data, models, export, calibrate),
-             "versions": library_versions("torch", "onnx", "onnxruntime")}
-    return short_hash(json.dumps(parts, sort_keys=True), 20)
-
-

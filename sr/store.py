@@ -15,6 +15,7 @@ import inspect
 import logging
 import os
 import shutil
+import sys
 import tempfile
 import threading
 import time
@@ -326,6 +327,23 @@ def code_digest(*modules: ModuleType) -> str:
                 digest.update(name.encode())
                 _update_with_code(digest, value.__code__)
     return digest.hexdigest()[:16]
+
+
+def code_digest_of(*names: str) -> str:
+    """`code_digest` of modules given by name, so that a key can describe code it does not import. The modules
+    must be imported already (where a result is made, every module it passes through is): a key computed before
+    would hash less and differ, so that is refused.
+
+    Returns:
+        16 hex digits.
+
+    Raises:
+        RuntimeError: a module not imported yet.
+    """
+    missing = [name for name in names if name not in sys.modules]
+    if missing:
+        raise RuntimeError(f"a key covers the code of {', '.join(missing)}, which is not imported here")
+    return code_digest(*(sys.modules[name] for name in names))
 
 
 def _update_with_code(digest, code: CodeType) -> None:

@@ -9,25 +9,21 @@ Example:
 from __future__ import annotations
 
 import logging
-import math
 import os
-import platform
-import sys
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch import nn
-from tqdm import tqdm
 
 from .data import Degradation, PatchSampler, degrade, list_images, load_image, to_tensor, to_uint8
 from .metrics import psnr_y
 from .models import MODELS, SCALES, FinalActivation, build_model, load_model, save_weights
-from .store import PROJECT_ROOT, atomic_path
+from .loop import (LoopState, checkpoint, continue_stream, distributed_rank, end_distributed, final_validation,
+                   machine_name, resolve_device, restore, run_loop)
+from .store import PROJECT_ROOT
 
 log = logging.getLogger(__name__)
 
@@ -197,50 +193,36 @@ class Validator:
         return float(np.mean(scores))
 
 
-@dataclass
-class _Run:
-    """Everything a training run carries from one step to the next; `_snapshot` saves what a resume needs."""
+@dataclass(kw_only=True)
+class _Run(LoopState):
+    """A training run in the shared loop (`sr.loop`): the plain loss, or the distiller's."""
 
-    config: TrainConfig
-    rank: int
-    world: int
-    device: torch.device
-    model: nn.Module
-    trainable: nn.Module  # `model`, or its DistributedDataParallel wrapper
-    distiller: "Distiller | None"
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
-    sampler: PatchSampler | None = None
-    validator: Validator | None = None
-    step: int = 0
-    history: list[dict] = field(default_factory=list)
-    running_loss: float | None = None
-    elapsed_before: float = 0.0  # loop seconds of the runs this one resumes
-    started: float = 0.0  # perf_counter() when the loop began
-    restored_sampler_states: list[dict] | None = None  # one per rank, from the checkpoint
+    distiller: "Distiller | None" = None
 
-    def wall_seconds(self) -> float:
-        return self.elapsed_before + time.perf_counter() - self.started
+    def train_step(self) -> torch.Tensor:
+        """One batch: forward, loss (the distiller's, teacher included, when distilling), backward, Adam and the
+        schedule; returns the loss."""
+        config, device, distiller = self.config, self.device, self.distiller
+        lr, hr, *clean = self.sampler.batch(config.batch_size, with_clean=distiller is not None)
+        lr, hr = lr.to(device, non_blocking=True), hr.to(device, non_blocking=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=config.amp and device.type == "cuda"):
+            prediction = self.trainable(lr)
+            if distiller is not None:
+                loss = distiller.loss(self.trainable, lr, hr, clean[0].to(device, non_blocking=True), prediction,
+                                      self.step)
+        if distiller is None:
+            loss = charbonnier(prediction.float(), hr)
+        self.take_step(loss)
+        return loss
 
+    def own_state(self) -> dict:
+        return {"model": self.model.state_dict(),
+                "distiller": self.distiller.trainable_state() if self.distiller is not None else None}
 
-def resolve_device(name: str) -> torch.device:
-    """`auto` (CUDA when present, else the CPU), or the device named."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def distributed_rank() -> tuple[int, int]:
-    """(rank, world size), initialising the process group when started by torchrun."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
-    return (dist.get_rank(), world) if world > 1 else (0, 1)
-
-
-def _save_checkpoint(path: Path, state: dict) -> None:
-    with atomic_path(path) as temp:
-        torch.save(state, temp)
+    def load_own_state(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        if self.distiller is not None and state.get("distiller"):
+            self.distiller.load_state_dict(state["distiller"], strict=False)
 
 
 class Distiller(nn.Module):
@@ -308,7 +290,7 @@ def train(config: TrainConfig, on_progress: Callable[[dict], None] | None = None
 def fit(config: TrainConfig, distiller: Distiller | None = None,
         on_progress: Callable[[dict], None] | None = None,
         should_stop: Callable[[], bool] | None = None) -> TrainResult:
-    """The training loop shared by `train` and `sr.distill.distill`.
+    """Training and distillation (`train`, `sr.distill.distill`) on the loop QAT shares (`sr.loop.run_loop`).
 
     loss = L(student(LR), HR), L = Charbonnier, or the distiller's loss (its teacher frozen and run on the
     fly). With `config.resume`, a run continues from `<out>.ckpt.pt` and ends with the same weights as the
@@ -329,20 +311,9 @@ def fit(config: TrainConfig, distiller: Distiller | None = None,
         FloatingPointError: the loss became NaN or infinite.
     """
     run = _setup(config, distiller)
-    _restore(run)
+    restore(run)
     _setup_data(run)
-    bar = tqdm(total=config.steps, initial=run.step, desc=Path(config.out).stem, disable=run.rank != 0,
-               dynamic_ncols=True, mininterval=1.0)
-    run.model.train()
-    run.started = time.perf_counter()  # the loop's clock (max_seconds, wall time) starts after data loading
-    while run.step < config.steps and not should_end(run, should_stop):
-        loss = _train_step(run)
-        _track_loss(run, loss, bar)
-        bar.update(1)
-        _validate_and_report(run, bar, on_progress)
-        if run.step % config.checkpoint_every == 0 and run.step < config.steps:
-            _checkpoint(run)
-    bar.close()
+    run_loop(run, Path(config.out).stem, on_progress, should_stop)
     return _finish(run)
 
 
@@ -374,145 +345,25 @@ def _setup(config: TrainConfig, distiller: Distiller | None) -> _Run:
                 distiller=distiller, optimizer=optimizer, scheduler=scheduler)
 
 
-def _restore(run: _Run) -> None:
-    """Load `<out>.ckpt.pt` into the run when `config.resume` is set and the checkpoint exists."""
-    path = run.config.checkpoint_path
-    if run.config.resume and path.is_file():
-        state = torch.load(path, map_location=run.device, weights_only=True)
-        run.model.load_state_dict(state["model"])
-        if run.distiller is not None and state.get("distiller"):
-            run.distiller.load_state_dict(state["distiller"], strict=False)
-        run.optimizer.load_state_dict(state["optimizer"])
-        run.scheduler.load_state_dict(state["scheduler"])
-        run.step, run.history, run.elapsed_before = state["step"], state["history"], state["wall_seconds"]
-        run.running_loss = state.get("running_loss")  # absent in checkpoints written before it was kept
-        run.restored_sampler_states = state.get("sampler")
-        log.info("resumed from %s at step %d", path, run.step)
-    if run.world > 1:
-        run.trainable = nn.parallel.DistributedDataParallel(run.model)
-
-
 def _setup_data(run: _Run) -> None:
     """The patch sampler (its random stream restored on resume) and, on rank 0, the validator."""
     config = run.config
     degradation = Degradation.parse(config.degradation)
     run.sampler = PatchSampler(training_folders(config.train_dirs), config.scale, config.lr_patch, seed=config.seed,
                                degradation=None if degradation.is_clean else degradation)
-    states = run.restored_sampler_states
-    if states is not None and len(states) == run.world:
-        run.sampler.rng.bit_generator.state = states[run.rank]  # continue the exact stream of the first run
-    else:
-        if run.step and states is not None:
-            log.warning("the checkpoint was written by %d processes, this run has %d: the patch stream "
-                        "restarts, so the result will differ from an uninterrupted run", len(states), run.world)
-        run.sampler.reseed(config.seed, run.rank, run.step)  # each rank draws its own stream
+    continue_stream(run)
     run.validator = (Validator(config.val_dir, config.scale, None if degradation.is_clean else degradation)
                      if config.val_dir and run.rank == 0 else None)
-
-
-def should_end(run: _Run, should_stop: Callable[[], bool] | None) -> bool:
-    """Whether the loop ends before this step: on request, or when the time budget is spent. Under torchrun the
-    ranks decide together (one all-reduce of their votes): a rank that stopped alone would leave the others
-    waiting in the gradient all-reduce for good."""
-    reason = None
-    if should_stop is not None and should_stop():
-        reason = "on request"
-    max_seconds = run.config.max_seconds
-    if reason is None and max_seconds is not None and time.perf_counter() - run.started > max_seconds:
-        reason = f"time budget of {max_seconds:.0f} s reached"
-    stop = reason is not None
-    if run.world > 1:
-        vote = torch.tensor([int(stop)], device=run.device)
-        dist.all_reduce(vote, op=dist.ReduceOp.MAX)
-        stop = bool(vote.item())
-        reason = reason or "another process stopped"
-    if stop:
-        log.info("stopped at step %d: %s", run.step, reason)
-    return stop
-
-
-def _train_step(run: _Run) -> torch.Tensor:
-    """One batch: forward, loss (the distiller's, teacher included, when distilling), backward, Adam and the
-    schedule; returns the loss."""
-    config, device, distiller = run.config, run.device, run.distiller
-    lr, hr, *clean = run.sampler.batch(config.batch_size, with_clean=distiller is not None)
-    lr, hr = lr.to(device, non_blocking=True), hr.to(device, non_blocking=True)
-    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=config.amp and device.type == "cuda"):
-        prediction = run.trainable(lr)
-        if distiller is not None:
-            loss = distiller.loss(run.trainable, lr, hr, clean[0].to(device, non_blocking=True), prediction, run.step)
-    if distiller is None:
-        loss = charbonnier(prediction.float(), hr)
-    run.optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    run.optimizer.step()
-    run.scheduler.step()
-    run.step += 1
-    return loss
-
-
-def _track_loss(run: _Run, loss: torch.Tensor, bar: tqdm) -> None:
-    """Fold the loss into the running average every 50 steps (a device sync), and at validations and the end."""
-    step, config = run.step, run.config
-    if run.running_loss is None or step % 50 == 0 or step % config.val_every == 0 or step == config.steps:
-        value = float(loss.detach())
-        if not math.isfinite(value):
-            raise FloatingPointError(f"loss became {value} at step {step}; lower max_lr (now {config.max_lr})")
-        run.running_loss = value if run.running_loss is None else 0.9 * run.running_loss + 0.1 * value
-        bar.set_postfix(loss=f"{run.running_loss:.4f}", refresh=False)
-
-
-def _validate_and_report(run: _Run, bar: tqdm, on_progress: Callable[[dict], None] | None) -> None:
-    """On rank 0: validate every `val_every` steps and at the end (into the history); report every 50 steps."""
-    step, config = run.step, run.config
-    if run.rank != 0:
-        return
-    event = None
-    if step % config.val_every == 0 or step == config.steps:
-        event = {"step": step, "loss": run.running_loss}
-        if run.validator is not None:
-            event["val_psnr"] = run.validator(run.model, run.device)
-            bar.write(f"step {step}: loss {run.running_loss:.4f}, validation PSNR {event['val_psnr']:.3f} dB",
-                      file=sys.stderr)
-        run.history.append(event)
-    elif step % 50 == 0:
-        event = {"step": step, "loss": run.running_loss}
-    if event is not None and on_progress is not None:
-        on_progress({**event, "steps": config.steps})
-
-
-def _checkpoint(run: _Run, wall_seconds: float | None = None) -> None:
-    """Write `<out>.ckpt.pt` (rank 0). Every rank must call it: the ranks' sampler states are gathered."""
-    states = gather_states(run.sampler.rng.bit_generator.state, run.world)
-    if run.rank == 0:
-        _save_checkpoint(run.config.checkpoint_path, {
-            "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
-            "scheduler": run.scheduler.state_dict(), "step": run.step, "history": run.history,
-            "wall_seconds": run.wall_seconds() if wall_seconds is None else wall_seconds,
-            "running_loss": run.running_loss, "sampler": states,
-            "distiller": run.distiller.trainable_state() if run.distiller is not None else None,
-        })
-
-
-def gather_states(value: dict, world: int) -> list[dict]:
-    """`value` from every rank, in rank order (a collective under torchrun)."""
-    if world == 1:
-        return [value]
-    gathered: list = [None] * world
-    dist.all_gather_object(gathered, value)
-    return gathered
 
 
 def _finish(run: _Run) -> TrainResult:
     """Final validation, checkpoint and weight file (rank 0), then leave the process group."""
     step, config = run.step, run.config
     wall = run.wall_seconds()
+    final_validation(run)
     result = TrainResult(weights=Path(config.out), steps=step, wall_seconds=wall, history=run.history,
                          best_val_psnr=max((h["val_psnr"] for h in run.history if "val_psnr" in h), default=None))
-    if run.rank == 0 and run.validator is not None and (not run.history or run.history[-1]["step"] != step):
-        run.history.append({"step": step, "loss": run.running_loss,
-                            "val_psnr": run.validator(run.model, run.device)})
-    _checkpoint(run, wall)
+    checkpoint(run, wall)
     if run.rank == 0:
         distiller = run.distiller
         save_weights(run.model, config.out, extra={
@@ -526,20 +377,3 @@ def _finish(run: _Run) -> TrainResult:
     return result
 
 
-def end_distributed(run) -> None:
-    """Leave the process group cleanly: every rank at the barrier, then the DistributedDataParallel wrapper (its
-    reducer owns threads of the group) freed before the group is destroyed. Destroying the group under a live
-    wrapper let a rank abort at exit now and then ("terminate called without an active exception", SIGABRT)."""
-    import gc
-
-    dist.barrier()
-    run.trainable = None
-    gc.collect()
-    dist.destroy_process_group()
-
-
-def machine_name(device: torch.device) -> str:
-    """What ran a job, for its record: the GPU's name, or the CPU and its thread count."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"

@@ -49,3 +49,30 @@ def test_no_long_functions_and_no_ui_in_the_library():
             imported |= {node.module.split(".")[0] for node in ast.walk(tree)
                          if isinstance(node, ast.ImportFrom) and node.module and node.level == 0}
             assert not imported & {"gradio", "app", "app_jobs", "pandas"}, path.name
+
+
+def test_no_import_cycle_in_the_library():
+    """Function-level imports included (ast.walk sees them): the flow runs one way."""
+    graph = {p.stem: _imports(p) for p in (ROOT / "sr").glob("*.py")}
+    done: set[str] = set()
+
+    def visit(name: str, path: tuple[str, ...]) -> None:
+        assert name not in path, " -> ".join((*path, name))
+        if name in done:
+            return
+        for other in graph.get(name, ()):
+            visit(other, (*path, name))
+        done.add(name)
+
+    for name in sorted(graph):
+        visit(name, ())
+
+
+# what tells a user's ONNX model from a lab weight file: only `sr.models` may ask (the stages ask `ModelInfo`)
+_KIND_QUESTIONS = re.compile(r"\.uploaded\b|\bis_uploaded\(|== *[\"']onnx[\"']|startswith\([\"']onnx:|\bPREFIX\b")
+
+
+def test_only_the_model_type_asks_which_kind_a_model_is():
+    asking = sorted(p.name for p in (ROOT / "sr").glob("*.py")
+                    if p.stem not in ("models", "usermodel") and _KIND_QUESTIONS.search(p.read_text()))
+    assert asking == []

@@ -8,7 +8,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from sr.calibrate import CalibrationConfig
 from sr.quantize import calibrate_model, fp32_onnx_path
-from sr.transforms import CentringImpossible, centre_user_io, centring_reason, equalizable_pairs, prepare, user_io
+from sr.centring import CentringImpossible, centre_user_io, user_io
+from sr.transforms import centring_reason, equalizable_pairs, prepare
 
 
 def _run(model: onnx.ModelProto, x: np.ndarray, keep=()) -> list[np.ndarray]:

@@ -1,0 +1,83 @@
+"""sr.recipe: one QuantRecipe and one key for every cached INT8 result (the calibration, the automatic method's
+choice, the refined models)."""
+import dataclasses
+import inspect
+
+import pytest
+
+import sr.ptq  # noqa: F401  (a refined recipe's key covers the refinement modules: they must be loaded)
+import sr.qat
+import sr.quantize
+from sr.calibrate import CalibrationConfig, images_digest, load_calibration_images
+from sr.calibrated import Fixes
+from sr.ptq import RefineConfig
+from sr.quantize import calibrate_model
+from sr.recipe import QuantRecipe, Refinement, RefineSettings
+from sr.store import code_digest_of, file_sha256
+
+
+def _variants():
+    base = QuantRecipe(CalibrationConfig(method="mse", samples=10))
+    yield "method", dataclasses.replace(base, calibration=CalibrationConfig(method="minmax", samples=10))
+    yield "samples", dataclasses.replace(base, calibration=CalibrationConfig(method="mse", samples=11))
+    yield "gain", dataclasses.replace(base, calibration=CalibrationConfig(method="mse", samples=10, gain=0.5))
+    yield "scheme", dataclasses.replace(base, scheme="npu")
+    yield "fixes", dataclasses.replace(base, fixes=Fixes(keep_float=["x"]))
+    yield "refinements", dataclasses.replace(base, refinements=["equalize"])
+
+
+def test_every_part_of_the_recipe_is_in_its_key():
+    base = QuantRecipe(CalibrationConfig(method="mse", samples=10))
+    keys = {"base": base.key("w", "d")}
+    for what, recipe in _variants():
+        keys[what] = recipe.key("w", "d")
+    assert len(set(keys.values())) == len(keys), keys
+    assert base.key("w2", "d") != keys["base"] and base.key("w", "d2") != keys["base"]
+    refined = QuantRecipe(refinements=["adaround"])
+    assert refined.key("w", "d") != dataclasses.replace(refined, refine=RefineSettings(adaround_steps=10)).key("w", "d")
+    # the settings of refinements that are not asked for do not split the cache
+    assert base.key("w", "d") == dataclasses.replace(base, refine=RefineSettings(patches=3)).key("w", "d")
+    # the image folder's name is not the images: only their pixels (the data digest) count
+    assert base.key("w", "d") == dataclasses.replace(
+        base, calibration=CalibrationConfig(method="mse", samples=10, data="elsewhere/")).key("w", "d")
+
+
+def test_the_refinement_code_is_in_a_refined_recipes_key_only(monkeypatch):
+    plain, refined = QuantRecipe(), QuantRecipe(refinements=["bias-correction"])
+    before = plain.key("w", "d"), refined.key("w", "d")
+    name = next(n for n, v in vars(sr.qat).items() if inspect.isfunction(v) and v.__module__ == "sr.qat")
+    monkeypatch.setattr(sr.qat, name, lambda *a, **k: None)
+    assert plain.key("w", "d") == before[0]  # calibrating does not pass through QAT's code
+    assert refined.key("w", "d") != before[1]
+
+
+def test_refinements_are_ordered_and_checked():
+    assert QuantRecipe(refinements=["bias-correction", "centred-io"]).refinements == [Refinement.CENTRED_IO,
+                                                                                       Refinement.BIAS_CORRECTION]
+    with pytest.raises(ValueError, match="npu-per-tensor"):
+        QuantRecipe(scheme="npu-per-tensor", refinements=["adaround"])
+    with pytest.raises(ValueError, match="unknown PTQ refinement"):
+        QuantRecipe(refinements=["sharpen"])
+    with pytest.raises(ValueError, match="patches must be a positive integer"):
+        RefineSettings(patches=0)
+
+
+def test_the_caches_are_named_by_the_one_key():
+    config = CalibrationConfig(method="minmax", samples=10)
+    int8 = calibrate_model("xlsr-clip", config, "cpu")
+    assert int8.qdq_onnx.parent.name == int8.key
+    # the key the pipeline used is the recipe's, over the network's calibration inputs
+    from sr.calibrate import prepare_calibration_images
+    from sr.models import model_info
+
+    info = model_info("xlsr-clip")
+    inputs = prepare_calibration_images(load_calibration_images(None), config, info.scale)
+    assert int8.key == QuantRecipe(config, "cpu", int8.fixes).key(file_sha256(info.path), images_digest(inputs))
+    refine = RefineConfig("xlsr-clip", ["equalize"], config, "cpu")
+    assert refine.key("w") == refine.recipe.key("w", images_digest(load_calibration_images(None)), 16)
+
+
+def test_a_key_refuses_code_it_cannot_see():
+    with pytest.raises(RuntimeError, match="not imported"):
+        code_digest_of("sr.no_such_module")
+    assert code_digest_of("sr.quantize") == code_digest_of("sr.quantize")
