@@ -25,10 +25,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from sr.calibrate import CalibrationConfig, Method  # noqa: E402
 from sr.data import degrade, list_images, load_image  # noqa: E402
 from sr.diagnose import DiagnoseConfig, diagnose  # noqa: E402
-from sr.engines import reference  # noqa: E402
+from sr.runtime import engine_for  # noqa: E402
 from sr.metrics import brightness_ratio, psnr_y  # noqa: E402
-from sr.models import load_model, model_info, save_weights  # noqa: E402
-from sr.quantize import Fixes, calibrate_model, fp32_onnx_path  # noqa: E402
+from sr.models import load_model, save_weights  # noqa: E402
+from sr.quantize import Fixes, calibrate_model  # noqa: E402
 from sr.train import TrainConfig, train  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -47,15 +47,15 @@ class Bench:
     def reference(self, model: str, name: str) -> list[np.ndarray]:
         key = (model, name)
         if key not in self.fp32:
-            engine = reference(fp32_onnx_path(model), model_info(model).scale)
+            engine = engine_for(model)
             self.fp32[key] = [engine.run(lr) for _, lr in self.sets[name]]
         return self.fp32[key]
 
     def score(self, model: str, int8, name: str = "Set5", images=None) -> dict:
-        engine = reference(int8.qdq_onnx, int8.scale)
+        engine = engine_for(int8.model, int8)
         pairs = images or self.sets[name]
         references = self.reference(model, name) if images is None else [
-            reference(fp32_onnx_path(model), int8.scale).run(lr) for _, lr in pairs]
+            engine_for(model).run(lr) for _, lr in pairs]
         outputs = [engine.run(lr) for _, lr in pairs]
         fp32 = np.mean([psnr_y(r, hr, 3) for r, (hr, _) in zip(references, pairs)])
         quantized = np.mean([psnr_y(o, hr, 3) for o, (hr, _) in zip(outputs, pairs)])

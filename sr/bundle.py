@@ -34,7 +34,7 @@ from .metrics import brightness_ratio, psnr_y
 from .models import model_info
 from .quantize import CalibratedModel, Fixes, Scheme, calibrate_model, fp32_onnx_path
 from .qdq import spec_of, tie_fused_ranges
-from .runtime import reference_engine
+from .runtime import engine_for
 from .usermodel import unwrap
 from .store import write_atomic
 
@@ -118,7 +118,7 @@ def _measure(int8: CalibratedModel, images: Sequence[np.ndarray],
     """Mean PSNR-Y of the INT8 model against the FP32 outputs and its brightness ratio, with the reference engine."""
     if not images:
         return None, None
-    quantized = reference_engine(int8.model, int8)
+    quantized = engine_for(int8.model, int8)
     pairs = [(fp32, quantized.run(image)) for image, fp32 in zip(images, fp32_outputs)]
     return (float(np.mean([psnr_y(q, f, int8.scale) for f, q in pairs])),
             float(np.mean([brightness_ratio(q, f) for f, q in pairs])))
@@ -184,7 +184,7 @@ def export_bundle(model: str, config: CalibrationConfig, out: str | Path, fixes:
     if not images:  # no images given: measure on the calibration images, and say so
         images = load_calibration_images(config.data if calibration_images is None else calibration_images)[:8]
         measured_on = "calibration images (no test images were given)"
-    fp32 = reference_engine(model)  # the FP32 outputs once, for the three INT8 models
+    fp32 = engine_for(model)  # the FP32 outputs once, for the three INT8 models
     fp32_outputs = [fp32.run(image) for image in images]
     figures = {scheme: _measure(made[scheme], images, fp32_outputs) for scheme in FILES}
     (out / "README.md").write_text(_readme(model, config, tensorrt, figures, len(images), measured_on, trt_version))

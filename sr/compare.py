@@ -21,7 +21,7 @@ from .data import bicubic_resize, degrade, frame_count, load_image
 from .metrics import brightness_ratio, delta_e, psnr_y, ssim_y
 from .models import model_info, shipped_models
 from .quantize import CalibratedModel, Fixes, Scheme, calibrate_model
-from .runtime import create_engine, reference_engine
+from .runtime import Purpose, engine_for
 from .store import RUNS_DIR, Memo
 
 MAX_SIDE = 1024  # LR pixels on the long side on CPU; larger inputs are downscaled (with a notice)
@@ -119,14 +119,14 @@ def fp32_engine(model: str):
     for a user's ONNX model."""
     info = model_info(model)
     return ENGINES.get((info.fp32_engine, str(info.path), info.path.stat().st_mtime),
-                       lambda: create_engine(info.fp32_engine, model))
+                       lambda: engine_for(model, purpose=Purpose.NATIVE))
 
 
 def int8_engine(int8: CalibratedModel):
     """The shared INT8 engine of a calibrated model for the panels and their figures: the reference (ONNX Runtime
-    on the CPU, `sr.runtime.reference_engine`), so that what the app shows is the INT8 model the bundle ships, as
+    on the CPU, `sr.runtime.engine_for`), so that what the app shows is the INT8 model the bundle ships, as
     `eval --engine ort-int8` scores it. Faster engines are checked against it in `sr.runtime` and `sr bench`."""
-    return ENGINES.get(("ort-reference", int8.key), lambda: reference_engine(int8.model, int8))
+    return ENGINES.get(("ort-reference", int8.key), lambda: engine_for(int8.model, int8))
 
 
 def _timed(engine, lr):

@@ -33,7 +33,8 @@ from .calibrate import CalibrationConfig, Method, TensorRange, TensorStats, obse
 from .choices import Choice
 from .compare import InputMode, prepare_input
 from .data import bicubic_resize, degrade, list_images, load_image
-from .engines import Seamless, reference
+from .engines import Seamless
+from .runtime import engine_for
 from .metrics import brightness_ratio, psnr_y
 from .models import model_info
 from .quantize import CalibratedModel, Fixes, Scheme, calibrate_model
@@ -212,7 +213,7 @@ class Scorer:
         self.spec = spec_of(self.fp32, calibrated.scheme, calibrated.fixes.keep_float)
         self.ranges = {**calibrated.ranges, **tie_fused_ranges(self.spec, calibrated.ranges)}
         self.scale = calibrated.scale
-        fp32_engine = reference(calibrated.fp32_onnx, self.scale)
+        fp32_engine = engine_for(calibrated.model)
         self.lrs = [lr for lr, _ in pairs]
         self.radius: int | None | bool = False  # the model's receptive radius once a large image needed tiles
         self.references = [fp32_engine.run(lr) for lr in self.lrs]
@@ -362,10 +363,10 @@ def apply_fix(report: DiagnosisReport, tensor: str, fix: Fix | str, image, mode:
     prepared = prepare_input(image, mode, scale)
     fixed = calibrate_model(report.model, report.calibrated.config, report.calibrated.scheme,
                             fixes=fix.overrides(tensor), progress=progress)
-    fp32 = reference(report.calibrated.fp32_onnx, scale).run(prepared.lr)
+    fp32 = engine_for(report.model).run(prepared.lr)
     target = prepared.truth if prepared.truth is not None else fp32
-    before = reference(report.calibrated.qdq_onnx, scale).run(prepared.lr)  # the reference INT8
-    after = reference(fixed.qdq_onnx, scale).run(prepared.lr)
+    before = engine_for(report.model, report.calibrated).run(prepared.lr)  # the reference INT8
+    after = engine_for(report.model, fixed).run(prepared.lr)
     return FixOutcome(before, after, prepared.truth is not None, psnr_y(before, target, scale),
                       psnr_y(after, target, scale), brightness_ratio(before, fp32),
                       brightness_ratio(after, fp32), fixed)

@@ -19,7 +19,7 @@ from .engines import tensorrt_available
 from .metrics import brightness_ratio, edge_psnr_y, psnr_y, ssim_y
 from .models import model_info
 from .quantize import Scheme, calibrate_model, qat_record
-from .runtime import EngineKind, create_engine  # noqa: F401 (EngineKind is part of this module's API)
+from .runtime import EngineKind, Purpose, engine_for  # noqa: F401 (EngineKind is part of this module's API)
 
 # The calibration the README's findings recommend (re-derived by scripts/findings.py): the smallest Set5 + Set14
 # INT8 loss of the tensorrt scheme over every method and sample count, averaged over the five shipped models.
@@ -100,8 +100,8 @@ def evaluate(config: EvalConfig, progress: bool = False) -> dict:
     config = config.checked()
     scale = config.scale
     int8 = calibrate_model(config.model, config.calibration, config.scheme) if config.engine.is_int8 else None
-    engine = create_engine(config.engine, config.model, int8, config.threads)
-    reference = create_engine(model_info(config.model).fp32_engine, config.model) if int8 is not None else None
+    engine = engine_for(config.model, int8, kind=config.engine, threads=config.threads)
+    reference = engine_for(config.model, purpose=Purpose.NATIVE) if int8 is not None else None
     rows, bicubic_rows, fp32_rows, ratios = [], [], [], []
     for path in tqdm(list_images(config.data), desc="eval", disable=not progress):
         truth, lr = degrade(load_image(path), scale, config.degradation, path.name)

@@ -35,14 +35,14 @@ from .calibrated import CalibratedModel, Fixes
 from .compare import InputMode
 from .data import list_images
 from .diagnose import Scorer, eval_pairs
-from .engines import OrtEngine, reference
+from .engines import OrtEngine
 from .metrics import brightness_ratio, psnr_y
 from .models import model_info
 from .ptq import RefineConfig, Refinement, refine
 from .qat import original_model
 from .quantize import AUTO_CANDIDATES, calibrate_model
 from .quantspec import Scheme
-from .runtime import reference_engine
+from .runtime import engine_for
 from .store import cache_root, short_hash
 from .train import default_training_dirs
 from .transforms import centring_reason
@@ -171,7 +171,7 @@ class _Judge:
     def __init__(self, original: str, pairs: list[tuple], started: float | None = None):
         self.pairs, self.scale = pairs, model_info(original).scale
         self.started = time.perf_counter() if started is None else started
-        fp32 = reference_engine(original)
+        fp32 = engine_for(original)
         self.fp32_outputs = [fp32.run(lr) for lr, _ in pairs]
         self.fp32_psnr = float(np.mean([psnr_y(o, t, self.scale) for o, t in zip(self.fp32_outputs, self.truths)]))
 
@@ -180,7 +180,7 @@ class _Judge:
         return [truth for _, truth in self.pairs]
 
     def loss(self, calibrated: CalibratedModel) -> tuple[float, float]:
-        engine = reference(calibrated.qdq_onnx, calibrated.scale)
+        engine = engine_for(calibrated.model, calibrated)
         outputs = [engine.run(lr) for lr, _ in self.pairs]
         int8 = float(np.mean([psnr_y(o, t, self.scale) for o, t in zip(outputs, self.truths)]))
         bright = float(np.mean([brightness_ratio(o, r) for o, r in zip(outputs, self.fp32_outputs)]))
@@ -423,20 +423,20 @@ def _latencies(chosen: Candidate, steps: Sequence[Step], lr: np.ndarray) -> tupl
     """The tensors the chosen model leaves in float, each with the CPU latency it adds (measured by leaving the
     tensors in float one more at a time), and the latency of FP32, all-INT8 and the chosen model."""
     crop = lr[:128, :128]
-    fp32 = _milliseconds(reference(chosen.calibrated.fp32_onnx, chosen.calibrated.scale), crop)
+    fp32 = _milliseconds(engine_for(chosen.calibrated.model), crop)
     kept = list(chosen.fixes.keep_float)
     floats, base = [], None
     if kept:
         base_model = calibrate_model(chosen.model, chosen.calibration, chosen.calibrated.scheme,
                                      fixes=replace(chosen.fixes, keep_float=[]))
-        base = previous = _milliseconds(reference(base_model.qdq_onnx, base_model.scale), crop)
+        base = previous = _milliseconds(engine_for(base_model.model, base_model), crop)
         for index, tensor in enumerate(kept):
             partial = calibrate_model(chosen.model, chosen.calibration, chosen.calibrated.scheme,
                                       fixes=replace(chosen.fixes, keep_float=kept[:index + 1]))
-            now = _milliseconds(reference(partial.qdq_onnx, partial.scale), crop)
+            now = _milliseconds(engine_for(partial.model, partial), crop)
             floats.append({"tensor": tensor, "latency_ms_added": round(now - previous, 3)})
             previous = now
-    chosen_ms = _milliseconds(reference(chosen.calibrated.qdq_onnx, chosen.calibrated.scale), crop)
+    chosen_ms = _milliseconds(engine_for(chosen.calibrated.model, chosen.calibrated), crop)
     return floats, {"fp32": round(fp32, 3), "int8_all": round(chosen_ms if base is None else base, 3),
                     "chosen": round(chosen_ms, 3), "input": f"{crop.shape[1]}x{crop.shape[0]}"}
 

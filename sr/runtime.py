@@ -54,6 +54,41 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+class Purpose(Choice, noun="engine purpose"):
+    """What an engine is for (`engine_for`)."""
+
+    MEASURE = "measure"  # every figure and panel: the reference numerics (ONNX Runtime on the CPU)
+    NATIVE = "native"  # FP32 in the model's own runtime (PyTorch for a weight file, ONNX Runtime for a graph)
+    SPEED = "speed"  # the fastest engine present that agrees with the reference on the probe
+
+
+def engine_for(model: str, int8: CalibratedModel | None = None, purpose: Purpose | str = Purpose.MEASURE,
+               kind: EngineKind | str | None = None, threads: int = 0):
+    """The one engine policy: the engine that runs `model` (its INT8 model `int8`, or FP32) for a purpose, or the
+    engine kind asked for; every engine but the reference is checked against it (`create_engine`).
+
+    Args:
+        model: a shipped model name, a weight file or a registered ONNX model.
+        int8: the calibrated model for INT8, None for FP32.
+        purpose: `Purpose` (ignored when `kind` is given).
+        kind: a runtime asked for by name (`EngineKind`).
+        threads: runtime threads (0: its default).
+
+    Raises:
+        EngineRefused: the engine asked for disagrees with the reference on this machine.
+        ValueError: an INT8 kind without a calibrated model, or an unknown kind or purpose.
+    """
+    if kind is not None:
+        return create_engine(kind, model, int8, threads)
+    purpose = Purpose.parse(purpose)
+    if purpose is Purpose.SPEED:
+        return best_int8_engine(int8, threads)[0] if int8 is not None else create_engine(
+            model_info(model).fp32_engine, model, None, threads)
+    if purpose is Purpose.NATIVE and int8 is None:
+        return create_engine(model_info(model).fp32_engine, model, None, threads)
+    return reference_engine(model, int8, threads)
+
+
 def reference_engine(model: str, int8: CalibratedModel | None = None, threads: int = 0) -> OrtEngine:
     """The reference: ONNX Runtime on the CPU, on the QDQ model (INT8) or the FP32 export.
 
@@ -157,5 +192,5 @@ def best_int8_engine(int8: CalibratedModel, threads: int = 0) -> tuple[object, l
     return create_engine(EngineKind.ORT_INT8, int8.model, int8, threads), refused
 
 
-__all__ = ["EngineKind", "create_engine", "reference_engine", "best_int8_engine", "int8_candidates", "EngineRefused",
+__all__ = ["EngineKind", "Purpose", "engine_for", "create_engine", "reference_engine", "best_int8_engine", "int8_candidates", "EngineRefused",
            "cpu_name"]

@@ -84,3 +84,24 @@ def test_best_engine_falls_back_to_the_reference(monkeypatch):
     monkeypatch.setattr(OpenVinoEngine, "run", lambda self, lr: 255 - original(self, lr))
     engine, refused = best_int8_engine(int8)
     assert engine.name == "ort-int8-npu" and [v.engine for v in refused] == ["openvino-int8-npu"]
+
+
+def test_one_engine_policy_by_purpose():
+    """`engine_for`: figures on the reference, FP32 in the model's own runtime when asked, the fastest engine that
+    agrees for speed, and a kind asked for by name checked against the reference."""
+    from sr.runtime import Purpose, engine_for
+
+    int8 = calibrate_model("xlsr-clip", CalibrationConfig(method="entropy", samples=20), "tensorrt")
+    lr = probe_image(32, 40)
+    measured = engine_for("xlsr-clip", int8)
+    assert measured.name == "ort-int8-tensorrt" and measured.provider == "CPUExecutionProvider"
+    assert np.array_equal(measured.run(lr), reference_engine("xlsr-clip", int8).run(lr))
+    assert engine_for("xlsr-clip").name == "ort-fp32"
+    assert engine_for("xlsr-clip", purpose=Purpose.NATIVE).name == "torch-fp32"
+    assert engine_for("xlsr-clip", int8, purpose="native").name == "ort-int8-tensorrt"  # INT8 is measured as shipped
+    fast = engine_for("xlsr-clip", int8, purpose="speed")
+    assert fast.name == "ort-int8-tensorrt" or fast.conformance.passed
+    if openvino_available():
+        assert engine_for("xlsr-clip", int8, kind="openvino-int8").conformance.passed
+    with pytest.raises(ValueError, match="unknown engine purpose"):
+        engine_for("xlsr-clip", purpose="fastest")
