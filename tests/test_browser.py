@@ -79,6 +79,7 @@ def test_example_difference_zoom_and_recalibrate(server):  # noqa: F811
             shutil.copyfile(shot, ROOT / "docs" / "first-screen.png")
         page.get_by_label("big ReLU teacher vs small Clipped-ReLU student").check()
         expect(page.locator("#model-a input")).to_have_value("teacher", timeout=30_000)
+        page.get_by_label("10", exact=True).check()  # the teacher's statistics on 10 samples: seconds, not 15 s
         previous = page.locator("#run-status p").inner_text()
         page.locator("#run").click()
         done = _wait_done(page, previous)

@@ -90,18 +90,20 @@ def test_a_met_target_ends_the_search_at_the_first_candidate(two_images):
     assert result.to_json()["float_tensors"] == []
 
 
-def test_qat_in_the_time_left_measured_against_the_original(two_images, stand_ins):
+def test_qat_in_the_time_left_measured_against_the_original(two_images, stand_ins, monkeypatch):
     """With only QAT left to try, it runs in the budget and its model is measured against the original FP32 (a
     QAT model's own FP32 differs)."""
+    import sr.ready
     from sr.usermodel import register_onnx
 
+    monkeypatch.setattr(sr.ready, "MIN_QAT_SECONDS", 15.0)  # a short QAT is enough to check the route
     user = register_onnx(stand_ins["fsrcnn-y"])
-    result = make_ready(ReadyConfig(user.name, data=str(two_images), target_db=0.0, budget_minutes=1.5,
+    result = make_ready(ReadyConfig(user.name, data=str(two_images), target_db=0.0, budget_minutes=1.0,
                                     calibration=CalibrationConfig(method="minmax", samples=20), max_float=0,
                                     train_dirs=[str(two_images)]))
     assert [s.route for s in result.steps][-1] == "QAT"
     qat = result.steps[-1].tried[0]
-    assert qat.what.startswith("QAT") and result.seconds < 1.5 * 60 + 30
+    assert qat.what.startswith("QAT") and result.seconds < 60 + 30
     shown = evaluate(EvalConfig(model=qat.model, data=str(two_images), engine="ort-int8",
                                 calibration=CalibrationConfig(method="minmax", samples=20)))
     assert qat.loss_db == pytest.approx(shown["int8_vs_reference_db"], abs=1e-3)
