@@ -1,6 +1,7 @@
 """The calibration cache's entries: what a calibrated model is (`CalibratedModel`, with its plain-words
-warnings), the per-tensor overrides (`Fixes`), the tensor statistics shared by every method, and how an entry is
-built, written atomically, checked by its manifest and read back. Keys and the public pipeline are `sr.quantize`.
+warnings; its `recipe`), the tensor statistics shared by every method, and how an entry is
+built, written atomically, checked by its manifest and read back. The key is `sr.recipe`'s; the pipeline is
+`sr.quantize`.
 """
 from __future__ import annotations
 
@@ -8,48 +9,21 @@ import io
 import json
 import logging
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import onnx
 
-from .calibrate import (CalibrationConfig, Method, TensorRange, TensorStats, calibration_patches, choose_ranges,
+from .calibrate import (CalibrationConfig, TensorRange, TensorStats, calibration_patches, choose_ranges,
                         clipped_energy, clipped_fraction, collect_statistics)
 from .qdq import fixed_input_size, spec_of, write_qdq_model
 from .quantspec import Scheme
+from .recipe import Fixes, QuantRecipe
 from .store import (cache_cap_bytes, cache_root, evict, file_sha256, locked, publish_dir, remove_stale_temps,
                     temp_dir, touch, write_atomic)
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Fixes:
-    """Per-tensor overrides applied on top of a calibration (see `sr.diagnose.Fix`)."""
-
-    range_method: dict[str, Method] = field(default_factory=dict)  # tensor -> method used for its range instead
-    keep_float: list[str] = field(default_factory=list)  # tensors left unquantized (their QDQ pair removed)
-    # tensor -> a range known in advance, whatever the calibration saw: the input of a network fed [0, 1] images,
-    # the output of a Clip(0, 1)
-    fixed_range: dict[str, tuple[float, float]] = field(default_factory=dict)
-
-    def __post_init__(self):
-        self.range_method = {tensor: Method.parse(method) for tensor, method in self.range_method.items()}
-        self.fixed_range = {tensor: (float(low), float(high)) for tensor, (low, high) in self.fixed_range.items()}
-        for tensor, (low, high) in self.fixed_range.items():
-            if not low <= 0.0 <= high or low == high:
-                raise ValueError(f"the fixed range of {tensor!r} must include 0 and not be empty, got [{low}, {high}]")
-
-    def is_empty(self) -> bool:
-        """True when nothing is overridden."""
-        return not self.range_method and not self.keep_float and not self.fixed_range
-
-    def key(self) -> str:
-        """A canonical JSON string of the overrides (part of the cache key)."""
-        return json.dumps({"range_method": {t: m.value for t, m in sorted(self.range_method.items())},
-                           "keep_float": sorted(self.keep_float),
-                           "fixed_range": {t: list(r) for t, r in sorted(self.fixed_range.items())}}, sort_keys=True)
 
 
 @dataclass
@@ -72,6 +46,11 @@ class CalibratedModel:
     # with Method.AUTO: {"method": the one chosen, "candidates": {method: {"psnr_vs_fp32_db", "brightness"}},
     # "held_back_images": how many images scored them}; `config` is then the chosen method's
     choice: dict | None = None
+
+    @property
+    def recipe(self) -> QuantRecipe:
+        """The recipe that made this model (its refinements, if any, made the model file it calibrated)."""
+        return QuantRecipe(self.config, self.scheme, self.fixes)
 
     def warnings(self, brightness: float | None = None, measured_on: str = "the calibration images") -> list[str]:
         """Plain-words warnings: quantized tensors whose range cuts off more than CLIP_ENERGY_WARNING of their

@@ -17,73 +17,33 @@ from pathlib import Path
 from . import __version__
 from .calibrate import CalibrationConfig, Method
 from .engines import EngineRefused
+from .options import (BENCH_HELP, CALIBRATION_HELP, DIAGNOSE_HELP, DISTILL_HELP, EVAL_HELP, QAT_HELP, READY_HELP,
+                      TRAIN_HELP, add_config_options, config_values)
 from .quantize import Scheme
+from .distill import DistillConfig
 from .train import TrainConfig
 
-TRAIN_DEFAULTS = {f.name: (f.default if f.default is not dataclasses.MISSING else f.default_factory())
-                  for f in dataclasses.fields(TrainConfig)}
 CALIBRATION_DEFAULTS = CalibrationConfig()
 
 
-def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
-    d = TRAIN_DEFAULTS
-    parser.add_argument("--arch", default=d["arch"], help=f"architecture: xlsr or teacher (default: {d['arch']})")
-    parser.add_argument("--final-activation", default=d["final_activation"],
-                        help=f"relu, clipped_relu or linear (default: {d['final_activation']})")
-    parser.add_argument("--scale", type=int, default=d["scale"], help=f"2, 3 or 4 (default: {d['scale']})")
-    parser.add_argument("--train-dirs", nargs="+", default=d["train_dirs"], metavar="DIR",
-                        help="training image folders (default: %(default)s)")
-    parser.add_argument("--val-dir", default=d["val_dir"], help="validation folder ('' for none; default: %(default)s)")
-    parser.add_argument("--out", required=True, help="weight file to write (.safetensors)")
-    for name, kind, text in (("steps", int, "optimizer steps; the default takes over an hour on 2 CPU cores"),
-                             ("batch_size", int, "patches per step"),
-                             ("lr_patch", int, "LR patch side in pixels"), ("max_lr", float, "one-cycle peak learning rate"),
-                             ("seed", int, "random seed"), ("val_every", int, "validate every N steps"),
-                             ("checkpoint_every", int, "checkpoint every N steps")):
-        parser.add_argument(f"--{name.replace('_', '-')}", type=kind, default=d[name], help=f"{text} (default: %(default)s)")
-    parser.add_argument("--resume", action="store_true", help="continue from <out>.ckpt.pt")
-    parser.add_argument("--device", default=d["device"], help="auto, cpu or cuda (default: %(default)s)")
-    parser.add_argument("--init", default=d["init"], help="start from these weights (shipped name or file)")
-    parser.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA")
-    parser.add_argument("--max-seconds", type=float, default=d["max_seconds"], help="stop early after this many seconds")
-    parser.add_argument("--model-config", type=json.loads, default={}, metavar="JSON",
-                        help='extra architecture fields, e.g. \'{"num_blocks": 8}\'')
-    parser.add_argument("--degradation", default=d["degradation"], help="LR images for training and validation: "
-                        "clean (bicubic), strong (blur 1.0, noise 8, JPEG 40), or blur=SIGMA,noise=SIGMA,jpeg=QUALITY "
-                        "(seeded per image; default: %(default)s)")
-
-
-def _training_fields(args: argparse.Namespace) -> dict:
-    fields = {name: getattr(args, name) for name in TRAIN_DEFAULTS if hasattr(args, name)}
+def _training_fields(args: argparse.Namespace, config_type=TrainConfig) -> dict:
+    fields = config_values(args, config_type)
     fields["val_dir"] = args.val_dir or None
     return fields
 
 
+_CALIBRATION_DESTS = {"seed": "calib_seed", "data": "calib_data", "inputs": "calib_inputs"}
+
+
 def _add_calibration_arguments(parser: argparse.ArgumentParser, data_flag: tuple[str, ...] = ("--calib-data",),
                                refine: bool = True, seed_flag: str = "--seed", method: str = "auto") -> None:
-    """The calibration options; defaults None so that --recommended can tell what the user set."""
-    c = CALIBRATION_DEFAULTS
-    methods = ", ".join(m.value for m in Method)
-    parser.add_argument("--method", default=None, help=f"{methods} (default: {method}). auto calibrates entropy, "
-                        "percentile, mse and minmax from one set of statistics, scores each against FP32 on held-back "
-                        "calibration images and keeps the best (and says which); entropy is NVIDIA's KL search as "
-                        "ModelOpt publishes it (the zero bin flattened); entropy-zeros counts the spike of exact "
-                        "zeros after a ReLU, which pulls the threshold down")
-    parser.add_argument("--samples", type=int, default=None, help=f"calibration patches, 10..1000 (default: {c.samples})")
+    """The calibration options, one per CalibrationConfig field, and --scheme; the method, samples and scheme
+    default to None so that --recommended can tell what the user set."""
+    add_config_options(parser, CalibrationConfig, CALIBRATION_HELP, unset={"method": method, "samples": str(
+        CALIBRATION_DEFAULTS.samples)}, flags={"seed": (seed_flag,), "data": data_flag, "inputs": ("--calib-inputs",)},
+        dests=_CALIBRATION_DESTS)
     parser.add_argument("--scheme", default=None, help="tensorrt (Q/DQ where NVIDIA ModelOpt puts them), npu (every "
                         "tensor INT8, the output included) or cpu (uint8, ONNX Runtime's x86 path) (default: tensorrt)")
-    parser.add_argument("--percentile", type=float, default=c.percentile, help="for --method percentile (default: %(default)s)")
-    parser.add_argument("--patch-size", type=int, default=c.patch_size, help="calibration patch side, LR px (default: %(default)s)")
-    parser.add_argument(seed_flag, dest="calib_seed", type=int, default=c.seed,
-                        help="calibration sample seed (default: %(default)s)")
-    parser.add_argument(*data_flag, dest="calib_data", default=None,
-                        help="calibration image folder (default: calib_data/)")
-    parser.add_argument("--calib-inputs", default=c.inputs.value, help="downscaled (bicubic by the model's scale, as in "
-                        "deployment) or raw crops (default: %(default)s)")
-    parser.add_argument("--gain", type=float, default=c.gain, help="experiment: multiply the calibration images by "
-                        "this brightness gain, e.g. 0.4 (default: %(default)s)")
-    parser.add_argument("--contrast", type=float, default=c.contrast, help="experiment: contrast gain around mid grey "
-                        "(default: %(default)s)")
     if not refine:
         return
     parser.add_argument("--refine", default=None, metavar="LIST", help="post-training refinements before quantizing, "
@@ -146,11 +106,10 @@ def _refined(args: argparse.Namespace, model: str, calibration: CalibrationConfi
 
 def _calibration(args: argparse.Namespace, method: Method = Method.AUTO) -> tuple[CalibrationConfig, Scheme]:
     """The calibration options as a CalibrationConfig (`method` when --method is not given), and the scheme."""
-    c = CALIBRATION_DEFAULTS
-    config = CalibrationConfig(method=args.method or method, samples=c.samples if args.samples is None else args.samples,
-                               patch_size=args.patch_size, seed=args.calib_seed, percentile=args.percentile,
-                               data=args.calib_data, inputs=args.calib_inputs, gain=args.gain, contrast=args.contrast)
-    return config, Scheme.parse(args.scheme or Scheme.TENSORRT)
+    fields = config_values(args, CalibrationConfig, dests=_CALIBRATION_DESTS)
+    fields["method"] = fields["method"] or method
+    fields["samples"] = CALIBRATION_DEFAULTS.samples if fields["samples"] is None else fields["samples"]
+    return CalibrationConfig(**fields), Scheme.parse(args.scheme or Scheme.TENSORRT)
 
 
 def _print_config(config) -> None:
@@ -175,10 +134,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_distill(args: argparse.Namespace) -> int:
     """`distill`: fill DistillConfig, distill, print where the weights went."""
-    from .distill import DistillConfig, distill
+    from .distill import distill
 
-    config = DistillConfig(**_training_fields(args), teacher=args.teacher, alpha=args.alpha, kd_mode=args.kd_mode,
-                           feature_weight=args.feature_weight)
+    config = DistillConfig(**_training_fields(args, DistillConfig))
     _print_config(config)
     print(_trained(distill(config)))
     return 0
@@ -221,10 +179,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise ValueError("--recommended chooses the method, samples and scheme itself; drop --method/--samples/--scheme")
     calibration, scheme = _calibration(args)
     model = _refined(args, _model(args), calibration, scheme)
-    engine = args.engine or ("ort" if args.onnx else "torch")
-    config = EvalConfig(model=model, data=args.data, scale=None if args.onnx else args.scale, engine=engine,
-                        calibration=calibration, scheme=scheme, recommended=args.recommended, threads=args.threads,
-                        degradation=args.degradation)
+    fields = config_values(args, EvalConfig, skip=("model", "calibration", "scheme"))
+    fields["engine"] = args.engine or ("ort" if args.onnx else "torch")
+    fields["scale"] = None if args.onnx else args.scale
+    config = EvalConfig(model=model, calibration=calibration, scheme=scheme, **fields)
     _print_config(config)
     report = evaluate(config, progress=not args.json)
     print(json.dumps(report, indent=2) if args.json else format_report(report))
@@ -266,8 +224,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     """`bench`: fill BenchConfig, measure, print the figures."""
     from .bench import BenchConfig, format_bench, run_bench
 
-    config = BenchConfig(model=_model(args) if args.onnx else args.model or "xlsr-clip", samples=args.samples,
-                         large_samples=args.large_samples)
+    config = BenchConfig(model=_model(args) if args.onnx else args.model or "xlsr-clip",
+                         **config_values(args, BenchConfig, skip=("model",)))
     _print_config(config)
     report = run_bench(config)
     print(json.dumps(report, indent=2) if args.json else format_bench(report))
@@ -321,8 +279,8 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
     from .diagnose import DiagnoseConfig, diagnose
 
     calibration, scheme = _calibration(args)
-    config = DiagnoseConfig(_refined(args, _model(args), calibration, scheme), calibration, scheme, data=args.data,
-                            top=args.top)
+    config = DiagnoseConfig(_refined(args, _model(args), calibration, scheme), calibration, scheme,
+                            **config_values(args, DiagnoseConfig, skip=("model", "calibration", "scheme")))
     _print_config(config)
     report = diagnose(config)
     if args.json:
@@ -338,18 +296,11 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
 
 def _add_commands(commands) -> None:
     train = commands.add_parser("train", help="train a model from scratch (torchrun for several GPUs/processes)")
-    _add_training_arguments(train)
+    add_config_options(train, TrainConfig, TRAIN_HELP, required=("out",))
     train.set_defaults(run=cmd_train)
 
     distill = commands.add_parser("distill", help="train a student with a frozen teacher (knowledge distillation)")
-    _add_training_arguments(distill)
-    distill.add_argument("--teacher", default="teacher", help="teacher: shipped name or weight file")
-    distill.add_argument("--alpha", type=float, default=0.5, help="weight of the ground-truth loss (default 0.5)")
-    distill.add_argument("--kd-mode", default="output", help="output (match the teacher's output), upcycled (also "
-                         "its outputs on zoomed-in/zoomed-out inputs and under flips/rotations, DUKD) or feature "
-                         "(also its features before the tail, through a 1x1 adapter) (default: %(default)s)")
-    distill.add_argument("--feature-weight", type=float, default=0.1, help="--kd-mode feature: weight of the "
-                         "feature hint (default: %(default)s)")
+    add_config_options(distill, DistillConfig, DISTILL_HELP, required=("out",))
     distill.set_defaults(run=cmd_distill)
     _add_int8_commands(commands)
     _add_qat_command(commands)
@@ -357,20 +308,13 @@ def _add_commands(commands) -> None:
 
 
 def _add_int8_commands(commands) -> None:
+    from .evaluate import EvalConfig
+
     evaluate = commands.add_parser("eval", help="PSNR/SSIM of bicubic and a model (FP32 or INT8) on a folder")
-    evaluate.add_argument("--scale", type=int, default=None, help="default: the model's own scale")
+    add_config_options(evaluate, EvalConfig, EVAL_HELP, skip=("model", "calibration", "scheme"), required=("data",),
+                       unset={"scale": "", "engine": ""})
     _add_model_arguments(evaluate)
-    evaluate.add_argument("--data", required=True, help="folder of ground-truth (HR) images")
-    evaluate.add_argument("--degradation", default="clean", help="LR images: clean (bicubic, the benchmarks'), strong "
-                          "(blur 1.0, noise 8, JPEG 40) or blur=SIGMA,noise=SIGMA,jpeg=QUALITY; seeded by file name, "
-                          "the same in every run (default: %(default)s)")
-    evaluate.add_argument("--engine", default=None, help="torch, ort, openvino, openvino-bf16, ort-int8, openvino-int8 "
-                          "or tensorrt (default: torch; ort for --onnx)")
     _add_calibration_arguments(evaluate)
-    evaluate.add_argument("--recommended", action="store_true", help="calibrate as the README's findings recommend "
-                          "(a method, sample count and scheme; no per-tensor fixes); not combinable with "
-                          "--method/--samples/--scheme")
-    evaluate.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads (0 = its default)")
     evaluate.add_argument("--json", action="store_true", help="print one JSON object")
     evaluate.set_defaults(run=cmd_eval)
 
@@ -382,11 +326,12 @@ def _add_int8_commands(commands) -> None:
     calibrate.add_argument("--json", action="store_true", help="print one JSON object")
     calibrate.set_defaults(run=cmd_calibrate)
 
+    from .bench import BenchConfig
+
     bench = commands.add_parser("bench", help="calibration speed, memory and fidelity vs ModelOpt and onnxruntime; "
                                 "engine latency and conformance (about 7 minutes on 2 CPU cores; progress is logged)")
     _add_model_arguments(bench, required=False)
-    bench.add_argument("--samples", type=int, default=100, help="samples for the comparisons (default: %(default)s)")
-    bench.add_argument("--large-samples", type=int, default=1000, help="samples for the peak-memory run (default: %(default)s)")
+    add_config_options(bench, BenchConfig, BENCH_HELP, skip=("model",))
     bench.add_argument("--json", action="store_true", help="print one JSON object")
     bench.set_defaults(run=cmd_bench)
 
@@ -398,11 +343,13 @@ def _add_int8_commands(commands) -> None:
     export.add_argument("--trt-version", help="also write a TensorRT 10 calibration cache (e.g. 10.3.0)")
     export.set_defaults(run=cmd_export_int8)
 
+    from .diagnose import DiagnoseConfig
+
     diagnose = commands.add_parser("diagnose", help="rank the tensors whose INT8 range damages the output")
     _add_model_arguments(diagnose)
     _add_calibration_arguments(diagnose)
-    diagnose.add_argument("--data", required=True, help="folder of ground-truth images to measure on")
-    diagnose.add_argument("--top", type=int, default=None, help="keep the N worst tensors")
+    add_config_options(diagnose, DiagnoseConfig, DIAGNOSE_HELP, skip=("model", "calibration", "scheme"),
+                       required=("data",))
     diagnose.add_argument("--json", action="store_true", help="print one JSON object")
     diagnose.set_defaults(run=cmd_diagnose)
 
@@ -410,23 +357,11 @@ def _add_int8_commands(commands) -> None:
 def _add_ready_command(commands) -> None:
     from .ready import ReadyConfig
 
-    d = {f.name: f for f in dataclasses.fields(ReadyConfig)}
     ready = commands.add_parser("int8-ready", help="make a model INT8-ready in a time budget: range methods, then "
                                 "refinements, then mixed precision, then QAT, until the target loss is met")
     _add_model_arguments(ready)
     _add_calibration_arguments(ready, refine=False)
-    ready.add_argument("--data", default=None, help="ground-truth (HR) images to measure the loss on (default: the "
-                       "calibration images)")
-    ready.add_argument("--target-db", type=float, default=d["target_db"].default,
-                       help="the largest loss against the original FP32 model accepted, dB (default: %(default)s)")
-    ready.add_argument("--budget-minutes", type=float, default=d["budget_minutes"].default,
-                       help="time for the whole search, the bundle included (default: %(default)s)")
-    ready.add_argument("--max-float", type=int, default=d["max_float"].default,
-                       help="the most tensors mixed precision may leave in float (default: %(default)s)")
-    ready.add_argument("--train-dirs", nargs="+", default=None, metavar="DIR", help="QAT's training images (default: "
-                       "the lab's training folders, else the measurement images)")
-    ready.add_argument("--no-qat", dest="qat", action="store_false", help="stop before the QAT route")
-    ready.add_argument("--out", default=None, help="write the deployment bundle of the chosen model here")
+    add_config_options(ready, ReadyConfig, READY_HELP, skip=("model", "calibration", "scheme"))
     ready.add_argument("--json", action="store_true", help="print one JSON object")
     ready.set_defaults(run=cmd_ready)
 
@@ -457,9 +392,8 @@ def cmd_ready(args: argparse.Namespace) -> int:
     from .ready import ReadyConfig, make_ready
 
     calibration, scheme = _calibration(args)
-    config = ReadyConfig(model=_model(args), data=args.data, target_db=args.target_db,
-                         budget_minutes=args.budget_minutes, out=args.out, calibration=calibration, scheme=scheme,
-                         max_float=args.max_float, train_dirs=args.train_dirs, qat=args.qat)
+    config = ReadyConfig(model=_model(args), calibration=calibration, scheme=scheme,
+                         **config_values(args, ReadyConfig, skip=("model", "calibration", "scheme")))
     _print_config(config)
     report = None if args.json else (lambda f, m: print(f"[{100 * f:3.0f}% of the budget] {m}", file=sys.stderr))
     result = make_ready(config, progress=report)
@@ -470,36 +404,13 @@ def cmd_ready(args: argparse.Namespace) -> int:
 def _add_qat_command(commands) -> None:
     from .qat import QatConfig
 
-    d = QatConfig()
     qat = commands.add_parser("qat", help="quantization-aware fine-tuning: the INT8 model, trained (torchrun for "
                               "several GPUs/processes)")
     _add_model_arguments(qat)
-    qat.add_argument("--out", required=True, help="the trained model: .safetensors (a PyTorch model) or .onnx (an "
-                     "ONNX model); the QDQ model goes beside it as <name>.<scheme>.qdq.onnx")
     # the calibration the ranges start from: the same options as every INT8 command (its --method default mse;
     # --calib-seed, since --seed is the training's)
     _add_calibration_arguments(qat, refine=False, seed_flag="--calib-seed", method="mse")
-    for name, kind, text in (("steps", int, "optimizer steps (XLSR: 500 take 1-2 minutes on 2 CPU cores)"), ("batch_size", int, "patches per step"),
-                             ("lr_patch", int, "LR patch side in pixels"), ("lr", float, "weight learning rate"),
-                             ("range_lr", float, "learning rate of the log step sizes"),
-                             ("alpha", float, "weight of L1 to the HR image; 1 - alpha - beta goes to L1 to the "
-                              "frozen FP32 model's output"), ("seed", int, "random seed"),
-                             ("beta", float, "weight of L1 to the teacher's output (with --teacher)"),
-                             ("val_every", int, "validate every N steps"), ("checkpoint_every", int, "checkpoint every N steps")):
-        qat.add_argument(f"--{name.replace('_', '-')}", type=kind, default=getattr(d, name),
-                         help=f"{text} (default: %(default)s)")
-    qat.add_argument("--teacher", default=None, help="teacher-guided QAT: a larger FP32 model (e.g. teacher)")
-    qat.add_argument("--kd-mode", default=d.kd_mode, help="output or upcycled (default: %(default)s)")
-    qat.add_argument("--train-dirs", nargs="+", default=d.train_dirs, metavar="DIR", help="training image folders "
-                     "(default: %(default)s)")
-    qat.add_argument("--val-dir", default=d.val_dir, help="validation folder ('' for none; default: %(default)s)")
-    qat.add_argument("--equalize", type=float, default=d.equalize, help="channel-equalization strength before "
-                     "calibration, 0..1 (sr/transforms.py; default: %(default)s)")
-    qat.add_argument("--no-io-offset", dest="io_offset", action="store_false", help="keep the model's own I/O "
-                     "(default: centred I/O, an 8-bit image exactly on the INT8 grid; the lab's architectures only)")
-    qat.add_argument("--resume", action="store_true", help="continue from <out>.ckpt.pt")
-    qat.add_argument("--device", default=d.device, help="auto, cpu or cuda (default: %(default)s)")
-    qat.add_argument("--max-seconds", type=float, default=None, help="stop early after this many seconds")
+    add_config_options(qat, QatConfig, QAT_HELP, skip=("model", "calibration", "scheme"), required=("out",))
     qat.set_defaults(run=cmd_qat)
 
 
@@ -507,10 +418,9 @@ def cmd_qat(args: argparse.Namespace) -> int:
     """`qat`: fill QatConfig, fine-tune, print what was written and the INT8 figures."""
     from .qat import QatConfig, quantization_aware_training
 
-    fields = {f.name for f in dataclasses.fields(QatConfig)} - {"model", "calibration", "scheme"}
     calibration, scheme = _calibration(args, Method.MSE)
     config = QatConfig(model=_model(args), calibration=calibration, scheme=scheme,
-                       **{k: v for k, v in vars(args).items() if k in fields})
+                       **config_values(args, QatConfig, skip=("model", "calibration", "scheme")))
     config.val_dir = config.val_dir or None
     from .models import model_info
 

@@ -13,8 +13,7 @@ import json
 from dataclasses import asdict, dataclass, field, replace
 from enum import Enum
 
-from .calibrate import CalibrationConfig
-from .calibrated import Fixes
+from .calibrate import CalibrationConfig, Method
 from .choices import Choice
 from .quantspec import Scheme
 from .store import code_digest_of, library_versions, short_hash
@@ -31,6 +30,34 @@ class Refinement(Choice, noun="PTQ refinement"):
 
 
 ORDER = list(Refinement)
+
+
+@dataclass
+class Fixes:
+    """Per-tensor overrides applied on top of a calibration (see `sr.diagnose.Fix`)."""
+
+    range_method: dict[str, Method] = field(default_factory=dict)  # tensor -> method used for its range instead
+    keep_float: list[str] = field(default_factory=list)  # tensors left unquantized (their QDQ pair removed)
+    # tensor -> a range known in advance, whatever the calibration saw: the input of a network fed [0, 1] images,
+    # the output of a Clip(0, 1)
+    fixed_range: dict[str, tuple[float, float]] = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.range_method = {tensor: Method.parse(method) for tensor, method in self.range_method.items()}
+        self.fixed_range = {tensor: (float(low), float(high)) for tensor, (low, high) in self.fixed_range.items()}
+        for tensor, (low, high) in self.fixed_range.items():
+            if not low <= 0.0 <= high or low == high:
+                raise ValueError(f"the fixed range of {tensor!r} must include 0 and not be empty, got [{low}, {high}]")
+
+    def is_empty(self) -> bool:
+        """True when nothing is overridden."""
+        return not self.range_method and not self.keep_float and not self.fixed_range
+
+    def key(self) -> str:
+        """A canonical JSON string of the overrides (part of the cache key)."""
+        return json.dumps({"range_method": {t: m.value for t, m in sorted(self.range_method.items())},
+                           "keep_float": sorted(self.keep_float),
+                           "fixed_range": {t: list(r) for t, r in sorted(self.fixed_range.items())}}, sort_keys=True)
 
 # the modules whose code determines a calibrated model, and the ones a refined model passes through as well (by
 # name: the key describes the code without importing it; a module not imported yet is read from its file)

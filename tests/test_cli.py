@@ -1,9 +1,14 @@
 """`python -m sr`'s arguments and outputs, in this process (`sr.cli.main`): every bad argument gets one clear line and
 exit status 2, the JSON outputs keep their keys, and --help lists the commands."""
+import argparse
+import dataclasses
+import importlib
 import json
 import subprocess
 
 import pytest
+
+from sr import cli
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
@@ -81,3 +86,50 @@ def test_calibrate_out_may_be_a_folder(tmp_path):
     written = list(tmp_path.glob("*.qdq.onnx"))
     assert [p.name for p in written] == ["xlsr-relu-minmax-10-tensorrt.qdq.onnx"]
     assert written[0].stat().st_mode & 0o044  # readable by others, like any file the user writes
+
+
+def _options(command: str) -> set[str]:
+    parser = cli.build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return {action.dest for action in commands.choices[command]._actions}
+
+
+SET_OTHERWISE = ("model", "calibration", "scheme")
+
+
+@pytest.mark.parametrize("command, config_path, skip", [
+    ("train", "sr.train.TrainConfig", ()), ("distill", "sr.distill.DistillConfig", ()),
+    ("qat", "sr.qat.QatConfig", SET_OTHERWISE), ("int8-ready", "sr.ready.ReadyConfig", SET_OTHERWISE),
+    ("eval", "sr.evaluate.EvalConfig", SET_OTHERWISE), ("diagnose", "sr.diagnose.DiagnoseConfig", SET_OTHERWISE),
+    ("bench", "sr.bench.BenchConfig", ("model",)), ("calibrate", "sr.calibrate.CalibrationConfig", ()),
+])
+def test_every_config_field_is_an_option(command, config_path, skip):
+    """The options are made from the config's fields, so none is forgotten (the calibration's land under their
+    calib_ names)."""
+    module, name = config_path.rsplit(".", 1)
+    config = getattr(importlib.import_module(module), name)
+    renamed = {"seed": "calib_seed", "data": "calib_data", "inputs": "calib_inputs"} if name == "CalibrationConfig" else {}
+    wanted = {renamed.get(f.name, f.name) for f in dataclasses.fields(config) if f.name not in skip}
+    assert wanted <= _options(command), wanted - _options(command)
+
+
+def test_a_config_field_without_help_stops_the_parser(monkeypatch):
+    from sr import options
+
+    monkeypatch.setattr(options, "READY_HELP", {k: v for k, v in options.READY_HELP.items() if k != "max_images"})
+    monkeypatch.setattr(cli, "READY_HELP", options.READY_HELP)
+    with pytest.raises(KeyError, match="max_images"):
+        cli.build_parser()
+
+
+def test_new_options_reach_the_config(tmp_path):
+    """Fields that had no option before (`--max-images`, `--max-side`, `--keep-best`) now reach their configs."""
+    seen = {}
+    result = run_cli("int8-ready", "--model", "xlsr-clip", "--max-images", "0")
+    assert result.returncode == 2 and "max_images" in result.stderr
+    args = cli.build_parser().parse_args(["qat", "--model", "xlsr-clip", "--out", str(tmp_path / "q.safetensors"),
+                                          "--keep-best", "--steps", "3"])
+    seen["keep_best"] = args.keep_best
+    args = cli.build_parser().parse_args(["diagnose", "--model", "xlsr-clip", "--data", "x", "--max-side", "64"])
+    seen["max_side"] = args.max_side
+    assert seen == {"keep_best": True, "max_side": 64}

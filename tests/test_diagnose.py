@@ -1,8 +1,6 @@
 """Diagnostics on a model with a planted out-of-range branch, the fixes, and the JSON schema."""
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -38,9 +36,15 @@ def planted(tmp_path_factory, data_dir):
     return str(path), str(images)
 
 
-def test_ranking_puts_the_planted_tensor_first(planted):
+@pytest.fixture(scope="module")
+def planted_report(planted):
+    """The diagnosis of the planted model on its two images (ground truth), made once for the tests that read it."""
     path, images = planted
-    report = diagnose(_config(path, images))
+    return diagnose(_config(path, images))
+
+
+def test_ranking_puts_the_planted_tensor_first(planted_report):
+    report = planted_report
     assert report.ranking[0].tensor in PLANTED, [r.tensor for r in report.ranking[:3]]
     assert report.ranking[0].psnr_drop_db > 0.5 and report.int8_psnr_y < report.fp32_psnr_y - 0.5
     assert report.ranking[0].clipped_fraction > 0
@@ -51,9 +55,9 @@ def _config(path, images, method="entropy"):
 
 
 @pytest.mark.parametrize("fix", [Fix.RANGE_MINMAX, Fix.RANGE_MSE])
-def test_fixes_recover_psnr(planted, fix):
+def test_fixes_recover_psnr(planted, planted_report, fix):
     path, images = planted
-    report = diagnose(_config(path, images))
+    report = planted_report
     image = np.asarray(Image.open(Path(images) / "butterfly.png").convert("RGB"))
     outcome = apply_fix(report, report.ranking[0].tensor, fix, image, InputMode.GROUND_TRUTH)
     assert outcome.has_truth and outcome.psnr_after_db > outcome.psnr_before_db + 0.3, outcome
@@ -61,7 +65,7 @@ def test_fixes_recover_psnr(planted, fix):
         apply_fix(report, report.ranking[0].tensor, "magic", image, InputMode.GROUND_TRUTH)
 
 
-def test_upscale_mode_reports_against_fp32(planted):
+def test_upscale_mode_reports_against_fp32(planted, planted_report):
     """Without ground truth there is no "drop": figures are against the FP32 output, and agree with a real
     comparison of the simulated all-INT8 output."""
     path, images = planted
@@ -71,7 +75,7 @@ def test_upscale_mode_reports_against_fp32(planted):
     assert report.int8_psnr_y == report.int8_psnr_vs_fp32_db < 40
     assert all(r.psnr_drop_db is None and math.isfinite(r.alone_psnr_vs_fp32_db) for r in report.ranking)
     assert report.ranking[0].tensor in PLANTED
-    truth_mode = diagnose(_config(path, images))
+    truth_mode = planted_report
     assert truth_mode.has_truth and 20 < truth_mode.int8_psnr_y < truth_mode.fp32_psnr_y < 40
     assert truth_mode.ranking[0].psnr_drop_db > 0.5
 
@@ -90,12 +94,14 @@ def test_range_coverage_flags_an_image_outside_the_calibration(photo):
     assert "input" in checked and "output" not in checked
 
 
-def test_diagnose_json_schema(data_dir):
-    done = subprocess.run([sys.executable, "-m", "sr", "diagnose", "--model", "xlsr-clip", "--method", "entropy",
-                           "--samples", "10", "--scheme", "tensorrt", "--data", str(data_dir / "Set5"),
-                           "--json", "--top", "3"], cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr
-    report = json.loads(done.stdout)
+def test_diagnose_json_schema(data_dir, capsys):
+    from sr import cli
+
+    code = cli.main(["diagnose", "--model", "xlsr-clip", "--method", "entropy", "--samples", "10", "--scheme",
+                     "tensorrt", "--data", str(data_dir / "Set5"), "--json", "--top", "3"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    report = json.loads(out)
     assert set(report) == {"model", "method", "scheme", "samples", "has_truth", "fp32_psnr_y", "int8_psnr_y",
                            "int8_psnr_vs_fp32_db", "int8_brightness", "ranking"}
     assert len(report["ranking"]) == 3 and report["has_truth"]
@@ -103,11 +109,11 @@ def test_diagnose_json_schema(data_dir):
                                          "sqnr_db", "clipped_fraction"}
 
 
-def test_keep_in_float_removes_the_tensors_qdq(planted):
+def test_keep_in_float_removes_the_tensors_qdq(planted, planted_report):
     import onnx
 
     path, images = planted
-    report = diagnose(_config(path, images))
+    report = planted_report
     image = np.asarray(Image.open(Path(images) / "butterfly.png").convert("RGB"))
     outcome = apply_fix(report, "/Concat_output_0", Fix.KEEP_FLOAT, image, InputMode.GROUND_TRUTH)
     graph = onnx.load(str(outcome.calibrated.qdq_onnx)).graph

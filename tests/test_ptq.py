@@ -4,8 +4,6 @@ model, evaluated through the CLI, loses less than plain calibration against the 
 import inspect
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -79,13 +77,15 @@ def test_bias_correction_removes_the_mean_shift(student):
     assert shift() < 1e-5  # the first Conv's inputs do not depend on any correction
 
 
-def test_refined_model_loses_less_through_the_cli(data_dir, tmp_path):
+def test_refined_model_loses_less_through_the_cli(data_dir, tmp_path, capsys):
+    from sr import cli
+
     def run(*extra):
-        command = [sys.executable, "-m", "sr", "eval", "--model", "xlsr-clip", "--engine", "ort-int8", "--method",
-                   "mse", "--samples", "20", "--data", str(data_dir / "Set5"), "--json", *extra]
-        done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=600)
-        assert done.returncode == 0, done.stderr
-        return json.loads(done.stdout)
+        code = cli.main(["eval", "--model", "xlsr-clip", "--engine", "ort-int8", "--method", "mse", "--samples", "20",
+                         "--data", str(data_dir / "Set5"), "--json", *extra])
+        out, err = capsys.readouterr()
+        assert code == 0, err
+        return json.loads(out)
 
     plain = run()
     refined = run("--refine", "bias-correction,centred-io,equalize")

@@ -72,7 +72,8 @@ def test_the_caches_are_named_by_the_one_key():
 
     info = model_info("xlsr-clip")
     inputs = prepare_calibration_images(load_calibration_images(None), config, info.scale)
-    assert int8.key == QuantRecipe(config, "cpu", int8.fixes).key(file_sha256(info.path), images_digest(inputs))
+    assert int8.key == int8.recipe.key(file_sha256(info.path), images_digest(inputs))
+    assert int8.recipe == QuantRecipe(config, "cpu", int8.fixes)
     refine = RefineConfig("xlsr-clip", ["equalize"], config, "cpu")
     assert refine.key("w") == refine.recipe.key("w", images_digest(load_calibration_images(None)), 16)
 

@@ -1,8 +1,6 @@
 """Bring your own model: stand-ins built here (tests/standins.py) go through detection, eval, calibration,
 diagnosis and the deployment bundle; untrusted files are refused with clear messages."""
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -57,13 +55,15 @@ def test_a_shipped_model_exported_to_onnx_gives_the_card_numbers(registered, dat
     assert report["mean"]["psnr_y"] == pytest.approx(card["xlsr-clip"], abs=0.01)
 
 
-def test_cli_eval_with_onnx(stand_ins, data_dir, tmp_path):
-    done = subprocess.run([sys.executable, "-m", "sr", "eval", "--onnx", str(stand_ins["xlsr-nhwc"]), "--data",
-                           str(data_dir / "Set5"), "--engine", "ort-int8", "--samples", "10", "--json"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert "nhwc, rgb, values in [0, 1], x3" in done.stderr
-    report = json.loads(done.stdout)
+def test_cli_eval_with_onnx(stand_ins, data_dir, tmp_path, capsys):
+    from sr import cli
+
+    code = cli.main(["eval", "--onnx", str(stand_ins["xlsr-nhwc"]), "--data", str(data_dir / "Set5"), "--engine",
+                     "ort-int8", "--samples", "10", "--json"])
+    out, err = capsys.readouterr()
+    assert code == 0, err[-2000:]
+    assert "nhwc, rgb, values in [0, 1], x3" in err
+    report = json.loads(out)
     assert report["int8_mean"]["psnr_y"] > 30
 
 
