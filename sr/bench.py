@@ -50,7 +50,6 @@ class BenchConfig:
     def __post_init__(self):
         CalibrationConfig(samples=self.samples)
         CalibrationConfig(samples=self.large_samples)
-        model_info(self.model)
 
 
 def _peak_rss_mb() -> float:
@@ -255,6 +254,7 @@ def run_bench(config: BenchConfig) -> dict:
     Returns:
         a flat JSON-ready dict of figures (ModelOpt figures None without ModelOpt).
     """
+    model_info(config.model)  # an unknown model is refused before any work
     log.info("bench: calibration speed and memory (ours, onnxruntime, ModelOpt; about 2 minutes), then the latency "
              "and conformance of every engine (about 5 minutes)")
     ours = _run_child("ours", config, config.samples)

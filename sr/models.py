@@ -25,6 +25,7 @@ from torch import nn
 from . import export
 from .centring import IO_OFFSET, CentringImpossible, centre_user_io, user_io
 from .choices import Choice
+from .onnxtorch import OnnxModule
 from .store import (Memo, atomic_path, cache_root, code_digest, file_sha256, library_versions, locked, short_hash,
                     write_atomic)
 from .usermodel import STANDARD_KEY, Contract, lookup, register_onnx, set_metadata
@@ -489,6 +490,20 @@ class ModelInfo:
             if not _checks(path):
                 export.export_onnx(load_model(self.path), path)
         return path
+
+    def frozen_module(self, device: torch.device | str = "cpu") -> nn.Module:
+        """The FP32 model as a frozen torch module on `device` (a teacher, a reference): a weight file's network,
+        or a user's standard graph run by `sr.onnxtorch` (both take and return [0, 1] RGB NCHW images).
+
+        Raises:
+            ValueError: a user's graph with ops the interpreter does not cover.
+        """
+        if self.uploaded:
+            module = OnnxModule(onnx.load(str(self.path))).to(device)
+            module.device_constants(torch.device(device))
+        else:
+            module = load_model(self.path).to(device)
+        return module.eval().requires_grad_(False)
 
     @property
     def input_top(self) -> float:

@@ -53,7 +53,7 @@ QAT_HELP = {
     "lr": "weight learning rate",
     "range_lr": "learning rate of the log step sizes",
     "alpha": "weight of L1 to the HR image; 1 - alpha - beta goes to L1 to the frozen FP32 model's output",
-    "teacher": "teacher-guided QAT: a larger FP32 model (e.g. teacher)",
+    "teacher": "teacher-guided QAT: a larger FP32 model (a shipped name such as teacher, a weight file or an ONNX file)",
     "beta": "weight of L1 to the teacher's output (with --teacher)",
     "kd_mode": "output or upcycled (with --teacher)",
     "seed": "random seed of the training",

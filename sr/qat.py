@@ -45,7 +45,7 @@ from torch import nn
 
 from .calibrate import CalibrationConfig, Method, TensorRange
 from .data import PatchSampler
-from .models import load_model, model_info, save_tuned
+from .models import model_info, save_tuned
 from .onnxtorch import OnnxModule
 from .quantspec import QuantSpec, activation_qparams
 from .quantize import CalibratedModel, Fixes, Scheme, calibrate_model, fp32_onnx_path, qat_record
@@ -403,7 +403,7 @@ def _setup(config: QatConfig) -> _QatRun:
                   calibrated_ranges=calibrated.ranges, fp32_path=calibrated.fp32_onnx, scale=info.scale,
                   structure=structure)
     if config.teacher is not None:
-        run.teacher = load_model(config.teacher).to(device).requires_grad_(False).eval()
+        run.teacher = model_info(config.teacher).frozen_module(device)  # a weight file or a user's ONNX model
         if model_info(config.teacher).scale != info.scale:
             raise ValueError(f"the teacher {config.teacher} is x{model_info(config.teacher).scale}, the model "
                              f"x{info.scale}")

@@ -212,3 +212,19 @@ def test_qat_under_torchrun(data_dir, tmp_path):
     assert done.stdout.count("wrote ") == 1 and read_metadata(out)["qat"]["steps"] == 4
     checkpoint = torch.load(f"{out}.ckpt.pt", weights_only=True)
     assert len(checkpoint["sampler"]) == 2 and checkpoint["sampler"][0] != checkpoint["sampler"][1]
+
+
+def test_a_users_onnx_model_can_be_the_teacher(tmp_path, data_dir):
+    """Teacher-guided QAT with the teacher given as an ONNX file: it runs through `ModelInfo.frozen_module` (the
+    interpreter), which computes what the PyTorch teacher does."""
+    from sr.models import load_model, model_info
+
+    onnx_teacher = str(fp32_onnx_path("teacher"))
+    x = torch.rand(1, 3, 24, 20)
+    with torch.no_grad():
+        assert torch.allclose(model_info(onnx_teacher).frozen_module()(x), load_model("teacher")(x), atol=1e-4)
+    result = quantization_aware_training(QatConfig(
+        model="xlsr-clip", out=str(tmp_path / "guided.safetensors"), steps=2, batch_size=2, val_every=2,
+        checkpoint_every=2, teacher=onnx_teacher, beta=0.25, calibration=CalibrationConfig(method="mse", samples=10),
+        train_dirs=[str(data_dir / "Set5")], val_dir=None))
+    assert result.steps == 2 and result.qdq_onnx.is_file()
