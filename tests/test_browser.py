@@ -113,15 +113,12 @@ def test_example_difference_zoom_and_recalibrate(server):  # noqa: F811
 
 @pytest.mark.slow
 @pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="Debian's chromium is not installed (.ci/run installs it)")
-def test_drop_an_onnx_model_and_download_its_bundle(server, tmp_path, data_dir):  # noqa: F811
+def test_drop_an_onnx_model_and_download_its_bundle(server, tmp_path, stand_ins, families):  # noqa: F811
     import zipfile
 
     from playwright.sync_api import expect, sync_playwright
 
-    import standins
-
-    onnx_file = standins.build_all(tmp_path / "models")["xlsr-nhwc"]
-    rlfn = standins.family("rlfn", tmp_path / "models", str(data_dir / "T91"), steps=100)
+    onnx_file, rlfn = stand_ins["xlsr-nhwc"], families["rlfn"].source  # (the session's files, built once)
     with sync_playwright() as playwright:
         browser, page = _open(playwright)
         page.goto(server)

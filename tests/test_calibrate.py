@@ -144,8 +144,10 @@ def real_histograms():
 
 @pytest.mark.parametrize("method", list(SEARCHES))
 def test_real_histograms_match_modelopt(real_histograms, method):
+    # entropy-zeros differs from entropy only by the zero spike: it is checked where there is one (post-ReLU)
+    picked = [(m, s) for m, s in real_histograms if method is not Method.ENTROPY_ZEROS or s.observed_min >= 0]
     differences = {f"{model} {s.name}": abs(threshold_bins(s.histogram, method) - modelopt_thresholds_bins(s.histogram, method))
-                   for model, s in real_histograms}
+                   for model, s in picked}
     assert max(differences.values()) <= 1.0, differences
 
 

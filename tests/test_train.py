@@ -183,23 +183,6 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-def test_two_process_gloo_run(tiny_data, tmp_path):
-    out = tmp_path / "ddp.safetensors"
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
-               "127.0.0.1", "--master_port", str(_free_port()),
-               "-m", "sr", "train", "--arch", "xlsr", "--scale", "2", "--train-dirs", str(tiny_data),
-               "--val-dir", str(tiny_data), "--steps", "20", "--batch-size", "4", "--lr-patch", "12",
-               "--val-every", "10", "--checkpoint-every", "10", "--device", "cpu", "--out", str(out)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert out.is_file() and read_metadata(out)["steps"] == 20
-    checkpoint = torch.load(out.with_suffix(".ckpt.pt"), weights_only=True)
-    assert len(checkpoint["sampler"]) == 2  # each rank's patch stream, for an exact resume
-    assert checkpoint["sampler"][0] != checkpoint["sampler"][1]
-
-
-@pytest.mark.slow
 def test_one_rank_stopping_stops_all_ranks(tiny_data, tmp_path):
     """Under torchrun a stop decided by one rank alone (a cancel, its own clock past --max-seconds) is agreed by
     all: the run ends, its weights saved, instead of the other rank waiting in the gradient all-reduce for good."""
@@ -239,7 +222,8 @@ train(config, should_stop=crash_after_12)
 
 @pytest.mark.slow
 def test_two_process_resume_gives_the_same_weights(tiny_data, tmp_path):
-    """Under torchrun each rank draws its own patch stream; the checkpoint keeps all of them (gathered to rank 0)."""
+    """Under torchrun (gloo on the CPU, the CLI's train command) each rank draws its own patch stream; the checkpoint
+    keeps all of them (gathered to rank 0), and a run that crashed resumes to the uninterrupted run's weights."""
     script = tmp_path / "ddp_run.py"
     script.write_text(DDP_SCRIPT)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
@@ -249,8 +233,19 @@ def test_two_process_resume_gives_the_same_weights(tiny_data, tmp_path):
                    "127.0.0.1", "--master_port", str(_free_port()), str(script), str(tiny_data), str(out), mode]
         return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
-    done = torchrun(tmp_path / "whole.safetensors", "whole")
+    # the uninterrupted run, through the CLI under torchrun: the same run as the script's (its defaults otherwise)
+    whole = tmp_path / "whole.safetensors"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+               "127.0.0.1", "--master_port", str(_free_port()),
+               "-m", "sr", "train", "--arch", "xlsr", "--scale", "2", "--train-dirs", str(tiny_data),
+               "--val-dir", "", "--steps", "20", "--batch-size", "4", "--lr-patch", "12",
+               "--val-every", "10", "--checkpoint-every", "10", "--device", "cpu", "--out", str(whole)]
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert read_metadata(whole)["steps"] == 20
+    checkpoint = torch.load(whole.with_suffix(".ckpt.pt"), weights_only=True)
+    assert len(checkpoint["sampler"]) == 2  # each rank's patch stream, for an exact resume
+    assert checkpoint["sampler"][0] != checkpoint["sampler"][1]
     parts = tmp_path / "parts.safetensors"
     assert torchrun(parts, "crash").returncode != 0 and not parts.exists()
     done = torchrun(parts, "resume")
