@@ -77,16 +77,17 @@ def test_example_difference_zoom_and_recalibrate(server):  # noqa: F811
                         clip={"x": 0, "y": 0, "width": 1500, "height": bottom["y"] + bottom["height"] + 8})
         if os.environ.get("SR_WRITE_SCREENSHOTS") == "1":
             shutil.copyfile(shot, ROOT / "docs" / "first-screen.png")
-        page.get_by_label("big ReLU teacher vs small Clipped-ReLU student").check()
-        expect(page.locator("#model-a input")).to_have_value("teacher", timeout=30_000)
-        page.get_by_label("10", exact=True).check()  # the teacher's statistics on 10 samples: seconds, not 15 s
+        page.get_by_label("dark calibration set (40% brightness)").check()  # a preset: its settings and its note
+        expect(page.get_by_text("Why this comes out dark")).to_be_visible(timeout=30_000)
+        expect(page.get_by_role("spinbutton", name="number input for Calibration brightness gain (experiment)")
+               ).to_have_value("0.4", timeout=30_000)
         previous = page.locator("#run-status p").inner_text()
         page.locator("#run").click()
         done = _wait_done(page, previous)
         for index in range(5):
             expect(page.locator(f"#panel-{index} img")).to_be_visible()
         metrics = page.locator("#metrics")
-        expect(metrics).to_contain_text("INT8 teacher")
+        expect(metrics).to_contain_text("INT8 xlsr-relu")
         difference = page.locator("#difference img")
         expect(difference).to_have_count(1, timeout=60_000)
         difference.scroll_into_view_if_needed()

@@ -3,7 +3,6 @@ only their argument parsing is checked), from the project root, leaving `git sta
 import re
 import shlex
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -32,11 +31,14 @@ def _status() -> str:
 
 
 @pytest.mark.parametrize("words", [w for w in _commands() if w[0] in QUICK], ids=lambda w: w[0])
-def test_quick_readme_commands_run_as_written(words, data_dir):
+def test_quick_readme_commands_run_as_written(words, data_dir, monkeypatch, capsys):
+    """`python -m sr WORDS` from the project root, run by `sr.cli.main` in this process (what `-m sr` calls)."""
+    from sr import cli
+
     before = _status()
-    done = subprocess.run([sys.executable, "-m", "sr", *words], cwd=ROOT, capture_output=True, text=True,
-                          timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
+    monkeypatch.chdir(ROOT)
+    code = cli.main(list(words))
+    assert code == 0, capsys.readouterr().err[-2000:]
     assert _status() == before  # outputs go to runs/, which git ignores
 
 
