@@ -174,13 +174,14 @@ def _choice_and_warnings(choice: dict | None, warnings: list[str]) -> list[str]:
 def cmd_eval(args: argparse.Namespace) -> int:
     """`eval`: fill EvalConfig, evaluate, print a table or JSON."""
     from .evaluate import EvalConfig, evaluate
+    from .models import model_info
 
     if args.recommended and (args.method or args.samples is not None or args.scheme):
         raise ValueError("--recommended chooses the method, samples and scheme itself; drop --method/--samples/--scheme")
     calibration, scheme = _calibration(args)
     model = _refined(args, _model(args), calibration, scheme)
     fields = config_values(args, EvalConfig, skip=("model", "calibration", "scheme"))
-    fields["engine"] = args.engine or ("ort" if args.onnx else "torch")
+    fields["engine"] = args.engine or model_info(model).fp32_engine  # the model's own FP32 runtime
     fields["scale"] = None if args.onnx else args.scale
     config = EvalConfig(model=model, calibration=calibration, scheme=scheme, **fields)
     _print_config(config)

@@ -55,7 +55,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .choices import Choice
-from .models import load_model
+from .models import model_info
 from .train import Distiller, TrainConfig, TrainResult, charbonnier, fit
 
 
@@ -161,6 +161,9 @@ class FeatureKD(OutputKD):
     def __init__(self, teacher: nn.Module, alpha: float, weight: float):
         """Hook the teacher's tail input; the adapter is built by `attach`, when the student's width is known."""
         super().__init__(teacher, alpha)
+        if not isinstance(getattr(teacher, "tail", None), nn.Conv2d):
+            raise ValueError("feature distillation reads the teacher's features where its tail convolution starts, "
+                             "inside the lab's architectures; with this teacher use the output or upcycled mode")
         self.weight = weight
         self.adapter: nn.Conv2d | None = None
         self.register_buffer("fitted", torch.zeros((), dtype=torch.bool))  # least-squares init done
@@ -239,9 +242,11 @@ def distill(config: DistillConfig, on_progress: Callable[[dict], None] | None = 
 
     Raises:
         FileNotFoundError: no such teacher, or a missing data folder.
-        ValueError: the teacher is not a weight file, or its scale differs from `config.scale`.
+        ValueError: the teacher's scale differs from `config.scale`, or the feature mode with a teacher that is
+            not one of the lab's architectures (an ONNX model teaches through its outputs).
         FloatingPointError: the loss became NaN or infinite.
     """
-    distiller = make_distiller(config, load_model(config.teacher))
-    distiller.source = str(config.teacher)
+    teacher = model_info(config.teacher)
+    distiller = make_distiller(config, teacher.frozen_module())
+    distiller.source, distiller.scale = str(config.teacher), teacher.scale
     return fit(config, distiller=distiller, on_progress=on_progress, should_stop=should_stop)

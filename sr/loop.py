@@ -80,6 +80,10 @@ class LoopState:
         """Extra fields of every progress event."""
         return {}
 
+    def learning_rate_hint(self) -> str:
+        """What to lower when the loss blows up, in words (the setting and its value)."""
+        return "lower the learning rate"
+
     def take_step(self, loss: torch.Tensor) -> None:
         """Backward, the optimizer and the schedule, and the step count."""
         self.optimizer.zero_grad(set_to_none=True)
@@ -114,7 +118,7 @@ def track_loss(run: LoopState, loss: torch.Tensor, bar: tqdm | None = None) -> N
     if run.running_loss is None or step % 50 == 0 or step % config.val_every == 0 or step == config.steps:
         value = float(loss.detach())
         if not math.isfinite(value):
-            raise FloatingPointError(f"the loss became {value} at step {step}; lower the learning rate")
+            raise FloatingPointError(f"the loss became {value} at step {step}; {run.learning_rate_hint()}")
         run.running_loss = value if run.running_loss is None else 0.9 * run.running_loss + 0.1 * value
         if bar is not None:
             bar.set_postfix(loss=f"{run.running_loss:.{run.loss_digits}f}", refresh=False)

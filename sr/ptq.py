@@ -59,11 +59,12 @@ class RefineConfig:
     refinements: list[Refinement | str] = field(default_factory=lambda: list(Refinement))
     calibration: CalibrationConfig = field(default_factory=lambda: CalibrationConfig(method="mse"))
     scheme: Scheme | str = Scheme.TENSORRT
-    patches: int = 32  # calibration patches the refinements measure on
-    patch_size: int = 48
-    adaround_steps: int = 300  # Adam steps per Conv
-    equalize: float = 0.5  # channel-equalization strength (with `equalize`)
-    seed: int = 0
+    # how they measure and train: `RefineSettings`, whose defaults these are
+    patches: int = RefineSettings.patches
+    patch_size: int = RefineSettings.patch_size
+    adaround_steps: int = RefineSettings.adaround_steps
+    equalize: float = RefineSettings.equalize
+    seed: int = RefineSettings.seed
 
     def __post_init__(self):
         recipe = self.recipe  # checks everything

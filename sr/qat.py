@@ -329,11 +329,18 @@ class _QatRun(LoopState):
         self.take_step(loss)
         return loss.detach()
 
+    def learning_rate_hint(self) -> str:
+        return f"lower the learning rate lr (now {self.config.lr}) or range_lr (now {self.config.range_lr})"
+
     def own_state(self) -> dict:
-        return {"student": self.model.state_dict()}
+        """The student, and with keep_best the best weights so far (a resumed run keeps them too)."""
+        best = None if self.best is None else {"psnr": self.best[0], "step": self.best[1], "state": self.best[2]}
+        return {"student": self.model.state_dict(), "best": best}
 
     def load_own_state(self, state: dict) -> None:
         self.model.load_state_dict(state["student"])
+        best = state.get("best")  # (absent in checkpoints written before it was kept)
+        self.best = None if best is None else (best["psnr"], best["step"], best["state"])
 
     def validation_line(self, psnr: float) -> str:
         return (f"step {self.step}: loss {self.running_loss:.5f}, INT8 (fake-quant) validation PSNR {psnr:.3f} dB "

@@ -10,7 +10,7 @@ Example:
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from enum import Enum
 
 from .calibrate import CalibrationConfig, Method
@@ -59,11 +59,13 @@ class Fixes:
                            "keep_float": sorted(self.keep_float),
                            "fixed_range": {t: list(r) for t, r in sorted(self.fixed_range.items())}}, sort_keys=True)
 
-# the modules whose code determines a calibrated model, and the ones a refined model passes through as well (by
-# name: the key describes the code without importing it; a module not imported yet is read from its file)
-CALIBRATED_BY = ("sr.data", "sr.usermodel", "sr.centring", "sr.models", "sr.export", "sr.calibrate", "sr.rewrite",
-                 "sr.quantspec", "sr.qdq", "sr.calibrated", "sr.quantize", "sr.recipe")
-REFINED_BY = (*CALIBRATED_BY, "sr.onnxtorch", "sr.transforms", "sr.qat", "sr.ptq")
+# the modules whose code determines a calibrated model; the automatic method's choice is also scored (an engine,
+# PSNR); a refined model passes through the fake quantizers and the refinements as well. By name: this module
+# does not import them (they import it); `code_digest_of` refuses a key where one is not loaded.
+CALIBRATED_BY = ("sr.data", "sr.usermodel", "sr.onnxtorch", "sr.centring", "sr.export", "sr.models", "sr.calibrate",
+                 "sr.rewrite", "sr.quantspec", "sr.qdq", "sr.recipe", "sr.calibrated", "sr.quantize")
+SCORED_BY = ("sr.engines", "sr.metrics")
+REFINED_BY = ("sr.transforms", "sr.qat", "sr.ptq")
 OBSERVED_BY = ("sr.data", "sr.usermodel", "sr.centring", "sr.models", "sr.export", "sr.calibrate")
 VERSIONS = ("torch", "onnx", "onnxruntime")
 
@@ -107,14 +109,10 @@ class QuantRecipe:
             raise ValueError("AdaRound here rounds onto per-channel weight steps, and the npu-per-tensor scheme has "
                              "one step per weight tensor: leave AdaRound out or use the npu scheme")
 
-    def calibration_only(self) -> QuantRecipe:
-        """The same recipe without its refinements: what calibrates a refined model."""
-        return replace(self, refinements=[])
-
     def key(self, weights_hash: str, data_hash: str, length: int = 20) -> str:
         """The cache key of what this recipe makes: the weights, every setting (calibration, scheme, fixes, and the
         refinements with theirs), the calibration images by their pixels, the code of every module the result
-        passes through (`CALIBRATED_BY`, or `REFINED_BY` with refinements) and the library versions.
+        passes through (`code()`) and the library versions.
 
         Args:
             weights_hash: the model file's SHA-256.
@@ -123,11 +121,16 @@ class QuantRecipe:
         """
         parts = {"weights": weights_hash, "data": data_hash, "calibration": _settings(self.calibration),
                  "scheme": self.scheme.value, "fixes": self.fixes.key(),
-                 "code": code_digest_of(*(REFINED_BY if self.refinements else CALIBRATED_BY)),
+                 "code": code_digest_of(*self.code()),
                  "versions": library_versions(*VERSIONS)}
         if self.refinements:
             parts["refinements"] = {"steps": [r.value for r in self.refinements], **asdict(self.refine)}
         return short_hash(json.dumps(parts, sort_keys=True, default=str), length)
+
+    def code(self) -> tuple[str, ...]:
+        """The modules whose code determines what this recipe makes."""
+        scored = SCORED_BY if self.calibration.method is Method.AUTO else ()
+        return (*CALIBRATED_BY, *scored, *(REFINED_BY if self.refinements else ()))
 
     def statistics_key(self, weights_hash: str, data_hash: str) -> str:
         """The key of the tensor statistics the calibration observes: only what determines them (the samples,

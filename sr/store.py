@@ -330,9 +330,9 @@ def code_digest(*modules: ModuleType) -> str:
 
 
 def code_digest_of(*names: str) -> str:
-    """`code_digest` of modules given by name, so that a key can describe code it does not import. The modules
-    must be imported already (where a result is made, every module it passes through is): a key computed before
-    would hash less and differ, so that is refused.
+    """`code_digest` of modules given by name, for a key defined in a module that the modules it describes import
+    (it cannot import them back). They must be loaded already, as they are wherever the result is made: a key
+    computed without one of them would differ, so that is refused.
 
     Returns:
         16 hex digits.

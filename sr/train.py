@@ -215,6 +215,9 @@ class _Run(LoopState):
         self.take_step(loss)
         return loss
 
+    def learning_rate_hint(self) -> str:
+        return f"lower max_lr (now {self.config.max_lr})"
+
     def own_state(self) -> dict:
         return {"model": self.model.state_dict(),
                 "distiller": self.distiller.trainable_state() if self.distiller is not None else None}
@@ -231,13 +234,15 @@ class Distiller(nn.Module):
     and the loss of one batch.
 
     Attributes:
-        teacher: the frozen teacher (its scale is checked against the run's).
+        teacher: the frozen teacher (a torch module: the lab's network, or a user's graph through `sr.onnxtorch`).
         mode: the name recorded as `kd_mode` in the student's metadata.
         source: what the teacher was loaded from, recorded as `distilled_from`.
+        scale: the teacher's scale (checked against the run's).
     """
 
     mode: str = "output"
     source: str | None = None
+    scale: int | None = None  # the teacher's
 
     def attach(self, student: nn.Module) -> None:
         """Called once with the (unwrapped) student before training, e.g. to hook its features."""
@@ -333,8 +338,8 @@ def _setup(config: TrainConfig, distiller: Distiller | None) -> _Run:
         model.load_state_dict(load_model(config.init).state_dict())
     parameters = list(model.parameters())
     if distiller is not None:
-        if distiller.teacher.config.scale != config.scale:
-            raise ValueError(f"teacher is x{distiller.teacher.config.scale} but the student is x{config.scale}")
+        if distiller.scale != config.scale:
+            raise ValueError(f"the teacher is x{distiller.scale} but the student is x{config.scale}")
         distiller.teacher.eval().requires_grad_(False)
         distiller.to(device).attach(model)
         parameters += [p for p in distiller.parameters() if p.requires_grad]  # the adapter, if any

@@ -1,4 +1,8 @@
 import os
+import time
+import sys
+import subprocess
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -58,3 +62,32 @@ def families(tmp_path_factory, data_dir):
     folder = tmp_path_factory.mktemp("families")
     return {name: register_onnx(standins.family(name, folder, str(data_dir / "T91"), steps=150))
             for name in standins.FAMILY_NAMES}
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def server():
+    """The app, launched once per run as `python app.py` (the browser and server-level tests share it)."""
+    port = free_port()
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen([sys.executable, "app.py", "--host", "127.0.0.1", "--port", str(port)], cwd=ROOT,
+                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                break
+        except OSError:
+            if process.poll() is not None:
+                raise RuntimeError(process.stdout.read())
+            time.sleep(0.5)
+    time.sleep(1)
+    yield url
+    process.terminate()
+    process.wait(timeout=30)

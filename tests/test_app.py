@@ -1,13 +1,11 @@
 """The app: handler functions without a browser, then a real server through gradio_client."""
 import os
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import free_port
 import yaml
 from PIL import Image
 
@@ -114,34 +112,6 @@ def test_space_front_matter():
     for key in ("title", "python_version", "short_description", "license"):
         assert meta.get(key), key
     assert len(meta["short_description"]) <= 60
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def server():
-    port = _free_port()
-    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1"}
-    process = subprocess.Popen([sys.executable, "app.py", "--host", "127.0.0.1", "--port", str(port)], cwd=ROOT,
-                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}/"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                break
-        except OSError:
-            if process.poll() is not None:
-                raise RuntimeError(process.stdout.read())
-            time.sleep(0.5)
-    time.sleep(1)
-    yield url
-    process.terminate()
-    process.wait(timeout=30)
 
 
 def test_gradio_client_compare_and_recalibrate(server, small_png):
@@ -294,7 +264,7 @@ def test_a_forged_owner_cannot_cancel_and_a_closed_page_drops_its_job(job_sandbo
 
     monkeypatch.setattr(jobs, "ABANDONED_SECONDS", 3.0)
     demo = app.build_demo().queue()
-    demo.launch(server_port=_free_port(), prevent_thread_lock=True, quiet=True)
+    demo.launch(server_port=free_port(), prevent_thread_lock=True, quiet=True)
     try:
         victim = app.issue_owner()
         assert app.issue_owner(victim) == victim and app._verified_owner(victim)

@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from test_app import server  # noqa: F401  (the launched app)
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ROOT = Path(__file__).resolve().parent.parent
@@ -60,7 +59,7 @@ def _pixels(locator) -> np.ndarray:
 
 @pytest.mark.slow
 @pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="Debian's chromium is not installed (.ci/run installs it)")
-def test_example_difference_zoom_and_recalibrate(server):  # noqa: F811
+def test_example_difference_zoom_and_recalibrate(server):
     from playwright.sync_api import expect, sync_playwright
 
     ARTIFACTS.mkdir(exist_ok=True)
@@ -114,7 +113,7 @@ def test_example_difference_zoom_and_recalibrate(server):  # noqa: F811
 
 @pytest.mark.slow
 @pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="Debian's chromium is not installed (.ci/run installs it)")
-def test_drop_an_onnx_model_and_download_its_bundle(server, tmp_path, stand_ins, families):  # noqa: F811
+def test_drop_an_onnx_model_and_download_its_bundle(server, tmp_path, stand_ins, families):
     import zipfile
 
     from playwright.sync_api import expect, sync_playwright

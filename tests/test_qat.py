@@ -223,8 +223,32 @@ def test_a_users_onnx_model_can_be_the_teacher(tmp_path, data_dir):
     x = torch.rand(1, 3, 24, 20)
     with torch.no_grad():
         assert torch.allclose(model_info(onnx_teacher).frozen_module()(x), load_model("teacher")(x), atol=1e-4)
-    result = quantization_aware_training(QatConfig(
-        model="xlsr-clip", out=str(tmp_path / "guided.safetensors"), steps=2, batch_size=2, val_every=2,
-        checkpoint_every=2, teacher=onnx_teacher, beta=0.25, calibration=CalibrationConfig(method="mse", samples=10),
-        train_dirs=[str(data_dir / "Set5")], val_dir=None))
-    assert result.steps == 2 and result.qdq_onnx.is_file()
+    from safetensors.torch import load_file
+
+    def run(name, **teacher):
+        return quantization_aware_training(QatConfig(
+            model="xlsr-clip", out=str(tmp_path / name), steps=2, batch_size=2, val_every=2, checkpoint_every=2,
+            calibration=CalibrationConfig(method="mse", samples=10), train_dirs=[str(data_dir / "Set5")],
+            val_dir=None, **teacher))
+
+    guided, plain = run("guided.safetensors", teacher=onnx_teacher, beta=0.25), run("plain.safetensors")
+    assert guided.steps == 2 and guided.qdq_onnx.is_file()
+    assert read_metadata(guided.weights)["qat"]["config"]["teacher"] == onnx_teacher
+    a, b = load_file(str(guided.weights)), load_file(str(plain.weights))
+    assert any(not torch.equal(a[k], b[k]) for k in a)  # the teacher's term changed the training
+
+
+def test_keep_best_survives_a_resume(qat_run, tmp_path):
+    """The best weights so far are in the checkpoint: a resumed keep-best run ends as the uninterrupted one."""
+    from safetensors.torch import load_file
+
+    config, _ = qat_run
+    whole = quantization_aware_training(QatConfig(**{**vars(config), "out": str(tmp_path / "whole.safetensors"),
+                                                     "keep_best": True}))
+    stopped = QatConfig(**{**vars(config), "out": str(tmp_path / "parts.safetensors"), "keep_best": True})
+    calls = iter(range(1000))
+    quantization_aware_training(stopped, should_stop=lambda: next(calls) >= 12)
+    assert torch.load(stopped.checkpoint_path, weights_only=True)["best"]["step"] == 12
+    resumed = quantization_aware_training(QatConfig(**{**vars(stopped), "resume": True}))
+    a, b = load_file(str(whole.weights)), load_file(str(resumed.weights))
+    assert resumed.steps == 24 and all(torch.equal(a[k], b[k]) for k in a)

@@ -2,6 +2,7 @@
 choice, the refined models)."""
 import dataclasses
 import inspect
+from pathlib import Path
 
 import pytest
 
@@ -14,6 +15,8 @@ from sr.ptq import RefineConfig
 from sr.quantize import calibrate_model
 from sr.recipe import QuantRecipe, Refinement, RefineSettings
 from sr.store import code_digest_of, file_sha256
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def _variants():
@@ -81,4 +84,35 @@ def test_the_caches_are_named_by_the_one_key():
 def test_a_key_refuses_code_it_cannot_see():
     with pytest.raises(RuntimeError, match="not imported"):
         code_digest_of("sr.no_such_module")
-    assert code_digest_of("sr.quantize") == code_digest_of("sr.quantize")
+
+
+def test_every_calibration_setting_is_in_the_key():
+    changed = {"method": "minmax", "samples": 11, "patch_size": 32, "seed": 5, "percentile": 99.9, "inputs": "raw",
+               "gain": 0.5, "contrast": 0.9}
+    assert set(changed) | {"data"} == {f.name for f in dataclasses.fields(CalibrationConfig)}  # none forgotten
+    base = QuantRecipe(CalibrationConfig()).key("w", "d")
+    for name, value in changed.items():
+        assert QuantRecipe(CalibrationConfig(**{name: value})).key("w", "d") != base, name
+
+
+def test_the_automatic_methods_choice_is_keyed_by_its_scoring_code_too(monkeypatch):
+    """The automatic method scores its candidates (an engine, PSNR): that code is in its key, not in a fixed
+    method's."""
+    import sr.metrics
+
+    auto, fixed = QuantRecipe(CalibrationConfig(method="auto")), QuantRecipe(CalibrationConfig(method="mse"))
+    before = auto.key("w", "d"), fixed.key("w", "d")
+    monkeypatch.setattr(sr.metrics, "psnr_y", lambda *a, **k: 0.0)
+    assert auto.key("w", "d") != before[0] and fixed.key("w", "d") == before[1]
+
+
+def test_the_key_is_the_same_in_another_process():
+    import subprocess
+    import sys
+
+    code = ("import sr.ptq; from sr.recipe import QuantRecipe; from sr.calibrate import CalibrationConfig; "
+            "print(QuantRecipe(CalibrationConfig(method='auto'), refinements=['equalize']).key('w', 'd'))")
+    here = QuantRecipe(CalibrationConfig(method="auto"), refinements=["equalize"]).key("w", "d")
+    there = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                           env={"PYTHONHASHSEED": "7", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)}, cwd=ROOT)
+    assert there.stdout.strip() == here, there.stderr[-1000:]

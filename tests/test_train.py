@@ -233,16 +233,18 @@ def test_two_process_resume_gives_the_same_weights(tiny_data, tmp_path):
                    "127.0.0.1", "--master_port", str(_free_port()), str(script), str(tiny_data), str(out), mode]
         return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
-    # the uninterrupted run, through the CLI under torchrun: the same run as the script's (its defaults otherwise)
+    # the uninterrupted run, through the CLI under torchrun: the same run as the script's (validating on rank 0,
+    # which changes no weight)
     whole = tmp_path / "whole.safetensors"
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
                "127.0.0.1", "--master_port", str(_free_port()),
                "-m", "sr", "train", "--arch", "xlsr", "--scale", "2", "--train-dirs", str(tiny_data),
-               "--val-dir", "", "--steps", "20", "--batch-size", "4", "--lr-patch", "12",
+               "--val-dir", str(tiny_data), "--steps", "20", "--batch-size", "4", "--lr-patch", "12",
                "--val-every", "10", "--checkpoint-every", "10", "--device", "cpu", "--out", str(whole)]
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert read_metadata(whole)["steps"] == 20
+    assert [h["step"] for h in read_metadata(whole)["history"] if "val_psnr" in h] == [10, 20]  # rank 0 validates
     checkpoint = torch.load(whole.with_suffix(".ckpt.pt"), weights_only=True)
     assert len(checkpoint["sampler"]) == 2  # each rank's patch stream, for an exact resume
     assert checkpoint["sampler"][0] != checkpoint["sampler"][1]
