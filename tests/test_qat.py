@@ -105,7 +105,8 @@ def test_centred_io_is_the_same_function_and_puts_8_bit_images_on_the_int8_grid(
 def qat_run(tmp_path_factory, data_dir):
     out = tmp_path_factory.mktemp("qat") / "clip-qat.safetensors"
     config = QatConfig(model="xlsr-clip", out=str(out), steps=24, calibration=CalibrationConfig(method="mse", samples=20), batch_size=4, val_every=12,
-                       checkpoint_every=12, train_dirs=[str(data_dir / "Set14")], val_dir=str(data_dir / "Set5"))
+                       checkpoint_every=12, train_dirs=[str(data_dir / "Set14")], val_dir=str(data_dir / "Set5"),
+                       keep_best=True)
     return config, quantization_aware_training(config)
 
 
@@ -154,6 +155,8 @@ def test_qat_resume_ends_where_an_uninterrupted_run_ends(qat_run, tmp_path):
     stopped = QatConfig(**{**vars(config), "out": str(tmp_path / "resumed.safetensors")})
     calls = iter(range(1000))
     quantization_aware_training(stopped, should_stop=lambda: next(calls) >= 12)
+    # (keep-best: the best weights so far are in the checkpoint, so the resumed run ends as the uninterrupted one)
+    assert torch.load(stopped.checkpoint_path, weights_only=True)["best"]["step"] == 12
     resumed = quantization_aware_training(QatConfig(**{**vars(stopped), "resume": True}))
     assert resumed.steps == 24
     from safetensors.torch import load_file
@@ -236,19 +239,3 @@ def test_a_users_onnx_model_can_be_the_teacher(tmp_path, data_dir):
     assert read_metadata(guided.weights)["qat"]["config"]["teacher"] == onnx_teacher
     a, b = load_file(str(guided.weights)), load_file(str(plain.weights))
     assert any(not torch.equal(a[k], b[k]) for k in a)  # the teacher's term changed the training
-
-
-def test_keep_best_survives_a_resume(qat_run, tmp_path):
-    """The best weights so far are in the checkpoint: a resumed keep-best run ends as the uninterrupted one."""
-    from safetensors.torch import load_file
-
-    config, _ = qat_run
-    whole = quantization_aware_training(QatConfig(**{**vars(config), "out": str(tmp_path / "whole.safetensors"),
-                                                     "keep_best": True}))
-    stopped = QatConfig(**{**vars(config), "out": str(tmp_path / "parts.safetensors"), "keep_best": True})
-    calls = iter(range(1000))
-    quantization_aware_training(stopped, should_stop=lambda: next(calls) >= 12)
-    assert torch.load(stopped.checkpoint_path, weights_only=True)["best"]["step"] == 12
-    resumed = quantization_aware_training(QatConfig(**{**vars(stopped), "resume": True}))
-    a, b = load_file(str(whole.weights)), load_file(str(resumed.weights))
-    assert resumed.steps == 24 and all(torch.equal(a[k], b[k]) for k in a)
