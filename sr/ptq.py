@@ -1,5 +1,5 @@
 """Post-training refinements beyond choosing each tensor's range from its histogram, run on the same fake-quantized
-graph as QAT (`sr.qat.FakeQuantModel`, the written QDQ model in PyTorch), with no training data beyond the
+graph as QAT (`sr.fakequant.FakeQuantModel`, the written QDQ model in PyTorch), with no training data beyond the
 calibration patches:
 
 - `centred-io`: the model's centred-I/O version (`sr.transforms`): input and output exactly on the INT8 grid.
@@ -17,7 +17,7 @@ calibration patches:
   Conv in graph order, the mean over the calibration patches of (quantized network's output - FP32 output) of
   that Conv, per channel, is subtracted from its bias.
 
-The result is a model file like a QAT result (`sr.qat.export_trained`: weights plus the chosen ranges in its
+The result is a model file like a QAT result (`sr.fakequant.export_trained`: weights plus the chosen ranges in its
 `qat` metadata, `kind: "ptq"`), cached by everything that makes it, so `eval`/`calibrate`/the app can ask for it
 by options.
 
@@ -38,7 +38,7 @@ import torch
 from .calibrate import CalibrationConfig, images_digest, load_calibration_images
 from .models import model_info
 from .onnxtorch import OnnxModule
-from .qat import FakeQuantModel, export_trained, fake_quantized, qdq_path_for
+from .fakequant import FakeQuantModel, export_trained, fake_quantized, qdq_path_for
 from .transforms import calibration_batch, prepare, remove_starting_points
 from .quantize import Scheme
 from .recipe import QuantRecipe, Refinement, RefineSettings

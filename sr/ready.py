@@ -39,7 +39,7 @@ from .engines import OrtEngine
 from .metrics import brightness_ratio, psnr_y
 from .models import model_info
 from .ptq import RefineConfig, Refinement, refine
-from .qat import original_model
+from .fakequant import original_model
 from .quantize import AUTO_CANDIDATES, calibrate_model
 from .quantspec import Scheme
 from .runtime import engine_for

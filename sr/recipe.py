@@ -65,7 +65,7 @@ class Fixes:
 CALIBRATED_BY = ("sr.data", "sr.usermodel", "sr.onnxtorch", "sr.centring", "sr.export", "sr.models", "sr.calibrate",
                  "sr.rewrite", "sr.quantspec", "sr.qdq", "sr.recipe", "sr.calibrated", "sr.quantize")
 SCORED_BY = ("sr.engines", "sr.metrics")
-REFINED_BY = ("sr.transforms", "sr.qat", "sr.ptq")
+REFINED_BY = ("sr.transforms", "sr.fakequant", "sr.ptq")
 OBSERVED_BY = ("sr.data", "sr.usermodel", "sr.centring", "sr.models", "sr.export", "sr.calibrate")
 VERSIONS = ("torch", "onnx", "onnxruntime")
 

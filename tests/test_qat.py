@@ -16,7 +16,8 @@ from sr.evaluate import EvalConfig, evaluate
 from sr.export import onnx_bytes
 from sr.models import IO_OFFSET, load_model, read_metadata, with_io_offset
 from sr.onnxtorch import OnnxModule
-from sr.qat import QatConfig, original_model, quantization_aware_training
+from sr.fakequant import original_model
+from sr.qat import QatConfig, quantization_aware_training
 from sr.transforms import io_tensors
 from sr.quantize import calibrate_model, fp32_onnx_path, learned_ranges
 from sr.usermodel import register_onnx

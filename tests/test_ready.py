@@ -103,7 +103,8 @@ def test_qat_in_the_time_left_measured_against_the_original(two_images, stand_in
     result = make_ready(ReadyConfig(user.name, data=str(two_images), target_db=0.0, budget_minutes=0.5,
                                     calibration=CalibrationConfig(method="minmax", samples=20), max_float=0,
                                     train_dirs=[str(two_images)]))
-    assert [s.route for s in result.steps][-1] == "QAT"
+    assert [s.route for s in result.steps][-1] == "QAT" and result.steps[-1].tried, [
+        (s.route, round(s.seconds, 1), s.notes) for s in result.steps]
     qat = result.steps[-1].tried[0]
     assert qat.what.startswith("QAT") and result.seconds < 30 + 30
     shown = evaluate(EvalConfig(model=qat.model, data=str(two_images), engine="ort-int8",

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 import sr.ptq  # noqa: F401  (a refined recipe's key covers the refinement modules: they must be loaded)
-import sr.qat
+import sr.fakequant
 import sr.quantize
 from sr.calibrate import CalibrationConfig, images_digest, load_calibration_images
 from sr.calibrated import Fixes
@@ -48,9 +48,9 @@ def test_every_part_of_the_recipe_is_in_its_key():
 def test_the_refinement_code_is_in_a_refined_recipes_key_only(monkeypatch):
     plain, refined = QuantRecipe(), QuantRecipe(refinements=["bias-correction"])
     before = plain.key("w", "d"), refined.key("w", "d")
-    name = next(n for n, v in vars(sr.qat).items() if inspect.isfunction(v) and v.__module__ == "sr.qat")
-    monkeypatch.setattr(sr.qat, name, lambda *a, **k: None)
-    assert plain.key("w", "d") == before[0]  # calibrating does not pass through QAT's code
+    name = next(n for n, v in vars(sr.fakequant).items() if inspect.isfunction(v) and v.__module__ == "sr.fakequant")
+    monkeypatch.setattr(sr.fakequant, name, lambda *a, **k: None)
+    assert plain.key("w", "d") == before[0]  # calibrating does not pass through the fake quantizers' code
     assert refined.key("w", "d") != before[1]
 
 
