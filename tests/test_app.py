@@ -460,7 +460,7 @@ def test_an_uploaded_model_does_not_hold_up_the_shipped_models(server, small_png
 
     demo = app.build_demo()  # the server runs this same app: its events are numbered alike
     contract = ["auto", "auto", "auto", False, "auto", "xlsr-clip", []]
-    model = standins.conv_stack(tmp_path / "slow.onnx", 40, 4)  # about 10 s of calibration here: long enough
+    model = standins.conv_stack(tmp_path / "slow.onnx", 32, 4)  # about 8 s of calibration here: long enough
     for visitor in ("heavy-visitor", "second-visitor"):  # (a model is in the lists of the visitors who uploaded it)
         answer = _messages(_queue_call(server, demo, app.load_onnx_model, [_uploaded(server, model), *contract],
                                        visitor), "process_completed")[-1]
