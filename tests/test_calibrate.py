@@ -129,7 +129,7 @@ SHIPPED = ["xlsr-relu", "xlsr-clip", "xlsr-relu-kd", "xlsr-clip-kd", "teacher"]
 @pytest.fixture(scope="module")
 def real_histograms():
     """Histograms collected from each shipped model: its post-ReLU tensor with the biggest zero spike, and a signed
-    Conv output of the first and the last model (ModelOpt's Python loop takes ~2.5 s per entropy search, so not
+    Conv output of the first and the last model (ModelOpt's Python loop takes ~2 s per entropy search, so not
     all; bench covers every tensor)."""
     from sr.quantize import calibrate_model
 
