@@ -97,16 +97,16 @@ def test_qat_in_the_time_left_measured_against_the_original(two_images, stand_in
     from sr.usermodel import register_onnx
 
     # a short QAT is enough to check the route (and no bundle is written: a small reserve)
-    monkeypatch.setattr(sr.ready, "MIN_QAT_SECONDS", 5.0)
-    monkeypatch.setattr(sr.ready, "RESERVE_SECONDS", 6.0)
+    monkeypatch.setattr(sr.ready, "MIN_QAT_SECONDS", 4.0)
+    monkeypatch.setattr(sr.ready, "RESERVE_SECONDS", 5.0)
     user = register_onnx(stand_ins["fsrcnn-y"])
-    result = make_ready(ReadyConfig(user.name, data=str(two_images), target_db=0.0, budget_minutes=0.45,
+    result = make_ready(ReadyConfig(user.name, data=str(two_images), target_db=0.0, budget_minutes=0.4,
                                     calibration=CalibrationConfig(method="minmax", samples=20), max_float=0,
                                     train_dirs=[str(two_images)]))
     assert [s.route for s in result.steps][-1] == "QAT" and result.steps[-1].tried, [
         (s.route, round(s.seconds, 1), s.notes) for s in result.steps]
     qat = result.steps[-1].tried[0]
-    assert qat.what.startswith("QAT") and result.seconds < 27 + 30
+    assert qat.what.startswith("QAT") and result.seconds < 24 + 30
     shown = evaluate(EvalConfig(model=qat.model, data=str(two_images), engine="ort-int8",
                                 calibration=CalibrationConfig(method="minmax", samples=20)))
     assert qat.loss_db == pytest.approx(shown["int8_vs_reference_db"], abs=1e-3)
