@@ -52,10 +52,12 @@ class CalibratedModel:
         """The recipe that made this model (its refinements, if any, made the model file it calibrated)."""
         return QuantRecipe(self.config, self.scheme, self.fixes)
 
-    def warnings(self, brightness: float | None = None, measured_on: str = "the calibration images") -> list[str]:
+    def warnings(self, brightness: float | None = None, measured_on: str = "the calibration images",
+                 loss_db: float | None = None) -> list[str]:
         """Plain-words warnings: quantized tensors whose range cuts off more than CLIP_ENERGY_WARNING of their
-        signal energy on the calibration images, and (given the INT8/FP32 brightness measured somewhere) an
-        output darker or brighter than FP32 by more than BRIGHTNESS_WARNING."""
+        signal energy on the calibration images; and, given what was measured somewhere, an output darker or
+        brighter than FP32 by more than BRIGHTNESS_WARNING, or a PSNR-Y loss against FP32 (FP32's score minus
+        INT8's against the truth) of more than LOSS_WARNING_DB."""
         notes = []
         stats = {item.name: item for item in self.stats}
         quantized = spec_of(self.fp32_onnx, self.scheme, self.fixes.keep_float).activations
@@ -73,11 +75,17 @@ class CalibratedModel:
         if brightness is not None and abs(brightness - 1.0) > BRIGHTNESS_WARNING:
             notes.append(f"the INT8 output is {'darker' if brightness < 1 else 'brighter'} than FP32 on "
                          f"{measured_on} (brightness ratio {brightness:.3f}): its ranges clip the image")
+        if loss_db is not None and loss_db > LOSS_WARNING_DB:
+            notes.append(f"the INT8 model scores {loss_db:.2f} dB below FP32 (PSNR-Y) on {measured_on}: diagnose "
+                         "names the tensor that does the damage, and int8-ready tries the fixes in turn")
         return notes
 
 
 CLIP_ENERGY_WARNING = 0.05  # a range that cuts off more of a tensor's signal energy than this is reported
 BRIGHTNESS_WARNING = 0.02  # an INT8 output whose brightness departs from FP32's by more than this is reported
+LOSS_WARNING_DB = 1.0  # an INT8 model that scores more than this below FP32 where it was measured is reported
+
+
 def _stats_bytes(stats: list[TensorStats]) -> bytes:
     """The statistics as an .npz file's bytes (names, observed min/max, histograms)."""
     buffer = io.BytesIO()

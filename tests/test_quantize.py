@@ -224,6 +224,9 @@ def test_the_automatic_method_never_destroys_a_y_only_model_and_the_others_warn(
     entropy = json.loads(capsys.readouterr().out)
     assert entropy["brightness_ratio"] < 0.9 and any("darker than FP32" in w for w in entropy["warnings"])
     assert any("signal energy" in w for w in entropy["warnings"]) and entropy["auto"] is None
+    lost = entropy["fp32_mean"]["psnr_y"] - entropy["int8_mean"]["psnr_y"]  # the loss itself is said in words too
+    assert lost > 1.0 and any(f"scores {lost:.2f} dB below FP32 (PSNR-Y) on these images" in w
+                              for w in entropy["warnings"]), entropy["warnings"]
     shown = compare(np.full((40, 40, 3), 128, np.uint8), "xlsr-relu", "xlsr-clip",
                     CalibrationConfig(method="auto", samples=20))
     assert sum("the automatic method chose" in note for note in shown.notices) == 2
