@@ -498,12 +498,8 @@ class ModelInfo:
         Raises:
             ValueError: a user's graph with ops the interpreter does not cover.
         """
-        if self.uploaded:
-            module = OnnxModule(onnx.load(str(self.path))).to(device)
-            module.device_constants(torch.device(device))
-        else:
-            module = load_model(self.path).to(device)
-        return module.eval().requires_grad_(False)
+        module = OnnxModule(onnx.load(str(self.path))) if self.uploaded else load_model(self.path)
+        return module.to(device).eval().requires_grad_(False)  # (an OnnxModule's constants move with it)
 
     @property
     def input_top(self) -> float:
@@ -516,11 +512,15 @@ class ModelInfo:
         if not self.uploaded:
             return None
         try:
-            graph = onnx.load(str(self.path))
-            centre_user_io(graph, user_io(graph), self.input_top)
+            self._centred_user_graph()
         except CentringImpossible as error:
             return str(error)
         return None
+
+    def _centred_user_graph(self) -> tuple[onnx.ModelProto, list[str]]:
+        """`sr.centring.centre_user_io` on a user's standard graph (CentringImpossible says why it cannot be)."""
+        graph = onnx.load(str(self.path))
+        return centre_user_io(graph, user_io(graph), self.input_top)
 
     def centred_copy(self, work: Path) -> tuple[str | None, list[str] | None]:
         """The model with centred I/O built in, saved as `<work>.centred<tuned_suffix>`: a lab architecture through
@@ -531,9 +531,8 @@ class ModelInfo:
             grid: None for the model's own input and output, [] when nothing was centred).
         """
         if self.uploaded:
-            graph = onnx.load(str(self.path))
             try:
-                centred_graph, centred = centre_user_io(graph, user_io(graph), self.input_top)
+                centred_graph, centred = self._centred_user_graph()
             except CentringImpossible as error:
                 log.info("centred I/O left out for %s: %s", self.name, error)
                 return None, []

@@ -474,10 +474,6 @@ class OnnxModule(nn.Module):
             return values[self.output_name]
         return values[self.output_name], {name: values[name] for name in keep if name in values}
 
-    def device_constants(self, device: torch.device) -> None:
-        """Move the constants to `device` (`.to` moves them too, with the parameters)."""
-        self.constants = {k: v.to(device) for k, v in self.constants.items()}
-
     def _apply(self, fn, recurse=True):
         """`.to()`, `.cuda()`, `.double()`...: the constants (plain tensors, not parameters) go along; the module's
         conversions leave integer tensors alone."""

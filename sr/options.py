@@ -116,7 +116,7 @@ CALIBRATION_HELP = {
 }
 
 
-def field_default(field: dataclasses.Field):
+def _field_default(field: dataclasses.Field):
     """A dataclass field's default (its factory called), or MISSING."""
     if field.default is not dataclasses.MISSING:
         return field.default
@@ -162,7 +162,7 @@ def add_config_options(parser: argparse.ArgumentParser, config_type: type, helps
     for field in dataclasses.fields(config_type):
         if field.name in skip:
             continue
-        text, default, kind = helps[field.name], field_default(field), _base_type(hints[field.name])
+        text, default, kind = helps[field.name], _field_default(field), _base_type(hints[field.name])
         dashed = field.name.replace("_", "-")
         options = {"dest": dests.get(field.name, field.name)}
         if kind is bool:

@@ -225,8 +225,7 @@ def _setup(config: QatConfig) -> _QatRun:
     # the reference is the original model, whatever its I/O convention (both take and return [0, 1] images); a
     # QAT model fine-tuned again keeps the model it started from as its reference
     reference = OnnxModule(onnx.load(str(fp32_onnx_path(original_model(config.model))))).requires_grad_(False).eval()
-    student.to(device), reference.to(device)
-    student.network.device_constants(device), reference.device_constants(device)
+    student.to(device), reference.to(device)  # (the interpreter's constants move with its parameters)
     weights = [p for p in student.network.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam([{"params": weights, "lr": config.lr},
                                   {"params": [student.log_scales], "lr": config.range_lr}])

@@ -16,7 +16,7 @@ ships run by the reference engine (ONNX Runtime on the CPU). That is the loss `e
 The best candidate (the first to meet the target, else the lowest loss) is written as the deployment bundle.
 
 Example:
-    >>> result = make_ready(ReadyConfig("xlsr-relu", data="../shared/data/Set5", target_db=0.05, budget_minutes=5))
+    >>> result = make_ready(ReadyConfig("xlsr-relu", data="path/to/Set5", target_db=0.05, budget_minutes=5))
     >>> result.loss_db, [step.route for step in result.steps]
 """
 from __future__ import annotations

@@ -59,6 +59,7 @@ class Fixes:
                            "keep_float": sorted(self.keep_float),
                            "fixed_range": {t: list(r) for t, r in sorted(self.fixed_range.items())}}, sort_keys=True)
 
+
 # the modules whose code determines a calibrated model; the automatic method's choice is also scored (an engine,
 # PSNR); a refined model passes through the fake quantizers and the refinements as well. By name: this module
 # does not import them (they import it); `code_digest_of` refuses a key where one is not loaded.

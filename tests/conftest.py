@@ -67,6 +67,7 @@ def families(tmp_path_factory, data_dir):
 
 
 def free_port() -> int:
+    """A port no one listens on now (the OS picks it); a fixed one collides with parallel runs."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]

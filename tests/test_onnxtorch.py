@@ -157,3 +157,15 @@ def _shape_ops():  # an exporter's int64 shape arithmetic: Shape, Gather, Cast, 
 @pytest.mark.parametrize("make", [_pools, _attention, _shape_ops], ids=["pools", "attention", "shape-ops"])
 def test_ops_of_modern_and_exported_graphs(make):
     _agrees(make(), atol=1e-5)
+
+
+def test_the_constants_move_with_the_module():
+    """`.to()` / `.double()` carry a graph's Constant-node values along with its parameters (a teacher or reference
+    moved to the GPU keeps working)."""
+    add = helper.make_node("Add", ["x", "c"], ["y"])
+    const = helper.make_node("Constant", [], ["c"], value=numpy_helper.from_array(np.ones((1,), np.float32)))
+    graph = helper.make_graph([const, add], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    module = OnnxModule(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])).double()
+    assert module.constants["c"].dtype == torch.float64
+    assert module(torch.zeros(1, dtype=torch.float64)).dtype == torch.float64

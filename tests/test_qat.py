@@ -200,11 +200,10 @@ def test_cli_qat_bad_arguments(argv, message, tmp_path, monkeypatch, capsys):
 def test_qat_under_torchrun(data_dir, tmp_path):
     """Two processes (gloo on the CPU, as NCCL would be on GPUs): one result, each rank's patch stream kept."""
     import os
-    import socket
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    from conftest import free_port
+
+    port = free_port()
     out = tmp_path / "ddp.safetensors"
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
                "--master_port", str(port), "-m", "sr", "qat", "--model", "xlsr-clip", "--out", str(out), "--steps", "4",

@@ -1,11 +1,11 @@
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import free_port
 import torch
 from PIL import Image
 
@@ -175,13 +175,6 @@ def test_config_errors(tmp_path):
     assert charbonnier(torch.zeros(3), torch.zeros(3)).item() == pytest.approx(1e-3)
 
 
-def _free_port() -> int:
-    """A port no one listens on now (the OS picks it); a fixed one collides with parallel runs."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_one_rank_stopping_stops_all_ranks(tiny_data, tmp_path):
     """Under torchrun a stop decided by one rank alone (a cancel, its own clock past --max-seconds) is agreed by
@@ -190,7 +183,7 @@ def test_one_rank_stopping_stops_all_ranks(tiny_data, tmp_path):
     script.write_text(DDP_SCRIPT)
     out = tmp_path / "stopped.safetensors"
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
-               "127.0.0.1", "--master_port", str(_free_port()), str(script), str(tiny_data), str(out), "rank1-stops"]
+               "127.0.0.1", "--master_port", str(free_port()), str(script), str(tiny_data), str(out), "rank1-stops"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     try:
         done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
@@ -230,14 +223,14 @@ def test_two_process_resume_gives_the_same_weights(tiny_data, tmp_path):
 
     def torchrun(out, mode):
         command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
-                   "127.0.0.1", "--master_port", str(_free_port()), str(script), str(tiny_data), str(out), mode]
+                   "127.0.0.1", "--master_port", str(free_port()), str(script), str(tiny_data), str(out), mode]
         return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
     # the uninterrupted run, through the CLI under torchrun: the same run as the script's (validating on rank 0,
     # which changes no weight)
     whole = tmp_path / "whole.safetensors"
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
-               "127.0.0.1", "--master_port", str(_free_port()),
+               "127.0.0.1", "--master_port", str(free_port()),
                "-m", "sr", "train", "--arch", "xlsr", "--scale", "2", "--train-dirs", str(tiny_data),
                "--val-dir", str(tiny_data), "--steps", "20", "--batch-size", "4", "--lr-patch", "12",
                "--val-every", "10", "--checkpoint-every", "10", "--device", "cpu", "--out", str(whole)]
