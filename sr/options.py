@@ -71,7 +71,7 @@ QAT_HELP = {
 }
 READY_HELP = {
     "data": "ground-truth (HR) images to measure the loss on (default: the calibration images)",
-    "target_db": "the largest loss against the original FP32 model accepted, dB",
+    "target_db": "the largest loss against the original FP32 model accepted, dB (a loss at or below it meets it; negative: INT8 must score above FP32)",
     "budget_minutes": "time for the whole search, the bundle included",
     "out": "write the deployment bundle of the chosen model here",
     "max_float": "the most tensors mixed precision may leave in float",

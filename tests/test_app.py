@@ -281,6 +281,10 @@ def test_a_forged_owner_cannot_cancel_and_a_closed_page_drops_its_job(job_sandbo
         answer = _messages(_queue_call(demo.local_url, demo, app.cancel_training, [app.issue_owner()], "forger"),
                            "process_completed")[-1]
         assert answer["output"]["data"] == ["you have no job running"] and not job.stop.is_set()
+        deadline = time.time() + 120  # under load the first logged step can take a while: wait for it
+        while not job.history and not job.done and time.time() < deadline:
+            time.sleep(0.2)
+        assert job.history, job.status
         watching.close()  # the victim's page goes away
         deadline = time.time() + 60
         while not job.done and time.time() < deadline:
