@@ -472,9 +472,15 @@ def _refined(model: str, refinements, calibration: CalibrationConfig, scheme: st
         fraction, desc=f"refining {model}: {message} (first time only)")))
 
 
+REFERENCE_TARGET = "reference (ONNX Runtime, CPU)"
+# what the INT8 panels run on: the reference, or a target's own numerics (sr.runtime's engine kinds)
+TARGETS = {REFERENCE_TARGET: None, "Qualcomm HTP v73 (simulated)": "qnn-htp", "LiteRT, XNNPACK": "litert",
+           "LiteRT, reference kernels": "litert-ref"}
+
+
 def run_compare(image, model_a="xlsr-relu", model_b="xlsr-clip", method="entropy", samples=100, scheme="tensorrt",
                 mode="Upscale my image", display="bicubic", calib_source="calib_data/", calib_images=None, gain=1.0,
-                seed=0, history=None, refinements=(), progress=gr.Progress()):
+                seed=0, history=None, refinements=(), target=None, progress=gr.Progress()):
     """The main comparison (also the `compare` API endpoint): five images, metrics, coverage, range chart.
 
     `history` (this tab's state) collects the INT8 loss of each calibration sample drawn for the same settings,
@@ -487,6 +493,8 @@ def run_compare(image, model_a="xlsr-relu", model_b="xlsr-clip", method="entropy
             raise gr.Error("Choose 'my uploads' only after uploading calibration images.")
         if mode not in MODES:
             raise gr.Error(f"Unknown mode {mode!r}; choose one of: {', '.join(MODES)}")
+        if target is not None and target not in TARGETS:
+            raise gr.Error(f"Unknown INT8 target {target!r}; choose one of: {', '.join(TARGETS)}")
         estimate = _calibration_estimate(model_a, model_b, int(samples))
         first_run = lambda fraction, message: progress(  # noqa: E731
             fraction, desc=f"{message}: calibrating these settings for the first time (about {estimate:.0f} s in all; "
@@ -496,7 +504,7 @@ def run_compare(image, model_a="xlsr-relu", model_b="xlsr-clip", method="entropy
             tuned_a, tuned_b = (run(lambda m=m: _refined(m, refinements, settings, scheme, progress))
                                 for m in (model_a, model_b))
             result = run(lambda: compare(image, tuned_a, tuned_b, settings, scheme, MODES[mode], display, calibration,
-                                         progress=first_run))
+                                         progress=first_run, target=TARGETS.get(target)))
             note = coverage_note(result)
             _measured(result.calibrations)
     for notice in result.notices:
@@ -504,11 +512,13 @@ def run_compare(image, model_a="xlsr-relu", model_b="xlsr-clip", method="entropy
     original = result.truth if result.truth is not None else result.original
     panels = [original, result.fp32_a, result.int8_a, result.fp32_b, result.int8_b]
     tag = f" (refined: {', '.join(refinements)})" if refinements else ""
+    on = f" on {target}" if TARGETS.get(target) else ""
     labels = ["Truth" if result.truth is not None else "Original", f"FP32 {_label(model_a)}{tag}",
-              f"INT8 {_label(model_a)}{tag}", f"FP32 {_label(model_b)}{tag}", f"INT8 {_label(model_b)}{tag}"]
+              f"INT8 {_label(model_a)}{tag}{on}", f"FP32 {_label(model_b)}{tag}", f"INT8 {_label(model_b)}{tag}{on}"]
     state = {"panels": panels, "calibrations": result.calibrations, "labels": labels, "seed": int(seed or 0),
              "seconds": time.perf_counter() - started, "finished": time.strftime("%H:%M:%S")}
-    history = _remember(history, result, (image, model_a, model_b, method, samples, scheme, mode, gain), seed)
+    history = _remember(history, result, (image, model_a, model_b, method, samples, scheme, mode, gain, target),
+                        seed)
     return (*panels, metrics_frame(result.metrics), note + spread_note(history), _chart(*result.calibrations), state,
             history)
 
@@ -816,9 +826,17 @@ def _compare_controls(models: list[str]) -> dict:
                                              info=METHOD_HELP)
             controls["samples"] = gr.Radio([10, 100, 1000], value=100, label="Calibration samples")
             controls["scheme"] = gr.Radio([s.value for s in Scheme], value="tensorrt", label="INT8 scheme",
-                                          info="tensorrt: Q/DQ where NVIDIA ModelOpt puts them; npu: every tensor "
-                                               "INT8, the output included (npu-per-tensor: one scale per weight "
-                                               "tensor); cpu: UINT8, ONNX Runtime's x86 path")
+                                          info="tensorrt: Q/DQ where NVIDIA ModelOpt puts them; npu: LiteRT's 8-bit "
+                                               "specification, what phone NPUs run (every tensor INT8 with a zero "
+                                               "point, INT32 biases; npu-per-tensor: one scale per weight tensor); "
+                                               "npu-symmetric: symmetric-only accelerators; cpu: UINT8, ONNX "
+                                               "Runtime's x86 path")
+            controls["target"] = gr.Radio(list(TARGETS), value=REFERENCE_TARGET, label="INT8 panels run on",
+                                          elem_id="target",
+                                          info="the lab's reference, or a target's own integer arithmetic on the same "
+                                               "INT8 model (npu / npu-per-tensor scheme): Qualcomm's Hexagon NPU as "
+                                               "onnxruntime-qnn simulates it, or the bundle's .tflite in LiteRT; "
+                                               "each is checked against the reference first")
             controls["refine"] = gr.CheckboxGroup(
                 [r.value for r in Refinement if r is not Refinement.RANGE_SEARCH], value=[],
                 label="Post-training refinements (both models)", elem_id="refine",
@@ -916,7 +934,7 @@ def _wire_compare(c: dict, o: dict) -> None:
     c["calib_files"].upload(load_calibration_uploads, c["calib_files"], calib_images, api_name=False)
     history = gr.State(None)
     inputs = [c["image"], c["model_a"], c["model_b"], c["method"], c["samples"], c["scheme"], c["mode"], c["display"],
-              c["calib_source"], calib_images, c["gain"], c["seed"], history, c["refine"]]
+              c["calib_source"], calib_images, c["gain"], c["seed"], history, c["refine"], c["target"]]
     outputs = [*o["panels"], o["metrics"], o["coverage"], o["chart"], o["state"], history]
     d = o["difference"]
     zoom = [o["state"], o["center_x"], o["center_y"], o["size"], d["pair"], d["kind"], d["gain"]]

@@ -6,8 +6,12 @@ lab's float wrapper, which changes no value the network sees).
 
 - `model.qdq.onnx`: the TensorRT QDQ model (`tensorrt` scheme: Q/DQ where NVIDIA ModelOpt puts them, symmetric
   INT8, per-channel weights, float biases): `trtexec --onnx=model.qdq.onnx --stronglyTyped`;
-- `model.npu-int8.onnx`: every tensor in INT8, the output included (`npu` scheme);
+- `model.npu-int8.onnx`: every tensor in INT8, the output included, as LiteRT's 8-bit specification says (`npu`
+  scheme: asymmetric INT8 activations, INT32 biases, a Concat's inputs on its output's grid), with its figures
+  on Qualcomm's HTP arithmetic too where `onnxruntime-qnn` is installed;
 - `model.cpu-int8.onnx`: the ONNX Runtime CPU model (`cpu` scheme: UINT8 activations, fast-kernel rewrites);
+- `model.tflite`: the npu model as a full-integer LiteRT file written from the lab's spec and ranges
+  (`sr.tflite`), with what LiteRT's XNNPACK and reference kernels gave on it (or why there is none);
 - `model.fp32.onnx`: the FP32 model the ranges belong to;
 - `calibration.cache` (only with `trt_version`, a TensorRT 10 release): the ranges of the tensors the tensorrt
   model quantizes, as a TensorRT 10 calibration cache (`TRT-<major*10000+minor*100+patch>-EntropyCalibration2`,
@@ -125,6 +129,55 @@ def _measure(int8: CalibratedModel, images: Sequence[np.ndarray],
 
 
 FILES = {Scheme.TENSORRT: "model.qdq.onnx", Scheme.NPU: "model.npu-int8.onnx", Scheme.CPU: "model.cpu-int8.onnx"}
+# every file a bundle may hold: one left from an earlier bundle in the same folder is removed, never shipped
+BUNDLE_FILES = {*FILES.values(), "model.fp32.onnx", "calibration.cache", "ranges.json", "README.md", "model.tflite"}
+
+
+def _tflite_figures(int8: CalibratedModel, images: Sequence[np.ndarray], fp32_outputs: Sequence[np.ndarray],
+                    out: Path) -> list[str]:
+    """Write `model.tflite` (the npu model as a full-integer LiteRT file, `sr.tflite`) and say what LiteRT's
+    kernels gave on it; or say why there is none."""
+    from .engines import EngineRefused, litert_available
+    from .runtime import EngineKind, tflite_model
+
+    if not litert_available():
+        return ["No `model.tflite`: LiteRT (`ai-edge-litert`) is not installed."]
+    try:
+        write_atomic(tflite_model(int8).read_bytes(), out / "model.tflite")
+    except ValueError as error:
+        return [f"No `model.tflite`: {error}."]
+    lines = []
+    for kind, what in ((EngineKind.LITERT, "XNNPACK"), (EngineKind.LITERT_REF, "TFLite's reference kernels")):
+        try:
+            engine = engine_for(int8.model, int8, kind=kind)
+        except (ValueError, EngineRefused) as error:
+            lines.append(f"`model.tflite` on LiteRT, {what}: not used ({error}).")
+            continue
+        outputs = [engine.run(image) for image in images]
+        psnr = float(np.mean([psnr_y(q, f, int8.scale) for f, q in zip(fp32_outputs, outputs)]))
+        verdict = engine.conformance
+        lines.append(f"`model.tflite` on LiteRT, {what}: {psnr:.2f} dB PSNR-Y vs FP32; against the reference on the "
+                     f"conformance probe: mean {verdict.mean_levels:.2f} levels, 99.9th percentile "
+                     f"{verdict.p999_levels:.0f}, max {verdict.max_levels}.")
+    return lines
+
+
+def _npu_figures(int8: CalibratedModel, images: Sequence[np.ndarray], fp32_outputs: Sequence[np.ndarray]):
+    """The npu model as Qualcomm's HTP (simulated) runs it: (engine name, PSNR-Y vs FP32, brightness, its
+    conformance), or (None, the reason) where it cannot run here."""
+    from .engines import EngineRefused, qnn_available
+    from .runtime import EngineKind
+
+    if not qnn_available():
+        return None, "onnxruntime-qnn is not installed"
+    try:
+        engine = engine_for(int8.model, int8, kind=EngineKind.QNN_HTP)
+    except (ValueError, EngineRefused) as error:
+        return None, str(error)
+    outputs = [engine.run(image) for image in images]
+    return engine.name, (float(np.mean([psnr_y(q, f, int8.scale) for f, q in zip(fp32_outputs, outputs)])),
+                         float(np.mean([brightness_ratio(q, f) for f, q in zip(fp32_outputs, outputs)])),
+                         engine.conformance)
 
 
 def _write_model(source: Path, out: Path) -> None:
@@ -174,12 +227,7 @@ def export_bundle(model: str, config: CalibrationConfig, out: str | Path, fixes:
         write_atomic(calibration_cache_text(ranges, tensorrt.config.method, trt_version).encode(),
                      out / "calibration.cache")
     digest = images_digest(load_calibration_images(config.data if calibration_images is None else calibration_images))
-    write_atomic(json.dumps({"model": model, "method": tensorrt.config.method.value, "auto": tensorrt.choice,
-                             "samples": config.samples,
-                             "seed": config.seed, "calibration_data_digest": digest, "lab_version": __version__,
-                             "fixes": json.loads((fixes or Fixes()).key()), "scheme": Scheme.TENSORRT.value,
-                             "tensors": [{**r.to_dict(), "name": name} for name, r in ranges.items()]},
-                            indent=1).encode(), out / "ranges.json")
+    _write_ranges(out, model, config, tensorrt, ranges, digest, fixes)
     measured_on = "given images"
     if not images:  # no images given: measure on the calibration images, and say so
         images = load_calibration_images(config.data if calibration_images is None else calibration_images)[:8]
@@ -187,10 +235,33 @@ def export_bundle(model: str, config: CalibrationConfig, out: str | Path, fixes:
     fp32 = engine_for(model)  # the FP32 outputs once, for the three INT8 models
     fp32_outputs = [fp32.run(image) for image in images]
     figures = {scheme: _measure(made[scheme], images, fp32_outputs) for scheme in FILES}
-    (out / "README.md").write_text(_readme(model, config, tensorrt, figures, len(images), measured_on, trt_version))
+    npu = _npu_figures(made[Scheme.NPU], images, fp32_outputs)
+    litert = _tflite_figures(made[Scheme.NPU], images, fp32_outputs, out)
+    write_atomic(_readme(model, config, tensorrt, figures, len(images), measured_on, trt_version, npu,
+                         litert).encode(), out / "README.md")
+    _remove_stale(out, trt_version is not None, not litert[0].startswith("No "))
     files = sorted(p.name for p in out.iterdir())
     psnr, brightness = figures[Scheme.TENSORRT]
     return Bundle(out, files, psnr, brightness, f"{len(images)} {measured_on}")
+
+
+def _write_ranges(out: Path, model: str, config: CalibrationConfig, tensorrt: CalibratedModel, ranges: dict,
+                  digest: str, fixes: Fixes | None) -> None:
+    write_atomic(json.dumps({"model": model, "method": tensorrt.config.method.value, "auto": tensorrt.choice,
+                             "samples": config.samples,
+                             "seed": config.seed, "calibration_data_digest": digest, "lab_version": __version__,
+                             "fixes": json.loads((fixes or Fixes()).key()), "scheme": Scheme.TENSORRT.value,
+                             "tensors": [{**r.to_dict(), "name": name} for name, r in ranges.items()]},
+                            indent=1).encode(), out / "ranges.json")
+
+
+def _remove_stale(out: Path, with_cache: bool, with_tflite: bool) -> None:
+    """Delete what an earlier bundle left in the same folder that this one did not write (another model's
+    calibration cache, a .tflite this graph has none of): the folder holds exactly the bundle asked for."""
+    written = {*FILES.values(), "model.fp32.onnx", "ranges.json", "README.md"} | (
+        {"calibration.cache"} if with_cache else set()) | ({"model.tflite"} if with_tflite else set())
+    for stale in BUNDLE_FILES - written:
+        (out / stale).unlink(missing_ok=True)
 
 
 def user_name(tensor: str) -> str:
@@ -199,7 +270,8 @@ def user_name(tensor: str) -> str:
 
 
 def _readme(model: str, config: CalibrationConfig, int8: CalibratedModel, figures: dict, count: int,
-            measured_on: str, trt_version: str | None) -> str:
+            measured_on: str, trt_version: str | None, npu: tuple = (None, "not measured"),
+            litert: Sequence[str] = ()) -> str:
     info = model_info(model)
     lines = []
     for scheme, name in FILES.items():
@@ -209,6 +281,16 @@ def _readme(model: str, config: CalibrationConfig, int8: CalibratedModel, figure
     method = int8.config.method.value if not int8.choice else (
         f"{int8.choice['method']} (chosen by the automatic method, the best against FP32 of "
         f"{', '.join(int8.choice['candidates'])} on {int8.choice['held_back_images']} held-back calibration images)")
+    engine, measured = npu
+    if engine is None:
+        on_npu = f"Not run on Qualcomm's HTP arithmetic here: {measured}."
+    else:
+        psnr, brightness, verdict = measured
+        on_npu = (f"`model.npu-int8.onnx` as Qualcomm's Hexagon NPU computes it ({engine}: `libQnnHtp` from "
+                  f"`onnxruntime-qnn`, simulated on x86, CPU fallback off): {psnr:.2f} dB PSNR-Y vs FP32, "
+                  f"brightness {brightness:.4f}; against the reference on the conformance probe: mean "
+                  f"{verdict.mean_levels:.2f} levels, 99.9th percentile {verdict.p999_levels:.0f}, max "
+                  f"{verdict.max_levels} (the NPU rounds its requantization its own way).")
     notes = int8.warnings(figures[Scheme.TENSORRT][1], measured_on)
     warnings = "".join(f"\n**Warning:** {note}.\n" for note in notes)
     cache = (f"| `calibration.cache` | TensorRT {trt_version}, implicit INT8: `trtexec --onnx=model.fp32.onnx --int8 "
@@ -227,11 +309,14 @@ Measured on {count} {measured_on}, each INT8 model run by ONNX Runtime on the CP
 |---|---|---|---|
 {chr(10).join(lines)}
 
+{on_npu}
+{"".join(chr(10) + line + chr(10) for line in litert)}
 | file | use |
 |---|---|
 | `model.qdq.onnx` | TensorRT 10 or 11: `trtexec --onnx=model.qdq.onnx --stronglyTyped --saveEngine=model.plan` |
-| `model.npu-int8.onnx` | accelerators that run every tensor in INT8, the output included |
+| `model.npu-int8.onnx` | NPUs (LiteRT's 8-bit specification: asymmetric INT8 activations, INT32 biases, every tensor in INT8, the output included): Qualcomm QNN through ONNX Runtime's QNN execution provider, or a LiteRT converter |
 | `model.cpu-int8.onnx` | ONNX Runtime on a CPU (UINT8 activations) |
+| `model.tflite` | LiteRT (TFLite) full-integer INT8, NHWC, the npu model's scales exactly (no converter): an INT8 image in (pixel - 128) and out, any height and width; where a graph cannot be written this way the lines above say why |
 | `model.fp32.onnx` | the FP32 model the ranges belong to |
 {cache}| `ranges.json` | the ranges, how they were chosen, and the calibration data's digest |
 

@@ -21,7 +21,7 @@ from .data import bicubic_resize, degrade, frame_count, load_image
 from .metrics import brightness_ratio, delta_e, psnr_y, ssim_y
 from .models import model_info, shipped_models
 from .quantize import CalibratedModel, Fixes, Scheme, calibrate_model
-from .runtime import Purpose, engine_for
+from .runtime import EngineKind, Purpose, engine_for
 from .store import RUNS_DIR, Memo
 
 MAX_SIDE = 1024  # LR pixels on the long side on CPU; larger inputs are downscaled (with a notice)
@@ -122,11 +122,16 @@ def fp32_engine(model: str):
                        lambda: engine_for(model, purpose=Purpose.NATIVE))
 
 
-def int8_engine(int8: CalibratedModel):
+def int8_engine(int8: CalibratedModel, target: EngineKind | str | None = None):
     """The shared INT8 engine of a calibrated model for the panels and their figures: the reference (ONNX Runtime
     on the CPU, `sr.runtime.engine_for`), so that what the app shows is the INT8 model the bundle ships, as
-    `eval --engine ort-int8` scores it. Faster engines are checked against it in `sr.runtime` and `sr bench`."""
-    return ENGINES.get(("ort-reference", int8.key), lambda: engine_for(int8.model, int8))
+    `eval --engine ort-int8` scores it; or, asked for, a target's own numerics on the same model (`qnn-htp`:
+    Qualcomm's Hexagon NPU; `litert` / `litert-ref`: the bundle's .tflite), checked against the reference when
+    made. Faster engines are checked against it in `sr.runtime` and `sr bench`."""
+    target = None if target is None else EngineKind.parse(target)
+    if target in (None, EngineKind.ORT_INT8):
+        return ENGINES.get(("ort-reference", int8.key), lambda: engine_for(int8.model, int8))
+    return ENGINES.get((target.value, int8.key), lambda: engine_for(int8.model, int8, kind=target))
 
 
 def _timed(engine, lr):
@@ -227,7 +232,7 @@ def compare(image, model_a: str = "xlsr-relu", model_b: str = "xlsr-clip",
             config: CalibrationConfig | None = None, scheme: Scheme | str = Scheme.TENSORRT,
             mode: InputMode | str = InputMode.UPSCALE, display: Display | str = Display.BICUBIC,
             calibration_images: list[np.ndarray] | None = None, fixes: tuple[Fixes, Fixes] | None = None,
-            progress=None) -> Comparison:
+            progress=None, target: EngineKind | str | None = None) -> Comparison:
     """FP32 and INT8 outputs of two models of one scale, with metrics.
 
     Args:
@@ -240,12 +245,14 @@ def compare(image, model_a: str = "xlsr-relu", model_b: str = "xlsr-clip",
         calibration_images: images to calibrate on instead of `config.data`.
         fixes: per-model calibration overrides.
         progress: called with (fraction done, message).
+        target: what runs the INT8 models (`int8_engine`; None: the reference).
 
     Returns:
         the Comparison.
 
     Raises:
-        ValueError: models of different scales, bad image or settings.
+        ValueError: models of different scales, bad image or settings, a target that cannot run the scheme;
+            EngineRefused: the target disagrees with the reference.
     """
     config = config or CalibrationConfig()
     display = Display.parse(display)
@@ -259,17 +266,13 @@ def compare(image, model_a: str = "xlsr-relu", model_b: str = "xlsr-clip",
         size = (lr.shape[1] * scale, lr.shape[0] * scale)
         resample = Image.Resampling.NEAREST if display is Display.NEAREST else Image.Resampling.BICUBIC
         original = np.asarray(Image.fromarray(lr).resize(size, resample))
-    int8 = []
-    for index, (model, fix) in enumerate(zip((model_a, model_b), fixes or (Fixes(), Fixes()))):
-        step = (lambda fraction, message, i=index: progress((i + fraction) / 2, f"{model}: {message}")) if progress else None
-        with watch("calibrate (cache)"):
-            int8.append(calibrate_model(model, config, scheme, images=calibration_images, fixes=fix, progress=step))
+    int8 = _calibrated((model_a, model_b), config, scheme, calibration_images, fixes, progress, watch)
     rows, outputs = [], []
     for model, calibrated in zip((model_a, model_b), int8):
         with watch("FP32 (reused on recalibration)"):
             fp32, fp32_ms = fp32_output(model, lr)
         with watch("INT8"):
-            engine = int8_engine(calibrated)
+            engine = int8_engine(calibrated, target)
             out, int8_ms = _timed(engine, lr)
         outputs.append((fp32, out))
         with watch("metrics"):
@@ -283,6 +286,16 @@ def compare(image, model_a: str = "xlsr-relu", model_b: str = "xlsr-clip",
     notices = prepared.notices + _calibration_notices((model_a, model_b), int8, rows)
     return Comparison(original, outputs[0][0], outputs[0][1], outputs[1][0], outputs[1][1], rows,
                       (int8[0], int8[1]), notices, truth, lr, watch.seconds)
+
+
+def _calibrated(models, config, scheme, calibration_images, fixes, progress, watch) -> list[CalibratedModel]:
+    """Both models' INT8 (from the cache where it can), progress shared half and half."""
+    int8 = []
+    for index, (model, fix) in enumerate(zip(models, fixes or (Fixes(), Fixes()))):
+        step = (lambda fraction, message, i=index: progress((i + fraction) / 2, f"{model}: {message}")) if progress else None
+        with watch("calibrate (cache)"):
+            int8.append(calibrate_model(model, config, scheme, images=calibration_images, fixes=fix, progress=step))
+    return int8
 
 
 def _calibration_notices(models, int8: list[CalibratedModel], rows: list) -> list[str]:

@@ -148,7 +148,7 @@ def _sqnr(stats: TensorStats, r: TensorRange, activation: ActivationSpec) -> tup
         return math.inf, 0.0
     centres = (np.arange(len(stats.histogram)) + 0.5) * stats.bin_width
     scale, _ = activation_qparams(activation, r.low, r.high)
-    symmetric = activation.signed
+    symmetric = activation.symmetric
     limit = max(abs(r.low), abs(r.high)) if (symmetric or stats.observed_min < 0) else r.high
     levels = activation.qmax if symmetric else activation.qmax - activation.qmin
     quantized = np.minimum(np.round(centres / scale), levels) * scale

@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from .calibrate import CalibrationConfig
 from .data import Degradation, bicubic_resize, degrade, list_images, load_image
-from .engines import tensorrt_available
+from .engines import HTP_ARCHS, tensorrt_available
 from .metrics import brightness_ratio, edge_psnr_y, psnr_y, ssim_y
 from .models import model_info
 from .quantize import Scheme, calibrate_model, qat_record
@@ -39,6 +39,7 @@ class EvalConfig:
     scheme: Scheme = Scheme.TENSORRT
     recommended: bool = False  # RECOMMENDED_CALIBRATION and RECOMMENDED_SCHEME instead of the two above
     threads: int = 0
+    htp_arch: str = "73"  # the Hexagon NPU generation the qnn-htp engine simulates
     degradation: Degradation | str = "clean"  # a preset (clean, strong) or "blur=..,noise=..,jpeg=.."; seeded per image
 
     def __post_init__(self):
@@ -47,6 +48,9 @@ class EvalConfig:
             raise ValueError(f"threads must be 0 (the runtime's default) or more, got {self.threads}")
         self.engine = EngineKind.parse(self.engine)
         self.scheme = Scheme.parse(self.scheme)
+        if str(self.htp_arch) not in HTP_ARCHS:
+            raise ValueError(f"unknown HTP generation {self.htp_arch!r}; choose one of: {', '.join(HTP_ARCHS)}")
+        self.htp_arch = str(self.htp_arch)
         if self.engine is EngineKind.TENSORRT and not tensorrt_available():
             raise ValueError("the tensorrt engine needs an NVIDIA GPU with TensorRT (requirements-gpu.txt); on a CPU "
                              "use --engine ort-int8 or openvino-int8")
@@ -100,7 +104,7 @@ def evaluate(config: EvalConfig, progress: bool = False) -> dict:
     config = config.checked()
     scale = config.scale
     int8 = calibrate_model(config.model, config.calibration, config.scheme) if config.engine.is_int8 else None
-    engine = engine_for(config.model, int8, kind=config.engine, threads=config.threads)
+    engine = engine_for(config.model, int8, kind=config.engine, threads=config.threads, htp_arch=config.htp_arch)
     reference = engine_for(config.model, purpose=Purpose.NATIVE) if int8 is not None else None
     rows, bicubic_rows, fp32_rows, ratios = [], [], [], []
     for path in tqdm(list_images(config.data), desc="eval", disable=not progress):

@@ -82,8 +82,11 @@ READY_HELP = {
 EVAL_HELP = {
     "data": "folder of ground-truth (HR) images",
     "scale": "the scale (default: the model's own)",
-    "engine": "torch, ort, openvino, openvino-bf16, ort-int8, openvino-int8 or tensorrt (default: the model's own "
-              "FP32 runtime: torch for a weight file, ort for an ONNX model)",
+    "engine": "torch, ort, openvino, openvino-bf16, ort-int8, openvino-int8, qnn-htp (Qualcomm's Hexagon NPU "
+              "arithmetic, simulated) or tensorrt (default: the model's own FP32 runtime: torch for a weight file, "
+              "ort for an ONNX model)",
+    "htp_arch": "the Hexagon NPU generation --engine qnn-htp simulates: 68, 69, 73 (Snapdragon 8 Gen 2), 75, 79 "
+                "or 81",
     "recommended": "calibrate as the README's findings recommend (a method, sample count and scheme; no per-tensor "
                    "fixes); not combinable with --method/--samples/--scheme",
     "threads": "ONNX Runtime threads (0 = its default)",

@@ -1,8 +1,8 @@
 """QDQ INT8 models from calibration ranges, written as the one description of what is quantized (`sr.quantspec`)
 says, and read back to check it.
 
-The symmetric schemes (`tensorrt`, `npu`) are written here, Q/DQ pair by Q/DQ pair, exactly as the spec says;
-the `cpu` scheme (asymmetric UINT8, INT32 biases, ORT's fast x86 kernels) is written by
+The lab's schemes (`tensorrt`, `npu`, `npu-per-tensor`, `npu-symmetric`) are written here, Q/DQ pair by Q/DQ
+pair, exactly as the spec says (INT32 biases where it says so); the `cpu` scheme (asymmetric UINT8, INT32 biases, ORT's fast x86 kernels) is written by
 `onnxruntime.quantization.quantize_static`, fed our ranges through its calibration cache. Every written model is
 read back (`sr.quantspec.graph_quantization`) and must quantize what its spec says, or the writer raises. Also
 here: the surgery that takes quantization off chosen tensors (the diagnosis) and the ranges tied by fused ops.
@@ -108,7 +108,7 @@ def write_qdq_model(fp32_onnx: Path, ranges: dict[str, TensorRange], scheme: Sch
     missing = [g for g in spec.groups() if g not in ranges]
     if missing:
         raise ValueError(f"no calibrated range for {', '.join(missing)}")
-    if scheme.symmetric:
+    if not scheme.by_onnxruntime:
         written = insert_qdq(model, spec, ranges)
     else:
         written = _ort_qdq(model, spec, ranges, keep_float, fast)
@@ -128,21 +128,26 @@ def check_against_spec(qdq: onnx.ModelProto, fp32: onnx.ModelProto, spec: QuantS
     present = {name for node in qdq.graph.node for name in node.output} | {i.name for i in qdq.graph.input}
     fp32_tensors = {name for node in fp32.graph.node for name in node.output} | {i.name for i in fp32.graph.input}
     written = {t for t in found.activations if t in fp32_tensors}
-    wanted = set(spec.activations) if spec.scheme.symmetric else {t for t in spec.activations if t in present}
+    ours = not spec.scheme.by_onnxruntime
+    wanted = set(spec.activations) if ours else {t for t in spec.activations if t in present}
     extra, lacking = sorted(written - wanted), sorted(wanted - written)
-    weights_differ = sorted(set(found.weights) ^ set(spec.weights)) if spec.scheme.symmetric else []
-    if extra or lacking or weights_differ:
+    weights_differ = sorted(set(found.weights) ^ set(spec.weights)) if ours else []
+    zero_points = [t for t, (_, zero) in found.activations.items() if t in spec.activations
+                   and spec.activations[t].symmetric and zero != 0] if ours else []
+    if extra or lacking or weights_differ or zero_points:
         raise RuntimeError(f"the QDQ model does not match its spec: quantized but not in the spec {extra}, "
-                           f"in the spec but not quantized {lacking}, weights differing {weights_differ}")
+                           f"in the spec but not quantized {lacking}, weights differing {weights_differ}, "
+                           f"symmetric with a zero point {zero_points}")
 
 
 def insert_qdq(model: onnx.ModelProto, spec: QuantSpec, ranges: dict[str, TensorRange]) -> onnx.ModelProto:
-    """A copy of `model` with a QuantizeLinear/DequantizeLinear pair on each activation of a symmetric spec and
-    INT8 weights (an INT8 initializer and a DequantizeLinear) for each of its weights; biases stay float.
+    """A copy of `model` with a QuantizeLinear/DequantizeLinear pair on each activation of the spec, INT8 weights
+    (an INT8 initializer and a DequantizeLinear), biases float or, where the spec says (`QuantSpec.float_bias`
+    False), INT32 at step s_input x s_weight (`_bias_dequantizer`).
 
     Args:
         model: the FP32 model.
-        spec: a tensorrt or npu spec of it.
+        spec: a spec of it of one of the lab's own schemes (not cpu).
         ranges: the calibrated ranges (each tie group's range is used for all its members).
 
     Returns:
@@ -151,8 +156,7 @@ def insert_qdq(model: onnx.ModelProto, spec: QuantSpec, ranges: dict[str, Tensor
     result = onnx.ModelProto()
     result.CopyFrom(model)
     graph = result.graph
-    outputs = {o.name for o in graph.output}
-    arrays = {i.name: i for i in graph.initializer}
+    outputs, arrays = {o.name for o in graph.output}, {i.name: i for i in graph.initializer}
     added_inits, weight_nodes, after = [], [], {}
     producer_index = {name: index for index, node in enumerate(graph.node) for name in node.output}
     rename: dict[str, str] = {}  # tensor -> what its consumers read now
@@ -164,15 +168,21 @@ def insert_qdq(model: onnx.ModelProto, spec: QuantSpec, ranges: dict[str, Tensor
             producer.output[list(producer.output).index(tensor)] = source
         else:
             rename[tensor] = target
-        r = ranges[activation.group]
-        inits, pair = _activation_pair(tensor, activation, r.low, r.high, source, target)
+        inits, pair = _activation_pair(tensor, activation, ranges[activation.group].low,
+                                       ranges[activation.group].high, source, target)
         added_inits += inits
         after.setdefault(producer_index.get(tensor, -1), []).extend(pair)
+    readers = {node.name: node for node in graph.node}
     for name, weight in spec.weights.items():
-        inits, node = _weight_dequantizer(name, onnx.numpy_helper.to_array(arrays[name]), weight.axis)
+        inits, node = _weight_dequantizer(name, values := onnx.numpy_helper.to_array(arrays[name]), weight.axis)
         added_inits += inits
         weight_nodes.append(node)
         rename[name] = node.output[0]
+        bias = _int32_bias(spec, readers.get(weight.node), arrays, ranges, values, weight.axis, rename)
+        if bias is not None:
+            added_inits += bias[0]
+            weight_nodes.append(bias[1])
+            rename[bias[1].input[0].removesuffix("_quantized")] = bias[1].output[0]
     rebuilt = weight_nodes + after.get(-1, [])
     for index, node in enumerate(graph.node):
         for position, name in enumerate(node.input):
@@ -216,6 +226,37 @@ def _weight_dequantizer(name: str, values: np.ndarray, axis: int | None):
     node = helper.make_node("DequantizeLinear", [f"{name}_quantized", f"{name}_scale", f"{name}_zero_point"],
                             [f"{name}_dequantized"], name=f"{name}_DequantizeLinear",
                             **({} if axis is None else {"axis": axis}))
+    return inits, node
+
+
+def _int32_bias(spec: QuantSpec, conv, arrays: dict, ranges: dict, weight: np.ndarray, axis: int | None,
+                done: dict):
+    """The INT32 bias of `conv` where the spec says so and its input is quantized (else None)."""
+    if spec.float_bias or conv is None or len(conv.input) < 3 or conv.input[2] not in arrays or conv.input[2] in done:
+        return None
+    source = spec.activations.get(conv.input[0])
+    if source is None:
+        return None
+    r = ranges[source.group]
+    return _bias_dequantizer(conv.input[2], onnx.numpy_helper.to_array(arrays[conv.input[2]]),
+                             activation_qparams(source, r.low, r.high)[0], weight_int8(weight, axis)[1])
+
+
+def _bias_dequantizer(name: str, values: np.ndarray, input_step: float, weight_steps: np.ndarray):
+    """(initializers, DequantizeLinear) of a Conv bias in INT32 at step s_input x s_weight (per output channel
+    where the weight is), zero point 0: LiteRT's specification for CONV_2D / DEPTHWISE_CONV_2D biases, and what
+    an NPU adds into its INT32 accumulator."""
+    from onnx import helper, numpy_helper
+
+    steps = (np.float32(input_step) * np.asarray(weight_steps, np.float32)).astype(np.float32)
+    steps = np.broadcast_to(steps, values.shape).astype(np.float32) if steps.ndim else steps
+    limit = np.iinfo(np.int32)
+    quantized = np.clip(np.rint(np.asarray(values, np.float64) / steps), limit.min, limit.max).astype(np.int32)
+    inits = [numpy_helper.from_array(quantized, f"{name}_quantized"), numpy_helper.from_array(steps, f"{name}_scale"),
+             numpy_helper.from_array(np.zeros(steps.shape, np.int32), f"{name}_zero_point")]
+    node = helper.make_node("DequantizeLinear", [f"{name}_quantized", f"{name}_scale", f"{name}_zero_point"],
+                            [f"{name}_dequantized"], name=f"{name}_DequantizeLinear",
+                            **({"axis": 0} if steps.ndim else {}))
     return inits, node
 
 

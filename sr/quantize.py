@@ -21,13 +21,13 @@ import numpy as np
 import onnx
 
 from . import data
-from .centring import moves_values
+from .centring import moves_values, user_io
 from .calibrate import CalibrationConfig, Method, images_digest, load_calibration_images, prepare_calibration_images
 from .calibrated import CalibratedModel, Fixes, calibrate_entry, read_entry
 from .engines import reference
 from .metrics import brightness_ratio, psnr_y
 from .models import model_info
-from .quantspec import Scheme
+from .quantspec import WRAPPER_PREFIX, Scheme
 from .recipe import QuantRecipe
 from .store import Memo, cache_root, file_sha256, locked, logged_progress, write_atomic
 
@@ -172,15 +172,26 @@ def with_known_input_range(model_name: str | os.PathLike, fixes: Fixes, scheme: 
         fixes: the fixes asked for.
         scheme: the INT8 scheme.
 
+    Under LiteRT's specification (`npu`, `npu-per-tensor`) every model's image input and image output are fixed
+    to the contract's [0, 1] (or [0, high]) too: an 8-bit pixel is then exactly one INT8 level (step 1/255, zero
+    point -128) on the way in and on the way out, as an NPU's integer image input and output are (a wider
+    output range spends levels on values the 8-bit image clips anyway; a narrower one, as mse or entropy may
+    choose, can never reach white).
+
     Returns:
-        `fixes`, with the user's input range fixed for a registered ONNX model.
+        `fixes`, with the user's input range fixed for a registered ONNX model (and every model's image input
+        and output, under LiteRT).
     """
     known = model_info(model_name).input_range
-    if known is None:
+    litert = Scheme.parse(scheme).litert
+    if known is None and not litert:
         return fixes
-    tensor, high = known
+    fp32 = fp32_onnx_path(model_name)
+    image_in, image_out = _image_io(fp32)
+    tensor, high = known or (image_in, 1.0)
     learned = learned_ranges(model_name, scheme) or {}
-    fixed = {t: (0.0, high) for t in _same_values(fp32_onnx_path(model_name), tensor)
+    wanted = [*_same_values(fp32, tensor), *([image_out] if litert else [])]
+    fixed = {t: (0.0, high) for t in wanted
              if t not in fixes.fixed_range and t not in fixes.range_method and t not in fixes.keep_float
              and t not in learned}
     if not fixed:
@@ -198,6 +209,19 @@ def _same_values(fp32: Path, tensor: str) -> list[str]:
     stat = Path(fp32).stat()
     return _SAME_VALUES.get((str(fp32), stat.st_size, stat.st_mtime_ns, tensor),
                             lambda: _walk_same_values(onnx.load(str(fp32)), tensor))
+
+
+def _image_io(fp32: Path) -> tuple[str, str]:
+    """(the image the network reads, the image it writes) of a graph file: the graph's input and output, or for
+    a user's model inside the lab's wrapper the user's own (`sr.centring.user_io`); remembered per file."""
+    def read() -> tuple[str, str]:
+        model = onnx.load(str(fp32), load_external_data=False)
+        if any(node.name.startswith(WRAPPER_PREFIX) for node in model.graph.node):
+            return user_io(model)
+        return model.graph.input[0].name, model.graph.output[0].name
+
+    stat = Path(fp32).stat()
+    return _SAME_VALUES.get((str(fp32), stat.st_size, stat.st_mtime_ns, None), read)
 
 
 def _walk_same_values(model: onnx.ModelProto, tensor: str) -> list[str]:

@@ -14,11 +14,18 @@ Three targets, each named for what it deploys to:
   Symmetric INT8 (-127..127), weights per output channel, float biases. Checked against ModelOpt itself, on every
   shipped model and stand-in, in tests/test_quantspec.py; ModelOpt's other patterns (attention, LayerNorm, GEMV)
   are not reproduced, and a graph with them may differ.
-- `npu`: every tensor in INT8, the network output included, as many NPUs run a network: the input and output of
-  each Conv / ReLU / Clip / Concat / DepthToSpace; a Conv feeding only an activation shares its range (the fused
-  unit quantizes once, after the activation). Symmetric INT8, weights per channel, float biases;
-  `npu-per-tensor`: the same with one scale per weight tensor (accelerators without per-channel weights).
-- `cpu`: the `npu` placement with asymmetric UINT8 activations and INT32 biases: ONNX Runtime's fast x86 path.
+- `npu`: the LiteRT (TFLite) 8-bit quantization specification, which Qualcomm's HTP and the other phone NPUs
+  run: every tensor in INT8, the network output included (the input and output of each Conv / ReLU / Clip /
+  Concat / DepthToSpace); activations per tensor, **asymmetric with a zero point** (-128..127, so a [0, 1] image
+  uses all 256 levels and white stays white); weights symmetric per output channel (-127..127, zero point 0);
+  **INT32 biases** at step s_input x s_weight; and the spec's op constraints: a Concat's inputs share its output's
+  scale and zero point, a DepthToSpace keeps its input's, and a Conv feeding only an activation shares the
+  activation's (the fused unit quantizes once, after the activation); an Add of two tensors is INT8 too. `npu-per-tensor`: the same with one scale
+  per weight tensor (accelerators without per-channel weights).
+- `npu-symmetric`: the `npu` placement with symmetric activations (zero point 0, -127..127) and float biases, for
+  accelerators that are symmetric-only (what `npu` meant before it followed LiteRT's specification).
+- `cpu`: the `npu-symmetric` placement with asymmetric UINT8 activations and INT32 biases: ONNX Runtime's fast
+  x86 path (written by ONNX Runtime's own quantizer).
 
 The lab's own wrapper around a user's model (nodes named `standard/...`: colour conversion, the Cb/Cr bicubic,
 layout transposes, [0, 255] scaling) is never quantized: it is not part of what the user deploys.
@@ -40,14 +47,30 @@ class Scheme(Choice, noun="INT8 scheme"):
     """The INT8 target: where Q/DQ go and how activations are quantized."""
 
     TENSORRT = "tensorrt"
-    NPU = "npu"
+    NPU = "npu"  # LiteRT's 8-bit specification (asymmetric INT8 activations, INT32 biases, tied Concat)
     NPU_PER_TENSOR = "npu-per-tensor"  # npu with one scale per weight tensor (accelerators without per-channel)
+    NPU_SYMMETRIC = "npu-symmetric"  # every tensor INT8, symmetric activations, float biases
     CPU = "cpu"
 
     @property
     def symmetric(self) -> bool:
-        """True for symmetric INT8 activations (tensorrt, npu)."""
-        return self is not Scheme.CPU
+        """True for symmetric INT8 activations with zero point 0 (tensorrt, npu-symmetric)."""
+        return self in (Scheme.TENSORRT, Scheme.NPU_SYMMETRIC)
+
+    @property
+    def by_onnxruntime(self) -> bool:
+        """True for the scheme whose QDQ model ONNX Runtime's quantizer writes (cpu); the lab writes the others."""
+        return self is Scheme.CPU
+
+    @property
+    def litert(self) -> bool:
+        """True for the schemes that follow LiteRT's 8-bit quantization specification (npu, npu-per-tensor)."""
+        return self in (Scheme.NPU, Scheme.NPU_PER_TENSOR)
+
+    @property
+    def int32_bias(self) -> bool:
+        """True where Conv biases are INT32 at step s_input x s_weight (npu, npu-per-tensor, cpu)."""
+        return self.litert or self is Scheme.CPU
 
     @property
     def all_int8(self) -> bool:
@@ -59,6 +82,7 @@ class Scheme(Choice, noun="INT8 scheme"):
 TENSORRT_INPUT_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm", "Add", "MaxPool", "AveragePool",
                       "GlobalAveragePool")
 ALL_INT8_OPS = ("Conv", "Relu", "Clip", "Concat", "DepthToSpace")  # npu / cpu: inputs and outputs of these
+LITERT_OPS = (*ALL_INT8_OPS, "Add")  # LiteRT's ADD is an INT8 op too (a residual stays on the integer path)
 WEIGHT_AXIS = {"Conv": 0, "ConvTranspose": 1, "MatMul": 1, "Gemm": 1}  # the output-channel axis of each weight
 
 
@@ -68,9 +92,10 @@ class ActivationSpec:
 
     tensor: str
     group: str  # the tensor whose range it takes (itself when it has its own): a tie group
-    signed: bool  # INT8 with zero point 0 (symmetric), or UINT8 with a zero point
-    qmin: int  # the integer grid a range is mapped onto: -127..127 (symmetric) or 0..255
+    signed: bool  # INT8 (tensorrt, npu, npu-symmetric), or UINT8 (cpu)
+    qmin: int  # the integer grid a range is mapped onto: -127..127 (symmetric), -128..127 or 0..255
     qmax: int
+    symmetric: bool = True  # zero point 0 and a range symmetric about it, or a zero point that fits the range
 
 
 @dataclass(frozen=True)
@@ -89,7 +114,7 @@ class QuantSpec:
     scheme: Scheme
     activations: dict[str, ActivationSpec]  # in graph order
     weights: dict[str, WeightSpec]
-    float_bias: bool  # biases stay float (tensorrt, npu) or are INT32 (cpu)
+    float_bias: bool  # biases stay float (tensorrt, npu-symmetric) or are INT32 (npu, npu-per-tensor, cpu)
     float_tensors: tuple[str, ...]  # activations a quantizing op reads in float: fixes, small convs, the wrapper
     excluded_nodes: tuple[str, ...] = field(default=())  # nodes whose inputs are not quantized
 
@@ -104,8 +129,9 @@ class QuantSpec:
 
 
 def activation_qparams(spec: ActivationSpec, low: float, high: float) -> tuple[float, int]:
-    """(scale, zero point) of a range on a spec's grid (ONNX Runtime's quantizer does the same arithmetic)."""
-    if spec.signed:
+    """(scale, zero point) of a range on a spec's grid (ONNX Runtime's quantizer and LiteRT's do the same
+    arithmetic: the range widened to include 0, the zero point the integer that 0.0 maps to)."""
+    if spec.symmetric:
         amax = max(abs(low), abs(high), 1e-8)
         return float(np.float32(amax / spec.qmax)), 0
     low, high = min(low, 0.0), max(high, 0.0)
@@ -208,8 +234,8 @@ def quant_spec(model: onnx.ModelProto, scheme: Scheme | str, keep_float: Sequenc
         ValueError: per-tensor weights asked for a scheme other than npu.
     """
     scheme = Scheme.parse(scheme)
-    if per_tensor_weights and scheme is not Scheme.NPU:
-        raise ValueError("per-tensor weights are an option of the npu scheme only")
+    if per_tensor_weights and scheme not in (Scheme.NPU, Scheme.NPU_SYMMETRIC):
+        raise ValueError("per-tensor weights are an option of the npu schemes only")
     per_tensor_weights = per_tensor_weights or scheme is Scheme.NPU_PER_TENSOR
     graph = _GraphFacts.of(model)
     quantized: list[str] = []
@@ -217,7 +243,7 @@ def quant_spec(model: onnx.ModelProto, scheme: Scheme | str, keep_float: Sequenc
     excluded, floated = [], []
     # the cpu writer (ONNX Runtime's quantizer) keeps a tensor in float by excluding every node that touches it,
     # so those nodes quantize nothing else either (a Conv reading a float tensor leaves its output in float)
-    touching = set() if scheme.symmetric else set(keep_float)
+    touching = set(keep_float) if scheme.by_onnxruntime else set()
     for node in graph.user_nodes:
         placed = _tensorrt_inputs(graph, node) if scheme is Scheme.TENSORRT else _all_int8_tensors(graph, node, scheme)
         if placed is not None and touching & (set(node.input) | set(node.output)):
@@ -237,10 +263,12 @@ def quant_spec(model: onnx.ModelProto, scheme: Scheme | str, keep_float: Sequenc
     ordered = list(dict.fromkeys(quantized))
     floated += [t for t in ordered if t in set(keep_float)]
     ordered = [t for t in ordered if t not in set(keep_float)]
-    ties = {} if scheme is Scheme.TENSORRT else fused_ties(model, set(ordered))
-    qmin, qmax = (-127, 127) if scheme.symmetric else (0, 255)
-    activations = {t: ActivationSpec(t, ties.get(t, t), scheme.symmetric, qmin, qmax) for t in ordered}
-    return QuantSpec(scheme, activations, weights, scheme.symmetric, tuple(dict.fromkeys(floated)), tuple(excluded))
+    ties = {} if scheme is Scheme.TENSORRT else fused_ties(model, set(ordered), concat_inputs=scheme.litert)
+    qmin, qmax = (-127, 127) if scheme.symmetric else (0, 255) if scheme.by_onnxruntime else (-128, 127)
+    signed = not scheme.by_onnxruntime
+    activations = {t: ActivationSpec(t, ties.get(t, t), signed, qmin, qmax, scheme.symmetric) for t in ordered}
+    return QuantSpec(scheme, activations, weights, not scheme.int32_bias, tuple(dict.fromkeys(floated)),
+                     tuple(excluded))
 
 
 @dataclass(frozen=True)
@@ -287,12 +315,12 @@ def _tensorrt_inputs(graph: _GraphFacts, node: onnx.NodeProto) -> list[str] | No
 
 def _all_int8_tensors(graph: _GraphFacts, node: onnx.NodeProto, scheme: Scheme) -> list[str]:
     """The tensors the npu / cpu placement quantizes at `node`: its inputs and outputs for the covered ops."""
-    if node.op_type not in ALL_INT8_OPS:
+    if node.op_type not in (LITERT_OPS if scheme.litert else ALL_INT8_OPS):
         return []
     if scheme is Scheme.CPU and node.op_type in ("Relu", "Clip") and \
             getattr(graph.producers.get(node.input[0]), "op_type", None) not in ALL_INT8_OPS:
         return []  # ONNX Runtime's writer quantizes an activation only as part of a quantized op before it
-    inputs = list(node.input) if node.op_type == "Concat" else list(node.input[:1])
+    inputs = list(node.input) if node.op_type in ("Concat", "Add") else list(node.input[:1])
     return [t for t in [*inputs, *node.output] if graph.activation(t)]
 
 
@@ -389,10 +417,17 @@ def _non_residual_input(node: onnx.NodeProto, producers: dict[str, onnx.NodeProt
     return None
 
 
-def fused_ties(model: onnx.ModelProto, quantized: set[str]) -> dict[str, str]:
+def fused_ties(model: onnx.ModelProto, quantized: set[str], concat_inputs: bool = False) -> dict[str, str]:
     """A Conv output that feeds only a ReLU/Clip (possibly through a DepthToSpace or a channel Slice, pure data
     movement) takes the activation's output range: the fused unit quantizes once, after the activation; a
-    DepthToSpace output keeps its input's grid (data movement cannot change a scale)."""
+    DepthToSpace output keeps its input's grid (data movement cannot change a scale). With `concat_inputs`
+    (LiteRT's specification: "CONCATENATION ... restriction: input and outputs must all have same scale/zero
+    point"), every quantized input of a Concat takes the Concat output's range, and so does whatever was tied to
+    that input.
+
+    Returns:
+        {tensor: the tensor whose range it takes}, each chain followed to its end.
+    """
     consumers: dict[str, list[onnx.NodeProto]] = {}
     producer = {}
     for node in model.graph.node:
@@ -414,7 +449,24 @@ def fused_ties(model: onnx.ModelProto, quantized: set[str]) -> dict[str, str]:
         if node.op_type == "DepthToSpace" and node.input[0] in quantized and node.output[0] in quantized \
                 and node.output[0] not in ties and node.input[0] not in ties:
             ties[node.output[0]] = node.input[0]
-    return ties
+    if concat_inputs:
+        for node in model.graph.node:
+            if node.op_type == "Concat" and node.output[0] in quantized:
+                target = _tie_root(ties, node.output[0])
+                for name in node.input:
+                    root = _tie_root(ties, name)
+                    if name in quantized and root != target:
+                        ties[root] = target
+    return {tensor: _tie_root(ties, tensor) for tensor in ties}
+
+
+def _tie_root(ties: dict[str, str], tensor: str) -> str:
+    """The end of `tensor`'s chain of ties (itself when it is tied to nothing)."""
+    seen = {tensor}
+    while tensor in ties and ties[tensor] not in seen:
+        tensor = ties[tensor]
+        seen.add(tensor)
+    return tensor
 
 
 def used_names(nodes) -> set[str]:

@@ -12,14 +12,18 @@ from __future__ import annotations
 
 import logging
 import platform
+from pathlib import Path
 
 from .choices import Choice
-from .engines import (BF16_TOLERANCE, FP32_TOLERANCE, INT8_TOLERANCE, Conformance, EngineRefused, OpenVinoEngine,
-                      OrtEngine, TensorRTEngine, TorchEngine, conformance, openvino_available, reference,
-                      tensorrt_available)
+from .engines import (BF16_TOLERANCE, DEFAULT_HTP_ARCH, FP32_TOLERANCE, INT8_TOLERANCE, NPU_TOLERANCE, Conformance,
+                      EngineRefused, LiteRTEngine, OpenVinoEngine, OrtEngine, QnnHtpEngine, TensorRTEngine, TorchEngine,
+                      conformance,
+                      openvino_available, reference, tensorrt_available)
 from .models import load_model, model_info
+from .qdq import spec_of, tie_fused_ranges
 from .quantize import CalibratedModel, Scheme, fp32_onnx_path
-from .store import file_sha256
+from .store import cache_cap_bytes, cache_root, evict, file_sha256
+from .tflite import write_tflite
 
 log = logging.getLogger(__name__)
 
@@ -34,11 +38,20 @@ class EngineKind(Choice, noun="engine"):
     OPENVINO_BF16 = "openvino-bf16"
     OPENVINO_INT8 = "openvino-int8"  # the QDQ model, its Q/DQ pairs fused into INT8 kernels
     TENSORRT = "tensorrt"
+    QNN_HTP = "qnn-htp"  # Qualcomm's Hexagon NPU arithmetic (libQnnHtp's x86 simulation), CPU fallback off
+    LITERT = "litert"  # the lab's full-integer .tflite in LiteRT's interpreter, XNNPACK kernels
+    LITERT_REF = "litert-ref"  # the same .tflite on TFLite's reference integer kernels
 
     @property
     def is_int8(self) -> bool:
         """True for the engines that run a calibrated INT8 model."""
-        return self in (EngineKind.ORT_INT8, EngineKind.OPENVINO_INT8, EngineKind.TENSORRT)
+        return self in (EngineKind.ORT_INT8, EngineKind.OPENVINO_INT8, EngineKind.TENSORRT, EngineKind.QNN_HTP,
+                        EngineKind.LITERT, EngineKind.LITERT_REF)
+
+    @property
+    def is_npu(self) -> bool:
+        """True for a target's own integer numerics (a few levels from the reference by design: NPU_TOLERANCE)."""
+        return self in (EngineKind.QNN_HTP, EngineKind.LITERT, EngineKind.LITERT_REF)
 
 
 def cpu_name() -> str:
@@ -63,7 +76,7 @@ class Purpose(Choice, noun="engine purpose"):
 
 
 def engine_for(model: str, int8: CalibratedModel | None = None, purpose: Purpose | str = Purpose.MEASURE,
-               kind: EngineKind | str | None = None, threads: int = 0):
+               kind: EngineKind | str | None = None, threads: int = 0, htp_arch: str = DEFAULT_HTP_ARCH):
     """The one engine policy: the engine that runs `model` (its INT8 model `int8`, or FP32) for a purpose, or the
     engine kind asked for; every engine but the reference is checked against it (`create_engine`).
 
@@ -73,13 +86,14 @@ def engine_for(model: str, int8: CalibratedModel | None = None, purpose: Purpose
         purpose: `Purpose` (ignored when `kind` is given).
         kind: a runtime asked for by name (`EngineKind`).
         threads: runtime threads (0: its default).
+        htp_arch: the HTP generation of the qnn-htp engine.
 
     Raises:
         EngineRefused: the engine asked for disagrees with the reference on this machine.
         ValueError: an INT8 kind without a calibrated model, or an unknown kind or purpose.
     """
     if kind is not None:
-        return create_engine(kind, model, int8, threads)
+        return create_engine(kind, model, int8, threads, htp_arch)
     purpose = Purpose.parse(purpose)
     if purpose is Purpose.SPEED:
         return best_int8_engine(int8, threads)[0] if int8 is not None else create_engine(
@@ -117,7 +131,8 @@ def _checked(engine, model: str, int8: CalibratedModel | None, tolerance, kind: 
     return engine
 
 
-def create_engine(kind: EngineKind | str, model: str, int8: CalibratedModel | None = None, threads: int = 0):
+def create_engine(kind: EngineKind | str, model: str, int8: CalibratedModel | None = None, threads: int = 0,
+                  htp_arch: str = DEFAULT_HTP_ARCH):
     """An engine of `kind` for `model`, checked against the reference unless it is the reference.
 
     Args:
@@ -125,12 +140,14 @@ def create_engine(kind: EngineKind | str, model: str, int8: CalibratedModel | No
         model: a shipped model name, a weight file or a registered ONNX model.
         int8: the calibrated model, for INT8 kinds.
         threads: runtime threads (0: its default).
+        htp_arch: the HTP generation of the qnn-htp engine (`sr.engines.HTP_ARCHS`).
 
     Returns:
         an object with `run(lr uint8 HxWx3) -> uint8 (sH)x(sW)x3` and a `name`.
 
     Raises:
-        ValueError: an INT8 kind without a calibrated model, or TensorRT with a scheme it does not run.
+        ValueError: an INT8 kind without a calibrated model, TensorRT with a scheme it does not run, or an NPU
+            that cannot run the whole graph (said in words).
         EngineRefused: the engine disagrees with the reference on this machine (the message gives the figures).
     """
     kind = EngineKind.parse(kind)
@@ -154,9 +171,49 @@ def create_engine(kind: EngineKind | str, model: str, int8: CalibratedModel | No
     if kind is EngineKind.OPENVINO_INT8:
         engine = OpenVinoEngine(int8.qdq_onnx, scale, threads, name=f"openvino-int8-{int8.scheme.value}")
         return _checked(engine, model, int8, INT8_TOLERANCE, kind.value)
+    if kind in (EngineKind.LITERT, EngineKind.LITERT_REF):
+        _takes_the_image(model)
+        kernels = "xnnpack" if kind is EngineKind.LITERT else "reference"
+        engine = LiteRTEngine(tflite_model(int8), scale, kernels, name=f"{kind.value}-{int8.scheme.value}")
+        return _checked(engine, model, int8, INT8_TOLERANCE if kernels == "xnnpack" else NPU_TOLERANCE, kind.value)
+    if kind is EngineKind.QNN_HTP:
+        engine = QnnHtpEngine(int8.qdq_onnx, scale, htp_arch, name=f"qnn-htp-{int8.scheme.value}")
+        return _checked(engine, model, int8, NPU_TOLERANCE, f"{kind.value}-v{engine.htp_arch}")
     if int8.scheme is Scheme.CPU:
         raise ValueError("the tensorrt engine runs the symmetric schemes only (tensorrt, npu), not cpu")
     return _checked(TensorRTEngine(int8.qdq_onnx, scale), model, int8, INT8_TOLERANCE, kind.value)
+
+
+def _takes_the_image(model: str) -> None:
+    """Raise unless the model's own graph takes the lab's input as it is (NCHW RGB in [0, 1], the LR image): the
+    .tflite is that graph alone, without the lab's wrapper (colour conversion, layout, scaling, upsampling)."""
+    contract = model_info(model).contract
+    if contract is None:
+        return
+    wrapped = [what for what, differs in (
+        (f"{contract.layout.value.upper()} layout", contract.layout.value != "nchw"),
+        (f"{contract.color.value} colour", contract.color.value != "rgb"),
+        (f"[0, {contract.value_range}] values", contract.value_range != 1),
+        ("a pre-upsampled input", contract.pre_upsampled)) if differs]
+    if wrapped:
+        raise ValueError(f"the .tflite is your graph alone, and it takes {', '.join(wrapped)}: the lab runs it in "
+                         "LiteRT only for graphs that take the RGB [0, 1] LR image (the bundle still ships it)")
+
+
+def tflite_model(int8: CalibratedModel) -> Path:
+    """The full-integer .tflite of a calibrated model (`sr.tflite`), written once per QDQ model (keyed by its
+    hash: the ranges, spec and fixes are all in it) and kept in the cache.
+
+    Raises:
+        TfliteUnsupported: (a ValueError) a scheme other than npu / npu-per-tensor, or a graph the writer cannot
+            express (named).
+    """
+    path = cache_root() / "tflite" / f"{int8.qdq_onnx.stem}-{file_sha256(int8.qdq_onnx)[:16]}.tflite"
+    if not path.is_file():
+        spec = spec_of(int8.fp32_onnx, int8.scheme, int8.fixes.keep_float)
+        write_tflite(int8.fp32_onnx, spec, tie_fused_ranges(spec, int8.ranges), path)
+        evict(path.parent, cache_cap_bytes(), keep=path)
+    return path
 
 
 def int8_candidates(int8: CalibratedModel) -> list[EngineKind]:
@@ -193,4 +250,5 @@ def best_int8_engine(int8: CalibratedModel, threads: int = 0) -> tuple[object, l
 
 
 __all__ = ["EngineKind", "Purpose", "engine_for", "create_engine", "reference_engine", "best_int8_engine", "int8_candidates", "EngineRefused",
+           "tflite_model",
            "cpu_name"]

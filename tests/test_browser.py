@@ -152,3 +152,28 @@ def test_drop_an_onnx_model_and_download_its_bundle(server, tmp_path, stand_ins,
         expect(page.locator("#bundle")).to_contain_text("int8-ready", timeout=60_000)  # the chosen model's zip
         browser.close()
 
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="Debian's chromium is not installed (.ci/run installs it)")
+def test_the_int8_panels_as_qualcomms_npu_computes_them(server):
+    """The npu scheme, its INT8 panels run on Qualcomm's Hexagon NPU arithmetic (onnxruntime-qnn's x86 HTP):
+    the panels say so, the table names the engine, and the NPU's INT8 differs from FP32 as INT8 does."""
+    from playwright.sync_api import expect, sync_playwright
+
+    pytest.importorskip("onnxruntime_qnn")
+    with sync_playwright() as playwright:
+        browser, page = _open(playwright)
+        page.goto(server)
+        expect(page.locator("#input-image img")).to_be_visible(timeout=60_000)
+        page.get_by_label("npu", exact=True).check()
+        page.get_by_label("Qualcomm HTP v73 (simulated)").check()
+        page.locator("#run").click()
+        _wait_done(page)
+        metrics = page.locator("#metrics")
+        expect(metrics).to_contain_text("qnn-htp-npu-v73", timeout=30_000)
+        expect(page.locator("#panel-2 [data-testid='block-label']")).to_contain_text("on Qualcomm HTP v73")
+        rows = [line for line in metrics.inner_text().splitlines() if "qnn-htp" in line]
+        assert len(rows) == 2, metrics.inner_text()
+        expect(page.locator("#panel-2 img")).to_be_visible()
+        browser.close()

@@ -124,7 +124,8 @@ def test_bad_arguments():
         calibrate_model("xlsr-relu", CalibrationConfig(samples=10), "fp16")
     with pytest.raises(FileNotFoundError, match="no model 'nope'"):
         calibrate_model("nope", CalibrationConfig(samples=10), "cpu")
-    assert Scheme.TENSORRT.symmetric and Scheme.NPU.symmetric and not Scheme.CPU.symmetric
+    assert Scheme.TENSORRT.symmetric and Scheme.NPU_SYMMETRIC.symmetric and not Scheme.NPU.symmetric \
+        and not Scheme.CPU.symmetric and Scheme.NPU.int32_bias and not Scheme.NPU_SYMMETRIC.int32_bias
 
 
 @pytest.mark.gpu

@@ -26,7 +26,7 @@ def _every_model(registered) -> list[str]:
     return [*SHIPPED, *(registered[name].name for name in sorted(registered))]
 
 
-@pytest.mark.parametrize("scheme", ["tensorrt", "npu", "npu-per-tensor", "cpu"])
+@pytest.mark.parametrize("scheme", ["tensorrt", "npu", "npu-per-tensor", "npu-symmetric", "cpu"])
 def test_written_models_quantize_what_the_spec_says(registered, scheme):
     """For every shipped model and stand-in: the Q/DQ pairs of the written model are the spec's, and so are the
     INT8 weights (the cpu writer folds ReLU/Clip into their Conv: a folded tensor is absent, never extra)."""
@@ -113,7 +113,7 @@ def test_small_convs_stay_float_and_are_listed():
 def test_per_tensor_weights_are_an_npu_option():
     spec = spec_of(fp32_onnx_path("xlsr-clip"), "npu", per_tensor_weights=True)
     assert spec.weights and all(w.axis is None for w in spec.weights.values())
-    with pytest.raises(ValueError, match="npu scheme only"):
+    with pytest.raises(ValueError, match="npu schemes only"):
         spec_of(fp32_onnx_path("xlsr-clip"), "tensorrt", per_tensor_weights=True)
     assert Scheme.parse("npu") is Scheme.NPU
     written = calibrate_model("xlsr-clip", CalibrationConfig(method="minmax", samples=10), "npu-per-tensor")

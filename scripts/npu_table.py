@@ -1,0 +1,126 @@
+"""INT8 as the NPU runs it: for every shipped model and every family stand-in (tests/standins.py, trained 300
+steps on T91), the `npu` (LiteRT's specification) and `npu-symmetric` models, entropy calibration at 100 samples,
+measured on Set5: PSNR-Y against the same model's FP32 output on the reference (ONNX Runtime's CPU kernels) and on
+Qualcomm's Hexagon NPU arithmetic (`qnn-htp`, libQnnHtp's x86 simulation, the chip named), the loss against the
+ground truth (FP32 minus INT8), whether white comes out white, and how far the NPU is from the reference on the
+Set5 images themselves (mean / 99.9th percentile / max 8-bit levels). Writes docs/npu.json and the table between
+the `npu` markers in docs/how-int8-is-made.md.
+
+    python scripts/npu_table.py --data ../shared/data              # about 10 minutes on 2 CPU cores
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+import standins  # noqa: E402
+from sr.calibrate import CalibrationConfig  # noqa: E402
+from sr.compare import InputMode  # noqa: E402
+from sr.diagnose import eval_pairs  # noqa: E402
+from sr.engines import DEFAULT_HTP_ARCH  # noqa: E402
+from sr.metrics import psnr_y  # noqa: E402
+from sr.models import model_info, shipped_models  # noqa: E402
+from sr.quantize import calibrate_model  # noqa: E402
+from sr.runtime import EngineKind, cpu_name, engine_for  # noqa: E402
+from sr.store import write_atomic  # noqa: E402
+from sr.usermodel import register_onnx  # noqa: E402
+
+SCHEMES = ("npu", "npu-symmetric")
+
+
+def measure(model: str, data: Path, arch: str) -> list[dict]:
+    scale = model_info(model).scale
+    pairs = eval_pairs(str(data / "Set5"), None, InputMode.GROUND_TRUTH, scale, None)
+    fp32 = engine_for(model)
+    fp32_out = [fp32.run(lr) for lr, _ in pairs]
+    fp32_truth = float(np.mean([psnr_y(o, t, scale) for o, (_, t) in zip(fp32_out, pairs)]))
+    white = np.full((40, 40, 3), 255, np.uint8)
+    rows = []
+    for scheme in SCHEMES:
+        int8 = calibrate_model(model, CalibrationConfig(method="entropy", samples=100), scheme)
+        row = {"model": model, "scheme": scheme}
+        reference = engine_for(model, int8)
+        ref_out = [reference.run(lr) for lr, _ in pairs]
+        row["reference_vs_fp32_db"] = float(np.mean([psnr_y(o, f, scale) for o, f in zip(ref_out, fp32_out)]))
+        row["reference_loss_db"] = fp32_truth - float(np.mean([psnr_y(o, t, scale) for o, (_, t) in zip(ref_out, pairs)]))
+        row["reference_white_max"] = int(reference.run(white).max())
+        started = time.perf_counter()
+        try:
+            npu = engine_for(model, int8, kind=EngineKind.QNN_HTP, htp_arch=arch)
+        except Exception as error:  # refused in words: the reason is the row
+            row["htp"] = {"refused": str(error)}
+            rows.append(row)
+            continue
+        htp_out = [npu.run(lr) for lr, _ in pairs]
+        diff = np.concatenate([np.abs(h.astype(np.int16) - r.astype(np.int16)).ravel()
+                               for h, r in zip(htp_out, ref_out)])
+        row["htp"] = {"engine": npu.name,
+                      "vs_fp32_db": float(np.mean([psnr_y(o, f, scale) for o, f in zip(htp_out, fp32_out)])),
+                      "loss_db": fp32_truth - float(np.mean([psnr_y(o, t, scale) for o, (_, t) in zip(htp_out, pairs)])),
+                      "white_max": int(npu.run(white).max()),
+                      "vs_reference": {"mean": float(diff.mean()), "p999": float(np.percentile(diff, 99.9)),
+                                       "max": int(diff.max()), "share_differing": float((diff > 0).mean())},
+                      "seconds_per_image": (time.perf_counter() - started) / len(pairs)}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def markdown(rows: list[dict], arch: str, cpu: str) -> str:
+    lines = [f"Measured on {cpu}; the NPU is Qualcomm's HTP v{arch} as `onnxruntime-qnn` simulates it on x86 "
+             "(entropy calibration, 100 samples, Set5).", "",
+             "| model | scheme | vs FP32, reference (dB) | vs FP32, HTP (dB) | loss vs truth, reference / HTP (dB) | "
+             "white (max level), reference / HTP | HTP vs reference: mean / p99.9 / max levels, share differing |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        h = r["htp"]
+        if "refused" in h:
+            lines.append(f"| {r['model']} | {r['scheme']} | {r['reference_vs_fp32_db']:.2f} | refused: "
+                         f"{h['refused'][:120]} | {r['reference_loss_db']:.3f} / - | {r['reference_white_max']} / - | - |")
+            continue
+        v = h["vs_reference"]
+        lines.append(f"| {r['model']} | {r['scheme']} | {r['reference_vs_fp32_db']:.2f} | {h['vs_fp32_db']:.2f} | "
+                     f"{r['reference_loss_db']:.3f} / {h['loss_db']:.3f} | {r['reference_white_max']} / "
+                     f"{h['white_max']} | {v['mean']:.2f} / {v['p999']:.0f} / {v['max']}, {100 * v['share_differing']:.0f}% |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data"))
+    parser.add_argument("--htp-arch", default=DEFAULT_HTP_ARCH)
+    parser.add_argument("--families", default=",".join(standins.FAMILY_NAMES))
+    args = parser.parse_args()
+    data = Path(args.data)
+    rows = []
+    for model in shipped_models():
+        rows += measure(model, data, args.htp_arch)
+    with tempfile.TemporaryDirectory() as work:
+        for name in [f for f in args.families.split(",") if f]:
+            user = register_onnx(standins.family(name, Path(work), str(data / "T91")))
+            for row in measure(user.name, data, args.htp_arch):
+                rows.append({**row, "model": name})
+    cpu = cpu_name()
+    write_atomic(json.dumps({"cpu": cpu, "htp_arch": args.htp_arch, "rows": rows}, indent=1).encode(),
+                 ROOT / "docs" / "npu.json")
+    doc = ROOT / "docs" / "how-int8-is-made.md"
+    text = doc.read_text()
+    table = markdown(rows, args.htp_arch, cpu)
+    text = re.sub(r"<!-- npu:start -->.*<!-- npu:end -->", lambda _: f"<!-- npu:start -->\n{table}\n<!-- npu:end -->",
+                  text, flags=re.S)
+    write_atomic(text.encode(), doc)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,250 @@
+"""INT8 as an NPU runs it: the `npu` scheme follows LiteRT's 8-bit quantization specification (asymmetric INT8
+activations, symmetric per-channel weights, INT32 biases at s_input x s_weight, a Concat's inputs on its output's
+grid), read back from the written QDQ file; and Qualcomm's own HTP arithmetic (`onnxruntime-qnn`'s x86
+`libQnnHtp.so`) runs the lab's models and is checked against the reference like every other engine."""
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from sr.calibrate import CalibrationConfig
+from sr.engines import NPU_TOLERANCE, conformance, probe_image, qnn_available
+from sr.qdq import spec_of
+from sr.quantize import calibrate_model
+from sr.quantspec import Scheme, activation_qparams, graph_quantization, quant_spec, weight_int8
+from sr.runtime import EngineKind, create_engine, reference_engine
+
+ENTROPY = CalibrationConfig(method="entropy", samples=20)
+
+
+def _concat_graph() -> onnx.ModelProto:
+    """x -> Conv -> Relu -> a; x -> Conv -> b; Concat(a, b) -> Conv -> y."""
+    rng = np.random.default_rng(0)
+    weights = [numpy_helper.from_array(rng.standard_normal((16, 3, 3, 3)).astype(np.float32), "w0"),
+               numpy_helper.from_array(rng.standard_normal((16, 3, 3, 3)).astype(np.float32), "w1"),
+               numpy_helper.from_array(rng.standard_normal((3, 32, 3, 3)).astype(np.float32), "w2")]
+    nodes = [helper.make_node("Conv", ["x", "w0"], ["c0"], name="c0", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c0"], ["a"], name="relu"),
+             helper.make_node("Conv", ["x", "w1"], ["b"], name="c1", pads=[1, 1, 1, 1]),
+             helper.make_node("Concat", ["a", "b"], ["cat"], name="cat", axis=1),
+             helper.make_node("Conv", ["cat", "w2"], ["y"], name="c2", pads=[1, 1, 1, 1])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 8, 8])], weights)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_litert_ties_a_concats_inputs_to_its_output_and_what_was_tied_to_them():
+    model = _concat_graph()
+    npu = quant_spec(model, "npu")
+    assert {npu.activations[t].group for t in ("c0", "a", "b", "cat")} == {"cat"}  # c0 -> a -> cat, chained
+    assert all(a.signed and not a.symmetric and (a.qmin, a.qmax) == (-128, 127) for a in npu.activations.values())
+    assert not npu.float_bias
+    symmetric = quant_spec(model, "npu-symmetric")
+    assert symmetric.activations["b"].group == "b" and symmetric.activations["c0"].group == "a"
+    assert all(a.symmetric and (a.qmin, a.qmax) == (-127, 127) for a in symmetric.activations.values())
+    assert symmetric.float_bias
+
+
+@pytest.mark.parametrize("model", ["xlsr-clip", "xlsr-relu"])
+def test_the_written_npu_model_follows_the_litert_specification(model):
+    """Read back from the file: activations INT8 with a zero point (the [0, 1] input on all 256 levels), the
+    Concat's inputs on its output's grid, weights symmetric INT8 per channel, every Conv bias INT32 at exactly
+    s_input x s_weight with zero point 0."""
+    int8 = calibrate_model(model, ENTROPY, "npu")
+    fp32, qdq = onnx.load(str(int8.fp32_onnx)), onnx.load(str(int8.qdq_onnx))
+    found = graph_quantization(qdq, fp32)
+    arrays = {i.name: numpy_helper.to_array(i) for i in qdq.graph.initializer}
+    assert found.activations["input"] == (pytest.approx(1 / 255), -128)  # a pixel is one level
+    assert any(zero != 0 for _, zero in found.activations.values())
+    concats = [n for n in fp32.graph.node if n.op_type == "Concat"]
+    assert concats
+    for node in concats:
+        assert len({found.activations[t] for t in [*node.input, node.output[0]]}) == 1, node.name
+    assert found.weights and all(axis == 0 for axis in found.weights.values())
+    fp32_arrays = {i.name: numpy_helper.to_array(i) for i in fp32.graph.initializer}
+    dq = {n.output[0]: n for n in qdq.graph.node if n.op_type == "DequantizeLinear"}
+    convs = [n for n in qdq.graph.node if n.op_type == "Conv"]
+    for conv in convs:
+        bias = dq[conv.input[2]]
+        assert arrays[bias.input[0]].dtype == np.int32 and not arrays[bias.input[2]].any(), conv.name
+        source = next(n for n in qdq.graph.node if n.output[0] == conv.input[0])  # the input's DequantizeLinear
+        input_step = float(arrays[source.input[1]])
+        weight = fp32_arrays[next(n for n in fp32.graph.node if n.name == conv.name).input[1]]
+        expected = (np.float32(input_step) * weight_int8(weight, 0)[1]).astype(np.float32)
+        np.testing.assert_array_equal(arrays[bias.input[1]], expected)
+        fp32_bias = fp32_arrays[next(n for n in fp32.graph.node if n.name == conv.name).input[2]]
+        assert np.abs(arrays[bias.input[0]] * expected - fp32_bias).max() <= expected.max() / 2 + 1e-9
+
+
+def test_npu_reaches_white_where_the_symmetric_grid_cannot():
+    """The issue's case: xlsr-clip's output on a symmetric grid tops out below 1.0 (its mse range is under 1),
+    so white cannot come out white; LiteRT's asymmetric grid spends all 256 levels on [low, high] and does."""
+    white = np.full((24, 24, 3), 255, np.uint8)
+    shown = {}
+    for scheme in ("npu", "npu-symmetric"):
+        int8 = calibrate_model("xlsr-clip", CalibrationConfig(method="mse", samples=20), scheme)
+        spec = spec_of(int8.fp32_onnx, scheme)
+        output = onnx.load(str(int8.fp32_onnx)).graph.output[0].name
+        r = int8.ranges[spec.activations[output].group]
+        step, zero = activation_qparams(spec.activations[output], r.low, r.high)
+        shown[scheme] = (spec.activations[output].qmax - zero) * step  # the largest value the grid holds
+        if scheme == "npu":
+            assert reference_engine("xlsr-clip", int8).run(white).max() == 255
+    print(shown)
+    assert shown["npu"] >= 254.5 / 255 > shown["npu-symmetric"]
+
+
+needs_qnn = pytest.mark.skipif(not qnn_available(), reason="onnxruntime-qnn is in requirements.txt")
+
+
+@needs_qnn
+@pytest.mark.parametrize("arch", ["68", "73", "81"])
+def test_the_hexagon_npu_runs_the_npu_model_whole_and_agrees_within_its_tolerance(arch):
+    """Qualcomm's HTP simulation, CPU fallback off: the LiteRT-spec model runs whole, agrees with the reference
+    within NPU_TOLERANCE, and closer than the symmetric model does (the zero point and the INT32 biases are
+    what the NPU runs)."""
+    verdicts = {}
+    for scheme in ("npu", "npu-symmetric"):
+        int8 = calibrate_model("xlsr-clip", ENTROPY, scheme)
+        engine = create_engine(EngineKind.QNN_HTP, "xlsr-clip", int8, htp_arch=arch)
+        assert engine.name == f"qnn-htp-{scheme}-v{arch}" and engine.conformance.passed
+        verdicts[scheme] = conformance(engine, reference_engine("xlsr-clip", int8), NPU_TOLERANCE,
+                                       probe=probe_image(40, 52, seed=3))
+        assert 0 < verdicts[scheme].mean_levels <= NPU_TOLERANCE.mean_levels  # its own rounding: never identical
+    assert verdicts["npu"].mean_levels < verdicts["npu-symmetric"].mean_levels
+    assert verdicts["npu"].max_levels < verdicts["npu-symmetric"].max_levels
+
+
+@needs_qnn
+def test_a_graph_the_npu_cannot_run_whole_is_refused_in_words():
+    int8 = calibrate_model("xlsr-clip", ENTROPY, "tensorrt")  # Q/DQ on Conv inputs only: ReLU, Concat in float
+    with pytest.raises(ValueError, match="cannot run all of .*use npu"):
+        create_engine(EngineKind.QNN_HTP, "xlsr-clip", int8)
+    with pytest.raises(ValueError, match="unknown HTP generation"):
+        create_engine(EngineKind.QNN_HTP, "xlsr-clip", calibrate_model("xlsr-clip", ENTROPY, "npu"), htp_arch="99")
+
+
+@needs_qnn
+def test_eval_on_the_npu_from_the_command_line(capfd, data_dir):
+    """`eval --engine qnn-htp --scheme npu --json`: the NPU's figures and its agreement, JSON alone on stdout
+    (libQnnHtp's banner goes to stderr)."""
+    import json
+
+    from sr import cli
+
+    code = cli.main(["eval", "--model", "xlsr-clip", "--data", str(data_dir / "Set5"), "--engine", "qnn-htp",
+                     "--scheme", "npu", "--method", "entropy", "--samples", "20", "--htp-arch", "75", "--json"])
+    out = capfd.readouterr().out  # file descriptor 1 itself: a native library's print would land here
+    assert code == 0
+    report = json.loads(out)
+    assert report["engine_name"] == "qnn-htp-npu-v75" and report["conformance"]["passed"]
+    assert abs(report["fp32_mean"]["psnr_y"] - report["int8_mean"]["psnr_y"]) < 0.5
+    assert "LIBNATIVE" not in out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The .tflite the lab writes, in LiteRT's own interpreter.
+
+needs_litert = pytest.mark.skipif(not __import__("sr.engines", fromlist=["x"]).litert_available(),
+                                  reason="ai-edge-litert is in requirements.txt")
+
+
+def _tflite(model: str, method: str = "entropy"):
+    from ai_edge_litert import schema_py_generated as schema
+
+    from sr.runtime import tflite_model
+
+    int8 = calibrate_model(model, CalibrationConfig(method=method, samples=20), "npu")
+    path = tflite_model(int8)
+    return int8, schema.ModelT.InitFromObj(schema.Model.GetRootAsModel(path.read_bytes(), 0)), schema
+
+
+@needs_litert
+@pytest.mark.parametrize("model", ["xlsr-clip", "xlsr-relu", "teacher"])
+def test_the_tflite_holds_the_labs_scales_and_integer_ops_only(model):
+    """Read back from the flatbuffer: an INT8 image in and out (a pixel is one level), every tensor INT8 but the
+    INT32 biases, one CONV_2D per ONNX Conv (the grouped ones too), DEPTH_TO_SPACE with no GATHER, and each
+    activation's scale and zero point exactly the QDQ model's."""
+    int8, flat, schema = _tflite(model)
+    graph = flat.subgraphs[0]
+    codes = [flat.operatorCodes[op.opcodeIndex].builtinCode for op in graph.operators]
+    names = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
+    ops = [names[c] for c in codes]
+    fp32 = onnx.load(str(int8.fp32_onnx))
+    assert ops.count("CONV_2D") + ops.count("DEPTHWISE_CONV_2D") == sum(n.op_type == "Conv" for n in fp32.graph.node)
+    assert "GATHER" not in ops and ops.count("DEPTH_TO_SPACE") == 1
+    for index in (graph.inputs[0], graph.outputs[0]):
+        tensor = graph.tensors[index]
+        assert tensor.type == schema.TensorType.INT8 and list(tensor.shapeSignature) == [1, -1, -1, 3]
+        assert tensor.quantization.scale[0] == pytest.approx(1 / 255) and tensor.quantization.zeroPoint[0] == -128
+    assert {t.type for t in graph.tensors} == {schema.TensorType.INT8, schema.TensorType.INT32}
+    written = graph_quantization(onnx.load(str(int8.qdq_onnx)), fp32).activations
+    for tensor in graph.tensors:
+        name = tensor.name.decode() if isinstance(tensor.name, bytes) else tensor.name
+        if name in written:
+            assert (np.float32(tensor.quantization.scale[0]), tensor.quantization.zeroPoint[0]) == \
+                (np.float32(written[name][0]), written[name][1]), name
+
+
+@needs_litert
+@pytest.mark.parametrize("model", ["xlsr-clip", "xlsr-relu", "teacher", "xlsr-clip-kd"])
+def test_litert_runs_the_tflite_within_two_levels_on_xnnpack_and_its_tolerance_on_the_reference_kernels(model):
+    int8 = calibrate_model(model, ENTROPY, "npu")
+    probe = probe_image(52, 60, seed=5)
+    expected = reference_engine(model, int8).run(probe).astype(np.int16)
+    xnnpack = create_engine(EngineKind.LITERT, model, int8)
+    difference = np.abs(xnnpack.run(probe).astype(np.int16) - expected)
+    if model == "teacher":  # 13 residual ADDs, each rescaling its two inputs in fixed point
+        assert difference.mean() <= 1.0 and np.percentile(difference, 99.9) <= 4 and difference.max() <= 6
+    else:  # CONV_2D, CONCATENATION, DEPTH_TO_SPACE: XNNPACK requantizes as the reference does, near ties aside
+        assert difference.mean() <= 0.05 and np.percentile(difference, 99.9) <= 2 and difference.max() <= 5
+    kernels = create_engine(EngineKind.LITERT_REF, model, int8)
+    assert 0 < kernels.conformance.mean_levels <= NPU_TOLERANCE.mean_levels  # the reference kernels round ties up
+    big = probe_image(600, 40, seed=7)  # taller than one tile: seamless tiles, as the reference runs it
+    assert np.abs(xnnpack.run(big).astype(np.int16) - reference_engine(model, int8).run(big)).mean() < 0.6
+
+
+@needs_litert
+def test_what_the_tflite_writer_cannot_express_is_refused_naming_it(tmp_path):
+    from sr.runtime import tflite_model
+    from sr.tflite import TfliteUnsupported, tflite_bytes
+    from sr.usermodel import register_onnx
+
+    with pytest.raises(TfliteUnsupported, match="npu or npu-per-tensor scheme, not tensorrt"):
+        tflite_model(calibrate_model("xlsr-clip", ENTROPY, "tensorrt"))
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("Conv", ["x", "w"], ["a"], name="c", pads=[1, 1, 1, 1]),
+             helper.make_node("Sigmoid", ["a"], ["s"], name="gate"),
+             helper.make_node("Conv", ["s", "w2"], ["y"], name="c2", pads=[1, 1, 1, 1])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 8, 8])],
+                              [numpy_helper.from_array(rng.standard_normal((8, 3, 3, 3)).astype(np.float32), "w"),
+                               numpy_helper.from_array(rng.standard_normal((3, 8, 3, 3)).astype(np.float32), "w2")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    spec = quant_spec(model, "npu")
+    ranges = {t: __import__("sr.calibrate", fromlist=["x"]).TensorRange(t, -1.0, 1.0, -1.0, 1.0, 0.0, "fixed")
+              for t in spec.activations}
+    with pytest.raises(TfliteUnsupported, match="cannot express Sigmoid \\('gate'\\)"):
+        tflite_bytes(model, spec, ranges)
+
+
+@needs_litert
+def test_the_bundle_ships_the_tflite_and_says_what_each_runtime_gave(tmp_path):
+    from sr.bundle import export_bundle
+
+    (tmp_path / "calibration.cache").write_text("a stale cache of another model")
+    bundle = export_bundle("xlsr-clip", ENTROPY, tmp_path)
+    assert "model.tflite" in bundle.files and "calibration.cache" not in bundle.files
+    readme = (tmp_path / "README.md").read_text()
+    assert "`model.tflite` on LiteRT, XNNPACK:" in readme and "TFLite's reference kernels:" in readme
+    if qnn_available():
+        assert "qnn-htp-npu-v73" in readme
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_path=str(tmp_path / "model.tflite"))
+    interpreter.resize_tensor_input(0, [1, 20, 30, 3])
+    interpreter.allocate_tensors()
+    interpreter.set_tensor(interpreter.get_input_details()[0]["index"], np.full((1, 20, 30, 3), 127, np.int8))
+    interpreter.invoke()
+    out = interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
+    assert out.shape == (1, 60, 90, 3) and out.dtype == np.int8 and out[0, 20:40, 30:60].min() >= 120  # white
