@@ -1,9 +1,10 @@
 """INT8 as the NPU runs it: for every shipped model and every family stand-in (tests/standins.py, trained 300
 steps on T91), the `npu` (LiteRT's specification) and `npu-symmetric` models, entropy calibration at 100 samples,
-measured on Set5: PSNR-Y against the same model's FP32 output on the reference (ONNX Runtime's CPU kernels) and on
-Qualcomm's Hexagon NPU arithmetic (`qnn-htp`, libQnnHtp's x86 simulation, the chip named), the loss against the
-ground truth (FP32 minus INT8), whether white comes out white, and how far the NPU is from the reference on the
-Set5 images themselves (mean / 99.9th percentile / max 8-bit levels). Writes docs/npu.json and the table between
+measured on Set5: PSNR-Y against the same model's FP32 output on the reference (ONNX Runtime's CPU kernels), on
+Qualcomm's Hexagon NPU arithmetic (`qnn-htp`, libQnnHtp's x86 simulation, the chip named) and, for `npu`, on the
+bundle's .tflite in LiteRT (XNNPACK and the reference kernels); the loss against the ground truth (FP32 minus
+INT8), whether white comes out white, and how far each target is from the reference on the Set5 images
+themselves (mean / 99.9th percentile / max 8-bit levels); a target that cannot run a model says why. Writes docs/npu.json and the table between
 the `npu` markers in docs/how-int8-is-made.md.
 
     python scripts/npu_table.py --data ../shared/data              # about 10 minutes on 2 CPU cores
@@ -35,10 +36,18 @@ from sr.runtime import EngineKind, cpu_name, engine_for  # noqa: E402
 from sr.store import write_atomic  # noqa: E402
 from sr.usermodel import register_onnx  # noqa: E402
 
-SCHEMES = ("npu", "npu-symmetric")
+
+
+ENGINES = {"npu": ("qnn-htp", "litert", "litert-ref"), "npu-symmetric": ("qnn-htp",)}
+
+
+def _scores(outputs, pairs, fp32_out, fp32_truth, scale) -> dict:
+    return {"vs_fp32_db": float(np.mean([psnr_y(o, f, scale) for o, f in zip(outputs, fp32_out)])),
+            "loss_db": fp32_truth - float(np.mean([psnr_y(o, t, scale) for o, (_, t) in zip(outputs, pairs)]))}
 
 
 def measure(model: str, data: Path, arch: str) -> list[dict]:
+    """One row per (scheme, engine): the reference's figures, then each target's, with its agreement."""
     scale = model_info(model).scale
     pairs = eval_pairs(str(data / "Set5"), None, InputMode.GROUND_TRUTH, scale, None)
     fp32 = engine_for(model)
@@ -46,52 +55,48 @@ def measure(model: str, data: Path, arch: str) -> list[dict]:
     fp32_truth = float(np.mean([psnr_y(o, t, scale) for o, (_, t) in zip(fp32_out, pairs)]))
     white = np.full((40, 40, 3), 255, np.uint8)
     rows = []
-    for scheme in SCHEMES:
+    for scheme, kinds in ENGINES.items():
         int8 = calibrate_model(model, CalibrationConfig(method="entropy", samples=100), scheme)
-        row = {"model": model, "scheme": scheme}
         reference = engine_for(model, int8)
         ref_out = [reference.run(lr) for lr, _ in pairs]
-        row["reference_vs_fp32_db"] = float(np.mean([psnr_y(o, f, scale) for o, f in zip(ref_out, fp32_out)]))
-        row["reference_loss_db"] = fp32_truth - float(np.mean([psnr_y(o, t, scale) for o, (_, t) in zip(ref_out, pairs)]))
-        row["reference_white_max"] = int(reference.run(white).max())
-        started = time.perf_counter()
-        try:
-            npu = engine_for(model, int8, kind=EngineKind.QNN_HTP, htp_arch=arch)
-        except Exception as error:  # refused in words: the reason is the row
-            row["htp"] = {"refused": str(error)}
-            rows.append(row)
-            continue
-        htp_out = [npu.run(lr) for lr, _ in pairs]
-        diff = np.concatenate([np.abs(h.astype(np.int16) - r.astype(np.int16)).ravel()
-                               for h, r in zip(htp_out, ref_out)])
-        row["htp"] = {"engine": npu.name,
-                      "vs_fp32_db": float(np.mean([psnr_y(o, f, scale) for o, f in zip(htp_out, fp32_out)])),
-                      "loss_db": fp32_truth - float(np.mean([psnr_y(o, t, scale) for o, (_, t) in zip(htp_out, pairs)])),
-                      "white_max": int(npu.run(white).max()),
-                      "vs_reference": {"mean": float(diff.mean()), "p999": float(np.percentile(diff, 99.9)),
-                                       "max": int(diff.max()), "share_differing": float((diff > 0).mean())},
-                      "seconds_per_image": (time.perf_counter() - started) / len(pairs)}
-        rows.append(row)
+        rows.append({"model": model, "scheme": scheme, "engine": reference.name,
+                     **_scores(ref_out, pairs, fp32_out, fp32_truth, scale), "white_max": int(reference.run(white).max())})
+        for kind in kinds:
+            started = time.perf_counter()
+            try:
+                engine = engine_for(model, int8, kind=EngineKind(kind), htp_arch=arch)
+            except Exception as error:  # refused in words: the reason is the row
+                rows.append({"model": model, "scheme": scheme, "engine": kind, "refused": str(error)})
+                continue
+            outputs = [engine.run(lr) for lr, _ in pairs]
+            diff = np.concatenate([np.abs(o.astype(np.int16) - r.astype(np.int16)).ravel()
+                                   for o, r in zip(outputs, ref_out)])
+            rows.append({"model": model, "scheme": scheme, "engine": engine.name,
+                         **_scores(outputs, pairs, fp32_out, fp32_truth, scale), "white_max": int(engine.run(white).max()),
+                         "vs_reference": {"mean": float(diff.mean()), "p999": float(np.percentile(diff, 99.9)),
+                                          "max": int(diff.max()), "share_differing": float((diff > 0).mean())},
+                         "seconds_per_image": (time.perf_counter() - started) / len(pairs)})
+    for row in rows:
         print(json.dumps(row), flush=True)
     return rows
 
 
 def markdown(rows: list[dict], arch: str, cpu: str) -> str:
-    lines = [f"Measured on {cpu}; the NPU is Qualcomm's HTP v{arch} as `onnxruntime-qnn` simulates it on x86 "
-             "(entropy calibration, 100 samples, Set5).", "",
-             "| model | scheme | vs FP32, reference (dB) | vs FP32, HTP (dB) | loss vs truth, reference / HTP (dB) | "
-             "white (max level), reference / HTP | HTP vs reference: mean / p99.9 / max levels, share differing |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [f"Measured on {cpu}; `qnn-htp` is Qualcomm's HTP v{arch} as `onnxruntime-qnn` 2.7 (QAIRT 2.51) "
+             "simulates it on x86; `litert` is the bundle's .tflite on LiteRT 2.3's XNNPACK, `litert-ref` on its "
+             "reference kernels (entropy calibration, 100 samples, Set5; the agreement is over every output pixel "
+             "of Set5).", "",
+             "| model | scheme | engine | PSNR-Y vs FP32 (dB) | loss vs truth (dB) | white (max level) | "
+             "vs the reference: mean / p99.9 / max levels, pixels differing |", "|---|---|---|---|---|---|---|"]
     for r in rows:
-        h = r["htp"]
-        if "refused" in h:
-            lines.append(f"| {r['model']} | {r['scheme']} | {r['reference_vs_fp32_db']:.2f} | refused: "
-                         f"{h['refused'][:120]} | {r['reference_loss_db']:.3f} / - | {r['reference_white_max']} / - | - |")
+        if "refused" in r:
+            lines.append(f"| {r['model']} | {r['scheme']} | {r['engine']} | refused: {r['refused'][:160]} | | | |")
             continue
-        v = h["vs_reference"]
-        lines.append(f"| {r['model']} | {r['scheme']} | {r['reference_vs_fp32_db']:.2f} | {h['vs_fp32_db']:.2f} | "
-                     f"{r['reference_loss_db']:.3f} / {h['loss_db']:.3f} | {r['reference_white_max']} / "
-                     f"{h['white_max']} | {v['mean']:.2f} / {v['p999']:.0f} / {v['max']}, {100 * v['share_differing']:.0f}% |")
+        v = r.get("vs_reference")
+        agreement = "(the reference)" if v is None else \
+            f"{v['mean']:.2f} / {v['p999']:.0f} / {v['max']}, {100 * v['share_differing']:.0f}%"
+        lines.append(f"| {r['model']} | {r['scheme']} | {r['engine']} | {r['vs_fp32_db']:.2f} | {r['loss_db']:.3f} | "
+                     f"{r['white_max']} | {agreement} |")
     return "\n".join(lines)
 
 

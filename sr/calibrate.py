@@ -516,7 +516,9 @@ def calibration_patches(images: Sequence[np.ndarray], samples: int, patch_size: 
     Args:
         images: uint8 HxWx3 images, as the network sees them (see `prepare_calibration_images`).
         samples: how many crops.
-        patch_size: the crop side, or (height, width); images smaller than that are used whole.
+        patch_size: the crop side (images smaller than that are used whole), or the (height, width) a fixed-size
+            model takes (images smaller than that are mirrored at their borders up to it: every patch has the
+            size the model accepts).
         seed: the random stream.
 
     Yields:
@@ -531,6 +533,8 @@ def calibration_patches(images: Sequence[np.ndarray], samples: int, patch_size: 
         y = int(rng.integers(height - size_y + 1))
         x = int(rng.integers(width - size_x + 1))
         patch = image[y : y + size_y, x : x + size_x, :3]
+        if not isinstance(patch_size, int) and (size_y, size_x) != (patch_y, patch_x):
+            patch = np.pad(patch, ((0, patch_y - size_y), (0, patch_x - size_x), (0, 0)), mode="symmetric")
         yield np.ascontiguousarray(patch.transpose(2, 0, 1)[None], dtype=np.float32) / 255.0
 
 

@@ -33,7 +33,7 @@ from .calibrate import CalibrationConfig, Method, TensorRange, TensorStats, obse
 from .choices import Choice
 from .compare import InputMode, prepare_input
 from .data import bicubic_resize, degrade, list_images, load_image
-from .engines import Seamless
+from .engines import Seamless, fixed_size
 from .runtime import engine_for
 from .metrics import brightness_ratio, psnr_y
 from .models import model_info
@@ -198,6 +198,7 @@ class _SessionEngine(Seamless):
     def __init__(self, session, scale: int, radius):
         self.session, self.scale, self._radius = session, scale, radius
         self.input_name = session.get_inputs()[0].name
+        self.fixed = fixed_size(session.get_inputs()[0].shape)  # a fixed-size model runs in tiles of its size
 
     def _run_array(self, array: np.ndarray) -> np.ndarray:
         return self.session.run(None, {self.input_name: array})[0]
@@ -389,7 +390,8 @@ def range_coverage(calibrated: CalibratedModel, lr: np.ndarray, tile: int = 128,
     """Per quantized tensor, the share of this image's values that the calibrated range clips.
 
     The image runs through the FP32 model in non-overlapping tiles (bounded memory; values near tile borders see
-    zero padding instead of their neighbours, a small bias in the share).
+    zero padding instead of their neighbours, a small bias in the share); a fixed-size model in tiles of its size,
+    the last ones mirrored up to it (the mirrored values counted too: a small bias of the same kind).
 
     Args:
         calibrated: the INT8 model whose ranges are checked.
@@ -412,14 +414,19 @@ def range_coverage(calibrated: CalibratedModel, lr: np.ndarray, tile: int = 128,
     session = observing_session(calibrated.fp32_onnx, points)
     input_name = session.get_inputs()[0].name
     names = [o.name for o in session.get_outputs()]
+    fixed = fixed_size(session.get_inputs()[0].shape)
     outside = dict.fromkeys(points, 0)
     total = dict.fromkeys(points, 0)
     low = dict.fromkeys(points, math.inf)
     high = dict.fromkeys(points, -math.inf)
     image = np.ascontiguousarray(lr.transpose(2, 0, 1)[None], dtype=np.float32) / 255.0
-    for y in range(0, lr.shape[0], tile):
-        for x in range(0, lr.shape[1], tile):
-            block = image[:, :, y : y + tile, x : x + tile]
+    tile_y, tile_x = fixed or (tile, tile)
+    for y in range(0, lr.shape[0], tile_y):
+        for x in range(0, lr.shape[1], tile_x):
+            block = image[:, :, y : y + tile_y, x : x + tile_x]
+            if fixed and block.shape[2:] != fixed:  # a fixed-size model: the block mirrored up to its size
+                block = np.pad(block, ((0, 0), (0, 0), (0, tile_y - block.shape[2]), (0, tile_x - block.shape[3])),
+                               mode="symmetric")
             values = dict(zip(names, session.run(None, {input_name: block})))
             values[input_name] = block
             for tensor in points:

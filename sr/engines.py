@@ -176,7 +176,7 @@ class TorchEngine(Seamless):
         return self.model(torch.from_numpy(array).to(self.device)).float().cpu().numpy()
 
 
-def _fixed_size(shape) -> tuple[int, int] | None:
+def fixed_size(shape) -> tuple[int, int] | None:
     """(height, width) when a 1x3xHxW input shape is static, else None."""
     height, width = shape[2:4]
     return (height, width) if isinstance(height, int) and isinstance(width, int) and height > 0 and width > 0 else None
@@ -227,7 +227,7 @@ class OrtEngine(Seamless):
         self.session = ort.InferenceSession(str(onnx_path), options, providers=providers)
         self.provider = self.session.get_providers()[0]
         self.input_name = self.session.get_inputs()[0].name
-        self.fixed = _fixed_size(self.session.get_inputs()[0].shape)
+        self.fixed = fixed_size(self.session.get_inputs()[0].shape)
         self.scale, self.path = scale, Path(onnx_path)
         self.name = name if self.provider == "CPUExecutionProvider" else f"{name} ({self.provider})"
 
@@ -320,7 +320,7 @@ class OpenVinoEngine(Seamless):
         self.compiled: dict[tuple, tuple[object, threading.local]] = {}
         self.lock = threading.Lock()
         dims = self.core.read_model(str(self.path)).inputs[0].get_partial_shape()
-        self.fixed = _fixed_size([d.get_length() if d.is_static else None for d in dims])
+        self.fixed = fixed_size([d.get_length() if d.is_static else None for d in dims])
 
     def _compiled(self, shape: tuple):
         with self.lock:
@@ -396,7 +396,7 @@ class TensorRTEngine(Seamless):
         self.logger = trt.Logger(trt.Logger.WARNING)
         qdq_onnx = Path(qdq_onnx)
         dims = onnx.load(str(qdq_onnx), load_external_data=False).graph.input[0].type.tensor_type.shape.dim
-        self.fixed = _fixed_size([d.dim_value if d.HasField("dim_value") else None for d in dims])
+        self.fixed = fixed_size([d.dim_value if d.HasField("dim_value") else None for d in dims])
         self.max_side = None if self.fixed else TILE + 2 * OVERLAP
         self.lock = threading.Lock()
         cache = Path(cache_dir or cache_root() / "tensorrt")
@@ -509,7 +509,7 @@ class QnnHtpEngine(Seamless):
                              "onnxruntime-qnn (requirements.txt has it)")
         self.model = onnx.load(str(qdq_onnx))
         dims = self.model.graph.input[0].type.tensor_type.shape.dim
-        self.fixed = _fixed_size([d.dim_value if d.HasField("dim_value") else None for d in dims])
+        self.fixed = fixed_size([d.dim_value if d.HasField("dim_value") else None for d in dims])
         self.scale, self.path, self.htp_arch = scale, Path(qdq_onnx), str(htp_arch)
         self.name = f"{name}-v{self.htp_arch}"
         self.sessions: dict[tuple, object] = {}
@@ -752,7 +752,7 @@ def latency_ms(engine, lr: np.ndarray, repeats: int = 10, warmup: int = 2) -> fl
     return float(np.median(times))
 
 
-__all__ = ["TorchEngine", "OrtEngine", "OpenVinoEngine", "TensorRTEngine", "QnnHtpEngine", "LiteRTEngine",
+__all__ = ["fixed_size", "TorchEngine", "OrtEngine", "OpenVinoEngine", "TensorRTEngine", "QnnHtpEngine", "LiteRTEngine",
            "litert_available", "openvino_available",
            "tensorrt_available", "qnn_available", "static_input", "HTP_ARCHS", "DEFAULT_HTP_ARCH", "NPU_TOLERANCE",
            "tiled", "latency_ms", "Conformance", "EngineRefused", "Tolerance", "conformance", "probe_image",

@@ -249,6 +249,10 @@ def quant_spec(model: onnx.ModelProto, scheme: Scheme | str, keep_float: Sequenc
         if placed is not None and touching & (set(node.input) | set(node.output)):
             excluded.append(node.name)
             continue
+        producer = graph.producers.get(node.input[0]) if node.input else None
+        if scheme.by_onnxruntime and node.op_type in ("Relu", "Clip") and producer is not None \
+                and producer.name in excluded:
+            continue  # ONNX Runtime's writer quantizes an activation only with a quantized op before it
         if placed is None:  # a Conv TensorRT has no INT8 kernel for: left in float
             excluded.append(node.name)
             floated.extend(t for t in node.input[:1] if graph.activation(t))

@@ -1,0 +1,87 @@
+"""A model that takes only one input size (a user's export with a fixed 1x3x48x48 or 1x3x96x96 input, x3) on
+every path: calibration statistics at the size it accepts, Compare and Recalibrate, the coverage check, the
+diagnosis and mixed precision, int8-ready and the bundle, in the library, the CLI and the page's handler. Each
+of these fed it the image or 128-pixel blocks and failed with "Got invalid dimensions ... Expected: 48" (or 96,
+where an 85-pixel calibration image was used whole)."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import standins
+from sr.calibrate import CalibrationConfig
+from sr.data import degrade, load_image
+from sr.models import load_model
+from sr.quantize import calibrate_model
+from sr.usermodel import register_onnx
+
+QUICK = CalibrationConfig(method="entropy", samples=20)
+
+
+@pytest.fixture(scope="module", params=[48, 96])
+def fixed(request, tmp_path_factory, isolated_cache):
+    side = request.param
+    path = standins._export(load_model("xlsr-clip"), tmp_path_factory.mktemp("fixed") / f"xlsr-fixed-{side}.onnx",
+                            torch.rand(1, 3, side, side), dynamic=False)
+    user = register_onnx(path)
+    assert user.contract.fixed_size == (side, side)
+    return user
+
+
+@pytest.fixture(scope="module")
+def bird(data_dir):
+    return degrade(load_image(data_dir / "Set5" / "bird.png"), 3)  # (truth, lr)
+
+
+def test_statistics_compare_recalibrate_and_coverage(fixed, bird):
+    from sr.compare import compare
+    from sr.diagnose import range_coverage
+
+    truth, lr = bird
+    first = compare(truth, fixed.name, fixed.name, QUICK, "tensorrt", "ground-truth")
+    again = compare(truth, fixed.name, fixed.name, CalibrationConfig(method="entropy", samples=20, seed=7),
+                    "tensorrt", "ground-truth")  # Recalibrate: a new sample
+    for result in (first, again):
+        assert result.int8_a.shape == result.truth.shape
+        int8 = [r for r in result.metrics if r.kind.value == "int8"]
+        assert int8 and all(25 < r.psnr_vs_fp32_db < 80 for r in int8)
+    coverage = range_coverage(first.calibrations[0], lr[:100, :130])
+    assert coverage and all(0 <= c.outside_fraction <= 1 for c in coverage)
+
+
+def test_the_diagnosis_and_mixed_precision(fixed, bird):
+    from sr.diagnose import DiagnoseConfig, Scorer, diagnose
+
+    truth, lr = bird
+    report = diagnose(DiagnoseConfig(fixed.name, QUICK, "tensorrt", max_side=100), images=[truth])
+    assert report.ranking and np.isfinite(report.int8_psnr_vs_fp32_db)
+    scorer = Scorer(calibrate_model(fixed.name, QUICK, "npu"), [(lr[:70, :90], truth[:210, :270])])
+    assert scorer.score(dropped=scorer.points[:1])[1] > 20
+
+
+def test_int8_ready_and_the_bundle_from_the_command_line(fixed, data_dir, tmp_path, capsys):
+    from sr import cli
+
+    code = cli.main(["int8-ready", "--model", fixed.name, "--data", str(data_dir / "Set5"), "--target-db", "-100",
+                     "--samples", "20", "--max-float", "1", "--max-images", "1", "--budget-minutes", "0.5", "--no-qat",
+                     "--out", str(tmp_path / "bundle"), "--json"])
+    report = json.loads(capsys.readouterr().out)
+    assert code == 1 and [s["route"] for s in report["route"]][0] == "range methods"
+    assert (tmp_path / "bundle" / "model.qdq.onnx").is_file()
+    assert cli.main(["eval", "--model", fixed.name, "--data", str(data_dir / "Set5"), "--engine", "ort-int8",
+                     "--samples", "20", "--method", "entropy", "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["fp32_mean"]["psnr_y"] - shown["int8_mean"]["psnr_y"] < 1.0
+
+
+def test_the_pages_compare_handler(fixed, tmp_path):
+    import app
+    from PIL import Image
+
+    photo = (np.random.default_rng(0).random((70, 110, 3)) * 255).astype(np.uint8)
+    Image.fromarray(photo).save(tmp_path / "p.png")
+    *panels, metrics, coverage, _, state, _ = app.run_compare(
+        str(tmp_path / "p.png"), fixed.name, "xlsr-clip", "entropy", 10, "tensorrt", "Upscale my image", "nearest",
+        "calib_data/", None, progress=lambda *a, **k: None)
+    assert panels[2].shape == (210, 330, 3) and len(metrics) == 4 and coverage
