@@ -33,7 +33,8 @@ from sr.calibrate import CalibrationConfig, Method, ensure_calibration_images
 from sr.ptq import Refinement, RefineConfig, refine
 from sr.compare import InputMode, OutputKind, available_models, compare, roi_strip
 from sr.data import ImageLoadError, bicubic_resize, load_image
-from sr.diagnose import DiagnoseConfig, DiagnosisCancelled, Fix, apply_fix, diagnose, range_coverage
+from sr.diagnose import (DiagnoseConfig, DiagnosisCancelled, Fix, NoFixReason, advise_fix, apply_fix, diagnose,
+                        range_coverage)
 from sr.bundle import export_bundle, zip_bundle
 from sr.compare import prepare_input
 from sr.models import is_uploaded, model_info
@@ -519,6 +520,7 @@ def run_compare(image, model_a="xlsr-relu", model_b="xlsr-clip", method="entropy
              "seconds": time.perf_counter() - started, "finished": time.strftime("%H:%M:%S")}
     history = _remember(history, result, (image, model_a, model_b, method, samples, scheme, mode, gain, target),
                         seed)
+    state["sample"] = len(history["runs"])  # the how-many-th sample of these settings (the seed is a raw number)
     return (*panels, metrics_frame(result.metrics), note + spread_note(history), _chart(*result.calibrations), state,
             history)
 
@@ -527,7 +529,8 @@ def done_note(state) -> str:
     """The page's "done" line: how long the comparison took and which calibration sample it drew."""
     if not state:
         return ""
-    return f"Done at {state['finished']} in {state['seconds']:.1f} s (calibration sample {state['seed']})."
+    return (f"Done at {state['finished']} in {state['seconds']:.1f} s (calibration sample {state.get('sample', 1)} "
+            f"of these settings, seed {state['seed']}).")
 
 
 def panel_labels(state):
@@ -685,15 +688,42 @@ def run_diagnose(image, model_a, model_b, which, mode, method, samples, scheme, 
                 report = run(lambda: diagnose(config, images=[image], mode=MODES.get(mode, mode),
                                               progress=lambda f, m: progress(f, desc=f"{m} (cancel to stop)"),
                                               should_stop=stop.is_set))
+                advice = run(lambda: advise_fix(report, image, MODES.get(mode, mode),
+                                                progress=lambda f, m: progress(f, desc=f"measuring the fixes: {m}")))
         except DiagnosisCancelled as error:
             raise gr.Error(f"Diagnosis cancelled: {error}.") from None
-    culprit = report.ranking[0].tensor if report.ranking else None
+    culprit = advice.tensor or (report.ranking[0].tensor if report.ranking else None)
     chosen = report.calibrated.ranges.get(culprit)
     figure = histogram_figure(report.stats[culprit], max(abs(chosen.low), abs(chosen.high))) if culprit else None
     note = (f"\n\nMeasured on the centre {DIAGNOSE_SIDE}x{DIAGNOSE_SIDE} LR pixels of the image at most (two "
             "simulated passes per tensor).")
-    return (ranking_frame(report), figure, diagnosis_text(report) + note,
-            gr.update(choices=[r.tensor for r in report.ranking], value=culprit), report)
+    fix = gr.update(value=FIX_LABELS[advice.fix]) if advice.fix is not None else gr.update()
+    return (ranking_frame(report), figure, diagnosis_text(report) + "\n\n" + advice_text(advice, report) + note,
+            gr.update(choices=[r.tensor for r in report.ranking], value=culprit), report, fix)
+
+
+NO_FIX_WORDS = {
+    NoFixReason.DARKER_CALIBRATION: "the calibration images are darker than this image (the brightness gain is below "
+                                    "1), so every range is too narrow at once: calibrate on images like this one "
+                                    "(gain 1, or your own images)",
+    NoFixReason.BRIGHTER_CALIBRATION: "the calibration images are brighter than this image (the brightness gain is "
+                                      "above 1): calibrate on images like this one",
+    NoFixReason.SPREAD: "the loss is spread over many tensors, or their ranges are already the best of those offered: "
+                        "try another calibration method, more samples, or int8-ready's refinements",
+}
+
+
+def advice_text(advice, report) -> str:
+    """The measured fix (or why none) in one sentence: the numbers are the fix tab's own before and after."""
+    against = "the truth" if report.has_truth else "FP32"
+    tried = len(advice.tried)
+    if advice.fix is None:
+        return (f"**No fix is offered:** none of the {tried} tried (every fix on the worst tensors, each measured on "
+                f"this image) raises PSNR vs {against} above {advice.psnr_before_db:.2f} dB (the best reached "
+                f"{advice.psnr_after_db:.2f} dB): {NO_FIX_WORDS[advice.reason]}.")
+    return (f"**Measured fix:** {FIX_LABELS[advice.fix]} on `{advice.tensor}` takes the real INT8 model from "
+            f"{advice.psnr_before_db:.2f} to {advice.psnr_after_db:.2f} dB vs {against} on this image "
+            f"(+{advice.gain_db:.2f} dB, the best of {tried} tried); it is preselected below.")
 
 
 def cancel_diagnosis(owner=None) -> None:
@@ -773,7 +803,8 @@ def start_training(steps, activation, use_teacher, alpha, kd_mode="output", owne
 
 
 def start_qat(model, steps, use_teacher=False, owner=None):
-    """Queue a QAT job for model A and stream its INT8 validation PSNR; the last value carries the new model."""
+    """Queue a QAT job for model A and stream its fake-quantized validation PSNR; the last value carries the new
+    model, and the status line the written INT8 model's score on the reference."""
     try:
         job = app_jobs.start_qat(_owner(owner), model, int(steps), bool(use_teacher))
     except (PermissionError, ValueError, FileNotFoundError) as error:
@@ -1005,8 +1036,8 @@ def _diagnose_tab(c: dict) -> None:
                                interactive=False)
     button.click(run_diagnose, [c["image"], c["model_a"], c["model_b"], which, c["mode"], c["method"], c["samples"],
                                 c["scheme"], c["gain"], c["seed"], c["owner"]],
-                 [ranking, histogram, summary, tensor, report_state], concurrency_id=HEAVY, concurrency_limit=HEAVY_SLOTS,
-                 api_name="diagnose")
+                 [ranking, histogram, summary, tensor, report_state, fix], concurrency_id=HEAVY,
+                 concurrency_limit=HEAVY_SLOTS, api_name="diagnose")
     cancel.click(cancel_diagnosis, c["owner"], None, api_name=False)
     fix_button.click(run_fix, [c["image"], report_state, tensor, fix, c["mode"]], [before, after, fix_metrics],
                      concurrency_id=HEAVY, concurrency_limit=HEAVY_SLOTS, api_name=False)
@@ -1060,7 +1091,7 @@ def _qat_section(c: dict) -> None:
                           variant="primary", elem_id="qat-button", interactive=on)
         cancel = gr.Button("Cancel", interactive=on)
     status = gr.Markdown(elem_id="qat-status")
-    plot = gr.LinePlot(x="step", y="val_psnr", title="INT8 validation PSNR (dB)")
+    plot = gr.LinePlot(x="step", y="val_psnr", title="Fake-quantized validation PSNR (dB, in training)")
     result = gr.State(None)
     event = start.click(start_qat, [c["model_a"], steps, guided, c["owner"]], [status, plot, result], api_name=False)
     event.then(offer_result, [result, c["uploads"], c["model_b"]], [c["model_a"], c["model_b"], c["uploads"]],

@@ -6,7 +6,7 @@ markers; no figure there is typed by hand), the bench tables of docs/measured.md
     python -m sr bench --json > docs/bench.json && python scripts/findings.py --readme-only
 
 Grid: every shipped model x method x samples (10, 100, 1000) on the tensorrt scheme, and x method at 100 samples
-on the npu, npu-per-tensor and cpu schemes; Set5 and Set14; INT8 Y-PSNR loss against the same model's FP32 output, and the brightness
+on the npu, npu-per-tensor, npu-symmetric and cpu schemes; Set5 and Set14; INT8 Y-PSNR loss against the same model's FP32 output, and the brightness
 ratio INT8 / FP32 (mean and darkest image). Then: calibration inputs (raw crops vs bicubic-downscaled), the dark
 calibration set, and the other candidate causes of dull INT8 output.
 """
@@ -67,7 +67,7 @@ class Bench:
 def grid(bench: Bench) -> list[dict]:
     rows = []
     for model in MODELS:
-        for scheme in ("tensorrt", "npu", "npu-per-tensor", "cpu"):
+        for scheme in ("tensorrt", "npu", "npu-per-tensor", "npu-symmetric", "cpu"):
             for method in METHODS:
                 for samples in ((10, 100, 1000) if scheme == "tensorrt" else (100,)):
                     int8 = calibrate_model(model, CalibrationConfig(method=method, samples=samples), scheme)

@@ -195,13 +195,15 @@ def seed_answers(results: dict, int8_ready: dict | None, kd: dict | None) -> lis
             for v in kd["verdicts"]) + ". With this teacher (33.5 dB, 0.8 dB above its students) distillation is "
             "a wash, in FP32 and in INT8")
     lines.append(text + ".")
-    schemes = {s: _mean(rows, scheme=s, samples=100) for s in ("tensorrt", "npu", "npu-per-tensor", "cpu")}
+    schemes = {s: _mean(rows, scheme=s, samples=100) for s in ("tensorrt", "npu", "npu-per-tensor", "npu-symmetric",
+                                                                "cpu")}
     per_tensor = [np.mean([_one(rows, model=m, scheme="npu-per-tensor", samples=100, method=k, data=n)["drop_db"]
                            - _one(rows, model=m, scheme="npu", samples=100, method=k, data=n)["drop_db"]
                            for m in ("xlsr-relu", "xlsr-clip") for k in METHODS]) for n in ("Set5", "Set14")]
     lines.append(f"- **The INT8 target**: at 100 samples, averaged over models, methods and sets, the `tensorrt` "
                  f"placement (Q/DQ where ModelOpt puts them, the output in float) loses {schemes['tensorrt']:.2f} dB, "
-                 f"`npu` (every tensor INT8) {schemes['npu']:.2f}, `cpu` {schemes['cpu']:.2f}; per-tensor weights "
+                 f"`npu` (LiteRT's specification) {schemes['npu']:.2f}, `npu-symmetric` "
+                 f"{schemes['npu-symmetric']:.2f}, `cpu` {schemes['cpu']:.2f}; per-tensor weights "
                  f"(`npu-per-tensor`) cost the two XLSRs {per_tensor[0]:+.3f} / {per_tensor[1]:+.3f} dB more than "
                  "per-channel ones (Set5 / Set14), with no darkening.")
     return lines
@@ -217,11 +219,16 @@ def findings_section(results: dict, int8_ready: dict | None = None, kd: dict | N
         "`calib_data/`, bicubic-downscaled by the model's scale (as a deployed model sees its inputs).",
         "**tensorrt scheme** (symmetric INT8 activations), 100 samples:",
         method_table(rows, "tensorrt"),
-        "**npu scheme** (every tensor INT8, the network output included: today's NPUs; symmetric), 100 samples:",
+        "**npu scheme** (LiteRT's 8-bit specification, what phone NPUs run: every tensor INT8, the network output "
+        "included, activations with a zero point, INT32 biases, a Concat's inputs on one grid, the image input and "
+        "output on the 8-bit grid), 100 samples:",
         method_table(rows, "npu"),
-        "**npu-per-tensor scheme** (the npu placement with one scale per weight tensor), 100 samples:",
+        "**npu-per-tensor scheme** (the npu scheme with one scale per weight tensor), 100 samples:",
         method_table(rows, "npu-per-tensor"),
-        "**cpu scheme** (asymmetric UINT8 activations, the npu placement), 100 samples:",
+        "**npu-symmetric scheme** (the npu placement with symmetric activations and float biases: symmetric-only "
+        "accelerators; what `npu` was before it followed LiteRT), 100 samples:",
+        method_table(rows, "npu-symmetric"),
+        "**cpu scheme** (asymmetric UINT8 activations, the npu-symmetric placement), 100 samples:",
         method_table(rows, "cpu"),
         "**Sample count** (tensorrt scheme), mean loss over the five models, Set5 / Set14 (dB):",
         samples_table(rows),

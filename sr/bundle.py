@@ -247,6 +247,7 @@ def export_bundle(model: str, config: CalibrationConfig, out: str | Path, fixes:
 
 def _write_ranges(out: Path, model: str, config: CalibrationConfig, tensorrt: CalibratedModel, ranges: dict,
                   digest: str, fixes: Fixes | None) -> None:
+    model = Path(model).name if "/" in model or "\\" in model else model  # a file's name, never a server path
     write_atomic(json.dumps({"model": model, "method": tensorrt.config.method.value, "auto": tensorrt.choice,
                              "samples": config.samples,
                              "seed": config.seed, "calibration_data_digest": digest, "lab_version": __version__,

@@ -105,7 +105,7 @@ def evaluate(config: EvalConfig, progress: bool = False) -> dict:
     scale = config.scale
     int8 = calibrate_model(config.model, config.calibration, config.scheme) if config.engine.is_int8 else None
     engine = engine_for(config.model, int8, kind=config.engine, threads=config.threads, htp_arch=config.htp_arch)
-    reference = engine_for(config.model, purpose=Purpose.NATIVE) if int8 is not None else None
+    reference = engine_for(config.model, purpose=Purpose.MEASURE) if int8 is not None else None  # the one FP32
     rows, bicubic_rows, fp32_rows, ratios = [], [], [], []
     for path in tqdm(list_images(config.data), desc="eval", disable=not progress):
         truth, lr = degrade(load_image(path), scale, config.degradation, path.name)

@@ -152,8 +152,8 @@ def create_engine(kind: EngineKind | str, model: str, int8: CalibratedModel | No
     """
     kind = EngineKind.parse(kind)
     scale = model_info(model).scale
-    if kind is EngineKind.TORCH:
-        return TorchEngine(load_model(model), name="torch-fp32")
+    if kind is EngineKind.TORCH:  # native FP32, for display and timing: checked like every other engine
+        return _checked(TorchEngine(load_model(model), name="torch-fp32"), model, None, FP32_TOLERANCE, kind.value)
     if kind is EngineKind.ORT:
         engine = OrtEngine(fp32_onnx_path(model), scale, threads, name="ort-fp32")
         return engine if engine.provider == "CPUExecutionProvider" else _checked(engine, model, None, FP32_TOLERANCE,
@@ -164,10 +164,8 @@ def create_engine(kind: EngineKind | str, model: str, int8: CalibratedModel | No
         return _checked(engine, model, None, BF16_TOLERANCE if precision == "bf16" else FP32_TOLERANCE, kind.value)
     if int8 is None:
         raise ValueError(f"the {kind.value} engine needs a calibrated INT8 model")
-    if kind is EngineKind.ORT_INT8:
-        engine = OrtEngine(int8.qdq_onnx, scale, threads, name=f"ort-int8-{int8.scheme.value}")
-        return engine if engine.provider == "CPUExecutionProvider" else _checked(engine, model, int8, INT8_TOLERANCE,
-                                                                                 engine.provider)
+    if kind is EngineKind.ORT_INT8:  # the reference on every install (a GPU wheel's providers are not it)
+        return reference(int8.qdq_onnx, scale, threads, name=f"ort-int8-{int8.scheme.value}")
     if kind is EngineKind.OPENVINO_INT8:
         engine = OpenVinoEngine(int8.qdq_onnx, scale, threads, name=f"openvino-int8-{int8.scheme.value}")
         return _checked(engine, model, int8, INT8_TOLERANCE, kind.value)

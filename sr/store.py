@@ -284,14 +284,23 @@ def evict(folder: str | os.PathLike, max_bytes: int, keep=None) -> list[Path]:
     return deleted  # lock files stay: a waiter may hold one open
 
 
+# the distributions that provide one importable library (ONNX Runtime's GPU wheel provides `onnxruntime` too)
+_PROVIDERS = {"onnxruntime": ("onnxruntime", "onnxruntime-gpu", "onnxruntime-openvino", "onnxruntime-directml")}
+
+
 def library_versions(*names: str) -> dict[str, str]:
-    """{distribution name: installed version or "missing"} for the libraries that shape a result."""
+    """{library: installed version or "missing"} for the libraries that shape a result; a library another
+    distribution provides (onnxruntime from onnxruntime-gpu) is reported as "<version> (<distribution>)"."""
     found = {}
     for name in names:
-        try:
-            found[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            found[name] = "missing"
+        found[name] = "missing"
+        for distribution in _PROVIDERS.get(name, (name,)):
+            try:
+                version = metadata.version(distribution)
+            except metadata.PackageNotFoundError:
+                continue
+            found[name] = version if distribution == name else f"{version} ({distribution})"
+            break
     return found
 
 

@@ -1,5 +1,6 @@
 """The app: handler functions without a browser, then a real server through gradio_client."""
 import os
+import re
 import time
 from pathlib import Path
 
@@ -379,11 +380,34 @@ def test_diagnose_tab_on_an_uploaded_onnx_model(tmp_path, small_png):
     path = standins.build_all(tmp_path / "models")["xlsr-nhwc"]
     model_a, *_ = app.load_onnx_model(str(path), "auto", "auto", "auto", False, "auto", "xlsr-clip", [])
     messages = []
-    ranking, figure, summary, tensor, report = app.run_diagnose(
+    ranking, figure, summary, tensor, report, _ = app.run_diagnose(
         small_png, model_a["value"], "xlsr-clip", "model A", "Upscale my image", "entropy", 10, "tensorrt",
         progress=lambda fraction, desc=None: messages.append(desc))
     assert len(ranking) > 5 and summary.startswith("**xlsr-nhwc.onnx**")
     assert any("s left" in (message or "") for message in messages)  # the cost is estimated as it goes
+
+
+@pytest.mark.parametrize("gain", [0.4, 1.0])
+def test_the_offered_fix_raises_psnr_or_none_is_offered_with_the_reason(small_png, gain):
+    """The dark preset (calibration at 40% brightness) and the default settings: a fix is preselected only when
+    applying it raises PSNR on this image, and applying it gives exactly the figures the summary promised (one
+    "before"); otherwise the summary says none helps and why."""
+    import app
+
+    *_, summary, tensor, report, fix = app.run_diagnose(
+        small_png, "xlsr-relu", "xlsr-clip", "model A", "Upscale my image", "minmax", 10, "tensorrt", gain, 0,
+        progress=lambda *a, **k: None)
+    if "**Measured fix:**" in summary:
+        before, after, table = app.run_fix(small_png, report, tensor["value"], fix["value"], "Upscale my image",
+                                           progress=lambda *a, **k: None)
+        psnr = list(table.iloc[:, 1])
+        assert float(psnr[1]) > float(psnr[0])
+        promised = re.search(r"from ([0-9.]+) to ([0-9.]+) dB", summary).groups()
+        assert [float(p) for p in promised] == pytest.approx([float(p) for p in psnr], abs=0.006)  # one "before"
+    else:
+        assert "**No fix is offered:**" in summary
+        if gain < 1:
+            assert "darker than this image" in summary
 
 
 def test_small_hostile_inputs_get_words(tmp_path):

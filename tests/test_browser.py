@@ -19,7 +19,7 @@ from PIL import Image
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "artifacts"
-DONE = re.compile(r"^Done at [0-9:]{8} in [0-9.]+ s \(calibration sample \d+\)\.$")
+DONE = re.compile(r"^Done at [0-9:]{8} in [0-9.]+ s \(calibration sample \d+ of these settings, seed \d+\)\.$")
 SLOW = 300_000  # ms: a first calibration of the teacher on a loaded 2-core machine
 
 
