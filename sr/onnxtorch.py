@@ -371,9 +371,19 @@ OPS: dict[str, Op] = {
     "LeakyRelu": lambda m, n, i: [F.leaky_relu(i[0], _attrs(n).get("alpha", 0.01))],
     "Concat": lambda m, n, i: [torch.cat(i, dim=_attrs(n)["axis"])],
     "Transpose": lambda m, n, i: [i[0].permute(*_attrs(n).get("perm", range(i[0].dim() - 1, -1, -1)))],
-    "Reshape": lambda m, n, i: [i[0].reshape([d if d else i[0].shape[k] for k, d in enumerate(_ints(i[1]))])],
+    "Reshape": lambda m, n, i: [_reshape(i[0], _ints(i[1]))],
     "SpaceToDepth": lambda m, n, i: [F.pixel_unshuffle(i[0], _attrs(n)["blocksize"])],
 }
+
+
+def _reshape(x: torch.Tensor, shape: list[int]) -> torch.Tensor:
+    """ONNX Reshape (0 copies the input's dimension). An export that baked batch 1 into a constant shape (a
+    TensorFlow ESPCN's [1, 1, 48, 48]) still runs a batch of patches, as the lab's refinements and QAT feed it: a
+    leading 1 that does not fit the batch is the batch."""
+    dims = [d if d else x.shape[k] for k, d in enumerate(shape)]
+    if dims and dims[0] == 1 and x.shape[0] > 1 and math.prod(d for d in dims if d > 0) * x.shape[0] == x.numel():
+        dims[0] = x.shape[0]
+    return x.reshape(dims)
 
 
 def _constant(node: onnx.NodeProto) -> torch.Tensor:

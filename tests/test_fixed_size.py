@@ -85,3 +85,41 @@ def test_the_pages_compare_handler(fixed, tmp_path):
         str(tmp_path / "p.png"), fixed.name, "xlsr-clip", "entropy", 10, "tensorrt", "Upscale my image", "nearest",
         "calib_data/", None, progress=lambda *a, **k: None)
     assert panels[2].shape == (210, 330, 3) and len(metrics) == 4 and coverage
+
+
+class _BakedBatch(torch.nn.Module):
+    """A fixed 48x48 x3 network whose export carries a constant batch-1 shape (a Reshape to [1, 12, 48, 48]), as a
+    TensorFlow-exported ESPCN does."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = torch.nn.Conv2d(3, 12, 3, padding=1)
+        self.tail = torch.nn.Conv2d(12, 27, 3, padding=1)
+
+    def forward(self, x):
+        features = torch.relu(self.head(x)).reshape(1, 12, 48, 48)
+        return torch.nn.functional.pixel_shuffle(self.tail(features), 3)
+
+
+def test_a_constant_batch_1_reshape_through_every_refinement_and_qat(tmp_path, data_dir):
+    """Equalization, bias correction and AdaRound batch patches, and so does QAT: the baked batch-1 shape used to
+    fail with "shape '[1, 12, 48, 48]' is invalid for input of size ..." in the ONNX interpreter."""
+    import onnx
+
+    from sr.evaluate import EvalConfig, evaluate
+    from sr.ptq import RefineConfig, Refinement, refine
+    from sr.qat import QatConfig, quantization_aware_training
+
+    torch.manual_seed(0)
+    path = standins._export(_BakedBatch().eval(), tmp_path / "baked.onnx", torch.rand(1, 3, 48, 48), dynamic=False)
+    shapes = [n for n in onnx.load(str(path)).graph.node if n.op_type == "Reshape"]
+    assert shapes  # the export keeps the constant shape
+    user = register_onnx(path)
+    refined = refine(RefineConfig(user.name, [Refinement.EQUALIZE, Refinement.ADAROUND, Refinement.BIAS_CORRECTION],
+                                  QUICK, "tensorrt"))
+    shown = evaluate(EvalConfig(model=str(refined), data=str(data_dir / "Set5"), engine="ort-int8", calibration=QUICK))
+    assert np.isfinite(shown["int8_vs_reference_db"])
+    result = quantization_aware_training(QatConfig(model=user.name, out=str(tmp_path / "baked-qat.onnx"), steps=4,
+                                                   batch_size=4, lr_patch=48, train_dirs=[str(data_dir / "Set5")],
+                                                   val_dir="", checkpoint_every=10**6, calibration=QUICK))
+    assert result.weights.is_file() and result.qdq_onnx.is_file()
