@@ -173,9 +173,21 @@ class _Judge:
     def __init__(self, original: str, pairs: list[tuple], started: float | None = None):
         self.pairs, self.scale = pairs, model_info(original).scale
         self.started = time.perf_counter() if started is None else started
-        fp32 = engine_for(original)
+        fp32, mark = engine_for(original), time.perf_counter()
         self.fp32_outputs = [fp32.run(lr) for lr, _ in pairs]
+        self.seconds_per_image = (time.perf_counter() - mark) / max(1, len(pairs))  # FP32, on the reference
         self.fp32_psnr = float(np.mean([psnr_y(o, t, self.scale) for o, t in zip(self.fp32_outputs, self.truths)]))
+
+    def subset(self, count: int) -> "_Judge":
+        """The same measure on the first `count` images (their FP32 outputs reused): the search's judge for a
+        heavy model, whose winner is then confirmed on every image."""
+        if count >= len(self.pairs):
+            return self
+        part = object.__new__(_Judge)
+        part.pairs, part.scale, part.started = self.pairs[:count], self.scale, self.started
+        part.fp32_outputs, part.seconds_per_image = self.fp32_outputs[:count], self.seconds_per_image
+        part.fp32_psnr = float(np.mean([psnr_y(o, t, self.scale) for o, t in zip(part.fp32_outputs, part.truths)]))
+        return part
 
     @property
     def truths(self) -> list[np.ndarray]:
@@ -233,6 +245,7 @@ def make_ready(config: ReadyConfig, progress: Callable[[float, str], None] | Non
     measured_on = f"{len(pairs)} images of {Path(config.data).name}" if config.data else \
         f"{len(pairs)} calibration images"
     judge = _Judge(original, pairs, clock.start)
+    search = judge.subset(_search_images(judge, clock))  # a heavy model is searched on fewer images
     steps: list[Step] = []
     stop = should_stop or (lambda: False)
     routes = [_range_methods, _refinements, _mixed_precision] + ([_qat] if config.qat else [])
@@ -240,10 +253,13 @@ def make_ready(config: ReadyConfig, progress: Callable[[float, str], None] | Non
         best = _best(steps)
         if best is not None and (best.loss_db <= config.target_db or clock.left() <= 0 or stop()):
             break
-        step = route(config, judge, best, clock, say, stop)
+        step = route(config, search, best, clock, say, stop)
         if step is not None:
             steps.append(step)
-    chosen = _chosen(steps, config.target_db)
+    if search is not judge and steps:
+        steps[0].notes.append(f"a heavy model ({judge.seconds_per_image:.1f} s a FP32 image): candidates scored on "
+                              f"{len(search.pairs)} of {len(pairs)} images, the chosen one confirmed on all of them")
+    chosen = _confirmed(_chosen(steps, config.target_db), judge, search, say)
     say(f"chosen: {chosen.what}, {chosen.loss_db:.3f} dB below the original FP32")
     floats, latency = _latencies(chosen, steps, pairs[0][0])
     bundle = None
@@ -279,6 +295,25 @@ def _pairs(config: ReadyConfig, scale: int) -> list[tuple]:
         return eval_pairs(config.data, None, InputMode.GROUND_TRUTH, scale, None)[:config.max_images]
     images = load_calibration_images(config.calibration.data)[:config.max_images]
     return eval_pairs(None, images, InputMode.GROUND_TRUTH, scale, None)
+
+
+SEARCH_SHARE = 0.2  # the most of the budget the range methods' scoring may take before the search uses fewer images
+
+
+def _search_images(judge: _Judge, clock: _Clock) -> int:
+    """How many images the candidates are scored on: all of them, unless scoring the four range methods on all
+    (an INT8 pass costs about twice the FP32 one) would take more than SEARCH_SHARE of the budget."""
+    per_image = 4 * 2 * max(judge.seconds_per_image, 1e-6)
+    return max(1, min(len(judge.pairs), int(SEARCH_SHARE * (clock.deadline - clock.start) / per_image)))
+
+
+def _confirmed(chosen: Candidate, judge: _Judge, search: _Judge, say) -> Candidate:
+    """The chosen candidate measured on every image (as it was, when the search used them all)."""
+    if search is judge:
+        return chosen
+    say(f"confirming {chosen.what} on all {len(judge.pairs)} images")
+    loss, bright = judge.loss(chosen.calibrated)
+    return replace(chosen, loss_db=loss, brightness=bright)
 
 
 def _best(steps: Sequence[Step]) -> Candidate | None:

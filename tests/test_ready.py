@@ -83,6 +83,26 @@ def test_refinements_run_on_a_graph_with_an_int64_shape_subgraph(tmp_path, two_i
     assert shown["int8_vs_reference_db"] < 1.0 and shown["fp32_reference"]["model"] == user.name
 
 
+def test_a_heavy_model_is_searched_on_fewer_images_and_its_choice_confirmed_on_all(two_images, families,
+                                                                                     monkeypatch):
+    """A model whose scoring would eat the budget (here: the pre-upsampled VDSR stand-in, with the share the range
+    methods may take cut so that one image is all it gets) is searched on a subset sized by its measured cost, so
+    the search reaches the refinements; the chosen model's loss is then measured on every image, as eval does."""
+    import sr.ready
+
+    monkeypatch.setattr(sr.ready, "SEARCH_SHARE", 1e-6)
+    model = families["vdsr"].name
+    result = make_ready(ReadyConfig(model, data=str(two_images), target_db=-100, budget_minutes=1, max_float=0,
+                                    qat=False, calibration=CalibrationConfig(method="auto", samples=20)))
+    assert [s.route for s in result.steps] == ["range methods", "refinements"]
+    assert "scored on 1 of 2 images" in result.steps[0].notes[-1]
+    shown = evaluate(EvalConfig(model=result.chosen.model, data=str(two_images), engine="ort-int8",
+                                calibration=result.chosen.calibration))
+    loss = shown.get("int8_vs_reference_db", shown["fp32_mean"]["psnr_y"] - shown["int8_mean"]["psnr_y"])
+    if not result.chosen.fixes.range_method and not result.chosen.fixes.keep_float:
+        assert result.loss_db == pytest.approx(loss, abs=1e-3)  # measured on both images, as eval measures it
+
+
 def test_a_met_target_ends_the_search_at_the_first_candidate(two_images):
     result = make_ready(ReadyConfig("xlsr-clip", data=str(two_images), target_db=30.0, budget_minutes=2,
                                     calibration=CalibrationConfig(method="auto", samples=20)))
