@@ -382,7 +382,12 @@ def coverage_note(result) -> str:
     """The first hint: does each model's calibration cover the values this image produces?"""
     lines = []
     for calibrated in result.calibrations:
-        worst = range_coverage(calibrated, result.lr, max_side=COVERAGE_SIDE)[0]
+        checked = range_coverage(calibrated, result.lr, max_side=COVERAGE_SIDE)
+        if not checked:  # a graph with no quantized activation under this scheme (a lone Resize, say)
+            lines.append(f"✓ {_shown(calibrated.model)}: no activation of it is quantized under the "
+                         f"{calibrated.scheme.value} scheme, so no range can clip this image.")
+            continue
+        worst = checked[0]
         share = 100 * worst.outside_fraction
         if worst.outside_fraction > COVERAGE_WARNING:
             lines.append(f"⚠️ **{_shown(calibrated.model)}: the calibration does not cover this image.** "

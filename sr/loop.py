@@ -98,14 +98,21 @@ def run_loop(run: LoopState, desc: str, on_progress: Callable[[dict], None] | No
     """Step `run` until its step count, its time budget or `should_stop()`; validating, reporting and writing
     checkpoints on the way (the final validation and checkpoint are the caller's, with its result)."""
     config = run.config
-    bar = tqdm(total=config.steps, initial=run.step, desc=desc, disable=run.rank != 0, dynamic_ncols=True,
-               mininterval=1.0)
+    # a run its time budget ends sooner than its step count (int8-ready's QAT: 100000 steps in a few minutes) shows
+    # the budget's seconds, so its bar and its time left are true
+    timed = config.max_seconds is not None and config.max_seconds < 3600
+    bar = tqdm(total=round(config.max_seconds) if timed else config.steps, initial=0 if timed else run.step,
+               unit="s" if timed else "it", desc=f"{desc} (time budget)" if timed else desc, disable=run.rank != 0,
+               dynamic_ncols=True, mininterval=1.0)
     run.model.train()
     run.started = time.perf_counter()  # the loop's clock (max_seconds, wall time) starts after data loading
     while run.step < config.steps and not should_end(run, should_stop):
         loss = run.train_step()
         track_loss(run, loss, bar)
-        bar.update(1)
+        if timed:
+            bar.update(min(bar.total, round(time.perf_counter() - run.started)) - bar.n)
+        else:
+            bar.update(1)
         report(run, bar, on_progress)
         if run.step % config.checkpoint_every == 0 and run.step < config.steps:
             checkpoint(run)
@@ -113,15 +120,15 @@ def run_loop(run: LoopState, desc: str, on_progress: Callable[[dict], None] | No
 
 
 def track_loss(run: LoopState, loss: torch.Tensor, bar: tqdm | None = None) -> None:
-    """Fold the loss into the running average every 50 steps (a device sync), and at validations and the end."""
+    """Fold the loss into the running average every 10 steps (a device sync), and at validations and the end."""
     step, config = run.step, run.config
-    if run.running_loss is None or step % 50 == 0 or step % config.val_every == 0 or step == config.steps:
+    if run.running_loss is None or step % 10 == 0 or step % config.val_every == 0 or step == config.steps:
         value = float(loss.detach())
         if not math.isfinite(value):
             raise FloatingPointError(f"the loss became {value} at step {step}; {run.learning_rate_hint()}")
         run.running_loss = value if run.running_loss is None else 0.9 * run.running_loss + 0.1 * value
         if bar is not None:
-            bar.set_postfix(loss=f"{run.running_loss:.{run.loss_digits}f}", refresh=False)
+            bar.set_postfix(step=step, loss=f"{run.running_loss:.{run.loss_digits}f}", refresh=False)
 
 
 def report(run: LoopState, bar: tqdm, on_progress: Callable[[dict], None] | None) -> None:

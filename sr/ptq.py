@@ -125,10 +125,15 @@ def _refine_into(config: RefineConfig, out: Path, progress: Callable[[float, str
     with torch.no_grad():
         target = reference(x)
     steps = {Refinement.RANGE_SEARCH: lambda: search_ranges(student, x, target, student.frozen_groups),
-             Refinement.ADAROUND: lambda: adaround(student, reference, x, config.adaround_steps),
+             Refinement.ADAROUND: lambda: adaround(student, reference, x, config.adaround_steps, progress=lambda
+                                                   done, total: progress((at["index"] + done / max(1, total))
+                                                                         / len(config.refinements),
+                                                                         f"adaround: Conv {done + 1} of {total}")),
              Refinement.BIAS_CORRECTION: lambda: correct_biases(student, reference, x)}
     before = _output_mse(student, x, target)
+    at = {"index": 0}  # where AdaRound's own progress starts
     for index, refinement in enumerate(r for r in config.refinements if r in steps):
+        at["index"] = index
         progress(index / len(config.refinements), f"{refinement.value}")
         steps[refinement]()
         log.info("%s: output MSE vs FP32 %.3g -> %.3g", refinement.value, before, _output_mse(student, x, target))
@@ -198,12 +203,15 @@ def _soft_rounding(v: torch.Tensor) -> torch.Tensor:
 
 
 def adaround(student: FakeQuantModel, reference: OnnxModule, x: torch.Tensor, steps: int = 300,
-             regulariser: float = 0.1, seed: int = 0) -> None:
+             regulariser: float = 0.1, seed: int = 0, progress: Callable[[int, int], None] | None = None) -> None:
     """AdaRound (see the module docstring), Conv by Conv in graph order; changes `student`'s weights to values
-    on their INT8 grid."""
+    on their INT8 grid. `progress(done, total)` is called before each Conv (a long refinement says where it is)."""
     torch.manual_seed(seed)
     weights = student.network.named_onnx_parameters()
-    for node, name, bias in _conv_nodes(student):
+    convs = list(_conv_nodes(student))
+    for index, (node, name, bias) in enumerate(convs):
+        if progress is not None:
+            progress(index, len(convs))
         with torch.no_grad():
             _, got = student(x, keep={node.input[0]})
             _, want = reference(x, keep={node.output[0]})

@@ -373,7 +373,8 @@ def _refinements(config: ReadyConfig, judge: _Judge, best: Candidate, clock: _Cl
         names = ", ".join(r.value for r in refinements)
         say(f"refinements: {names}")
         try:
-            path = refine(RefineConfig(best.model, refinements, best.calibration, config.scheme))
+            path = refine(RefineConfig(best.model, refinements, best.calibration, config.scheme),
+                          progress=lambda fraction, message, n=names: say(f"refinements: {n}: {message}"))
         except ValueError as error:  # an op the interpreter does not cover: the route is closed, in words
             return Step("refinements", tried, clock.since(mark), [*notes, f"refinements are not possible: {error}"])
         tried.append(judge.candidate(f"{best.calibration.method.value} + {names}", str(path), best.calibration,
@@ -446,8 +447,8 @@ def _qat(config: ReadyConfig, judge: _Judge, best: Candidate, clock: _Clock, say
                                             if math.isfinite(reached["loss"]) else ""))
 
     try:
-        result = quantization_aware_training(qat_config, seen, lambda: reached["loss"] <= config.target_db
-                                             or stop() or clock.left() < RESERVE_SECONDS)
+        # the time budget is QAT's own max_seconds, so its end is said as such ("time budget of N s reached")
+        result = quantization_aware_training(qat_config, seen, lambda: reached["loss"] <= config.target_db or stop())
     except ValueError as error:  # an op the interpreter does not cover: the route is closed, in words
         return Step("QAT", [], clock.since(mark), [*notes, f"QAT is not possible: {error}"])
     candidate = judge.candidate(f"QAT, {result.steps} steps", str(result.weights), best.calibration, config.scheme)

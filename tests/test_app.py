@@ -653,3 +653,20 @@ def test_make_model_a_int8_ready_shows_the_route_and_offers_the_chosen_bundle(mo
     assert "| range methods | entropy |" in report and "Chosen: entropy" in report and "target met" in report
     assert "QAT is off on this server" in report
     assert {"model.qdq.onnx", "README.md"} <= set(zipfile.ZipFile(archive).namelist())
+
+
+def test_a_model_with_nothing_quantized_compares_and_says_so(tmp_path, small_png):
+    """One Conv (3 -> 27 channels, too small for a TensorRT INT8 kernel) and a PixelShuffle: the tensorrt scheme
+    quantizes nothing in it, so the coverage check has nothing to check (it used to fail every compare with
+    "IndexError: list index out of range")."""
+    import torch
+
+    import app
+    from sr.usermodel import register_onnx
+
+    network = torch.nn.Sequential(torch.nn.Conv2d(3, 27, 3, padding=1), torch.nn.PixelShuffle(3)).eval()
+    user = register_onnx(standins._export(network, tmp_path / "one-conv.onnx", torch.rand(1, 3, 24, 24)))
+    *panels, metrics, coverage, _, _, _ = app.run_compare(
+        small_png, user.name, "xlsr-clip", "entropy", 10, "tensorrt", "Upscale my image", "nearest", "calib_data/",
+        None, progress=lambda *a, **k: None)
+    assert "no activation of it is quantized under the tensorrt scheme" in coverage and len(metrics) == 4
