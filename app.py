@@ -522,6 +522,7 @@ def run_compare(image, model_a="xlsr-relu", model_b="xlsr-clip", method="entropy
     labels = ["Truth" if result.truth is not None else "Original", f"FP32 {_label(model_a)}{tag}",
               f"INT8 {_label(model_a)}{tag}{on}", f"FP32 {_label(model_b)}{tag}", f"INT8 {_label(model_b)}{tag}{on}"]
     state = {"panels": panels, "calibrations": result.calibrations, "labels": labels, "seed": int(seed or 0),
+             "reference_int8": result.reference_int8,
              "seconds": time.perf_counter() - started, "finished": time.strftime("%H:%M:%S")}
     history = _remember(history, result, (image, model_a, model_b, method, samples, scheme, mode, gain, target),
                         seed)
@@ -582,11 +583,20 @@ def run_slider(state, left, right):
 
 DIFFERENCES = {  # label -> (panel index of the output, panel index of the reference)
     "INT8 A vs FP32 A": (2, 1), "INT8 B vs FP32 B": (4, 3), "INT8 B vs INT8 A": (4, 2), "FP32 B vs FP32 A": (3, 1)}
+# label -> (panel index of the target's INT8 output, which model's reference INT8 output it is set against)
+TARGET_DIFFERENCES = {"INT8 A: target vs reference": (2, 0), "INT8 B: target vs reference": (4, 1)}
 DIFFERENCE_KINDS = {"|difference| of luma": DifferenceKind.LUMA, "|difference| per channel": DifferenceKind.CHANNELS,
                     "brightness shift (blue: darker, red: brighter)": DifferenceKind.BRIGHTNESS_SHIFT}
 
 
 def _difference(state, pair, kind, gain, bar_height=28):
+    if pair in TARGET_DIFFERENCES:
+        if not state.get("reference_int8"):
+            raise gr.Error("Choose a target under 'INT8 panels run on' and Run first: this view compares the "
+                           "target's INT8 output with the reference's.")
+        output, which = TARGET_DIFFERENCES[pair]
+        return difference_image(state["panels"][output], state["reference_int8"][which], float(gain),
+                                DIFFERENCE_KINDS[kind], bar_height)
     output, reference = DIFFERENCES[pair]
     return difference_image(state["panels"][output], state["panels"][reference], float(gain),
                             DIFFERENCE_KINDS[kind], bar_height)
@@ -604,7 +614,8 @@ def run_roi(state, center_x, center_y, size, pair=None, kind=None, gain=16):
     if not state:
         return None
     images = list(state["panels"])
-    if pair in DIFFERENCES and kind in DIFFERENCE_KINDS:
+    target = pair in TARGET_DIFFERENCES and state.get("reference_int8")
+    if (pair in DIFFERENCES or target) and kind in DIFFERENCE_KINDS:
         images.append(_difference(state, pair, kind, gain, bar_height=0))
     return roi_strip(images, center_x, center_y, int(size))
 
@@ -957,7 +968,8 @@ def _difference_view() -> dict:
     gr.Markdown("### Difference view\nWhere INT8 departs from FP32, amplified. Click any panel to zoom every "
                 "panel, and this view, at that point.")
     with gr.Row():
-        view = {"pair": gr.Dropdown(list(DIFFERENCES), value=next(iter(DIFFERENCES)), label="Compare"),
+        view = {"pair": gr.Dropdown([*DIFFERENCES, *TARGET_DIFFERENCES], value=next(iter(DIFFERENCES)),
+                                    label="Compare"),
                 "kind": gr.Radio(list(DIFFERENCE_KINDS), value=next(iter(DIFFERENCE_KINDS)), label="Show"),
                 "gain": gr.Slider(1, 128, 16, step=1, label="Gain (x)")}
     view["image"] = gr.Image(label="Amplified difference", format="png", type="numpy", interactive=False,

@@ -198,6 +198,8 @@ class Comparison:
     truth: np.ndarray | None
     lr: np.ndarray
     seconds: dict[str, float] = field(default_factory=dict)  # wall time per stage: where the time goes
+    # when a target ran the INT8 panels: the same INT8 models on the reference (A, B), to see where they differ
+    reference_int8: tuple[np.ndarray, np.ndarray] | None = None
 
 
 class _Stopwatch:
@@ -267,13 +269,15 @@ def compare(image, model_a: str = "xlsr-relu", model_b: str = "xlsr-clip",
         resample = Image.Resampling.NEAREST if display is Display.NEAREST else Image.Resampling.BICUBIC
         original = np.asarray(Image.fromarray(lr).resize(size, resample))
     int8 = _calibrated((model_a, model_b), config, scheme, calibration_images, fixes, progress, watch)
-    rows, outputs = [], []
+    rows, outputs, references = [], [], []
     for model, calibrated in zip((model_a, model_b), int8):
         with watch("FP32 (reused on recalibration)"):
             fp32, fp32_ms = fp32_output(model, lr)
         with watch("INT8"):
             engine = int8_engine(calibrated, target)
             out, int8_ms = _timed(engine, lr)
+            if target is not None and EngineKind.parse(target) is not EngineKind.ORT_INT8:
+                references.append(int8_engine(calibrated).run(lr))
         outputs.append((fp32, out))
         with watch("metrics"):
             rows.append(_metrics(OutputKind.FP32, model, fp32_engine(model).name, fp32, fp32, truth, scale, fp32_ms))
@@ -285,7 +289,7 @@ def compare(image, model_a: str = "xlsr-relu", model_b: str = "xlsr-clip",
                                  scale, 0.0))
     notices = prepared.notices + _calibration_notices((model_a, model_b), int8, rows)
     return Comparison(original, outputs[0][0], outputs[0][1], outputs[1][0], outputs[1][1], rows,
-                      (int8[0], int8[1]), notices, truth, lr, watch.seconds)
+                      (int8[0], int8[1]), notices, truth, lr, watch.seconds, tuple(references) or None)
 
 
 def _calibrated(models, config, scheme, calibration_images, fixes, progress, watch) -> list[CalibratedModel]:

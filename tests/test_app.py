@@ -670,3 +670,25 @@ def test_a_model_with_nothing_quantized_compares_and_says_so(tmp_path, small_png
         small_png, user.name, "xlsr-clip", "entropy", 10, "tensorrt", "Upscale my image", "nearest", "calib_data/",
         None, progress=lambda *a, **k: None)
     assert "no activation of it is quantized under the tensorrt scheme" in coverage and len(metrics) == 4
+
+
+@pytest.mark.skipif(not __import__("sr.engines", fromlist=["x"]).qnn_available(), reason="onnxruntime-qnn is in "
+                    "requirements.txt")
+def test_the_int8_panels_on_a_target_and_the_difference_from_the_reference(small_png):
+    """The npu scheme's INT8 panels on Qualcomm's HTP (simulated): the table names the engine, the labels say so,
+    and the difference view shows where the NPU's output differs from the reference's (it rounds its own way:
+    not blank); on the reference itself that view asks for a target first."""
+    import gradio as gr
+
+    import app
+
+    *panels, metrics, _, _, state, _ = app.run_compare(
+        small_png, "xlsr-relu", "xlsr-clip", "entropy", 10, "npu", "Upscale my image", "nearest", "calib_data/", None,
+        target="Qualcomm HTP v73 (simulated)", progress=lambda *a, **k: None)
+    assert [e for e in metrics["engine"] if "qnn-htp" in e] and "on Qualcomm HTP v73" in state["labels"][2]
+    difference = app.run_difference(state, "INT8 A: target vs reference", "|difference| of luma", 32)
+    assert difference[:180].std() > 0
+    *_, plain, _ = app.run_compare(small_png, "xlsr-relu", "xlsr-clip", "entropy", 10, "npu", "Upscale my image",
+                                   "nearest", "calib_data/", None, progress=lambda *a, **k: None)
+    with pytest.raises(gr.Error, match="Choose a target"):
+        app.run_difference(plain, "INT8 A: target vs reference", "|difference| of luma", 32)
