@@ -682,7 +682,10 @@ def ranking_frame(report) -> pd.DataFrame:
                           "clipped energy %": _number(100 * r.clipped_energy, 2)} for r in report.ranking])
 
 
-_STOPS: dict[str, threading.Event] = {}  # per tab: set by Cancel, polled by the running diagnosis
+# per owner token (one per browser: its tabs share it): the running diagnoses' stop events, each set by Cancel
+# and polled by its diagnosis, removed when it ends (the table holds running diagnoses only)
+_STOPS: dict[str, set[threading.Event]] = {}
+_STOPS_LOCK = threading.Lock()
 
 
 def run_diagnose(image, model_a, model_b, which, mode, method, samples, scheme, gain=1.0, seed=0, owner=None,
@@ -693,10 +696,23 @@ def run_diagnose(image, model_a, model_b, which, mode, method, samples, scheme, 
     the page whose owner token started it; an API call without one cannot be cancelled)."""
     _check_image(image)
     progress = _capped(progress, "diagnosis")
-    model = model_a if which == "model A" else model_b
     stop, ident = threading.Event(), _verified_owner(owner)
-    if ident is not None:  # only a page's own Cancel can reach it
-        _STOPS[ident] = stop
+    if ident is not None:  # only its own browser's Cancel can reach it
+        with _STOPS_LOCK:
+            _STOPS.setdefault(ident, set()).add(stop)
+    try:
+        return _diagnosed(image, model_a, model_b, which, mode, method, samples, scheme, gain, seed, stop, progress)
+    finally:
+        if ident is not None:
+            with _STOPS_LOCK:
+                running = _STOPS.get(ident, set())
+                running.discard(stop)
+                if not running:
+                    _STOPS.pop(ident, None)
+
+
+def _diagnosed(image, model_a, model_b, which, mode, method, samples, scheme, gain, seed, stop, progress):
+    model = model_a if which == "model A" else model_b
     with _user_errors("diagnosis"):
         config = DiagnoseConfig(model, _calibration(method, samples, gain, seed), scheme, max_side=DIAGNOSE_SIDE)
         try:
@@ -744,10 +760,13 @@ def advice_text(advice, report) -> str:
 
 def cancel_diagnosis(owner=None) -> None:
     """Ask this page's running diagnosis to stop after its current pass (nobody else's)."""
-    stop = _STOPS.get(_owner(owner))
-    if stop is not None:
+    with _STOPS_LOCK:
+        running = list(_STOPS.get(_owner(owner), ()))
+    for stop in running:
         stop.set()
-        gr.Info("Stopping the diagnosis after the current pass.")
+    if running:
+        gr.Info("Stopping the diagnosis after the current pass." if len(running) == 1 else
+                f"Stopping this browser's {len(running)} diagnoses after their current passes.")
 
 
 def run_fix(image, report, tensor, fix_label, mode, progress=gr.Progress()):
@@ -1066,7 +1085,8 @@ def _train_tab(c: dict) -> None:
                     "lab yourself with `python app.py --allow-training` to train or distil XLSR models here.")
     gr.Markdown(f"A short XLSR training or distillation run on the CPU (needs the training images at "
                 f"`../shared/data/`, or set `SR_TRAIN_DIRS`), at most {app_jobs.POLICY.max_steps} steps. Jobs run "
-                "one at a time in the order asked; only this tab can cancel its job; the result appears in the "
+                "one at a time in the order asked; only this browser (its tabs share one owner token) can cancel its "
+                "job; the result appears in the "
                 "model lists.")
     with gr.Row():
         steps = gr.Number(300, precision=0, label="Steps", minimum=1, maximum=app_jobs.POLICY.max_steps)

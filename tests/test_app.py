@@ -692,3 +692,38 @@ def test_the_int8_panels_on_a_target_and_the_difference_from_the_reference(small
                                    "nearest", "calib_data/", None, progress=lambda *a, **k: None)
     with pytest.raises(gr.Error, match="Choose a target"):
         app.run_difference(plain, "INT8 A: target vs reference", "|difference| of luma", 32)
+
+
+def test_two_diagnoses_of_one_browser_are_both_cancelled_and_leave_no_stop_behind(small_png):
+    """A second diagnosis by the same owner no longer replaces the first one's stop (which then could not be
+    cancelled): Cancel stops both, and the stop table is empty once they end."""
+    import threading
+
+    import gradio as gr
+
+    import app
+
+    owner = app.issue_owner()
+    ident = app._verified_owner(owner)
+    outcomes = []
+
+    def diagnose() -> None:
+        try:
+            app.run_diagnose(small_png, "teacher", "xlsr-clip", "model A", "Upscale my image", "minmax", 10,
+                             "tensorrt", 1.0, 0, owner, progress=lambda *a, **k: None)
+            outcomes.append("finished")
+        except gr.Error as error:
+            outcomes.append(str(error))
+
+    threads = [threading.Thread(target=diagnose) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    deadline = time.time() + 60
+    while len(app._STOPS.get(ident, ())) < 2 and time.time() < deadline:
+        time.sleep(0.05)
+    assert len(app._STOPS.get(ident, ())) == 2
+    app.cancel_diagnosis(owner)
+    for thread in threads:
+        thread.join(300)
+    assert len(outcomes) == 2 and all("cancelled" in o for o in outcomes), outcomes
+    assert ident not in app._STOPS
