@@ -129,7 +129,8 @@ def heavy_visitor(url: str, folder: Path, stop: threading.Event, answered: list)
         seed += 1
         try:
             queue_call(url, fn_index("run_compare"), [image, name, name, "entropy", 100, "tensorrt", "Upscale my image",
-                                                      "bicubic", "calib_data/", None, 1.0, seed, None, []], session)
+                                                      "bicubic", "calib_data/", None, 1.0, seed, None, [],
+                                                      "reference (ONNX Runtime, CPU)"], session)
         except Exception:  # the server stopping under it, once the ordinary clients are done
             if stop.is_set():
                 return

@@ -497,7 +497,7 @@ def test_an_uploaded_model_does_not_hold_up_the_shipped_models(server, small_png
     shipped = (handle_file(small_png), "xlsr-relu", "xlsr-clip", "minmax", 10)
     client.predict(*shipped, api_name="/compare")  # cached from now on
     image, heavy_answer = _uploaded(server, Path(small_png)), []
-    settings = ["tensorrt", "Upscale my image", "bicubic", "calib_data/", None, 1.0, 0, None, []]
+    settings = ["tensorrt", "Upscale my image", "bicubic", "calib_data/", None, 1.0, 0, None, [], app.REFERENCE_TARGET]
     heavy = threading.Thread(target=lambda: heavy_answer.extend(_messages(_queue_call(
         server, demo, app.run_compare, [image, slow, slow, "entropy", 1000, *settings], "heavy-visitor"),
         "process_completed")), daemon=True)

@@ -56,7 +56,7 @@ def test_the_readme_says_which_python_runs_the_commands():
     text = (ROOT / "README.md").read_text()
     bare = [m.start() for m in re.finditer(r"(?<!\.venv/bin/)python -m sr", text)]
     assert all("activate" in text[max(0, i - 200):i] for i in bare), [text[i - 80:i + 40] for i in bare]
-    for name in re.findall(r"--onnx (\S+)", text):
+    for name in re.findall(r"--onnx (\S+\.onnx)", text):
         assert (ROOT / name).is_file(), name
     outs: dict[str, set] = {}
     for command, out in re.findall(r"(export-int8|int8-ready)[^`|]*?--out (runs/[\w-]+)", text):
