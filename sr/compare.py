@@ -143,7 +143,7 @@ def _timed(engine, lr):
 _FP32_OUTPUTS = Memo(8)  # (weights, input digest) -> (output, ms): reused on Recalibrate
 
 
-def fp32_output(model: str, lr: np.ndarray) -> tuple[np.ndarray, float]:
+def fp32_output(model: str, lr: np.ndarray) -> tuple[np.ndarray, float, bool]:
     """The FP32 output of a model for an input, and the time it took when it was made (remembered, LRU).
 
     Args:
@@ -151,11 +151,12 @@ def fp32_output(model: str, lr: np.ndarray) -> tuple[np.ndarray, float]:
         lr: uint8 HxWx3.
 
     Returns:
-        (uint8 (sH)x(sW)x3, milliseconds).
+        (uint8 (sH)x(sW)x3, milliseconds, whether it was remembered: its time is then its first run's).
     """
     path = model_info(model).path
     key = (str(path), path.stat().st_mtime_ns, lr.shape, hashlib.sha256(np.ascontiguousarray(lr).tobytes()).hexdigest())
-    return _FP32_OUTPUTS.get(key, lambda: _timed(fp32_engine(model), lr))
+    reused = _FP32_OUTPUTS.peek(key) is not None
+    return (*_FP32_OUTPUTS.get(key, lambda: _timed(fp32_engine(model), lr)), reused)
 
 
 class OutputKind(str, Enum):
@@ -272,15 +273,13 @@ def compare(image, model_a: str = "xlsr-relu", model_b: str = "xlsr-clip",
     rows, outputs, references = [], [], []
     for model, calibrated in zip((model_a, model_b), int8):
         with watch("FP32 (reused on recalibration)"):
-            fp32, fp32_ms = fp32_output(model, lr)
+            fp32, fp32_ms, reused = fp32_output(model, lr)
         with watch("INT8"):
-            engine = int8_engine(calibrated, target)
-            out, int8_ms = _timed(engine, lr)
-            if target is not None and EngineKind.parse(target) is not EngineKind.ORT_INT8:
-                references.append(int8_engine(calibrated).run(lr))
+            engine, out, int8_ms = _int8_output(calibrated, lr, target, references)
         outputs.append((fp32, out))
         with watch("metrics"):
-            rows.append(_metrics(OutputKind.FP32, model, fp32_engine(model).name, fp32, fp32, truth, scale, fp32_ms))
+            rows.append(_metrics(OutputKind.FP32, model, fp32_engine(model).name + (
+                " (output reused: the time of its first run)" if reused else ""), fp32, fp32, truth, scale, fp32_ms))
             rows.append(_metrics(OutputKind.INT8, model, f"{engine.name} ({calibrated.scheme.value} scheme)", out,
                                  fp32, truth, scale, int8_ms))
     if truth is not None:
@@ -290,6 +289,16 @@ def compare(image, model_a: str = "xlsr-relu", model_b: str = "xlsr-clip",
     notices = prepared.notices + _calibration_notices((model_a, model_b), int8, rows)
     return Comparison(original, outputs[0][0], outputs[0][1], outputs[1][0], outputs[1][1], rows,
                       (int8[0], int8[1]), notices, truth, lr, watch.seconds, tuple(references) or None)
+
+
+def _int8_output(calibrated: CalibratedModel, lr: np.ndarray, target, references: list) -> tuple:
+    """(engine, INT8 output, milliseconds) on the target (or the reference); a target's run also appends the
+    reference's output to `references`, for the difference view."""
+    engine = int8_engine(calibrated, target)
+    out, ms = _timed(engine, lr)
+    if target is not None and EngineKind.parse(target) is not EngineKind.ORT_INT8:
+        references.append(int8_engine(calibrated).run(lr))
+    return engine, out, ms
 
 
 def _calibrated(models, config, scheme, calibration_images, fixes, progress, watch) -> list[CalibratedModel]:

@@ -134,6 +134,8 @@ def test_gradio_client_compare_and_recalibrate(server, small_png):
     assert set(before) == set(after) and before != after  # the same outputs, other ranges: other INT8 figures
     fp32 = {row[0]: row[column] for row in again[5]["data"] if str(row[0]).startswith("FP32")}
     assert fp32 == {row[0]: row[column] for row in metrics["data"] if str(row[0]).startswith("FP32")}
+    engine = again[5]["headers"].index("engine")  # a reused FP32 output's time is its first run's, and says so
+    assert all("output reused" in row[engine] for row in again[5]["data"] if str(row[0]).startswith("FP32"))
 
 
 def test_refinements_in_the_compare_tab(small_png):
