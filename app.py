@@ -285,7 +285,8 @@ def build_bundle(image, model_a, method, samples, gain, seed, mode, progress=gr.
         folder = _bundle_folder()
         with _lane(model_a, progress=progress) as run:
             bundle = run(lambda: export_bundle(model_a, config, folder / "bundle", images=lr,
-                                               progress=lambda fraction, message: progress(fraction, desc=message)))
+                                               progress=lambda fraction, message: progress(fraction, desc=message),
+                                               shown_as=_shown(model_a)))
         name = re.sub(r"[^\w.-]+", "-", _shown(model_a)).strip("-")
         archive = zip_bundle(bundle, folder / f"{name}-int8-{config.method.value}.zip")
         shutil.rmtree(folder / "bundle", ignore_errors=True)  # the zip is what is offered
@@ -308,7 +309,8 @@ def make_ready_for(model_a, samples, scheme, target, minutes, uploads, model_b, 
         with _lane(model_a, progress=progress) as run:
             result = run(lambda: make_ready(config, lambda fraction, message: progress(fraction, desc=message)))
             chosen = result.chosen
-            bundle = run(lambda: export_bundle(chosen.model, chosen.calibration, folder / "bundle", chosen.fixes))
+            bundle = run(lambda: export_bundle(chosen.model, chosen.calibration, folder / "bundle", chosen.fixes,
+                                               shown_as=f"{_shown(model_a)}, made INT8-ready"))
         name = re.sub(r"[^\w.-]+", "-", _shown(model_a)).strip("-")
         archive = zip_bundle(bundle, folder / f"{name}-int8-ready.zip")
         shutil.rmtree(folder / "bundle", ignore_errors=True)

@@ -187,7 +187,7 @@ def _write_model(source: Path, out: Path) -> None:
 
 def export_bundle(model: str, config: CalibrationConfig, out: str | Path, fixes: Fixes | None = None,
                   images: Sequence[np.ndarray] = (), calibration_images: Sequence[np.ndarray] | None = None,
-                  trt_version: str | None = None, progress=None) -> Bundle:
+                  trt_version: str | None = None, progress=None, shown_as: str | None = None) -> Bundle:
     """Calibrate (or reuse the cache) and write the deployment bundle of the module docstring.
 
     Example:
@@ -202,6 +202,7 @@ def export_bundle(model: str, config: CalibrationConfig, out: str | Path, fixes:
         images: LR images (uint8 HxWx3) to measure the INT8 loss on, for the README.
         calibration_images: images to calibrate on instead of `config.data`.
         trt_version: a TensorRT 10 release: also write its calibration cache (None: no cache).
+        shown_as: the model's name in the README (an uploaded model's file name; default: the lab's name for it).
 
     Returns:
         the Bundle (its figures are the tensorrt model's).
@@ -238,7 +239,7 @@ def export_bundle(model: str, config: CalibrationConfig, out: str | Path, fixes:
     npu = _npu_figures(made[Scheme.NPU], images, fp32_outputs)
     litert = _tflite_figures(made[Scheme.NPU], images, fp32_outputs, out)
     write_atomic(_readme(model, config, tensorrt, figures, len(images), measured_on, trt_version, npu,
-                         litert).encode(), out / "README.md")
+                         litert, shown_as).encode(), out / "README.md")
     _remove_stale(out, trt_version is not None, not litert[0].startswith("No "))
     files = sorted(p.name for p in out.iterdir())
     psnr, brightness = figures[Scheme.TENSORRT]
@@ -272,7 +273,7 @@ def user_name(tensor: str) -> str:
 
 def _readme(model: str, config: CalibrationConfig, int8: CalibratedModel, figures: dict, count: int,
             measured_on: str, trt_version: str | None, npu: tuple = (None, "not measured"),
-            litert: Sequence[str] = ()) -> str:
+            litert: Sequence[str] = (), shown_as: str | None = None) -> str:
     info = model_info(model)
     lines = []
     for scheme, name in FILES.items():
@@ -296,7 +297,7 @@ def _readme(model: str, config: CalibrationConfig, int8: CalibratedModel, figure
     warnings = "".join(f"\n**Warning:** {note}.\n" for note in notes)
     cache = (f"| `calibration.cache` | TensorRT {trt_version}, implicit INT8: `trtexec --onnx=model.fp32.onnx --int8 "
              f"--calib=calibration.cache` (only the tensors `model.qdq.onnx` quantizes) |\n" if trt_version else "")
-    return f"""# INT8 bundle of `{info.name}` (x{info.scale})
+    return f"""# INT8 bundle of `{shown_as or info.name}` (x{info.scale})
 
 Made by SR INT8 Lab {__version__}: {method} calibration, {config.samples} samples (seed {config.seed}),
 {"fixes: " + int8.fixes.key() if not int8.fixes.is_empty() else "no per-tensor fixes"}.

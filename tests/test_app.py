@@ -655,6 +655,8 @@ def test_make_model_a_int8_ready_shows_the_route_and_offers_the_chosen_bundle(mo
     assert "| range methods | entropy |" in report and "Chosen: entropy" in report and "target met" in report
     assert "QAT is off on this server" in report
     assert {"model.qdq.onnx", "README.md"} <= set(zipfile.ZipFile(archive).namelist())
+    readme = zipfile.ZipFile(archive).read("README.md").decode()
+    assert readme.startswith("# INT8 bundle of `xlsr-clip, made INT8-ready`")  # the name the page shows
 
 
 def test_a_model_with_nothing_quantized_compares_and_says_so(tmp_path, small_png):
