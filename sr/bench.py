@@ -192,11 +192,25 @@ def _latency_engines(config: BenchConfig, threads: int, work: str) -> tuple[dict
     return {name: (engine.run, engine._run_array) for name, engine in engines.items()}, summaries
 
 
+class _Heartbeat:
+    """Says what the benchmark is doing at least every `every` seconds (the log, not a bar: the figures are
+    timings, and a redrawn bar would cost time itself)."""
+
+    def __init__(self, every: float = 10.0):
+        self.every, self.started, self.last = every, time.perf_counter(), 0.0
+
+    def __call__(self, message: str, force: bool = False) -> None:
+        now = time.perf_counter()
+        if force or now - self.last >= self.every:
+            log.info("bench [%.0f s]: %s", now - self.started, message)
+            self.last = now
+
+
 def _median_ms(times: list[float]) -> float:
     return float(np.median(times) * 1e3)
 
 
-def _latency(config: BenchConfig, rounds: int = 3, block: int = 4) -> dict:
+def _latency(config: BenchConfig, rounds: int = 3, block: int = 4, beat: _Heartbeat | None = None) -> dict:
     """Per engine, threads and input size: the bare session time and the end-to-end time (tiling and uint8
     conversion included), and ratios to ORT FP32 of the same run.
 
@@ -206,15 +220,19 @@ def _latency(config: BenchConfig, rounds: int = 3, block: int = 4) -> dict:
     """
     rng = np.random.default_rng(0)
     table, conformance = {}, {}
+    beat = beat or _Heartbeat()
     with tempfile.TemporaryDirectory() as work:
         for threads in THREADS:
+            beat(f"making and checking every engine at {threads} thread(s)", force=True)
             engines, conformance = _latency_engines(config, threads, work)
             for width, height in SIZES:
                 lr = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
                 array = np.divide(lr.transpose(2, 0, 1)[None], np.float32(255.0), dtype=np.float32)
                 times = {name: ([], []) for name in engines}
-                for _ in range(rounds):
+                for round_index in range(rounds):
                     for name, (run, session) in engines.items():
+                        beat(f"timing {name} at {threads} thread(s), {width}x{height}, round {round_index + 1} of "
+                             f"{rounds}")
                         for kind, call, argument in ((0, session, array), (1, run, lr)):
                             for index in range(block + 1):
                                 started = time.perf_counter()
@@ -255,10 +273,14 @@ def run_bench(config: BenchConfig) -> dict:
         a flat JSON-ready dict of figures (ModelOpt figures None without ModelOpt).
     """
     model_info(config.model)  # an unknown model is refused before any work
-    log.info("bench: calibration speed and memory (ours, onnxruntime, ModelOpt; about 2 minutes), then the latency "
-             "and conformance of every engine (about 5 minutes)")
+    beat = _Heartbeat()
+    beat("calibration speed and memory: ours, onnxruntime, ours at the large sample count, ModelOpt (each in a "
+         "process of its own), then the latency and conformance of every engine", force=True)
     ours = _run_child("ours", config, config.samples)
+    beat(f"ours: {ours['seconds']:.1f} s; now onnxruntime's calibrator", force=True)
     ort_run = _run_child("ort", config, config.samples)
+    beat(f"onnxruntime: {ort_run['seconds']:.1f} s; now ours at {config.large_samples} samples (peak memory)",
+         force=True)
     large = _run_child("ours", config, config.large_samples)
     report = {"model": config.model, "samples": config.samples, "large_samples": config.large_samples,
               "calib_seconds_ours": ours["seconds"], "calib_seconds_ort": ort_run["seconds"],
@@ -270,6 +292,7 @@ def run_bench(config: BenchConfig) -> dict:
               "calib_speedup_vs_modelopt": None, "calib_seconds_modelopt": None, "calib_peak_rss_mb_modelopt": None,
               "threshold_diff_vs_modelopt_end_to_end_relative": None}
     if modelopt_available():
+        beat("ModelOpt's threshold searches on identical histograms, then its calibrator", force=True)
         per_method = _identical_histogram_differences(config.model, config.samples, config.patch_size)
         modelopt = _run_child("modelopt", config, config.samples)
         report.update(calib_max_threshold_diff_bins_vs_modelopt=max(per_method.values()),
@@ -277,8 +300,8 @@ def run_bench(config: BenchConfig) -> dict:
                       calib_speedup_vs_modelopt=modelopt["seconds"] / ours["seconds"],
                       calib_seconds_modelopt=modelopt["seconds"], calib_peak_rss_mb_modelopt=modelopt["peak_rss_mb"],
                       threshold_diff_vs_modelopt_end_to_end_relative=_relative_differences(ours, modelopt))
-    log.info("bench: calibration done; timing every engine at 1 and 2 threads, 320x240 and 1280x720")
-    report["latency"], report["conformance"] = _latency(config)
+    beat("calibration done; timing every engine at 1 and 2 threads, 320x240 and 1280x720", force=True)
+    report["latency"], report["conformance"] = _latency(config, beat=beat)
     report["cpu"] = cpu_name()
     report.update(_latency_ratios(report["latency"]))
     return report
