@@ -203,9 +203,14 @@ def quantization_aware_training(config: QatConfig, on_progress: Callable[[dict],
         FloatingPointError: the loss became NaN or infinite.
     """
     run = _setup(config)
-    restore(run)
-    continue_stream(run)
-    run_loop(run, f"QAT {Path(config.out).stem}", on_progress, should_stop)
+    try:
+        restore(run)
+        continue_stream(run)
+        run_loop(run, f"QAT {Path(config.out).stem}", on_progress, should_stop)
+    except BaseException:  # interrupted (Ctrl-C, an error): with no checkpoint to resume, nothing is left behind
+        if run.rank == 0 and not config.checkpoint_path.is_file():
+            remove_starting_points(Path(config.out))
+        raise
     return _finish(run)
 
 

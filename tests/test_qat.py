@@ -239,3 +239,19 @@ def test_a_users_onnx_model_can_be_the_teacher(tmp_path, data_dir):
     assert read_metadata(guided.weights)["qat"]["config"]["teacher"] == onnx_teacher
     a, b = load_file(str(guided.weights)), load_file(str(plain.weights))
     assert any(not torch.equal(a[k], b[k]) for k in a)  # the teacher's term changed the training
+
+
+def test_an_interrupted_qat_without_a_checkpoint_leaves_nothing_behind(data_dir, tmp_path):
+    """Ctrl-C before the first checkpoint: the centred-I/O starting point QAT wrote beside its output (mode 0600,
+    `<out>.centred.safetensors`) is removed with it; nothing is left that a resume could use."""
+    config = QatConfig(model="xlsr-clip", out=str(tmp_path / "stopped.safetensors"), steps=24,
+                       calibration=CalibrationConfig(method="mse", samples=20), batch_size=4, val_every=12,
+                       train_dirs=[str(data_dir / "Set5")], val_dir="")
+
+    def interrupt() -> bool:
+        assert list(tmp_path.glob("stopped.safetensors.centred.*"))  # the starting point exists while it runs
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        quantization_aware_training(config, should_stop=interrupt)
+    assert list(tmp_path.iterdir()) == []
