@@ -31,7 +31,8 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from .choices import Choice
-from .store import cache_cap_bytes, cache_root, code_digest, evict, file_sha256, locked, short_hash, touch, write_atomic
+from .store import (Memo, cache_cap_bytes, cache_root, code_digest, evict, file_sha256, locked, short_hash, touch,
+                    write_atomic)
 
 MAX_BYTES = int(float(os.environ.get("SR_MAX_ONNX_MB", "200")) * 1024 * 1024)
 PROBE_SECONDS = 30.0
@@ -627,7 +628,9 @@ def known_input(standard: onnx.ModelProto) -> tuple[str, float] | None:
 # ----------------------------------------------------------------------------------------------------------------
 # The registry.
 
-_REGISTRY: dict[str, UserModel] = {}
+# the models this process has registered or read back: bounded and thread-safe (a process-wide LRU); a model
+# evicted here is read back from its cache folder, the same UserModel as registered (its registration.json)
+_REGISTRY = Memo(256)
 
 
 def register_onnx(path: str | os.PathLike, overrides: Overrides = Overrides(),
@@ -669,10 +672,13 @@ def register_onnx(path: str | os.PathLike, overrides: Overrides = Overrides(),
     covered = {*ALL_INT8_OPS, *TENSORRT_INPUT_OPS, "Constant", "Identity"}
     ops = sorted({node.op_type for node in model.graph.node} - covered)
     parameters = sum(int(np.prod(init.dims)) for init in model.graph.initializer)
+    record = folder / "registration.json"  # what lookup needs to give the same model in every process
+    if not record.is_file():
+        write_atomic(json.dumps({"float_ops": ops, "parameters": parameters}).encode(), record)
     standard = onnx.load(str(folder / "standard.onnx"))
     registered = UserModel(f"{PREFIX}{key}", path, contract, folder / "standard.onnx", tuple(ops), parameters,
                            macs_per_pixel(standard), known_input(standard))
-    _REGISTRY[registered.name] = registered
+    _REGISTRY.put(registered.name, registered)
     return registered
 
 
@@ -680,17 +686,20 @@ def lookup(name: str, cache_dir: str | os.PathLike | None = None) -> UserModel |
     """The registered model called `name` (also one registered by another process, from the cache), or None."""
     if not str(name).startswith(PREFIX):
         return None
-    if name in _REGISTRY:
-        if _REGISTRY[name].standard_onnx.is_file():  # the cache's total cap may have evicted it since
-            return _REGISTRY[name]
-        del _REGISTRY[name]
+    known = _REGISTRY.peek(name)
+    if known is not None and known.standard_onnx.is_file():  # the cache's total cap may have evicted it since
+        return known
     folder = cache_root(cache_dir) / "user" / str(name)[len(PREFIX):]
     if not (folder / "contract.json").is_file():
         return None
     contract = Contract.from_dict(json.loads((folder / "contract.json").read_text()))
     standard = onnx.load(str(folder / "standard.onnx"))
-    parameters = sum(int(np.prod(init.dims)) for init in standard.graph.initializer)
-    found = UserModel(str(name), folder / "standard.onnx", contract, folder / "standard.onnx", (), parameters,
+    try:  # as registered: the user's own graph's parameters and the ops no scheme covers
+        record = json.loads((folder / "registration.json").read_text())
+        ops, parameters = tuple(record["float_ops"]), int(record["parameters"])
+    except (OSError, ValueError, KeyError):  # an entry older than the record: counted on the standard graph
+        ops, parameters = (), sum(int(np.prod(init.dims)) for init in standard.graph.initializer)
+    found = UserModel(str(name), folder / "standard.onnx", contract, folder / "standard.onnx", ops, parameters,
                       macs_per_pixel(standard), known_input(standard))
-    _REGISTRY[found.name] = found  # model_info asks on every call: read the file once per process
+    _REGISTRY.put(found.name, found)  # model_info asks on every call: read the file once per process
     return found

@@ -230,3 +230,17 @@ def test_integer_shape_subgraphs_are_not_calibrated(tmp_path, data_dir):
     report = evaluate(EvalConfig(model=user.name, data=str(data_dir / "Set5"), engine="ort-int8",
                                  calibration=CalibrationConfig(method="auto", samples=20)))
     assert report["fp32_mean"]["psnr_y"] - report["int8_mean"]["psnr_y"] < 1.0
+
+
+def test_another_process_reads_back_the_model_as_registered(stand_ins):
+    """After a restart, or in a torchrun worker, `lookup` gives the same model as `register_onnx` made: the ops
+    left in float and the parameters counted on the user's own graph (it used to give none, and the wrapped
+    graph's count)."""
+    from sr import usermodel
+
+    made = usermodel.register_onnx(stand_ins["fsrcnn-y"])
+    usermodel._REGISTRY.items.clear()  # a fresh process: nothing in memory, the cache folder only
+    read = usermodel.lookup(made.name)
+    assert read is not None and read.float_ops == made.float_ops and read.parameters == made.parameters
+    assert read.contract == made.contract and read.macs_per_pixel == made.macs_per_pixel
+    assert made.float_ops  # (PReLU and ConvTranspose-to-Y stand-in: something is left in float)
