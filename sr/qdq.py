@@ -118,8 +118,9 @@ def write_qdq_model(fp32_onnx: Path, ranges: dict[str, TensorRange], scheme: Sch
 
 
 def check_against_spec(qdq: onnx.ModelProto, fp32: onnx.ModelProto, spec: QuantSpec) -> None:
-    """Raise unless a QDQ model quantizes exactly the spec's activations and weights (for the cpu scheme, whose
-    writer folds ReLU/Clip into the Conv before it, a spec tensor the written graph no longer has is allowed).
+    """Raise unless a QDQ model quantizes exactly the spec's activations and weights, the weights' per-channel axes
+    included, for every scheme (for the cpu scheme, whose writer folds ReLU/Clip into the Conv before it, a spec
+    activation the written graph no longer has is allowed).
 
     Raises:
         RuntimeError: naming the tensors that differ.
@@ -131,7 +132,8 @@ def check_against_spec(qdq: onnx.ModelProto, fp32: onnx.ModelProto, spec: QuantS
     ours = not spec.scheme.by_onnxruntime
     wanted = set(spec.activations) if ours else {t for t in spec.activations if t in present}
     extra, lacking = sorted(written - wanted), sorted(wanted - written)
-    weights_differ = sorted(set(found.weights) ^ set(spec.weights)) if ours else []
+    weights_differ = sorted(set(found.weights) ^ set(spec.weights)) + [  # every scheme: which, and on which axis
+        w for w, axis in found.weights.items() if w in spec.weights and axis != spec.weights[w].axis]
     zero_points = [t for t, (_, zero) in found.activations.items() if t in spec.activations
                    and spec.activations[t].symmetric and zero != 0] if ours else []
     if extra or lacking or weights_differ or zero_points:
