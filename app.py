@@ -894,7 +894,8 @@ def _compare_controls(models: list[str]) -> dict:
                                              info=METHOD_HELP)
             controls["samples"] = gr.Radio([10, 100, 1000], value=100, label="Calibration samples")
             controls["scheme"] = gr.Radio([s.value for s in Scheme], value="tensorrt", label="INT8 scheme",
-                                          info="tensorrt: Q/DQ where NVIDIA ModelOpt puts them; npu: LiteRT's 8-bit "
+                                          info="tensorrt: Q/DQ where NVIDIA ModelOpt puts them (checked against ModelOpt; "
+                                               "attention, gates and ConvTranspose may differ); npu: LiteRT's 8-bit "
                                                "specification, what phone NPUs run (every tensor INT8 with a zero "
                                                "point, INT32 biases; npu-per-tensor: one scale per weight tensor); "
                                                "npu-symmetric: symmetric-only accelerators; cpu: UINT8, ONNX "

@@ -194,3 +194,35 @@ def test_a_conv_input_kept_in_float_is_written_as_the_spec_says(registered, sche
         found = graph_quantization(onnx.load(str(int8.qdq_onnx)), fp32)
         assert tensor not in found.activations
         assert tensor not in spec_of(fp32, scheme, [tensor]).activations
+
+
+# Where the tensorrt spec and ModelOpt 0.47 part on the families of the README's table (deliberately: patterns
+# quantspec.py says it does not reproduce; stated in docs/how-int8-is-made.md): (only ours, only ModelOpt's),
+# activations and weights together. A change on either side shows here.
+FAMILY_DIFFERENCES = {
+    "fsrcnn": (set(), set()), "vdsr": (set(), set()), "espcn": (set(), set()),
+    "rlfn": ({"/esa/Resize_output_0"}, {"/esa/Sigmoid_output_0", "/esa/conv/Conv_output_0"}),
+    "rrdb": (set(), {"/Add_output_0", "/LeakyRelu_output_0"}),
+    "swinir-light": ({"/block/Reshape_1_output_0"}, {"/block/Transpose_output_0"}),
+    "waifu2x": ({"/body/body.11/LeakyRelu_output_0", "up.weight"}, set()),
+}
+
+
+@pytest.mark.parametrize("family", list(FAMILY_DIFFERENCES))
+def test_tensorrt_placement_on_the_families_is_modelopts_but_for_the_stated_differences(family, tmp_path, data_dir):
+    """Oracle on every family of the README's table (the user's own file, as ModelOpt would get it): the same
+    placement as `modelopt.onnx.quantization.quantize`, except exactly the stated differences (ModelOpt's
+    attention, gated-attention (ESA), residual-scaling and ConvTranspose patterns, which the spec does not copy)."""
+    pytest.importorskip("modelopt.onnx.quantization")
+    import standins
+    from sr.usermodel import register_onnx
+
+    path = standins.family(family, tmp_path, str(data_dir / "T91"), steps=2)  # the placement ignores the weights
+    user = register_onnx(path)
+    copy = tmp_path / f"{family}-copy.onnx"
+    copy.write_bytes(path.read_bytes())
+    activations, weights = _modelopt_placement(copy)
+    spec = spec_of(fp32_onnx_path(user.name), "tensorrt")
+    ours = {_strip(t) for t in spec.activations} | {_strip(w) for w in spec.weights}
+    theirs = activations | weights
+    assert (ours - theirs, theirs - ours) == FAMILY_DIFFERENCES[family]
