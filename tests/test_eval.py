@@ -84,9 +84,10 @@ def test_recommended_calibration_is_the_one_the_findings_derive():
     assert (RECOMMENDED_CALIBRATION.method.value, RECOMMENDED_CALIBRATION.samples, RECOMMENDED_SCHEME.value) == (
         derived["method"], derived["samples"], derived["scheme"])
     rows = json.loads((ROOT / "docs" / "findings.json").read_text())["rows"]
-    # 5 models x 5 methods x (3 sample counts on tensorrt + 100 samples on npu, npu-per-tensor, cpu) x 2 sets
-    assert (ROOT / "docs" / "findings.md").read_text().count("<!-- findings:") == 2 and len(rows) == 300
-    assert {r["scheme"] for r in rows} == {"tensorrt", "npu", "npu-per-tensor", "cpu"}
+    # 5 models x 6 methods (auto too) x (3 sample counts on tensorrt + 100 samples on npu, npu-per-tensor,
+    # npu-symmetric, cpu) x 2 sets
+    assert (ROOT / "docs" / "findings.md").read_text().count("<!-- findings:") == 2 and len(rows) == 420
+    assert {r["scheme"] for r in rows} == {"tensorrt", "npu", "npu-per-tensor", "npu-symmetric", "cpu"}
 
 
 @pytest.mark.parametrize("method", ["entropy", "entropy-zeros"])
