@@ -38,7 +38,8 @@ from .metrics import brightness_ratio, psnr_y
 from .models import model_info
 from .quantize import CalibratedModel, Fixes, Scheme, calibrate_model, fp32_onnx_path
 from .qdq import spec_of, tie_fused_ranges
-from .runtime import engine_for
+from .engines import EngineRefused, litert_available, qnn_available
+from .runtime import EngineKind, engine_for, tflite_model
 from .usermodel import unwrap
 from .store import write_atomic
 
@@ -117,12 +118,13 @@ def parse_calibration_cache(text: str) -> dict[str, float]:
     return scales
 
 
-def _measure(int8: CalibratedModel, images: Sequence[np.ndarray],
-             fp32_outputs: Sequence[np.ndarray]) -> tuple[float | None, float | None]:
-    """Mean PSNR-Y of the INT8 model against the FP32 outputs and its brightness ratio, with the reference engine."""
+def _measure(int8: CalibratedModel, images: Sequence[np.ndarray], fp32_outputs: Sequence[np.ndarray],
+             engine=None) -> tuple[float | None, float | None]:
+    """Mean PSNR-Y of the INT8 model against the FP32 outputs and its brightness ratio, with the reference engine
+    (or the target `engine` given)."""
     if not images:
         return None, None
-    quantized = engine_for(int8.model, int8)
+    quantized = engine or engine_for(int8.model, int8)
     pairs = [(fp32, quantized.run(image)) for image, fp32 in zip(images, fp32_outputs)]
     return (float(np.mean([psnr_y(q, f, int8.scale) for f, q in pairs])),
             float(np.mean([brightness_ratio(q, f) for f, q in pairs])))
@@ -134,18 +136,19 @@ BUNDLE_FILES = {*FILES.values(), "model.fp32.onnx", "calibration.cache", "ranges
 
 
 def _tflite_figures(int8: CalibratedModel, images: Sequence[np.ndarray], fp32_outputs: Sequence[np.ndarray],
-                    out: Path) -> list[str]:
+                    out: Path) -> tuple[bool, list[str]]:
     """Write `model.tflite` (the npu model as a full-integer LiteRT file, `sr.tflite`) and say what LiteRT's
-    kernels gave on it; or say why there is none."""
-    from .engines import EngineRefused, litert_available
-    from .runtime import EngineKind, tflite_model
+    kernels gave on it; or say why there is none.
 
+    Returns:
+        (whether `model.tflite` was written, the README's lines about it).
+    """
     if not litert_available():
-        return ["No `model.tflite`: LiteRT (`ai-edge-litert`) is not installed."]
+        return False, ["No `model.tflite`: LiteRT (`ai-edge-litert`) is not installed."]
     try:
         write_atomic(tflite_model(int8).read_bytes(), out / "model.tflite")
     except ValueError as error:
-        return [f"No `model.tflite`: {error}."]
+        return False, [f"No `model.tflite`: {error}."]
     lines = []
     for kind, what in ((EngineKind.LITERT, "XNNPACK"), (EngineKind.LITERT_REF, "TFLite's reference kernels")):
         try:
@@ -153,31 +156,24 @@ def _tflite_figures(int8: CalibratedModel, images: Sequence[np.ndarray], fp32_ou
         except (ValueError, EngineRefused) as error:
             lines.append(f"`model.tflite` on LiteRT, {what}: not used ({error}).")
             continue
-        outputs = [engine.run(image) for image in images]
-        psnr = float(np.mean([psnr_y(q, f, int8.scale) for f, q in zip(fp32_outputs, outputs)]))
+        psnr, _ = _measure(int8, images, fp32_outputs, engine)
         verdict = engine.conformance
         lines.append(f"`model.tflite` on LiteRT, {what}: {psnr:.2f} dB PSNR-Y vs FP32; against the reference on the "
                      f"conformance probe: mean {verdict.mean_levels:.2f} levels, 99.9th percentile "
                      f"{verdict.p999_levels:.0f}, max {verdict.max_levels}.")
-    return lines
+    return True, lines
 
 
 def _npu_figures(int8: CalibratedModel, images: Sequence[np.ndarray], fp32_outputs: Sequence[np.ndarray]):
     """The npu model as Qualcomm's HTP (simulated) runs it: (engine name, PSNR-Y vs FP32, brightness, its
     conformance), or (None, the reason) where it cannot run here."""
-    from .engines import EngineRefused, qnn_available
-    from .runtime import EngineKind
-
     if not qnn_available():
         return None, "onnxruntime-qnn is not installed"
     try:
         engine = engine_for(int8.model, int8, kind=EngineKind.QNN_HTP)
     except (ValueError, EngineRefused) as error:
         return None, str(error)
-    outputs = [engine.run(image) for image in images]
-    return engine.name, (float(np.mean([psnr_y(q, f, int8.scale) for f, q in zip(fp32_outputs, outputs)])),
-                         float(np.mean([brightness_ratio(q, f) for f, q in zip(fp32_outputs, outputs)])),
-                         engine.conformance)
+    return engine.name, (*_measure(int8, images, fp32_outputs, engine), engine.conformance)
 
 
 def _write_model(source: Path, out: Path) -> None:
@@ -237,10 +233,10 @@ def export_bundle(model: str, config: CalibrationConfig, out: str | Path, fixes:
     fp32_outputs = [fp32.run(image) for image in images]
     figures = {scheme: _measure(made[scheme], images, fp32_outputs) for scheme in FILES}
     npu = _npu_figures(made[Scheme.NPU], images, fp32_outputs)
-    litert = _tflite_figures(made[Scheme.NPU], images, fp32_outputs, out)
+    with_tflite, litert = _tflite_figures(made[Scheme.NPU], images, fp32_outputs, out)
     write_atomic(_readme(model, config, tensorrt, figures, len(images), measured_on, trt_version, npu,
                          litert, shown_as).encode(), out / "README.md")
-    _remove_stale(out, trt_version is not None, not litert[0].startswith("No "))
+    _remove_stale(out, trt_version is not None, with_tflite)
     files = sorted(p.name for p in out.iterdir())
     psnr, brightness = figures[Scheme.TENSORRT]
     return Bundle(out, files, psnr, brightness, f"{len(images)} {measured_on}")

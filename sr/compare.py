@@ -128,10 +128,16 @@ def int8_engine(int8: CalibratedModel, target: EngineKind | str | None = None):
     `eval --engine ort-int8` scores it; or, asked for, a target's own numerics on the same model (`qnn-htp`:
     Qualcomm's Hexagon NPU; `litert` / `litert-ref`: the bundle's .tflite), checked against the reference when
     made. Faster engines are checked against it in `sr.runtime` and `sr bench`."""
-    target = None if target is None else EngineKind.parse(target)
-    if target in (None, EngineKind.ORT_INT8):
+    target = _target(target)
+    if target is None:
         return ENGINES.get(("ort-reference", int8.key), lambda: engine_for(int8.model, int8))
     return ENGINES.get((target.value, int8.key), lambda: engine_for(int8.model, int8, kind=target))
+
+
+def _target(target: EngineKind | str | None) -> EngineKind | None:
+    """The engine kind a target names, None for the reference (`ort-int8` is the reference)."""
+    kind = None if target is None else EngineKind.parse(target)
+    return None if kind is EngineKind.ORT_INT8 else kind
 
 
 def _timed(engine, lr):
@@ -296,7 +302,7 @@ def _int8_output(calibrated: CalibratedModel, lr: np.ndarray, target, references
     reference's output to `references`, for the difference view."""
     engine = int8_engine(calibrated, target)
     out, ms = _timed(engine, lr)
-    if target is not None and EngineKind.parse(target) is not EngineKind.ORT_INT8:
+    if _target(target) is not None:
         references.append(int8_engine(calibrated).run(lr))
     return engine, out, ms
 

@@ -512,15 +512,16 @@ class QnnHtpEngine(Seamless):
         self.fixed = fixed_size([d.dim_value if d.HasField("dim_value") else None for d in dims])
         self.scale, self.path, self.htp_arch = scale, Path(qdq_onnx), str(htp_arch)
         self.name = f"{name}-v{self.htp_arch}"
-        self.sessions: dict[tuple, object] = {}
+        self.sessions = Memo(4)  # input shape -> its compiled graph
         self.lock = threading.Lock()
         self._session(self.fixed or (16, 16))  # a graph the HTP cannot take is refused here, not at the first run
 
     def _session(self, size: tuple[int, int]):
+        return self.sessions.get(size, lambda: self._compiled(size))
+
+    def _compiled(self, size: tuple[int, int]):
         import onnxruntime as ort
 
-        if size in self.sessions:
-            return self.sessions[size]
         options = ort.SessionOptions()
         options.log_severity_level = 3
         options.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
@@ -528,16 +529,12 @@ class QnnHtpEngine(Seamless):
                                                           "offload_graph_io_quantization": "0"})
         try:
             with _stdout_to_stderr():  # libQnnHtp prints a banner on stdout (it would corrupt --json output)
-                session = ort.InferenceSession(static_input(self.model, size).SerializeToString(), options)
+                return ort.InferenceSession(static_input(self.model, size).SerializeToString(), options)
         except Exception as error:  # onnxruntime's Fail: nodes left for the CPU, or an op HTP does not take
             raise ValueError(f"the Hexagon NPU (HTP v{self.htp_arch}) cannot run all of {self.path.name}: "
                              f"{str(error).splitlines()[0][:300]} (a scheme that leaves ops in float, such as "
                              "tensorrt, cannot run whole on an NPU: use npu, npu-per-tensor or npu-symmetric)") \
                 from error
-        if len(self.sessions) >= 4:
-            self.sessions.pop(next(iter(self.sessions)))
-        self.sessions[size] = session
-        return session
 
     def _run_array(self, array: np.ndarray) -> np.ndarray:
         with self.lock:
@@ -575,22 +572,21 @@ class LiteRTEngine(Seamless):
         self.content = self.path.read_bytes()
         self.input_q, self.output_q = image_qparams(self.content)
         self.name = name
-        self.interpreters: dict[tuple, object] = {}
+        self.interpreters = Memo(4)  # input shape -> its interpreter (not reentrant: used under `lock`)
         self.lock = threading.Lock()
 
     def _interpreter(self, shape: tuple):
+        return self.interpreters.get(shape, lambda: self._allocated(shape))
+
+    def _allocated(self, shape: tuple):
         from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
-        if shape not in self.interpreters:
-            resolver = OpResolverType.BUILTIN if self.kernels == "xnnpack" else OpResolverType.BUILTIN_REF
-            interpreter = Interpreter(model_content=self.content, experimental_op_resolver_type=resolver,
-                                      num_threads=max(1, min(4, os.cpu_count() or 1)))
-            interpreter.resize_tensor_input(interpreter.get_input_details()[0]["index"], list(shape), strict=False)
-            interpreter.allocate_tensors()
-            if len(self.interpreters) >= 4:
-                self.interpreters.pop(next(iter(self.interpreters)))
-            self.interpreters[shape] = interpreter
-        return self.interpreters[shape]
+        resolver = OpResolverType.BUILTIN if self.kernels == "xnnpack" else OpResolverType.BUILTIN_REF
+        interpreter = Interpreter(model_content=self.content, experimental_op_resolver_type=resolver,
+                                  num_threads=max(1, min(4, os.cpu_count() or 1)))
+        interpreter.resize_tensor_input(interpreter.get_input_details()[0]["index"], list(shape), strict=False)
+        interpreter.allocate_tensors()
+        return interpreter
 
     def _run_array(self, array: np.ndarray) -> np.ndarray:
         (in_scale, in_zero), (out_scale, out_zero) = self.input_q, self.output_q

@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from .calibrate import CalibrationConfig
 from .data import Degradation, bicubic_resize, degrade, list_images, load_image
-from .engines import HTP_ARCHS, tensorrt_available
+from .engines import DEFAULT_HTP_ARCH, HTP_ARCHS, tensorrt_available
 from .metrics import brightness_ratio, edge_psnr_y, psnr_y, ssim_y
 from .models import model_info
 from .quantize import Scheme, calibrate_model, qat_record
@@ -39,7 +39,7 @@ class EvalConfig:
     scheme: Scheme = Scheme.TENSORRT
     recommended: bool = False  # RECOMMENDED_CALIBRATION and RECOMMENDED_SCHEME instead of the two above
     threads: int = 0
-    htp_arch: str = "73"  # the Hexagon NPU generation the qnn-htp engine simulates
+    htp_arch: str = DEFAULT_HTP_ARCH  # the Hexagon NPU generation the qnn-htp engine simulates
     degradation: Degradation | str = "clean"  # a preset (clean, strong) or "blur=..,noise=..,jpeg=.."; seeded per image
 
     def __post_init__(self):

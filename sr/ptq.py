@@ -124,18 +124,15 @@ def _refine_into(config: RefineConfig, out: Path, progress: Callable[[float, str
     reference = OnnxModule(student.fp32).eval().requires_grad_(False)  # the same function as the original model
     with torch.no_grad():
         target = reference(x)
-    steps = {Refinement.RANGE_SEARCH: lambda: search_ranges(student, x, target, student.frozen_groups),
-             Refinement.ADAROUND: lambda: adaround(student, reference, x, config.adaround_steps, progress=lambda
-                                                   done, total: progress((at["index"] + done / max(1, total))
-                                                                         / len(config.refinements),
-                                                                         f"adaround: Conv {done + 1} of {total}")),
-             Refinement.BIAS_CORRECTION: lambda: correct_biases(student, reference, x)}
+    # each step is given a `report(done, total)` for its own progress (AdaRound: Conv by Conv)
+    steps = {Refinement.RANGE_SEARCH: lambda report: search_ranges(student, x, target, student.frozen_groups),
+             Refinement.ADAROUND: lambda report: adaround(student, reference, x, config.adaround_steps, progress=report),
+             Refinement.BIAS_CORRECTION: lambda report: correct_biases(student, reference, x)}
     before = _output_mse(student, x, target)
-    at = {"index": 0}  # where AdaRound's own progress starts
     for index, refinement in enumerate(r for r in config.refinements if r in steps):
-        at["index"] = index
         progress(index / len(config.refinements), f"{refinement.value}")
-        steps[refinement]()
+        steps[refinement](lambda done, total, i=index, name=refinement.value: progress(
+            (i + done / max(1, total)) / len(config.refinements), f"{name}: Conv {done + 1} of {total}"))
         log.info("%s: output MSE vs FP32 %.3g -> %.3g", refinement.value, before, _output_mse(student, x, target))
     record = {"kind": "ptq", "scheme": config.scheme.value, "refinements": [r.value for r in config.refinements],
               "ranges": {t: list(r) for t, r in student.ranges().items()}, "base": str(config.model),

@@ -211,6 +211,9 @@ def _same_values(fp32: Path, tensor: str) -> list[str]:
                             lambda: _walk_same_values(onnx.load(str(fp32)), tensor))
 
 
+_IMAGE_IO = Memo(256)  # (graph file, size, mtime) -> `_image_io` (asked on every calibration call under LiteRT)
+
+
 def _image_io(fp32: Path) -> tuple[str, str]:
     """(the image the network reads, the image it writes) of a graph file: the graph's input and output, or for
     a user's model inside the lab's wrapper the user's own (`sr.centring.user_io`); remembered per file."""
@@ -221,7 +224,7 @@ def _image_io(fp32: Path) -> tuple[str, str]:
         return model.graph.input[0].name, model.graph.output[0].name
 
     stat = Path(fp32).stat()
-    return _SAME_VALUES.get((str(fp32), stat.st_size, stat.st_mtime_ns, None), read)
+    return _IMAGE_IO.get((str(fp32), stat.st_size, stat.st_mtime_ns), read)
 
 
 def _walk_same_values(model: onnx.ModelProto, tensor: str) -> list[str]:

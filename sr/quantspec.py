@@ -245,14 +245,11 @@ def quant_spec(model: onnx.ModelProto, scheme: Scheme | str, keep_float: Sequenc
     # so those nodes quantize nothing else either (a Conv reading a float tensor leaves its output in float)
     touching = set(keep_float) if scheme.by_onnxruntime else set()
     for node in graph.user_nodes:
-        placed = _tensorrt_inputs(graph, node) if scheme is Scheme.TENSORRT else _all_int8_tensors(graph, node, scheme)
+        placed = _tensorrt_inputs(graph, node) if scheme is Scheme.TENSORRT else \
+            _all_int8_tensors(graph, node, scheme, excluded)
         if placed is not None and touching & (set(node.input) | set(node.output)):
             excluded.append(node.name)
             continue
-        producer = graph.producers.get(node.input[0]) if node.input else None
-        if scheme.by_onnxruntime and node.op_type in ("Relu", "Clip") and producer is not None \
-                and producer.name in excluded:
-            continue  # ONNX Runtime's writer quantizes an activation only with a quantized op before it
         if placed is None:  # a Conv TensorRT has no INT8 kernel for: left in float
             excluded.append(node.name)
             floated.extend(t for t in node.input[:1] if graph.activation(t))
@@ -317,12 +314,15 @@ def _tensorrt_inputs(graph: _GraphFacts, node: onnx.NodeProto) -> list[str] | No
     return [t for t in inputs if graph.activation(t)]
 
 
-def _all_int8_tensors(graph: _GraphFacts, node: onnx.NodeProto, scheme: Scheme) -> list[str]:
-    """The tensors the npu / cpu placement quantizes at `node`: its inputs and outputs for the covered ops."""
+def _all_int8_tensors(graph: _GraphFacts, node: onnx.NodeProto, scheme: Scheme,
+                      excluded: Sequence[str] = ()) -> list[str]:
+    """The tensors the npu / cpu placement quantizes at `node`: its inputs and outputs for the covered ops
+    (`excluded`: the nodes left out so far, whose outputs the cpu writer does not quantize)."""
     if node.op_type not in (LITERT_OPS if scheme.litert else ALL_INT8_OPS):
         return []
-    if scheme is Scheme.CPU and node.op_type in ("Relu", "Clip") and \
-            getattr(graph.producers.get(node.input[0]), "op_type", None) not in ALL_INT8_OPS:
+    producer = graph.producers.get(node.input[0])
+    if scheme is Scheme.CPU and node.op_type in ("Relu", "Clip") and (
+            getattr(producer, "op_type", None) not in ALL_INT8_OPS or producer.name in excluded):
         return []  # ONNX Runtime's writer quantizes an activation only as part of a quantized op before it
     inputs = list(node.input) if node.op_type in ("Concat", "Add") else list(node.input[:1])
     return [t for t in [*inputs, *node.output] if graph.activation(t)]

@@ -21,6 +21,7 @@ Example:
 """
 from __future__ import annotations
 
+import copy
 import math
 import time
 from dataclasses import dataclass, field, replace
@@ -183,9 +184,8 @@ class _Judge:
         heavy model, whose winner is then confirmed on every image."""
         if count >= len(self.pairs):
             return self
-        part = object.__new__(_Judge)
-        part.pairs, part.scale, part.started = self.pairs[:count], self.scale, self.started
-        part.fp32_outputs, part.seconds_per_image = self.fp32_outputs[:count], self.seconds_per_image
+        part = copy.copy(self)
+        part.pairs, part.fp32_outputs = self.pairs[:count], self.fp32_outputs[:count]
         part.fp32_psnr = float(np.mean([psnr_y(o, t, self.scale) for o, t in zip(part.fp32_outputs, part.truths)]))
         return part
 

@@ -12,17 +12,17 @@ from __future__ import annotations
 
 import logging
 import platform
+import sys
 from pathlib import Path
 
 from .choices import Choice
 from .engines import (BF16_TOLERANCE, DEFAULT_HTP_ARCH, FP32_TOLERANCE, INT8_TOLERANCE, NPU_TOLERANCE, Conformance,
                       EngineRefused, LiteRTEngine, OpenVinoEngine, OrtEngine, QnnHtpEngine, TensorRTEngine, TorchEngine,
-                      conformance,
-                      openvino_available, reference, tensorrt_available)
+                      conformance, openvino_available, reference, tensorrt_available)
 from .models import load_model, model_info
 from .qdq import spec_of, tie_fused_ranges
 from .quantize import CalibratedModel, Scheme, fp32_onnx_path
-from .store import cache_cap_bytes, cache_root, evict, file_sha256
+from .store import cache_cap_bytes, cache_root, code_digest, evict, file_sha256, short_hash
 from .tflite import write_tflite
 
 log = logging.getLogger(__name__)
@@ -47,11 +47,6 @@ class EngineKind(Choice, noun="engine"):
         """True for the engines that run a calibrated INT8 model."""
         return self in (EngineKind.ORT_INT8, EngineKind.OPENVINO_INT8, EngineKind.TENSORRT, EngineKind.QNN_HTP,
                         EngineKind.LITERT, EngineKind.LITERT_REF)
-
-    @property
-    def is_npu(self) -> bool:
-        """True for a target's own integer numerics (a few levels from the reference by design: NPU_TOLERANCE)."""
-        return self in (EngineKind.QNN_HTP, EngineKind.LITERT, EngineKind.LITERT_REF)
 
 
 def cpu_name() -> str:
@@ -199,14 +194,15 @@ def _takes_the_image(model: str) -> None:
 
 
 def tflite_model(int8: CalibratedModel) -> Path:
-    """The full-integer .tflite of a calibrated model (`sr.tflite`), written once per QDQ model (keyed by its
-    hash: the ranges, spec and fixes are all in it) and kept in the cache.
+    """The full-integer .tflite of a calibrated model (`sr.tflite`), written once per QDQ model and writer (keyed by
+    the QDQ model's hash, which the ranges, spec and fixes are all in, and the writer's code) and kept in the cache.
 
     Raises:
         TfliteUnsupported: (a ValueError) a scheme other than npu / npu-per-tensor, or a graph the writer cannot
             express (named).
     """
-    path = cache_root() / "tflite" / f"{int8.qdq_onnx.stem}-{file_sha256(int8.qdq_onnx)[:16]}.tflite"
+    key = short_hash(f"{file_sha256(int8.qdq_onnx)} {code_digest(sys.modules[write_tflite.__module__])}")
+    path = cache_root() / "tflite" / f"{int8.qdq_onnx.stem}-{key}.tflite"  # the writer's code is in the key too
     if not path.is_file():
         spec = spec_of(int8.fp32_onnx, int8.scheme, int8.fixes.keep_float)
         write_tflite(int8.fp32_onnx, spec, tie_fused_ranges(spec, int8.ranges), path)
