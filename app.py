@@ -7,9 +7,9 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
-import contextvars
 import hashlib
 import hmac
+import inspect
 import logging
 import math
 import os
@@ -42,6 +42,8 @@ from sr.usermodel import Overrides, register_onnx
 from sr.plots import DifferenceKind, difference_image, histogram_figure, range_chart
 from sr.quantspec import Scheme
 from sr.ready import ReadyConfig, make_ready
+from sr.box import BoxLimit, Exceeded, Limits, Stopped, run_boxed
+from sr.cost import CostLimits, TooCostly, Uncountable
 from sr.store import Memo, cache_root, remove_stale_temps
 
 log = logging.getLogger("app")
@@ -54,34 +56,37 @@ _WAITING: list[object] = []  # the requests waiting inside a heavy slot for the 
 
 
 UPLOADED_NICE = 10  # the CPU priority of work on uploaded models (CFS weight 110 against the shipped lane's 1024)
+# the box every uploaded model runs in (sr.box: a process of its own): memory and wall time the operator can set
+BOX_MEMORY_BYTES = int(float(os.environ.get("SR_BOX_MEMORY_GB", "3")) * 2**30)
+PROBE_SECONDS = float(os.environ.get("SR_PROBE_SECONDS", "60"))  # an upload's check and contract probe
+PROBES = 2  # uploads checked at once (each in its box): one visitor's upload waits at most PROBE_SECONDS for another
 
 
-def _niced(work):
-    """`work()` in a thread of its own at a lower CPU priority (nice UPLOADED_NICE): the ONNX Runtime and numpy
-    threads it starts inherit it, so an uploaded model takes only the CPU the shipped models' work leaves. (A
-    fresh thread: a lowered priority cannot be raised again without privileges, so no pooled thread gets it.)"""
-    context, box = contextvars.copy_context(), {}
+def _direct(work, *args, progress=None, stop=None, **kwargs):
+    """Trusted work (the shipped models) in this process, as `_boxed` would run it: `stop` reaches work that
+    polls a `should_stop` (the boxed work is killed instead)."""
+    if progress is not None:
+        kwargs["progress"] = progress
+    if stop is not None and "should_stop" in inspect.signature(work).parameters:
+        kwargs["should_stop"] = stop
+    return work(*args, **kwargs)
 
-    def target():
-        with contextlib.suppress(OSError, AttributeError):  # no setpriority: the work runs at the usual priority
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), UPLOADED_NICE)
-        try:
-            box["value"] = context.run(work)
-        except BaseException as error:  # noqa: BLE001 (raised again in the caller's thread)
-            box["error"] = error
 
-    thread = threading.Thread(target=target, name="uploaded-model", daemon=True)
-    thread.start()
-    thread.join()
-    if "error" in box:
-        raise box["error"]
-    return box["value"]
+def _boxed(seconds: float):
+    """How to run work on an uploaded model: in a box (sr.box) with BOX_MEMORY_BYTES, `seconds` and nice
+    UPLOADED_NICE, killed at its deadline; what it cost in words when it goes over."""
+
+    def run(work, *args, progress=None, stop=None, **kwargs):
+        return run_boxed(work, *args, box=Limits(BOX_MEMORY_BYTES, seconds, UPLOADED_NICE), progress=progress,
+                         should_stop=stop, **kwargs)
+
+    return run
 
 
 @contextlib.contextmanager
 def _lane(*models, progress=None):
     """Hold the lane of this work: "uploaded" when any model is an uploaded ONNX model, else "shipped", and yield
-    how to run the work in it (uploaded: `_niced`). The shipped lane waits its turn, showing its real place in
+    how to run the work in it (uploaded: in a box). The shipped lane waits its turn, showing its real place in
     line through `progress`; the uploaded lane does not wait inside a heavy slot (two uploads queued there would
     hold both slots): when another uploaded model is being worked on, this one is refused in words."""
     lane = "uploaded" if any(is_uploaded(m) for m in models) else "shipped"
@@ -98,7 +103,7 @@ def _lane(*models, progress=None):
         finally:
             _WAITING.remove(me)
     try:
-        yield _niced if lane == "uploaded" else (lambda work: work())
+        yield _boxed(MAX_REQUEST_SECONDS) if lane == "uploaded" else _direct
     finally:
         _LANES[lane].release()
 
@@ -127,6 +132,10 @@ MAX_UPLOAD = "25mb"
 # an uploaded model's cost, known from its graph before anything runs (sr.usermodel.macs_per_pixel); the operator
 # can raise it (SR_MAX_MMAC_PER_PIXEL); ten 3x3 convolutions of 256 channels need 5.9 million
 MAX_MACS_PER_PIXEL = float(os.environ.get("SR_MAX_MMAC_PER_PIXEL", "2.0")) * 1e6
+# and the largest tensor it makes (values per input pixel: x4 at 256 channels is 4096) and its scale, the largest
+# the page offers; a graph whose cost cannot be counted (control flow, sizes known only at run time) is refused
+COST_LIMITS = CostLimits(MAX_MACS_PER_PIXEL, float(os.environ.get("SR_MAX_TENSOR_PER_PIXEL", "4096")),
+                         float(os.environ.get("SR_MAX_SCALE", "4")))
 MODES = {"Upscale my image": InputMode.UPSCALE, "Check against ground truth": InputMode.GROUND_TRUTH}
 CALIB_SOURCES = ("calib_data/", "my uploads")
 DIAGNOSE_SIDE = 128  # the diagnosis measures on a centre crop of at most this many LR pixels a side
@@ -196,6 +205,14 @@ def _user_errors(action: str):
         yield
     except gr.Error:
         raise
+    except BoxLimit as error:
+        log.warning("%s stopped in its box: %s", action, error)
+        advice = {Exceeded.TIME: "try fewer calibration samples or a smaller image, or run it locally",
+                  Exceeded.MEMORY: "try a smaller image, or run it locally",
+                  Exceeded.DIED: "run it locally (python -m sr ... --onnx) to see why"}[error.exceeded]
+        raise gr.Error(f"The {action} was stopped: your model {error.words} (this server "
+                       f"gives an uploaded model at most {error.limits.memory_bytes / 2**30:.1f} GB and "
+                       f"{error.limits.seconds:.0f} s); {advice}. Nothing else was affected.") from None
     except FileNotFoundError as error:  # the library names files by their base name; never a server path
         raise gr.Error(_no_paths(str(error))) from None
     except ValueError as error:
@@ -257,13 +274,15 @@ def load_onnx_model(file, layout, color, value_range, pre_upsampled, scale, mode
         return gr.update(), gr.update(), "", choices
     path = file if isinstance(file, str) else getattr(file, "name", str(file))
     auto = lambda value, cast=str: None if value in (None, "auto") else cast(value)  # noqa: E731
+    overrides = Overrides(auto(layout), auto(color), auto(value_range, int), True if pre_upsampled else None,
+                          auto(scale, int))
     with _user_errors("model check"):
-        user = register_onnx(path, Overrides(auto(layout), auto(color), auto(value_range, int),
-                                             True if pre_upsampled else None, auto(scale, int)))
-    if user.macs_per_pixel > MAX_MACS_PER_PIXEL:
-        raise gr.Error(f"{Path(path).name} needs {user.macs_per_pixel / 1e6:.1f} million multiply-accumulates per "
-                       f"input pixel; this server runs uploaded models up to {MAX_MACS_PER_PIXEL / 1e6:.1f} million "
-                       "(the shipped teacher needs 0.9). Run it locally (python -m sr ... --onnx) for no limit.")
+        try:  # checked, costed (before anything runs) and probed in a box of its own
+            user = _boxed(PROBE_SECONDS)(register_onnx, path, overrides, limits=COST_LIMITS)
+        except (Uncountable, TooCostly) as error:
+            raise gr.Error(f"{Path(path).name} cannot run on this server: {error} (the shipped teacher needs 0.9 "
+                           "million multiply-accumulates a pixel). Run it locally (python -m sr ... --onnx) for no "
+                           "limit.") from None
     _UPLOADED[user.name] = Path(path).name
     choices = [*(choices or []), user.name]
     models = available_models() + choices
@@ -284,9 +303,8 @@ def build_bundle(image, model_a, method, samples, gain, seed, mode, progress=gr.
             lr = [prepare_input(image, MODES.get(mode, mode), model_info(model_a).scale).lr]
         folder = _bundle_folder()
         with _lane(model_a, progress=progress) as run:
-            bundle = run(lambda: export_bundle(model_a, config, folder / "bundle", images=lr,
-                                               progress=lambda fraction, message: progress(fraction, desc=message),
-                                               shown_as=_shown(model_a)))
+            bundle = run(export_bundle, model_a, config, folder / "bundle", images=lr, shown_as=_shown(model_a),
+                         progress=lambda fraction, message: progress(fraction, desc=message))
         name = re.sub(r"[^\w.-]+", "-", _shown(model_a)).strip("-")
         archive = zip_bundle(bundle, folder / f"{name}-int8-{config.method.value}.zip")
         shutil.rmtree(folder / "bundle", ignore_errors=True)  # the zip is what is offered
@@ -307,15 +325,16 @@ def make_ready_for(model_a, samples, scheme, target, minutes, uploads, model_b, 
                              max_images=READY_IMAGES, qat=app_jobs.POLICY.enabled)
         folder = _bundle_folder()
         with _lane(model_a, progress=progress) as run:
-            result = run(lambda: make_ready(config, lambda fraction, message: progress(fraction, desc=message)))
+            result = run(make_ready, config, progress=lambda fraction, message: progress(fraction, desc=message))
             chosen = result.chosen
-            bundle = run(lambda: export_bundle(chosen.model, chosen.calibration, folder / "bundle", chosen.fixes,
-                                               shown_as=f"{_shown(model_a)}, made INT8-ready"))
+            bundle = run(export_bundle, chosen.model, chosen.calibration, folder / "bundle", chosen.fixes,
+                         shown_as=f"{_shown(model_a)}, made INT8-ready")
+            tuned = chosen.model != str(model_a) and not chosen.fixes.keep_float
+            offered = (run(register_onnx, chosen.model).name if chosen.model.endswith(".onnx") else chosen.model) \
+                if tuned else None
         name = re.sub(r"[^\w.-]+", "-", _shown(model_a)).strip("-")
         archive = zip_bundle(bundle, folder / f"{name}-int8-ready.zip")
         shutil.rmtree(folder / "bundle", ignore_errors=True)
-    tuned = chosen.model != str(model_a) and not chosen.fixes.keep_float
-    offered = (register_onnx(chosen.model).name if chosen.model.endswith(".onnx") else chosen.model) if tuned else None
     a, b, uploads = offer_result(offered, uploads, model_b)
     method = gr.update(value=chosen.calibration.method.value) if tuned else gr.update()
     return ready_report(result, model_a), str(archive), a, b, uploads, method
@@ -380,11 +399,11 @@ def metrics_frame(rows) -> pd.DataFrame:
     return pd.DataFrame(records)
 
 
-def coverage_note(result) -> str:
-    """The first hint: does each model's calibration cover the values this image produces?"""
+def coverage_note(result, coverages) -> str:
+    """The first hint: does each model's calibration cover the values this image produces? (`coverages`: each
+    calibration's `range_coverage` on the image.)"""
     lines = []
-    for calibrated in result.calibrations:
-        checked = range_coverage(calibrated, result.lr, max_side=COVERAGE_SIDE)
+    for calibrated, checked in zip(result.calibrations, coverages):
         if not checked:  # a graph with no quantized activation under this scheme (a lone Resize, say)
             lines.append(f"✓ {_shown(calibrated.model)}: no activation of it is quantized under the "
                          f"{calibrated.scheme.value} scheme, so no range can clip this image.")
@@ -471,12 +490,12 @@ def _calibration(method, samples, gain, seed) -> CalibrationConfig:
                          f"{seed!r})") from None
 
 
-def _refined(model: str, refinements, calibration: CalibrationConfig, scheme: str, progress) -> str:
+def _refined(run, model: str, refinements, calibration: CalibrationConfig, scheme: str, progress) -> str:
     """`model`, or its refined version (sr.ptq; made once per setting, then cached)."""
     if not refinements:
         return model
     config = RefineConfig(model, list(refinements), calibration, scheme)
-    return str(refine(config, progress=lambda fraction, message: progress(
+    return str(run(refine, config, progress=lambda fraction, message: progress(
         fraction, desc=f"refining {model}: {message} (first time only)")))
 
 
@@ -509,11 +528,11 @@ def run_compare(image, model_a="xlsr-relu", model_b="xlsr-clip", method="entropy
                            "later runs read the cache)")
         settings = _calibration(method, samples, gain, seed)
         with _lane(model_a, model_b, progress=progress) as run:
-            tuned_a, tuned_b = (run(lambda m=m: _refined(m, refinements, settings, scheme, progress))
-                                for m in (model_a, model_b))
-            result = run(lambda: compare(image, tuned_a, tuned_b, settings, scheme, MODES[mode], display, calibration,
-                                         progress=first_run, target=TARGETS.get(target)))
-            note = coverage_note(result)
+            tuned_a, tuned_b = (_refined(run, m, refinements, settings, scheme, progress) for m in (model_a, model_b))
+            result = run(compare, image, tuned_a, tuned_b, settings, scheme, MODES[mode], display, calibration,
+                         progress=first_run, target=TARGETS.get(target))
+            note = coverage_note(result, [run(range_coverage, c, result.lr, max_side=COVERAGE_SIDE)
+                                          for c in result.calibrations])
             _measured(result.calibrations)
     for notice in result.notices:
         gr.Warning(notice)
@@ -719,13 +738,14 @@ def _diagnosed(image, model_a, model_b, which, mode, method, samples, scheme, ga
         config = DiagnoseConfig(model, _calibration(method, samples, gain, seed), scheme, max_side=DIAGNOSE_SIDE)
         try:
             with _lane(model, progress=progress) as run:
-                report = run(lambda: diagnose(config, images=[image], mode=MODES.get(mode, mode),
-                                              progress=lambda f, m: progress(f, desc=f"{m} (cancel to stop)"),
-                                              should_stop=stop.is_set))
-                advice = run(lambda: advise_fix(report, image, MODES.get(mode, mode),
-                                                progress=lambda f, m: progress(f, desc=f"measuring the fixes: {m}")))
+                report = run(diagnose, config, images=[image], mode=MODES.get(mode, mode),
+                             progress=lambda f, m: progress(f, desc=f"{m} (cancel to stop)"), stop=stop.is_set)
+                advice = run(advise_fix, report, image, MODES.get(mode, mode),
+                             progress=lambda f, m: progress(f, desc=f"measuring the fixes: {m}"), stop=stop.is_set)
         except DiagnosisCancelled as error:
             raise gr.Error(f"Diagnosis cancelled: {error}.") from None
+        except Stopped:
+            raise gr.Error("Diagnosis cancelled: stopped at once (your model runs in a box of its own).") from None
     culprit = advice.tensor or (report.ranking[0].tensor if report.ranking else None)
     chosen = report.calibrated.ranges.get(culprit)
     figure = histogram_figure(report.stats[culprit], max(abs(chosen.low), abs(chosen.high))) if culprit else None
@@ -782,8 +802,8 @@ def run_fix(image, report, tensor, fix_label, mode, progress=gr.Progress()):
     progress = _capped(progress, "fix")
     with _user_errors("fix"):
         with _lane(report.model, progress=progress) as run:
-            outcome = run(lambda: apply_fix(report, tensor, fix, image, MODES.get(mode, mode),
-                                            progress=lambda f, m: progress(f, desc=m)))
+            outcome = run(apply_fix, report, tensor, fix, image, MODES.get(mode, mode),
+                          progress=lambda f, m: progress(f, desc=m))
     against = "truth" if outcome.has_truth else "FP32"
     table = pd.DataFrame([
         {"INT8 model": "before", f"PSNR vs {against} (dB)": _number(outcome.psnr_before_db, 2),
@@ -1031,7 +1051,8 @@ def _wire_compare(c: dict, o: dict) -> None:
     # change, not upload: a click on an example model sets the file too
     c["onnx"].change(load_onnx_model, [c["onnx"], c["layout"], c["color"], c["value_range"], c["pre_upsampled"],
                                        c["scale"], c["model_b"], uploads],
-                     [c["model_a"], c["model_b"], c["contract"], uploads], api_name=False)
+                     [c["model_a"], c["model_b"], c["contract"], uploads], api_name=False,
+                     concurrency_id="probe", concurrency_limit=PROBES)
     c["bundle_button"].click(build_bundle, [c["image"], c["model_a"], c["method"], c["samples"], c["gain"], c["seed"],
                                             c["mode"]], c["bundle"], api_name=False, concurrency_id=HEAVY,
                              concurrency_limit=HEAVY_SLOTS)

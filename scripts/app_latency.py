@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import app  # noqa: E402
 from sr.calibrate import load_calibration_images  # noqa: E402
 from sr.compare import compare  # noqa: E402
+from sr.diagnose import range_coverage  # noqa: E402
 
 PAIRS = {"ReLU vs Clipped ReLU, same XLSR": ("xlsr-relu", "xlsr-clip"),
          "big ReLU teacher vs small Clipped-ReLU student": ("teacher", "xlsr-clip-kd")}
@@ -39,7 +40,8 @@ def warm(path: str, model_a: str, model_b: str, repeats: int = 5) -> None:
         for stage, seconds in result.seconds.items():
             stages.setdefault(stage, []).append(seconds)
         start = time.perf_counter()
-        app.coverage_note(result)
+        app.coverage_note(result, [range_coverage(c, result.lr, max_side=app.COVERAGE_SIDE)
+                                   for c in result.calibrations])
         stages.setdefault("coverage check", []).append(time.perf_counter() - start)
     parts = ", ".join(f"{stage} {np.median(values):.3f}" for stage, values in stages.items())
     print(f"  warm Run: {np.median(totals):.2f} s (median of {repeats}); library stages (s): {parts}")

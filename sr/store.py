@@ -126,7 +126,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f"{TEMP_PREFIX}{path.name}.")
+    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f"{_temp_prefix()}{path.name}.")
     os.close(handle)
     os.chmod(temp, 0o666 & ~_umask())  # mkstemp makes 0600; the published file gets the usual permissions
     try:
@@ -184,7 +184,7 @@ def locked(path: str | os.PathLike, wait: bool = True) -> Iterator[bool]:
 def temp_dir(parent: str | os.PathLike) -> Path:
     """A new empty temp folder inside `parent` (created), for building an entry before `publish_dir`."""
     Path(parent).mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(dir=parent, prefix=TEMP_PREFIX))
+    return Path(tempfile.mkdtemp(dir=parent, prefix=_temp_prefix()))
 
 
 def publish_dir(work: Path, entry: Path) -> None:
@@ -200,6 +200,34 @@ def publish_dir(work: Path, entry: Path) -> None:
     if entry.exists():
         shutil.rmtree(entry)
     os.replace(work, entry)
+
+
+def _temp_prefix() -> str:
+    """The start of this process's temp names: TEMP_PREFIX and the process id (see `remove_temps_of`)."""
+    return f"{TEMP_PREFIX}{os.getpid()}-"
+
+
+def remove_temps_of(pid: int, root: str | os.PathLike | None = None) -> int:
+    """Delete every temp file or folder that process `pid` left under the cache (it was killed mid-write: the
+    box does this after stopping one).
+
+    Args:
+        pid: the dead writer's process id.
+        root: where to look, recursively (the cache root by default).
+
+    Returns:
+        how many were removed.
+    """
+    root, removed = Path(root) if root is not None else cache_root(), 0
+    prefix = f"{TEMP_PREFIX}{pid}-"
+    for folder, dirs, files in os.walk(root):
+        for name in [*dirs, *files]:
+            if name.startswith(prefix):
+                item = Path(folder) / name
+                shutil.rmtree(item, ignore_errors=True) if item.is_dir() else item.unlink(missing_ok=True)
+                removed += 1
+        dirs[:] = [d for d in dirs if not d.startswith(prefix)]
+    return removed
 
 
 def remove_stale_temps(folder: str | os.PathLike, older_than: float = STALE_SECONDS) -> int:

@@ -31,6 +31,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from .choices import Choice
+from .cost import CostLimits, Uncountable, check_cost, graph_cost
 from .store import (Memo, cache_cap_bytes, cache_root, code_digest, evict, file_sha256, locked, short_hash, touch,
                     write_atomic)
 
@@ -159,7 +160,19 @@ def check_file(path: str | os.PathLike) -> onnx.ModelProto:
     except Exception as error:
         raise UserModelError(f"{path.name} fails the ONNX checker: {clean_message(error)}") from None
     _check_image_to_image(model, path.name)
+    _check_finite(model, path.name)
     return model
+
+
+def _check_finite(model: onnx.ModelProto, name: str) -> None:
+    """Refuse NaN or infinite weights (no range, histogram or INT8 scale can be made from them)."""
+    for init in model.graph.initializer:
+        if init.data_type in (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16):
+            values = numpy_helper.to_array(init)
+            if not np.isfinite(values.astype(np.float32)).all():
+                bad = int(np.size(values) - np.isfinite(values.astype(np.float32)).sum())
+                raise UserModelError(f"{name}: its weight {init.name!r} holds {bad} NaN or infinite value(s); "
+                                     "fix the model (a diverged training run?) and upload it again")
 
 
 def _nodes(graph: onnx.GraphProto):
@@ -565,47 +578,14 @@ def standard_graph(model: onnx.ModelProto, contract: Contract) -> onnx.ModelProt
     return standard
 
 
-def macs_per_pixel(model: onnx.ModelProto, size: tuple[int, int] = (32, 32)) -> float:
-    """Multiply-accumulates per input pixel of a standard graph (or any NCHW image model): the cost of running it,
-    known before anything runs. From shape inference on a `size` input (the model's own size when it is fixed):
-    Conv and ConvTranspose count output (input) pixels x channels x kernel, MatMul and Gemm their products; other
-    ops are cheap beside them and left out.
-
-    Args:
-        model: the model.
-        size: (height, width) of the probe input when the model's is not fixed.
-
-    Returns:
-        MACs per input pixel (0.0 when the shapes cannot be inferred).
-    """
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    dims = probe.graph.input[0].type.tensor_type.shape.dim
-    fixed = [d.dim_value for d in dims[2:4]] if len(dims) == 4 and all(d.dim_value > 0 for d in dims[2:4]) else None
-    height, width = fixed or size
-    for dim, value in zip(dims, [1, dims[1].dim_value or 3, height, width]):
-        dim.ClearField("dim_param")
-        dim.dim_value = value
+def macs_per_pixel(model: onnx.ModelProto) -> float:
+    """Multiply-accumulates per input pixel of a standard graph (or any NCHW image model), counted by
+    `sr.cost.graph_cost` before anything runs; 0.0 for a graph whose cost cannot be counted (a model registered
+    without cost limits, from the CLI)."""
     try:
-        inferred = onnx.shape_inference.infer_shapes(probe, strict_mode=False).graph
-    except Exception:
+        return graph_cost(model).macs_per_pixel
+    except Uncountable:
         return 0.0
-    shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
-              for v in [*inferred.value_info, *inferred.input, *inferred.output]}
-    weights = {init.name: list(init.dims) for init in probe.graph.initializer}
-    total = 0
-    for node in probe.graph.node:
-        if node.op_type not in ("Conv", "ConvTranspose", "MatMul", "Gemm") or len(node.input) < 2:
-            continue
-        weight = weights.get(node.input[1])
-        out, source = shapes.get(node.output[0]), shapes.get(node.input[0])
-        if node.op_type == "Conv" and weight and out and all(out):
-            total += int(np.prod(out[1:])) * int(np.prod(weight[1:]))
-        elif node.op_type == "ConvTranspose" and weight and source and all(source):
-            total += int(np.prod(source[1:])) * int(np.prod(weight[1:]))
-        elif node.op_type in ("MatMul", "Gemm") and out and source and all(out) and all(source):
-            total += int(np.prod(out)) * source[-1]
-    return total / float(height * width)
 
 
 def known_input(standard: onnx.ModelProto) -> tuple[str, float] | None:
@@ -634,7 +614,7 @@ _REGISTRY = Memo(256)
 
 
 def register_onnx(path: str | os.PathLike, overrides: Overrides = Overrides(),
-                  cache_dir: str | os.PathLike | None = None) -> UserModel:
+                  cache_dir: str | os.PathLike | None = None, limits: CostLimits | None = None) -> UserModel:
     """Check a user's ONNX file, detect its contract, write its standard graph (cached by file hash and
     overrides) and register it.
 
@@ -645,11 +625,18 @@ def register_onnx(path: str | os.PathLike, overrides: Overrides = Overrides(),
     Returns:
         the UserModel; `model.name` works wherever a shipped model name does.
 
+    Args:
+        limits: refuse a graph over these costs, or whose cost cannot be counted, before it runs (a server's
+            policy; none by default).
+
     Raises:
         FileNotFoundError, UserModelError: see `check_file` and `detect_contract`.
+        sr.cost.Uncountable, sr.cost.TooCostly: `limits` given, and the graph is uncountable or over them.
     """
     path = Path(path)
     model = check_file(path)
+    if limits is not None:
+        check_cost(model, limits)
     key = short_hash(json.dumps({"file": file_sha256(path), "overrides": asdict(overrides),
                                  "code": code_digest(sys.modules[__name__])}, sort_keys=True), 12)
     folder = cache_root(cache_dir) / "user" / key

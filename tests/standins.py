@@ -434,3 +434,133 @@ def family(name: str, folder: Path, train_dir: str, steps: int = 300) -> Path:
 
 
 FAMILY_NAMES = list(FAMILIES)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Hostile models (the public Space's report): small files whose cost shows only when they run.
+
+def _x3(extra_nodes: list, extra_inits: list, added: str | None, opset: int = 17) -> onnx.ModelProto:
+    """An x3 RGB upscaler (a nearest Resize) with `extra_nodes`; `added` (a scalar tensor they make) is added to
+    the output, so the extra work is not dead code."""
+    nodes = [helper.make_node("Resize", ["lr", "", "x3"], ["up"], mode="nearest"), *extra_nodes]
+    nodes.append(helper.make_node("Add", ["up", added], ["sr"]) if added else helper.make_node("Identity", ["up"], ["sr"]))
+    graph = helper.make_graph(nodes, "hostile", [helper.make_tensor_value_info("lr", TensorProto.FLOAT, [1, 3, "h", "w"])],
+                              [helper.make_tensor_value_info("sr", TensorProto.FLOAT, [1, 3, "H", "W"])],
+                              [helper.make_tensor("x3", TensorProto.FLOAT, [4], [1, 1, 3, 3]), *extra_inits])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+
+
+def _int64(name: str, values: list) -> onnx.TensorProto:
+    return helper.make_tensor(name, TensorProto.INT64, [len(values)], values)
+
+
+def huge_at_run_time(side_times: int = 1500) -> onnx.ModelProto:
+    """The report's 3 KB model that killed the server: a (h x side_times) x (h x side_times) tensor made from the
+    input's size at run time (48000 x 48000 on a 32-pixel side), summed and added (times zero) to the output."""
+    nodes = [helper.make_node("Shape", ["lr"], ["shape"]),
+             helper.make_node("Gather", ["shape", "two"], ["side"]),
+             helper.make_node("Mul", ["side", "times"], ["big_side"]),
+             helper.make_node("Concat", ["big_side", "big_side"], ["big_shape"], axis=0),
+             helper.make_node("ConstantOfShape", ["big_shape"], ["big"]),
+             helper.make_node("ReduceSum", ["big"], ["total"], keepdims=0),
+             helper.make_node("Mul", ["total", "zero"], ["nothing"])]
+    return _x3(nodes, [_int64("two", [2]), _int64("times", [side_times]),
+                       helper.make_tensor("zero", TensorProto.FLOAT, [], [0.0])], "nothing")
+
+
+def huge_from_values() -> onnx.ModelProto:
+    """A tensor whose size is read from the input's values (its brightest pixel x 48000): unknowable before it
+    runs."""
+    nodes = [helper.make_node("ReduceMax", ["lr"], ["top"], keepdims=0),
+             helper.make_node("Mul", ["top", "many"], ["count"]),
+             helper.make_node("Cast", ["count"], ["side"], to=TensorProto.INT64),
+             helper.make_node("Reshape", ["side", "one"], ["side1"]),
+             helper.make_node("Concat", ["side1", "side1"], ["big_shape"], axis=0),
+             helper.make_node("ConstantOfShape", ["big_shape"], ["big"]),
+             helper.make_node("ReduceSum", ["big"], ["total"], keepdims=0),
+             helper.make_node("Mul", ["total", "zero"], ["nothing"])]
+    return _x3(nodes, [helper.make_tensor("many", TensorProto.FLOAT, [], [48000.0]), _int64("one", [1]),
+                       helper.make_tensor("zero", TensorProto.FLOAT, [], [0.0])], "nothing")
+
+
+def matmul_at_run_time(side: int = 12288) -> onnx.ModelProto:
+    """A side x side MatMul of a tensor built at run time (1.9 TMAC at 12288)."""
+    nodes = [helper.make_node("ConstantOfShape", ["shape"], ["square"]),
+             helper.make_node("MatMul", ["square", "square"], ["product"]),
+             helper.make_node("ReduceSum", ["product"], ["total"], keepdims=0),
+             helper.make_node("Mul", ["total", "zero"], ["nothing"])]
+    return _x3(nodes, [_int64("shape", [side, side]), helper.make_tensor("zero", TensorProto.FLOAT, [], [0.0])],
+               "nothing")
+
+
+def convs_in_a_loop(trips: int = 60, channels: int = 64) -> onnx.ModelProto:
+    """Convolutions inside a Loop body run `trips` times (the report's estimate: 0.0017 M MACs a pixel; real
+    about 2.2 M)."""
+    weight = helper.make_tensor("w", TensorProto.FLOAT, [channels, channels, 3, 3], [0.0] * channels * channels * 9)
+    body = helper.make_graph(
+        [helper.make_node("Conv", ["state", "w"], ["next"], pads=[1, 1, 1, 1]),
+         helper.make_node("Identity", ["cond_in"], ["cond_out"])], "body",
+        [helper.make_tensor_value_info("i", TensorProto.INT64, []), helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("state", TensorProto.FLOAT, None)],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("next", TensorProto.FLOAT, None)], [weight])
+    nodes = [helper.make_node("Conv", ["lr", "lift"], ["wide"], pads=[1, 1, 1, 1]),
+             helper.make_node("Loop", ["trips", "yes", "wide"], ["looped"], body=body),
+             helper.make_node("ReduceSum", ["looped"], ["total"], keepdims=0),
+             helper.make_node("Mul", ["total", "zero"], ["nothing"])]
+    return _x3(nodes, [helper.make_tensor("lift", TensorProto.FLOAT, [channels, 3, 3, 3], [0.0] * channels * 27),
+                       helper.make_tensor("trips", TensorProto.INT64, [], [trips]),
+                       helper.make_tensor("yes", TensorProto.BOOL, [], [True]),
+                       helper.make_tensor("zero", TensorProto.FLOAT, [], [0.0])], "nothing")
+
+
+def resize_by(scale: float) -> onnx.ModelProto:
+    """A nearest Resize by `scale` a side (the report's x16 took 7 GB on a 1024x768 image)."""
+    graph = helper.make_graph([helper.make_node("Resize", ["lr", "", "scales"], ["sr"], mode="nearest")], "resize",
+                              [helper.make_tensor_value_info("lr", TensorProto.FLOAT, [1, 3, "h", "w"])],
+                              [helper.make_tensor_value_info("sr", TensorProto.FLOAT, [1, 3, "H", "W"])],
+                              [helper.make_tensor("scales", TensorProto.FLOAT, [4], [1, 1, scale, scale])])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def resize_from_values(channels: int = 64) -> onnx.ModelProto:
+    """A Resize whose scale is read from the input's values, followed by convolutions of `channels` channels
+    (the report's: estimated 0, really about 3.5 M MACs a pixel)."""
+    nodes = [helper.make_node("ReduceMax", ["lr"], ["top"], keepdims=0),
+             helper.make_node("Mul", ["top", "three"], ["factor"]),
+             helper.make_node("Concat", ["ones", "factor1", "factor1"], ["scales"], axis=0),
+             helper.make_node("Resize", ["lr", "", "scales"], ["up"], mode="nearest"),
+             helper.make_node("Conv", ["up", "lift"], ["wide"], pads=[1, 1, 1, 1]),
+             helper.make_node("Conv", ["wide", "back"], ["sr"], pads=[1, 1, 1, 1])]
+    nodes.insert(2, helper.make_node("Reshape", ["factor", "one"], ["factor1"]))
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("lr", TensorProto.FLOAT, [1, 3, "h", "w"])],
+                              [helper.make_tensor_value_info("sr", TensorProto.FLOAT, [1, 3, "H", "W"])],
+                              [helper.make_tensor("three", TensorProto.FLOAT, [], [3.0]), _int64("one", [1]),
+                               helper.make_tensor("ones", TensorProto.FLOAT, [2], [1.0, 1.0]),
+                               helper.make_tensor("lift", TensorProto.FLOAT, [channels, 3, 3, 3], [0.01] * channels * 27),
+                               helper.make_tensor("back", TensorProto.FLOAT, [3, channels, 3, 3], [0.01] * channels * 27)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def non_finite_weights() -> onnx.ModelProto:
+    """An x3 model with a NaN and an infinity in its conv weights."""
+    weight = np.zeros((27, 3, 3, 3), np.float32)
+    weight[0, 0, 1, 1], weight[1, 0, 1, 1] = np.nan, np.inf
+    from onnx import numpy_helper
+
+    graph = helper.make_graph([helper.make_node("Conv", ["lr", "w"], ["c"], pads=[1, 1, 1, 1]),
+                               helper.make_node("DepthToSpace", ["c"], ["sr"], blocksize=3, mode="CRD")], "g",
+                              [helper.make_tensor_value_info("lr", TensorProto.FLOAT, [1, 3, "h", "w"])],
+                              [helper.make_tensor_value_info("sr", TensorProto.FLOAT, [1, 3, "H", "W"])],
+                              [numpy_helper.from_array(weight, "w")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+HOSTILE = {  # name -> (builder, what the refusal says)
+    "huge at run time": (huge_at_run_time, "values per input pixel"),
+    "huge from values": (huge_from_values, "known only at run time"),
+    "matmul at run time": (matmul_at_run_time, "multiply-accumulates per input pixel"),
+    "convs in a loop": (convs_in_a_loop, "control flow"),
+    "resize x16": (lambda: resize_by(16.0), "enlarges its input 16.0 times"),
+    "resize from values": (resize_from_values, "known only at run time"),
+}

@@ -618,27 +618,24 @@ def test_a_heavy_request_stops_at_its_wall_time_cap(small_png, monkeypatch):
     assert outputs[2] is not None and outputs[5] is not None
 
 
-def test_work_on_uploaded_models_runs_at_a_lower_cpu_priority():
-    """Work on an uploaded model runs in a thread of its own at nice UPLOADED_NICE (the threads it starts inherit
-    it), so on a busy CPU the shipped models' work gets most of it; errors come back to the caller; the shipped
-    lane runs in the caller's thread, unchanged."""
-    import threading
+def test_work_on_uploaded_models_runs_in_a_box_at_a_lower_cpu_priority():
+    """Work on an uploaded model runs in a box (a process of its own, sr.box) at nice UPLOADED_NICE, so on a busy
+    CPU the shipped models' work gets most of it and nothing it does reaches the server's process; errors come
+    back to the caller as raised; the shipped lane runs in the caller's process, unchanged."""
+    import operator
 
     import app
-
-    def priority():
-        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
-
     from sr.usermodel import register_onnx
 
-    before = priority()
+    before = os.getpriority(os.PRIO_PROCESS, 0)
     with app._lane(register_onnx(ROOT / "examples" / "fsrcnn-y.onnx").name) as run:
-        assert run(priority) == max(before, app.UPLOADED_NICE)
+        assert run(os.getpid) != os.getpid()
+        assert run(os.getpriority, os.PRIO_PROCESS, 0) == max(before, app.UPLOADED_NICE)
         with pytest.raises(ZeroDivisionError):
-            run(lambda: 1 / 0)
+            run(operator.truediv, 1, 0)
     with app._lane("xlsr-relu", "xlsr-clip") as run:
-        assert run(priority) == before
-    assert priority() == before
+        assert run(os.getpid) == os.getpid()
+    assert os.getpriority(os.PRIO_PROCESS, 0) == before
 
 
 def test_make_model_a_int8_ready_shows_the_route_and_offers_the_chosen_bundle(monkeypatch):
