@@ -25,6 +25,7 @@ from pathlib import Path
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 import gradio as gr
+from PIL import Image as PILImage
 import numpy as np
 import pandas as pd
 
@@ -48,16 +49,27 @@ from sr.store import Memo, cache_root, remove_stale_temps
 
 log = logging.getLogger("app")
 HEAVY = "heavy"  # one concurrency id for all CPU-heavy work: parallel users queue instead of oversubscribing
-# Two heavy slots, one lane each: work that touches an uploaded model runs in its own lane, so a visitor's
-# (possibly slow) model never holds up another's comparison of the shipped models, and each lane runs one job.
-HEAVY_SLOTS = 2
-_LANES = {"uploaded": threading.Lock(), "shipped": threading.Lock()}
-_WAITING: list[object] = []  # the requests waiting inside a heavy slot for the shipped lane, first first
+# Three lanes, one job running in each, in four heavy slots: "quick" (a comparison of the shipped models with
+# settings this server has already run: it reads the cache, a second or two), "slow" (everything else on the
+# shipped models: first calibrations, diagnoses, bundles, int8-ready; in a box at a lower priority) and
+# "uploaded" (anything touching an uploaded model, in a box). The slow lane keeps at most SLOW_WAITING requests
+# waiting in a slot, and each visitor at most SHARE requests in each lane: a visitor's long jobs or floods cannot
+# hold every slot, so another visitor's cached comparison never waits behind them.
+HEAVY_SLOTS = 4
+_LANES = {"uploaded": threading.Lock(), "slow": threading.Lock(), "quick": threading.Lock()}
+_WAITING: dict[str, list[object]] = {"slow": [], "quick": []}  # the requests waiting in a slot, first first
+SLOW_WAITING = 1
+SHARE = {"quick": 2, "slow": 1, "uploaded": 1}  # requests one visitor may have in each lane at once
+_SHARES: dict[tuple[str, str], int] = {}  # (visitor, lane) -> requests in it now
+_SHARES_LOCK = threading.Lock()
+_DONE = Memo(1024)  # the comparison settings this server has completed: run again, they read the cache
+QUICK_DECODE_PIXELS = 4_000_000  # a larger image, or one of more than 8 bits, is decoded in the slow lane
 
 
-UPLOADED_NICE = 10  # the CPU priority of work on uploaded models (CFS weight 110 against the shipped lane's 1024)
+UPLOADED_NICE = 10  # the CPU priority of boxed work (CFS weight 110 against the quick lane's 1024)
 # the box every uploaded model runs in (sr.box: a process of its own): memory and wall time the operator can set
 BOX_MEMORY_BYTES = int(float(os.environ.get("SR_BOX_MEMORY_GB", "3")) * 2**30)
+SHIPPED_BOX_BYTES = int(float(os.environ.get("SR_SHIPPED_BOX_MEMORY_GB", "8")) * 2**30)  # the slow lane's (trusted)
 PROBE_SECONDS = float(os.environ.get("SR_PROBE_SECONDS", "60"))  # an upload's check and contract probe
 PROBES = 2  # uploads checked at once (each in its box): one visitor's upload waits at most PROBE_SECONDS for another
 
@@ -72,40 +84,74 @@ def _direct(work, *args, progress=None, stop=None, **kwargs):
     return work(*args, **kwargs)
 
 
-def _boxed(seconds: float):
-    """How to run work on an uploaded model: in a box (sr.box) with BOX_MEMORY_BYTES, `seconds` and nice
+def _boxed(seconds: float, memory: int | None = None):
+    """How to run work in a box (sr.box) with `memory` (BOX_MEMORY_BYTES by default), `seconds` and nice
     UPLOADED_NICE, killed at its deadline; what it cost in words when it goes over."""
 
     def run(work, *args, progress=None, stop=None, **kwargs):
-        return run_boxed(work, *args, box=Limits(BOX_MEMORY_BYTES, seconds, UPLOADED_NICE), progress=progress,
-                         should_stop=stop, **kwargs)
+        return run_boxed(work, *args, box=Limits(memory or BOX_MEMORY_BYTES, seconds, UPLOADED_NICE),
+                         progress=progress, should_stop=stop, **kwargs)
 
     return run
 
 
 @contextlib.contextmanager
-def _lane(*models, progress=None):
-    """Hold the lane of this work: "uploaded" when any model is an uploaded ONNX model, else "shipped", and yield
-    how to run the work in it (uploaded: in a box). The shipped lane waits its turn, showing its real place in
-    line through `progress`; the uploaded lane does not wait inside a heavy slot (two uploads queued there would
-    hold both slots): when another uploaded model is being worked on, this one is refused in words."""
-    lane = "uploaded" if any(is_uploaded(m) for m in models) else "shipped"
-    if lane == "uploaded" and not _LANES[lane].acquire(blocking=False):
-        raise gr.Error("Another visitor's uploaded model is being processed (uploaded models take turns so that "
-                       "nobody's comparison of the shipped models waits for them): try again in a minute.")
-    if lane == "shipped":
-        me = object()
-        _WAITING.append(me)
-        try:
-            while not _LANES[lane].acquire(timeout=0.5):
-                if progress is not None:
-                    progress(None, desc=f"waiting: number {_WAITING.index(me) + 1} in line for the shipped models")
-        finally:
-            _WAITING.remove(me)
+def _visitor_share(visitor: str | None, lane: str):
+    """Count one request of `visitor` (a page session) in `lane`; over its SHARE it is refused in words."""
+    if visitor is None:  # a direct call (tests, scripts): nobody to share with
+        yield
+        return
+    with _SHARES_LOCK:
+        held = _SHARES.get((visitor, lane), 0)
+        if held >= SHARE[lane]:
+            raise gr.Error(f"You already have {held} request(s) of this kind running; wait for {'it' if held == 1 else 'them'} "
+                           "to finish (each visitor gets a fair share of this server).")
+        _SHARES[(visitor, lane)] = held + 1
     try:
-        yield _boxed(MAX_REQUEST_SECONDS) if lane == "uploaded" else _direct
+        yield
     finally:
-        _LANES[lane].release()
+        with _SHARES_LOCK:
+            left = _SHARES.pop((visitor, lane)) - 1
+            if left:
+                _SHARES[(visitor, lane)] = left
+
+
+def _wait_turn(lane: str, progress) -> None:
+    """Take `lane`'s lock, showing the real place in line; a slow lane with SLOW_WAITING waiting already is
+    refused in words (a waiting request holds one of the heavy slots)."""
+    me = object()
+    with _SHARES_LOCK:
+        if lane == "slow" and len(_WAITING[lane]) >= SLOW_WAITING and _LANES[lane].locked():
+            raise gr.Error("The server is busy with other visitors' long jobs (first calibrations, diagnoses, "
+                           "bundles): try again in a minute. Comparisons with settings already run answer at once.")
+        _WAITING[lane].append(me)
+    try:
+        while not _LANES[lane].acquire(timeout=0.5):
+            if progress is not None:
+                progress(None, desc=f"waiting: number {_WAITING[lane].index(me) + 1} in line")
+    finally:
+        with _SHARES_LOCK:
+            _WAITING[lane].remove(me)
+
+
+@contextlib.contextmanager
+def _lane(*models, progress=None, quick: bool = False, visitor: str | None = None):
+    """Hold the lane of this work and yield how to run the work in it: "uploaded" when any model is an uploaded
+    ONNX model (in a box: `_boxed`), else "quick" when the caller knows it reads the cache (in this process),
+    else "slow" (in a box too, for its priority and its kill). The uploaded lane does not wait inside a heavy
+    slot: when another uploaded model is being worked on, this one is refused in words."""
+    lane = "uploaded" if any(is_uploaded(m) for m in models) else ("quick" if quick else "slow")
+    with _visitor_share(visitor, lane):
+        if lane == "uploaded" and not _LANES[lane].acquire(blocking=False):
+            raise gr.Error("Another visitor's uploaded model is being processed (uploaded models take turns so that "
+                           "nobody's comparison of the shipped models waits for them): try again in a minute.")
+        if lane != "uploaded":
+            _wait_turn(lane, progress)
+        try:
+            yield {"uploaded": _boxed(MAX_REQUEST_SECONDS), "slow": _boxed(MAX_REQUEST_SECONDS, SHIPPED_BOX_BYTES),
+                   "quick": _direct}[lane]
+        finally:
+            _LANES[lane].release()
 
 
 # Every heavy request stops (in words) after this many seconds: with the cost cap on uploaded models, ordinary
@@ -209,10 +255,10 @@ def _user_errors(action: str):
         log.warning("%s stopped in its box: %s", action, error)
         advice = {Exceeded.TIME: "try fewer calibration samples or a smaller image, or run it locally",
                   Exceeded.MEMORY: "try a smaller image, or run it locally",
-                  Exceeded.DIED: "run it locally (python -m sr ... --onnx) to see why"}[error.exceeded]
-        raise gr.Error(f"The {action} was stopped: your model {error.words} (this server "
-                       f"gives an uploaded model at most {error.limits.memory_bytes / 2**30:.1f} GB and "
-                       f"{error.limits.seconds:.0f} s); {advice}. Nothing else was affected.") from None
+                  Exceeded.DIED: "run it locally (python -m sr ...) to see why"}[error.exceeded]
+        raise gr.Error(f"The {action} was stopped: it {error.words} (one request on this server gets at most "
+                       f"{error.limits.memory_bytes / 2**30:.1f} GB and {error.limits.seconds:.0f} s); {advice}. "
+                       "Nothing else was affected.") from None
     except FileNotFoundError as error:  # the library names files by their base name; never a server path
         raise gr.Error(_no_paths(str(error))) from None
     except ValueError as error:
@@ -229,6 +275,24 @@ def _user_errors(action: str):
 def _no_paths(message: str) -> str:
     """A message without absolute file paths (a visitor sees the file's name at most)."""
     return re.sub(r"(?<![\w.])/(?:[^\s/:'\"]+/)+([^\s/:'\"]+)", r"\1", message)
+
+
+def _visitor(request) -> str | None:
+    """Whose request this is, for the fair shares: its page session (None for a direct call)."""
+    return getattr(request, "session_hash", None) or None
+
+
+def _light(image) -> bool:
+    """Whether the image decodes cheaply (at most QUICK_DECODE_PIXELS, 8 bits a sample): priced from its header,
+    before any pixel is decoded; a heavy one is decoded in the slow lane, in the requester's share."""
+    if not isinstance(image, (str, os.PathLike)):
+        return True
+    try:
+        with PILImage.open(image) as header:
+            return header.size[0] * header.size[1] <= QUICK_DECODE_PIXELS and header.mode in ("RGB", "RGBA", "L", "P",
+                                                                                             "LA", "1")
+    except Exception:  # noqa: BLE001 (unreadable: the decoder's own words come later, in the slow lane)
+        return False
 
 
 def _check_image(image) -> None:
@@ -293,7 +357,8 @@ def load_onnx_model(file, layout, color, value_range, pre_upsampled, scale, mode
             contract_text(user), choices)
 
 
-def build_bundle(image, model_a, method, samples, gain, seed, mode, progress=gr.Progress()):
+def build_bundle(image, model_a, method, samples, gain, seed, mode, request: gr.Request = None,
+                 progress=gr.Progress()):
     """Calibrate model A as set and offer the deployment bundle as a zip."""
     progress = _capped(progress, "INT8 export")
     with _user_errors("INT8 export"):
@@ -302,7 +367,7 @@ def build_bundle(image, model_a, method, samples, gain, seed, mode, progress=gr.
         if image is not None:
             lr = [prepare_input(image, MODES.get(mode, mode), model_info(model_a).scale).lr]
         folder = _bundle_folder()
-        with _lane(model_a, progress=progress) as run:
+        with _lane(model_a, progress=progress, visitor=_visitor(request)) as run:
             bundle = run(export_bundle, model_a, config, folder / "bundle", images=lr, shown_as=_shown(model_a),
                          progress=lambda fraction, message: progress(fraction, desc=message))
         name = re.sub(r"[^\w.-]+", "-", _shown(model_a)).strip("-")
@@ -314,7 +379,8 @@ def build_bundle(image, model_a, method, samples, gain, seed, mode, progress=gr.
 READY_IMAGES = 4  # the search measures on this many calibration images (each candidate: one pass over them)
 
 
-def make_ready_for(model_a, samples, scheme, target, minutes, uploads, model_b, progress=gr.Progress()):
+def make_ready_for(model_a, samples, scheme, target, minutes, uploads, model_b, request: gr.Request = None,
+                   progress=gr.Progress()):
     """Make model A INT8-ready (`sr.ready`, what `python -m sr int8-ready` runs): the route taken as a table,
     the chosen model's bundle as a zip, and the chosen model offered as model A when it is a tuned copy."""
     progress = _capped(progress, "INT8-ready search")
@@ -324,7 +390,7 @@ def make_ready_for(model_a, samples, scheme, target, minutes, uploads, model_b, 
                              calibration=CalibrationConfig(method=Method.AUTO, samples=int(samples)),
                              max_images=READY_IMAGES, qat=app_jobs.POLICY.enabled)
         folder = _bundle_folder()
-        with _lane(model_a, progress=progress) as run:
+        with _lane(model_a, progress=progress, visitor=_visitor(request)) as run:
             result = run(make_ready, config, progress=lambda fraction, message: progress(fraction, desc=message))
             chosen = result.chosen
             bundle = run(export_bundle, chosen.model, chosen.calibration, folder / "bundle", chosen.fixes,
@@ -507,7 +573,7 @@ TARGETS = {REFERENCE_TARGET: None, "Qualcomm HTP v73 (simulated)": "qnn-htp", "L
 
 def run_compare(image, model_a="xlsr-relu", model_b="xlsr-clip", method="entropy", samples=100, scheme="tensorrt",
                 mode="Upscale my image", display="bicubic", calib_source="calib_data/", calib_images=None, gain=1.0,
-                seed=0, history=None, refinements=(), target=None, progress=gr.Progress()):
+                seed=0, history=None, refinements=(), target=None, request: gr.Request = None, progress=gr.Progress()):
     """The main comparison (also the `compare` API endpoint): five images, metrics, coverage, range chart.
 
     `history` (this tab's state) collects the INT8 loss of each calibration sample drawn for the same settings,
@@ -527,13 +593,16 @@ def run_compare(image, model_a="xlsr-relu", model_b="xlsr-clip", method="entropy
             fraction, desc=f"{message}: calibrating these settings for the first time (about {estimate:.0f} s in all; "
                            "later runs read the cache)")
         settings = _calibration(method, samples, gain, seed)
-        with _lane(model_a, model_b, progress=progress) as run:
+        done = repr((model_a, model_b, settings, scheme, tuple(refinements or ())))
+        quick = _DONE.peek(done) is not None and calibration is None and not TARGETS.get(target) and _light(image)
+        with _lane(model_a, model_b, progress=progress, quick=quick, visitor=_visitor(request)) as run:
             tuned_a, tuned_b = (_refined(run, m, refinements, settings, scheme, progress) for m in (model_a, model_b))
             result = run(compare, image, tuned_a, tuned_b, settings, scheme, MODES[mode], display, calibration,
                          progress=first_run, target=TARGETS.get(target))
             note = coverage_note(result, [run(range_coverage, c, result.lr, max_side=COVERAGE_SIDE)
                                           for c in result.calibrations])
             _measured(result.calibrations)
+    _DONE.put(done, True)
     for notice in result.notices:
         gr.Warning(notice)
     original = result.truth if result.truth is not None else result.original
@@ -710,7 +779,7 @@ _STOPS_LOCK = threading.Lock()
 
 
 def run_diagnose(image, model_a, model_b, which, mode, method, samples, scheme, gain=1.0, seed=0, owner=None,
-                 progress=gr.Progress()):
+                 request: gr.Request = None, progress=gr.Progress()):
     """Rank the tensors of model A or B by the damage their INT8 range does (the `diagnose` API endpoint).
 
     It measures on the image's centre crop of at most DIAGNOSE_SIDE LR pixels a side, and stops on Cancel (from
@@ -722,7 +791,8 @@ def run_diagnose(image, model_a, model_b, which, mode, method, samples, scheme, 
         with _STOPS_LOCK:
             _STOPS.setdefault(ident, set()).add(stop)
     try:
-        return _diagnosed(image, model_a, model_b, which, mode, method, samples, scheme, gain, seed, stop, progress)
+        return _diagnosed(image, model_a if which == "model A" else model_b, mode,
+                          _calibration(method, samples, gain, seed), scheme, stop, progress, _visitor(request))
     finally:
         if ident is not None:
             with _STOPS_LOCK:
@@ -732,12 +802,11 @@ def run_diagnose(image, model_a, model_b, which, mode, method, samples, scheme, 
                     _STOPS.pop(ident, None)
 
 
-def _diagnosed(image, model_a, model_b, which, mode, method, samples, scheme, gain, seed, stop, progress):
-    model = model_a if which == "model A" else model_b
+def _diagnosed(image, model, mode, calibration, scheme, stop, progress, visitor):
     with _user_errors("diagnosis"):
-        config = DiagnoseConfig(model, _calibration(method, samples, gain, seed), scheme, max_side=DIAGNOSE_SIDE)
+        config = DiagnoseConfig(model, calibration, scheme, max_side=DIAGNOSE_SIDE)
         try:
-            with _lane(model, progress=progress) as run:
+            with _lane(model, progress=progress, visitor=visitor) as run:
                 report = run(diagnose, config, images=[image], mode=MODES.get(mode, mode),
                              progress=lambda f, m: progress(f, desc=f"{m} (cancel to stop)"), stop=stop.is_set)
                 advice = run(advise_fix, report, image, MODES.get(mode, mode),
@@ -791,7 +860,7 @@ def cancel_diagnosis(owner=None) -> None:
                 f"Stopping this browser's {len(running)} diagnoses after their current passes.")
 
 
-def run_fix(image, report, tensor, fix_label, mode, progress=gr.Progress()):
+def run_fix(image, report, tensor, fix_label, mode, request: gr.Request = None, progress=gr.Progress()):
     """Recalibrate with one fix on one tensor; the real INT8 model before and after."""
     _check_image(image)
     if report is None:
@@ -801,7 +870,7 @@ def run_fix(image, report, tensor, fix_label, mode, progress=gr.Progress()):
         raise gr.Error(f"Unknown fix {fix_label!r}; choose one of: {', '.join(FIX_LABELS.values())}")
     progress = _capped(progress, "fix")
     with _user_errors("fix"):
-        with _lane(report.model, progress=progress) as run:
+        with _lane(report.model, progress=progress, visitor=_visitor(request)) as run:
             outcome = run(apply_fix, report, tensor, fix, image, MODES.get(mode, mode),
                           progress=lambda f, m: progress(f, desc=m))
     against = "truth" if outcome.has_truth else "FP32"
