@@ -100,7 +100,9 @@ def _out_of_memory(error: BaseException) -> bool:
 
 def _child(conn, limits: Limits, work: Callable, args: tuple, kwargs: dict, relays: bool) -> None:
     """The box itself: set the limits, run the work, send back its result or its exception."""
-    resource.setrlimit(resource.RLIMIT_DATA, (limits.memory_bytes, limits.memory_bytes))
+    hard = resource.getrlimit(resource.RLIMIT_DATA)[1]  # a box can only lower what its parent was given
+    memory = limits.memory_bytes if hard == resource.RLIM_INFINITY else min(limits.memory_bytes, hard)
+    resource.setrlimit(resource.RLIMIT_DATA, (memory, memory))
     try:
         os.nice(limits.nice)
     except OSError:

@@ -74,12 +74,14 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def server():
-    """The app, launched once per run as `python app.py` (the browser and server-level tests share it)."""
+def server(tmp_path_factory):
+    """The app, launched once per run as `python app.py` (the browser and server-level tests share it); its log
+    goes to a file (a pipe nobody reads would fill and stop it)."""
     port = free_port()
+    log = open(tmp_path_factory.mktemp("server") / "server.log", "w")
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1"}
     process = subprocess.Popen([sys.executable, "app.py", "--host", "127.0.0.1", "--port", str(port)], cwd=ROOT,
-                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                               env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}/"
     deadline = time.time() + 120
     while time.time() < deadline:
@@ -88,9 +90,10 @@ def server():
                 break
         except OSError:
             if process.poll() is not None:
-                raise RuntimeError(process.stdout.read())
+                raise RuntimeError(Path(log.name).read_text())
             time.sleep(0.5)
     time.sleep(1)
     yield url
     process.terminate()
     process.wait(timeout=30)
+    log.close()

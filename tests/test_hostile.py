@@ -1,0 +1,193 @@
+"""The public Space against hostile visitors, on a real server of its own: in a memory limit of its own
+(RLIMIT_DATA, well below the machine's), with short caps so that the kills happen within the test (a request
+stops after 40 s, an uploaded model gets 1.5 GB). Through the page's own queue calls and uploads, as a hostile
+client makes them."""
+import os
+import resource
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+from PIL import Image
+
+import standins
+from conftest import free_port
+from test_app import _messages, _queue_call, _uploaded
+
+ROOT = Path(__file__).resolve().parent.parent
+SERVER_MEMORY = 6 * 2**30
+CONTRACT = ["auto", "auto", "auto", False, "auto", "xlsr-clip", []]
+
+
+def _limited():
+    resource.setrlimit(resource.RLIMIT_DATA, (SERVER_MEMORY, SERVER_MEMORY))
+
+
+@pytest.fixture(scope="module")
+def hostile_server(tmp_path_factory):
+    """The server, its log in a file (a pipe nobody reads would fill and stop it)."""
+    port = free_port()
+    log = open(tmp_path_factory.mktemp("server") / "server.log", "w")
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1", "SR_MAX_REQUEST_SECONDS": "40",
+           "SR_BOX_MEMORY_GB": "1.5", "SR_SHIPPED_BOX_MEMORY_GB": "4"}
+    process = subprocess.Popen([sys.executable, "app.py", "--host", "127.0.0.1", "--port", str(port)], cwd=ROOT,
+                               env=env, stdout=log, stderr=subprocess.STDOUT, text=True, preexec_fn=_limited)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                break
+        except OSError:
+            if process.poll() is not None:
+                raise RuntimeError(Path(log.name).read_text())
+            time.sleep(0.5)
+    time.sleep(1)
+    yield f"http://127.0.0.1:{port}/", process
+    process.terminate()
+    process.wait(timeout=30)
+    log.close()
+
+
+@pytest.fixture(scope="module")
+def demo():
+    import app
+
+    return app.build_demo()  # the server runs this same app: its events are numbered alike
+
+
+def _cached_compare(url: str, image: str) -> float:
+    """Another visitor's comparison of the shipped models with settings the server has run: seconds it took."""
+    from gradio_client import Client, handle_file
+
+    started = time.perf_counter()
+    Client(url, verbose=False).predict(handle_file(image), "xlsr-relu", "xlsr-clip", "minmax", 10, api_name="/compare")
+    return time.perf_counter() - started
+
+
+def _completions(stream, count: int) -> list[dict]:
+    """The first `count` finished events of a session's event stream."""
+    import json
+
+    done = []
+    for line in stream.iter_lines():
+        if line.startswith(b"data:"):
+            message = json.loads(line[5:])
+            if message.get("msg") == "process_completed":
+                done.append(message)
+                if len(done) == count:
+                    break
+    return done
+
+
+@pytest.fixture(scope="module")
+def small_image(tmp_path_factory):
+    y, x = np.mgrid[0:60, 0:90]
+    path = tmp_path_factory.mktemp("image") / "small.png"
+    Image.fromarray(np.stack([(x * 3) % 256, (y * 4) % 256, ((x + y) * 2) % 256], 2).astype(np.uint8)).save(path)
+    return str(path)
+
+
+def test_hostile_models_are_refused_and_everyone_else_is_served(hostile_server, demo, small_image, tmp_path):
+    """The report's uploads (the 3 KB model that built a 48000x48000 tensor and killed the server, a 12288x12288
+    MatMul, convolutions in a Loop, a x16 Resize, sizes read from the input's values) are each refused in words
+    within seconds, before running; the server stays up and another visitor's cached comparison answers within
+    10 s."""
+    import app
+
+    url, process = hostile_server
+    _cached_compare(url, small_image)  # these settings are now the server's: cached
+    for name, (build, words) in standins.HOSTILE.items():
+        path = tmp_path / f"{name.replace(' ', '-')}.onnx"
+        path.write_bytes(build().SerializeToString())
+        started = time.perf_counter()
+        answer = _messages(_queue_call(url, demo, app.load_onnx_model, [_uploaded(url, path), *CONTRACT],
+                                       f"hostile-{len(name)}"), "process_completed")[-1]
+        assert not answer["success"] and words in str(answer) and "cannot run on this server" in str(answer), answer
+        assert time.perf_counter() - started < 15, name
+    assert process.poll() is None
+    assert _cached_compare(url, small_image) < 10
+
+
+def test_a_model_that_passes_the_count_but_runs_too_long_is_killed_in_its_box(hostile_server, demo, small_image,
+                                                                               tmp_path):
+    """A countable model calibrated on 1000 samples runs past the request's 40 s: its box is killed at the
+    deadline (it reports no progress for long stretches, so only a kill stops it on time), the visitor reads why,
+    and the server answers another visitor meanwhile."""
+    import app
+
+    url, process = hostile_server
+    model = standins.conv_stack(tmp_path / "slow.onnx", 64, 8)  # about 70 s of calibration here at 1000 samples
+    answer = _messages(_queue_call(url, demo, app.load_onnx_model, [_uploaded(url, model), *CONTRACT], "slow-visitor"),
+                       "process_completed")[-1]
+    assert answer["success"], answer
+    slow = answer["output"]["data"][0]["value"]
+    settings = ["tensorrt", "Upscale my image", "bicubic", "calib_data/", None, 1.0, 77, None, [], app.REFERENCE_TARGET]
+    image, seen = _uploaded(url, Path(small_image)), []
+    started = time.perf_counter()
+    runner = threading.Thread(target=lambda: seen.extend(_messages(_queue_call(
+        url, demo, app.run_compare, [image, slow, slow, "entropy", 1000, *settings], "slow-visitor"),
+        "process_completed")), daemon=True)
+    runner.start()
+    time.sleep(5)
+    assert _cached_compare(url, small_image) < 10
+    runner.join(timeout=120)
+    took = time.perf_counter() - started
+    assert seen and not seen[-1]["success"] and "ran longer than 40 s" in str(seen[-1]), seen[-1:]
+    assert 40 <= took < 60 and process.poll() is None
+
+
+def test_heavy_visitors_leave_a_cached_compare_within_10_s(hostile_server, demo, small_image, tmp_path):
+    """At once: the page's teacher preset at 1000 samples (visitor 1), a diagnosis of the teacher (visitor 2),
+    a 40-megapixel 16-bit PNG (visitor 3) and 30 cached comparisons sent at once by one client (visitor 4). A fifth
+    visitor's cached comparison answers within 10 s; the long jobs end (or are stopped) in words; the flood gets
+    its fair share and the rest is refused in words."""
+    import app
+
+    url, process = hostile_server
+    _cached_compare(url, small_image)
+    image = _uploaded(url, Path(small_image))
+    big = tmp_path / "deep.png"
+    Image.fromarray(np.zeros((5000, 8000), np.uint16), mode="I;16").save(big)
+    settings = ["Upscale my image", "bicubic", "calib_data/", None, 1.0]
+    answers: dict[str, list] = {}
+
+    def visit(name, fn, data):
+        answers[name] = _messages(_queue_call(url, demo, fn, data, name), "process_completed")
+
+    calls = [("preset", app.run_compare, [image, "teacher", "xlsr-clip-kd", "entropy", 1000, "tensorrt", *settings,
+                                          91, None, [], app.REFERENCE_TARGET]),
+             ("diagnosis", app.run_diagnose, [image, "teacher", "xlsr-clip", "model A", "Upscale my image", "entropy",
+                                              100, "tensorrt", 1.0, 92, None]),
+             ("deep", app.run_compare, [_uploaded(url, big), "xlsr-relu", "xlsr-clip", "minmax", 10, "tensorrt",
+                                        *settings, 0, None, [], app.REFERENCE_TARGET])]
+    threads = [threading.Thread(target=visit, args=call, daemon=True) for call in calls]
+    for thread in threads:
+        thread.start()
+        time.sleep(0.5)
+    index = next(i for i, block_fn in demo.fns.items() if block_fn.fn is app.run_compare)
+    for _ in range(30):
+        joined = requests.post(f"{url}gradio_api/queue/join", timeout=30, json={
+            "data": [image, "xlsr-relu", "xlsr-clip", "minmax", 10, "tensorrt", *settings, 0, None, [],
+                     app.REFERENCE_TARGET], "fn_index": index, "session_hash": "flood", "event_data": None,
+            "trigger_id": None})
+        assert joined.status_code == 200, joined.text
+    stream = requests.get(f"{url}gradio_api/queue/data", params={"session_hash": "flood"}, stream=True, timeout=120)
+    waited = _cached_compare(url, small_image)
+    print(f"a cached comparison behind the heavy visitors: {waited:.1f} s")
+    assert waited < 10, f"a cached comparison waited {waited:.1f} s behind the heavy visitors"
+    flooded = _completions(stream, 30)
+    for thread in threads:
+        thread.join(timeout=150)
+    assert len(flooded) == 30 and any(m["success"] for m in flooded)
+    assert all(m["success"] or "fair share" in str(m) for m in flooded), [m for m in flooded if not m["success"]][:1]
+    for name, messages in answers.items():
+        last = messages[-1]
+        assert last["success"] or any(words in str(last) for words in ("ran longer than 40 s", "busy with other")), \
+            (name, last)
+    assert process.poll() is None
