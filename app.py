@@ -8,8 +8,10 @@ import argparse
 import base64
 import contextlib
 import hashlib
+import contextvars
 import hmac
 import inspect
+import json
 import logging
 import math
 import os
@@ -45,7 +47,7 @@ from sr.quantspec import Scheme
 from sr.ready import ReadyConfig, make_ready
 from sr.box import BoxLimit, Exceeded, Limits, Stopped, run_boxed
 from sr.cost import CostLimits, TooCostly, Uncountable
-from sr.store import Memo, cache_root, remove_stale_temps
+from sr.store import Memo, cache_root, remove_stale_temps, write_atomic
 
 log = logging.getLogger("app")
 HEAVY = "heavy"  # one concurrency id for all CPU-heavy work: parallel users queue instead of oversubscribing
@@ -230,13 +232,28 @@ def _untouched(component: gr.Image, payload):
         return None
     if payload.url and payload.url.startswith("data:"):
         header, _, body = payload.url.partition(",")
-        handle, path = tempfile.mkstemp(dir=component.GRADIO_CACHE, suffix=".upload")
-        with os.fdopen(handle, "wb") as file:
-            file.write(base64.b64decode(body) if ";base64" in header else body.encode())
-        return path
+        data = base64.b64decode(body) if ";base64" in header else body.encode()
+        return str(_pasted(data))
     if payload.path is None:
         raise gr.Error("The upload arrived without a file.")
     return str(payload.path)
+
+
+PASTED_KEEP = 32  # pasted images (data: URLs) kept on disk, newest first; the same bytes are one file
+
+
+def _pasted(data: bytes) -> Path:
+    """A pasted image's bytes as a file under the cache's pasted/ (named by their hash: pasting the same image
+    again adds nothing), the oldest beyond PASTED_KEEP removed: pastes cannot fill the disk."""
+    folder = cache_root() / "pasted"
+    path = folder / f"{hashlib.sha256(data).hexdigest()[:32]}.upload"
+    if not path.is_file():
+        write_atomic(data, path)
+    os.utime(path)
+    kept = sorted(folder.glob("*.upload"), key=lambda p: p.stat().st_mtime if p.exists() else 0, reverse=True)
+    for old in kept[PASTED_KEEP:]:
+        old.unlink(missing_ok=True)
+    return path
 
 
 def untouched_image(**kwargs) -> gr.Image:
@@ -288,8 +305,11 @@ def _no_paths(message: str) -> str:
 
 
 def _visitor(request) -> str | None:
-    """Whose request this is, for the fair shares: its page session (None for a direct call)."""
-    return getattr(request, "session_hash", None) or None
+    """Whose request this is (its page session; None for a direct call), for the fair shares and the names it
+    gave its models (set for the rest of this request)."""
+    visitor = getattr(request, "session_hash", None) or None
+    _VISITOR.set(visitor)
+    return visitor
 
 
 def _light(image) -> bool:
@@ -310,12 +330,15 @@ def _check_image(image) -> None:
         raise gr.Error("Upload an image first (drag and drop, file picker or paste).")
 
 
-_UPLOADED: dict[str, str] = {}  # registered ONNX model name -> the file name the user gave it
+# (visitor, registered ONNX model name) -> the file name that visitor gave it: two visitors who upload the same
+# bytes under different names each see their own
+_UPLOADED = Memo(4096)
+_VISITOR: contextvars.ContextVar[str | None] = contextvars.ContextVar("visitor", default=None)
 
 
 def _shown(model: str | None) -> str | None:
-    """How a model is named on screen: an uploaded ONNX model by its file name."""
-    return _UPLOADED.get(model, model)
+    """How a model is named on screen: an uploaded ONNX model by the file name this visitor gave it."""
+    return _UPLOADED.peek((_VISITOR.get(), model), model)
 
 
 def _label(model: str) -> str:
@@ -342,10 +365,12 @@ def contract_text(user) -> str:
             + " Wrong? Override it below and upload again.")
 
 
-def load_onnx_model(file, layout, color, value_range, pre_upsampled, scale, model_b, choices):
+def load_onnx_model(file, layout, color, value_range, pre_upsampled, scale, model_b, choices,
+                    request: gr.Request = None):
     """Check and register an uploaded ONNX model; it becomes model A (and B too when B's scale differs)."""
     if file is None:
         return gr.update(), gr.update(), "", choices
+    _visitor(request)
     path = file if isinstance(file, str) else getattr(file, "name", str(file))
     auto = lambda value, cast=str: None if value in (None, "auto") else cast(value)  # noqa: E731
     overrides = Overrides(auto(layout), auto(color), auto(value_range, int), True if pre_upsampled else None,
@@ -357,7 +382,7 @@ def load_onnx_model(file, layout, color, value_range, pre_upsampled, scale, mode
             raise gr.Error(f"{Path(path).name} cannot run on this server: {error} (the shipped teacher needs 0.9 "
                            "million multiply-accumulates a pixel). Run it locally (python -m sr ... --onnx) for no "
                            "limit.") from None
-    _UPLOADED[user.name] = Path(path).name
+    _UPLOADED.put((_VISITOR.get(), user.name), Path(path).name)
     choices = [*(choices or []), user.name]
     models = available_models() + choices
     same_scale = model_info(model_b).scale == user.contract.scale
@@ -442,6 +467,12 @@ BUNDLE_KEEP_SECONDS = 900  # a bundle's zip stays this long for its download, th
 def _bundle_folder() -> Path:
     """A fresh folder for one bundle under the cache's bundles/, after removing those older than
     BUNDLE_KEEP_SECONDS (so bundles cannot fill the disk)."""
+    root = _remove_old_bundles()
+    return Path(tempfile.mkdtemp(prefix="bundle-", dir=root))
+
+
+def _remove_old_bundles() -> Path:
+    """Remove the bundles older than BUNDLE_KEEP_SECONDS (also every few minutes, from `_sweeper`)."""
     root = cache_root() / "bundles"
     root.mkdir(parents=True, exist_ok=True)
     for old in root.iterdir():
@@ -450,7 +481,15 @@ def _bundle_folder() -> Path:
                 shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
         except OSError:
             pass
-    return Path(tempfile.mkdtemp(prefix="bundle-", dir=root))
+    return root
+
+
+def _sweeper(every: float = BUNDLE_KEEP_SECONDS / 3) -> None:
+    """Remove old bundles every `every` seconds, whether or not anyone asks for a new one."""
+    while True:
+        time.sleep(every)
+        with contextlib.suppress(OSError):
+            _remove_old_bundles()
 
 
 def _number(value, digits: int):
@@ -743,6 +782,16 @@ def relabel(model, which):
     return gr.update(label=f"Model {which} ({_label(model)})")
 
 
+def relabel_a(model, request: gr.Request = None):
+    _visitor(request)
+    return relabel(model, "A")
+
+
+def relabel_b(model, request: gr.Request = None):
+    _visitor(request)
+    return relabel(model, "B")
+
+
 def refresh_models():
     """The model lists, after a training job added one."""
     models = available_models()
@@ -913,7 +962,8 @@ def issue_owner(current=None) -> str:
 def _verified_owner(token) -> str | None:
     """The owner a token names, when this server signed it (None otherwise)."""
     ident, _, signature = str(token or "").partition(".")
-    return ident if ident and hmac.compare_digest(signature, _signature(ident)) else None
+    # bytes, not str: compare_digest refuses a str with non-ASCII characters (a TypeError, not a refusal)
+    return ident if ident and hmac.compare_digest(signature.encode(), _signature(ident).encode()) else None
 
 
 def _owner(token) -> str:
@@ -953,12 +1003,13 @@ def start_qat(model, steps, use_teacher=False, owner=None):
         yield snapshot.status, validation, job.result if snapshot.done else None
 
 
-def offer_result(result, uploads, model_b):
+def offer_result(result, uploads, model_b, request: gr.Request = None):
     """Add a finished INT8-ready model to the model lists and make it model A."""
     if not result:
         return gr.update(), gr.update(), uploads
+    _visitor(request)
     if is_uploaded(result):
-        _UPLOADED[result] = f"{result[5:13]} (INT8-ready)"
+        _UPLOADED.put((_VISITOR.get(), result), f"{result[5:13]} (INT8-ready)")
         uploads = [*(uploads or []), result]
     models = available_models() + list(uploads or [])
     models += [] if result in models else [result]
@@ -1141,8 +1192,8 @@ def _wire_compare(c: dict, o: dict) -> None:
                             api_name=False, concurrency_id=HEAVY, concurrency_limit=HEAVY_SLOTS)
     c["preset"].change(apply_preset, c["preset"], [c["model_a"], c["model_b"], c["method"], c["gain"], c["preset_note"]],
                        api_name=False)
-    c["model_a"].input(lambda m: relabel(m, "A"), c["model_a"], c["model_a"], api_name=False)
-    c["model_b"].input(lambda m: relabel(m, "B"), c["model_b"], c["model_b"], api_name=False)
+    c["model_a"].input(relabel_a, c["model_a"], c["model_a"], api_name=False)
+    c["model_b"].input(relabel_b, c["model_b"], c["model_b"], api_name=False)
     for control in (o["left"], o["right"]):
         control.change(run_slider, [o["state"], o["left"], o["right"]], o["slider"], api_name=False)
     for control in (o["center_x"], o["center_y"], o["size"]):
@@ -1267,41 +1318,85 @@ CSS = """
 .sr-panel [data-testid="block-label"] { white-space: normal; max-width: calc(100% - 72px); line-height: 1.3; }
 """
 MAX_REQUEST_BYTES = 32 * 1024 * 1024  # any request but a file upload (which has MAX_UPLOAD per file)
+MAX_UPLOAD_FILES = 64  # files in one upload request (the calibration uploads' cap)
+MAX_UPLOAD_REQUEST_BYTES = 256 * 1024 * 1024  # one upload request in all
 
 
 class RequestSizeLimit:
-    """ASGI middleware: refuse a request body over MAX_REQUEST_BYTES (413, in words) on every route but the upload
-    route, whose files Gradio caps itself. A queue call carries file references, not files: a `data:` URL of 100
-    MB in its payload used to pass the upload cap and land in Gradio's temp folder."""
+    """ASGI middleware, the server's door: a request body over MAX_REQUEST_BYTES is refused (413, in words; a
+    chunked one too: it is read here first, then handed on), an upload request over MAX_UPLOAD_FILES files or
+    MAX_UPLOAD_REQUEST_BYTES in all likewise (Gradio caps each file itself), and a queue call naming an event the
+    page does not have gets 404 in words instead of a server error. A queue call carries file references, not
+    files: a `data:` URL of 100 MB in its payload used to pass the upload cap and land in Gradio's temp folder."""
 
-    def __init__(self, app, max_bytes: int = MAX_REQUEST_BYTES):
-        self.app, self.max_bytes = app, max_bytes
+    def __init__(self, app, max_bytes: int = MAX_REQUEST_BYTES, events: frozenset = frozenset()):
+        self.app, self.max_bytes, self.events = app, max_bytes, events
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope.get("path", "").rstrip("/").endswith("/upload"):
+        if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        path = scope.get("path", "").rstrip("/")
         declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            return await self._refuse(send)
-        seen = 0
+        limit = MAX_UPLOAD_REQUEST_BYTES if path.endswith("/upload") else self.max_bytes
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            return await self._refuse(send, 413, self._too_large(limit))
+        if path.endswith("/upload"):
+            return await self._upload(scope, receive, send)
+        body, more = b"", True
+        while more:
+            message = await receive()
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > limit:
+                return await self._refuse(send, 413, self._too_large(limit))
+        if path.endswith("/queue/join") and self.events and self._unknown_event(body):
+            return await self._refuse(send, 404, "no such event on this page: reload it")
+        replayed = [{"type": "http.request", "body": body, "more_body": False}]
+
+        async def replay():
+            return replayed.pop() if replayed else await receive()
+
+        return await self.app(scope, replay, send)
+
+    def _unknown_event(self, body: bytes) -> bool:
+        try:
+            index = json.loads(body).get("fn_index")
+        except (ValueError, AttributeError):
+            return False  # Gradio answers a malformed call itself (422)
+        return index is not None and index not in self.events
+
+    async def _upload(self, scope, receive, send):
+        """An upload streamed on to Gradio, its files and bytes counted on the way (a multipart part each)."""
+        headers = dict(scope.get("headers") or [])
+        boundary = headers.get(b"content-type", b"").partition(b"boundary=")[2].strip(b'"')
+        seen, parts, tail = 0, 0, b""
 
         async def counted():
-            nonlocal seen
+            nonlocal seen, parts, tail
             message = await receive()
-            seen += len(message.get("body", b""))
-            if seen > self.max_bytes:
+            chunk = message.get("body", b"")
+            seen += len(chunk)
+            parts += (tail + chunk).count(b"--" + boundary) - tail.count(b"--" + boundary) if boundary else 0
+            tail = (tail + chunk)[-(len(boundary) + 2):]
+            if seen > MAX_UPLOAD_REQUEST_BYTES or parts > MAX_UPLOAD_FILES + 1:  # + the closing boundary
                 raise _TooLarge()
             return message
 
         try:
             return await self.app(scope, counted, send)
         except _TooLarge:
-            return await self._refuse(send)
+            return await self._refuse(send, 413, f"an upload request may carry at most {MAX_UPLOAD_FILES} files and "
+                                                 f"{MAX_UPLOAD_REQUEST_BYTES // 2**20} MB in all")
 
-    async def _refuse(self, send) -> None:
-        body = (f'{{"error": "the request is larger than {self.max_bytes // 2**20} MB; upload files through the '
-                'page (up to 25 MB each) instead of inside the request"}').encode()
-        await send({"type": "http.response.start", "status": 413,
+    @staticmethod
+    def _too_large(limit: int) -> str:
+        return (f"the request is larger than {limit // 2**20} MB; upload files through the page (up to 25 MB each) "
+                "instead of inside the request")
+
+    @staticmethod
+    async def _refuse(send, status: int, words: str) -> None:
+        body = json.dumps({"error": words}).encode()
+        await send({"type": "http.response.start", "status": status,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body})
 
@@ -1323,12 +1418,14 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO)
     for folder in ("int8", "onnx"):
         remove_stale_temps(cache_root() / folder)  # what crashed writers left behind
+    threading.Thread(target=_sweeper, name="bundle-sweeper", daemon=True).start()
     from starlette.middleware import Middleware
 
-    build_demo().queue(default_concurrency_limit=1).launch(server_name=args.host, server_port=args.port,
-                                                          share=args.share, max_file_size=MAX_UPLOAD, css=CSS,
-                                                          show_error=False,
-                                                          app_kwargs={"middleware": [Middleware(RequestSizeLimit)]})
+    demo = build_demo()
+    door = Middleware(RequestSizeLimit, events=frozenset(demo.fns))
+    demo.queue(default_concurrency_limit=1).launch(server_name=args.host, server_port=args.port, share=args.share,
+                                                   max_file_size=MAX_UPLOAD, css=CSS, show_error=False,
+                                                   app_kwargs={"middleware": [door]})
 
 
 if __name__ == "__main__":

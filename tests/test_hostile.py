@@ -191,3 +191,74 @@ def test_heavy_visitors_leave_a_cached_compare_within_10_s(hostile_server, demo,
         assert last["success"] or any(words in str(last) for words in ("ran longer than 40 s", "busy with other")), \
             (name, last)
     assert process.poll() is None
+
+
+def test_the_door_refuses_in_words(hostile_server, demo):
+    """An upload request of 100 files, a chunked 33 MB queue call (no length given), a queue call naming event
+    9999, and an owner token whose signature has non-ASCII characters: each refused in words (413, 413, 404,
+    and the page's reload message), none a server error; the server stays up."""
+    import app
+
+    url, process = hostile_server
+    files = [("files", (f"f{i}.png", b"x" * 10)) for i in range(100)]
+    many = requests.post(f"{url}gradio_api/upload", files=files, timeout=60)
+    assert many.status_code == 413 and "at most 64 files" in many.text
+    few = requests.post(f"{url}gradio_api/upload", files=files[:3], timeout=60)
+    assert few.status_code == 200 and len(few.json()) == 3
+
+    def chunks():
+        for _ in range(33):
+            yield b"x" * 2**20
+
+    chunked = requests.post(f"{url}gradio_api/queue/join", data=chunks(), timeout=60,
+                            headers={"content-type": "application/json"})
+    assert chunked.status_code == 413 and "larger than 32 MB" in chunked.text
+    unknown = requests.post(f"{url}gradio_api/queue/join", timeout=30, json={
+        "data": [], "fn_index": 9999, "session_hash": "door", "event_data": None, "trigger_id": None})
+    assert unknown.status_code == 404 and "no such event" in unknown.text
+    answer = _messages(_queue_call(url, demo, app.cancel_training, ["abc.sïgnätüre"], "door"), "process_completed")[-1]
+    assert not answer["success"] and "reload the page" in str(answer), answer
+    assert process.poll() is None and requests.get(url, timeout=30).status_code == 200
+
+
+def test_two_visitors_see_their_own_names_for_the_same_model(hostile_server, demo, tmp_path):
+    """Visitor A uploads a model as alice.onnx, visitor B the same bytes as bob.onnx: each page names it as its
+    visitor did."""
+    import app
+
+    url, _ = hostile_server
+    model = (ROOT / "examples" / "fsrcnn-y.onnx").read_bytes()
+    seen = {}
+    for visitor in ("alice", "bob"):
+        path = tmp_path / f"{visitor}.onnx"
+        path.write_bytes(model)
+        answer = _messages(_queue_call(url, demo, app.load_onnx_model, [_uploaded(url, path), *CONTRACT],
+                                       f"names-{visitor}"), "process_completed")[-1]
+        assert answer["success"], answer
+        seen[visitor] = str(answer["output"]["data"][2])
+    assert "alice.onnx" in seen["alice"] and "bob.onnx" in seen["bob"] and "alice" not in seen["bob"]
+
+
+def test_pastes_and_bundles_are_bounded_on_disk(tmp_path, monkeypatch):
+    """Pasted images (data: URLs) are kept as at most PASTED_KEEP files (the same bytes once); bundles older
+    than BUNDLE_KEEP_SECONDS go without anyone asking for a new one (the sweeper's pass)."""
+    import base64
+    import io
+
+    import app
+    from gradio.data_classes import FileData
+
+    monkeypatch.setenv("SR_CACHE_DIR", str(tmp_path))
+    component = app.untouched_image()
+    for index in range(app.PASTED_KEEP + 8):
+        buffer = io.BytesIO()
+        Image.fromarray(np.full((8, 8, 3), index, np.uint8)).save(buffer, format="PNG")
+        url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+        for _ in range(2):  # the same paste twice: one file
+            path = component.preprocess(FileData(path="pasted.png", url=url))
+    assert len(list((tmp_path / "pasted").glob("*.upload"))) == app.PASTED_KEEP and Path(path).is_file()
+    old = tmp_path / "bundles" / "bundle-old"
+    old.mkdir(parents=True)
+    os.utime(old, (time.time() - app.BUNDLE_KEEP_SECONDS - 10,) * 2)
+    app._remove_old_bundles()
+    assert not old.exists()
