@@ -203,6 +203,9 @@ MAX_CALIBRATION_PIXELS = 4_000_000  # per calibration image file
 # patches after downscaling by the model's scale anyway), so that 64 uploads hold at most ~100 MB
 KEPT_CALIBRATION_PIXELS = 500_000
 SESSION_STATE_SECONDS = 3600  # per-session state (images, results) is freed this long after it was set
+# and at most this many sessions keep state at once (Gradio drops the least recently active beyond it): memory
+# for sessions is bounded however many ids clients make up
+MAX_SESSIONS = int(os.environ.get("SR_MAX_SESSIONS", "48"))
 COVERAGE_WARNING = 0.01  # warn when a tensor has more than 1% of this image's values outside its range
 COVERAGE_SIDE = 128  # the coverage check runs on a copy downscaled to at most this many pixels a side
 METHOD_HELP = ("entropy: NVIDIA's KL search as ModelOpt publishes it (the spike of exact zeros after a ReLU is "
@@ -632,7 +635,8 @@ def run_compare(image, model_a="xlsr-relu", model_b="xlsr-clip", method="entropy
     with _user_errors("comparison"):
         calibration = calib_images if calib_source == "my uploads" else None
         if calib_source == "my uploads" and not calibration:
-            raise gr.Error("Choose 'my uploads' only after uploading calibration images.")
+            raise gr.Error("Choose 'my uploads' only after uploading calibration images (this server keeps the "
+                           f"latest {MAX_SESSIONS} visitors' uploads: upload them again if yours were dropped).")
         if mode not in MODES:
             raise gr.Error(f"Unknown mode {mode!r}; choose one of: {', '.join(MODES)}")
         if target is not None and target not in TARGETS:
@@ -1425,6 +1429,7 @@ def main() -> None:
     door = Middleware(RequestSizeLimit, events=frozenset(demo.fns))
     demo.queue(default_concurrency_limit=1).launch(server_name=args.host, server_port=args.port, share=args.share,
                                                    max_file_size=MAX_UPLOAD, css=CSS, show_error=False,
+                                                   state_session_capacity=MAX_SESSIONS,
                                                    app_kwargs={"middleware": [door]})
 
 

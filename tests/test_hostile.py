@@ -35,7 +35,7 @@ def hostile_server(tmp_path_factory):
     port = free_port()
     log = open(tmp_path_factory.mktemp("server") / "server.log", "w")
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1", "SR_MAX_REQUEST_SECONDS": "40",
-           "SR_BOX_MEMORY_GB": "1.5", "SR_SHIPPED_BOX_MEMORY_GB": "4"}
+           "SR_BOX_MEMORY_GB": "1.5", "SR_SHIPPED_BOX_MEMORY_GB": "4", "SR_MAX_SESSIONS": "8"}
     process = subprocess.Popen([sys.executable, "app.py", "--host", "127.0.0.1", "--port", str(port)], cwd=ROOT,
                                env=env, stdout=log, stderr=subprocess.STDOUT, text=True, preexec_fn=_limited)
     deadline = time.time() + 120
@@ -262,3 +262,31 @@ def test_pastes_and_bundles_are_bounded_on_disk(tmp_path, monkeypatch):
     os.utime(old, (time.time() - app.BUNDLE_KEEP_SECONDS - 10,) * 2)
     app._remove_old_bundles()
     assert not old.exists()
+
+
+def test_sessions_holding_state_are_bounded(hostile_server, demo, small_image):
+    """The server keeps state for at most SR_MAX_SESSIONS sessions (8 here): a visitor's calibration uploads
+    are used while it is among the latest 8, and after 10 made-up sessions have come by, the visitor is told in
+    words to upload again (memory does not grow with the number of ids clients invent)."""
+    import app
+
+    url, process = hostile_server
+    calibration = app.load_calibration_uploads
+    settings = ["xlsr-relu", "xlsr-clip", "minmax", 10, "tensorrt", "Upscale my image", "bicubic", "my uploads"]
+
+    def compare_with_my_uploads():
+        return _messages(_queue_call(url, demo, app.run_compare, [_uploaded(url, Path(small_image)), *settings, None,
+                                                                  1.0, 0, None, [], app.REFERENCE_TARGET],
+                                     "keeper"), "process_completed")[-1]
+
+    stored = _messages(_queue_call(url, demo, calibration, [[_uploaded(url, Path(small_image))]], "keeper"),
+                       "process_completed")[-1]
+    assert stored["success"], stored
+    kept = compare_with_my_uploads()
+    assert kept["success"], kept  # the state is there while the visitor is among the latest 8
+    for other in range(10):
+        passing = _messages(_queue_call(url, demo, app.new_seed, [], f"passer-by-{other}"), "process_completed")[-1]
+        assert passing["success"]
+    dropped = compare_with_my_uploads()
+    assert not dropped["success"] and "upload them again" in str(dropped), dropped
+    assert process.poll() is None
