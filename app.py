@@ -51,31 +51,34 @@ from sr.store import Memo, cache_root, remove_stale_temps, write_atomic
 
 log = logging.getLogger("app")
 HEAVY = "heavy"  # one concurrency id for all CPU-heavy work: parallel users queue instead of oversubscribing
-# Three lanes, one job running in each, in four heavy slots: "quick" (a comparison of the shipped models with
-# settings this server has already run: it reads the cache, a second or two), "slow" (everything else on the
-# shipped models: first calibrations, diagnoses, bundles, int8-ready; in a box at a lower priority) and
-# "uploaded" (anything touching an uploaded model, in a box). The slow lane keeps at most SLOW_WAITING requests
-# waiting in a slot, and each visitor at most SHARE requests in each lane: a visitor's long jobs or floods cannot
-# hold every slot, so another visitor's cached comparison never waits behind them.
-HEAVY_SLOTS = 4
-_LANES = {"uploaded": threading.Lock(), "slow": threading.Lock(), "quick": threading.Lock()}
-_WAITING: dict[str, list[object]] = {"slow": [], "quick": []}  # the requests waiting in a slot, first first
-SLOW_WAITING = 1
-SHARE = {"quick": 2, "slow": 1, "uploaded": 1}  # requests one visitor may have in each lane at once
+# Four lanes, one job running in each: "quick" (a comparison of the shipped models with settings this server has
+# already run: it reads the cache, a second or two, in this process), "short" (a first calibration of the shipped
+# models estimated under SHORT_SECONDS), "long" (the rest on the shipped models: big calibrations, diagnoses,
+# bundles, int8-ready) and "uploaded" (anything touching an uploaded model). All but quick run in a box at a lower
+# priority. A lane keeps at most WAITING[lane] requests waiting in a heavy slot (the rest are refused in words),
+# and each visitor at most SHARE requests in each lane: one visitor's long jobs or floods cannot hold the slots,
+# and a long job never delays a short one.
+HEAVY_SLOTS = 12
+_LANES = {lane: threading.Lock() for lane in ("uploaded", "long", "short", "quick")}
+_WAITING: dict[str, list[object]] = {"long": [], "short": [], "quick": []}  # the requests waiting, first first
+WAITING = {"long": 1, "short": 6, "quick": HEAVY_SLOTS}
+SHORT_SECONDS = 30.0
+SHARE = {"quick": 2, "short": 1, "long": 1, "uploaded": 1}  # requests one visitor may have in each lane at once
 _SHARES: dict[tuple[str, str], int] = {}  # (visitor, lane) -> requests in it now
+_SHARES_LOCK = threading.Lock()
 # and at most RATE heavy requests started in any RATE_SECONDS: a flood sent at once is answered in words at once,
 # instead of taking turns in the slots ahead of everyone who came after it
 RATE, RATE_SECONDS = 4, 10.0
 _STARTS = Memo(4096)  # visitor -> the times of its latest heavy requests
 _SHARES_LOCK = threading.Lock()
 _DONE = Memo(1024)  # the comparison settings this server has completed: run again, they read the cache
-QUICK_DECODE_PIXELS = 4_000_000  # a larger image, or one of more than 8 bits, is decoded in the slow lane
+QUICK_DECODE_PIXELS = 4_000_000  # a larger image, or one of more than 8 bits, is decoded in the long lane
 
 
 UPLOADED_NICE = 10  # the CPU priority of boxed work (CFS weight 110 against the quick lane's 1024)
 # the box every uploaded model runs in (sr.box: a process of its own): memory and wall time the operator can set
 BOX_MEMORY_BYTES = int(float(os.environ.get("SR_BOX_MEMORY_GB", "3")) * 2**30)
-SHIPPED_BOX_BYTES = int(float(os.environ.get("SR_SHIPPED_BOX_MEMORY_GB", "8")) * 2**30)  # the slow lane's (trusted)
+SHIPPED_BOX_BYTES = int(float(os.environ.get("SR_SHIPPED_BOX_MEMORY_GB", "8")) * 2**30)  # short and long lanes
 PROBE_SECONDS = float(os.environ.get("SR_PROBE_SECONDS", "60"))  # an upload's check and contract probe
 PROBES = 2  # uploads checked at once (each in its box): one visitor's upload waits at most PROBE_SECONDS for another
 
@@ -129,12 +132,12 @@ def _visitor_share(visitor: str | None, lane: str):
 
 
 def _wait_turn(lane: str, progress) -> None:
-    """Take `lane`'s lock, showing the real place in line; a slow lane with SLOW_WAITING waiting already is
-    refused in words (a waiting request holds one of the heavy slots)."""
+    """Take `lane`'s lock, showing the real place in line; a lane with WAITING[lane] waiting already is refused
+    in words (a waiting request holds one of the heavy slots)."""
     me = object()
     with _SHARES_LOCK:
-        if lane == "slow" and len(_WAITING[lane]) >= SLOW_WAITING and _LANES[lane].locked():
-            raise gr.Error("The server is busy with other visitors' long jobs (first calibrations, diagnoses, "
+        if len(_WAITING[lane]) >= WAITING[lane] and _LANES[lane].locked():
+            raise gr.Error(f"The server is busy with other visitors' {lane} jobs (first calibrations, diagnoses, "
                            "bundles): try again in a minute. Comparisons with settings already run answer at once.")
         _WAITING[lane].append(me)
     try:
@@ -147,12 +150,12 @@ def _wait_turn(lane: str, progress) -> None:
 
 
 @contextlib.contextmanager
-def _lane(*models, progress=None, quick: bool = False, visitor: str | None = None):
+def _lane(*models, progress=None, kind: str = "long", visitor: str | None = None):
     """Hold the lane of this work and yield how to run the work in it: "uploaded" when any model is an uploaded
-    ONNX model (in a box: `_boxed`), else "quick" when the caller knows it reads the cache (in this process),
-    else "slow" (in a box too, for its priority and its kill). The uploaded lane does not wait inside a heavy
-    slot: when another uploaded model is being worked on, this one is refused in words."""
-    lane = "uploaded" if any(is_uploaded(m) for m in models) else ("quick" if quick else "slow")
+    ONNX model (in a box: `_boxed`), else `kind` ("quick": the caller knows it reads the cache, in this process;
+    "short" or "long": in a box too, for its priority and its kill). The uploaded lane does not wait inside a
+    heavy slot: when another uploaded model is being worked on, this one is refused in words."""
+    lane = "uploaded" if any(is_uploaded(m) for m in models) else kind
     with _visitor_share(visitor, lane):
         if lane == "uploaded" and not _LANES[lane].acquire(blocking=False):
             raise gr.Error("Another visitor's uploaded model is being processed (uploaded models take turns so that "
@@ -160,8 +163,8 @@ def _lane(*models, progress=None, quick: bool = False, visitor: str | None = Non
         if lane != "uploaded":
             _wait_turn(lane, progress)
         try:
-            yield {"uploaded": _boxed(MAX_REQUEST_SECONDS), "slow": _boxed(MAX_REQUEST_SECONDS, SHIPPED_BOX_BYTES),
-                   "quick": _direct}[lane]
+            yield _direct if lane == "quick" else _boxed(MAX_REQUEST_SECONDS,
+                                                         None if lane == "uploaded" else SHIPPED_BOX_BYTES)
         finally:
             _LANES[lane].release()
 
@@ -317,14 +320,14 @@ def _visitor(request) -> str | None:
 
 def _light(image) -> bool:
     """Whether the image decodes cheaply (at most QUICK_DECODE_PIXELS, 8 bits a sample): priced from its header,
-    before any pixel is decoded; a heavy one is decoded in the slow lane, in the requester's share."""
+    before any pixel is decoded; a heavy one is decoded in the long lane, in the requester's share."""
     if not isinstance(image, (str, os.PathLike)):
         return True
     try:
         with PILImage.open(image) as header:
             return header.size[0] * header.size[1] <= QUICK_DECODE_PIXELS and header.mode in ("RGB", "RGBA", "L", "P",
                                                                                              "LA", "1")
-    except Exception:  # noqa: BLE001 (unreadable: the decoder's own words come later, in the slow lane)
+    except Exception:  # noqa: BLE001 (unreadable: the decoder's own words come later, in the long lane)
         return False
 
 
@@ -647,8 +650,10 @@ def run_compare(image, model_a="xlsr-relu", model_b="xlsr-clip", method="entropy
                            "later runs read the cache)")
         settings = _calibration(method, samples, gain, seed)
         done = repr((model_a, model_b, settings, scheme, tuple(refinements or ())))
-        quick = _DONE.peek(done) is not None and calibration is None and not TARGETS.get(target) and _light(image)
-        with _lane(model_a, model_b, progress=progress, quick=quick, visitor=_visitor(request)) as run:
+        light = calibration is None and not TARGETS.get(target) and _light(image)
+        kind = "quick" if light and _DONE.peek(done) is not None else "short" if light and estimate < SHORT_SECONDS \
+            else "long"
+        with _lane(model_a, model_b, progress=progress, kind=kind, visitor=_visitor(request)) as run:
             tuned_a, tuned_b = (_refined(run, m, refinements, settings, scheme, progress) for m in (model_a, model_b))
             result = run(compare, image, tuned_a, tuned_b, settings, scheme, MODES[mode], display, calibration,
                          progress=first_run, target=TARGETS.get(target))

@@ -7,14 +7,20 @@ Two hostile cases, each optional:
   the whole time; the p50/p95 printed are the ordinary clients' (the uploaded model has its own lane).
 - `--sessions N`: first, N sessions each store the maximum calibration upload (64 images of 4 MP, kept
   downscaled) in their state, through the page's own upload event; the server's RSS is printed after.
+- `--hostile`: the public Space's report, all at once while the ordinary clients run: a visitor uploads each of
+  the report's hostile models (`tests/standins.py` HOSTILE: the 3 KB model that built a 48000x48000 tensor, a
+  12288x12288 MatMul, convolutions in a Loop, a x16 Resize, sizes read from the input's values), another runs
+  the teacher preset at 1000 samples, another a diagnosis of the teacher, another sends a 40-megapixel 16-bit
+  PNG, another floods 30 comparisons at once; it prints how each was answered.
 
-    python scripts/load_test.py --clients 8 --requests 3 --heavy --sessions 20
+    python scripts/load_test.py --clients 8 --requests 3 --heavy --sessions 20 --hostile
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import resource
 import socket
 import subprocess
 import sys
@@ -39,8 +45,11 @@ def free_port() -> int:
 
 def start_server(port: int) -> subprocess.Popen:
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"}
+    # the server in a memory limit of its own (RLIMIT_DATA, as tests/test_hostile.py runs it), below the machine's
+    limit = int(float(os.environ.get("SR_LOAD_TEST_SERVER_GB", "12")) * 2**30)
     process = subprocess.Popen([sys.executable, "app.py", "--port", str(port)], cwd=ROOT, env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_DATA, (limit, limit)))
     deadline = time.time() + 180
     while time.time() < deadline:
         try:
@@ -138,6 +147,60 @@ def heavy_visitor(url: str, folder: Path, stop: threading.Event, answered: list)
         answered.append(seed)
 
 
+def hostile_visitors(url: str, folder: Path, answers: dict) -> list[threading.Thread]:
+    """The report's hostile visitors, each in a thread of its own; `answers` collects how each was answered."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    import standins
+
+    image = upload(url, [Path(folder / "client-0.png")])[0]
+    deep = folder / "deep.png"
+    Image.fromarray(np.zeros((5000, 8000), np.uint16), mode="I;16").save(deep)
+    settings = ["Upscale my image", "bicubic", "calib_data/", None, 1.0]
+    reference = "reference (ONNX Runtime, CPU)"
+
+    def uploads():
+        for name, (build, _) in standins.HOSTILE.items():
+            path = folder / f"{name.replace(' ', '-')}.onnx"
+            path.write_bytes(build().SerializeToString())
+            started = time.perf_counter()
+            answer = queue_call(url, fn_index("load_onnx_model"), [upload(url, [path])[0], "auto", "auto", "auto",
+                                                                   False, "auto", "xlsr-clip", []], f"hostile-{name}")
+            answers[f"upload {name}"] = (answer, time.perf_counter() - started)
+
+    def one(name: str, handler: str, data: list):
+        started = time.perf_counter()
+        answers[name] = (queue_call(url, fn_index(handler), data, name), time.perf_counter() - started)
+
+    def flood():
+        started, done = time.perf_counter(), []
+        calls = [threading.Thread(target=lambda: done.append(queue_call(url, fn_index("run_compare"), [
+            image, "xlsr-relu", "xlsr-clip", "minmax", 10, "tensorrt", *settings, 0, None, [], reference],
+            "flood"))) for _ in range(30)]
+        for call in calls:
+            call.start()
+        for call in calls:
+            call.join()
+        answers["flood of 30"] = (done, time.perf_counter() - started)
+
+    work = [threading.Thread(target=uploads),
+            threading.Thread(target=one, args=("teacher preset, 1000 samples", "run_compare", [
+                image, "teacher", "xlsr-clip-kd", "entropy", 1000, "tensorrt", *settings, 91, None, [], reference])),
+            threading.Thread(target=one, args=("teacher diagnosis", "run_diagnose", [
+                image, "teacher", "xlsr-clip", "model A", "Upscale my image", "entropy", 100, "tensorrt", 1.0, 92,
+                None])),
+            threading.Thread(target=one, args=("40 MP 16-bit PNG", "run_compare", [
+                upload(url, [deep])[0], "xlsr-relu", "xlsr-clip", "minmax", 10, "tensorrt", *settings, 0, None, [],
+                reference])),
+            threading.Thread(target=flood)]
+    for thread in work:
+        thread.start()
+    return work
+
+
+def _said(answer: dict) -> str:
+    return "answered" if answer.get("success") else str(answer.get("output", {}).get("error", answer))[:110]
+
+
 def client_images(count: int, folder: Path) -> list[tuple[str, np.ndarray]]:
     """One 96x128 image per client, each with its own mean colour and some texture."""
     rng = np.random.default_rng(0)
@@ -157,6 +220,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=3, help="requests per client")
     parser.add_argument("--heavy", action="store_true", help="one more visitor compares with a slow uploaded model")
     parser.add_argument("--sessions", type=int, default=0, help="sessions holding the maximum calibration upload")
+    parser.add_argument("--hostile", action="store_true", help="the public Space report's hostile visitors too")
     args = parser.parse_args()
     from gradio_client import Client, handle_file
 
@@ -177,6 +241,10 @@ def main() -> None:
         heavy.start()
         time.sleep(20)  # its upload and first calibration are under way
     latencies, errors, mismatches, lock = [], [], [], threading.Lock()
+    hostile, hostile_answers = [], {}
+    if args.hostile:
+        hostile = hostile_visitors(url, folder, hostile_answers)
+        time.sleep(3)  # the long jobs are under way, the flood queued
 
     def one_client(index: int, recalibrate: bool = False) -> None:
         client = Client(url, verbose=False)
@@ -205,6 +273,8 @@ def main() -> None:
     for thread in threads:
         thread.join()
     wall = time.perf_counter() - started
+    for thread in hostile:
+        thread.join(timeout=900)
     stop.set()
     rss = peak_rss_mb(server.pid)
     server.terminate()
@@ -213,9 +283,16 @@ def main() -> None:
           f"{len(latencies)} answered, {len(errors)} errors, {len(mismatches)} answers for the wrong request")
     if latencies:
         print(f"latency p50 {np.percentile(latencies, 50):.1f} s, p95 {np.percentile(latencies, 95):.1f} s "
-              "(two heavy slots: uploaded models and shipped models each take turns in their own)")
+              "(four lanes: cached comparisons, short and long jobs on the shipped models, uploaded models)")
     if args.heavy:
         print(f"meanwhile the heavy visitor's comparisons answered: {len(heavy_answers)}")
+    for name, (answer, seconds) in hostile_answers.items():
+        if isinstance(answer, list):
+            refused = [a for a in answer if not a.get("success")]
+            print(f"hostile: {name}: {len(answer) - len(refused)} answered, {len(refused)} refused in "
+                  f"{seconds:.0f} s ({_said(refused[0]) if refused else ''})")
+        else:
+            print(f"hostile: {name}: {_said(answer)} ({seconds:.1f} s)")
     print(f"server peak RSS {rss:.0f} MB")
     for error in errors[:5]:
         print(error)

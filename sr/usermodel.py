@@ -20,9 +20,11 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import sys
 import tempfile
 import threading
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -32,7 +34,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from .choices import Choice
 from .cost import CostLimits, Uncountable, check_cost, graph_cost
-from .store import (Memo, cache_cap_bytes, cache_root, code_digest, evict, file_sha256, locked, short_hash, touch,
+from .store import (Memo, cache_cap_bytes, cache_root, code_digest, file_sha256, locked, short_hash, touch,
                     write_atomic)
 
 MAX_BYTES = int(float(os.environ.get("SR_MAX_ONNX_MB", "200")) * 1024 * 1024)
@@ -653,7 +655,7 @@ def register_onnx(path: str | os.PathLike, overrides: Overrides = Overrides(),
             write_atomic(standard.SerializeToString(), folder / "standard.onnx")
             write_atomic(json.dumps(contract.to_dict()).encode(), saved)
         touch(folder)  # used now: the cache's LRU eviction counts uploaded models too
-    evict(folder.parent, cache_cap_bytes(), keep=folder)
+    _make_room(folder, path.name)
     from .quantspec import ALL_INT8_OPS, TENSORRT_INPUT_OPS
 
     covered = {*ALL_INT8_OPS, *TENSORRT_INPUT_OPS, "Constant", "Identity"}
@@ -669,12 +671,43 @@ def register_onnx(path: str | os.PathLike, overrides: Overrides = Overrides(),
     return registered
 
 
+HOLD_SECONDS = 3600.0  # an uploaded model is held this long after its last use against other uploads
+UPLOAD_SHARE = 0.5  # uploaded models may fill at most this share of the cache's cap
+
+
+def _make_room(folder: Path, name: str) -> None:
+    """Keep the uploaded models within their share of the cache after registering `folder`: the least recently
+    used models unused for HOLD_SECONDS go first (the lab's own entries are never touched by an upload, nor is a
+    model a visitor used within the hour); when that is not enough, this upload is the one refused, in words."""
+    share = cache_cap_bytes() * UPLOAD_SHARE
+    models = sorted((item for item in folder.parent.iterdir() if item.is_dir() and not item.name.startswith(".")),
+                    key=lambda item: item.stat().st_mtime)
+    sizes = {item: sum(f.stat().st_size for f in item.rglob("*") if f.is_file()) for item in models}
+    total = sum(sizes.values())
+    for item in models:
+        if total <= share:
+            return
+        if item == folder or time.time() - item.stat().st_mtime < HOLD_SECONDS:
+            continue
+        with locked(item, wait=False) as held:
+            if held:
+                shutil.rmtree(item, ignore_errors=True)
+                total -= sizes[item]
+    if total > share:
+        with locked(folder):
+            shutil.rmtree(folder, ignore_errors=True)
+        raise UserModelError(f"{name}: the server's room for uploaded models is full of models other visitors are "
+                             "using (each is held for an hour after its last use); try again later, or run the lab "
+                             "locally")
+
+
 def lookup(name: str, cache_dir: str | os.PathLike | None = None) -> UserModel | None:
     """The registered model called `name` (also one registered by another process, from the cache), or None."""
     if not str(name).startswith(PREFIX):
         return None
     known = _REGISTRY.peek(name)
     if known is not None and known.standard_onnx.is_file():  # the cache's total cap may have evicted it since
+        touch(known.standard_onnx.parent)  # used now: held for another HOLD_SECONDS
         return known
     folder = cache_root(cache_dir) / "user" / str(name)[len(PREFIX):]
     if not (folder / "contract.json").is_file():

@@ -638,9 +638,9 @@ def test_work_on_uploaded_models_runs_in_a_box_at_a_lower_cpu_priority():
         assert run(os.getpriority, os.PRIO_PROCESS, 0) == max(before, app.UPLOADED_NICE)
         with pytest.raises(ZeroDivisionError):
             run(operator.truediv, 1, 0)
-    with app._lane("xlsr-relu", "xlsr-clip", quick=True) as run:  # a comparison that reads the cache
+    with app._lane("xlsr-relu", "xlsr-clip", kind="quick") as run:  # a comparison that reads the cache
         assert run(os.getpid) == os.getpid()
-    with app._lane("xlsr-relu", "xlsr-clip") as run:  # the slow lane: boxed too (its priority, its kill)
+    with app._lane("xlsr-relu", "xlsr-clip") as run:  # the long lane: boxed too (its priority, its kill)
         assert run(os.getpid) != os.getpid()
     assert os.getpriority(os.PRIO_PROCESS, 0) == before
 

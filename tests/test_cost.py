@@ -86,3 +86,28 @@ def test_nan_or_infinite_weights_are_refused_in_words(tmp_path):
     path.write_bytes(standins.non_finite_weights().SerializeToString())
     with pytest.raises(UserModelError, match="2 NaN or infinite value"):
         register_onnx(path)
+
+
+def test_an_upload_never_evicts_a_held_model_or_the_labs_own_entries(tmp_path, monkeypatch):
+    """Uploaded models share half the cache's cap: when it is full of models used within the hour, the next
+    upload is refused in words and the held ones stay; once one has been unused for an hour, it makes room. The
+    lab's own entries (calibrations) are never touched by an upload."""
+    import os
+
+    from sr.usermodel import HOLD_SECONDS, lookup
+
+    monkeypatch.setenv("SR_CACHE_DIR", str(tmp_path / "cache"))
+    made = [register_onnx(standins.conv_stack(tmp_path / f"m{i}.onnx", 24 + i, 8)) for i in range(2)]
+    held = sum(f.stat().st_size for m in made for f in m.standard_onnx.parent.rglob("*") if f.is_file())
+    monkeypatch.setenv("SR_CACHE_MAX_MB", str(2 * held * 1.05 / 2**20))  # uploads' half: room for these two only
+    shipped = tmp_path / "cache" / "int8" / "shipped-entry"
+    shipped.mkdir(parents=True)
+    (shipped / "model.qdq.onnx").write_bytes(b"x" * 4 * held)  # the lab's own: over the cap by itself
+    with pytest.raises(UserModelError, match="full of models other visitors are using"):
+        register_onnx(standins.conv_stack(tmp_path / "third.onnx", 23, 8))
+    assert all(lookup(model.name) is not None for model in made) and shipped.is_dir()
+    old = made[0].standard_onnx.parent
+    os.utime(old, (time.time() - HOLD_SECONDS - 60,) * 2)
+    third = register_onnx(standins.conv_stack(tmp_path / "third.onnx", 23, 8))
+    assert not old.exists() and lookup(made[1].name) is not None and lookup(third.name) is not None
+    assert shipped.is_dir()
