@@ -358,6 +358,13 @@ def _label(model: str) -> str:
     return f"{info.name}, {activation}, {size}"
 
 
+def _model_choices(uploads) -> list:
+    """The model lists' entries: the shipped models, then this visitor's models, each shown by the name its
+    visitor gave it (the value stays the lab's name)."""
+    shipped = available_models()
+    return [*shipped, *((_shown(m), m) for m in dict.fromkeys(uploads or []) if m not in shipped)]
+
+
 def contract_text(user) -> str:
     """The detected contract of an uploaded model, in words."""
     c = user.contract
@@ -390,7 +397,7 @@ def load_onnx_model(file, layout, color, value_range, pre_upsampled, scale, mode
                            "limit.") from None
     _UPLOADED.put((_VISITOR.get(), user.name), Path(path).name)
     choices = [*(choices or []), user.name]
-    models = available_models() + choices
+    models = _model_choices(choices)
     same_scale = model_info(model_b).scale == user.contract.scale
     return (gr.update(choices=models, value=user.name, label=f"Model A ({_label(user.name)})"),
             gr.update(choices=models) if same_scale else gr.update(choices=models, value=user.name,
@@ -442,7 +449,9 @@ def make_ready_for(model_a, samples, scheme, target, minutes, uploads, model_b, 
         name = re.sub(r"[^\w.-]+", "-", _shown(model_a)).strip("-")
         archive = zip_bundle(bundle, folder / f"{name}-int8-ready.zip")
         shutil.rmtree(folder / "bundle", ignore_errors=True)
-    a, b, uploads = offer_result(offered, uploads, model_b)
+    if offered and is_uploaded(offered):
+        _UPLOADED.put((_VISITOR.get(), offered), f"{_shown(model_a)}, INT8-ready")
+    a, b, uploads = offer_result(offered, uploads, model_b, request)
     method = gr.update(value=chosen.calibration.method.value) if tuned else gr.update()
     return ready_report(result, model_a), str(archive), a, b, uploads, method
 
@@ -1018,10 +1027,10 @@ def offer_result(result, uploads, model_b, request: gr.Request = None):
         return gr.update(), gr.update(), uploads
     _visitor(request)
     if is_uploaded(result):
-        _UPLOADED.put((_VISITOR.get(), result), f"{result[5:13]} (INT8-ready)")
+        if _UPLOADED.peek((_VISITOR.get(), result)) is None:  # (make_ready_for names it after its source)
+            _UPLOADED.put((_VISITOR.get(), result), f"{result[5:13]} (INT8-ready)")
         uploads = [*(uploads or []), result]
-    models = available_models() + list(uploads or [])
-    models += [] if result in models else [result]
+    models = _model_choices([*(uploads or []), *([] if is_uploaded(result) else [result])])
     return gr.update(choices=models, value=result, label=f"Model A ({_label(result)})"), gr.update(choices=models), \
         uploads
 
@@ -1040,6 +1049,9 @@ def _compare_controls(models: list[str]) -> dict:
             controls = {"image": untouched_image(value=examples[0] if examples else None, label="Input image",
                                                  sources=["upload", "clipboard"], elem_id="input-image")}
             gr.Examples(examples, inputs=controls["image"])
+            with gr.Row():  # within the first screen (1400x900), beside the image they act on
+                controls["run"] = gr.Button("Run", variant="primary", elem_id="run")
+                controls["recalibrate"] = gr.Button("Recalibrate (new sample)", elem_id="recalibrate")
             controls["mode"] = gr.Radio(list(MODES), value="Upscale my image", label="Mode")
             controls["preset"] = gr.Radio(list(PRESETS), value=first, label="Preset")
             controls["preset_note"] = gr.Markdown()
@@ -1079,8 +1091,7 @@ def _compare_controls(models: list[str]) -> dict:
                                               "calibration set darker than what the model sees at run time.")
             controls["seed"] = gr.Number(0, precision=0, label="Calibration seed")
             controls["display"] = gr.Radio(["bicubic", "nearest"], value="bicubic", label="Original shown with")
-            controls["run"] = gr.Button("Run", variant="primary", elem_id="run")
-            controls["recalibrate"] = gr.Button("Recalibrate (new sample)", elem_id="recalibrate")
+            controls.update(_deploy())
     return controls
 
 
@@ -1092,15 +1103,21 @@ def _your_model() -> dict:
         if examples:  # small models of other families (examples/README.md says how each was made)
             gr.Examples([[str(path)] for path in examples], inputs=parts["onnx"], elem_id="onnx-examples",
                         label="Or try an example model (examples/README.md says what each is)")
-        parts["contract"] = gr.Markdown(elem_id="contract")
+        parts["contract"] = gr.Markdown(elem_id="contract")  # (the deploy panel serves it too: model A)
         with gr.Row():
             parts["layout"] = gr.Dropdown(["auto", "nchw", "nhwc"], value="auto", label="Layout")
             parts["color"] = gr.Dropdown(["auto", "rgb", "y"], value="auto", label="Colour")
             parts["value_range"] = gr.Dropdown(["auto", "1", "255"], value="auto", label="Value range")
             parts["scale"] = gr.Dropdown(["auto", "2", "3", "4"], value="auto", label="Scale")
         parts["pre_upsampled"] = gr.Checkbox(False, label="Pre-upsampled input (VDSR-style)")
-        parts["bundle_button"] = gr.Button("Download INT8 model (model A, these calibration settings)",
-                                           elem_id="bundle-button")
+    return parts
+
+
+def _deploy() -> dict:
+    """Model A's deployment: its INT8 bundle as set, or the INT8-ready search (any model A, shipped or yours)."""
+    with gr.Accordion("Deploy model A: INT8 bundle, INT8-ready search", open=True):
+        parts = {"bundle_button": gr.Button("Download INT8 model (model A, these calibration settings)",
+                                            elem_id="bundle-button")}
         with gr.Row():
             parts["ready_target"] = gr.Number(0.05, label="Target loss vs FP32 (dB)", minimum=0, maximum=10)
             parts["ready_minutes"] = gr.Slider(1, 4, value=2, step=0.5, label="Time budget (minutes)")

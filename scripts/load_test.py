@@ -69,13 +69,20 @@ def peak_rss_mb(pid: int, field: str = "VmHWM") -> float:
     return float("nan")
 
 
+_INDEXES: dict[str, int] = {}
+_INDEXES_LOCK = threading.Lock()
+
+
 def fn_index(handler: str) -> int:
     """The index of the page's event whose handler is `handler` (the server runs this same app.py, so its events
-    are numbered as a copy built here numbers them)."""
-    sys.path.insert(0, str(ROOT))
-    import app
+    are numbered as a copy built here numbers them; built once: Gradio's Blocks context is not thread-safe)."""
+    with _INDEXES_LOCK:
+        if not _INDEXES:
+            sys.path.insert(0, str(ROOT))
+            import app
 
-    return next(i for i, fn in app.build_demo().fns.items() if getattr(fn.fn, "__name__", "") == handler)
+            _INDEXES.update((getattr(fn.fn, "__name__", ""), i) for i, fn in reversed(app.build_demo().fns.items()))
+    return _INDEXES[handler]
 
 
 def queue_call(url: str, index: int, data: list, session: str, timeout: float = 600) -> dict:
@@ -154,7 +161,7 @@ def hostile_visitors(url: str, folder: Path, answers: dict) -> list[threading.Th
 
     image = upload(url, [Path(folder / "client-0.png")])[0]
     deep = folder / "deep.png"
-    Image.fromarray(np.zeros((5000, 8000), np.uint16), mode="I;16").save(deep)
+    Image.fromarray(np.zeros((5000, 8000), np.uint16)).save(deep)  # 16 bits a sample (mode I;16)
     settings = ["Upscale my image", "bicubic", "calib_data/", None, 1.0]
     reference = "reference (ONNX Runtime, CPU)"
 

@@ -153,7 +153,7 @@ def test_heavy_visitors_leave_a_cached_compare_within_10_s(hostile_server, demo,
     _cached_compare(url, small_image)
     image = _uploaded(url, Path(small_image))
     big = tmp_path / "deep.png"
-    Image.fromarray(np.zeros((5000, 8000), np.uint16), mode="I;16").save(big)
+    Image.fromarray(np.zeros((5000, 8000), np.uint16)).save(big)  # 16 bits a sample (mode I;16)
     settings = ["Upscale my image", "bicubic", "calib_data/", None, 1.0]
     answers: dict[str, list] = {}
 

@@ -77,8 +77,14 @@ def test_the_caches_are_named_by_the_one_key():
     inputs = prepare_calibration_images(load_calibration_images(None), config, info.scale)
     assert int8.key == int8.recipe.key(file_sha256(info.path), images_digest(inputs))
     assert int8.recipe == QuantRecipe(config, "cpu", int8.fixes)
+    # a refined model's key: the same for the same recipe, another for any other refinement, scheme,
+    # calibration or weights
     refine = RefineConfig("xlsr-clip", ["equalize"], config, "cpu")
-    assert refine.key("w") == refine.recipe.key("w", images_digest(load_calibration_images(None)), 16)
+    assert refine.key("w") == RefineConfig("xlsr-clip", ["equalize"], config, "cpu").key("w")
+    others = [RefineConfig("xlsr-clip", ["adaround"], config, "cpu"), RefineConfig("xlsr-clip", ["equalize"], config,
+                                                                                   "tensorrt"),
+              RefineConfig("xlsr-clip", ["equalize"], CalibrationConfig(method="minmax", samples=11), "cpu")]
+    assert len({refine.key("w"), refine.key("v"), *(other.key("w") for other in others)}) == 5
 
 
 def test_a_key_refuses_code_it_cannot_see():
