@@ -58,10 +58,10 @@ HEAVY = "heavy"  # one concurrency id for all CPU-heavy work: parallel users que
 # priority. A lane keeps at most WAITING[lane] requests waiting in a heavy slot (the rest are refused in words),
 # and each visitor at most SHARE requests in each lane: one visitor's long jobs or floods cannot hold the slots,
 # and a long job never delays a short one.
-HEAVY_SLOTS = 12
+HEAVY_SLOTS = 16
 _LANES = {lane: threading.Lock() for lane in ("uploaded", "long", "short", "quick")}
 _WAITING: dict[str, list[object]] = {"long": [], "short": [], "quick": []}  # the requests waiting, first first
-WAITING = {"long": 1, "short": 6, "quick": HEAVY_SLOTS}
+WAITING = {"long": 1, "short": 10, "quick": HEAVY_SLOTS}
 SHORT_SECONDS = 30.0
 SHARE = {"quick": 2, "short": 1, "long": 1, "uploaded": 1}  # requests one visitor may have in each lane at once
 _SHARES: dict[tuple[str, str], int] = {}  # (visitor, lane) -> requests in it now
