@@ -63,7 +63,8 @@ _LANES = {lane: threading.Lock() for lane in ("uploaded", "long", "short", "quic
 _WAITING: dict[str, list[object]] = {"long": [], "short": [], "quick": []}  # the requests waiting, first first
 WAITING = {"long": 1, "short": 10, "quick": HEAVY_SLOTS}
 SHORT_SECONDS = 30.0
-SHARE = {"quick": 2, "short": 1, "long": 1, "uploaded": 1}  # requests one visitor may have in each lane at once
+# requests one visitor may have in each lane at once (and in the upload check, "probe")
+SHARE = {"quick": 2, "short": 1, "long": 1, "uploaded": 1, "probe": 1}
 _SHARES: dict[tuple[str, str], int] = {}  # (visitor, lane) -> requests in it now
 _SHARES_LOCK = threading.Lock()
 # and at most RATE heavy requests started in any RATE_SECONDS: a flood sent at once is answered in words at once,
@@ -93,12 +94,12 @@ def _direct(work, *args, progress=None, stop=None, **kwargs):
     return work(*args, **kwargs)
 
 
-def _boxed(seconds: float, memory: int | None = None):
-    """How to run work in a box (sr.box) with `memory` (BOX_MEMORY_BYTES by default), `seconds` and nice
-    UPLOADED_NICE, killed at its deadline; what it cost in words when it goes over."""
+def _boxed(seconds: float, memory: int | None = None, nice: int = UPLOADED_NICE):
+    """How to run work in a box (sr.box) with `memory` (BOX_MEMORY_BYTES by default), `seconds` and `nice`,
+    killed at its deadline; what it cost in words when it goes over."""
 
     def run(work, *args, progress=None, stop=None, **kwargs):
-        return run_boxed(work, *args, box=Limits(memory or BOX_MEMORY_BYTES, seconds, UPLOADED_NICE),
+        return run_boxed(work, *args, box=Limits(memory or BOX_MEMORY_BYTES, seconds, nice),
                          progress=progress, should_stop=stop, **kwargs)
 
     return run
@@ -163,8 +164,11 @@ def _lane(*models, progress=None, kind: str = "long", visitor: str | None = None
         if lane != "uploaded":
             _wait_turn(lane, progress)
         try:
+            # short jobs (a first calibration of the shipped models, bounded) at the usual priority, so that the
+            # long and uploaded ones take only the CPU they leave
             yield _direct if lane == "quick" else _boxed(MAX_REQUEST_SECONDS,
-                                                         None if lane == "uploaded" else SHIPPED_BOX_BYTES)
+                                                         None if lane == "uploaded" else SHIPPED_BOX_BYTES,
+                                                         0 if lane == "short" else UPLOADED_NICE)
         finally:
             _LANES[lane].release()
 
@@ -383,12 +387,11 @@ def load_onnx_model(file, layout, color, value_range, pre_upsampled, scale, mode
     """Check and register an uploaded ONNX model; it becomes model A (and B too when B's scale differs)."""
     if file is None:
         return gr.update(), gr.update(), "", choices
-    _visitor(request)
     path = file if isinstance(file, str) else getattr(file, "name", str(file))
     auto = lambda value, cast=str: None if value in (None, "auto") else cast(value)  # noqa: E731
     overrides = Overrides(auto(layout), auto(color), auto(value_range, int), True if pre_upsampled else None,
                           auto(scale, int))
-    with _user_errors("model check"):
+    with _user_errors("model check"), _visitor_share(_visitor(request), "probe"):
         try:  # checked, costed (before anything runs) and probed in a box of its own
             user = _boxed(PROBE_SECONDS)(register_onnx, path, overrides, limits=COST_LIMITS)
         except (Uncountable, TooCostly) as error:
