@@ -1349,6 +1349,10 @@ CSS = """
 MAX_REQUEST_BYTES = 32 * 1024 * 1024  # any request but a file upload (which has MAX_UPLOAD per file)
 MAX_UPLOAD_FILES = 64  # files in one upload request (the calibration uploads' cap)
 MAX_UPLOAD_REQUEST_BYTES = 256 * 1024 * 1024  # one upload request in all
+# what uploads may bring in an hour (Gradio keeps uploaded files an hour): from one client address, and in all;
+# so the disk uploads take is bounded however many requests arrive
+_CLIENT_UPLOADS = float(os.environ.get("SR_UPLOAD_MB_PER_HOUR", "2048")) * 2**20
+UPLOAD_BYTES_PER_HOUR = {"client": _CLIENT_UPLOADS, "all": 4 * _CLIENT_UPLOADS}
 
 
 class RequestSizeLimit:
@@ -1395,8 +1399,14 @@ class RequestSizeLimit:
         return index is not None and index not in self.events
 
     async def _upload(self, scope, receive, send):
-        """An upload streamed on to Gradio, its files and bytes counted on the way (a multipart part each)."""
+        """An upload streamed on to Gradio, its files and bytes counted on the way (a multipart part each), its
+        bytes charged to its client's and everyone's hourly budget."""
         headers = dict(scope.get("headers") or [])
+        client = (headers.get(b"x-forwarded-for", b"").split(b",")[0].strip().decode(errors="replace")
+                  or (scope.get("client") or ("?",))[0])
+        if not _UPLOADS.allows(client):
+            return await self._refuse(send, 429, "this server has taken all the uploads it takes in an hour (from "
+                                                 "you, or from everyone): try again later")
         boundary = headers.get(b"content-type", b"").partition(b"boundary=")[2].strip(b'"')
         seen, parts, tail = 0, 0, b""
 
@@ -1405,6 +1415,7 @@ class RequestSizeLimit:
             message = await receive()
             chunk = message.get("body", b"")
             seen += len(chunk)
+            _UPLOADS.charge(client, len(chunk))
             parts += (tail + chunk).count(b"--" + boundary) - tail.count(b"--" + boundary) if boundary else 0
             tail = (tail + chunk)[-(len(boundary) + 2):]
             if seen > MAX_UPLOAD_REQUEST_BYTES or parts > MAX_UPLOAD_FILES + 1:  # + the closing boundary
@@ -1432,6 +1443,36 @@ class RequestSizeLimit:
 
 class _TooLarge(Exception):
     """A streamed request body went over the limit."""
+
+
+class _UploadBudget:
+    """Bytes uploaded in the last hour, per client address and in all (UPLOAD_BYTES_PER_HOUR)."""
+
+    def __init__(self):
+        self.charges: list[tuple[float, str, int]] = []
+        self.lock = threading.Lock()
+
+    def _recent(self) -> list[tuple[float, str, int]]:
+        hour_ago = time.monotonic() - 3600
+        self.charges = [c for c in self.charges if c[0] > hour_ago]
+        return self.charges
+
+    def allows(self, client: str) -> bool:
+        with self.lock:
+            recent = self._recent()
+            mine = sum(size for _, who, size in recent if who == client)
+            return mine < UPLOAD_BYTES_PER_HOUR["client"] and sum(c[2] for c in recent) < UPLOAD_BYTES_PER_HOUR["all"]
+
+    def charge(self, client: str, size: int) -> None:
+        with self.lock:
+            if self.charges and self.charges[-1][1] == client and time.monotonic() - self.charges[-1][0] < 1:
+                when, who, total = self.charges[-1]
+                self.charges[-1] = (when, who, total + size)  # one entry a second per client: the list stays short
+            else:
+                self.charges.append((time.monotonic(), client, size))
+
+
+_UPLOADS = _UploadBudget()
 
 
 def main() -> None:

@@ -35,7 +35,8 @@ def hostile_server(tmp_path_factory):
     port = free_port()
     log = open(tmp_path_factory.mktemp("server") / "server.log", "w")
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1", "SR_MAX_REQUEST_SECONDS": "40",
-           "SR_BOX_MEMORY_GB": "1.5", "SR_SHIPPED_BOX_MEMORY_GB": "4", "SR_MAX_SESSIONS": "8"}
+           "SR_BOX_MEMORY_GB": "1.5", "SR_SHIPPED_BOX_MEMORY_GB": "4", "SR_MAX_SESSIONS": "8",
+           "SR_UPLOAD_MB_PER_HOUR": "120"}
     process = subprocess.Popen([sys.executable, "app.py", "--host", "127.0.0.1", "--port", str(port)], cwd=ROOT,
                                env=env, stdout=log, stderr=subprocess.STDOUT, text=True, preexec_fn=_limited)
     deadline = time.time() + 120
@@ -289,4 +290,16 @@ def test_sessions_holding_state_are_bounded(hostile_server, demo, small_image):
         assert passing["success"]
     dropped = compare_with_my_uploads()
     assert not dropped["success"] and "upload them again" in str(dropped), dropped
+    assert process.poll() is None
+
+
+def test_uploads_have_an_hourly_budget(hostile_server):
+    """(Last: it spends the server's budget.) A client's uploads in an hour are capped (120 MB on this server,
+    SR_UPLOAD_MB_PER_HOUR; four times that from everyone): Gradio keeps uploads an hour, so the disk they take is
+    bounded; past it, 429 in words."""
+    url, process = hostile_server
+    big = [("files", ("big.bin", os.urandom(20 * 2**20)))]  # 20 MB a request
+    answers = [requests.post(f"{url}gradio_api/upload", files=big, timeout=60) for _ in range(7)]
+    statuses = [answer.status_code for answer in answers]
+    assert statuses[:5] == [200] * 5 and statuses[-1] == 429 and "in an hour" in answers[-1].text, statuses
     assert process.poll() is None
