@@ -366,7 +366,8 @@ def _model_choices(uploads) -> list:
     """The model lists' entries: the shipped models, then this visitor's models, each shown by the name its
     visitor gave it (the value stays the lab's name)."""
     shipped = available_models()
-    return [*shipped, *((_shown(m), m) for m in dict.fromkeys(uploads or []) if m not in shipped)]
+    return [*shipped, *((_shown(m), m) if is_uploaded(m) else m for m in dict.fromkeys(uploads or [])
+                        if m not in shipped)]
 
 
 def contract_text(user) -> str:

@@ -180,27 +180,33 @@ def test_cache_is_capped_least_recently_used_first(tmp_path, monkeypatch):
     assert cache_bytes() <= cap
 
 
-def test_one_total_cap_counts_uploaded_models(tmp_path, monkeypatch, stand_ins):
-    """Calibrations, statistics, exports and uploaded models share one cap: after many uploads under a small
-    cap the whole cache stays under it, the newest entry survives, and an evicted upload is reported as gone."""
-    from sr.store import cache_root
-    from sr.usermodel import lookup, register_onnx
-
-    first = register_onnx(stand_ins["fsrcnn-y"], cache_dir=tmp_path)
-    calibrate_model("xlsr-relu", CalibrationConfig(method="minmax", samples=10, seed=601), "tensorrt",
-                    cache_dir=tmp_path)
-    size = sum(p.stat().st_size for p in cache_root(tmp_path).rglob("*") if p.is_file())
-    monkeypatch.setenv("SR_CACHE_MAX_MB", str(0.6 * size / 2**20))
+def test_uploads_make_room_among_uploads_and_the_lab_among_everything(tmp_path, monkeypatch, stand_ins):
+    """Under a small cap: a new upload evicts an old, unheld upload, never the lab's own calibration (issue 34:
+    the shipped calibrations are never evicted by uploads); the lab's own writes still keep one total cap over
+    every kind of entry (an old calibration goes when a new one is written), and an evicted upload is reported
+    as gone."""
     import os
     import time
 
-    for folder in cache_root(tmp_path).iterdir():  # everything so far is old
+    from sr.store import cache_root
+    from sr.usermodel import HOLD_SECONDS, lookup, register_onnx
+
+    first = register_onnx(stand_ins["fsrcnn-y"], cache_dir=tmp_path)
+    old = calibrate_model("xlsr-relu", CalibrationConfig(method="minmax", samples=10, seed=601), "tensorrt",
+                          cache_dir=tmp_path)
+    probe = register_onnx(stand_ins["xlsr-nhwc"], cache_dir=tmp_path / "probe")  # its size, in another cache
+    size = sum(p.stat().st_size for p in probe.standard_onnx.parent.rglob("*") if p.is_file())
+    small = sum(p.stat().st_size for p in first.standard_onnx.parent.rglob("*") if p.is_file())
+    monkeypatch.setenv("SR_CACHE_MAX_MB", str(2 * (size + small / 2) / 2**20))  # uploads' half: not both
+    for folder in cache_root(tmp_path).iterdir():  # everything so far unused for longer than the hold
         for entry in folder.iterdir():
-            os.utime(entry, (time.time() - 500, time.time() - 500))
+            os.utime(entry, (time.time() - HOLD_SECONDS - 60,) * 2)
     newest = register_onnx(stand_ins["xlsr-nhwc"], cache_dir=tmp_path)
-    total = sum(p.stat().st_size for p in cache_root(tmp_path).rglob("*") if p.is_file() and not p.name.endswith(".lock"))
-    assert total <= 0.6 * size + 1 and newest.standard_onnx.is_file()
+    assert newest.standard_onnx.is_file() and old.qdq_onnx.is_file()  # the lab's calibration stays
     assert not first.standard_onnx.is_file() and lookup(first.name, tmp_path) is None
+    calibrate_model("xlsr-relu", CalibrationConfig(method="minmax", samples=10, seed=602), "tensorrt",
+                    cache_dir=tmp_path)
+    assert not old.qdq_onnx.is_file()  # the one total cap, kept by the lab's own writes
 
 
 def test_the_automatic_method_never_destroys_a_y_only_model_and_the_others_warn(capsys, data_dir):
