@@ -4,7 +4,7 @@ more client recalibrates (a fresh seed). Prints p50/p95 latency, errors and the 
 that every answer belongs to its request (each image has its own colour; the "Original" panel must carry it).
 Two hostile cases, each optional:
 - `--heavy`: one more visitor uploads a slow model (under the upload cost cap) and compares with it in a loop
-  the whole time; the p50/p95 printed are the ordinary clients' (the uploaded model has its own lane).
+  the whole time; the p50/p95 printed are the ordinary clients' (the uploaded model has its own lane and box).
 - `--sessions N`: first, N sessions each store the maximum calibration upload (64 images of 4 MP, kept
   downscaled) in their state, through the page's own upload event; the server's RSS is printed after.
 - `--hostile`: the public Space's report, all at once while the ordinary clients run: a visitor uploads each of
