@@ -71,7 +71,6 @@ _SHARES_LOCK = threading.Lock()
 # instead of taking turns in the slots ahead of everyone who came after it
 RATE, RATE_SECONDS = 4, 10.0
 _STARTS = Memo(4096)  # visitor -> the times of its latest heavy requests
-_SHARES_LOCK = threading.Lock()
 _DONE = Memo(1024)  # the comparison settings this server has completed: run again, they read the cache
 QUICK_DECODE_PIXELS = 4_000_000  # a larger image, or one of more than 8 bits, is decoded in the long lane
 

@@ -140,14 +140,13 @@ def run_boxed(work: Callable, *args, box: Limits, progress: Callable[[float, str
     """
     context = _context()
     receiver, sender = context.Pipe(duplex=False)
-    limits = box
-    process = context.Process(target=_child, args=(sender, limits, work, args, kwargs, progress is not None),
+    process = context.Process(target=_child, args=(sender, box, work, args, kwargs, progress is not None),
                               daemon=True, name="sr-box")
     process.start()
     sender.close()
-    deadline, answered = time.monotonic() + limits.seconds, False
+    deadline, answered = time.monotonic() + box.seconds, False
     try:
-        kind, payload = _wait(process, receiver, limits, deadline, progress, should_stop)
+        kind, payload = _wait(process, receiver, box, deadline, progress, should_stop)
         answered = True
     finally:
         receiver.close()

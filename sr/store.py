@@ -22,7 +22,7 @@ import time
 from importlib import metadata
 from pathlib import Path
 from types import CodeType, ModuleType
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 CACHE_DIR = PROJECT_ROOT / "cache"  # $SR_CACHE_DIR overrides it
@@ -263,7 +263,9 @@ def touch(path: str | os.PathLike) -> None:
         pass
 
 
-def _size(path: Path) -> int:
+def disk_bytes(path: str | os.PathLike) -> int:
+    """The bytes a file, or every file under a folder, holds."""
+    path = Path(path)
     if path.is_file():
         return path.stat().st_size
     return sum(item.stat().st_size for item in path.rglob("*") if item.is_file())
@@ -274,7 +276,8 @@ def cache_cap_bytes() -> int:
     return int(float(os.environ.get("SR_CACHE_MAX_MB") or DEFAULT_CACHE_MB) * 1024 * 1024)
 
 
-def evict(folder: str | os.PathLike, max_bytes: int, keep=None) -> list[Path]:
+def evict(folder: str | os.PathLike, max_bytes: int, keep=None, kinds: Sequence[str] | None = None,
+          hold_seconds: float = 0.0) -> list[Path]:
     """Delete the least recently used entries of the cache until all of it holds at most `max_bytes`.
 
     The cap is one total over every kind of entry (`folder`'s siblings: calibrations, statistics, exports,
@@ -286,6 +289,8 @@ def evict(folder: str | os.PathLike, max_bytes: int, keep=None) -> list[Path]:
         folder: the folder of the entry just written (its parent is the cache root).
         max_bytes: the cap.
         keep: an entry never deleted (the one just written), or several (what the caller is still using).
+        kinds: only these entry folders are counted and may be evicted (all of them by default: the one cap).
+        hold_seconds: an entry used more recently than this stays (it is counted, never deleted).
 
     Returns:
         the deleted entries.
@@ -294,15 +299,18 @@ def evict(folder: str | os.PathLike, max_bytes: int, keep=None) -> list[Path]:
     root = Path(folder).parent
     if not root.is_dir():
         return []
-    kinds = [item for item in root.iterdir() if item.is_dir() and not item.name.startswith(TEMP_PREFIX)]
-    entries = [item for kind in kinds for item in kind.iterdir() if not item.name.startswith(TEMP_PREFIX)
+    counted = [item for item in root.iterdir() if item.is_dir() and not item.name.startswith(TEMP_PREFIX)
+               and (kinds is None or item.name in kinds)]
+    entries = [item for kind in counted for item in kind.iterdir() if not item.name.startswith(TEMP_PREFIX)
                and not item.name.endswith(".lock") and not any(k == item or item in k.parents for k in kept)]
-    sizes = {item: _size(item) for item in entries}
-    total = sum(sizes.values()) + sum(_size(k) for k in kept if k.exists() and k.parent.parent == root)
-    deleted = []
+    sizes = {item: disk_bytes(item) for item in entries}
+    total = sum(sizes.values()) + sum(disk_bytes(k) for k in kept if k.exists() and k.parent.parent == root)
+    deleted, now = [], time.time()
     for item in sorted(entries, key=lambda p: p.stat().st_mtime):
         if total <= max_bytes:
             break
+        if now - item.stat().st_mtime < hold_seconds:
+            continue  # held: used within the hold
         with locked(item, wait=False) as held:
             if not held:
                 continue  # in use

@@ -24,7 +24,6 @@ import shutil
 import sys
 import tempfile
 import threading
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -34,8 +33,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from .choices import Choice
 from .cost import CostLimits, Uncountable, check_cost, graph_cost
-from .store import (Memo, cache_cap_bytes, cache_root, code_digest, file_sha256, locked, short_hash, touch,
-                    write_atomic)
+from .store import (Memo, cache_cap_bytes, cache_root, code_digest, disk_bytes, evict, file_sha256, locked,
+                    short_hash, touch, write_atomic)
 
 MAX_BYTES = int(float(os.environ.get("SR_MAX_ONNX_MB", "200")) * 1024 * 1024)
 PROBE_SECONDS = 30.0
@@ -680,20 +679,8 @@ def _make_room(folder: Path, name: str) -> None:
     used models unused for HOLD_SECONDS go first (the lab's own entries are never touched by an upload, nor is a
     model a visitor used within the hour); when that is not enough, this upload is the one refused, in words."""
     share = cache_cap_bytes() * UPLOAD_SHARE
-    models = sorted((item for item in folder.parent.iterdir() if item.is_dir() and not item.name.startswith(".")),
-                    key=lambda item: item.stat().st_mtime)
-    sizes = {item: sum(f.stat().st_size for f in item.rglob("*") if f.is_file()) for item in models}
-    total = sum(sizes.values())
-    for item in models:
-        if total <= share:
-            return
-        if item == folder or time.time() - item.stat().st_mtime < HOLD_SECONDS:
-            continue
-        with locked(item, wait=False) as held:
-            if held:
-                shutil.rmtree(item, ignore_errors=True)
-                total -= sizes[item]
-    if total > share:
+    evict(folder.parent, share, keep=folder, kinds=[folder.parent.name], hold_seconds=HOLD_SECONDS)
+    if disk_bytes(folder.parent) > share:
         with locked(folder):
             shutil.rmtree(folder, ignore_errors=True)
         raise UserModelError(f"{name}: the server's room for uploaded models is full of models other visitors are "

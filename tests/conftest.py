@@ -1,3 +1,4 @@
+import contextlib
 import os
 import time
 import sys
@@ -73,16 +74,15 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def server(tmp_path_factory):
-    """The app, launched once per run as `python app.py` (the browser and server-level tests share it); its log
-    goes to a file (a pipe nobody reads would fill and stop it)."""
+@contextlib.contextmanager
+def running_app(folder: Path, env: dict | None = None, preexec_fn=None):
+    """`python app.py` on a free port with `env` added, until the block ends: yields (its URL, the process). Its
+    log goes to a file in `folder` (a pipe nobody reads would fill and stop it)."""
     port = free_port()
-    log = open(tmp_path_factory.mktemp("server") / "server.log", "w")
-    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1"}
+    log = open(folder / "server.log", "w")
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1", **(env or {})}
     process = subprocess.Popen([sys.executable, "app.py", "--host", "127.0.0.1", "--port", str(port)], cwd=ROOT,
-                               env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}/"
+                               env=env, stdout=log, stderr=subprocess.STDOUT, text=True, preexec_fn=preexec_fn)
     deadline = time.time() + 120
     while time.time() < deadline:
         try:
@@ -93,7 +93,16 @@ def server(tmp_path_factory):
                 raise RuntimeError(Path(log.name).read_text())
             time.sleep(0.5)
     time.sleep(1)
-    yield url
-    process.terminate()
-    process.wait(timeout=30)
-    log.close()
+    try:
+        yield f"http://127.0.0.1:{port}/", process
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+        log.close()
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory):
+    """The app, launched once per run as `python app.py` (the browser and server-level tests share it)."""
+    with running_app(tmp_path_factory.mktemp("server")) as (url, _):
+        yield url

@@ -4,9 +4,6 @@ stops after 40 s, an uploaded model gets 1.5 GB). Through the page's own queue c
 client makes them."""
 import os
 import resource
-import socket
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -17,7 +14,7 @@ import requests
 from PIL import Image
 
 import standins
-from conftest import free_port
+from conftest import running_app
 from test_app import _messages, _queue_call, _uploaded
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -31,28 +28,11 @@ def _limited():
 
 @pytest.fixture(scope="module")
 def hostile_server(tmp_path_factory):
-    """The server, its log in a file (a pipe nobody reads would fill and stop it)."""
-    port = free_port()
-    log = open(tmp_path_factory.mktemp("server") / "server.log", "w")
-    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1", "SR_MAX_REQUEST_SECONDS": "40",
-           "SR_BOX_MEMORY_GB": "1.5", "SR_SHIPPED_BOX_MEMORY_GB": "4", "SR_MAX_SESSIONS": "8",
-           "SR_UPLOAD_MB_PER_HOUR": "120"}
-    process = subprocess.Popen([sys.executable, "app.py", "--host", "127.0.0.1", "--port", str(port)], cwd=ROOT,
-                               env=env, stdout=log, stderr=subprocess.STDOUT, text=True, preexec_fn=_limited)
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                break
-        except OSError:
-            if process.poll() is not None:
-                raise RuntimeError(Path(log.name).read_text())
-            time.sleep(0.5)
-    time.sleep(1)
-    yield f"http://127.0.0.1:{port}/", process
-    process.terminate()
-    process.wait(timeout=30)
-    log.close()
+    """The server in its memory limit, with short caps: (its URL, the process)."""
+    caps = {"SR_MAX_REQUEST_SECONDS": "40", "SR_BOX_MEMORY_GB": "1.5", "SR_SHIPPED_BOX_MEMORY_GB": "4",
+            "SR_MAX_SESSIONS": "8", "SR_UPLOAD_MB_PER_HOUR": "120"}
+    with running_app(tmp_path_factory.mktemp("server"), caps, _limited) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")
