@@ -214,6 +214,8 @@ SESSION_STATE_SECONDS = 3600  # per-session state (images, results) is freed thi
 MAX_SESSIONS = int(os.environ.get("SR_MAX_SESSIONS", "48"))
 COVERAGE_WARNING = 0.01  # warn when a tensor has more than 1% of this image's values outside its range
 COVERAGE_SIDE = 128  # the coverage check runs on a copy downscaled to at most this many pixels a side
+HEADER_CHAR_PX, HEADER_PADDING_PX = 10, 48  # a header word's characters (bold monospace) and a cell's padding + menu
+WIDE_COLUMN_PX = 220  # a column of names (tensors, models, engines)
 METHOD_HELP = ("entropy: NVIDIA's KL search as ModelOpt publishes it (the spike of exact zeros after a ReLU is "
                "flattened first); entropy-zeros: the same search counting that spike, which pulls thresholds down "
                "and clips the tails.")
@@ -225,11 +227,14 @@ PRESETS = {
 }
 PRESET_NOTES = {
     "dark calibration set (40% brightness)": (
-        "**Why this comes out dark:** every range was calibrated on images at 40% brightness, so brighter values in "
-        "your image are clipped at each layer, and the output loses its highlights (Set14: brightness ratio about "
-        "0.7 with minmax, and the Clipped ReLU does not protect). More samples cannot help: they come from the same "
-        "dark set. A preprocessing mismatch (the calibrator normalising differently from inference) does the same. "
-        "**Fix:** calibrate on images like the ones you deploy on (set the gain back to 1), or a wider set."),
+        "**Why this comes out dull and dark:** every range was calibrated on images at 40% brightness, so each "
+        "layer clips the brighter values of your image. The highlights are capped at a grey level (on the astronaut "
+        "the brightest 1% reaches level 107 of 255 instead of 254) while the shadows keep theirs: the image looks "
+        "flat and washed out rather than evenly darker, and is darker on average (brightness ratio 0.65 there, "
+        "about 0.7 on Set14 with minmax; the Clipped ReLU does not protect). More samples cannot help: they come "
+        "from the same dark set. A preprocessing mismatch (the calibrator normalising differently from inference) "
+        "does the same. **Fix:** calibrate on images like the ones you deploy on (set the gain back to 1), or a "
+        "wider set."),
 }
 FIX_LABELS = {Fix.RANGE_MINMAX: "range from minmax", Fix.RANGE_MSE: "range from mse",
               Fix.RANGE_PERCENTILE: "range from percentile 99.99", Fix.KEEP_FLOAT: "keep in float (no QDQ)"}
@@ -455,8 +460,12 @@ def make_ready_for(model_a, samples, scheme, target, minutes, uploads, model_b, 
     if offered and is_uploaded(offered):
         _UPLOADED.put((_VISITOR.get(), offered), f"{_shown(model_a)}, INT8-ready")
     a, b, uploads = offer_result(offered, uploads, model_b, request)
-    method = gr.update(value=chosen.calibration.method.value) if tuned else gr.update()
-    return ready_report(result, model_a), str(archive), a, b, uploads, method
+    # the page's settings become the chosen model's calibration (the comparison that follows shows what the bundle
+    # holds); its refinements are in the tuned model already
+    shown = chosen.calibration
+    return (ready_report(result, model_a), str(archive), a, b, uploads, gr.update(value=shown.method.value),
+            gr.update(value=shown.gain), gr.update(value=shown.seed), gr.update(value=[]),
+            gr.update(value=CALIB_SOURCES[0]))
 
 
 def ready_report(result, model_a) -> str:
@@ -475,6 +484,14 @@ def ready_report(result, model_a) -> str:
               "The bundle below is this model."]
     lines += [f"- left in float: `{e['tensor']}` ({e['latency_ms_added']:+.2f} ms on this CPU)"
               for e in result.float_tensors]
+    calibration = f"{result.chosen.calibration.method.value}, {result.chosen.calibration.samples} samples"
+    if result.float_tensors:  # (model A stays as it was: make_ready_for offers only fully-INT8 tuned models)
+        lines.append(f"- the comparison above now shows model A calibrated as the bundle is ({calibration}) with every "
+                     "tensor in INT8: the page has no per-tensor setting, so the refinements and the tensors left in "
+                     "float are in the bundle only")
+    else:
+        lines.append(f"- the comparison above now shows the chosen model as model A, calibrated as the bundle is "
+                     f"({calibration})")
     lines += [f"- {note}" for note in notes]
     return "\n".join(lines)
 
@@ -673,8 +690,6 @@ def run_compare(image, model_a="xlsr-relu", model_b="xlsr-clip", method="entropy
                                           for c in result.calibrations])
             _measured(result.calibrations)
     _DONE.put(done, True)
-    for notice in result.notices:
-        gr.Warning(notice)
     original = result.truth if result.truth is not None else result.original
     panels = [original, result.fp32_a, result.int8_a, result.fp32_b, result.int8_b]
     tag = f" (refined: {', '.join(refinements)})" if refinements else ""
@@ -687,8 +702,9 @@ def run_compare(image, model_a="xlsr-relu", model_b="xlsr-clip", method="entropy
     history = _remember(history, result, (image, model_a, model_b, method, samples, scheme, mode, gain, target),
                         seed)
     state["sample"] = len(history["runs"])  # the how-many-th sample of these settings (the seed is a raw number)
-    return (*panels, metrics_frame(result.metrics), note + spread_note(history), _chart(*result.calibrations), state,
-            history)
+    notices = "".join(f"⚠️ {notice}\n\n" for notice in result.notices)  # beside the panels, not toasts over controls
+    return (*panels, metrics_frame(result.metrics), notices + note + spread_note(history),
+            _chart(*result.calibrations), state, history)
 
 
 def done_note(state) -> str:
@@ -1131,6 +1147,16 @@ def _deploy() -> dict:
     return parts
 
 
+def _table(label: str, headers: list[str], elem_id: str, wide: tuple[int, ...] = ()) -> gr.Dataframe:
+    """A read-only table whose headers break between words only: each column at least as wide as its header's
+    longest word (Gradio's own sizing squeezed "brightness" into "brightn ess" on a narrow page); the `wide`
+    columns (names, engines) get room for their values; a page narrower than the table scrolls it sideways."""
+    widths = [max(HEADER_CHAR_PX * max(len(word) for word in header.split()) + HEADER_PADDING_PX,
+                  WIDE_COLUMN_PX if index in wide else 0) for index, header in enumerate(headers)]
+    return gr.Dataframe(label=label, headers=headers, column_widths=[f"{w}px" for w in widths], wrap=True,
+                        interactive=False, elem_id=elem_id, elem_classes=["sr-table"])
+
+
 def _compare_outputs() -> dict:
     with gr.Column(visible=False) as results:  # shown when there is something to show
         # what the page is doing: "Running..." from the click, "Done in ..." once every view is drawn (the
@@ -1140,10 +1166,9 @@ def _compare_outputs() -> dict:
             panels = [gr.Image(label=name, format="png", type="numpy", interactive=False, elem_classes=["sr-panel"],
                                buttons=["download", "fullscreen"], elem_id=f"panel-{i}") for i, name in enumerate(PANELS)]
         outputs = {"panels": panels, "coverage": gr.Markdown(label="Calibration coverage", elem_id="coverage"),
-                   "metrics": gr.Dataframe(label="Metrics (Y-PSNR/SSIM with the scale shaved from each border)",
-                                           headers=["output", "engine", "PSNR vs FP32 (dB)", "SSIM vs FP32",
-                                                    "brightness vs FP32", "ΔE2000", "time on this CPU (ms)"],
-                                           elem_id="metrics", interactive=False, wrap=True)}
+                   "metrics": _table("Metrics (Y-PSNR/SSIM with the scale shaved from each border)",
+                                     ["output", "engine", "PSNR vs FP32 (dB)", "SSIM vs FP32", "brightness vs FP32",
+                                      "ΔE2000", "time on this CPU (ms)"], elem_id="metrics", wide=(0, 1))}
         gr.Markdown("PSNR and SSIM: of each output against the FP32 output of the same model (Y channel; higher is "
                     "closer). Brightness: mean luma of the output over FP32's (below 1 is darker). ΔE2000: mean "
                     "colour difference, CIEDE2000 (below 1 is invisible to most people). Time: wall time of that "
@@ -1194,18 +1219,6 @@ def _wire_compare(c: dict, o: dict) -> None:
     again = c["recalibrate"].click(new_seed, None, c["seed"], api_name=False).then(
         reveal, None, [o["results"], o["status"]], api_name=False).then(
         run_compare, inputs, outputs, api_name=False, concurrency_id=HEAVY, concurrency_limit=HEAVY_SLOTS)
-    for event in (run, again):
-        event.success(panel_labels, o["state"], o["panels"], api_name=False).then(
-            run_slider, [o["state"], o["left"], o["right"]], o["slider"], api_name=False).then(
-            run_difference, difference, d["image"], api_name=False).then(run_roi, zoom, o["roi"], api_name=False).then(
-            done_note, o["state"], o["status"], api_name=False)
-        event.failure(lambda: "Stopped: the message above says why.", None, o["status"], api_name=False)
-    for control in (d["pair"], d["kind"], d["gain"]):
-        control.change(run_difference, difference, d["image"], api_name=False).then(
-            run_roi, zoom, o["roi"], api_name=False)
-    for panel in [*o["panels"], d["image"]]:
-        panel.select(zoom_at, [o["state"], o["size"], d["pair"], d["kind"], d["gain"]],
-                     [o["center_x"], o["center_y"], o["roi"]], api_name=False)
     uploads = c["uploads"]
     # change, not upload: a click on an example model sets the file too
     c["onnx"].change(load_onnx_model, [c["onnx"], c["layout"], c["color"], c["value_range"], c["pre_upsampled"],
@@ -1215,10 +1228,14 @@ def _wire_compare(c: dict, o: dict) -> None:
     c["bundle_button"].click(build_bundle, [c["image"], c["model_a"], c["method"], c["samples"], c["gain"], c["seed"],
                                             c["mode"]], c["bundle"], api_name=False, concurrency_id=HEAVY,
                              concurrency_limit=HEAVY_SLOTS)
-    c["ready_button"].click(make_ready_for, [c["model_a"], c["samples"], c["scheme"], c["ready_target"],
-                                             c["ready_minutes"], uploads, c["model_b"]],
-                            [c["ready_report"], c["bundle"], c["model_a"], c["model_b"], uploads, c["method"]],
-                            api_name=False, concurrency_id=HEAVY, concurrency_limit=HEAVY_SLOTS)
+    ready = c["ready_button"].click(
+        make_ready_for, [c["model_a"], c["samples"], c["scheme"], c["ready_target"], c["ready_minutes"], uploads,
+                         c["model_b"]],
+        [c["ready_report"], c["bundle"], c["model_a"], c["model_b"], uploads, c["method"], c["gain"], c["seed"],
+         c["refine"], c["calib_source"]], api_name=False, concurrency_id=HEAVY, concurrency_limit=HEAVY_SLOTS)
+    shown = ready.success(reveal, None, [o["results"], o["status"]], api_name=False).then(  # the chosen model shown
+        run_compare, inputs, outputs, api_name=False, concurrency_id=HEAVY, concurrency_limit=HEAVY_SLOTS)
+    _after_comparison([run, again, shown], o, d, zoom, difference)
     c["preset"].change(apply_preset, c["preset"], [c["model_a"], c["model_b"], c["method"], c["gain"], c["preset_note"]],
                        api_name=False)
     c["model_a"].input(relabel_a, c["model_a"], c["model_a"], api_name=False)
@@ -1230,6 +1247,22 @@ def _wire_compare(c: dict, o: dict) -> None:
         control.input(run_roi, zoom, o["roi"], api_name=False, trigger_mode="always_last")
 
 
+def _after_comparison(events: list, o: dict, d: dict, zoom: list, difference: list) -> None:
+    """What follows every comparison: the panels' names, the slider, the difference view, the zoom, the done line."""
+    for event in events:
+        event.success(panel_labels, o["state"], o["panels"], api_name=False).then(
+            run_slider, [o["state"], o["left"], o["right"]], o["slider"], api_name=False).then(
+            run_difference, difference, d["image"], api_name=False).then(run_roi, zoom, o["roi"], api_name=False).then(
+            done_note, o["state"], o["status"], api_name=False)
+        event.failure(lambda: "Stopped: the message above says why.", None, o["status"], api_name=False)
+    for control in (d["pair"], d["kind"], d["gain"]):
+        control.change(run_difference, difference, d["image"], api_name=False).then(
+            run_roi, zoom, o["roi"], api_name=False)
+    for panel in [*o["panels"], d["image"]]:
+        panel.select(zoom_at, [o["state"], o["size"], d["pair"], d["kind"], d["gain"]],
+                     [o["center_x"], o["center_y"], o["roi"]], api_name=False)
+
+
 def _diagnose_tab(c: dict) -> None:
     gr.Markdown("Quantize one tensor at a time (and all but one) to find the tensor whose range does the damage, "
                 "then fix it in one click.")
@@ -1238,10 +1271,10 @@ def _diagnose_tab(c: dict) -> None:
         button = gr.Button("Diagnose", variant="primary", elem_id="diagnose")
         cancel = gr.Button("Cancel", elem_id="cancel-diagnosis")
     summary = gr.Markdown(label="Diagnosis summary")
-    ranking = gr.Dataframe(label="Tensors ranked by how far their quantization alone moves the output from FP32",
-                           headers=["tensor", "op", "PSNR vs FP32, alone (dB)", "drop vs truth, alone (dB)",
-                                    "recovery if kept float (dB)", "brightness alone", "SQNR (dB)", "clipped %",
-                                    "clipped energy %"], interactive=False, wrap=True)
+    ranking = _table("Tensors ranked by how far their quantization alone moves the output from FP32",
+                     ["tensor", "op", "PSNR vs FP32, alone (dB)", "drop vs truth, alone (dB)",
+                      "recovery if kept float (dB)", "brightness alone", "SQNR (dB)", "clipped %", "clipped energy %"],
+                     elem_id="ranking", wide=(0,))
     histogram = gr.Plot(label="Histogram of the culprit with its chosen range")
     report_state = gr.State(None, time_to_live=SESSION_STATE_SECONDS)
     with gr.Row():
@@ -1251,8 +1284,8 @@ def _diagnose_tab(c: dict) -> None:
     with gr.Row():
         before = gr.Image(label="Before (INT8)", format="png", type="numpy", interactive=False)
         after = gr.Image(label="After the fix (INT8)", format="png", type="numpy", interactive=False)
-    fix_metrics = gr.Dataframe(label="Before / after", headers=["INT8 model", "PSNR (dB)", "brightness vs FP32"],  # until a fix runs
-                               interactive=False)
+    fix_metrics = _table("Before / after", ["INT8 model", "PSNR (dB)", "brightness vs FP32"], elem_id="fix-metrics",
+                         wide=(0,))
     button.click(run_diagnose, [c["image"], c["model_a"], c["model_b"], which, c["mode"], c["method"], c["samples"],
                                 c["scheme"], c["gain"], c["seed"], c["owner"]],
                  [ranking, histogram, summary, tensor, report_state, fix], concurrency_id=HEAVY,
@@ -1345,6 +1378,7 @@ def build_demo() -> gr.Blocks:
 # panel titles wrap beside the panel's buttons instead of running under them (Gradio floats a label over the image)
 CSS = """
 .sr-panel [data-testid="block-label"] { white-space: normal; max-width: calc(100% - 72px); line-height: 1.3; }
+.sr-table th .header { word-break: normal !important; overflow-wrap: normal !important; hyphens: none; }
 """
 MAX_REQUEST_BYTES = 32 * 1024 * 1024  # any request but a file upload (which has MAX_UPLOAD per file)
 MAX_UPLOAD_FILES = 64  # files in one upload request (the calibration uploads' cap)

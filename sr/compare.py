@@ -292,7 +292,7 @@ def compare(image, model_a: str = "xlsr-relu", model_b: str = "xlsr-clip",
         with watch("metrics"):
             rows.append(_metrics(OutputKind.BICUBIC, None, "PIL", bicubic_resize(lr, *size), outputs[0][0], truth,
                                  scale, 0.0))
-    notices = prepared.notices + _calibration_notices((model_a, model_b), int8, rows)
+    notices = prepared.notices + _calibration_notices((model_a, model_b), int8, rows, outputs)
     return Comparison(original, outputs[0][0], outputs[0][1], outputs[1][0], outputs[1][1], rows,
                       (int8[0], int8[1]), notices, truth, lr, watch.seconds, tuple(references) or None)
 
@@ -317,16 +317,34 @@ def _calibrated(models, config, scheme, calibration_images, fixes, progress, wat
     return int8
 
 
-def _calibration_notices(models, int8: list[CalibratedModel], rows: list) -> list[str]:
-    """What the automatic method chose, and each calibration's warnings (brightness as measured on this image)."""
+def _calibration_notices(models, int8: list[CalibratedModel], rows: list, outputs: list) -> list[str]:
+    """What the automatic method chose, and each calibration's warnings (brightness as measured on this image,
+    with how far the highlights fell: a capped range turns white into flat grey, which reads as washed out)."""
     notices = []
-    for model, calibrated, row in zip(models, int8, [r for r in rows if r.kind is OutputKind.INT8]):
+    for model, calibrated, row, (fp32, out) in zip(models, int8, [r for r in rows if r.kind is OutputKind.INT8],
+                                                   outputs):
         if calibrated.choice:
             notices.append(f"{model}: the automatic method chose {calibrated.choice['method']} (best of "
                            f"{', '.join(calibrated.choice['candidates'])} on {calibrated.choice['held_back_images']} "
                            "held-back calibration images).")
-        notices += [f"{model}: {note}." for note in calibrated.warnings(row.brightness_vs_fp32, "this image")]
+        warnings = calibrated.warnings(row.brightness_vs_fp32, "this image")
+        top_fp32, top_int8 = (highlight_level(image) for image in (fp32, out))
+        if top_fp32 - top_int8 >= HIGHLIGHT_DROP_LEVELS:
+            warnings.append(f"its highlights are capped: the brightest 1% of the image reaches level {top_int8:.0f} "
+                            f"of 255 in INT8 against {top_fp32:.0f} in FP32, so white comes out as flat grey while "
+                            "the shadows keep their level (a dull, washed-out look rather than an evenly darker one)")
+        notices += [f"{model}: {note}." for note in warnings]
     return notices
+
+
+HIGHLIGHT_DROP_LEVELS = 16  # highlights this many 8-bit levels below FP32's are reported
+
+
+def highlight_level(image: np.ndarray) -> float:
+    """The 99th percentile of an 8-bit RGB image's luma (BT.601): where its highlights sit, robust to a few
+    specular pixels."""
+    luma = np.asarray(image, np.float64)[..., :3] @ np.array([0.299, 0.587, 0.114])
+    return float(np.percentile(luma, 99))
 
 
 def roi_strip(images: list[np.ndarray], center_x: float, center_y: float, size: int = 64, zoom: int = 4) -> np.ndarray:

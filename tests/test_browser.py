@@ -45,6 +45,22 @@ def _titles_fit(page) -> None:
         assert right <= buttons + 1 and scroll <= client, (index, label.inner_text(), right, buttons)
 
 
+_BROKEN_WORDS = """th => { const broken = [], walker = document.createTreeWalker(th, NodeFilter.SHOW_TEXT);
+  while (walker.nextNode()) { const node = walker.currentNode, words = /\\S+/g; let m;
+    while ((m = words.exec(node.data))) { const range = document.createRange();
+      range.setStart(node, m.index); range.setEnd(node, m.index + m[0].length);
+      if (new Set([...range.getClientRects()].map(r => Math.round(r.top))).size > 1) broken.push(m[0]); } }
+  return broken; }"""
+
+
+def _headers_whole(page, table: str) -> None:
+    """No header word of the table is broken across two lines (a word whose text boxes sit on two lines)."""
+    headers = page.locator(f"{table} th")
+    assert headers.count() > 0, table
+    broken = [(headers.nth(i).inner_text(), headers.nth(i).evaluate(_BROKEN_WORDS)) for i in range(headers.count())]
+    assert not [b for b in broken if b[1]], broken
+
+
 def _open(playwright):
     """Debian's Chromium, headless, with no background network traffic (this machine has no internet)."""
     browser = playwright.chromium.launch(executable_path=CHROMIUM, args=[
@@ -80,8 +96,14 @@ def test_example_difference_zoom_and_recalibrate(server):
                         clip={"x": 0, "y": 0, "width": 1500, "height": bottom["y"] + bottom["height"] + 8})
         if os.environ.get("SR_WRITE_SCREENSHOTS") == "1":
             shutil.copyfile(shot, ROOT / "docs" / "first-screen.png")
+        page.set_viewport_size({"width": 800, "height": 1400})  # a narrow page: headers break between words only
+        _headers_whole(page, "#metrics")
+        page.get_by_role("tab", name="Why is it dull?").click()
+        _headers_whole(page, "#ranking")
+        page.get_by_role("tab", name="Compare").click()
+        page.set_viewport_size({"width": 1500, "height": 1400})
         page.get_by_label("dark calibration set (40% brightness)").check()  # a preset: its settings and its note
-        expect(page.get_by_text("Why this comes out dark")).to_be_visible(timeout=30_000)
+        expect(page.get_by_text("Why this comes out dull and dark")).to_be_visible(timeout=30_000)
         expect(page.get_by_role("spinbutton", name="number input for Calibration brightness gain (experiment)")
                ).to_have_value("0.4", timeout=30_000)
         previous = page.locator("#run-status p").inner_text()
@@ -91,6 +113,9 @@ def test_example_difference_zoom_and_recalibrate(server):
             expect(page.locator(f"#panel-{index} img")).to_be_visible()
         metrics = page.locator("#metrics")
         expect(metrics).to_contain_text("INT8 xlsr-relu")
+        # the look said in words beside the panels (not a toast over the controls): white came out grey
+        expect(page.locator("#coverage")).to_contain_text("highlights are capped")
+        expect(page.locator(".toast-body")).to_have_count(0)
         difference = page.locator("#difference img")
         expect(difference).to_have_count(1, timeout=60_000)
         difference.scroll_into_view_if_needed()
@@ -150,10 +175,18 @@ def test_drop_an_onnx_model_and_download_its_bundle(server, tmp_path, stand_ins,
         page.locator("#onnx-upload").get_by_label("Clear").click()
         page.locator("#onnx-upload input[type=file]").set_input_files(str(rlfn))
         expect(page.locator("#contract")).to_contain_text("rlfn.onnx", timeout=120_000)
+        previous = page.locator("#run-status p").inner_text()
         page.locator("#ready-button").click()  # the search int8-ready runs, on the user's model, in the page
         expect(page.locator("#ready-report")).to_contain_text("Chosen:", timeout=SLOW)
         expect(page.locator("#ready-report")).to_contain_text("range methods")
         expect(page.locator("#bundle")).to_contain_text("int8-ready", timeout=60_000)  # the chosen model's zip
+        # then the comparison shows what was chosen: model A and the method the bundle was calibrated with
+        chosen = re.search(r"Chosen: range methods: ([\w-]+),", page.locator("#ready-report").inner_text())
+        _wait_done(page, previous)
+        expect(page.locator("#ready-report")).to_contain_text("the comparison above now shows")
+        expect(page.locator("#metrics")).to_contain_text("rlfn.onnx")
+        if chosen:  # (a range method chosen: the page's method is now that method)
+            expect(page.get_by_label("Calibration method")).to_have_value(chosen.group(1))
         browser.close()
 
 
