@@ -382,7 +382,7 @@ def contract_text(user) -> str:
     return (f"**{_shown(user.name)}**: layout {c.layout.value.upper()}, "
             f"{'Y (BT.601 luma; Cb/Cr upscaled bicubically)' if c.color.value == 'y' else 'RGB'}, values in "
             f"[0, {c.value_range}]{sure}, x{c.scale}" + (", pre-upsampled input" if c.pre_upsampled else "")
-            + (f", fixed input {c.fixed_size[1]}x{c.fixed_size[0]} (tiled to it)" if c.fixed_size else "")
+            + (f", {c.sizes_in_words()}" + (" (tiled to it)" if c.fixed_size else "") if c.sizes_in_words() else "")
             + (f". Left in float by the INT8 model: {', '.join(user.float_ops)}." if user.float_ops else ".")
             + " Wrong? Override it below and upload again.")
 

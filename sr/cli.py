@@ -80,7 +80,7 @@ def _model(args: argparse.Namespace) -> str:
         ", the two range readings fit alike (a tie: [0, 1] assumed; --range overrides)")
     print(f"# {args.onnx} -> {user.name}: {contract.layout.value}, {contract.color.value}, values in "
           f"[0, {contract.value_range}], x{contract.scale}" + (", pre-upsampled" if contract.pre_upsampled else "")
-          + (f", fixed input {contract.fixed_size[1]}x{contract.fixed_size[0]}" if contract.fixed_size else "")
+          + (f", {contract.sizes_in_words()}" if contract.sizes_in_words() else "")
           + sure + (f"; left in float by the INT8 model: {', '.join(user.float_ops)}" if user.float_ops else ""),
           file=sys.stderr)
     return user.name

@@ -249,6 +249,13 @@ def _resize(module, node, inputs):
     return [torch.einsum("oh,nchw,pw->ncop", rows, x, columns)]
 
 
+def _divide(a, b):
+    """ONNX Div: integer tensors divide to an integer (truncated), as ONNX Runtime does; torch.div would give floats."""
+    if not a.is_floating_point() and not b.is_floating_point():
+        return torch.div(a, b, rounding_mode="trunc")
+    return torch.div(a, b)
+
+
 def _binary(fn):
     return lambda module, node, inputs: [fn(inputs[0], inputs[1])]
 
@@ -367,7 +374,8 @@ OPS: dict[str, Op] = {
     "Slice": _slice, "Pad": _pad, "DepthToSpace": _depth_to_space, "Resize": _resize,
     "Relu": _unary(torch.relu), "Sigmoid": _unary(torch.sigmoid), "Tanh": _unary(torch.tanh),
     "Log": _unary(torch.log), "Exp": _unary(torch.exp), "Identity": _unary(lambda x: x),
-    "Add": _binary(torch.add), "Sub": _binary(torch.sub), "Mul": _binary(torch.mul), "Div": _binary(torch.div),
+    "Add": _binary(torch.add), "Sub": _binary(torch.sub), "Mul": _binary(torch.mul), "Div": _binary(_divide),
+    "Max": _binary(torch.maximum),
     "LeakyRelu": lambda m, n, i: [F.leaky_relu(i[0], _attrs(n).get("alpha", 0.01))],
     "Concat": lambda m, n, i: [torch.cat(i, dim=_attrs(n)["axis"])],
     "Transpose": lambda m, n, i: [i[0].permute(*_attrs(n).get("perm", range(i[0].dim() - 1, -1, -1)))],

@@ -39,7 +39,7 @@ from .diagnose import Scorer, eval_pairs
 from .engines import OrtEngine
 from .metrics import brightness_ratio, psnr_y
 from .models import model_info
-from .ptq import RefineConfig, Refinement, refine
+from .ptq import RefineConfig, Refinement, RefineStopped, refine
 from .fakequant import original_model
 from .quantize import AUTO_CANDIDATES, calibrate_model
 from .quantspec import Scheme
@@ -374,7 +374,11 @@ def _refinements(config: ReadyConfig, judge: _Judge, best: Candidate, clock: _Cl
         say(f"refinements: {names}")
         try:
             path = refine(RefineConfig(best.model, refinements, best.calibration, config.scheme),
-                          progress=lambda fraction, message, n=names: say(f"refinements: {n}: {message}"))
+                          progress=lambda fraction, message, n=names: say(f"refinements: {n}: {message}"),
+                          seconds_left=lambda: -1.0 if stop() else clock.left())
+        except RefineStopped as error:  # the budget's rest goes to the routes after this one
+            notes.append(f"{names}: not tried: {error}")
+            break
         except ValueError as error:  # an op the interpreter does not cover: the route is closed, in words
             return Step("refinements", tried, clock.since(mark), [*notes, f"refinements are not possible: {error}"])
         tried.append(judge.candidate(f"{best.calibration.method.value} + {names}", str(path), best.calibration,

@@ -177,7 +177,9 @@ def equalize_channels(model: onnx.ModelProto, x: torch.Tensor, strength: float =
         {initializer name: new value} for the weights and biases that changed.
     """
     nodes = {n.output[0]: n for n in model.graph.node}
-    values = {i.name: onnx.numpy_helper.to_array(i).astype(np.float32).copy() for i in model.graph.initializer}
+    arrays = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+    # the float tensors only: an integer initializer (a shape, a pad size) stays as it is
+    values = {name: a.astype(np.float32) for name, a in arrays.items() if np.issubdtype(a.dtype, np.floating)}
     changed: dict[str, np.ndarray] = {}
     for consumer, producers in equalizable_pairs(model):
         b = nodes[consumer]

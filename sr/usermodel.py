@@ -24,6 +24,7 @@ import shutil
 import sys
 import tempfile
 import threading
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -64,6 +65,10 @@ class UserModelError(ValueError):
     """The file is not an ONNX super-resolution model the lab can run."""
 
 
+class ProbeTimedOut(UserModelError):
+    """The model ran past the probe's time limit."""
+
+
 @dataclass(frozen=True)
 class Contract:
     """How a user's model takes and returns images."""
@@ -75,6 +80,24 @@ class Contract:
     scale: int = 3
     fixed_size: tuple[int, int] | None = None  # (height, width) of a fixed-size input
     confidence_db: float | None = None  # how much better the chosen range reading fits a bicubic upscale
+    # a model that runs only on sides that are a multiple of this (a U-Net's pooling, a transformer's windows), or
+    # of at least this many pixels (a reflection pad wider than a small image): the wrapper pads its input (edge
+    # pixels repeated) and crops its output, so every path of the lab can feed it any size
+    multiple_of: int = 1
+    min_size: int = 1
+
+    @property
+    def padded(self) -> bool:
+        """Whether the wrapper pads the input to a size the model accepts."""
+        return self.multiple_of > 1 or self.min_size > 1
+
+    def sizes_in_words(self) -> str:
+        """What the input must be, in words ("" for any size)."""
+        if self.fixed_size:
+            return f"fixed input {self.fixed_size[1]}x{self.fixed_size[0]}"
+        parts = ([f"sides a multiple of {self.multiple_of}"] if self.multiple_of > 1 else []) + \
+            ([f"at least {self.min_size} px a side"] if self.min_size > 1 else [])
+        return f"input {' and '.join(parts)} (the lab pads the image and crops the output)" if parts else ""
 
     def to_dict(self) -> dict:
         """JSON-ready fields."""
@@ -87,7 +110,7 @@ class Contract:
         """The contract `to_dict` wrote."""
         return cls(Layout(fields["layout"]), Color(fields["color"]), fields["value_range"], fields["pre_upsampled"],
                    fields["scale"], tuple(fields["fixed_size"]) if fields["fixed_size"] else None,
-                   fields["confidence_db"])
+                   fields["confidence_db"], fields.get("multiple_of", 1), fields.get("min_size", 1))
 
 
 @dataclass(frozen=True)
@@ -269,7 +292,7 @@ def _run_with_timeout(session, feed: dict, seconds: float) -> np.ndarray:
         return session.run(None, feed, options)[0]
     except Exception as error:
         if options.terminate:
-            raise UserModelError(f"the model took longer than {seconds:.0f} s on a small probe image; stopped") from None
+            raise ProbeTimedOut(f"the model took longer than {seconds:.0f} s on a small probe image; stopped") from None
         raise UserModelError("the model failed on a probe image (is the layout or the colour set right?): "
                              f"{clean_message(error)}") from None
     finally:
@@ -294,20 +317,28 @@ def detect_contract(model: onnx.ModelProto, overrides: Overrides = Overrides(),
     channels = channels or (dims[1] if layout is Layout.NCHW else dims[3])
     spatial = dims[2:4] if layout is Layout.NCHW else dims[1:3]
     fixed = tuple(spatial) if all(isinstance(d, int) and d > 0 for d in spatial) else None
-    height, width = fixed or (48, 40)
-    probe = _probe_image(height, width)
     with tempfile.TemporaryDirectory(prefix="sr-probe-") as empty:  # any file reference resolves to an empty folder
         (Path(empty) / "model.onnx").write_bytes(model.SerializeToString())
-        session = ort.InferenceSession(str(Path(empty) / "model.onnx"), providers=["CPUExecutionProvider"])
+        quiet = ort.SessionOptions()
+        quiet.log_severity_level = 4  # the size probes fail on purpose: no error lines in the server's log
+        session = ort.InferenceSession(str(Path(empty) / "model.onnx"), quiet, providers=["CPUExecutionProvider"])
     color = Color.parse(overrides.color) if overrides.color else (Color.Y if channels == 1 else Color.RGB)
-    readings = {}
-    for value_range in ((overrides.value_range,) if overrides.value_range else (1, 255)):
+    deadline = time.monotonic() + probe_seconds
+
+    def run(height: int, width: int, value_range: int = overrides.value_range or 1) -> np.ndarray:
+        probe = _probe_image(height, width)
         x = probe if color is Color.RGB else (probe @ YCBCR[0] + YCBCR_OFFSET[0])[..., None]
         x = (x * value_range).astype(np.float32)
         x = x.transpose(2, 0, 1)[None] if layout is Layout.NCHW else x[None]
-        y = _run_with_timeout(session, {session.get_inputs()[0].name: np.ascontiguousarray(x)}, probe_seconds)
+        y = _run_with_timeout(session, {session.get_inputs()[0].name: np.ascontiguousarray(x)},
+                              max(1.0, deadline - time.monotonic()))
         y = y[0] if layout is Layout.NHWC else y[0].transpose(1, 2, 0)
-        readings[value_range] = y / value_range
+        return y / value_range
+
+    (height, width), multiple_of, min_size = (fixed, 1, 1) if fixed else _accepted_sizes(run)
+    probe = _probe_image(height, width)
+    readings = {value_range: run(height, width, value_range)
+                for value_range in ((overrides.value_range,) if overrides.value_range else (1, 255))}
     out_h, out_w = next(iter(readings.values())).shape[:2]
     if out_h % height or out_w % width or out_h // height != out_w // width:
         raise UserModelError(f"the output ({out_w}x{out_h}) is not an integer multiple of the input "
@@ -325,7 +356,54 @@ def detect_contract(model: onnx.ModelProto, overrides: Overrides = Overrides(),
     confidence = None if len(ranked) < 2 else 10 * math.log10(max(-fits[ranked[1]], 1e-12) / max(-fits[ranked[0]], 1e-12))
     if confidence is not None and confidence < TIE_DB:  # a scale-invariant model fits both: take the convention
         ranked = [1, 255]
-    return Contract(layout, color, ranked[0], bool(pre_upsampled), int(scale), fixed, confidence)
+    return Contract(layout, color, ranked[0], bool(pre_upsampled), int(scale), fixed, confidence, multiple_of, min_size)
+
+
+PROBE_SIZE = (48, 40)  # the probe's (height, width) for a model that takes it
+SQUARES = (64, 128, 256)  # the sides tried first (multiples of every multiple below)
+MULTIPLES = (2, 4, 8, 16, 32, 64)  # the multiples tried when odd sides fail
+SMALLEST = 8  # the smallest side the lab feeds a model (a tile's, a tiny image's): a model failing below it has a minimum
+
+
+def _accepted_sizes(run) -> tuple[tuple[int, int], int, int]:
+    """((height, width) to probe the contract on, the multiple the sides must be, the smallest side) of a model
+    with a free input size, by probing: a square that runs; one pixel more (then each multiple, when that fails);
+    then the smallest side, by bisection over the multiples.
+
+    Raises:
+        UserModelError: the model runs at no size tried (in the words of its failure on the probe size).
+    """
+    side = next((s for s in SQUARES if _runs(run, s, s)), None)
+    if side is None:
+        run(*PROBE_SIZE)  # its own words, whatever they are
+        raise UserModelError(f"the model runs on a {PROBE_SIZE[1]}x{PROBE_SIZE[0]} probe image but on none of "
+                             f"{', '.join(f'{s}x{s}' for s in SQUARES)}: which input sizes does it take?")
+    multiple = 1 if _runs(run, side + 1, side + 1) else next(
+        (m for m in MULTIPLES if _runs(run, side + m, side + m)), None)
+    if multiple is None:
+        raise UserModelError(f"the model runs on a {side}x{side} image but not on one pixel more, nor on sides a "
+                             f"multiple of any of {', '.join(map(str, MULTIPLES))} above it: which input sizes does "
+                             "it take?")
+    low, high = -(-SMALLEST // multiple), side // multiple  # in multiples: `high` runs
+    if _runs(run, low * multiple, low * multiple):
+        min_size = 1
+    else:
+        while high - low > 1:
+            middle = (low + high) // 2
+            low, high = (low, middle) if _runs(run, middle * multiple, middle * multiple) else (middle, high)
+        min_size = high * multiple
+    fits = all(s % multiple == 0 and s >= min_size for s in PROBE_SIZE)
+    return (PROBE_SIZE if fits else (side, side)), multiple, min_size
+
+
+def _runs(run, height: int, width: int) -> bool:
+    try:
+        run(height, width)
+        return True
+    except ProbeTimedOut:
+        raise
+    except UserModelError:
+        return False
 
 
 def _bicubic(image: np.ndarray, width: int, height: int) -> np.ndarray:
@@ -428,14 +506,56 @@ def _wrap_input(nodes: list, inits: list, contract: Contract) -> str:
         nodes.append(helper.make_node("Mul", [x, _const(inits, "standard/to_range", np.float32(contract.value_range))],
                                       ["standard/scaled"], name="standard/to_range"))
         x = "standard/scaled"
+    if contract.padded:
+        x = _pad_to_accepted(nodes, inits, contract, x)
     if contract.layout is Layout.NHWC:
         nodes.append(helper.make_node("Transpose", [x], ["standard/nhwc"], name="standard/to_nhwc", perm=[0, 2, 3, 1]))
         x = "standard/nhwc"
     return x
 
 
+def _pad_to_accepted(nodes: list, inits: list, contract: Contract, x: str) -> str:
+    """Pad the NCHW tensor `x` (what the user's graph takes, before any layout change) at its bottom and right,
+    repeating the edge pixels, to the nearest size the model accepts: at least `min_size` a side, then rounded up
+    to a multiple of `multiple_of`. Returns the padded tensor."""
+    def node(op: str, inputs: list[str], name: str, **attrs) -> str:
+        nodes.append(helper.make_node(op, inputs, [f"standard/{name}"], name=f"standard/{name}", **attrs))
+        return f"standard/{name}"
+
+    size = node("Shape", [x], "side", start=2, end=4)  # [height, width] as the user's graph would get them
+    target = size
+    if contract.min_size > 1:
+        target = node("Max", [target, _const(inits, "standard/min_size", np.array([contract.min_size] * 2))],
+                      "at_least")
+    if contract.multiple_of > 1:
+        multiple = _const(inits, "standard/multiple_of", np.array([contract.multiple_of] * 2))
+        less_one = _const(inits, "standard/multiple_less_one", np.array([contract.multiple_of - 1] * 2))
+        target = node("Mul", [node("Div", [node("Add", [target, less_one], "round_up"), multiple], "multiples"),
+                              multiple], "rounded")
+    missing = node("Sub", [target, size], "missing")
+    pads = node("Concat", [_const(inits, "standard/no_pad", np.zeros(6, np.int64)), missing], "pads", axis=0)
+    return node("Pad", [x, pads], "padded", mode="edge")
+
+
+def _crop_to_input(nodes: list, inits: list, contract: Contract, y: str) -> str:
+    """Crop the user's output (in its own layout) to the scale times the standard input's size: what the padding
+    added is cut away."""
+    size = helper.make_node("Shape", ["input"], ["standard/input_side"], name="standard/input_side", start=2, end=4)
+    scale = _const(inits, "standard/crop_scale", np.array([contract.scale] * 2, np.int64))
+    ends = helper.make_node("Mul", ["standard/input_side", scale], ["standard/output_side"],
+                            name="standard/output_side")
+    axes = [2, 3] if contract.layout is Layout.NCHW else [1, 2]
+    crop = helper.make_node("Slice", [y, _const(inits, "standard/crop_starts", np.zeros(2, np.int64)),
+                                      "standard/output_side", _const(inits, "standard/crop_axes", np.array(axes))],
+                            ["standard/cropped"], name="standard/crop")
+    nodes.extend([size, ends, crop])
+    return "standard/cropped"
+
+
 def _wrap_output(nodes: list, inits: list, contract: Contract, y: str) -> str:
     """What the user's graph returns -> the standard output; returns the final tensor."""
+    if contract.padded:
+        y = _crop_to_input(nodes, inits, contract, y)
     if contract.layout is Layout.NHWC:
         nodes.append(helper.make_node("Transpose", [y], ["standard/nchw"], name="standard/to_nchw", perm=[0, 3, 1, 2]))
         y = "standard/nchw"

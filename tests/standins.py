@@ -225,6 +225,43 @@ def shape_padded(path: Path) -> Path:
 # The families people ship, as small trainable stand-ins. Each core takes RGB or Y in [0, 1] NCHW; `family`
 # puts it in its contract and trains it briefly, so that its tensor statistics are those of a working network.
 
+class MultipleOf(nn.Module):
+    """The shipped x3 XLSR with a coarse context branch that works on 4x4 blocks (a PixelUnshuffle, as U-Nets and
+    window attention have): its export runs only on sides that are a multiple of 4."""
+
+    def __init__(self, multiple: int = 4):
+        super().__init__()
+        self.net, self.multiple = load_model("xlsr-clip"), multiple
+        self.context = nn.Conv2d(3 * multiple**2, 3 * (3 * multiple) ** 2, 1)
+        with torch.no_grad():
+            self.context.weight.mul_(0.05)
+            self.context.bias.zero_()
+
+    def forward(self, x):
+        blocks = nn.functional.pixel_unshuffle(x, self.multiple)
+        return self.net(x) + nn.functional.pixel_shuffle(self.context(blocks), 3 * self.multiple)
+
+
+class MinimumSize(nn.Module):
+    """The shipped x3 XLSR behind a wide reflection pad (cropped off its output again): its export runs only on
+    sides larger than the pad."""
+
+    def __init__(self, pad: int = 24):
+        super().__init__()
+        self.net, self.pad = load_model("xlsr-clip"), pad
+
+    def forward(self, x):
+        out = self.net(nn.functional.pad(x, [self.pad] * 4, mode="reflect"))
+        crop = 3 * self.pad
+        return out[:, :, crop:-crop, crop:-crop]
+
+
+def sized(kind: str, folder: Path) -> Path:
+    """A user's export that takes only some sizes: "multiple-of-4" or "min-25" (x3 RGB, dynamic H/W)."""
+    model = MultipleOf(4) if kind == "multiple-of-4" else MinimumSize(24)
+    return _export(model.eval(), folder / f"xlsr-{kind}.onnx", torch.rand(1, 3, 48, 48))
+
+
 class EspcnCore(nn.Module):
     """ESPCN-like (Shi et al. 2016): Y in, tanh between 5x5 / 3x3 convs, a x3 pixel shuffle."""
 

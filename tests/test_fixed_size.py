@@ -1,8 +1,10 @@
-"""A model that takes only one input size (a user's export with a fixed 1x3x48x48 or 1x3x96x96 input, x3) on
-every path: calibration statistics at the size it accepts, Compare and Recalibrate, the coverage check, the
-diagnosis and mixed precision, int8-ready and the bundle, in the library, the CLI and the page's handler. Each
-of these fed it the image or 128-pixel blocks and failed with "Got invalid dimensions ... Expected: 48" (or 96,
-where an 85-pixel calibration image was used whole)."""
+"""Models that take only some input sizes on every path: a user's export with a fixed 1x3x48x48 or 1x3x96x96
+input (x3), one that runs only on sides that are a multiple of 4 (a PixelUnshuffle branch), and one that needs
+at least 25 pixels a side (a reflection pad of 24): calibration statistics at sizes they accept, Compare and
+Recalibrate, the coverage check, the diagnosis and mixed precision, int8-ready and the bundle, in the library,
+the CLI and the page's handler. Each of these fed the fixed-size models the image or 128-pixel blocks and failed
+with "Got invalid dimensions ... Expected: 48" (or 96, where an 85-pixel calibration image was used whole); the
+other two registered (the probe's 48x40 suits them) and then failed on the first odd side or small patch."""
 import json
 
 import numpy as np
@@ -19,13 +21,18 @@ from sr.usermodel import register_onnx
 QUICK = CalibrationConfig(method="entropy", samples=20)
 
 
-@pytest.fixture(scope="module", params=[48, 96])
+@pytest.fixture(scope="module", params=[48, 96, "multiple-of-4", "min-25"])
 def fixed(request, tmp_path_factory, isolated_cache):
-    side = request.param
-    path = standins._export(load_model("xlsr-clip"), tmp_path_factory.mktemp("fixed") / f"xlsr-fixed-{side}.onnx",
-                            torch.rand(1, 3, side, side), dynamic=False)
+    kind, folder = request.param, tmp_path_factory.mktemp("fixed")
+    if isinstance(kind, str):  # the sizes are found by probing, and the wrapper pads to them
+        user = register_onnx(standins.sized(kind, folder))
+        c = user.contract
+        assert (c.fixed_size, c.multiple_of, c.min_size) == ((None, 4, 1) if kind == "multiple-of-4" else (None, 1, 25))
+        return user
+    path = standins._export(load_model("xlsr-clip"), folder / f"xlsr-fixed-{kind}.onnx",
+                            torch.rand(1, 3, kind, kind), dynamic=False)
     user = register_onnx(path)
-    assert user.contract.fixed_size == (side, side)
+    assert user.contract.fixed_size == (kind, kind)
     return user
 
 
@@ -85,6 +92,10 @@ def test_the_pages_compare_handler(fixed, tmp_path):
         str(tmp_path / "p.png"), fixed.name, "xlsr-clip", "entropy", 10, "tensorrt", "Upscale my image", "nearest",
         "calib_data/", None, progress=lambda *a, **k: None)
     assert panels[2].shape == (210, 330, 3) and len(metrics) == 4 and coverage
+    said = app.contract_text(fixed)  # the sizes it takes, in the page's words
+    c = fixed.contract
+    assert (f"fixed input {c.fixed_size[1]}x{c.fixed_size[0]}" if c.fixed_size else
+            "multiple of 4" if c.multiple_of == 4 else "at least 25 px a side") in said, said
 
 
 class _BakedBatch(torch.nn.Module):

@@ -156,3 +156,18 @@ def test_the_refined_models_key_covers_the_images_and_every_module_it_passes_thr
             patch.setattr(module, name, lambda *a, **k: None)
             assert config.key("weights") != second, module.__name__
     assert config.key("weights") == second
+
+
+def test_adaround_fits_its_time_or_says_so_before_it_starts(student, tmp_path):
+    """AdaRound, the one long refinement, times one pass and refuses up front when its estimate is over the time
+    left (int8-ready's budget used to run 50% over on the teacher); when the time runs out part way it stops at the
+    next Conv. (How close its estimate comes is measured in the closing note, not timed here.)"""
+    from sr.ptq import RefineStopped
+
+    model, reference, x = student
+    convs = len(list(_conv_nodes(model)))
+    with pytest.raises(RefineStopped, match=r"would take at least \d+ s here"):
+        adaround(model, reference, x, steps=20, seconds_left=lambda: 1e-3)
+    calls = iter([60.0, -1.0, -1.0])  # the estimate fits; the time runs out before the second Conv
+    with pytest.raises(RefineStopped, match=f"stopped at Conv 2 of {convs}: the rest would take about"):
+        adaround(model, reference, x, steps=20, seconds_left=lambda: next(calls))
