@@ -22,7 +22,7 @@ from pathlib import Path
 from sr import store
 from sr.distill import DistillConfig, KDMode, distill
 from sr.models import is_uploaded, model_info
-from sr.evaluate import EvalConfig, evaluate
+from sr.evaluate import score_written
 from sr.qat import QatConfig, quantization_aware_training
 from sr.train import TrainConfig, default_training_dirs, default_validation_dir, train
 from sr.usermodel import register_onnx
@@ -274,10 +274,8 @@ def _run_qat(job: Job, fields: dict, on_progress) -> None:
         inside = job.weights.parent == store.PROJECT_ROOT / "runs"
         job.result = str(job.weights.relative_to(store.PROJECT_ROOT)) if inside else str(job.weights)
     if fields["val_dir"]:  # the figure that counts: the written INT8 model on the reference, not the fake quantizers
-        shown = evaluate(EvalConfig(model=job.result, data=fields["val_dir"], engine="ort-int8"))
-        loss = shown.get("int8_vs_reference_db", shown["fp32_mean"]["psnr_y"] - shown["int8_mean"]["psnr_y"])
-        job.status += (f" The written INT8 model, scored on the reference (ONNX Runtime, CPU): "
-                       f"{shown['int8_mean']['psnr_y']:.2f} dB, {loss:.3f} dB below the original FP32.")
+        words = score_written(job.result, fields["val_dir"]).in_words()
+        job.status += f" {words[0].upper()}{words[1:]}."
 
 
 _RESULTS: dict[str, tuple[str, float]] = {}  # a job's name -> its owner and when it was asked for

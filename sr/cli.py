@@ -437,6 +437,12 @@ def cmd_qat(args: argparse.Namespace) -> int:
         last = result.history[-1]["val_psnr"]
         print(f"validation: INT8 (fake-quantized) {last:.3f} dB, original FP32 {result.fp32_val_psnr:.3f} dB, "
               f"loss {result.fp32_val_psnr - last:+.3f} dB")
+    if config.val_dir:  # the figure that counts: the file written, on the reference
+        from .evaluate import score_written
+        from .usermodel import register_onnx
+
+        written = register_onnx(result.weights).name if result.weights.suffix == ".onnx" else str(result.weights)
+        print(f"validation: {score_written(written, config.val_dir, config.scheme).in_words()}")
     return 0
 
 

@@ -141,6 +141,27 @@ def evaluate(config: EvalConfig, progress: bool = False) -> dict:
     return report
 
 
+@dataclass(frozen=True)
+class WrittenScore:
+    """A tuned model's written INT8 file as the reference runs it, against the original FP32 model: the figure
+    that counts after QAT (its own validation figures are the fake quantizers')."""
+
+    int8_psnr_y: float
+    loss_db: float  # the original FP32 model's PSNR-Y minus the written INT8 model's
+
+    def in_words(self) -> str:
+        return (f"the written INT8 model, scored on the reference (ONNX Runtime, CPU): {self.int8_psnr_y:.2f} dB, "
+                f"{self.loss_db:.3f} dB below the original FP32")
+
+
+def score_written(model: str, data: str, scheme: Scheme | str = Scheme.TENSORRT) -> WrittenScore:
+    """A tuned model (a QAT or refinement result) scored on the reference: its written INT8 model of `scheme`
+    (the ranges it learned) on `data`, and its loss against the model it was tuned from."""
+    shown = evaluate(EvalConfig(model=model, data=data, engine="ort-int8", scheme=scheme))
+    return WrittenScore(shown["int8_mean"]["psnr_y"], shown.get(
+        "int8_vs_reference_db", shown["fp32_mean"]["psnr_y"] - shown["int8_mean"]["psnr_y"]))
+
+
 def _compare_with_original(report: dict, config: EvalConfig) -> None:
     """For a QAT model (`sr.qat`), add the FP32 model it was fine-tuned from ("fp32_reference") and the INT8 loss
     against it ("int8_vs_reference_db"): "fp32_mean" is the fine-tuned model's own FP32, which QAT may have made

@@ -255,3 +255,25 @@ def test_an_interrupted_qat_without_a_checkpoint_leaves_nothing_behind(data_dir,
     with pytest.raises(KeyboardInterrupt):
         quantization_aware_training(config, should_stop=interrupt)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_cli_qat_ends_on_the_written_model_scored_on_the_reference(tmp_path, data_dir, capsys):
+    """`qat`'s last figure is the file it wrote, run by the reference, against the original FP32 model, not the
+    fake quantizers' validation figure (both are printed, each named)."""
+    import re
+
+    from sr import cli
+
+    out = tmp_path / "q.safetensors"
+    code = cli.main(["qat", "--model", "xlsr-clip", "--out", str(out), "--steps", "4", "--batch-size", "2",
+                     "--samples", "10", "--val-every", "4", "--train-dirs", str(data_dir / "Set5"),
+                     "--val-dir", str(data_dir / "Set5"), "--device", "cpu"])
+    printed = capsys.readouterr().out
+    assert code == 0 and "INT8 (fake-quantized)" in printed, printed
+    said = re.search(r"the written INT8 model, scored on the reference \(ONNX Runtime, CPU\): ([\d.]+) dB, "
+                     r"(-?[\d.]+) dB below the original FP32", printed)
+    assert said, printed
+    report = evaluate(EvalConfig(model=str(out), data=str(data_dir / "Set5"), engine="ort-int8"))
+    assert float(said.group(1)) == pytest.approx(report["int8_mean"]["psnr_y"], abs=0.006)
+    assert float(said.group(2)) == pytest.approx(report["fp32_reference"]["psnr_y"] - report["int8_mean"]["psnr_y"],
+                                                 abs=0.0006)
