@@ -134,3 +134,14 @@ def test_a_constant_batch_1_reshape_through_every_refinement_and_qat(tmp_path, d
                                                    batch_size=4, lr_patch=48, train_dirs=[str(data_dir / "Set5")],
                                                    val_dir="", checkpoint_every=10**6, calibration=QUICK))
     assert result.weights.is_file() and result.qdq_onnx.is_file()
+
+
+def test_qat_trains_on_patches_of_any_size(fixed, data_dir, tmp_path):
+    """QAT's 18 px patches: a fixed-size model trains on patches of its size, the padded ones on 18 px (neither a
+    multiple of 4 nor 25 px), through the wrapper's padding in the ONNX interpreter."""
+    from sr.qat import QatConfig, quantization_aware_training
+
+    result = quantization_aware_training(QatConfig(model=fixed.name, out=str(tmp_path / "sized-qat.onnx"), steps=2,
+                                                   batch_size=2, lr_patch=18, train_dirs=[str(data_dir / "Set5")],
+                                                   val_dir="", checkpoint_every=10**6, calibration=QUICK))
+    assert result.weights.is_file() and result.qdq_onnx.is_file() and result.steps == 2
