@@ -24,6 +24,7 @@ import resource
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -194,16 +195,35 @@ def _latency_engines(config: BenchConfig, threads: int, work: str) -> tuple[dict
 
 class _Heartbeat:
     """Says what the benchmark is doing at least every `every` seconds (the log, not a bar: the figures are
-    timings, and a redrawn bar would cost time itself)."""
+    timings, and a redrawn bar would cost time itself): each step's message when it starts, and "still ..." from
+    a thread of its own while one step (a calibrator in a child process, say) runs longer. A context manager."""
 
     def __init__(self, every: float = 10.0):
-        self.every, self.started, self.last = every, time.perf_counter(), 0.0
+        self.every, self.started, self.last, self.message = every, time.perf_counter(), 0.0, "starting"
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._repeat, name="bench-heartbeat", daemon=True)
+
+    def __enter__(self) -> "_Heartbeat":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._done.set()
+        self._thread.join()
 
     def __call__(self, message: str, force: bool = False) -> None:
+        self.message = message
         now = time.perf_counter()
         if force or now - self.last >= self.every:
             log.info("bench [%.0f s]: %s", now - self.started, message)
             self.last = now
+
+    def _repeat(self) -> None:
+        while not self._done.wait(self.every / 4):
+            now = time.perf_counter()
+            if now - self.last >= self.every:
+                log.info("bench [%.0f s]: still %s", now - self.started, self.message)
+                self.last = now
 
 
 def _median_ms(times: list[float]) -> float:
@@ -218,9 +238,11 @@ def _latency(config: BenchConfig, rounds: int = 3, block: int = 4, beat: _Heartb
     interleaved, so that a slow minute of the shared machine hits every engine alike, but not run by run,
     because the runtimes' spinning worker threads would then slow each other down.
     """
+    if beat is None:
+        with _Heartbeat() as own:
+            return _latency(config, rounds, block, own)
     rng = np.random.default_rng(0)
     table, conformance = {}, {}
-    beat = beat or _Heartbeat()
     with tempfile.TemporaryDirectory() as work:
         for threads in THREADS:
             beat(f"making and checking every engine at {threads} thread(s)", force=True)
@@ -273,7 +295,11 @@ def run_bench(config: BenchConfig) -> dict:
         a flat JSON-ready dict of figures (ModelOpt figures None without ModelOpt).
     """
     model_info(config.model)  # an unknown model is refused before any work
-    beat = _Heartbeat()
+    with _Heartbeat() as beat:
+        return _measure_all(config, beat)
+
+
+def _measure_all(config: BenchConfig, beat: _Heartbeat) -> dict:
     beat("calibration speed and memory: ours, onnxruntime, ours at the large sample count, ModelOpt (each in a "
          "process of its own), then the latency and conformance of every engine", force=True)
     ours = _run_child("ours", config, config.samples)
