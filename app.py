@@ -33,7 +33,7 @@ import pandas as pd
 
 import app_jobs
 from sr.calibrate import CalibrationConfig, Method, ensure_calibration_images
-from sr.ptq import Refinement, RefineConfig, refine
+from sr.ptq import RefineConfig, refine
 from sr.compare import InputMode, OutputKind, available_models, compare, roi_strip
 from sr.data import ImageLoadError, bicubic_resize, load_image
 from sr.diagnose import (DiagnoseConfig, DiagnosisCancelled, Fix, NoFixReason, advise_fix, apply_fix, diagnose,
@@ -44,6 +44,7 @@ from sr.models import is_uploaded, model_info
 from sr.usermodel import Overrides, register_onnx
 from sr.plots import DifferenceKind, difference_image, histogram_figure, range_chart
 from sr.quantspec import Scheme
+from sr.recipe import Refinement
 from sr.ready import ReadyConfig, make_ready
 from sr.box import BoxLimit, Exceeded, Limits, Stopped, run_boxed
 from sr.cost import CostLimits, TooCostly, Uncountable

@@ -28,7 +28,8 @@ from sr.diagnose import DiagnoseConfig, diagnose  # noqa: E402
 from sr.runtime import engine_for  # noqa: E402
 from sr.metrics import brightness_ratio, psnr_y  # noqa: E402
 from sr.models import load_model, save_weights  # noqa: E402
-from sr.quantize import Fixes, calibrate_model  # noqa: E402
+from sr.quantize import calibrate_model  # noqa: E402
+from sr.recipe import Fixes
 from sr.train import TrainConfig, train  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -18,7 +18,8 @@ import onnxruntime as ort
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from sr.calibrate import CalibrationConfig  # noqa: E402
-from sr.quantize import Scheme, calibrate_model
+from sr.quantize import calibrate_model
+from sr.quantspec import Scheme
 from sr.qdq import write_qdq_model  # noqa: E402
 
 

@@ -162,7 +162,8 @@ def _latency_engines(config: BenchConfig, threads: int, work: str) -> tuple[dict
     """(name -> (end-to-end run(lr), session run(float array)) for every engine present that agrees with the
     reference, name -> its conformance verdict (refused ones included)), at `threads`."""
     from .engines import EngineRefused, OrtEngine, openvino_available
-    from .quantize import Scheme, calibrate_model
+    from .quantize import calibrate_model
+    from .quantspec import Scheme
     from .qdq import write_qdq_model
     from .runtime import EngineKind, create_engine
 

@@ -36,7 +36,10 @@ from . import __version__
 from .calibrate import CalibrationConfig, Method, TensorRange, images_digest, load_calibration_images
 from .metrics import brightness_ratio, psnr_y
 from .models import model_info
-from .quantize import CalibratedModel, Fixes, Scheme, calibrate_model, fp32_onnx_path
+from .quantize import calibrate_model, fp32_onnx_path
+from .calibrated import CalibratedModel
+from .quantspec import Scheme
+from .recipe import Fixes
 from .qdq import spec_of, tie_fused_ranges
 from .engines import EngineRefused, litert_available, qnn_available
 from .runtime import EngineKind, engine_for, tflite_model

@@ -19,7 +19,7 @@ from .calibrate import CalibrationConfig, Method
 from .engines import EngineRefused
 from .options import (BENCH_HELP, CALIBRATION_HELP, DIAGNOSE_HELP, DISTILL_HELP, EVAL_HELP, QAT_HELP, READY_HELP,
                       TRAIN_HELP, add_config_options, config_values)
-from .quantize import Scheme
+from .quantspec import Scheme
 from .distill import DistillConfig
 from .train import TrainConfig
 
@@ -90,7 +90,8 @@ def _refined(args: argparse.Namespace, model: str, calibration: CalibrationConfi
     """`model`, or with --refine the refined model's file (made once, then cached)."""
     if not getattr(args, "refine", None):
         return model
-    from .ptq import Refinement, RefineConfig, refine
+    from .ptq import RefineConfig, refine
+    from .recipe import Refinement
 
     config = RefineConfig(model, [r.strip() for r in args.refine.split(",") if r.strip()], calibration, scheme)
     if Refinement.CENTRED_IO in config.refinements:

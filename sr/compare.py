@@ -20,7 +20,10 @@ from .choices import Choice
 from .data import bicubic_resize, degrade, frame_count, load_image
 from .metrics import brightness_ratio, delta_e, psnr_y, ssim_y
 from .models import model_info, shipped_models
-from .quantize import CalibratedModel, Fixes, Scheme, calibrate_model
+from .quantize import calibrate_model
+from .calibrated import CalibratedModel
+from .quantspec import Scheme
+from .recipe import Fixes
 from .runtime import EngineKind, Purpose, engine_for
 from .store import RUNS_DIR, Memo
 

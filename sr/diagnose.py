@@ -37,7 +37,10 @@ from .engines import Seamless, fixed_size
 from .runtime import engine_for
 from .metrics import brightness_ratio, psnr_y
 from .models import model_info
-from .quantize import CalibratedModel, Fixes, Scheme, calibrate_model
+from .quantize import calibrate_model
+from .calibrated import CalibratedModel
+from .quantspec import Scheme
+from .recipe import Fixes
 from .qdq import spec_of, tie_fused_ranges, without_quantization
 from .quantspec import ActivationSpec, activation_qparams, graph_quantization
 from .rewrite import rewrite_for_fast_int8

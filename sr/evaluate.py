@@ -18,7 +18,8 @@ from .data import Degradation, bicubic_resize, degrade, list_images, load_image
 from .engines import DEFAULT_HTP_ARCH, HTP_ARCHS, tensorrt_available
 from .metrics import brightness_ratio, edge_psnr_y, psnr_y, ssim_y
 from .models import model_info
-from .quantize import Scheme, calibrate_model, qat_record
+from .quantize import calibrate_model, qat_record
+from .quantspec import Scheme
 from .runtime import EngineKind, Purpose, engine_for  # noqa: F401 (EngineKind is part of this module's API)
 
 # The calibration the README's findings recommend (re-derived by scripts/findings.py): the smallest Set5 + Set14

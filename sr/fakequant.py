@@ -35,7 +35,10 @@ from .calibrate import CalibrationConfig, TensorRange
 from .models import save_tuned
 from .onnxtorch import OnnxModule
 from .quantspec import QuantSpec, activation_qparams
-from .quantize import CalibratedModel, Fixes, Scheme, calibrate_model, qat_record
+from .quantize import calibrate_model, qat_record
+from .calibrated import CalibratedModel
+from .quantspec import Scheme
+from .recipe import Fixes
 from .qdq import spec_of, write_qdq_model
 from .store import write_atomic
 

@@ -12,8 +12,7 @@ import numpy as np
 
 from .calibrate import Method, TensorStats, threshold
 from .choices import Choice
-from .quantize import CalibratedModel
-
+from .calibrated import CalibratedModel
 MAX_TENSORS = 24  # range-chart rows per model: the most clipped ones when a model has more
 
 

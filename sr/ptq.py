@@ -41,7 +41,7 @@ from .models import model_info
 from .onnxtorch import OnnxModule
 from .fakequant import FakeQuantModel, export_trained, fake_quantized, qdq_path_for
 from .transforms import calibration_batch, prepare, remove_starting_points
-from .quantize import Scheme
+from .quantspec import Scheme
 from .recipe import QuantRecipe, Refinement, RefineSettings
 from .store import cache_root, file_sha256, locked, logged_progress
 

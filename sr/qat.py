@@ -34,7 +34,8 @@ from .calibrate import CalibrationConfig, Method, TensorRange
 from .data import PatchSampler
 from .models import model_info
 from .onnxtorch import OnnxModule
-from .quantize import Scheme, fp32_onnx_path
+from .quantize import fp32_onnx_path
+from .quantspec import Scheme
 from .qdq import fixed_input_size
 from .store import file_sha256
 from .loop import (LoopState, checkpoint, continue_stream, distributed_rank, end_distributed, final_validation,

@@ -23,12 +23,12 @@ import onnx
 from . import data
 from .centring import moves_values, user_io
 from .calibrate import CalibrationConfig, Method, images_digest, load_calibration_images, prepare_calibration_images
-from .calibrated import CalibratedModel, Fixes, calibrate_entry, read_entry
+from .calibrated import CalibratedModel, calibrate_entry, read_entry
 from .engines import reference
 from .metrics import brightness_ratio, psnr_y
 from .models import model_info
 from .quantspec import WRAPPER_PREFIX, Scheme
-from .recipe import QuantRecipe
+from .recipe import Fixes, QuantRecipe
 from .store import Memo, cache_root, file_sha256, locked, logged_progress, write_atomic
 
 log = logging.getLogger(__name__)

@@ -32,17 +32,18 @@ import numpy as np
 
 from .bundle import export_bundle
 from .calibrate import CalibrationConfig, Method, ensure_calibration_images, load_calibration_images
-from .calibrated import CalibratedModel, Fixes
+from .calibrated import CalibratedModel
 from .compare import InputMode
 from .data import list_images
 from .diagnose import Scorer, eval_pairs
 from .engines import OrtEngine
 from .metrics import brightness_ratio, psnr_y
 from .models import model_info
-from .ptq import RefineConfig, Refinement, RefineStopped, refine
+from .ptq import RefineConfig, RefineStopped, refine
 from .fakequant import original_model
 from .quantize import AUTO_CANDIDATES, calibrate_model
 from .quantspec import Scheme
+from .recipe import Fixes, Refinement
 from .runtime import engine_for
 from .store import cache_root, short_hash
 from .train import default_training_dirs

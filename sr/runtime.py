@@ -21,7 +21,9 @@ from .engines import (BF16_TOLERANCE, DEFAULT_HTP_ARCH, FP32_TOLERANCE, INT8_TOL
                       conformance, openvino_available, reference, tensorrt_available)
 from .models import load_model, model_info
 from .qdq import spec_of, tie_fused_ranges
-from .quantize import CalibratedModel, Scheme, fp32_onnx_path
+from .quantize import fp32_onnx_path
+from .calibrated import CalibratedModel
+from .quantspec import Scheme
 from .store import cache_cap_bytes, cache_root, code_digest, evict, file_sha256, short_hash
 from .tflite import write_tflite
 

@@ -22,8 +22,10 @@ from .calibrate import calibration_patches, load_calibration_images, prepare_cal
 from .models import model_info, save_tuned, with_values
 from .onnxtorch import OnnxModule
 from .qdq import spec_of
-from .quantize import Fixes, Scheme, fp32_onnx_path
+from .quantize import fp32_onnx_path
 
+from .quantspec import Scheme
+from .recipe import Fixes
 log = logging.getLogger(__name__)
 
 # activations f with f(e x) = e f(x) for e > 0, per channel: a per-channel scale passes through them unchanged

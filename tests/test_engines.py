@@ -7,7 +7,8 @@ from sr.calibrate import CalibrationConfig
 from sr.data import degrade, load_image
 from sr.engines import OpenVinoEngine, OrtEngine, openvino_available, tiled
 from sr.metrics import psnr_y
-from sr.quantize import Scheme, calibrate_model
+from sr.quantize import calibrate_model
+from sr.quantspec import Scheme
 from sr.qdq import write_qdq_model
 
 

@@ -118,7 +118,8 @@ def test_a_constant_batch_1_reshape_through_every_refinement_and_qat(tmp_path, d
     import onnx
 
     from sr.evaluate import EvalConfig, evaluate
-    from sr.ptq import RefineConfig, Refinement, refine
+    from sr.ptq import RefineConfig, refine
+    from sr.recipe import Refinement
     from sr.qat import QatConfig, quantization_aware_training
 
     torch.manual_seed(0)

@@ -17,7 +17,8 @@ from sr.models import with_values
 from sr.onnxtorch import OnnxModule
 from sr.ptq import RefineConfig, _conv_nodes, adaround, correct_biases
 from sr.fakequant import fake_quantized
-from sr.quantize import Fixes, fp32_onnx_path
+from sr.quantize import fp32_onnx_path
+from sr.recipe import Fixes
 from sr.transforms import calibration_batch, equalizable_pairs, equalize_channels
 from sr.usermodel import register_onnx
 

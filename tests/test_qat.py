@@ -14,7 +14,8 @@ import standins
 from sr.calibrate import CalibrationConfig
 from sr.evaluate import EvalConfig, evaluate
 from sr.export import onnx_bytes
-from sr.models import IO_OFFSET, load_model, read_metadata, with_io_offset
+from sr.centring import IO_OFFSET
+from sr.models import load_model, read_metadata, with_io_offset
 from sr.onnxtorch import OnnxModule
 from sr.fakequant import original_model
 from sr.qat import QatConfig, quantization_aware_training
@@ -139,7 +140,7 @@ def test_qat_model_goes_into_the_deployment_bundle(qat_run, tmp_path):
     """The bundle carries the learned ranges (tensorrt) and a CPU model; the centred model's own Pad stays float
     in the fast CPU rewrite, whose outputs equal the plain QDQ model's."""
     from sr.bundle import export_bundle
-    from sr.quantize import Scheme
+    from sr.quantspec import Scheme
     from sr.qdq import write_qdq_model
 
     _, result = qat_run

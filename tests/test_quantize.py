@@ -11,8 +11,9 @@ from sr.data import degrade, load_image
 from sr.engines import OrtEngine, TorchEngine, tensorrt_available, tiled
 from sr.metrics import psnr_y
 from sr.models import load_model
-from sr.quantize import Scheme, calibrate_model
+from sr.quantize import calibrate_model
 
+from sr.quantspec import Scheme
 ROOT = Path(__file__).resolve().parent.parent
 
 

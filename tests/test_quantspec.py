@@ -9,7 +9,7 @@ import onnx
 import pytest
 
 from sr.calibrate import CalibrationConfig
-from sr.calibrated import Fixes
+from sr.recipe import Fixes
 from sr.models import shipped_models
 from sr.quantize import calibrate_model, fp32_onnx_path
 from sr.qdq import spec_of

@@ -10,7 +10,7 @@ import sr.ptq  # noqa: F401  (a refined recipe's key covers the refinement modul
 import sr.fakequant
 import sr.quantize
 from sr.calibrate import CalibrationConfig, images_digest, load_calibration_images
-from sr.calibrated import Fixes
+from sr.recipe import Fixes
 from sr.ptq import RefineConfig
 from sr.quantize import calibrate_model
 from sr.recipe import QuantRecipe, Refinement, RefineSettings
