@@ -603,7 +603,7 @@ def _batches(patches: Iterable[np.ndarray], size: int) -> Iterator[np.ndarray]:
 
 
 def collect_statistics(model_path: str | os.PathLike, patches: Callable[[], Iterable[np.ndarray]],
-                       num_samples: int, need_histograms: bool = True, threads: int = 0, batch_size: int = 8,
+                       num_samples: int, threads: int = 0, batch_size: int = 8,
                        progress: Callable[[float, str], None] | None = None) -> list[TensorStats]:
     """Stream the calibration patches through the model twice: min/max, then |x| histograms over [0, amax].
 
@@ -611,7 +611,6 @@ def collect_statistics(model_path: str | os.PathLike, patches: Callable[[], Iter
         model_path: the FP32 ONNX model.
         patches: a callable returning a fresh iterable of float32 1x3xPxP patches (called once per pass).
         num_samples: how many patches each pass yields (for the progress fraction).
-        need_histograms: False for minmax, which needs only the first pass (the histograms stay empty).
         progress: called with (fraction done, message).
 
     Returns:
@@ -627,7 +626,7 @@ def collect_statistics(model_path: str | os.PathLike, patches: Callable[[], Iter
     index = {name: outputs.index(name) if name in outputs else None for name in names}
     low = {name: np.inf for name in names}
     high = {name: -np.inf for name in names}
-    passes = 2 if need_histograms else 1
+    passes = 2  # every method's statistics are the histograms (minmax's too: they serve the coverage and plots)
 
     def run_pass(handle: Callable[[str, np.ndarray], None], number: int) -> None:
         for done, batch in enumerate(_batches(patches(), batch_size), start=1):
@@ -647,18 +646,17 @@ def collect_statistics(model_path: str | os.PathLike, patches: Callable[[], Iter
 
     run_pass(observe_range, 0)
     histograms = {name: np.zeros(NUM_BINS, np.int64) for name in names}
-    if need_histograms:
-        scale = {name: (NUM_BINS / max(abs(low[name]), abs(high[name]))) if max(abs(low[name]), abs(high[name])) > 0
-                 else 0.0 for name in names}
+    scale = {name: (NUM_BINS / max(abs(low[name]), abs(high[name]))) if max(abs(low[name]), abs(high[name])) > 0
+             else 0.0 for name in names}
 
-        def observe_histogram(name: str, value: np.ndarray) -> None:
-            scaled = np.abs(value.ravel())
-            scaled *= np.float32(scale[name])
-            bins = scaled.astype(np.int32)
-            np.minimum(bins, NUM_BINS - 1, out=bins)
-            histograms[name] += np.bincount(bins, minlength=NUM_BINS)
+    def observe_histogram(name: str, value: np.ndarray) -> None:
+        scaled = np.abs(value.ravel())
+        scaled *= np.float32(scale[name])
+        bins = scaled.astype(np.int32)
+        np.minimum(bins, NUM_BINS - 1, out=bins)
+        histograms[name] += np.bincount(bins, minlength=NUM_BINS)
 
-        run_pass(observe_histogram, 1)
+    run_pass(observe_histogram, 1)
     workers.shutdown()
     return [TensorStats(name, low[name], high[name], histograms[name]) for name in names]
 

@@ -128,7 +128,7 @@ def cached_statistics(fp32: Path, key: str, network_inputs: list[np.ndarray], co
         patch = fixed_input_size(fp32) or config.patch_size  # a fixed-size model sees patches of its size
         stats = collect_statistics(
             fp32, lambda: calibration_patches(network_inputs, config.samples, patch, config.seed),
-            config.samples, need_histograms=True, threads=threads, progress=progress)
+            config.samples, threads=threads, progress=progress)
         write_atomic(_stats_bytes(stats), path)
     evict(path.parent, cache_cap_bytes(), keep=[path, fp32])
     return stats

@@ -84,7 +84,7 @@ def spec_of(fp32: Path | onnx.ModelProto, scheme: Scheme | str, keep_float: Sequ
 
 
 def write_qdq_model(fp32_onnx: Path, ranges: dict[str, TensorRange], scheme: Scheme, out: Path,
-                    keep_float: Sequence[str] = (), fast: bool = True, per_tensor_weights: bool = False) -> Path:
+                    keep_float: Sequence[str] = (), fast: bool = True) -> Path:
     """Write the QDQ model of `fp32_onnx` that its spec describes, with our ranges.
 
     Args:
@@ -94,7 +94,6 @@ def write_qdq_model(fp32_onnx: Path, ranges: dict[str, TensorRange], scheme: Sch
         out: where to write the QDQ model (atomically).
         keep_float: tensors that get no QDQ pair.
         fast: for the cpu scheme, apply `sr.rewrite` (every Conv on ORT's fast INT8 kernel, same outputs).
-        per_tensor_weights: npu only: one scale per weight tensor.
 
     Returns:
         `out`.
@@ -104,7 +103,7 @@ def write_qdq_model(fp32_onnx: Path, ranges: dict[str, TensorRange], scheme: Sch
     """
     scheme = Scheme.parse(scheme)
     model = onnx.load(str(fp32_onnx))
-    spec = quant_spec(model, scheme, keep_float, per_tensor_weights)
+    spec = quant_spec(model, scheme, keep_float)  # (npu-per-tensor is a scheme of its own)
     missing = [g for g in spec.groups() if g not in ranges]
     if missing:
         raise ValueError(f"no calibrated range for {', '.join(missing)}")
