@@ -35,7 +35,7 @@ import onnxruntime as ort
 from .choices import Choice
 from .data import degrade, list_images, load_image
 from .quantspec import float_activations
-from .store import PROJECT_ROOT, Memo, write_atomic
+from .store import PROJECT_ROOT, Memo, file_identity, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -454,7 +454,7 @@ _PREPARED = Memo(8)  # (ids of those images, how they are fed) -> (the images, t
 
 def _load_folder(paths: list[Path]) -> list[np.ndarray]:
     """Decode a folder's images, remembered while no file changes (the app asks for calib_data/ on every run)."""
-    memo = tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in paths)
+    memo = tuple(file_identity(p) for p in paths)
 
     def decoded() -> list[np.ndarray]:
         images = [load_image(p) for p in paths]

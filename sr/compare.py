@@ -25,7 +25,7 @@ from .calibrated import CalibratedModel
 from .quantspec import Scheme
 from .recipe import Fixes
 from .runtime import EngineKind, Purpose, engine_for
-from .store import RUNS_DIR, Memo
+from .store import RUNS_DIR, Memo, file_identity
 
 MAX_SIDE = 1024  # LR pixels on the long side on CPU; larger inputs are downscaled (with a notice)
 MIN_SIDE = 8
@@ -121,7 +121,7 @@ def fp32_engine(model: str):
     """The shared FP32 engine of a model (re-made when its file changes): the reference (ONNX Runtime on the CPU,
     on the model's FP32 export), the one FP32 every "vs FP32" figure of the lab is measured against."""
     info = model_info(model)
-    return ENGINES.get(("ort-fp32", str(info.path), info.path.stat().st_mtime),
+    return ENGINES.get(("ort-fp32", file_identity(info.path)),
                        lambda: engine_for(model, purpose=Purpose.MEASURE))
 
 
@@ -163,7 +163,7 @@ def fp32_output(model: str, lr: np.ndarray) -> tuple[np.ndarray, float, bool]:
         (uint8 (sH)x(sW)x3, milliseconds, whether it was remembered: its time is then its first run's).
     """
     path = model_info(model).path
-    key = (str(path), path.stat().st_mtime_ns, lr.shape, hashlib.sha256(np.ascontiguousarray(lr).tobytes()).hexdigest())
+    key = (file_identity(path), lr.shape, hashlib.sha256(np.ascontiguousarray(lr).tobytes()).hexdigest())
     reused = _FP32_OUTPUTS.peek(key) is not None
     return (*_FP32_OUTPUTS.get(key, lambda: _timed(fp32_engine(model), lr)), reused)
 

@@ -26,8 +26,8 @@ from . import export
 from .centring import IO_OFFSET, CentringImpossible, centre_user_io, user_io
 from .choices import Choice
 from .onnxtorch import OnnxModule
-from .store import (Memo, atomic_path, cache_root, code_digest, file_sha256, library_versions, locked, short_hash,
-                    write_atomic)
+from .store import (Memo, atomic_path, cache_root, code_digest, file_identity, file_sha256, library_versions, locked,
+                    short_hash, write_atomic)
 from .usermodel import STANDARD_KEY, Contract, lookup, register_onnx, set_metadata
 
 log = logging.getLogger(__name__)
@@ -625,8 +625,7 @@ def _onnx_file(name_or_path: str | os.PathLike):
     path = Path(name_or_path)
     if path.suffix.lower() != ".onnx" or not path.is_file():
         return None
-    stat = path.stat()
-    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    key = file_identity(path)
     found = _ONNX_FILES.peek(key)
     if found is None or not found.standard_onnx.is_file():  # the cache's cap may have evicted it since
         found = register_onnx(path)

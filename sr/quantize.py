@@ -29,7 +29,7 @@ from .metrics import brightness_ratio, psnr_y
 from .models import model_info
 from .quantspec import WRAPPER_PREFIX, Scheme
 from .recipe import Fixes, QuantRecipe
-from .store import Memo, cache_root, file_sha256, locked, logged_progress, write_atomic
+from .store import Memo, cache_root, file_identity, file_sha256, locked, logged_progress, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -206,8 +206,7 @@ def _same_values(fp32: Path, tensor: str) -> list[str]:
     """`tensor` and the tensors that hold its values moved about (`moves_values`): the same range (an NHWC
     model's Transpose output is what its first Conv reads, and what is quantized). Remembered per graph file, so
     a cached calibration does not read the graph again."""
-    stat = Path(fp32).stat()
-    return _SAME_VALUES.get((str(fp32), stat.st_size, stat.st_mtime_ns, tensor),
+    return _SAME_VALUES.get((file_identity(fp32), tensor),
                             lambda: _walk_same_values(onnx.load(str(fp32)), tensor))
 
 
@@ -223,8 +222,7 @@ def _image_io(fp32: Path) -> tuple[str, str]:
             return user_io(model)
         return model.graph.input[0].name, model.graph.output[0].name
 
-    stat = Path(fp32).stat()
-    return _IMAGE_IO.get((str(fp32), stat.st_size, stat.st_mtime_ns), read)
+    return _IMAGE_IO.get(file_identity(fp32), read)
 
 
 def _walk_same_values(model: onnx.ModelProto, tensor: str) -> list[str]:

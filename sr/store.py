@@ -79,6 +79,18 @@ class Memo:
 _DIGESTS = Memo(4096)  # (real path, size, mtime, inode) -> SHA-256
 
 
+def file_identity(path: str | os.PathLike) -> tuple:
+    """What a memo of something read from a file is keyed by: the file's real path, size, modification time in
+    nanoseconds and inode (a file replaced by a rename, as every write here is, gets a new inode). The one file
+    identity of the library.
+
+    Raises:
+        FileNotFoundError: no such file.
+    """
+    status = os.stat(path)
+    return os.path.realpath(path), status.st_size, status.st_mtime_ns, status.st_ino
+
+
 def file_sha256(path: str | os.PathLike) -> str:
     """The SHA-256 hex digest of a file, read in 1 MiB blocks (remembered while its size and mtime stay).
 
@@ -91,8 +103,7 @@ def file_sha256(path: str | os.PathLike) -> str:
     Raises:
         FileNotFoundError: no such file.
     """
-    status = os.stat(path)
-    memo = (os.path.realpath(path), status.st_size, status.st_mtime_ns, status.st_ino)
+    memo = file_identity(path)
 
     def hashed() -> str:
         digest = hashlib.sha256()

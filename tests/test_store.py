@@ -79,3 +79,28 @@ def test_cache_root_follows_the_environment_at_call_time(tmp_path, monkeypatch):
     assert store.cache_root() == tmp_path / "elsewhere" and store.cache_root(tmp_path) == tmp_path
     monkeypatch.delenv("SR_CACHE_DIR")
     assert store.cache_root() == store.CACHE_DIR and os.fspath(store.CACHE_DIR).endswith("cache")
+
+
+def test_one_file_identity_for_every_memo(tmp_path):
+    """`file_identity` changes when a file is rewritten in place or replaced by a rename (a new inode, even with
+    the same size and a coarse clock), and the library's memos of files key on it, not on their own tuples."""
+    import os
+    import re
+    from pathlib import Path
+
+    from sr.store import file_identity, write_atomic
+
+    path = tmp_path / "f.bin"
+    write_atomic(b"abc", path)
+    first = file_identity(path)
+    os.utime(path, ns=(0, 0))
+    second = file_identity(path)
+    stamp = path.stat().st_mtime_ns
+    write_atomic(b"xyz", path)  # same size, renamed into place
+    os.utime(path, ns=(stamp, stamp))
+    assert len({first, second, file_identity(path)}) == 3
+    library = Path(__file__).resolve().parent.parent / "sr"
+    own = [f"{p.name}: {line.strip()}" for p in library.glob("*.py") for line in p.read_text().splitlines()
+           if re.search(r"st_mtime(_ns)?\b.*\)|\.st_ino", line) and "def file_identity" not in line
+           and p.name != "store.py"]
+    assert not own, own
