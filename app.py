@@ -32,20 +32,20 @@ import numpy as np
 import pandas as pd
 
 import app_jobs
-from sr.calibrate import CalibrationConfig, Method, ensure_calibration_images
-from sr.ptq import RefineConfig, refine
-from sr.compare import InputMode, OutputKind, available_models, compare, roi_strip
+from sr.quant.calibrate import CalibrationConfig, Method, ensure_calibration_images
+from sr.tune.ptq import RefineConfig, refine
+from sr.lab.compare import InputMode, OutputKind, available_models, compare, roi_strip
 from sr.data import ImageLoadError, bicubic_resize, load_image
-from sr.diagnose import (DiagnoseConfig, DiagnosisCancelled, Fix, NoFixReason, advise_fix, apply_fix, diagnose,
+from sr.lab.diagnose import (DiagnoseConfig, DiagnosisCancelled, Fix, NoFixReason, advise_fix, apply_fix, diagnose,
                         range_coverage)
-from sr.bundle import export_bundle, zip_bundle
-from sr.compare import prepare_input
-from sr.models import is_uploaded, model_info
-from sr.usermodel import Overrides, register_onnx
-from sr.plots import DifferenceKind, difference_image, histogram_figure, range_chart
-from sr.quantspec import Scheme
-from sr.recipe import Refinement
-from sr.ready import ReadyConfig, make_ready
+from sr.lab.bundle import export_bundle, zip_bundle
+from sr.lab.compare import prepare_input
+from sr.model.models import is_uploaded, model_info
+from sr.model.usermodel import Overrides, register_onnx
+from sr.lab.plots import DifferenceKind, difference_image, histogram_figure, range_chart
+from sr.quant.quantspec import Scheme
+from sr.quant.recipe import Refinement
+from sr.lab.ready import ReadyConfig, make_ready
 from sr.box import BoxLimit, Exceeded, Limits, Stopped, run_boxed
 from sr.cost import CostLimits, TooCostly, Uncountable
 from sr.store import Memo, cache_root, remove_stale_temps, write_atomic
@@ -194,7 +194,7 @@ def _capped(progress, what: str):
 
 PANELS = ("Original", "FP32 model A", "INT8 model A", "FP32 model B", "INT8 model B")
 MAX_UPLOAD = "25mb"
-# an uploaded model's cost, known from its graph before anything runs (sr.usermodel.macs_per_pixel); the operator
+# an uploaded model's cost, known from its graph before anything runs (sr.model.usermodel.macs_per_pixel); the operator
 # can raise it (SR_MAX_MMAC_PER_PIXEL); ten 3x3 convolutions of 256 channels need 5.9 million
 MAX_MACS_PER_PIXEL = float(os.environ.get("SR_MAX_MMAC_PER_PIXEL", "2.0")) * 1e6
 # and the largest tensor it makes (values per input pixel: x4 at 256 channels is 4096) and its scale, the largest
@@ -438,7 +438,7 @@ READY_IMAGES = 4  # the search measures on this many calibration images (each ca
 
 def make_ready_for(model_a, samples, scheme, target, minutes, uploads, model_b, request: gr.Request = None,
                    progress=gr.Progress()):
-    """Make model A INT8-ready (`sr.ready`, what `python -m sr int8-ready` runs): the route taken as a table,
+    """Make model A INT8-ready (`sr.lab.ready`, what `python -m sr int8-ready` runs): the route taken as a table,
     the chosen model's bundle as a zip, and the chosen model offered as model A when it is a tuned copy."""
     progress = _capped(progress, "INT8-ready search")
     with _user_errors("INT8-ready search"):
@@ -642,7 +642,7 @@ def _calibration(method, samples, gain, seed) -> CalibrationConfig:
 
 
 def _refined(run, model: str, refinements, calibration: CalibrationConfig, scheme: str, progress) -> str:
-    """`model`, or its refined version (sr.ptq; made once per setting, then cached)."""
+    """`model`, or its refined version (sr.tune.ptq; made once per setting, then cached)."""
     if not refinements:
         return model
     config = RefineConfig(model, list(refinements), calibration, scheme)
@@ -651,7 +651,7 @@ def _refined(run, model: str, refinements, calibration: CalibrationConfig, schem
 
 
 REFERENCE_TARGET = "reference (ONNX Runtime, CPU)"
-# what the INT8 panels run on: the reference, or a target's own numerics (sr.runtime's engine kinds)
+# what the INT8 panels run on: the reference, or a target's own numerics (sr.run.runtime's engine kinds)
 TARGETS = {REFERENCE_TARGET: None, "Qualcomm HTP v73 (simulated)": "qnn-htp", "LiteRT, XNNPACK": "litert",
            "LiteRT, reference kernels": "litert-ref"}
 

@@ -20,12 +20,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sr import store
-from sr.distill import DistillConfig, KDMode, distill
-from sr.models import is_uploaded, model_info
-from sr.evaluate import score_written
-from sr.qat import QatConfig, quantization_aware_training
-from sr.train import TrainConfig, default_training_dirs, default_validation_dir, train
-from sr.usermodel import register_onnx
+from sr.tune.distill import DistillConfig, KDMode, distill
+from sr.model.models import is_uploaded, model_info
+from sr.lab.evaluate import score_written
+from sr.tune.qat import QatConfig, quantization_aware_training
+from sr.tune.train import TrainConfig, default_training_dirs, default_validation_dir, train
+from sr.model.usermodel import register_onnx
 
 MAX_STEPS = 5_000  # about 10 minutes of XLSR on two CPU cores
 MAX_RUNS_PER_OWNER = 3
@@ -68,7 +68,7 @@ class Job:
     final_activation: str
     use_teacher: bool
     alpha: float
-    kd_mode: str = "output"  # sr.distill.KDMode value; used only with the teacher
+    kd_mode: str = "output"  # sr.tune.distill.KDMode value; used only with the teacher
     base: str | None = None  # for a QAT job ("make it INT8-ready"): the model it fine-tunes
     history: list[dict] = field(default_factory=list)
     status: str = "queued"

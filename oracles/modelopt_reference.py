@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from sr.calibrate import Method, activation_tensors, observing_session
+from sr.quant.calibrate import Method, activation_tensors, observing_session
 
 
 def modelopt_available() -> bool:

@@ -19,11 +19,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 import standins  # noqa: E402
-from sr.calibrate import CalibrationConfig  # noqa: E402
-from sr.evaluate import EvalConfig, evaluate  # noqa: E402
-from sr.ready import ReadyConfig, loss_on, make_ready  # noqa: E402
+from sr.quant.calibrate import CalibrationConfig  # noqa: E402
+from sr.lab.evaluate import EvalConfig, evaluate  # noqa: E402
+from sr.lab.ready import ReadyConfig, loss_on, make_ready  # noqa: E402
 from sr.store import write_atomic  # noqa: E402
-from sr.usermodel import register_onnx  # noqa: E402
+from sr.model.usermodel import register_onnx  # noqa: E402
 
 
 def row(name: str, data: Path, budget: float, folder: Path) -> dict:

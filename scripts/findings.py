@@ -22,15 +22,15 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from sr.calibrate import CalibrationConfig, Method  # noqa: E402
+from sr.quant.calibrate import CalibrationConfig, Method  # noqa: E402
 from sr.data import degrade, list_images, load_image  # noqa: E402
-from sr.diagnose import DiagnoseConfig, diagnose  # noqa: E402
-from sr.runtime import engine_for  # noqa: E402
+from sr.lab.diagnose import DiagnoseConfig, diagnose  # noqa: E402
+from sr.run.runtime import engine_for  # noqa: E402
 from sr.metrics import brightness_ratio, psnr_y  # noqa: E402
-from sr.models import load_model, save_weights  # noqa: E402
-from sr.quantize import calibrate_model  # noqa: E402
-from sr.recipe import Fixes
-from sr.train import TrainConfig, train  # noqa: E402
+from sr.model.models import load_model, save_weights  # noqa: E402
+from sr.run.quantize import calibrate_model  # noqa: E402
+from sr.quant.recipe import Fixes
+from sr.tune.train import TrainConfig, train  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ["xlsr-relu", "xlsr-clip", "xlsr-relu-kd", "xlsr-clip-kd", "teacher"]
@@ -177,7 +177,7 @@ def recommended(rows: list[dict]) -> dict:
 
 
 def zero_spike_figure(out: Path) -> dict:
-    from sr.plots import histogram_figure
+    from sr.lab.plots import histogram_figure
 
     int8 = calibrate_model("xlsr-relu", CalibrationConfig(method="entropy", samples=100), "tensorrt")
     tensor = "/gblocks/gblocks.2/relu/Relu_output_0"
@@ -186,7 +186,7 @@ def zero_spike_figure(out: Path) -> dict:
                               title=f"xlsr-relu {tensor}: {100 * stats.histogram[0] / stats.histogram.sum():.0f}% of "
                                     "the values in bin 0 (exact zeros after the ReLU)")
     figure.savefig(out / "zero-spike.png", dpi=110)
-    from sr.calibrate import threshold
+    from sr.quant.calibrate import threshold
 
     return {"tensor": tensor, "zero_share": float(stats.histogram[0] / stats.histogram.sum()),
             "entropy": threshold(stats, Method.ENTROPY), "entropy_zeros": threshold(stats, Method.ENTROPY_ZEROS),

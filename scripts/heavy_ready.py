@@ -23,10 +23,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 import standins  # noqa: E402
-from sr.ready import ReadyConfig, make_ready  # noqa: E402
-from sr.runtime import cpu_name  # noqa: E402
+from sr.lab.ready import ReadyConfig, make_ready  # noqa: E402
+from sr.run.runtime import cpu_name  # noqa: E402
 from sr.store import write_atomic  # noqa: E402
-from sr.usermodel import register_onnx  # noqa: E402
+from sr.model.usermodel import register_onnx  # noqa: E402
 
 
 class Vdsr(nn.Module):

@@ -17,9 +17,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from sr.calibrate import CalibrationConfig  # noqa: E402
-from sr.evaluate import EvalConfig, evaluate  # noqa: E402
-from sr.ptq import RefineConfig, refine  # noqa: E402
+from sr.quant.calibrate import CalibrationConfig  # noqa: E402
+from sr.lab.evaluate import EvalConfig, evaluate  # noqa: E402
+from sr.tune.ptq import RefineConfig, refine  # noqa: E402
 from sr.store import write_atomic  # noqa: E402
 
 STEPS = {  # row label -> refinements (each row adds one to the row before, except the AdaRound rows)

@@ -2,7 +2,7 @@
 
 Reads the runs written by the commands in the card (default folder runs/i15/: <setting>-<mode>.safetensors with
 setting relu, clip, strong-relu, ... and mode plain, output, upcycled, feature), evaluates each on Set5 and Set14
-with `sr.evaluate.evaluate` (the torch engine, as `python -m sr eval`; runs trained on degraded inputs are
+with `sr.lab.evaluate.evaluate` (the torch engine, as `python -m sr eval`; runs trained on degraded inputs are
 evaluated on the same degradation), and writes results.json beside them, a Markdown table on stdout, and the
 validation curves as a PNG. `--int8` adds the INT8 loss (ort-int8, the recommended calibration) of each run.
 
@@ -20,8 +20,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from sr.evaluate import EvalConfig, evaluate  # noqa: E402
-from sr.models import read_metadata  # noqa: E402
+from sr.lab.evaluate import EvalConfig, evaluate  # noqa: E402
+from sr.model.models import read_metadata  # noqa: E402
 
 MODES = ("plain", "output", "upcycled", "feature")
 METRICS = ("psnr_y", "ssim_y", "edge_psnr_y")

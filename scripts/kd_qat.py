@@ -21,8 +21,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from sr.evaluate import EvalConfig, evaluate  # noqa: E402
-from sr.qat import QatConfig, quantization_aware_training  # noqa: E402
+from sr.lab.evaluate import EvalConfig, evaluate  # noqa: E402
+from sr.tune.qat import QatConfig, quantization_aware_training  # noqa: E402
 from sr.store import write_atomic  # noqa: E402
 
 START, END = "<!-- kdqat:start -->", "<!-- kdqat:end -->"

@@ -23,12 +23,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 import standins  # noqa: E402
-from sr.models import shipped_models  # noqa: E402
-from sr.quantspec import Scheme  # noqa: E402
-from sr.ready import ReadyConfig, loss_on, make_ready  # noqa: E402
-from sr.runtime import cpu_name  # noqa: E402
+from sr.model.models import shipped_models  # noqa: E402
+from sr.quant.quantspec import Scheme  # noqa: E402
+from sr.lab.ready import ReadyConfig, loss_on, make_ready  # noqa: E402
+from sr.run.runtime import cpu_name  # noqa: E402
 from sr.store import write_atomic  # noqa: E402
-from sr.usermodel import register_onnx  # noqa: E402
+from sr.model.usermodel import register_onnx  # noqa: E402
 
 SAVED = ROOT / "docs" / "npu_ready.json"
 PAGE = ROOT / "docs" / "how-int8-is-made.md"

@@ -25,16 +25,16 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 import standins  # noqa: E402
-from sr.calibrate import CalibrationConfig  # noqa: E402
-from sr.compare import InputMode  # noqa: E402
-from sr.diagnose import eval_pairs  # noqa: E402
-from sr.engines import DEFAULT_HTP_ARCH  # noqa: E402
+from sr.quant.calibrate import CalibrationConfig  # noqa: E402
+from sr.lab.compare import InputMode  # noqa: E402
+from sr.lab.diagnose import eval_pairs  # noqa: E402
+from sr.run.engines import DEFAULT_HTP_ARCH  # noqa: E402
 from sr.metrics import psnr_y  # noqa: E402
-from sr.models import model_info, shipped_models  # noqa: E402
-from sr.quantize import calibrate_model  # noqa: E402
-from sr.runtime import EngineKind, cpu_name, engine_for  # noqa: E402
+from sr.model.models import model_info, shipped_models  # noqa: E402
+from sr.run.quantize import calibrate_model  # noqa: E402
+from sr.run.runtime import EngineKind, cpu_name, engine_for  # noqa: E402
 from sr.store import write_atomic  # noqa: E402
-from sr.usermodel import register_onnx  # noqa: E402
+from sr.model.usermodel import register_onnx  # noqa: E402
 
 
 

@@ -1,5 +1,5 @@
 """Where the INT8 time goes, per operator type, from ONNX Runtime's own profiler: FP32, the plain `cpu`-scheme
-QDQ model, and the same model after `sr.rewrite` (every Conv on the fast INT8 kernel), on one 320x240 input.
+QDQ model, and the same model after `sr.quant.rewrite` (every Conv on the fast INT8 kernel), on one 320x240 input.
 
     python scripts/profile_int8.py [--model xlsr-clip] [--threads 2] [--runs 20]
 """
@@ -17,10 +17,10 @@ import onnxruntime as ort
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from sr.calibrate import CalibrationConfig  # noqa: E402
-from sr.quantize import calibrate_model
-from sr.quantspec import Scheme
-from sr.qdq import write_qdq_model  # noqa: E402
+from sr.quant.calibrate import CalibrationConfig  # noqa: E402
+from sr.run.quantize import calibrate_model
+from sr.quant.quantspec import Scheme
+from sr.quant.qdq import write_qdq_model  # noqa: E402
 
 
 def profile(path: Path, threads: int, runs: int, array: np.ndarray) -> dict[str, float]:

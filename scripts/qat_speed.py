@@ -19,9 +19,9 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from sr.calibrate import CalibrationConfig  # noqa: E402
-from sr.evaluate import EvalConfig, evaluate  # noqa: E402
-from sr.qat import QatConfig, quantization_aware_training  # noqa: E402
+from sr.quant.calibrate import CalibrationConfig  # noqa: E402
+from sr.lab.evaluate import EvalConfig, evaluate  # noqa: E402
+from sr.tune.qat import QatConfig, quantization_aware_training  # noqa: E402
 
 
 def one(model: str, patch: int, steps: int, data: Path, work: Path, seconds: float | None = None) -> dict:

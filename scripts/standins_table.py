@@ -16,9 +16,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 import standins  # noqa: E402
-from sr.calibrate import CalibrationConfig  # noqa: E402
-from sr.evaluate import EvalConfig, evaluate  # noqa: E402
-from sr.usermodel import Overrides, register_onnx  # noqa: E402
+from sr.quant.calibrate import CalibrationConfig  # noqa: E402
+from sr.lab.evaluate import EvalConfig, evaluate  # noqa: E402
+from sr.model.usermodel import Overrides, register_onnx  # noqa: E402
 
 
 def main() -> None:

@@ -15,13 +15,13 @@ from enum import Enum
 from pathlib import Path
 
 from . import __version__
-from .calibrate import CalibrationConfig, Method
-from .engines import EngineRefused
+from .quant.calibrate import CalibrationConfig, Method
+from .run.engines import EngineRefused
 from .options import (BENCH_HELP, CALIBRATION_HELP, DIAGNOSE_HELP, DISTILL_HELP, EVAL_HELP, QAT_HELP, READY_HELP,
                       TRAIN_HELP, add_config_options, config_values)
-from .quantspec import Scheme
-from .distill import DistillConfig
-from .train import TrainConfig
+from .quant.quantspec import Scheme
+from .tune.distill import DistillConfig
+from .tune.train import TrainConfig
 
 CALIBRATION_DEFAULTS = CalibrationConfig()
 
@@ -47,7 +47,7 @@ def _add_calibration_arguments(parser: argparse.ArgumentParser, data_flag: tuple
     if not refine:
         return
     parser.add_argument("--refine", default=None, metavar="LIST", help="post-training refinements before quantizing, "
-                        "comma-separated: centred-io, equalize, range-search, adaround, bias-correction (sr/ptq.py; the "
+                        "comma-separated: centred-io, equalize, range-search, adaround, bias-correction (sr/tune/ptq.py; the "
                         "refined model is cached and compared against the original)")
 
 
@@ -70,7 +70,7 @@ def _model(args: argparse.Namespace) -> str:
     """The model name to hand the library: a shipped name, or a registered ONNX model (contract printed)."""
     if not getattr(args, "onnx", None):
         return args.model
-    from .usermodel import Overrides, register_onnx
+    from .model.usermodel import Overrides, register_onnx
 
     user = register_onnx(args.onnx, Overrides(args.layout, args.color, args.value_range, args.pre_upsampled,
                                               args.scale))
@@ -90,12 +90,12 @@ def _refined(args: argparse.Namespace, model: str, calibration: CalibrationConfi
     """`model`, or with --refine the refined model's file (made once, then cached)."""
     if not getattr(args, "refine", None):
         return model
-    from .ptq import RefineConfig, refine
-    from .recipe import Refinement
+    from .tune.ptq import RefineConfig, refine
+    from .quant.recipe import Refinement
 
     config = RefineConfig(model, [r.strip() for r in args.refine.split(",") if r.strip()], calibration, scheme)
     if Refinement.CENTRED_IO in config.refinements:
-        from .transforms import centring_reason
+        from .tune.transforms import centring_reason
 
         reason = centring_reason(model)
         if reason is not None:  # said, not only logged: the refinement the user asked for is left out
@@ -125,7 +125,7 @@ def _trained(result) -> str:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """`train`: fill TrainConfig, train, print where the weights went."""
-    from .train import train
+    from .tune.train import train
 
     config = TrainConfig(**_training_fields(args))
     _print_config(config)
@@ -135,7 +135,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_distill(args: argparse.Namespace) -> int:
     """`distill`: fill DistillConfig, distill, print where the weights went."""
-    from .distill import distill
+    from .tune.distill import distill
 
     config = DistillConfig(**_training_fields(args, DistillConfig))
     _print_config(config)
@@ -174,8 +174,8 @@ def _choice_and_warnings(choice: dict | None, warnings: list[str]) -> list[str]:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     """`eval`: fill EvalConfig, evaluate, print a table or JSON."""
-    from .evaluate import EvalConfig, evaluate
-    from .models import model_info
+    from .lab.evaluate import EvalConfig, evaluate
+    from .model.models import model_info
 
     if args.recommended and (args.method or args.samples is not None or args.scheme):
         raise ValueError("--recommended chooses the method, samples and scheme itself; drop --method/--samples/--scheme")
@@ -193,7 +193,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
     """`calibrate`: fill CalibrationConfig, calibrate (or read the cache), print the ranges."""
-    from .quantize import calibrate_model
+    from .run.quantize import calibrate_model
     from .store import write_atomic
 
     config, scheme = _calibration(args)
@@ -224,7 +224,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     """`bench`: fill BenchConfig, measure, print the figures."""
-    from .bench import BenchConfig, format_bench, run_bench
+    from .lab.bench import BenchConfig, format_bench, run_bench
 
     config = BenchConfig(model=_model(args) if args.onnx else args.model or "xlsr-clip",
                          **config_values(args, BenchConfig, skip=("model",)))
@@ -236,9 +236,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def cmd_export_int8(args: argparse.Namespace) -> int:
     """`export-int8`: calibrate and write the deployment bundle (QDQ for TensorRT, calibration cache, CPU model)."""
-    from .bundle import export_bundle
+    from .lab.bundle import export_bundle
     from .data import degrade, list_images, load_image
-    from .models import model_info
+    from .model.models import model_info
 
     config, _ = _calibration(args)
     if Path(args.out).exists() and not Path(args.out).is_dir():
@@ -278,7 +278,7 @@ def diagnosis_summary(report) -> str:
 
 def cmd_diagnose(args: argparse.Namespace) -> int:
     """`diagnose`: fill DiagnoseConfig, rank the tensors, print a table or JSON."""
-    from .diagnose import DiagnoseConfig, diagnose
+    from .lab.diagnose import DiagnoseConfig, diagnose
 
     calibration, scheme = _calibration(args)
     config = DiagnoseConfig(_refined(args, _model(args), calibration, scheme), calibration, scheme,
@@ -310,7 +310,7 @@ def _add_commands(commands) -> None:
 
 
 def _add_int8_commands(commands) -> None:
-    from .evaluate import EvalConfig
+    from .lab.evaluate import EvalConfig
 
     evaluate = commands.add_parser("eval", help="PSNR/SSIM of bicubic and a model (FP32 or INT8) on a folder")
     add_config_options(evaluate, EvalConfig, EVAL_HELP, skip=("model", "calibration", "scheme"), required=("data",),
@@ -328,7 +328,7 @@ def _add_int8_commands(commands) -> None:
     calibrate.add_argument("--json", action="store_true", help="print one JSON object")
     calibrate.set_defaults(run=cmd_calibrate)
 
-    from .bench import BenchConfig
+    from .lab.bench import BenchConfig
 
     bench = commands.add_parser("bench", help="calibration speed, memory and fidelity vs ModelOpt and onnxruntime; "
                                 "engine latency and conformance (about 7 minutes on 2 CPU cores; progress is logged)")
@@ -345,7 +345,7 @@ def _add_int8_commands(commands) -> None:
     export.add_argument("--trt-version", help="also write a TensorRT 10 calibration cache (e.g. 10.3.0)")
     export.set_defaults(run=cmd_export_int8)
 
-    from .diagnose import DiagnoseConfig
+    from .lab.diagnose import DiagnoseConfig
 
     diagnose = commands.add_parser("diagnose", help="rank the tensors whose INT8 range damages the output")
     _add_model_arguments(diagnose)
@@ -357,7 +357,7 @@ def _add_int8_commands(commands) -> None:
 
 
 def _add_ready_command(commands) -> None:
-    from .ready import ReadyConfig
+    from .lab.ready import ReadyConfig
 
     ready = commands.add_parser("int8-ready", help="make a model INT8-ready in a time budget: range methods, then "
                                 "refinements, then mixed precision, then QAT, until the target loss is met")
@@ -391,7 +391,7 @@ def format_ready(result) -> str:
 
 def cmd_ready(args: argparse.Namespace) -> int:
     """`int8-ready`: fill ReadyConfig, search, print the route and the choice (or JSON); exit 1 if not met."""
-    from .ready import ReadyConfig, make_ready
+    from .lab.ready import ReadyConfig, make_ready
 
     calibration, scheme = _calibration(args)
     config = ReadyConfig(model=_model(args), calibration=calibration, scheme=scheme,
@@ -404,7 +404,7 @@ def cmd_ready(args: argparse.Namespace) -> int:
 
 
 def _add_qat_command(commands) -> None:
-    from .qat import QatConfig
+    from .tune.qat import QatConfig
 
     qat = commands.add_parser("qat", help="quantization-aware fine-tuning: the INT8 model, trained (torchrun for "
                               "several GPUs/processes)")
@@ -418,13 +418,13 @@ def _add_qat_command(commands) -> None:
 
 def cmd_qat(args: argparse.Namespace) -> int:
     """`qat`: fill QatConfig, fine-tune, print what was written and the INT8 figures."""
-    from .qat import QatConfig, quantization_aware_training
+    from .tune.qat import QatConfig, quantization_aware_training
 
     calibration, scheme = _calibration(args, Method.MSE)
     config = QatConfig(model=_model(args), calibration=calibration, scheme=scheme,
                        **config_values(args, QatConfig, skip=("model", "calibration", "scheme")))
     config.val_dir = config.val_dir or None
-    from .models import model_info
+    from .model.models import model_info
 
     suffix = model_info(config.model).tuned_suffix
     if Path(config.out).suffix != suffix:
@@ -439,8 +439,8 @@ def cmd_qat(args: argparse.Namespace) -> int:
         print(f"validation: INT8 (fake-quantized) {last:.3f} dB, original FP32 {result.fp32_val_psnr:.3f} dB, "
               f"loss {result.fp32_val_psnr - last:+.3f} dB")
     if config.val_dir:  # the figure that counts: the file written, on the reference
-        from .evaluate import score_written
-        from .usermodel import register_onnx
+        from .lab.evaluate import score_written
+        from .model.usermodel import register_onnx
 
         written = register_onnx(result.weights).name if result.weights.suffix == ".onnx" else str(result.weights)
         print(f"validation: {score_written(written, config.val_dir, config.scheme).in_words()}")

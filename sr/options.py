@@ -66,7 +66,7 @@ QAT_HELP = {
     "max_seconds": "stop early after this many seconds (the learning rate decays over them)",
     "io_offset": "keep the model's own I/O (default: centred I/O, an 8-bit image exactly on the INT8 grid, where "
                  "it can be built in)",
-    "equalize": "channel-equalization strength before calibration, 0..1 (sr/transforms.py)",
+    "equalize": "channel-equalization strength before calibration, 0..1 (sr/tune/transforms.py)",
     "keep_best": "end with the weights of the best validation (then measure the result on other images)",
 }
 READY_HELP = {

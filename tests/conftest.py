@@ -24,7 +24,7 @@ def data_dir() -> Path:
 def isolated_cache(tmp_path_factory):
     """Tests write their calibration cache to a temp folder, never to the user's cache/."""
     cache = tmp_path_factory.mktemp("cache")
-    os.environ["SR_CACHE_DIR"] = str(cache)  # read at call time by sr.quantize.cache_root, and by subprocesses
+    os.environ["SR_CACHE_DIR"] = str(cache)  # read at call time by sr.run.quantize.cache_root, and by subprocesses
     return cache
 
 
@@ -48,7 +48,7 @@ def stand_ins(tmp_path_factory, isolated_cache):
 @pytest.fixture(scope="session")
 def registered(stand_ins):
     """Every stand-in registered with the lab: name -> UserModel."""
-    from sr.usermodel import Overrides, register_onnx
+    from sr.model.usermodel import Overrides, register_onnx
 
     return {name: register_onnx(path, Overrides(scale=3) if "vdsr" in name else Overrides())
             for name, path in stand_ins.items()}
@@ -58,7 +58,7 @@ def registered(stand_ins):
 def families(tmp_path_factory, data_dir):
     """Every model-family stand-in of tests/standins.py, trained briefly, registered: name -> UserModel."""
     import standins
-    from sr.usermodel import register_onnx
+    from sr.model.usermodel import register_onnx
 
     folder = tmp_path_factory.mktemp("families")
     # enough steps to leave the random start (the families table trains 300); the two slow ones fewer

@@ -53,9 +53,9 @@ def test_the_first_screen_shows_the_reference_int8(small_png, data_dir):
     """Default settings: the INT8 panels are the written QDQ model as ONNX Runtime's CPU kernels run it (what
     `eval --engine ort-int8` scores and the bundle ships), pixel for pixel, on any CPU."""
     import app
-    from sr.calibrate import CalibrationConfig
-    from sr.engines import OrtEngine
-    from sr.quantize import calibrate_model
+    from sr.quant.calibrate import CalibrationConfig
+    from sr.run.engines import OrtEngine
+    from sr.run.quantize import calibrate_model
 
     *panels, metrics, _, _, state, _ = app.run_compare(small_png, progress=lambda *a, **k: None)
     lr = np.asarray(Image.open(small_png).convert("RGB"))
@@ -173,8 +173,9 @@ def test_training_is_off_unless_the_operator_allows_it(monkeypatch):
 def job_sandbox(tmp_path, photo, monkeypatch):
     """Jobs allowed, two small training images, and runs/ in a temp folder (the model lists read it there)."""
     import app_jobs as jobs
-    from sr import compare, store
+    from sr import store
 
+    from sr.lab import compare
     folder = tmp_path / "train"
     folder.mkdir()
     for index in range(2):
@@ -188,7 +189,7 @@ def job_sandbox(tmp_path, photo, monkeypatch):
 
 def test_training_jobs_belong_to_their_tab(job_sandbox):
     import app_jobs as jobs
-    from sr import compare
+    from sr.lab import compare
 
     first = jobs.start("tab-one", 20, "clipped_relu", use_teacher=False)
     second = jobs.start("tab-two", 1, "relu", use_teacher=False)  # one step works, and waits for the first
@@ -310,7 +311,7 @@ def test_make_it_int8_ready_adds_a_fine_tuned_model(job_sandbox, monkeypatch, da
 
     import app
     import app_jobs as jobs
-    from sr.quantize import learned_ranges
+    from sr.run.quantize import learned_ranges
 
     tmp_path = job_sandbox
     monkeypatch.setattr(jobs.POLICY, "enabled", False)
@@ -328,7 +329,7 @@ def test_make_it_int8_ready_adds_a_fine_tuned_model(job_sandbox, monkeypatch, da
     model_a, _, uploads = app.offer_result(result, [], "xlsr-relu")
     assert model_a["value"] == result and result in model_a["choices"] and uploads == []
     *_, (status, _, guided) = list(app.start_qat("xlsr-clip", 2, True, owner))  # teacher-guided: the record says so
-    from sr.quantize import qat_record
+    from sr.run.quantize import qat_record
 
     config = qat_record(guided)["config"]
     assert config["teacher"] == "teacher" and config["beta"] == jobs.QAT_TEACHER_BETA, status
@@ -423,7 +424,7 @@ def test_small_hostile_inputs_get_words(tmp_path):
     import gradio as gr
 
     import app
-    from sr.compare import prepare_input
+    from sr.lab.compare import prepare_input
     from sr.data import ImageLoadError, load_image
 
     frames = [Image.new("RGB", (24, 24), colour) for colour in ("red", "blue", "green")]
@@ -630,7 +631,7 @@ def test_work_on_uploaded_models_runs_in_a_box_at_a_lower_cpu_priority():
     import operator
 
     import app
-    from sr.usermodel import register_onnx
+    from sr.model.usermodel import register_onnx
 
     before = os.getpriority(os.PRIO_PROCESS, 0)
     with app._lane(register_onnx(ROOT / "examples" / "fsrcnn-y.onnx").name) as run:
@@ -670,7 +671,7 @@ def test_a_model_with_nothing_quantized_compares_and_says_so(tmp_path, small_png
     import torch
 
     import app
-    from sr.usermodel import register_onnx
+    from sr.model.usermodel import register_onnx
 
     network = torch.nn.Sequential(torch.nn.Conv2d(3, 27, 3, padding=1), torch.nn.PixelShuffle(3)).eval()
     user = register_onnx(standins._export(network, tmp_path / "one-conv.onnx", torch.rand(1, 3, 24, 24)))
@@ -680,7 +681,7 @@ def test_a_model_with_nothing_quantized_compares_and_says_so(tmp_path, small_png
     assert "no activation of it is quantized under the tensorrt scheme" in coverage and len(metrics) == 4
 
 
-@pytest.mark.skipif(not __import__("sr.engines", fromlist=["x"]).qnn_available(), reason="onnxruntime-qnn is in "
+@pytest.mark.skipif(not __import__("sr.run.engines", fromlist=["x"]).qnn_available(), reason="onnxruntime-qnn is in "
                     "requirements.txt")
 def test_the_int8_panels_on_a_target_and_the_difference_from_the_reference(small_png):
     """The npu scheme's INT8 panels on Qualcomm's HTP (simulated): the table names the engine, the labels say so,

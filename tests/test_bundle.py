@@ -1,4 +1,4 @@
-"""sr.bundle: the deployment bundle of a user's model (its own graph, its names, every scheme), measured as the app
+"""sr.lab.bundle: the deployment bundle of a user's model (its own graph, its names, every scheme), measured as the app
 and the CLI measure it, and its TensorRT calibration cache in TensorRT's own line format."""
 import json
 from pathlib import Path
@@ -6,10 +6,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sr.bundle import export_bundle, parse_calibration_cache
-from sr.calibrate import CalibrationConfig
+from sr.lab.bundle import export_bundle, parse_calibration_cache
+from sr.quant.calibrate import CalibrationConfig
 from sr.data import degrade, list_images, load_image
-from sr.evaluate import EvalConfig, evaluate
+from sr.lab.evaluate import EvalConfig, evaluate
 from sr.metrics import psnr_y
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -20,7 +20,7 @@ def test_bundle_round_trip(registered, data_dir, tmp_path):
     model quantizes, under the user's names, with TensorRT 10's header."""
     import onnx
 
-    from sr.quantspec import graph_quantization
+    from sr.quant.quantspec import graph_quantization
 
     model = registered["xlsr-255"].name
     config = CalibrationConfig(method="mse", samples=20)
@@ -79,8 +79,8 @@ def test_the_bundle_holds_the_users_own_graph(registered, stand_ins, data_dir, t
 def test_calibration_cache_lines_are_tensorrts_format():
     """A range of +-1 is the scale 1/127, written as TensorRT's cache stores it: the float32's bits, big-endian,
     in hex (0x3c010204, worked out by hand from IEEE 754: exponent 120, mantissa 0x010204)."""
-    from sr.bundle import calibration_cache_text
-    from sr.calibrate import TensorRange
+    from sr.lab.bundle import calibration_cache_text
+    from sr.quant.calibrate import TensorRange
 
     text = calibration_cache_text({"x": TensorRange("x", -1.0, 0.5, -1.0, 0.5, 0.0, "minmax")}, "minmax", "10.3")
     assert text.splitlines() == ["TRT-100300-MinMaxCalibration", "x: 3c010204"]

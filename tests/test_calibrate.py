@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from oracles.modelopt_reference import modelopt_thresholds_bins
-from sr.calibrate import (CalibrationConfig, CalibrationInputs, Method, TensorStats, calibration_patches,
+from sr.quant.calibrate import (CalibrationConfig, CalibrationInputs, Method, TensorStats, calibration_patches,
                           SEARCHES, choose_ranges, clipped_fraction, entropy_threshold_bins, mse_threshold_bins,
                           percentile_threshold_bins, prepare_calibration_images, threshold, threshold_bins)
 
@@ -131,7 +131,7 @@ def real_histograms():
     """Histograms collected from each shipped model: its post-ReLU tensor with the biggest zero spike, and a signed
     Conv output of the teacher (ModelOpt's Python loop takes ~2 s per entropy search, so not
     all; bench covers every tensor)."""
-    from sr.quantize import calibrate_model
+    from sr.run.quantize import calibrate_model
 
     picked = []
     for index, model in enumerate(SHIPPED):
@@ -155,7 +155,7 @@ def test_real_histograms_match_modelopt(real_histograms, method):
 
 def test_clipped_energy_is_the_energy_clipping_removes():
     """A range is warned about by the energy it cuts off: sum (|x| - limit)^2 beyond it, against sum x^2."""
-    from sr.calibrate import TensorStats, clipped_energy
+    from sr.quant.calibrate import TensorStats, clipped_energy
 
     histogram = np.zeros(2048, np.int64)
     histogram[-1] = 1000  # a Softmax: most values at its top, 1.0

@@ -1,4 +1,4 @@
-"""sr.centring: centred I/O built into a user's graph (the function unchanged, the quantized input and output on
+"""sr.model.centring: centred I/O built into a user's graph (the function unchanged, the quantized input and output on
 the 8-bit grid), or the reason it cannot be in words; and which ops only move values."""
 import numpy as np
 import onnx
@@ -6,9 +6,9 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from sr.centring import CentringImpossible, centre_user_io, moves_values, user_io
-from sr.quantize import fp32_onnx_path
-from sr.transforms import centring_reason
+from sr.model.centring import CentringImpossible, centre_user_io, moves_values, user_io
+from sr.run.quantize import fp32_onnx_path
+from sr.tune.transforms import centring_reason
 
 
 def _run(model: onnx.ModelProto, x: np.ndarray, keep=()) -> list[np.ndarray]:

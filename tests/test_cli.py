@@ -74,7 +74,7 @@ def test_recommended_refuses_explicit_settings():
     assert done.returncode == 2 and "--recommended chooses the method" in done.stderr
 
 
-@pytest.mark.skipif(__import__("sr.engines", fromlist=["x"]).tensorrt_available(), reason="TensorRT is present here")
+@pytest.mark.skipif(__import__("sr.run.engines", fromlist=["x"]).tensorrt_available(), reason="TensorRT is present here")
 def test_tensorrt_engine_without_tensorrt_is_a_clear_error():
     done = run_cli("eval", "--model", "xlsr-clip", "--data", "weights", "--engine", "tensorrt")
     assert done.returncode == 2 and "needs an NVIDIA GPU with TensorRT" in done.stderr and "Traceback" not in done.stderr
@@ -98,10 +98,10 @@ SET_OTHERWISE = ("model", "calibration", "scheme")
 
 
 @pytest.mark.parametrize("command, config_path, skip", [
-    ("train", "sr.train.TrainConfig", ()), ("distill", "sr.distill.DistillConfig", ()),
-    ("qat", "sr.qat.QatConfig", SET_OTHERWISE), ("int8-ready", "sr.ready.ReadyConfig", SET_OTHERWISE),
-    ("eval", "sr.evaluate.EvalConfig", SET_OTHERWISE), ("diagnose", "sr.diagnose.DiagnoseConfig", SET_OTHERWISE),
-    ("bench", "sr.bench.BenchConfig", ("model",)), ("calibrate", "sr.calibrate.CalibrationConfig", ()),
+    ("train", "sr.tune.train.TrainConfig", ()), ("distill", "sr.tune.distill.DistillConfig", ()),
+    ("qat", "sr.tune.qat.QatConfig", SET_OTHERWISE), ("int8-ready", "sr.lab.ready.ReadyConfig", SET_OTHERWISE),
+    ("eval", "sr.lab.evaluate.EvalConfig", SET_OTHERWISE), ("diagnose", "sr.lab.diagnose.DiagnoseConfig", SET_OTHERWISE),
+    ("bench", "sr.lab.bench.BenchConfig", ("model",)), ("calibrate", "sr.quant.calibrate.CalibrationConfig", ()),
 ])
 def test_every_config_field_is_an_option(command, config_path, skip):
     """The options are made from the config's fields, so none is forgotten (the calibration's land under their

@@ -1,4 +1,4 @@
-"""sr.compare: input sizing for the comparison (too small, too large, 16-bit grey, the modes in words); what a
+"""sr.lab.compare: input sizing for the comparison (too small, too large, 16-bit grey, the modes in words); what a
 dark calibration does to the highlights, in words."""
 from pathlib import Path
 
@@ -9,7 +9,7 @@ from PIL import Image
 
 def test_tiny_huge_and_odd_images(tmp_path):
 
-    from sr.compare import prepare_input
+    from sr.lab.compare import prepare_input
 
     with pytest.raises(ValueError, match="too small"):
         prepare_input(np.zeros((3, 3, 3), np.uint8), "upscale", 3)
@@ -27,8 +27,8 @@ def test_tiny_huge_and_odd_images(tmp_path):
 def test_a_dark_calibration_says_the_highlights_are_capped_and_a_matched_one_does_not():
     """The dark preset's look in words: white comes out grey (the brightest 1% far below FP32's), said with the
     levels measured on the image shown; a calibration that matches the image says nothing of the kind."""
-    from sr.calibrate import CalibrationConfig
-    from sr.compare import compare, highlight_level
+    from sr.quant.calibrate import CalibrationConfig
+    from sr.lab.compare import compare, highlight_level
 
     image = str(Path(__file__).resolve().parent.parent / "calib_data" / "skimage-astronaut-0.png")
     dark = compare(image, "xlsr-relu", "xlsr-clip", CalibrationConfig(method="minmax", samples=100, gain=0.4))

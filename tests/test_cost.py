@@ -9,7 +9,7 @@ from onnx import TensorProto, helper
 
 import standins
 from sr.cost import CostLimits, TooCostly, Uncountable, check_cost, graph_cost
-from sr.usermodel import UserModelError, register_onnx
+from sr.model.usermodel import UserModelError, register_onnx
 
 SPACE = CostLimits(2e6, 4096, 4)  # the app's defaults
 
@@ -73,7 +73,7 @@ def test_hostile_models_are_refused_before_anything_runs(name, tmp_path, isolate
 def test_an_uncountable_models_cost_reads_unknown_without_limits():
     """The limits are a server's policy: without them (the CLI) an uncountable graph is not refused, and the
     cost the model type reports is 0.0 (unknown)."""
-    from sr.usermodel import macs_per_pixel
+    from sr.model.usermodel import macs_per_pixel
 
     model = standins.resize_from_values(channels=4)
     with pytest.raises(Uncountable):
@@ -94,7 +94,7 @@ def test_an_upload_never_evicts_a_held_model_or_the_labs_own_entries(tmp_path, m
     lab's own entries (calibrations) are never touched by an upload."""
     import os
 
-    from sr.usermodel import HOLD_SECONDS, lookup
+    from sr.model.usermodel import HOLD_SECONDS, lookup
 
     monkeypatch.setenv("SR_CACHE_DIR", str(tmp_path / "cache"))
     made = [register_onnx(standins.conv_stack(tmp_path / f"m{i}.onnx", 24 + i, 8)) for i in range(2)]

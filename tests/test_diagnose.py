@@ -8,10 +8,10 @@ import pytest
 import torch
 from PIL import Image
 
-from sr.calibrate import CalibrationConfig
-from sr.compare import InputMode
-from sr.diagnose import DiagnoseConfig, Fix, apply_fix, diagnose, range_coverage
-from sr.models import load_model, save_weights
+from sr.quant.calibrate import CalibrationConfig
+from sr.lab.compare import InputMode
+from sr.lab.diagnose import DiagnoseConfig, Fix, apply_fix, diagnose, range_coverage
+from sr.model.models import load_model, save_weights
 
 ROOT = Path(__file__).resolve().parent.parent
 PLANTED = {"/skip/Conv_output_0", "/Concat_output_0"}
@@ -82,7 +82,7 @@ def test_upscale_mode_reports_against_fp32(planted, planted_report):
 
 def test_range_coverage_flags_an_image_outside_the_calibration(photo):
     """Calibrated on a dark set, a normal image leaves the input tensor's range: the check says so."""
-    from sr.quantize import calibrate_model
+    from sr.run.quantize import calibrate_model
 
     dark = calibrate_model("xlsr-relu", CalibrationConfig(method="minmax", samples=10, gain=0.3), "tensorrt")
     normal = calibrate_model("xlsr-relu", CalibrationConfig(method="minmax", samples=10), "tensorrt")
@@ -119,14 +119,14 @@ def test_keep_in_float_removes_the_tensors_qdq(planted, planted_report):
     graph = onnx.load(str(outcome.calibrated.qdq_onnx)).graph
     quantized_inputs = {node.input[0] for node in graph.node if node.op_type == "QuantizeLinear"}
     assert "/Concat_output_0" not in quantized_inputs
-    from sr.qdq import spec_of
+    from sr.quant.qdq import spec_of
 
     everything = set(spec_of(outcome.calibrated.fp32_onnx, "tensorrt").activations)
     assert quantized_inputs == everything - {"/Concat_output_0"}  # the rest of the network stays INT8
 
 
 def test_diagnosis_is_bounded_and_cancellable(planted):
-    from sr.diagnose import DiagnosisCancelled
+    from sr.lab.diagnose import DiagnosisCancelled
 
     path, images = planted
     image = np.asarray(Image.open(Path(images) / "butterfly.png").convert("RGB"))
@@ -142,7 +142,7 @@ def test_diagnosis_is_bounded_and_cancellable(planted):
 def test_all_int8_is_the_eval_figure(model, scheme, data_dir):
     """The diagnosis measures the written QDQ model with the reference engine: its "all INT8" PSNR is what
     `eval --engine ort-int8` reports for the same settings (the simulation it replaced was 0.6 dB off)."""
-    from sr.evaluate import EvalConfig, evaluate
+    from sr.lab.evaluate import EvalConfig, evaluate
 
     calibration = CalibrationConfig(method="entropy", samples=20)
     report = diagnose(DiagnoseConfig(model, calibration, scheme, data=str(data_dir / "Set5")))
@@ -150,7 +150,7 @@ def test_all_int8_is_the_eval_figure(model, scheme, data_dir):
                                  calibration=calibration, scheme=scheme))
     assert report.int8_psnr_y == pytest.approx(scored["int8_mean"]["psnr_y"], abs=0.01)
     assert report.fp32_psnr_y == pytest.approx(scored["fp32_mean"]["psnr_y"], abs=0.01)
-    from sr.qdq import spec_of
+    from sr.quant.qdq import spec_of
 
     spec = spec_of(report.calibrated.fp32_onnx, scheme)
     assert {r.tensor for r in report.ranking} == {t for t, a in spec.activations.items() if a.group == t}

@@ -3,13 +3,13 @@
 import numpy as np
 import pytest
 
-from sr.calibrate import CalibrationConfig
+from sr.quant.calibrate import CalibrationConfig
 from sr.data import degrade, load_image
-from sr.engines import OpenVinoEngine, OrtEngine, openvino_available, tiled
+from sr.run.engines import OpenVinoEngine, OrtEngine, openvino_available, tiled
 from sr.metrics import psnr_y
-from sr.quantize import calibrate_model
-from sr.quantspec import Scheme
-from sr.qdq import write_qdq_model
+from sr.run.quantize import calibrate_model
+from sr.quant.quantspec import Scheme
+from sr.quant.qdq import write_qdq_model
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +58,7 @@ def test_small_inputs_run_in_one_tile():
 
 def test_onnxruntime_providers_prefer_the_gpu_where_present(tmp_path):
     """The provider chain is a pure function of what is installed: checked for a GPU install without one."""
-    from sr.engines import ort_providers
+    from sr.run.engines import ort_providers
 
     qdq = calibrate_model("xlsr-clip", CalibrationConfig(method="minmax", samples=10), "tensorrt")
     gpu = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
@@ -114,7 +114,7 @@ def test_tiles_overlap_by_the_models_measured_receptive_field(engine_kind, tmp_p
     """A model that looks 44 pixels away (more than the old fixed 32-pixel overlap) is measured, and its tiles are
     seamless: the stitched image equals the whole-image run exactly. A model with a global average is found to
     look beyond any radius and runs whole."""
-    from sr.engines import receptive_radius
+    from sr.run.engines import receptive_radius
 
     if engine_kind == "openvino" and not openvino_available():
         pytest.skip("OpenVINO is not installed")
@@ -161,7 +161,7 @@ def test_openvino_drops_the_requests_of_evicted_shapes(tmp_path):
 def test_a_fixed_size_model_gets_a_tensorrt_profile_of_its_size():
     """TensorRT's profile for a model that takes one size is that size (the 8..576 range broke such models); its
     plan is keyed apart. (The engine itself needs a GPU with TensorRT: tested only where there is one.)"""
-    from sr.engines import tensorrt_plan_key, tensorrt_profile_shapes
+    from sr.run.engines import tensorrt_plan_key, tensorrt_profile_shapes
 
     assert tensorrt_profile_shapes((64, 96)) == ((1, 3, 64, 96),) * 3
     assert tensorrt_profile_shapes()[0] == (1, 3, 8, 8)

@@ -78,7 +78,7 @@ def test_eval_int8_json(data_dir):
 
 
 def test_recommended_calibration_is_the_one_the_findings_derive():
-    from sr.evaluate import RECOMMENDED_CALIBRATION, RECOMMENDED_SCHEME
+    from sr.lab.evaluate import RECOMMENDED_CALIBRATION, RECOMMENDED_SCHEME
 
     derived = json.loads((ROOT / "docs" / "findings.json").read_text())["recommended"]
     assert (RECOMMENDED_CALIBRATION.method.value, RECOMMENDED_CALIBRATION.samples, RECOMMENDED_SCHEME.value) == (

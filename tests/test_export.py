@@ -1,9 +1,9 @@
-"""sr.export: torch -> ONNX, checked against torch."""
+"""sr.model.export: torch -> ONNX, checked against torch."""
 import onnx
 
-from sr.export import max_abs_difference
-from sr.models import load_model
-from sr.quantize import fp32_onnx_path
+from sr.model.export import max_abs_difference
+from sr.model.models import load_model
+from sr.run.quantize import fp32_onnx_path
 
 
 def test_export_matches_torch():

@@ -12,11 +12,11 @@ import pytest
 import torch
 
 import standins
-from sr.calibrate import CalibrationConfig
+from sr.quant.calibrate import CalibrationConfig
 from sr.data import degrade, load_image
-from sr.models import load_model
-from sr.quantize import calibrate_model
-from sr.usermodel import register_onnx
+from sr.model.models import load_model
+from sr.run.quantize import calibrate_model
+from sr.model.usermodel import register_onnx
 
 QUICK = CalibrationConfig(method="entropy", samples=20)
 
@@ -42,8 +42,8 @@ def bird(data_dir):
 
 
 def test_statistics_compare_recalibrate_and_coverage(fixed, bird):
-    from sr.compare import compare
-    from sr.diagnose import range_coverage
+    from sr.lab.compare import compare
+    from sr.lab.diagnose import range_coverage
 
     truth, lr = bird
     first = compare(truth, fixed.name, fixed.name, QUICK, "tensorrt", "ground-truth")
@@ -58,7 +58,7 @@ def test_statistics_compare_recalibrate_and_coverage(fixed, bird):
 
 
 def test_the_diagnosis_and_mixed_precision(fixed, bird):
-    from sr.diagnose import DiagnoseConfig, Scorer, diagnose
+    from sr.lab.diagnose import DiagnoseConfig, Scorer, diagnose
 
     truth, lr = bird
     report = diagnose(DiagnoseConfig(fixed.name, QUICK, "tensorrt", max_side=100), images=[truth])
@@ -117,10 +117,10 @@ def test_a_constant_batch_1_reshape_through_every_refinement_and_qat(tmp_path, d
     fail with "shape '[1, 12, 48, 48]' is invalid for input of size ..." in the ONNX interpreter."""
     import onnx
 
-    from sr.evaluate import EvalConfig, evaluate
-    from sr.ptq import RefineConfig, refine
-    from sr.recipe import Refinement
-    from sr.qat import QatConfig, quantization_aware_training
+    from sr.lab.evaluate import EvalConfig, evaluate
+    from sr.tune.ptq import RefineConfig, refine
+    from sr.quant.recipe import Refinement
+    from sr.tune.qat import QatConfig, quantization_aware_training
 
     torch.manual_seed(0)
     path = standins._export(_BakedBatch().eval(), tmp_path / "baked.onnx", torch.rand(1, 3, 48, 48), dynamic=False)
@@ -140,7 +140,7 @@ def test_a_constant_batch_1_reshape_through_every_refinement_and_qat(tmp_path, d
 def test_qat_trains_on_patches_of_any_size(fixed, data_dir, tmp_path):
     """QAT's 18 px patches: a fixed-size model trains on patches of its size, the padded ones on 18 px (neither a
     multiple of 4 nor 25 px), through the wrapper's padding in the ONNX interpreter."""
-    from sr.qat import QatConfig, quantization_aware_training
+    from sr.tune.qat import QatConfig, quantization_aware_training
 
     result = quantization_aware_training(QatConfig(model=fixed.name, out=str(tmp_path / "sized-qat.onnx"), steps=2,
                                                    batch_size=2, lr_patch=18, train_dirs=[str(data_dir / "Set5")],

@@ -1,4 +1,4 @@
-"""sr.loop, the one training loop of train, distill and QAT, on a run of its own: a one-parameter model fitted
+"""sr.tune.loop, the one training loop of train, distill and QAT, on a run of its own: a one-parameter model fitted
 to the patches' mean, so each behaviour shows in a few steps."""
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,7 +10,7 @@ from PIL import Image
 from torch import nn
 
 from sr.data import PatchSampler
-from sr.loop import LoopState, checkpoint, continue_stream, final_validation, restore, run_loop
+from sr.tune.loop import LoopState, checkpoint, continue_stream, final_validation, restore, run_loop
 
 
 @dataclass

@@ -88,7 +88,7 @@ PUBLISHED_BICUBIC_X3 = [("Set5", 30.39), ("Set14", 27.55)]
 def test_bicubic_x3_matches_the_literature(data_dir, name, published_db):
     scores = []
     for path in list_images(data_dir / name):
-        hr, lr = degrade(load_image(path), 3)  # as sr/evaluate.py does
+        hr, lr = degrade(load_image(path), 3)  # as sr/lab/evaluate.py does
         scores.append(psnr_y(bicubic_resize(lr, hr.shape[1], hr.shape[0]), hr, shave=3))
     assert float(np.mean(scores)) == pytest.approx(published_db, abs=0.1)
 

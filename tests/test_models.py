@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from sr.models import (XLSR, FinalActivation, build_model, count_parameters, load_model, read_metadata, save_weights,
+from sr.model.models import (XLSR, FinalActivation, build_model, count_parameters, load_model, read_metadata, save_weights,
                        shipped_models)
 
 

@@ -7,12 +7,12 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from sr.calibrate import CalibrationConfig
-from sr.engines import NPU_TOLERANCE, conformance, probe_image, qnn_available
-from sr.qdq import spec_of
-from sr.quantize import calibrate_model
-from sr.quantspec import Scheme, activation_qparams, graph_quantization, quant_spec, weight_int8
-from sr.runtime import EngineKind, create_engine, reference_engine
+from sr.quant.calibrate import CalibrationConfig
+from sr.run.engines import NPU_TOLERANCE, conformance, probe_image, qnn_available
+from sr.quant.qdq import spec_of
+from sr.run.quantize import calibrate_model
+from sr.quant.quantspec import Scheme, activation_qparams, graph_quantization, quant_spec, weight_int8
+from sr.run.runtime import EngineKind, create_engine, reference_engine
 
 ENTROPY = CalibrationConfig(method="entropy", samples=20)
 
@@ -145,14 +145,14 @@ def test_eval_on_the_npu_from_the_command_line(capfd, data_dir):
 # ---------------------------------------------------------------------------------------------------------------
 # The .tflite the lab writes, in LiteRT's own interpreter.
 
-needs_litert = pytest.mark.skipif(not __import__("sr.engines", fromlist=["x"]).litert_available(),
+needs_litert = pytest.mark.skipif(not __import__("sr.run.engines", fromlist=["x"]).litert_available(),
                                   reason="ai-edge-litert is in requirements.txt")
 
 
 def _tflite(model: str, method: str = "entropy"):
     from ai_edge_litert import schema_py_generated as schema
 
-    from sr.runtime import tflite_model
+    from sr.run.runtime import tflite_model
 
     int8 = calibrate_model(model, CalibrationConfig(method=method, samples=20), "npu")
     path = tflite_model(int8)
@@ -206,9 +206,9 @@ def test_litert_runs_the_tflite_within_two_levels_on_xnnpack_and_its_tolerance_o
 
 @needs_litert
 def test_what_the_tflite_writer_cannot_express_is_refused_naming_it(tmp_path):
-    from sr.runtime import tflite_model
-    from sr.tflite import TfliteUnsupported, tflite_bytes
-    from sr.usermodel import register_onnx
+    from sr.run.runtime import tflite_model
+    from sr.run.tflite import TfliteUnsupported, tflite_bytes
+    from sr.model.usermodel import register_onnx
 
     with pytest.raises(TfliteUnsupported, match="npu or npu-per-tensor scheme, not tensorrt"):
         tflite_model(calibrate_model("xlsr-clip", ENTROPY, "tensorrt"))
@@ -222,7 +222,7 @@ def test_what_the_tflite_writer_cannot_express_is_refused_naming_it(tmp_path):
                                numpy_helper.from_array(rng.standard_normal((3, 8, 3, 3)).astype(np.float32), "w2")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     spec = quant_spec(model, "npu")
-    ranges = {t: __import__("sr.calibrate", fromlist=["x"]).TensorRange(t, -1.0, 1.0, -1.0, 1.0, 0.0, "fixed")
+    ranges = {t: __import__("sr.quant.calibrate", fromlist=["x"]).TensorRange(t, -1.0, 1.0, -1.0, 1.0, 0.0, "fixed")
               for t in spec.activations}
     with pytest.raises(TfliteUnsupported, match="cannot express Sigmoid \\('gate'\\)"):
         tflite_bytes(model, spec, ranges)
@@ -230,7 +230,7 @@ def test_what_the_tflite_writer_cannot_express_is_refused_naming_it(tmp_path):
 
 @needs_litert
 def test_the_bundle_ships_the_tflite_and_says_what_each_runtime_gave(tmp_path):
-    from sr.bundle import export_bundle
+    from sr.lab.bundle import export_bundle
 
     (tmp_path / "calibration.cache").write_text("a stale cache of another model")
     bundle = export_bundle("xlsr-clip", ENTROPY, tmp_path)

@@ -1,4 +1,4 @@
-"""sr.onnxtorch: each op variant a user's exporter writes, run as torch, against ONNX Runtime on the same graph."""
+"""sr.model.onnxtorch: each op variant a user's exporter writes, run as torch, against ONNX Runtime on the same graph."""
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -6,7 +6,7 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from sr.onnxtorch import OnnxModule
+from sr.model.onnxtorch import OnnxModule
 
 
 def _model(nodes, initializers=(), out_shape=None, opset: int = 18) -> onnx.ModelProto:

@@ -1,11 +1,11 @@
-"""sr.plots: the difference images (what each colour means, the scale bar) and the range and histogram figures,
+"""sr.lab.plots: the difference images (what each colour means, the scale bar) and the range and histogram figures,
 drawn from a real calibration."""
 import numpy as np
 import pytest
 
-from sr.calibrate import CalibrationConfig, Method, threshold
-from sr.plots import MAX_TENSORS, difference_image, histogram_figure, range_chart
-from sr.quantize import calibrate_model
+from sr.quant.calibrate import CalibrationConfig, Method, threshold
+from sr.lab.plots import MAX_TENSORS, difference_image, histogram_figure, range_chart
+from sr.run.quantize import calibrate_model
 
 
 def _pair():

@@ -12,15 +12,15 @@ import pytest
 import torch
 
 import standins
-from sr.calibrate import CalibrationConfig
-from sr.models import with_values
-from sr.onnxtorch import OnnxModule
-from sr.ptq import RefineConfig, _conv_nodes, adaround, correct_biases
-from sr.fakequant import fake_quantized
-from sr.quantize import fp32_onnx_path
-from sr.recipe import Fixes
-from sr.transforms import calibration_batch, equalizable_pairs, equalize_channels
-from sr.usermodel import register_onnx
+from sr.quant.calibrate import CalibrationConfig
+from sr.model.models import with_values
+from sr.model.onnxtorch import OnnxModule
+from sr.tune.ptq import RefineConfig, _conv_nodes, adaround, correct_biases
+from sr.tune.fakequant import fake_quantized
+from sr.run.quantize import fp32_onnx_path
+from sr.quant.recipe import Fixes
+from sr.tune.transforms import calibration_batch, equalizable_pairs, equalize_channels
+from sr.model.usermodel import register_onnx
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -108,11 +108,11 @@ def test_centred_io_is_exact_under_every_scheme(scheme, zero_point, tmp_path):
     +-127/255 used to give step 254/255^2 and zero point 128 (one level in 256 exact)."""
     import onnx
 
-    from sr.calibrate import CalibrationConfig
-    from sr.quantize import calibrate_model
-    from sr.qdq import spec_of
-    from sr.quantspec import graph_quantization
-    from sr.transforms import io_tensors, prepare
+    from sr.quant.calibrate import CalibrationConfig
+    from sr.run.quantize import calibrate_model
+    from sr.quant.qdq import spec_of
+    from sr.quant.quantspec import graph_quantization
+    from sr.tune.transforms import io_tensors, prepare
 
     structure, fixes = prepare("xlsr-clip", True, 0.0, None, tmp_path / "m", scheme)
     int8 = calibrate_model(structure, CalibrationConfig(method="minmax", samples=10), scheme, fixes=fixes)
@@ -126,7 +126,7 @@ def test_centred_io_is_exact_under_every_scheme(scheme, zero_point, tmp_path):
 
 
 def test_adaround_refuses_per_tensor_weights():
-    from sr.ptq import RefineConfig
+    from sr.tune.ptq import RefineConfig
 
     with pytest.raises(ValueError, match="per-channel weight steps"):
         RefineConfig("xlsr-clip", ["adaround"], scheme="npu-per-tensor")
@@ -135,12 +135,12 @@ def test_adaround_refuses_per_tensor_weights():
 def test_the_refined_models_key_covers_the_images_and_every_module_it_passes_through(tmp_path, monkeypatch, photo):
     """A refined model is cached by its key: new images in the same folder, or a change to the interpreter, the
     pipeline or the model files, make a new one (the key used to hold the folder's name and three modules' code,
-    so a refined model survived a fix in sr.onnxtorch)."""
+    so a refined model survived a fix in sr.model.onnxtorch)."""
     from PIL import Image
 
-    import sr.models
-    import sr.onnxtorch
-    import sr.quantize
+    import sr.model.models
+    import sr.model.onnxtorch
+    import sr.run.quantize
 
     folder = tmp_path / "calibration"
     folder.mkdir()
@@ -151,7 +151,7 @@ def test_the_refined_models_key_covers_the_images_and_every_module_it_passes_thr
     os.utime(folder / "a.png", (1, 1))  # a different file, whatever the clock's resolution
     second = config.key("weights")
     assert second != first
-    for module in (sr.onnxtorch, sr.quantize, sr.models):
+    for module in (sr.model.onnxtorch, sr.run.quantize, sr.model.models):
         name = next(n for n, v in vars(module).items() if inspect.isfunction(v) and v.__module__ == module.__name__)
         with monkeypatch.context() as patch:
             patch.setattr(module, name, lambda *a, **k: None)
@@ -163,7 +163,7 @@ def test_adaround_fits_its_time_or_says_so_before_it_starts(student, tmp_path):
     """AdaRound, the one long refinement, times one pass and refuses up front when its estimate is over the time
     left (int8-ready's budget used to run 50% over on the teacher); when the time runs out part way it stops at the
     next Conv. (How close its estimate comes is measured in the closing note, not timed here.)"""
-    from sr.ptq import RefineStopped
+    from sr.tune.ptq import RefineStopped
 
     model, reference, x = student
     convs = len(list(_conv_nodes(model)))

@@ -11,17 +11,17 @@ import pytest
 import torch
 
 import standins
-from sr.calibrate import CalibrationConfig
-from sr.evaluate import EvalConfig, evaluate
-from sr.export import onnx_bytes
-from sr.centring import IO_OFFSET
-from sr.models import load_model, read_metadata, with_io_offset
-from sr.onnxtorch import OnnxModule
-from sr.fakequant import original_model
-from sr.qat import QatConfig, quantization_aware_training
-from sr.transforms import io_tensors
-from sr.quantize import calibrate_model, fp32_onnx_path, learned_ranges
-from sr.usermodel import register_onnx
+from sr.quant.calibrate import CalibrationConfig
+from sr.lab.evaluate import EvalConfig, evaluate
+from sr.model.export import onnx_bytes
+from sr.model.centring import IO_OFFSET
+from sr.model.models import load_model, read_metadata, with_io_offset
+from sr.model.onnxtorch import OnnxModule
+from sr.tune.fakequant import original_model
+from sr.tune.qat import QatConfig, quantization_aware_training
+from sr.tune.transforms import io_tensors
+from sr.run.quantize import calibrate_model, fp32_onnx_path, learned_ranges
+from sr.model.usermodel import register_onnx
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -38,7 +38,7 @@ def _ort(path, x: np.ndarray) -> np.ndarray:
 
 def test_interpreter_matches_onnx_runtime(stand_ins, tmp_path):
     """Every stand-in's standard graph (Resize cubic a=-0.5, PRelu, ConvTranspose, Split, Transpose, Tanh, Log...)
-    and the shipped models, run by sr.onnxtorch and by ONNX Runtime."""
+    and the shipped models, run by sr.model.onnxtorch and by ONNX Runtime."""
     paths = {name: register_onnx(p).standard_onnx for name, p in stand_ins.items() if "vdsr" not in name}
     paths.update({name: fp32_onnx_path(name) for name in ("xlsr-relu", "teacher")})
     generator = np.random.default_rng(0)
@@ -139,9 +139,9 @@ def test_qat_writes_a_model_whose_int8_ort_score_matches_the_fake_quantization(q
 def test_qat_model_goes_into_the_deployment_bundle(qat_run, tmp_path):
     """The bundle carries the learned ranges (tensorrt) and a CPU model; the centred model's own Pad stays float
     in the fast CPU rewrite, whose outputs equal the plain QDQ model's."""
-    from sr.bundle import export_bundle
-    from sr.quantspec import Scheme
-    from sr.qdq import write_qdq_model
+    from sr.lab.bundle import export_bundle
+    from sr.quant.quantspec import Scheme
+    from sr.quant.qdq import write_qdq_model
 
     _, result = qat_run
     export_bundle(str(result.weights), CalibrationConfig(samples=10), tmp_path / "bundle")
@@ -221,7 +221,7 @@ def test_qat_under_torchrun(data_dir, tmp_path):
 def test_a_users_onnx_model_can_be_the_teacher(tmp_path, data_dir):
     """Teacher-guided QAT with the teacher given as an ONNX file: it runs through `ModelInfo.frozen_module` (the
     interpreter), which computes what the PyTorch teacher does."""
-    from sr.models import load_model, model_info
+    from sr.model.models import load_model, model_info
 
     onnx_teacher = str(fp32_onnx_path("teacher"))
     x = torch.rand(1, 3, 24, 20)

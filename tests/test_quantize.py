@@ -6,14 +6,14 @@ import numpy as np
 import onnx
 import pytest
 
-from sr.calibrate import CalibrationConfig
+from sr.quant.calibrate import CalibrationConfig
 from sr.data import degrade, load_image
-from sr.engines import OrtEngine, TorchEngine, tensorrt_available, tiled
+from sr.run.engines import OrtEngine, TorchEngine, tensorrt_available, tiled
 from sr.metrics import psnr_y
-from sr.models import load_model
-from sr.quantize import calibrate_model
+from sr.model.models import load_model
+from sr.run.quantize import calibrate_model
 
-from sr.quantspec import Scheme
+from sr.quant.quantspec import Scheme
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -79,7 +79,7 @@ def test_int8_tiles_have_no_seams(photo):
 
 def test_a_changed_threshold_function_means_a_fresh_calibration(monkeypatch):
     """The cache key holds the code: replacing a threshold search at run time must not return the old ranges."""
-    from sr import calibrate
+    from sr.quant import calibrate
 
     config = CalibrationConfig(method="entropy", samples=10, seed=4242)
     first = calibrate_model("xlsr-clip", config, "tensorrt")
@@ -108,7 +108,7 @@ def test_concurrent_calibrations_from_two_processes(tmp_path):
     import subprocess
     import sys
 
-    code = ("import sys; from sr.calibrate import CalibrationConfig; from sr.quantize import calibrate_model; "
+    code = ("import sys; from sr.quant.calibrate import CalibrationConfig; from sr.run.quantize import calibrate_model; "
             "m = calibrate_model('xlsr-relu', CalibrationConfig(method='minmax', samples=10, seed=98), 'cpu', "
             "cache_dir=sys.argv[1]); print(m.key, m.cached)")
     root = Path(__file__).resolve().parent.parent
@@ -132,7 +132,7 @@ def test_bad_arguments():
 @pytest.mark.gpu
 @pytest.mark.skipif(not tensorrt_available(), reason="needs an NVIDIA GPU and TensorRT")
 def test_tensorrt_matches_onnxruntime(butterfly):
-    from sr.engines import TensorRTEngine
+    from sr.run.engines import TensorRTEngine
 
     _, lr = butterfly
     int8 = calibrate_model("xlsr-clip", CalibrationConfig(method="entropy", samples=50), "tensorrt")
@@ -140,7 +140,7 @@ def test_tensorrt_matches_onnxruntime(butterfly):
 
 
 def test_tensorrt_plan_key_covers_model_gpu_version_and_profile(tmp_path):
-    from sr import engines
+    from sr.run import engines
 
     model = tmp_path / "m.onnx"
     model.write_bytes(b"model")
@@ -190,7 +190,7 @@ def test_uploads_make_room_among_uploads_and_the_lab_among_everything(tmp_path, 
     import time
 
     from sr.store import cache_root
-    from sr.usermodel import HOLD_SECONDS, lookup, register_onnx
+    from sr.model.usermodel import HOLD_SECONDS, lookup, register_onnx
 
     first = register_onnx(stand_ins["fsrcnn-y"], cache_dir=tmp_path)
     old = calibrate_model("xlsr-relu", CalibrationConfig(method="minmax", samples=10, seed=601), "tensorrt",
@@ -217,7 +217,7 @@ def test_the_automatic_method_never_destroys_a_y_only_model_and_the_others_warn(
     import json
 
     from sr import cli
-    from sr.compare import compare
+    from sr.lab.compare import compare
 
     base = ["eval", "--onnx", str(ROOT / "examples" / "fsrcnn-y.onnx"), "--data", str(data_dir / "Set5"),
             "--engine", "ort-int8", "--json"]

@@ -8,12 +8,12 @@ import numpy as np
 import onnx
 import pytest
 
-from sr.calibrate import CalibrationConfig
-from sr.recipe import Fixes
-from sr.models import shipped_models
-from sr.quantize import calibrate_model, fp32_onnx_path
-from sr.qdq import spec_of
-from sr.quantspec import Scheme, graph_quantization, quant_spec
+from sr.quant.calibrate import CalibrationConfig
+from sr.quant.recipe import Fixes
+from sr.model.models import shipped_models
+from sr.run.quantize import calibrate_model, fp32_onnx_path
+from sr.quant.qdq import spec_of
+from sr.quant.quantspec import Scheme, graph_quantization, quant_spec
 
 SHIPPED = shipped_models()
 
@@ -122,7 +122,7 @@ def test_per_tensor_weights_are_an_npu_option():
 
 def test_learned_ranges_that_match_no_tensor_are_an_error(tmp_path, monkeypatch):
     """A QAT record whose ranges name a tensor the graph lacks is refused, never skipped."""
-    from sr import quantize
+    from sr.run import quantize
 
     monkeypatch.setattr(quantize, "learned_ranges", lambda model, scheme: {"no/such/tensor": (-1.0, 1.0)})
     with pytest.raises(ValueError, match="no/such/tensor"):
@@ -215,7 +215,7 @@ def test_tensorrt_placement_on_the_families_is_modelopts_but_for_the_stated_diff
     attention, gated-attention (ESA), residual-scaling and ConvTranspose patterns, which the spec does not copy)."""
     pytest.importorskip("modelopt.onnx.quantization")
     import standins
-    from sr.usermodel import register_onnx
+    from sr.model.usermodel import register_onnx
 
     path = standins.family(family, tmp_path, str(data_dir / "T91"), steps=2)  # the placement ignores the weights
     user = register_onnx(path)

@@ -1,4 +1,4 @@
-"""sr.ready and `python -m sr int8-ready`: the routes in order of cost, each candidate measured against the original
+"""sr.lab.ready and `python -m sr int8-ready`: the routes in order of cost, each candidate measured against the original
 FP32 model as `eval` measures it, the target ending the search, the bundle of the chosen model, words for bad input."""
 import json
 import shutil
@@ -7,11 +7,11 @@ import onnx
 import pytest
 
 from sr import cli
-from sr.calibrate import CalibrationConfig
-from sr.evaluate import EvalConfig, evaluate
-from sr.qdq import spec_of
-from sr.quantspec import graph_quantization
-from sr.ready import ReadyConfig, make_ready
+from sr.quant.calibrate import CalibrationConfig
+from sr.lab.evaluate import EvalConfig, evaluate
+from sr.quant.qdq import spec_of
+from sr.quant.quantspec import graph_quantization
+from sr.lab.ready import ReadyConfig, make_ready
 
 
 @pytest.fixture(scope="module")
@@ -72,8 +72,8 @@ def test_refinements_run_on_a_graph_with_an_int64_shape_subgraph(tmp_path, two_i
     """The waifu2x-like export (its padding's pads come out of Shape -> Gather -> ... -> Tile): equalization and
     bias correction run on it, and the refined copy is a model like any other."""
     import standins
-    from sr.ptq import RefineConfig, refine
-    from sr.usermodel import register_onnx
+    from sr.tune.ptq import RefineConfig, refine
+    from sr.model.usermodel import register_onnx
 
     user = register_onnx(standins.shape_padded(tmp_path / "waifu2x.onnx"))
     path = refine(RefineConfig(user.name, ["equalize", "bias-correction"],
@@ -88,9 +88,9 @@ def test_a_heavy_model_is_searched_on_fewer_images_and_its_choice_confirmed_on_a
     """A model whose scoring would eat the budget (here: the pre-upsampled VDSR stand-in, with the share the range
     methods may take cut so that one image is all it gets) is searched on a subset sized by its measured cost, so
     the search reaches the refinements; the chosen model's loss is then measured on every image, as eval does."""
-    import sr.ready
+    import sr.lab.ready
 
-    monkeypatch.setattr(sr.ready, "SEARCH_SHARE", 1e-6)
+    monkeypatch.setattr(sr.lab.ready, "SEARCH_SHARE", 1e-6)
     model = families["vdsr"].name
     result = make_ready(ReadyConfig(model, data=str(two_images), target_db=-100, budget_minutes=1, max_float=0,
                                     qat=False, calibration=CalibrationConfig(method="auto", samples=20)))
@@ -113,14 +113,14 @@ def test_a_met_target_ends_the_search_at_the_first_candidate(two_images):
 def test_qat_in_the_time_left_measured_against_the_original(two_images, stand_ins, monkeypatch):
     """With only QAT left to try, it runs in the budget and its model is measured against the original FP32 (a
     QAT model's own FP32 differs)."""
-    import sr.ready
-    from sr.usermodel import register_onnx
+    import sr.lab.ready
+    from sr.model.usermodel import register_onnx
 
     # a short QAT is enough to check the route (and no bundle is written: a small reserve)
-    monkeypatch.setattr(sr.ready, "MIN_QAT_SECONDS", 4.0)
-    monkeypatch.setattr(sr.ready, "RESERVE_SECONDS", 5.0)
+    monkeypatch.setattr(sr.lab.ready, "MIN_QAT_SECONDS", 4.0)
+    monkeypatch.setattr(sr.lab.ready, "RESERVE_SECONDS", 5.0)
     # the route is forced to reach QAT on any CPU, loaded or not: no refinements, a target no model meets
-    monkeypatch.setattr(sr.ready, "_refinements", lambda *args: None)
+    monkeypatch.setattr(sr.lab.ready, "_refinements", lambda *args: None)
     user = register_onnx(stand_ins["fsrcnn-y"])
     result = make_ready(ReadyConfig(user.name, data=str(two_images), target_db=-100.0, budget_minutes=0.5,
                                     calibration=CalibrationConfig(method="minmax", samples=20), max_float=0,
@@ -155,8 +155,8 @@ def test_every_family_the_default_is_near_lossless_or_warns_and_diagnose_int8_re
     user's own graph (its own input name), on every family at its own scale (2, 3 and 4)."""
     import onnxruntime as ort
 
-    from sr.diagnose import DiagnoseConfig, diagnose
-    from sr.models import model_info
+    from sr.lab.diagnose import DiagnoseConfig, diagnose
+    from sr.model.models import model_info
 
     model = families[name].name
     assert model_info(model).scale == SCALES[name]

@@ -1,4 +1,4 @@
-"""sr.recipe: one QuantRecipe and one key for every cached INT8 result (the calibration, the automatic method's
+"""sr.quant.recipe: one QuantRecipe and one key for every cached INT8 result (the calibration, the automatic method's
 choice, the refined models)."""
 import dataclasses
 import inspect
@@ -6,14 +6,14 @@ from pathlib import Path
 
 import pytest
 
-import sr.ptq  # noqa: F401  (a refined recipe's key covers the refinement modules: they must be loaded)
-import sr.fakequant
-import sr.quantize
-from sr.calibrate import CalibrationConfig, images_digest, load_calibration_images
-from sr.recipe import Fixes
-from sr.ptq import RefineConfig
-from sr.quantize import calibrate_model
-from sr.recipe import QuantRecipe, Refinement, RefineSettings
+import sr.tune.ptq  # noqa: F401  (a refined recipe's key covers the refinement modules: they must be loaded)
+import sr.tune.fakequant
+import sr.run.quantize
+from sr.quant.calibrate import CalibrationConfig, images_digest, load_calibration_images
+from sr.quant.recipe import Fixes
+from sr.tune.ptq import RefineConfig
+from sr.run.quantize import calibrate_model
+from sr.quant.recipe import QuantRecipe, Refinement, RefineSettings
 from sr.store import code_digest_of, file_sha256
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -48,8 +48,8 @@ def test_every_part_of_the_recipe_is_in_its_key():
 def test_the_refinement_code_is_in_a_refined_recipes_key_only(monkeypatch):
     plain, refined = QuantRecipe(), QuantRecipe(refinements=["bias-correction"])
     before = plain.key("w", "d"), refined.key("w", "d")
-    name = next(n for n, v in vars(sr.fakequant).items() if inspect.isfunction(v) and v.__module__ == "sr.fakequant")
-    monkeypatch.setattr(sr.fakequant, name, lambda *a, **k: None)
+    name = next(n for n, v in vars(sr.tune.fakequant).items() if inspect.isfunction(v) and v.__module__ == "sr.tune.fakequant")
+    monkeypatch.setattr(sr.tune.fakequant, name, lambda *a, **k: None)
     assert plain.key("w", "d") == before[0]  # calibrating does not pass through the fake quantizers' code
     assert refined.key("w", "d") != before[1]
 
@@ -70,8 +70,8 @@ def test_the_caches_are_named_by_the_one_key():
     int8 = calibrate_model("xlsr-clip", config, "cpu")
     assert int8.qdq_onnx.parent.name == int8.key
     # the key the pipeline used is the recipe's, over the network's calibration inputs
-    from sr.calibrate import prepare_calibration_images
-    from sr.models import model_info
+    from sr.quant.calibrate import prepare_calibration_images
+    from sr.model.models import model_info
 
     info = model_info("xlsr-clip")
     inputs = prepare_calibration_images(load_calibration_images(None), config, info.scale)
@@ -116,7 +116,7 @@ def test_the_key_is_the_same_in_another_process():
     import subprocess
     import sys
 
-    code = ("import sr.ptq; from sr.recipe import QuantRecipe; from sr.calibrate import CalibrationConfig; "
+    code = ("import sr.tune.ptq; from sr.quant.recipe import QuantRecipe; from sr.quant.calibrate import CalibrationConfig; "
             "print(QuantRecipe(CalibrationConfig(method='auto'), refinements=['equalize']).key('w', 'd'))")
     here = QuantRecipe(CalibrationConfig(method="auto"), refinements=["equalize"]).key("w", "d")
     there = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,

@@ -1,11 +1,11 @@
-"""sr.rewrite: the graph rewrites that put every Conv on ONNX Runtime's fast INT8 kernel, outputs unchanged."""
+"""sr.quant.rewrite: the graph rewrites that put every Conv on ONNX Runtime's fast INT8 kernel, outputs unchanged."""
 from collections import Counter
 
 import onnx
 from onnx import numpy_helper
 
-from sr.calibrate import CalibrationConfig
-from sr.quantize import calibrate_model
+from sr.quant.calibrate import CalibrationConfig
+from sr.run.quantize import calibrate_model
 
 
 def test_rewrite_puts_every_conv_on_the_fast_kernel():

@@ -5,11 +5,11 @@ import onnx
 import pytest
 
 from sr import cli
-from sr.calibrate import CalibrationConfig
-from sr.engines import (INT8_TOLERANCE, OpenVinoEngine, OrtEngine, conformance, openvino_available,
+from sr.quant.calibrate import CalibrationConfig
+from sr.run.engines import (INT8_TOLERANCE, OpenVinoEngine, OrtEngine, conformance, openvino_available,
                         probe_image, unsigned_activations)
-from sr.quantize import calibrate_model
-from sr.runtime import EngineKind, best_int8_engine, cpu_name, create_engine, reference_engine
+from sr.run.quantize import calibrate_model
+from sr.run.runtime import EngineKind, best_int8_engine, cpu_name, create_engine, reference_engine
 
 needs_openvino = pytest.mark.skipif(not openvino_available(), reason="openvino is not installed")
 
@@ -69,7 +69,7 @@ def test_explicit_engine_that_fails_is_refused_by_the_cli(monkeypatch, capsys, d
     original = OpenVinoEngine.run
     monkeypatch.setattr(OpenVinoEngine, "run", lambda self, lr: np.clip(original(self, lr).astype(int) - 30, 0, 255)
                         .astype(np.uint8))
-    monkeypatch.setattr("sr.engines._VERDICTS", __import__("sr.store", fromlist=["Memo"]).Memo(256))
+    monkeypatch.setattr("sr.run.engines._VERDICTS", __import__("sr.store", fromlist=["Memo"]).Memo(256))
     code = cli.main(["eval", "--model", "xlsr-clip", "--engine", "openvino-int8", "--method", "entropy",
                      "--samples", "20", "--data", str(data_dir / "Set5")])
     err = capsys.readouterr().err
@@ -79,7 +79,7 @@ def test_explicit_engine_that_fails_is_refused_by_the_cli(monkeypatch, capsys, d
 @needs_openvino
 def test_best_engine_falls_back_to_the_reference(monkeypatch):
     int8 = calibrate_model("xlsr-clip", CalibrationConfig(method="entropy", samples=20), "npu")
-    monkeypatch.setattr("sr.engines._VERDICTS", __import__("sr.store", fromlist=["Memo"]).Memo(256))
+    monkeypatch.setattr("sr.run.engines._VERDICTS", __import__("sr.store", fromlist=["Memo"]).Memo(256))
     original = OpenVinoEngine.run
     monkeypatch.setattr(OpenVinoEngine, "run", lambda self, lr: 255 - original(self, lr))
     engine, refused = best_int8_engine(int8)
@@ -90,7 +90,7 @@ def test_one_engine_policy_by_purpose():
     """`engine_for`: figures on the reference (ONNX Runtime's CPU kernels on the QDQ file the bundle ships), FP32
     in the model's own runtime when asked, the fastest engine that agrees for speed, and a kind asked for by name
     checked against the reference."""
-    from sr.runtime import Purpose, engine_for, int8_candidates
+    from sr.run.runtime import Purpose, engine_for, int8_candidates
 
     int8 = calibrate_model("xlsr-clip", CalibrationConfig(method="entropy", samples=20), "tensorrt")
     measured = engine_for("xlsr-clip", int8)

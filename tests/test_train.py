@@ -9,9 +9,9 @@ from conftest import free_port
 import torch
 from PIL import Image
 
-from sr.distill import DistillConfig, KDMode, distill
-from sr.models import FinalActivation, build_model, load_model, read_metadata, save_weights
-from sr.train import TrainConfig, charbonnier, train
+from sr.tune.distill import DistillConfig, KDMode, distill
+from sr.model.models import FinalActivation, build_model, load_model, read_metadata, save_weights
+from sr.tune.train import TrainConfig, charbonnier, train
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -196,7 +196,7 @@ def test_one_rank_stopping_stops_all_ranks(tiny_data, tmp_path):
 DDP_SCRIPT = """
 import os
 import sys
-from sr.train import TrainConfig, train
+from sr.tune.train import TrainConfig, train
 
 folder, out, mode = sys.argv[1:4]
 config = TrainConfig(arch="xlsr", scale=2, train_dirs=[folder], val_dir=None, out=out, steps=20, batch_size=4,
@@ -260,7 +260,7 @@ def test_short_schedules_run(steps, tiny_data, tmp_path):
 def test_default_training_folders_come_from_the_project_and_missing_ones_say_what_to_give(tmp_path, monkeypatch):
     """The defaults do not depend on the working directory; $SR_TRAIN_DIRS wins; a missing folder is named with
     where training images can come from (it used to say only "no such image folder: ../shared/data/T91")."""
-    from sr.train import SHARED_DATA, default_training_dirs
+    from sr.tune.train import SHARED_DATA, default_training_dirs
 
     monkeypatch.delenv("SR_TRAIN_DIRS", raising=False)
     monkeypatch.chdir(tmp_path)

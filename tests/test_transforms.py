@@ -1,12 +1,12 @@
-"""sr.transforms: a model prepared with centred I/O is quantized on the 8-bit grid, and equalization passes the
+"""sr.tune.transforms: a model prepared with centred I/O is quantized on the 8-bit grid, and equalization passes the
 activations that commute with it (the graph surgery of centring is tests/test_centring.py)."""
 import onnx
 import pytest
 from onnx import numpy_helper
 
-from sr.calibrate import CalibrationConfig
-from sr.quantize import calibrate_model, fp32_onnx_path
-from sr.transforms import equalizable_pairs, prepare
+from sr.quant.calibrate import CalibrationConfig
+from sr.run.quantize import calibrate_model, fp32_onnx_path
+from sr.tune.transforms import equalizable_pairs, prepare
 
 
 def test_a_centred_user_graph_is_quantized_on_the_8_bit_grid(families, tmp_path):

@@ -8,14 +8,14 @@ import onnx
 import pytest
 import standins
 
-from sr.bundle import export_bundle
-from sr.calibrate import CalibrationConfig
+from sr.lab.bundle import export_bundle
+from sr.quant.calibrate import CalibrationConfig
 from sr.data import degrade, load_image
-from sr.diagnose import DiagnoseConfig, diagnose
-from sr.engines import OrtEngine
-from sr.evaluate import EvalConfig, evaluate
-from sr.quantize import calibrate_model
-from sr.usermodel import Overrides, UserModelError, register_onnx
+from sr.lab.diagnose import DiagnoseConfig, diagnose
+from sr.run.engines import OrtEngine
+from sr.lab.evaluate import EvalConfig, evaluate
+from sr.run.quantize import calibrate_model
+from sr.model.usermodel import Overrides, UserModelError, register_onnx
 
 ROOT = Path(__file__).resolve().parent.parent
 EXPECTED = {  # stand-in -> (layout, colour, range, pre-upsampled, fixed size, ops left in float)
@@ -95,7 +95,7 @@ def test_overrides_win(stand_ins):
 
 def test_fixed_size_model_runs_on_every_engine(registered, data_dir):
     """OpenVINO tiles a fixed-size model to its size too, like ONNX Runtime (same output)."""
-    from sr.engines import OpenVinoEngine, openvino_available
+    from sr.run.engines import OpenVinoEngine, openvino_available
 
     if not openvino_available():
         pytest.skip("openvino is not installed")
@@ -110,8 +110,8 @@ def test_fixed_size_model_runs_on_every_engine(registered, data_dir):
 def test_a_y_only_models_int8_panel_keeps_its_chroma(registered, data_dir):
     """Only the user's graph is quantized: the lab's RGB -> Y conversion and bicubic Cb/Cr stay in float, so the
     INT8 panel's chroma is FP32's (the Cb/Cr path quantized to +-0.28 used to turn it solid green)."""
-    from sr.compare import compare
-    from sr.usermodel import YCBCR, YCBCR_OFFSET
+    from sr.lab.compare import compare
+    from sr.model.usermodel import YCBCR, YCBCR_OFFSET
 
     model = registered["fsrcnn-y"].name
     hr = load_image(data_dir / "Set5" / "butterfly.png")
@@ -162,7 +162,7 @@ def test_a_model_cannot_read_server_files(tmp_path):
 
 
 def test_runtime_messages_are_cleaned():
-    from sr.usermodel import clean_message
+    from sr.model.usermodel import clean_message
 
     raw = "[ShapeInferenceError] /home/app/cache/user/abc/contract.json: requested shape:{34,34,34,83,82,32,73,78}\n x"
     cleaned = clean_message(raw)
@@ -196,7 +196,7 @@ def test_subgraphs_reading_outer_tensors_and_unnamed_nodes(tmp_path):
     graph again, with the user's output."""
     import onnxruntime as ort
 
-    from sr.quantize import fp32_onnx_path
+    from sr.run.quantize import fp32_onnx_path
 
     path = tmp_path / "branching.onnx"
     path.write_bytes(_branching_model().SerializeToString())
@@ -236,7 +236,7 @@ def test_another_process_reads_back_the_model_as_registered(stand_ins):
     """After a restart, or in a torchrun worker, `lookup` gives the same model as `register_onnx` made: the ops
     left in float and the parameters counted on the user's own graph (it used to give none, and the wrapped
     graph's count)."""
-    from sr import usermodel
+    from sr.model import usermodel
 
     made = usermodel.register_onnx(stand_ins["fsrcnn-y"])
     usermodel._REGISTRY.items.clear()  # a fresh process: nothing in memory, the cache folder only

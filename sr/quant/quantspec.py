@@ -1,0 +1,559 @@
+"""The one description of what is quantized: a pure `QuantSpec` derived once from the FP32 graph, the scheme and
+the fixes, read by the QDQ writer, the diagnosis, QAT's fake quantizers, PTQ, the TensorRT cache and the coverage
+check. Nothing here runs a model; `graph_quantization` reads what a written QDQ model really quantizes, so that
+the spec and the file can be compared.
+
+Three targets, each named for what it deploys to:
+
+- `tensorrt`: Q/DQ where NVIDIA ModelOpt's ONNX PTQ (`modelopt.onnx.quantization`, int8) puts them for the same
+  graph: the activation inputs of Conv / ConvTranspose / MatMul / Gemm, Add and pooling, nothing on activations'
+  outputs, DepthToSpace or the network output (TensorRT fuses the rest and keeps the output in float). As in
+  ModelOpt, a Conv with too few channels (both sides < 16, unless one is a multiple of 8 and it is the first
+  layer or one side >= 16) stays in float, an Add with a constant input gets no Q/DQ, and the branch of a residual
+  Add that comes straight out of a Conv is not quantized there (TensorRT fuses the Add into that Conv).
+  Symmetric INT8 (-127..127), weights per output channel, float biases. Checked against ModelOpt itself, on every
+  shipped model and stand-in, in tests/test_quantspec.py; ModelOpt's other patterns (attention, LayerNorm, GEMV)
+  are not reproduced, and a graph with them may differ.
+- `npu`: the LiteRT (TFLite) 8-bit quantization specification, which Qualcomm's HTP and the other phone NPUs
+  run: every tensor in INT8, the network output included (the input and output of each Conv / ReLU / Clip /
+  Concat / DepthToSpace); activations per tensor, **asymmetric with a zero point** (-128..127, so a [0, 1] image
+  uses all 256 levels and white stays white); weights symmetric per output channel (-127..127, zero point 0);
+  **INT32 biases** at step s_input x s_weight; and the spec's op constraints: a Concat's inputs share its output's
+  scale and zero point, a DepthToSpace keeps its input's, and a Conv feeding only an activation shares the
+  activation's (the fused unit quantizes once, after the activation); an Add of two tensors is INT8 too. `npu-per-tensor`: the same with one scale
+  per weight tensor (accelerators without per-channel weights).
+- `npu-symmetric`: the `npu` placement with symmetric activations (zero point 0, -127..127) and float biases, for
+  accelerators that are symmetric-only (what `npu` meant before it followed LiteRT's specification).
+- `cpu`: the `npu-symmetric` placement with asymmetric UINT8 activations and INT32 biases: ONNX Runtime's fast
+  x86 path (written by ONNX Runtime's own quantizer).
+
+The lab's own wrapper around a user's model (nodes named `standard/...`: colour conversion, the Cb/Cr bicubic,
+layout transposes, [0, 255] scaling) is never quantized: it is not part of what the user deploys.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import onnx
+
+from ..choices import Choice
+
+WRAPPER_PREFIX = "standard/"  # node and tensor names of the lab's wrapper around a user's graph (sr.model.usermodel)
+
+
+class Scheme(Choice, noun="INT8 scheme"):
+    """The INT8 target: where Q/DQ go and how activations are quantized."""
+
+    TENSORRT = "tensorrt"
+    NPU = "npu"  # LiteRT's 8-bit specification (asymmetric INT8 activations, INT32 biases, tied Concat)
+    NPU_PER_TENSOR = "npu-per-tensor"  # npu with one scale per weight tensor (accelerators without per-channel)
+    NPU_SYMMETRIC = "npu-symmetric"  # every tensor INT8, symmetric activations, float biases
+    CPU = "cpu"
+
+    @property
+    def symmetric(self) -> bool:
+        """True for symmetric INT8 activations with zero point 0 (tensorrt, npu-symmetric)."""
+        return self in (Scheme.TENSORRT, Scheme.NPU_SYMMETRIC)
+
+    @property
+    def by_onnxruntime(self) -> bool:
+        """True for the scheme whose QDQ model ONNX Runtime's quantizer writes (cpu); the lab writes the others."""
+        return self is Scheme.CPU
+
+    @property
+    def litert(self) -> bool:
+        """True for the schemes that follow LiteRT's 8-bit quantization specification (npu, npu-per-tensor)."""
+        return self in (Scheme.NPU, Scheme.NPU_PER_TENSOR)
+
+    @property
+    def int32_bias(self) -> bool:
+        """True where Conv biases are INT32 at step s_input x s_weight (npu, npu-per-tensor, cpu)."""
+        return self.litert or self is Scheme.CPU
+
+    @property
+    def all_int8(self) -> bool:
+        """True for the placements that quantize every tensor of the covered ops (npu, npu-per-tensor, cpu)."""
+        return self is not Scheme.TENSORRT
+
+
+# ModelOpt's int8 placement quantizes the inputs of these (its CASK partition heads and KGEN ops)
+TENSORRT_INPUT_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm", "Add", "MaxPool", "AveragePool",
+                      "GlobalAveragePool")
+ALL_INT8_OPS = ("Conv", "Relu", "Clip", "Concat", "DepthToSpace")  # npu / cpu: inputs and outputs of these
+LITERT_OPS = (*ALL_INT8_OPS, "Add")  # LiteRT's ADD is an INT8 op too (a residual stays on the integer path)
+WEIGHT_AXIS = {"Conv": 0, "ConvTranspose": 1, "MatMul": 1, "Gemm": 1}  # the output-channel axis of each weight
+
+
+@dataclass(frozen=True)
+class ActivationSpec:
+    """One quantized activation tensor."""
+
+    tensor: str
+    group: str  # the tensor whose range it takes (itself when it has its own): a tie group
+    signed: bool  # INT8 (tensorrt, npu, npu-symmetric), or UINT8 (cpu)
+    qmin: int  # the integer grid a range is mapped onto: -127..127 (symmetric), -128..127 or 0..255
+    qmax: int
+    symmetric: bool = True  # zero point 0 and a range symmetric about it, or a zero point that fits the range
+
+
+@dataclass(frozen=True)
+class WeightSpec:
+    """One quantized weight (an initializer), always symmetric INT8 -127..127."""
+
+    tensor: str
+    node: str  # the node that reads it
+    axis: int | None  # the per-channel axis, None for one scale per tensor
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """What a scheme quantizes in one FP32 graph, and how (see the module docstring)."""
+
+    scheme: Scheme
+    activations: dict[str, ActivationSpec]  # in graph order
+    weights: dict[str, WeightSpec]
+    float_bias: bool  # biases stay float (tensorrt, npu-symmetric) or are INT32 (npu, npu-per-tensor, cpu)
+    float_tensors: tuple[str, ...]  # activations a quantizing op reads in float: fixes, small convs, the wrapper
+    excluded_nodes: tuple[str, ...] = field(default=())  # nodes whose inputs are not quantized
+
+    def groups(self) -> list[str]:
+        """The tie groups (each needs one range), in graph order."""
+        return list(dict.fromkeys(a.group for a in self.activations.values()))
+
+    def members(self, group: str) -> list[str]:
+        """The tensors of a tie group."""
+        return [a.tensor for a in self.activations.values() if a.group == group]
+
+
+
+def activation_qparams(spec: ActivationSpec, low: float, high: float) -> tuple[float, int]:
+    """(scale, zero point) of a range on a spec's grid (ONNX Runtime's quantizer and LiteRT's do the same
+    arithmetic: the range widened to include 0, the zero point the integer that 0.0 maps to)."""
+    if spec.symmetric:
+        amax = max(abs(low), abs(high), 1e-8)
+        return float(np.float32(amax / spec.qmax)), 0
+    low, high = min(low, 0.0), max(high, 0.0)
+    scale = float(np.float32(max(high - low, 1e-8) / (spec.qmax - spec.qmin)))
+    return scale, int(np.clip(round(spec.qmin - low / scale), spec.qmin, spec.qmax))
+
+
+def weight_int8(values: np.ndarray, axis: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric INT8 of a weight: step max|w| / 127 per channel along `axis` (or one for the tensor), values
+    rounded half to even and clipped to -127..127; an all-zero channel gets step 1.
+
+    Returns:
+        (INT8 values, float32 steps: a scalar, or one per channel).
+    """
+    values = np.asarray(values, np.float32)
+    if axis is None:
+        scale = np.array(max(float(np.abs(values).max(initial=0.0)), 1e-12) / 127.0, np.float32)
+        shaped = scale
+    else:
+        reduce = tuple(d for d in range(values.ndim) if d != axis)
+        scale = (np.abs(values).max(axis=reduce) / 127.0).astype(np.float32)
+        scale[scale == 0] = 1.0
+        shaped = scale.reshape([-1 if d == axis else 1 for d in range(values.ndim)])
+    return np.clip(np.rint(values / shaped), -127, 127).astype(np.int8), scale
+
+
+def _conv_too_small(node: onnx.NodeProto, weight: np.ndarray | None, graph_inputs: set[str]) -> bool:
+    """ModelOpt's `find_nodes_from_convs_to_exclude` for INT8: a Conv with fewer than 16 channels on both sides is
+    left in float unless TensorRT has a kernel for it."""
+    if weight is None or weight.ndim not in (3, 4, 5):
+        return True  # a non-constant weight: ModelOpt skips the Conv
+    out_channels, in_channels = weight.shape[0], weight.shape[1]
+    if out_channels >= 16 and in_channels >= 16:
+        return False
+    group = next((a.i for a in node.attribute if a.name == "group"), 1)
+    kernel = next((list(a.ints) for a in node.attribute if a.name == "kernel_shape"), list(weight.shape[2:]))
+    if group == 1 and (out_channels % 8 == 0 or in_channels % 8 == 0) and len(set(kernel)) == 1 and (
+            node.input[0] in graph_inputs or out_channels >= 16 or in_channels >= 16):
+        return False
+    return not (group > 1 and out_channels % 8 == 0 and all(k >= 3 for k in kernel))
+
+
+def _constants(model: onnx.ModelProto) -> tuple[dict[str, np.ndarray], set[str]]:
+    """(initializer arrays, names of every constant tensor: initializers, Constant outputs and their Identities)."""
+    arrays = {init.name: onnx.numpy_helper.to_array(init) for init in model.graph.initializer}
+    constants = set(arrays)
+    for node in model.graph.node:
+        if node.op_type == "Constant" or (node.op_type == "Identity" and node.input and node.input[0] in constants):
+            constants.update(node.output)
+    return arrays, constants
+
+
+def is_wrapper(name: str) -> bool:
+    """True for a node or tensor of the lab's wrapper (see the module docstring)."""
+    return name.startswith(WRAPPER_PREFIX)
+
+
+def float_activations(model: onnx.ModelProto) -> set[str]:
+    """Tensors known to be float (not integer shape arithmetic or masks): those shape inference types FLOAT, and,
+    where it says nothing, the outputs of nodes with a float non-constant input, in graph order (Shape and the
+    index-valued ops make integers, Cast says what it makes)."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False).graph
+        typed = {v.name: v.type.tensor_type.elem_type for v in [*inferred.value_info, *inferred.input,
+                                                                *inferred.output]}
+    except Exception:  # inference is a help, not a requirement
+        typed = {}
+    floating = {i.name for i in model.graph.input if i.type.tensor_type.elem_type == onnx.TensorProto.FLOAT}
+    for node in model.graph.node:
+        for name in node.output:
+            if not name:
+                continue
+            if typed.get(name):
+                if typed[name] == onnx.TensorProto.FLOAT:
+                    floating.add(name)
+            elif node.op_type == "Cast":
+                if next((a.i for a in node.attribute if a.name == "to"), None) == onnx.TensorProto.FLOAT:
+                    floating.add(name)
+            elif node.op_type not in ("Shape", "Size", "NonZero", "ArgMax", "ArgMin") and \
+                    any(t in floating for t in node.input):
+                floating.add(name)
+    return floating
+
+
+def quant_spec(model: onnx.ModelProto, scheme: Scheme | str, keep_float: Sequence[str] = (),
+               per_tensor_weights: bool = False) -> QuantSpec:
+    """What `scheme` quantizes in `model`.
+
+    Args:
+        model: the FP32 ONNX model (a shipped export, or a user's graph inside the lab's wrapper).
+        scheme: the INT8 target.
+        keep_float: activation tensors left unquantized (a fix).
+        per_tensor_weights: one scale per weight tensor instead of one per output channel (npu only: some NPUs
+            have no per-channel weights).
+
+    Returns:
+        the QuantSpec.
+
+    Raises:
+        ValueError: per-tensor weights asked for a scheme other than npu.
+    """
+    scheme = Scheme.parse(scheme)
+    if per_tensor_weights and scheme not in (Scheme.NPU, Scheme.NPU_SYMMETRIC):
+        raise ValueError("per-tensor weights are an option of the npu schemes only")
+    per_tensor_weights = per_tensor_weights or scheme is Scheme.NPU_PER_TENSOR
+    graph = _GraphFacts.of(model)
+    quantized: list[str] = []
+    weights: dict[str, WeightSpec] = {}
+    excluded, floated = [], []
+    # the cpu writer (ONNX Runtime's quantizer) keeps a tensor in float by excluding every node that touches it,
+    # so those nodes quantize nothing else either (a Conv reading a float tensor leaves its output in float)
+    touching = set(keep_float) if scheme.by_onnxruntime else set()
+    for node in graph.user_nodes:
+        placed = _tensorrt_inputs(graph, node) if scheme is Scheme.TENSORRT else \
+            _all_int8_tensors(graph, node, scheme, excluded)
+        if placed is not None and touching & (set(node.input) | set(node.output)):
+            excluded.append(node.name)
+            continue
+        if placed is None:  # a Conv TensorRT has no INT8 kernel for: left in float
+            excluded.append(node.name)
+            floated.extend(t for t in node.input[:1] if graph.activation(t))
+            continue
+        quantized.extend(placed)
+        weight = graph.arrays.get(node.input[1]) if len(node.input) > 1 else None
+        weighted = node.op_type in WEIGHT_AXIS if scheme is Scheme.TENSORRT else node.op_type == "Conv"
+        if weighted and weight is not None and weight.dtype == np.float32:
+            axis = 0 if node.op_type == "Gemm" and any(a.name == "transB" and a.i for a in node.attribute) \
+                else WEIGHT_AXIS[node.op_type]
+            weights[node.input[1]] = WeightSpec(node.input[1], node.name, None if per_tensor_weights else axis)
+    ordered = list(dict.fromkeys(quantized))
+    floated += [t for t in ordered if t in set(keep_float)]
+    ordered = [t for t in ordered if t not in set(keep_float)]
+    ties = {} if scheme is Scheme.TENSORRT else fused_ties(model, set(ordered), concat_inputs=scheme.litert)
+    qmin, qmax = (-127, 127) if scheme.symmetric else (0, 255) if scheme.by_onnxruntime else (-128, 127)
+    signed = not scheme.by_onnxruntime
+    activations = {t: ActivationSpec(t, ties.get(t, t), signed, qmin, qmax, scheme.symmetric) for t in ordered}
+    return QuantSpec(scheme, activations, weights, not scheme.int32_bias, tuple(dict.fromkeys(floated)),
+                     tuple(excluded))
+
+
+@dataclass(frozen=True)
+class _GraphFacts:
+    """What the placement rules look up in a graph."""
+
+    arrays: dict[str, np.ndarray]  # initializers
+    constants: set[str]
+    floating: set[str]  # float activations (not shape arithmetic)
+    user_nodes: list  # every node but the lab's wrapper
+    producers: dict  # tensor -> its producer among the user's nodes
+    inputs: set[str]  # what the user's own graph takes (the graph inputs, or what the wrapper feeds it)
+
+    @classmethod
+    def of(cls, model: onnx.ModelProto) -> "_GraphFacts":
+        arrays, constants = _constants(model)
+        user_nodes = [n for n in model.graph.node if not is_wrapper(n.name)]
+        wrapper_outputs = {o for n in model.graph.node if is_wrapper(n.name) for o in n.output}
+        inputs = {i.name for i in model.graph.input} | {t for n in user_nodes for t in n.input if t in wrapper_outputs}
+        return cls(arrays, constants, float_activations(model), user_nodes,
+                   {name: node for node in user_nodes for name in node.output}, inputs)
+
+    def activation(self, name: str) -> bool:
+        """True for a float activation of the user's graph (not a constant, not the wrapper's)."""
+        return bool(name) and name not in self.constants and name in self.floating and not is_wrapper(name)
+
+
+def _tensorrt_inputs(graph: _GraphFacts, node: onnx.NodeProto) -> list[str] | None:
+    """The tensors ModelOpt's placement quantizes at `node` (its activation inputs), or None for a Conv left in
+    float."""
+    if node.op_type not in TENSORRT_INPUT_OPS:
+        return []
+    weight = graph.arrays.get(node.input[1]) if len(node.input) > 1 else None
+    if node.op_type == "Conv" and _conv_too_small(node, weight, graph.inputs):
+        return None
+    if node.op_type == "Add" and any(t in graph.constants for t in node.input):
+        return []  # a bias or an offset: TensorRT folds it, ModelOpt puts no Q/DQ there
+    inputs = list(node.input) if node.op_type in ("Add", "MatMul") else list(node.input[:1])
+    if node.op_type == "Add":
+        fused = _non_residual_input(node, graph.producers, graph.constants)
+        inputs = [t for t in inputs if t != fused]
+    return [t for t in inputs if graph.activation(t)]
+
+
+def _all_int8_tensors(graph: _GraphFacts, node: onnx.NodeProto, scheme: Scheme,
+                      excluded: Sequence[str] = ()) -> list[str]:
+    """The tensors the npu / cpu placement quantizes at `node`: its inputs and outputs for the covered ops
+    (`excluded`: the nodes left out so far, whose outputs the cpu writer does not quantize)."""
+    if node.op_type not in (LITERT_OPS if scheme.litert else ALL_INT8_OPS):
+        return []
+    producer = graph.producers.get(node.input[0])
+    if scheme is Scheme.CPU and node.op_type in ("Relu", "Clip") and (
+            getattr(producer, "op_type", None) not in ALL_INT8_OPS or producer.name in excluded):
+        return []  # ONNX Runtime's writer quantizes an activation only as part of a quantized op before it
+    inputs = list(node.input) if node.op_type in ("Concat", "Add") else list(node.input[:1])
+    return [t for t in [*inputs, *node.output] if graph.activation(t)]
+
+
+# ModelOpt's `get_fusible_backbone`: the backward paths from an Add's input to a Conv that TensorRT fuses
+# (BiasAdd / ConstMul: an Add / Mul with a constant input, optional), copy ops allowed anywhere along them
+_FUSIBLE_PATHS = [[*head, conv] for conv in ("Conv", "ConvTranspose") for head in (
+    ["BiasAdd", "ConstMul"], ["Relu", "BiasAdd", "ConstMul"], ["BatchNormalization", "BiasAdd"],
+    ["Relu", "BatchNormalization", "BiasAdd"], ["MaxPool", "Relu", "BatchNormalization", "BiasAdd"],
+    ["Mul", "Sigmoid", "BatchNormalization"])]
+_OPTIONAL = ("BiasAdd", "ConstMul")
+_COPY_OPS = ("Flatten", "Transpose", "Concat", "Split", "Squeeze", "Expand", "ReverseSequence", "Reshape", "Tile",
+             "Gather", "Slice", "GatherElements", "GatherND", "ScatterElements", "ScatterND", "OneHot")
+
+
+def _kind(node: onnx.NodeProto, constants: set[str]) -> str:
+    if node.op_type in ("Add", "Mul") and any(t in constants for t in node.input):
+        return "BiasAdd" if node.op_type == "Add" else "ConstMul"
+    return node.op_type
+
+
+def _on_path(node, path: list[str], producers: dict, constants: set[str]) -> bool:
+    """True when a backward path of `path`'s op types starts at `node` (ModelOpt's `has_path_type`)."""
+    if not path:
+        return True
+    kind = _kind(node, constants)
+    parents = [producers[t] for t in node.input if t in producers and t not in constants]
+    if kind == path[0] or node.op_type == path[0]:
+        return len(path) == 1 or any(_on_path(parent, path[1:], producers, constants) for parent in parents)
+    if kind in _COPY_OPS:
+        return any(_on_path(parent, path, producers, constants) for parent in parents)
+    return path[0] in _OPTIONAL and _on_path(node, path[1:], producers, constants)
+
+
+def _first_conv(node, producers: dict, constants: set[str], seen: set | None = None):
+    """The first Conv/ConvTranspose found going back from `node`, depth first (ModelOpt's `_get_backbone`)."""
+    seen = set() if seen is None else seen
+    if id(node) in seen:
+        return None
+    seen.add(id(node))
+    if node.op_type in ("Conv", "ConvTranspose"):
+        return node
+    for name in node.input:
+        if name in producers and name not in constants:
+            found = _first_conv(producers[name], producers, constants, seen)
+            if found is not None:
+                return found
+    return None
+
+
+def _backbone(tensor: str, producers: dict, constants: set[str]) -> onnx.NodeProto | None:
+    """The Conv TensorRT fuses the producer of `tensor` into, or None (ModelOpt's `get_fusible_backbone`)."""
+    node = producers.get(tensor)
+    if node is None or not any(_on_path(node, list(path), producers, constants) for path in _FUSIBLE_PATHS):
+        return None
+    return _first_conv(node, producers, constants)
+
+
+def _ancestors(node: onnx.NodeProto, producers: dict[str, onnx.NodeProto]) -> dict[int, tuple[int, str]]:
+    """{id(ancestor): (distance, name)} of a node, itself at distance 0 (breadth first over its inputs)."""
+    found, frontier, distance = {id(node): (0, node.name)}, [node], 0
+    while frontier:
+        distance += 1
+        upper = []
+        for current in frontier:
+            for name in current.input:
+                parent = producers.get(name)
+                if parent is not None and id(parent) not in found:
+                    found[id(parent)] = (distance, parent.name)
+                    upper.append(parent)
+        frontier = upper
+    return found
+
+
+def _non_residual_input(node: onnx.NodeProto, producers: dict[str, onnx.NodeProto],
+                        constants: set[str]) -> str | None:
+    """The input of a residual Add that TensorRT fuses into the Conv producing it (ModelOpt's
+    `build_non_residual_input_map`: the branch with a Conv backbone, the longer path to the lowest common ancestor
+    when both have one), or None when neither is (an input of the graph, a constant, no Conv)."""
+    if len(node.input) != 2 or any(name not in producers for name in node.input):
+        return None
+    first, second = (producers[name] for name in node.input)
+    backbones = [_backbone(name, producers, constants) for name in node.input]
+    up_first, up_second = _ancestors(first, producers), _ancestors(second, producers)
+    common = [(up_first[key][0] + up_second[key][0], up_first[key][0], up_second[key][0], up_first[key][1])
+              for key in up_first.keys() & up_second.keys()]
+    _, d1, d2, lca = min(common) if common else (0, 0, 0, None)
+    if backbones[0] is not None and backbones[1] is not None:
+        if backbones[0] is backbones[1]:
+            return None
+        return node.input[0] if d1 > d2 else node.input[1]
+    for index, backbone in enumerate(backbones):
+        if backbone is not None:
+            return None if lca == backbone.name else node.input[index]
+    return None
+
+
+def fused_ties(model: onnx.ModelProto, quantized: set[str], concat_inputs: bool = False) -> dict[str, str]:
+    """A Conv output that feeds only a ReLU/Clip (possibly through a DepthToSpace or a channel Slice, pure data
+    movement) takes the activation's output range: the fused unit quantizes once, after the activation; a
+    DepthToSpace output keeps its input's grid (data movement cannot change a scale). With `concat_inputs`
+    (LiteRT's specification: "CONCATENATION ... restriction: input and outputs must all have same scale/zero
+    point"), every quantized input of a Concat takes the Concat output's range, and so does whatever was tied to
+    that input.
+
+    Returns:
+        {tensor: the tensor whose range it takes}, each chain followed to its end.
+    """
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    producer = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+        for name in node.output:
+            producer[name] = node
+    ties = {}
+    for node in model.graph.node:
+        if node.op_type not in ("Relu", "Clip") or node.output[0] not in quantized:
+            continue
+        tensor = node.input[0]
+        while tensor in quantized and len(consumers.get(tensor, [])) == 1 and tensor in producer:
+            ties[tensor] = node.output[0]
+            if producer[tensor].op_type not in ("DepthToSpace", "Slice"):
+                break
+            tensor = producer[tensor].input[0]
+    for node in model.graph.node:  # a DepthToSpace not followed by an activation: its output on its input's grid
+        if node.op_type == "DepthToSpace" and node.input[0] in quantized and node.output[0] in quantized \
+                and node.output[0] not in ties and node.input[0] not in ties:
+            ties[node.output[0]] = node.input[0]
+    if concat_inputs:
+        for node in model.graph.node:
+            if node.op_type == "Concat" and node.output[0] in quantized:
+                target = _tie_root(ties, node.output[0])
+                for name in node.input:
+                    root = _tie_root(ties, name)
+                    if name in quantized and root != target:
+                        ties[root] = target
+    return {tensor: _tie_root(ties, tensor) for tensor in ties}
+
+
+def _tie_root(ties: dict[str, str], tensor: str) -> str:
+    """The end of `tensor`'s chain of ties (itself when it is tied to nothing)."""
+    seen = {tensor}
+    while tensor in ties and ties[tensor] not in seen:
+        tensor = ties[tensor]
+        seen.add(tensor)
+    return tensor
+
+
+def used_names(nodes) -> set[str]:
+    """Every tensor name the nodes read, their subgraphs' reads included (an If / Loop body may read an outer
+    initializer by name)."""
+    found = set()
+    for node in nodes:
+        found.update(node.input)
+        for attribute in node.attribute:
+            for sub in ([attribute.g] if attribute.HasField("g") else []) + list(attribute.graphs):
+                found |= used_names(sub.node)
+    return found
+
+
+@dataclass(frozen=True)
+class GraphQuantization:
+    """What a written QDQ model quantizes, read from its Q/DQ nodes."""
+
+    activations: dict[str, tuple[float, int]]  # FP32 tensor name -> (scale, zero point)
+    weights: dict[str, int | None]  # FP32 weight name -> per-channel axis (None: one scale)
+
+
+def graph_quantization(qdq: onnx.ModelProto, fp32: onnx.ModelProto) -> GraphQuantization:
+    """The activations and weights a QDQ model quantizes, named as in its FP32 graph.
+
+    An activation is quantized where a QuantizeLinear reads it (or reads the renamed producer output of a
+    quantized graph output); a weight where a DequantizeLinear reads an INT8 initializer that replaces an FP32
+    weight. Tensors a writer added (a rewrite's padding) are reported under their own names.
+
+    Args:
+        qdq: the QDQ model.
+        fp32: the FP32 model it was written from.
+
+    Returns:
+        the GraphQuantization.
+    """
+    initializers = {i.name: onnx.numpy_helper.to_array(i) for i in qdq.graph.initializer}
+    fp32_outputs = {o.name for o in fp32.graph.output}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in qdq.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    activations, weights = {}, {}
+    fp32_weights = {i.name for i in fp32.graph.initializer}
+    for node in qdq.graph.node:
+        if node.op_type == "QuantizeLinear" and node.input[0] not in initializers:
+            tensor = node.input[0]
+            for dq in consumers.get(node.output[0], []):  # a graph output's pair ends in the output's own name
+                if dq.op_type == "DequantizeLinear" and dq.output[0] in fp32_outputs:
+                    tensor = dq.output[0]
+            zero = int(initializers[node.input[2]]) if len(node.input) > 2 else 0
+            activations[tensor] = (float(initializers[node.input[1]]), zero)
+        elif node.op_type == "DequantizeLinear" and node.input[0] in initializers \
+                and initializers[node.input[0]].dtype == np.int8:
+            name = fp32_initializer_of(node, consumers, fp32, fp32_weights) or node.input[0]
+            scale = initializers[node.input[1]]
+            weights[name] = next((a.i for a in node.attribute if a.name == "axis"), 1) if scale.ndim else None
+    return GraphQuantization(activations, weights)
+
+
+def fp32_initializer_of(dq: onnx.NodeProto, consumers: dict, fp32: onnx.ModelProto, names: set[str]) -> str | None:
+    """The FP32 initializer that a QDQ model's DequantizeLinear of a constant stands for: the input in the same slot
+    of the same node of the FP32 graph (matched by its name, when that name is unique), else the initializer the
+    writers named its INT8 copy after (`<name>_quantized`).
+
+    Args:
+        dq: the DequantizeLinear.
+        consumers: {tensor: nodes of the QDQ model that read it}.
+        fp32: the FP32 model.
+        names: the FP32 model's initializer names.
+
+    Returns:
+        the name, or None when neither way finds one.
+    """
+    for user in consumers.get(dq.output[0], []):
+        matches = [n for n in fp32.graph.node if n.name and n.name == user.name and n.op_type == user.op_type]
+        if len(matches) == 1:
+            slot = list(user.input).index(dq.output[0])
+            if slot < len(matches[0].input) and matches[0].input[slot] in names:
+                return matches[0].input[slot]
+    stem = dq.input[0].removesuffix("_quantized")
+    return stem if stem in names else None
+
+
+__all__ = ["used_names", "weight_int8", "Scheme", "QuantSpec", "ActivationSpec", "WeightSpec", "quant_spec", "activation_qparams",
+           "graph_quantization", "GraphQuantization", "fp32_initializer_of", "is_wrapper", "WRAPPER_PREFIX"]

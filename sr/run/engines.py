@@ -1,0 +1,756 @@
+"""Inference engines behind one interface: `engine.run(lr uint8 HxWx3) -> uint8 (sH)x(sW)x3`.
+
+PyTorch FP32, ONNX Runtime FP32 and INT8 (QDQ models from `sr.run.quantize`), and TensorRT (a strongly typed
+engine built from the `tensorrt`-scheme QDQ model; needs an NVIDIA GPU, `tensorrt` and torch with CUDA, see
+requirements-gpu.txt). Large inputs run in overlapping tiles: the overlap covers the network's receptive field,
+measured per model the first time an image needs tiles (`receptive_radius`), so the stitched result equals the
+whole-image result exactly (no seams) while memory stays bounded; a model that looks farther than MAX_RADIUS
+(global pooling, attention over the whole image) runs whole instead.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import onnx
+import torch
+
+from ..data import to_tensor, to_uint8
+from ..store import (Memo, cache_cap_bytes, cache_root, code_digest, evict, file_sha256, locked, short_hash,
+                    write_atomic)
+
+log = logging.getLogger(__name__)
+
+TILE = 512  # LR pixels per tile side: inputs up to 512x512 run whole (a split costs the overlap twice)
+OVERLAP = 32  # LR pixels of tile overlap when none was measured (XLSR looks 5 pixels away, the teacher 27)
+MAX_RADIUS = 96  # LR pixels: the farthest context `receptive_radius` looks for
+
+
+def receptive_radius(run_array: Callable[[np.ndarray], np.ndarray], scale: int,
+                     fixed: tuple[int, int] | None = None, limit: int = MAX_RADIUS) -> int | None:
+    """How far a network looks, in LR pixels: the smallest r such that changing the input only farther than r from
+    a pixel (in the max norm) leaves that pixel's output unchanged. Measured, not assumed: two random images that
+    agree within r of the centre and differ beyond it (the second darker), a binary search over r (about 9 runs of a
+    (2 limit + 3)-pixel square, or of the model's fixed size).
+
+    Returns:
+        the radius, or None when it reaches beyond `limit` (global pooling, whole-image attention: tiles
+        cannot be seamless).
+    """
+    if fixed is not None:
+        limit = min(limit, (min(fixed) - 3) // 2)
+        height, width = fixed
+    else:
+        height = width = 2 * limit + 3
+    if limit < 1:
+        return None
+    rng = np.random.default_rng(0)
+    # beyond r, a darker random image: a systematic change (a global average moves with it) as well as a local one
+    base = rng.random((1, 3, height, width), dtype=np.float32)
+    other = np.float32(0.2) * rng.random((1, 3, height, width), dtype=np.float32)
+    cy, cx = height // 2, width // 2
+    rows, cols = np.ogrid[:height, :width]
+
+    def centre(image: np.ndarray) -> np.ndarray:
+        return run_array(image)[0, :, cy * scale:(cy + 1) * scale, cx * scale:(cx + 1) * scale]
+
+    reference = centre(base)
+
+    def reaches_beyond(radius: int) -> bool:
+        inside = (np.abs(rows - cy) <= radius) & (np.abs(cols - cx) <= radius)
+        return bool(np.abs(centre(np.where(inside, base, other)) - reference).max() > 1e-6)
+
+    if reaches_beyond(limit):
+        return None
+    low, high = 0, limit  # reaches beyond `high`: no; the answer is in [low, high]
+    while low < high:
+        middle = (low + high) // 2
+        low, high = (middle + 1, high) if reaches_beyond(middle) else (low, middle)
+    return high
+
+
+class Seamless:
+    """What every engine shares: `run` in seamless tiles, the overlap measured on the engine's own model the
+    first time an image needs tiles (images up to one tile run whole and need no overlap)."""
+
+    scale: int
+    fixed: tuple[int, int] | None = None
+    max_side: int | None = None  # the largest input side the engine takes (TensorRT's profile), None: any
+    _radius: int | None | bool = False  # False: not measured yet
+
+    def _run_array(self, array: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def run(self, lr: np.ndarray) -> np.ndarray:
+        """Upscale uint8 HxWx3 to uint8 (sH)x(sW)x3, in seamless tiles (of the model's size if it is fixed)."""
+        height, width = lr.shape[:2]
+        side = self.max_side or TILE
+        whole = (height, width) == self.fixed if self.fixed else max(height, width) <= side
+        if whole:
+            return tiled(self._run_array, lr, self.scale, tile=max(height, width, 1), fixed=self.fixed)
+        if self._radius is False:
+            self._radius = receptive_radius(self._run_array, self.scale, self.fixed)
+            if self._radius is None:
+                log.warning("%s looks farther than %d pixels: its tiles cannot be seamless; it runs whole where "
+                            "it can", getattr(self, "name", "the model"), MAX_RADIUS)
+        overlap = MAX_RADIUS if self._radius is None else self._radius
+        if self._radius is None and self.fixed is None and self.max_side is None:
+            return tiled(self._run_array, lr, self.scale, tile=max(height, width), fixed=None)
+        tile = side if self.max_side is None else max(1, self.max_side - 2 * overlap)
+        return tiled(self._run_array, lr, self.scale, tile=tile, overlap=overlap, fixed=self.fixed)
+
+
+def tiled(run_array: Callable[[np.ndarray], np.ndarray], lr: np.ndarray, scale: int, tile: int = TILE,
+          overlap: int = OVERLAP, fixed: tuple[int, int] | None = None) -> np.ndarray:
+    """Run a network over overlapping tiles of an image and stitch the tiles' centres.
+
+    Args:
+        run_array: float32 1x3xhxw in [0, 1] -> float32 1x3x(sh)x(sw).
+        lr: uint8 HxWx3.
+        scale: the network's upscaling factor.
+        tile: tile side in LR pixels.
+        overlap: LR pixels of context on each side (>= the receptive-field radius gives a seamless result).
+        fixed: (height, width) of a network that takes only that size: every tile is exactly that size, the
+            image mirrored at its borders to fill them.
+
+    Returns:
+        uint8 (sH)x(sW)x3.
+
+    Raises:
+        ValueError: `lr` is not uint8 HxWx3.
+    """
+    if lr.ndim != 3 or lr.shape[2] != 3 or lr.dtype != np.uint8:
+        raise ValueError(f"expected a uint8 HxWx3 image, got {lr.dtype} {lr.shape}")
+    height, width = lr.shape[:2]
+    image = np.divide(lr.transpose(2, 0, 1)[None], np.float32(255.0), dtype=np.float32)  # one pass, same values
+    out = np.empty((height * scale, width * scale, 3), np.uint8)
+    for y, x, window, (top, left), (h, w) in _windows(image, tile, overlap, fixed):
+        result = run_array(window)
+        top, left, h, w = top * scale, left * scale, h * scale, w * scale
+        # transposed first: the product is a new HxWx3 array in memory order, rounded and clipped in place
+        block = result[0, :, top : top + h, left : left + w].transpose(1, 2, 0) * np.float32(255.0)
+        np.rint(block, out=block)
+        np.clip(block, 0, 255, out=block)
+        out[y * scale : y * scale + h, x * scale : x * scale + w] = block
+    return out
+
+
+def _windows(image: np.ndarray, tile: int, overlap: int, fixed: tuple[int, int] | None):
+    """(y, x, input window, offset of the kept part in the window, kept size), all in LR pixels."""
+    height, width = image.shape[2:]
+    if fixed is None:
+        for y in range(0, height, tile):
+            for x in range(0, width, tile):
+                y0, x0 = max(0, y - overlap), max(0, x - overlap)
+                y1, x1 = min(height, y + tile + overlap), min(width, x + tile + overlap)
+                yield y, x, image[:, :, y0:y1, x0:x1], (y - y0, x - x0), (min(tile, height - y), min(tile, width - x))
+        return
+    size_y, size_x = fixed
+    margin = min(overlap, (min(size_y, size_x) - 1) // 4)
+    step_y, step_x = size_y - 2 * margin, size_x - 2 * margin
+    padded = np.pad(image, ((0, 0), (0, 0), (margin, margin + step_y), (margin, margin + step_x)), mode="reflect")
+    for y in range(0, height, step_y):
+        for x in range(0, width, step_x):
+            window = np.ascontiguousarray(padded[:, :, y : y + size_y, x : x + size_x])
+            yield y, x, window, (margin, margin), (min(step_y, height - y), min(step_x, width - x))
+
+
+class TorchEngine(Seamless):
+    """PyTorch FP32 on the CPU (or a given device)."""
+
+    def __init__(self, model: torch.nn.Module, device: str = "cpu", name: str = "torch"):
+        self.model, self.device, self.name = model.eval().to(device), torch.device(device), name
+        self.scale = model.config.scale
+
+    @torch.no_grad()
+    def _run_array(self, array: np.ndarray) -> np.ndarray:
+        return self.model(torch.from_numpy(array).to(self.device)).float().cpu().numpy()
+
+
+def fixed_size(shape) -> tuple[int, int] | None:
+    """(height, width) when a 1x3xHxW input shape is static, else None."""
+    height, width = shape[2:4]
+    return (height, width) if isinstance(height, int) and isinstance(width, int) and height > 0 and width > 0 else None
+
+
+def ort_providers(onnx_path: str | os.PathLike, available: list[str] | None = None) -> list:
+    """ONNX Runtime execution providers for a model, best first, with the CPU as the fallback.
+
+    Where `onnxruntime-gpu` is installed (requirements-gpu.txt), a QDQ model goes to the TensorRT execution
+    provider (explicit quantization from the Q/DQ pairs, engines cached in the cache folder) and an FP32 model to
+    CUDA. Written from ONNX Runtime's documentation: no GPU provider could run where this lab was built.
+
+    Args:
+        onnx_path: the model.
+        available: the providers present (default: `onnxruntime.get_available_providers()`).
+
+    Returns:
+        a providers list for `InferenceSession`.
+    """
+    import onnxruntime as ort
+
+    available = ort.get_available_providers() if available is None else available
+    quantized = b"QuantizeLinear" in Path(onnx_path).read_bytes()
+    chain: list = []
+    if quantized and "TensorrtExecutionProvider" in available:
+        chain.append(("TensorrtExecutionProvider", {"trt_engine_cache_enable": True,
+                                                    "trt_engine_cache_path": str(cache_root() / "ort-tensorrt")}))
+    if "CUDAExecutionProvider" in available:
+        chain.append("CUDAExecutionProvider")
+    return [*chain, "CPUExecutionProvider"]
+
+
+class OrtEngine(Seamless):
+    """ONNX Runtime: an FP32 model or a QDQ INT8 model, on the best provider present (`provider` says which), or
+    on the CPU alone (`cpu_only`: the lab's reference numerics)."""
+
+    def __init__(self, onnx_path: str | os.PathLike, scale: int, threads: int = 0, name: str = "ort",
+                 cpu_only: bool = False):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        options.log_severity_level = 3
+        # no memory arena: a 1024x768 input's tiles made the arena keep several hundred MB per session for good
+        options.enable_cpu_mem_arena = False
+        providers = ["CPUExecutionProvider"] if cpu_only else ort_providers(onnx_path)
+        self.session = ort.InferenceSession(str(onnx_path), options, providers=providers)
+        self.provider = self.session.get_providers()[0]
+        self.input_name = self.session.get_inputs()[0].name
+        self.fixed = fixed_size(self.session.get_inputs()[0].shape)
+        self.scale, self.path = scale, Path(onnx_path)
+        self.name = name if self.provider == "CPUExecutionProvider" else f"{name} ({self.provider})"
+
+    def _run_array(self, array: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {self.input_name: array})[0]
+
+
+def reference(onnx_path: str | os.PathLike, scale: int, threads: int = 0, name: str = "ort-reference") -> OrtEngine:
+    """The lab's reference numerics: ONNX Runtime's CPU kernels on an FP32 or QDQ model. Every INT8 figure the
+    lab shows is measured with it, and every other engine is checked against it (`sr.run.runtime`); the one place
+    it is made."""
+    return OrtEngine(onnx_path, scale, threads, name=name, cpu_only=True)
+
+
+def openvino_available() -> bool:
+    """True when OpenVINO's runtime can be imported."""
+    try:
+        import openvino  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def unsigned_activations(model: "onnx.ModelProto") -> int:
+    """Re-express every signed-INT8 activation Q/DQ pair as UINT8 with its zero point moved by 128, in place.
+
+    The grid is the same (q_uint8 = q_int8 + 128 for every value, the clamp included), so the numerics are
+    unchanged; weights (Q/DQ of initializers, per-channel) keep their INT8 zero points. Why: OpenVINO 2026.4's
+    CPU plugin runs the signed-activation path wrongly on some CPUs (AMD Zen 4 without AMX: posterized, dark
+    output, 13-16 dB from ONNX Runtime on the same file), while the unsigned path agrees with ONNX Runtime on
+    both Intel and AMD. The conformance check below is what makes that claim safe on a CPU nobody tried.
+
+    Args:
+        model: a QDQ ONNX model (changed in place).
+
+    Returns:
+        how many zero points were moved.
+    """
+    from onnx import numpy_helper
+
+    initializers = {init.name: init for init in model.graph.initializer}
+    moved = set()
+    for node in model.graph.node:
+        if node.op_type not in ("QuantizeLinear", "DequantizeLinear") or len(node.input) < 3:
+            continue
+        zero = initializers.get(node.input[2])
+        if zero is None or zero.data_type != onnx.TensorProto.INT8 or zero.dims:
+            continue  # per-channel (weights) or not a constant
+        if node.op_type == "DequantizeLinear" and node.input[0] in initializers:
+            continue  # a quantized weight stored as INT8
+        moved.add(zero.name)
+    for name in moved:
+        value = numpy_helper.to_array(initializers[name]).astype(np.int16) + 128
+        initializers[name].CopyFrom(numpy_helper.from_array(value.astype(np.uint8), name))
+    return len(moved)
+
+
+def _openvino_source(onnx_path: Path) -> Path:
+    """The file OpenVINO reads: the model itself, or its unsigned-activation twin (cached by the model's hash)."""
+    model = onnx.load(str(onnx_path))
+    if not unsigned_activations(model):
+        return onnx_path
+    twin = cache_root() / "openvino" / f"{onnx_path.stem}-{file_sha256(onnx_path)[:16]}-u8.onnx"
+    if not twin.is_file():
+        write_atomic(model.SerializeToString(), twin)
+        evict(twin.parent, cache_cap_bytes(), keep=twin)
+    return twin
+
+
+class OpenVinoEngine(Seamless):
+    """OpenVINO on the CPU: an FP32 ONNX model (run in FP32, or BF16 where the CPU has it) or a QDQ INT8 model,
+    whose Q/DQ pairs OpenVINO turns into fused INT8 kernels (grouped convolutions included). Signed activations
+    run through the equivalent unsigned graph (`unsigned_activations`).
+
+    One compiled model per input shape (OpenVINO is fastest on static shapes), LATENCY hint, threads settable.
+    """
+
+    def __init__(self, onnx_path: str | os.PathLike, scale: int, threads: int = 0, precision: str = "f32",
+                 name: str = "openvino"):
+        import openvino as ov
+
+        if precision not in ("f32", "bf16"):
+            raise ValueError(f"unknown OpenVINO precision {precision!r}; choose one of: f32, bf16")
+        self.core, self.path, self.scale, self.name = ov.Core(), _openvino_source(Path(onnx_path)), scale, name
+        self.config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": precision}
+        if threads:
+            self.config["INFERENCE_NUM_THREADS"] = threads
+        # per input shape: the compiled model and its infer requests, one per thread (a request is not reentrant);
+        # evicting a shape drops its requests with it (they used to live on in each thread and keep it alive)
+        self.compiled: dict[tuple, tuple[object, threading.local]] = {}
+        self.lock = threading.Lock()
+        dims = self.core.read_model(str(self.path)).inputs[0].get_partial_shape()
+        self.fixed = fixed_size([d.get_length() if d.is_static else None for d in dims])
+
+    def _compiled(self, shape: tuple):
+        with self.lock:
+            if shape not in self.compiled:
+                model = self.core.read_model(str(self.path))
+                model.reshape({model.inputs[0].any_name: list(shape)})
+                if len(self.compiled) >= 8:
+                    self.compiled.pop(next(iter(self.compiled)))
+                self.compiled[shape] = (self.core.compile_model(model, "CPU", self.config), threading.local())
+            return self.compiled[shape]
+
+    def _run_array(self, array: np.ndarray) -> np.ndarray:
+        compiled, requests = self._compiled(tuple(array.shape))
+        # the output buffer of a request is reused by its next inference, which on this thread only comes after
+        # the caller has consumed this one
+        if not hasattr(requests, "request"):
+            requests.request = compiled.create_infer_request()
+        return requests.request.infer({0: array})[compiled.outputs[0]]
+
+
+def tensorrt_available() -> bool:
+    """True when TensorRT and a CUDA GPU are both usable."""
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+def tensorrt_profile_shapes(fixed: tuple[int, int] | None = None) -> tuple[tuple[int, ...], ...]:
+    """(min, opt, max) input shapes of the TensorRT optimisation profile: tiles up to TILE + 2 * OVERLAP a side,
+    or exactly the model's size when it takes only one (`fixed`)."""
+    if fixed is not None:
+        return ((1, 3, *fixed),) * 3
+    side = TILE + 2 * OVERLAP
+    return (1, 3, 8, 8), (1, 3, side, side), (1, 3, side, side)
+
+
+def tensorrt_plan_key(qdq_onnx: str | os.PathLike, gpu_name: str, tensorrt_version: str,
+                      fixed: tuple[int, int] | None = None) -> str:
+    """The cache key of a TensorRT plan.
+
+    Args:
+        qdq_onnx: the QDQ model the plan is built from (its hash already covers the calibration code).
+        gpu_name: the CUDA device's name.
+        tensorrt_version: `tensorrt.__version__`.
+
+    Returns:
+        20 hex digits over the model's hash, the GPU, TensorRT's version, the profile's shapes and this
+        module's code.
+    """
+    parts = {"model": file_sha256(qdq_onnx), "gpu": gpu_name, "tensorrt": tensorrt_version,
+             "profile": tensorrt_profile_shapes(fixed), "code": code_digest(sys.modules[__name__])}
+    return short_hash(json.dumps(parts, sort_keys=True), 20)
+
+
+class TensorRTEngine(Seamless):
+    """A strongly typed TensorRT engine built from a `tensorrt`-scheme QDQ model (TensorRT 10/11 API).
+
+    The engine is cached on disk, keyed by `tensorrt_plan_key` (model, GPU, TensorRT version, profile); device
+    buffers are torch CUDA tensors. Inputs run in tiles of at most TILE + 2 * OVERLAP pixels per side, the
+    optimisation profile's maximum, or of the model's own size when it is fixed. One execution context, used
+    by one thread at a time (its input shape and addresses are per call).
+    """
+
+    def __init__(self, qdq_onnx: str | os.PathLike, scale: int, cache_dir: str | os.PathLike | None = None,
+                 name: str = "tensorrt"):
+        import tensorrt as trt
+
+        if not torch.cuda.is_available():
+            raise RuntimeError("TensorRT needs an NVIDIA GPU with CUDA; none is visible")
+        self.trt, self.scale, self.name = trt, scale, name
+        self.logger = trt.Logger(trt.Logger.WARNING)
+        qdq_onnx = Path(qdq_onnx)
+        dims = onnx.load(str(qdq_onnx), load_external_data=False).graph.input[0].type.tensor_type.shape.dim
+        self.fixed = fixed_size([d.dim_value if d.HasField("dim_value") else None for d in dims])
+        self.max_side = None if self.fixed else TILE + 2 * OVERLAP
+        self.lock = threading.Lock()
+        cache = Path(cache_dir or cache_root() / "tensorrt")
+        key = tensorrt_plan_key(qdq_onnx, torch.cuda.get_device_name(), trt.__version__, self.fixed)
+        plan_path = cache / f"{qdq_onnx.stem}-{key}.plan"
+        runtime = trt.Runtime(self.logger)
+        self.engine = runtime.deserialize_cuda_engine(plan_path.read_bytes()) if plan_path.is_file() else None
+        if self.engine is None:  # missing or stale/corrupt plan
+            with locked(plan_path):
+                plan = self._build(qdq_onnx)
+                write_atomic(plan, plan_path)
+            self.engine = runtime.deserialize_cuda_engine(plan)
+        self.context = self.engine.create_execution_context()
+        self.input_name, self.output_name = self.engine.get_tensor_name(0), self.engine.get_tensor_name(1)
+        self.stream = torch.cuda.Stream()
+
+    def _build(self, qdq_onnx: Path) -> bytes:
+        trt = self.trt
+        builder = trt.Builder(self.logger)
+        network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+        parser = trt.OnnxParser(network, self.logger)
+        if not parser.parse(qdq_onnx.read_bytes()):
+            errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+            raise RuntimeError(f"TensorRT could not parse {qdq_onnx.name}: {errors}")
+        config = builder.create_builder_config()
+        profile = builder.create_optimization_profile()
+        profile.set_shape(network.get_input(0).name, *tensorrt_profile_shapes(self.fixed))
+        config.add_optimization_profile(profile)
+        plan = builder.build_serialized_network(network, config)
+        if plan is None:
+            raise RuntimeError(f"TensorRT failed to build an engine from {qdq_onnx.name}")
+        return bytes(plan)
+
+    def _run_array(self, array: np.ndarray) -> np.ndarray:
+        source = torch.from_numpy(array).cuda()
+        _, _, height, width = array.shape
+        result = torch.empty((1, 3, height * self.scale, width * self.scale), device="cuda", dtype=torch.float32)
+        with self.lock:  # the context's shape and addresses belong to one call at a time
+            self.context.set_input_shape(self.input_name, tuple(source.shape))
+            self.context.set_tensor_address(self.input_name, source.data_ptr())
+            self.context.set_tensor_address(self.output_name, result.data_ptr())
+            with torch.cuda.stream(self.stream):
+                if not self.context.execute_async_v3(self.stream.cuda_stream):
+                    raise RuntimeError("TensorRT inference failed")
+            self.stream.synchronize()
+        return result.cpu().numpy()
+
+
+HTP_ARCHS = ("68", "69", "73", "75", "79", "81")  # Hexagon HTP generations libQnnHtp simulates (htp_arch)
+DEFAULT_HTP_ARCH = "73"  # Snapdragon 8 Gen 2
+
+
+def qnn_available() -> bool:
+    """True when Qualcomm's QNN execution provider (PyPI `onnxruntime-qnn`, a plugin of onnxruntime) imports."""
+    try:
+        import onnxruntime_qnn  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+_QNN_LOCK = threading.Lock()
+_QNN_REGISTERED: list[bool] = []
+
+
+def _qnn_devices():
+    """The QNN plugin's devices (the plugin library registered with ONNX Runtime once per process)."""
+    import onnxruntime as ort
+    import onnxruntime_qnn
+
+    with _QNN_LOCK:
+        if not _QNN_REGISTERED:
+            ort.register_execution_provider_library(onnxruntime_qnn.get_ep_name(), onnxruntime_qnn.get_library_path())
+            _QNN_REGISTERED.append(True)
+    return [d for d in ort.get_ep_devices() if d.ep_name == onnxruntime_qnn.get_ep_name()]
+
+
+def static_input(model: onnx.ModelProto, size: tuple[int, int]) -> onnx.ModelProto:
+    """A copy of a 1x3xHxW-input model with its input fixed to 1x3x`size` and its outputs' shapes left to
+    inference (an NPU compiles a graph for one shape)."""
+    fixed = onnx.ModelProto()
+    fixed.CopyFrom(model)
+    dims = fixed.graph.input[0].type.tensor_type.shape.dim
+    for dim, value in zip(dims, (1, 3, *size)):
+        dim.Clear()
+        dim.dim_value = value
+    for output in fixed.graph.output:
+        output.type.tensor_type.ClearField("shape")
+    del fixed.graph.value_info[:]
+    return fixed
+
+
+class QnnHtpEngine(Seamless):
+    """Qualcomm's Hexagon NPU (HTP) arithmetic, simulated on x86 by `libQnnHtp.so` from `onnxruntime-qnn`: a QDQ
+    model compiled by the QNN execution provider for one HTP generation (`htp_arch`), with ONNX Runtime's CPU
+    fallback turned off, so a graph the HTP cannot run whole is refused in words rather than run half on the CPU.
+
+    HTP graphs have static shapes: the graph is compiled once per input shape (the last few kept), and images run
+    whole up to TILE a side, larger ones in seamless tiles, exactly as the reference runs them (a fixed-size tile
+    with mirrored borders would change the border pixels). The NPU requantizes with its own rounding, so its
+    output is a few levels from the lab's reference by design; `NPU_TOLERANCE` says how far.
+    """
+
+    def __init__(self, qdq_onnx: str | os.PathLike, scale: int, htp_arch: str = DEFAULT_HTP_ARCH,
+                 name: str = "qnn-htp"):
+        if str(htp_arch) not in HTP_ARCHS:
+            raise ValueError(f"unknown HTP generation {htp_arch!r}; choose one of: {', '.join(HTP_ARCHS)}")
+        if not qnn_available():
+            raise ValueError("the qnn-htp engine needs Qualcomm's QNN execution provider: pip install "
+                             "onnxruntime-qnn (requirements.txt has it)")
+        self.model = onnx.load(str(qdq_onnx))
+        dims = self.model.graph.input[0].type.tensor_type.shape.dim
+        self.fixed = fixed_size([d.dim_value if d.HasField("dim_value") else None for d in dims])
+        self.scale, self.path, self.htp_arch = scale, Path(qdq_onnx), str(htp_arch)
+        self.name = f"{name}-v{self.htp_arch}"
+        self.sessions = Memo(4)  # input shape -> its compiled graph
+        self.lock = threading.Lock()
+        self._session(self.fixed or (16, 16))  # a graph the HTP cannot take is refused here, not at the first run
+
+    def _session(self, size: tuple[int, int]):
+        return self.sessions.get(size, lambda: self._compiled(size))
+
+    def _compiled(self, size: tuple[int, int]):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        options.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
+        options.add_provider_for_devices(_qnn_devices(), {"backend_type": "htp", "htp_arch": self.htp_arch,
+                                                          "offload_graph_io_quantization": "0"})
+        try:
+            with _stdout_to_stderr():  # libQnnHtp prints a banner on stdout (it would corrupt --json output)
+                return ort.InferenceSession(static_input(self.model, size).SerializeToString(), options)
+        except Exception as error:  # onnxruntime's Fail: nodes left for the CPU, or an op HTP does not take
+            raise ValueError(f"the Hexagon NPU (HTP v{self.htp_arch}) cannot run all of {self.path.name}: "
+                             f"{str(error).splitlines()[0][:300]} (a scheme that leaves ops in float, such as "
+                             "tensorrt, cannot run whole on an NPU: use npu, npu-per-tensor or npu-symmetric)") \
+                from error
+
+    def _run_array(self, array: np.ndarray) -> np.ndarray:
+        with self.lock:
+            session = self._session(tuple(array.shape[2:4]))
+            return session.run(None, {session.get_inputs()[0].name: array})[0]
+
+
+def litert_available() -> bool:
+    """True when LiteRT's interpreter (PyPI `ai-edge-litert`) imports."""
+    try:
+        from ai_edge_litert import interpreter  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class LiteRTEngine(Seamless):
+    """A full-integer INT8 `.tflite` (`sr.run.tflite`) in LiteRT's interpreter on the CPU: XNNPACK's kernels (the
+    default delegate, what phones' CPUs run) or TFLite's reference kernels (`kernels="reference"`: the integer
+    arithmetic as the specification's reference implementation, and tflite-micro, compute it).
+
+    The image goes in as INT8 on the model's input grid (for the lab's [0, 1] input, pixel p is p - 128) and comes
+    out the same way; one interpreter per input shape (the last few kept), images up to TILE a side whole.
+    """
+
+    def __init__(self, tflite: str | os.PathLike, scale: int, kernels: str = "xnnpack", name: str = "litert"):
+        from .tflite import image_qparams
+
+        if kernels not in ("xnnpack", "reference"):
+            raise ValueError(f"unknown LiteRT kernels {kernels!r}; choose one of: xnnpack, reference")
+        if not litert_available():
+            raise ValueError("the litert engines need LiteRT's interpreter: pip install ai-edge-litert "
+                             "(requirements.txt has it)")
+        self.path, self.scale, self.kernels = Path(tflite), scale, kernels
+        self.content = self.path.read_bytes()
+        self.input_q, self.output_q = image_qparams(self.content)
+        self.name = name
+        self.interpreters = Memo(4)  # input shape -> its interpreter (not reentrant: used under `lock`)
+        self.lock = threading.Lock()
+
+    def _interpreter(self, shape: tuple):
+        return self.interpreters.get(shape, lambda: self._allocated(shape))
+
+    def _allocated(self, shape: tuple):
+        from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+        resolver = OpResolverType.BUILTIN if self.kernels == "xnnpack" else OpResolverType.BUILTIN_REF
+        interpreter = Interpreter(model_content=self.content, experimental_op_resolver_type=resolver,
+                                  num_threads=max(1, min(4, os.cpu_count() or 1)))
+        interpreter.resize_tensor_input(interpreter.get_input_details()[0]["index"], list(shape), strict=False)
+        interpreter.allocate_tensors()
+        return interpreter
+
+    def _run_array(self, array: np.ndarray) -> np.ndarray:
+        (in_scale, in_zero), (out_scale, out_zero) = self.input_q, self.output_q
+        image = array[0].transpose(1, 2, 0)[None]
+        quantized = np.clip(np.rint(image / np.float32(in_scale)) + in_zero, -128, 127).astype(np.int8)
+        with self.lock:
+            interpreter = self._interpreter(quantized.shape)
+            interpreter.set_tensor(interpreter.get_input_details()[0]["index"], quantized)
+            interpreter.invoke()
+            result = interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
+        values = (result.astype(np.float32) - np.float32(out_zero)) * np.float32(out_scale)
+        return np.ascontiguousarray(values.transpose(0, 3, 1, 2))
+
+
+@contextlib.contextmanager
+def _stdout_to_stderr():
+    """File descriptor 1 pointed at 2 for the duration (a native library's banner kept off stdout)."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        os.dup2(2, 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """How far an engine's uint8 output may be from the reference's on the probe, in 8-bit levels."""
+
+    mean_levels: float  # mean absolute difference
+    p999_levels: float  # 99.9th percentile of the absolute difference (a few edge pixels may round apart)
+
+
+# FP32 is FP32 whatever the kernels (summation order only); an INT8 runtime requantizes with its own rounding
+# (measured: OpenVINO's INT8 kernels are 0.3-1.0 levels from ONNX Runtime on average, p99.9 <= 5, on the shipped
+# XLSRs, Intel and AMD alike); BF16 keeps 8 mantissa bits. A wrong kernel path is tens of levels off.
+FP32_TOLERANCE = Tolerance(0.05, 1.0)
+INT8_TOLERANCE = Tolerance(1.5, 8.0)
+BF16_TOLERANCE = Tolerance(1.5, 8.0)
+# an NPU requantizes with its own rounding, by design (measured, QNN HTP v68/v73/v81 against the reference on
+# xlsr-clip: npu mean 0.94-1.0 levels, p99.9 5, max 7; npu-symmetric mean 1.95, p99.9 10, max 12); a wrong path
+# or a misread zero point is tens of levels off
+NPU_TOLERANCE = Tolerance(2.5, 16.0)
+
+
+@dataclass(frozen=True)
+class Conformance:
+    """An engine's output on the probe against the reference engine's."""
+
+    engine: str
+    reference: str
+    mean_levels: float
+    p999_levels: float
+    max_levels: int
+    psnr_db: float  # of the engine's output against the reference's (RGB, whole image)
+    tolerance: Tolerance
+
+    @property
+    def passed(self) -> bool:
+        """True when the engine is within the tolerance."""
+        return self.mean_levels <= self.tolerance.mean_levels and self.p999_levels <= self.tolerance.p999_levels
+
+    def summary(self) -> str:
+        """One sentence: the verdict and its figures."""
+        verdict = "agrees with" if self.passed else "does not agree with"
+        return (f"{self.engine} {verdict} the reference ({self.reference}) on the conformance probe: mean "
+                f"{self.mean_levels:.2f} levels, 99.9th percentile {self.p999_levels:.0f}, max {self.max_levels} "
+                f"(tolerance: mean <= {self.tolerance.mean_levels}, 99.9th percentile <= "
+                f"{self.tolerance.p999_levels:.0f})")
+
+
+class EngineRefused(RuntimeError):
+    """An engine failed its conformance check against the reference: its outputs would be wrong."""
+
+    def __init__(self, conformance: Conformance):
+        super().__init__(conformance.summary() + "; it is not used on this machine")
+        self.conformance = conformance
+
+
+def probe_image(height: int = 48, width: int = 64, seed: int = 0) -> np.ndarray:
+    """The conformance probe: a deterministic uint8 HxWx3 image with what SR inputs have (smooth shading, hard
+    edges, fine texture, saturated colours, black and white).
+
+    Args:
+        height, width: its size.
+        seed: the texture's seed.
+
+    Returns:
+        uint8 HxWx3.
+    """
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    shade = np.stack([x / max(1, width - 1), y / max(1, height - 1), 0.5 + 0.5 * np.sin((x + y) / 5.0)], axis=2)
+    texture = np.random.default_rng(seed).random((height, width, 3), dtype=np.float32)
+    image = 0.7 * shade + 0.3 * texture
+    image[: height // 4, : width // 4] = (1.0, 1.0, 1.0)  # saturated corners, a hard edge, a dark bar
+    image[-height // 4 :, -width // 4 :] = (0.0, 0.0, 0.0)
+    image[:, width // 2 : width // 2 + 2] = (1.0, 0.1, 0.1)
+    return np.clip(np.rint(image * 255.0), 0, 255).astype(np.uint8)
+
+
+_VERDICTS = Memo(256)  # (model hash, engine kind, CPU, probe size) -> Conformance
+
+
+def conformance(engine, reference, tolerance: Tolerance, key: tuple | None = None,
+                probe: np.ndarray | None = None) -> Conformance:
+    """Run the probe through an engine and the reference and compare (the verdict remembered under `key`).
+
+    Args:
+        engine: an object with `run(lr uint8 HxWx3) -> uint8` and a `name`.
+        reference: the same kind of object, or a function that makes it (called only when the verdict is not
+            remembered: the reference's session is not built for nothing).
+        tolerance: what counts as agreeing.
+        key: what the verdict depends on (the model file's hash, the engine's kind, the input size), or None
+            not to remember it.
+        probe: the input (default: `probe_image`, or the model's fixed size where it has one).
+
+    Returns:
+        the Conformance.
+    """
+    known = _VERDICTS.peek(key) if key is not None else None
+    if known is not None:
+        return known
+    reference = reference() if callable(reference) else reference
+    if probe is None:
+        fixed = getattr(engine, "fixed", None) or getattr(reference, "fixed", None)
+        probe = probe_image(*(fixed or (48, 64)))
+    ours, theirs = engine.run(probe).astype(np.int16), reference.run(probe).astype(np.int16)
+    difference = np.abs(ours - theirs)
+    mse = float(np.mean(difference.astype(np.float64) ** 2))
+    verdict = Conformance(engine.name, reference.name, float(difference.mean()),
+                          float(np.percentile(difference, 99.9)), int(difference.max()),
+                          float("inf") if mse == 0 else float(10 * np.log10(255.0 ** 2 / mse)), tolerance)
+    log.info("%s", verdict.summary())
+    if key is not None:
+        _VERDICTS.put(key, verdict)
+    return verdict
+
+
+def latency_ms(engine, lr: np.ndarray, repeats: int = 10, warmup: int = 2) -> float:
+    """Median wall time of `engine.run(lr)` in milliseconds.
+
+    Args:
+        engine: any engine.
+        lr: the input, uint8 HxWx3.
+        repeats, warmup: timed and untimed runs.
+
+    Returns:
+        the median in ms.
+    """
+    for _ in range(warmup):
+        engine.run(lr)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        engine.run(lr)
+        times.append((time.perf_counter() - start) * 1e3)
+    return float(np.median(times))
+
+
+__all__ = ["fixed_size", "TorchEngine", "OrtEngine", "OpenVinoEngine", "TensorRTEngine", "QnnHtpEngine", "LiteRTEngine",
+           "litert_available", "openvino_available",
+           "tensorrt_available", "qnn_available", "static_input", "HTP_ARCHS", "DEFAULT_HTP_ARCH", "NPU_TOLERANCE",
+           "tiled", "latency_ms", "Conformance", "EngineRefused", "Tolerance", "conformance", "probe_image",
+           "unsigned_activations",
+           "to_tensor", "to_uint8"]

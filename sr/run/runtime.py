@@ -1,0 +1,250 @@
+"""Which engine runs what: ONNX Runtime on the CPU is the reference numerics, and every other engine is checked
+against it on a probe when it is created (`sr.run.engines.conformance`) and refused in words when it disagrees.
+
+The one place that decides which engine serves a purpose (scores, the app's panels, the bundle, the diagnosis,
+the benchmark), so that the lab shows one INT8: the written QDQ model as ONNX Runtime's CPU kernels execute it.
+
+Example:
+    >>> engine = create_engine("openvino-int8", "xlsr-clip", int8)   # EngineRefused if it is wrong on this CPU
+    >>> engine, refused = best_int8_engine(int8)                     # the fastest that agrees, and who did not
+"""
+from __future__ import annotations
+
+import logging
+import platform
+import sys
+from pathlib import Path
+
+from ..choices import Choice
+from .engines import (BF16_TOLERANCE, DEFAULT_HTP_ARCH, FP32_TOLERANCE, INT8_TOLERANCE, NPU_TOLERANCE, Conformance,
+                      EngineRefused, LiteRTEngine, OpenVinoEngine, OrtEngine, QnnHtpEngine, TensorRTEngine, TorchEngine,
+                      conformance, openvino_available, reference, tensorrt_available)
+from ..model.models import load_model, model_info
+from ..quant.qdq import spec_of, tie_fused_ranges
+from .quantize import fp32_onnx_path
+from ..quant.calibrated import CalibratedModel
+from ..quant.quantspec import Scheme
+from ..store import cache_cap_bytes, cache_root, code_digest, evict, file_sha256, short_hash
+from .tflite import write_tflite
+
+log = logging.getLogger(__name__)
+
+
+class EngineKind(Choice, noun="engine"):
+    """The runtimes a model can be evaluated with."""
+
+    TORCH = "torch"
+    ORT = "ort"
+    ORT_INT8 = "ort-int8"  # the reference INT8: ONNX Runtime's CPU kernels on the written QDQ model
+    OPENVINO = "openvino"  # FP32 (INFERENCE_PRECISION_HINT f32)
+    OPENVINO_BF16 = "openvino-bf16"
+    OPENVINO_INT8 = "openvino-int8"  # the QDQ model, its Q/DQ pairs fused into INT8 kernels
+    TENSORRT = "tensorrt"
+    QNN_HTP = "qnn-htp"  # Qualcomm's Hexagon NPU arithmetic (libQnnHtp's x86 simulation), CPU fallback off
+    LITERT = "litert"  # the lab's full-integer .tflite in LiteRT's interpreter, XNNPACK kernels
+    LITERT_REF = "litert-ref"  # the same .tflite on TFLite's reference integer kernels
+
+    @property
+    def is_int8(self) -> bool:
+        """True for the engines that run a calibrated INT8 model."""
+        return self in (EngineKind.ORT_INT8, EngineKind.OPENVINO_INT8, EngineKind.TENSORRT, EngineKind.QNN_HTP,
+                        EngineKind.LITERT, EngineKind.LITERT_REF)
+
+
+def cpu_name() -> str:
+    """The CPU's model name (part of a conformance verdict's key: a kernel path can be right on one CPU and wrong
+    on another)."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+class Purpose(Choice, noun="engine purpose"):
+    """What an engine is for (`engine_for`)."""
+
+    MEASURE = "measure"  # every figure and panel: the reference numerics (ONNX Runtime on the CPU)
+    NATIVE = "native"  # FP32 in the model's own runtime (PyTorch for a weight file, ONNX Runtime for a graph)
+    SPEED = "speed"  # the fastest engine present that agrees with the reference on the probe
+
+
+def engine_for(model: str, int8: CalibratedModel | None = None, purpose: Purpose | str = Purpose.MEASURE,
+               kind: EngineKind | str | None = None, threads: int = 0, htp_arch: str = DEFAULT_HTP_ARCH):
+    """The one engine policy: the engine that runs `model` (its INT8 model `int8`, or FP32) for a purpose, or the
+    engine kind asked for; every engine but the reference is checked against it (`create_engine`).
+
+    Args:
+        model: a shipped model name, a weight file or a registered ONNX model.
+        int8: the calibrated model for INT8, None for FP32.
+        purpose: `Purpose` (ignored when `kind` is given).
+        kind: a runtime asked for by name (`EngineKind`).
+        threads: runtime threads (0: its default).
+        htp_arch: the HTP generation of the qnn-htp engine.
+
+    Raises:
+        EngineRefused: the engine asked for disagrees with the reference on this machine.
+        ValueError: an INT8 kind without a calibrated model, or an unknown kind or purpose.
+    """
+    if kind is not None:
+        return create_engine(kind, model, int8, threads, htp_arch)
+    purpose = Purpose.parse(purpose)
+    if purpose is Purpose.SPEED:
+        return best_int8_engine(int8, threads)[0] if int8 is not None else create_engine(
+            model_info(model).fp32_engine, model, None, threads)
+    if purpose is Purpose.NATIVE and int8 is None:
+        return create_engine(model_info(model).fp32_engine, model, None, threads)
+    return reference_engine(model, int8, threads)
+
+
+def reference_engine(model: str, int8: CalibratedModel | None = None, threads: int = 0) -> OrtEngine:
+    """The reference: ONNX Runtime on the CPU, on the QDQ model (INT8) or the FP32 export.
+
+    Args:
+        model: a shipped model name, a weight file or a registered ONNX model.
+        int8: the calibrated model for INT8, None for FP32.
+        threads: ONNX Runtime threads (0: its default).
+
+    Returns:
+        the engine; its name says what it runs.
+    """
+    if int8 is None:
+        return reference(fp32_onnx_path(model), model_info(model).scale, threads, name="ort-fp32")
+    return reference(int8.qdq_onnx, int8.scale, threads, name=f"ort-int8-{int8.scheme.value}")
+
+
+def _checked(engine, model: str, int8: CalibratedModel | None, tolerance, kind: str):
+    """`engine` if it agrees with the reference on the probe, else EngineRefused (the verdict is remembered per
+    model file, engine kind, CPU and input size)."""
+    path = int8.qdq_onnx if int8 is not None else fp32_onnx_path(model)
+    key = (kind, file_sha256(path), cpu_name(), getattr(engine, "fixed", None))
+    verdict = conformance(engine, lambda: reference_engine(model, int8), tolerance, key)
+    if not verdict.passed:
+        raise EngineRefused(verdict)
+    engine.conformance = verdict
+    return engine
+
+
+def create_engine(kind: EngineKind | str, model: str, int8: CalibratedModel | None = None, threads: int = 0,
+                  htp_arch: str = DEFAULT_HTP_ARCH):
+    """An engine of `kind` for `model`, checked against the reference unless it is the reference.
+
+    Args:
+        kind: the runtime.
+        model: a shipped model name, a weight file or a registered ONNX model.
+        int8: the calibrated model, for INT8 kinds.
+        threads: runtime threads (0: its default).
+        htp_arch: the HTP generation of the qnn-htp engine (`sr.run.engines.HTP_ARCHS`).
+
+    Returns:
+        an object with `run(lr uint8 HxWx3) -> uint8 (sH)x(sW)x3` and a `name`.
+
+    Raises:
+        ValueError: an INT8 kind without a calibrated model, TensorRT with a scheme it does not run, or an NPU
+            that cannot run the whole graph (said in words).
+        EngineRefused: the engine disagrees with the reference on this machine (the message gives the figures).
+    """
+    kind = EngineKind.parse(kind)
+    scale = model_info(model).scale
+    if kind is EngineKind.TORCH:  # native FP32, for display and timing: checked like every other engine
+        return _checked(TorchEngine(load_model(model), name="torch-fp32"), model, None, FP32_TOLERANCE, kind.value)
+    if kind is EngineKind.ORT:
+        engine = OrtEngine(fp32_onnx_path(model), scale, threads, name="ort-fp32")
+        return engine if engine.provider == "CPUExecutionProvider" else _checked(engine, model, None, FP32_TOLERANCE,
+                                                                                 engine.provider)
+    if kind in (EngineKind.OPENVINO, EngineKind.OPENVINO_BF16):
+        precision = "bf16" if kind is EngineKind.OPENVINO_BF16 else "f32"
+        engine = OpenVinoEngine(fp32_onnx_path(model), scale, threads, precision, name=f"openvino-{precision}")
+        return _checked(engine, model, None, BF16_TOLERANCE if precision == "bf16" else FP32_TOLERANCE, kind.value)
+    if int8 is None:
+        raise ValueError(f"the {kind.value} engine needs a calibrated INT8 model")
+    if kind is EngineKind.ORT_INT8:  # the reference on every install (a GPU wheel's providers are not it)
+        return reference(int8.qdq_onnx, scale, threads, name=f"ort-int8-{int8.scheme.value}")
+    if kind is EngineKind.OPENVINO_INT8:
+        engine = OpenVinoEngine(int8.qdq_onnx, scale, threads, name=f"openvino-int8-{int8.scheme.value}")
+        return _checked(engine, model, int8, INT8_TOLERANCE, kind.value)
+    if kind in (EngineKind.LITERT, EngineKind.LITERT_REF):
+        _takes_the_image(model)
+        kernels = "xnnpack" if kind is EngineKind.LITERT else "reference"
+        engine = LiteRTEngine(tflite_model(int8), scale, kernels, name=f"{kind.value}-{int8.scheme.value}")
+        return _checked(engine, model, int8, INT8_TOLERANCE if kernels == "xnnpack" else NPU_TOLERANCE, kind.value)
+    if kind is EngineKind.QNN_HTP:
+        engine = QnnHtpEngine(int8.qdq_onnx, scale, htp_arch, name=f"qnn-htp-{int8.scheme.value}")
+        return _checked(engine, model, int8, NPU_TOLERANCE, f"{kind.value}-v{engine.htp_arch}")
+    if int8.scheme is Scheme.CPU:
+        raise ValueError("the tensorrt engine runs the symmetric schemes only (tensorrt, npu), not cpu")
+    return _checked(TensorRTEngine(int8.qdq_onnx, scale), model, int8, INT8_TOLERANCE, kind.value)
+
+
+def _takes_the_image(model: str) -> None:
+    """Raise unless the model's own graph takes the lab's input as it is (NCHW RGB in [0, 1], the LR image): the
+    .tflite is that graph alone, without the lab's wrapper (colour conversion, layout, scaling, upsampling)."""
+    contract = model_info(model).contract
+    if contract is None:
+        return
+    wrapped = [what for what, differs in (
+        (f"{contract.layout.value.upper()} layout", contract.layout.value != "nchw"),
+        (f"{contract.color.value} colour", contract.color.value != "rgb"),
+        (f"[0, {contract.value_range}] values", contract.value_range != 1),
+        ("a pre-upsampled input", contract.pre_upsampled)) if differs]
+    if wrapped:
+        raise ValueError(f"the .tflite is your graph alone, and it takes {', '.join(wrapped)}: the lab runs it in "
+                         "LiteRT only for graphs that take the RGB [0, 1] LR image (the bundle still ships it)")
+
+
+def tflite_model(int8: CalibratedModel) -> Path:
+    """The full-integer .tflite of a calibrated model (`sr.run.tflite`), written once per QDQ model and writer (keyed by
+    the QDQ model's hash, which the ranges, spec and fixes are all in, and the writer's code) and kept in the cache.
+
+    Raises:
+        TfliteUnsupported: (a ValueError) a scheme other than npu / npu-per-tensor, or a graph the writer cannot
+            express (named).
+    """
+    key = short_hash(f"{file_sha256(int8.qdq_onnx)} {code_digest(sys.modules[write_tflite.__module__])}")
+    path = cache_root() / "tflite" / f"{int8.qdq_onnx.stem}-{key}.tflite"  # the writer's code is in the key too
+    if not path.is_file():
+        spec = spec_of(int8.fp32_onnx, int8.scheme, int8.fixes.keep_float)
+        write_tflite(int8.fp32_onnx, spec, tie_fused_ranges(spec, int8.ranges), path)
+        evict(path.parent, cache_cap_bytes(), keep=path)
+    return path
+
+
+def int8_candidates(int8: CalibratedModel) -> list[EngineKind]:
+    """The INT8 engines present for a calibrated model, fastest first (the reference last)."""
+    kinds = []
+    if int8.scheme is not Scheme.CPU and tensorrt_available():
+        kinds.append(EngineKind.TENSORRT)
+    if openvino_available():
+        kinds.append(EngineKind.OPENVINO_INT8)
+    return [*kinds, EngineKind.ORT_INT8]
+
+
+def best_int8_engine(int8: CalibratedModel, threads: int = 0) -> tuple[object, list[Conformance]]:
+    """The fastest INT8 engine present that agrees with the reference (for speed: the benchmark, batch work).
+
+    Args:
+        int8: the calibrated model.
+        threads: runtime threads.
+
+    Returns:
+        (the engine, the verdicts of the engines refused on the way).
+    """
+    refused = []
+    for kind in int8_candidates(int8)[:-1]:  # the last candidate is the reference, which is not checked
+        try:
+            return create_engine(kind, int8.model, int8, threads), refused
+        except EngineRefused as error:
+            log.warning("%s", error)
+            refused.append(error.conformance)
+        except Exception as error:  # a runtime that cannot even build the model: the next one is tried
+            log.warning("%s could not run %s (%s: %s); trying the next engine", kind.value, int8.qdq_onnx.name,
+                        type(error).__name__, error)
+    return create_engine(EngineKind.ORT_INT8, int8.model, int8, threads), refused
+
+
+__all__ = ["EngineKind", "Purpose", "engine_for", "create_engine", "reference_engine", "best_int8_engine", "int8_candidates", "EngineRefused",
+           "tflite_model",
+           "cpu_name"]
