@@ -15,7 +15,7 @@ import standins
 from sr.quant.calibrate import CalibrationConfig
 from sr.model.models import with_values
 from sr.model.onnxtorch import OnnxModule
-from sr.tune.ptq import RefineConfig, _conv_nodes, adaround, correct_biases
+from sr.tune.ptq import RefineConfig, _conv_nodes, adaround, correct_biases, refine
 from sr.tune.fakequant import fake_quantized
 from sr.run.quantize import fp32_onnx_path
 from sr.quant.recipe import Fixes
@@ -169,6 +169,9 @@ def test_adaround_fits_its_time_or_says_so_before_it_starts(student, tmp_path):
     convs = len(list(_conv_nodes(model)))
     with pytest.raises(RefineStopped, match=r"would take at least \d+ s here"):
         adaround(model, reference, x, steps=20, seconds_left=lambda: 1e-3)
+    with pytest.raises(RefineStopped, match=r"equalize, bias-correction would take at least \d+ s here"):
+        refine(RefineConfig("xlsr-clip", ["equalize", "bias-correction"], CalibrationConfig(method="mse", samples=20)),
+               seconds_left=lambda: 1e-3)  # the whole list, estimated before any of it runs (a heavy model's case)
     calls = iter([60.0, -1.0, -1.0])  # the estimate fits; the time runs out before the second Conv
     with pytest.raises(RefineStopped, match=f"stopped at Conv 2 of {convs}: the rest would take about"):
         adaround(model, reference, x, steps=20, seconds_left=lambda: next(calls))

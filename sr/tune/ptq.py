@@ -34,14 +34,17 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import onnx
 import torch
 
 from ..quant.calibrate import CalibrationConfig, images_digest, load_calibration_images
 from ..model.models import model_info
 from ..model.onnxtorch import OnnxModule
 from .fakequant import FakeQuantModel, export_trained, fake_quantized, qdq_path_for
-from .transforms import calibration_batch, prepare, remove_starting_points
+from .transforms import calibration_batch, equalizable_pairs, prepare, remove_starting_points
+from ..quant.qdq import spec_of
 from ..quant.quantspec import Scheme
+from ..run.quantize import fp32_onnx_path
 from ..quant.recipe import QuantRecipe, Refinement, RefineSettings
 from ..store import cache_root, file_sha256, locked, logged_progress
 
@@ -126,6 +129,12 @@ def _refine_into(config: RefineConfig, out: Path, progress: Callable[[float, str
                  seconds_left: Callable[[], float] | None = None) -> None:
     scale = model_info(config.model).scale
     x = calibration_batch(config.calibration, scale, config.patches, config.patch_size, config.seed)
+    if seconds_left is not None:  # the whole list's least time, from one timed pass, before any of it runs
+        needed, left = refinements_estimate(config, x), seconds_left()
+        if needed > left:
+            raise RefineStopped(f"{', '.join(r.value for r in config.refinements)} would take at least {needed:.0f} s "
+                                f"here (from one measured pass of the model), more than the {max(0.0, left):.0f} s "
+                                "left")
     strength = config.equalize if Refinement.EQUALIZE in config.refinements else 0.0
     structure, fixes = prepare(config.model, Refinement.CENTRED_IO in config.refinements, strength, x,
                                out.with_name(out.stem), config.scheme)
@@ -154,6 +163,23 @@ def _refine_into(config: RefineConfig, out: Path, progress: Callable[[float, str
     export_trained(structure, calibrated.fp32_onnx, student.weights(), json.loads(json.dumps(record, default=str)),
                    out, qdq_path_for(out, config.scheme.value), calibrated.ranges)
     remove_starting_points(out.with_name(out.stem))
+
+
+def refinements_estimate(config: RefineConfig, x: torch.Tensor) -> float:
+    """The least time a list of refinements takes on `x`, in passes of the FP32 network timed once: equalization
+    one per Conv pair it balances, bias correction two per Conv, AdaRound its `adaround_estimate` passes, the
+    range search one per candidate step of each tensor; the fake quantizers only add to it."""
+    graph = onnx.load(str(fp32_onnx_path(config.model)))
+    network = OnnxModule(graph).eval().requires_grad_(False)
+    with torch.no_grad():
+        started = time.perf_counter()
+        network(x)
+        one = time.perf_counter() - started
+    convs = sum(node.op_type == "Conv" for node in graph.graph.node)
+    passes = {Refinement.EQUALIZE: len(equalizable_pairs(graph)), Refinement.BIAS_CORRECTION: 2 * convs,
+              Refinement.ADAROUND: 2 * convs + config.adaround_steps / 5,
+              Refinement.RANGE_SEARCH: 26 * len(spec_of(graph, config.scheme).activations)}
+    return one * sum(passes.get(r, 0) for r in config.refinements)
 
 
 def adaround_estimate(student: FakeQuantModel, x: torch.Tensor, convs: int, steps: int) -> float:
