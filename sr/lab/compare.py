@@ -18,7 +18,7 @@ from PIL import Image
 from ..quant.calibrate import CalibrationConfig
 from ..choices import Choice
 from ..data import bicubic_resize, degrade, frame_count, load_image
-from ..metrics import brightness_ratio, delta_e, psnr_y, ssim_y
+from ..metrics import brightness_ratio, delta_e, psnr_y, rgb_to_y, ssim_y
 from ..model.models import model_info, shipped_models
 from ..run.quantize import calibrate_model
 from ..quant.calibrated import CalibratedModel
@@ -344,10 +344,9 @@ HIGHLIGHT_DROP_LEVELS = 16  # highlights this many 8-bit levels below FP32's are
 
 
 def highlight_level(image: np.ndarray) -> float:
-    """The 99th percentile of an 8-bit RGB image's luma (BT.601): where its highlights sit, robust to a few
-    specular pixels."""
-    luma = np.asarray(image, np.float64)[..., :3] @ np.array([0.299, 0.587, 0.114])
-    return float(np.percentile(luma, 99))
+    """The 99th percentile of an 8-bit RGB image's luma (`sr.metrics.rgb_to_y`'s BT.601 Y, on the full 0..255
+    scale): where its highlights sit, robust to a few specular pixels."""
+    return float((np.percentile(rgb_to_y(image), 99) - 16.0) * 255.0 / 219.0)
 
 
 def roi_strip(images: list[np.ndarray], center_x: float, center_y: float, size: int = 64, zoom: int = 4) -> np.ndarray:

@@ -102,18 +102,18 @@ def refine(config: RefineConfig, cache_dir: Path | None = None,
         config: the refinements.
         cache_dir: the cache folder (default: `sr.store.cache_root()`).
         progress: called with (fraction done, message).
+        seconds_left: the time the refinements may still take (None: no limit): the whole list's least time
+            (`refinements_estimate`) is checked before any of it runs, and AdaRound stops at a Conv when the
+            rest would not fit.
 
     Returns:
         the path of a weight file (`.safetensors`) or, for an ONNX model, an `.onnx` file; pass it wherever a
         model name goes. Its `qat` record names the original model (`base`), which `eval` compares against.
 
-        seconds_left: the time this refinement may still take (None: no limit); AdaRound, the one long step,
-            estimates its time from one measured pass first and stops when this reaches 0.
-
     Raises:
         FileNotFoundError: unknown model or calibration folder.
         ValueError: see RefineConfig; an ONNX model with ops the interpreter does not cover.
-        RefineStopped: `seconds_left` too short for AdaRound (its estimate, or at its next Conv).
+        RefineStopped: `seconds_left` too short (the list's estimate, AdaRound's, or at AdaRound's next Conv).
     """
     info = model_info(config.model)
     out = cache_root(cache_dir) / "refined" / f"{info.name.replace(':', '-')}-{config.key(file_sha256(info.path))}" \
