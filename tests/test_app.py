@@ -681,7 +681,7 @@ def test_a_model_with_nothing_quantized_compares_and_says_so(tmp_path, small_png
     assert "no activation of it is quantized under the tensorrt scheme" in coverage and len(metrics) == 4
 
 
-@pytest.mark.skipif(not __import__("sr.run.engines", fromlist=["x"]).qnn_available(), reason="onnxruntime-qnn is in "
+@pytest.mark.skipif(not __import__("sr.run.npu", fromlist=["x"]).qnn_available(), reason="onnxruntime-qnn is in "
                     "requirements.txt")
 def test_the_int8_panels_on_a_target_and_the_difference_from_the_reference(small_png):
     """The npu scheme's INT8 panels on Qualcomm's HTP (simulated): the table names the engine, the labels say so,

@@ -8,10 +8,11 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from sr.quant.calibrate import CalibrationConfig
-from sr.run.engines import NPU_TOLERANCE, conformance, probe_image, qnn_available
+from sr.run.engines import NPU_TOLERANCE, conformance, probe_image
+from sr.run.npu import qnn_available
 from sr.quant.qdq import spec_of
 from sr.run.quantize import calibrate_model
-from sr.quant.quantspec import Scheme, activation_qparams, graph_quantization, quant_spec, weight_int8
+from sr.quant.quantspec import LITERT_FIXED_OUTPUT, activation_qparams, graph_quantization, quant_spec, weight_int8
 from sr.run.runtime import EngineKind, create_engine, reference_engine
 
 ENTROPY = CalibrationConfig(method="entropy", samples=20)
@@ -145,7 +146,7 @@ def test_eval_on_the_npu_from_the_command_line(capfd, data_dir):
 # ---------------------------------------------------------------------------------------------------------------
 # The .tflite the lab writes, in LiteRT's own interpreter.
 
-needs_litert = pytest.mark.skipif(not __import__("sr.run.engines", fromlist=["x"]).litert_available(),
+needs_litert = pytest.mark.skipif(not __import__("sr.run.npu", fromlist=["x"]).litert_available(),
                                   reason="ai-edge-litert is in requirements.txt")
 
 
@@ -248,3 +249,66 @@ def test_the_bundle_ships_the_tflite_and_says_what_each_runtime_gave(tmp_path):
     interpreter.invoke()
     out = interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
     assert out.shape == (1, 60, 90, 3) and out.dtype == np.int8 and out[0, 20:40, 30:60].min() >= 120  # white
+
+
+HTP_FAMILIES = ["fsrcnn", "vdsr", "espcn", "rlfn", "rrdb", "waifu2x"]
+
+
+@pytest.mark.parametrize("family", HTP_FAMILIES)
+def test_the_npu_spec_quantizes_every_tensor_of_the_families_with_litert_constraints(family, families):
+    """LiteRT's specification covers each family's ops (LeakyRelu, PRelu, Sigmoid, Tanh, Mul, Sub, MaxPool,
+    Resize, Pad, ConvTranspose, reshapes): no float activation is left in the user's graph; pooling, resizing,
+    padding and reshapes keep their input's grid; a constant operand is an INT8 weight; Sigmoid and Tanh outputs
+    are written on the specification's fixed grids."""
+    from sr.quant.quantspec import _GraphFacts
+
+    int8 = calibrate_model(families[family].name, CalibrationConfig(method="minmax", samples=10), "npu")
+    fp32 = onnx.load(str(int8.fp32_onnx))
+    spec = quant_spec(fp32, "npu")
+    facts = _GraphFacts.of(fp32)
+    left = [t for n in facts.user_nodes for t in n.output if facts.activation(t) and t not in spec.activations]
+    assert left == []
+    written = graph_quantization(onnx.load(str(int8.qdq_onnx)), fp32).activations
+    for node in facts.user_nodes:
+        out = node.output[0]
+        if node.op_type in ("MaxPool", "Resize", "Pad", "Reshape", "Transpose", "DepthToSpace") and out in written:
+            assert written[out] == written[node.input[0]], node.name
+        if node.op_type in LITERT_FIXED_OUTPUT and out in written:
+            low, high = LITERT_FIXED_OUTPUT[node.op_type]
+            assert np.allclose(written[out], (1 / 256, -128) if low == 0 else (1 / 128, 0)), node.name
+        for name in node.input[1:]:
+            if node.op_type in ("Mul", "Sub", "PRelu") and facts.arrays.get(name, np.int64(0)).dtype == np.float32:
+                assert spec.weights[name].axis is None  # one scale: LiteRT's element-wise operand
+
+
+@needs_qnn
+@pytest.mark.parametrize("family", HTP_FAMILIES)
+def test_the_hexagon_npu_runs_every_family_whole_within_its_tolerance(family, families):
+    """The families' `npu` models run whole on the HTP (CPU fallback off) and agree with the reference within
+    NPU_TOLERANCE; a LeakyRelu reaches it as a PRelu on an INT8 slope and the lab's size wrapper as INT8 moves."""
+    int8 = calibrate_model(families[family].name, CalibrationConfig(method="minmax", samples=10), "npu")
+    engine = create_engine(EngineKind.QNN_HTP, families[family].name, int8)
+    assert engine.conformance.passed, engine.conformance
+    verdict = conformance(engine, reference_engine(families[family].name, int8), NPU_TOLERANCE,
+                          probe=probe_image(36, 44, seed=5))
+    assert verdict.passed and verdict.mean_levels > 0  # its own rounding
+
+
+def test_the_htp_lowerings_change_no_number(families):
+    """LeakyRelu as PRelu on an INT8 slope, and the image quantized at the graph's edge before the lab's pad and
+    after its crop: ONNX Runtime's CPU gives the same output for the lowered graph as for the written one."""
+    import onnxruntime as ort
+    from sr.run.npu import prelu_for_htp, quantized_moves
+
+    int8 = calibrate_model(families["rlfn"].name, CalibrationConfig(method="minmax", samples=10), "npu")
+    written = onnx.load(str(int8.qdq_onnx))
+    lowered = quantized_moves(prelu_for_htp(written))
+    assert "LeakyRelu" not in {n.op_type for n in lowered.graph.node}
+    assert sum(n.op_type == "QuantizeLinear" for n in lowered.graph.node) == \
+        sum(n.op_type == "QuantizeLinear" for n in written.graph.node) + 2  # one at each edge
+    image = np.random.default_rng(1).random((1, 3, 20, 22), dtype=np.float32)  # padded up by the wrapper
+    outputs = []
+    for model in (written, lowered):
+        session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        outputs.append(session.run(None, {session.get_inputs()[0].name: image})[0])
+    assert outputs[0].shape == outputs[1].shape and np.abs(outputs[0] - outputs[1]).max() < 1e-6

@@ -41,7 +41,8 @@ from ..quant.calibrated import CalibratedModel
 from ..quant.quantspec import Scheme
 from ..quant.recipe import Fixes
 from ..quant.qdq import spec_of, tie_fused_ranges
-from ..run.engines import EngineRefused, litert_available, qnn_available
+from ..run.engines import EngineRefused
+from ..run.npu import litert_available, qnn_available
 from ..run.runtime import EngineKind, engine_for, tflite_model
 from ..model.usermodel import unwrap
 from ..store import write_atomic

@@ -15,7 +15,8 @@ from tqdm import tqdm
 
 from ..quant.calibrate import CalibrationConfig
 from ..data import Degradation, bicubic_resize, degrade, list_images, load_image
-from ..run.engines import DEFAULT_HTP_ARCH, HTP_ARCHS, tensorrt_available
+from ..run.engines import tensorrt_available
+from ..run.npu import DEFAULT_HTP_ARCH, HTP_ARCHS
 from ..metrics import brightness_ratio, edge_psnr_y, psnr_y, ssim_y
 from ..model.models import model_info
 from ..run.quantize import calibrate_model, qat_record

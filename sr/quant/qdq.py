@@ -24,7 +24,8 @@ from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, 
 from onnxruntime.quantization.calibrate import TensorData, TensorsData, save_tensors_data
 
 from .calibrate import (TensorRange)
-from .quantspec import (ALL_INT8_OPS, QuantSpec, Scheme, activation_qparams, fp32_initializer_of, fused_ties,
+from .quantspec import (ALL_INT8_OPS, QuantSpec, Scheme, activation_qparams, constant_value, fp32_initializer_of,
+                        fused_ties,
                         graph_quantization, is_wrapper, quant_spec, used_names, weight_int8)
 from .rewrite import REWRITE_OPS, rewrite_for_fast_int8
 from ..store import (write_atomic)
@@ -157,6 +158,7 @@ def insert_qdq(model: onnx.ModelProto, spec: QuantSpec, ranges: dict[str, Tensor
     result = onnx.ModelProto()
     result.CopyFrom(model)
     graph = result.graph
+    _constants_as_initializers(graph, set(spec.weights))
     outputs, arrays = {o.name for o in graph.output}, {i.name: i for i in graph.initializer}
     added_inits, weight_nodes, after = [], [], {}
     producer_index = {name: index for index, node in enumerate(graph.node) for name in node.output}
@@ -200,6 +202,21 @@ def insert_qdq(model: onnx.ModelProto, spec: QuantSpec, ranges: dict[str, Tensor
         if opset.domain in ("", "ai.onnx") and opset.version < 13:
             opset.version = 13
     return result
+
+
+def _constants_as_initializers(graph: onnx.GraphProto, names: set[str]) -> None:
+    """Constant nodes whose output is a weight of the spec (an operand LiteRT quantizes) made initializers, so
+    that the weight is written like any other."""
+    kept = []
+    for node in graph.node:
+        value = constant_value(node) if node.op_type == "Constant" and node.output[0] in names else None
+        if value is None:
+            kept.append(node)
+        else:
+            graph.initializer.append(onnx.numpy_helper.from_array(value, node.output[0]))
+    if len(kept) < len(graph.node):
+        del graph.node[:]
+        graph.node.extend(kept)
 
 
 def _activation_pair(tensor: str, activation, low: float, high: float, source: str, target: str):

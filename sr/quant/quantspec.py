@@ -82,7 +82,19 @@ class Scheme(Choice, noun="INT8 scheme"):
 TENSORRT_INPUT_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm", "Add", "MaxPool", "AveragePool",
                       "GlobalAveragePool")
 ALL_INT8_OPS = ("Conv", "Relu", "Clip", "Concat", "DepthToSpace")  # npu / cpu: inputs and outputs of these
-LITERT_OPS = (*ALL_INT8_OPS, "Add")  # LiteRT's ADD is an INT8 op too (a residual stays on the integer path)
+# LiteRT's INT8 ops beyond those: every tensor of a network made of them is INT8 (its 8-bit specification lists
+# each with its constraints), so an NPU runs the graph whole without a float island
+LITERT_MORE_OPS = ("Add", "Sub", "Mul", "LeakyRelu", "PRelu", "Sigmoid", "Tanh", "Softmax", "MaxPool",
+                   "AveragePool", "Resize", "Pad", "ConvTranspose", "MatMul", "Reshape", "Transpose", "Squeeze",
+                   "Unsqueeze", "Flatten", "Slice", "Split", "Gather")
+LITERT_OPS = (*ALL_INT8_OPS, *LITERT_MORE_OPS)
+LITERT_TWO_INPUTS = ("Concat", "Add", "Sub", "Mul", "MatMul")  # every activation input quantized, not the first only
+# "input and outputs must all have same scale/zero_point": data movement, pooling, resizing and padding
+LITERT_SAME_SCALE = ("DepthToSpace", "MaxPool", "AveragePool", "Resize", "Pad", "Reshape", "Transpose", "Squeeze",
+                     "Unsqueeze", "Flatten", "Slice", "Split", "Gather")
+# the fixed output grids: LOGISTIC and SOFTMAX step 1/256 zero point -128 ([0, 255/256]), TANH step 1/128 zero
+# point 0 ([-1, 127/128])
+LITERT_FIXED_OUTPUT = {"Sigmoid": (0.0, 255 / 256), "Softmax": (0.0, 255 / 256), "Tanh": (-1.0, 127 / 128)}
 WEIGHT_AXIS = {"Conv": 0, "ConvTranspose": 1, "MatMul": 1, "Gemm": 1}  # the output-channel axis of each weight
 
 
@@ -175,13 +187,30 @@ def _conv_too_small(node: onnx.NodeProto, weight: np.ndarray | None, graph_input
 
 
 def _constants(model: onnx.ModelProto) -> tuple[dict[str, np.ndarray], set[str]]:
-    """(initializer arrays, names of every constant tensor: initializers, Constant outputs and their Identities)."""
+    """(constant arrays: initializers and Constant nodes' values, names of every constant tensor: those and the
+    Identities of them)."""
     arrays = {init.name: onnx.numpy_helper.to_array(init) for init in model.graph.initializer}
     constants = set(arrays)
     for node in model.graph.node:
+        if node.op_type == "Constant":
+            value = constant_value(node)
+            if value is not None:
+                arrays[node.output[0]] = value
         if node.op_type == "Constant" or (node.op_type == "Identity" and node.input and node.input[0] in constants):
             constants.update(node.output)
     return arrays, constants
+
+
+def constant_value(node: onnx.NodeProto) -> np.ndarray | None:
+    """The value of a Constant node given as a tensor or as floats (None for the other forms)."""
+    for attribute in node.attribute:
+        if attribute.name == "value":
+            return onnx.numpy_helper.to_array(attribute.t)
+        if attribute.name == "value_float":
+            return np.array(attribute.f, np.float32)
+        if attribute.name == "value_floats":
+            return np.array(attribute.floats, np.float32)
+    return None
 
 
 def is_wrapper(name: str) -> bool:
@@ -255,6 +284,10 @@ def quant_spec(model: onnx.ModelProto, scheme: Scheme | str, keep_float: Sequenc
             floated.extend(t for t in node.input[:1] if graph.activation(t))
             continue
         quantized.extend(placed)
+        if scheme.litert:
+            for name, axis in _litert_constants(graph, node):
+                weights[name] = WeightSpec(name, node.name, None if per_tensor_weights else axis)
+            continue
         weight = graph.arrays.get(node.input[1]) if len(node.input) > 1 else None
         weighted = node.op_type in WEIGHT_AXIS if scheme is Scheme.TENSORRT else node.op_type == "Conv"
         if weighted and weight is not None and weight.dtype == np.float32:
@@ -264,7 +297,7 @@ def quant_spec(model: onnx.ModelProto, scheme: Scheme | str, keep_float: Sequenc
     ordered = list(dict.fromkeys(quantized))
     floated += [t for t in ordered if t in set(keep_float)]
     ordered = [t for t in ordered if t not in set(keep_float)]
-    ties = {} if scheme is Scheme.TENSORRT else fused_ties(model, set(ordered), concat_inputs=scheme.litert)
+    ties = {} if scheme is Scheme.TENSORRT else fused_ties(model, set(ordered), litert=scheme.litert)
     qmin, qmax = (-127, 127) if scheme.symmetric else (0, 255) if scheme.by_onnxruntime else (-128, 127)
     signed = not scheme.by_onnxruntime
     activations = {t: ActivationSpec(t, ties.get(t, t), signed, qmin, qmax, scheme.symmetric) for t in ordered}
@@ -324,8 +357,23 @@ def _all_int8_tensors(graph: _GraphFacts, node: onnx.NodeProto, scheme: Scheme,
     if scheme is Scheme.CPU and node.op_type in ("Relu", "Clip") and (
             getattr(producer, "op_type", None) not in ALL_INT8_OPS or producer.name in excluded):
         return []  # ONNX Runtime's writer quantizes an activation only as part of a quantized op before it
-    inputs = list(node.input) if node.op_type in ("Concat", "Add") else list(node.input[:1])
+    inputs = list(node.input) if node.op_type in LITERT_TWO_INPUTS else list(node.input[:1])
     return [t for t in [*inputs, *node.output] if graph.activation(t)]
+
+
+def _litert_constants(graph: "_GraphFacts", node: onnx.NodeProto) -> list[tuple[str, int | None]]:
+    """The float constants LiteRT's specification quantizes at `node` as weights, with their per-channel axis:
+    a Conv / ConvTranspose / MatMul weight per output channel, an element-wise operand (a Mul's factor, an Add's
+    or Sub's offset, a PRelu slope) per tensor."""
+    def constant(position: int) -> bool:
+        name = node.input[position] if position < len(node.input) else ""
+        return name in graph.arrays and graph.arrays[name].dtype == np.float32
+
+    if node.op_type in ("Conv", "ConvTranspose", "MatMul"):
+        return [(node.input[1], WEIGHT_AXIS[node.op_type])] if constant(1) else []
+    if node.op_type in ("Add", "Sub", "Mul", "PRelu"):
+        return [(node.input[k], None) for k in range(len(node.input)) if constant(k)]
+    return []
 
 
 # ModelOpt's `get_fusible_backbone`: the backward paths from an Add's input to a Conv that TensorRT fuses
@@ -421,13 +469,14 @@ def _non_residual_input(node: onnx.NodeProto, producers: dict[str, onnx.NodeProt
     return None
 
 
-def fused_ties(model: onnx.ModelProto, quantized: set[str], concat_inputs: bool = False) -> dict[str, str]:
+def fused_ties(model: onnx.ModelProto, quantized: set[str], litert: bool = False) -> dict[str, str]:
     """A Conv output that feeds only a ReLU/Clip (possibly through a DepthToSpace or a channel Slice, pure data
     movement) takes the activation's output range: the fused unit quantizes once, after the activation; a
-    DepthToSpace output keeps its input's grid (data movement cannot change a scale). With `concat_inputs`
-    (LiteRT's specification: "CONCATENATION ... restriction: input and outputs must all have same scale/zero
-    point"), every quantized input of a Concat takes the Concat output's range, and so does whatever was tied to
-    that input.
+    DepthToSpace output keeps its input's grid (data movement cannot change a scale). With `litert` (LiteRT's
+    specification), so does the output of every op the specification holds to its input's scale and zero point
+    (`LITERT_SAME_SCALE`: pooling, resizing, padding, reshapes), and every quantized input of a Concat takes the
+    Concat output's range ("CONCATENATION ... restriction: input and outputs must all have same scale/zero
+    point"), and so does whatever was tied to that input.
 
     Returns:
         {tensor: the tensor whose range it takes}, each chain followed to its end.
@@ -449,11 +498,14 @@ def fused_ties(model: onnx.ModelProto, quantized: set[str], concat_inputs: bool 
             if producer[tensor].op_type not in ("DepthToSpace", "Slice"):
                 break
             tensor = producer[tensor].input[0]
-    for node in model.graph.node:  # a DepthToSpace not followed by an activation: its output on its input's grid
-        if node.op_type == "DepthToSpace" and node.input[0] in quantized and node.output[0] in quantized \
-                and node.output[0] not in ties and node.input[0] not in ties:
-            ties[node.output[0]] = node.input[0]
-    if concat_inputs:
+    same_scale = LITERT_SAME_SCALE if litert else ("DepthToSpace",)
+    for node in model.graph.node:  # data movement not followed by an activation: its output on its input's grid
+        if node.op_type in same_scale and node.input[0] in quantized:
+            root = _tie_root(ties, node.input[0])
+            for output in node.output:
+                if output in quantized and output not in ties and root != output:
+                    ties[output] = root
+    if litert:
         for node in model.graph.node:
             if node.op_type == "Concat" and node.output[0] in quantized:
                 target = _tie_root(ties, node.output[0])
@@ -514,7 +566,8 @@ def graph_quantization(qdq: onnx.ModelProto, fp32: onnx.ModelProto) -> GraphQuan
         for name in node.input:
             consumers.setdefault(name, []).append(node)
     activations, weights = {}, {}
-    fp32_weights = {i.name for i in fp32.graph.initializer}
+    fp32_weights = {i.name for i in fp32.graph.initializer} | {n.output[0] for n in fp32.graph.node
+                                                               if n.op_type == "Constant"}
     for node in qdq.graph.node:
         if node.op_type == "QuantizeLinear" and node.input[0] not in initializers:
             tensor = node.input[0]
@@ -555,5 +608,5 @@ def fp32_initializer_of(dq: onnx.NodeProto, consumers: dict, fp32: onnx.ModelPro
     return stem if stem in names else None
 
 
-__all__ = ["used_names", "weight_int8", "Scheme", "QuantSpec", "ActivationSpec", "WeightSpec", "quant_spec", "activation_qparams",
+__all__ = ["used_names", "weight_int8", "LITERT_FIXED_OUTPUT", "constant_value", "Scheme", "QuantSpec", "ActivationSpec", "WeightSpec", "quant_spec", "activation_qparams",
            "graph_quantization", "GraphQuantization", "fp32_initializer_of", "is_wrapper", "WRAPPER_PREFIX"]

@@ -9,7 +9,6 @@ whole-image result exactly (no seams) while memory stays bounded; a model that l
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -445,175 +444,6 @@ class TensorRTEngine(Seamless):
         return result.cpu().numpy()
 
 
-HTP_ARCHS = ("68", "69", "73", "75", "79", "81")  # Hexagon HTP generations libQnnHtp simulates (htp_arch)
-DEFAULT_HTP_ARCH = "73"  # Snapdragon 8 Gen 2
-
-
-def qnn_available() -> bool:
-    """True when Qualcomm's QNN execution provider (PyPI `onnxruntime-qnn`, a plugin of onnxruntime) imports."""
-    try:
-        import onnxruntime_qnn  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-_QNN_LOCK = threading.Lock()
-_QNN_REGISTERED: list[bool] = []
-
-
-def _qnn_devices():
-    """The QNN plugin's devices (the plugin library registered with ONNX Runtime once per process)."""
-    import onnxruntime as ort
-    import onnxruntime_qnn
-
-    with _QNN_LOCK:
-        if not _QNN_REGISTERED:
-            ort.register_execution_provider_library(onnxruntime_qnn.get_ep_name(), onnxruntime_qnn.get_library_path())
-            _QNN_REGISTERED.append(True)
-    return [d for d in ort.get_ep_devices() if d.ep_name == onnxruntime_qnn.get_ep_name()]
-
-
-def static_input(model: onnx.ModelProto, size: tuple[int, int]) -> onnx.ModelProto:
-    """A copy of a 1x3xHxW-input model with its input fixed to 1x3x`size` and its outputs' shapes left to
-    inference (an NPU compiles a graph for one shape)."""
-    fixed = onnx.ModelProto()
-    fixed.CopyFrom(model)
-    dims = fixed.graph.input[0].type.tensor_type.shape.dim
-    for dim, value in zip(dims, (1, 3, *size)):
-        dim.Clear()
-        dim.dim_value = value
-    for output in fixed.graph.output:
-        output.type.tensor_type.ClearField("shape")
-    del fixed.graph.value_info[:]
-    return fixed
-
-
-class QnnHtpEngine(Seamless):
-    """Qualcomm's Hexagon NPU (HTP) arithmetic, simulated on x86 by `libQnnHtp.so` from `onnxruntime-qnn`: a QDQ
-    model compiled by the QNN execution provider for one HTP generation (`htp_arch`), with ONNX Runtime's CPU
-    fallback turned off, so a graph the HTP cannot run whole is refused in words rather than run half on the CPU.
-
-    HTP graphs have static shapes: the graph is compiled once per input shape (the last few kept), and images run
-    whole up to TILE a side, larger ones in seamless tiles, exactly as the reference runs them (a fixed-size tile
-    with mirrored borders would change the border pixels). The NPU requantizes with its own rounding, so its
-    output is a few levels from the lab's reference by design; `NPU_TOLERANCE` says how far.
-    """
-
-    def __init__(self, qdq_onnx: str | os.PathLike, scale: int, htp_arch: str = DEFAULT_HTP_ARCH,
-                 name: str = "qnn-htp"):
-        if str(htp_arch) not in HTP_ARCHS:
-            raise ValueError(f"unknown HTP generation {htp_arch!r}; choose one of: {', '.join(HTP_ARCHS)}")
-        if not qnn_available():
-            raise ValueError("the qnn-htp engine needs Qualcomm's QNN execution provider: pip install "
-                             "onnxruntime-qnn (requirements.txt has it)")
-        self.model = onnx.load(str(qdq_onnx))
-        dims = self.model.graph.input[0].type.tensor_type.shape.dim
-        self.fixed = fixed_size([d.dim_value if d.HasField("dim_value") else None for d in dims])
-        self.scale, self.path, self.htp_arch = scale, Path(qdq_onnx), str(htp_arch)
-        self.name = f"{name}-v{self.htp_arch}"
-        self.sessions = Memo(4)  # input shape -> its compiled graph
-        self.lock = threading.Lock()
-        self._session(self.fixed or (16, 16))  # a graph the HTP cannot take is refused here, not at the first run
-
-    def _session(self, size: tuple[int, int]):
-        return self.sessions.get(size, lambda: self._compiled(size))
-
-    def _compiled(self, size: tuple[int, int]):
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        options.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
-        options.add_provider_for_devices(_qnn_devices(), {"backend_type": "htp", "htp_arch": self.htp_arch,
-                                                          "offload_graph_io_quantization": "0"})
-        try:
-            with _stdout_to_stderr():  # libQnnHtp prints a banner on stdout (it would corrupt --json output)
-                return ort.InferenceSession(static_input(self.model, size).SerializeToString(), options)
-        except Exception as error:  # onnxruntime's Fail: nodes left for the CPU, or an op HTP does not take
-            raise ValueError(f"the Hexagon NPU (HTP v{self.htp_arch}) cannot run all of {self.path.name}: "
-                             f"{str(error).splitlines()[0][:300]} (a scheme that leaves ops in float, such as "
-                             "tensorrt, cannot run whole on an NPU: use npu, npu-per-tensor or npu-symmetric)") \
-                from error
-
-    def _run_array(self, array: np.ndarray) -> np.ndarray:
-        with self.lock:
-            session = self._session(tuple(array.shape[2:4]))
-            return session.run(None, {session.get_inputs()[0].name: array})[0]
-
-
-def litert_available() -> bool:
-    """True when LiteRT's interpreter (PyPI `ai-edge-litert`) imports."""
-    try:
-        from ai_edge_litert import interpreter  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-class LiteRTEngine(Seamless):
-    """A full-integer INT8 `.tflite` (`sr.run.tflite`) in LiteRT's interpreter on the CPU: XNNPACK's kernels (the
-    default delegate, what phones' CPUs run) or TFLite's reference kernels (`kernels="reference"`: the integer
-    arithmetic as the specification's reference implementation, and tflite-micro, compute it).
-
-    The image goes in as INT8 on the model's input grid (for the lab's [0, 1] input, pixel p is p - 128) and comes
-    out the same way; one interpreter per input shape (the last few kept), images up to TILE a side whole.
-    """
-
-    def __init__(self, tflite: str | os.PathLike, scale: int, kernels: str = "xnnpack", name: str = "litert"):
-        from .tflite import image_qparams
-
-        if kernels not in ("xnnpack", "reference"):
-            raise ValueError(f"unknown LiteRT kernels {kernels!r}; choose one of: xnnpack, reference")
-        if not litert_available():
-            raise ValueError("the litert engines need LiteRT's interpreter: pip install ai-edge-litert "
-                             "(requirements.txt has it)")
-        self.path, self.scale, self.kernels = Path(tflite), scale, kernels
-        self.content = self.path.read_bytes()
-        self.input_q, self.output_q = image_qparams(self.content)
-        self.name = name
-        self.interpreters = Memo(4)  # input shape -> its interpreter (not reentrant: used under `lock`)
-        self.lock = threading.Lock()
-
-    def _interpreter(self, shape: tuple):
-        return self.interpreters.get(shape, lambda: self._allocated(shape))
-
-    def _allocated(self, shape: tuple):
-        from ai_edge_litert.interpreter import Interpreter, OpResolverType
-
-        resolver = OpResolverType.BUILTIN if self.kernels == "xnnpack" else OpResolverType.BUILTIN_REF
-        interpreter = Interpreter(model_content=self.content, experimental_op_resolver_type=resolver,
-                                  num_threads=max(1, min(4, os.cpu_count() or 1)))
-        interpreter.resize_tensor_input(interpreter.get_input_details()[0]["index"], list(shape), strict=False)
-        interpreter.allocate_tensors()
-        return interpreter
-
-    def _run_array(self, array: np.ndarray) -> np.ndarray:
-        (in_scale, in_zero), (out_scale, out_zero) = self.input_q, self.output_q
-        image = array[0].transpose(1, 2, 0)[None]
-        quantized = np.clip(np.rint(image / np.float32(in_scale)) + in_zero, -128, 127).astype(np.int8)
-        with self.lock:
-            interpreter = self._interpreter(quantized.shape)
-            interpreter.set_tensor(interpreter.get_input_details()[0]["index"], quantized)
-            interpreter.invoke()
-            result = interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
-        values = (result.astype(np.float32) - np.float32(out_zero)) * np.float32(out_scale)
-        return np.ascontiguousarray(values.transpose(0, 3, 1, 2))
-
-
-@contextlib.contextmanager
-def _stdout_to_stderr():
-    """File descriptor 1 pointed at 2 for the duration (a native library's banner kept off stdout)."""
-    sys.stdout.flush()
-    saved = os.dup(1)
-    try:
-        os.dup2(2, 1)
-        yield
-    finally:
-        os.dup2(saved, 1)
-        os.close(saved)
-
-
 @dataclass(frozen=True)
 class Tolerance:
     """How far an engine's uint8 output may be from the reference's on the probe, in 8-bit levels."""
@@ -748,9 +578,8 @@ def latency_ms(engine, lr: np.ndarray, repeats: int = 10, warmup: int = 2) -> fl
     return float(np.median(times))
 
 
-__all__ = ["fixed_size", "TorchEngine", "OrtEngine", "OpenVinoEngine", "TensorRTEngine", "QnnHtpEngine", "LiteRTEngine",
-           "litert_available", "openvino_available",
-           "tensorrt_available", "qnn_available", "static_input", "HTP_ARCHS", "DEFAULT_HTP_ARCH", "NPU_TOLERANCE",
+__all__ = ["fixed_size", "TorchEngine", "OrtEngine", "OpenVinoEngine", "TensorRTEngine", "openvino_available",
+           "tensorrt_available", "NPU_TOLERANCE",
            "tiled", "latency_ms", "Conformance", "EngineRefused", "Tolerance", "conformance", "probe_image",
            "unsigned_activations",
            "to_tensor", "to_uint8"]

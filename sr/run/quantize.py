@@ -27,7 +27,7 @@ from ..quant.calibrated import CalibratedModel, calibrate_entry, read_entry
 from .engines import reference
 from ..metrics import brightness_ratio, psnr_y
 from ..model.models import model_info
-from ..quant.quantspec import WRAPPER_PREFIX, Scheme
+from ..quant.quantspec import LITERT_FIXED_OUTPUT, WRAPPER_PREFIX, Scheme
 from ..quant.recipe import Fixes, QuantRecipe
 from ..store import Memo, cache_root, file_identity, file_sha256, locked, logged_progress, write_atomic
 
@@ -178,9 +178,13 @@ def with_known_input_range(model_name: str | os.PathLike, fixes: Fixes, scheme: 
     output range spends levels on values the 8-bit image clips anyway; a narrower one, as mse or entropy may
     choose, can never reach white).
 
+    Under LiteRT the outputs of Sigmoid, Softmax and Tanh take the specification's fixed grids
+    (`sr.quant.quantspec.LITERT_FIXED_OUTPUT`: step 1/256 zero point -128, and 1/128 zero point 0) whatever
+    their calibrated range.
+
     Returns:
         `fixes`, with the user's input range fixed for a registered ONNX model (and every model's image input
-        and output, under LiteRT).
+        and output and the fixed output grids, under LiteRT).
     """
     known = model_info(model_name).input_range
     litert = Scheme.parse(scheme).litert
@@ -190,8 +194,10 @@ def with_known_input_range(model_name: str | os.PathLike, fixes: Fixes, scheme: 
     image_in, image_out = _image_io(fp32)
     tensor, high = known or (image_in, 1.0)
     learned = learned_ranges(model_name, scheme) or {}
-    wanted = [*_same_values(fp32, tensor), *([image_out] if litert else [])]
-    fixed = {t: (0.0, high) for t in wanted
+    wanted = {t: (0.0, high) for t in [*_same_values(fp32, tensor), *([image_out] if litert else [])]}
+    if litert:
+        wanted = {**_fixed_outputs(fp32), **wanted}
+    fixed = {t: span for t, span in wanted.items()
              if t not in fixes.fixed_range and t not in fixes.range_method and t not in fixes.keep_float
              and t not in learned}
     if not fixed:
@@ -223,6 +229,19 @@ def _image_io(fp32: Path) -> tuple[str, str]:
         return model.graph.input[0].name, model.graph.output[0].name
 
     return _IMAGE_IO.get(file_identity(fp32), read)
+
+
+_FIXED_OUTPUTS = Memo(256)  # (graph file, size, mtime) -> `_fixed_outputs`
+
+
+def _fixed_outputs(fp32: Path) -> dict[str, tuple[float, float]]:
+    """{output of a Sigmoid / Softmax / Tanh of the network (not the lab's wrapper): its fixed LiteRT range}."""
+    def read() -> dict[str, tuple[float, float]]:
+        model = onnx.load(str(fp32), load_external_data=False)
+        return {node.output[0]: LITERT_FIXED_OUTPUT[node.op_type] for node in model.graph.node
+                if node.op_type in LITERT_FIXED_OUTPUT and not node.name.startswith(WRAPPER_PREFIX)}
+
+    return _FIXED_OUTPUTS.get(file_identity(fp32), read)
 
 
 def _walk_same_values(model: onnx.ModelProto, tensor: str) -> list[str]:

@@ -16,9 +16,10 @@ import sys
 from pathlib import Path
 
 from ..choices import Choice
-from .engines import (BF16_TOLERANCE, DEFAULT_HTP_ARCH, FP32_TOLERANCE, INT8_TOLERANCE, NPU_TOLERANCE, Conformance,
-                      EngineRefused, LiteRTEngine, OpenVinoEngine, OrtEngine, QnnHtpEngine, TensorRTEngine, TorchEngine,
-                      conformance, openvino_available, reference, tensorrt_available)
+from .engines import (BF16_TOLERANCE, FP32_TOLERANCE, INT8_TOLERANCE, NPU_TOLERANCE, Conformance, EngineRefused,
+                      OpenVinoEngine, OrtEngine, TensorRTEngine, TorchEngine, conformance, openvino_available, reference,
+                      tensorrt_available)
+from .npu import DEFAULT_HTP_ARCH, LiteRTEngine, QnnHtpEngine
 from ..model.models import load_model, model_info
 from ..quant.qdq import spec_of, tie_fused_ranges
 from .quantize import fp32_onnx_path
@@ -137,7 +138,7 @@ def create_engine(kind: EngineKind | str, model: str, int8: CalibratedModel | No
         model: a shipped model name, a weight file or a registered ONNX model.
         int8: the calibrated model, for INT8 kinds.
         threads: runtime threads (0: its default).
-        htp_arch: the HTP generation of the qnn-htp engine (`sr.run.engines.HTP_ARCHS`).
+        htp_arch: the HTP generation of the qnn-htp engine (`sr.run.npu.HTP_ARCHS`).
 
     Returns:
         an object with `run(lr uint8 HxWx3) -> uint8 (sH)x(sW)x3` and a `name`.

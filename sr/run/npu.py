@@ -1,0 +1,282 @@
+"""INT8 as an NPU runs it: Qualcomm's Hexagon NPU (HTP) arithmetic as `onnxruntime-qnn` simulates it on x86, and
+the bundle's full-integer `.tflite` in LiteRT's interpreter (XNNPACK or the reference kernels).
+
+Each is an engine like the others (`sr.run.engines.Seamless`: whole images up to TILE a side, seamless tiles
+beyond) and is conformance-checked against the reference by `sr.run.runtime` before any figure is shown. The QDQ
+model goes to the HTP as the lab wrote it, with two lowerings a deployment converter makes too and that change no
+number: each LeakyRelu as a PRelu on an INT8 slope (`prelu_for_htp`), and the image quantized at the graph's edge
+when only value moves lie before the first quantizer or after the last (`quantized_moves`).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from .engines import Seamless, fixed_size
+from ..store import Memo
+
+
+HTP_ARCHS = ("68", "69", "73", "75", "79", "81")  # Hexagon HTP generations libQnnHtp simulates (htp_arch)
+DEFAULT_HTP_ARCH = "73"  # Snapdragon 8 Gen 2
+
+
+def qnn_available() -> bool:
+    """True when Qualcomm's QNN execution provider (PyPI `onnxruntime-qnn`, a plugin of onnxruntime) imports."""
+    try:
+        import onnxruntime_qnn  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+_QNN_LOCK = threading.Lock()
+_QNN_REGISTERED: list[bool] = []
+
+
+def _qnn_devices():
+    """The QNN plugin's devices (the plugin library registered with ONNX Runtime once per process)."""
+    import onnxruntime as ort
+    import onnxruntime_qnn
+
+    with _QNN_LOCK:
+        if not _QNN_REGISTERED:
+            ort.register_execution_provider_library(onnxruntime_qnn.get_ep_name(), onnxruntime_qnn.get_library_path())
+            _QNN_REGISTERED.append(True)
+    return [d for d in ort.get_ep_devices() if d.ep_name == onnxruntime_qnn.get_ep_name()]
+
+
+def static_input(model: onnx.ModelProto, size: tuple[int, int]) -> onnx.ModelProto:
+    """A copy of a 1x3xHxW-input model with its input fixed to 1x3x`size` and its outputs' shapes left to
+    inference (an NPU compiles a graph for one shape)."""
+    fixed = onnx.ModelProto()
+    fixed.CopyFrom(model)
+    dims = fixed.graph.input[0].type.tensor_type.shape.dim
+    for dim, value in zip(dims, (1, 3, *size)):
+        dim.Clear()
+        dim.dim_value = value
+    for output in fixed.graph.output:
+        output.type.tensor_type.ClearField("shape")
+    del fixed.graph.value_info[:]
+    return fixed
+
+
+def prelu_for_htp(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of a QDQ model with each LeakyRelu written as PRelu on an INT8 slope (127 at step alpha / 127: alpha
+    exactly), as Qualcomm's own converter maps it. ONNX Runtime's QNN builder for LeakyRelu quantizes the slope as
+    UINT8 and HTP then refuses the node beside INT8 activations; a PRelu with a quantized slope maps whole."""
+    from onnx import numpy_helper
+
+    lowered = onnx.ModelProto()
+    lowered.CopyFrom(model)
+    nodes = []
+    for node in lowered.graph.node:
+        if node.op_type != "LeakyRelu":
+            nodes.append(node)
+            continue
+        alpha = next((a.f for a in node.attribute if a.name == "alpha"), 0.01)
+        stem = f"{node.output[0]}_htp_slope"
+        lowered.graph.initializer.extend([
+            numpy_helper.from_array(np.array(127 if alpha >= 0 else -127, np.int8), f"{stem}_q"),
+            numpy_helper.from_array(np.array(abs(alpha) / 127, np.float32), f"{stem}_scale"),
+            numpy_helper.from_array(np.array(0, np.int8), f"{stem}_zero")])
+        nodes.append(onnx.helper.make_node("DequantizeLinear", [f"{stem}_q", f"{stem}_scale", f"{stem}_zero"], [stem],
+                                           name=f"{node.name}_slope"))
+        nodes.append(onnx.helper.make_node("PRelu", [node.input[0], stem], list(node.output), name=node.name))
+    del lowered.graph.node[:]
+    lowered.graph.node.extend(nodes)
+    return lowered
+
+
+_MOVES = ("Pad", "Identity", "Slice", "Transpose", "Reshape", "DepthToSpace")  # ops that only move values
+
+
+def quantized_moves(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of a QDQ model with the image quantized where it enters and leaves the graph when only value moves
+    (the lab's wrapper: a pad up to an accepted size, a crop back) lie between the graph's input and its first
+    QuantizeLinear, or between its last DequantizeLinear and the output: the same Q/DQ pair is put at the graph's
+    edge. A pad or a crop of quantized values is the quantized pad or crop, so the numbers do not change; the NPU
+    then runs the moves on INT8, as a deployed graph does, instead of refusing a float island."""
+    edited = onnx.ModelProto()
+    edited.CopyFrom(model)
+    graph = edited.graph
+    consumers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    producers = {name: node for node in graph.node for name in node.output}
+    added_before, added_after = [], []
+
+    def value_readers(tensor: str) -> list:
+        return [r for r in consumers.get(tensor, []) if r.op_type != "Shape"]  # a Shape reads no value
+
+    def first_quantizer(tensor: str):
+        readers = value_readers(tensor)
+        if len(readers) != 1:
+            return None
+        if readers[0].op_type == "QuantizeLinear":
+            return readers[0]
+        return first_quantizer(readers[0].output[0]) if readers[0].op_type in _MOVES else None
+
+    def last_dequantizer(tensor: str):
+        node = producers.get(tensor)
+        if node is None:
+            return None
+        if node.op_type == "DequantizeLinear":
+            return node
+        return last_dequantizer(node.input[0]) if node.op_type in _MOVES else None
+
+    image = graph.input[0].name
+    quantizer = first_quantizer(image)
+    if quantizer is not None and value_readers(image)[0] is not quantizer:
+        for reader in value_readers(image):
+            reader.input[list(reader.input).index(image)] = f"{image}_edge_dequantized"
+        added_before = [onnx.helper.make_node("QuantizeLinear", [image, *quantizer.input[1:]], [f"{image}_edge_q"]),
+                        onnx.helper.make_node("DequantizeLinear", [f"{image}_edge_q", *quantizer.input[1:]],
+                                              [f"{image}_edge_dequantized"])]
+    result = graph.output[0].name
+    dequantizer = last_dequantizer(result)
+    if dequantizer is not None and producers[result] is not dequantizer:
+        producers[result].output[list(producers[result].output).index(result)] = f"{result}_edge_float"
+        added_after = [onnx.helper.make_node("QuantizeLinear", [f"{result}_edge_float", *dequantizer.input[1:]],
+                                             [f"{result}_edge_q"]),
+                       onnx.helper.make_node("DequantizeLinear", [f"{result}_edge_q", *dequantizer.input[1:]],
+                                             [result])]
+    nodes = added_before + list(graph.node) + added_after
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return edited
+
+
+class QnnHtpEngine(Seamless):
+    """Qualcomm's Hexagon NPU (HTP) arithmetic, simulated on x86 by `libQnnHtp.so` from `onnxruntime-qnn`: a QDQ
+    model compiled by the QNN execution provider for one HTP generation (`htp_arch`), with ONNX Runtime's CPU
+    fallback turned off, so a graph the HTP cannot run whole is refused in words rather than run half on the CPU.
+
+    HTP graphs have static shapes: the graph is compiled once per input shape (the last few kept), and images run
+    whole up to TILE a side, larger ones in seamless tiles, exactly as the reference runs them (a fixed-size tile
+    with mirrored borders would change the border pixels). The NPU requantizes with its own rounding, so its
+    output is a few levels from the lab's reference by design; `NPU_TOLERANCE` says how far.
+    """
+
+    def __init__(self, qdq_onnx: str | os.PathLike, scale: int, htp_arch: str = DEFAULT_HTP_ARCH,
+                 name: str = "qnn-htp"):
+        if str(htp_arch) not in HTP_ARCHS:
+            raise ValueError(f"unknown HTP generation {htp_arch!r}; choose one of: {', '.join(HTP_ARCHS)}")
+        if not qnn_available():
+            raise ValueError("the qnn-htp engine needs Qualcomm's QNN execution provider: pip install "
+                             "onnxruntime-qnn (requirements.txt has it)")
+        self.model = quantized_moves(prelu_for_htp(onnx.load(str(qdq_onnx))))
+        dims = self.model.graph.input[0].type.tensor_type.shape.dim
+        self.fixed = fixed_size([d.dim_value if d.HasField("dim_value") else None for d in dims])
+        self.scale, self.path, self.htp_arch = scale, Path(qdq_onnx), str(htp_arch)
+        self.name = f"{name}-v{self.htp_arch}"
+        self.sessions = Memo(4)  # input shape -> its compiled graph
+        self.lock = threading.Lock()
+        self._session(self.fixed or (16, 16))  # a graph the HTP cannot take is refused here, not at the first run
+
+    def _session(self, size: tuple[int, int]):
+        return self.sessions.get(size, lambda: self._compiled(size))
+
+    def _compiled(self, size: tuple[int, int]):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        options.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
+        options.add_provider_for_devices(_qnn_devices(), {"backend_type": "htp", "htp_arch": self.htp_arch,
+                                                          "offload_graph_io_quantization": "0"})
+        try:
+            with _stdout_to_stderr():  # libQnnHtp prints a banner on stdout (it would corrupt --json output)
+                return ort.InferenceSession(static_input(self.model, size).SerializeToString(), options)
+        except Exception as error:  # onnxruntime's Fail: nodes left for the CPU, or an op HTP does not take
+            raise ValueError(f"the Hexagon NPU (HTP v{self.htp_arch}) cannot run all of {self.path.name}: "
+                             f"{str(error).splitlines()[0][:300]} (a scheme that leaves ops in float, such as "
+                             "tensorrt, cannot run whole on an NPU: use npu, npu-per-tensor or npu-symmetric)") \
+                from error
+
+    def _run_array(self, array: np.ndarray) -> np.ndarray:
+        with self.lock:
+            session = self._session(tuple(array.shape[2:4]))
+            return session.run(None, {session.get_inputs()[0].name: array})[0]
+
+
+def litert_available() -> bool:
+    """True when LiteRT's interpreter (PyPI `ai-edge-litert`) imports."""
+    try:
+        from ai_edge_litert import interpreter  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class LiteRTEngine(Seamless):
+    """A full-integer INT8 `.tflite` (`sr.run.tflite`) in LiteRT's interpreter on the CPU: XNNPACK's kernels (the
+    default delegate, what phones' CPUs run) or TFLite's reference kernels (`kernels="reference"`: the integer
+    arithmetic as the specification's reference implementation, and tflite-micro, compute it).
+
+    The image goes in as INT8 on the model's input grid (for the lab's [0, 1] input, pixel p is p - 128) and comes
+    out the same way; one interpreter per input shape (the last few kept), images up to TILE a side whole.
+    """
+
+    def __init__(self, tflite: str | os.PathLike, scale: int, kernels: str = "xnnpack", name: str = "litert"):
+        from .tflite import image_qparams
+
+        if kernels not in ("xnnpack", "reference"):
+            raise ValueError(f"unknown LiteRT kernels {kernels!r}; choose one of: xnnpack, reference")
+        if not litert_available():
+            raise ValueError("the litert engines need LiteRT's interpreter: pip install ai-edge-litert "
+                             "(requirements.txt has it)")
+        self.path, self.scale, self.kernels = Path(tflite), scale, kernels
+        self.content = self.path.read_bytes()
+        self.input_q, self.output_q = image_qparams(self.content)
+        self.name = name
+        self.interpreters = Memo(4)  # input shape -> its interpreter (not reentrant: used under `lock`)
+        self.lock = threading.Lock()
+
+    def _interpreter(self, shape: tuple):
+        return self.interpreters.get(shape, lambda: self._allocated(shape))
+
+    def _allocated(self, shape: tuple):
+        from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+        resolver = OpResolverType.BUILTIN if self.kernels == "xnnpack" else OpResolverType.BUILTIN_REF
+        interpreter = Interpreter(model_content=self.content, experimental_op_resolver_type=resolver,
+                                  num_threads=max(1, min(4, os.cpu_count() or 1)))
+        interpreter.resize_tensor_input(interpreter.get_input_details()[0]["index"], list(shape), strict=False)
+        interpreter.allocate_tensors()
+        return interpreter
+
+    def _run_array(self, array: np.ndarray) -> np.ndarray:
+        (in_scale, in_zero), (out_scale, out_zero) = self.input_q, self.output_q
+        image = array[0].transpose(1, 2, 0)[None]
+        quantized = np.clip(np.rint(image / np.float32(in_scale)) + in_zero, -128, 127).astype(np.int8)
+        with self.lock:
+            interpreter = self._interpreter(quantized.shape)
+            interpreter.set_tensor(interpreter.get_input_details()[0]["index"], quantized)
+            interpreter.invoke()
+            result = interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
+        values = (result.astype(np.float32) - np.float32(out_zero)) * np.float32(out_scale)
+        return np.ascontiguousarray(values.transpose(0, 3, 1, 2))
+
+
+@contextlib.contextmanager
+def _stdout_to_stderr():
+    """File descriptor 1 pointed at 2 for the duration (a native library's banner kept off stdout)."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        os.dup2(2, 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+__all__ = ["HTP_ARCHS", "DEFAULT_HTP_ARCH", "qnn_available", "litert_available", "static_input", "prelu_for_htp",
+           "quantized_moves", "QnnHtpEngine", "LiteRTEngine"]
