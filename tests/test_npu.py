@@ -188,7 +188,7 @@ def test_the_tflite_holds_the_labs_scales_and_integer_ops_only(model):
 
 
 @needs_litert
-@pytest.mark.parametrize("model", ["xlsr-clip", "xlsr-relu", "teacher", "xlsr-clip-kd"])
+@pytest.mark.parametrize("model", ["xlsr-clip", "xlsr-relu", "teacher", "xlsr-clip-kd", "xlsr-clip-qat", "xlsr-relu-qat"])
 def test_litert_runs_the_tflite_within_two_levels_on_xnnpack_and_its_tolerance_on_the_reference_kernels(model):
     int8 = calibrate_model(model, ENTROPY, "npu")
     probe = probe_image(52, 60, seed=5)
@@ -215,7 +215,7 @@ def test_what_the_tflite_writer_cannot_express_is_refused_naming_it(tmp_path):
         tflite_model(calibrate_model("xlsr-clip", ENTROPY, "tensorrt"))
     rng = np.random.default_rng(0)
     nodes = [helper.make_node("Conv", ["x", "w"], ["a"], name="c", pads=[1, 1, 1, 1]),
-             helper.make_node("Sigmoid", ["a"], ["s"], name="gate"),
+             helper.make_node("Erf", ["a"], ["s"], name="gate"),
              helper.make_node("Conv", ["s", "w2"], ["y"], name="c2", pads=[1, 1, 1, 1])]
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 8, 8])],
@@ -225,7 +225,7 @@ def test_what_the_tflite_writer_cannot_express_is_refused_naming_it(tmp_path):
     spec = quant_spec(model, "npu")
     ranges = {t: __import__("sr.quant.calibrate", fromlist=["x"]).TensorRange(t, -1.0, 1.0, -1.0, 1.0, 0.0, "fixed")
               for t in spec.activations}
-    with pytest.raises(TfliteUnsupported, match="cannot express Sigmoid \\('gate'\\)"):
+    with pytest.raises(TfliteUnsupported, match="cannot express Erf \\('gate'\\)"):
         tflite_bytes(model, spec, ranges)
 
 
@@ -312,3 +312,28 @@ def test_the_htp_lowerings_change_no_number(families):
         session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
         outputs.append(session.run(None, {session.get_inputs()[0].name: image})[0])
     assert outputs[0].shape == outputs[1].shape and np.abs(outputs[0] - outputs[1]).max() < 1e-6
+
+
+@needs_litert
+@pytest.mark.parametrize("family", ["rlfn", "rrdb"])
+def test_litert_runs_the_families_tflite_with_their_ops(family, families):
+    """LEAKY_RELU, LOGISTIC, MUL, a strided CONV_2D, MAX_POOL_2D, RESIZE_BILINEAR to another tensor's size and
+    RESIZE_NEAREST_NEIGHBOR by an integer scale (sizes read at run time: SHAPE, STRIDED_SLICE), CONCATENATION and
+    ADD: the families' .tflite runs in LiteRT, XNNPACK within its tolerance of the reference and the reference
+    kernels within theirs, images of any size."""
+    from ai_edge_litert import schema_py_generated as schema
+    from sr.run.runtime import tflite_model
+
+    name = families[family].name
+    int8 = calibrate_model(name, CalibrationConfig(method="minmax", samples=10), "npu")
+    flat = schema.ModelT.InitFromObj(schema.Model.GetRootAsModel(tflite_model(int8).read_bytes(), 0))
+    names = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
+    ops = {names[flat.operatorCodes[op.opcodeIndex].builtinCode] for op in flat.subgraphs[0].operators}
+    wanted = {"rlfn": {"LEAKY_RELU", "LOGISTIC", "MUL", "MAX_POOL_2D", "RESIZE_BILINEAR", "SHAPE"},
+              "rrdb": {"LEAKY_RELU", "MUL", "RESIZE_NEAREST_NEIGHBOR", "CONCATENATION", "ADD"}}[family]
+    assert wanted <= ops
+    for kind in (EngineKind.LITERT, EngineKind.LITERT_REF):
+        engine = create_engine(kind, name, int8)
+        assert engine.conformance.passed, engine.conformance
+        probe = probe_image(45, 71, seed=9)  # odd sizes: the resizes follow the input
+        assert engine.run(probe).shape == reference_engine(name, int8).run(probe).shape

@@ -29,7 +29,8 @@ from ..quant.quantspec import QuantSpec, activation_qparams, weight_int8
 from ..store import write_atomic
 from ..model.usermodel import unwrap
 
-SUPPORTED_OPS = ("Conv", "Relu", "Clip", "Concat", "DepthToSpace", "Add")
+SUPPORTED_OPS = ("Conv", "Relu", "Clip", "LeakyRelu", "PRelu", "Sigmoid", "Tanh", "Concat", "DepthToSpace", "Add", "Sub",
+                 "Mul", "MaxPool", "Pad", "Resize")
 _CLIPS = {(0.0, 1.0): "RELU_0_TO_1", (0.0, 6.0): "RELU6", (-1.0, 1.0): "RELU_N1_TO_1"}
 _NHWC_AXIS = {0: 0, 1: 3, 2: 1, 3: 2, -3: 3, -2: 1, -1: 2, -4: 0}
 
@@ -83,6 +84,13 @@ class _Flatbuffer:
         self.tensors.append(tensor)
         if data is None:
             self.index[name] = len(self.tensors) - 1
+        return len(self.tensors) - 1
+
+    def plain(self, name: str, shape: list[int], dtype: int) -> int:
+        """An unquantized tensor made at run time (an INT32 shape)."""
+        tensor = self.schema.TensorT()
+        tensor.name, tensor.shape, tensor.type, tensor.buffer = name, shape, dtype, 0
+        self.tensors.append(tensor)
         return len(self.tensors) - 1
 
     def operator(self, op: str, inputs: list[int], outputs: list[int], options=None, kind: str | None = None):
@@ -164,114 +172,275 @@ def tflite_bytes(fp32: onnx.ModelProto, spec: QuantSpec, ranges: dict[str, Tenso
         the flatbuffer.
 
     Raises:
-        TfliteUnsupported: a scheme other than LiteRT's, an op outside SUPPORTED_OPS, a tensor left in float, or a
-            convolution LiteRT cannot express (named).
+        TfliteUnsupported: a scheme other than LiteRT's, an op outside SUPPORTED_OPS, a tensor left in float, or an
+            op LiteRT cannot express as the graph has it (named).
     """
     if not spec.scheme.litert:
         raise TfliteUnsupported(f"a .tflite follows LiteRT's specification: the npu or npu-per-tensor scheme, "
                                 f"not {spec.scheme.value}")
-    model = unwrap(fp32)
-    activations = {_user(t): a for t, a in spec.activations.items()}
-    bounds = {_user(t): r for t, r in ranges.items()}
-    arrays, orders = _constants(model), _channel_orders(model)
-    weights = {_user(w): s for w, s in spec.weights.items()}
-    flat = _Flatbuffer()
-    channels: dict[str, int] = {}
+    return _Writer(unwrap(fp32), spec, ranges).write()
 
-    def qparams(name: str) -> tuple[float, int]:
-        if name not in activations:
+
+class _Writer:
+    """One user's graph written op by op into a `_Flatbuffer`."""
+
+    def __init__(self, model: onnx.ModelProto, spec: QuantSpec, ranges: dict[str, TensorRange]):
+        self.model, self.flat = model, _Flatbuffer()
+        self.activations = {_user(t): a for t, a in spec.activations.items()}
+        self.bounds = {_user(t): r for t, r in ranges.items()}
+        self.arrays, self.orders = _constants(model), _channel_orders(model)
+        self.weights = {_user(w): s for w, s in spec.weights.items()}
+        self.channels: dict[str, int] = {}
+        self.producers = {o: n for n in model.graph.node for o in n.output}
+
+    def write(self) -> bytes:
+        graph_input = self.model.graph.input[0]
+        if graph_input.name not in self.activations:
+            raise TfliteUnsupported(f"the image input {graph_input.name!r} is not quantized by the spec (centred I/O "
+                                    "or a keep-in-float fix leaves it in float): a full-integer .tflite takes an INT8 "
+                                    "image")
+        count = graph_input.type.tensor_type.shape.dim[1].dim_value or self.conv_channels(graph_input.name)
+        if count <= 0:
+            raise TfliteUnsupported(f"the input {graph_input.name!r} has no fixed channel count (NCHW expected)")
+        self.output(graph_input.name, count)
+        for node in self.model.graph.node:
+            if node.op_type in ("Shape", "Constant") or not any(t in self.activations
+                                                                for t in [*node.input, *node.output]):
+                continue  # shape arithmetic and constants: read where an op needs them (a Resize's size)
+            if node.op_type not in SUPPORTED_OPS:
+                raise TfliteUnsupported(f"the .tflite writer cannot express {node.op_type} ({node.name!r}); it "
+                                        f"writes {', '.join(SUPPORTED_OPS)}")
+            getattr(self, f"_{node.op_type.lower()}")(node)
+        result = self.model.graph.output[0].name
+        return self.flat.model([self.flat.index[graph_input.name]], [self.activation(result)])
+
+    def conv_channels(self, tensor: str) -> int:
+        """The channels a Conv reading `tensor` takes (0 when none reads it): a free channel dimension fixed."""
+        for node in self.model.graph.node:
+            if node.op_type == "Conv" and node.input[0] == tensor and node.input[1] in self.arrays:
+                return int(self.arrays[node.input[1]].shape[1]) * int(_attribute(node, "group", 1))
+        return 0
+
+    def qparams(self, name: str) -> tuple[float, int]:
+        if name not in self.activations:
             raise TfliteUnsupported(f"tensor {name!r} is left in float (a full-integer .tflite has no float "
                                     "tensors): write it without keep-in-float fixes")
-        r = bounds[name]
-        return activation_qparams(activations[name], r.low, r.high)
+        r = self.bounds[name]
+        return activation_qparams(self.activations[name], r.low, r.high)
 
-    def activation(name: str) -> int:
-        if name not in flat.index:
+    def activation(self, name: str) -> int:
+        if name not in self.flat.index:
             raise TfliteUnsupported(f"tensor {name!r} is read before it is made (a graph input other than the image?)")
-        return flat.index[name]
+        return self.flat.index[name]
 
-    def output(name: str, count: int) -> int:
-        channels[name] = count
-        return flat.tensor(name, count, qparams(name))
+    def output(self, name: str, count: int) -> int:
+        self.channels[name] = count
+        return self.flat.tensor(name, count, self.qparams(name))
 
-    graph_input = model.graph.input[0]
-    if graph_input.name not in activations:
-        raise TfliteUnsupported(f"the image input {graph_input.name!r} is not quantized by the spec (centred I/O or a "
-                                "keep-in-float fix leaves it in float): a full-integer .tflite takes an INT8 image")
-    count = graph_input.type.tensor_type.shape.dim[1].dim_value
-    if count <= 0:
-        raise TfliteUnsupported(f"the input {graph_input.name!r} has no fixed channel count (NCHW expected)")
-    output(graph_input.name, count)
-    for node in model.graph.node:
-        if node.op_type == "Constant":
-            continue
-        if node.op_type not in SUPPORTED_OPS:
-            raise TfliteUnsupported(f"the .tflite writer cannot express {node.op_type} ({node.name!r}); it writes "
-                                    f"{', '.join(SUPPORTED_OPS)}")
-        _write_node(flat, node, arrays, weights, orders, channels, qparams, activation, output)
-    result = model.graph.output[0].name
-    return flat.model([flat.index[graph_input.name]], [activation(result)])
+    def unary(self, node, op: str, options=None, kind: str | None = None) -> None:
+        made = self.output(node.output[0], self.channels[node.input[0]])
+        self.flat.operator(op, [self.activation(node.input[0])], [made], options, kind)
 
+    def operand(self, node, name: str) -> int:
+        """An input of an element-wise op: an activation, or a constant as an INT8 tensor (its spec's scale),
+        laid out to broadcast over NHWC."""
+        if name not in self.arrays:
+            return self.activation(name)
+        if name not in self.weights:
+            raise TfliteUnsupported(f"{node.op_type} {node.name!r}: its constant {name!r} is not quantized by the spec")
+        values = np.asarray(self.arrays[name], np.float32)
+        if values.size != 1:
+            if values.ndim not in (3, 4) or values.size != values.shape[-3]:
+                raise TfliteUnsupported(f"{node.op_type} {node.name!r}: a constant of shape {list(values.shape)} "
+                                        "(one value, or one per channel, is written)")
+            values = values.reshape(1, 1, 1, -1)
+        quantized, step = weight_int8(values, None)
+        zeros = np.zeros(1, np.int64)
+        return self.flat.tensor(f"{name}_int8", None, (np.atleast_1d(step), zeros), quantized.reshape(values.shape),
+                                self.flat.schema.TensorType.INT8)
 
-def _write_node(flat: _Flatbuffer, node, arrays, weights, orders, channels, qparams, activation, output) -> None:
-    schema = flat.schema
-    if node.op_type == "Conv":
-        _write_conv(flat, node, arrays, weights, orders, channels, qparams, activation, output)
-    elif node.op_type == "Relu":
-        flat.operator("RELU", [activation(node.input[0])], [output(node.output[0], channels[node.input[0]])])
-    elif node.op_type == "Clip":
+    def int32(self, name: str, values) -> int:
+        return self.flat.tensor(name, None, ([], []), np.asarray(values, np.int32), self.flat.schema.TensorType.INT32)
+
+    def spatial_size(self, tensor: str, name: str) -> int:
+        """An INT32 [height, width] tensor of `tensor`'s size at run time (SHAPE, then STRIDED_SLICE 1..3)."""
+        shape = self.flat.plain(f"{name}_shape", [4], self.flat.schema.TensorType.INT32)
+        options = self.flat.schema.ShapeOptionsT()
+        options.outType = self.flat.schema.TensorType.INT32
+        self.flat.operator("SHAPE", [self.activation(tensor)], [shape], options, "ShapeOptions")
+        size = self.flat.plain(f"{name}_size", [2], self.flat.schema.TensorType.INT32)
+        self.flat.operator("STRIDED_SLICE", [shape, self.int32(f"{name}_b", [1]), self.int32(f"{name}_e", [3]),
+                                             self.int32(f"{name}_s", [1])], [size],
+                           self.flat.schema.StridedSliceOptionsT(), "StridedSliceOptions")
+        return size
+
+    def shape_sources(self, tensor: str) -> set[str]:
+        """The tensors whose Shape an integer subgraph reads."""
+        found, frontier, seen = set(), [tensor], set()
+        while frontier:
+            name = frontier.pop()
+            node = self.producers.get(name)
+            if node is None or name in seen:
+                continue
+            seen.add(name)
+            if node.op_type == "Shape":
+                found.add(node.input[0])
+            else:
+                frontier.extend(i for i in node.input if i)
+        return found
+
+    def _conv(self, node) -> None:
+        _write_conv(self, node)
+
+    def _relu(self, node) -> None:
+        self.unary(node, "RELU")
+
+    def _clip(self, node) -> None:
+        arrays = self.arrays
         low = float(arrays[node.input[1]]) if len(node.input) > 1 and node.input[1] else float(_attribute(node, "min", -np.inf))
         high = float(arrays[node.input[2]]) if len(node.input) > 2 and node.input[2] else float(_attribute(node, "max", np.inf))
-        if (low, high) not in _CLIPS:
+        if (low, high) in _CLIPS:
+            return self.unary(node, _CLIPS[(low, high)])
+        scale, zero = self.qparams(node.output[0])
+        activation = self.activations[node.output[0]]
+        if (activation.qmin - zero) * scale < low - scale / 2 or (activation.qmax - zero) * scale > high + scale / 2:
             raise TfliteUnsupported(f"Clip({low}, {high}) ({node.name!r}): LiteRT has RELU_0_TO_1, RELU6 and "
-                                    "RELU_N1_TO_1 only")
-        flat.operator(_CLIPS[(low, high)], [activation(node.input[0])], [output(node.output[0], channels[node.input[0]])])
-    elif node.op_type == "Concat":
-        options = schema.ConcatenationOptionsT()
+                                    "RELU_N1_TO_1, or a requantization when the output's grid lies within the clip")
+        self.unary(node, "QUANTIZE")  # the output grid is the clip: requantizing saturates exactly there
+
+    def _leakyrelu(self, node) -> None:
+        options = self.flat.schema.LeakyReluOptionsT()
+        options.alpha = float(_attribute(node, "alpha", 0.01))
+        self.unary(node, "LEAKY_RELU", options, "LeakyReluOptions")
+
+    def _prelu(self, node) -> None:
+        made = self.output(node.output[0], self.channels[node.input[0]])
+        self.flat.operator("PRELU", [self.activation(node.input[0]), self.operand(node, node.input[1])], [made])
+
+    def _sigmoid(self, node) -> None:
+        self.unary(node, "LOGISTIC")
+
+    def _tanh(self, node) -> None:
+        self.unary(node, "TANH")
+
+    def _concat(self, node) -> None:
+        options = self.flat.schema.ConcatenationOptionsT()
         options.axis = _NHWC_AXIS[int(_attribute(node, "axis"))]
-        inputs = [activation(t) for t in node.input]
-        flat.operator("CONCATENATION", inputs, [output(node.output[0], sum(channels[t] for t in node.input))],
-                      options, "ConcatenationOptions")
-    elif node.op_type == "DepthToSpace":
-        options = schema.DepthToSpaceOptionsT()
+        made = self.output(node.output[0], sum(self.channels[t] for t in node.input))
+        self.flat.operator("CONCATENATION", [self.activation(t) for t in node.input], [made], options,
+                           "ConcatenationOptions")
+
+    def _depthtospace(self, node) -> None:
+        options = self.flat.schema.DepthToSpaceOptionsT()
         options.blockSize = int(_attribute(node, "blocksize"))
-        made = output(node.output[0], channels[node.input[0]] // options.blockSize ** 2)
-        flat.operator("DEPTH_TO_SPACE", [activation(node.input[0])], [made], options, "DepthToSpaceOptions")
-    else:  # Add of two activations
-        if any(t in arrays for t in node.input):
-            raise TfliteUnsupported(f"Add with a constant ({node.name!r}): only an Add of two tensors is written")
-        options = schema.AddOptionsT()
-        flat.operator("ADD", [activation(t) for t in node.input], [output(node.output[0], channels[node.input[0]])],
-                      options, "AddOptions")
+        made = self.output(node.output[0], self.channels[node.input[0]] // options.blockSize ** 2)
+        self.flat.operator("DEPTH_TO_SPACE", [self.activation(node.input[0])], [made], options, "DepthToSpaceOptions")
+
+    def _binary(self, node, op: str, options, kind: str) -> None:
+        if all(t in self.arrays for t in node.input):
+            raise TfliteUnsupported(f"{node.op_type} {node.name!r} of two constants")
+        image = next(t for t in node.input if t not in self.arrays)
+        inputs = [self.operand(node, t) for t in node.input]
+        self.flat.operator(op, inputs, [self.output(node.output[0], self.channels[image])], options, kind)
+
+    def _add(self, node) -> None:
+        self._binary(node, "ADD", self.flat.schema.AddOptionsT(), "AddOptions")
+
+    def _sub(self, node) -> None:
+        self._binary(node, "SUB", self.flat.schema.SubOptionsT(), "SubOptions")
+
+    def _mul(self, node) -> None:
+        self._binary(node, "MUL", self.flat.schema.MulOptionsT(), "MulOptions")
+
+    def _maxpool(self, node) -> None:
+        kernel = list(_attribute(node, "kernel_shape"))
+        strides = list(_attribute(node, "strides", [1, 1]))
+        if any(_attribute(node, "pads", [0, 0, 0, 0])) or _attribute(node, "ceil_mode", 0) or \
+                any(d != 1 for d in _attribute(node, "dilations", [1, 1])) or len(kernel) != 2:
+            raise TfliteUnsupported(f"MaxPool {node.name!r}: only 2-D, unpadded, floor-mode pooling is written")
+        options = self.flat.schema.Pool2DOptionsT()
+        options.padding = self.flat.schema.Padding.VALID
+        options.filterHeight, options.filterWidth = kernel
+        options.strideH, options.strideW = strides
+        self.unary(node, "MAX_POOL_2D", options, "Pool2DOptions")
+
+    def _pad(self, node) -> None:
+        mode = _attribute(node, "mode", b"constant")
+        mode = mode.decode() if isinstance(mode, bytes) else mode
+        pads = [int(p) for p in np.asarray(self.arrays.get(node.input[1], []))] if len(node.input) > 1 else []
+        if mode != "constant" or len(pads) != 8 or pads[0] or pads[1] or pads[4] or pads[5] or min(pads) < 0:
+            raise TfliteUnsupported(f"Pad {node.name!r} ({mode}, pads {pads or 'computed'}): LiteRT's PADV2 pads "
+                                    "height and width with a constant (no edge padding)")
+        value = float(self.arrays[node.input[2]]) if len(node.input) > 2 and node.input[2] else 0.0
+        scale, zero = self.qparams(node.input[0])
+        level = np.array(np.clip(np.rint(value / scale) + zero, -128, 127), np.int8)
+        constant = self.flat.tensor(f"{node.name}_value", None, ([scale], [zero]), level, self.flat.schema.TensorType.INT8)
+        paddings = self.int32(f"{node.name}_paddings", [[0, 0], [pads[2], pads[6]], [pads[3], pads[7]], [0, 0]])
+        made = self.output(node.output[0], self.channels[node.input[0]])
+        self.flat.operator("PADV2", [self.activation(node.input[0]), paddings, constant], [made],
+                           self.flat.schema.PadV2OptionsT(), "PadV2Options")
+
+    def _resize(self, node) -> None:
+        mode = _attribute(node, "mode", b"nearest")
+        mode = mode.decode() if isinstance(mode, bytes) else mode
+        transform = _attribute(node, "coordinate_transformation_mode", b"half_pixel")
+        transform = transform.decode() if isinstance(transform, bytes) else transform
+        nearest = _attribute(node, "nearest_mode", b"round_prefer_floor")
+        nearest = nearest.decode() if isinstance(nearest, bytes) else nearest
+        if mode == "nearest" and transform == "asymmetric" and nearest == "floor":
+            op, options, kind = "RESIZE_NEAREST_NEIGHBOR", self.flat.schema.ResizeNearestNeighborOptionsT(), \
+                "ResizeNearestNeighborOptions"
+        elif mode == "linear" and transform in ("pytorch_half_pixel", "half_pixel", "align_corners"):
+            op, options, kind = "RESIZE_BILINEAR", self.flat.schema.ResizeBilinearOptionsT(), "ResizeBilinearOptions"
+            options.alignCorners, options.halfPixelCenters = transform == "align_corners", transform != "align_corners"
+        else:
+            raise TfliteUnsupported(f"Resize {node.name!r} ({mode}, {transform}): LiteRT resizes nearest as "
+                                    "PyTorch's (asymmetric, floor) or bilinear")
+        size = self._resize_size(node)
+        made = self.output(node.output[0], self.channels[node.input[0]])
+        self.flat.operator(op, [self.activation(node.input[0]), size], [made], options, kind)
+
+    def _resize_size(self, node) -> int:
+        """The output size of a Resize as an INT32 tensor: its integer scales times its input's size, or the size
+        of the tensor whose shape its `sizes` are read from."""
+        scales = np.asarray(self.arrays.get(node.input[2], [])) if len(node.input) > 2 and node.input[2] else []
+        if len(scales) == 4 and all(s == int(s) and s >= 1 for s in scales[2:]) and list(scales[:2]) == [1, 1]:
+            size = self.spatial_size(node.input[0], node.name)
+            scaled = self.flat.plain(f"{node.name}_scaled", [2], self.flat.schema.TensorType.INT32)
+            self.flat.operator("MUL", [size, self.int32(f"{node.name}_by", [int(s) for s in scales[2:]])], [scaled],
+                               self.flat.schema.MulOptionsT(), "MulOptions")
+            return scaled
+        sources = self.shape_sources(node.input[3]) - {node.input[0]} if len(node.input) > 3 else set()
+        if len(sources) != 1:
+            raise TfliteUnsupported(f"Resize {node.name!r}: its size is neither an integer scale nor another "
+                                    "tensor's size")
+        return self.spatial_size(sources.pop(), node.name)
 
 
-def _write_conv(flat: _Flatbuffer, node, arrays, weights, orders, channels, qparams, activation, output) -> None:
-    schema = flat.schema
+def _write_conv(writer: _Writer, node) -> None:
+    schema, arrays, weights = writer.flat.schema, writer.arrays, writer.weights
     if node.input[1] not in weights:
         raise TfliteUnsupported(f"Conv {node.name!r}: its weight is not quantized by the spec")
     weight = np.asarray(arrays[node.input[1]], np.float32)
     bias = np.asarray(arrays[node.input[2]], np.float32) if len(node.input) > 2 and node.input[2] else \
         np.zeros(weight.shape[0], np.float32)
-    if node.name in orders:  # a CRD PixelShuffle after it: its output channels in DCR order
-        weight, bias = weight[orders[node.name]], bias[orders[node.name]]
-    kernel = weight.shape[2:]
+    if node.name in writer.orders:  # a CRD PixelShuffle after it: its output channels in DCR order
+        weight, bias = weight[writer.orders[node.name]], bias[writer.orders[node.name]]
+    kernel, strides = weight.shape[2:], list(_attribute(node, "strides", [1, 1]))
     pads = list(_attribute(node, "pads", [0, 0, 0, 0]))
-    if weight.ndim != 4 or any(s != 1 for s in _attribute(node, "strides", [1, 1])) or \
-            any(d != 1 for d in _attribute(node, "dilations", [1, 1])):
-        raise TfliteUnsupported(f"Conv {node.name!r}: only 2-D, stride-1, undilated convolutions are written")
-    same = pads == [kernel[0] // 2, kernel[1] // 2] * 2 and all(k % 2 == 1 for k in kernel)
+    if weight.ndim != 4 or any(d != 1 for d in _attribute(node, "dilations", [1, 1])):
+        raise TfliteUnsupported(f"Conv {node.name!r}: only 2-D, undilated convolutions are written")
+    same = pads == [kernel[0] // 2, kernel[1] // 2] * 2 and all(k % 2 == 1 for k in kernel) and strides == [1, 1]
     if not same and any(pads):
-        raise TfliteUnsupported(f"Conv {node.name!r}: pads {pads} are neither SAME nor VALID")
-    groups = int(_attribute(node, "group", 1))
-    in_channels = channels[node.input[0]]
+        raise TfliteUnsupported(f"Conv {node.name!r}: pads {pads} with strides {strides} are neither SAME nor VALID")
+    groups, in_channels = int(_attribute(node, "group", 1)), writer.channels[node.input[0]]
     axis = weights[node.input[1]].axis
     quantized, steps = weight_int8(weight, None if axis is None else 0)
-    input_step = qparams(node.input[0])[0]
-    bias_steps = (np.float32(input_step) * np.broadcast_to(steps, (weight.shape[0],))).astype(np.float32)
+    bias_steps = (np.float32(writer.qparams(node.input[0])[0]) *
+                  np.broadcast_to(steps, (weight.shape[0],))).astype(np.float32)
     limit = np.iinfo(np.int32)
     bias_int = np.clip(np.rint(bias.astype(np.float64) / bias_steps), limit.min, limit.max).astype(np.int32)
-    depthwise = groups > 1 and groups == in_channels and weight.shape[1] == 1
-    if depthwise:
+    if groups > 1 and groups == in_channels and weight.shape[1] == 1:
         options, kind, op = schema.DepthwiseConv2DOptionsT(), "DepthwiseConv2DOptions", "DEPTHWISE_CONV_2D"
         options.depthMultiplier = weight.shape[0] // in_channels
         filter_data, filter_axis = quantized.transpose(1, 2, 3, 0), 3
@@ -279,16 +448,16 @@ def _write_conv(flat: _Flatbuffer, node, arrays, weights, orders, channels, qpar
         options, kind, op = schema.Conv2DOptionsT(), "Conv2DOptions", "CONV_2D"
         filter_data, filter_axis = quantized.transpose(0, 2, 3, 1), 0
     options.padding = schema.Padding.SAME if same else schema.Padding.VALID
-    options.strideW = options.strideH = options.dilationWFactor = options.dilationHFactor = 1
-    options.fusedActivationFunction = schema.ActivationFunctionType.NONE
+    (options.strideH, options.strideW), options.dilationWFactor = strides, 1
+    options.dilationHFactor, options.fusedActivationFunction = 1, schema.ActivationFunctionType.NONE
     zeros = np.zeros(np.atleast_1d(steps).shape, np.int64)
-    filter_index = flat.tensor(f"{node.input[1]}_int8", None, (steps, zeros), filter_data, schema.TensorType.INT8,
-                               filter_axis if axis is not None else 0)
-    bias_index = flat.tensor(f"{node.name}_bias_int32", None, (bias_steps if axis is not None else bias_steps[:1],
-                                                               zeros if axis is not None else zeros[:1]),
-                             bias_int, schema.TensorType.INT32, 0)
-    made = output(node.output[0], weight.shape[0])
-    flat.operator(op, [activation(node.input[0]), filter_index, bias_index], [made], options, kind)
+    filter_index = writer.flat.tensor(f"{node.input[1]}_int8", None, (steps, zeros), filter_data,
+                                      schema.TensorType.INT8, filter_axis if axis is not None else 0)
+    bias_index = writer.flat.tensor(f"{node.name}_bias_int32", None,
+                                    (bias_steps if axis is not None else bias_steps[:1],
+                                     zeros if axis is not None else zeros[:1]), bias_int, schema.TensorType.INT32, 0)
+    made = writer.output(node.output[0], weight.shape[0])
+    writer.flat.operator(op, [writer.activation(node.input[0]), filter_index, bias_index], [made], options, kind)
 
 
 def write_tflite(fp32_onnx: str | os.PathLike, spec: QuantSpec, ranges: dict[str, TensorRange],
