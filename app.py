@@ -41,7 +41,8 @@ from sr.lab.diagnose import (DiagnoseConfig, DiagnosisCancelled, Fix, NoFixReaso
 from sr.lab.bundle import export_bundle, zip_bundle
 from sr.lab.compare import prepare_input
 from sr.model.models import is_uploaded, model_info
-from sr.model.usermodel import Overrides, register_onnx
+from sr.model.contract import Overrides
+from sr.model.usermodel import register_onnx
 from sr.lab.plots import DifferenceKind, difference_image, histogram_figure, range_chart
 from sr.quant.quantspec import Scheme
 from sr.quant.recipe import Refinement

@@ -43,7 +43,7 @@ from ..quant.recipe import Fixes
 from ..quant.qdq import spec_of, tie_fused_ranges
 from ..run.engines import EngineRefused, litert_available, qnn_available
 from ..run.runtime import EngineKind, engine_for, tflite_model
-from ..model.usermodel import unwrap
+from ..model.wrapper import unwrap
 from ..store import write_atomic
 
 CALIBRATORS = {Method.ENTROPY: "EntropyCalibration2", Method.ENTROPY_ZEROS: "EntropyCalibration2",
@@ -180,7 +180,7 @@ def _npu_figures(int8: CalibratedModel, images: Sequence[np.ndarray], fp32_outpu
 
 
 def _write_model(source: Path, out: Path) -> None:
-    """The user's own graph of a lab model file (`sr.model.usermodel.unwrap`), written atomically."""
+    """The user's own graph of a lab model file (`sr.model.wrapper.unwrap`), written atomically."""
     write_atomic(unwrap(onnx.load(str(source))).SerializeToString(), out)
 
 

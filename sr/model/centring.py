@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from .usermodel import known_input
+from .wrapper import known_input
 
 IO_OFFSET = 128 / 255  # with this offset an 8-bit image's 256 levels are exactly the INT8 values at step 1/255
 

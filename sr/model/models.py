@@ -28,7 +28,9 @@ from ..choices import Choice
 from .onnxtorch import OnnxModule
 from ..store import (PROJECT_ROOT, Memo, atomic_path, cache_root, code_digest, file_identity, file_sha256,
                      library_versions, locked, short_hash, write_atomic)
-from .usermodel import STANDARD_KEY, Contract, lookup, register_onnx, set_metadata
+from .contract import Contract
+from .usermodel import lookup, register_onnx
+from .wrapper import STANDARD_KEY, set_metadata
 
 log = logging.getLogger(__name__)
 
@@ -449,7 +451,7 @@ class ModelInfo:
     scale: int
     final_activation: str
     parameters: int
-    contract: object | None = None  # sr.model.usermodel.Contract of a user's model
+    contract: object | None = None  # sr.model.contract.Contract of a user's model
     input_range: tuple[str, float] | None = None  # (tensor, high) of a user's model's fixed input range [0, high]
 
     @property

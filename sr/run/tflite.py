@@ -27,7 +27,7 @@ from onnx import numpy_helper
 from ..quant.calibrate import TensorRange
 from ..quant.quantspec import QuantSpec, activation_qparams, weight_int8
 from ..store import write_atomic
-from ..model.usermodel import unwrap
+from ..model.wrapper import unwrap
 
 SUPPORTED_OPS = ("Conv", "Relu", "Clip", "Concat", "DepthToSpace", "Add")
 _CLIPS = {(0.0, 1.0): "RELU_0_TO_1", (0.0, 6.0): "RELU6", (-1.0, 1.0): "RELU_N1_TO_1"}
