@@ -27,7 +27,7 @@ from sr.data import degrade, list_images, load_image  # noqa: E402
 from sr.lab.diagnose import DiagnoseConfig, diagnose  # noqa: E402
 from sr.run.runtime import engine_for  # noqa: E402
 from sr.metrics import brightness_ratio, psnr_y  # noqa: E402
-from sr.model.models import load_model, save_weights  # noqa: E402
+from sr.model.weights import load_model, save_weights  # noqa: E402
 from sr.run.quantize import calibrate_model  # noqa: E402
 from sr.quant.recipe import Fixes
 from sr.tune.train import TrainConfig, train  # noqa: E402

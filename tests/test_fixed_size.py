@@ -14,7 +14,7 @@ import torch
 import standins
 from sr.quant.calibrate import CalibrationConfig
 from sr.data import degrade, load_image
-from sr.model.models import load_model
+from sr.model.weights import load_model
 from sr.run.quantize import calibrate_model
 from sr.model.usermodel import register_onnx
 

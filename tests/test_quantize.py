@@ -10,7 +10,7 @@ from sr.quant.calibrate import CalibrationConfig
 from sr.data import degrade, load_image
 from sr.run.engines import OrtEngine, TorchEngine, tensorrt_available, tiled
 from sr.metrics import psnr_y
-from sr.model.models import load_model
+from sr.model.weights import load_model
 from sr.run.quantize import calibrate_model
 
 from sr.quant.quantspec import Scheme

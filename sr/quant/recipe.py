@@ -64,13 +64,14 @@ class Fixes:
 # PSNR); a refined model passes through the fake quantizers and the refinements as well. By name: this module
 # does not import them (they import it); `code_digest_of` refuses a key where one is not loaded.
 CALIBRATED_BY = ("sr.data", "sr.model.checks", "sr.model.probe", "sr.model.contract", "sr.model.wrapper",
-                 "sr.model.usermodel", "sr.model.onnxtorch", "sr.model.centring", "sr.model.export", "sr.model.models",
-                 "sr.quant.calibrate", "sr.quant.rewrite", "sr.quant.quantspec", "sr.quant.qdq", "sr.quant.recipe",
-                 "sr.quant.calibrated", "sr.run.quantize")
+                 "sr.model.usermodel", "sr.model.onnxtorch", "sr.model.centring", "sr.model.export", "sr.model.networks",
+                 "sr.model.weights", "sr.model.models", "sr.quant.calibrate", "sr.quant.rewrite", "sr.quant.quantspec",
+                 "sr.quant.qdq", "sr.quant.recipe", "sr.quant.calibrated", "sr.run.quantize")
 SCORED_BY = ("sr.run.engines", "sr.metrics")
 REFINED_BY = ("sr.tune.transforms", "sr.tune.fakequant", "sr.tune.ptq")
 OBSERVED_BY = ("sr.data", "sr.model.checks", "sr.model.probe", "sr.model.contract", "sr.model.wrapper",
-               "sr.model.usermodel", "sr.model.centring", "sr.model.models", "sr.model.export", "sr.quant.calibrate")
+               "sr.model.usermodel", "sr.model.centring", "sr.model.networks", "sr.model.weights", "sr.model.models",
+               "sr.model.export", "sr.quant.calibrate")
 VERSIONS = ("torch", "onnx", "onnxruntime")
 
 

@@ -19,7 +19,8 @@ from ..choices import Choice
 from .engines import (BF16_TOLERANCE, DEFAULT_HTP_ARCH, FP32_TOLERANCE, INT8_TOLERANCE, NPU_TOLERANCE, Conformance,
                       EngineRefused, LiteRTEngine, OpenVinoEngine, OrtEngine, QnnHtpEngine, TensorRTEngine, TorchEngine,
                       conformance, openvino_available, reference, tensorrt_available)
-from ..model.models import load_model, model_info
+from ..model.models import model_info
+from ..model.weights import load_model
 from ..quant.qdq import spec_of, tie_fused_ranges
 from .quantize import fp32_onnx_path
 from ..quant.calibrated import CalibratedModel
