@@ -32,7 +32,8 @@ import numpy as np
 import pandas as pd
 
 import app_jobs
-from sr.quant.calibrate import CalibrationConfig, Method, ensure_calibration_images
+from sr.quant.calibdata import ensure_calibration_images
+from sr.quant.calibrate import CalibrationConfig, Method
 from sr.tune.ptq import RefineConfig, refine
 from sr.lab.compare import InputMode, OutputKind, available_models, compare, roi_strip
 from sr.data import ImageLoadError, bicubic_resize, load_image

@@ -17,7 +17,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import app  # noqa: E402
-from sr.quant.calibrate import load_calibration_images  # noqa: E402
+from sr.quant.calibdata import load_calibration_images  # noqa: E402
 from sr.lab.compare import compare  # noqa: E402
 from sr.lab.diagnose import range_coverage  # noqa: E402
 

@@ -186,7 +186,7 @@ def zero_spike_figure(out: Path) -> dict:
                               title=f"xlsr-relu {tensor}: {100 * stats.histogram[0] / stats.histogram.sum():.0f}% of "
                                     "the values in bin 0 (exact zeros after the ReLU)")
     figure.savefig(out / "zero-spike.png", dpi=110)
-    from sr.quant.calibrate import threshold
+    from sr.quant.searches import threshold
 
     return {"tensor": tensor, "zero_share": float(stats.histogram[0] / stats.histogram.sum()),
             "entropy": threshold(stats, Method.ENTROPY), "entropy_zeros": threshold(stats, Method.ENTROPY_ZEROS),

@@ -33,7 +33,9 @@ import numpy as np
 import onnx
 
 from .. import __version__
-from ..quant.calibrate import CalibrationConfig, Method, TensorRange, images_digest, load_calibration_images
+from ..quant.calibdata import images_digest, load_calibration_images
+from ..quant.calibrate import CalibrationConfig, Method
+from ..quant.searches import TensorRange
 from ..metrics import brightness_ratio, psnr_y
 from ..model.models import model_info
 from ..run.quantize import calibrate_model, fp32_onnx_path

@@ -29,7 +29,9 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from ..quant.calibrate import CalibrationConfig, Method, TensorRange, TensorStats, observing_session
+from ..quant.calibrate import CalibrationConfig, Method
+from ..quant.searches import TensorRange
+from ..quant.statistics import TensorStats, observing_session
 from ..choices import Choice
 from .compare import InputMode, prepare_input
 from ..data import bicubic_resize, degrade, list_images, load_image

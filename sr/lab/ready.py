@@ -31,7 +31,8 @@ from typing import Callable, Sequence
 import numpy as np
 
 from .bundle import export_bundle
-from ..quant.calibrate import CalibrationConfig, Method, ensure_calibration_images, load_calibration_images
+from ..quant.calibdata import ensure_calibration_images, load_calibration_images
+from ..quant.calibrate import CalibrationConfig, Method
 from ..quant.calibrated import CalibratedModel
 from .compare import InputMode
 from ..data import list_images

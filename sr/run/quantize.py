@@ -22,7 +22,8 @@ import onnx
 
 from .. import data
 from ..model.centring import moves_values, user_io
-from ..quant.calibrate import CalibrationConfig, Method, images_digest, load_calibration_images, prepare_calibration_images
+from ..quant.calibdata import images_digest, load_calibration_images, prepare_calibration_images
+from ..quant.calibrate import CalibrationConfig, Method
 from ..quant.calibrated import CalibratedModel, calibrate_entry, read_entry
 from .engines import reference
 from ..metrics import brightness_ratio, psnr_y

@@ -24,7 +24,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from ..quant.calibrate import TensorRange
+from ..quant.searches import TensorRange
 from ..quant.quantspec import QuantSpec, activation_qparams, weight_int8
 from ..store import write_atomic
 from ..model.wrapper import unwrap

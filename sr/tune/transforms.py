@@ -18,7 +18,7 @@ import numpy as np
 import onnx
 import torch
 
-from ..quant.calibrate import calibration_patches, load_calibration_images, prepare_calibration_images
+from ..quant.calibdata import calibration_patches, load_calibration_images, prepare_calibration_images
 from ..model.models import model_info, save_tuned, with_values
 from ..model.onnxtorch import OnnxModule
 from ..quant.qdq import spec_of
