@@ -10,7 +10,9 @@ from PIL import Image
 
 from sr.quant.calibrate import CalibrationConfig
 from sr.lab.compare import InputMode
-from sr.lab.diagnose import DiagnoseConfig, Fix, apply_fix, diagnose, range_coverage
+from sr.lab.coverage import range_coverage
+from sr.lab.diagnose import DiagnoseConfig, diagnose
+from sr.lab.fixes import Fix, apply_fix
 from sr.model.weights import load_model, save_weights
 
 ROOT = Path(__file__).resolve().parent.parent

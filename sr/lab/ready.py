@@ -36,7 +36,7 @@ from ..quant.calibrate import CalibrationConfig, Method
 from ..quant.calibrated import CalibratedModel
 from .compare import InputMode
 from ..data import list_images
-from .diagnose import Scorer, eval_pairs
+from .scorer import Scorer, eval_pairs
 from ..run.engines import OrtEngine
 from ..metrics import brightness_ratio, psnr_y
 from ..model.models import model_info
