@@ -32,16 +32,19 @@ import numpy as np
 import pandas as pd
 
 import app_jobs
-from sr.quant.calibrate import CalibrationConfig, Method, ensure_calibration_images
+from sr.quant.calibdata import ensure_calibration_images
+from sr.quant.calibrate import CalibrationConfig, Method
 from sr.tune.ptq import RefineConfig, refine
 from sr.lab.compare import InputMode, OutputKind, available_models, compare, roi_strip
 from sr.data import ImageLoadError, bicubic_resize, load_image
-from sr.lab.diagnose import (DiagnoseConfig, DiagnosisCancelled, Fix, NoFixReason, advise_fix, apply_fix, diagnose,
-                        range_coverage)
+from sr.lab.coverage import range_coverage
+from sr.lab.diagnose import DiagnoseConfig, DiagnosisCancelled, diagnose
+from sr.lab.fixes import Fix, NoFixReason, advise_fix, apply_fix
 from sr.lab.bundle import export_bundle, zip_bundle
 from sr.lab.compare import prepare_input
 from sr.model.models import is_uploaded, model_info
-from sr.model.usermodel import Overrides, register_onnx
+from sr.model.contract import Overrides
+from sr.model.usermodel import register_onnx
 from sr.lab.plots import DifferenceKind, difference_image, histogram_figure, range_chart
 from sr.quant.quantspec import Scheme
 from sr.quant.recipe import Refinement

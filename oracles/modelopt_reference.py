@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from sr.quant.calibrate import Method, activation_tensors, observing_session
+from sr.quant.calibrate import Method
+from sr.quant.statistics import activation_tensors, observing_session
 
 
 def modelopt_available() -> bool:

@@ -17,9 +17,9 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import app  # noqa: E402
-from sr.quant.calibrate import load_calibration_images  # noqa: E402
+from sr.quant.calibdata import load_calibration_images  # noqa: E402
 from sr.lab.compare import compare  # noqa: E402
-from sr.lab.diagnose import range_coverage  # noqa: E402
+from sr.lab.coverage import range_coverage  # noqa: E402
 
 PAIRS = {"ReLU vs Clipped ReLU, same XLSR": ("xlsr-relu", "xlsr-clip"),
          "big ReLU teacher vs small Clipped-ReLU student": ("teacher", "xlsr-clip-kd")}

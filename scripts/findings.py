@@ -27,7 +27,7 @@ from sr.data import degrade, list_images, load_image  # noqa: E402
 from sr.lab.diagnose import DiagnoseConfig, diagnose  # noqa: E402
 from sr.run.runtime import engine_for  # noqa: E402
 from sr.metrics import brightness_ratio, psnr_y  # noqa: E402
-from sr.model.models import load_model, save_weights  # noqa: E402
+from sr.model.weights import load_model, save_weights  # noqa: E402
 from sr.run.quantize import calibrate_model  # noqa: E402
 from sr.quant.recipe import Fixes
 from sr.tune.train import TrainConfig, train  # noqa: E402
@@ -186,7 +186,7 @@ def zero_spike_figure(out: Path) -> dict:
                               title=f"xlsr-relu {tensor}: {100 * stats.histogram[0] / stats.histogram.sum():.0f}% of "
                                     "the values in bin 0 (exact zeros after the ReLU)")
     figure.savefig(out / "zero-spike.png", dpi=110)
-    from sr.quant.calibrate import threshold
+    from sr.quant.searches import threshold
 
     return {"tensor": tensor, "zero_share": float(stats.histogram[0] / stats.histogram.sum()),
             "entropy": threshold(stats, Method.ENTROPY), "entropy_zeros": threshold(stats, Method.ENTROPY_ZEROS),

@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from sr.lab.evaluate import EvalConfig, evaluate  # noqa: E402
-from sr.model.models import read_metadata  # noqa: E402
+from sr.model.weights import read_metadata  # noqa: E402
 
 MODES = ("plain", "output", "upcycled", "feature")
 METRICS = ("psnr_y", "ssim_y", "edge_psnr_y")

@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 import standins  # noqa: E402
-from sr.model.models import shipped_models  # noqa: E402
+from sr.model.weights import shipped_models  # noqa: E402
 from sr.quant.quantspec import Scheme  # noqa: E402
 from sr.lab.ready import ReadyConfig, loss_on, make_ready  # noqa: E402
 from sr.run.runtime import cpu_name  # noqa: E402

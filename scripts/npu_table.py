@@ -27,10 +27,11 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 import standins  # noqa: E402
 from sr.quant.calibrate import CalibrationConfig  # noqa: E402
 from sr.lab.compare import InputMode  # noqa: E402
-from sr.lab.diagnose import eval_pairs  # noqa: E402
+from sr.lab.scorer import eval_pairs  # noqa: E402
 from sr.run.npu import DEFAULT_HTP_ARCH  # noqa: E402
 from sr.metrics import psnr_y  # noqa: E402
-from sr.model.models import model_info, shipped_models  # noqa: E402
+from sr.model.models import model_info  # noqa: E402
+from sr.model.weights import shipped_models  # noqa: E402
 from sr.run.quantize import calibrate_model  # noqa: E402
 from sr.run.runtime import EngineKind, cpu_name, engine_for  # noqa: E402
 from sr.store import write_atomic  # noqa: E402

@@ -52,7 +52,7 @@ def probe_rates(out: Path, logs: Path, common: list[str], probe_seconds: float) 
     """Phase 0: steps/s of each kind of job, all running at once (a random teacher stands in for the KD jobs)."""
     probe = out / "probe"
     probe.mkdir(exist_ok=True)
-    subprocess.run([sys.executable, "-c", "from sr.model.models import build_model, save_weights; "
+    subprocess.run([sys.executable, "-c", "from sr.model.networks import build_model; from sr.model.weights import save_weights; "
                     f"save_weights(build_model('teacher'), '{probe / 'teacher.safetensors'}')"], check=True)
     huge = ["--steps", "1000000", "--max-seconds", str(probe_seconds), "--val-dir", ""]
     jobs = {

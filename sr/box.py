@@ -30,7 +30,8 @@ from typing import Callable
 from .store import remove_temps_of
 
 # the modules a box's work comes from: imported once by the forkserver, so no box imports them again
-PRELOAD = ("sr.lab.compare", "sr.lab.diagnose", "sr.lab.bundle", "sr.lab.ready", "sr.tune.ptq", "sr.model.usermodel", "sr.run.quantize")
+PRELOAD = ("sr.lab.compare", "sr.lab.diagnose", "sr.lab.fixes", "sr.lab.coverage", "sr.lab.bundle", "sr.lab.ready",
+           "sr.tune.ptq", "sr.model.usermodel", "sr.run.quantize")
 POLL_SECONDS = 0.1  # how often the caller checks its deadline and its stop request while it waits for the box
 
 

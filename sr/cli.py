@@ -70,7 +70,8 @@ def _model(args: argparse.Namespace) -> str:
     """The model name to hand the library: a shipped name, or a registered ONNX model (contract printed)."""
     if not getattr(args, "onnx", None):
         return args.model
-    from .model.usermodel import Overrides, register_onnx
+    from .model.contract import Overrides
+    from .model.usermodel import register_onnx
 
     user = register_onnx(args.onnx, Overrides(args.layout, args.color, args.value_range, args.pre_upsampled,
                                               args.scale))

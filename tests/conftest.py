@@ -48,7 +48,8 @@ def stand_ins(tmp_path_factory, isolated_cache):
 @pytest.fixture(scope="session")
 def registered(stand_ins):
     """Every stand-in registered with the lab: name -> UserModel."""
-    from sr.model.usermodel import Overrides, register_onnx
+    from sr.model.contract import Overrides
+    from sr.model.usermodel import register_onnx
 
     return {name: register_onnx(path, Overrides(scale=3) if "vdsr" in name else Overrides())
             for name, path in stand_ins.items()}

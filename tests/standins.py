@@ -12,7 +12,7 @@ import torch
 from onnx import TensorProto, helper
 from torch import nn
 
-from sr.model.models import load_model
+from sr.model.weights import load_model
 
 
 def _export(model: nn.Module, path: Path, example: torch.Tensor, dynamic: bool = True,

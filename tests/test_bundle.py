@@ -80,7 +80,7 @@ def test_calibration_cache_lines_are_tensorrts_format():
     """A range of +-1 is the scale 1/127, written as TensorRT's cache stores it: the float32's bits, big-endian,
     in hex (0x3c010204, worked out by hand from IEEE 754: exponent 120, mantissa 0x010204)."""
     from sr.lab.bundle import calibration_cache_text
-    from sr.quant.calibrate import TensorRange
+    from sr.quant.searches import TensorRange
 
     text = calibration_cache_text({"x": TensorRange("x", -1.0, 0.5, -1.0, 0.5, 0.0, "minmax")}, "minmax", "10.3")
     assert text.splitlines() == ["TRT-100300-MinMaxCalibration", "x: 3c010204"]

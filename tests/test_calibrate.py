@@ -3,9 +3,11 @@ import numpy as np
 import pytest
 
 from oracles.modelopt_reference import modelopt_thresholds_bins
-from sr.quant.calibrate import (CalibrationConfig, CalibrationInputs, Method, TensorStats, calibration_patches,
-                          SEARCHES, choose_ranges, clipped_fraction, entropy_threshold_bins, mse_threshold_bins,
-                          percentile_threshold_bins, prepare_calibration_images, threshold, threshold_bins)
+from sr.quant.calibdata import calibration_patches, prepare_calibration_images
+from sr.quant.calibrate import CalibrationConfig, CalibrationInputs, Method
+from sr.quant.searches import (SEARCHES, choose_ranges, clipped_fraction, entropy_threshold_bins, mse_threshold_bins,
+                               percentile_threshold_bins, threshold, threshold_bins)
+from sr.quant.statistics import TensorStats
 
 pytest.importorskip("modelopt.torch.quantization.calib.histogram", reason="nvidia-modelopt is a test dependency")
 
@@ -155,7 +157,8 @@ def test_real_histograms_match_modelopt(real_histograms, method):
 
 def test_clipped_energy_is_the_energy_clipping_removes():
     """A range is warned about by the energy it cuts off: sum (|x| - limit)^2 beyond it, against sum x^2."""
-    from sr.quant.calibrate import TensorStats, clipped_energy
+    from sr.quant.searches import clipped_energy
+    from sr.quant.statistics import TensorStats
 
     histogram = np.zeros(2048, np.int64)
     histogram[-1] = 1000  # a Softmax: most values at its top, 1.0

@@ -159,7 +159,7 @@ def test_the_calibration_images_memo_never_races_its_evictions(tmp_path):
 
     from PIL import Image
 
-    from sr.quant.calibrate import load_calibration_images
+    from sr.quant.calibdata import load_calibration_images
 
     folders = []
     for index in range(12):

@@ -10,8 +10,10 @@ from PIL import Image
 
 from sr.quant.calibrate import CalibrationConfig
 from sr.lab.compare import InputMode
-from sr.lab.diagnose import DiagnoseConfig, Fix, apply_fix, diagnose, range_coverage
-from sr.model.models import load_model, save_weights
+from sr.lab.coverage import range_coverage
+from sr.lab.diagnose import DiagnoseConfig, diagnose
+from sr.lab.fixes import Fix, apply_fix
+from sr.model.weights import load_model, save_weights
 
 ROOT = Path(__file__).resolve().parent.parent
 PLANTED = {"/skip/Conv_output_0", "/Concat_output_0"}

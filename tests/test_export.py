@@ -2,7 +2,7 @@
 import onnx
 
 from sr.model.export import max_abs_difference
-from sr.model.models import load_model
+from sr.model.weights import load_model
 from sr.run.quantize import fp32_onnx_path
 
 

@@ -14,7 +14,7 @@ import torch
 import standins
 from sr.quant.calibrate import CalibrationConfig
 from sr.data import degrade, load_image
-from sr.model.models import load_model
+from sr.model.weights import load_model
 from sr.run.quantize import calibrate_model
 from sr.model.usermodel import register_onnx
 
@@ -43,7 +43,7 @@ def bird(data_dir):
 
 def test_statistics_compare_recalibrate_and_coverage(fixed, bird):
     from sr.lab.compare import compare
-    from sr.lab.diagnose import range_coverage
+    from sr.lab.coverage import range_coverage
 
     truth, lr = bird
     first = compare(truth, fixed.name, fixed.name, QUICK, "tensorrt", "ground-truth")
@@ -58,7 +58,8 @@ def test_statistics_compare_recalibrate_and_coverage(fixed, bird):
 
 
 def test_the_diagnosis_and_mixed_precision(fixed, bird):
-    from sr.lab.diagnose import DiagnoseConfig, Scorer, diagnose
+    from sr.lab.diagnose import DiagnoseConfig, diagnose
+    from sr.lab.scorer import Scorer
 
     truth, lr = bird
     report = diagnose(DiagnoseConfig(fixed.name, QUICK, "tensorrt", max_side=100), images=[truth])

@@ -3,8 +3,8 @@ import json
 import pytest
 import torch
 
-from sr.model.models import (XLSR, FinalActivation, build_model, count_parameters, load_model, read_metadata, save_weights,
-                       shipped_models)
+from sr.model.networks import XLSR, FinalActivation, build_model, count_parameters
+from sr.model.weights import load_model, read_metadata, save_weights, shipped_models
 
 
 @pytest.mark.parametrize("arch", ["xlsr", "teacher"])

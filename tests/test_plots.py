@@ -3,7 +3,8 @@ drawn from a real calibration."""
 import numpy as np
 import pytest
 
-from sr.quant.calibrate import CalibrationConfig, Method, threshold
+from sr.quant.calibrate import CalibrationConfig, Method
+from sr.quant.searches import threshold
 from sr.lab.plots import MAX_TENSORS, difference_image, histogram_figure, range_chart
 from sr.run.quantize import calibrate_model
 

@@ -15,7 +15,8 @@ from sr.quant.calibrate import CalibrationConfig
 from sr.lab.evaluate import EvalConfig, evaluate
 from sr.model.export import onnx_bytes
 from sr.model.centring import IO_OFFSET
-from sr.model.models import load_model, read_metadata, with_io_offset
+from sr.model.networks import with_io_offset
+from sr.model.weights import load_model, read_metadata
 from sr.model.onnxtorch import OnnxModule
 from sr.tune.fakequant import original_model
 from sr.tune.qat import QatConfig, quantization_aware_training
@@ -221,7 +222,8 @@ def test_qat_under_torchrun(data_dir, tmp_path):
 def test_a_users_onnx_model_can_be_the_teacher(tmp_path, data_dir):
     """Teacher-guided QAT with the teacher given as an ONNX file: it runs through `ModelInfo.frozen_module` (the
     interpreter), which computes what the PyTorch teacher does."""
-    from sr.model.models import load_model, model_info
+    from sr.model.models import model_info
+    from sr.model.weights import load_model
 
     onnx_teacher = str(fp32_onnx_path("teacher"))
     x = torch.rand(1, 3, 24, 20)

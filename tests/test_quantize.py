@@ -10,7 +10,7 @@ from sr.quant.calibrate import CalibrationConfig
 from sr.data import degrade, load_image
 from sr.run.engines import OrtEngine, TorchEngine, tensorrt_available, tiled
 from sr.metrics import psnr_y
-from sr.model.models import load_model
+from sr.model.weights import load_model
 from sr.run.quantize import calibrate_model
 
 from sr.quant.quantspec import Scheme
@@ -79,12 +79,12 @@ def test_int8_tiles_have_no_seams(photo):
 
 def test_a_changed_threshold_function_means_a_fresh_calibration(monkeypatch):
     """The cache key holds the code: replacing a threshold search at run time must not return the old ranges."""
-    from sr.quant import calibrate
+    from sr.quant import searches
 
     config = CalibrationConfig(method="entropy", samples=10, seed=4242)
     first = calibrate_model("xlsr-clip", config, "tensorrt")
     assert calibrate_model("xlsr-clip", config, "tensorrt").cached
-    monkeypatch.setattr(calibrate, "entropy_threshold_bins", lambda histogram, **_: 1024.0)
+    monkeypatch.setattr(searches, "entropy_threshold_bins", lambda histogram, **_: 1024.0)
     changed = calibrate_model("xlsr-clip", config, "tensorrt")
     assert not changed.cached and changed.key != first.key
     stats = {s.name: s for s in changed.stats}

@@ -10,7 +10,7 @@ import pytest
 
 from sr.quant.calibrate import CalibrationConfig
 from sr.quant.recipe import Fixes
-from sr.model.models import shipped_models
+from sr.model.weights import shipped_models
 from sr.run.quantize import calibrate_model, fp32_onnx_path
 from sr.quant.qdq import spec_of
 from sr.quant.quantspec import Scheme, graph_quantization, quant_spec

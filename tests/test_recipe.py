@@ -9,7 +9,8 @@ import pytest
 import sr.tune.ptq  # noqa: F401  (a refined recipe's key covers the refinement modules: they must be loaded)
 import sr.tune.fakequant
 import sr.run.quantize
-from sr.quant.calibrate import CalibrationConfig, images_digest, load_calibration_images
+from sr.quant.calibdata import images_digest, load_calibration_images
+from sr.quant.calibrate import CalibrationConfig
 from sr.quant.recipe import Fixes
 from sr.tune.ptq import RefineConfig
 from sr.run.quantize import calibrate_model
@@ -70,7 +71,7 @@ def test_the_caches_are_named_by_the_one_key():
     int8 = calibrate_model("xlsr-clip", config, "cpu")
     assert int8.qdq_onnx.parent.name == int8.key
     # the key the pipeline used is the recipe's, over the network's calibration inputs
-    from sr.quant.calibrate import prepare_calibration_images
+    from sr.quant.calibdata import prepare_calibration_images
     from sr.model.models import model_info
 
     info = model_info("xlsr-clip")

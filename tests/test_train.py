@@ -10,7 +10,8 @@ import torch
 from PIL import Image
 
 from sr.tune.distill import DistillConfig, KDMode, distill
-from sr.model.models import FinalActivation, build_model, load_model, read_metadata, save_weights
+from sr.model.networks import FinalActivation, build_model
+from sr.model.weights import load_model, read_metadata, save_weights
 from sr.tune.train import TrainConfig, charbonnier, train
 
 ROOT = Path(__file__).resolve().parent.parent

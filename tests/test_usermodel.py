@@ -15,7 +15,9 @@ from sr.lab.diagnose import DiagnoseConfig, diagnose
 from sr.run.engines import OrtEngine
 from sr.lab.evaluate import EvalConfig, evaluate
 from sr.run.quantize import calibrate_model
-from sr.model.usermodel import Overrides, UserModelError, register_onnx
+from sr.model.checks import UserModelError
+from sr.model.contract import Overrides
+from sr.model.usermodel import register_onnx
 
 ROOT = Path(__file__).resolve().parent.parent
 EXPECTED = {  # stand-in -> (layout, colour, range, pre-upsampled, fixed size, ops left in float)
@@ -111,7 +113,7 @@ def test_a_y_only_models_int8_panel_keeps_its_chroma(registered, data_dir):
     """Only the user's graph is quantized: the lab's RGB -> Y conversion and bicubic Cb/Cr stay in float, so the
     INT8 panel's chroma is FP32's (the Cb/Cr path quantized to +-0.28 used to turn it solid green)."""
     from sr.lab.compare import compare
-    from sr.model.usermodel import YCBCR, YCBCR_OFFSET
+    from sr.model.contract import YCBCR, YCBCR_OFFSET
 
     model = registered["fsrcnn-y"].name
     hr = load_image(data_dir / "Set5" / "butterfly.png")
@@ -162,7 +164,7 @@ def test_a_model_cannot_read_server_files(tmp_path):
 
 
 def test_runtime_messages_are_cleaned():
-    from sr.model.usermodel import clean_message
+    from sr.model.checks import clean_message
 
     raw = "[ShapeInferenceError] /home/app/cache/user/abc/contract.json: requested shape:{34,34,34,83,82,32,73,78}\n x"
     cleaned = clean_message(raw)

@@ -31,8 +31,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..quant.calibrate import (SEARCHES, CalibrationConfig, Method, calibration_patches, collect_statistics,
-                        load_calibration_images, prepare_calibration_images, threshold, threshold_bins)
+from ..quant.calibdata import calibration_patches, load_calibration_images, prepare_calibration_images
+from ..quant.calibrate import CalibrationConfig, Method
+from ..quant.searches import SEARCHES, threshold, threshold_bins
+from ..quant.statistics import collect_statistics
 from ..model.models import model_info
 from ..run.runtime import cpu_name
 from ..store import PROJECT_ROOT

@@ -33,7 +33,9 @@ import numpy as np
 import onnx
 
 from .. import __version__
-from ..quant.calibrate import CalibrationConfig, Method, TensorRange, images_digest, load_calibration_images
+from ..quant.calibdata import images_digest, load_calibration_images
+from ..quant.calibrate import CalibrationConfig, Method
+from ..quant.searches import TensorRange
 from ..metrics import brightness_ratio, psnr_y
 from ..model.models import model_info
 from ..run.quantize import calibrate_model, fp32_onnx_path
@@ -44,7 +46,7 @@ from ..quant.qdq import spec_of, tie_fused_ranges
 from ..run.engines import EngineRefused
 from ..run.npu import litert_available, qnn_available
 from ..run.runtime import EngineKind, engine_for, tflite_model
-from ..model.usermodel import unwrap
+from ..model.wrapper import unwrap
 from ..store import write_atomic
 
 CALIBRATORS = {Method.ENTROPY: "EntropyCalibration2", Method.ENTROPY_ZEROS: "EntropyCalibration2",
@@ -181,7 +183,7 @@ def _npu_figures(int8: CalibratedModel, images: Sequence[np.ndarray], fp32_outpu
 
 
 def _write_model(source: Path, out: Path) -> None:
-    """The user's own graph of a lab model file (`sr.model.usermodel.unwrap`), written atomically."""
+    """The user's own graph of a lab model file (`sr.model.wrapper.unwrap`), written atomically."""
     write_atomic(unwrap(onnx.load(str(source))).SerializeToString(), out)
 
 

@@ -19,7 +19,8 @@ from ..quant.calibrate import CalibrationConfig
 from ..choices import Choice
 from ..data import bicubic_resize, degrade, frame_count, load_image
 from ..metrics import brightness_ratio, delta_e, psnr_y, rgb_to_y, ssim_y
-from ..model.models import model_info, shipped_models
+from ..model.models import model_info
+from ..model.weights import shipped_models
 from ..run.quantize import calibrate_model
 from ..quant.calibrated import CalibratedModel
 from ..quant.quantspec import Scheme
@@ -50,7 +51,7 @@ def available_models() -> list[str]:
     """Shipped models, then models trained in the app (runs/*.safetensors, as paths relative to the project).
 
     Returns:
-        model names or relative paths, each accepted by `sr.model.models.load_model`.
+        model names or relative paths, each accepted by `sr.model.weights.load_model`.
     """
     trained = sorted(str(p.relative_to(RUNS_DIR.parent)) for p in RUNS_DIR.glob("*.safetensors")) \
         if RUNS_DIR.is_dir() else []

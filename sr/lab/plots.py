@@ -10,7 +10,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
-from ..quant.calibrate import Method, TensorStats, threshold
+from ..quant.calibrate import Method
+from ..quant.searches import threshold
+from ..quant.statistics import TensorStats
 from ..choices import Choice
 from ..quant.calibrated import CalibratedModel
 MAX_TENSORS = 24  # range-chart rows per model: the most clipped ones when a model has more

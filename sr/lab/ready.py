@@ -31,11 +31,12 @@ from typing import Callable, Sequence
 import numpy as np
 
 from .bundle import export_bundle
-from ..quant.calibrate import CalibrationConfig, Method, ensure_calibration_images, load_calibration_images
+from ..quant.calibdata import ensure_calibration_images, load_calibration_images
+from ..quant.calibrate import CalibrationConfig, Method
 from ..quant.calibrated import CalibratedModel
 from .compare import InputMode
 from ..data import list_images
-from .diagnose import Scorer, eval_pairs
+from .scorer import Scorer, eval_pairs
 from ..run.engines import OrtEngine
 from ..metrics import brightness_ratio, psnr_y
 from ..model.models import model_info

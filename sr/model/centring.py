@@ -1,7 +1,7 @@
 """Centred I/O built into a user's ONNX graph (inside the lab's wrapper), its function unchanged: the input read
 as `x - offset`, the output written as `y - offset` with the offset added back, so that the quantized input and
 output are an 8-bit image's levels exactly. Pure graph surgery: `sr.model.models.ModelInfo.centred_copy` uses it for a
-user's model, as `sr.model.models.with_io_offset` serves the lab's architectures. Also here: which ops only move values
+user's model, as `sr.model.networks.with_io_offset` serves the lab's architectures. Also here: which ops only move values
 (`moves_values`), which the known-input-range walk of `sr.run.quantize` shares.
 """
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from .usermodel import known_input
+from .wrapper import known_input
 
 IO_OFFSET = 128 / 255  # with this offset an 8-bit image's 256 levels are exactly the INT8 values at step 1/255
 

@@ -15,8 +15,10 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from .calibrate import (CalibrationConfig, TensorRange, TensorStats, calibration_patches, choose_ranges,
-                        clipped_energy, clipped_fraction, collect_statistics)
+from .calibdata import calibration_patches
+from .calibrate import CalibrationConfig
+from .searches import TensorRange, choose_ranges, clipped_energy, clipped_fraction
+from .statistics import TensorStats, collect_statistics
 from .qdq import fixed_input_size, spec_of, write_qdq_model
 from .quantspec import Scheme
 from .recipe import Fixes, QuantRecipe

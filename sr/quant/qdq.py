@@ -23,7 +23,7 @@ import onnx
 from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 from onnxruntime.quantization.calibrate import TensorData, TensorsData, save_tensors_data
 
-from .calibrate import (TensorRange)
+from .searches import TensorRange
 from .quantspec import (ALL_INT8_OPS, QuantSpec, Scheme, activation_qparams, constant_value, fp32_initializer_of,
                         fused_ties,
                         graph_quantization, is_wrapper, quant_spec, used_names, weight_int8)

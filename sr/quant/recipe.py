@@ -63,11 +63,17 @@ class Fixes:
 # the modules whose code determines a calibrated model; the automatic method's choice is also scored (an engine,
 # PSNR); a refined model passes through the fake quantizers and the refinements as well. By name: this module
 # does not import them (they import it); `code_digest_of` refuses a key where one is not loaded.
-CALIBRATED_BY = ("sr.data", "sr.model.usermodel", "sr.model.onnxtorch", "sr.model.centring", "sr.model.export", "sr.model.models", "sr.quant.calibrate",
-                 "sr.quant.rewrite", "sr.quant.quantspec", "sr.quant.qdq", "sr.quant.recipe", "sr.quant.calibrated", "sr.run.quantize")
+CALIBRATED_BY = ("sr.data", "sr.model.checks", "sr.model.probe", "sr.model.contract", "sr.model.wrapper",
+                 "sr.model.usermodel", "sr.model.onnxtorch", "sr.model.centring", "sr.model.export",
+                 "sr.model.networks", "sr.model.weights", "sr.model.models", "sr.quant.calibrate",
+                 "sr.quant.statistics", "sr.quant.searches", "sr.quant.calibdata", "sr.quant.rewrite",
+                 "sr.quant.quantspec", "sr.quant.qdq", "sr.quant.recipe", "sr.quant.calibrated", "sr.run.quantize")
 SCORED_BY = ("sr.run.engines", "sr.metrics")
 REFINED_BY = ("sr.tune.transforms", "sr.tune.fakequant", "sr.tune.ptq")
-OBSERVED_BY = ("sr.data", "sr.model.usermodel", "sr.model.centring", "sr.model.models", "sr.model.export", "sr.quant.calibrate")
+OBSERVED_BY = ("sr.data", "sr.model.checks", "sr.model.probe", "sr.model.contract", "sr.model.wrapper",
+               "sr.model.usermodel", "sr.model.centring", "sr.model.networks", "sr.model.weights", "sr.model.models",
+               "sr.model.export", "sr.quant.calibrate", "sr.quant.statistics", "sr.quant.searches",
+               "sr.quant.calibdata")
 VERSIONS = ("torch", "onnx", "onnxruntime")
 
 
@@ -117,7 +123,7 @@ class QuantRecipe:
 
         Args:
             weights_hash: the model file's SHA-256.
-            data_hash: `sr.quant.calibrate.images_digest` of the images (as the caller feeds them).
+            data_hash: `sr.quant.calibdata.images_digest` of the images (as the caller feeds them).
             length: hex digits.
         """
         parts = {"weights": weights_hash, "data": data_hash, "calibration": _settings(self.calibration),

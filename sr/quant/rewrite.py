@@ -21,7 +21,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .calibrate import TensorRange
+from .searches import TensorRange
 from .quantspec import is_wrapper
 
 CHANNEL_MULTIPLE = 4

@@ -22,7 +22,8 @@ import onnx
 
 from .. import data
 from ..model.centring import moves_values, user_io
-from ..quant.calibrate import CalibrationConfig, Method, images_digest, load_calibration_images, prepare_calibration_images
+from ..quant.calibdata import images_digest, load_calibration_images, prepare_calibration_images
+from ..quant.calibrate import CalibrationConfig, Method
 from ..quant.calibrated import CalibratedModel, calibrate_entry, read_entry
 from .engines import reference
 from ..metrics import brightness_ratio, psnr_y
@@ -164,7 +165,7 @@ def with_known_input_range(model_name: str | os.PathLike, fixes: Fixes, scheme: 
     """A user's model takes values in a range its contract states ([0, 1] or [0, 255] of what it is fed): that is
     its input's range, whatever a calibration search would pick (entropy, fed the many dark pixels of a luma
     channel, chose +-0.063 for a Y input spanning [0.06, 0.92] and turned the output dark). The range is read off
-    the lab's wrapper itself (`sr.model.usermodel.known_input`), so a tuned copy registered again keeps it. Fixes given
+    the lab's wrapper itself (`sr.model.wrapper.known_input`), so a tuned copy registered again keeps it. Fixes given
     for the input, and ranges a QAT run learned for it, win.
 
     Args:

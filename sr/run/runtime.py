@@ -20,7 +20,8 @@ from .engines import (BF16_TOLERANCE, FP32_TOLERANCE, INT8_TOLERANCE, NPU_TOLERA
                       OpenVinoEngine, OrtEngine, TensorRTEngine, TorchEngine, conformance, openvino_available, reference,
                       tensorrt_available)
 from .npu import DEFAULT_HTP_ARCH, LiteRTEngine, QnnHtpEngine
-from ..model.models import load_model, model_info
+from ..model.models import model_info
+from ..model.weights import load_model
 from ..quant.qdq import spec_of, tie_fused_ranges
 from .quantize import fp32_onnx_path
 from ..quant.calibrated import CalibratedModel

@@ -24,10 +24,10 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from ..quant.calibrate import TensorRange
+from ..quant.searches import TensorRange
 from ..quant.quantspec import QuantSpec, activation_qparams, weight_int8
 from ..store import write_atomic
-from ..model.usermodel import unwrap
+from ..model.wrapper import unwrap
 
 SUPPORTED_OPS = ("Conv", "Relu", "Clip", "LeakyRelu", "PRelu", "Sigmoid", "Tanh", "Concat", "DepthToSpace", "Add", "Sub",
                  "Mul", "MaxPool", "Pad", "Resize")

@@ -31,7 +31,8 @@ import torch
 from onnx import numpy_helper
 from torch import nn
 
-from ..quant.calibrate import CalibrationConfig, TensorRange
+from ..quant.calibrate import CalibrationConfig
+from ..quant.searches import TensorRange
 from ..model.models import save_tuned
 from ..model.onnxtorch import OnnxModule
 from ..quant.quantspec import QuantSpec, activation_qparams

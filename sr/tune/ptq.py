@@ -37,7 +37,8 @@ import numpy as np
 import onnx
 import torch
 
-from ..quant.calibrate import CalibrationConfig, images_digest, load_calibration_images
+from ..quant.calibdata import images_digest, load_calibration_images
+from ..quant.calibrate import CalibrationConfig
 from ..model.models import model_info
 from ..model.onnxtorch import OnnxModule
 from .fakequant import FakeQuantModel, export_trained, fake_quantized, qdq_path_for

@@ -30,7 +30,8 @@ import onnx
 import torch
 from torch import nn
 
-from ..quant.calibrate import CalibrationConfig, Method, TensorRange
+from ..quant.calibrate import CalibrationConfig, Method
+from ..quant.searches import TensorRange
 from ..data import PatchSampler
 from ..model.models import model_info
 from ..model.onnxtorch import OnnxModule

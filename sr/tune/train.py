@@ -20,7 +20,8 @@ from torch import nn
 
 from ..data import Degradation, PatchSampler, degrade, list_images, load_image, to_tensor, to_uint8
 from ..metrics import psnr_y
-from ..model.models import MODELS, SCALES, FinalActivation, build_model, load_model, save_weights
+from ..model.networks import MODELS, SCALES, FinalActivation, build_model
+from ..model.weights import load_model, save_weights
 from .loop import (LoopState, checkpoint, continue_stream, distributed_rank, end_distributed, final_validation,
                    machine_name, resolve_device, restore, run_loop)
 from ..store import PROJECT_ROOT

@@ -1,6 +1,6 @@
 """Function-preserving changes made to a model before it is quantized (PTQ refinements and QAT start from them):
 
-- centred I/O (`sr.model.models.with_io_offset`): an 8-bit image's levels become exactly the INT8 values at step 1/255,
+- centred I/O (`sr.model.networks.with_io_offset`): an 8-bit image's levels become exactly the INT8 values at step 1/255,
   so the input and output are quantized losslessly; those two ranges are fixed in advance;
 - channel equalization: per-channel scales moved between a Conv and the Conv that reads it (through a ReLU, LeakyReLU, PReLU or a
   Concat), so a per-tensor INT8 range serves every channel (activation equalization, in the spirit of the
@@ -18,7 +18,7 @@ import numpy as np
 import onnx
 import torch
 
-from ..quant.calibrate import calibration_patches, load_calibration_images, prepare_calibration_images
+from ..quant.calibdata import calibration_patches, load_calibration_images, prepare_calibration_images
 from ..model.models import model_info, save_tuned, with_values
 from ..model.onnxtorch import OnnxModule
 from ..quant.qdq import spec_of
