@@ -44,8 +44,8 @@ def test_handler_returns_four_images_and_metrics(small_png):
     assert difference.shape[1] == 270 and difference[:180].std() > 0  # amplified, not blank
     with_difference = comparison.run_roi(state, 0.5, 0.5, 32, "INT8 A vs FP32 A", "|difference| of luma", 32)
     assert with_difference.shape[1] > strip.shape[1]
-    again = comparison.run_compare(small_png, "xlsr-relu", "xlsr-clip", "minmax", 10, "cpu", "Upscale my image", "nearest",
-                            "calib_data/", None, 1.0, 12345, history, progress=lambda *a, **k: None)
+    again = comparison.run_compare(small_png, "xlsr-relu", "xlsr-clip", "minmax", 10, "cpu", "Upscale my image",
+                                   "nearest", "calib_data/", None, 1.0, 12345, history, progress=lambda *a, **k: None)
     assert "Across 2 calibration samples" in again[6] and len(again[-1]["runs"]) == 2
 
 
@@ -79,11 +79,12 @@ def test_dark_calibration_is_flagged(small_png):
 def test_ground_truth_mode_reports_truth_metrics(small_png):
     from ui import comparison
 
-    original, *_, metrics, _, _, _state, _ = comparison.run_compare(small_png, "xlsr-relu", "xlsr-clip", "mse", 10, "tensorrt",
-                                                     "Check against ground truth", "bicubic", "calib_data/", None,
-                                                     progress=lambda *a, **k: None)
+    original, *_, metrics, _, _, _state, _ = comparison.run_compare(small_png, "xlsr-relu", "xlsr-clip", "mse", 10,
+                                                                    "tensorrt", "Check against ground truth", "bicubic",
+                                                                    "calib_data/", None, progress=lambda *a, **k: None)
     assert "PSNR vs truth (dB)" in metrics.columns and "bicubic" in list(metrics["output"])
-    assert original.shape == (60, 90, 3) and comparison.panel_labels(_state)[0]["label"] == "Truth"  # not the degraded input
+    # the truth, not the degraded input
+    assert original.shape == (60, 90, 3) and comparison.panel_labels(_state)[0]["label"] == "Truth"
 
 
 @pytest.mark.parametrize("content, message", [(b"", "empty"), (b"GIF89a garbage", "not an image|corrupt")])
@@ -96,10 +97,10 @@ def test_bad_uploads_give_clear_errors(tmp_path, content, message):
     bad.write_bytes(content)
     with pytest.raises(gr.Error, match=message):
         comparison.run_compare(str(bad), "xlsr-relu", "xlsr-clip", "minmax", 10, "cpu", "Upscale my image", "bicubic",
-                        "calib_data/", None, progress=lambda *a, **k: None)
+                               "calib_data/", None, progress=lambda *a, **k: None)
     with pytest.raises(gr.Error, match="Upload an image first"):
         comparison.run_compare(None, "xlsr-relu", "xlsr-clip", "minmax", 10, "cpu", "Upscale my image", "bicubic",
-                        "calib_data/", None)
+                               "calib_data/", None)
 
 
 def test_space_front_matter():
@@ -148,10 +149,11 @@ def test_refinements_in_the_compare_tab(small_png):
     from ui import comparison
 
     quiet = lambda *a, **k: None  # noqa: E731
-    plain = comparison.run_compare(small_png, "xlsr-relu", "xlsr-clip", "mse", 10, "tensorrt", "Upscale my image", "nearest",
-                            "calib_data/", None, progress=quiet)
+    plain = comparison.run_compare(small_png, "xlsr-relu", "xlsr-clip", "mse", 10, "tensorrt", "Upscale my image",
+                                   "nearest", "calib_data/", None, progress=quiet)
     refined = comparison.run_compare(small_png, "xlsr-relu", "xlsr-clip", "mse", 10, "tensorrt", "Upscale my image",
-                              "nearest", "calib_data/", None, 1.0, 0, None, ["centred-io", "equalize"], progress=quiet)
+                                     "nearest", "calib_data/", None, 1.0, 0, None, ["centred-io", "equalize"],
+                                     progress=quiet)
     assert np.abs(plain[1].astype(int) - refined[1].astype(int)).max() <= 1  # FP32 A: the same function
     assert not np.array_equal(plain[2], refined[2])  # INT8 A: a different INT8 model
     labels = [update["label"] for update in comparison.panel_labels(refined[8])]
@@ -275,8 +277,8 @@ def test_a_forged_owner_cannot_cancel_and_a_closed_page_drops_its_job(job_sandbo
     try:
         victim = server.issue_owner()
         assert server.issue_owner(victim) == victim and server._verified_owner(victim)
-        watching = _queue_call(demo.local_url, demo, handlers.start_training, [3000, "relu", False, 0.5, "output", victim],
-                               "victim-session")
+        watching = _queue_call(demo.local_url, demo, handlers.start_training,
+                               [3000, "relu", False, 0.5, "output", victim], "victim-session")
         assert _messages(watching, "process_generating")[-1]["msg"] == "process_generating"
         job = jobs._running or jobs._queue[0]
         ident = victim.split(".")[0]
@@ -285,8 +287,8 @@ def test_a_forged_owner_cannot_cancel_and_a_closed_page_drops_its_job(job_sandbo
             answer = _messages(_queue_call(demo.local_url, demo, handlers.cancel_training, [forged], session),
                                "process_completed")[-1]
             assert not answer["success"] and "no owner token" in str(answer), answer
-        answer = _messages(_queue_call(demo.local_url, demo, handlers.cancel_training, [server.issue_owner()], "forger"),
-                           "process_completed")[-1]
+        answer = _messages(_queue_call(demo.local_url, demo, handlers.cancel_training, [server.issue_owner()],
+                                       "forger"), "process_completed")[-1]
         assert answer["output"]["data"] == ["you have no job running"] and not job.stop.is_set()
         deadline = time.time() + 120  # under load the first logged step can take a while: wait for it
         while not job.history and not job.done and time.time() < deadline:
@@ -325,7 +327,8 @@ def test_make_it_int8_ready_adds_a_fine_tuned_model(job_sandbox, monkeypatch, da
         ".safetensors", ".tensorrt.qdq.onnx")])  # no checkpoint or starting-point file left behind
     model_a, _, uploads = handlers.offer_result(result, [], "xlsr-relu")
     assert model_a["value"] == result and result in model_a["choices"] and uploads == []
-    *_, (status, _, guided) = list(handlers.start_qat("xlsr-clip", 2, True, owner))  # teacher-guided: the record says so
+    # teacher-guided: the record says so
+    *_, (status, _, guided) = list(handlers.start_qat("xlsr-clip", 2, True, owner))
     from sr.run.quantize import qat_record
 
     config = qat_record(guided)["config"]
@@ -372,7 +375,7 @@ def test_onnx_upload_handler(tmp_path):
     from ui import handlers
     path = standins.build_all(tmp_path / "models")["xlsr-255"]
     model_a, model_b, contract, choices = handlers.load_onnx_model(str(path), "auto", "auto", "auto", False, "auto",
-                                                              "xlsr-clip", [])
+                                                                   "xlsr-clip", [])
     assert model_a["value"].startswith("onnx:") and "values in [0, 255]" in contract and choices == [model_a["value"]]
     assert "xlsr-255.onnx (your ONNX model)" in model_a["label"]
     (tmp_path / "bad.onnx").write_bytes(b"not onnx at all")
@@ -404,7 +407,7 @@ def test_the_offered_fix_raises_psnr_or_none_is_offered_with_the_reason(small_pn
         progress=lambda *a, **k: None)
     if "**Measured fix:**" in summary:
         before, after, table = handlers.run_fix(small_png, report, tensor["value"], fix["value"], "Upscale my image",
-                                           progress=lambda *a, **k: None)
+                                                progress=lambda *a, **k: None)
         psnr = list(table.iloc[:, 1])
         assert float(psnr[1]) > float(psnr[0])
         promised = re.search(r"from ([0-9.]+) to ([0-9.]+) dB", summary).groups()
@@ -451,12 +454,12 @@ def test_bundles_do_not_pile_up(small_png, monkeypatch):
     from sr.store import cache_root
 
     first = Path(handlers.build_bundle(small_png, "xlsr-clip", "minmax", 10, 1.0, 0, "Upscale my image",
-                                  progress=lambda *a, **k: None))
+                                       progress=lambda *a, **k: None))
     assert first.is_file() and first.parent.parent == cache_root() / "bundles"
     assert [p.name for p in first.parent.iterdir()] == [first.name]
     os.utime(first.parent, (time.time() - server.BUNDLE_KEEP_SECONDS - 10,) * 2)
     second = Path(handlers.build_bundle(small_png, "xlsr-clip", "minmax", 10, 1.0, 0, "Upscale my image",
-                                   progress=lambda *a, **k: None))
+                                        progress=lambda *a, **k: None))
     assert second.is_file() and not first.exists()
 
 
@@ -503,7 +506,8 @@ def test_an_uploaded_model_does_not_hold_up_the_shipped_models(server, small_png
     shipped = (handle_file(small_png), "xlsr-relu", "xlsr-clip", "minmax", 10)
     client.predict(*shipped, api_name="/compare")  # cached from now on
     image, heavy_answer = _uploaded(server, Path(small_png)), []
-    settings = ["tensorrt", "Upscale my image", "bicubic", "calib_data/", None, 1.0, 0, None, [], words.REFERENCE_TARGET]
+    settings = ["tensorrt", "Upscale my image", "bicubic", "calib_data/", None, 1.0, 0, None, [],
+                words.REFERENCE_TARGET]
     heavy = threading.Thread(target=lambda: heavy_answer.extend(_messages(_queue_call(
         server, demo, comparison.run_compare, [image, slow, slow, "entropy", 1000, *settings], "heavy-visitor"),
         "process_completed")), daemon=True)
@@ -514,8 +518,9 @@ def test_an_uploaded_model_does_not_hold_up_the_shipped_models(server, small_png
     waited = time.perf_counter() - started
     assert heavy.is_alive(), f"the slow model should still be calibrating ({heavy_answer[-1:]})"
     assert waited < 10, f"the cached shipped comparison waited {waited:.1f} s behind an uploaded model"
-    second = _messages(_queue_call(server, demo, comparison.run_compare, [image, slow, "xlsr-clip", "minmax", 10, *settings],
-                                   "second-visitor"), "process_completed")[-1]
+    second = _messages(_queue_call(server, demo, comparison.run_compare,
+                                   [image, slow, "xlsr-clip", "minmax", 10, *settings], "second-visitor"),
+                       "process_completed")[-1]
     assert not second["success"] and "uploaded model is being processed" in str(second), second
     heavy.join(timeout=600)  # (read to its end: nothing keeps calibrating under the next tests)
     assert heavy_answer and heavy_answer[-1]["success"], heavy_answer[-1:]
@@ -584,8 +589,9 @@ def test_the_calibration_estimate_is_measured_here(small_png):
     comparison._CALIBRATION_RATE["seconds_per_sample_mparam"] = 0.0
     constant = comparison._calibration_estimate("xlsr-relu", "xlsr-clip", 100)
     started = time.perf_counter()
-    comparison.run_compare(small_png, "xlsr-relu", "xlsr-clip", "percentile", 20, "tensorrt", "Upscale my image", "nearest",
-                    "calib_data/", None, 1.0, 4242, progress=lambda *a, **k: None)  # a seed no other test uses
+    comparison.run_compare(small_png, "xlsr-relu", "xlsr-clip", "percentile", 20, "tensorrt", "Upscale my image",
+                           "nearest", "calib_data/", None, 1.0, 4242,
+                           progress=lambda *a, **k: None)  # a seed no other test uses
     took = time.perf_counter() - started
     measured = comparison._calibration_estimate("xlsr-relu", "xlsr-clip", 20)
     assert comparison._CALIBRATION_RATE["seconds_per_sample_mparam"] > 0 and measured != constant / 5
@@ -652,7 +658,7 @@ def test_make_model_a_int8_ready_shows_the_route_and_offers_the_chosen_bundle(mo
 
     monkeypatch.setattr(jobs.POLICY, "enabled", False)
     report, archive, *_ = handlers.make_ready_for("xlsr-clip", 20, "tensorrt", 30.0, 1, [], "xlsr-relu",
-                                             progress=lambda *a, **k: None)
+                                                  progress=lambda *a, **k: None)
     assert "| range methods | entropy |" in report and "Chosen: entropy" in report and "target met" in report
     assert "QAT is off on this server" in report
     assert {"model.qdq.onnx", "README.md"} <= set(zipfile.ZipFile(archive).namelist())
@@ -694,7 +700,7 @@ def test_the_int8_panels_on_a_target_and_the_difference_from_the_reference(small
     difference = comparison.run_difference(state, "INT8 A: target vs reference", "|difference| of luma", 32)
     assert difference[:180].std() > 0
     *_, plain, _ = comparison.run_compare(small_png, "xlsr-relu", "xlsr-clip", "entropy", 10, "npu", "Upscale my image",
-                                   "nearest", "calib_data/", None, progress=lambda *a, **k: None)
+                                          "nearest", "calib_data/", None, progress=lambda *a, **k: None)
     with pytest.raises(gr.Error, match="Choose a target"):
         comparison.run_difference(plain, "INT8 A: target vs reference", "|difference| of luma", 32)
 
@@ -715,7 +721,7 @@ def test_two_diagnoses_of_one_browser_are_both_cancelled_and_leave_no_stop_behin
     def diagnose() -> None:
         try:
             handlers.run_diagnose(small_png, "teacher", "xlsr-clip", "model A", "Upscale my image", "minmax", 10,
-                             "tensorrt", 1.0, 0, owner, progress=lambda *a, **k: None)
+                                  "tensorrt", 1.0, 0, owner, progress=lambda *a, **k: None)
             outcomes.append("finished")
         except gr.Error as error:
             outcomes.append(str(error))

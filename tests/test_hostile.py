@@ -104,11 +104,12 @@ def test_a_model_that_passes_the_count_but_runs_too_long_is_killed_in_its_box(ho
 
     url, process = hostile_server
     model = standins.conv_stack(tmp_path / "slow.onnx", 64, 8)  # about 70 s of calibration here at 1000 samples
-    answer = _messages(_queue_call(url, demo, handlers.load_onnx_model, [_uploaded(url, model), *CONTRACT], "slow-visitor"),
-                       "process_completed")[-1]
+    answer = _messages(_queue_call(url, demo, handlers.load_onnx_model, [_uploaded(url, model), *CONTRACT],
+                                   "slow-visitor"), "process_completed")[-1]
     assert answer["success"], answer
     slow = answer["output"]["data"][0]["value"]
-    settings = ["tensorrt", "Upscale my image", "bicubic", "calib_data/", None, 1.0, 77, None, [], words.REFERENCE_TARGET]
+    settings = ["tensorrt", "Upscale my image", "bicubic", "calib_data/", None, 1.0, 77, None, [],
+                words.REFERENCE_TARGET]
     image, seen = _uploaded(url, Path(small_image)), []
     started = time.perf_counter()
     runner = threading.Thread(target=lambda: seen.extend(_messages(_queue_call(
@@ -198,7 +199,8 @@ def test_the_door_refuses_in_words(hostile_server, demo):
     unknown = requests.post(f"{url}gradio_api/queue/join", timeout=30, json={
         "data": [], "fn_index": 9999, "session_hash": "door", "event_data": None, "trigger_id": None})
     assert unknown.status_code == 404 and "no such event" in unknown.text
-    answer = _messages(_queue_call(url, demo, handlers.cancel_training, ["abc.sïgnätüre"], "door"), "process_completed")[-1]
+    answer = _messages(_queue_call(url, demo, handlers.cancel_training, ["abc.sïgnätüre"], "door"),
+                       "process_completed")[-1]
     assert not answer["success"] and "reload the page" in str(answer), answer
     assert process.poll() is None and requests.get(url, timeout=30).status_code == 200
 
@@ -257,9 +259,9 @@ def test_sessions_holding_state_are_bounded(hostile_server, demo, small_image):
     settings = ["xlsr-relu", "xlsr-clip", "minmax", 10, "tensorrt", "Upscale my image", "bicubic", "my uploads"]
 
     def compare_with_my_uploads():
-        return _messages(_queue_call(url, demo, comparison.run_compare, [_uploaded(url, Path(small_image)), *settings, None,
-                                                                  1.0, 0, None, [], words.REFERENCE_TARGET],
-                                     "keeper"), "process_completed")[-1]
+        return _messages(_queue_call(url, demo, comparison.run_compare,
+                                     [_uploaded(url, Path(small_image)), *settings, None, 1.0, 0, None, [],
+                                      words.REFERENCE_TARGET], "keeper"), "process_completed")[-1]
 
     stored = _messages(_queue_call(url, demo, calibration, [[_uploaded(url, Path(small_image))]], "keeper"),
                        "process_completed")[-1]
@@ -267,7 +269,8 @@ def test_sessions_holding_state_are_bounded(hostile_server, demo, small_image):
     kept = compare_with_my_uploads()
     assert kept["success"], kept  # the state is there while the visitor is among the latest 8
     for other in range(10):
-        passing = _messages(_queue_call(url, demo, comparison.new_seed, [], f"passer-by-{other}"), "process_completed")[-1]
+        passing = _messages(_queue_call(url, demo, comparison.new_seed, [], f"passer-by-{other}"),
+                            "process_completed")[-1]
         assert passing["success"]
     dropped = compare_with_my_uploads()
     assert not dropped["success"] and "upload them again" in str(dropped), dropped
