@@ -16,7 +16,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import app  # noqa: E402
+from ui import comparison, words  # noqa: E402
 from sr.quant.calibdata import load_calibration_images  # noqa: E402
 from sr.lab.compare import compare  # noqa: E402
 from sr.lab.coverage import range_coverage  # noqa: E402
@@ -30,17 +30,17 @@ def _quiet(*_args, **_kwargs):
 
 
 def warm(path: str, model_a: str, model_b: str, repeats: int = 5) -> None:
-    app.run_compare(path, model_a, model_b, progress=_quiet)  # calibrations cached, engines loaded
+    comparison.run_compare(path, model_a, model_b, progress=_quiet)  # calibrations cached, engines loaded
     totals, stages = [], {}
     for _ in range(repeats):
         start = time.perf_counter()
-        app.run_compare(path, model_a, model_b, progress=_quiet)
+        comparison.run_compare(path, model_a, model_b, progress=_quiet)
         totals.append(time.perf_counter() - start)
         result = compare(path, model_a, model_b)
         for stage, seconds in result.seconds.items():
             stages.setdefault(stage, []).append(seconds)
         start = time.perf_counter()
-        app.coverage_note(result, [range_coverage(c, result.lr, max_side=app.COVERAGE_SIDE)
+        words.coverage_note(result, [range_coverage(c, result.lr, max_side=comparison.COVERAGE_SIDE)
                                    for c in result.calibrations])
         stages.setdefault("coverage check", []).append(time.perf_counter() - start)
     parts = ", ".join(f"{stage} {np.median(values):.3f}" for stage, values in stages.items())
@@ -52,22 +52,22 @@ def main() -> None:
     path = str(Path(tempfile.mkdtemp()) / "input.png")
     Image.fromarray(image).save(path)
     start = time.perf_counter()
-    app.run_compare(path, "xlsr-relu", "xlsr-clip", seed=int(time.time()) % 100_000 + 1, progress=_quiet)
+    comparison.run_compare(path, "xlsr-relu", "xlsr-clip", seed=int(time.time()) % 100_000 + 1, progress=_quiet)
     print(f"cold Run (fresh calibration seed, XLSR pair): {time.perf_counter() - start:.2f} s")
     for name, (model_a, model_b) in PAIRS.items():
         print(f"256x256 -> 768x768, '{name}'")
         warm(path, model_a, model_b)
     start = time.perf_counter()
-    app.run_compare(path, "xlsr-relu", "xlsr-clip", seed=app.new_seed(), progress=_quiet)
+    comparison.run_compare(path, "xlsr-relu", "xlsr-clip", seed=comparison.new_seed(), progress=_quiet)
     print(f"Recalibrate (new seed, XLSR pair, entropy, 100 samples): {time.perf_counter() - start:.2f} s")
     big = str(Path(tempfile.mkdtemp()) / "big.png")
     Image.fromarray(np.asarray(Image.fromarray(image).resize((4000, 3000), Image.Resampling.BICUBIC))).save(big)
     # in a fresh process, as a new server would meet it (calibrations cached, nothing else loaded)
     # VmHWM, not ru_maxrss: the latter survives exec, so a child would inherit this process's peak
-    code = ("import sys, time; sys.path.insert(0, '.'); import app; "
+    code = ("import sys, time; sys.path.insert(0, '.'); from ui.comparison import run_compare; "
             "hwm = lambda: int(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1]) / 1024; "
             "before = hwm(); start = time.perf_counter(); "
-            f"app.run_compare({big!r}, 'xlsr-relu', 'xlsr-clip', progress=lambda *a, **k: None); "
+            f"run_compare({big!r}, 'xlsr-relu', 'xlsr-clip', progress=lambda *a, **k: None); "
             "print(f'{time.perf_counter() - start:.1f} s, peak RSS {hwm():.0f} MB (after imports: {before:.0f} MB)')")
     done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parent.parent,
                           capture_output=True, text=True, check=True)

@@ -79,9 +79,9 @@ def fn_index(handler: str) -> int:
     with _INDEXES_LOCK:
         if not _INDEXES:
             sys.path.insert(0, str(ROOT))
-            import app
+            from ui import layout
 
-            _INDEXES.update((getattr(fn.fn, "__name__", ""), i) for i, fn in reversed(app.build_demo().fns.items()))
+            _INDEXES.update((getattr(fn.fn, "__name__", ""), i) for i, fn in reversed(layout.build_demo().fns.items()))
     return _INDEXES[handler]
 
 

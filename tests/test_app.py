@@ -24,40 +24,40 @@ def small_png(tmp_path, photo):
 
 
 def test_handler_returns_four_images_and_metrics(small_png):
-    import app
+    from ui import comparison, words
 
-    *panels, metrics, coverage, chart, state, history = app.run_compare(
+    *panels, metrics, coverage, chart, state, history = comparison.run_compare(
         small_png, "xlsr-relu", "xlsr-clip", "minmax", 10, "cpu", "Upscale my image", "nearest", "calib_data/", None,
         progress=lambda *a, **k: None)
     original, fp32_a, int8_a, fp32_b, int8_b = panels
-    labels = [update["label"] for update in app.panel_labels(state)]
+    labels = [update["label"] for update in comparison.panel_labels(state)]
     assert labels[2] == "INT8 xlsr-relu, ReLU output, 22k" and labels[4].startswith("INT8 xlsr-clip, Clipped")
     assert original.shape == fp32_a.shape == int8_a.shape == fp32_b.shape == int8_b.shape == (180, 270, 3)
     assert list(metrics["output"]) == ["FP32 xlsr-relu", "INT8 xlsr-relu", "FP32 xlsr-clip", "INT8 xlsr-clip"]
     assert "cpu" in list(metrics["engine"])[1] and "covers this image" in coverage
     assert len(state["panels"]) == 5
-    slider = app.run_slider(state, app.PANELS[1], app.PANELS[4])
+    slider = comparison.run_slider(state, words.PANELS[1], words.PANELS[4])
     assert slider[0] is fp32_a and slider[1] is int8_b
-    strip = app.run_roi(state, 0.5, 0.5, 32)
+    strip = comparison.run_roi(state, 0.5, 0.5, 32)
     assert strip.shape[0] == 32 * 4 and strip.shape[1] > 5 * 32 * 4
-    difference = app.run_difference(state, "INT8 A vs FP32 A", "|difference| of luma", 32)
+    difference = comparison.run_difference(state, "INT8 A vs FP32 A", "|difference| of luma", 32)
     assert difference.shape[1] == 270 and difference[:180].std() > 0  # amplified, not blank
-    with_difference = app.run_roi(state, 0.5, 0.5, 32, "INT8 A vs FP32 A", "|difference| of luma", 32)
+    with_difference = comparison.run_roi(state, 0.5, 0.5, 32, "INT8 A vs FP32 A", "|difference| of luma", 32)
     assert with_difference.shape[1] > strip.shape[1]
-    again = app.run_compare(small_png, "xlsr-relu", "xlsr-clip", "minmax", 10, "cpu", "Upscale my image", "nearest",
-                            "calib_data/", None, 1.0, 12345, history, progress=lambda *a, **k: None)
+    again = comparison.run_compare(small_png, "xlsr-relu", "xlsr-clip", "minmax", 10, "cpu", "Upscale my image",
+                                   "nearest", "calib_data/", None, 1.0, 12345, history, progress=lambda *a, **k: None)
     assert "Across 2 calibration samples" in again[6] and len(again[-1]["runs"]) == 2
 
 
 def test_the_first_screen_shows_the_reference_int8(small_png, data_dir):
     """Default settings: the INT8 panels are the written QDQ model as ONNX Runtime's CPU kernels run it (what
     `eval --engine ort-int8` scores and the bundle ships), pixel for pixel, on any CPU."""
-    import app
+    from ui import comparison
     from sr.quant.calibrate import CalibrationConfig
     from sr.run.engines import OrtEngine
     from sr.run.quantize import calibrate_model
 
-    *panels, metrics, _, _, state, _ = app.run_compare(small_png, progress=lambda *a, **k: None)
+    *panels, metrics, _, _, state, _ = comparison.run_compare(small_png, progress=lambda *a, **k: None)
     lr = np.asarray(Image.open(small_png).convert("RGB"))
     for index, model in ((2, "xlsr-relu"), (4, "xlsr-clip")):
         int8 = calibrate_model(model, CalibrationConfig(method="entropy", samples=100), "tensorrt")
@@ -66,40 +66,41 @@ def test_the_first_screen_shows_the_reference_int8(small_png, data_dir):
 
 
 def test_dark_calibration_is_flagged(small_png):
-    import app
+    from ui import comparison
 
-    *_, coverage, _, _, _ = app.run_compare(small_png, "xlsr-relu", "xlsr-clip", "minmax", 10, "tensorrt",
+    *_, coverage, _, _, _ = comparison.run_compare(small_png, "xlsr-relu", "xlsr-clip", "minmax", 10, "tensorrt",
                                          "Upscale my image", "bicubic", "calib_data/", None, 0.3,
                                          progress=lambda *a, **k: None)
     assert "does not cover this image" in coverage
-    model_a, model_b, method, gain, note = app.apply_preset("dark calibration set (40% brightness)")
+    model_a, model_b, method, gain, note = comparison.apply_preset("dark calibration set (40% brightness)")
     assert gain["value"] == 0.4 and "Fix" in note
 
 
 def test_ground_truth_mode_reports_truth_metrics(small_png):
-    import app
+    from ui import comparison
 
-    original, *_, metrics, _, _, _state, _ = app.run_compare(small_png, "xlsr-relu", "xlsr-clip", "mse", 10, "tensorrt",
-                                                     "Check against ground truth", "bicubic", "calib_data/", None,
-                                                     progress=lambda *a, **k: None)
+    original, *_, metrics, _, _, _state, _ = comparison.run_compare(small_png, "xlsr-relu", "xlsr-clip", "mse", 10,
+                                                                    "tensorrt", "Check against ground truth", "bicubic",
+                                                                    "calib_data/", None, progress=lambda *a, **k: None)
     assert "PSNR vs truth (dB)" in metrics.columns and "bicubic" in list(metrics["output"])
-    assert original.shape == (60, 90, 3) and app.panel_labels(_state)[0]["label"] == "Truth"  # not the degraded input
+    # the truth, not the degraded input
+    assert original.shape == (60, 90, 3) and comparison.panel_labels(_state)[0]["label"] == "Truth"
 
 
 @pytest.mark.parametrize("content, message", [(b"", "empty"), (b"GIF89a garbage", "not an image|corrupt")])
 def test_bad_uploads_give_clear_errors(tmp_path, content, message):
     import gradio as gr
 
-    import app
+    from ui import comparison
 
     bad = tmp_path / "bad.png"
     bad.write_bytes(content)
     with pytest.raises(gr.Error, match=message):
-        app.run_compare(str(bad), "xlsr-relu", "xlsr-clip", "minmax", 10, "cpu", "Upscale my image", "bicubic",
-                        "calib_data/", None, progress=lambda *a, **k: None)
+        comparison.run_compare(str(bad), "xlsr-relu", "xlsr-clip", "minmax", 10, "cpu", "Upscale my image", "bicubic",
+                               "calib_data/", None, progress=lambda *a, **k: None)
     with pytest.raises(gr.Error, match="Upload an image first"):
-        app.run_compare(None, "xlsr-relu", "xlsr-clip", "minmax", 10, "cpu", "Upscale my image", "bicubic",
-                        "calib_data/", None)
+        comparison.run_compare(None, "xlsr-relu", "xlsr-clip", "minmax", 10, "cpu", "Upscale my image", "bicubic",
+                               "calib_data/", None)
 
 
 def test_space_front_matter():
@@ -145,34 +146,34 @@ def test_gradio_client_compare_and_recalibrate(server, small_png):
 
 def test_refinements_in_the_compare_tab(small_png):
     """Centred I/O and equalization in the app: the same FP32 function, a refined INT8 model, labelled so."""
-    import app
+    from ui import comparison
 
     quiet = lambda *a, **k: None  # noqa: E731
-    plain = app.run_compare(small_png, "xlsr-relu", "xlsr-clip", "mse", 10, "tensorrt", "Upscale my image", "nearest",
-                            "calib_data/", None, progress=quiet)
-    refined = app.run_compare(small_png, "xlsr-relu", "xlsr-clip", "mse", 10, "tensorrt", "Upscale my image",
-                              "nearest", "calib_data/", None, 1.0, 0, None, ["centred-io", "equalize"], progress=quiet)
+    plain = comparison.run_compare(small_png, "xlsr-relu", "xlsr-clip", "mse", 10, "tensorrt", "Upscale my image",
+                                   "nearest", "calib_data/", None, progress=quiet)
+    refined = comparison.run_compare(small_png, "xlsr-relu", "xlsr-clip", "mse", 10, "tensorrt", "Upscale my image",
+                                     "nearest", "calib_data/", None, 1.0, 0, None, ["centred-io", "equalize"],
+                                     progress=quiet)
     assert np.abs(plain[1].astype(int) - refined[1].astype(int)).max() <= 1  # FP32 A: the same function
     assert not np.array_equal(plain[2], refined[2])  # INT8 A: a different INT8 model
-    labels = [update["label"] for update in app.panel_labels(refined[8])]
+    labels = [update["label"] for update in comparison.panel_labels(refined[8])]
     assert labels[2].endswith("(refined: centred-io, equalize)"), labels
 
 
 def test_training_is_off_unless_the_operator_allows_it(monkeypatch):
     import gradio as gr
 
-    import app
-    import app_jobs
+    from ui import handlers, jobs, server
 
-    monkeypatch.setattr(app_jobs.POLICY, "enabled", False)
+    monkeypatch.setattr(jobs.POLICY, "enabled", False)
     with pytest.raises(gr.Error, match="Training is off on this deployment"):
-        next(app.start_training(20, "relu", False, 0.5, owner=app.issue_owner()))
+        next(handlers.start_training(20, "relu", False, 0.5, owner=server.issue_owner()))
 
 
 @pytest.fixture
 def job_sandbox(tmp_path, photo, monkeypatch):
     """Jobs allowed, two small training images, and runs/ in a temp folder (the model lists read it there)."""
-    import app_jobs as jobs
+    from ui import jobs
     from sr import store
 
     from sr.lab import compare
@@ -188,7 +189,7 @@ def job_sandbox(tmp_path, photo, monkeypatch):
 
 
 def test_training_jobs_belong_to_their_tab(job_sandbox):
-    import app_jobs as jobs
+    from ui import jobs
     from sr.lab import compare
 
     first = jobs.start("tab-one", 20, "clipped_relu", use_teacher=False)
@@ -210,7 +211,7 @@ def test_training_jobs_belong_to_their_tab(job_sandbox):
 def test_finished_models_are_evicted_only_by_their_owner(job_sandbox, monkeypatch):
     """Each owner keeps its newest few models; a crowd of fresh owners can neither evict another visitor's recent
     model nor fill the folder past the cap (they are refused in words); once the hold expires, they can."""
-    import app_jobs as jobs
+    from ui import jobs
 
     runs = job_sandbox / "runs"
     runs.mkdir()
@@ -268,27 +269,26 @@ def test_a_forged_owner_cannot_cancel_and_a_closed_page_drops_its_job(job_sandbo
     """Through raw queue calls on a real server: a job belongs to the server-issued owner token, not the session
     hash; neither the victim's session hash nor a token with a forged signature can cancel it; when the page
     that watches it goes away, the job stops (its weights so far kept)."""
-    import app
-    import app_jobs as jobs
+    from ui import handlers, jobs, layout, server
 
     monkeypatch.setattr(jobs, "ABANDONED_SECONDS", 10.0)  # (under load a page's updates can be seconds apart)
-    demo = app.build_demo().queue()
+    demo = layout.build_demo().queue()
     demo.launch(server_port=free_port(), prevent_thread_lock=True, quiet=True)
     try:
-        victim = app.issue_owner()
-        assert app.issue_owner(victim) == victim and app._verified_owner(victim)
-        watching = _queue_call(demo.local_url, demo, app.start_training, [3000, "relu", False, 0.5, "output", victim],
-                               "victim-session")
+        victim = server.issue_owner()
+        assert server.issue_owner(victim) == victim and server._verified_owner(victim)
+        watching = _queue_call(demo.local_url, demo, handlers.start_training,
+                               [3000, "relu", False, 0.5, "output", victim], "victim-session")
         assert _messages(watching, "process_generating")[-1]["msg"] == "process_generating"
         job = jobs._running or jobs._queue[0]
         ident = victim.split(".")[0]
         for forged, session in [(None, "victim-session"), (f"{ident}.{'0' * 32}", "forger"),
                                 (f"{ident}.", "forger"), (ident, "forger")]:
-            answer = _messages(_queue_call(demo.local_url, demo, app.cancel_training, [forged], session),
+            answer = _messages(_queue_call(demo.local_url, demo, handlers.cancel_training, [forged], session),
                                "process_completed")[-1]
             assert not answer["success"] and "no owner token" in str(answer), answer
-        answer = _messages(_queue_call(demo.local_url, demo, app.cancel_training, [app.issue_owner()], "forger"),
-                           "process_completed")[-1]
+        answer = _messages(_queue_call(demo.local_url, demo, handlers.cancel_training, [server.issue_owner()],
+                                       "forger"), "process_completed")[-1]
         assert answer["output"]["data"] == ["you have no job running"] and not job.stop.is_set()
         deadline = time.time() + 120  # under load the first logged step can take a while: wait for it
         while not job.history and not job.done and time.time() < deadline:
@@ -309,26 +309,26 @@ def test_make_it_int8_ready_adds_a_fine_tuned_model(job_sandbox, monkeypatch, da
     as model A and carries its learned ranges."""
     import gradio as gr
 
-    import app
-    import app_jobs as jobs
+    from ui import handlers, jobs, server
     from sr.run.quantize import learned_ranges
 
     tmp_path = job_sandbox
     monkeypatch.setattr(jobs.POLICY, "enabled", False)
     with pytest.raises(gr.Error, match="Fine-tuning is off on this deployment"):
-        next(app.start_qat("xlsr-clip", 5, owner=app.issue_owner()))
+        next(handlers.start_qat("xlsr-clip", 5, owner=server.issue_owner()))
     monkeypatch.setattr(jobs.POLICY, "enabled", True)
     monkeypatch.setattr(jobs, "QAT_EQUALIZE", 0.0)
-    owner = app.issue_owner()
-    updates = list(app.start_qat("xlsr-clip", 4, owner=owner))
+    owner = server.issue_owner()
+    updates = list(handlers.start_qat("xlsr-clip", 4, owner=owner))
     status, _, result = updates[-1]
     assert "saved as" in status and result and result.endswith(".safetensors"), status
     assert learned_ranges(result, "tensorrt")
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == sorted([Path(result).name, Path(result).name.replace(
         ".safetensors", ".tensorrt.qdq.onnx")])  # no checkpoint or starting-point file left behind
-    model_a, _, uploads = app.offer_result(result, [], "xlsr-relu")
+    model_a, _, uploads = handlers.offer_result(result, [], "xlsr-relu")
     assert model_a["value"] == result and result in model_a["choices"] and uploads == []
-    *_, (status, _, guided) = list(app.start_qat("xlsr-clip", 2, True, owner))  # teacher-guided: the record says so
+    # teacher-guided: the record says so
+    *_, (status, _, guided) = list(handlers.start_qat("xlsr-clip", 2, True, owner))
     from sr.run.quantize import qat_record
 
     config = qat_record(guided)["config"]
@@ -372,23 +372,23 @@ def test_api_page_lists_only_the_public_endpoints(server):
 def test_onnx_upload_handler(tmp_path):
     import gradio as gr
 
-    import app
+    from ui import handlers
     path = standins.build_all(tmp_path / "models")["xlsr-255"]
-    model_a, model_b, contract, choices = app.load_onnx_model(str(path), "auto", "auto", "auto", False, "auto",
-                                                              "xlsr-clip", [])
+    model_a, model_b, contract, choices = handlers.load_onnx_model(str(path), "auto", "auto", "auto", False, "auto",
+                                                                   "xlsr-clip", [])
     assert model_a["value"].startswith("onnx:") and "values in [0, 255]" in contract and choices == [model_a["value"]]
     assert "xlsr-255.onnx (your ONNX model)" in model_a["label"]
     (tmp_path / "bad.onnx").write_bytes(b"not onnx at all")
     with pytest.raises(gr.Error, match="not an ONNX model"):
-        app.load_onnx_model(str(tmp_path / "bad.onnx"), "auto", "auto", "auto", False, "auto", "xlsr-clip", [])
+        handlers.load_onnx_model(str(tmp_path / "bad.onnx"), "auto", "auto", "auto", False, "auto", "xlsr-clip", [])
 
 
 def test_diagnose_tab_on_an_uploaded_onnx_model(tmp_path, small_png):
-    import app
+    from ui import handlers
     path = standins.build_all(tmp_path / "models")["xlsr-nhwc"]
-    model_a, *_ = app.load_onnx_model(str(path), "auto", "auto", "auto", False, "auto", "xlsr-clip", [])
+    model_a, *_ = handlers.load_onnx_model(str(path), "auto", "auto", "auto", False, "auto", "xlsr-clip", [])
     messages = []
-    ranking, figure, summary, tensor, report, _ = app.run_diagnose(
+    ranking, figure, summary, tensor, report, _ = handlers.run_diagnose(
         small_png, model_a["value"], "xlsr-clip", "model A", "Upscale my image", "entropy", 10, "tensorrt",
         progress=lambda fraction, desc=None: messages.append(desc))
     assert len(ranking) > 5 and summary.startswith("**xlsr-nhwc.onnx**")
@@ -400,14 +400,14 @@ def test_the_offered_fix_raises_psnr_or_none_is_offered_with_the_reason(small_pn
     """The dark preset (calibration at 40% brightness) and the default settings: a fix is preselected only when
     applying it raises PSNR on this image, and applying it gives exactly the figures the summary promised (one
     "before"); otherwise the summary says none helps and why."""
-    import app
+    from ui import handlers
 
-    *_, summary, tensor, report, fix = app.run_diagnose(
+    *_, summary, tensor, report, fix = handlers.run_diagnose(
         small_png, "xlsr-relu", "xlsr-clip", "model A", "Upscale my image", "minmax", 10, "tensorrt", gain, 0,
         progress=lambda *a, **k: None)
     if "**Measured fix:**" in summary:
-        before, after, table = app.run_fix(small_png, report, tensor["value"], fix["value"], "Upscale my image",
-                                           progress=lambda *a, **k: None)
+        before, after, table = handlers.run_fix(small_png, report, tensor["value"], fix["value"], "Upscale my image",
+                                                progress=lambda *a, **k: None)
         psnr = list(table.iloc[:, 1])
         assert float(psnr[1]) > float(psnr[0])
         promised = re.search(r"from ([0-9.]+) to ([0-9.]+) dB", summary).groups()
@@ -423,7 +423,7 @@ def test_small_hostile_inputs_get_words(tmp_path):
     are answered in words, without a server path."""
     import gradio as gr
 
-    import app
+    from ui import comparison, server
     from sr.lab.compare import prepare_input
     from sr.data import ImageLoadError, load_image
 
@@ -432,16 +432,16 @@ def test_small_hostile_inputs_get_words(tmp_path):
     frames[0].save(gif, save_all=True, append_images=frames[1:])
     assert "animation of 3 frames; the first frame is used" in " ".join(prepare_input(str(gif), "upscale", 3).notices)
     with pytest.raises(ValueError, match="must be numbers"):
-        app._calibration("entropy", None, 1.0, 0)
+        comparison._calibration("entropy", None, 1.0, 0)
     with pytest.raises(ImageLoadError) as error:
         load_image(b"not an image at all")
     assert "BytesIO" not in str(error.value) and "0x" not in str(error.value)
     with pytest.raises(gr.Error) as shown:
-        with app._user_errors("comparison"):
+        with server._user_errors("comparison"):
             raise PermissionError(13, "Permission denied", "/srv/app/cache/int8/abc")
     assert "/srv" not in str(shown.value) and "cannot write its cache folder" in str(shown.value)
     with pytest.raises(gr.Error) as shown:
-        with app._user_errors("comparison"):
+        with server._user_errors("comparison"):
             raise FileNotFoundError("no such image file: /srv/app/uploads/x.png")
     assert "/srv" not in str(shown.value) and "x.png" in str(shown.value)
 
@@ -450,16 +450,16 @@ def test_bundles_do_not_pile_up(small_png, monkeypatch):
     """Each bundle leaves only its zip, under the cache's bundles/, and old ones go when a new one is made."""
     import os
 
-    import app
+    from ui import handlers, server
     from sr.store import cache_root
 
-    first = Path(app.build_bundle(small_png, "xlsr-clip", "minmax", 10, 1.0, 0, "Upscale my image",
-                                  progress=lambda *a, **k: None))
+    first = Path(handlers.build_bundle(small_png, "xlsr-clip", "minmax", 10, 1.0, 0, "Upscale my image",
+                                       progress=lambda *a, **k: None))
     assert first.is_file() and first.parent.parent == cache_root() / "bundles"
     assert [p.name for p in first.parent.iterdir()] == [first.name]
-    os.utime(first.parent, (time.time() - app.BUNDLE_KEEP_SECONDS - 10,) * 2)
-    second = Path(app.build_bundle(small_png, "xlsr-clip", "minmax", 10, 1.0, 0, "Upscale my image",
-                                   progress=lambda *a, **k: None))
+    os.utime(first.parent, (time.time() - server.BUNDLE_KEEP_SECONDS - 10,) * 2)
+    second = Path(handlers.build_bundle(small_png, "xlsr-clip", "minmax", 10, 1.0, 0, "Upscale my image",
+                                        progress=lambda *a, **k: None))
     assert second.is_file() and not first.exists()
 
 
@@ -467,11 +467,11 @@ def test_an_uploaded_models_cost_is_known_before_it_runs(tmp_path):
     """Ten 3x3 convolutions of 256 channels (5.9 million MACs per pixel) are refused in words at upload."""
     import gradio as gr
 
-    import app
+    from ui import handlers
 
     heavy = standins.conv_stack(tmp_path / "heavy.onnx", 256, 10)
     with pytest.raises(gr.Error, match="million multiply-accumulates per input pixel"):
-        app.load_onnx_model(str(heavy), "auto", "auto", "auto", False, "auto", "xlsr-clip", [])
+        handlers.load_onnx_model(str(heavy), "auto", "auto", "auto", False, "auto", "xlsr-clip", [])
 
 
 def _uploaded(url: str, path: Path) -> dict:
@@ -492,22 +492,24 @@ def test_an_uploaded_model_does_not_hold_up_the_shipped_models(server, small_png
 
     from gradio_client import Client, handle_file
 
-    import app
+    from ui import comparison, handlers, layout, words
+    from ui.server import HEAVY, HEAVY_SLOTS
 
-    demo = app.build_demo()  # the server runs this same app: its events are numbered alike
+    demo = layout.build_demo()  # the server runs this same app: its events are numbered alike
     contract = ["auto", "auto", "auto", False, "auto", "xlsr-clip", []]
     model = standins.conv_stack(tmp_path / "slow.onnx", 32, 4)  # about 8 s of calibration here: long enough
     for visitor in ("heavy-visitor", "second-visitor"):  # (a model is in the lists of the visitors who uploaded it)
-        answer = _messages(_queue_call(server, demo, app.load_onnx_model, [_uploaded(server, model), *contract],
+        answer = _messages(_queue_call(server, demo, handlers.load_onnx_model, [_uploaded(server, model), *contract],
                                        visitor), "process_completed")[-1]
     slow = answer["output"]["data"][0]["value"]
     client = Client(server, verbose=False)
     shipped = (handle_file(small_png), "xlsr-relu", "xlsr-clip", "minmax", 10)
     client.predict(*shipped, api_name="/compare")  # cached from now on
     image, heavy_answer = _uploaded(server, Path(small_png)), []
-    settings = ["tensorrt", "Upscale my image", "bicubic", "calib_data/", None, 1.0, 0, None, [], app.REFERENCE_TARGET]
+    settings = ["tensorrt", "Upscale my image", "bicubic", "calib_data/", None, 1.0, 0, None, [],
+                words.REFERENCE_TARGET]
     heavy = threading.Thread(target=lambda: heavy_answer.extend(_messages(_queue_call(
-        server, demo, app.run_compare, [image, slow, slow, "entropy", 1000, *settings], "heavy-visitor"),
+        server, demo, comparison.run_compare, [image, slow, slow, "entropy", 1000, *settings], "heavy-visitor"),
         "process_completed")), daemon=True)
     heavy.start()
     time.sleep(3)
@@ -516,27 +518,28 @@ def test_an_uploaded_model_does_not_hold_up_the_shipped_models(server, small_png
     waited = time.perf_counter() - started
     assert heavy.is_alive(), f"the slow model should still be calibrating ({heavy_answer[-1:]})"
     assert waited < 10, f"the cached shipped comparison waited {waited:.1f} s behind an uploaded model"
-    second = _messages(_queue_call(server, demo, app.run_compare, [image, slow, "xlsr-clip", "minmax", 10, *settings],
-                                   "second-visitor"), "process_completed")[-1]
+    second = _messages(_queue_call(server, demo, comparison.run_compare,
+                                   [image, slow, "xlsr-clip", "minmax", 10, *settings], "second-visitor"),
+                       "process_completed")[-1]
     assert not second["success"] and "uploaded model is being processed" in str(second), second
     heavy.join(timeout=600)  # (read to its end: nothing keeps calibrating under the next tests)
     assert heavy_answer and heavy_answer[-1]["success"], heavy_answer[-1:]
-    events = [fn for fn in demo.fns.values() if getattr(fn, "concurrency_id", None) == app.HEAVY]
-    assert events and {fn.concurrency_limit for fn in events} == {app.HEAVY_SLOTS}
+    events = [fn for fn in demo.fns.values() if getattr(fn, "concurrency_id", None) == HEAVY]
+    assert events and {fn.concurrency_limit for fn in events} == {HEAVY_SLOTS}
 
 
 def test_a_model_that_reads_server_files_is_refused_through_the_page(server, tmp_path):
     """The report's hostile upload, through the page's own upload event on the real server: a Constant whose
     tensor points at app.py (and at the cache's contract files) is refused, and the answer carries neither a
     byte of those files nor a server path."""
-    import app
+    from ui import handlers, layout
 
-    demo = app.build_demo()
+    demo = layout.build_demo()
     secret = (ROOT / "app.py").read_bytes()[:8]
     for location in (str(ROOT / "app.py"), "app.py", "cache/user/x/contract.json"):
         path = tmp_path / "hostile.onnx"
         path.write_bytes(standins.constant_reading(location).SerializeToString())
-        answer = _messages(_queue_call(server, demo, app.load_onnx_model,
+        answer = _messages(_queue_call(server, demo, handlers.load_onnx_model,
                                        [_uploaded(server, path), "auto", "auto", "auto", False, "auto", "xlsr-clip", []],
                                        "hostile"), "process_completed")[-1]
         text = str(answer)
@@ -554,44 +557,44 @@ def _capture(errors: list, function, *args, **kwargs):
 
 def test_calibration_uploads_are_kept_small(tmp_path):
     """A session keeps each calibration upload at most KEPT_CALIBRATION_PIXELS (64 of them stay ~100 MB)."""
-    import app
+    from ui import comparison, layout, server
 
     big = tmp_path / "big.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (1500, 2000, 3), dtype=np.uint8)).save(big)
-    kept = app._read_calibration_uploads([str(big), str(big)])
-    assert len(kept) == 2 and all(k.shape[0] * k.shape[1] <= app.KEPT_CALIBRATION_PIXELS for k in kept)
+    kept = comparison._read_calibration_uploads([str(big), str(big)])
+    assert len(kept) == 2 and all(k.shape[0] * k.shape[1] <= server.KEPT_CALIBRATION_PIXELS for k in kept)
     assert abs(kept[0].shape[1] / kept[0].shape[0] - 2000 / 1500) < 0.01  # the aspect ratio is kept
-    states = [block for block in app.build_demo().blocks.values() if type(block).__name__ == "State"]
-    assert any(getattr(state, "time_to_live", None) == app.SESSION_STATE_SECONDS for state in states)
+    states = [block for block in layout.build_demo().blocks.values() if type(block).__name__ == "State"]
+    assert any(getattr(state, "time_to_live", None) == server.SESSION_STATE_SECONDS for state in states)
 
 
 def test_training_controls_are_disabled_when_training_is_off(monkeypatch):
     """Off (the Space's default): Start and "Fine-tune model A for INT8" are shown disabled with the reason, not
     clickable into an error."""
-    import app
-    import app_jobs
+    from ui import jobs, layout
 
-    monkeypatch.setattr(app_jobs.POLICY, "enabled", False)
-    buttons = [b for b in app.build_demo().blocks.values() if type(b).__name__ == "Button"]
+    monkeypatch.setattr(jobs.POLICY, "enabled", False)
+    buttons = [b for b in layout.build_demo().blocks.values() if type(b).__name__ == "Button"]
     guarded = [b for b in buttons if "is off here" in str(b.value)]
     assert len(guarded) == 2 and not any(b.interactive for b in guarded)
-    monkeypatch.setattr(app_jobs.POLICY, "enabled", True)
-    buttons = [b for b in app.build_demo().blocks.values() if type(b).__name__ == "Button"]
+    monkeypatch.setattr(jobs.POLICY, "enabled", True)
+    buttons = [b for b in layout.build_demo().blocks.values() if type(b).__name__ == "Button"]
     assert not any("is off here" in str(b.value) for b in buttons)
 
 
 def test_the_calibration_estimate_is_measured_here(small_png):
     """After a first calibration the app's estimate comes from what this machine took, not a constant."""
-    import app
+    from ui import comparison
 
-    app._CALIBRATION_RATE["seconds_per_sample_mparam"] = 0.0
-    constant = app._calibration_estimate("xlsr-relu", "xlsr-clip", 100)
+    comparison._CALIBRATION_RATE["seconds_per_sample_mparam"] = 0.0
+    constant = comparison._calibration_estimate("xlsr-relu", "xlsr-clip", 100)
     started = time.perf_counter()
-    app.run_compare(small_png, "xlsr-relu", "xlsr-clip", "percentile", 20, "tensorrt", "Upscale my image", "nearest",
-                    "calib_data/", None, 1.0, 4242, progress=lambda *a, **k: None)  # a seed no other test uses
+    comparison.run_compare(small_png, "xlsr-relu", "xlsr-clip", "percentile", 20, "tensorrt", "Upscale my image",
+                           "nearest", "calib_data/", None, 1.0, 4242,
+                           progress=lambda *a, **k: None)  # a seed no other test uses
     took = time.perf_counter() - started
-    measured = app._calibration_estimate("xlsr-relu", "xlsr-clip", 20)
-    assert app._CALIBRATION_RATE["seconds_per_sample_mparam"] > 0 and measured != constant / 5
+    measured = comparison._calibration_estimate("xlsr-relu", "xlsr-clip", 20)
+    assert comparison._CALIBRATION_RATE["seconds_per_sample_mparam"] > 0 and measured != constant / 5
     assert measured <= took  # the calibrations are part of what that run took
 
 
@@ -612,15 +615,15 @@ def test_a_heavy_request_stops_at_its_wall_time_cap(small_png, monkeypatch):
     whole, so the same request under the normal cap then completes."""
     import gradio as gr
 
-    import app
+    from ui import comparison, server
 
     settings = (small_png, "xlsr-relu", "xlsr-clip", "percentile", 20, "tensorrt", "Upscale my image", "nearest",
                 "calib_data/", None, 1.0, 4343)  # a seed no other test uses: nothing cached
-    monkeypatch.setattr(app, "MAX_REQUEST_SECONDS", 0.0)
+    monkeypatch.setattr(server, "MAX_REQUEST_SECONDS", 0.0)
     with pytest.raises(gr.Error, match=r"stopped: it ran longer than 0 s"):
-        app.run_compare(*settings, progress=lambda *a, **k: None)
-    monkeypatch.setattr(app, "MAX_REQUEST_SECONDS", 300.0)
-    outputs = app.run_compare(*settings, progress=lambda *a, **k: None)
+        comparison.run_compare(*settings, progress=lambda *a, **k: None)
+    monkeypatch.setattr(server, "MAX_REQUEST_SECONDS", 300.0)
+    outputs = comparison.run_compare(*settings, progress=lambda *a, **k: None)
     assert outputs[2] is not None and outputs[5] is not None
 
 
@@ -630,18 +633,18 @@ def test_work_on_uploaded_models_runs_in_a_box_at_a_lower_cpu_priority():
     back to the caller as raised; the shipped lane runs in the caller's process, unchanged."""
     import operator
 
-    import app
+    from ui import server
     from sr.model.usermodel import register_onnx
 
     before = os.getpriority(os.PRIO_PROCESS, 0)
-    with app._lane(register_onnx(ROOT / "examples" / "fsrcnn-y.onnx").name) as run:
+    with server._lane(register_onnx(ROOT / "examples" / "fsrcnn-y.onnx").name) as run:
         assert run(os.getpid) != os.getpid()
-        assert run(os.getpriority, os.PRIO_PROCESS, 0) == max(before, app.UPLOADED_NICE)
+        assert run(os.getpriority, os.PRIO_PROCESS, 0) == max(before, server.UPLOADED_NICE)
         with pytest.raises(ZeroDivisionError):
             run(operator.truediv, 1, 0)
-    with app._lane("xlsr-relu", "xlsr-clip", kind="quick") as run:  # a comparison that reads the cache
+    with server._lane("xlsr-relu", "xlsr-clip", kind="quick") as run:  # a comparison that reads the cache
         assert run(os.getpid) == os.getpid()
-    with app._lane("xlsr-relu", "xlsr-clip") as run:  # the long lane: boxed too (its priority, its kill)
+    with server._lane("xlsr-relu", "xlsr-clip") as run:  # the long lane: boxed too (its priority, its kill)
         assert run(os.getpid) != os.getpid()
     assert os.getpriority(os.PRIO_PROCESS, 0) == before
 
@@ -651,12 +654,11 @@ def test_make_model_a_int8_ready_shows_the_route_and_offers_the_chosen_bundle(mo
     route, the chosen model's bundle, and (QAT being off on the Space) says so."""
     import zipfile
 
-    import app
-    import app_jobs
+    from ui import handlers, jobs
 
-    monkeypatch.setattr(app_jobs.POLICY, "enabled", False)
-    report, archive, *_ = app.make_ready_for("xlsr-clip", 20, "tensorrt", 30.0, 1, [], "xlsr-relu",
-                                             progress=lambda *a, **k: None)
+    monkeypatch.setattr(jobs.POLICY, "enabled", False)
+    report, archive, *_ = handlers.make_ready_for("xlsr-clip", 20, "tensorrt", 30.0, 1, [], "xlsr-relu",
+                                                  progress=lambda *a, **k: None)
     assert "| range methods | entropy |" in report and "Chosen: entropy" in report and "target met" in report
     assert "QAT is off on this server" in report
     assert {"model.qdq.onnx", "README.md"} <= set(zipfile.ZipFile(archive).namelist())
@@ -670,12 +672,12 @@ def test_a_model_with_nothing_quantized_compares_and_says_so(tmp_path, small_png
     "IndexError: list index out of range")."""
     import torch
 
-    import app
+    from ui import comparison
     from sr.model.usermodel import register_onnx
 
     network = torch.nn.Sequential(torch.nn.Conv2d(3, 27, 3, padding=1), torch.nn.PixelShuffle(3)).eval()
     user = register_onnx(standins._export(network, tmp_path / "one-conv.onnx", torch.rand(1, 3, 24, 24)))
-    *panels, metrics, coverage, _, _, _ = app.run_compare(
+    *panels, metrics, coverage, _, _, _ = comparison.run_compare(
         small_png, user.name, "xlsr-clip", "entropy", 10, "tensorrt", "Upscale my image", "nearest", "calib_data/",
         None, progress=lambda *a, **k: None)
     assert "no activation of it is quantized under the tensorrt scheme" in coverage and len(metrics) == 4
@@ -689,18 +691,18 @@ def test_the_int8_panels_on_a_target_and_the_difference_from_the_reference(small
     not blank); on the reference itself that view asks for a target first."""
     import gradio as gr
 
-    import app
+    from ui import comparison
 
-    *panels, metrics, _, _, state, _ = app.run_compare(
+    *panels, metrics, _, _, state, _ = comparison.run_compare(
         small_png, "xlsr-relu", "xlsr-clip", "entropy", 10, "npu", "Upscale my image", "nearest", "calib_data/", None,
         target="Qualcomm HTP v73 (simulated)", progress=lambda *a, **k: None)
     assert [e for e in metrics["engine"] if "qnn-htp" in e] and "on Qualcomm HTP v73" in state["labels"][2]
-    difference = app.run_difference(state, "INT8 A: target vs reference", "|difference| of luma", 32)
+    difference = comparison.run_difference(state, "INT8 A: target vs reference", "|difference| of luma", 32)
     assert difference[:180].std() > 0
-    *_, plain, _ = app.run_compare(small_png, "xlsr-relu", "xlsr-clip", "entropy", 10, "npu", "Upscale my image",
-                                   "nearest", "calib_data/", None, progress=lambda *a, **k: None)
+    *_, plain, _ = comparison.run_compare(small_png, "xlsr-relu", "xlsr-clip", "entropy", 10, "npu", "Upscale my image",
+                                          "nearest", "calib_data/", None, progress=lambda *a, **k: None)
     with pytest.raises(gr.Error, match="Choose a target"):
-        app.run_difference(plain, "INT8 A: target vs reference", "|difference| of luma", 32)
+        comparison.run_difference(plain, "INT8 A: target vs reference", "|difference| of luma", 32)
 
 
 def test_two_diagnoses_of_one_browser_are_both_cancelled_and_leave_no_stop_behind(small_png):
@@ -710,16 +712,16 @@ def test_two_diagnoses_of_one_browser_are_both_cancelled_and_leave_no_stop_behin
 
     import gradio as gr
 
-    import app
+    from ui import handlers, server
 
-    owner = app.issue_owner()
-    ident = app._verified_owner(owner)
+    owner = server.issue_owner()
+    ident = server._verified_owner(owner)
     outcomes = []
 
     def diagnose() -> None:
         try:
-            app.run_diagnose(small_png, "teacher", "xlsr-clip", "model A", "Upscale my image", "minmax", 10,
-                             "tensorrt", 1.0, 0, owner, progress=lambda *a, **k: None)
+            handlers.run_diagnose(small_png, "teacher", "xlsr-clip", "model A", "Upscale my image", "minmax", 10,
+                                  "tensorrt", 1.0, 0, owner, progress=lambda *a, **k: None)
             outcomes.append("finished")
         except gr.Error as error:
             outcomes.append(str(error))
@@ -728,11 +730,11 @@ def test_two_diagnoses_of_one_browser_are_both_cancelled_and_leave_no_stop_behin
     for thread in threads:
         thread.start()
     deadline = time.time() + 60
-    while len(app._STOPS.get(ident, ())) < 2 and time.time() < deadline:
+    while len(handlers._STOPS.get(ident, ())) < 2 and time.time() < deadline:
         time.sleep(0.05)
-    assert len(app._STOPS.get(ident, ())) == 2
-    app.cancel_diagnosis(owner)
+    assert len(handlers._STOPS.get(ident, ())) == 2
+    handlers.cancel_diagnosis(owner)
     for thread in threads:
         thread.join(300)
     assert len(outcomes) == 2 and all("cancelled" in o for o in outcomes), outcomes
-    assert ident not in app._STOPS
+    assert ident not in handlers._STOPS

@@ -84,16 +84,16 @@ def test_int8_ready_and_the_bundle_from_the_command_line(fixed, data_dir, tmp_pa
 
 
 def test_the_pages_compare_handler(fixed, tmp_path):
-    import app
+    from ui import comparison, words
     from PIL import Image
 
     photo = (np.random.default_rng(0).random((70, 110, 3)) * 255).astype(np.uint8)
     Image.fromarray(photo).save(tmp_path / "p.png")
-    *panels, metrics, coverage, _, state, _ = app.run_compare(
+    *panels, metrics, coverage, _, state, _ = comparison.run_compare(
         str(tmp_path / "p.png"), fixed.name, "xlsr-clip", "entropy", 10, "tensorrt", "Upscale my image", "nearest",
         "calib_data/", None, progress=lambda *a, **k: None)
     assert panels[2].shape == (210, 330, 3) and len(metrics) == 4 and coverage
-    said = app.contract_text(fixed)  # the sizes it takes, in the page's words
+    said = words.contract_text(fixed)  # the sizes it takes, in the page's words
     c = fixed.contract
     assert (f"fixed input {c.fixed_size[1]}x{c.fixed_size[0]}" if c.fixed_size else
             "multiple of 4" if c.multiple_of == 4 else "at least 25 px a side") in said, said

@@ -37,9 +37,9 @@ def hostile_server(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def demo():
-    import app
+    from ui import layout
 
-    return app.build_demo()  # the server runs this same app: its events are numbered alike
+    return layout.build_demo()  # the server runs this same app: its events are numbered alike
 
 
 def _cached_compare(url: str, image: str) -> float:
@@ -79,7 +79,7 @@ def test_hostile_models_are_refused_and_everyone_else_is_served(hostile_server, 
     MatMul, convolutions in a Loop, a x16 Resize, sizes read from the input's values) are each refused in words
     within seconds, before running; the server stays up and another visitor's cached comparison answers within
     10 s."""
-    import app
+    from ui import handlers
 
     url, process = hostile_server
     _cached_compare(url, small_image)  # these settings are now the server's: cached
@@ -87,7 +87,7 @@ def test_hostile_models_are_refused_and_everyone_else_is_served(hostile_server, 
         path = tmp_path / f"{name.replace(' ', '-')}.onnx"
         path.write_bytes(build().SerializeToString())
         started = time.perf_counter()
-        answer = _messages(_queue_call(url, demo, app.load_onnx_model, [_uploaded(url, path), *CONTRACT],
+        answer = _messages(_queue_call(url, demo, handlers.load_onnx_model, [_uploaded(url, path), *CONTRACT],
                                        f"hostile-{len(name)}"), "process_completed")[-1]
         assert not answer["success"] and words in str(answer) and "cannot run on this server" in str(answer), answer
         assert time.perf_counter() - started < 15, name
@@ -100,19 +100,20 @@ def test_a_model_that_passes_the_count_but_runs_too_long_is_killed_in_its_box(ho
     """A countable model calibrated on 1000 samples runs past the request's 40 s: its box is killed at the
     deadline (it reports no progress for long stretches, so only a kill stops it on time), the visitor reads why,
     and the server answers another visitor meanwhile."""
-    import app
+    from ui import comparison, handlers, words
 
     url, process = hostile_server
     model = standins.conv_stack(tmp_path / "slow.onnx", 64, 8)  # about 70 s of calibration here at 1000 samples
-    answer = _messages(_queue_call(url, demo, app.load_onnx_model, [_uploaded(url, model), *CONTRACT], "slow-visitor"),
-                       "process_completed")[-1]
+    answer = _messages(_queue_call(url, demo, handlers.load_onnx_model, [_uploaded(url, model), *CONTRACT],
+                                   "slow-visitor"), "process_completed")[-1]
     assert answer["success"], answer
     slow = answer["output"]["data"][0]["value"]
-    settings = ["tensorrt", "Upscale my image", "bicubic", "calib_data/", None, 1.0, 77, None, [], app.REFERENCE_TARGET]
+    settings = ["tensorrt", "Upscale my image", "bicubic", "calib_data/", None, 1.0, 77, None, [],
+                words.REFERENCE_TARGET]
     image, seen = _uploaded(url, Path(small_image)), []
     started = time.perf_counter()
     runner = threading.Thread(target=lambda: seen.extend(_messages(_queue_call(
-        url, demo, app.run_compare, [image, slow, slow, "entropy", 1000, *settings], "slow-visitor"),
+        url, demo, comparison.run_compare, [image, slow, slow, "entropy", 1000, *settings], "slow-visitor"),
         "process_completed")), daemon=True)
     runner.start()
     time.sleep(5)
@@ -128,7 +129,8 @@ def test_heavy_visitors_leave_a_cached_compare_within_10_s(hostile_server, demo,
     a 40-megapixel 16-bit PNG (visitor 3) and 30 cached comparisons sent at once by one client (visitor 4). A fifth
     visitor's cached comparison answers within 10 s; the long jobs end (or are stopped) in words; the flood gets
     its fair share and the rest is refused in words."""
-    import app
+    from ui import comparison, handlers
+    from ui.words import REFERENCE_TARGET
 
     url, process = hostile_server
     _cached_compare(url, small_image)
@@ -141,21 +143,21 @@ def test_heavy_visitors_leave_a_cached_compare_within_10_s(hostile_server, demo,
     def visit(name, fn, data):
         answers[name] = _messages(_queue_call(url, demo, fn, data, name), "process_completed")
 
-    calls = [("preset", app.run_compare, [image, "teacher", "xlsr-clip-kd", "entropy", 1000, "tensorrt", *settings,
-                                          91, None, [], app.REFERENCE_TARGET]),
-             ("diagnosis", app.run_diagnose, [image, "teacher", "xlsr-clip", "model A", "Upscale my image", "entropy",
-                                              100, "tensorrt", 1.0, 92, None]),
-             ("deep", app.run_compare, [_uploaded(url, big), "xlsr-relu", "xlsr-clip", "minmax", 10, "tensorrt",
-                                        *settings, 0, None, [], app.REFERENCE_TARGET])]
+    calls = [("preset", comparison.run_compare, [image, "teacher", "xlsr-clip-kd", "entropy", 1000, "tensorrt",
+                                                 *settings, 91, None, [], REFERENCE_TARGET]),
+             ("diagnosis", handlers.run_diagnose, [image, "teacher", "xlsr-clip", "model A", "Upscale my image",
+                                                   "entropy", 100, "tensorrt", 1.0, 92, None]),
+             ("deep", comparison.run_compare, [_uploaded(url, big), "xlsr-relu", "xlsr-clip", "minmax", 10,
+                                               "tensorrt", *settings, 0, None, [], REFERENCE_TARGET])]
     threads = [threading.Thread(target=visit, args=call, daemon=True) for call in calls]
     for thread in threads:
         thread.start()
         time.sleep(0.5)
-    index = next(i for i, block_fn in demo.fns.items() if block_fn.fn is app.run_compare)
+    index = next(i for i, block_fn in demo.fns.items() if block_fn.fn is comparison.run_compare)
     for _ in range(30):
         joined = requests.post(f"{url}gradio_api/queue/join", timeout=30, json={
             "data": [image, "xlsr-relu", "xlsr-clip", "minmax", 10, "tensorrt", *settings, 0, None, [],
-                     app.REFERENCE_TARGET], "fn_index": index, "session_hash": "flood", "event_data": None,
+                     REFERENCE_TARGET], "fn_index": index, "session_hash": "flood", "event_data": None,
             "trigger_id": None})
         assert joined.status_code == 200, joined.text
     stream = requests.get(f"{url}gradio_api/queue/data", params={"session_hash": "flood"}, stream=True, timeout=120)
@@ -178,7 +180,7 @@ def test_the_door_refuses_in_words(hostile_server, demo):
     """An upload request of 100 files, a chunked 33 MB queue call (no length given), a queue call naming event
     9999, and an owner token whose signature has non-ASCII characters: each refused in words (413, 413, 404,
     and the page's reload message), none a server error; the server stays up."""
-    import app
+    from ui import handlers
 
     url, process = hostile_server
     files = [("files", (f"f{i}.png", b"x" * 10)) for i in range(100)]
@@ -197,7 +199,8 @@ def test_the_door_refuses_in_words(hostile_server, demo):
     unknown = requests.post(f"{url}gradio_api/queue/join", timeout=30, json={
         "data": [], "fn_index": 9999, "session_hash": "door", "event_data": None, "trigger_id": None})
     assert unknown.status_code == 404 and "no such event" in unknown.text
-    answer = _messages(_queue_call(url, demo, app.cancel_training, ["abc.sïgnätüre"], "door"), "process_completed")[-1]
+    answer = _messages(_queue_call(url, demo, handlers.cancel_training, ["abc.sïgnätüre"], "door"),
+                       "process_completed")[-1]
     assert not answer["success"] and "reload the page" in str(answer), answer
     assert process.poll() is None and requests.get(url, timeout=30).status_code == 200
 
@@ -205,7 +208,7 @@ def test_the_door_refuses_in_words(hostile_server, demo):
 def test_two_visitors_see_their_own_names_for_the_same_model(hostile_server, demo, tmp_path):
     """Visitor A uploads a model as alice.onnx, visitor B the same bytes as bob.onnx: each page names it as its
     visitor did."""
-    import app
+    from ui import handlers
 
     url, _ = hostile_server
     model = (ROOT / "examples" / "fsrcnn-y.onnx").read_bytes()
@@ -213,7 +216,7 @@ def test_two_visitors_see_their_own_names_for_the_same_model(hostile_server, dem
     for visitor in ("alice", "bob"):
         path = tmp_path / f"{visitor}.onnx"
         path.write_bytes(model)
-        answer = _messages(_queue_call(url, demo, app.load_onnx_model, [_uploaded(url, path), *CONTRACT],
+        answer = _messages(_queue_call(url, demo, handlers.load_onnx_model, [_uploaded(url, path), *CONTRACT],
                                        f"names-{visitor}"), "process_completed")[-1]
         assert answer["success"], answer
         seen[visitor] = str(answer["output"]["data"][2])
@@ -226,22 +229,22 @@ def test_pastes_and_bundles_are_bounded_on_disk(tmp_path, monkeypatch):
     import base64
     import io
 
-    import app
+    from ui import server
     from gradio.data_classes import FileData
 
     monkeypatch.setenv("SR_CACHE_DIR", str(tmp_path))
-    component = app.untouched_image()
-    for index in range(app.PASTED_KEEP + 8):
+    component = server.untouched_image()
+    for index in range(server.PASTED_KEEP + 8):
         buffer = io.BytesIO()
         Image.fromarray(np.full((8, 8, 3), index, np.uint8)).save(buffer, format="PNG")
         url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
         for _ in range(2):  # the same paste twice: one file
             path = component.preprocess(FileData(path="pasted.png", url=url))
-    assert len(list((tmp_path / "pasted").glob("*.upload"))) == app.PASTED_KEEP and Path(path).is_file()
+    assert len(list((tmp_path / "pasted").glob("*.upload"))) == server.PASTED_KEEP and Path(path).is_file()
     old = tmp_path / "bundles" / "bundle-old"
     old.mkdir(parents=True)
-    os.utime(old, (time.time() - app.BUNDLE_KEEP_SECONDS - 10,) * 2)
-    app._remove_old_bundles()
+    os.utime(old, (time.time() - server.BUNDLE_KEEP_SECONDS - 10,) * 2)
+    server._remove_old_bundles()
     assert not old.exists()
 
 
@@ -249,16 +252,16 @@ def test_sessions_holding_state_are_bounded(hostile_server, demo, small_image):
     """The server keeps state for at most SR_MAX_SESSIONS sessions (8 here): a visitor's calibration uploads
     are used while it is among the latest 8, and after 10 made-up sessions have come by, the visitor is told in
     words to upload again (memory does not grow with the number of ids clients invent)."""
-    import app
+    from ui import comparison, words
 
     url, process = hostile_server
-    calibration = app.load_calibration_uploads
+    calibration = comparison.load_calibration_uploads
     settings = ["xlsr-relu", "xlsr-clip", "minmax", 10, "tensorrt", "Upscale my image", "bicubic", "my uploads"]
 
     def compare_with_my_uploads():
-        return _messages(_queue_call(url, demo, app.run_compare, [_uploaded(url, Path(small_image)), *settings, None,
-                                                                  1.0, 0, None, [], app.REFERENCE_TARGET],
-                                     "keeper"), "process_completed")[-1]
+        return _messages(_queue_call(url, demo, comparison.run_compare,
+                                     [_uploaded(url, Path(small_image)), *settings, None, 1.0, 0, None, [],
+                                      words.REFERENCE_TARGET], "keeper"), "process_completed")[-1]
 
     stored = _messages(_queue_call(url, demo, calibration, [[_uploaded(url, Path(small_image))]], "keeper"),
                        "process_completed")[-1]
@@ -266,7 +269,8 @@ def test_sessions_holding_state_are_bounded(hostile_server, demo, small_image):
     kept = compare_with_my_uploads()
     assert kept["success"], kept  # the state is there while the visitor is among the latest 8
     for other in range(10):
-        passing = _messages(_queue_call(url, demo, app.new_seed, [], f"passer-by-{other}"), "process_completed")[-1]
+        passing = _messages(_queue_call(url, demo, comparison.new_seed, [], f"passer-by-{other}"),
+                            "process_completed")[-1]
         assert passing["success"]
     dropped = compare_with_my_uploads()
     assert not dropped["success"] and "upload them again" in str(dropped), dropped

@@ -1,6 +1,7 @@
 """The map of the code (docs/layout.md) stays true: `sr/` is packages by layer and no module imports from a layer
 above its own, each module imports from `sr/` exactly what the map says, no function grows past ~60 lines, and
-`sr/` never imports gradio or the app."""
+`sr/` never imports gradio or the app; the app's package `ui/` is in layers too (each module imports from `sr`
+and from the `ui` modules before it only), each of its modules and `app.py` importing exactly what the map says."""
 import ast
 import re
 from pathlib import Path
@@ -12,6 +13,9 @@ ROOT = Path(__file__).resolve().parent.parent
 # basics, which import only basics; `cli` and `__main__` are the entry points on top)
 LAYERS = ["", "quant", "model", "run", "tune", "lab"]
 ENTRY_POINTS = {"cli", "__main__"}
+# the app's package, bottom up: a module imports from `sr` and from the modules before it only (so no cycle);
+# `app.py`, the entry point, sits on top
+UI = ["jobs", "words", "server", "comparison", "handlers", "layout"]
 
 
 def _modules() -> dict[str, Path]:
@@ -69,7 +73,7 @@ def test_no_module_imports_from_a_layer_above_its_own(name):
 
 
 def test_no_long_functions_and_no_ui_in_the_library():
-    for path in [*sorted(_modules().values()), ROOT / "app.py", ROOT / "app_jobs.py"]:
+    for path in [*sorted(_modules().values()), ROOT / "app.py", *sorted(_ui_modules().values())]:
         tree = ast.parse(path.read_text())
         for node in ast.walk(tree):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
@@ -79,7 +83,57 @@ def test_no_long_functions_and_no_ui_in_the_library():
                         for alias in node.names}
             imported |= {node.module.split(".")[0] for node in ast.walk(tree)
                          if isinstance(node, ast.ImportFrom) and node.module and node.level == 0}
-            assert not imported & {"gradio", "app", "app_jobs", "pandas"}, path.name
+            assert not imported & {"gradio", "app", "ui", "pandas"}, path.name
+
+
+def _ui_modules() -> dict[str, Path]:
+    """Every module of `ui/` by its name ("words")."""
+    return {path.stem: path for path in (ROOT / "ui").glob("*.py") if path.stem != "__init__"}
+
+
+def _ui_map() -> dict[str, set[str]]:
+    """The map's rows for `app.py` and `ui/` ("app", "ui.words"): what each imports, `sr` modules by their dotted
+    name below `sr`, `ui` modules as "ui.<name>"."""
+    section = (ROOT / "docs" / "layout.md").read_text()
+    rows = re.findall(r"^\| `((?:ui/)?\w+)\.py` \| [^|]+ \| ([^|]+) \|$", section, re.M)
+    return {name.replace("/", "."): set(re.findall(r"[a-z_.]+", text)) - {"-"} for name, text in rows}
+
+
+def _outside_imports(path: Path) -> set[str]:
+    """The `sr` modules ("store", "lab.compare"), `ui` modules ("ui.words") and the app ("app") that `app.py` or a
+    module of `ui/` imports (function-level imports included; a relative import inside `ui/` counts as `ui.`)."""
+    library, package, found = set(_modules()), set(_ui_modules()), set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            module = node.module if node.level == 0 else ".".join(filter(None, ["ui", node.module]))
+            names = [module, *(f"{module}.{alias.name}" for alias in node.names)]
+        else:
+            continue
+        found |= {name[3:] for name in names if name.startswith("sr.") and name[3:] in library}
+        found |= {name for name in names if name.startswith("ui.") and name[3:] in package}
+        found |= {"app" for name in names if name == "app" or name.startswith("app.")}
+    return found
+
+
+def test_the_app_package_is_on_the_map_in_its_order():
+    assert sorted(_ui_modules()) == sorted(UI)
+    assert set(_ui_map()) == {"app", *(f"ui.{name}" for name in UI)}
+
+
+@pytest.mark.parametrize("name", ["app", *(f"ui.{name}" for name in UI)])
+def test_app_module_imports_what_the_map_says(name):
+    path = ROOT / "app.py" if name == "app" else _ui_modules()[name[3:]]
+    assert _outside_imports(path) == _ui_map()[name]
+
+
+@pytest.mark.parametrize("name", UI)
+def test_no_app_module_imports_from_one_above_its_own(name):
+    """Each module of `ui/` imports from `sr` and from the `ui` modules before it in UI only (never `app`)."""
+    above = sorted(other for other in _outside_imports(_ui_modules()[name])
+                   if other == "app" or other.startswith("ui.") and UI.index(other[3:]) >= UI.index(name))
+    assert not above, f"ui.{name} imports {above}"
 
 
 def test_no_import_cycle_in_the_library():
