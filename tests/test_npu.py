@@ -315,12 +315,14 @@ def test_the_htp_lowerings_change_no_number(families):
 
 
 @needs_litert
-@pytest.mark.parametrize("family", ["rlfn", "rrdb"])
+@pytest.mark.parametrize("family", HTP_FAMILIES)
 def test_litert_runs_the_families_tflite_with_their_ops(family, families):
-    """LEAKY_RELU, LOGISTIC, MUL, a strided CONV_2D, MAX_POOL_2D, RESIZE_BILINEAR to another tensor's size and
-    RESIZE_NEAREST_NEIGHBOR by an integer scale (sizes read at run time: SHAPE, STRIDED_SLICE), CONCATENATION and
-    ADD: the families' .tflite runs in LiteRT, XNNPACK within its tolerance of the reference and the reference
-    kernels within theirs, images of any size."""
+    """LEAKY_RELU, PRELU, LOGISTIC, TANH, MUL, a strided CONV_2D, MAX_POOL_2D, RESIZE_BILINEAR to another tensor's
+    size and RESIZE_NEAREST_NEIGHBOR by an integer scale (sizes read at run time: SHAPE, STRIDED_SLICE),
+    TRANSPOSE_CONV (SAME, or VALID and cropped), edge padding as repeated rows and columns, CONCATENATION and ADD:
+    each family's .tflite (its own graph, NHWC or Y as it takes them, the lab's wrapper run in float around it)
+    runs in LiteRT, XNNPACK within its tolerance of the reference and the reference kernels within theirs, images
+    of any size."""
     from ai_edge_litert import schema_py_generated as schema
     from sr.run.runtime import tflite_model
 
@@ -330,10 +332,22 @@ def test_litert_runs_the_families_tflite_with_their_ops(family, families):
     names = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
     ops = {names[flat.operatorCodes[op.opcodeIndex].builtinCode] for op in flat.subgraphs[0].operators}
     wanted = {"rlfn": {"LEAKY_RELU", "LOGISTIC", "MUL", "MAX_POOL_2D", "RESIZE_BILINEAR", "SHAPE"},
-              "rrdb": {"LEAKY_RELU", "MUL", "RESIZE_NEAREST_NEIGHBOR", "CONCATENATION", "ADD"}}[family]
+              "rrdb": {"LEAKY_RELU", "MUL", "RESIZE_NEAREST_NEIGHBOR", "CONCATENATION", "ADD"},
+              "fsrcnn": {"PRELU", "TRANSPOSE_CONV"}, "espcn": {"TANH", "DEPTH_TO_SPACE"}, "vdsr": {"ADD"},
+              "waifu2x": {"LEAKY_RELU", "TRANSPOSE_CONV", "STRIDED_SLICE", "CONCATENATION"}}[family]
     assert wanted <= ops
     for kind in (EngineKind.LITERT, EngineKind.LITERT_REF):
         engine = create_engine(kind, name, int8)
         assert engine.conformance.passed, engine.conformance
         probe = probe_image(45, 71, seed=9)  # odd sizes: the resizes follow the input
         assert engine.run(probe).shape == reference_engine(name, int8).run(probe).shape
+
+
+@needs_litert
+def test_what_litert_cannot_run_of_a_family_is_refused_naming_the_op(families):
+    """The SwinIR-like stand-in's attention (its sizes from Shape, MatMul, Softmax, LayerNorm, GELU's Erf) is not
+    written: the refusal names the first op the writer cannot express."""
+    name = families["swinir-light"].name
+    int8 = calibrate_model(name, CalibrationConfig(method="minmax", samples=10), "npu")
+    with pytest.raises(ValueError, match="cannot express (LayerNormalization|MatMul|Reshape|Erf|Div|Softmax)"):
+        create_engine(EngineKind.LITERT, name, int8)

@@ -5,6 +5,7 @@ standard graph carries in its metadata, and the input the wrapper feeds the user
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
@@ -172,6 +173,41 @@ def _wrap_output(nodes: list, inits: list, contract: Contract, y: str) -> str:
                                       name="standard/to_rgb"))
         y = "standard/rgb"
     return y
+
+
+@dataclass(frozen=True)
+class WrapperParts:
+    """The lab's wrapper around a user's graph as two float graphs: what turns the lab's image into the user's
+    input (`before`: colour, layout, scaling, upsampling, a pad up to an accepted size) and what turns the user's
+    output back into the lab's image (`after`: reading the image too, for the Cb/Cr it carries); None where that
+    side only passes the tensor on."""
+
+    before: onnx.ModelProto | None  # image -> user input
+    after: onnx.ModelProto | None  # (user output, image) -> image
+    user_input: str
+    user_output: str
+
+
+def wrapper_parts(model: onnx.ModelProto) -> WrapperParts | None:
+    """The two sides of the wrapper of a standard FP32 graph (None for a graph with no wrapper)."""
+    from onnx.utils import Extractor
+
+    wrapper = [n for n in model.graph.node if n.name.startswith("standard/")]
+    if not wrapper:
+        return None
+    inside = {o for n in model.graph.node if not n.name.startswith("standard/") for o in n.output}
+    user_input = next(n.output[0] for n in wrapper if n.name == "standard/in")
+    user_output = next(t for n in wrapper for t in n.input if t in inside)
+    image, result = model.graph.input[0].name, model.graph.output[0].name
+    extractor = Extractor(onnx.shape_inference.infer_shapes(model))
+    before = extractor.extract_model([image], [user_input])
+    after = extractor.extract_model([user_output, image], [result])
+
+    def passes_on(part: onnx.ModelProto) -> bool:
+        return all(n.op_type == "Identity" for n in part.graph.node)
+
+    return WrapperParts(None if passes_on(before) else before, None if passes_on(after) else after, user_input,
+                        user_output)
 
 
 def unwrap(model: onnx.ModelProto) -> onnx.ModelProto:

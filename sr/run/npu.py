@@ -221,10 +221,14 @@ class LiteRTEngine(Seamless):
     arithmetic as the specification's reference implementation, and tflite-micro, compute it).
 
     The image goes in as INT8 on the model's input grid (for the lab's [0, 1] input, pixel p is p - 128) and comes
-    out the same way; one interpreter per input shape (the last few kept), images up to TILE a side whole.
+    out the same way; one interpreter per input shape (the last few kept), images up to TILE a side whole. A
+    user's graph that takes something else than the lab's image (Y, NHWC, [0, 255], pre-upsampled, a least size)
+    gets it from the lab's wrapper in float (`wrapper`: `sr.model.wrapper.WrapperParts`, run by ONNX Runtime
+    exactly as the reference runs it), and its output goes back through the wrapper's other side.
     """
 
-    def __init__(self, tflite: str | os.PathLike, scale: int, kernels: str = "xnnpack", name: str = "litert"):
+    def __init__(self, tflite: str | os.PathLike, scale: int, kernels: str = "xnnpack", name: str = "litert",
+                 wrapper=None, nhwc: bool = False):
         from .tflite import image_qparams
 
         if kernels not in ("xnnpack", "reference"):
@@ -238,6 +242,9 @@ class LiteRTEngine(Seamless):
         self.name = name
         self.interpreters = Memo(4)  # input shape -> its interpreter (not reentrant: used under `lock`)
         self.lock = threading.Lock()
+        self.wrapper, self.nhwc = wrapper, nhwc  # the user's graph takes and gives NHWC itself
+        self.sides = [None if part is None else _float_session(part)
+                      for part in ((wrapper.before, wrapper.after) if wrapper else (None, None))]
 
     def _interpreter(self, shape: tuple):
         return self.interpreters.get(shape, lambda: self._allocated(shape))
@@ -253,8 +260,18 @@ class LiteRTEngine(Seamless):
         return interpreter
 
     def _run_array(self, array: np.ndarray) -> np.ndarray:
+        before, after = self.sides
+        user = before.run(None, {before.get_inputs()[0].name: array})[0] if before else array
+        result = self._run_user(user)
+        if after is None:
+            return result
+        feeds = {i.name: result if i.name == self.wrapper.user_output else array for i in after.get_inputs()}
+        return after.run(None, feeds)[0]
+
+    def _run_user(self, array: np.ndarray) -> np.ndarray:
+        """The .tflite on the user's own input (NCHW, or NHWC for a graph that takes it), its output alike."""
         (in_scale, in_zero), (out_scale, out_zero) = self.input_q, self.output_q
-        image = array[0].transpose(1, 2, 0)[None]
+        image = array if self.nhwc else array[0].transpose(1, 2, 0)[None]
         quantized = np.clip(np.rint(image / np.float32(in_scale)) + in_zero, -128, 127).astype(np.int8)
         with self.lock:
             interpreter = self._interpreter(quantized.shape)
@@ -262,7 +279,15 @@ class LiteRTEngine(Seamless):
             interpreter.invoke()
             result = interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
         values = (result.astype(np.float32) - np.float32(out_zero)) * np.float32(out_scale)
-        return np.ascontiguousarray(values.transpose(0, 3, 1, 2))
+        return values if self.nhwc else np.ascontiguousarray(values.transpose(0, 3, 1, 2))
+
+
+def _float_session(model: onnx.ModelProto):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
 @contextlib.contextmanager

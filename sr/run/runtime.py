@@ -15,6 +15,8 @@ import platform
 import sys
 from pathlib import Path
 
+import onnx
+
 from ..choices import Choice
 from .engines import (BF16_TOLERANCE, FP32_TOLERANCE, INT8_TOLERANCE, NPU_TOLERANCE, Conformance, EngineRefused,
                       OpenVinoEngine, OrtEngine, TensorRTEngine, TorchEngine, conformance, openvino_available, reference,
@@ -22,6 +24,7 @@ from .engines import (BF16_TOLERANCE, FP32_TOLERANCE, INT8_TOLERANCE, NPU_TOLERA
 from .npu import DEFAULT_HTP_ARCH, LiteRTEngine, QnnHtpEngine
 from ..model.models import model_info
 from ..model.weights import load_model
+from ..model.wrapper import wrapper_parts
 from ..quant.qdq import spec_of, tie_fused_ranges
 from .quantize import fp32_onnx_path
 from ..quant.calibrated import CalibratedModel
@@ -169,9 +172,11 @@ def create_engine(kind: EngineKind | str, model: str, int8: CalibratedModel | No
         engine = OpenVinoEngine(int8.qdq_onnx, scale, threads, name=f"openvino-int8-{int8.scheme.value}")
         return _checked(engine, model, int8, INT8_TOLERANCE, kind.value)
     if kind in (EngineKind.LITERT, EngineKind.LITERT_REF):
-        _takes_the_image(model)
         kernels = "xnnpack" if kind is EngineKind.LITERT else "reference"
-        engine = LiteRTEngine(tflite_model(int8), scale, kernels, name=f"{kind.value}-{int8.scheme.value}")
+        contract = model_info(model).contract
+        engine = LiteRTEngine(tflite_model(int8), scale, kernels, name=f"{kind.value}-{int8.scheme.value}",
+                              wrapper=wrapper_parts(onnx.load(str(int8.fp32_onnx))),
+                              nhwc=contract is not None and contract.layout.value == "nhwc")
         return _checked(engine, model, int8, INT8_TOLERANCE if kernels == "xnnpack" else NPU_TOLERANCE, kind.value)
     if kind is EngineKind.QNN_HTP:
         engine = QnnHtpEngine(int8.qdq_onnx, scale, htp_arch, name=f"qnn-htp-{int8.scheme.value}")
@@ -179,22 +184,6 @@ def create_engine(kind: EngineKind | str, model: str, int8: CalibratedModel | No
     if int8.scheme is Scheme.CPU:
         raise ValueError("the tensorrt engine runs the symmetric schemes only (tensorrt, npu), not cpu")
     return _checked(TensorRTEngine(int8.qdq_onnx, scale), model, int8, INT8_TOLERANCE, kind.value)
-
-
-def _takes_the_image(model: str) -> None:
-    """Raise unless the model's own graph takes the lab's input as it is (NCHW RGB in [0, 1], the LR image): the
-    .tflite is that graph alone, without the lab's wrapper (colour conversion, layout, scaling, upsampling)."""
-    contract = model_info(model).contract
-    if contract is None:
-        return
-    wrapped = [what for what, differs in (
-        (f"{contract.layout.value.upper()} layout", contract.layout.value != "nchw"),
-        (f"{contract.color.value} colour", contract.color.value != "rgb"),
-        (f"[0, {contract.value_range}] values", contract.value_range != 1),
-        ("a pre-upsampled input", contract.pre_upsampled)) if differs]
-    if wrapped:
-        raise ValueError(f"the .tflite is your graph alone, and it takes {', '.join(wrapped)}: the lab runs it in "
-                         "LiteRT only for graphs that take the RGB [0, 1] LR image (the bundle still ships it)")
 
 
 def tflite_model(int8: CalibratedModel) -> Path:

@@ -4,11 +4,18 @@ the `npu` and `npu-per-tensor` schemes).
 
 What is written: NHWC, the image input and output INT8 (with the lab's [0, 1] image range, an 8-bit pixel p is
 the integer p - 128 on the way in and out), dynamic height and width (`shape_signature` [1, -1, -1, C]); CONV_2D
-(a grouped convolution stays one CONV_2D, its filter [O, kh, kw, I / groups]) or DEPTHWISE_CONV_2D, weights INT8
-per output channel (or per tensor), biases INT32 at s_input x s_weight; RELU, RELU_0_TO_1 / RELU6 /
-RELU_N1_TO_1 for the matching Clip; CONCATENATION; ADD; DEPTH_TO_SPACE, where a PixelShuffle's CRD channel order
-is folded into the producing convolution's output channels (no GATHER). A graph with anything else, or with a
-tensor the spec leaves in float, is refused in words naming the op or the tensor.
+(strided where unpadded; a grouped convolution stays one CONV_2D, its filter [O, kh, kw, I / groups]) or
+DEPTHWISE_CONV_2D, weights INT8 per output channel (or per tensor), biases INT32 at s_input x s_weight;
+TRANSPOSE_CONV (SAME where the output is stride times the input, else VALID and a STRIDED_SLICE crop); RELU,
+RELU_0_TO_1 / RELU6 / RELU_N1_TO_1 for the matching Clip (a requantization for a Clip whose output grid lies
+within it), LEAKY_RELU, PRELU, LOGISTIC and TANH (on the specification's fixed output grids); CONCATENATION; ADD,
+SUB and MUL of two tensors or of a tensor and an INT8 constant; MAX_POOL_2D; PADV2 (edge padding as repeated
+rows and columns); RESIZE_NEAREST_NEIGHBOR / RESIZE_BILINEAR, their size read at run time (SHAPE,
+STRIDED_SLICE); DEPTH_TO_SPACE, where a PixelShuffle's CRD channel order is folded into the producing
+convolution's output channels (no GATHER); an NHWC graph's own opening and closing transposes as nothing. Shape
+arithmetic that an exporter computes a constant with (pads from Shape x 0) is read as that constant. A graph with
+anything else (attention: MatMul, Softmax, LayerNorm), or with a tensor the spec leaves in float, is refused in
+words naming the op or the tensor.
 
 Built with the flatbuffer object API that ships with LiteRT (`ai_edge_litert.schema_py_generated`).
 
@@ -29,8 +36,8 @@ from ..quant.quantspec import QuantSpec, activation_qparams, weight_int8
 from ..store import write_atomic
 from ..model.wrapper import unwrap
 
-SUPPORTED_OPS = ("Conv", "Relu", "Clip", "LeakyRelu", "PRelu", "Sigmoid", "Tanh", "Concat", "DepthToSpace", "Add", "Sub",
-                 "Mul", "MaxPool", "Pad", "Resize")
+SUPPORTED_OPS = ("Conv", "ConvTranspose", "Relu", "Clip", "LeakyRelu", "PRelu", "Sigmoid", "Tanh", "Concat", "DepthToSpace",
+                 "Add", "Sub", "Mul", "MaxPool", "Pad", "Resize", "Transpose")
 _CLIPS = {(0.0, 1.0): "RELU_0_TO_1", (0.0, 6.0): "RELU6", (-1.0, 1.0): "RELU_N1_TO_1"}
 _NHWC_AXIS = {0: 0, 1: 3, 2: 1, 3: 2, -3: 3, -2: 1, -1: 2, -4: 0}
 
@@ -199,7 +206,10 @@ class _Writer:
             raise TfliteUnsupported(f"the image input {graph_input.name!r} is not quantized by the spec (centred I/O "
                                     "or a keep-in-float fix leaves it in float): a full-integer .tflite takes an INT8 "
                                     "image")
-        count = graph_input.type.tensor_type.shape.dim[1].dim_value or self.conv_channels(graph_input.name)
+        dims = graph_input.type.tensor_type.shape.dim
+        layout_in = self.layout_transpose(graph_input.name)
+        count = (dims[3] if layout_in else dims[1]).dim_value or self.conv_channels(
+            layout_in.output[0] if layout_in else graph_input.name)
         if count <= 0:
             raise TfliteUnsupported(f"the input {graph_input.name!r} has no fixed channel count (NCHW expected)")
         self.output(graph_input.name, count)
@@ -213,6 +223,48 @@ class _Writer:
             getattr(self, f"_{node.op_type.lower()}")(node)
         result = self.model.graph.output[0].name
         return self.flat.model([self.flat.index[graph_input.name]], [self.activation(result)])
+
+    def layout_transpose(self, image: str):
+        """The Transpose NHWC -> NCHW that an NHWC graph opens with on `image` (None for an NCHW graph): in the
+        .tflite, which is NHWC throughout, it is no op at all."""
+        readers = [n for n in self.model.graph.node if image in n.input]
+        if len(readers) == 1 and readers[0].op_type == "Transpose" and \
+                list(_attribute(readers[0], "perm", [])) == [0, 3, 1, 2]:
+            return readers[0]
+        return None
+
+    def _transpose(self, node) -> None:
+        perm = list(_attribute(node, "perm", []))
+        opening = perm == [0, 3, 1, 2] and node.input[0] == self.model.graph.input[0].name
+        closing = perm == [0, 2, 3, 1] and node.output[0] == self.model.graph.output[0].name
+        if not (opening or closing):
+            raise TfliteUnsupported(f"Transpose {node.name!r} (perm {perm}): the .tflite is NHWC throughout; only an "
+                                    "NHWC graph's own opening and closing transposes are written (as nothing)")
+        self.flat.index[node.output[0]] = self.activation(node.input[0])  # the same tensor, the same grid
+        self.channels[node.output[0]] = self.channels[node.input[0]]
+
+    def _convtranspose(self, node) -> None:
+        _write_transpose_conv(self, node)
+
+    def value_of(self, tensor: str) -> np.ndarray:
+        """A constant, or an integer tensor computed from shapes that comes out the same for two input sizes (an
+        exporter's shape arithmetic that adds zero); empty when it depends on the size."""
+        if tensor in self.arrays:
+            return np.asarray(self.arrays[tensor])
+        import onnxruntime as ort
+
+        probe = onnx.ModelProto()
+        probe.CopyFrom(self.model)
+        del probe.graph.output[:]
+        probe.graph.output.append(onnx.helper.make_tensor_value_info(tensor, onnx.TensorProto.INT64, None))
+        try:
+            session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+            channels = self.channels[self.model.graph.input[0].name]
+            found = [session.run(None, {session.get_inputs()[0].name: np.zeros((1, channels, h, w), np.float32)})[0]
+                     for h, w in ((33, 41), (47, 38))]
+        except Exception:  # shapes the probe cannot take, or a layout other than NCHW: left unknown
+            return np.array([])
+        return found[0] if np.array_equal(found[0], found[1]) else np.array([])
 
     def conv_channels(self, tensor: str) -> int:
         """The channels a Conv reading `tensor` takes (0 when none reads it): a free channel dimension fixed."""
@@ -367,10 +419,13 @@ class _Writer:
     def _pad(self, node) -> None:
         mode = _attribute(node, "mode", b"constant")
         mode = mode.decode() if isinstance(mode, bytes) else mode
-        pads = [int(p) for p in np.asarray(self.arrays.get(node.input[1], []))] if len(node.input) > 1 else []
-        if mode != "constant" or len(pads) != 8 or pads[0] or pads[1] or pads[4] or pads[5] or min(pads) < 0:
-            raise TfliteUnsupported(f"Pad {node.name!r} ({mode}, pads {pads or 'computed'}): LiteRT's PADV2 pads "
-                                    "height and width with a constant (no edge padding)")
+        pads = [int(p) for p in self.value_of(node.input[1])] if len(node.input) > 1 else []
+        if mode not in ("constant", "edge") or len(pads) != 8 or pads[0] or pads[1] or pads[4] or pads[5] or \
+                min(pads) < 0:
+            raise TfliteUnsupported(f"Pad {node.name!r} ({mode}, pads {pads or 'computed'}): LiteRT pads height and "
+                                    "width with a constant (PADV2), or the edge (rows and columns repeated)")
+        if mode == "edge":
+            return self._edge_pad(node, pads)
         value = float(self.arrays[node.input[2]]) if len(node.input) > 2 and node.input[2] else 0.0
         scale, zero = self.qparams(node.input[0])
         level = np.array(np.clip(np.rint(value / scale) + zero, -128, 127), np.int8)
@@ -379,6 +434,42 @@ class _Writer:
         made = self.output(node.output[0], self.channels[node.input[0]])
         self.flat.operator("PADV2", [self.activation(node.input[0]), paddings, constant], [made],
                            self.flat.schema.PadV2OptionsT(), "PadV2Options")
+
+    def _edge_pad(self, node, pads: list[int]) -> None:
+        """Edge padding (LiteRT has none): the first and last row repeated by CONCATENATION along the height, then
+        the first and last column along the width; every piece on the input's grid, as the op needs."""
+        schema, tensor = self.flat.schema, self.activation(node.input[0])
+        channels, grid = self.channels[node.input[0]], self.qparams(node.input[0])
+        for axis, (before, after) in ((1, (pads[2], pads[6])), (2, (pads[3], pads[7]))):
+            if not before and not after:
+                continue
+            pieces = []
+            for name, count, begin, end in (("first", before, 0, 1), ("last", after, -1, 0)):
+                if not count:
+                    continue
+                edge = self.flat.tensor(f"{node.name}_{axis}_{name}", channels, grid)
+                options = schema.StridedSliceOptionsT()
+                # every other axis whole; along `axis` the first row (0:1) or the last (-1:end)
+                options.beginMask = 0b1111 ^ (1 << axis)
+                options.endMask = options.beginMask | (1 << axis if end == 0 else 0)
+                starts = [0, 0, 0, 0]
+                starts[axis] = begin
+                ends = [0, 0, 0, 0]
+                ends[axis] = end
+                self.flat.operator("STRIDED_SLICE", [tensor, self.int32(f"{node.name}_{axis}_{name}_b", starts),
+                                                     self.int32(f"{node.name}_{axis}_{name}_e", ends),
+                                                     self.int32(f"{node.name}_{axis}_{name}_s", [1, 1, 1, 1])],
+                                   [edge], options, "StridedSliceOptions")
+                pieces.append((name, [edge] * count))
+            first = next((p for n, p in pieces if n == "first"), [])
+            last = next((p for n, p in pieces if n == "last"), [])
+            joined = self.flat.tensor(f"{node.name}_{axis}", channels, grid)
+            concat = schema.ConcatenationOptionsT()
+            concat.axis = axis
+            self.flat.operator("CONCATENATION", [*first, tensor, *last], [joined], concat, "ConcatenationOptions")
+            tensor = joined
+        self.flat.index[node.output[0]] = tensor
+        self.channels[node.output[0]] = channels
 
     def _resize(self, node) -> None:
         mode = _attribute(node, "mode", b"nearest")
@@ -458,6 +549,68 @@ def _write_conv(writer: _Writer, node) -> None:
                                      zeros if axis is not None else zeros[:1]), bias_int, schema.TensorType.INT32, 0)
     made = writer.output(node.output[0], weight.shape[0])
     writer.flat.operator(op, [writer.activation(node.input[0]), filter_index, bias_index], [made], options, kind)
+
+
+def _write_transpose_conv(writer: _Writer, node) -> None:
+    """TRANSPOSE_CONV with SAME padding: the output `stride` times the input, read at run time (SHAPE), where the
+    ONNX pads are the ones SAME gives (TFLite pads a transposed convolution as the forward one it inverts)."""
+    schema, flat = writer.flat.schema, writer.flat
+    if node.input[1] not in writer.weights:
+        raise TfliteUnsupported(f"ConvTranspose {node.name!r}: its weight is not quantized by the spec")
+    weight = np.asarray(writer.arrays[node.input[1]], np.float32)  # (in, out / groups, kh, kw)
+    kernel, strides = list(weight.shape[2:]), list(_attribute(node, "strides", [1, 1]))
+    pads, extra = list(_attribute(node, "pads", [0, 0, 0, 0])), list(_attribute(node, "output_padding", [0, 0]))
+    same = [(k - s) // 2 for k, s in zip(kernel, strides)]
+    crop_end = [p - e for p, e in zip(pads[2:], extra)]  # what ONNX takes off the far end of the full output
+    if int(_attribute(node, "group", 1)) != 1 or any(d != 1 for d in _attribute(node, "dilations", [1, 1])) or \
+            any(k < s for k, s in zip(kernel, strides)) or min(crop_end) < 0:
+        raise TfliteUnsupported(f"ConvTranspose {node.name!r} (kernel {kernel}, strides {strides}, pads {pads}): "
+                                "LiteRT's TRANSPOSE_CONV is written ungrouped, undilated, with its kernel at least "
+                                "its stride")
+    is_same = pads[:2] == same and [p + e for p, e in zip(crop_end, [0, 0])] == \
+        [k - s - b for k, s, b in zip(kernel, strides, same)]
+    outputs = weight.shape[1]
+    axis = writer.weights[node.input[1]].axis
+    quantized, steps = weight_int8(weight, None if axis is None else 1)
+    bias = np.asarray(writer.arrays[node.input[2]], np.float32) if len(node.input) > 2 and node.input[2] else \
+        np.zeros(outputs, np.float32)
+    bias_steps = (np.float32(writer.qparams(node.input[0])[0]) *
+                  np.broadcast_to(steps, (outputs,))).astype(np.float32)
+    limit = np.iinfo(np.int32)
+    bias_int = np.clip(np.rint(bias.astype(np.float64) / bias_steps), limit.min, limit.max).astype(np.int32)
+    zeros = np.zeros(np.atleast_1d(steps).shape, np.int64)
+    filter_index = flat.tensor(f"{node.input[1]}_int8", None, (steps, zeros), quantized.transpose(1, 2, 3, 0),
+                               schema.TensorType.INT8, 0)
+    bias_index = flat.tensor(f"{node.name}_bias_int32", None, (bias_steps if axis is not None else bias_steps[:1],
+                                                               zeros), bias_int, schema.TensorType.INT32, 0)
+    size = writer.spatial_size(node.input[0], node.name)
+    scaled = flat.plain(f"{node.name}_scaled", [2], schema.TensorType.INT32)
+    flat.operator("MUL", [size, writer.int32(f"{node.name}_by", strides)], [scaled], schema.MulOptionsT(),
+                  "MulOptions")
+    if not is_same:  # VALID: the full output, (input - 1) x stride + kernel, cropped below as ONNX's pads say
+        full = flat.plain(f"{node.name}_full", [2], schema.TensorType.INT32)
+        flat.operator("ADD", [scaled, writer.int32(f"{node.name}_more", [k - s for k, s in zip(kernel, strides)])],
+                      [full], schema.AddOptionsT(), "AddOptions")
+        scaled = full
+    shape = flat.plain(f"{node.name}_output_shape", [4], schema.TensorType.INT32)
+    concat = schema.ConcatenationOptionsT()
+    flat.operator("CONCATENATION", [writer.int32(f"{node.name}_n", [1]), scaled,
+                                    writer.int32(f"{node.name}_c", [outputs])], [shape], concat, "ConcatenationOptions")
+    options = schema.TransposeConvOptionsT()
+    options.padding = schema.Padding.SAME if is_same else schema.Padding.VALID
+    options.strideH, options.strideW = strides
+    made = writer.output(node.output[0], outputs) if is_same else \
+        flat.tensor(f"{node.name}_uncropped", outputs, writer.qparams(node.output[0]))
+    flat.operator("TRANSPOSE_CONV", [shape, filter_index, writer.activation(node.input[0]), bias_index], [made],
+                  options, "TransposeConvOptions")
+    if not is_same:
+        crop = schema.StridedSliceOptionsT()
+        crop.beginMask = 0b1001
+        crop.endMask = 0b1001 | (0b0010 if crop_end[0] == 0 else 0) | (0b0100 if crop_end[1] == 0 else 0)
+        flat.operator("STRIDED_SLICE", [made, writer.int32(f"{node.name}_crop_b", [0, pads[0], pads[1], 0]),
+                                        writer.int32(f"{node.name}_crop_e", [0, -crop_end[0], -crop_end[1], 0]),
+                                        writer.int32(f"{node.name}_crop_s", [1, 1, 1, 1])],
+                      [writer.output(node.output[0], outputs)], crop, "StridedSliceOptions")
 
 
 def write_tflite(fp32_onnx: str | os.PathLike, spec: QuantSpec, ranges: dict[str, TensorRange],
