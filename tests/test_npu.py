@@ -351,3 +351,13 @@ def test_what_litert_cannot_run_of_a_family_is_refused_naming_the_op(families):
     int8 = calibrate_model(name, CalibrationConfig(method="minmax", samples=10), "npu")
     with pytest.raises(ValueError, match="cannot express (LayerNormalization|MatMul|Reshape|Erf|Div|Softmax)"):
         create_engine(EngineKind.LITERT, name, int8)
+
+
+@needs_qnn
+def test_the_hexagon_npu_refuses_the_attention_family_naming_what_stays_in_float(families):
+    """The SwinIR-like stand-in scales its attention by a number computed from the image's size (Cast, Pow, Div
+    in float): the HTP cannot run it whole, and the refusal names those ops."""
+    name = families["swinir-light"].name
+    int8 = calibrate_model(name, CalibrationConfig(method="minmax", samples=10), "npu")
+    with pytest.raises(ValueError, match="cannot run all of .*ops it would run in float: .*Div"):
+        create_engine(EngineKind.QNN_HTP, name, int8)

@@ -153,6 +153,25 @@ def quantized_moves(model: onnx.ModelProto) -> onnx.ModelProto:
     return edited
 
 
+def float_islands(model: onnx.ModelProto) -> list[str]:
+    """The op types of a QDQ model that compute in float between its quantized tensors (a float output read by
+    anything but a QuantizeLinear), in graph order: what an all-INT8 NPU has no kernel for."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False).graph
+    except Exception:  # inference is a help here: without it nothing is named
+        return []
+    types = {v.name: v.type.tensor_type.elem_type for v in [*inferred.value_info, *inferred.output]}
+    readers: dict[str, list[str]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node.op_type)
+    found = [node.op_type for node in model.graph.node
+             if node.op_type not in ("QuantizeLinear", "DequantizeLinear", "Constant") and any(
+                 types.get(o) == onnx.TensorProto.FLOAT and any(r != "QuantizeLinear" for r in readers.get(o, []))
+                 for o in node.output)]
+    return list(dict.fromkeys(found))
+
+
 class QnnHtpEngine(Seamless):
     """Qualcomm's Hexagon NPU (HTP) arithmetic, simulated on x86 by `libQnnHtp.so` from `onnxruntime-qnn`: a QDQ
     model compiled by the QNN execution provider for one HTP generation (`htp_arch`), with ONNX Runtime's CPU
@@ -195,9 +214,11 @@ class QnnHtpEngine(Seamless):
             with _stdout_to_stderr():  # libQnnHtp prints a banner on stdout (it would corrupt --json output)
                 return ort.InferenceSession(static_input(self.model, size).SerializeToString(), options)
         except Exception as error:  # onnxruntime's Fail: nodes left for the CPU, or an op HTP does not take
+            islands = float_islands(self.model)
+            named = f"; ops it would run in float: {', '.join(islands)}" if islands else ""
             raise ValueError(f"the Hexagon NPU (HTP v{self.htp_arch}) cannot run all of {self.path.name}: "
-                             f"{str(error).splitlines()[0][:300]} (a scheme that leaves ops in float, such as "
-                             "tensorrt, cannot run whole on an NPU: use npu, npu-per-tensor or npu-symmetric)") \
+                             f"{str(error).splitlines()[0][:300]}{named} (a scheme that leaves ops in float, such "
+                             "as tensorrt, cannot run whole on an NPU: use npu, npu-per-tensor or npu-symmetric)") \
                 from error
 
     def _run_array(self, array: np.ndarray) -> np.ndarray:
@@ -304,4 +325,4 @@ def _stdout_to_stderr():
 
 
 __all__ = ["HTP_ARCHS", "DEFAULT_HTP_ARCH", "qnn_available", "litert_available", "static_input", "prelu_for_htp",
-           "quantized_moves", "QnnHtpEngine", "LiteRTEngine"]
+           "quantized_moves", "float_islands", "QnnHtpEngine", "LiteRTEngine"]
