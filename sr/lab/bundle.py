@@ -164,8 +164,11 @@ def _tflite_figures(int8: CalibratedModel, images: Sequence[np.ndarray], fp32_ou
             continue
         psnr, _ = _measure(int8, images, fp32_outputs, engine)
         verdict = engine.conformance
-        lines.append(f"`model.tflite` on LiteRT, {what}: {psnr:.2f} dB PSNR-Y vs FP32; against the reference on the "
-                     f"conformance probe: mean {verdict.mean_levels:.2f} levels, 99.9th percentile "
+        wrapped = getattr(engine, "wrapper", None) is not None and any(engine.sides)
+        around = (" (the file is your graph alone; the lab ran its own float pre- and post-processing around it: "
+                  "what your deployment does before and after the model)") if wrapped else ""
+        lines.append(f"`model.tflite` on LiteRT, {what}: {psnr:.2f} dB PSNR-Y vs FP32{around}; against the reference "
+                     f"on the conformance probe: mean {verdict.mean_levels:.2f} levels, 99.9th percentile "
                      f"{verdict.p999_levels:.0f}, max {verdict.max_levels}.")
     return True, lines
 
