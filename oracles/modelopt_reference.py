@@ -8,7 +8,8 @@ from __future__ import annotations
 import numpy as np
 
 from sr.quant.calibrate import Method
-from sr.quant.statistics import activation_tensors, observing_session
+from sr.quant.statistics import activation_tensors
+from sr.run.sessions import Observer
 
 
 def modelopt_available() -> bool:
@@ -81,12 +82,10 @@ def histogram_calibrator(fp32, patches) -> tuple[dict, dict]:
     from modelopt.torch.quantization.calib.histogram import HistogramCalibrator
 
     names = activation_tensors(onnx.load(str(fp32), load_external_data=False))
-    session = observing_session(fp32, names)
-    outputs = [o.name for o in session.get_outputs()]
+    observer = Observer(fp32, names)
     calibrators = {name: HistogramCalibrator(num_bits=8, axis=None, unsigned=False, num_bins=2048) for name in names}
     for patch in patches():
-        values = dict(zip(outputs, session.run(None, {"input": patch})))
-        values["input"] = patch
+        values = observer.observe(patch)
         for name in names:
             calibrators[name].collect(torch.from_numpy(values[name]))
     thresholds = {name: float(c.compute_amax("entropy")) for name, c in calibrators.items()}

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from . import __version__
 from .quant.calibrate import CalibrationConfig, Method
-from .run.engines import EngineRefused
+from .run.conformance import EngineRefused
 from .options import (BENCH_HELP, CALIBRATION_HELP, DIAGNOSE_HELP, DISTILL_HELP, EVAL_HELP, QAT_HELP, READY_HELP,
                       TRAIN_HELP, add_config_options, config_values)
 from .quant.quantspec import Scheme

@@ -58,7 +58,7 @@ def test_small_inputs_run_in_one_tile():
 
 def test_onnxruntime_providers_prefer_the_gpu_where_present(tmp_path):
     """The provider chain is a pure function of what is installed: checked for a GPU install without one."""
-    from sr.run.engines import ort_providers
+    from sr.run.sessions import ort_providers
 
     qdq = calibrate_model("xlsr-clip", CalibrationConfig(method="minmax", samples=10), "tensorrt")
     gpu = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]

@@ -8,7 +8,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from sr.quant.calibrate import CalibrationConfig
-from sr.run.engines import NPU_TOLERANCE, conformance, probe_image
+from sr.run.conformance import NPU_TOLERANCE, conformance, probe_image
 from sr.run.npu import qnn_available
 from sr.quant.qdq import spec_of
 from sr.run.quantize import calibrate_model

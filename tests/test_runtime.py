@@ -6,8 +6,8 @@ import pytest
 
 from sr import cli
 from sr.quant.calibrate import CalibrationConfig
-from sr.run.engines import (INT8_TOLERANCE, OpenVinoEngine, OrtEngine, conformance, openvino_available,
-                        probe_image, unsigned_activations)
+from sr.run.conformance import INT8_TOLERANCE, conformance, probe_image
+from sr.run.engines import OpenVinoEngine, OrtEngine, openvino_available, unsigned_activations
 from sr.run.quantize import calibrate_model
 from sr.run.runtime import EngineKind, best_int8_engine, cpu_name, create_engine, reference_engine
 
@@ -69,7 +69,7 @@ def test_explicit_engine_that_fails_is_refused_by_the_cli(monkeypatch, capsys, d
     original = OpenVinoEngine.run
     monkeypatch.setattr(OpenVinoEngine, "run", lambda self, lr: np.clip(original(self, lr).astype(int) - 30, 0, 255)
                         .astype(np.uint8))
-    monkeypatch.setattr("sr.run.engines._VERDICTS", __import__("sr.store", fromlist=["Memo"]).Memo(256))
+    monkeypatch.setattr("sr.run.conformance._VERDICTS", __import__("sr.store", fromlist=["Memo"]).Memo(256))
     code = cli.main(["eval", "--model", "xlsr-clip", "--engine", "openvino-int8", "--method", "entropy",
                      "--samples", "20", "--data", str(data_dir / "Set5")])
     err = capsys.readouterr().err
@@ -79,7 +79,7 @@ def test_explicit_engine_that_fails_is_refused_by_the_cli(monkeypatch, capsys, d
 @needs_openvino
 def test_best_engine_falls_back_to_the_reference(monkeypatch):
     int8 = calibrate_model("xlsr-clip", CalibrationConfig(method="entropy", samples=20), "npu")
-    monkeypatch.setattr("sr.run.engines._VERDICTS", __import__("sr.store", fromlist=["Memo"]).Memo(256))
+    monkeypatch.setattr("sr.run.conformance._VERDICTS", __import__("sr.store", fromlist=["Memo"]).Memo(256))
     original = OpenVinoEngine.run
     monkeypatch.setattr(OpenVinoEngine, "run", lambda self, lr: 255 - original(self, lr))
     engine, refused = best_int8_engine(int8)

@@ -37,6 +37,7 @@ from ..quant.searches import SEARCHES, threshold, threshold_bins
 from ..quant.statistics import collect_statistics
 from ..model.models import model_info
 from ..run.runtime import cpu_name
+from ..run.sessions import Observer
 from ..store import PROJECT_ROOT
 
 log = logging.getLogger(__name__)
@@ -67,7 +68,7 @@ def _patches(model: str, samples: int, patch_size: int):
 
 
 def _ours(fp32, patches, samples: int) -> tuple[dict, dict]:
-    stats = collect_statistics(fp32, patches, samples)
+    stats = collect_statistics(fp32, patches, samples, Observer)
     return {s.name: threshold(s, Method.ENTROPY) for s in stats}, {s.name: s.amax for s in stats}
 
 
@@ -140,7 +141,7 @@ def _identical_histogram_differences(model: str, samples: int, patch_size: int) 
 
     from ..run.quantize import fp32_onnx_path
 
-    stats = collect_statistics(fp32_onnx_path(model), _patches(model, samples, patch_size), samples)
+    stats = collect_statistics(fp32_onnx_path(model), _patches(model, samples, patch_size), samples, Observer)
     worst = {}
     for method in SEARCHES:
         differences = [abs(threshold_bins(s.histogram, method) - modelopt_thresholds_bins(s.histogram, method))
@@ -164,7 +165,8 @@ THREADS = (1, 2)
 def _latency_engines(config: BenchConfig, threads: int, work: str) -> tuple[dict, dict]:
     """(name -> (end-to-end run(lr), session run(float array)) for every engine present that agrees with the
     reference, name -> its conformance verdict (refused ones included)), at `threads`."""
-    from ..run.engines import EngineRefused, OrtEngine, openvino_available
+    from ..run.conformance import EngineRefused
+    from ..run.engines import OrtEngine, openvino_available
     from ..run.quantize import calibrate_model
     from ..quant.quantspec import Scheme
     from ..quant.qdq import write_qdq_model

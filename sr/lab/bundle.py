@@ -43,7 +43,7 @@ from ..quant.calibrated import CalibratedModel
 from ..quant.quantspec import Scheme
 from ..quant.recipe import Fixes
 from ..quant.qdq import spec_of, tie_fused_ranges
-from ..run.engines import EngineRefused
+from ..run.conformance import EngineRefused
 from ..run.npu import litert_available, qnn_available
 from ..run.runtime import EngineKind, engine_for, tflite_model
 from ..model.wrapper import unwrap

@@ -8,9 +8,8 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from ..quant.statistics import observing_session
 from ..data import bicubic_resize
-from ..run.engines import fixed_size
+from ..run.sessions import Observer
 from ..quant.calibrated import CalibratedModel
 from ..quant.qdq import spec_of, tie_fused_ranges
 
@@ -53,29 +52,18 @@ def range_coverage(calibrated: CalibratedModel, lr: np.ndarray, tile: int = 128,
     ranges = tie_fused_ranges(spec, calibrated.ranges)
     points = [t for t, activation in spec.activations.items() if activation.group == t]  # a tied Conv output's
     # clipped negatives are its ReLU's doing
-    session = observing_session(calibrated.fp32_onnx, points)
-    input_name = session.get_inputs()[0].name
-    names = [o.name for o in session.get_outputs()]
-    fixed = fixed_size(session.get_inputs()[0].shape)
+    observer = Observer(calibrated.fp32_onnx, points)
     outside = dict.fromkeys(points, 0)
     total = dict.fromkeys(points, 0)
     low = dict.fromkeys(points, math.inf)
     high = dict.fromkeys(points, -math.inf)
     image = np.ascontiguousarray(lr.transpose(2, 0, 1)[None], dtype=np.float32) / 255.0
-    tile_y, tile_x = fixed or (tile, tile)
-    for y in range(0, lr.shape[0], tile_y):
-        for x in range(0, lr.shape[1], tile_x):
-            block = image[:, :, y : y + tile_y, x : x + tile_x]
-            if fixed and block.shape[2:] != fixed:  # a fixed-size model: the block mirrored up to its size
-                block = np.pad(block, ((0, 0), (0, 0), (0, tile_y - block.shape[2]), (0, tile_x - block.shape[3])),
-                               mode="symmetric")
-            values = dict(zip(names, session.run(None, {input_name: block})))
-            values[input_name] = block
-            for tensor in points:
-                value, r = values[tensor], ranges[tensor]
-                outside[tensor] += int(np.count_nonzero((value < r.low) | (value > r.high)))
-                total[tensor] += value.size
-                low[tensor], high[tensor] = min(low[tensor], float(value.min())), max(high[tensor], float(value.max()))
+    for values in observer.tiles(image, tile):
+        for tensor in points:
+            value, r = values[tensor], ranges[tensor]
+            outside[tensor] += int(np.count_nonzero((value < r.low) | (value > r.high)))
+            total[tensor] += value.size
+            low[tensor], high[tensor] = min(low[tensor], float(value.min())), max(high[tensor], float(value.max()))
     report = [TensorCoverage(t, outside[t] / max(1, total[t]), ranges[t].low, ranges[t].high, low[t], high[t])
               for t in points]
     return sorted(report, key=lambda c: c.outside_fraction, reverse=True)

@@ -7,11 +7,10 @@ from typing import Sequence
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 
 from .compare import InputMode, prepare_input
 from ..data import degrade, list_images, load_image
-from ..run.engines import Seamless, fixed_size
+from ..run.engines import reference
 from ..run.runtime import engine_for
 from ..metrics import brightness_ratio, psnr_y
 from ..quant.calibrated import CalibratedModel
@@ -52,18 +51,6 @@ def centre_crop(lr: np.ndarray, truth: np.ndarray | None, scale: int, max_side: 
     if truth is not None:
         truth = truth[top * scale : (top + lr.shape[0]) * scale, left * scale : (left + lr.shape[1]) * scale]
     return np.ascontiguousarray(lr), truth
-
-
-class _SessionEngine(Seamless):
-    """One of the scorer's variants as an engine: seamless tiles, the radius measured once for all variants."""
-
-    def __init__(self, session, scale: int, radius):
-        self.session, self.scale, self._radius = session, scale, radius
-        self.input_name = session.get_inputs()[0].name
-        self.fixed = fixed_size(session.get_inputs()[0].shape)  # a fixed-size model runs in tiles of its size
-
-    def _run_array(self, array: np.ndarray) -> np.ndarray:
-        return self.session.run(None, {self.input_name: array})[0]
 
 
 class Scorer:
@@ -107,8 +94,8 @@ class Scorer:
             model = without_quantization(self.qdq, self.fp32, self._members(dropped))
         else:
             model = self.qdq
-        engine = _SessionEngine(ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]),
-                                self.scale, self.radius)
+        engine = reference(model, self.scale)  # seamless tiles (of a fixed-size model's size), one radius for all
+        engine._radius = self.radius
         outputs = [engine.run(lr) for lr in self.lrs]
         self.radius = engine._radius
         return outputs

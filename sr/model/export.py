@@ -1,4 +1,6 @@
-"""torch -> ONNX (opset 17, dynamic height/width), checked against torch and written atomically.
+"""torch -> ONNX (opset 17, dynamic height/width), checked against torch and written atomically. The check runs the
+graph on ONNX Runtime through the runner the caller passes (`sr.run.sessions.run_once`: the run layer makes every
+session).
 
 The graph takes `input` float32 1x3xHxW in [0, 1] and returns `output` 1x3x(sH)x(sW).
 """
@@ -8,10 +10,10 @@ import io
 import os
 import warnings
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import torch
 from torch import nn
 
@@ -83,13 +85,17 @@ def fold_constants(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
-def max_abs_difference(model: nn.Module, onnx_model: bytes | str | os.PathLike, height: int = 37,
+Runner = Callable[[bytes | str, np.ndarray], np.ndarray]  # (ONNX graph's bytes or file, input) -> its output
+
+
+def max_abs_difference(model: nn.Module, onnx_model: bytes | str | os.PathLike, run: Runner, height: int = 37,
                        width: int = 53, seed: int = 0) -> float:
     """Largest |torch - ONNX Runtime| over a random image of an odd size (checks the dynamic axes too).
 
     Args:
         model: the torch network.
         onnx_model: its ONNX export (bytes or a path).
+        run: runs the graph once (`sr.run.sessions.run_once`).
         height, width, seed: the random test image.
 
     Returns:
@@ -100,30 +106,30 @@ def max_abs_difference(model: nn.Module, onnx_model: bytes | str | os.PathLike, 
     with torch.no_grad():
         expected = model.eval().cpu()(image).numpy()
     source = onnx_model if isinstance(onnx_model, bytes) else str(onnx_model)
-    session = ort.InferenceSession(source, providers=["CPUExecutionProvider"])
-    (actual,) = session.run(None, {INPUT: image.numpy()})
+    actual = run(source, image.numpy())
     return float(np.max(np.abs(actual - expected)))
 
 
-def export_onnx(model: nn.Module, path: str | os.PathLike, tolerance: float = 1e-4) -> Path:
+def export_onnx(model: nn.Module, path: str | os.PathLike, run: Runner, tolerance: float = 1e-4) -> Path:
     """Export `model` to ONNX at `path` (atomically), after checking ONNX Runtime matches torch within `tolerance`.
 
     Args:
         model: the torch network.
         path: the .onnx file to write.
+        run: runs the graph once on ONNX Runtime (`sr.run.sessions.run_once`).
         tolerance: the largest accepted |torch - ONNX Runtime|.
 
     Returns:
         `path`.
 
     Example:
-        >>> export_onnx(load_model("xlsr-clip"), "cache/xlsr-clip.onnx")
+        >>> export_onnx(load_model("xlsr-clip"), "cache/xlsr-clip.onnx", run_once)
 
     Raises:
         RuntimeError: ONNX Runtime's output differs from torch's by more than `tolerance`.
     """
     data = onnx_bytes(model)
-    difference = max_abs_difference(model, data)
+    difference = max_abs_difference(model, data, run)
     if difference > tolerance:
         raise RuntimeError(f"ONNX export differs from torch by {difference:.2e} (> {tolerance:.0e})")
     return write_atomic(data, path)

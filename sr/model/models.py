@@ -69,11 +69,12 @@ class ModelInfo:
         """The centred-I/O offset built into the model (0 for none, and for a user's graph)."""
         return 0.0 if self.uploaded else float(read_metadata(self.path)["config"].get("io_offset", 0.0))
 
-    def fp32_onnx(self, cache_dir: Path | None = None) -> Path:
+    def fp32_onnx(self, run: export.Runner, cache_dir: Path | None = None) -> Path:
         """The FP32 ONNX model: a user's standard graph as it is; a weight file's export (`sr.model.export`), made once
         and cached by the file's hash, the export code and the library versions.
 
         Args:
+            run: runs a graph once on ONNX Runtime, to check an export against torch (`sr.run.sessions.run_once`).
             cache_dir: the cache folder (default: `sr.store.cache_root()`).
         """
         if self.uploaded:
@@ -86,7 +87,7 @@ class ModelInfo:
             return path
         with locked(path):  # concurrent callers wait for one export instead of racing the exporter
             if not _checks(path):
-                export.export_onnx(load_model(self.path), path)
+                export.export_onnx(load_model(self.path), path, run)
         return path
 
     def frozen_module(self, device: torch.device | str = "cpu") -> nn.Module:

@@ -104,7 +104,7 @@ def _load_stats(path: Path) -> list[TensorStats]:
 
 
 def cached_statistics(fp32: Path, key: str, network_inputs: list[np.ndarray], config: CalibrationConfig,
-                      cache_dir: Path | None = None, threads: int = 0, progress=None) -> list[TensorStats]:
+                      observer, cache_dir: Path | None = None, progress=None) -> list[TensorStats]:
     """The tensor statistics of a calibration, from the cache or observed (then cached).
 
     Args:
@@ -112,8 +112,9 @@ def cached_statistics(fp32: Path, key: str, network_inputs: list[np.ndarray], co
         key: `QuantRecipe.statistics_key(...)`.
         network_inputs: the prepared calibration images.
         config: the calibration (samples, patch size, seed).
+        observer: makes what observes the tensors (`collect_statistics`'s; the pipeline passes ONNX Runtime's,
+            `sr.run.sessions.Observer`, with its threads).
         cache_dir: the cache folder (default: `sr.store.cache_root()`).
-        threads: ONNX Runtime threads.
         progress: called with (fraction done, message).
 
     Returns:
@@ -130,19 +131,19 @@ def cached_statistics(fp32: Path, key: str, network_inputs: list[np.ndarray], co
         patch = fixed_input_size(fp32) or config.patch_size  # a fixed-size model sees patches of its size
         stats = collect_statistics(
             fp32, lambda: calibration_patches(network_inputs, config.samples, patch, config.seed),
-            config.samples, threads=threads, progress=progress)
+            config.samples, observer, progress=progress)
         write_atomic(_stats_bytes(stats), path)
     evict(path.parent, cache_cap_bytes(), keep=[path, fp32])
     return stats
 
 
 def calibrate_entry(entry: Path, fp32: Path, network_inputs: list[np.ndarray], config: CalibrationConfig,
-                     scheme: Scheme, fixes: Fixes, model: str, threads: int, progress, stats_key: str,
+                     scheme: Scheme, fixes: Fixes, model: str, observer, progress, stats_key: str,
                      learned: dict[str, tuple[float, float]] | None = None) -> tuple:
-    """Observe (or reuse the statistics), choose the ranges (a QAT model's learned ones where it has them), write
-    and publish the entry (the caller holds its lock)."""
+    """Observe (with `observer`, see `cached_statistics`) or reuse the statistics, choose the ranges (a QAT model's
+    learned ones where it has them), write and publish the entry (the caller holds its lock)."""
     remove_stale_temps(entry.parent)
-    stats = cached_statistics(fp32, stats_key, network_inputs, config, entry.parent.parent, threads, progress)
+    stats = cached_statistics(fp32, stats_key, network_inputs, config, observer, entry.parent.parent, progress)
     ranges = choose_ranges(stats, config.method, scheme.symmetric, config.percentile)
     unmatched = sorted(set(learned or {}) - set(ranges))
     if unmatched:

@@ -1,15 +1,15 @@
-"""The calibration statistics: every activation tensor of an ONNX graph observed through ONNX Runtime, one small
-batch at a time, in two passes (min/max, then a 2048-bin |x| histogram over [0, amax]): `TensorStats`."""
+"""The calibration statistics: every activation tensor of an ONNX graph observed (by the caller's observer: ONNX
+Runtime's, made in the run layer), one small batch at a time, in two passes (min/max, then a 2048-bin |x| histogram
+over [0, amax]): `TensorStats`."""
 from __future__ import annotations
 
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Protocol, Sequence
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 
 from .quantspec import float_activations
 
@@ -58,28 +58,13 @@ def activation_tensors(model: onnx.ModelProto) -> list[str]:
     return names
 
 
-def observing_session(model_path: str | os.PathLike, tensors: Sequence[str], threads: int = 0) -> ort.InferenceSession:
-    """An ONNX Runtime session of the model that also returns `tensors` as outputs (basic optimisations only,
-    so every observed tensor survives).
+class Observes(Protocol):
+    """What observes the tensors (`sr.run.sessions.Observer`, made by the caller: this layer runs no model)."""
 
-    Args:
-        model_path: the FP32 ONNX model.
-        tensors: tensor names to expose.
-        threads: intra-op threads (0: ONNX Runtime's default).
+    batch: int | None  # the one batch size the model takes (1: a model exported with batch 1), None: any
 
-    Returns:
-        the session.
-    """
-    model = onnx.load(str(model_path))
-    existing = {output.name for output in model.graph.output}
-    for name in tensors:
-        if name not in existing:
-            model.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC  # observed tensors stay outputs
-    if threads:
-        options.intra_op_num_threads = threads
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    def observe(self, array: np.ndarray) -> dict[str, np.ndarray]:
+        """{tensor name: its value} for an input batch, the input's included."""
 
 
 def _batches(patches: Iterable[np.ndarray], size: int) -> Iterator[np.ndarray]:
@@ -97,14 +82,17 @@ def _batches(patches: Iterable[np.ndarray], size: int) -> Iterator[np.ndarray]:
 
 
 def collect_statistics(model_path: str | os.PathLike, patches: Callable[[], Iterable[np.ndarray]],
-                       num_samples: int, threads: int = 0, batch_size: int = 8,
-                       progress: Callable[[float, str], None] | None = None) -> list[TensorStats]:
+                       num_samples: int, observer: Callable[[str | os.PathLike, Sequence[str]], Observes],
+                       batch_size: int = 8, progress: Callable[[float, str], None] | None = None) -> list[TensorStats]:
     """Stream the calibration patches through the model twice: min/max, then |x| histograms over [0, amax].
 
     Args:
         model_path: the FP32 ONNX model.
         patches: a callable returning a fresh iterable of float32 1x3xPxP patches (called once per pass).
         num_samples: how many patches each pass yields (for the progress fraction).
+        observer: makes what observes the model's tensors, from the model and the tensor names
+            (`sr.run.sessions.Observer`, its threads set by the caller).
+        batch_size: patches per run (1 where the model takes one at a time).
         progress: called with (fraction done, message).
 
     Returns:
@@ -112,20 +100,16 @@ def collect_statistics(model_path: str | os.PathLike, patches: Callable[[], Iter
     """
     model = onnx.load(str(model_path), load_external_data=False)
     names = activation_tensors(model)
-    session = observing_session(model_path, names, threads)
-    input_name = session.get_inputs()[0].name
-    if session.get_inputs()[0].shape[0] == 1:  # a model exported with batch 1 takes one patch at a time
-        batch_size = 1
-    outputs = [o.name for o in session.get_outputs()]
-    index = {name: outputs.index(name) if name in outputs else None for name in names}
+    observing = observer(model_path, names)
+    batch_size = observing.batch or batch_size  # a model exported with batch 1 takes one patch at a time
     low = {name: np.inf for name in names}
     high = {name: -np.inf for name in names}
     passes = 2  # every method's statistics are the histograms (minmax's too: they serve the coverage and plots)
 
     def run_pass(handle: Callable[[str, np.ndarray], None], number: int) -> None:
         for done, batch in enumerate(_batches(patches(), batch_size), start=1):
-            values = session.run(None, {input_name: batch})
-            tensors = [(name, batch if name == input_name else values[index[name]]) for name in names]
+            values = observing.observe(batch)
+            tensors = [(name, values[name]) for name in names]
             # numpy releases the GIL in these array loops: one thread per core halves the histogram time
             list(workers.map(lambda item: handle(*item), tensors))
             if progress is not None:

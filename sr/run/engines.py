@@ -16,7 +16,6 @@ import sys
 import threading
 import time
 from pathlib import Path
-from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -24,7 +23,8 @@ import onnx
 import torch
 
 from ..data import to_tensor, to_uint8
-from ..store import (Memo, cache_cap_bytes, cache_root, code_digest, evict, file_sha256, locked, short_hash,
+from .sessions import fixed_size, ort_providers, ort_session
+from ..store import (cache_cap_bytes, cache_root, code_digest, evict, file_sha256, locked, short_hash,
                     write_atomic)
 
 log = logging.getLogger(__name__)
@@ -175,66 +175,27 @@ class TorchEngine(Seamless):
         return self.model(torch.from_numpy(array).to(self.device)).float().cpu().numpy()
 
 
-def fixed_size(shape) -> tuple[int, int] | None:
-    """(height, width) when a 1x3xHxW input shape is static, else None."""
-    height, width = shape[2:4]
-    return (height, width) if isinstance(height, int) and isinstance(width, int) and height > 0 and width > 0 else None
-
-
-def ort_providers(onnx_path: str | os.PathLike, available: list[str] | None = None) -> list:
-    """ONNX Runtime execution providers for a model, best first, with the CPU as the fallback.
-
-    Where `onnxruntime-gpu` is installed (requirements-gpu.txt), a QDQ model goes to the TensorRT execution
-    provider (explicit quantization from the Q/DQ pairs, engines cached in the cache folder) and an FP32 model to
-    CUDA. Written from ONNX Runtime's documentation: no GPU provider could run where this lab was built.
-
-    Args:
-        onnx_path: the model.
-        available: the providers present (default: `onnxruntime.get_available_providers()`).
-
-    Returns:
-        a providers list for `InferenceSession`.
-    """
-    import onnxruntime as ort
-
-    available = ort.get_available_providers() if available is None else available
-    quantized = b"QuantizeLinear" in Path(onnx_path).read_bytes()
-    chain: list = []
-    if quantized and "TensorrtExecutionProvider" in available:
-        chain.append(("TensorrtExecutionProvider", {"trt_engine_cache_enable": True,
-                                                    "trt_engine_cache_path": str(cache_root() / "ort-tensorrt")}))
-    if "CUDAExecutionProvider" in available:
-        chain.append("CUDAExecutionProvider")
-    return [*chain, "CPUExecutionProvider"]
-
-
 class OrtEngine(Seamless):
     """ONNX Runtime: an FP32 model or a QDQ INT8 model, on the best provider present (`provider` says which), or
-    on the CPU alone (`cpu_only`: the lab's reference numerics)."""
+    on the CPU alone (`cpu_only`: the lab's reference numerics; the model may then be a ModelProto in memory)."""
 
-    def __init__(self, onnx_path: str | os.PathLike, scale: int, threads: int = 0, name: str = "ort",
+    def __init__(self, onnx_path: str | os.PathLike | onnx.ModelProto, scale: int, threads: int = 0, name: str = "ort",
                  cpu_only: bool = False):
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
-        options.log_severity_level = 3
-        # no memory arena: a 1024x768 input's tiles made the arena keep several hundred MB per session for good
-        options.enable_cpu_mem_arena = False
         providers = ["CPUExecutionProvider"] if cpu_only else ort_providers(onnx_path)
-        self.session = ort.InferenceSession(str(onnx_path), options, providers=providers)
+        # no memory arena: a 1024x768 input's tiles made the arena keep several hundred MB per session for good
+        self.session = ort_session(onnx_path, threads, providers, log_level=3, arena=False)
         self.provider = self.session.get_providers()[0]
         self.input_name = self.session.get_inputs()[0].name
         self.fixed = fixed_size(self.session.get_inputs()[0].shape)
-        self.scale, self.path = scale, Path(onnx_path)
+        self.scale, self.path = scale, None if isinstance(onnx_path, onnx.ModelProto) else Path(onnx_path)
         self.name = name if self.provider == "CPUExecutionProvider" else f"{name} ({self.provider})"
 
     def _run_array(self, array: np.ndarray) -> np.ndarray:
         return self.session.run(None, {self.input_name: array})[0]
 
 
-def reference(onnx_path: str | os.PathLike, scale: int, threads: int = 0, name: str = "ort-reference") -> OrtEngine:
+def reference(onnx_path: str | os.PathLike | onnx.ModelProto, scale: int, threads: int = 0,
+              name: str = "ort-reference") -> OrtEngine:
     """The lab's reference numerics: ONNX Runtime's CPU kernels on an FP32 or QDQ model. Every INT8 figure the
     lab shows is measured with it, and every other engine is checked against it (`sr.run.runtime`); the one place
     it is made."""
@@ -257,7 +218,8 @@ def unsigned_activations(model: "onnx.ModelProto") -> int:
     unchanged; weights (Q/DQ of initializers, per-channel) keep their INT8 zero points. Why: OpenVINO 2026.4's
     CPU plugin runs the signed-activation path wrongly on some CPUs (AMD Zen 4 without AMX: posterized, dark
     output, 13-16 dB from ONNX Runtime on the same file), while the unsigned path agrees with ONNX Runtime on
-    both Intel and AMD. The conformance check below is what makes that claim safe on a CPU nobody tried.
+    both Intel and AMD. The conformance check (`sr.run.conformance`) is what makes that claim safe on a CPU
+    nobody tried.
 
     Args:
         model: a QDQ ONNX model (changed in place).
@@ -444,119 +406,6 @@ class TensorRTEngine(Seamless):
         return result.cpu().numpy()
 
 
-@dataclass(frozen=True)
-class Tolerance:
-    """How far an engine's uint8 output may be from the reference's on the probe, in 8-bit levels."""
-
-    mean_levels: float  # mean absolute difference
-    p999_levels: float  # 99.9th percentile of the absolute difference (a few edge pixels may round apart)
-
-
-# FP32 is FP32 whatever the kernels (summation order only); an INT8 runtime requantizes with its own rounding
-# (measured: OpenVINO's INT8 kernels are 0.3-1.0 levels from ONNX Runtime on average, p99.9 <= 5, on the shipped
-# XLSRs, Intel and AMD alike); BF16 keeps 8 mantissa bits. A wrong kernel path is tens of levels off.
-FP32_TOLERANCE = Tolerance(0.05, 1.0)
-INT8_TOLERANCE = Tolerance(1.5, 8.0)
-BF16_TOLERANCE = Tolerance(1.5, 8.0)
-# an NPU requantizes with its own rounding, by design (measured, QNN HTP v68/v73/v81 against the reference on
-# xlsr-clip: npu mean 0.94-1.0 levels, p99.9 5, max 7; npu-symmetric mean 1.95, p99.9 10, max 12); a wrong path
-# or a misread zero point is tens of levels off
-NPU_TOLERANCE = Tolerance(2.5, 16.0)
-
-
-@dataclass(frozen=True)
-class Conformance:
-    """An engine's output on the probe against the reference engine's."""
-
-    engine: str
-    reference: str
-    mean_levels: float
-    p999_levels: float
-    max_levels: int
-    psnr_db: float  # of the engine's output against the reference's (RGB, whole image)
-    tolerance: Tolerance
-
-    @property
-    def passed(self) -> bool:
-        """True when the engine is within the tolerance."""
-        return self.mean_levels <= self.tolerance.mean_levels and self.p999_levels <= self.tolerance.p999_levels
-
-    def summary(self) -> str:
-        """One sentence: the verdict and its figures."""
-        verdict = "agrees with" if self.passed else "does not agree with"
-        return (f"{self.engine} {verdict} the reference ({self.reference}) on the conformance probe: mean "
-                f"{self.mean_levels:.2f} levels, 99.9th percentile {self.p999_levels:.0f}, max {self.max_levels} "
-                f"(tolerance: mean <= {self.tolerance.mean_levels}, 99.9th percentile <= "
-                f"{self.tolerance.p999_levels:.0f})")
-
-
-class EngineRefused(RuntimeError):
-    """An engine failed its conformance check against the reference: its outputs would be wrong."""
-
-    def __init__(self, conformance: Conformance):
-        super().__init__(conformance.summary() + "; it is not used on this machine")
-        self.conformance = conformance
-
-
-def probe_image(height: int = 48, width: int = 64, seed: int = 0) -> np.ndarray:
-    """The conformance probe: a deterministic uint8 HxWx3 image with what SR inputs have (smooth shading, hard
-    edges, fine texture, saturated colours, black and white).
-
-    Args:
-        height, width: its size.
-        seed: the texture's seed.
-
-    Returns:
-        uint8 HxWx3.
-    """
-    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
-    shade = np.stack([x / max(1, width - 1), y / max(1, height - 1), 0.5 + 0.5 * np.sin((x + y) / 5.0)], axis=2)
-    texture = np.random.default_rng(seed).random((height, width, 3), dtype=np.float32)
-    image = 0.7 * shade + 0.3 * texture
-    image[: height // 4, : width // 4] = (1.0, 1.0, 1.0)  # saturated corners, a hard edge, a dark bar
-    image[-height // 4 :, -width // 4 :] = (0.0, 0.0, 0.0)
-    image[:, width // 2 : width // 2 + 2] = (1.0, 0.1, 0.1)
-    return np.clip(np.rint(image * 255.0), 0, 255).astype(np.uint8)
-
-
-_VERDICTS = Memo(256)  # (model hash, engine kind, CPU, probe size) -> Conformance
-
-
-def conformance(engine, reference, tolerance: Tolerance, key: tuple | None = None,
-                probe: np.ndarray | None = None) -> Conformance:
-    """Run the probe through an engine and the reference and compare (the verdict remembered under `key`).
-
-    Args:
-        engine: an object with `run(lr uint8 HxWx3) -> uint8` and a `name`.
-        reference: the same kind of object, or a function that makes it (called only when the verdict is not
-            remembered: the reference's session is not built for nothing).
-        tolerance: what counts as agreeing.
-        key: what the verdict depends on (the model file's hash, the engine's kind, the input size), or None
-            not to remember it.
-        probe: the input (default: `probe_image`, or the model's fixed size where it has one).
-
-    Returns:
-        the Conformance.
-    """
-    known = _VERDICTS.peek(key) if key is not None else None
-    if known is not None:
-        return known
-    reference = reference() if callable(reference) else reference
-    if probe is None:
-        fixed = getattr(engine, "fixed", None) or getattr(reference, "fixed", None)
-        probe = probe_image(*(fixed or (48, 64)))
-    ours, theirs = engine.run(probe).astype(np.int16), reference.run(probe).astype(np.int16)
-    difference = np.abs(ours - theirs)
-    mse = float(np.mean(difference.astype(np.float64) ** 2))
-    verdict = Conformance(engine.name, reference.name, float(difference.mean()),
-                          float(np.percentile(difference, 99.9)), int(difference.max()),
-                          float("inf") if mse == 0 else float(10 * np.log10(255.0 ** 2 / mse)), tolerance)
-    log.info("%s", verdict.summary())
-    if key is not None:
-        _VERDICTS.put(key, verdict)
-    return verdict
-
-
 def latency_ms(engine, lr: np.ndarray, repeats: int = 10, warmup: int = 2) -> float:
     """Median wall time of `engine.run(lr)` in milliseconds.
 
@@ -578,8 +427,6 @@ def latency_ms(engine, lr: np.ndarray, repeats: int = 10, warmup: int = 2) -> fl
     return float(np.median(times))
 
 
-__all__ = ["fixed_size", "TorchEngine", "OrtEngine", "OpenVinoEngine", "TensorRTEngine", "openvino_available",
-           "tensorrt_available", "NPU_TOLERANCE",
-           "tiled", "latency_ms", "Conformance", "EngineRefused", "Tolerance", "conformance", "probe_image",
-           "unsigned_activations",
+__all__ = ["TorchEngine", "OrtEngine", "OpenVinoEngine", "TensorRTEngine", "openvino_available",
+           "tensorrt_available", "tiled", "latency_ms", "unsigned_activations",
            "to_tensor", "to_uint8"]

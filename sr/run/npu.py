@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from .engines import Seamless, fixed_size
+from .engines import Seamless
+from .sessions import fixed_size
 from ..store import Memo
 
 

@@ -14,6 +14,7 @@ import logging
 import os
 import time
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -26,6 +27,7 @@ from ..quant.calibdata import images_digest, load_calibration_images, prepare_ca
 from ..quant.calibrate import CalibrationConfig, Method
 from ..quant.calibrated import CalibratedModel, calibrate_entry, read_entry
 from .engines import reference
+from .sessions import Observer, run_once
 from ..metrics import brightness_ratio, psnr_y
 from ..model.models import model_info
 from ..quant.quantspec import LITERT_FIXED_OUTPUT, WRAPPER_PREFIX, Scheme
@@ -47,7 +49,7 @@ def fp32_onnx_path(model_name: str | os.PathLike, cache_dir: Path | None = None)
     Raises:
         FileNotFoundError: no such model.
     """
-    return model_info(model_name).fp32_onnx(cache_dir)
+    return model_info(model_name).fp32_onnx(run_once, cache_dir)
 
 
 def calibrate_model(model_name: str | os.PathLike, config: CalibrationConfig | None = None,
@@ -105,9 +107,9 @@ def calibrate_model(model_name: str | os.PathLike, config: CalibrationConfig | N
                 started = time.perf_counter()
                 progress = progress or logged_progress(f"calibrating {info.name} ({config.method.value}, "
                                                        f"{config.samples} samples, {scheme.value})")
-                made = calibrate_entry(entry, fp32, network_inputs, config, scheme, fixes, info.name, threads,
-                                        progress, recipe.statistics_key(weights_hash, data_hash),
-                                        learned_ranges(model_name, scheme))
+                made = calibrate_entry(entry, fp32, network_inputs, config, scheme, fixes, info.name,
+                                       partial(Observer, threads=threads), progress, recipe.statistics_key(
+                                           weights_hash, data_hash), learned_ranges(model_name, scheme))
                 return result(made, time.perf_counter() - started, False)
     return result(found, 0.0, True)
 

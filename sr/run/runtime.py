@@ -1,5 +1,5 @@
 """Which engine runs what: ONNX Runtime on the CPU is the reference numerics, and every other engine is checked
-against it on a probe when it is created (`sr.run.engines.conformance`) and refused in words when it disagrees.
+against it on a probe when it is created (`sr.run.conformance.conformance`) and refused in words when it disagrees.
 
 The one place that decides which engine serves a purpose (scores, the app's panels, the bundle, the diagnosis,
 the benchmark), so that the lab shows one INT8: the written QDQ model as ONNX Runtime's CPU kernels execute it.
@@ -18,8 +18,9 @@ from pathlib import Path
 import onnx
 
 from ..choices import Choice
-from .engines import (BF16_TOLERANCE, FP32_TOLERANCE, INT8_TOLERANCE, NPU_TOLERANCE, Conformance, EngineRefused,
-                      OpenVinoEngine, OrtEngine, TensorRTEngine, TorchEngine, conformance, openvino_available, reference,
+from .conformance import (BF16_TOLERANCE, FP32_TOLERANCE, INT8_TOLERANCE, NPU_TOLERANCE, Conformance,
+                          EngineRefused, conformance)
+from .engines import (OpenVinoEngine, OrtEngine, TensorRTEngine, TorchEngine, openvino_available, reference,
                       tensorrt_available)
 from .npu import DEFAULT_HTP_ARCH, LiteRTEngine, QnnHtpEngine
 from ..model.models import model_info
