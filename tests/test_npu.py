@@ -12,7 +12,8 @@ from sr.run.engines import NPU_TOLERANCE, conformance, probe_image
 from sr.run.npu import qnn_available
 from sr.quant.qdq import spec_of
 from sr.run.quantize import calibrate_model
-from sr.quant.quantspec import LITERT_FIXED_OUTPUT, activation_qparams, graph_quantization, quant_spec, weight_int8
+from sr.quant.quantspec import LITERT_FIXED_OUTPUT, activation_qparams, quant_spec, weight_int8
+from sr.quant.readback import graph_quantization
 from sr.run.runtime import EngineKind, create_engine, reference_engine
 
 ENTROPY = CalibrationConfig(method="entropy", samples=20)

@@ -13,7 +13,8 @@ from sr.quant.recipe import Fixes
 from sr.model.weights import shipped_models
 from sr.run.quantize import calibrate_model, fp32_onnx_path
 from sr.quant.qdq import spec_of
-from sr.quant.quantspec import Scheme, graph_quantization, quant_spec
+from sr.quant.quantspec import Scheme, quant_spec
+from sr.quant.readback import graph_quantization
 
 SHIPPED = shipped_models()
 
