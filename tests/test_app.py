@@ -418,12 +418,10 @@ def test_the_offered_fix_raises_psnr_or_none_is_offered_with_the_reason(small_pn
             assert "darker than this image" in summary
 
 
-def test_small_hostile_inputs_get_words(tmp_path):
-    """An animation says which frame is used; missing widget values, undecodable bytes and a read-only cache
-    are answered in words, without a server path."""
-    import gradio as gr
-
-    from ui import comparison, server
+def test_an_animation_a_missing_setting_and_undecodable_bytes_get_words(tmp_path):
+    """An animation says which frame is used; a missing widget value and undecodable bytes are refused in words
+    (no Python repr of a buffer, no address)."""
+    from ui import comparison
     from sr.lab.compare import prepare_input
     from sr.data import ImageLoadError, load_image
 
@@ -436,6 +434,16 @@ def test_small_hostile_inputs_get_words(tmp_path):
     with pytest.raises(ImageLoadError) as error:
         load_image(b"not an image at all")
     assert "BytesIO" not in str(error.value) and "0x" not in str(error.value)
+
+
+def test_the_page_words_a_permission_or_missing_file_error_without_the_servers_path():
+    """`_user_errors` turns what a read-only cache or a vanished upload raises into words without the server's
+    path. The errors are raised here rather than made (a read-only folder does not stop root, whom tests may run
+    as)."""
+    import gradio as gr
+
+    from ui import server
+
     with pytest.raises(gr.Error) as shown:
         with server._user_errors("comparison"):
             raise PermissionError(13, "Permission denied", "/srv/app/cache/int8/abc")

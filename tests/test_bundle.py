@@ -20,7 +20,7 @@ def test_bundle_round_trip(registered, data_dir, tmp_path):
     model quantizes, under the user's names, with TensorRT 10's header."""
     import onnx
 
-    from sr.quant.quantspec import graph_quantization
+    from sr.quant.readback import graph_quantization
 
     model = registered["xlsr-255"].name
     config = CalibrationConfig(method="mse", samples=20)

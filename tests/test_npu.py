@@ -12,7 +12,8 @@ from sr.run.conformance import NPU_TOLERANCE, conformance, probe_image
 from sr.run.npu import qnn_available
 from sr.quant.qdq import spec_of
 from sr.run.quantize import calibrate_model
-from sr.quant.quantspec import LITERT_FIXED_OUTPUT, activation_qparams, graph_quantization, quant_spec, weight_int8
+from sr.quant.quantspec import LITERT_FIXED_OUTPUT, activation_qparams, quant_spec, weight_int8
+from sr.quant.readback import graph_quantization
 from sr.run.runtime import EngineKind, create_engine, reference_engine
 
 ENTROPY = CalibrationConfig(method="entropy", samples=20)
@@ -208,8 +209,9 @@ def test_litert_runs_the_tflite_within_two_levels_on_xnnpack_and_its_tolerance_o
 @needs_litert
 def test_what_the_tflite_writer_cannot_express_is_refused_naming_it(tmp_path):
     from sr.run.runtime import tflite_model
-    from sr.run.tflite import TfliteUnsupported, tflite_bytes
-    from sr.model.usermodel import register_onnx
+    from sr.run.tflite import tflite_bytes
+    from sr.run.tflitefile import TfliteUnsupported
+    from sr.quant.searches import TensorRange
 
     with pytest.raises(TfliteUnsupported, match="npu or npu-per-tensor scheme, not tensorrt"):
         tflite_model(calibrate_model("xlsr-clip", ENTROPY, "tensorrt"))
@@ -223,8 +225,7 @@ def test_what_the_tflite_writer_cannot_express_is_refused_naming_it(tmp_path):
                                numpy_helper.from_array(rng.standard_normal((3, 8, 3, 3)).astype(np.float32), "w2")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     spec = quant_spec(model, "npu")
-    ranges = {t: __import__("sr.quant.calibrate", fromlist=["x"]).TensorRange(t, -1.0, 1.0, -1.0, 1.0, 0.0, "fixed")
-              for t in spec.activations}
+    ranges = {t: TensorRange(t, -1.0, 1.0, -1.0, 1.0, 0.0, "fixed") for t in spec.activations}
     with pytest.raises(TfliteUnsupported, match="cannot express Erf \\('gate'\\)"):
         tflite_bytes(model, spec, ranges)
 

@@ -111,7 +111,7 @@ def test_centred_io_is_exact_under_every_scheme(scheme, zero_point, tmp_path):
     from sr.quant.calibrate import CalibrationConfig
     from sr.run.quantize import calibrate_model
     from sr.quant.qdq import spec_of
-    from sr.quant.quantspec import graph_quantization
+    from sr.quant.readback import graph_quantization
     from sr.tune.transforms import io_tensors, prepare
 
     structure, fixes = prepare("xlsr-clip", True, 0.0, None, tmp_path / "m", scheme)

@@ -3,6 +3,7 @@ tensorrt spec puts Q/DQ where NVIDIA ModelOpt's ONNX PTQ does (ModelOpt itself, 
 import contextlib
 import io
 import logging
+import re
 
 import numpy as np
 import onnx
@@ -12,8 +13,9 @@ from sr.quant.calibrate import CalibrationConfig
 from sr.quant.recipe import Fixes
 from sr.model.weights import shipped_models
 from sr.run.quantize import calibrate_model, fp32_onnx_path
-from sr.quant.qdq import spec_of
-from sr.quant.quantspec import Scheme, graph_quantization, quant_spec
+from sr.quant.qdq import check_against_spec, spec_of
+from sr.quant.quantspec import Scheme, quant_spec
+from sr.quant.readback import graph_quantization
 
 SHIPPED = shipped_models()
 
@@ -28,26 +30,66 @@ def _every_model(registered) -> list[str]:
 
 @pytest.mark.parametrize("scheme", ["tensorrt", "npu", "npu-per-tensor", "npu-symmetric", "cpu"])
 def test_written_models_quantize_what_the_spec_says(registered, scheme):
-    """For every shipped model and stand-in: the Q/DQ pairs of the written model are the spec's, and so are the
-    INT8 weights (the cpu writer folds ReLU/Clip into their Conv: a folded tensor is absent, never extra)."""
+    """For every shipped model and stand-in: the written model passes `check_against_spec` (its Q/DQ pairs and
+    INT8 weights are the spec's; the next test shows the check refuses a file that deviates), each tie group of the
+    lab's writers is on one grid, and the lab's wrapper stays float."""
     for model in _every_model(registered):
         int8 = calibrate_model(model, CalibrationConfig(method="minmax", samples=10), scheme)
-        fp32 = onnx.load(str(int8.fp32_onnx))
+        fp32, qdq = onnx.load(str(int8.fp32_onnx)), onnx.load(str(int8.qdq_onnx))
         spec = spec_of(fp32, scheme)
-        found = graph_quantization(onnx.load(str(int8.qdq_onnx)), fp32)
-        names = {n for node in fp32.graph.node for n in node.output} | {i.name for i in fp32.graph.input}
-        written = {t for t in found.activations if t in names}
         assert spec.activations, model
-        assert found.weights == {w: s.axis for w, s in spec.weights.items()}, model  # every scheme, cpu too
-        if scheme == "cpu":
-            present = {n for node in onnx.load(str(int8.qdq_onnx)).graph.node for n in node.output} | {"input"}
-            assert written == {t for t in spec.activations if t in present}, model
-        else:
-            assert written == set(spec.activations), model
-            for tensor, activation in spec.activations.items():  # one grid per tie group
-                group = spec.members(activation.group)
-                assert len({found.activations[t] for t in group}) == 1, (model, group)
+        check_against_spec(qdq, fp32, spec)
         assert not any(t.startswith("standard/") for t in spec.activations), model  # the lab's wrapper is float
+        if scheme != "cpu":  # ONNX Runtime's writer (cpu) ties nothing
+            found = graph_quantization(qdq, fp32).activations
+            for activation in spec.activations.values():
+                group = spec.members(activation.group)
+                assert len({found[t] for t in group}) == 1, (model, group)
+
+
+def test_a_qdq_model_that_deviates_from_its_spec_is_refused_naming_the_tensor():
+    """`check_against_spec` on a written tensorrt model altered one way at a time: a Q/DQ pair taken out, a tensor
+    the spec keeps in float, a weight on another axis, a symmetric activation given a zero point."""
+    from onnx import numpy_helper
+
+    int8 = calibrate_model("xlsr-clip", CalibrationConfig(method="minmax", samples=10), "tensorrt")
+    fp32, written = onnx.load(str(int8.fp32_onnx)), onnx.load(str(int8.qdq_onnx))
+    spec = spec_of(fp32, "tensorrt")
+    check_against_spec(written, fp32, spec)  # as written, it passes
+    quantizers = [n for n in written.graph.node if n.op_type == "QuantizeLinear" and n.input[0] in spec.activations]
+    tensor = quantizers[1].input[0]
+
+    def altered(change) -> onnx.ModelProto:
+        model = onnx.ModelProto()
+        model.CopyFrom(written)
+        change(model.graph)
+        return model
+
+    def without_pair(graph) -> None:
+        q = next(n for n in graph.node if n.op_type == "QuantizeLinear" and n.input[0] == tensor)
+        dq = next(n for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] == q.output[0])
+        for node in graph.node:
+            node.input[:] = [tensor if name == dq.output[0] else name for name in node.input]
+        graph.node.remove(q)
+        graph.node.remove(dq)
+
+    def weight_on_axis_1(graph) -> None:
+        dq = next(n for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] == "head.weight_quantized")
+        next(a for a in dq.attribute if a.name == "axis").i = 1
+
+    def zero_point(graph) -> None:
+        q = next(n for n in graph.node if n.op_type == "QuantizeLinear" and n.input[0] == tensor)
+        graph.initializer.append(numpy_helper.from_array(np.array(3, np.int8), "moved_zero_point"))
+        q.input[2] = "moved_zero_point"
+
+    with pytest.raises(RuntimeError, match=f"in the spec but not quantized {re.escape(repr([tensor]))}"):
+        check_against_spec(altered(without_pair), fp32, spec)
+    with pytest.raises(RuntimeError, match=f"quantized but not in the spec {re.escape(repr([tensor]))}"):
+        check_against_spec(written, fp32, spec_of(fp32, "tensorrt", [tensor]))
+    with pytest.raises(RuntimeError, match=r"weights differing \['head.weight'\]"):
+        check_against_spec(altered(weight_on_axis_1), fp32, spec)
+    with pytest.raises(RuntimeError, match=f"symmetric with a zero point {re.escape(repr([tensor]))}"):
+        check_against_spec(altered(zero_point), fp32, spec)
 
 
 def _modelopt_placement(path) -> tuple[set[str], set[str]]:

@@ -10,7 +10,7 @@ from sr import cli
 from sr.quant.calibrate import CalibrationConfig
 from sr.lab.evaluate import EvalConfig, evaluate
 from sr.quant.qdq import spec_of
-from sr.quant.quantspec import graph_quantization
+from sr.quant.readback import graph_quantization
 from sr.lab.ready import ReadyConfig, make_ready
 
 

@@ -9,13 +9,13 @@ import pytest
 import sr.tune.ptq  # noqa: F401  (a refined recipe's key covers the refinement modules: they must be loaded)
 import sr.tune.fakequant
 import sr.run.quantize
-from sr.quant.calibdata import images_digest, load_calibration_images
+from sr.quant.calibdata import load_calibration_images
 from sr.quant.calibrate import CalibrationConfig
 from sr.quant.recipe import Fixes
 from sr.tune.ptq import RefineConfig
 from sr.run.quantize import calibrate_model
 from sr.quant.recipe import QuantRecipe, Refinement, RefineSettings
-from sr.store import code_digest_of, file_sha256
+from sr.store import code_digest_of
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -66,18 +66,33 @@ def test_refinements_are_ordered_and_checked():
         RefineSettings(patches=0)
 
 
-def test_the_caches_are_named_by_the_one_key():
+def test_the_caches_are_named_by_the_one_key(tmp_path):
+    """The pipeline's cache entry is named by what makes the model, not by how it was asked for: the same weights
+    under another file name, or the same pixels passed as arrays instead of the default folder, find the same entry;
+    a changed weight or a changed image makes another."""
+    import shutil
+
+    import numpy as np
+    import torch
+
+    from sr.model.weights import load_model, resolve_weights, save_weights
+
     config = CalibrationConfig(method="minmax", samples=10)
     int8 = calibrate_model("xlsr-clip", config, "cpu")
     assert int8.qdq_onnx.parent.name == int8.key
-    # the key the pipeline used is the recipe's, over the network's calibration inputs
-    from sr.quant.calibdata import prepare_calibration_images
-    from sr.model.models import model_info
-
-    info = model_info("xlsr-clip")
-    inputs = prepare_calibration_images(load_calibration_images(None), config, info.scale)
-    assert int8.key == int8.recipe.key(file_sha256(info.path), images_digest(inputs))
-    assert int8.recipe == QuantRecipe(config, "cpu", int8.fixes)
+    images = load_calibration_images(None)
+    renamed = shutil.copy(resolve_weights("xlsr-clip"), tmp_path / "renamed.safetensors")
+    same = [calibrate_model(str(renamed), config, "cpu"), calibrate_model("xlsr-clip", config, "cpu", images=images)]
+    assert [s.key for s in same] == [int8.key, int8.key] and all(s.cached for s in same)
+    network = load_model("xlsr-clip")
+    with torch.no_grad():
+        next(network.parameters()).mul_(1.01)
+    changed = save_weights(network, tmp_path / "changed.safetensors")
+    flipped = [np.ascontiguousarray(images[0][:, ::-1]), *images[1:]]  # the same shapes, other pixels
+    others = [calibrate_model(str(changed), config, "cpu"), calibrate_model("xlsr-clip", config, "cpu", images=flipped)]
+    assert len({int8.key, *(o.key for o in others)}) == 3
+    for other in others:
+        assert other.qdq_onnx.parent.name == other.key and other.qdq_onnx.is_file()
     # a refined model's key: the same for the same recipe, another for any other refinement, scheme,
     # calibration or weights
     refine = RefineConfig("xlsr-clip", ["equalize"], config, "cpu")

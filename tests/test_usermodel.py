@@ -205,7 +205,9 @@ def test_subgraphs_reading_outer_tensors_and_unnamed_nodes(tmp_path):
     user = register_onnx(path)
     standard = onnx.load(fp32_onnx_path(user.name))
     names = [node.name for node in standard.graph.node]
-    assert "user/" not in names and len(set(names)) == len(names) and "user/Conv_0" in names
+    assert len(set(names)) == len(names) and "user/Conv_0" in names
+    branches = next(node for node in standard.graph.node if node.op_type == "If").attribute
+    assert {t for branch in branches for node in branch.g.node for t in node.input} == {"user/feat"}  # renamed too
     image = np.random.default_rng(0).random((1, 3, 10, 12), dtype=np.float32)
     expected = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"lr": image})[0]
     got = OrtEngine(fp32_onnx_path(user.name), 3).run((image[0].transpose(1, 2, 0) * 255).round().astype(np.uint8))
@@ -214,6 +216,11 @@ def test_subgraphs_reading_outer_tensors_and_unnamed_nodes(tmp_path):
     bundle = export_bundle(user.name, CalibrationConfig(method="minmax", samples=10), tmp_path / "bundle")
     session = ort.InferenceSession(str(bundle.folder / "model.fp32.onnx"), providers=["CPUExecutionProvider"])
     assert [o.name for o in session.get_outputs()] == ["sr"]
+    shipped = onnx.load(str(bundle.folder / "model.fp32.onnx")).graph
+    every = [*(i.name for i in shipped.initializer), *(v.name for v in [*shipped.input, *shipped.output])]
+    for node in [*shipped.node, *(n for node in shipped.node for a in node.attribute if a.HasField("g") for n in a.g.node)]:
+        every += [node.name, *node.input, *node.output]
+    assert every and not [name for name in every if name.startswith("user/")]  # the lab's prefix is gone everywhere
     assert np.allclose(session.run(None, {"lr": image})[0], expected, atol=1e-5)
     int8 = ort.InferenceSession(str(bundle.folder / "model.qdq.onnx"), providers=["CPUExecutionProvider"])
     assert np.abs(int8.run(None, {"lr": image})[0] - expected).mean() < 0.05

@@ -16,7 +16,7 @@ from ..metrics import brightness_ratio, psnr_y
 from ..quant.calibrated import CalibratedModel
 from ..quant.quantspec import Scheme
 from ..quant.qdq import spec_of, tie_fused_ranges, without_quantization
-from ..quant.quantspec import graph_quantization
+from ..quant.readback import graph_quantization
 from ..quant.rewrite import rewrite_for_fast_int8
 
 

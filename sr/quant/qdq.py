@@ -4,7 +4,7 @@ says, and read back to check it.
 The lab's schemes (`tensorrt`, `npu`, `npu-per-tensor`, `npu-symmetric`) are written here, Q/DQ pair by Q/DQ
 pair, exactly as the spec says (INT32 biases where it says so); the `cpu` scheme (asymmetric UINT8, INT32 biases, ORT's fast x86 kernels) is written by
 `onnxruntime.quantization.quantize_static`, fed our ranges through its calibration cache. Every written model is
-read back (`sr.quant.quantspec.graph_quantization`) and must quantize what its spec says, or the writer raises. Also
+read back (`sr.quant.readback.graph_quantization`) and must quantize what its spec says, or the writer raises. Also
 here: the surgery that takes quantization off chosen tensors (the diagnosis) and the ranges tied by fused ops.
 Nothing here calibrates or caches (that is `sr.run.quantize`).
 """
@@ -24,9 +24,9 @@ from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, 
 from onnxruntime.quantization.calibrate import TensorData, TensorsData, save_tensors_data
 
 from .searches import TensorRange
-from .quantspec import (ALL_INT8_OPS, QuantSpec, Scheme, activation_qparams, constant_value, fp32_initializer_of,
-                        fused_ties,
-                        graph_quantization, is_wrapper, quant_spec, used_names, weight_int8)
+from .quantspec import (ALL_INT8_OPS, QuantSpec, Scheme, activation_qparams, constant_value, fused_ties, is_wrapper,
+                        quant_spec, used_names, weight_int8)
+from .readback import fp32_initializer_of, graph_quantization
 from .rewrite import REWRITE_OPS, rewrite_for_fast_int8
 from ..store import (write_atomic)
 

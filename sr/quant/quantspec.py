@@ -1,6 +1,6 @@
 """The one description of what is quantized: a pure `QuantSpec` derived once from the FP32 graph, the scheme and
 the fixes, read by the QDQ writer, the diagnosis, QAT's fake quantizers, PTQ, the TensorRT cache and the coverage
-check. Nothing here runs a model; `graph_quantization` reads what a written QDQ model really quantizes, so that
+check. Nothing here runs a model; `sr.quant.readback` reads what a written QDQ model really quantizes, so that
 the spec and the file can be compared.
 
 Three targets, each named for what it deploys to:
@@ -10,7 +10,8 @@ Three targets, each named for what it deploys to:
   outputs, DepthToSpace or the network output (TensorRT fuses the rest and keeps the output in float). As in
   ModelOpt, a Conv with too few channels (both sides < 16, unless one is a multiple of 8 and it is the first
   layer or one side >= 16) stays in float, an Add with a constant input gets no Q/DQ, and the branch of a residual
-  Add that comes straight out of a Conv is not quantized there (TensorRT fuses the Add into that Conv).
+  Add that comes straight out of a Conv is not quantized there (TensorRT fuses the Add into that Conv): those two
+  rules are ModelOpt's, in `sr.quant.trtfusion`.
   Symmetric INT8 (-127..127), weights per output channel, float biases. Checked against ModelOpt itself, on every
   shipped model and stand-in, in tests/test_quantspec.py; ModelOpt's other patterns (attention, LayerNorm, GEMV)
   are not reproduced, and a graph with them may differ.
@@ -39,8 +40,9 @@ import numpy as np
 import onnx
 
 from ..choices import Choice
+from .trtfusion import conv_too_small, non_residual_input
 
-WRAPPER_PREFIX = "standard/"  # node and tensor names of the lab's wrapper around a user's graph (sr.model.usermodel)
+WRAPPER_PREFIX = "standard/"  # node and tensor names of the lab's wrapper around a user's graph (sr.model.wrapper)
 
 
 class Scheme(Choice, noun="INT8 scheme"):
@@ -168,22 +170,6 @@ def weight_int8(values: np.ndarray, axis: int | None) -> tuple[np.ndarray, np.nd
         scale[scale == 0] = 1.0
         shaped = scale.reshape([-1 if d == axis else 1 for d in range(values.ndim)])
     return np.clip(np.rint(values / shaped), -127, 127).astype(np.int8), scale
-
-
-def _conv_too_small(node: onnx.NodeProto, weight: np.ndarray | None, graph_inputs: set[str]) -> bool:
-    """ModelOpt's `find_nodes_from_convs_to_exclude` for INT8: a Conv with fewer than 16 channels on both sides is
-    left in float unless TensorRT has a kernel for it."""
-    if weight is None or weight.ndim not in (3, 4, 5):
-        return True  # a non-constant weight: ModelOpt skips the Conv
-    out_channels, in_channels = weight.shape[0], weight.shape[1]
-    if out_channels >= 16 and in_channels >= 16:
-        return False
-    group = next((a.i for a in node.attribute if a.name == "group"), 1)
-    kernel = next((list(a.ints) for a in node.attribute if a.name == "kernel_shape"), list(weight.shape[2:]))
-    if group == 1 and (out_channels % 8 == 0 or in_channels % 8 == 0) and len(set(kernel)) == 1 and (
-            node.input[0] in graph_inputs or out_channels >= 16 or in_channels >= 16):
-        return False
-    return not (group > 1 and out_channels % 8 == 0 and all(k >= 3 for k in kernel))
 
 
 def _constants(model: onnx.ModelProto) -> tuple[dict[str, np.ndarray], set[str]]:
@@ -336,13 +322,13 @@ def _tensorrt_inputs(graph: _GraphFacts, node: onnx.NodeProto) -> list[str] | No
     if node.op_type not in TENSORRT_INPUT_OPS:
         return []
     weight = graph.arrays.get(node.input[1]) if len(node.input) > 1 else None
-    if node.op_type == "Conv" and _conv_too_small(node, weight, graph.inputs):
+    if node.op_type == "Conv" and conv_too_small(node, weight, graph.inputs):
         return None
     if node.op_type == "Add" and any(t in graph.constants for t in node.input):
         return []  # a bias or an offset: TensorRT folds it, ModelOpt puts no Q/DQ there
     inputs = list(node.input) if node.op_type in ("Add", "MatMul") else list(node.input[:1])
     if node.op_type == "Add":
-        fused = _non_residual_input(node, graph.producers, graph.constants)
+        fused = non_residual_input(node, graph.producers, graph.constants)
         inputs = [t for t in inputs if t != fused]
     return [t for t in inputs if graph.activation(t)]
 
@@ -375,98 +361,6 @@ def _litert_constants(graph: "_GraphFacts", node: onnx.NodeProto) -> list[tuple[
         return [(node.input[k], None) for k in range(len(node.input)) if constant(k)]
     return []
 
-
-# ModelOpt's `get_fusible_backbone`: the backward paths from an Add's input to a Conv that TensorRT fuses
-# (BiasAdd / ConstMul: an Add / Mul with a constant input, optional), copy ops allowed anywhere along them
-_FUSIBLE_PATHS = [[*head, conv] for conv in ("Conv", "ConvTranspose") for head in (
-    ["BiasAdd", "ConstMul"], ["Relu", "BiasAdd", "ConstMul"], ["BatchNormalization", "BiasAdd"],
-    ["Relu", "BatchNormalization", "BiasAdd"], ["MaxPool", "Relu", "BatchNormalization", "BiasAdd"],
-    ["Mul", "Sigmoid", "BatchNormalization"])]
-_OPTIONAL = ("BiasAdd", "ConstMul")
-_COPY_OPS = ("Flatten", "Transpose", "Concat", "Split", "Squeeze", "Expand", "ReverseSequence", "Reshape", "Tile",
-             "Gather", "Slice", "GatherElements", "GatherND", "ScatterElements", "ScatterND", "OneHot")
-
-
-def _kind(node: onnx.NodeProto, constants: set[str]) -> str:
-    if node.op_type in ("Add", "Mul") and any(t in constants for t in node.input):
-        return "BiasAdd" if node.op_type == "Add" else "ConstMul"
-    return node.op_type
-
-
-def _on_path(node, path: list[str], producers: dict, constants: set[str]) -> bool:
-    """True when a backward path of `path`'s op types starts at `node` (ModelOpt's `has_path_type`)."""
-    if not path:
-        return True
-    kind = _kind(node, constants)
-    parents = [producers[t] for t in node.input if t in producers and t not in constants]
-    if kind == path[0] or node.op_type == path[0]:
-        return len(path) == 1 or any(_on_path(parent, path[1:], producers, constants) for parent in parents)
-    if kind in _COPY_OPS:
-        return any(_on_path(parent, path, producers, constants) for parent in parents)
-    return path[0] in _OPTIONAL and _on_path(node, path[1:], producers, constants)
-
-
-def _first_conv(node, producers: dict, constants: set[str], seen: set | None = None):
-    """The first Conv/ConvTranspose found going back from `node`, depth first (ModelOpt's `_get_backbone`)."""
-    seen = set() if seen is None else seen
-    if id(node) in seen:
-        return None
-    seen.add(id(node))
-    if node.op_type in ("Conv", "ConvTranspose"):
-        return node
-    for name in node.input:
-        if name in producers and name not in constants:
-            found = _first_conv(producers[name], producers, constants, seen)
-            if found is not None:
-                return found
-    return None
-
-
-def _backbone(tensor: str, producers: dict, constants: set[str]) -> onnx.NodeProto | None:
-    """The Conv TensorRT fuses the producer of `tensor` into, or None (ModelOpt's `get_fusible_backbone`)."""
-    node = producers.get(tensor)
-    if node is None or not any(_on_path(node, list(path), producers, constants) for path in _FUSIBLE_PATHS):
-        return None
-    return _first_conv(node, producers, constants)
-
-
-def _ancestors(node: onnx.NodeProto, producers: dict[str, onnx.NodeProto]) -> dict[int, tuple[int, str]]:
-    """{id(ancestor): (distance, name)} of a node, itself at distance 0 (breadth first over its inputs)."""
-    found, frontier, distance = {id(node): (0, node.name)}, [node], 0
-    while frontier:
-        distance += 1
-        upper = []
-        for current in frontier:
-            for name in current.input:
-                parent = producers.get(name)
-                if parent is not None and id(parent) not in found:
-                    found[id(parent)] = (distance, parent.name)
-                    upper.append(parent)
-        frontier = upper
-    return found
-
-
-def _non_residual_input(node: onnx.NodeProto, producers: dict[str, onnx.NodeProto],
-                        constants: set[str]) -> str | None:
-    """The input of a residual Add that TensorRT fuses into the Conv producing it (ModelOpt's
-    `build_non_residual_input_map`: the branch with a Conv backbone, the longer path to the lowest common ancestor
-    when both have one), or None when neither is (an input of the graph, a constant, no Conv)."""
-    if len(node.input) != 2 or any(name not in producers for name in node.input):
-        return None
-    first, second = (producers[name] for name in node.input)
-    backbones = [_backbone(name, producers, constants) for name in node.input]
-    up_first, up_second = _ancestors(first, producers), _ancestors(second, producers)
-    common = [(up_first[key][0] + up_second[key][0], up_first[key][0], up_second[key][0], up_first[key][1])
-              for key in up_first.keys() & up_second.keys()]
-    _, d1, d2, lca = min(common) if common else (0, 0, 0, None)
-    if backbones[0] is not None and backbones[1] is not None:
-        if backbones[0] is backbones[1]:
-            return None
-        return node.input[0] if d1 > d2 else node.input[1]
-    for index, backbone in enumerate(backbones):
-        if backbone is not None:
-            return None if lca == backbone.name else node.input[index]
-    return None
 
 
 def fused_ties(model: onnx.ModelProto, quantized: set[str], litert: bool = False) -> dict[str, str]:
@@ -537,76 +431,5 @@ def used_names(nodes) -> set[str]:
     return found
 
 
-@dataclass(frozen=True)
-class GraphQuantization:
-    """What a written QDQ model quantizes, read from its Q/DQ nodes."""
-
-    activations: dict[str, tuple[float, int]]  # FP32 tensor name -> (scale, zero point)
-    weights: dict[str, int | None]  # FP32 weight name -> per-channel axis (None: one scale)
-
-
-def graph_quantization(qdq: onnx.ModelProto, fp32: onnx.ModelProto) -> GraphQuantization:
-    """The activations and weights a QDQ model quantizes, named as in its FP32 graph.
-
-    An activation is quantized where a QuantizeLinear reads it (or reads the renamed producer output of a
-    quantized graph output); a weight where a DequantizeLinear reads an INT8 initializer that replaces an FP32
-    weight. Tensors a writer added (a rewrite's padding) are reported under their own names.
-
-    Args:
-        qdq: the QDQ model.
-        fp32: the FP32 model it was written from.
-
-    Returns:
-        the GraphQuantization.
-    """
-    initializers = {i.name: onnx.numpy_helper.to_array(i) for i in qdq.graph.initializer}
-    fp32_outputs = {o.name for o in fp32.graph.output}
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for node in qdq.graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
-    activations, weights = {}, {}
-    fp32_weights = {i.name for i in fp32.graph.initializer} | {n.output[0] for n in fp32.graph.node
-                                                               if n.op_type == "Constant"}
-    for node in qdq.graph.node:
-        if node.op_type == "QuantizeLinear" and node.input[0] not in initializers:
-            tensor = node.input[0]
-            for dq in consumers.get(node.output[0], []):  # a graph output's pair ends in the output's own name
-                if dq.op_type == "DequantizeLinear" and dq.output[0] in fp32_outputs:
-                    tensor = dq.output[0]
-            zero = int(initializers[node.input[2]]) if len(node.input) > 2 else 0
-            activations[tensor] = (float(initializers[node.input[1]]), zero)
-        elif node.op_type == "DequantizeLinear" and node.input[0] in initializers \
-                and initializers[node.input[0]].dtype == np.int8:
-            name = fp32_initializer_of(node, consumers, fp32, fp32_weights) or node.input[0]
-            scale = initializers[node.input[1]]
-            weights[name] = next((a.i for a in node.attribute if a.name == "axis"), 1) if scale.ndim else None
-    return GraphQuantization(activations, weights)
-
-
-def fp32_initializer_of(dq: onnx.NodeProto, consumers: dict, fp32: onnx.ModelProto, names: set[str]) -> str | None:
-    """The FP32 initializer that a QDQ model's DequantizeLinear of a constant stands for: the input in the same slot
-    of the same node of the FP32 graph (matched by its name, when that name is unique), else the initializer the
-    writers named its INT8 copy after (`<name>_quantized`).
-
-    Args:
-        dq: the DequantizeLinear.
-        consumers: {tensor: nodes of the QDQ model that read it}.
-        fp32: the FP32 model.
-        names: the FP32 model's initializer names.
-
-    Returns:
-        the name, or None when neither way finds one.
-    """
-    for user in consumers.get(dq.output[0], []):
-        matches = [n for n in fp32.graph.node if n.name and n.name == user.name and n.op_type == user.op_type]
-        if len(matches) == 1:
-            slot = list(user.input).index(dq.output[0])
-            if slot < len(matches[0].input) and matches[0].input[slot] in names:
-                return matches[0].input[slot]
-    stem = dq.input[0].removesuffix("_quantized")
-    return stem if stem in names else None
-
-
 __all__ = ["used_names", "weight_int8", "LITERT_FIXED_OUTPUT", "constant_value", "Scheme", "QuantSpec", "ActivationSpec", "WeightSpec", "quant_spec", "activation_qparams",
-           "graph_quantization", "GraphQuantization", "fp32_initializer_of", "is_wrapper", "WRAPPER_PREFIX"]
+           "is_wrapper", "WRAPPER_PREFIX"]

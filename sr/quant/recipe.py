@@ -67,8 +67,8 @@ CALIBRATED_BY = ("sr.data", "sr.model.checks", "sr.model.probe", "sr.model.contr
                  "sr.model.usermodel", "sr.model.onnxtorch", "sr.model.centring", "sr.model.export",
                  "sr.model.networks", "sr.model.weights", "sr.model.models", "sr.quant.calibrate",
                  "sr.quant.statistics", "sr.quant.searches", "sr.quant.calibdata", "sr.quant.rewrite",
-                 "sr.quant.quantspec", "sr.quant.qdq", "sr.quant.recipe", "sr.quant.calibrated", "sr.run.sessions",
-                 "sr.run.quantize")
+                 "sr.quant.trtfusion", "sr.quant.quantspec", "sr.quant.readback", "sr.quant.qdq", "sr.quant.recipe",
+                 "sr.quant.calibrated", "sr.run.sessions", "sr.run.quantize")
 SCORED_BY = ("sr.run.engines", "sr.metrics")
 REFINED_BY = ("sr.tune.transforms", "sr.tune.fakequant", "sr.tune.ptq")
 OBSERVED_BY = ("sr.data", "sr.model.checks", "sr.model.probe", "sr.model.contract", "sr.model.wrapper",

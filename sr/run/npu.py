@@ -251,7 +251,7 @@ class LiteRTEngine(Seamless):
 
     def __init__(self, tflite: str | os.PathLike, scale: int, kernels: str = "xnnpack", name: str = "litert",
                  wrapper=None, nhwc: bool = False):
-        from .tflite import image_qparams
+        from .tflitefile import image_qparams
 
         if kernels not in ("xnnpack", "reference"):
             raise ValueError(f"unknown LiteRT kernels {kernels!r}; choose one of: xnnpack, reference")

@@ -31,7 +31,7 @@ from .quantize import fp32_onnx_path
 from ..quant.calibrated import CalibratedModel
 from ..quant.quantspec import Scheme
 from ..store import cache_cap_bytes, cache_root, code_digest, evict, file_sha256, short_hash
-from .tflite import write_tflite
+from .tflite import WRITTEN_BY, write_tflite
 
 log = logging.getLogger(__name__)
 
@@ -189,13 +189,14 @@ def create_engine(kind: EngineKind | str, model: str, int8: CalibratedModel | No
 
 def tflite_model(int8: CalibratedModel) -> Path:
     """The full-integer .tflite of a calibrated model (`sr.run.tflite`), written once per QDQ model and writer (keyed by
-    the QDQ model's hash, which the ranges, spec and fixes are all in, and the writer's code) and kept in the cache.
+    the QDQ model's hash, which the ranges, spec and fixes are all in, and the writer's code: `WRITTEN_BY`) and kept in
+    the cache.
 
     Raises:
         TfliteUnsupported: (a ValueError) a scheme other than npu / npu-per-tensor, or a graph the writer cannot
             express (named).
     """
-    key = short_hash(f"{file_sha256(int8.qdq_onnx)} {code_digest(sys.modules[write_tflite.__module__])}")
+    key = short_hash(f"{file_sha256(int8.qdq_onnx)} {code_digest(*(sys.modules[name] for name in WRITTEN_BY))}")
     path = cache_root() / "tflite" / f"{int8.qdq_onnx.stem}-{key}.tflite"  # the writer's code is in the key too
     if not path.is_file():
         spec = spec_of(int8.fp32_onnx, int8.scheme, int8.fixes.keep_float)

@@ -17,7 +17,8 @@ arithmetic that an exporter computes a constant with (pads from Shape x 0) is re
 anything else (attention: MatMul, Softmax, LayerNorm), or with a tensor the spec leaves in float, is refused in
 words naming the op or the tensor.
 
-Built with the flatbuffer object API that ships with LiteRT (`ai_edge_litert.schema_py_generated`).
+Written op by op here, onto the file built with the flatbuffer object API that ships with LiteRT (`sr.run.tflitefile`);
+the convolutions (CONV_2D, DEPTHWISE_CONV_2D, TRANSPOSE_CONV, a PixelShuffle's channel order) in `sr.run.tfliteconv`.
 
 Example:
     >>> write_tflite(int8.fp32_onnx, spec_of(int8.fp32_onnx, "npu"), tie_fused_ranges(spec, int8.ranges), "m.tflite")
@@ -35,6 +36,8 @@ from ..quant.searches import TensorRange
 from ..quant.quantspec import QuantSpec, activation_qparams, weight_int8
 from ..store import write_atomic
 from ..model.wrapper import unwrap
+from .tfliteconv import channel_orders, write_conv, write_transpose_conv
+from .tflitefile import Flatbuffer, TfliteUnsupported, attribute
 
 SUPPORTED_OPS = ("Conv", "ConvTranspose", "Relu", "Clip", "LeakyRelu", "PRelu", "Sigmoid", "Tanh", "Concat", "DepthToSpace",
                  "Add", "Sub", "Mul", "MaxPool", "Pad", "Resize", "Transpose")
@@ -42,129 +45,16 @@ _CLIPS = {(0.0, 1.0): "RELU_0_TO_1", (0.0, 6.0): "RELU6", (-1.0, 1.0): "RELU_N1_
 _NHWC_AXIS = {0: 0, 1: 3, 2: 1, 3: 2, -3: 3, -2: 1, -1: 2, -4: 0}
 
 
-class TfliteUnsupported(ValueError):
-    """A graph the .tflite writer cannot express (the message names the op or the tensor)."""
-
-
 def _user(name: str) -> str:
     return name[len("user/"):] if name.startswith("user/") else name
-
-
-def _attribute(node: onnx.NodeProto, name: str, default=None):
-    found = next((a for a in node.attribute if a.name == name), None)
-    return default if found is None else onnx.helper.get_attribute_value(found)
-
-
-class _Flatbuffer:
-    """The tensors, buffers, operator codes and operators of one subgraph, as LiteRT's object API builds them."""
-
-    def __init__(self):
-        from ai_edge_litert import schema_py_generated as schema
-
-        self.schema = schema
-        self.tensors, self.buffers, self.operators = [], [schema.BufferT()], []
-        self.codes: dict[int, int] = {}
-        self.index: dict[str, int] = {}
-
-    def tensor(self, name: str, channels: int | None, qparams, data: np.ndarray | None = None,
-               dtype: int | None = None, axis: int = 0) -> int:
-        schema = self.schema
-        tensor = schema.TensorT()
-        tensor.name = name
-        if data is None:
-            tensor.shape, tensor.shapeSignature = [1, 1, 1, channels], [1, -1, -1, channels]
-            tensor.type = schema.TensorType.INT8
-            tensor.buffer = 0
-        else:
-            tensor.shape = list(data.shape)
-            tensor.type = dtype
-            buffer = schema.BufferT()
-            buffer.data = np.frombuffer(np.ascontiguousarray(data).tobytes(), np.uint8)
-            self.buffers.append(buffer)
-            tensor.buffer = len(self.buffers) - 1
-        quantization = schema.QuantizationParametersT()
-        scales, zeros = qparams
-        quantization.scale = [float(s) for s in np.atleast_1d(scales)]
-        quantization.zeroPoint = [int(z) for z in np.atleast_1d(zeros)]
-        quantization.quantizedDimension = axis
-        tensor.quantization = quantization
-        self.tensors.append(tensor)
-        if data is None:
-            self.index[name] = len(self.tensors) - 1
-        return len(self.tensors) - 1
-
-    def plain(self, name: str, shape: list[int], dtype: int) -> int:
-        """An unquantized tensor made at run time (an INT32 shape)."""
-        tensor = self.schema.TensorT()
-        tensor.name, tensor.shape, tensor.type, tensor.buffer = name, shape, dtype, 0
-        self.tensors.append(tensor)
-        return len(self.tensors) - 1
-
-    def operator(self, op: str, inputs: list[int], outputs: list[int], options=None, kind: str | None = None):
-        schema = self.schema
-        code = getattr(schema.BuiltinOperator, op)
-        self.codes.setdefault(code, len(self.codes))
-        operator = schema.OperatorT()
-        operator.opcodeIndex, operator.inputs, operator.outputs = self.codes[code], inputs, outputs
-        if options is not None:
-            operator.builtinOptionsType = getattr(schema.BuiltinOptions, kind)
-            operator.builtinOptions = options
-        self.operators.append(operator)
-
-    def model(self, inputs: list[int], outputs: list[int]) -> bytes:
-        import flatbuffers
-
-        schema = self.schema
-        subgraph = schema.SubGraphT()
-        subgraph.tensors, subgraph.inputs, subgraph.outputs = self.tensors, inputs, outputs
-        subgraph.operators, subgraph.name = self.operators, "main"
-        model = schema.ModelT()
-        model.version, model.description = 3, "SR INT8 Lab: full-integer INT8 from the lab's spec and ranges"
-        codes = []
-        for code, _ in sorted(self.codes.items(), key=lambda item: item[1]):
-            made = schema.OperatorCodeT()
-            made.builtinCode, made.deprecatedBuiltinCode, made.version = code, min(code, 127), 1
-            codes.append(made)
-        model.operatorCodes, model.subgraphs, model.buffers = codes, [subgraph], self.buffers
-        builder = flatbuffers.Builder(1 << 16)
-        builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
-        return bytes(builder.Output())
 
 
 def _constants(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     arrays = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
     for node in model.graph.node:
         if node.op_type == "Constant":
-            arrays[node.output[0]] = numpy_helper.to_array(_attribute(node, "value"))
+            arrays[node.output[0]] = numpy_helper.to_array(attribute(node, "value"))
     return arrays
-
-
-def _channel_orders(model: onnx.ModelProto) -> dict[str, np.ndarray]:
-    """{Conv name: the output-channel order that makes a following CRD DepthToSpace a DCR one (LiteRT's
-    DEPTH_TO_SPACE)}: the Conv must feed the DepthToSpace alone, directly or through one ReLU/Clip."""
-    producers = {o: n for n in model.graph.node for o in n.output}
-    consumers: dict[str, list] = {}
-    for node in model.graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
-    orders = {}
-    for node in model.graph.node:
-        if node.op_type != "DepthToSpace" or _attribute(node, "mode", b"DCR") in (b"DCR", "DCR"):
-            continue
-        tensor, conv = node.input[0], producers.get(node.input[0])
-        if conv is not None and conv.op_type in ("Relu", "Clip") and len(consumers.get(tensor, [])) == 1:
-            tensor, conv = conv.input[0], producers.get(conv.input[0])
-        if conv is None or conv.op_type != "Conv" or len(consumers.get(tensor, [])) != 1:
-            raise TfliteUnsupported(f"DepthToSpace {node.name!r} in CRD order (PixelShuffle) after "
-                                    f"{'the graph input' if conv is None else conv.op_type}: LiteRT's DEPTH_TO_SPACE "
-                                    "is DCR, and the order can be folded only into a Conv that feeds it alone")
-        block = int(_attribute(node, "blocksize"))
-        channels = int(numpy_helper.to_array(next(i for i in model.graph.initializer
-                                                  if i.name == conv.input[1])).shape[0]) // (block * block)
-        # DCR channel (by * b + bx) * C + c takes the CRD channel c * b * b + by * b + bx
-        by, bx, c = np.meshgrid(np.arange(block), np.arange(block), np.arange(channels), indexing="ij")
-        orders[conv.name] = (c * block * block + by * block + bx).reshape(-1)
-    return orders
 
 
 def tflite_bytes(fp32: onnx.ModelProto, spec: QuantSpec, ranges: dict[str, TensorRange]) -> bytes:
@@ -189,13 +79,13 @@ def tflite_bytes(fp32: onnx.ModelProto, spec: QuantSpec, ranges: dict[str, Tenso
 
 
 class _Writer:
-    """One user's graph written op by op into a `_Flatbuffer`."""
+    """One user's graph written op by op into a `Flatbuffer`."""
 
     def __init__(self, model: onnx.ModelProto, spec: QuantSpec, ranges: dict[str, TensorRange]):
-        self.model, self.flat = model, _Flatbuffer()
+        self.model, self.flat = model, Flatbuffer()
         self.activations = {_user(t): a for t, a in spec.activations.items()}
         self.bounds = {_user(t): r for t, r in ranges.items()}
-        self.arrays, self.orders = _constants(model), _channel_orders(model)
+        self.arrays, self.orders = _constants(model), channel_orders(model)
         self.weights = {_user(w): s for w, s in spec.weights.items()}
         self.channels: dict[str, int] = {}
         self.producers = {o: n for n in model.graph.node for o in n.output}
@@ -229,12 +119,12 @@ class _Writer:
         .tflite, which is NHWC throughout, it is no op at all."""
         readers = [n for n in self.model.graph.node if image in n.input]
         if len(readers) == 1 and readers[0].op_type == "Transpose" and \
-                list(_attribute(readers[0], "perm", [])) == [0, 3, 1, 2]:
+                list(attribute(readers[0], "perm", [])) == [0, 3, 1, 2]:
             return readers[0]
         return None
 
     def _transpose(self, node) -> None:
-        perm = list(_attribute(node, "perm", []))
+        perm = list(attribute(node, "perm", []))
         opening = perm == [0, 3, 1, 2] and node.input[0] == self.model.graph.input[0].name
         closing = perm == [0, 2, 3, 1] and node.output[0] == self.model.graph.output[0].name
         if not (opening or closing):
@@ -244,7 +134,7 @@ class _Writer:
         self.channels[node.output[0]] = self.channels[node.input[0]]
 
     def _convtranspose(self, node) -> None:
-        _write_transpose_conv(self, node)
+        write_transpose_conv(self, node)
 
     def value_of(self, tensor: str) -> np.ndarray:
         """A constant, or an integer tensor computed from shapes that comes out the same for two input sizes (an
@@ -270,7 +160,7 @@ class _Writer:
         """The channels a Conv reading `tensor` takes (0 when none reads it): a free channel dimension fixed."""
         for node in self.model.graph.node:
             if node.op_type == "Conv" and node.input[0] == tensor and node.input[1] in self.arrays:
-                return int(self.arrays[node.input[1]].shape[1]) * int(_attribute(node, "group", 1))
+                return int(self.arrays[node.input[1]].shape[1]) * int(attribute(node, "group", 1))
         return 0
 
     def qparams(self, name: str) -> tuple[float, int]:
@@ -342,15 +232,15 @@ class _Writer:
         return found
 
     def _conv(self, node) -> None:
-        _write_conv(self, node)
+        write_conv(self, node)
 
     def _relu(self, node) -> None:
         self.unary(node, "RELU")
 
     def _clip(self, node) -> None:
         arrays = self.arrays
-        low = float(arrays[node.input[1]]) if len(node.input) > 1 and node.input[1] else float(_attribute(node, "min", -np.inf))
-        high = float(arrays[node.input[2]]) if len(node.input) > 2 and node.input[2] else float(_attribute(node, "max", np.inf))
+        low = float(arrays[node.input[1]]) if len(node.input) > 1 and node.input[1] else float(attribute(node, "min", -np.inf))
+        high = float(arrays[node.input[2]]) if len(node.input) > 2 and node.input[2] else float(attribute(node, "max", np.inf))
         if (low, high) in _CLIPS:
             return self.unary(node, _CLIPS[(low, high)])
         scale, zero = self.qparams(node.output[0])
@@ -362,7 +252,7 @@ class _Writer:
 
     def _leakyrelu(self, node) -> None:
         options = self.flat.schema.LeakyReluOptionsT()
-        options.alpha = float(_attribute(node, "alpha", 0.01))
+        options.alpha = float(attribute(node, "alpha", 0.01))
         self.unary(node, "LEAKY_RELU", options, "LeakyReluOptions")
 
     def _prelu(self, node) -> None:
@@ -377,14 +267,14 @@ class _Writer:
 
     def _concat(self, node) -> None:
         options = self.flat.schema.ConcatenationOptionsT()
-        options.axis = _NHWC_AXIS[int(_attribute(node, "axis"))]
+        options.axis = _NHWC_AXIS[int(attribute(node, "axis"))]
         made = self.output(node.output[0], sum(self.channels[t] for t in node.input))
         self.flat.operator("CONCATENATION", [self.activation(t) for t in node.input], [made], options,
                            "ConcatenationOptions")
 
     def _depthtospace(self, node) -> None:
         options = self.flat.schema.DepthToSpaceOptionsT()
-        options.blockSize = int(_attribute(node, "blocksize"))
+        options.blockSize = int(attribute(node, "blocksize"))
         made = self.output(node.output[0], self.channels[node.input[0]] // options.blockSize ** 2)
         self.flat.operator("DEPTH_TO_SPACE", [self.activation(node.input[0])], [made], options, "DepthToSpaceOptions")
 
@@ -405,10 +295,10 @@ class _Writer:
         self._binary(node, "MUL", self.flat.schema.MulOptionsT(), "MulOptions")
 
     def _maxpool(self, node) -> None:
-        kernel = list(_attribute(node, "kernel_shape"))
-        strides = list(_attribute(node, "strides", [1, 1]))
-        if any(_attribute(node, "pads", [0, 0, 0, 0])) or _attribute(node, "ceil_mode", 0) or \
-                any(d != 1 for d in _attribute(node, "dilations", [1, 1])) or len(kernel) != 2:
+        kernel = list(attribute(node, "kernel_shape"))
+        strides = list(attribute(node, "strides", [1, 1]))
+        if any(attribute(node, "pads", [0, 0, 0, 0])) or attribute(node, "ceil_mode", 0) or \
+                any(d != 1 for d in attribute(node, "dilations", [1, 1])) or len(kernel) != 2:
             raise TfliteUnsupported(f"MaxPool {node.name!r}: only 2-D, unpadded, floor-mode pooling is written")
         options = self.flat.schema.Pool2DOptionsT()
         options.padding = self.flat.schema.Padding.VALID
@@ -417,7 +307,7 @@ class _Writer:
         self.unary(node, "MAX_POOL_2D", options, "Pool2DOptions")
 
     def _pad(self, node) -> None:
-        mode = _attribute(node, "mode", b"constant")
+        mode = attribute(node, "mode", b"constant")
         mode = mode.decode() if isinstance(mode, bytes) else mode
         pads = [int(p) for p in self.value_of(node.input[1])] if len(node.input) > 1 else []
         if mode not in ("constant", "edge") or len(pads) != 8 or pads[0] or pads[1] or pads[4] or pads[5] or \
@@ -472,11 +362,11 @@ class _Writer:
         self.channels[node.output[0]] = channels
 
     def _resize(self, node) -> None:
-        mode = _attribute(node, "mode", b"nearest")
+        mode = attribute(node, "mode", b"nearest")
         mode = mode.decode() if isinstance(mode, bytes) else mode
-        transform = _attribute(node, "coordinate_transformation_mode", b"half_pixel")
+        transform = attribute(node, "coordinate_transformation_mode", b"half_pixel")
         transform = transform.decode() if isinstance(transform, bytes) else transform
-        nearest = _attribute(node, "nearest_mode", b"round_prefer_floor")
+        nearest = attribute(node, "nearest_mode", b"round_prefer_floor")
         nearest = nearest.decode() if isinstance(nearest, bytes) else nearest
         if mode == "nearest" and transform == "asymmetric" and nearest == "floor":
             op, options, kind = "RESIZE_NEAREST_NEIGHBOR", self.flat.schema.ResizeNearestNeighborOptionsT(), \
@@ -508,111 +398,6 @@ class _Writer:
         return self.spatial_size(sources.pop(), node.name)
 
 
-def _write_conv(writer: _Writer, node) -> None:
-    schema, arrays, weights = writer.flat.schema, writer.arrays, writer.weights
-    if node.input[1] not in weights:
-        raise TfliteUnsupported(f"Conv {node.name!r}: its weight is not quantized by the spec")
-    weight = np.asarray(arrays[node.input[1]], np.float32)
-    bias = np.asarray(arrays[node.input[2]], np.float32) if len(node.input) > 2 and node.input[2] else \
-        np.zeros(weight.shape[0], np.float32)
-    if node.name in writer.orders:  # a CRD PixelShuffle after it: its output channels in DCR order
-        weight, bias = weight[writer.orders[node.name]], bias[writer.orders[node.name]]
-    kernel, strides = weight.shape[2:], list(_attribute(node, "strides", [1, 1]))
-    pads = list(_attribute(node, "pads", [0, 0, 0, 0]))
-    if weight.ndim != 4 or any(d != 1 for d in _attribute(node, "dilations", [1, 1])):
-        raise TfliteUnsupported(f"Conv {node.name!r}: only 2-D, undilated convolutions are written")
-    same = pads == [kernel[0] // 2, kernel[1] // 2] * 2 and all(k % 2 == 1 for k in kernel) and strides == [1, 1]
-    if not same and any(pads):
-        raise TfliteUnsupported(f"Conv {node.name!r}: pads {pads} with strides {strides} are neither SAME nor VALID")
-    groups, in_channels = int(_attribute(node, "group", 1)), writer.channels[node.input[0]]
-    axis = weights[node.input[1]].axis
-    quantized, steps = weight_int8(weight, None if axis is None else 0)
-    bias_steps = (np.float32(writer.qparams(node.input[0])[0]) *
-                  np.broadcast_to(steps, (weight.shape[0],))).astype(np.float32)
-    limit = np.iinfo(np.int32)
-    bias_int = np.clip(np.rint(bias.astype(np.float64) / bias_steps), limit.min, limit.max).astype(np.int32)
-    if groups > 1 and groups == in_channels and weight.shape[1] == 1:
-        options, kind, op = schema.DepthwiseConv2DOptionsT(), "DepthwiseConv2DOptions", "DEPTHWISE_CONV_2D"
-        options.depthMultiplier = weight.shape[0] // in_channels
-        filter_data, filter_axis = quantized.transpose(1, 2, 3, 0), 3
-    else:
-        options, kind, op = schema.Conv2DOptionsT(), "Conv2DOptions", "CONV_2D"
-        filter_data, filter_axis = quantized.transpose(0, 2, 3, 1), 0
-    options.padding = schema.Padding.SAME if same else schema.Padding.VALID
-    (options.strideH, options.strideW), options.dilationWFactor = strides, 1
-    options.dilationHFactor, options.fusedActivationFunction = 1, schema.ActivationFunctionType.NONE
-    zeros = np.zeros(np.atleast_1d(steps).shape, np.int64)
-    filter_index = writer.flat.tensor(f"{node.input[1]}_int8", None, (steps, zeros), filter_data,
-                                      schema.TensorType.INT8, filter_axis if axis is not None else 0)
-    bias_index = writer.flat.tensor(f"{node.name}_bias_int32", None,
-                                    (bias_steps if axis is not None else bias_steps[:1],
-                                     zeros if axis is not None else zeros[:1]), bias_int, schema.TensorType.INT32, 0)
-    made = writer.output(node.output[0], weight.shape[0])
-    writer.flat.operator(op, [writer.activation(node.input[0]), filter_index, bias_index], [made], options, kind)
-
-
-def _write_transpose_conv(writer: _Writer, node) -> None:
-    """TRANSPOSE_CONV with SAME padding: the output `stride` times the input, read at run time (SHAPE), where the
-    ONNX pads are the ones SAME gives (TFLite pads a transposed convolution as the forward one it inverts)."""
-    schema, flat = writer.flat.schema, writer.flat
-    if node.input[1] not in writer.weights:
-        raise TfliteUnsupported(f"ConvTranspose {node.name!r}: its weight is not quantized by the spec")
-    weight = np.asarray(writer.arrays[node.input[1]], np.float32)  # (in, out / groups, kh, kw)
-    kernel, strides = list(weight.shape[2:]), list(_attribute(node, "strides", [1, 1]))
-    pads, extra = list(_attribute(node, "pads", [0, 0, 0, 0])), list(_attribute(node, "output_padding", [0, 0]))
-    same = [(k - s) // 2 for k, s in zip(kernel, strides)]
-    crop_end = [p - e for p, e in zip(pads[2:], extra)]  # what ONNX takes off the far end of the full output
-    if int(_attribute(node, "group", 1)) != 1 or any(d != 1 for d in _attribute(node, "dilations", [1, 1])) or \
-            any(k < s for k, s in zip(kernel, strides)) or min(crop_end) < 0:
-        raise TfliteUnsupported(f"ConvTranspose {node.name!r} (kernel {kernel}, strides {strides}, pads {pads}): "
-                                "LiteRT's TRANSPOSE_CONV is written ungrouped, undilated, with its kernel at least "
-                                "its stride")
-    is_same = pads[:2] == same and [p + e for p, e in zip(crop_end, [0, 0])] == \
-        [k - s - b for k, s, b in zip(kernel, strides, same)]
-    outputs = weight.shape[1]
-    axis = writer.weights[node.input[1]].axis
-    quantized, steps = weight_int8(weight, None if axis is None else 1)
-    bias = np.asarray(writer.arrays[node.input[2]], np.float32) if len(node.input) > 2 and node.input[2] else \
-        np.zeros(outputs, np.float32)
-    bias_steps = (np.float32(writer.qparams(node.input[0])[0]) *
-                  np.broadcast_to(steps, (outputs,))).astype(np.float32)
-    limit = np.iinfo(np.int32)
-    bias_int = np.clip(np.rint(bias.astype(np.float64) / bias_steps), limit.min, limit.max).astype(np.int32)
-    zeros = np.zeros(np.atleast_1d(steps).shape, np.int64)
-    filter_index = flat.tensor(f"{node.input[1]}_int8", None, (steps, zeros), quantized.transpose(1, 2, 3, 0),
-                               schema.TensorType.INT8, 0)
-    bias_index = flat.tensor(f"{node.name}_bias_int32", None, (bias_steps if axis is not None else bias_steps[:1],
-                                                               zeros), bias_int, schema.TensorType.INT32, 0)
-    size = writer.spatial_size(node.input[0], node.name)
-    scaled = flat.plain(f"{node.name}_scaled", [2], schema.TensorType.INT32)
-    flat.operator("MUL", [size, writer.int32(f"{node.name}_by", strides)], [scaled], schema.MulOptionsT(),
-                  "MulOptions")
-    if not is_same:  # VALID: the full output, (input - 1) x stride + kernel, cropped below as ONNX's pads say
-        full = flat.plain(f"{node.name}_full", [2], schema.TensorType.INT32)
-        flat.operator("ADD", [scaled, writer.int32(f"{node.name}_more", [k - s for k, s in zip(kernel, strides)])],
-                      [full], schema.AddOptionsT(), "AddOptions")
-        scaled = full
-    shape = flat.plain(f"{node.name}_output_shape", [4], schema.TensorType.INT32)
-    concat = schema.ConcatenationOptionsT()
-    flat.operator("CONCATENATION", [writer.int32(f"{node.name}_n", [1]), scaled,
-                                    writer.int32(f"{node.name}_c", [outputs])], [shape], concat, "ConcatenationOptions")
-    options = schema.TransposeConvOptionsT()
-    options.padding = schema.Padding.SAME if is_same else schema.Padding.VALID
-    options.strideH, options.strideW = strides
-    made = writer.output(node.output[0], outputs) if is_same else \
-        flat.tensor(f"{node.name}_uncropped", outputs, writer.qparams(node.output[0]))
-    flat.operator("TRANSPOSE_CONV", [shape, filter_index, writer.activation(node.input[0]), bias_index], [made],
-                  options, "TransposeConvOptions")
-    if not is_same:
-        crop = schema.StridedSliceOptionsT()
-        crop.beginMask = 0b1001
-        crop.endMask = 0b1001 | (0b0010 if crop_end[0] == 0 else 0) | (0b0100 if crop_end[1] == 0 else 0)
-        flat.operator("STRIDED_SLICE", [made, writer.int32(f"{node.name}_crop_b", [0, pads[0], pads[1], 0]),
-                                        writer.int32(f"{node.name}_crop_e", [0, -crop_end[0], -crop_end[1], 0]),
-                                        writer.int32(f"{node.name}_crop_s", [1, 1, 1, 1])],
-                      [writer.output(node.output[0], outputs)], crop, "StridedSliceOptions")
-
-
 def write_tflite(fp32_onnx: str | os.PathLike, spec: QuantSpec, ranges: dict[str, TensorRange],
                  out: str | os.PathLike) -> Path:
     """`tflite_bytes` of an FP32 model file, written atomically to `out`."""
@@ -620,17 +405,7 @@ def write_tflite(fp32_onnx: str | os.PathLike, spec: QuantSpec, ranges: dict[str
     return Path(out)
 
 
-def image_qparams(tflite: bytes) -> tuple[tuple[float, int], tuple[float, int]]:
-    """((scale, zero point) of the input, of the output) of a .tflite the lab wrote."""
-    from ai_edge_litert import schema_py_generated as schema
+# the modules whose code writes a .tflite (the cached file's key covers them: `sr.run.runtime.tflite_model`)
+WRITTEN_BY = (__name__, write_conv.__module__, Flatbuffer.__module__)
 
-    model = schema.ModelT.InitFromObj(schema.Model.GetRootAsModel(tflite, 0))
-    graph = model.subgraphs[0]
-    found = []
-    for index in (graph.inputs[0], graph.outputs[0]):
-        q = graph.tensors[index].quantization
-        found.append((float(q.scale[0]), int(q.zeroPoint[0])))
-    return found[0], found[1]
-
-
-__all__ = ["tflite_bytes", "write_tflite", "TfliteUnsupported", "SUPPORTED_OPS", "image_qparams"]
+__all__ = ["tflite_bytes", "write_tflite", "SUPPORTED_OPS", "WRITTEN_BY"]
