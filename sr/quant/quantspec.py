@@ -144,12 +144,15 @@ class QuantSpec:
 
 def activation_qparams(spec: ActivationSpec, low: float, high: float) -> tuple[float, int]:
     """(scale, zero point) of a range on a spec's grid (ONNX Runtime's quantizer and LiteRT's do the same
-    arithmetic: the range widened to include 0, the zero point the integer that 0.0 maps to)."""
+    arithmetic: the range widened to include 0, the zero point the integer that 0.0 maps to). An empty range (a
+    tensor that is always zero, such as a ReLU no input ever opens) takes step 1, as ONNX Runtime's quantizer
+    gives it: a step near zero would make the next op's requantization factor huge (XNNPACK refuses such a
+    graph)."""
     if spec.symmetric:
-        amax = max(abs(low), abs(high), 1e-8)
-        return float(np.float32(amax / spec.qmax)), 0
+        amax = max(abs(low), abs(high))
+        return (float(np.float32(amax / spec.qmax)) if amax > 0 else 1.0), 0
     low, high = min(low, 0.0), max(high, 0.0)
-    scale = float(np.float32(max(high - low, 1e-8) / (spec.qmax - spec.qmin)))
+    scale = float(np.float32((high - low) / (spec.qmax - spec.qmin))) if high > low else 1.0
     return scale, int(np.clip(round(spec.qmin - low / scale), spec.qmin, spec.qmax))
 
 
