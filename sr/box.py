@@ -27,6 +27,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
+from .cancel import Cancelled
 from .store import remove_temps_of
 
 # the modules a box's work comes from: imported once by the forkserver, so no box imports them again
@@ -67,10 +68,6 @@ class BoxLimit(Exception):
                       Exceeded.TIME: f"ran longer than {limits.seconds:.0f} s",
                       Exceeded.DIED: f"stopped its worker process ({detail})"}[exceeded]
         super().__init__(f"the work {self.words} and was stopped")
-
-
-class Stopped(Exception):
-    """The caller asked the box to stop (its `should_stop` returned True); the box was killed."""
 
 
 _CONTEXT: list = []
@@ -132,11 +129,11 @@ def run_boxed(work: Callable, *args, box: Limits, progress: Callable[[float, str
         box: the box's memory, time and priority.
         progress: given to `work` as its `progress=` keyword, called here with what it reports (it may raise to
             stop the work: the box is killed and the exception propagates).
-        should_stop: polled while waiting; True kills the box and raises `Stopped`.
+        should_stop: polled while waiting; True kills the box and raises `sr.cancel.Cancelled`.
 
     Raises:
         BoxLimit: over a limit (the box was killed, or its allocation failed).
-        Stopped: `should_stop` asked.
+        Cancelled: `should_stop` asked (the box is killed at once).
         whatever `work` raised, as it raised it.
     """
     context = _context()
@@ -180,7 +177,7 @@ def _wait(process, receiver, limits: Limits, deadline: float, progress, should_s
         if not process.is_alive() and not receiver.poll(0):
             break
         if should_stop is not None and should_stop():
-            raise Stopped()
+            raise Cancelled("stopped at once: the work ran in a box of its own, which was killed")
         if time.monotonic() > deadline:
             raise BoxLimit(Exceeded.TIME, limits)
     process.join(5)

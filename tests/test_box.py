@@ -5,7 +5,8 @@ import time
 import pytest
 
 import boxwork
-from sr.box import BoxLimit, Exceeded, Limits, Stopped, run_boxed
+from sr.box import BoxLimit, Exceeded, Limits, run_boxed
+from sr.cancel import Cancelled
 
 GB = 2**30
 
@@ -49,6 +50,6 @@ def test_progress_errors_and_stopping():
         run_boxed(boxwork.raises, box=Limits(GB, 30))
     asked = time.monotonic() + 1
     started = time.monotonic()
-    with pytest.raises(Stopped):
+    with pytest.raises(Cancelled, match="stopped at once"):
         run_boxed(boxwork.silent_sleep, 300, box=Limits(GB, 120), should_stop=lambda: time.monotonic() > asked)
     assert time.monotonic() - started < 10

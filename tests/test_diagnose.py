@@ -128,7 +128,7 @@ def test_keep_in_float_removes_the_tensors_qdq(planted, planted_report):
 
 
 def test_diagnosis_is_bounded_and_cancellable(planted):
-    from sr.lab.diagnose import DiagnosisCancelled
+    from sr.cancel import Cancelled
 
     path, images = planted
     image = np.asarray(Image.open(Path(images) / "butterfly.png").convert("RGB"))
@@ -136,7 +136,7 @@ def test_diagnosis_is_bounded_and_cancellable(planted):
     report = diagnose(config, images=[image], mode=InputMode.UPSCALE)
     assert report.ranking and report.ranking[0].tensor in PLANTED
     calls = []
-    with pytest.raises(DiagnosisCancelled, match="stopped after 2 of"):
+    with pytest.raises(Cancelled, match="stopped after 2 of"):
         diagnose(config, images=[image], mode=InputMode.UPSCALE, should_stop=lambda: calls.append(1) or len(calls) > 2)
 
 

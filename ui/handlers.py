@@ -10,11 +10,11 @@ from pathlib import Path
 import gradio as gr
 import pandas as pd
 
-from sr.box import Stopped
+from sr.cancel import Cancelled
 from sr.cost import TooCostly, Uncountable
 from sr.lab.bundle import export_bundle, zip_bundle
 from sr.lab.compare import prepare_input
-from sr.lab.diagnose import DiagnoseConfig, DiagnosisCancelled, diagnose
+from sr.lab.diagnose import DiagnoseConfig, diagnose
 from sr.lab.fixes import advise_fix, apply_fix
 from sr.lab.plots import histogram_figure
 from sr.lab.ready import ReadyConfig, make_ready
@@ -152,10 +152,8 @@ def _diagnosed(image, model, mode, calibration, scheme, stop, progress, visitor)
                              progress=lambda f, m: progress(f, desc=f"{m} (cancel to stop)"), stop=stop.is_set)
                 advice = run(advise_fix, report, image, MODES.get(mode, mode),
                              progress=lambda f, m: progress(f, desc=f"measuring the fixes: {m}"), stop=stop.is_set)
-        except DiagnosisCancelled as error:
+        except Cancelled as error:
             raise gr.Error(f"Diagnosis cancelled: {error}.") from None
-        except Stopped:
-            raise gr.Error("Diagnosis cancelled: stopped at once (your model runs in a box of its own).") from None
     culprit = advice.tensor or (report.ranking[0].tensor if report.ranking else None)
     chosen = report.calibrated.ranges.get(culprit)
     figure = histogram_figure(report.stats[culprit], max(abs(chosen.low), abs(chosen.high))) if culprit else None

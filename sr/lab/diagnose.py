@@ -34,6 +34,7 @@ from ..quant.calibrate import CalibrationConfig
 from ..quant.searches import TensorRange
 from ..quant.statistics import TensorStats
 from .compare import InputMode
+from ..cancel import Cancelled
 from ..data import list_images
 from ..model.models import model_info
 from ..run.quantize import calibrate_model
@@ -63,10 +64,6 @@ class DiagnoseConfig:
             raise ValueError(f"top must be at least 1, got {self.top}")
         if self.max_side is not None and self.max_side < 16:
             raise ValueError(f"max_side must be at least 16 pixels, got {self.max_side}")
-
-
-class DiagnosisCancelled(RuntimeError):
-    """The caller asked the diagnosis to stop."""
 
 
 @dataclass
@@ -161,7 +158,7 @@ def diagnose(config: DiagnoseConfig, images: Sequence | None = None, mode: Input
 
     Raises:
         ValueError / FileNotFoundError: bad configuration, no images.
-        DiagnosisCancelled: `should_stop()` returned True.
+        sr.cancel.Cancelled: `should_stop()` returned True (between two tensors).
     """
     mode = InputMode.parse(mode)
     model_info(config.model)  # an unknown model or folder is said before any work (the constructor reads nothing)
@@ -183,7 +180,7 @@ def diagnose(config: DiagnoseConfig, images: Sequence | None = None, mode: Input
     progress = progress or logged_progress(f"diagnosing {config.model}")
     for index, tensor in enumerate(points):
         if should_stop is not None and should_stop():
-            raise DiagnosisCancelled(f"diagnosis stopped after {index} of {len(points)} tensors")
+            raise Cancelled(f"diagnosis stopped after {index} of {len(points)} tensors")
         left = 2 * (len(points) - index) * seconds_per_pass
         progress(index / len(points), f"tensor {index + 1} of {len(points)}, about {left:.0f} s left")
         alone_truth, alone_fp32, alone_bright = simulator.score(alone=tensor)
