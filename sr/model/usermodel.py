@@ -115,9 +115,9 @@ def register_onnx(path: str | os.PathLike, overrides: Overrides = Overrides(),
             write_atomic(json.dumps(contract.to_dict()).encode(), saved)
         touch(folder)  # used now: the cache's LRU eviction counts uploaded models too
     _make_room(folder, path.name)
-    from ..quant.quantspec import ALL_INT8_OPS, TENSORRT_INPUT_OPS
+    from ..quant.quantspec import ALL_INT8_OPS, LITERT_OPS, TENSORRT_INPUT_OPS
 
-    covered = {*ALL_INT8_OPS, *TENSORRT_INPUT_OPS, "Constant", "Identity"}
+    covered = {*ALL_INT8_OPS, *LITERT_OPS, *TENSORRT_INPUT_OPS, "Constant", "Identity"}
     ops = sorted({node.op_type for node in model.graph.node} - covered)
     parameters = sum(int(np.prod(init.dims)) for init in model.graph.initializer)
     record = folder / "registration.json"  # what lookup needs to give the same model in every process
