@@ -88,12 +88,11 @@ def _measured(calibrations) -> None:
 
 def _calibration(method, samples, gain, seed) -> CalibrationConfig:
     try:
-        return CalibrationConfig(method=method, samples=int(samples), gain=float(gain), seed=int(seed or 0))
-    except (TypeError, ValueError) as error:  # a missing or non-numeric widget value through the API
-        if isinstance(error, ValueError) and "samples must" in str(error):
-            raise
+        numbers = int(samples), float(gain), int(seed or 0)
+    except (TypeError, ValueError):  # a missing or non-numeric widget value through the API
         raise ValueError(f"the calibration settings must be numbers (samples {samples!r}, gain {gain!r}, seed "
                          f"{seed!r})") from None
+    return CalibrationConfig(method=method, samples=numbers[0], gain=numbers[1], seed=numbers[2])  # its own words
 
 
 def _refined(run, model: str, refinements, calibration: CalibrationConfig, scheme: str, progress) -> str:
