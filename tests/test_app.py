@@ -431,6 +431,8 @@ def test_an_animation_a_missing_setting_and_undecodable_bytes_get_words(tmp_path
     assert "animation of 3 frames; the first frame is used" in " ".join(prepare_input(str(gif), "upscale", 3).notices)
     with pytest.raises(ValueError, match="must be numbers"):
         comparison._calibration("entropy", None, 1.0, 0)
+    with pytest.raises(ValueError, match="samples must be an integer from 10 to 1000, got 5"):
+        comparison._calibration("entropy", 5, 1.0, 0)  # a number out of range keeps the library's own words
     with pytest.raises(ImageLoadError) as error:
         load_image(b"not an image at all")
     assert "BytesIO" not in str(error.value) and "0x" not in str(error.value)
