@@ -362,3 +362,96 @@ def test_the_hexagon_npu_refuses_the_attention_family_naming_what_stays_in_float
     int8 = calibrate_model(name, CalibrationConfig(method="minmax", samples=10), "npu")
     with pytest.raises(ValueError, match="cannot run all of .*ops it would run in float: .*Div"):
         create_engine(EngineKind.QNN_HTP, name, int8)
+
+
+def _pattern(kind: str) -> onnx.ModelProto:
+    """Conv -> <kind> -> Conv, 3 channels in and out: the same-scale and fixed-grid ops beside a ReLU or a Concat."""
+    rng = np.random.default_rng(3)
+    inits = {"w0": rng.standard_normal((8, 3, 3, 3)) * 0.3, "w1": rng.standard_normal((3, 8, 3, 3)) * 0.3,
+             "w2": rng.standard_normal((3, 16, 3, 3)) * 0.3, "scales": np.array([1, 1, 2, 2]),
+             "pads": np.array([0, 0, 1, 2, 0, 0, 2, 1])}
+    middle = {"maxpool-relu": [helper.make_node("MaxPool", ["a"], ["m"], kernel_shape=[2, 2], strides=[2, 2]),
+                               helper.make_node("Relu", ["m"], ["b"])],
+              "resize-relu": [helper.make_node("Resize", ["a", "", "scales"], ["m"], mode="nearest",
+                                               coordinate_transformation_mode="asymmetric", nearest_mode="floor"),
+                              helper.make_node("Relu", ["m"], ["b"])],
+              "pad-relu": [helper.make_node("Pad", ["a", "pads"], ["m"], mode="constant"),
+                           helper.make_node("Relu", ["m"], ["b"])],
+              "sigmoid-concat": [helper.make_node("Sigmoid", ["a"], ["s"]),
+                                 helper.make_node("Concat", ["s", "a"], ["b"], axis=1)]}[kind]
+    last = "w2" if kind == "sigmoid-concat" else "w1"
+    nodes = [helper.make_node("Conv", ["x", "w0"], ["a"], pads=[1, 1, 1, 1]), *middle,
+             helper.make_node("Conv", ["b", last], ["y"], pads=[1, 1, 1, 1])]
+    arrays = [numpy_helper.from_array(v.astype(np.float32 if v.dtype.kind == "f" else
+                                               (np.float32 if k == "scales" else np.int64)), k)
+              for k, v in inits.items() if k not in ("w1", "w2") or k == last]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, None, None])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], arrays)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@needs_litert
+@pytest.mark.parametrize("kind", ["maxpool-relu", "resize-relu", "pad-relu", "sigmoid-concat"])
+def test_same_scale_and_fixed_grid_ops_beside_a_relu_or_concat_keep_litert_s_rules(kind, tmp_path):
+    """A pooling, resize or pad before a ReLU keeps its input's grid (the ReLU requantizes after it), and a
+    Sigmoid's fixed grid is the Concat's it feeds: the .tflite runs on LiteRT's reference kernels within a few
+    output steps of the lab's QDQ model (a broken tie gave 108 steps, or a file LiteRT refused)."""
+    import onnxruntime as ort
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+    from sr.quant.qdq import insert_qdq, tie_fused_ranges
+    from sr.quant.quantspec import LITERT_FIXED_OUTPUT
+    from sr.quant.searches import TensorRange
+    from sr.run.tflite import tflite_bytes
+
+    model = _pattern(kind)
+    x = np.random.default_rng(0).random((1, 3, 12, 14), dtype=np.float32)
+    spec = quant_spec(model, "npu")
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    probe.graph.output.extend(helper.make_empty_tensor_value_info(t) for t in spec.activations if t != "y")
+    values = dict(zip([o.name for o in probe.graph.output], ort.InferenceSession(
+        probe.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})))
+    values["x"] = x
+    fixed = {"s": LITERT_FIXED_OUTPUT["Sigmoid"]} if kind == "sigmoid-concat" else {}
+    ranges = tie_fused_ranges(spec, {t: TensorRange(t, *fixed.get(t, (float(values[t].min()), float(values[t].max()))),
+                                                    0.0, 1.0, 0.0, "minmax") for t in spec.activations})
+    qdq = ort.InferenceSession(insert_qdq(model, spec, ranges).SerializeToString(), providers=["CPUExecutionProvider"])
+    expected = qdq.run(None, {"x": x})[0]
+    interpreter = Interpreter(model_content=tflite_bytes(model, spec, ranges),
+                              experimental_op_resolver_type=OpResolverType.BUILTIN_REF)
+    given, taken = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
+    image = x[0].transpose(1, 2, 0)[None]
+    interpreter.resize_tensor_input(given["index"], list(image.shape), strict=False)
+    interpreter.allocate_tensors()
+    scale, zero = given["quantization"]
+    interpreter.set_tensor(given["index"], np.clip(np.rint(image / scale) + zero, -128, 127).astype(np.int8))
+    interpreter.invoke()
+    scale, zero = taken["quantization"]
+    result = ((interpreter.get_tensor(taken["index"]).astype(np.float32) - zero) * scale).transpose(0, 3, 1, 2)
+    assert result.shape == expected.shape
+    assert np.abs(result - expected).max() / scale <= 3
+
+
+@needs_litert
+def test_what_would_be_written_wrong_is_refused_instead():
+    """auto_pad (no pads attribute), a ConvTranspose's output_shape and a Resize whose size is not another
+    tensor's are refused in words, not written as something else."""
+    from sr.quant.searches import TensorRange
+    from sr.run.tflite import TfliteUnsupported, tflite_bytes
+
+    rng = np.random.default_rng(0)
+    weights = {"w": rng.standard_normal((3, 3, 3, 3)).astype(np.float32),
+               "wt": rng.standard_normal((3, 3, 4, 4)).astype(np.float32)}
+    cases = {"auto_pad": helper.make_node("Conv", ["x", "w"], ["y"], auto_pad="SAME_UPPER"),
+             "output_shape": helper.make_node("ConvTranspose", ["x", "wt"], ["y"], strides=[2, 2],
+                                              output_shape=[24, 28])}
+    for what, node in cases.items():
+        graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, None, None])],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                                  [numpy_helper.from_array(v, k) for k, v in weights.items() if k in node.input])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        spec = quant_spec(model, "npu")
+        ranges = {t: TensorRange(t, -1.0, 1.0, -1.0, 1.0, 0.0, "fixed") for t in spec.activations}
+        with pytest.raises(TfliteUnsupported):
+            tflite_bytes(model, spec, ranges)

@@ -386,11 +386,16 @@ def fused_ties(model: onnx.ModelProto, quantized: set[str], litert: bool = False
         for name in node.output:
             producer[name] = node
     ties = {}
+    # LiteRT's fixed output grids (Sigmoid, Softmax, Tanh) are never moved onto another tensor's
+    pinned = {n.output[0] for n in model.graph.node if n.op_type in LITERT_FIXED_OUTPUT} if litert else set()
+    own_grid = (*pinned_ops(litert), *(set(LITERT_SAME_SCALE) - {"DepthToSpace", "Slice"} if litert else ()))
     for node in model.graph.node:
         if node.op_type not in ("Relu", "Clip") or node.output[0] not in quantized:
             continue
         tensor = node.input[0]
         while tensor in quantized and len(consumers.get(tensor, [])) == 1 and tensor in producer:
+            if producer[tensor].op_type in own_grid:
+                break  # a pooling, resize, pad or reshape keeps its input's grid; the ReLU requantizes after it
             ties[tensor] = node.output[0]
             if producer[tensor].op_type not in ("DepthToSpace", "Slice"):
                 break
@@ -400,17 +405,22 @@ def fused_ties(model: onnx.ModelProto, quantized: set[str], litert: bool = False
         if node.op_type in same_scale and node.input[0] in quantized:
             root = _tie_root(ties, node.input[0])
             for output in node.output:
-                if output in quantized and output not in ties and root != output:
+                if output in quantized and output not in ties and root != output and output not in pinned:
                     ties[output] = root
     if litert:
         for node in model.graph.node:
             if node.op_type == "Concat" and node.output[0] in quantized:
-                target = _tie_root(ties, node.output[0])
-                for name in node.input:
-                    root = _tie_root(ties, name)
-                    if name in quantized and root != target:
+                roots = [_tie_root(ties, t) for t in [node.output[0], *node.input] if t in quantized]
+                target = next((r for r in roots if r in pinned), roots[0])  # a fixed grid, if any, is the Concat's
+                for root in roots:
+                    if root != target and root not in pinned:
                         ties[root] = target
     return {tensor: _tie_root(ties, tensor) for tensor in ties}
+
+
+def pinned_ops(litert: bool) -> tuple[str, ...]:
+    """The op types whose output grid the specification fixes (none outside LiteRT's)."""
+    return tuple(LITERT_FIXED_OUTPUT) if litert else ()
 
 
 def _tie_root(ties: dict[str, str], tensor: str) -> str:

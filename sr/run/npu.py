@@ -81,6 +81,9 @@ def prelu_for_htp(model: onnx.ModelProto) -> onnx.ModelProto:
             nodes.append(node)
             continue
         alpha = next((a.f for a in node.attribute if a.name == "alpha"), 0.01)
+        if alpha == 0:  # a LeakyRelu with no slope is a ReLU (a slope at step 0 is no valid quantization)
+            nodes.append(onnx.helper.make_node("Relu", [node.input[0]], list(node.output), name=node.name))
+            continue
         stem = f"{node.output[0]}_htp_slope"
         lowered.graph.initializer.extend([
             numpy_helper.from_array(np.array(127 if alpha >= 0 else -127, np.int8), f"{stem}_q"),

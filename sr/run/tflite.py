@@ -33,7 +33,7 @@ import onnx
 from onnx import numpy_helper
 
 from ..quant.searches import TensorRange
-from ..quant.quantspec import QuantSpec, activation_qparams, weight_int8
+from ..quant.quantspec import QuantSpec, activation_qparams, constant_value, weight_int8
 from ..store import write_atomic
 from ..model.wrapper import unwrap
 from .tfliteconv import channel_orders, write_conv, write_transpose_conv
@@ -52,8 +52,9 @@ def _user(name: str) -> str:
 def _constants(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     arrays = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
     for node in model.graph.node:
-        if node.op_type == "Constant":
-            arrays[node.output[0]] = numpy_helper.to_array(attribute(node, "value"))
+        value = constant_value(node) if node.op_type == "Constant" else None
+        if value is not None:
+            arrays[node.output[0]] = value
     return arrays
 
 
@@ -141,20 +142,24 @@ class _Writer:
         exporter's shape arithmetic that adds zero); empty when it depends on the size."""
         if tensor in self.arrays:
             return np.asarray(self.arrays[tensor])
+        found = self.probed([tensor])
+        return found[0][0] if found and np.array_equal(found[0][0], found[1][0]) else np.array([])
+
+    def probed(self, tensors: list[str]) -> list[list[np.ndarray]]:
+        """`tensors` as the FP32 graph computes them for two input sizes (empty when it cannot run them)."""
         import onnxruntime as ort
 
         probe = onnx.ModelProto()
         probe.CopyFrom(self.model)
         del probe.graph.output[:]
-        probe.graph.output.append(onnx.helper.make_tensor_value_info(tensor, onnx.TensorProto.INT64, None))
+        probe.graph.output.extend(onnx.helper.make_empty_tensor_value_info(t) for t in tensors)
         try:
             session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
             channels = self.channels[self.model.graph.input[0].name]
-            found = [session.run(None, {session.get_inputs()[0].name: np.zeros((1, channels, h, w), np.float32)})[0]
-                     for h, w in ((33, 41), (47, 38))]
+            return [session.run(None, {session.get_inputs()[0].name: np.zeros((1, channels, h, w), np.float32)})
+                    for h, w in ((33, 41), (47, 38))]
         except Exception:  # shapes the probe cannot take, or a layout other than NCHW: left unknown
-            return np.array([])
-        return found[0] if np.array_equal(found[0], found[1]) else np.array([])
+            return []
 
     def conv_channels(self, tensor: str) -> int:
         """The channels a Conv reading `tensor` takes (0 when none reads it): a free channel dimension fixed."""
@@ -178,6 +183,16 @@ class _Writer:
     def output(self, name: str, count: int) -> int:
         self.channels[name] = count
         return self.flat.tensor(name, count, self.qparams(name))
+
+    def same_grid(self, node, inputs: list[str]) -> None:
+        """LiteRT's "input and outputs must all have same scale/zero_point" (pooling, resizing, padding,
+        concatenation), checked: a spec that broke it would give a file LiteRT refuses or computes wrong."""
+        wanted = self.qparams(node.output[0])
+        for name in inputs:
+            if self.qparams(name) != wanted:
+                raise TfliteUnsupported(f"{node.op_type} {node.name!r}: its input {name!r} is on another grid than "
+                                        "its output; LiteRT needs one (a fixed output grid, such as a Sigmoid's, "
+                                        "feeds it)")
 
     def unary(self, node, op: str, options=None, kind: str | None = None) -> None:
         made = self.output(node.output[0], self.channels[node.input[0]])
@@ -268,7 +283,9 @@ class _Writer:
     def _concat(self, node) -> None:
         options = self.flat.schema.ConcatenationOptionsT()
         options.axis = _NHWC_AXIS[int(attribute(node, "axis"))]
-        made = self.output(node.output[0], sum(self.channels[t] for t in node.input))
+        self.same_grid(node, list(node.input))
+        count = sum(self.channels[t] for t in node.input) if options.axis == 3 else self.channels[node.input[0]]
+        made = self.output(node.output[0], count)
         self.flat.operator("CONCATENATION", [self.activation(t) for t in node.input], [made], options,
                            "ConcatenationOptions")
 
@@ -298,8 +315,10 @@ class _Writer:
         kernel = list(attribute(node, "kernel_shape"))
         strides = list(attribute(node, "strides", [1, 1]))
         if any(attribute(node, "pads", [0, 0, 0, 0])) or attribute(node, "ceil_mode", 0) or \
-                any(d != 1 for d in attribute(node, "dilations", [1, 1])) or len(kernel) != 2:
+                any(d != 1 for d in attribute(node, "dilations", [1, 1])) or len(kernel) != 2 or \
+                attribute(node, "auto_pad", b"NOTSET") not in (b"NOTSET", b"VALID", "NOTSET", "VALID"):
             raise TfliteUnsupported(f"MaxPool {node.name!r}: only 2-D, unpadded, floor-mode pooling is written")
+        self.same_grid(node, [node.input[0]])
         options = self.flat.schema.Pool2DOptionsT()
         options.padding = self.flat.schema.Padding.VALID
         options.filterHeight, options.filterWidth = kernel
@@ -311,9 +330,10 @@ class _Writer:
         mode = mode.decode() if isinstance(mode, bytes) else mode
         pads = [int(p) for p in self.value_of(node.input[1])] if len(node.input) > 1 else []
         if mode not in ("constant", "edge") or len(pads) != 8 or pads[0] or pads[1] or pads[4] or pads[5] or \
-                min(pads) < 0:
+                min(pads) < 0 or (len(node.input) > 3 and node.input[3]):
             raise TfliteUnsupported(f"Pad {node.name!r} ({mode}, pads {pads or 'computed'}): LiteRT pads height and "
                                     "width with a constant (PADV2), or the edge (rows and columns repeated)")
+        self.same_grid(node, [node.input[0]])
         if mode == "edge":
             return self._edge_pad(node, pads)
         value = float(self.arrays[node.input[2]]) if len(node.input) > 2 and node.input[2] else 0.0
@@ -368,6 +388,10 @@ class _Writer:
         transform = transform.decode() if isinstance(transform, bytes) else transform
         nearest = attribute(node, "nearest_mode", b"round_prefer_floor")
         nearest = nearest.decode() if isinstance(nearest, bytes) else nearest
+        if attribute(node, "antialias", 0) or attribute(node, "axes", None) is not None or \
+                attribute(node, "exclude_outside", 0):
+            raise TfliteUnsupported(f"Resize {node.name!r}: antialias, axes and exclude_outside are not written")
+        self.same_grid(node, [node.input[0]])
         if mode == "nearest" and transform == "asymmetric" and nearest == "floor":
             op, options, kind = "RESIZE_NEAREST_NEIGHBOR", self.flat.schema.ResizeNearestNeighborOptionsT(), \
                 "ResizeNearestNeighborOptions"
@@ -392,10 +416,12 @@ class _Writer:
                                self.flat.schema.MulOptionsT(), "MulOptions")
             return scaled
         sources = self.shape_sources(node.input[3]) - {node.input[0]} if len(node.input) > 3 else set()
-        if len(sources) != 1:
+        source = sources.pop() if len(sources) == 1 else None
+        found = self.probed([node.input[3], source]) if source else []
+        if not found or any(list(sizes[2:]) != list(shape.shape[2:]) for sizes, shape in found):
             raise TfliteUnsupported(f"Resize {node.name!r}: its size is neither an integer scale nor another "
                                     "tensor's size")
-        return self.spatial_size(sources.pop(), node.name)
+        return self.spatial_size(source, node.name)
 
 
 def write_tflite(fp32_onnx: str | os.PathLike, spec: QuantSpec, ranges: dict[str, TensorRange],

@@ -44,6 +44,13 @@ def channel_orders(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     return orders
 
 
+def _explicit(node) -> bool:
+    """True when a convolution's padding is its `pads` (no `auto_pad` SAME_UPPER / SAME_LOWER, which leaves
+    `pads` out and would otherwise be written as none)."""
+    mode = attribute(node, "auto_pad", b"NOTSET")
+    return (mode.decode() if isinstance(mode, bytes) else mode) in ("NOTSET", "VALID")
+
+
 def write_conv(writer, node) -> None:
     """CONV_2D (SAME, or VALID where unpadded) or DEPTHWISE_CONV_2D of an ONNX Conv, its output channels in DCR order
     where a CRD PixelShuffle follows."""
@@ -57,8 +64,8 @@ def write_conv(writer, node) -> None:
         weight, bias = weight[writer.orders[node.name]], bias[writer.orders[node.name]]
     kernel, strides = weight.shape[2:], list(attribute(node, "strides", [1, 1]))
     pads = list(attribute(node, "pads", [0, 0, 0, 0]))
-    if weight.ndim != 4 or any(d != 1 for d in attribute(node, "dilations", [1, 1])):
-        raise TfliteUnsupported(f"Conv {node.name!r}: only 2-D, undilated convolutions are written")
+    if weight.ndim != 4 or any(d != 1 for d in attribute(node, "dilations", [1, 1])) or not _explicit(node):
+        raise TfliteUnsupported(f"Conv {node.name!r}: only 2-D, undilated convolutions with explicit pads are written")
     same = pads == [kernel[0] // 2, kernel[1] // 2] * 2 and all(k % 2 == 1 for k in kernel) and strides == [1, 1]
     if not same and any(pads):
         raise TfliteUnsupported(f"Conv {node.name!r}: pads {pads} with strides {strides} are neither SAME nor VALID")
@@ -101,7 +108,8 @@ def write_transpose_conv(writer, node) -> None:
     same = [(k - s) // 2 for k, s in zip(kernel, strides)]
     crop_end = [p - e for p, e in zip(pads[2:], extra)]  # what ONNX takes off the far end of the full output
     if int(attribute(node, "group", 1)) != 1 or any(d != 1 for d in attribute(node, "dilations", [1, 1])) or \
-            any(k < s for k, s in zip(kernel, strides)) or min(crop_end) < 0:
+            any(k < s for k, s in zip(kernel, strides)) or min(crop_end) < 0 or not _explicit(node) or \
+            attribute(node, "output_shape", None) is not None:
         raise TfliteUnsupported(f"ConvTranspose {node.name!r} (kernel {kernel}, strides {strides}, pads {pads}): "
                                 "LiteRT's TRANSPOSE_CONV is written ungrouped, undilated, with its kernel at least "
                                 "its stride")
