@@ -2,7 +2,7 @@
 
 The package is layers, each importing only from those before it (docs/layout.md has every module):
 
-    sr/            the basics (data, metrics, store, choices, cost, box, cancel, options) and the CLI (`python -m sr`)
+    sr/            the basics (data, metrics, store, progress, choices, cost, box, options) and the CLI (`python -m sr`)
     sr/quant/      how any ONNX graph is quantized: the spec, statistics and range searches, recipe, QDQ writer
     sr/model/      the networks: the lab's models and weights, a user's ONNX model, the converters
     sr/run/        making and running INT8 models: the pipeline (`calibrate_model`), the engines and their policy
@@ -37,7 +37,7 @@ _PUBLIC = {  # name -> the module that defines it
     "EvalConfig": "sr.lab.evaluate", "evaluate": "sr.lab.evaluate", "compare": "sr.lab.compare",
     "DiagnoseConfig": "sr.lab.diagnose", "diagnose": "sr.lab.diagnose", "export_bundle": "sr.lab.bundle",
     "ReadyConfig": "sr.lab.ready", "make_ready": "sr.lab.ready", "BenchConfig": "sr.lab.bench",
-    "run_bench": "sr.lab.bench", "Cancelled": "sr.cancel",
+    "run_bench": "sr.lab.bench", "Cancelled": "sr.progress",
 }
 __all__ = ["__version__", *_PUBLIC]
 

@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from .cancel import Cancelled
+from .progress import Cancelled
 from .store import remove_temps_of
 
 # the modules a box's work comes from: imported once by the forkserver, so no box imports them again
@@ -129,7 +129,7 @@ def run_boxed(work: Callable, *args, box: Limits, progress: Callable[[float, str
         box: the box's memory, time and priority.
         progress: given to `work` as its `progress=` keyword, called here with what it reports (it may raise to
             stop the work: the box is killed and the exception propagates).
-        should_stop: polled while waiting; True kills the box and raises `sr.cancel.Cancelled`.
+        should_stop: polled while waiting; True kills the box and raises `sr.progress.Cancelled`.
 
     Raises:
         BoxLimit: over a limit (the box was killed, or its allocation failed).

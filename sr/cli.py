@@ -15,6 +15,7 @@ from enum import Enum
 from pathlib import Path
 
 from . import __version__
+from .progress import logged_progress
 from .quant.calibrate import CalibrationConfig, Method
 from .run.conformance import EngineRefused
 from .options import (BENCH_HELP, CALIBRATION_HELP, DIAGNOSE_HELP, DISTILL_HELP, EVAL_HELP, QAT_HELP, READY_HELP,
@@ -187,7 +188,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     fields["scale"] = None if args.onnx else args.scale
     config = EvalConfig(model=model, calibration=calibration, scheme=scheme, **fields)
     _print_config(config)
-    report = evaluate(config, progress=not args.json)
+    report = evaluate(config, progress=None if args.json else logged_progress(f"eval {config.model}", every=2.0))
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0
 

@@ -12,7 +12,6 @@ import contextlib
 import fcntl
 import hashlib
 import inspect
-import logging
 import os
 import shutil
 import sys
@@ -22,7 +21,7 @@ import time
 from importlib import metadata
 from pathlib import Path
 from types import CodeType, ModuleType
-from typing import Callable, Iterator, Sequence
+from typing import Iterator, Sequence
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 CACHE_DIR = PROJECT_ROOT / "cache"  # $SR_CACHE_DIR overrides it
@@ -414,24 +413,3 @@ def _update_with_code(digest, code: CodeType) -> None:
             digest.update(repr(sorted(map(repr, constant))).encode())
         else:
             digest.update(repr(constant).encode())
-
-
-def logged_progress(what: str, every: float = 5.0,
-                    logger: logging.Logger | None = None) -> Callable[[float, str], None]:
-    """A progress callback for work nobody watches through one: it logs (INFO) what is being done, how far it is
-    and an estimate of the time left, at most every `every` seconds and never for work that ends sooner, so
-    that a long command is never silent and a short one stays quiet."""
-    logger = logger or logging.getLogger("sr")
-    started = time.perf_counter()
-    last = [started]
-
-    def report(fraction: float, message: str = "") -> None:
-        now = time.perf_counter()
-        if now - last[0] < every:
-            return
-        last[0] = now
-        fraction = min(max(float(fraction or 0.0), 0.0), 1.0)
-        left = (f", about {(now - started) * (1 - fraction) / fraction:.0f} s left" if fraction >= 0.02 else "")
-        logger.info("%s: %s%s%.0f%% done%s", what, message, ", " if message else "", 100 * fraction, left)
-
-    return report

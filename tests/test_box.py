@@ -6,7 +6,7 @@ import pytest
 
 import boxwork
 from sr.box import BoxLimit, Exceeded, Limits, run_boxed
-from sr.cancel import Cancelled
+from sr.progress import Cancelled
 
 GB = 2**30
 

@@ -128,7 +128,7 @@ def test_keep_in_float_removes_the_tensors_qdq(planted, planted_report):
 
 
 def test_diagnosis_is_bounded_and_cancellable(planted):
-    from sr.cancel import Cancelled
+    from sr.progress import Cancelled
 
     path, images = planted
     image = np.asarray(Image.open(Path(images) / "butterfly.png").convert("RGB"))

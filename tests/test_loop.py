@@ -71,7 +71,7 @@ def _run(images, tmp_path, **settings) -> _Run:
 
 def test_the_loop_steps_validates_reports_and_checkpoints(images, tmp_path):
     run, events = _run(images, tmp_path), []
-    run_loop(run, "test", on_progress=events.append)
+    run_loop(run, "test", on_record=events.append)
     final_validation(run)
     assert run.step == 12 and [h["step"] for h in run.history] == [4, 8, 12]  # no second validation at the end
     assert all("val_psnr" in h for h in run.history) and [e["step"] for e in events] == [4, 8, 12]

@@ -1,5 +1,4 @@
-"""sr.store: atomic writes, per-entry locks, the one total cache cap, the memo, logged progress."""
-import logging
+"""sr.store: atomic writes, per-entry locks, the one total cache cap, the memo."""
 import os
 import threading
 import time
@@ -59,19 +58,6 @@ def test_memo_is_a_bounded_lru_that_makes_each_miss_once_per_thread():
     memo.get("a", lambda: make(99))  # a is the most recent now
     memo.get("c", lambda: make(3))  # evicts b, the least recently used
     assert made == [1, 2, 3] and memo.peek("b") is None and memo.peek("a") == 10 and memo.peek("c") == 30
-
-
-def test_logged_progress_is_quiet_for_short_work_and_says_the_time_left(caplog, monkeypatch):
-    clock = [100.0]
-    monkeypatch.setattr(store.time, "perf_counter", lambda: clock[0])
-    report = store.logged_progress("calibrating x", every=5.0)
-    with caplog.at_level(logging.INFO, logger="sr"):
-        clock[0] += 2
-        report(0.5, "pass 1 of 2")  # under 5 s in: nothing
-        clock[0] += 4
-        report(0.25, "pass 1 of 2")
-    lines = [r.getMessage() for r in caplog.records if r.name == "sr"]
-    assert lines == ["calibrating x: pass 1 of 2, 25% done, about 18 s left"]
 
 
 def test_cache_root_follows_the_environment_at_call_time(tmp_path, monkeypatch):

@@ -36,7 +36,7 @@ def _config(folder, out, **kwargs):
 def test_training_lowers_the_loss(tiny_data, tmp_path):
     losses = []
     result = train(TrainConfig(**_config(tiny_data, tmp_path / "m.safetensors")),
-                   on_progress=lambda event: losses.append(event["loss"]))
+                   on_record=lambda event: losses.append(event["loss"]))
     assert result.steps == 60 and losses[-1] < losses[0]
     assert [h["step"] for h in result.history] == [30, 60] and all("val_psnr" in h for h in result.history)
     metadata = read_metadata(result.weights)
@@ -126,7 +126,7 @@ def test_each_distillation_mode_trains_and_is_recorded(mode, tiny_data, tiny_tea
     out = tmp_path / f"{mode}.safetensors"
     result = distill(DistillConfig(**_config(tiny_data, out, steps=12, val_every=6, max_lr=1e-3),
                                    teacher=str(tiny_teacher), kd_mode=mode),
-                     on_progress=lambda event: losses.append(event["loss"]))
+                     on_record=lambda event: losses.append(event["loss"]))
     assert result.steps == 12 and losses and all(np.isfinite(losses))
     metadata = read_metadata(out)
     assert metadata["kd_mode"] == mode and metadata["train"]["kd_mode"] == mode

@@ -10,7 +10,7 @@ from pathlib import Path
 import gradio as gr
 import pandas as pd
 
-from sr.cancel import Cancelled
+from sr.progress import Cancelled
 from sr.cost import TooCostly, Uncountable
 from sr.lab.bundle import export_bundle, zip_bundle
 from sr.lab.compare import prepare_input

@@ -226,7 +226,7 @@ def _run(job: Job) -> None:
                   val_every=max(1, job.steps // 5), checkpoint_every=10**9, device="cpu",
                   max_seconds=POLICY.max_seconds)
 
-    def on_progress(event: dict) -> None:
+    def on_record(event: dict) -> None:
         with _lock:
             _drop_abandoned()
         job.history.append(event)
@@ -236,12 +236,12 @@ def _run(job: Job) -> None:
     job.status = "starting"
     try:
         if job.base is not None:
-            _run_qat(job, fields, on_progress)
+            _run_qat(job, fields, on_record)
         elif job.use_teacher:
-            distill(DistillConfig(**fields, teacher="teacher", alpha=job.alpha, kd_mode=job.kd_mode), on_progress,
+            distill(DistillConfig(**fields, teacher="teacher", alpha=job.alpha, kd_mode=job.kd_mode), on_record,
                     job.should_stop)
         else:
-            train(TrainConfig(**fields), on_progress, job.should_stop)
+            train(TrainConfig(**fields), on_record, job.should_stop)
         ended = ("cancelled; " if job.stop.is_set() else "stopped: its page was closed; " if job.abandoned()
                  else "done; ")
         job.status = ended + f"saved as runs/{job.weights.name}"
@@ -255,10 +255,10 @@ def _run(job: Job) -> None:
         job.done = True
 
 
-def _run_qat(job: Job, fields: dict, on_progress) -> None:
+def _run_qat(job: Job, fields: dict, on_record) -> None:
     """Fine-tune `job.base` for INT8 (tensorrt scheme); an ONNX result is registered so it can be offered."""
     def report(event: dict) -> None:
-        on_progress(event)
+        on_record(event)
         if "val_psnr" in event and event.get("fp32_val_psnr"):
             job.status += f" (fake-quantized in training; the original in FP32: {event['fp32_val_psnr']:.2f} dB)"
 

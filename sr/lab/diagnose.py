@@ -34,7 +34,7 @@ from ..quant.calibrate import CalibrationConfig
 from ..quant.searches import TensorRange
 from ..quant.statistics import TensorStats
 from .compare import InputMode
-from ..cancel import Cancelled
+from ..progress import Cancelled, logged_progress
 from ..data import list_images
 from ..model.models import model_info
 from ..run.quantize import calibrate_model
@@ -42,7 +42,6 @@ from ..quant.calibrated import CalibratedModel
 from ..quant.quantspec import Scheme
 from ..quant.quantspec import ActivationSpec, activation_qparams
 from .scorer import Scorer, eval_pairs
-from ..store import logged_progress
 
 
 @dataclass
@@ -158,7 +157,7 @@ def diagnose(config: DiagnoseConfig, images: Sequence | None = None, mode: Input
 
     Raises:
         ValueError / FileNotFoundError: bad configuration, no images.
-        sr.cancel.Cancelled: `should_stop()` returned True (between two tensors).
+        sr.progress.Cancelled: `should_stop()` returned True (between two tensors).
     """
     mode = InputMode.parse(mode)
     model_info(config.model)  # an unknown model or folder is said before any work (the constructor reads nothing)

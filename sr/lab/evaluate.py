@@ -11,9 +11,9 @@ from dataclasses import dataclass, field, replace
 from enum import Enum
 
 import numpy as np
-from tqdm import tqdm
 
 from ..quant.calibrate import CalibrationConfig
+from ..progress import Progress
 from ..data import Degradation, bicubic_resize, degrade, list_images, load_image
 from ..run.engines import tensorrt_available
 from ..run.npu import DEFAULT_HTP_ARCH, HTP_ARCHS
@@ -89,14 +89,14 @@ def _mean(rows: list[dict]) -> dict:
     return {**means, "edge_psnr_y": float(np.mean(edges)) if edges else float("nan")}
 
 
-def evaluate(config: EvalConfig, progress: bool = False) -> dict:
+def evaluate(config: EvalConfig, progress: Progress | None = None) -> dict:
     """Per-image and mean Y-PSNR/SSIM and edge-region Y-PSNR (`sr.metrics.edge_psnr_y`: Sobel magnitude of the
     ground truth above its 90th percentile, dilated 2 px), border of `scale` px shaved, of bicubic and the model,
     on LR images made by `degrade` with `config.degradation` (seeded by each file's name: the same in every run).
 
     Args:
         config: the evaluation.
-        progress: show a progress bar.
+        progress: told after each image (`sr.progress.Progress`; the CLI logs it).
 
     Returns:
         {"model", "data", "scale", "engine", "degradation", "bicubic", "mean", "images"}; for INT8 engines "mean" is the INT8
@@ -109,7 +109,10 @@ def evaluate(config: EvalConfig, progress: bool = False) -> dict:
     engine = engine_for(config.model, int8, kind=config.engine, threads=config.threads, htp_arch=config.htp_arch)
     reference = engine_for(config.model, purpose=Purpose.MEASURE) if int8 is not None else None  # the one FP32
     rows, bicubic_rows, fp32_rows, ratios = [], [], [], []
-    for path in tqdm(list_images(config.data), desc="eval", disable=not progress):
+    paths = list_images(config.data)
+    for index, path in enumerate(paths):
+        if progress is not None:
+            progress(index / max(1, len(paths)), f"image {index + 1} of {len(paths)}: {path.name}")
         truth, lr = degrade(load_image(path), scale, config.degradation, path.name)
         output = engine.run(lr)
         row = {"name": path.name, **_scores(output, truth, scale)}

@@ -32,7 +32,8 @@ from ..metrics import brightness_ratio, psnr_y
 from ..model.models import model_info
 from ..quant.quantspec import LITERT_FIXED_OUTPUT, WRAPPER_PREFIX, Scheme
 from ..quant.recipe import Fixes, QuantRecipe
-from ..store import Memo, cache_root, file_identity, file_sha256, locked, logged_progress, write_atomic
+from ..progress import logged_progress
+from ..store import Memo, cache_root, file_identity, file_sha256, locked, write_atomic
 
 log = logging.getLogger(__name__)
 

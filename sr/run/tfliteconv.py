@@ -150,13 +150,19 @@ def write_transpose_conv(writer, node) -> None:
     flat.operator("TRANSPOSE_CONV", [shape, filter_index, writer.activation(node.input[0]), bias_index], [made],
                   options, "TransposeConvOptions")
     if not is_same:
-        crop = schema.StridedSliceOptionsT()
-        crop.beginMask = 0b1001
-        crop.endMask = 0b1001 | (0b0010 if crop_end[0] == 0 else 0) | (0b0100 if crop_end[1] == 0 else 0)
-        flat.operator("STRIDED_SLICE", [made, writer.int32(f"{node.name}_crop_b", [0, pads[0], pads[1], 0]),
-                                        writer.int32(f"{node.name}_crop_e", [0, -crop_end[0], -crop_end[1], 0]),
-                                        writer.int32(f"{node.name}_crop_s", [1, 1, 1, 1])],
-                      [writer.output(node.output[0], outputs)], crop, "StridedSliceOptions")
+        _crop(writer, node, made, pads[:2], crop_end, outputs)
+
+
+def _crop(writer, node, full: int, begin: list[int], end: list[int], channels: int) -> None:
+    """STRIDED_SLICE of a full transposed-convolution output down to ONNX's: `begin` rows and columns off the
+    start, `end` off the far end (to the end where 0)."""
+    crop = writer.flat.schema.StridedSliceOptionsT()
+    crop.beginMask = 0b1001
+    crop.endMask = 0b1001 | (0b0010 if end[0] == 0 else 0) | (0b0100 if end[1] == 0 else 0)
+    writer.flat.operator("STRIDED_SLICE", [full, writer.int32(f"{node.name}_crop_b", [0, begin[0], begin[1], 0]),
+                                           writer.int32(f"{node.name}_crop_e", [0, -end[0], -end[1], 0]),
+                                           writer.int32(f"{node.name}_crop_s", [1, 1, 1, 1])],
+                         [writer.output(node.output[0], channels)], crop, "StridedSliceOptions")
 
 
 __all__ = ["channel_orders", "write_conv", "write_transpose_conv"]

@@ -227,14 +227,14 @@ def make_distiller(config: DistillConfig, teacher: nn.Module) -> Distiller:
     return OutputKD(teacher, config.alpha)
 
 
-def distill(config: DistillConfig, on_progress: Callable[[dict], None] | None = None,
+def distill(config: DistillConfig, on_record: Callable[[dict], None] | None = None,
             should_stop: Callable[[], bool] | None = None) -> TrainResult:
     """Train `config.arch` with the frozen `config.teacher` in `config.kd_mode`; writes the student to `config.out`.
 
     Args:
         config: the run; `config.teacher` is recorded as `distilled_from` and the mode as `kd_mode` in the
             student's metadata (the adapter of the feature mode is not saved).
-        on_progress: as in `sr.tune.train.train`.
+        on_record: as in `sr.tune.train.train`.
         should_stop: as in `sr.tune.train.train`.
 
     Returns:
@@ -249,4 +249,4 @@ def distill(config: DistillConfig, on_progress: Callable[[dict], None] | None = 
     teacher = model_info(config.teacher)
     distiller = make_distiller(config, teacher.frozen_module())
     distiller.source, distiller.scale = str(config.teacher), teacher.scale
-    return fit(config, distiller=distiller, on_progress=on_progress, should_stop=should_stop)
+    return fit(config, distiller=distiller, on_record=on_record, should_stop=should_stop)

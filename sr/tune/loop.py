@@ -13,7 +13,6 @@ import logging
 import math
 import os
 import platform
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,8 +21,8 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 from torch import nn
-from tqdm import tqdm
 
+from ..progress import Progress, logged_progress
 from ..store import atomic_path
 
 log = logging.getLogger(__name__)
@@ -93,33 +92,41 @@ class LoopState:
         self.step += 1
 
 
-def run_loop(run: LoopState, desc: str, on_progress: Callable[[dict], None] | None = None,
-             should_stop: Callable[[], bool] | None = None) -> None:
+def run_loop(run: LoopState, desc: str, on_record: Callable[[dict], None] | None = None,
+             should_stop: Callable[[], bool] | None = None, progress: Progress | None = None) -> None:
     """Step `run` until its step count, its time budget or `should_stop()`; validating, reporting and writing
-    checkpoints on the way (the final validation and checkpoint are the caller's, with its result)."""
+    checkpoints on the way (the final validation and checkpoint are the caller's, with its result).
+
+    Args:
+        run: the run.
+        desc: what the run is, in words (its progress lines start with it).
+        on_record: handed each measurement on rank 0 (`{"step", "steps", "loss", "val_psnr"?}` every 50 steps
+            and at each validation): data, for a page that plots it.
+        should_stop: polled before every step; True ends the run early.
+        progress: told how far the run is (`sr.progress.Progress`; on rank 0, logged by default): the budget's
+            share for a run its time budget ends sooner than its step count (int8-ready's QAT), else the steps'.
+    """
     config = run.config
-    # a run its time budget ends sooner than its step count (int8-ready's QAT: 100000 steps in a few minutes) shows
-    # the budget's seconds, so its bar and its time left are true
     timed = config.max_seconds is not None and config.max_seconds < 3600
-    bar = tqdm(total=round(config.max_seconds) if timed else config.steps, initial=0 if timed else run.step,
-               unit="s" if timed else "it", desc=f"{desc} (time budget)" if timed else desc, disable=run.rank != 0,
-               dynamic_ncols=True, mininterval=1.0)
+    if run.rank != 0:
+        progress = None
+    elif progress is None:
+        progress = logged_progress(f"{desc} (time budget)" if timed else desc)
     run.model.train()
     run.started = time.perf_counter()  # the loop's clock (max_seconds, wall time) starts after data loading
     while run.step < config.steps and not should_end(run, should_stop):
         loss = run.train_step()
-        track_loss(run, loss, bar)
-        if timed:
-            bar.update(min(bar.total, round(time.perf_counter() - run.started)) - bar.n)
-        else:
-            bar.update(1)
-        report(run, bar, on_progress)
+        track_loss(run, loss)
+        if progress is not None:
+            done = (time.perf_counter() - run.started) / config.max_seconds if timed else run.step / config.steps
+            progress(min(1.0, done), f"step {run.step} of {config.steps}, loss "
+                                     f"{run.running_loss:.{run.loss_digits}f}")
+        report(run, on_record)
         if run.step % config.checkpoint_every == 0 and run.step < config.steps:
             checkpoint(run)
-    bar.close()
 
 
-def track_loss(run: LoopState, loss: torch.Tensor, bar: tqdm | None = None) -> None:
+def track_loss(run: LoopState, loss: torch.Tensor) -> None:
     """Fold the loss into the running average every 10 steps (a device sync), and at validations and the end."""
     step, config = run.step, run.config
     if run.running_loss is None or step % 10 == 0 or step % config.val_every == 0 or step == config.steps:
@@ -127,11 +134,9 @@ def track_loss(run: LoopState, loss: torch.Tensor, bar: tqdm | None = None) -> N
         if not math.isfinite(value):
             raise FloatingPointError(f"the loss became {value} at step {step}; {run.learning_rate_hint()}")
         run.running_loss = value if run.running_loss is None else 0.9 * run.running_loss + 0.1 * value
-        if bar is not None:
-            bar.set_postfix(step=step, loss=f"{run.running_loss:.{run.loss_digits}f}", refresh=False)
 
 
-def report(run: LoopState, bar: tqdm, on_progress: Callable[[dict], None] | None) -> None:
+def report(run: LoopState, on_record: Callable[[dict], None] | None) -> None:
     """On rank 0: validate every `val_every` steps and at the end (into the history); report every 50 steps."""
     step, config = run.step, run.config
     if run.rank != 0:
@@ -142,12 +147,12 @@ def report(run: LoopState, bar: tqdm, on_progress: Callable[[dict], None] | None
         if run.validator is not None:
             event["val_psnr"] = run.validate()
             run.after_validation(event["val_psnr"])
-            bar.write(run.validation_line(event["val_psnr"]), file=sys.stderr)
+            log.info("%s", run.validation_line(event["val_psnr"]))
         run.history.append(event)
     elif step % 50 == 0:
         event = {"step": step, "loss": run.running_loss}
-    if event is not None and on_progress is not None:
-        on_progress({**event, "steps": config.steps, **run.progress_extra()})
+    if event is not None and on_record is not None:
+        on_record({**event, "steps": config.steps, **run.progress_extra()})
 
 
 def final_validation(run: LoopState) -> None:

@@ -47,7 +47,8 @@ from ..quant.qdq import spec_of
 from ..quant.quantspec import Scheme
 from ..run.quantize import fp32_onnx_path
 from ..quant.recipe import QuantRecipe, Refinement, RefineSettings
-from ..store import cache_root, file_sha256, locked, logged_progress
+from ..progress import logged_progress
+from ..store import cache_root, file_sha256, locked
 
 log = logging.getLogger(__name__)
 

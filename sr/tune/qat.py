@@ -186,13 +186,13 @@ class _QatRun(LoopState):
         return {"fp32_val_psnr": self.fp32_val_psnr}
 
 
-def quantization_aware_training(config: QatConfig, on_progress: Callable[[dict], None] | None = None,
+def quantization_aware_training(config: QatConfig, on_record: Callable[[dict], None] | None = None,
                                 should_stop: Callable[[], bool] | None = None) -> QatResult:
     """Calibrate, fine-tune the fake-quantized model, and write the trained model and its QDQ model.
 
     Args:
         config: the run.
-        on_progress: called on rank 0 with {"step", "steps", "loss", "val_psnr"?} every 50 steps and at each
+        on_record: handed on rank 0 each measurement, {"step", "steps", "loss", "val_psnr"?}, every 50 steps and at each
             validation.
         should_stop: polled before every step; True ends early (the result so far is written).
 
@@ -208,7 +208,7 @@ def quantization_aware_training(config: QatConfig, on_progress: Callable[[dict],
     try:
         restore(run)
         continue_stream(run)
-        run_loop(run, f"QAT {Path(config.out).stem}", on_progress, should_stop)
+        run_loop(run, f"QAT {Path(config.out).stem}", on_record, should_stop)
     except BaseException:  # interrupted (Ctrl-C, an error): with no checkpoint to resume, nothing is left behind
         if run.rank == 0 and not config.checkpoint_path.is_file():
             remove_starting_points(Path(config.out))

@@ -270,13 +270,13 @@ class Distiller(nn.Module):
         return {k: v for k, v in self.state_dict().items() if not k.startswith("teacher.")}
 
 
-def train(config: TrainConfig, on_progress: Callable[[dict], None] | None = None,
+def train(config: TrainConfig, on_record: Callable[[dict], None] | None = None,
           should_stop: Callable[[], bool] | None = None) -> TrainResult:
     """Train `config.arch` from scratch (or resume) and write its weights to `config.out`.
 
     Args:
         config: the run.
-        on_progress: called on rank 0 with {"step", "steps", "loss", "val_psnr"?} every 50 steps and at each
+        on_record: handed on rank 0 each measurement, {"step", "steps", "loss", "val_psnr"?}, every 50 steps and at each
             validation.
         should_stop: polled before every step; True ends training early (the weights so far are saved).
 
@@ -290,11 +290,11 @@ def train(config: TrainConfig, on_progress: Callable[[dict], None] | None = None
             of the same architecture.
         FloatingPointError: the loss became NaN or infinite (lower max_lr).
     """
-    return fit(config, distiller=None, on_progress=on_progress, should_stop=should_stop)
+    return fit(config, distiller=None, on_record=on_record, should_stop=should_stop)
 
 
 def fit(config: TrainConfig, distiller: Distiller | None = None,
-        on_progress: Callable[[dict], None] | None = None,
+        on_record: Callable[[dict], None] | None = None,
         should_stop: Callable[[], bool] | None = None) -> TrainResult:
     """Training and distillation (`train`, `sr.tune.distill.distill`) on the loop QAT shares (`sr.tune.loop.run_loop`).
 
@@ -305,7 +305,7 @@ def fit(config: TrainConfig, distiller: Distiller | None = None,
     Args:
         config: the run.
         distiller: None for plain training, or a `Distiller` (`sr.tune.distill`) whose teacher has the same scale.
-        on_progress: called on rank 0 with {"step", "steps", "loss", "val_psnr"?} dicts.
+        on_record: handed on rank 0 each measurement, {"step", "steps", "loss", "val_psnr"?}.
         should_stop: polled before every step; True ends training early (the weights so far are saved).
 
     Returns:
@@ -319,7 +319,7 @@ def fit(config: TrainConfig, distiller: Distiller | None = None,
     run = _setup(config, distiller)
     restore(run)
     _setup_data(run)
-    run_loop(run, Path(config.out).stem, on_progress, should_stop)
+    run_loop(run, Path(config.out).stem, on_record, should_stop)
     return _finish(run)
 
 
