@@ -261,23 +261,6 @@ def _db(value: float | None) -> str:
     return "-" if value is None else ("inf" if math.isinf(value) else f"{value:.3f}")
 
 
-def diagnosis_summary(report) -> str:
-    """One paragraph on the whole model and the worst tensor (plain text)."""
-    if not report.ranking:
-        return "Nothing to rank."
-    top = report.ranking[0]
-    against = "the ground truth" if report.has_truth else "its FP32 output"
-    whole = (f"FP32 {report.fp32_psnr_y:.2f} dB, all activations INT8 {report.int8_psnr_y:.2f} dB" if report.has_truth
-             else f"all activations INT8 are {report.int8_psnr_vs_fp32_db:.2f} dB from FP32")
-    return (f"{report.model}, {report.method} / {report.samples} samples / {report.scheme}, PSNR against {against}: "
-            f"{whole} (brightness {report.int8_brightness:.3f}). The worst tensor is {top.tensor} ({top.op} -> "
-            f"{', '.join(top.consumers) or 'output'}): quantized alone it puts the output "
-            f"{_db(top.alone_psnr_vs_fp32_db)} dB from FP32; keeping only it in float recovers "
-            f"{top.recovery_db:.2f} dB. Its range [{top.low:.3g}, {top.high:.3g}] clips "
-            f"{100 * top.clipped_fraction:.3f}% of its calibration values and {100 * top.clipped_energy:.1f}% of their "
-            f"energy (observed [{top.observed_min:.3g}, {top.observed_max:.3g}]).")
-
-
 def cmd_diagnose(args: argparse.Namespace) -> int:
     """`diagnose`: fill DiagnoseConfig, rank the tensors, print a table or JSON."""
     from .lab.diagnose import DiagnoseConfig, diagnose
@@ -290,7 +273,7 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report.to_json(), indent=2))
         return 0
-    print(diagnosis_summary(report))
+    print(report.paragraph())
     print(f"{'tensor':<44}{'op':>9}{'vs FP32 alone':>15}{'drop alone':>12}{'recovery':>10}{'SQNR':>8}{'clipped':>10}")
     for r in report.ranking:
         print(f"{r.tensor[-44:]:<44}{r.op:>9}{_db(r.alone_psnr_vs_fp32_db):>15}{_db(r.psnr_drop_db):>12}"

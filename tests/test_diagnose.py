@@ -52,6 +52,18 @@ def test_ranking_puts_the_planted_tensor_first(planted_report):
     assert report.ranking[0].clipped_fraction > 0
 
 
+def test_one_paragraph_for_the_cli_and_the_page(planted_report):
+    """The diagnosis is written once (`DiagnosisReport.paragraph`): the CLI prints it plain, the page shows the
+    same words with the model's shown name in bold and the tensor as code, and it carries the report's figures."""
+    from ui.words import diagnosis_text
+
+    report, top = planted_report, planted_report.ranking[0]
+    plain, page = report.paragraph(), diagnosis_text(report)
+    assert f"The worst tensor is {top.tensor} " in plain and f"The worst tensor is `{top.tensor}` " in page
+    assert f"recovers {top.recovery_db:.2f} dB" in plain and f"FP32 {report.fp32_psnr_y:.2f} dB" in plain
+    assert page.replace("`", "").replace("**", "").split(", ", 1)[1] == plain.split(", ", 1)[1]
+
+
 def _config(path, images, method="entropy"):
     return DiagnoseConfig(path, CalibrationConfig(method=method, samples=20), "tensorrt", data=images)
 

@@ -195,21 +195,8 @@ DIFFERENCE_KINDS = {"|difference| of luma": DifferenceKind.LUMA, "|difference| p
 
 
 def diagnosis_text(report) -> str:
-    """The diagnosis in one Markdown paragraph."""
-    if not report.ranking:
-        return "Nothing to rank."
-    top = report.ranking[0]
-    whole = (f"FP32 {report.fp32_psnr_y:.2f} dB and all activations INT8 {report.int8_psnr_y:.2f} dB against the "
-             "ground truth" if report.has_truth else
-             f"all activations INT8 are {report.int8_psnr_vs_fp32_db:.2f} dB from the FP32 output (no ground truth)")
-    return (f"**{_shown(report.model)}**, {report.method} / {report.samples} samples / {report.scheme}: {whole}, "
-            f"brightness "
-            f"{report.int8_brightness:.3f}. The worst tensor is `{top.tensor}` ({top.op} -> "
-            f"{', '.join(top.consumers) or 'output'}): quantized alone it puts the output "
-            f"{top.alone_psnr_vs_fp32_db:.2f} dB from FP32; keeping only it in float recovers {top.recovery_db:.2f} dB. "
-            f"Its range [{top.low:.3g}, {top.high:.3g}] clips {100 * top.clipped_fraction:.3f}% of its calibration "
-            f"values and {100 * top.clipped_energy:.1f}% of their energy (observed [{top.observed_min:.3g}, "
-            f"{top.observed_max:.3g}]).")
+    """The diagnosis paragraph (`sr.lab.diagnose.DiagnosisReport.paragraph`) with this visitor's name for the model."""
+    return report.paragraph(_shown(report.model), markdown=True)
 
 
 def ranking_frame(report) -> pd.DataFrame:

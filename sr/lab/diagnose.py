@@ -114,6 +114,27 @@ class DiagnosisReport:
     stats: dict[str, TensorStats] = field(repr=False)
     max_side: int | None = None  # measured on the centre crop of at most this many LR pixels a side
 
+    def paragraph(self, shown_as: str | None = None, markdown: bool = False) -> str:
+        """The diagnosis in one paragraph, the one the CLI prints and the page shows (`markdown`: the model's
+        name in bold, the tensor as code): the whole model, then the worst tensor, what it costs alone, what
+        keeping it in float recovers, and its range."""
+        if not self.ranking:
+            return "Nothing to rank."
+        top, name = self.ranking[0], shown_as or self.model
+        name, tensor = (f"**{name}**", f"`{top.tensor}`") if markdown else (name, top.tensor)
+        whole = (f"FP32 {self.fp32_psnr_y:.2f} dB and all activations INT8 {self.int8_psnr_y:.2f} dB against the "
+                 "ground truth" if self.has_truth else
+                 f"all activations INT8 are {self.int8_psnr_vs_fp32_db:.2f} dB from the FP32 output (no ground truth)")
+        alone = top.alone_psnr_vs_fp32_db
+        alone = ("leaves the output as FP32's" if alone is None or math.isinf(alone) else
+                 f"puts the output {alone:.2f} dB from FP32")
+        return (f"{name}, {self.method} / {self.samples} samples / {self.scheme}: {whole}, brightness "
+                f"{self.int8_brightness:.3f}. The worst tensor is {tensor} ({top.op} -> "
+                f"{', '.join(top.consumers) or 'output'}): quantized alone it {alone}; "
+                f"keeping only it in float recovers {top.recovery_db:.2f} dB. Its range [{top.low:.3g}, {top.high:.3g}] "
+                f"clips {100 * top.clipped_fraction:.3f}% of its calibration values and {100 * top.clipped_energy:.1f}% "
+                f"of their energy (observed [{top.observed_min:.3g}, {top.observed_max:.3g}]).")
+
     def to_json(self) -> dict:
         """The report as a JSON-ready dict."""
         return {"model": self.model, "method": self.method, "scheme": self.scheme, "samples": self.samples,
