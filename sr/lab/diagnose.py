@@ -30,6 +30,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from ..graph import GraphIndex
 from ..quant.calibrate import CalibrationConfig
 from ..quant.searches import TensorRange
 from ..quant.statistics import TensorStats
@@ -191,10 +192,7 @@ def diagnose(config: DiagnoseConfig, images: Sequence | None = None, mode: Input
     all_truth, all_fp32, all_bright = simulator.score()
     seconds_per_pass = time.perf_counter() - started  # the estimate: two such passes per tensor remain
     fp32_psnr = simulator.fp32_psnr()
-    consumers: dict[str, list[str]] = {}
-    for node in simulator.fp32.graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node.op_type)
+    consumers = {name: [n.op_type for n in readers] for name, readers in GraphIndex(simulator.fp32).consumers.items()}
     stats = {s.name: s for s in calibrated.stats}
     reports = []
     progress = progress or logged_progress(f"diagnosing {config.model}")

@@ -27,6 +27,7 @@ from .searches import TensorRange
 from .quantspec import (ALL_INT8_OPS, QuantSpec, Scheme, activation_qparams, constant_value, fused_ties, is_wrapper,
                         quant_spec, used_names, weight_int8)
 from .readback import fp32_initializer_of, graph_quantization
+from ..graph import GraphIndex
 from .rewrite import REWRITE_OPS, rewrite_for_fast_int8
 from ..store import (write_atomic)
 
@@ -298,10 +299,7 @@ def without_quantization(qdq: onnx.ModelProto, fp32: onnx.ModelProto, activation
     model = onnx.ModelProto()
     model.CopyFrom(qdq)
     graph = model.graph
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
+    consumers = GraphIndex(graph).consumers
     removed, rename, restore = _activation_pairs(graph, consumers, set(activations))
     if float_weights:
         fp32 = weights_from if weights_from is not None else fp32

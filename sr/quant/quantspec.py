@@ -39,6 +39,7 @@ from typing import Sequence
 import numpy as np
 import onnx
 
+from ..graph import GraphIndex
 from ..choices import Choice
 from .trtfusion import conv_too_small, non_residual_input
 
@@ -311,8 +312,7 @@ class _GraphFacts:
         user_nodes = [n for n in model.graph.node if not is_wrapper(n.name)]
         wrapper_outputs = {o for n in model.graph.node if is_wrapper(n.name) for o in n.output}
         inputs = {i.name for i in model.graph.input} | {t for n in user_nodes for t in n.input if t in wrapper_outputs}
-        return cls(arrays, constants, float_activations(model), user_nodes,
-                   {name: node for node in user_nodes for name in node.output}, inputs)
+        return cls(arrays, constants, float_activations(model), user_nodes, GraphIndex(user_nodes).producers, inputs)
 
     def activation(self, name: str) -> bool:
         """True for a float activation of the user's graph (not a constant, not the wrapper's)."""
@@ -378,13 +378,8 @@ def fused_ties(model: onnx.ModelProto, quantized: set[str], litert: bool = False
     Returns:
         {tensor: the tensor whose range it takes}, each chain followed to its end.
     """
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    producer = {}
-    for node in model.graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
-        for name in node.output:
-            producer[name] = node
+    index = GraphIndex(model)
+    consumers, producer = index.consumers, index.producers
     ties = {}
     # LiteRT's fixed output grids (Sigmoid, Softmax, Tanh) are never moved onto another tensor's
     pinned = {n.output[0] for n in model.graph.node if n.op_type in LITERT_FIXED_OUTPUT} if litert else set()

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
+from ..graph import GraphIndex
+
 
 @dataclass(frozen=True)
 class GraphQuantization:
@@ -34,10 +36,7 @@ def graph_quantization(qdq: onnx.ModelProto, fp32: onnx.ModelProto) -> GraphQuan
     """
     initializers = {i.name: onnx.numpy_helper.to_array(i) for i in qdq.graph.initializer}
     fp32_outputs = {o.name for o in fp32.graph.output}
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for node in qdq.graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
+    consumers = GraphIndex(qdq).consumers
     activations, weights = {}, {}
     fp32_weights = {i.name for i in fp32.graph.initializer} | {n.output[0] for n in fp32.graph.node
                                                                if n.op_type == "Constant"}

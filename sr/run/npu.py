@@ -20,6 +20,7 @@ import onnx
 
 from .engines import Seamless
 from .sessions import fixed_size
+from ..graph import GraphIndex
 from ..store import Memo
 
 
@@ -109,11 +110,8 @@ def quantized_moves(model: onnx.ModelProto) -> onnx.ModelProto:
     edited = onnx.ModelProto()
     edited.CopyFrom(model)
     graph = edited.graph
-    consumers: dict[str, list] = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
-    producers = {name: node for node in graph.node for name in node.output}
+    index = GraphIndex(graph)
+    consumers, producers = index.consumers, index.producers
     added_before, added_after = [], []
 
     def value_readers(tensor: str) -> list:
@@ -165,13 +163,10 @@ def float_islands(model: onnx.ModelProto) -> list[str]:
     except Exception:  # inference is a help here: without it nothing is named
         return []
     types = {v.name: v.type.tensor_type.elem_type for v in [*inferred.value_info, *inferred.output]}
-    readers: dict[str, list[str]] = {}
-    for node in model.graph.node:
-        for name in node.input:
-            readers.setdefault(name, []).append(node.op_type)
+    index = GraphIndex(model)
     found = [node.op_type for node in model.graph.node
              if node.op_type not in ("QuantizeLinear", "DequantizeLinear", "Constant") and any(
-                 types.get(o) == onnx.TensorProto.FLOAT and any(r != "QuantizeLinear" for r in readers.get(o, []))
+                 types.get(o) == onnx.TensorProto.FLOAT and any(r.op_type != "QuantizeLinear" for r in index.readers(o))
                  for o in node.output)]
     return list(dict.fromkeys(found))
 

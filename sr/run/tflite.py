@@ -32,6 +32,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from ..graph import GraphIndex
 from ..quant.searches import TensorRange
 from ..quant.quantspec import QuantSpec, activation_qparams, constant_value, weight_int8
 from ..store import write_atomic
@@ -89,7 +90,7 @@ class _Writer:
         self.arrays, self.orders = _constants(model), channel_orders(model)
         self.weights = {_user(w): s for w, s in spec.weights.items()}
         self.channels: dict[str, int] = {}
-        self.producers = {o: n for n in model.graph.node for o in n.output}
+        self.producers = GraphIndex(model).producers
 
     def write(self) -> bytes:
         graph_input = self.model.graph.input[0]

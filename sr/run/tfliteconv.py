@@ -12,6 +12,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from ..graph import GraphIndex
 from ..quant.quantspec import weight_int8
 from .tflitefile import TfliteUnsupported, attribute
 
@@ -19,11 +20,8 @@ from .tflitefile import TfliteUnsupported, attribute
 def channel_orders(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     """{Conv name: the output-channel order that makes a following CRD DepthToSpace a DCR one (LiteRT's
     DEPTH_TO_SPACE)}: the Conv must feed the DepthToSpace alone, directly or through one ReLU/Clip."""
-    producers = {o: n for n in model.graph.node for o in n.output}
-    consumers: dict[str, list] = {}
-    for node in model.graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
+    index = GraphIndex(model)
+    producers, consumers = index.producers, index.consumers
     orders = {}
     for node in model.graph.node:
         if node.op_type != "DepthToSpace" or attribute(node, "mode", b"DCR") in (b"DCR", "DCR"):

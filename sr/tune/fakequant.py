@@ -31,6 +31,7 @@ import torch
 from onnx import numpy_helper
 from torch import nn
 
+from ..graph import GraphIndex
 from ..quant.calibrate import CalibrationConfig
 from ..quant.searches import TensorRange
 from ..model.models import save_tuned
@@ -151,7 +152,7 @@ def _fake_quant_graph(fp32: onnx.ModelProto, spec: QuantSpec, ranges: dict[str, 
     """
     nodes, scales, quantizers, rename = [], {}, {}, {}
     outputs = {o.name for o in fp32.graph.output}
-    producer = {name: node for node in fp32.graph.node for name in node.output}
+    producer = GraphIndex(fp32).producers
     pending: dict[str, list] = {}  # producer output -> FakeQuant nodes to put right after its producer
     for tensor, activation in spec.activations.items():
         group = activation.group

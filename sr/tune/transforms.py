@@ -18,6 +18,7 @@ import numpy as np
 import onnx
 import torch
 
+from ..graph import GraphIndex
 from ..quant.calibdata import calibration_patches, load_calibration_images, prepare_calibration_images
 from ..model.models import model_info, save_tuned, with_values
 from ..model.onnxtorch import OnnxModule
@@ -102,17 +103,13 @@ def calibration_batch(calibration, scale: int, count: int = 32, size: int = 48, 
 def io_tensors(model: onnx.ModelProto) -> tuple[str, str]:
     """(the quantized image the network reads, the quantized image it writes) of a centred-I/O graph: the input
     after the offset and the padding, and the output before the offset is added back."""
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for node in model.graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
+    index = GraphIndex(model)
     tensor = model.graph.input[0].name
-    while all(n.op_type in ("Sub", "Pad") for n in consumers.get(tensor, [])) and len(consumers[tensor]) == 1:
-        tensor = consumers[tensor][0].output[0]
-    producer = {name: node for node in model.graph.node for name in node.output}
+    while all(n.op_type in ("Sub", "Pad") for n in index.readers(tensor)) and len(index.readers(tensor)) == 1:
+        tensor = index.readers(tensor)[0].output[0]
     output = model.graph.output[0].name
-    while producer[output].op_type == "Add":
-        output = producer[output].input[0]
+    while index.producer(output).op_type == "Add":
+        output = index.producer(output).input[0]
     return tensor, output
 
 
@@ -126,11 +123,9 @@ def equalizable_pairs(model: onnx.ModelProto) -> list[tuple[str, list[tuple[str,
     Returns:
         [(B's output, [(a producer Conv's output, its first channel in B's input), ...])], in graph order.
     """
-    producer = {o: n for n in model.graph.node for o in n.output}
-    consumers: dict[str, int] = {}
-    for node in model.graph.node:
-        for name in node.input:
-            consumers[name] = consumers.get(name, 0) + 1
+    index = GraphIndex(model)
+    producer = index.producers
+    consumers = {name: len(readers) for name, readers in index.consumers.items()}
     shapes = {i.name: tuple(i.dims) for i in model.graph.initializer}
 
     def conv_behind(tensor: str) -> str | None:
