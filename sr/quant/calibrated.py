@@ -17,7 +17,7 @@ import onnx
 
 from .calibdata import calibration_patches
 from .calibrate import CalibrationConfig
-from .searches import TensorRange, choose_ranges, clipped_energy, clipped_fraction
+from .searches import RangeSource, TensorRange, choose_ranges, clipped_energy, clipped_fraction
 from .statistics import TensorStats, collect_statistics
 from .qdq import fixed_input_size, spec_of, write_qdq_model
 from .quantspec import Scheme
@@ -64,7 +64,7 @@ class CalibratedModel:
         stats = {item.name: item for item in self.stats}
         quantized = spec_of(self.fp32_onnx, self.scheme, self.fixes.keep_float).activations
         cut = {name: clipped_energy(stats[name], r.low, r.high) for name, r in self.ranges.items()
-               if name in quantized and name in stats and r.method not in ("qat", "fixed")}
+               if name in quantized and name in stats and r.method.searched}
         over = sorted((share, name) for name, share in cut.items() if share > CLIP_ENERGY_WARNING)
         if over:
             share, name = over[-1]
@@ -152,7 +152,7 @@ def calibrate_entry(entry: Path, fp32: Path, network_inputs: list[np.ndarray], c
     for tensor, (low, high) in (learned or {}).items():
         found = next(s for s in stats if s.name == tensor)
         ranges[tensor] = TensorRange(tensor, low, high, found.observed_min, found.observed_max,
-                                     clipped_fraction(found, low, high), "qat")
+                                     clipped_fraction(found, low, high), RangeSource.QAT)
     ranges = _apply_fixes(ranges, stats, fixes, config, scheme, model)
     producers = _producers(fp32)
     _write_entry(entry, fp32, ranges, stats, producers, config, scheme, fixes)
@@ -173,7 +173,7 @@ def _apply_fixes(ranges: dict[str, TensorRange], stats: list[TensorStats], fixes
         if scheme.symmetric:
             low, high = -max(abs(low), abs(high)), max(abs(low), abs(high))
         ranges[tensor] = TensorRange(tensor, low, high, found.observed_min, found.observed_max,
-                                     clipped_fraction(found, low, high), "fixed")
+                                     clipped_fraction(found, low, high), RangeSource.FIXED)
     return ranges
 
 

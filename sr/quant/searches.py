@@ -8,11 +8,30 @@ from typing import Sequence
 
 import numpy as np
 
+from ..choices import Choice
 from .calibrate import Method
 from .statistics import TensorStats
 
 NUM_QUANTIZED_BINS = 128  # int8 magnitudes of a signed tensor (ModelOpt: 1 << (num_bits - 1))
 START_BIN = 128  # the smallest candidate threshold of the entropy and mse searches (ModelOpt's start_bin)
+
+
+class RangeSource(Choice, noun="range source"):
+    """Where a tensor's range came from: a threshold search (the calibration methods' values), fixed in advance
+    (the image's 8-bit grid, LiteRT's fixed output grids, a fix), or learned by QAT."""
+
+    MINMAX = Method.MINMAX.value
+    ENTROPY = Method.ENTROPY.value
+    ENTROPY_ZEROS = Method.ENTROPY_ZEROS.value
+    PERCENTILE = Method.PERCENTILE.value
+    MSE = Method.MSE.value
+    FIXED = "fixed"
+    QAT = "qat"
+
+    @property
+    def searched(self) -> bool:
+        """True for a range a threshold search chose (a fixed or learned one is not searched again)."""
+        return self not in (RangeSource.FIXED, RangeSource.QAT)
 
 
 @dataclass
@@ -25,12 +44,16 @@ class TensorRange:
     observed_min: float
     observed_max: float
     clipped_fraction: float  # share of calibration values outside [low, high]
-    method: str
+    method: RangeSource  # (a cache entry's string is parsed)
+
+    def __post_init__(self):
+        self.method = RangeSource.parse(self.method)
 
     def to_dict(self) -> dict:
         """The fields as a JSON-ready dict."""
         return {"name": self.name, "observed_min": self.observed_min, "observed_max": self.observed_max,
-                "low": self.low, "high": self.high, "clipped_fraction": self.clipped_fraction, "method": self.method}
+                "low": self.low, "high": self.high, "clipped_fraction": self.clipped_fraction,
+                "method": self.method.value}
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ from torch import nn
 
 from ..graph import GraphIndex
 from ..quant.calibrate import CalibrationConfig
-from ..quant.searches import TensorRange
+from ..quant.searches import RangeSource, TensorRange
 from ..model.models import save_tuned
 from ..model.onnxtorch import OnnxModule
 from ..quant.quantspec import QuantSpec, activation_qparams
@@ -256,7 +256,7 @@ def export_trained(base: str, fp32_path: Path, weights: dict[str, torch.Tensor],
     for tensor, (low, high) in record["ranges"].items():
         seen = calibrated.get(tensor)
         ranges[tensor] = TensorRange(tensor, low, high, seen.observed_min if seen else low,
-                                     seen.observed_max if seen else high, float("nan"), "qat")
+                                     seen.observed_max if seen else high, float("nan"), RangeSource.QAT)
     trained_fp32 = Path(f"{qdq_out}.fp32.onnx")
     try:
         write_atomic(fp32.SerializeToString(), trained_fp32)
