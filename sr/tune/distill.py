@@ -78,14 +78,14 @@ class DistillConfig(TrainConfig):
 
     teacher: str = "teacher"  # a shipped model name or a weight file
     alpha: float = 0.5  # weight of the ground-truth term; 1 - alpha goes to the teacher's output(s)
-    kd_mode: str = "output"  # output, upcycled or feature (KDMode)
+    kd_mode: KDMode = KDMode.OUTPUT  # output, upcycled or feature
     feature_weight: float = 0.1  # `feature` mode: weight of the relative feature hint (not tuned)
 
     def __post_init__(self):
         super().__post_init__()
         if not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
-        self.kd_mode = KDMode.parse(self.kd_mode).value  # the plain string: asdict() goes into the metadata
+        self.kd_mode = KDMode.parse(self.kd_mode)  # a str enum: asdict() goes into the metadata as its value
         if self.feature_weight < 0:
             raise ValueError(f"feature_weight must be >= 0, got {self.feature_weight}")
 

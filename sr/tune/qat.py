@@ -41,6 +41,7 @@ from ..quant.qdq import fixed_input_size
 from ..store import file_sha256
 from .loop import (LoopState, checkpoint, continue_stream, distributed_rank, end_distributed, final_validation,
                    machine_name, resolve_device, restore, run_loop)
+from .distill import KDMode
 from .train import Validator, default_training_dirs, default_validation_dir, training_folders, warmup_fraction
 from .transforms import calibration_batch, prepare, remove_starting_points
 from .fakequant import FakeQuantModel, export_trained, fake_quantized, original_model, qdq_path_for
@@ -71,7 +72,7 @@ class QatConfig:
     # teacher-guided QAT: a frozen, larger FP32 model whose outputs the INT8 student also learns (weight beta)
     teacher: str | None = None
     beta: float = 0.0  # weight of the teacher term (needs a teacher)
-    kd_mode: str = "output"  # output: L1 to T(x); upcycled: also on zoomed-in and zoomed-out inputs (DUKD)
+    kd_mode: KDMode = KDMode.OUTPUT  # output: L1 to T(x); upcycled: also on zoomed-in and zoomed-out inputs (DUKD)
     seed: int = 0
     train_dirs: list[str] = field(default_factory=default_training_dirs)
     val_dir: str | None = field(default_factory=default_validation_dir)
@@ -100,8 +101,10 @@ class QatConfig:
         if (self.teacher is None) != (self.beta == 0.0):
             raise ValueError("a teacher needs a weight and a weight needs a teacher: give both a teacher and its weight beta "
                              "(> 0), or neither")
-        if self.kd_mode not in ("output", "upcycled"):
-            raise ValueError(f"unknown distillation mode {self.kd_mode!r}; choose one of: output, upcycled")
+        self.kd_mode = KDMode.parse(self.kd_mode)
+        if self.kd_mode is KDMode.FEATURE:
+            raise ValueError("QAT's teacher term has the output and upcycled modes, not feature (a FitNets hint "
+                             "needs the lab's own architectures on both sides)")
         if not (self.lr > 0 and self.range_lr > 0):
             raise ValueError(f"learning rates must be positive, got lr={self.lr}, range_lr={self.range_lr}")
         if isinstance(self.train_dirs, str):
@@ -284,7 +287,7 @@ def _teacher_term(run: _QatRun, lr: torch.Tensor, hr: torch.Tensor, prediction: 
     with torch.no_grad():
         target = run.teacher(lr)
     term = (prediction - target).abs().mean()
-    if run.config.kd_mode != "upcycled":
+    if run.config.kd_mode is not KDMode.UPCYCLED:
         return term
     rng = np.random.default_rng([run.config.seed, run.step, 24])
     half, size = max(1, lr.shape[0] // 2), lr.shape[-1]
