@@ -22,6 +22,7 @@ import numpy as np
 import onnx
 import torch
 
+from ..choices import Choice
 from ..data import to_tensor, to_uint8
 from .sessions import fixed_size, ort_providers, ort_session
 from ..store import (cache_cap_bytes, cache_root, code_digest, evict, file_sha256, locked, short_hash,
@@ -258,6 +259,13 @@ def _openvino_source(onnx_path: Path) -> Path:
     return twin
 
 
+class Precision(Choice, noun="OpenVINO precision"):
+    """The precision OpenVINO runs an FP32 model in (its INFERENCE_PRECISION_HINT)."""
+
+    F32 = "f32"
+    BF16 = "bf16"  # where the CPU has it (AMX, AVX512-BF16)
+
+
 class OpenVinoEngine(Seamless):
     """OpenVINO on the CPU: an FP32 ONNX model (run in FP32, or BF16 where the CPU has it) or a QDQ INT8 model,
     whose Q/DQ pairs OpenVINO turns into fused INT8 kernels (grouped convolutions included). Signed activations
@@ -266,14 +274,13 @@ class OpenVinoEngine(Seamless):
     One compiled model per input shape (OpenVINO is fastest on static shapes), LATENCY hint, threads settable.
     """
 
-    def __init__(self, onnx_path: str | os.PathLike, scale: int, threads: int = 0, precision: str = "f32",
-                 name: str = "openvino"):
+    def __init__(self, onnx_path: str | os.PathLike, scale: int, threads: int = 0,
+                 precision: Precision | str = "f32", name: str = "openvino"):
         import openvino as ov
 
-        if precision not in ("f32", "bf16"):
-            raise ValueError(f"unknown OpenVINO precision {precision!r}; choose one of: f32, bf16")
+        precision = Precision.parse(precision)
         self.core, self.path, self.scale, self.name = ov.Core(), _openvino_source(Path(onnx_path)), scale, name
-        self.config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": precision}
+        self.config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": precision.value}
         if threads:
             self.config["INFERENCE_NUM_THREADS"] = threads
         # per input shape: the compiled model and its infer requests, one per thread (a request is not reentrant);
@@ -427,6 +434,6 @@ def latency_ms(engine, lr: np.ndarray, repeats: int = 10, warmup: int = 2) -> fl
     return float(np.median(times))
 
 
-__all__ = ["TorchEngine", "OrtEngine", "OpenVinoEngine", "TensorRTEngine", "openvino_available",
+__all__ = ["TorchEngine", "OrtEngine", "OpenVinoEngine", "Precision", "TensorRTEngine", "openvino_available",
            "tensorrt_available", "tiled", "latency_ms", "unsigned_activations",
            "to_tensor", "to_uint8"]

@@ -20,8 +20,8 @@ import onnx
 from ..choices import Choice
 from .conformance import (BF16_TOLERANCE, FP32_TOLERANCE, INT8_TOLERANCE, NPU_TOLERANCE, Conformance,
                           EngineRefused, conformance)
-from .engines import (OpenVinoEngine, OrtEngine, TensorRTEngine, TorchEngine, openvino_available, reference,
-                      tensorrt_available)
+from .engines import (OpenVinoEngine, OrtEngine, Precision, TensorRTEngine, TorchEngine, openvino_available,
+                      reference, tensorrt_available)
 from .npu import DEFAULT_HTP_ARCH, LiteRTEngine, QnnHtpEngine
 from ..model.models import model_info
 from ..model.weights import load_model
@@ -162,9 +162,10 @@ def create_engine(kind: EngineKind | str, model: str, int8: CalibratedModel | No
         return engine if engine.provider == "CPUExecutionProvider" else _checked(engine, model, None, FP32_TOLERANCE,
                                                                                  engine.provider)
     if kind in (EngineKind.OPENVINO, EngineKind.OPENVINO_BF16):
-        precision = "bf16" if kind is EngineKind.OPENVINO_BF16 else "f32"
-        engine = OpenVinoEngine(fp32_onnx_path(model), scale, threads, precision, name=f"openvino-{precision}")
-        return _checked(engine, model, None, BF16_TOLERANCE if precision == "bf16" else FP32_TOLERANCE, kind.value)
+        precision = Precision.BF16 if kind is EngineKind.OPENVINO_BF16 else Precision.F32
+        engine = OpenVinoEngine(fp32_onnx_path(model), scale, threads, precision, name=f"openvino-{precision.value}")
+        return _checked(engine, model, None, BF16_TOLERANCE if precision is Precision.BF16 else FP32_TOLERANCE,
+                        kind.value)
     if int8 is None:
         raise ValueError(f"the {kind.value} engine needs a calibrated INT8 model")
     if kind is EngineKind.ORT_INT8:  # the reference on every install (a GPU wheel's providers are not it)
