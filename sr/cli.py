@@ -164,7 +164,7 @@ def format_report(report: dict) -> str:
     return "\n".join(lines)
 
 
-def _choice_and_warnings(choice: dict | None, warnings: list[str]) -> list[str]:
+def _choice_and_warnings(choice: dict | None, warnings: list) -> list[str]:
     """What the automatic method chose (with each candidate's score), and the warnings, as text lines."""
     lines = []
     if choice:
@@ -209,7 +209,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     qdq = write_atomic(int8.qdq_onnx.read_bytes(), out) if out else int8.qdq_onnx
     if args.json:
         print(json.dumps({"model": model, "method": int8.config.method.value, "samples": config.samples,
-                          "auto": int8.choice, "warnings": int8.warnings(),
+                          "auto": int8.choice, "warnings": [str(w) for w in int8.warnings()],
                           "scheme": int8.scheme.value, "qdq_model": str(qdq), "tensors": [
                               {k: v for k, v in r.to_dict().items() if k != "method"} for r in int8.ranges.values()]},
                          indent=2))

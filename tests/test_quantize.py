@@ -249,3 +249,17 @@ def test_the_known_input_range_follows_the_input_through_a_transpose(registered)
     moved = [t for t in int8.fixes.fixed_range if "Transpose" in t]
     assert moved and all(int8.fixes.fixed_range[t] == (0.0, 1.0) for t in moved)
     assert all(int8.ranges[t].high == pytest.approx(1.0) for t in moved if t in int8.ranges)
+
+
+def test_warnings_are_data_with_their_words():
+    """A calibration's warnings carry their kind and figures (what a caller branches on), and their words (what
+    the CLI, the page and the bundle print): a darker output, a brighter one and a large loss, each once."""
+    from sr.quant.calibrated import WarningKind
+
+    int8 = calibrate_model("xlsr-clip", CalibrationConfig(method="minmax", samples=10), "npu")
+    assert int8.warnings(1.0, "these images", 0.1) == []
+    darker, loss = int8.warnings(0.9, "these images", 2.5)
+    assert darker.kind is WarningKind.DARKER and darker.figures == {"brightness": 0.9}
+    assert str(darker) == "the INT8 output is darker than FP32 on these images (brightness ratio 0.900): its ranges clip the image"
+    assert loss.kind is WarningKind.LOSS and loss.figures["loss_db"] == 2.5 and "2.50 dB below FP32" in str(loss)
+    assert [w.kind for w in int8.warnings(1.05)] == [WarningKind.BRIGHTER]

@@ -22,7 +22,7 @@ from ..metrics import brightness_ratio, delta_e, psnr_y, rgb_to_y, ssim_y
 from ..model.models import model_info
 from ..model.weights import shipped_models
 from ..run.quantize import calibrate_model
-from ..quant.calibrated import CalibratedModel
+from ..quant.calibrated import CalibratedModel, QuantWarning, WarningKind
 from ..quant.quantspec import Scheme
 from ..quant.recipe import Fixes
 from ..run.runtime import EngineKind, Purpose, engine_for
@@ -334,9 +334,11 @@ def _calibration_notices(models, int8: list[CalibratedModel], rows: list, output
         warnings = calibrated.warnings(row.brightness_vs_fp32, "this image")
         top_fp32, top_int8 = (highlight_level(image) for image in (fp32, out))
         if top_fp32 - top_int8 >= HIGHLIGHT_DROP_LEVELS:
-            warnings.append(f"its highlights are capped: the brightest 1% of the image reaches level {top_int8:.0f} "
-                            f"of 255 in INT8 against {top_fp32:.0f} in FP32, so white comes out as flat grey while "
-                            "the shadows keep their level (a dull, washed-out look rather than an evenly darker one)")
+            warnings.append(QuantWarning(
+                WarningKind.HIGHLIGHTS, {"int8_level": top_int8, "fp32_level": top_fp32},
+                f"its highlights are capped: the brightest 1% of the image reaches level {top_int8:.0f} of 255 in "
+                f"INT8 against {top_fp32:.0f} in FP32, so white comes out as flat grey while the shadows keep their "
+                "level (a dull, washed-out look rather than an evenly darker one)"))
         notices += [f"{model}: {note}." for note in warnings]
     return notices
 

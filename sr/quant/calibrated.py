@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from ..choices import Choice
 from .calibdata import calibration_patches
 from .calibrate import CalibrationConfig
 from .searches import RangeSource, TensorRange, choose_ranges, clipped_energy, clipped_fraction
@@ -55,8 +56,9 @@ class CalibratedModel:
         return QuantRecipe(self.config, self.scheme, self.fixes)
 
     def warnings(self, brightness: float | None = None, measured_on: str = "the calibration images",
-                 loss_db: float | None = None) -> list[str]:
-        """Plain-words warnings: quantized tensors whose range cuts off more than CLIP_ENERGY_WARNING of their
+                 loss_db: float | None = None) -> list[QuantWarning]:
+        """What is worth warning about, as data (`QuantWarning`: its kind, its figures, and its words for the CLI,
+        the page and the bundle): quantized tensors whose range cuts off more than CLIP_ENERGY_WARNING of their
         signal energy on the calibration images; and, given what was measured somewhere, an output darker or
         brighter than FP32 by more than BRIGHTNESS_WARNING, or a PSNR-Y loss against FP32 (FP32's score minus
         INT8's against the truth) of more than LOSS_WARNING_DB."""
@@ -69,18 +71,48 @@ class CalibratedModel:
         if over:
             share, name = over[-1]
             r = self.ranges[name]
-            notes.append(f"{len(over)} INT8 range{'s' if len(over) > 1 else ''} cut off more than "
-                         f"{100 * CLIP_ENERGY_WARNING:.0f}% of a tensor's signal energy on the calibration images "
-                         f"(worst: {name}, {100 * share:.0f}%; {self.config.method.value} chose [{r.low:.3g}, "
-                         f"{r.high:.3g}] for values up to {r.observed_max:.3g}): another method (mse, minmax, or "
-                         "auto, which tries each) keeps more of it")
+            notes.append(QuantWarning(
+                WarningKind.CLIPPED_ENERGY, {"ranges": len(over), "tensor": name, "share": share, "low": r.low,
+                                             "high": r.high, "observed_max": r.observed_max},
+                f"{len(over)} INT8 range{'s' if len(over) > 1 else ''} cut off more than "
+                f"{100 * CLIP_ENERGY_WARNING:.0f}% of a tensor's signal energy on the calibration images "
+                f"(worst: {name}, {100 * share:.0f}%; {self.config.method.value} chose [{r.low:.3g}, "
+                f"{r.high:.3g}] for values up to {r.observed_max:.3g}): another method (mse, minmax, or "
+                "auto, which tries each) keeps more of it"))
         if brightness is not None and abs(brightness - 1.0) > BRIGHTNESS_WARNING:
-            notes.append(f"the INT8 output is {'darker' if brightness < 1 else 'brighter'} than FP32 on "
-                         f"{measured_on} (brightness ratio {brightness:.3f}): its ranges clip the image")
+            notes.append(QuantWarning(
+                WarningKind.DARKER if brightness < 1 else WarningKind.BRIGHTER, {"brightness": brightness},
+                f"the INT8 output is {'darker' if brightness < 1 else 'brighter'} than FP32 on {measured_on} "
+                f"(brightness ratio {brightness:.3f}): its ranges clip the image"))
         if loss_db is not None and loss_db > LOSS_WARNING_DB:
-            notes.append(f"the INT8 model scores {loss_db:.2f} dB below FP32 (PSNR-Y) on {measured_on}: diagnose "
-                         "names the tensor that does the damage, and int8-ready tries the fixes in turn")
+            notes.append(QuantWarning(
+                WarningKind.LOSS, {"loss_db": loss_db},
+                f"the INT8 model scores {loss_db:.2f} dB below FP32 (PSNR-Y) on {measured_on}: diagnose names the "
+                "tensor that does the damage, and int8-ready tries the fixes in turn"))
         return notes
+
+
+class WarningKind(Choice, noun="warning"):
+    """What an INT8 model is warned about."""
+
+    CLIPPED_ENERGY = "clipped-energy"  # a range cuts off a tensor's signal energy
+    DARKER = "darker"  # the output is darker than FP32's
+    BRIGHTER = "brighter"
+    LOSS = "loss"  # the PSNR-Y loss against FP32 is large
+    HIGHLIGHTS = "highlights"  # the brightest pixels are capped (sr.lab.compare)
+
+
+@dataclass(frozen=True)
+class QuantWarning:
+    """One warning as data: its kind, the figures behind it, and the words the CLI, the page and the bundle show
+    (`str()` gives them)."""
+
+    kind: WarningKind
+    figures: dict
+    words: str
+
+    def __str__(self) -> str:
+        return self.words
 
 
 CLIP_ENERGY_WARNING = 0.05  # a range that cuts off more of a tensor's signal energy than this is reported
