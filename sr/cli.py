@@ -17,6 +17,7 @@ from pathlib import Path
 from . import __version__
 from .progress import logged_progress
 from .quant.calibrate import CalibrationConfig, Method
+from .quant.calibrated import AutoChoice
 from .run.conformance import EngineRefused
 from .options import (BENCH_HELP, CALIBRATION_HELP, DIAGNOSE_HELP, DISTILL_HELP, EVAL_HELP, QAT_HELP, READY_HELP,
                       TRAIN_HELP, add_config_options, config_values)
@@ -160,16 +161,17 @@ def format_report(report: dict) -> str:
         lines.append(f"INT8 {report['method']}/{report['samples']} samples/{report['scheme']}: "
                      f"{report['int8_mean']['psnr_y'] - report['fp32_mean']['psnr_y']:+.3f} dB vs FP32, "
                      f"brightness ratio {report['brightness_ratio']:.4f} (darkest image {report['worst_brightness_ratio']:.4f})")
-        lines += _choice_and_warnings(report.get("auto"), report.get("warnings", []))
+        auto = report.get("auto")
+        lines += _choice_and_warnings(AutoChoice.from_json(auto) if auto else None, report.get("warnings", []))
     return "\n".join(lines)
 
 
-def _choice_and_warnings(choice: dict | None, warnings: list) -> list[str]:
+def _choice_and_warnings(choice, warnings: list) -> list[str]:
     """What the automatic method chose (with each candidate's score), and the warnings, as text lines."""
     lines = []
     if choice:
-        scores = ", ".join(f"{name} {c['psnr_vs_fp32_db']:.2f} dB" for name, c in choice["candidates"].items())
-        lines.append(f"method auto chose {choice['method']} (PSNR vs FP32 on {choice['held_back_images']} held-back "
+        scores = ", ".join(f"{name} {c['psnr_vs_fp32_db']:.2f} dB" for name, c in choice.candidates.items())
+        lines.append(f"method auto chose {choice.method} (PSNR vs FP32 on {choice.held_back_images} held-back "
                      f"calibration images: {scores})")
     return lines + [f"warning: {note}" for note in warnings]
 
@@ -209,7 +211,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     qdq = write_atomic(int8.qdq_onnx.read_bytes(), out) if out else int8.qdq_onnx
     if args.json:
         print(json.dumps({"model": model, "method": int8.config.method.value, "samples": config.samples,
-                          "auto": int8.choice, "warnings": [str(w) for w in int8.warnings()],
+                          "auto": int8.choice and int8.choice.to_json(), "warnings": [str(w) for w in int8.warnings()],
                           "scheme": int8.scheme.value, "qdq_model": str(qdq), "tensors": [
                               {k: v for k, v in r.to_dict().items() if k != "method"} for r in int8.ranges.values()]},
                          indent=2))

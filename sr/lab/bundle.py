@@ -254,7 +254,7 @@ def export_bundle(model: str, config: CalibrationConfig, out: str | Path, fixes:
 def _write_ranges(out: Path, model: str, config: CalibrationConfig, tensorrt: CalibratedModel, ranges: dict,
                   digest: str, fixes: Fixes | None) -> None:
     model = Path(model).name if "/" in model or "\\" in model else model  # a file's name, never a server path
-    write_atomic(json.dumps({"model": model, "method": tensorrt.config.method.value, "auto": tensorrt.choice,
+    write_atomic(json.dumps({"model": model, "method": tensorrt.config.method.value, "auto": tensorrt.choice and tensorrt.choice.to_json(),
                              "samples": config.samples,
                              "seed": config.seed, "calibration_data_digest": digest, "lab_version": __version__,
                              "fixes": json.loads((fixes or Fixes()).key()), "scheme": Scheme.TENSORRT.value,
@@ -286,8 +286,8 @@ def _readme(model: str, config: CalibrationConfig, int8: CalibratedModel, figure
         lines.append(f"| `{name}` | {scheme.value} | " + ("not measured" if psnr is None else
                      f"{psnr:.2f} dB | {brightness:.4f}") + " |")
     method = int8.config.method.value if not int8.choice else (
-        f"{int8.choice['method']} (chosen by the automatic method, the best against FP32 of "
-        f"{', '.join(int8.choice['candidates'])} on {int8.choice['held_back_images']} held-back calibration images)")
+        f"{int8.choice.method} (chosen by the automatic method, the best against FP32 of "
+        f"{', '.join(int8.choice.candidates)} on {int8.choice.held_back_images} held-back calibration images)")
     engine, measured = npu
     if engine is None:
         on_npu = f"Not run on Qualcomm's HTP arithmetic here: {measured}."

@@ -328,8 +328,8 @@ def _calibration_notices(models, int8: list[CalibratedModel], rows: list, output
     for model, calibrated, row, (fp32, out) in zip(models, int8, [r for r in rows if r.kind is OutputKind.INT8],
                                                    outputs):
         if calibrated.choice:
-            notices.append(f"{model}: the automatic method chose {calibrated.choice['method']} (best of "
-                           f"{', '.join(calibrated.choice['candidates'])} on {calibrated.choice['held_back_images']} "
+            notices.append(f"{model}: the automatic method chose {calibrated.choice.method} (best of "
+                           f"{', '.join(calibrated.choice.candidates)} on {calibrated.choice.held_back_images} "
                            "held-back calibration images).")
         warnings = calibrated.warnings(row.brightness_vs_fp32, "this image")
         top_fp32, top_int8 = (highlight_level(image) for image in (fp32, out))

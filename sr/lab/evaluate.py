@@ -139,7 +139,7 @@ def evaluate(config: EvalConfig, progress: Progress | None = None) -> dict:
                       fixes=None if int8.fixes.is_empty() else int8.fixes.key(),
                       fp32_mean=_mean(fp32_rows), int8_mean=report["mean"],
                       brightness_ratio=float(np.mean(ratios)), worst_brightness_ratio=float(np.min(ratios)),
-                      auto=int8.choice, warnings=[str(w) for w in int8.warnings(
+                      auto=int8.choice and int8.choice.to_json(), warnings=[str(w) for w in int8.warnings(
                           float(np.mean(ratios)), "these images",
                           _mean(fp32_rows)["psnr_y"] - report["mean"]["psnr_y"])])
         _compare_with_original(report, config)

@@ -48,7 +48,7 @@ class CalibratedModel:
     scale: int = 3
     # with Method.AUTO: {"method": the one chosen, "candidates": {method: {"psnr_vs_fp32_db", "brightness"}},
     # "held_back_images": how many images scored them}; `config` is then the chosen method's
-    choice: dict | None = None
+    choice: AutoChoice | None = None  # what the automatic method chose, when it chose
 
     @property
     def recipe(self) -> QuantRecipe:
@@ -90,6 +90,25 @@ class CalibratedModel:
                 f"the INT8 model scores {loss_db:.2f} dB below FP32 (PSNR-Y) on {measured_on}: diagnose names the "
                 "tensor that does the damage, and int8-ready tries the fixes in turn"))
         return notes
+
+
+@dataclass(frozen=True)
+class AutoChoice:
+    """What the automatic method chose: the method, each candidate's score against FP32 on the held-back
+    calibration images ({method: {"psnr_vs_fp32_db", "brightness"}}), and how many images those were."""
+
+    method: str
+    candidates: dict[str, dict[str, float]]
+    held_back_images: int
+
+    def to_json(self) -> dict:
+        """The JSON form (the CLI's and eval's `auto`, the bundle's ranges file, the cached record)."""
+        return {"method": self.method, "candidates": self.candidates, "held_back_images": self.held_back_images}
+
+    @classmethod
+    def from_json(cls, record: dict) -> "AutoChoice":
+        """The choice from its JSON form (KeyError or TypeError when the record is not one)."""
+        return cls(str(record["method"]), dict(record["candidates"]), int(record["held_back_images"]))
 
 
 class WarningKind(Choice, noun="warning"):

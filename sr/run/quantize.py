@@ -25,7 +25,7 @@ from .. import data
 from ..model.centring import moves_values, user_io
 from ..quant.calibdata import images_digest, load_calibration_images, prepare_calibration_images
 from ..quant.calibrate import CalibrationConfig, Method
-from ..quant.calibrated import CalibratedModel, calibrate_entry, read_entry
+from ..quant.calibrated import AutoChoice, CalibratedModel, calibrate_entry, read_entry
 from .engines import reference
 from .sessions import Observer, run_once
 from ..metrics import brightness_ratio, psnr_y
@@ -134,8 +134,8 @@ def _calibrate_auto(model_name, config: CalibrationConfig, scheme: Scheme, image
     key = QuantRecipe(config, scheme, fixes or Fixes()).key(file_sha256(info.path), images_digest(source))
     record = cache_root(cache_dir) / "auto" / f"{key}.json"
     try:
-        choice = json.loads(record.read_text())
-        method = Method.parse(choice["method"])
+        choice = AutoChoice.from_json(json.loads(record.read_text()))
+        method = Method.parse(choice.method)
     except (OSError, ValueError, KeyError, TypeError):  # not chosen yet, or an unreadable record: choose again
         choice = None
     if choice is not None:
@@ -153,8 +153,8 @@ def _calibrate_auto(model_name, config: CalibrationConfig, scheme: Scheme, image
             "psnr_vs_fp32_db": float(np.mean([min(psnr_y(o, t, scale), 99.0) for o, t in zip(outputs, truths)])),
             "brightness": float(np.mean([brightness_ratio(o, t) for o, t in zip(outputs, truths)]))}
     best = max(AUTO_CANDIDATES, key=lambda m: candidates[m.value]["psnr_vs_fp32_db"])
-    choice = {"method": best.value, "candidates": candidates, "held_back_images": len(held)}
-    write_atomic(json.dumps(choice).encode(), record)
+    choice = AutoChoice(best.value, candidates, len(held))
+    write_atomic(json.dumps(choice.to_json()).encode(), record)
     return replace(made[best], choice=choice)
 
 
