@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from sr.quant.calibrate import CalibrationConfig  # noqa: E402
 from sr.run.quantize import calibrate_model
 from sr.quant.quantspec import Scheme
-from sr.quant.qdq import write_qdq_model  # noqa: E402
+from sr.quant.qdq import write_unrewritten_cpu_model  # noqa: E402
 
 
 def profile(path: Path, threads: int, runs: int, array: np.ndarray) -> dict[str, float]:
@@ -53,8 +53,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=20)
     args = parser.parse_args()
     fast = calibrate_model(args.model, CalibrationConfig(method="entropy", samples=100), Scheme.CPU)
-    plain = write_qdq_model(fast.fp32_onnx, fast.ranges, Scheme.CPU, Path(tempfile.mkdtemp()) / "plain.onnx",
-                            fast=False)
+    plain = write_unrewritten_cpu_model(fast.fp32_onnx, fast.ranges, Path(tempfile.mkdtemp()) / "plain.onnx")
     array = np.random.default_rng(0).random((1, 3, 240, 320), dtype=np.float32)
     for label, path in (("FP32", fast.fp32_onnx), ("INT8 cpu scheme, plain", plain),
                         ("INT8 cpu scheme, rewritten", fast.qdq_onnx)):

@@ -8,8 +8,7 @@ from sr.data import degrade, load_image
 from sr.run.engines import OpenVinoEngine, OrtEngine, openvino_available, tiled
 from sr.metrics import psnr_y
 from sr.run.quantize import calibrate_model
-from sr.quant.quantspec import Scheme
-from sr.quant.qdq import write_qdq_model
+from sr.quant.qdq import write_unrewritten_cpu_model
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +22,7 @@ def test_rewritten_int8_model_is_bit_identical(model, baboon, tmp_path):
     """Dense block-diagonal convs, zero-padded channels and a Slice change no output level."""
     _, lr = baboon
     fast = calibrate_model(model, CalibrationConfig(method="entropy", samples=20), "cpu")
-    plain = write_qdq_model(fast.fp32_onnx, fast.ranges, Scheme.CPU, tmp_path / "plain.onnx", fast=False)
+    plain = write_unrewritten_cpu_model(fast.fp32_onnx, fast.ranges, tmp_path / "plain.onnx")
     difference = np.abs(OrtEngine(fast.qdq_onnx, 3).run(lr).astype(int) - OrtEngine(plain, 3).run(lr).astype(int))
     assert difference.max() == 0, f"{(difference > 0).sum()} values differ, by up to {difference.max()} levels"
 

@@ -141,14 +141,13 @@ def test_qat_model_goes_into_the_deployment_bundle(qat_run, tmp_path):
     """The bundle carries the learned ranges (tensorrt) and a CPU model; the centred model's own Pad stays float
     in the fast CPU rewrite, whose outputs equal the plain QDQ model's."""
     from sr.lab.bundle import export_bundle
-    from sr.quant.quantspec import Scheme
-    from sr.quant.qdq import write_qdq_model
+    from sr.quant.qdq import write_unrewritten_cpu_model
 
     _, result = qat_run
     export_bundle(str(result.weights), CalibrationConfig(samples=10), tmp_path / "bundle")
     assert (tmp_path / "bundle").is_dir() and any((tmp_path / "bundle").glob("*.onnx"))
     cpu = calibrate_model(str(result.weights), CalibrationConfig(samples=10), "cpu")
-    write_qdq_model(cpu.fp32_onnx, cpu.ranges, Scheme.CPU, tmp_path / "plain.onnx", fast=False)
+    write_unrewritten_cpu_model(cpu.fp32_onnx, cpu.ranges, tmp_path / "plain.onnx")
     x = np.random.default_rng(1).random((1, 3, 20, 26), dtype=np.float32)
     assert np.array_equal(_ort(cpu.qdq_onnx, x), _ort(tmp_path / "plain.onnx", x))
 

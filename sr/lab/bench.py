@@ -168,15 +168,13 @@ def _latency_engines(config: BenchConfig, threads: int, work: str) -> tuple[dict
     from ..run.conformance import EngineRefused
     from ..run.engines import OrtEngine, openvino_available
     from ..run.quantize import calibrate_model
-    from ..quant.quantspec import Scheme
-    from ..quant.qdq import write_qdq_model
+    from ..quant.qdq import write_unrewritten_cpu_model
     from ..run.runtime import EngineKind, create_engine
 
     scale = model_info(config.model).scale
     calibration = CalibrationConfig(method="entropy", samples=config.samples)
     int8 = {scheme: calibrate_model(config.model, calibration, scheme) for scheme in ("cpu", "tensorrt", "npu")}
-    plain = write_qdq_model(int8["cpu"].fp32_onnx, int8["cpu"].ranges, Scheme.CPU, Path(work) / "plain.onnx",
-                            fast=False)
+    plain = write_unrewritten_cpu_model(int8["cpu"].fp32_onnx, int8["cpu"].ranges, Path(work) / "plain.onnx")
     engines = {"ort_fp32": create_engine(EngineKind.ORT, config.model, None, threads),
                "ort_int8_cpu_unrewritten": OrtEngine(plain, scale, threads)}
     engines.update({f"ort_int8_{scheme}": create_engine(EngineKind.ORT_INT8, config.model, int8[scheme], threads)

@@ -15,7 +15,7 @@ from ..run.runtime import engine_for
 from ..metrics import brightness_ratio, psnr_y
 from ..quant.calibrated import CalibratedModel
 from ..quant.quantspec import Scheme
-from ..quant.qdq import spec_of, tie_fused_ranges, without_quantization
+from ..quant.qdq import spec_of, tie_fused_ranges, with_float_weights, without_quantization
 from ..quant.readback import graph_quantization
 from ..quant.rewrite import rewrite_for_fast_int8
 
@@ -88,8 +88,9 @@ class Scorer:
         group as its only quantized activations (weights in FP32)."""
         if alone is not None:
             kept = set(self._members([alone]))
-            model = without_quantization(self.qdq, self.fp32, [t for t in self.written if t not in kept], True,
-                                         self.weights_from)
+            model = with_float_weights(without_quantization(self.qdq, self.fp32,
+                                                            [t for t in self.written if t not in kept]),
+                                       self.fp32, self.weights_from)
         elif dropped:
             model = without_quantization(self.qdq, self.fp32, self._members(dropped))
         else:

@@ -86,8 +86,9 @@ def spec_of(fp32: Path | onnx.ModelProto, scheme: Scheme | str, keep_float: Sequ
 
 
 def write_qdq_model(fp32_onnx: Path, ranges: dict[str, TensorRange], scheme: Scheme, out: Path,
-                    keep_float: Sequence[str] = (), fast: bool = True) -> Path:
-    """Write the QDQ model of `fp32_onnx` that its spec describes, with our ranges.
+                    keep_float: Sequence[str] = ()) -> Path:
+    """Write the QDQ model of `fp32_onnx` that its spec describes, with our ranges (the cpu scheme's graph first
+    rewritten by `sr.quant.rewrite`: every Conv on ORT's fast INT8 kernel, the same outputs).
 
     Args:
         fp32_onnx: the FP32 model.
@@ -95,7 +96,6 @@ def write_qdq_model(fp32_onnx: Path, ranges: dict[str, TensorRange], scheme: Sch
         scheme: the INT8 scheme.
         out: where to write the QDQ model (atomically).
         keep_float: tensors that get no QDQ pair.
-        fast: for the cpu scheme, apply `sr.quant.rewrite` (every Conv on ORT's fast INT8 kernel, same outputs).
 
     Returns:
         `out`.
@@ -103,6 +103,17 @@ def write_qdq_model(fp32_onnx: Path, ranges: dict[str, TensorRange], scheme: Sch
     Raises:
         RuntimeError: the written model does not quantize what the spec says (a writer bug: nothing is written).
     """
+    return _write_qdq_model(fp32_onnx, ranges, scheme, out, keep_float, rewrite=True)
+
+
+def write_unrewritten_cpu_model(fp32_onnx: Path, ranges: dict[str, TensorRange], out: Path) -> Path:
+    """The cpu scheme's QDQ model of the graph as it is, without `sr.quant.rewrite`: what the rewrite is measured
+    against (its speed in `bench`, its outputs in the tests)."""
+    return _write_qdq_model(fp32_onnx, ranges, Scheme.CPU, out, (), rewrite=False)
+
+
+def _write_qdq_model(fp32_onnx: Path, ranges: dict[str, TensorRange], scheme: Scheme, out: Path,
+                     keep_float: Sequence[str], rewrite: bool) -> Path:
     scheme = Scheme.parse(scheme)
     model = onnx.load(str(fp32_onnx))
     spec = quant_spec(model, scheme, keep_float)  # (npu-per-tensor is a scheme of its own)
@@ -112,7 +123,7 @@ def write_qdq_model(fp32_onnx: Path, ranges: dict[str, TensorRange], scheme: Sch
     if not scheme.by_onnxruntime:
         written = insert_qdq(model, spec, ranges)
     else:
-        written = _ort_qdq(model, spec, ranges, keep_float, fast)
+        written = _ort_qdq(model, spec, ranges, keep_float, rewrite)
     check_against_spec(written, model, spec)
     write_atomic(written.SerializeToString(), out)
     return out
@@ -279,17 +290,35 @@ def _bias_dequantizer(name: str, values: np.ndarray, input_step: float, weight_s
     return inits, node
 
 
-def without_quantization(qdq: onnx.ModelProto, fp32: onnx.ModelProto, activations: Sequence[str] = (),
-                         float_weights: bool = False, weights_from: onnx.ModelProto | None = None) -> onnx.ModelProto:
-    """A written QDQ model with some of its quantization taken out again: the Q/DQ pairs of `activations` removed
-    (their consumers read the float tensor), and with `float_weights` every weight read in FP32 (the diagnosis
-    measures a tensor's damage this way, on the real INT8 model rather than a re-derived simulation).
+def without_quantization(qdq: onnx.ModelProto, fp32: onnx.ModelProto, activations: Sequence[str]) -> onnx.ModelProto:
+    """A written QDQ model with the Q/DQ pairs of some activations taken out again (their consumers read the float
+    tensor): the diagnosis measures a tensor's damage this way, on the real INT8 model rather than a re-derived
+    simulation.
+
+    Args:
+        qdq: the written model.
+        fp32: the FP32 model it was written from.
+        activations: FP32 tensor names whose pairs are removed.
+
+    Returns:
+        a new model.
+    """
+    model = onnx.ModelProto()
+    model.CopyFrom(qdq)
+    index = GraphIndex(model.graph)  # held until the rewiring: node ids are those of the wrappers it keeps alive
+    removed, rename, restore = _activation_pairs(model.graph, index.consumers, set(activations))
+    _rewire(index.nodes, model.graph, removed, rename, restore)
+    return model
+
+
+def with_float_weights(qdq: onnx.ModelProto, fp32: onnx.ModelProto,
+                       weights_from: onnx.ModelProto | None = None) -> onnx.ModelProto:
+    """A written QDQ model with every INT8 weight (and INT32 bias) read in FP32 again (the diagnosis scores one
+    tensor's quantization alone this way).
 
     Args:
         qdq: the written model.
         fp32: the FP32 model it was written from (for the weights).
-        activations: FP32 tensor names whose pairs are removed.
-        float_weights: replace each INT8 weight (and INT32 bias) by its FP32 value.
         weights_from: the FP32 graph whose weights those are, when the writer changed their shapes (the cpu
             scheme's fast-kernel rewrite); default `fp32`.
 
@@ -299,23 +328,31 @@ def without_quantization(qdq: onnx.ModelProto, fp32: onnx.ModelProto, activation
     model = onnx.ModelProto()
     model.CopyFrom(qdq)
     graph = model.graph
-    consumers = GraphIndex(graph).consumers
-    removed, rename, restore = _activation_pairs(graph, consumers, set(activations))
-    if float_weights:
-        fp32 = weights_from if weights_from is not None else fp32
-        initializers = {i.name: i for i in graph.initializer}
-        fp32_initializers = {i.name: i for i in fp32.graph.initializer}
-        for node in graph.node:
-            if node.op_type == "DequantizeLinear" and node.input[0] in initializers \
-                    and initializers[node.input[0]].data_type in (onnx.TensorProto.INT8, onnx.TensorProto.INT32):
-                name = fp32_initializer_of(node, consumers, fp32, set(fp32_initializers))
-                if name is not None:
-                    removed.add(id(node))
-                    rename[node.output[0]] = name
-                    if name not in initializers:
-                        graph.initializer.append(fp32_initializers[name])
-                        initializers[name] = fp32_initializers[name]
-    kept = [node for node in graph.node if id(node) not in removed]
+    index = GraphIndex(graph)  # held until the rewiring: node ids are those of the wrappers it keeps alive
+    consumers = index.consumers
+    fp32 = weights_from if weights_from is not None else fp32
+    initializers = {i.name: i for i in graph.initializer}
+    fp32_initializers = {i.name: i for i in fp32.graph.initializer}
+    removed, rename = set(), {}
+    for node in index.nodes:
+        if node.op_type == "DequantizeLinear" and node.input[0] in initializers \
+                and initializers[node.input[0]].data_type in (onnx.TensorProto.INT8, onnx.TensorProto.INT32):
+            name = fp32_initializer_of(node, consumers, fp32, set(fp32_initializers))
+            if name is not None:
+                removed.add(id(node))
+                rename[node.output[0]] = name
+                if name not in initializers:
+                    graph.initializer.append(fp32_initializers[name])
+                    initializers[name] = fp32_initializers[name]
+    _rewire(index.nodes, graph, removed, rename, {})
+    return model
+
+
+def _rewire(nodes: list, graph: onnx.GraphProto, removed: set[int], rename: dict[str, str],
+            restore: dict[str, str]) -> None:
+    """Drop the `removed` nodes (by the ids of `nodes`, the graph's nodes as indexed), point their readers at what
+    they stood for, and drop unused initializers."""
+    kept = [node for node in nodes if id(node) not in removed]
     for node in kept:
         for position, name in enumerate(node.input):
             node.input[position] = restore.get(rename.get(name, name), rename.get(name, name))
@@ -326,7 +363,6 @@ def without_quantization(qdq: onnx.ModelProto, fp32: onnx.ModelProto, activation
     used = used_names(kept)
     for init in [i for i in graph.initializer if i.name not in used]:
         graph.initializer.remove(init)
-    return model
 
 
 def _activation_pairs(graph: onnx.GraphProto, consumers: dict, drop: set[str]) -> tuple[set, dict, dict]:
@@ -353,10 +389,10 @@ def _activation_pairs(graph: onnx.GraphProto, consumers: dict, drop: set[str]) -
 
 
 def _ort_qdq(model: onnx.ModelProto, spec: QuantSpec, ranges: dict[str, TensorRange], keep_float: Sequence[str],
-             fast: bool) -> onnx.ModelProto:
+             rewrite: bool) -> onnx.ModelProto:
     """The cpu scheme through `onnxruntime.quantization.quantize_static` (UINT8 activations, INT32 biases)."""
     op_types, own_movers = QUANTIZED_OPS, []
-    if fast:  # every Conv on ORT's fast INT8 kernel; the outputs stay bit-identical
+    if rewrite:  # every Conv on ORT's fast INT8 kernel; the outputs stay bit-identical
         # the model's own Pad/Slice (a centred model's input padding) stay float: only the rewrite's are quantized
         own_movers = [node.name for node in model.graph.node if node.op_type in REWRITE_OPS]
         model, ranges = rewrite_for_fast_int8(model, ranges)
