@@ -17,7 +17,7 @@ from sr.quant.calibrate import CalibrationConfig
 from sr.store import Memo
 from sr.tune.ptq import RefineConfig, refine
 from ui.server import (_DONE, KEPT_CALIBRATION_PIXELS, MAX_CALIBRATION_FILES, MAX_CALIBRATION_PIXELS, MAX_SESSIONS,
-                       SHORT_SECONDS, _capped, _lane, _light, _user_errors, _visitor)
+                       SHORT_SECONDS, _capped, _lane, _light, _user_errors, _visitor, to_page)
 from ui.words import (DIFFERENCE_KINDS, DIFFERENCES, MODES, PANELS, PRESET_NOTES, PRESETS, TARGET_DIFFERENCES, TARGETS,
                       _label, coverage_note, metrics_frame, spread_note)
 
@@ -100,8 +100,7 @@ def _refined(run, model: str, refinements, calibration: CalibrationConfig, schem
     if not refinements:
         return model
     config = RefineConfig(model, list(refinements), calibration, scheme)
-    return str(run(refine, config, progress=lambda fraction, message: progress(
-        fraction, desc=f"refining {model}: {message} (first time only)")))
+    return str(run(refine, config, progress=to_page(progress, f"refining {model}: {{}} (first time only)")))
 
 
 def run_compare(image, model_a="xlsr-relu", model_b="xlsr-clip", method="entropy", samples=100, scheme="tensorrt",
@@ -123,9 +122,8 @@ def run_compare(image, model_a="xlsr-relu", model_b="xlsr-clip", method="entropy
         if target is not None and target not in TARGETS:
             raise gr.Error(f"Unknown INT8 target {target!r}; choose one of: {', '.join(TARGETS)}")
         estimate = _calibration_estimate(model_a, model_b, int(samples))
-        first_run = lambda fraction, message: progress(  # noqa: E731
-            fraction, desc=f"{message}: calibrating these settings for the first time (about {estimate:.0f} s in all; "
-                           "later runs read the cache)")
+        first_run = to_page(progress, f"{{}}: calibrating these settings for the first time (about {estimate:.0f} s "
+                                      "in all; later runs read the cache)")
         settings = _calibration(method, samples, gain, seed)
         done = repr((model_a, model_b, settings, scheme, tuple(refinements or ())))
         light = calibration is None and not TARGETS.get(target) and _light(image)

@@ -25,7 +25,7 @@ from sr.quant.calibrate import CalibrationConfig, Method
 from ui import jobs
 from ui.comparison import _calibration, _check_image
 from ui.server import (COST_LIMITS, MAX_REQUEST_SECONDS, PROBE_SECONDS, _boxed, _bundle_folder, _capped, _lane, _owner,
-                       _user_errors, _verified_owner, _visitor, _visitor_share)
+                       _user_errors, _verified_owner, _visitor, _visitor_share, to_page)
 from ui.words import (_UPLOADED, _VISITOR, CALIB_SOURCES, FIX_LABELS, MODES, _label, _model_choices, _number, _shown,
                       advice_text, contract_text, diagnosis_text, ranking_frame, ready_report)
 
@@ -70,7 +70,7 @@ def build_bundle(image, model_a, method, samples, gain, seed, mode, request: gr.
         folder = _bundle_folder()
         with _lane(model_a, progress=progress, visitor=_visitor(request)) as run:
             bundle = run(export_bundle, model_a, config, folder / "bundle", images=lr, shown_as=_shown(model_a),
-                         progress=lambda fraction, message: progress(fraction, desc=message))
+                         progress=to_page(progress))
         name = re.sub(r"[^\w.-]+", "-", _shown(model_a)).strip("-")
         archive = zip_bundle(bundle, folder / f"{name}-int8-{config.method.value}.zip")
         shutil.rmtree(folder / "bundle", ignore_errors=True)  # the zip is what is offered
@@ -92,7 +92,7 @@ def make_ready_for(model_a, samples, scheme, target, minutes, uploads, model_b, 
                              max_images=READY_IMAGES, qat=jobs.POLICY.enabled)
         folder = _bundle_folder()
         with _lane(model_a, progress=progress, visitor=_visitor(request)) as run:
-            result = run(make_ready, config, progress=lambda fraction, message: progress(fraction, desc=message))
+            result = run(make_ready, config, progress=to_page(progress))
             chosen = result.chosen
             bundle = run(export_bundle, chosen.model, chosen.calibration, folder / "bundle", chosen.fixes,
                          shown_as=f"{_shown(model_a)}, made INT8-ready")
@@ -149,9 +149,9 @@ def _diagnosed(image, model, mode, calibration, scheme, stop, progress, visitor)
         try:
             with _lane(model, progress=progress, visitor=visitor) as run:
                 report = run(diagnose, config, images=[image], mode=MODES.get(mode, mode),
-                             progress=lambda f, m: progress(f, desc=f"{m} (cancel to stop)"), stop=stop.is_set)
+                             progress=to_page(progress, "{} (cancel to stop)"), stop=stop.is_set)
                 advice = run(advise_fix, report, image, MODES.get(mode, mode),
-                             progress=lambda f, m: progress(f, desc=f"measuring the fixes: {m}"), stop=stop.is_set)
+                             progress=to_page(progress, "measuring the fixes: {}"), stop=stop.is_set)
         except Cancelled as error:
             raise gr.Error(f"Diagnosis cancelled: {error}.") from None
     culprit = advice.tensor or (report.ranking[0].tensor if report.ranking else None)
@@ -187,7 +187,7 @@ def run_fix(image, report, tensor, fix_label, mode, request: gr.Request = None, 
     with _user_errors("fix"):
         with _lane(report.model, progress=progress, visitor=_visitor(request)) as run:
             outcome = run(apply_fix, report, tensor, fix, image, MODES.get(mode, mode),
-                          progress=lambda f, m: progress(f, desc=m))
+                          progress=to_page(progress))
     against = "truth" if outcome.has_truth else "FP32"
     table = pd.DataFrame([
         {"INT8 model": "before", f"PSNR vs {against} (dB)": _number(outcome.psnr_before_db, 2),

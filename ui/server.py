@@ -157,6 +157,12 @@ def _lane(*models, progress=None, kind: str = "long", visitor: str | None = None
 MAX_REQUEST_SECONDS = float(os.environ.get("SR_MAX_REQUEST_SECONDS", "300"))
 
 
+def to_page(progress, words: str = "{}"):
+    """The library's progress protocol (`sr.progress.Progress`: fraction, message) shown on gradio's bar: the one
+    adapter the page has (`words` puts the library's message in the page's sentence)."""
+    return lambda fraction, message: progress(fraction, desc=words.format(message))
+
+
 def _capped(progress, what: str):
     """`progress` for one heavy request, which stops it once it has run MAX_REQUEST_SECONDS (the library calls it
     between batches, so the request ends there, its caches left whole)."""
