@@ -331,7 +331,7 @@ def test_make_it_int8_ready_adds_a_fine_tuned_model(job_sandbox, monkeypatch, da
     *_, (status, _, guided) = list(handlers.start_qat("xlsr-clip", 2, True, owner))
     from sr.run.quantize import qat_record
 
-    config = qat_record(guided)["config"]
+    config = qat_record(guided).details["config"]
     assert config["teacher"] == "teacher" and config["beta"] == jobs.QAT_TEACHER_BETA, status
 
 

@@ -174,10 +174,10 @@ def _compare_with_original(report: dict, config: EvalConfig) -> None:
     record = qat_record(config.model)
     if record is None:
         return
-    original = evaluate(EvalConfig(model=record["base"], data=config.data, scale=config.scale,
-                                   engine=model_info(record["base"]).fp32_engine,
+    original = evaluate(EvalConfig(model=record.base, data=config.data, scale=config.scale,
+                                   engine=model_info(record.base).fp32_engine,
                                    degradation=config.degradation, threads=config.threads))
-    what = "the FP32 model the refinements started from" if record.get("kind") == "ptq" else \
+    what = "the FP32 model the refinements started from" if record.kind == "ptq" else \
         "the FP32 model QAT started from"
-    report["fp32_reference"] = {"model": record["base"], "what": what, **original["mean"]}
+    report["fp32_reference"] = {"model": record.base, "what": what, **original["mean"]}
     report["int8_vs_reference_db"] = original["mean"]["psnr_y"] - report["int8_mean"]["psnr_y"]

@@ -144,14 +144,44 @@ class ModelInfo:
         save_weights(with_io_offset(base, IO_OFFSET), out, extra=kept)
         return out, None
 
-    def record(self) -> dict | None:
-        """What fine-tuning or refining recorded in the model's file (`sr.tune.qat`, `sr.tune.ptq`), or None."""
+    def record(self) -> TuningRecord | None:
+        """What fine-tuning or refining recorded in the model's file (`sr.tune.qat`, `sr.tune.ptq`), or None (also
+        for a record that is not one)."""
         if self.uploaded:
             props = {p.key: p.value for p in onnx.load(str(self.path), load_external_data=False).metadata_props}
             record = json.loads(props[f"sr.{RECORD_KEY}"]) if f"sr.{RECORD_KEY}" in props else None
         else:
             record = read_metadata(self.path).get(RECORD_KEY)
-        return record if isinstance(record, dict) else None
+        try:
+            return TuningRecord.from_json(record) if isinstance(record, dict) else None
+        except (KeyError, TypeError, ValueError):
+            return None
+
+
+@dataclass(frozen=True)
+class TuningRecord:
+    """What QAT or a PTQ refinement recorded in the model it wrote: how it was tuned (`kind`), for which scheme,
+    the ranges it learned, the model it started from, and the rest of the run (`details`: the base's hash, the
+    configuration, the history, the machine)."""
+
+    kind: str  # "qat" or "ptq"
+    scheme: str
+    ranges: dict[str, tuple[float, float]]
+    base: str | None
+    details: dict
+
+    def to_json(self) -> dict:
+        """The form written into the model's metadata."""
+        return {"kind": self.kind, "scheme": self.scheme, "ranges": {t: list(r) for t, r in self.ranges.items()},
+                "base": self.base, **self.details}
+
+    @classmethod
+    def from_json(cls, record: dict) -> "TuningRecord":
+        """The record from its metadata form (a QAT record of older files has no `kind`)."""
+        own = ("kind", "scheme", "ranges", "base")
+        return cls(str(record.get("kind", "qat")), str(record["scheme"]),
+                   {t: (float(low), float(high)) for t, (low, high) in record["ranges"].items()},
+                   record.get("base"), {k: v for k, v in record.items() if k not in own})
 
 
 def _checks(path: Path) -> bool:

@@ -29,7 +29,7 @@ from ..quant.calibrated import AutoChoice, CalibratedModel, calibrate_entry, rea
 from .engines import reference
 from .sessions import Observer, run_once
 from ..metrics import brightness_ratio, psnr_y
-from ..model.models import model_info
+from ..model.models import TuningRecord, model_info
 from ..quant.quantspec import LITERT_FIXED_OUTPUT, WRAPPER_PREFIX, Scheme
 from ..quant.recipe import Fixes, QuantRecipe
 from ..progress import logged_progress
@@ -268,12 +268,12 @@ def learned_ranges(model_name: str | os.PathLike, scheme: Scheme | str) -> dict[
         {tensor: (low, high)}, or None when the model was not fine-tuned for `scheme`.
     """
     record = qat_record(model_name)
-    if record is None or record.get("scheme") != Scheme.parse(scheme).value:
+    if record is None or record.scheme != Scheme.parse(scheme).value:
         return None
-    return {tensor: (float(low), float(high)) for tensor, (low, high) in record["ranges"].items()}
+    return dict(record.ranges)
 
 
-def qat_record(model_name: str | os.PathLike) -> dict | None:
+def qat_record(model_name: str | os.PathLike) -> TuningRecord | None:
     """What `sr.tune.qat` (or `sr.tune.ptq`) recorded in a tuned model's file (scheme, learned ranges, the model it started
     from, its run), or None for a model that was not tuned."""
     return model_info(model_name).record()

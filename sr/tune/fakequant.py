@@ -34,7 +34,7 @@ from torch import nn
 from ..graph import GraphIndex
 from ..quant.calibrate import CalibrationConfig
 from ..quant.searches import RangeSource, TensorRange
-from ..model.models import save_tuned
+from ..model.models import TuningRecord, save_tuned
 from ..model.onnxtorch import OnnxModule
 from ..quant.quantspec import QuantSpec, activation_qparams
 from ..run.quantize import calibrate_model, qat_record
@@ -227,7 +227,7 @@ def fake_quantized(structure: str, calibration: CalibrationConfig, scheme: str,
 def original_model(model: str) -> str:
     """The model a QAT/PTQ result was made from (its `base`), or `model` itself."""
     record = qat_record(model)
-    return str(record["base"]) if record and record.get("base") else str(model)
+    return str(record.base) if record and record.base else str(model)
 
 
 def qdq_path_for(out: Path, scheme: str) -> Path:
@@ -235,7 +235,7 @@ def qdq_path_for(out: Path, scheme: str) -> Path:
     return out.with_name(f"{out.name.rsplit('.', 1)[0]}.{scheme}.qdq.onnx")
 
 
-def export_trained(base: str, fp32_path: Path, weights: dict[str, torch.Tensor], record: dict, out: Path,
+def export_trained(base: str, fp32_path: Path, weights: dict[str, torch.Tensor], record: TuningRecord, out: Path,
                    qdq_out: Path, calibrated: dict[str, TensorRange]) -> None:
     """Write the trained model (`out`) and the QDQ model of its learned ranges (`qdq_out`), both atomically.
 
@@ -243,7 +243,7 @@ def export_trained(base: str, fp32_path: Path, weights: dict[str, torch.Tensor],
         base: the model QAT started from (a PyTorch weight file gets a safetensors `out`, an ONNX model an ONNX one).
         fp32_path: its FP32 ONNX model.
         weights: {initializer name: trained tensor}.
-        record: what goes into the metadata under `qat` (its "ranges" are {tensor: [low, high]}).
+        record: what goes into the metadata under `qat` (its JSON form).
         out, qdq_out: the files to write.
         calibrated: the starting calibration (its observed min/max are kept in the QDQ ranges' records).
     """
@@ -251,15 +251,15 @@ def export_trained(base: str, fp32_path: Path, weights: dict[str, torch.Tensor],
     for initializer in fp32.graph.initializer:
         if initializer.name in weights:
             initializer.CopyFrom(numpy_helper.from_array(weights[initializer.name].numpy(), initializer.name))
-    save_tuned(base, fp32, weights, out, record)  # the weight file, or a standard graph with its contract
+    save_tuned(base, fp32, weights, out, record.to_json())  # the weight file, or a standard graph with its contract
     ranges = {}
-    for tensor, (low, high) in record["ranges"].items():
+    for tensor, (low, high) in record.ranges.items():
         seen = calibrated.get(tensor)
         ranges[tensor] = TensorRange(tensor, low, high, seen.observed_min if seen else low,
                                      seen.observed_max if seen else high, float("nan"), RangeSource.QAT)
     trained_fp32 = Path(f"{qdq_out}.fp32.onnx")
     try:
         write_atomic(fp32.SerializeToString(), trained_fp32)
-        write_qdq_model(trained_fp32, ranges, Scheme.parse(record["scheme"]), qdq_out)
+        write_qdq_model(trained_fp32, ranges, Scheme.parse(record.scheme), qdq_out)
     finally:
         trained_fp32.unlink(missing_ok=True)

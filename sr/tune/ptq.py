@@ -39,7 +39,7 @@ import torch
 
 from ..quant.calibdata import images_digest, load_calibration_images
 from ..quant.calibrate import CalibrationConfig
-from ..model.models import model_info
+from ..model.models import TuningRecord, model_info
 from ..model.onnxtorch import OnnxModule
 from .fakequant import FakeQuantModel, export_trained, fake_quantized, qdq_path_for
 from .transforms import calibration_batch, equalizable_pairs, prepare, remove_starting_points
@@ -158,12 +158,11 @@ def _refine_into(config: RefineConfig, out: Path, progress: Callable[[float, str
         steps[refinement](lambda done, total, i=index, name=refinement.value: progress(
             (i + done / max(1, total)) / len(config.refinements), f"{name}: Conv {done + 1} of {total}"))
         log.info("%s: output MSE vs FP32 %.3g -> %.3g", refinement.value, before, _output_mse(student, x, target))
-    record = {"kind": "ptq", "scheme": config.scheme.value, "refinements": [r.value for r in config.refinements],
-              "ranges": {t: list(r) for t, r in student.ranges().items()}, "base": str(config.model),
-              "base_sha256": file_sha256(model_info(config.model).path), "calibration": asdict(config.calibration),
-              "patches": config.patches}
-    export_trained(structure, calibrated.fp32_onnx, student.weights(), json.loads(json.dumps(record, default=str)),
-                   out, qdq_path_for(out, config.scheme.value), calibrated.ranges)
+    record = TuningRecord("ptq", config.scheme.value, student.ranges(), str(config.model), json.loads(json.dumps({
+        "refinements": [r.value for r in config.refinements], "base_sha256": file_sha256(model_info(config.model).path),
+        "calibration": asdict(config.calibration), "patches": config.patches}, default=str)))
+    export_trained(structure, calibrated.fp32_onnx, student.weights(), record, out,
+                   qdq_path_for(out, config.scheme.value), calibrated.ranges)
     remove_starting_points(out.with_name(out.stem))
 
 

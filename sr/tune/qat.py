@@ -33,7 +33,7 @@ from torch import nn
 from ..quant.calibrate import CalibrationConfig, Method
 from ..quant.searches import TensorRange
 from ..data import PatchSampler
-from ..model.models import model_info
+from ..model.models import TuningRecord, model_info
 from ..model.onnxtorch import OnnxModule
 from ..run.quantize import fp32_onnx_path
 from ..quant.quantspec import Scheme
@@ -322,11 +322,11 @@ def _finish(run: _QatRun) -> QatResult:
     out = Path(run.config.out)
     qdq = qdq_path_for(out, run.config.scheme.value)
     if run.rank == 0:
-        record = {"scheme": run.config.scheme.value, "ranges": {t: list(r) for t, r in run.student.ranges().items()},
-                  "base": original_model(run.config.model),
-                  "base_sha256": file_sha256(model_info(original_model(run.config.model)).path),
-                  "fp32_val_psnr": run.fp32_val_psnr, "config": _plain(asdict(run.config)), "steps": run.step,
-                  "wall_seconds": round(wall, 1), "machine": machine_name(run.device), "history": run.history}
+        base = original_model(run.config.model)
+        record = TuningRecord("qat", run.config.scheme.value, run.student.ranges(), base, {
+            "base_sha256": file_sha256(model_info(base).path), "fp32_val_psnr": run.fp32_val_psnr,
+            "config": _plain(asdict(run.config)), "steps": run.step, "wall_seconds": round(wall, 1),
+            "machine": machine_name(run.device), "history": run.history})
         export_trained(run.structure, run.fp32_path, run.student.weights(), record, out, qdq,
                        run.calibrated_ranges)
     if run.world > 1:
