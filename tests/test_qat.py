@@ -279,3 +279,27 @@ def test_the_cli_qat_ends_on_the_written_model_scored_on_the_reference(tmp_path,
     assert float(said.group(1)) == pytest.approx(report["int8_mean"]["psnr_y"], abs=0.006)
     assert float(said.group(2)) == pytest.approx(report["fp32_reference"]["psnr_y"] - report["int8_mean"]["psnr_y"],
                                                  abs=0.0006)
+
+
+def test_upcycled_qat_uses_the_one_definition_of_upcycled_distillation(tmp_path, data_dir, monkeypatch):
+    """QAT's `upcycled` teacher term is `sr.tune.distill.upcycled_terms` (the one distillation uses), in L1: its four
+    terms are computed at each step and the run trains."""
+    from sr.tune import distill, qat
+
+    calls = []
+    real = distill.upcycled_terms
+
+    def counted(*args, **kwargs):
+        terms = real(*args, **kwargs)
+        calls.append(len(terms))
+        return terms
+
+    monkeypatch.setattr(qat, "upcycled_terms", counted)
+    result = quantization_aware_training(QatConfig(
+        model="xlsr-clip", out=str(tmp_path / "up.safetensors"), steps=2, batch_size=2, val_every=2,
+        checkpoint_every=2, calibration=CalibrationConfig(method="mse", samples=10), train_dirs=[str(data_dir / "Set5")],
+        val_dir=None, teacher="teacher", beta=0.25, kd_mode="upcycled"))
+    assert result.steps == 2 and calls == [4, 4]
+    with pytest.raises(ValueError, match="output and upcycled modes, not feature"):
+        QatConfig(model="xlsr-clip", out=str(tmp_path / "f.safetensors"), teacher="teacher", beta=0.25,
+                  kd_mode="feature")

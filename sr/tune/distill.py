@@ -137,20 +137,38 @@ class UpcycledKD(OutputKD):
     def loss(self, student, lr, hr, clean_lr, prediction, step):
         """See `Distiller.loss`; random choices are seeded by (seed, step), so a resumed run repeats them."""
         rng = np.random.default_rng([self.seed, step, 15])
-        target = self._label(clean_lr)
-        half = max(1, lr.shape[0] // 2)
-        size = lr.shape[-1]
-        y, x = (int(v) for v in rng.integers(0, hr.shape[-1] - size + 1, size=2))
-        zoom_in = hr[:half, :, y : y + size, x : x + size]
-        zoom_out = F.interpolate(clean_lr[:half], size=(max(1, size // 2),) * 2, mode="bicubic",
-                                 antialias=True, align_corners=False).clamp(0.0, 1.0)
-        transform = int(rng.integers(1, 8))
-        consistent = _dihedral(student(_dihedral(lr[:half], transform)), transform, inverse=True)
-        terms = [charbonnier(prediction.float(), target),
-                 charbonnier(student(zoom_in).float(), self._label(zoom_in)),
-                 charbonnier(student(zoom_out).float(), self._label(zoom_out)),
-                 charbonnier(consistent.float(), target[:half])]
+        terms = upcycled_terms(student, self._label, lr, hr, clean_lr, prediction, self._label(clean_lr), rng,
+                               lambda a, b: charbonnier(a.float(), b))
         return self.alpha * charbonnier(prediction.float(), hr) + (1.0 - self.alpha) * torch.stack(terms).mean()
+
+
+def upcycled_terms(student, label, lr: torch.Tensor, hr: torch.Tensor, clean_lr: torch.Tensor,
+                   prediction: torch.Tensor, target: torch.Tensor, rng: np.random.Generator, distance) -> list:
+    """The one definition of upcycled distillation (DUKD), used by distillation and by QAT's teacher term: the
+    student against the teacher on the training patch, on a crop of the HR patch taken as an LR input (zoom-in),
+    on the LR patch downscaled by 2 (zoom-out), and on a flipped or rotated LR patch turned back (label
+    consistency); each extra term on half the batch.
+
+    Args:
+        student: the network being trained (called on the extra inputs).
+        label: the frozen teacher's output for an input (no gradient).
+        lr, hr, clean_lr: the training pair (`clean_lr`: before any degradation; the zoom-out is made from it).
+        prediction, target: the student's and the teacher's outputs on `lr`.
+        rng: the run's generator for this step (the crop and the transform).
+        distance: the loop's own loss between an output and its label (Charbonnier, or L1 in QAT).
+
+    Returns:
+        the four terms, for the caller to weigh.
+    """
+    half, size = max(1, lr.shape[0] // 2), lr.shape[-1]
+    y, x = (int(v) for v in rng.integers(0, hr.shape[-1] - size + 1, size=2))
+    zoom_in = hr[:half, :, y : y + size, x : x + size].contiguous()
+    zoom_out = F.interpolate(clean_lr[:half], size=(max(4, size // 2),) * 2, mode="bicubic",
+                             antialias=True, align_corners=False).clamp(0.0, 1.0)
+    transform = int(rng.integers(1, 8))
+    consistent = _dihedral(student(_dihedral(lr[:half], transform)), transform, inverse=True)
+    return [distance(prediction, target), distance(student(zoom_in), label(zoom_in)),
+            distance(student(zoom_out), label(zoom_out)), distance(consistent, target[:half])]
 
 
 class FeatureKD(OutputKD):

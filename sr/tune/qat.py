@@ -41,7 +41,7 @@ from ..quant.qdq import fixed_input_size
 from ..store import file_sha256
 from .loop import (LoopState, checkpoint, continue_stream, distributed_rank, end_distributed, final_validation,
                    machine_name, resolve_device, restore, run_loop)
-from .distill import KDMode
+from .distill import KDMode, upcycled_terms
 from .train import Validator, default_training_dirs, default_validation_dir, training_folders, warmup_fraction
 from .transforms import calibration_batch, prepare, remove_starting_points
 from .fakequant import FakeQuantModel, export_trained, fake_quantized, original_model, qdq_path_for
@@ -280,26 +280,18 @@ def _fixed_size(model: onnx.ModelProto) -> int | None:
 
 
 def _teacher_term(run: _QatRun, lr: torch.Tensor, hr: torch.Tensor, prediction: torch.Tensor) -> torch.Tensor:
-    """L1 of the INT8 student to the frozen teacher on the training patch (`output`), and with `upcycled` also on
-    inputs the training pair does not have (DUKD, see `sr.tune.distill`): a crop of the HR patch taken as an LR input
-    (zoom-in) and the LR patch downscaled by 2 (zoom-out), on half the batch, the terms averaged. The teacher runs
-    on the fly: the patch stream is random, so no patch repeats and no output is worth keeping."""
-    with torch.no_grad():
-        target = run.teacher(lr)
-    term = (prediction - target).abs().mean()
-    if run.config.kd_mode is not KDMode.UPCYCLED:
-        return term
-    rng = np.random.default_rng([run.config.seed, run.step, 24])
-    half, size = max(1, lr.shape[0] // 2), lr.shape[-1]
-    y, x = (int(v) for v in rng.integers(0, hr.shape[-1] - size + 1, size=2))
-    zoom_in = hr[:half, :, y : y + size, x : x + size].contiguous()
-    zoom_out = torch.nn.functional.interpolate(lr[:half], size=(max(4, size // 2),) * 2, mode="bicubic",
-                                               antialias=True, align_corners=False).clamp(0.0, 1.0)
-    terms = [term]
-    for extra in (zoom_in, zoom_out):
+    """L1 of the INT8 student to the frozen teacher on the training patch (`output`); with `upcycled`, the mean of
+    the upcycled terms (`sr.tune.distill.upcycled_terms`, the one definition distillation uses too) in L1. The
+    teacher runs on the fly: the patch stream is random, so no patch repeats and no output is worth keeping."""
+    def label(batch: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            label = run.teacher(extra)
-        terms.append((run.trainable(extra) - label).abs().mean())
+            return run.teacher(batch)
+
+    target = label(lr)
+    if run.config.kd_mode is not KDMode.UPCYCLED:
+        return (prediction - target).abs().mean()
+    rng = np.random.default_rng([run.config.seed, run.step, 24])
+    terms = upcycled_terms(run.trainable, label, lr, hr, lr, prediction, target, rng, lambda a, b: (a - b).abs().mean())
     return torch.stack(terms).mean()
 
 
