@@ -55,7 +55,7 @@ QAT_HELP = {
     "alpha": "weight of L1 to the HR image; 1 - alpha - beta goes to L1 to the frozen FP32 model's output",
     "teacher": "teacher-guided QAT: a larger FP32 model (a shipped name such as teacher, a weight file or an ONNX file)",
     "beta": "weight of L1 to the teacher's output (with --teacher)",
-    "kd_mode": "output or upcycled (with --teacher)",
+    "kd_mode": "output or upcycled (with --teacher; upcycled: also on zoomed-in, zoomed-out and flipped inputs)",
     "seed": "random seed of the training",
     "train_dirs": "training image folders",
     "val_dir": "validation folder ('' for none)",
