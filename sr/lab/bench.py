@@ -253,27 +253,40 @@ def _latency(config: BenchConfig, rounds: int = 3, block: int = 4, beat: _Heartb
             engines, conformance = _latency_engines(config, threads, work)
             for width, height in SIZES:
                 lr = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
-                array = np.divide(lr.transpose(2, 0, 1)[None], np.float32(255.0), dtype=np.float32)
-                times = {name: ([], []) for name in engines}
-                for round_index in range(rounds):
-                    for name, (run, session) in engines.items():
-                        beat(f"timing {name} at {threads} thread(s), {width}x{height}, round {round_index + 1} of "
-                             f"{rounds}")
-                        for kind, call, argument in ((0, session, array), (1, run, lr)):
-                            for index in range(block + 1):
-                                started = time.perf_counter()
-                                call(argument)
-                                if index:
-                                    times[name][kind].append(time.perf_counter() - started)
-                for name, (session, end_to_end) in times.items():
-                    table[f"{name}@{threads}t@{width}x{height}"] = {"session_ms": _median_ms(session),
-                                                                    "end_to_end_ms": _median_ms(end_to_end)}
+                times = _timed(engines, lr, rounds, block, beat, f"at {threads} thread(s), {width}x{height}")
+                table.update({f"{name}@{threads}t@{width}x{height}": {"session_ms": _median_ms(session),
+                                                                      "end_to_end_ms": _median_ms(end_to_end)}
+                              for name, (session, end_to_end) in times.items()})
     for key, row in table.items():
         _, threads, size = key.split("@")
         base = table[f"ort_fp32@{threads}@{size}"]
         row["session_ratio"] = row["session_ms"] / base["session_ms"]
         row["end_to_end_ratio"] = row["end_to_end_ms"] / base["end_to_end_ms"]
     return table, conformance
+
+
+def _timed(engines: dict, lr: np.ndarray, rounds: int, block: int, beat, where: str) -> dict:
+    """{engine: (session times, end-to-end times)} of one input: the engines take turns in blocks (see
+    `_latency`), the first run of every block dropped."""
+    array = np.divide(lr.transpose(2, 0, 1)[None], np.float32(255.0), dtype=np.float32)
+    times = {name: ([], []) for name in engines}
+    for round_index in range(rounds):
+        for name, (run, session) in engines.items():
+            beat(f"timing {name} {where}, round {round_index + 1} of {rounds}")
+            times[name][0].extend(_block(session, array, block))
+            times[name][1].extend(_block(run, lr, block))
+    return times
+
+
+def _block(call, argument, block: int) -> list[float]:
+    """The seconds of `block` runs of `call(argument)`, after one run left out (the warm-up of the block)."""
+    seconds = []
+    for index in range(block + 1):
+        started = time.perf_counter()
+        call(argument)
+        if index:
+            seconds.append(time.perf_counter() - started)
+    return seconds
 
 
 def _latency_ratios(table: dict) -> dict:

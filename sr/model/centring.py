@@ -119,15 +119,21 @@ def _centre_input(c: _Centring, tensor: str) -> None:
         current = frontier.pop()
         c.centred.append(current)
         for node in c.consumers(current):
-            if moves_values(node) and node.input[0] == current:
-                frontier.append(node.output[0])
-            elif node.op_type == "Conv":
-                _centre_conv(c, node, current)
-            elif node.op_type == "Shape":  # it reads only the shape, which the offset leaves alone
-                continue
-            else:
-                raise CentringImpossible(f"the input reaches {_a(node.op_type)} ({node.name.removeprefix('user/')}) "
-                                         "before any convolution, and an offset does not pass through it")
+            frontier.extend(_pass_offset(c, node, current))
+
+
+def _pass_offset(c: _Centring, node, current: str) -> list[str]:
+    """Where the centred input goes through `node`: on (a value mover's output), into a Conv's bias (nothing
+    further), nowhere (a Shape reads only the shape, which the offset leaves alone); any other op refuses."""
+    if moves_values(node) and node.input[0] == current:
+        return [node.output[0]]
+    if node.op_type == "Conv":
+        _centre_conv(c, node, current)
+        return []
+    if node.op_type == "Shape":
+        return []
+    raise CentringImpossible(f"the input reaches {_a(node.op_type)} ({node.name.removeprefix('user/')}) before any "
+                             "convolution, and an offset does not pass through it")
 
 
 def _centre_conv(c: _Centring, node: onnx.NodeProto, current: str) -> None:

@@ -220,19 +220,19 @@ def float_activations(model: onnx.ModelProto) -> set[str]:
         typed = {}
     floating = {i.name for i in model.graph.input if i.type.tensor_type.elem_type == onnx.TensorProto.FLOAT}
     for node in model.graph.node:
-        for name in node.output:
-            if not name:
-                continue
-            if typed.get(name):
-                if typed[name] == onnx.TensorProto.FLOAT:
-                    floating.add(name)
-            elif node.op_type == "Cast":
-                if next((a.i for a in node.attribute if a.name == "to"), None) == onnx.TensorProto.FLOAT:
-                    floating.add(name)
-            elif node.op_type not in ("Shape", "Size", "NonZero", "ArgMax", "ArgMin") and \
-                    any(t in floating for t in node.input):
-                floating.add(name)
+        floating.update(name for name in node.output if name and _makes_float(node, name, typed, floating))
     return floating
+
+
+def _makes_float(node: onnx.NodeProto, name: str, typed: dict[str, int], floating: set[str]) -> bool:
+    """Whether `node`'s output `name` is float: as shape inference types it, else as a Cast says, else when a
+    value-computing node reads a float tensor."""
+    if typed.get(name):
+        return typed[name] == onnx.TensorProto.FLOAT
+    if node.op_type == "Cast":
+        return next((a.i for a in node.attribute if a.name == "to"), None) == onnx.TensorProto.FLOAT
+    return node.op_type not in ("Shape", "Size", "NonZero", "ArgMax", "ArgMin") and \
+        any(t in floating for t in node.input)
 
 
 def quant_spec(model: onnx.ModelProto, scheme: Scheme | str, keep_float: Sequence[str] = (),
@@ -385,16 +385,8 @@ def fused_ties(model: onnx.ModelProto, quantized: set[str], litert: bool = False
     pinned = {n.output[0] for n in model.graph.node if n.op_type in LITERT_FIXED_OUTPUT} if litert else set()
     own_grid = (*pinned_ops(litert), *(set(LITERT_SAME_SCALE) - {"DepthToSpace", "Slice"} if litert else ()))
     for node in model.graph.node:
-        if node.op_type not in ("Relu", "Clip") or node.output[0] not in quantized:
-            continue
-        tensor = node.input[0]
-        while tensor in quantized and len(consumers.get(tensor, [])) == 1 and tensor in producer:
-            if producer[tensor].op_type in own_grid:
-                break  # a pooling, resize, pad or reshape keeps its input's grid; the ReLU requantizes after it
-            ties[tensor] = node.output[0]
-            if producer[tensor].op_type not in ("DepthToSpace", "Slice"):
-                break
-            tensor = producer[tensor].input[0]
+        if node.op_type in ("Relu", "Clip") and node.output[0] in quantized:
+            ties.update(_fused_unit(node, quantized, consumers, producer, own_grid))
     same_scale = LITERT_SAME_SCALE if litert else ("DepthToSpace",)
     for node in model.graph.node:  # data movement not followed by an activation: its output on its input's grid
         if node.op_type in same_scale and node.input[0] in quantized:
@@ -402,15 +394,28 @@ def fused_ties(model: onnx.ModelProto, quantized: set[str], litert: bool = False
             for output in node.output:
                 if output in quantized and output not in ties and root != output and output not in pinned:
                     ties[output] = root
-    if litert:
-        for node in model.graph.node:
-            if node.op_type == "Concat" and node.output[0] in quantized:
-                roots = [_tie_root(ties, t) for t in [node.output[0], *node.input] if t in quantized]
-                target = next((r for r in roots if r in pinned), roots[0])  # a fixed grid, if any, is the Concat's
-                for root in roots:
-                    if root != target and root not in pinned:
-                        ties[root] = target
+    concats = [n for n in model.graph.node if n.op_type == "Concat" and n.output[0] in quantized] if litert else []
+    for node in concats:
+        roots = [_tie_root(ties, t) for t in [node.output[0], *node.input] if t in quantized]
+        target = next((r for r in roots if r in pinned), roots[0])  # a fixed grid, if any, is the Concat's
+        ties.update({root: target for root in roots if root != target and root not in pinned})
     return {tensor: _tie_root(ties, tensor) for tensor in ties}
+
+
+def _fused_unit(activation: onnx.NodeProto, quantized: set[str], consumers: dict, producer: dict,
+                own_grid: tuple[str, ...]) -> dict[str, str]:
+    """{tensor: the activation's output} for the Conv output a ReLU/Clip fuses with, walking up through a
+    DepthToSpace or a channel Slice; an op that keeps its own grid stops the walk (the ReLU requantizes after
+    it)."""
+    ties, tensor = {}, activation.input[0]
+    while tensor in quantized and len(consumers.get(tensor, [])) == 1 and tensor in producer:
+        if producer[tensor].op_type in own_grid:
+            break
+        ties[tensor] = activation.output[0]
+        if producer[tensor].op_type not in ("DepthToSpace", "Slice"):
+            break
+        tensor = producer[tensor].input[0]
+    return ties
 
 
 def pinned_ops(litert: bool) -> tuple[str, ...]:
