@@ -292,7 +292,7 @@ def test_the_hexagon_npu_runs_every_family_whole_within_its_tolerance(family, fa
     assert engine.conformance.passed, engine.conformance
     verdict = conformance(engine, reference_engine(families[family].name, int8), NPU_TOLERANCE,
                           probe=probe_image(36, 44, seed=5))
-    assert verdict.passed and verdict.mean_levels > 0  # its own rounding
+    assert verdict.passed, verdict  # (a nearly linear family, vdsr, can agree exactly on a small probe)
 
 
 def test_the_htp_lowerings_change_no_number(families):
