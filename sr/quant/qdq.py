@@ -24,7 +24,7 @@ from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, 
 from onnxruntime.quantization.calibrate import TensorData, TensorsData, save_tensors_data
 
 from .searches import TensorRange
-from .quantspec import (ALL_INT8_OPS, QuantSpec, Scheme, activation_qparams, constant_value, fused_ties, is_wrapper,
+from .quantspec import (ALL_INT8_OPS, QuantSpec, Scheme, activation_qparams, bias_int32, constant_value, fused_ties, is_wrapper,
                         quant_spec, used_names, weight_int8)
 from .readback import fp32_initializer_of, graph_quantization
 from ..graph import GraphIndex
@@ -278,10 +278,7 @@ def _bias_dequantizer(name: str, values: np.ndarray, input_step: float, weight_s
     an NPU adds into its INT32 accumulator."""
     from onnx import helper, numpy_helper
 
-    steps = (np.float32(input_step) * np.asarray(weight_steps, np.float32)).astype(np.float32)
-    steps = np.broadcast_to(steps, values.shape).astype(np.float32) if steps.ndim else steps
-    limit = np.iinfo(np.int32)
-    quantized = np.clip(np.rint(np.asarray(values, np.float64) / steps), limit.min, limit.max).astype(np.int32)
+    quantized, steps = bias_int32(values, input_step, weight_steps)
     inits = [numpy_helper.from_array(quantized, f"{name}_quantized"), numpy_helper.from_array(steps, f"{name}_scale"),
              numpy_helper.from_array(np.zeros(steps.shape, np.int32), f"{name}_zero_point")]
     node = helper.make_node("DequantizeLinear", [f"{name}_quantized", f"{name}_scale", f"{name}_zero_point"],
@@ -305,8 +302,8 @@ def without_quantization(qdq: onnx.ModelProto, fp32: onnx.ModelProto, activation
     """
     model = onnx.ModelProto()
     model.CopyFrom(qdq)
-    index = GraphIndex(model.graph)  # held until the rewiring: node ids are those of the wrappers it keeps alive
-    removed, rename, restore = _activation_pairs(model.graph, index.consumers, set(activations))
+    index = GraphIndex(model.graph)  # the nodes whose ids mark what is removed
+    removed, rename, restore = _activation_pairs(model.graph, index, set(activations))
     _rewire(index.nodes, model.graph, removed, rename, restore)
     return model
 
@@ -328,7 +325,7 @@ def with_float_weights(qdq: onnx.ModelProto, fp32: onnx.ModelProto,
     model = onnx.ModelProto()
     model.CopyFrom(qdq)
     graph = model.graph
-    index = GraphIndex(graph)  # held until the rewiring: node ids are those of the wrappers it keeps alive
+    index = GraphIndex(graph)  # the nodes whose ids mark what is removed
     consumers = index.consumers
     fp32 = weights_from if weights_from is not None else fp32
     initializers = {i.name: i for i in graph.initializer}
@@ -365,16 +362,17 @@ def _rewire(nodes: list, graph: onnx.GraphProto, removed: set[int], rename: dict
         graph.initializer.remove(init)
 
 
-def _activation_pairs(graph: onnx.GraphProto, consumers: dict, drop: set[str]) -> tuple[set, dict, dict]:
-    """The Q/DQ pairs of the activations in `drop`: (ids of their nodes, {DQ output: float tensor} for their
-    consumers, {renamed producer output: the graph output's name} for a quantized graph output)."""
+def _activation_pairs(graph: onnx.GraphProto, index: GraphIndex, drop: set[str]) -> tuple[set, dict, dict]:
+    """The Q/DQ pairs of the activations in `drop`: (ids of their nodes among `index.nodes`, {DQ output: float
+    tensor} for their consumers, {renamed producer output: the graph output's name} for a quantized graph
+    output)."""
     initializers = {i.name for i in graph.initializer}
     outputs = {o.name for o in graph.output}
     removed, rename, restore = set(), {}, {}
-    for node in graph.node:
+    for node in index.nodes:
         if node.op_type != "QuantizeLinear" or node.input[0] in initializers:
             continue
-        pairs = [dq for dq in consumers.get(node.output[0], []) if dq.op_type == "DequantizeLinear"]
+        pairs = [dq for dq in index.readers(node.output[0]) if dq.op_type == "DequantizeLinear"]
         tensor = next((dq.output[0] for dq in pairs if dq.output[0] in outputs), node.input[0])
         if tensor not in drop:
             continue

@@ -157,6 +157,20 @@ def activation_qparams(spec: ActivationSpec, low: float, high: float) -> tuple[f
     return scale, int(np.clip(round(spec.qmin - low / scale), spec.qmin, spec.qmax))
 
 
+def bias_int32(values: np.ndarray, input_step: float, weight_steps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """INT32 bias at step s_input x s_weight, zero point 0 (LiteRT's CONV_2D / DEPTHWISE_CONV_2D / TRANSPOSE_CONV
+    bias, what an NPU adds into its INT32 accumulator), rounded half to even and clipped to the INT32 range.
+
+    Returns:
+        (INT32 values, float32 steps: one per value where the weight has one per channel, else a scalar).
+    """
+    steps = (np.float32(input_step) * np.asarray(weight_steps, np.float32)).astype(np.float32)
+    if steps.ndim:
+        steps = np.broadcast_to(steps, np.shape(values)).astype(np.float32)
+    limit = np.iinfo(np.int32)
+    return np.clip(np.rint(np.asarray(values, np.float64) / steps), limit.min, limit.max).astype(np.int32), steps
+
+
 def weight_int8(values: np.ndarray, axis: int | None) -> tuple[np.ndarray, np.ndarray]:
     """Symmetric INT8 of a weight: step max|w| / 127 per channel along `axis` (or one for the tensor), values
     rounded half to even and clipped to -127..127; an all-zero channel gets step 1.
@@ -177,18 +191,25 @@ def weight_int8(values: np.ndarray, axis: int | None) -> tuple[np.ndarray, np.nd
 
 
 def _constants(model: onnx.ModelProto) -> tuple[dict[str, np.ndarray], set[str]]:
-    """(constant arrays: initializers and Constant nodes' values, names of every constant tensor: those and the
-    Identities of them)."""
-    arrays = {init.name: onnx.numpy_helper.to_array(init) for init in model.graph.initializer}
+    """(`constant_arrays`, names of every constant tensor: those, every Constant's output and the Identities of
+    them)."""
+    arrays = constant_arrays(model)
     constants = set(arrays)
     for node in model.graph.node:
-        if node.op_type == "Constant":
-            value = constant_value(node)
-            if value is not None:
-                arrays[node.output[0]] = value
         if node.op_type == "Constant" or (node.op_type == "Identity" and node.input and node.input[0] in constants):
             constants.update(node.output)
     return arrays, constants
+
+
+def constant_arrays(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """{name: value} of a graph's initializers and of its Constant nodes' outputs (the forms `constant_value`
+    reads)."""
+    arrays = {init.name: onnx.numpy_helper.to_array(init) for init in model.graph.initializer}
+    for node in model.graph.node:
+        value = constant_value(node) if node.op_type == "Constant" else None
+        if value is not None:
+            arrays[node.output[0]] = value
+    return arrays
 
 
 def constant_value(node: onnx.NodeProto) -> np.ndarray | None:
@@ -383,7 +404,8 @@ def fused_ties(model: onnx.ModelProto, quantized: set[str], litert: bool = False
     ties = {}
     # LiteRT's fixed output grids (Sigmoid, Softmax, Tanh) are never moved onto another tensor's
     pinned = {n.output[0] for n in model.graph.node if n.op_type in LITERT_FIXED_OUTPUT} if litert else set()
-    own_grid = (*pinned_ops(litert), *(set(LITERT_SAME_SCALE) - {"DepthToSpace", "Slice"} if litert else ()))
+    # ops whose output keeps a grid of its own (fixed, or its input's): a ReLU after one requantizes
+    own_grid = (*LITERT_FIXED_OUTPUT, *(set(LITERT_SAME_SCALE) - {"DepthToSpace", "Slice"})) if litert else ()
     for node in model.graph.node:
         if node.op_type in ("Relu", "Clip") and node.output[0] in quantized:
             ties.update(_fused_unit(node, quantized, consumers, producer, own_grid))
@@ -418,11 +440,6 @@ def _fused_unit(activation: onnx.NodeProto, quantized: set[str], consumers: dict
     return ties
 
 
-def pinned_ops(litert: bool) -> tuple[str, ...]:
-    """The op types whose output grid the specification fixes (none outside LiteRT's)."""
-    return tuple(LITERT_FIXED_OUTPUT) if litert else ()
-
-
 def _tie_root(ties: dict[str, str], tensor: str) -> str:
     """The end of `tensor`'s chain of ties (itself when it is tied to nothing)."""
     seen = {tensor}
@@ -444,5 +461,5 @@ def used_names(nodes) -> set[str]:
     return found
 
 
-__all__ = ["used_names", "weight_int8", "LITERT_FIXED_OUTPUT", "constant_value", "Scheme", "QuantSpec", "ActivationSpec", "WeightSpec", "quant_spec", "activation_qparams",
+__all__ = ["used_names", "weight_int8", "bias_int32", "constant_arrays", "LITERT_FIXED_OUTPUT", "constant_value", "Scheme", "QuantSpec", "ActivationSpec", "WeightSpec", "quant_spec", "activation_qparams",
            "is_wrapper", "WRAPPER_PREFIX"]

@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 
 from .engines import Seamless
-from .sessions import fixed_size
+from .sessions import fixed_size, ort_session
 from ..graph import GraphIndex
 from ..store import Memo
 
@@ -263,7 +263,7 @@ class LiteRTEngine(Seamless):
         self.interpreters = Memo(4)  # input shape -> its interpreter (not reentrant: used under `lock`)
         self.lock = threading.Lock()
         self.wrapper, self.nhwc = wrapper, nhwc  # the user's graph takes and gives NHWC itself
-        self.sides = [None if part is None else _float_session(part)
+        self.sides = [None if part is None else ort_session(part, threads=1)
                       for part in ((wrapper.before, wrapper.after) if wrapper else (None, None))]
 
     def _interpreter(self, shape: tuple):
@@ -300,14 +300,6 @@ class LiteRTEngine(Seamless):
             result = interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
         values = (result.astype(np.float32) - np.float32(out_zero)) * np.float32(out_scale)
         return values if self.nhwc else np.ascontiguousarray(values.transpose(0, 3, 1, 2))
-
-
-def _float_session(model: onnx.ModelProto):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
 @contextlib.contextmanager

@@ -34,10 +34,11 @@ from onnx import numpy_helper
 
 from ..graph import GraphIndex
 from ..quant.searches import TensorRange
-from ..quant.quantspec import QuantSpec, activation_qparams, constant_value, weight_int8
+from ..quant.quantspec import QuantSpec, activation_qparams, constant_arrays, weight_int8
 from ..store import write_atomic
 from ..model.wrapper import unwrap
 from .tfliteconv import channel_orders, write_conv, write_transpose_conv
+from .sessions import ort_session
 from .tflitefile import Flatbuffer, TfliteUnsupported, attribute
 
 SUPPORTED_OPS = ("Conv", "ConvTranspose", "Relu", "Clip", "LeakyRelu", "PRelu", "Sigmoid", "Tanh", "Concat", "DepthToSpace",
@@ -48,15 +49,6 @@ _NHWC_AXIS = {0: 0, 1: 3, 2: 1, 3: 2, -3: 3, -2: 1, -1: 2, -4: 0}
 
 def _user(name: str) -> str:
     return name[len("user/"):] if name.startswith("user/") else name
-
-
-def _constants(model: onnx.ModelProto) -> dict[str, np.ndarray]:
-    arrays = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
-    for node in model.graph.node:
-        value = constant_value(node) if node.op_type == "Constant" else None
-        if value is not None:
-            arrays[node.output[0]] = value
-    return arrays
 
 
 def tflite_bytes(fp32: onnx.ModelProto, spec: QuantSpec, ranges: dict[str, TensorRange]) -> bytes:
@@ -87,7 +79,7 @@ class _Writer:
         self.model, self.flat = model, Flatbuffer()
         self.activations = {_user(t): a for t, a in spec.activations.items()}
         self.bounds = {_user(t): r for t, r in ranges.items()}
-        self.arrays, self.orders = _constants(model), channel_orders(model)
+        self.arrays, self.orders = constant_arrays(model), channel_orders(model)
         self.weights = {_user(w): s for w, s in spec.weights.items()}
         self.channels: dict[str, int] = {}
         self.producers = GraphIndex(model).producers
@@ -148,14 +140,12 @@ class _Writer:
 
     def probed(self, tensors: list[str]) -> list[list[np.ndarray]]:
         """`tensors` as the FP32 graph computes them for two input sizes (empty when it cannot run them)."""
-        import onnxruntime as ort
-
         probe = onnx.ModelProto()
         probe.CopyFrom(self.model)
         del probe.graph.output[:]
         probe.graph.output.extend(onnx.helper.make_empty_tensor_value_info(t) for t in tensors)
         try:
-            session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+            session = ort_session(probe)
             channels = self.channels[self.model.graph.input[0].name]
             return [session.run(None, {session.get_inputs()[0].name: np.zeros((1, channels, h, w), np.float32)})
                     for h, w in ((33, 41), (47, 38))]

@@ -13,7 +13,7 @@ import onnx
 from onnx import numpy_helper
 
 from ..graph import GraphIndex
-from ..quant.quantspec import weight_int8
+from ..quant.quantspec import bias_int32, weight_int8
 from .tflitefile import TfliteUnsupported, attribute
 
 
@@ -70,10 +70,7 @@ def write_conv(writer, node) -> None:
     groups, in_channels = int(attribute(node, "group", 1)), writer.channels[node.input[0]]
     axis = weights[node.input[1]].axis
     quantized, steps = weight_int8(weight, None if axis is None else 0)
-    bias_steps = (np.float32(writer.qparams(node.input[0])[0]) *
-                  np.broadcast_to(steps, (weight.shape[0],))).astype(np.float32)
-    limit = np.iinfo(np.int32)
-    bias_int = np.clip(np.rint(bias.astype(np.float64) / bias_steps), limit.min, limit.max).astype(np.int32)
+    bias_int, bias_steps = bias_int32(bias, writer.qparams(node.input[0])[0], steps)
     if groups > 1 and groups == in_channels and weight.shape[1] == 1:
         options, kind, op = schema.DepthwiseConv2DOptionsT(), "DepthwiseConv2DOptions", "DEPTHWISE_CONV_2D"
         options.depthMultiplier = weight.shape[0] // in_channels
@@ -87,9 +84,8 @@ def write_conv(writer, node) -> None:
     zeros = np.zeros(np.atleast_1d(steps).shape, np.int64)
     filter_index = writer.flat.tensor(f"{node.input[1]}_int8", None, (steps, zeros), filter_data,
                                       schema.TensorType.INT8, filter_axis if axis is not None else 0)
-    bias_index = writer.flat.tensor(f"{node.name}_bias_int32", None,
-                                    (bias_steps if axis is not None else bias_steps[:1],
-                                     zeros if axis is not None else zeros[:1]), bias_int, schema.TensorType.INT32, 0)
+    bias_index = writer.flat.tensor(f"{node.name}_bias_int32", None, (np.atleast_1d(bias_steps), zeros), bias_int,
+                                    schema.TensorType.INT32, 0)
     made = writer.output(node.output[0], weight.shape[0])
     writer.flat.operator(op, [writer.activation(node.input[0]), filter_index, bias_index], [made], options, kind)
 
@@ -118,15 +114,12 @@ def write_transpose_conv(writer, node) -> None:
     quantized, steps = weight_int8(weight, None if axis is None else 1)
     bias = np.asarray(writer.arrays[node.input[2]], np.float32) if len(node.input) > 2 and node.input[2] else \
         np.zeros(outputs, np.float32)
-    bias_steps = (np.float32(writer.qparams(node.input[0])[0]) *
-                  np.broadcast_to(steps, (outputs,))).astype(np.float32)
-    limit = np.iinfo(np.int32)
-    bias_int = np.clip(np.rint(bias.astype(np.float64) / bias_steps), limit.min, limit.max).astype(np.int32)
+    bias_int, bias_steps = bias_int32(bias, writer.qparams(node.input[0])[0], steps)
     zeros = np.zeros(np.atleast_1d(steps).shape, np.int64)
     filter_index = flat.tensor(f"{node.input[1]}_int8", None, (steps, zeros), quantized.transpose(1, 2, 3, 0),
                                schema.TensorType.INT8, 0)
-    bias_index = flat.tensor(f"{node.name}_bias_int32", None, (bias_steps if axis is not None else bias_steps[:1],
-                                                               zeros), bias_int, schema.TensorType.INT32, 0)
+    bias_index = flat.tensor(f"{node.name}_bias_int32", None, (np.atleast_1d(bias_steps), zeros), bias_int,
+                             schema.TensorType.INT32, 0)
     size = writer.spatial_size(node.input[0], node.name)
     scaled = flat.plain(f"{node.name}_scaled", [2], schema.TensorType.INT32)
     flat.operator("MUL", [size, writer.int32(f"{node.name}_by", strides)], [scaled], schema.MulOptionsT(),
