@@ -313,21 +313,34 @@ def evict(folder: str | os.PathLike, max_bytes: int, keep=None, kinds: Sequence[
                and (kinds is None or item.name in kinds)]
     entries = [item for kind in counted for item in kind.iterdir() if not item.name.startswith(TEMP_PREFIX)
                and not item.name.endswith(".lock") and not any(k == item or item in k.parents for k in kept)]
-    sizes = {item: disk_bytes(item) for item in entries}
-    total = sum(sizes.values()) + sum(disk_bytes(k) for k in kept if k.exists() and k.parent.parent == root)
+    measured = {item: found for item in entries if (found := _size_and_mtime(item)) is not None}
+    total = sum(size for size, _ in measured.values()) + \
+        sum(disk_bytes(k) for k in kept if k.exists() and k.parent.parent == root)
     deleted, now = [], time.time()
-    for item in sorted(entries, key=lambda p: p.stat().st_mtime):
+    for item, (size, used) in sorted(measured.items(), key=lambda pair: pair[1][1]):
         if total <= max_bytes:
             break
-        if now - item.stat().st_mtime < hold_seconds:
+        if now - used < hold_seconds:
             continue  # held: used within the hold
         with locked(item, wait=False) as held:
             if not held:
                 continue  # in use
-            shutil.rmtree(item) if item.is_dir() else item.unlink()
-            total -= sizes[item]
+            try:
+                shutil.rmtree(item) if item.is_dir() else item.unlink()
+            except FileNotFoundError:  # its owner removed it meanwhile
+                pass
+            total -= size
             deleted.append(item)
     return deleted  # lock files stay: a waiter may hold one open
+
+
+def _size_and_mtime(item: Path) -> tuple[int, float] | None:
+    """(bytes, last use) of a cache entry, or None for one its owner removed while it was being looked at (the
+    app's bundle folders come and go while another request evicts)."""
+    try:
+        return disk_bytes(item), item.stat().st_mtime
+    except FileNotFoundError:
+        return None
 
 
 # the distributions that provide one importable library (ONNX Runtime's GPU wheel provides `onnxruntime` too)

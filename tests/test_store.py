@@ -46,6 +46,26 @@ def test_eviction_is_one_total_over_every_kind_least_recently_used_first(tmp_pat
     assert [p.name for p in deleted] == ["b"] and (root / "int8" / "a").exists() and (root / "user" / "c").exists()
 
 
+def test_an_entry_its_owner_removes_during_eviction_is_passed_over(tmp_path, monkeypatch):
+    """The app's bundle folders come and go under the cache while another request evicts: one that vanishes
+    between the listing and its measurement is skipped, and the eviction goes on (it raised FileNotFoundError)."""
+    root = tmp_path / "cache"
+    for kind, names in (("bundles", ["gone"]), ("int8", ["a", "b"])):
+        for name in names:
+            store.write_atomic(b"x" * 1000, root / kind / name)
+            time.sleep(0.01)
+    measure = store.disk_bytes
+
+    def vanishing(path):
+        if Path(path).name == "gone":
+            Path(path).unlink()
+        return measure(path)
+
+    monkeypatch.setattr(store, "disk_bytes", vanishing)
+    deleted = store.evict(root / "int8", 1000, keep=root / "int8" / "b")
+    assert [p.name for p in deleted] == ["a"] and (root / "int8" / "b").exists()
+
+
 def test_memo_is_a_bounded_lru_that_makes_each_miss_once_per_thread():
     memo, made = store.Memo(2), []
 
