@@ -1,6 +1,7 @@
 """sr.store: atomic writes, per-entry locks, the one total cache cap, the memo."""
 import os
 import threading
+from pathlib import Path
 import time
 
 import pytest
