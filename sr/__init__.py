@@ -28,7 +28,7 @@ _PUBLIC = {  # name -> the module that defines it
     "CalibrationConfig": "sr.quant.calibrate", "Method": "sr.quant.calibrate", "Scheme": "sr.quant.quantspec",
     "QuantRecipe": "sr.quant.recipe", "Fixes": "sr.quant.recipe", "Refinement": "sr.quant.recipe",
     "model_info": "sr.model.models", "shipped_models": "sr.model.weights", "load_model": "sr.model.weights",
-    "register_onnx": "sr.model.usermodel", "Overrides": "sr.model.contract",
+    "register_onnx": "sr.run.register", "Overrides": "sr.model.contract",
     "calibrate_model": "sr.run.quantize", "CalibratedModel": "sr.quant.calibrated",
     "engine_for": "sr.run.runtime", "EngineKind": "sr.run.runtime",
     "TrainConfig": "sr.tune.train", "train": "sr.tune.train", "DistillConfig": "sr.tune.distill",

@@ -73,7 +73,7 @@ def _model(args: argparse.Namespace) -> str:
     if not getattr(args, "onnx", None):
         return args.model
     from .model.contract import Overrides
-    from .model.usermodel import register_onnx
+    from .run.register import register_onnx
 
     user = register_onnx(args.onnx, Overrides(args.layout, args.color, args.value_range, args.pre_upsampled,
                                               args.scale))
@@ -427,7 +427,7 @@ def cmd_qat(args: argparse.Namespace) -> int:
               f"loss {result.fp32_val_psnr - last:+.3f} dB")
     if config.val_dir:  # the figure that counts: the file written, on the reference
         from .lab.evaluate import score_written
-        from .model.usermodel import register_onnx
+        from .run.register import register_onnx
 
         written = register_onnx(result.weights).name if result.weights.suffix == ".onnx" else str(result.weights)
         print(f"validation: {score_written(written, config.val_dir, config.scheme).in_words()}")

@@ -49,7 +49,7 @@ def stand_ins(tmp_path_factory, isolated_cache):
 def registered(stand_ins):
     """Every stand-in registered with the lab: name -> UserModel."""
     from sr.model.contract import Overrides
-    from sr.model.usermodel import register_onnx
+    from sr.run.register import register_onnx
 
     return {name: register_onnx(path, Overrides(scale=3) if "vdsr" in name else Overrides())
             for name, path in stand_ins.items()}
@@ -59,7 +59,7 @@ def registered(stand_ins):
 def families(tmp_path_factory, data_dir):
     """Every model-family stand-in of tests/standins.py, trained briefly, registered: name -> UserModel."""
     import standins
-    from sr.model.usermodel import register_onnx
+    from sr.run.register import register_onnx
 
     folder = tmp_path_factory.mktemp("families")
     # enough steps to leave the random start (the families table trains 300); the two slow ones fewer

@@ -644,7 +644,7 @@ def test_work_on_uploaded_models_runs_in_a_box_at_a_lower_cpu_priority():
     import operator
 
     from ui import server
-    from sr.model.usermodel import register_onnx
+    from sr.run.register import register_onnx
 
     before = os.getpriority(os.PRIO_PROCESS, 0)
     with server._lane(register_onnx(ROOT / "examples" / "fsrcnn-y.onnx").name) as run:
@@ -683,7 +683,7 @@ def test_a_model_with_nothing_quantized_compares_and_says_so(tmp_path, small_png
     import torch
 
     from ui import comparison
-    from sr.model.usermodel import register_onnx
+    from sr.run.register import register_onnx
 
     network = torch.nn.Sequential(torch.nn.Conv2d(3, 27, 3, padding=1), torch.nn.PixelShuffle(3)).eval()
     user = register_onnx(standins._export(network, tmp_path / "one-conv.onnx", torch.rand(1, 3, 24, 24)))

@@ -10,7 +10,7 @@ from onnx import TensorProto, helper
 import standins
 from sr.cost import CostLimits, TooCostly, Uncountable, check_cost, graph_cost
 from sr.model.checks import UserModelError
-from sr.model.usermodel import register_onnx
+from sr.run.register import register_onnx
 
 SPACE = CostLimits(2e6, 4096, 4)  # the app's defaults
 

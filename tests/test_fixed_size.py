@@ -16,7 +16,7 @@ from sr.quant.calibrate import CalibrationConfig
 from sr.data import degrade, load_image
 from sr.model.weights import load_model
 from sr.run.quantize import calibrate_model
-from sr.model.usermodel import register_onnx
+from sr.run.register import register_onnx
 
 QUICK = CalibrationConfig(method="entropy", samples=20)
 

@@ -196,23 +196,11 @@ def test_the_public_calls_come_from_the_modules_that_define_them():
     assert light.stdout.strip() == "[]", light.stdout
 
 
-# the modules outside `sr/run/` that still make an ONNX Runtime session themselves, and why (each a named exception:
-# the rest of the library is handed what runs a model by the run layer, or lives in it)
-SESSIONS_OUTSIDE_RUN = {
-    # registering a user's model probes it (its sizes, its value range) to learn its contract before the standard
-    # graph exists: `register_onnx` is a public call, and the model type calls it too (a tuned copy of an upload),
-    # so a runner handed in would have to ride on every registration, and moving registration up would put the
-    # model type (`model_info`, model layer) above the run layer; the probe's session is a quiet one on a temp copy
-    # of an untrusted file, stopped by a time limit (`sr.model.probe`)
-    "model.contract": "a user's model probed at registration",
-}
-
-
 def test_only_the_run_layer_makes_onnx_runtime_sessions():
     """`InferenceSession(` appears in `sr/run/` only (`sr.run.sessions` makes them: threads, providers, a fixed
-    input size, the observing mode), the named exceptions aside; never in the app."""
+    input size, the observing mode; a user's model is probed by `sr.run.register`); never in the app."""
     making = sorted(name for name, path in _modules().items()
                     if not name.startswith("run.") and "InferenceSession(" in path.read_text())
-    assert making == sorted(SESSIONS_OUTSIDE_RUN)
+    assert making == []
     app = [path.name for path in [ROOT / "app.py", *_ui_modules().values()] if "InferenceSession(" in path.read_text()]
     assert app == []

@@ -20,7 +20,7 @@ from sr.tune.fakequant import fake_quantized
 from sr.run.quantize import fp32_onnx_path
 from sr.quant.recipe import Fixes
 from sr.tune.transforms import calibration_batch, equalizable_pairs, equalize_channels
-from sr.model.usermodel import register_onnx
+from sr.run.register import register_onnx
 
 ROOT = Path(__file__).resolve().parent.parent
 

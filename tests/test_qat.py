@@ -22,7 +22,7 @@ from sr.tune.fakequant import original_model
 from sr.tune.qat import QatConfig, quantization_aware_training
 from sr.tune.transforms import io_tensors
 from sr.run.quantize import calibrate_model, fp32_onnx_path, learned_ranges
-from sr.model.usermodel import register_onnx
+from sr.run.register import register_onnx
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -190,7 +190,8 @@ def test_uploads_make_room_among_uploads_and_the_lab_among_everything(tmp_path, 
     import time
 
     from sr.store import cache_root
-    from sr.model.usermodel import HOLD_SECONDS, lookup, register_onnx
+    from sr.model.usermodel import HOLD_SECONDS, lookup
+    from sr.run.register import register_onnx
 
     first = register_onnx(stand_ins["fsrcnn-y"], cache_dir=tmp_path)
     old = calibrate_model("xlsr-relu", CalibrationConfig(method="minmax", samples=10, seed=601), "tensorrt",

@@ -257,7 +257,7 @@ def test_tensorrt_placement_on_the_families_is_modelopts_but_for_the_stated_diff
     attention, gated-attention (ESA), residual-scaling and ConvTranspose patterns, which the spec does not copy)."""
     pytest.importorskip("modelopt.onnx.quantization")
     import standins
-    from sr.model.usermodel import register_onnx
+    from sr.run.register import register_onnx
 
     path = standins.family(family, tmp_path, str(data_dir / "T91"), steps=2)  # the placement ignores the weights
     user = register_onnx(path)

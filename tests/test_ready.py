@@ -73,7 +73,7 @@ def test_refinements_run_on_a_graph_with_an_int64_shape_subgraph(tmp_path, two_i
     bias correction run on it, and the refined copy is a model like any other."""
     import standins
     from sr.tune.ptq import RefineConfig, refine
-    from sr.model.usermodel import register_onnx
+    from sr.run.register import register_onnx
 
     user = register_onnx(standins.shape_padded(tmp_path / "waifu2x.onnx"))
     path = refine(RefineConfig(user.name, ["equalize", "bias-correction"],
@@ -114,7 +114,7 @@ def test_qat_in_the_time_left_measured_against_the_original(two_images, stand_in
     """With only QAT left to try, it runs in the budget and its model is measured against the original FP32 (a
     QAT model's own FP32 differs)."""
     import sr.lab.ready
-    from sr.model.usermodel import register_onnx
+    from sr.run.register import register_onnx
 
     # a short QAT is enough to check the route (and no bundle is written: a small reserve)
     monkeypatch.setattr(sr.lab.ready, "MIN_QAT_SECONDS", 4.0)

@@ -17,7 +17,7 @@ from sr.lab.evaluate import EvalConfig, evaluate
 from sr.run.quantize import calibrate_model
 from sr.model.checks import UserModelError
 from sr.model.contract import Overrides
-from sr.model.usermodel import register_onnx
+from sr.run.register import register_onnx
 
 ROOT = Path(__file__).resolve().parent.parent
 EXPECTED = {  # stand-in -> (layout, colour, range, pre-upsampled, fixed size, ops no scheme quantizes)
@@ -247,7 +247,7 @@ def test_another_process_reads_back_the_model_as_registered(stand_ins):
     graph's count)."""
     from sr.model import usermodel
 
-    made = usermodel.register_onnx(stand_ins["xlsr-tanh"])
+    made = register_onnx(stand_ins["xlsr-tanh"])
     usermodel._REGISTRY.items.clear()  # a fresh process: nothing in memory, the cache folder only
     read = usermodel.lookup(made.name)
     assert read is not None and read.float_ops == made.float_ops and read.parameters == made.parameters

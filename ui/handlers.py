@@ -20,7 +20,7 @@ from sr.lab.plots import histogram_figure
 from sr.lab.ready import ReadyConfig, make_ready
 from sr.model.models import is_uploaded, model_info
 from sr.model.contract import Overrides
-from sr.model.usermodel import register_onnx
+from sr.run.register import register_onnx
 from sr.quant.calibrate import CalibrationConfig, Method
 from ui import jobs
 from ui.comparison import _calibration, _check_image

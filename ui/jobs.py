@@ -25,7 +25,7 @@ from sr.model.models import is_uploaded, model_info
 from sr.lab.evaluate import score_written
 from sr.tune.qat import QatConfig, quantization_aware_training
 from sr.tune.train import TrainConfig, default_training_dirs, default_validation_dir, train
-from sr.model.usermodel import register_onnx
+from sr.run.register import register_onnx
 
 MAX_STEPS = 5_000  # about 10 minutes of XLSR on two CPU cores
 MAX_RUNS_PER_OWNER = 3

@@ -3,17 +3,19 @@ input sizes), what the user says about it (`Overrides`), and its detection from 
 from __future__ import annotations
 
 import math
-import tempfile
-import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import onnx
 
 from ..choices import Choice
 from .checks import UserModelError, _dims
-from .probe import PROBE_SECONDS, _accepted_sizes, _probe_image, _run_with_timeout
+from .probe import _accepted_sizes, _probe_image
+
+# runs the user's graph once on an input in its own layout and returns its output, or raises UserModelError
+# (`ProbeTimedOut` past the probe's time): the run layer makes one (`sr.run.register.probe_runner`)
+Runner = Callable[[np.ndarray], np.ndarray]
 
 TIE_DB = 0.5  # range readings closer than this to a bicubic upscale are a tie, settled for [0, 1]
 # BT.601 YCbCr from RGB, both in [0, 1] units (MATLAB rgb2ycbcr divided by 255)
@@ -108,9 +110,9 @@ def _channel_layout(dims: list) -> tuple[Layout, int]:
     raise UserModelError(f"cannot tell the channel axis of an input shaped {dims}: say which layout it takes (nchw or nhwc)")
 
 
-def detect_contract(model: onnx.ModelProto, overrides: Overrides = Overrides(),
-                    probe_seconds: float = PROBE_SECONDS) -> Contract:
-    """The contract of a checked model, from its graph and a probe run, with the user's overrides applied.
+def detect_contract(model: onnx.ModelProto, run_graph: Runner, overrides: Overrides = Overrides()) -> Contract:
+    """The contract of a checked model, from its graph and probe runs (`run_graph`), with the user's overrides
+    applied.
 
     Range (and, for a same-size output, nothing else) is read from the probe: each candidate reading's output is
     compared with a bicubic upscale of the probe, and the closest wins; `confidence_db` is its margin.
@@ -118,29 +120,20 @@ def detect_contract(model: onnx.ModelProto, overrides: Overrides = Overrides(),
     Raises:
         UserModelError: the output is not an integer multiple of the input, or the model fails on the probe.
     """
-    import onnxruntime as ort
-
     initializers = {init.name for init in model.graph.initializer}
     dims = _dims(next(i for i in model.graph.input if i.name not in initializers))
     layout, channels = (Layout.parse(overrides.layout), None) if overrides.layout else _channel_layout(dims)
     channels = channels or (dims[1] if layout is Layout.NCHW else dims[3])
     spatial = dims[2:4] if layout is Layout.NCHW else dims[1:3]
     fixed = tuple(spatial) if all(isinstance(d, int) and d > 0 for d in spatial) else None
-    with tempfile.TemporaryDirectory(prefix="sr-probe-") as empty:  # any file reference resolves to an empty folder
-        (Path(empty) / "model.onnx").write_bytes(model.SerializeToString())
-        quiet = ort.SessionOptions()
-        quiet.log_severity_level = 4  # the size probes fail on purpose: no error lines in the server's log
-        session = ort.InferenceSession(str(Path(empty) / "model.onnx"), quiet, providers=["CPUExecutionProvider"])
     color = Color.parse(overrides.color) if overrides.color else (Color.Y if channels == 1 else Color.RGB)
-    deadline = time.monotonic() + probe_seconds
 
     def run(height: int, width: int, value_range: int = overrides.value_range or 1) -> np.ndarray:
         probe = _probe_image(height, width)
         x = probe if color is Color.RGB else (probe @ YCBCR[0] + YCBCR_OFFSET[0])[..., None]
         x = (x * value_range).astype(np.float32)
         x = x.transpose(2, 0, 1)[None] if layout is Layout.NCHW else x[None]
-        y = _run_with_timeout(session, {session.get_inputs()[0].name: np.ascontiguousarray(x)},
-                              max(1.0, deadline - time.monotonic()))
+        y = run_graph(np.ascontiguousarray(x))
         y = y[0] if layout is Layout.NHWC else y[0].transpose(1, 2, 0)
         return y / value_range
 

@@ -24,7 +24,7 @@ from ..store import (Memo, cache_root, code_digest, file_identity, file_sha256, 
                      write_atomic)
 from .contract import Contract
 from .networks import with_io_offset
-from .usermodel import lookup, register_onnx
+from .usermodel import lookup, register_graph
 from .weights import load_model, read_metadata, resolve_weights, save_weights
 from .wrapper import STANDARD_KEY, set_metadata
 
@@ -232,7 +232,7 @@ def save_tuned(base: str | os.PathLike, graph: onnx.ModelProto, changed: dict[st
         if record is not None:
             set_metadata(copy, f"sr.{RECORD_KEY}", json.dumps(record))
         write_atomic(copy.SerializeToString(), out)
-        return register_onnx(out).name
+        return register_graph(out).name
     model = load_model(base)
     state = model.state_dict()
     missing = set(changed) - set(state)
@@ -249,15 +249,15 @@ _ONNX_FILES = Memo(64)  # (path, size, mtime) -> the registered model of an .onn
 
 
 def _onnx_file(name_or_path: str | os.PathLike):
-    """The registered model of an ONNX file given by its path (a tuned copy a refinement or QAT wrote, or a
-    user's file), registered on first use; None for anything else."""
+    """The registered model of an ONNX file given by its path (a tuned copy a refinement or QAT wrote, registered
+    on first use, or a user's file `sr.run.register.register_onnx` registered); None for anything else."""
     path = Path(name_or_path)
     if path.suffix.lower() != ".onnx" or not path.is_file():
         return None
     key = file_identity(path)
     found = _ONNX_FILES.peek(key)
     if found is None or not found.standard_onnx.is_file():  # the cache's cap may have evicted it since
-        found = register_onnx(path)
+        found = register_graph(path)
         _ONNX_FILES.put(key, found)
     return found
 
@@ -266,8 +266,8 @@ def model_info(name_or_path: str | os.PathLike) -> ModelInfo:
     """Architecture, scale, final activation and parameter count of a weight file.
 
     Args:
-        name_or_path: a shipped model name, a weight file, a registered ONNX model, or an ONNX file's path
-            (registered on first use).
+        name_or_path: a shipped model name, a weight file, a registered ONNX model, or an ONNX file's path (a
+            tuned copy the lab wrote, registered on first use, or a user's file registered before).
 
     Returns:
         the ModelInfo.

@@ -1,12 +1,11 @@
-"""Running a user's model on probe images: the natural photo it is fed, a run stopped at a time limit, and the input
-sizes it accepts (a square that runs, the multiple its sides must be, its smallest side), found by probing."""
+"""Probing a user's model: the natural photo it is fed, the time a probe may take (`ProbeTimedOut` past it), and the
+input sizes it accepts (a square that runs, the multiple its sides must be, its smallest side), found by probe runs
+(the run layer runs the graph: `sr.run.register.probe_runner`)."""
 from __future__ import annotations
-
-import threading
 
 import numpy as np
 
-from .checks import UserModelError, clean_message
+from .checks import UserModelError
 
 PROBE_SECONDS = 30.0
 
@@ -22,23 +21,6 @@ def _probe_image(height: int, width: int) -> np.ndarray:
 
     photo = Image.fromarray(np.asarray(skdata.astronaut())[100:420, 100:420])
     return np.asarray(photo.resize((width, height), Image.Resampling.BICUBIC), np.float32) / 255.0
-
-
-def _run_with_timeout(session, feed: dict, seconds: float) -> np.ndarray:
-    import onnxruntime as ort
-
-    options = ort.RunOptions()
-    timer = threading.Timer(seconds, lambda: setattr(options, "terminate", True))
-    timer.start()
-    try:
-        return session.run(None, feed, options)[0]
-    except Exception as error:
-        if options.terminate:
-            raise ProbeTimedOut(f"the model took longer than {seconds:.0f} s on a small probe image; stopped") from None
-        raise UserModelError("the model failed on a probe image (is the layout or the colour set right?): "
-                             f"{clean_message(error)}") from None
-    finally:
-        timer.cancel()
 
 
 PROBE_SIZE = (48, 40)  # the probe's (height, width) for a model that takes it

@@ -15,9 +15,10 @@ RGB -> Y before and Y + bicubic Cb/Cr -> RGB after for a Y-only model (what the 
 /255 pair for [0, 255] models, Transposes for NHWC. Registered models get the name `onnx:<digest>`, which
 `sr.model.models.model_info` and `sr.run.quantize.fp32_onnx_path` resolve.
 
-This module registers a model (`register_onnx`: the standard graph cached by file hash and overrides, the room
+This module registers a model (`register_graph`: the standard graph cached by file hash and overrides, the room
 uploads may take) and finds it again (`lookup`); the steps are modules of their own: `checks` (an untrusted
-file), `contract` and `probe` (detecting the contract), `wrapper` (the standard graph).
+file), `contract` and `probe` (detecting the contract), `wrapper` (the standard graph). A user's own file is run
+to learn its contract, and only the run layer runs models: `sr.run.register.register_onnx` is the public call.
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ import shutil
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import onnx
@@ -36,7 +38,7 @@ from ..store import (Memo, cache_cap_bytes, cache_root, code_digest, disk_bytes,
                     short_hash, touch, write_atomic)
 from . import checks, contract as contract_module, probe, wrapper
 from .checks import UserModelError, check_file
-from .contract import Contract, Overrides, detect_contract
+from .contract import Contract, Overrides, Runner, detect_contract
 from .wrapper import known_input, standard_contract, standard_graph
 
 PREFIX = "onnx:"
@@ -73,14 +75,13 @@ def macs_per_pixel(model: onnx.ModelProto) -> float:
 _REGISTRY = Memo(256)
 
 
-def register_onnx(path: str | os.PathLike, overrides: Overrides = Overrides(),
-                  cache_dir: str | os.PathLike | None = None, limits: CostLimits | None = None) -> UserModel:
-    """Check a user's ONNX file, detect its contract, write its standard graph (cached by file hash and
-    overrides) and register it.
-
-    Example:
-        >>> model = register_onnx("fsrcnn.onnx", Overrides(scale=3))
-        >>> evaluate(EvalConfig(model=model.name, data="path/to/Set5"))
+def register_graph(path: str | os.PathLike, overrides: Overrides = Overrides(),
+                   cache_dir: str | os.PathLike | None = None, limits: CostLimits | None = None,
+                   runner: Callable[[onnx.ModelProto], Runner] | None = None) -> UserModel:
+    """Check an ONNX file, learn its contract, write its standard graph (cached by file hash and overrides) and
+    register it. A user's own file is run on probe images to learn its contract (`runner`: what runs it, from the
+    run layer; `sr.run.register.register_onnx` hands it); a standard graph the lab wrote (a tuned copy) says its
+    contract itself and needs none.
 
     Returns:
         the UserModel; `model.name` works wherever a shipped model name does.
@@ -88,9 +89,11 @@ def register_onnx(path: str | os.PathLike, overrides: Overrides = Overrides(),
     Args:
         limits: refuse a graph over these costs, or whose cost cannot be counted, before it runs (a server's
             policy; none by default).
+        runner: makes the probe's `Runner` for a checked graph.
 
     Raises:
-        FileNotFoundError, UserModelError: see `check_file` and `detect_contract`.
+        FileNotFoundError, UserModelError: see `check_file` and `detect_contract`; a user's file without a
+            `runner`, in words.
         sr.cost.Uncountable, sr.cost.TooCostly: `limits` given, and the graph is uncountable or over them.
     """
     path = Path(path)
@@ -109,7 +112,10 @@ def register_onnx(path: str | os.PathLike, overrides: Overrides = Overrides(),
             contract = standard_contract(model)  # a standard graph the lab wrote (QAT): taken as it is
             standard = model if contract is not None else None
             if standard is None:
-                contract = detect_contract(model, overrides)
+                if runner is None:
+                    raise UserModelError(f"{path.name} is a model the lab has not registered: register it first "
+                                         "(sr.register_onnx, or --onnx), which runs it to learn its contract")
+                contract = detect_contract(model, runner(model), overrides)
                 standard = standard_graph(model, contract)
             write_atomic(standard.SerializeToString(), folder / "standard.onnx")
             write_atomic(json.dumps(contract.to_dict()).encode(), saved)

@@ -30,7 +30,6 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 from ..graph import GraphIndex
 from ..quant.searches import TensorRange
