@@ -23,7 +23,7 @@ from sr.quant.calibrate import CalibrationConfig  # noqa: E402
 from sr.lab.evaluate import EvalConfig, evaluate  # noqa: E402
 from sr.lab.ready import ReadyConfig, loss_on, make_ready  # noqa: E402
 from sr.store import write_atomic  # noqa: E402
-from sr.model.usermodel import register_onnx  # noqa: E402
+from sr.run.register import register_onnx  # noqa: E402
 
 
 def row(name: str, data: Path, budget: float, folder: Path) -> dict:

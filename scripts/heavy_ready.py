@@ -26,7 +26,7 @@ import standins  # noqa: E402
 from sr.lab.ready import ReadyConfig, make_ready  # noqa: E402
 from sr.run.runtime import cpu_name  # noqa: E402
 from sr.store import write_atomic  # noqa: E402
-from sr.model.usermodel import register_onnx  # noqa: E402
+from sr.run.register import register_onnx  # noqa: E402
 
 
 class Vdsr(nn.Module):

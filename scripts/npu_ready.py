@@ -28,7 +28,7 @@ from sr.quant.quantspec import Scheme  # noqa: E402
 from sr.lab.ready import ReadyConfig, loss_on, make_ready  # noqa: E402
 from sr.run.runtime import cpu_name  # noqa: E402
 from sr.store import write_atomic  # noqa: E402
-from sr.model.usermodel import register_onnx  # noqa: E402
+from sr.run.register import register_onnx  # noqa: E402
 
 SAVED = ROOT / "docs" / "npu_ready.json"
 PAGE = ROOT / "docs" / "how-int8-is-made.md"

@@ -35,7 +35,7 @@ from sr.model.weights import shipped_models  # noqa: E402
 from sr.run.quantize import calibrate_model  # noqa: E402
 from sr.run.runtime import EngineKind, cpu_name, engine_for  # noqa: E402
 from sr.store import write_atomic  # noqa: E402
-from sr.model.usermodel import register_onnx  # noqa: E402
+from sr.run.register import register_onnx  # noqa: E402
 
 
 
@@ -105,17 +105,28 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data"))
     parser.add_argument("--htp-arch", default=DEFAULT_HTP_ARCH)
-    parser.add_argument("--families", default=",".join(standins.FAMILY_NAMES))
+    parser.add_argument("--only", nargs="+", default=shipped_models() + standins.FAMILY_NAMES,
+                        help="measure these models again; the saved rows of the others are kept")
     args = parser.parse_args()
-    data = Path(args.data)
-    rows = []
-    for model in shipped_models():
-        rows += measure(model, data, args.htp_arch)
+    order = shipped_models() + standins.FAMILY_NAMES
+    if unknown := sorted(set(args.only) - set(order)):
+        parser.error(f"unknown model(s): {', '.join(unknown)}; choose from {', '.join(order)}")
+    data, saved = Path(args.data), ROOT / "docs" / "npu.json"
+    measured: dict[str, list] = {}
+    if saved.is_file() and set(args.only) != set(order):
+        kept = json.loads(saved.read_text())
+        if kept.get("htp_arch") != args.htp_arch or kept.get("cpu") != cpu_name():
+            parser.error("the saved rows are from another chip or CPU: measure every model (no --only)")
+        for row in kept["rows"]:
+            measured.setdefault(row["model"], []).append(row)
     with tempfile.TemporaryDirectory() as work:
-        for name in [f for f in args.families.split(",") if f]:
+        for name in args.only:
+            if name in shipped_models():
+                measured[name] = measure(name, data, args.htp_arch)
+                continue
             user = register_onnx(standins.family(name, Path(work), str(data / "T91")))
-            for row in measure(user.name, data, args.htp_arch):
-                rows.append({**row, "model": name})
+            measured[name] = [{**row, "model": name} for row in measure(user.name, data, args.htp_arch)]
+    rows = [row for name in order for row in measured.get(name, [])]
     cpu = cpu_name()
     write_atomic(json.dumps({"cpu": cpu, "htp_arch": args.htp_arch, "rows": rows}, indent=1).encode(),
                  ROOT / "docs" / "npu.json")

@@ -19,7 +19,7 @@ import standins  # noqa: E402
 from sr.quant.calibrate import CalibrationConfig  # noqa: E402
 from sr.lab.evaluate import EvalConfig, evaluate  # noqa: E402
 from sr.model.contract import Overrides  # noqa: E402
-from sr.model.usermodel import register_onnx  # noqa: E402
+from sr.run.register import register_onnx  # noqa: E402
 
 
 def main() -> None:

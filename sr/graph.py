@@ -3,8 +3,11 @@ it. Built once per graph (in graph order), it replaces the producer and consumer
 check used to build by hand."""
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from typing import Iterable
 
+import numpy as np
 import onnx
 
 
@@ -31,4 +34,45 @@ class GraphIndex:
         return self.consumers.get(tensor, [])
 
 
-__all__ = ["GraphIndex"]
+@dataclass(frozen=True)
+class GeluUnit:
+    """An exact (erf) GELU as exporters write it, x * 0.5 * (1 + erf(x / sqrt(2))): one op to LiteRT (GELU) and
+    QNN (Gelu), which quantize its input and output only."""
+
+    input: str
+    output: str
+    nodes: tuple[str, ...]  # its node names, in graph order: Div (or Mul), Erf, Add, Mul, Mul
+
+
+def gelu_units(index: GraphIndex, arrays: dict[str, np.ndarray]) -> list[GeluUnit]:
+    """The erf GELUs among `index`'s nodes: x / sqrt(2) (or x * (1 / sqrt(2))), Erf, + 1, * x, * 0.5 (the two
+    products in either order of their operands), each inner tensor read by the next node only; `arrays`: the
+    graph's constants by name."""
+    def constant(node: onnx.NodeProto, value: float) -> str | None:
+        """The operand of `node` other than a constant equal to `value`, or None."""
+        for k, name in enumerate(node.input):
+            other = node.input[1 - k] if len(node.input) == 2 else None
+            if name in arrays and arrays[name].size == 1 and math.isclose(float(arrays[name].reshape(())), value,
+                                                                          rel_tol=1e-5):
+                return other
+        return None
+
+    def only_reader(tensor: str, op_type: str) -> onnx.NodeProto | None:
+        readers = index.readers(tensor)
+        return readers[0] if len(readers) == 1 and readers[0].op_type == op_type else None
+
+    units = []
+    for erf in (n for n in index.nodes if n.op_type == "Erf"):
+        scaled = index.producer(erf.input[0])
+        x = scaled is not None and len(index.readers(erf.input[0])) == 1 and (
+            constant(scaled, math.sqrt(2)) if scaled.op_type == "Div" and scaled.input[1] in arrays else
+            constant(scaled, 1 / math.sqrt(2)) if scaled.op_type == "Mul" else None)
+        plus = x and only_reader(erf.output[0], "Add")
+        times = plus and constant(plus, 1.0) == erf.output[0] and only_reader(plus.output[0], "Mul")
+        half = times and x in times.input and only_reader(times.output[0], "Mul")
+        if half and constant(half, 0.5) == times.output[0]:
+            units.append(GeluUnit(x, half.output[0], tuple(n.name for n in (scaled, erf, plus, times, half))))
+    return units
+
+
+__all__ = ["GraphIndex", "GeluUnit", "gelu_units"]

@@ -355,13 +355,58 @@ def test_what_litert_cannot_run_of_a_family_is_refused_naming_the_op(families):
 
 
 @needs_qnn
-def test_the_hexagon_npu_refuses_the_attention_family_naming_what_stays_in_float(families):
-    """The SwinIR-like stand-in scales its attention by a number computed from the image's size (Cast, Pow, Div
-    in float): the HTP cannot run it whole, and the refusal names those ops."""
+def test_the_hexagon_npu_runs_the_attention_family_whole(families):
+    """The SwinIR-like stand-in reaches the HTP whole: its erf GELU as one Gelu, its LayerNorms on INT8 scales
+    and biases (the spec's), the attention's 1 / sqrt(H x W) folded to an exact INT8 constant for each compiled
+    size; its output is checked against the reference like every family's."""
     name = families["swinir-light"].name
     int8 = calibrate_model(name, CalibrationConfig(method="minmax", samples=10), "npu")
-    with pytest.raises(ValueError, match="cannot run all of .*ops it would run in float: .*Div"):
-        create_engine(EngineKind.QNN_HTP, name, int8)
+    engine = create_engine(EngineKind.QNN_HTP, name, int8)
+    assert engine.conformance.passed, engine.conformance
+    assert engine.run(probe_image(30, 38, seed=4)).shape == (60, 76, 3)  # another compiled size
+
+
+def test_npu_quantizes_an_erf_gelu_as_one_op_and_a_layernorm_on_int8_parameters(families):
+    """LiteRT's GELU and QNN's Gelu are one INT8 op: the spec quantizes the exported GELU's input and output and
+    none of its five nodes' inner tensors or constants; a LayerNormalization's scale and bias are INT8 weights per
+    tensor, and its input and output INT8 (the second LayerNorm reads the first's parameters through Identity)."""
+    from sr.graph import GraphIndex, gelu_units
+    from sr.quant.quantspec import constant_arrays
+
+    fp32 = onnx.load(str(calibrate_model(families["swinir-light"].name, CalibrationConfig(method="minmax", samples=10),
+                                         "npu").fp32_onnx))
+    units = gelu_units(GraphIndex(fp32), constant_arrays(fp32))
+    assert len(units) == 1
+    spec = quant_spec(fp32, "npu")
+    inner = {o for n in fp32.graph.node if n.name in units[0].nodes[:-1] for o in n.output}
+    assert {units[0].input, units[0].output} <= set(spec.activations) and not inner & set(spec.activations)
+    assert not {t for n in fp32.graph.node if n.name in units[0].nodes for t in n.input} & set(spec.weights)
+    norms = [n for n in fp32.graph.node if n.op_type == "LayerNormalization"]
+    assert len(norms) == 2
+    for norm in norms:
+        assert {norm.input[0], norm.output[0]} <= set(spec.activations)
+        assert [spec.weights[t].axis for t in norm.input[1:]] == [None, None]
+
+
+def test_the_attention_lowerings_change_no_number(families):
+    """GELU's five nodes as one Gelu, and the size-derived scalar as an INT8 constant at a fixed size: ONNX
+    Runtime's CPU gives the written model's output for the lowered one."""
+    import onnxruntime as ort
+    from sr.run.npu import gelu_for_htp, size_scalars_for_htp, static_input
+
+    int8 = calibrate_model(families["swinir-light"].name, CalibrationConfig(method="minmax", samples=10), "npu")
+    written = static_input(onnx.load(str(int8.qdq_onnx)), (24, 20))
+    lowered = size_scalars_for_htp(gelu_for_htp(written))
+    kinds = [n.op_type for n in lowered.graph.node]
+    assert "Erf" not in kinds and kinds.count("Gelu") == 1
+    divisors = [n for n in lowered.graph.node if n.op_type == "Div" and any(t.endswith("_dequantized") for t in n.input)]
+    assert len(divisors) == 1 and any(t.endswith("_htp_constant") for t in divisors[0].input)
+    image = np.random.default_rng(2).random((1, 3, 24, 20), dtype=np.float32)
+    outputs = []
+    for model in (written, lowered):
+        session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        outputs.append(session.run(None, {session.get_inputs()[0].name: image})[0])
+    assert np.abs(outputs[0] - outputs[1]).max() < 1e-6
 
 
 def _pattern(kind: str) -> onnx.ModelProto:

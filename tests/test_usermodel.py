@@ -253,3 +253,20 @@ def test_another_process_reads_back_the_model_as_registered(stand_ins):
     assert read is not None and read.float_ops == made.float_ops and read.parameters == made.parameters
     assert read.contract == made.contract and read.macs_per_pixel == made.macs_per_pixel
     assert made.float_ops  # (its Div and Log: no scheme quantizes them)
+
+
+def test_a_raw_file_is_registered_by_the_run_layer_and_only_then_known_by_path(stand_ins, tmp_path):
+    """The model layer runs nothing: `model_info` of a user's file nobody registered asks for the registration in
+    words (it would have to run the file to learn its contract); after `register_onnx` (the run layer's probe), the
+    same path gives the registered model."""
+    from sr.model.checks import UserModelError
+    from sr.model.models import model_info
+
+    path = tmp_path / "never-seen.onnx"
+    model = onnx.load(str(stand_ins["xlsr-nhwc"]))
+    model.doc_string = "a copy nobody registered"  # another hash: not in the cache
+    onnx.save(model, str(path))
+    with pytest.raises(UserModelError, match="register it first"):
+        model_info(path)
+    registered = register_onnx(path)
+    assert model_info(path).name == registered.name

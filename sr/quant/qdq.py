@@ -217,11 +217,13 @@ def insert_qdq(model: onnx.ModelProto, spec: QuantSpec, ranges: dict[str, Tensor
 
 
 def _constants_as_initializers(graph: onnx.GraphProto, names: set[str]) -> None:
-    """Constant nodes whose output is a weight of the spec (an operand LiteRT quantizes) made initializers, so
-    that the weight is written like any other."""
-    kept = []
+    """Constant nodes (and Identities of an initializer) whose output is a weight of the spec (an operand LiteRT
+    quantizes) made initializers, so that the weight is written like any other."""
+    kept, known = [], {init.name: init for init in graph.initializer}
     for node in graph.node:
-        value = constant_value(node) if node.op_type == "Constant" and node.output[0] in names else None
+        value = None if node.output[0] not in names else constant_value(node) if node.op_type == "Constant" else \
+            onnx.numpy_helper.to_array(known[node.input[0]]) if node.op_type == "Identity" and node.input[0] in known \
+            else None
         if value is None:
             kept.append(node)
         else:
@@ -262,7 +264,8 @@ def _weight_dequantizer(name: str, values: np.ndarray, axis: int | None):
 def _int32_bias(spec: QuantSpec, conv, arrays: dict, ranges: dict, weight: np.ndarray, axis: int | None,
                 done: dict):
     """The INT32 bias of `conv` where the spec says so and its input is quantized (else None)."""
-    if spec.float_bias or conv is None or len(conv.input) < 3 or conv.input[2] not in arrays or conv.input[2] in done:
+    if spec.float_bias or conv is None or conv.op_type not in ("Conv", "ConvTranspose") or len(conv.input) < 3 or \
+            conv.input[2] not in arrays or conv.input[2] in done:  # (a LayerNormalization's bias is a weight)
         return None
     source = spec.activations.get(conv.input[0])
     if source is None:

@@ -39,7 +39,7 @@ from typing import Sequence
 import numpy as np
 import onnx
 
-from ..graph import GraphIndex
+from ..graph import GeluUnit, GraphIndex, gelu_units
 from ..choices import Choice
 from .trtfusion import conv_too_small, non_residual_input
 
@@ -86,10 +86,12 @@ TENSORRT_INPUT_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm", "Add", "MaxPool
                       "GlobalAveragePool")
 ALL_INT8_OPS = ("Conv", "Relu", "Clip", "Concat", "DepthToSpace")  # npu / cpu: inputs and outputs of these
 # LiteRT's INT8 ops beyond those: every tensor of a network made of them is INT8 (its 8-bit specification lists
-# each with its constraints), so an NPU runs the graph whole without a float island
+# each with its constraints), so an NPU runs the graph whole without a float island; LayerNormalization is QNN's
+# one INT8 op (LiteRT has no such builtin: its converter writes INT8 MEAN, SQUARED_DIFFERENCE, RSQRT ops), and an
+# erf GELU is one op to both (`sr.graph.gelu_units`)
 LITERT_MORE_OPS = ("Add", "Sub", "Mul", "LeakyRelu", "PRelu", "Sigmoid", "Tanh", "Softmax", "MaxPool",
                    "AveragePool", "Resize", "Pad", "ConvTranspose", "MatMul", "Reshape", "Transpose", "Squeeze",
-                   "Unsqueeze", "Flatten", "Slice", "Split", "Gather")
+                   "Unsqueeze", "Flatten", "Slice", "Split", "Gather", "LayerNormalization")
 LITERT_OPS = (*ALL_INT8_OPS, *LITERT_MORE_OPS)
 LITERT_TWO_INPUTS = ("Concat", "Add", "Sub", "Mul", "MatMul")  # every activation input quantized, not the first only
 # "input and outputs must all have same scale/zero_point": data movement, pooling, resizing and padding
@@ -202,11 +204,12 @@ def _constants(model: onnx.ModelProto) -> tuple[dict[str, np.ndarray], set[str]]
 
 
 def constant_arrays(model: onnx.ModelProto) -> dict[str, np.ndarray]:
-    """{name: value} of a graph's initializers and of its Constant nodes' outputs (the forms `constant_value`
-    reads)."""
+    """{name: value} of a graph's initializers, of its Constant nodes' outputs (the forms `constant_value` reads)
+    and of the Identities of those (an exporter's shared parameter)."""
     arrays = {init.name: onnx.numpy_helper.to_array(init) for init in model.graph.initializer}
     for node in model.graph.node:
-        value = constant_value(node) if node.op_type == "Constant" else None
+        value = constant_value(node) if node.op_type == "Constant" else \
+            arrays.get(node.input[0]) if node.op_type == "Identity" and node.input else None
         if value is not None:
             arrays[node.output[0]] = value
     return arrays
@@ -296,7 +299,7 @@ def quant_spec(model: onnx.ModelProto, scheme: Scheme | str, keep_float: Sequenc
             continue
         quantized.extend(placed)
         if scheme.litert:
-            for name, axis in _litert_constants(graph, node):
+            for name, axis in ([] if node.name in graph.gelu else _litert_constants(graph, node)):
                 weights[name] = WeightSpec(name, node.name, None if per_tensor_weights else axis)
             continue
         weight = graph.arrays.get(node.input[1]) if len(node.input) > 1 else None
@@ -326,6 +329,7 @@ class _GraphFacts:
     user_nodes: list  # every node but the lab's wrapper
     producers: dict  # tensor -> its producer among the user's nodes
     inputs: set[str]  # what the user's own graph takes (the graph inputs, or what the wrapper feeds it)
+    gelu: dict[str, GeluUnit]  # node name -> the erf GELU it belongs to (one op to LiteRT and QNN)
 
     @classmethod
     def of(cls, model: onnx.ModelProto) -> "_GraphFacts":
@@ -333,7 +337,9 @@ class _GraphFacts:
         user_nodes = [n for n in model.graph.node if not is_wrapper(n.name)]
         wrapper_outputs = {o for n in model.graph.node if is_wrapper(n.name) for o in n.output}
         inputs = {i.name for i in model.graph.input} | {t for n in user_nodes for t in n.input if t in wrapper_outputs}
-        return cls(arrays, constants, float_activations(model), user_nodes, GraphIndex(user_nodes).producers, inputs)
+        index = GraphIndex(user_nodes)
+        gelu = {name: unit for unit in gelu_units(index, arrays) for name in unit.nodes}
+        return cls(arrays, constants, float_activations(model), user_nodes, index.producers, inputs, gelu)
 
     def activation(self, name: str) -> bool:
         """True for a float activation of the user's graph (not a constant, not the wrapper's)."""
@@ -361,6 +367,9 @@ def _all_int8_tensors(graph: _GraphFacts, node: onnx.NodeProto, scheme: Scheme,
                       excluded: Sequence[str] = ()) -> list[str]:
     """The tensors the npu / cpu placement quantizes at `node`: its inputs and outputs for the covered ops
     (`excluded`: the nodes left out so far, whose outputs the cpu writer does not quantize)."""
+    if scheme.litert and node.name in graph.gelu:  # one op: its input and output, after its last node
+        unit = graph.gelu[node.name]
+        return [t for t in (unit.input, unit.output) if graph.activation(t)] if node.name == unit.nodes[-1] else []
     if node.op_type not in (LITERT_OPS if scheme.litert else ALL_INT8_OPS):
         return []
     producer = graph.producers.get(node.input[0])
@@ -374,14 +383,14 @@ def _all_int8_tensors(graph: _GraphFacts, node: onnx.NodeProto, scheme: Scheme,
 def _litert_constants(graph: "_GraphFacts", node: onnx.NodeProto) -> list[tuple[str, int | None]]:
     """The float constants LiteRT's specification quantizes at `node` as weights, with their per-channel axis:
     a Conv / ConvTranspose / MatMul weight per output channel, an element-wise operand (a Mul's factor, an Add's
-    or Sub's offset, a PRelu slope) per tensor."""
+    or Sub's offset, a PRelu slope) and a LayerNormalization's scale and bias per tensor."""
     def constant(position: int) -> bool:
         name = node.input[position] if position < len(node.input) else ""
         return name in graph.arrays and graph.arrays[name].dtype == np.float32
 
     if node.op_type in ("Conv", "ConvTranspose", "MatMul"):
         return [(node.input[1], WEIGHT_AXIS[node.op_type])] if constant(1) else []
-    if node.op_type in ("Add", "Sub", "Mul", "PRelu"):
+    if node.op_type in ("Add", "Sub", "Mul", "PRelu", "LayerNormalization"):
         return [(node.input[k], None) for k in range(len(node.input)) if constant(k)]
     return []
 

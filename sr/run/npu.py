@@ -20,7 +20,7 @@ import onnx
 
 from .engines import Seamless
 from .sessions import fixed_size, ort_session
-from ..graph import GraphIndex
+from ..graph import GraphIndex, gelu_units
 from ..store import Memo
 
 
@@ -93,6 +93,86 @@ def prelu_for_htp(model: onnx.ModelProto) -> onnx.ModelProto:
         nodes.append(onnx.helper.make_node("DequantizeLinear", [f"{stem}_q", f"{stem}_scale", f"{stem}_zero"], [stem],
                                            name=f"{node.name}_slope"))
         nodes.append(onnx.helper.make_node("PRelu", [node.input[0], stem], list(node.output), name=node.name))
+    del lowered.graph.node[:]
+    lowered.graph.node.extend(nodes)
+    return lowered
+
+
+def gelu_for_htp(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of a QDQ model with each erf GELU (`sr.graph.gelu_units`: five nodes between one dequantizer and one
+    quantizer, as exporters write it) as one Gelu node, the same function, as Qualcomm's converter maps it: HTP has
+    a Gelu and no Erf."""
+    from ..quant.quantspec import constant_arrays
+
+    units = gelu_units(GraphIndex(model), constant_arrays(model))
+    if not units:
+        return model
+    lowered = onnx.ModelProto()
+    lowered.CopyFrom(model)
+    last = {unit.nodes[-1]: unit for unit in units}
+    inner = {name for unit in units for name in unit.nodes[:-1]}
+    nodes = [onnx.helper.make_node("Gelu", [last[n.name].input], [last[n.name].output], name=n.name,
+                                   domain="com.microsoft") if n.name in last else n
+             for n in lowered.graph.node if n.name not in inner]
+    read = {t for n in nodes for t in n.input}
+    nodes = [n for n in nodes if n.op_type != "Constant" or n.output[0] in read]  # the unit's own constants go
+    del lowered.graph.node[:]
+    lowered.graph.node.extend(nodes)
+    if not any(o.domain == "com.microsoft" for o in lowered.opset_import):
+        lowered.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
+    return lowered
+
+
+def size_scalars_for_htp(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of a static-shaped QDQ model whose float scalars computed from tensor shapes (an attention's
+    1 / sqrt(H x W), read by a Div or Mul beside a quantized tensor) are INT8 constants, each exact (127 at step
+    |c| / 127), as a converter folds them for the shape it compiles: the HTP has no float kernels. The values are
+    read by running the graph once on ONNX Runtime's CPU at this shape. A model without such scalars comes back
+    as it is."""
+    from onnx import numpy_helper
+
+    index = GraphIndex(model)
+    known = {init.name for init in model.graph.initializer}
+
+    def from_shapes(tensor: str, seen: frozenset = frozenset()) -> bool:
+        node = index.producer(tensor)
+        if node is None or tensor in seen:
+            return tensor in known
+        return node.op_type == "Shape" or (node.op_type not in ("DequantizeLinear", "QuantizeLinear") and all(
+            from_shapes(t, seen | {tensor}) for t in node.input if t))
+
+    def dequantized(tensor: str) -> bool:
+        return getattr(index.producer(tensor), "op_type", None) == "DequantizeLinear"
+
+    readers = [(node, k) for node in model.graph.node if node.op_type in ("Div", "Mul") and any(map(dequantized, node.input))
+               for k, t in enumerate(node.input) if t not in known and index.producer(t) is not None
+               and index.producer(t).op_type not in ("DequantizeLinear", "Constant") and from_shapes(t)]
+    if not readers:
+        return model
+    lowered = onnx.ModelProto()
+    lowered.CopyFrom(model)
+    names = list(dict.fromkeys(node.input[k] for node, k in readers))
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    probe.graph.output.extend(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in names)
+    session = ort_session(probe, threads=1, log_level=3)
+    shape = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
+    values = session.run(names, {session.get_inputs()[0].name: np.zeros(shape, np.float32)})
+    dequantizers = []
+    for name, value in zip(names, values):
+        c = float(np.asarray(value).reshape(-1)[0])
+        if np.asarray(value).size != 1 or c == 0 or not np.isfinite(c):
+            continue
+        stem = f"{name}_htp_constant"
+        lowered.graph.initializer.extend([numpy_helper.from_array(np.array(127 if c > 0 else -127, np.int8), f"{stem}_q"),
+                                          numpy_helper.from_array(np.array(abs(c) / 127, np.float32), f"{stem}_scale"),
+                                          numpy_helper.from_array(np.array(0, np.int8), f"{stem}_zero")])
+        dequantizers.append(onnx.helper.make_node("DequantizeLinear", [f"{stem}_q", f"{stem}_scale", f"{stem}_zero"],
+                                                  [stem], name=stem))
+        for node in lowered.graph.node:
+            if node.op_type in ("Div", "Mul"):
+                node.input[:] = [stem if t == name else t for t in node.input]
+    nodes = dequantizers + list(lowered.graph.node)
     del lowered.graph.node[:]
     lowered.graph.node.extend(nodes)
     return lowered
@@ -189,7 +269,7 @@ class QnnHtpEngine(Seamless):
         if not qnn_available():
             raise ValueError("the qnn-htp engine needs Qualcomm's QNN execution provider: pip install "
                              "onnxruntime-qnn (requirements.txt has it)")
-        self.model = quantized_moves(prelu_for_htp(onnx.load(str(qdq_onnx))))
+        self.model = quantized_moves(gelu_for_htp(prelu_for_htp(onnx.load(str(qdq_onnx)))))
         dims = self.model.graph.input[0].type.tensor_type.shape.dim
         self.fixed = fixed_size([d.dim_value if d.HasField("dim_value") else None for d in dims])
         self.scale, self.path, self.htp_arch = scale, Path(qdq_onnx), str(htp_arch)
@@ -211,7 +291,8 @@ class QnnHtpEngine(Seamless):
                                                           "offload_graph_io_quantization": "0"})
         try:
             with _stdout_to_stderr():  # libQnnHtp prints a banner on stdout (it would corrupt --json output)
-                return ort.InferenceSession(static_input(self.model, size).SerializeToString(), options)
+                return ort.InferenceSession(size_scalars_for_htp(static_input(self.model, size)).SerializeToString(),
+                                            options)
         except Exception as error:  # onnxruntime's Fail: nodes left for the CPU, or an op HTP does not take
             islands = float_islands(self.model)
             named = f"; ops it would run in float: {', '.join(islands)}" if islands else ""
