@@ -3,9 +3,11 @@ the bundle's full-integer `.tflite` in LiteRT's interpreter (XNNPACK or the refe
 
 Each is an engine like the others (`sr.run.engines.Seamless`: whole images up to TILE a side, seamless tiles
 beyond) and is conformance-checked against the reference by `sr.run.runtime` before any figure is shown. The QDQ
-model goes to the HTP as the lab wrote it, with two lowerings a deployment converter makes too and that change no
-number: each LeakyRelu as a PRelu on an INT8 slope (`prelu_for_htp`), and the image quantized at the graph's edge
-when only value moves lie before the first quantizer or after the last (`quantized_moves`).
+model goes to the HTP as the lab wrote it, with lowerings a deployment converter makes too and that change no
+number: each LeakyRelu as a PRelu on an INT8 slope (`prelu_for_htp`), the image quantized at the graph's edge
+when only value moves lie before the first quantizer or after the last (`quantized_moves`), an exported erf GELU
+as one Gelu (`gelu_for_htp`), and for each compiled size a float scalar computed from tensor shapes as an exact
+INT8 constant (`size_scalars_for_htp`).
 """
 from __future__ import annotations
 
