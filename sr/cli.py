@@ -364,8 +364,13 @@ def format_ready(result) -> str:
         lines += [f"  {c.what:<60} loss {c.loss_db:+.3f} dB, brightness {c.brightness:.3f}" for c in step.tried]
         lines += [f"  note: {note}" for note in step.notes]
     verdict = "met" if result.met else "NOT met (the best reached)"
+    target = result.target
+    judged = "" if target is None else f" as {target.engine} runs it"
     lines.append(f"chosen: {result.chosen.what}: loss {result.loss_db:+.3f} dB against the original FP32 (negative: "
-                 f"INT8 scored higher), target {verdict}, in {result.seconds:.0f} s")
+                 f"INT8 scored higher) on the reference, target {verdict}{judged}, in {result.seconds:.0f} s")
+    if target is not None:
+        lines.append(f"as {target.engine} runs it: " + (f"refused: {target.refused}" if target.refused else
+                     f"loss {result.target_loss_db:+.3f} dB against the original FP32, brightness {target.brightness:.3f}"))
     for entry in result.float_tensors:
         lines.append(f"  left in float: {entry['tensor']} ({entry['latency_ms_added']:+.2f} ms on the CPU reference)")
     latency = result.latency_ms

@@ -70,6 +70,8 @@ QAT_HELP = {
     "keep_best": "end with the weights of the best validation (then measure the result on other images)",
 }
 READY_HELP = {
+    "engine": "an INT8 target to check the chosen model on, as it runs it, and to judge the target by: qnn-htp, "
+              "litert, litert-ref (no float path: mixed precision is left out), openvino-int8 or tensorrt",
     "data": "ground-truth (HR) images to measure the loss on (default: the calibration images)",
     "target_db": "the largest loss against the original FP32 model accepted, dB (a loss at or below it meets it; negative: INT8 must score above FP32)",
     "budget_minutes": "time for the whole search, the bundle included",
@@ -97,6 +99,8 @@ DIAGNOSE_HELP = {
     "data": "folder of ground-truth images to measure on",
     "top": "keep the N worst tensors",
     "max_side": "measure on a centre crop of at most this many LR pixels a side (default: whole images)",
+    "engine": "an INT8 target to score the whole INT8 model on as well, as it runs it: qnn-htp (Qualcomm's HTP), "
+              "litert, litert-ref, openvino-int8 or tensorrt (the ranking stays on the reference)",
 }
 BENCH_HELP = {
     "samples": "samples for the comparisons",

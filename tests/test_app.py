@@ -676,6 +676,30 @@ def test_make_model_a_int8_ready_shows_the_route_and_offers_the_chosen_bundle(mo
     assert readme.startswith("# INT8 bundle of `xlsr-clip, made INT8-ready`")  # the name the page shows
 
 
+@pytest.mark.skipif(not __import__("sr.run.npu", fromlist=["x"]).qnn_available(), reason="onnxruntime-qnn is in "
+                    "requirements.txt")
+def test_the_diagnosis_and_int8_ready_follow_the_target_the_panels_run_on(small_png, monkeypatch):
+    """With the INT8 panels on Qualcomm's HTP, the diagnosis also scores the whole INT8 model as the HTP runs it,
+    and "Make model A INT8-ready" judges its choice as the HTP runs it (no mixed precision: the HTP runs no float
+    tensor); an unknown target is refused in words."""
+    import gradio as gr
+
+    from ui import handlers, jobs
+
+    htp = "Qualcomm HTP v73 (simulated)"
+    *_, summary, _, report, _ = handlers.run_diagnose(
+        small_png, "xlsr-clip", "xlsr-relu", "model A", "Upscale my image", "entropy", 10, "npu", 1.0, 0, None, htp,
+        progress=lambda *a, **k: None)
+    assert "As qnn-htp-npu-v73 runs it: " in summary and report.target.psnr_vs_fp32_db > 40
+    monkeypatch.setattr(jobs.POLICY, "enabled", False)
+    shown, *_ = handlers.make_ready_for("xlsr-clip", 20, "npu", 30.0, 1, [], "xlsr-relu", htp,
+                                        progress=lambda *a, **k: None)
+    assert "target met as qnn-htp-npu-v73 runs it" in shown and "- as qnn-htp-npu-v73 runs it: " in shown
+    with pytest.raises(gr.Error, match="Unknown INT8 target"):
+        handlers.run_diagnose(small_png, "xlsr-clip", "xlsr-relu", "model A", "Upscale my image", "entropy", 10,
+                              "npu", 1.0, 0, None, "an NPU of my own", progress=lambda *a, **k: None)
+
+
 def test_a_model_with_nothing_quantized_compares_and_says_so(tmp_path, small_png):
     """One Conv (3 -> 27 channels, too small for a TensorRT INT8 kernel) and a PixelShuffle: the tensorrt scheme
     quantizes nothing in it, so the coverage check has nothing to check (it used to fail every compare with

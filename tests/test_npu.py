@@ -144,6 +144,50 @@ def test_eval_on_the_npu_from_the_command_line(capfd, data_dir):
     assert "LIBNATIVE" not in out
 
 
+@needs_qnn
+def test_the_diagnosis_scores_the_whole_int8_model_as_the_npu_runs_it(capfd, data_dir):
+    """`diagnose --engine qnn-htp`: the all-INT8 figures as the HTP runs the model too (its engine checked first),
+    said in the paragraph and in the JSON; a scheme the HTP cannot run whole is said, not scored."""
+    import json
+
+    from sr import cli
+    from sr.lab.diagnose import DiagnoseConfig, diagnose
+
+    common = ["diagnose", "--model", "xlsr-clip", "--data", str(data_dir / "Set5"), "--method", "entropy",
+              "--samples", "20", "--max-side", "40", "--top", "2", "--engine", "qnn-htp"]
+    assert cli.main([*common, "--scheme", "npu", "--json"]) == 0
+    report = json.loads(capfd.readouterr().out)
+    target = report["target"]
+    assert target["engine"] == "qnn-htp-npu-v73" and target["refused"] is None
+    assert abs(target["psnr_y"] - report["int8_psnr_y"]) < 0.3 and target["psnr_vs_fp32_db"] > 40
+    assert cli.main([*common, "--scheme", "npu"]) == 0
+    assert "As qnn-htp-npu-v73 runs it: " in capfd.readouterr().out
+    refused = diagnose(DiagnoseConfig("xlsr-clip", ENTROPY, "tensorrt", str(data_dir / "Set5"), top=1, max_side=40,
+                                      engine="qnn-htp"))
+    assert refused.target.psnr_y is None and "cannot run all of" in refused.target.refused
+    assert "qnn-htp did not run it: " in refused.paragraph()
+    with pytest.raises(ValueError, match="not an INT8 target"):
+        DiagnoseConfig("xlsr-clip", engine="ort")
+
+
+@needs_qnn
+def test_int8_ready_judges_the_choice_as_the_npu_runs_it(data_dir):
+    """`int8-ready --engine qnn-htp`: no mixed-precision route (the HTP runs no float tensor), the chosen model
+    scored as the HTP runs it and the target judged on that loss; a target that refuses the model is not met."""
+    from sr.lab.ready import ReadyConfig, make_ready
+
+    result = make_ready(ReadyConfig("xlsr-clip", str(data_dir / "Set5"), target_db=0.2, budget_minutes=2,
+                                    calibration=ENTROPY, scheme="npu", engine="qnn-htp", qat=False))
+    assert "mixed precision" not in [step.route for step in result.steps]
+    assert any("mixed precision left out" in note for note in result.steps[0].notes)
+    assert result.target.engine == "qnn-htp-npu-v73" and result.target.refused is None
+    assert abs(result.target_loss_db - result.loss_db) < 0.1
+    assert result.met == (result.target_loss_db <= 0.2) and result.to_json()["target"]["loss_db"] == result.target_loss_db
+    refused = make_ready(ReadyConfig("xlsr-clip", str(data_dir / "Set5"), target_db=5.0, budget_minutes=1,
+                                     calibration=ENTROPY, scheme="tensorrt", engine="qnn-htp", qat=False))
+    assert refused.target.refused and refused.target_loss_db is None and not refused.met
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The .tflite the lab writes, in LiteRT's own interpreter.
 

@@ -26,7 +26,7 @@ from ui import jobs
 from ui.comparison import _calibration, _check_image
 from ui.server import (COST_LIMITS, MAX_REQUEST_SECONDS, PROBE_SECONDS, _boxed, _bundle_folder, _capped, _lane, _owner,
                        _user_errors, _verified_owner, _visitor, _visitor_share, to_page)
-from ui.words import (_UPLOADED, _VISITOR, CALIB_SOURCES, FIX_LABELS, MODES, _label, _model_choices, _number, _shown,
+from ui.words import (_UPLOADED, _VISITOR, CALIB_SOURCES, FIX_LABELS, MODES, TARGETS, _label, _model_choices, _number, _shown,
                       advice_text, contract_text, diagnosis_text, ranking_frame, ready_report)
 
 DIAGNOSE_SIDE = 128  # the diagnosis measures on a centre crop of at most this many LR pixels a side
@@ -80,16 +80,17 @@ def build_bundle(image, model_a, method, samples, gain, seed, mode, request: gr.
 READY_IMAGES = 4  # the search measures on this many calibration images (each candidate: one pass over them)
 
 
-def make_ready_for(model_a, samples, scheme, target, minutes, uploads, model_b, request: gr.Request = None,
-                   progress=gr.Progress()):
+def make_ready_for(model_a, samples, scheme, target, minutes, uploads, model_b, panels=None,
+                   request: gr.Request = None, progress=gr.Progress()):
     """Make model A INT8-ready (`sr.lab.ready`, what `python -m sr int8-ready` runs): the route taken as a table,
-    the chosen model's bundle as a zip, and the chosen model offered as model A when it is a tuned copy."""
+    the chosen model's bundle as a zip, and the chosen model offered as model A when it is a tuned copy. With a
+    target chosen for the INT8 panels (`panels`), the choice is checked and judged as that target runs it."""
     progress = _capped(progress, "INT8-ready search")
     with _user_errors("INT8-ready search"):
         minutes = min(float(minutes), (MAX_REQUEST_SECONDS - 60) / 60)  # room for the bundle within the cap
         config = ReadyConfig(model_a, target_db=float(target), budget_minutes=minutes, scheme=scheme,
                              calibration=CalibrationConfig(method=Method.AUTO, samples=int(samples)),
-                             max_images=READY_IMAGES, qat=jobs.POLICY.enabled)
+                             max_images=READY_IMAGES, qat=jobs.POLICY.enabled, engine=_target(panels))
         folder = _bundle_folder()
         with _lane(model_a, progress=progress, visitor=_visitor(request)) as run:
             result = run(make_ready, config, progress=to_page(progress))
@@ -120,7 +121,7 @@ _STOPS_LOCK = threading.Lock()
 
 
 def run_diagnose(image, model_a, model_b, which, mode, method, samples, scheme, gain=1.0, seed=0, owner=None,
-                 request: gr.Request = None, progress=gr.Progress()):
+                 panels=None, request: gr.Request = None, progress=gr.Progress()):
     """Rank the tensors of model A or B by the damage their INT8 range does (the `diagnose` API endpoint).
 
     It measures on the image's centre crop of at most DIAGNOSE_SIDE LR pixels a side, and stops on Cancel (from
@@ -133,7 +134,8 @@ def run_diagnose(image, model_a, model_b, which, mode, method, samples, scheme, 
             _STOPS.setdefault(ident, set()).add(stop)
     try:
         return _diagnosed(image, model_a if which == "model A" else model_b, mode,
-                          _calibration(method, samples, gain, seed), scheme, stop, progress, _visitor(request))
+                          _calibration(method, samples, gain, seed), scheme, stop, progress, _visitor(request),
+                          _target(panels))
     finally:
         if ident is not None:
             with _STOPS_LOCK:
@@ -143,9 +145,16 @@ def run_diagnose(image, model_a, model_b, which, mode, method, samples, scheme, 
                     _STOPS.pop(ident, None)
 
 
-def _diagnosed(image, model, mode, calibration, scheme, stop, progress, visitor):
+def _target(panels) -> str | None:
+    """The engine kind of the target the INT8 panels run on (None: the reference)."""
+    if panels is not None and panels not in TARGETS:
+        raise gr.Error(f"Unknown INT8 target {panels!r}; choose one of: {', '.join(TARGETS)}")
+    return TARGETS.get(panels)
+
+
+def _diagnosed(image, model, mode, calibration, scheme, stop, progress, visitor, engine=None):
     with _user_errors("diagnosis"):
-        config = DiagnoseConfig(model, calibration, scheme, max_side=DIAGNOSE_SIDE)
+        config = DiagnoseConfig(model, calibration, scheme, max_side=DIAGNOSE_SIDE, engine=engine)
         try:
             with _lane(model, progress=progress, visitor=visitor) as run:
                 report = run(diagnose, config, images=[image], mode=MODES.get(mode, mode),

@@ -201,7 +201,7 @@ def _wire_compare(c: dict, o: dict) -> None:
                              concurrency_limit=HEAVY_SLOTS)
     ready = c["ready_button"].click(
         make_ready_for, [c["model_a"], c["samples"], c["scheme"], c["ready_target"], c["ready_minutes"], uploads,
-                         c["model_b"]],
+                         c["model_b"], c["target"]],
         [c["ready_report"], c["bundle"], c["model_a"], c["model_b"], uploads, c["method"], c["gain"], c["seed"],
          c["refine"], c["calib_source"]], api_name=False, concurrency_id=HEAVY, concurrency_limit=HEAVY_SLOTS)
     shown = ready.success(reveal, None, [o["results"], o["status"]], api_name=False).then(  # the chosen model shown
@@ -258,7 +258,7 @@ def _diagnose_tab(c: dict) -> None:
     fix_metrics = _table("Before / after", ["INT8 model", "PSNR (dB)", "brightness vs FP32"], elem_id="fix-metrics",
                          wide=(0,))
     button.click(run_diagnose, [c["image"], c["model_a"], c["model_b"], which, c["mode"], c["method"], c["samples"],
-                                c["scheme"], c["gain"], c["seed"], c["owner"]],
+                                c["scheme"], c["gain"], c["seed"], c["owner"], c["target"]],
                  [ranking, histogram, summary, tensor, report_state, fix], concurrency_id=HEAVY,
                  concurrency_limit=HEAVY_SLOTS, api_name="diagnose")
     cancel.click(cancel_diagnosis, c["owner"], None, api_name=False)

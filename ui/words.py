@@ -98,8 +98,14 @@ def ready_report(result, model_a) -> str:
         notes.append("QAT is off on this server (fine-tuning is allowed only with --allow-training); run "
                      "`python -m sr int8-ready` locally for that route")
     verdict = "target met" if result.met else "target **not** met: the best reached"
-    lines += ["", f"**Chosen: {result.chosen.what}**, {result.loss_db:+.3f} dB, {verdict}, in {result.seconds:.0f} s. "
-              "The bundle below is this model."]
+    on = result.target
+    if on is not None:
+        verdict += f" as {on.engine} runs it"
+    lines += ["", f"**Chosen: {result.chosen.what}**, {result.loss_db:+.3f} dB on the reference, {verdict}, in "
+              f"{result.seconds:.0f} s. The bundle below is this model."]
+    if on is not None:
+        lines.append(f"- as {on.engine} runs it: " + (f"refused: {on.refused}" if on.refused else
+                     f"{result.target_loss_db:+.3f} dB against the original FP32, brightness {on.brightness:.3f}"))
     lines += [f"- left in float: `{e['tensor']}` ({e['latency_ms_added']:+.2f} ms on this CPU)"
               for e in result.float_tensors]
     calibration = f"{result.chosen.calibration.method.value}, {result.chosen.calibration.samples} samples"

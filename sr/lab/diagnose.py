@@ -42,7 +42,7 @@ from ..run.quantize import calibrate_model
 from ..quant.calibrated import CalibratedModel
 from ..quant.quantspec import Scheme
 from ..quant.quantspec import ActivationSpec, activation_qparams
-from .scorer import Scorer, eval_pairs
+from .scorer import Scorer, TargetScore, eval_pairs, int8_target
 
 
 @dataclass
@@ -57,9 +57,15 @@ class DiagnoseConfig:
     # Each tensor costs two simulated passes: on a public server, measure on a centre crop of at most this many
     # LR pixels a side (None: whole images).
     max_side: int | None = None
+    # an INT8 target (qnn-htp, litert, litert-ref, openvino-int8, tensorrt) that also scores the whole INT8 model as
+    # it runs it; the ranking stays on the reference (a tensor kept in float is a float island such a target may
+    # not run at all)
+    engine: str | None = None
 
     def __post_init__(self):
         self.scheme = Scheme.parse(self.scheme)
+        if self.engine is not None:
+            int8_target(self.engine)
         if self.top is not None and self.top < 1:
             raise ValueError(f"top must be at least 1, got {self.top}")
         if self.max_side is not None and self.max_side < 16:
@@ -114,6 +120,7 @@ class DiagnosisReport:
     calibrated: CalibratedModel = field(repr=False)
     stats: dict[str, TensorStats] = field(repr=False)
     max_side: int | None = None  # measured on the centre crop of at most this many LR pixels a side
+    target: TargetScore | None = None  # the whole INT8 model as the target asked for runs it
 
     def paragraph(self, shown_as: str | None = None, markdown: bool = False) -> str:
         """The diagnosis in one paragraph, the one the CLI prints and the page shows (`markdown`: the model's
@@ -130,18 +137,30 @@ class DiagnosisReport:
         alone = ("leaves the output as FP32's" if alone is None or math.isinf(alone) else
                  f"puts the output {alone:.2f} dB from FP32")
         return (f"{name}, {self.method} / {self.samples} samples / {self.scheme}: {whole}, brightness "
-                f"{self.int8_brightness:.3f}. The worst tensor is {tensor} ({top.op} -> "
+                f"{self.int8_brightness:.3f}.{self._on_target()} The worst tensor is {tensor} ({top.op} -> "
                 f"{', '.join(top.consumers) or 'output'}): quantized alone it {alone}; "
                 f"keeping only it in float recovers {top.recovery_db:.2f} dB. Its range [{top.low:.3g}, {top.high:.3g}] "
                 f"clips {100 * top.clipped_fraction:.3f}% of its calibration values and {100 * top.clipped_energy:.1f}% "
                 f"of their energy (observed [{top.observed_min:.3g}, {top.observed_max:.3g}]).")
+
+    def _on_target(self) -> str:
+        target = self.target
+        if target is None:
+            return ""
+        if target.refused:
+            return f" {target.engine} did not run it: {target.refused}."
+        whole = (f"{target.psnr_y:.2f} dB against the ground truth, " if target.psnr_y is not None else "") + \
+            f"{target.psnr_vs_fp32_db:.2f} dB from the FP32 output"
+        return (f" As {target.engine} runs it: {whole}, brightness {target.brightness:.3f} (the ranking below is "
+                "measured on the reference).")
 
     def to_json(self) -> dict:
         """The report as a JSON-ready dict."""
         return {"model": self.model, "method": self.method, "scheme": self.scheme, "samples": self.samples,
                 "has_truth": self.has_truth, "fp32_psnr_y": self.fp32_psnr_y, "int8_psnr_y": self.int8_psnr_y,
                 "int8_psnr_vs_fp32_db": _finite(self.int8_psnr_vs_fp32_db), "int8_brightness": self.int8_brightness,
-                "ranking": [r.to_json() for r in self.ranking]}
+                "ranking": [r.to_json() for r in self.ranking],
+                "target": None if self.target is None else self.target.to_json()}
 
 
 def _sqnr(stats: TensorStats, r: TensorRange, activation: ActivationSpec) -> tuple[float, float]:
@@ -211,7 +230,9 @@ def diagnose(config: DiagnoseConfig, images: Sequence | None = None, mode: Input
                                    alone_fp32, drop, recovery, alone_bright, sqnr, r.clipped_fraction, energy,
                                    r.low, r.high, r.observed_min, r.observed_max))
     reports.sort(key=lambda r: r.alone_psnr_vs_fp32_db)
+    target = simulator.on_target(int8_target(config.engine), calibrated) if config.engine else None
     return DiagnosisReport(config.model, calibrated.config.method.value, calibrated.scheme.value,
                            calibrated.config.samples, simulator.has_truth, fp32_psnr,
                            all_truth if simulator.has_truth else all_fp32, all_fp32, all_bright,
-                           reports[: config.top] if config.top else reports, calibrated, stats, config.max_side)
+                           reports[: config.top] if config.top else reports, calibrated, stats, config.max_side,
+                           target)

@@ -31,13 +31,13 @@ from typing import Callable, Sequence
 import numpy as np
 
 from .bundle import export_bundle
+from .latency import float_latencies
 from ..quant.calibdata import ensure_calibration_images, load_calibration_images
 from ..quant.calibrate import CalibrationConfig, Method
 from ..quant.calibrated import CalibratedModel
 from .compare import InputMode
 from ..data import list_images
-from .scorer import Scorer, eval_pairs
-from ..run.engines import OrtEngine
+from .scorer import WHOLE_INT8_TARGETS, Scorer, TargetScore, eval_pairs, int8_target, target_outputs
 from ..metrics import brightness_ratio, psnr_y
 from ..model.models import model_info
 from ..tune.ptq import RefineConfig, RefineStopped, refine
@@ -45,7 +45,7 @@ from ..tune.fakequant import original_model
 from ..run.quantize import AUTO_CANDIDATES, calibrate_model
 from ..quant.quantspec import Scheme
 from ..quant.recipe import Fixes, Refinement
-from ..run.runtime import engine_for
+from ..run.runtime import EngineKind, engine_for
 from ..store import cache_root, short_hash
 from ..tune.train import default_training_dirs
 from ..tune.transforms import centring_reason
@@ -78,9 +78,14 @@ class ReadyConfig:
     max_images: int = 16  # the most images measured on
     train_dirs: list[str] | None = None  # QAT's training images (None: the lab's training folders, if present)
     qat: bool = True  # allow the QAT route
+    # an INT8 target the chosen model is checked on as it runs it, and judged by (qnn-htp, litert, ...); a target
+    # with no float path leaves the mixed-precision route out
+    engine: str | None = None
 
     def __post_init__(self):
         self.scheme = Scheme.parse(self.scheme)
+        if self.engine is not None:
+            int8_target(self.engine)
         if not math.isfinite(self.target_db):
             raise ValueError(f"the target loss must be a finite number of dB, got {self.target_db}")
         if not (self.budget_minutes > 0 and math.isfinite(self.budget_minutes)):
@@ -140,13 +145,23 @@ class ReadyResult:
     float_tensors: list[dict]  # {"tensor", "latency_ms_added"} for the tensors left in float
     latency_ms: dict  # {"fp32", "int8_all", "chosen"} on the CPU reference engine
     bundle: Path | None = None
+    target: TargetScore | None = None  # the chosen model as the target asked for runs it
 
     @property
     def loss_db(self) -> float:
         return self.chosen.loss_db
 
     @property
+    def target_loss_db(self) -> float | None:
+        """The loss against the original FP32 model as the target runs the chosen model (None: no target, or
+        refused)."""
+        ran = self.target is not None and self.target.psnr_y is not None
+        return self.fp32_psnr_db - self.target.psnr_y if ran else None
+
+    @property
     def met(self) -> bool:
+        if self.target is not None:  # judged as the target runs it
+            return self.target_loss_db is not None and self.target_loss_db <= self.target_db
         return self.chosen.loss_db <= self.target_db
 
     def curve(self) -> list[dict]:
@@ -166,7 +181,8 @@ class ReadyResult:
                            "method": self.chosen.calibration.method.value,
                            "samples": self.chosen.calibration.samples},
                 "float_tensors": self.float_tensors, "latency_ms": self.latency_ms, "curve": self.curve(),
-                "bundle": None if self.bundle is None else str(self.bundle)}
+                "bundle": None if self.bundle is None else str(self.bundle),
+                "target": None if self.target is None else {**self.target.to_json(), "loss_db": self.target_loss_db}}
 
 
 class _Judge:
@@ -201,6 +217,15 @@ class _Judge:
         int8 = float(np.mean([psnr_y(o, t, self.scale) for o, t in zip(outputs, self.truths)]))
         bright = float(np.mean([brightness_ratio(o, r) for o, r in zip(outputs, self.fp32_outputs)]))
         return self.fp32_psnr - int8, bright
+
+    def on_target(self, kind: EngineKind, calibrated: CalibratedModel) -> TargetScore:
+        """A calibrated model as an INT8 target runs it, on the same pairs (or why the target refused it)."""
+        name, outputs, refused = target_outputs(kind, calibrated, [lr for lr, _ in self.pairs])
+        if outputs is None:
+            return TargetScore(name, None, None, None, refused)
+        return TargetScore(name, float(np.mean([psnr_y(o, t, self.scale) for o, t in zip(outputs, self.truths)])),
+                           float(np.mean([psnr_y(o, r, self.scale) for o, r in zip(outputs, self.fp32_outputs)])),
+                           float(np.mean([brightness_ratio(o, r) for o, r in zip(outputs, self.fp32_outputs)])))
 
     def candidate(self, what: str, model: str, calibration: CalibrationConfig, scheme: Scheme,
                   fixes: Fixes | None = None, progress=None) -> Candidate:
@@ -250,7 +275,9 @@ def make_ready(config: ReadyConfig, progress: Callable[[float, str], None] | Non
     search = judge.subset(_search_images(judge, clock))  # a heavy model is searched on fewer images
     steps: list[Step] = []
     stop = should_stop or (lambda: False)
-    routes = [_range_methods, _refinements, _mixed_precision] + ([_qat] if config.qat else [])
+    target = int8_target(config.engine) if config.engine else None
+    whole = target in WHOLE_INT8_TARGETS
+    routes = [_range_methods, _refinements] + ([] if whole else [_mixed_precision]) + ([_qat] if config.qat else [])
     for route in routes:
         best = _best(steps)
         if best is not None and (best.loss_db <= config.target_db or clock.left() <= 0 or stop()):
@@ -261,16 +288,22 @@ def make_ready(config: ReadyConfig, progress: Callable[[float, str], None] | Non
     if search is not judge and steps:
         steps[0].notes.append(f"a heavy model ({judge.seconds_per_image:.1f} s a FP32 image): candidates scored on "
                               f"{len(search.pairs)} of {len(pairs)} images, the chosen one confirmed on all of them")
+    if whole and steps:
+        steps[0].notes.append(f"mixed precision left out: {target.value} runs no tensor in float")
     chosen = _confirmed(_chosen(steps, config.target_db), judge, search, say)
     say(f"chosen: {chosen.what}, {chosen.loss_db:.3f} dB below the original FP32")
-    floats, latency = _latencies(chosen, steps, pairs[0][0])
+    on_target = None
+    if target is not None:
+        say(f"checking the chosen model on {target.value}")
+        on_target = judge.on_target(target, chosen.calibrated)
+    floats, latency = float_latencies(chosen.model, chosen.calibration, chosen.calibrated, pairs[0][0])
     bundle = None
     if config.out:
         say("writing the bundle")
         bundle = export_bundle(chosen.model, chosen.calibration, config.out, chosen.fixes,
                                images=[lr for lr, _ in pairs[:8]]).folder
     return ReadyResult(config.model, config.target_db, measured_on, judge.fp32_psnr, chosen, steps,
-                       clock.since(clock.start), floats, latency, bundle)
+                       clock.since(clock.start), floats, latency, bundle, on_target)
 
 
 def loss_on(candidate: Candidate, data: str, max_images: int = 16) -> tuple[float, float]:
@@ -461,35 +494,3 @@ def _qat(config: ReadyConfig, judge: _Judge, best: Candidate, clock: _Clock, say
     step = Step("QAT", [candidate], clock.since(mark), notes, validation=validation)
     step.best = candidate
     return step
-
-
-def _latencies(chosen: Candidate, steps: Sequence[Step], lr: np.ndarray) -> tuple[list[dict], dict]:
-    """The tensors the chosen model leaves in float, each with the CPU latency it adds (measured by leaving the
-    tensors in float one more at a time), and the latency of FP32, all-INT8 and the chosen model."""
-    crop = lr[:128, :128]
-    fp32 = _milliseconds(engine_for(chosen.calibrated.model), crop)
-    kept = list(chosen.fixes.keep_float)
-    floats, base = [], None
-    if kept:
-        base_model = calibrate_model(chosen.model, chosen.calibration, chosen.calibrated.scheme,
-                                     fixes=replace(chosen.fixes, keep_float=[]))
-        base = previous = _milliseconds(engine_for(base_model.model, base_model), crop)
-        for index, tensor in enumerate(kept):
-            partial = calibrate_model(chosen.model, chosen.calibration, chosen.calibrated.scheme,
-                                      fixes=replace(chosen.fixes, keep_float=kept[:index + 1]))
-            now = _milliseconds(engine_for(partial.model, partial), crop)
-            floats.append({"tensor": tensor, "latency_ms_added": round(now - previous, 3)})
-            previous = now
-    chosen_ms = _milliseconds(engine_for(chosen.calibrated.model, chosen.calibrated), crop)
-    return floats, {"fp32": round(fp32, 3), "int8_all": round(chosen_ms if base is None else base, 3),
-                    "chosen": round(chosen_ms, 3), "input": f"{crop.shape[1]}x{crop.shape[0]}"}
-
-
-def _milliseconds(engine: OrtEngine, lr: np.ndarray, runs: int = 7) -> float:
-    engine.run(lr)
-    times = []
-    for _ in range(runs):
-        started = time.perf_counter()
-        engine.run(lr)
-        times.append(time.perf_counter() - started)
-    return 1000.0 * float(np.median(times))

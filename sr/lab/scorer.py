@@ -3,6 +3,7 @@ only one tensor's left in), scored on evaluation pairs (centre-cropped) with the
 on the CPU) against the truth and the FP32 output."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -11,7 +12,8 @@ import onnx
 from .compare import InputMode, prepare_input
 from ..data import degrade, list_images, load_image
 from ..run.engines import reference
-from ..run.runtime import engine_for
+from ..run.conformance import EngineRefused
+from ..run.runtime import EngineKind, create_engine, engine_for
 from ..metrics import brightness_ratio, psnr_y
 from ..quant.calibrated import CalibratedModel
 from ..quant.quantspec import Scheme
@@ -51,6 +53,51 @@ def centre_crop(lr: np.ndarray, truth: np.ndarray | None, scale: int, max_side: 
     if truth is not None:
         truth = truth[top * scale : (top + lr.shape[0]) * scale, left * scale : (left + lr.shape[1]) * scale]
     return np.ascontiguousarray(lr), truth
+
+
+@dataclass(frozen=True)
+class TargetScore:
+    """The whole INT8 model as a target runs it (an NPU's arithmetic, LiteRT, OpenVINO), or why it did not."""
+
+    engine: str  # the engine's name (the chip, the scheme)
+    psnr_y: float | None  # against the truth (None without one, or refused)
+    psnr_vs_fp32_db: float | None
+    brightness: float | None
+    refused: str | None = None
+
+    def to_json(self) -> dict:
+        """JSON-ready fields."""
+        return {"engine": self.engine, "psnr_y": self.psnr_y, "psnr_vs_fp32_db": self.psnr_vs_fp32_db,
+                "brightness": self.brightness, "refused": self.refused}
+
+
+# the targets that run a graph in INT8 whole, with no float path (a tensor left in float is refused)
+WHOLE_INT8_TARGETS = (EngineKind.QNN_HTP, EngineKind.LITERT, EngineKind.LITERT_REF)
+
+
+def int8_target(engine: str) -> EngineKind:
+    """The INT8 target named (any INT8 engine but the reference itself).
+
+    Raises:
+        ValueError: not an INT8 target, in words with the choices.
+    """
+    kind = EngineKind.parse(engine)
+    if not kind.is_int8 or kind is EngineKind.ORT_INT8:
+        targets = ", ".join(k.value for k in EngineKind if k.is_int8 and k is not EngineKind.ORT_INT8)
+        raise ValueError(f"{engine!r} is not an INT8 target (the reference, ort-int8, is always measured); "
+                         f"choose one of: {targets}")
+    return kind
+
+
+def target_outputs(kind: EngineKind, calibrated: CalibratedModel,
+                   lrs: Sequence[np.ndarray]) -> tuple[str, list[np.ndarray] | None, str | None]:
+    """(the engine's name, its outputs, None), or (the target, None, why it refused): a calibrated model run by an
+    INT8 target, whose engine is checked against the reference first (`sr.run.runtime.create_engine`)."""
+    try:
+        engine = create_engine(kind, calibrated.model, calibrated)
+    except (ValueError, EngineRefused) as error:
+        return kind.value, None, str(error).splitlines()[0][:400]
+    return engine.name, [engine.run(lr) for lr in lrs], None
 
 
 class Scorer:
@@ -103,7 +150,15 @@ class Scorer:
 
     def score(self, dropped: Sequence[str] = (), alone: str | None = None) -> tuple[float, float, float]:
         """(PSNR vs truth or None, PSNR vs FP32, brightness vs FP32), means over the images."""
-        outputs = self.outputs(dropped, alone)
+        return self._figures(self.outputs(dropped, alone))
+
+    def on_target(self, kind: EngineKind, calibrated: CalibratedModel) -> "TargetScore":
+        """The written model as an INT8 target runs it, scored like `score`; a target that refuses it says why."""
+        name, outputs, refused = target_outputs(kind, calibrated, self.lrs)
+        return TargetScore(name, *self._figures(outputs)) if outputs is not None else \
+            TargetScore(name, None, None, None, refused)
+
+    def _figures(self, outputs: list[np.ndarray]) -> tuple[float | None, float, float]:
         vs_fp32 = float(np.mean([psnr_y(o, r, self.scale) for o, r in zip(outputs, self.references)]))
         vs_truth = float(np.mean([psnr_y(o, t, self.scale) for o, t in zip(outputs, self.truths)])) \
             if self.has_truth else None
