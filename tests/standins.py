@@ -456,11 +456,14 @@ FAMILIES = {  # name -> (core, scale, takes Y, pre-upsampled, how it is exported
 }
 
 
-def family(name: str, folder: Path, train_dir: str, steps: int = 300) -> Path:
-    """The stand-in `name` of FAMILIES, trained `steps` steps on `train_dir`, as `folder/<name>.onnx`."""
+def family(name: str, folder: Path, train_dir: str, steps: int = 300, seed: int = 0) -> Path:
+    """The stand-in `name` of FAMILIES, trained `steps` steps on `train_dir`, as `folder/<name>.onnx`: the same
+    model whatever ran before it in the process (its initial weights are drawn after seeding, not from wherever
+    the global generator happens to be)."""
     folder.mkdir(parents=True, exist_ok=True)
     make, scale, luma, pre, export = FAMILIES[name]
-    model = train_briefly(make(), scale, train_dir, steps, luma, pre)
+    torch.manual_seed(seed)
+    model = train_briefly(make(), scale, train_dir, steps, luma, pre, seed)
     channels = 1 if luma else 3
     side = 24 * (scale if pre else 1)
     if export == "nhwc-tf":

@@ -270,3 +270,19 @@ def test_a_raw_file_is_registered_by_the_run_layer_and_only_then_known_by_path(s
         model_info(path)
     registered = register_onnx(path)
     assert model_info(path).name == registered.name
+
+
+def test_a_family_stand_in_is_the_same_model_whatever_ran_before_it(tmp_path, data_dir):
+    """The families' tables and the session's `families` fixture train each stand-in in a process where other work
+    drew random numbers first: the stand-in's weights must not depend on that (they did: its initial weights were
+    drawn before the training seeded the generator)."""
+    import numpy as np
+    import standins
+    import torch
+
+    weights = []
+    for draws in (0, 1000):
+        torch.rand(draws)  # whatever ran before
+        path = standins.family("espcn", tmp_path / str(draws), str(data_dir / "T91"), steps=2)
+        weights.append([onnx.numpy_helper.to_array(i) for i in onnx.load(str(path)).graph.initializer])
+    assert len(weights[0]) == len(weights[1]) and all(np.array_equal(a, b) for a, b in zip(*weights))
