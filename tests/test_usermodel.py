@@ -255,10 +255,11 @@ def test_another_process_reads_back_the_model_as_registered(stand_ins):
     assert made.float_ops  # (its Div and Log: no scheme quantizes them)
 
 
-def test_a_raw_file_is_registered_by_the_run_layer_and_only_then_known_by_path(stand_ins, tmp_path):
-    """The model layer runs nothing: `model_info` of a user's file nobody registered asks for the registration in
-    words (it would have to run the file to learn its contract); after `register_onnx` (the run layer's probe), the
-    same path gives the registered model."""
+def test_a_raw_file_named_by_its_path_is_probed_by_the_run_layer(stand_ins, tmp_path, monkeypatch):
+    """The model layer runs nothing: a user's file named by its path (`model_info`, a teacher) is probed by the
+    runner the run layer handed it when imported (`set_probe`), giving the model `register_onnx` gives; without
+    one, the model layer asks for the registration in words instead of running the file itself."""
+    from sr.model import usermodel
     from sr.model.checks import UserModelError
     from sr.model.models import model_info
 
@@ -266,10 +267,11 @@ def test_a_raw_file_is_registered_by_the_run_layer_and_only_then_known_by_path(s
     model = onnx.load(str(stand_ins["xlsr-nhwc"]))
     model.doc_string = "a copy nobody registered"  # another hash: not in the cache
     onnx.save(model, str(path))
+    monkeypatch.setattr(usermodel, "_PROBE", [])
     with pytest.raises(UserModelError, match="register it first"):
-        model_info(path)
-    registered = register_onnx(path)
-    assert model_info(path).name == registered.name
+        usermodel.register_graph(path)
+    monkeypatch.undo()
+    assert model_info(path).name == register_onnx(path).name
 
 
 def test_a_family_stand_in_is_the_same_model_whatever_ran_before_it(tmp_path, data_dir):

@@ -75,13 +75,24 @@ def macs_per_pixel(model: onnx.ModelProto) -> float:
 _REGISTRY = Memo(256)
 
 
+# what runs a user's file to learn its contract when no runner is handed in (a file given by its path to
+# `sr.model.models.model_info`, a teacher or a model named by path): the run layer sets it when it is imported
+# (`sr.run.register`), so the model layer itself makes no session
+_PROBE: list[Callable[[onnx.ModelProto], Runner]] = []
+
+
+def set_probe(runner: Callable[[onnx.ModelProto], Runner]) -> None:
+    """Make `runner` what probes a user's file registered without a runner of its own (the run layer's)."""
+    _PROBE[:] = [runner]
+
+
 def register_graph(path: str | os.PathLike, overrides: Overrides = Overrides(),
                    cache_dir: str | os.PathLike | None = None, limits: CostLimits | None = None,
                    runner: Callable[[onnx.ModelProto], Runner] | None = None) -> UserModel:
     """Check an ONNX file, learn its contract, write its standard graph (cached by file hash and overrides) and
     register it. A user's own file is run on probe images to learn its contract (`runner`: what runs it, from the
-    run layer; `sr.run.register.register_onnx` hands it); a standard graph the lab wrote (a tuned copy) says its
-    contract itself and needs none.
+    run layer; `sr.run.register.register_onnx` hands it, and the one `set_probe` set serves a file named by its
+    path); a standard graph the lab wrote (a tuned copy) says its contract itself and needs none.
 
     Returns:
         the UserModel; `model.name` works wherever a shipped model name does.
@@ -93,7 +104,7 @@ def register_graph(path: str | os.PathLike, overrides: Overrides = Overrides(),
 
     Raises:
         FileNotFoundError, UserModelError: see `check_file` and `detect_contract`; a user's file without a
-            `runner`, in words.
+            `runner` when the run layer has set none (`set_probe`), in words.
         sr.cost.Uncountable, sr.cost.TooCostly: `limits` given, and the graph is uncountable or over them.
     """
     path = Path(path)
@@ -112,6 +123,7 @@ def register_graph(path: str | os.PathLike, overrides: Overrides = Overrides(),
             contract = standard_contract(model)  # a standard graph the lab wrote (QAT): taken as it is
             standard = model if contract is not None else None
             if standard is None:
+                runner = runner or next(iter(_PROBE), None)
                 if runner is None:
                     raise UserModelError(f"{path.name} is a model the lab has not registered: register it first "
                                          "(sr.register_onnx, or --onnx), which runs it to learn its contract")

@@ -2,7 +2,8 @@
 before the lab has made its standard graph), then handed to the model layer (`sr.model.usermodel.register_graph`),
 which checks it, writes the standard graph and keeps it. The probe's runs share one time limit and are stopped when
 it passes (`ProbeTimedOut`); the session is a quiet one on a copy of the file in an empty folder, so an external
-data reference finds nothing to read.
+data reference finds nothing to read. Importing the run layer hands this probe to the model layer
+(`sr.model.usermodel.set_probe`), which registers a user's file named by its path with it.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from ..cost import CostLimits
 from ..model.checks import UserModelError, clean_message
 from ..model.contract import Overrides, Runner
 from ..model.probe import PROBE_SECONDS, ProbeTimedOut
-from ..model.usermodel import UserModel, register_graph
+from ..model.usermodel import UserModel, register_graph, set_probe
 from .sessions import ort_session
 
 
@@ -78,3 +79,6 @@ def _run_with_timeout(session, feed: dict, seconds: float) -> np.ndarray:
                              f"{clean_message(error)}") from None
     finally:
         timer.cancel()
+
+
+set_probe(probe_runner)  # a user's file named by its path (model_info, a teacher) is probed here too
