@@ -160,7 +160,7 @@ class DiagnosisReport:
                 "has_truth": self.has_truth, "fp32_psnr_y": self.fp32_psnr_y, "int8_psnr_y": self.int8_psnr_y,
                 "int8_psnr_vs_fp32_db": _finite(self.int8_psnr_vs_fp32_db), "int8_brightness": self.int8_brightness,
                 "ranking": [r.to_json() for r in self.ranking],
-                "target": None if self.target is None else self.target.to_json()}
+                **({} if self.target is None else {"target": self.target.to_json()})}  # asked for: `engine`
 
 
 def _sqnr(stats: TensorStats, r: TensorRange, activation: ActivationSpec) -> tuple[float, float]:

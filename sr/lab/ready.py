@@ -182,7 +182,7 @@ class ReadyResult:
                            "samples": self.chosen.calibration.samples},
                 "float_tensors": self.float_tensors, "latency_ms": self.latency_ms, "curve": self.curve(),
                 "bundle": None if self.bundle is None else str(self.bundle),
-                "target": None if self.target is None else {**self.target.to_json(), "loss_db": self.target_loss_db}}
+                **({} if self.target is None else {"target": {**self.target.to_json(), "loss_db": self.target_loss_db}})}
 
 
 class _Judge:
