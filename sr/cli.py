@@ -363,8 +363,9 @@ def format_ready(result) -> str:
         lines.append(f"{step.route} ({step.seconds:.0f} s):")
         lines += [f"  {c.what:<60} loss {c.loss_db:+.3f} dB, brightness {c.brightness:.3f}" for c in step.tried]
         lines += [f"  note: {note}" for note in step.notes]
-    verdict = "met" if result.met else "NOT met (the best reached)"
     target = result.target
+    verdict = "met" if result.met else "NOT met (the best reached)" if target is None or not target.refused else \
+        "NOT met (the target refused the model)"
     judged = "" if target is None else f" as {target.engine} runs it"
     lines.append(f"chosen: {result.chosen.what}: loss {result.loss_db:+.3f} dB against the original FP32 (negative: "
                  f"INT8 scored higher) on the reference, target {verdict}{judged}, in {result.seconds:.0f} s")

@@ -162,12 +162,26 @@ def test_the_diagnosis_scores_the_whole_int8_model_as_the_npu_runs_it(capfd, dat
     assert abs(target["psnr_y"] - report["int8_psnr_y"]) < 0.3 and target["psnr_vs_fp32_db"] > 40
     assert cli.main([*common, "--scheme", "npu"]) == 0
     assert "As qnn-htp-npu-v73 runs it: " in capfd.readouterr().out
-    refused = diagnose(DiagnoseConfig("xlsr-clip", ENTROPY, "tensorrt", str(data_dir / "Set5"), top=1, max_side=40,
-                                      engine="qnn-htp"))
-    assert refused.target.psnr_y is None and "cannot run all of" in refused.target.refused
-    assert "qnn-htp did not run it: " in refused.paragraph()
+    with pytest.raises(ValueError, match="qnn-htp cannot run the tensorrt scheme whole"):
+        DiagnoseConfig("xlsr-clip", ENTROPY, "tensorrt", engine="qnn-htp")  # said before any work
     with pytest.raises(ValueError, match="not an INT8 target"):
         DiagnoseConfig("xlsr-clip", engine="ort")
+
+
+def test_a_target_that_fails_in_any_way_is_said_not_raised(data_dir, monkeypatch):
+    """Whatever a target's engine raises (not installed, no device, a size it cannot compile), the diagnosis it
+    comes last in keeps its ranking and says why the target gave no figures."""
+    from sr.lab import scorer
+    from sr.lab.diagnose import DiagnoseConfig, diagnose
+
+    def no_device(*args, **kwargs):
+        raise RuntimeError("no CUDA device is available")
+
+    monkeypatch.setattr(scorer, "create_engine", no_device)
+    report = diagnose(DiagnoseConfig("xlsr-clip", ENTROPY, "npu", str(data_dir / "Set5"), top=1, max_side=40,
+                                     engine="tensorrt"))
+    assert report.ranking and report.target.psnr_y is None and report.target.refused == "no CUDA device is available"
+    assert "tensorrt did not run it: no CUDA device is available." in report.paragraph()
 
 
 @needs_qnn
@@ -183,9 +197,8 @@ def test_int8_ready_judges_the_choice_as_the_npu_runs_it(data_dir):
     assert result.target.engine == "qnn-htp-npu-v73" and result.target.refused is None
     assert abs(result.target_loss_db - result.loss_db) < 0.1
     assert result.met == (result.target_loss_db <= 0.2) and result.to_json()["target"]["loss_db"] == result.target_loss_db
-    refused = make_ready(ReadyConfig("xlsr-clip", str(data_dir / "Set5"), target_db=5.0, budget_minutes=1,
-                                     calibration=ENTROPY, scheme="tensorrt", engine="qnn-htp", qat=False))
-    assert refused.target.refused and refused.target_loss_db is None and not refused.met
+    with pytest.raises(ValueError, match="litert cannot run the tensorrt scheme whole"):
+        ReadyConfig("xlsr-clip", scheme="tensorrt", engine="litert")  # said before the search, not after it
 
 
 # ---------------------------------------------------------------------------------------------------------------

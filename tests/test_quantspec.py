@@ -268,3 +268,30 @@ def test_tensorrt_placement_on_the_families_is_modelopts_but_for_the_stated_diff
     ours = {_strip(t) for t in spec.activations} | {_strip(w) for w in spec.weights}
     theirs = activations | weights
     assert (ours - theirs, theirs - ours) == FAMILY_DIFFERENCES[family]
+
+
+@pytest.mark.parametrize("scheme", ["tensorrt", "npu", "npu-symmetric"])
+def test_a_weight_reached_through_identity_of_a_constant_is_written(scheme, tmp_path):
+    """An exporter's shared parameter can reach a Conv as Identity(Constant): the spec reads it as a constant, and
+    the writer writes it like any other weight (it raised KeyError when the spec saw through the Identity and the
+    writer did not)."""
+    from sr.run.register import register_onnx
+
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(5)
+    first = numpy_helper.from_array((rng.standard_normal((16, 3, 3, 3)) * 0.2).astype(np.float32), "w0")
+    weight = numpy_helper.from_array((rng.standard_normal((12, 16, 3, 3)) * 0.1).astype(np.float32), "w")
+    nodes = [helper.make_node("Conv", ["lr", "w0"], ["a"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["a"], ["b"]),
+             helper.make_node("Constant", [], ["w"], value=weight), helper.make_node("Identity", ["w"], ["w2"]),
+             helper.make_node("Conv", ["b", "w2"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("DepthToSpace", ["c"], ["sr"], blocksize=2, mode="CRD")]
+    graph = helper.make_graph(nodes, "shared", [helper.make_tensor_value_info("lr", TensorProto.FLOAT, [1, 3, "h", "w"])],
+                              [helper.make_tensor_value_info("sr", TensorProto.FLOAT, [1, 3, "H", "W"])], [first])
+    path = tmp_path / "shared.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    int8 = calibrate_model(register_onnx(path).name, CalibrationConfig(method="minmax", samples=10), scheme)
+    written = onnx.load(str(int8.qdq_onnx))
+    conv = [n for n in written.graph.node if n.op_type == "Conv"][-1]
+    producers = {o: n for n in written.graph.node for o in n.output}
+    assert producers[conv.input[1]].op_type == "DequantizeLinear"  # the weight quantized, read from one DQ

@@ -1,6 +1,7 @@
 """Bring your own model: stand-ins built here (tests/standins.py) go through detection, eval, calibration,
 diagnosis and the deployment bundle; untrusted files are refused with clear messages."""
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -288,3 +289,19 @@ def test_a_family_stand_in_is_the_same_model_whatever_ran_before_it(tmp_path, da
         path = standins.family("espcn", tmp_path / str(draws), str(data_dir / "T91"), steps=2)
         weights.append([onnx.numpy_helper.to_array(i) for i in onnx.load(str(path)).graph.initializer])
     assert len(weights[0]) == len(weights[1]) and all(np.array_equal(a, b) for a, b in zip(*weights))
+
+
+def test_a_raw_file_by_its_path_registers_in_a_process_that_imported_sr_alone(stand_ins, tmp_path):
+    """`sr.model_info("mine.onnx")` in a script that imported only `sr`: the model layer loads the run layer's
+    probe by name, as the file was always registered on first use."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "alone.onnx"
+    model = onnx.load(str(stand_ins["fsrcnn-y"]))
+    model.doc_string = "registered in a fresh process"
+    onnx.save(model, str(path))
+    code = f"import sr; print(sr.model_info({str(path)!r}).name)"
+    done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parent.parent,
+                          capture_output=True, text=True, env={**os.environ, "SR_CACHE_DIR": str(tmp_path / "cache")})
+    assert done.returncode == 0 and done.stdout.startswith("onnx:"), done.stderr[-2000:]

@@ -97,8 +97,9 @@ def ready_report(result, model_a) -> str:
     if not jobs.POLICY.enabled:
         notes.append("QAT is off on this server (fine-tuning is allowed only with --allow-training); run "
                      "`python -m sr int8-ready` locally for that route")
-    verdict = "target met" if result.met else "target **not** met: the best reached"
     on = result.target
+    verdict = "target met" if result.met else "target **not** met: the best reached" if on is None or not on.refused \
+        else "target **not** met: the target refused the model"
     if on is not None:
         verdict += f" as {on.engine} runs it"
     lines += ["", f"**Chosen: {result.chosen.what}**, {result.loss_db:+.3f} dB on the reference, {verdict}, in "

@@ -65,7 +65,7 @@ class DiagnoseConfig:
     def __post_init__(self):
         self.scheme = Scheme.parse(self.scheme)
         if self.engine is not None:
-            int8_target(self.engine)
+            int8_target(self.engine, self.scheme)
         if self.top is not None and self.top < 1:
             raise ValueError(f"top must be at least 1, got {self.top}")
         if self.max_side is not None and self.max_side < 16:

@@ -85,7 +85,7 @@ class ReadyConfig:
     def __post_init__(self):
         self.scheme = Scheme.parse(self.scheme)
         if self.engine is not None:
-            int8_target(self.engine)
+            int8_target(self.engine, self.scheme)
         if not math.isfinite(self.target_db):
             raise ValueError(f"the target loss must be a finite number of dB, got {self.target_db}")
         if not (self.budget_minutes > 0 and math.isfinite(self.budget_minutes)):

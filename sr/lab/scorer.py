@@ -3,6 +3,7 @@ only one tensor's left in), scored on evaluation pairs (centre-cropped) with the
 on the CPU) against the truth and the FP32 output."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -12,7 +13,7 @@ import onnx
 from .compare import InputMode, prepare_input
 from ..data import degrade, list_images, load_image
 from ..run.engines import reference
-from ..run.conformance import EngineRefused
+from ..model.checks import clean_message
 from ..run.runtime import EngineKind, create_engine, engine_for
 from ..metrics import brightness_ratio, psnr_y
 from ..quant.calibrated import CalibratedModel
@@ -66,8 +67,11 @@ class TargetScore:
     refused: str | None = None
 
     def to_json(self) -> dict:
-        """JSON-ready fields."""
-        return {"engine": self.engine, "psnr_y": self.psnr_y, "psnr_vs_fp32_db": self.psnr_vs_fp32_db,
+        """JSON-ready fields (an identical output's infinite PSNR as None)."""
+        def finite(value):
+            return value if value is None or math.isfinite(value) else None
+
+        return {"engine": self.engine, "psnr_y": finite(self.psnr_y), "psnr_vs_fp32_db": finite(self.psnr_vs_fp32_db),
                 "brightness": self.brightness, "refused": self.refused}
 
 
@@ -75,17 +79,25 @@ class TargetScore:
 WHOLE_INT8_TARGETS = (EngineKind.QNN_HTP, EngineKind.LITERT, EngineKind.LITERT_REF)
 
 
-def int8_target(engine: str) -> EngineKind:
-    """The INT8 target named (any INT8 engine but the reference itself).
+def int8_target(engine: str, scheme: Scheme | str | None = None) -> EngineKind:
+    """The INT8 target named (any INT8 engine but the reference itself), checked against the scheme it would run
+    when one is given: LiteRT takes LiteRT's specification only, the HTP an all-INT8 placement, TensorRT not cpu.
 
     Raises:
-        ValueError: not an INT8 target, in words with the choices.
+        ValueError: not an INT8 target, or one that cannot run the scheme, in words with the choices.
     """
     kind = EngineKind.parse(engine)
     if not kind.is_int8 or kind is EngineKind.ORT_INT8:
         targets = ", ".join(k.value for k in EngineKind if k.is_int8 and k is not EngineKind.ORT_INT8)
         raise ValueError(f"{engine!r} is not an INT8 target (the reference, ort-int8, is always measured); "
                          f"choose one of: {targets}")
+    scheme = None if scheme is None else Scheme.parse(scheme)
+    fits = scheme is None or {EngineKind.LITERT: scheme.litert, EngineKind.LITERT_REF: scheme.litert,
+                              EngineKind.QNN_HTP: scheme.all_int8 and scheme is not Scheme.CPU,
+                              EngineKind.TENSORRT: scheme is not Scheme.CPU}.get(kind, True)
+    if not fits:
+        raise ValueError(f"{kind.value} cannot run the {scheme.value} scheme whole: choose npu or npu-per-tensor "
+                         f"(LiteRT's specification) for it")
     return kind
 
 
@@ -93,11 +105,13 @@ def target_outputs(kind: EngineKind, calibrated: CalibratedModel,
                    lrs: Sequence[np.ndarray]) -> tuple[str, list[np.ndarray] | None, str | None]:
     """(the engine's name, its outputs, None), or (the target, None, why it refused): a calibrated model run by an
     INT8 target, whose engine is checked against the reference first (`sr.run.runtime.create_engine`)."""
+    name = kind.value
     try:
         engine = create_engine(kind, calibrated.model, calibrated)
-    except (ValueError, EngineRefused) as error:
-        return kind.value, None, str(error).splitlines()[0][:400]
-    return engine.name, [engine.run(lr) for lr in lrs], None
+        name = engine.name
+        return name, [engine.run(lr) for lr in lrs], None
+    except Exception as error:  # refused, not installed, no device, a size it cannot compile: said, not raised
+        return name, None, clean_message(error).splitlines()[0][:400] or type(error).__name__
 
 
 class Scorer:

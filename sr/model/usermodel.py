@@ -22,6 +22,7 @@ to learn its contract, and only the run layer runs models: `sr.run.register.regi
 """
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import shutil
@@ -77,7 +78,8 @@ _REGISTRY = Memo(256)
 
 # what runs a user's file to learn its contract when no runner is handed in (a file given by its path to
 # `sr.model.models.model_info`, a teacher or a model named by path): the run layer sets it when it is imported
-# (`sr.run.register`), so the model layer itself makes no session
+# (`sr.run.register`; `register_graph` imports that module by name when nothing has yet), so the model layer
+# itself makes no session
 _PROBE: list[Callable[[onnx.ModelProto], Runner]] = []
 
 
@@ -123,6 +125,8 @@ def register_graph(path: str | os.PathLike, overrides: Overrides = Overrides(),
             contract = standard_contract(model)  # a standard graph the lab wrote (QAT): taken as it is
             standard = model if contract is not None else None
             if standard is None:
+                if runner is None and not _PROBE:  # the run layer not imported yet: its probe, by name
+                    importlib.import_module(".run.register", __package__.rpartition(".")[0])
                 runner = runner or next(iter(_PROBE), None)
                 if runner is None:
                     raise UserModelError(f"{path.name} is a model the lab has not registered: register it first "

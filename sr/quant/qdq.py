@@ -24,7 +24,7 @@ from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, 
 from onnxruntime.quantization.calibrate import TensorData, TensorsData, save_tensors_data
 
 from .searches import TensorRange
-from .quantspec import (ALL_INT8_OPS, QuantSpec, Scheme, activation_qparams, bias_int32, constant_value, fused_ties, is_wrapper,
+from .quantspec import (ALL_INT8_OPS, QuantSpec, Scheme, activation_qparams, bias_int32, constant_arrays, fused_ties, is_wrapper,
                         quant_spec, used_names, weight_int8)
 from .readback import fp32_initializer_of, graph_quantization
 from ..graph import GraphIndex
@@ -219,10 +219,9 @@ def insert_qdq(model: onnx.ModelProto, spec: QuantSpec, ranges: dict[str, Tensor
 def _constants_as_initializers(graph: onnx.GraphProto, names: set[str]) -> None:
     """Constant nodes (and Identities of an initializer) whose output is a weight of the spec (an operand LiteRT
     quantizes) made initializers, so that the weight is written like any other."""
-    kept, known = [], {init.name: init for init in graph.initializer}
+    kept, values = [], constant_arrays(graph)  # (an Identity of a Constant, or of another Identity, included)
     for node in graph.node:
-        value = None if node.output[0] not in names else constant_value(node) if node.op_type == "Constant" else \
-            onnx.numpy_helper.to_array(known[node.input[0]]) if node.op_type == "Identity" and node.input[0] in known \
+        value = values.get(node.output[0]) if node.op_type in ("Constant", "Identity") and node.output[0] in names \
             else None
         if value is None:
             kept.append(node)

@@ -203,11 +203,12 @@ def _constants(model: onnx.ModelProto) -> tuple[dict[str, np.ndarray], set[str]]
     return arrays, constants
 
 
-def constant_arrays(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+def constant_arrays(model: onnx.ModelProto | onnx.GraphProto) -> dict[str, np.ndarray]:
     """{name: value} of a graph's initializers, of its Constant nodes' outputs (the forms `constant_value` reads)
     and of the Identities of those (an exporter's shared parameter)."""
-    arrays = {init.name: onnx.numpy_helper.to_array(init) for init in model.graph.initializer}
-    for node in model.graph.node:
+    graph = model.graph if isinstance(model, onnx.ModelProto) else model
+    arrays = {init.name: onnx.numpy_helper.to_array(init) for init in graph.initializer}
+    for node in graph.node:
         value = constant_value(node) if node.op_type == "Constant" else \
             arrays.get(node.input[0]) if node.op_type == "Identity" and node.input else None
         if value is not None:

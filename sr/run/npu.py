@@ -71,8 +71,8 @@ def static_input(model: onnx.ModelProto, size: tuple[int, int]) -> onnx.ModelPro
 
 
 def prelu_for_htp(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy of a QDQ model with each LeakyRelu written as PRelu on an INT8 slope (127 at step alpha / 127: alpha
-    exactly), as Qualcomm's own converter maps it. ONNX Runtime's QNN builder for LeakyRelu quantizes the slope as
+    """A copy of a QDQ model with each LeakyRelu written as PRelu on an INT8 slope (64 at step alpha / 64: alpha
+    exactly, a power of two apart), as Qualcomm's own converter maps it. ONNX Runtime's QNN builder for LeakyRelu quantizes the slope as
     UINT8 and HTP then refuses the node beside INT8 activations; a PRelu with a quantized slope maps whole."""
     from onnx import numpy_helper
 
@@ -89,8 +89,8 @@ def prelu_for_htp(model: onnx.ModelProto) -> onnx.ModelProto:
             continue
         stem = f"{node.output[0]}_htp_slope"
         lowered.graph.initializer.extend([
-            numpy_helper.from_array(np.array(127 if alpha >= 0 else -127, np.int8), f"{stem}_q"),
-            numpy_helper.from_array(np.array(abs(alpha) / 127, np.float32), f"{stem}_scale"),
+            numpy_helper.from_array(np.array(64 if alpha >= 0 else -64, np.int8), f"{stem}_q"),
+            numpy_helper.from_array(np.array(abs(alpha) / 64, np.float32), f"{stem}_scale"),
             numpy_helper.from_array(np.array(0, np.int8), f"{stem}_zero")])
         nodes.append(onnx.helper.make_node("DequantizeLinear", [f"{stem}_q", f"{stem}_scale", f"{stem}_zero"], [stem],
                                            name=f"{node.name}_slope"))
@@ -127,8 +127,8 @@ def gelu_for_htp(model: onnx.ModelProto) -> onnx.ModelProto:
 
 def size_scalars_for_htp(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy of a static-shaped QDQ model whose float scalars computed from tensor shapes (an attention's
-    1 / sqrt(H x W), read by a Div or Mul beside a quantized tensor) are INT8 constants, each exact (127 at step
-    |c| / 127), as a converter folds them for the shape it compiles: the HTP has no float kernels. The values are
+    1 / sqrt(H x W), read by a Div or Mul beside a quantized tensor) are INT8 constants, each exact (64 at step
+    |c| / 64), as a converter folds them for the shape it compiles: the HTP has no float kernels. The values are
     read by running the graph once on ONNX Runtime's CPU at this shape. A model without such scalars comes back
     as it is."""
     from onnx import numpy_helper
@@ -136,12 +136,17 @@ def size_scalars_for_htp(model: onnx.ModelProto) -> onnx.ModelProto:
     index = GraphIndex(model)
     known = {init.name for init in model.graph.initializer}
 
-    def from_shapes(tensor: str, seen: frozenset = frozenset()) -> bool:
-        node = index.producer(tensor)
-        if node is None or tensor in seen:
-            return tensor in known
-        return node.op_type == "Shape" or (node.op_type not in ("DequantizeLinear", "QuantizeLinear") and all(
-            from_shapes(t, seen | {tensor}) for t in node.input if t))
+    decided: dict[str, bool] = {}
+
+    def from_shapes(tensor: str) -> bool:
+        """True when `tensor` is computed from tensor shapes and constants only (each tensor decided once)."""
+        if tensor not in decided:
+            decided[tensor] = False  # (a cycle, in a malformed graph, decides False)
+            node = index.producer(tensor)
+            decided[tensor] = tensor in known if node is None else node.op_type == "Shape" or (
+                node.op_type not in ("DequantizeLinear", "QuantizeLinear") and all(
+                    from_shapes(t) for t in node.input if t))
+        return decided[tensor]
 
     def dequantized(tensor: str) -> bool:
         return getattr(index.producer(tensor), "op_type", None) == "DequantizeLinear"
@@ -162,12 +167,14 @@ def size_scalars_for_htp(model: onnx.ModelProto) -> onnx.ModelProto:
     values = session.run(names, {session.get_inputs()[0].name: np.zeros(shape, np.float32)})
     dequantizers = []
     for name, value in zip(names, values):
-        c = float(np.asarray(value).reshape(-1)[0])
-        if np.asarray(value).size != 1 or c == 0 or not np.isfinite(c):
+        if np.asarray(value).size != 1:
             continue
-        stem = f"{name}_htp_constant"
-        lowered.graph.initializer.extend([numpy_helper.from_array(np.array(127 if c > 0 else -127, np.int8), f"{stem}_q"),
-                                          numpy_helper.from_array(np.array(abs(c) / 127, np.float32), f"{stem}_scale"),
+        c = float(np.asarray(value).reshape(-1)[0])
+        if c == 0 or not np.isfinite(c):
+            continue
+        stem = f"{name}_htp_constant"  # 64 x (|c| / 64): a power of two, so the step times 64 is c exactly
+        lowered.graph.initializer.extend([numpy_helper.from_array(np.array(64 if c > 0 else -64, np.int8), f"{stem}_q"),
+                                          numpy_helper.from_array(np.array(abs(c) / 64, np.float32), f"{stem}_scale"),
                                           numpy_helper.from_array(np.array(0, np.int8), f"{stem}_zero")])
         dequantizers.append(onnx.helper.make_node("DequantizeLinear", [f"{stem}_q", f"{stem}_scale", f"{stem}_zero"],
                                                   [stem], name=stem))
