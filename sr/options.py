@@ -70,8 +70,9 @@ QAT_HELP = {
     "keep_best": "end with the weights of the best validation (then measure the result on other images)",
 }
 READY_HELP = {
-    "engine": "an INT8 target to check the chosen model on, as it runs it, and to judge the target by: qnn-htp, "
-              "litert, litert-ref (no float path: mixed precision is left out), openvino-int8 or tensorrt",
+    "engine": "an INT8 target to check the chosen model on, as it runs it, and to judge the target loss by (the "
+              "search itself measures on the reference): qnn-htp, litert, litert-ref (no float path: mixed "
+              "precision is left out), openvino-int8 or tensorrt",
     "data": "ground-truth (HR) images to measure the loss on (default: the calibration images)",
     "target_db": "the largest loss against the original FP32 model accepted, dB (a loss at or below it meets it; negative: INT8 must score above FP32)",
     "budget_minutes": "time for the whole search, the bundle included",
