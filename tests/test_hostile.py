@@ -146,7 +146,7 @@ def test_heavy_visitors_leave_a_cached_compare_within_10_s(hostile_server, demo,
     calls = [("preset", comparison.run_compare, [image, "teacher", "xlsr-clip-kd", "entropy", 1000, "tensorrt",
                                                  *settings, 91, None, [], REFERENCE_TARGET]),
              ("diagnosis", handlers.run_diagnose, [image, "teacher", "xlsr-clip", "model A", "Upscale my image",
-                                                   "entropy", 100, "tensorrt", 1.0, 92, None]),
+                                                   "entropy", 100, "tensorrt", 1.0, 92, None, REFERENCE_TARGET]),
              ("deep", comparison.run_compare, [_uploaded(url, big), "xlsr-relu", "xlsr-clip", "minmax", 10,
                                                "tensorrt", *settings, 0, None, [], REFERENCE_TARGET])]
     threads = [threading.Thread(target=visit, args=call, daemon=True) for call in calls]
