@@ -37,7 +37,7 @@ from ..quant.calibrate import CalibrationConfig, Method
 from ..quant.calibrated import CalibratedModel
 from .compare import InputMode
 from ..data import list_images
-from .scorer import WHOLE_INT8_TARGETS, Scorer, TargetScore, eval_pairs, int8_target, target_outputs
+from .scorer import WHOLE_INT8_TARGETS, Scorer, TargetScore, eval_pairs, int8_target, target_score
 from ..metrics import brightness_ratio, psnr_y
 from ..model.models import model_info
 from ..tune.ptq import RefineConfig, RefineStopped, refine
@@ -220,12 +220,8 @@ class _Judge:
 
     def on_target(self, kind: EngineKind, calibrated: CalibratedModel) -> TargetScore:
         """A calibrated model as an INT8 target runs it, on the same pairs (or why the target refused it)."""
-        name, outputs, refused = target_outputs(kind, calibrated, [lr for lr, _ in self.pairs])
-        if outputs is None:
-            return TargetScore(name, None, None, None, refused)
-        return TargetScore(name, float(np.mean([psnr_y(o, t, self.scale) for o, t in zip(outputs, self.truths)])),
-                           float(np.mean([psnr_y(o, r, self.scale) for o, r in zip(outputs, self.fp32_outputs)])),
-                           float(np.mean([brightness_ratio(o, r) for o, r in zip(outputs, self.fp32_outputs)])))
+        return target_score(kind, calibrated, [lr for lr, _ in self.pairs], self.fp32_outputs, self.truths,
+                            self.scale)
 
     def candidate(self, what: str, model: str, calibration: CalibrationConfig, scheme: Scheme,
                   fixes: Fixes | None = None, progress=None) -> Candidate:

@@ -91,27 +91,41 @@ def int8_target(engine: str, scheme: Scheme | str | None = None) -> EngineKind:
         targets = ", ".join(k.value for k in EngineKind if k.is_int8 and k is not EngineKind.ORT_INT8)
         raise ValueError(f"{engine!r} is not an INT8 target (the reference, ort-int8, is always measured); "
                          f"choose one of: {targets}")
-    scheme = None if scheme is None else Scheme.parse(scheme)
-    fits = scheme is None or {EngineKind.LITERT: scheme.litert, EngineKind.LITERT_REF: scheme.litert,
-                              EngineKind.QNN_HTP: scheme.all_int8 and scheme is not Scheme.CPU,
-                              EngineKind.TENSORRT: scheme is not Scheme.CPU}.get(kind, True)
-    if not fits:
-        raise ValueError(f"{kind.value} cannot run the {scheme.value} scheme whole: choose npu or npu-per-tensor "
-                         f"(LiteRT's specification) for it")
+    if scheme is None:
+        return kind
+    scheme = Scheme.parse(scheme)
+    takes = {EngineKind.LITERT: [s for s in Scheme if s.litert], EngineKind.LITERT_REF: [s for s in Scheme if s.litert],
+             EngineKind.QNN_HTP: [s for s in Scheme if s.all_int8 and s is not Scheme.CPU],
+             EngineKind.TENSORRT: [s for s in Scheme if s is not Scheme.CPU]}.get(kind, list(Scheme))
+    if scheme not in takes:
+        raise ValueError(f"{kind.value} cannot run the {scheme.value} scheme whole; the schemes it runs: "
+                         f"{', '.join(s.value for s in takes)}")
     return kind
 
 
-def target_outputs(kind: EngineKind, calibrated: CalibratedModel,
-                   lrs: Sequence[np.ndarray]) -> tuple[str, list[np.ndarray] | None, str | None]:
-    """(the engine's name, its outputs, None), or (the target, None, why it refused): a calibrated model run by an
-    INT8 target, whose engine is checked against the reference first (`sr.run.runtime.create_engine`)."""
+def output_figures(outputs: Sequence[np.ndarray], references: Sequence[np.ndarray],
+                   truths: Sequence[np.ndarray | None], scale: int) -> tuple[float | None, float, float]:
+    """(PSNR-Y against the truths, or None where one is missing; PSNR-Y against the FP32 `references`; brightness
+    against them), means over the images."""
+    vs_fp32 = float(np.mean([psnr_y(o, r, scale) for o, r in zip(outputs, references)]))
+    vs_truth = float(np.mean([psnr_y(o, t, scale) for o, t in zip(outputs, truths)])) \
+        if all(t is not None for t in truths) else None
+    bright = float(np.mean([brightness_ratio(o, r) for o, r in zip(outputs, references)]))
+    return vs_truth, vs_fp32, bright
+
+
+def target_score(kind: EngineKind, calibrated: CalibratedModel, lrs: Sequence[np.ndarray],
+                 references: Sequence[np.ndarray], truths: Sequence[np.ndarray | None], scale: int) -> TargetScore:
+    """A calibrated model run by an INT8 target, whose engine is checked against the reference first
+    (`sr.run.runtime.create_engine`), scored by `output_figures`; or the target and why it gave nothing."""
     name = kind.value
     try:
         engine = create_engine(kind, calibrated.model, calibrated)
         name = engine.name
-        return name, [engine.run(lr) for lr in lrs], None
+        outputs = [engine.run(lr) for lr in lrs]
     except Exception as error:  # refused, not installed, no device, a size it cannot compile: said, not raised
-        return name, None, clean_message(error).splitlines()[0][:400] or type(error).__name__
+        return TargetScore(name, None, None, None, clean_message(error).splitlines()[0][:400] or type(error).__name__)
+    return TargetScore(name, *output_figures(outputs, references, truths, scale))
 
 
 class Scorer:
@@ -166,18 +180,12 @@ class Scorer:
         """(PSNR vs truth or None, PSNR vs FP32, brightness vs FP32), means over the images."""
         return self._figures(self.outputs(dropped, alone))
 
-    def on_target(self, kind: EngineKind, calibrated: CalibratedModel) -> "TargetScore":
+    def on_target(self, kind: EngineKind, calibrated: CalibratedModel) -> TargetScore:
         """The written model as an INT8 target runs it, scored like `score`; a target that refuses it says why."""
-        name, outputs, refused = target_outputs(kind, calibrated, self.lrs)
-        return TargetScore(name, *self._figures(outputs)) if outputs is not None else \
-            TargetScore(name, None, None, None, refused)
+        return target_score(kind, calibrated, self.lrs, self.references, self.truths, self.scale)
 
     def _figures(self, outputs: list[np.ndarray]) -> tuple[float | None, float, float]:
-        vs_fp32 = float(np.mean([psnr_y(o, r, self.scale) for o, r in zip(outputs, self.references)]))
-        vs_truth = float(np.mean([psnr_y(o, t, self.scale) for o, t in zip(outputs, self.truths)])) \
-            if self.has_truth else None
-        bright = float(np.mean([brightness_ratio(o, r) for o, r in zip(outputs, self.references)]))
-        return vs_truth, vs_fp32, bright
+        return output_figures(outputs, self.references, self.truths, self.scale)
 
     def fp32_psnr(self) -> float | None:
         """FP32 PSNR against the truth (None without truth)."""

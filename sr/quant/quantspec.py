@@ -193,14 +193,18 @@ def weight_int8(values: np.ndarray, axis: int | None) -> tuple[np.ndarray, np.nd
 
 
 def _constants(model: onnx.ModelProto) -> tuple[dict[str, np.ndarray], set[str]]:
-    """(`constant_arrays`, names of every constant tensor: those, every Constant's output and the Identities of
-    them)."""
-    arrays = constant_arrays(model)
-    constants = set(arrays)
+    """(`constant_arrays`, `constant_names`)."""
+    return constant_arrays(model), constant_names(model)
+
+
+def constant_names(model: onnx.ModelProto) -> set[str]:
+    """The names of every constant tensor of a graph: its initializers, every Constant's output (whatever its
+    form) and the Identities of them (an exporter's shared parameter), read without loading a value."""
+    constants = {init.name for init in model.graph.initializer}
     for node in model.graph.node:
         if node.op_type == "Constant" or (node.op_type == "Identity" and node.input and node.input[0] in constants):
             constants.update(node.output)
-    return arrays, constants
+    return constants
 
 
 def constant_arrays(model: onnx.ModelProto | onnx.GraphProto) -> dict[str, np.ndarray]:
@@ -471,5 +475,5 @@ def used_names(nodes) -> set[str]:
     return found
 
 
-__all__ = ["used_names", "weight_int8", "bias_int32", "constant_arrays", "LITERT_FIXED_OUTPUT", "constant_value", "Scheme", "QuantSpec", "ActivationSpec", "WeightSpec", "quant_spec", "activation_qparams",
+__all__ = ["used_names", "weight_int8", "bias_int32", "constant_arrays", "constant_names", "LITERT_FIXED_OUTPUT", "constant_value", "Scheme", "QuantSpec", "ActivationSpec", "WeightSpec", "quant_spec", "activation_qparams",
            "is_wrapper", "WRAPPER_PREFIX"]

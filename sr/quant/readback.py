@@ -10,6 +10,7 @@ import numpy as np
 import onnx
 
 from ..graph import GraphIndex
+from .quantspec import constant_names
 
 
 @dataclass(frozen=True)
@@ -38,11 +39,7 @@ def graph_quantization(qdq: onnx.ModelProto, fp32: onnx.ModelProto) -> GraphQuan
     fp32_outputs = {o.name for o in fp32.graph.output}
     consumers = GraphIndex(qdq).consumers
     activations, weights = {}, {}
-    fp32_weights = {i.name for i in fp32.graph.initializer} | {n.output[0] for n in fp32.graph.node
-                                                               if n.op_type == "Constant"}
-    for node in fp32.graph.node:  # an exporter's shared parameter: an Identity of a constant (in graph order)
-        if node.op_type == "Identity" and node.input and node.input[0] in fp32_weights:
-            fp32_weights.add(node.output[0])
+    fp32_weights = constant_names(fp32)
     for node in qdq.graph.node:
         if node.op_type == "QuantizeLinear" and node.input[0] not in initializers:
             tensor = node.input[0]

@@ -71,10 +71,9 @@ def static_input(model: onnx.ModelProto, size: tuple[int, int]) -> onnx.ModelPro
 
 
 def prelu_for_htp(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy of a QDQ model with each LeakyRelu written as PRelu on an INT8 slope (64 at step alpha / 64: alpha
-    exactly, a power of two apart), as Qualcomm's own converter maps it. ONNX Runtime's QNN builder for LeakyRelu quantizes the slope as
-    UINT8 and HTP then refuses the node beside INT8 activations; a PRelu with a quantized slope maps whole."""
-    from onnx import numpy_helper
+    """A copy of a QDQ model with each LeakyRelu written as PRelu on an INT8 slope that is alpha exactly
+    (`_exact_int8`), as Qualcomm's own converter maps it. ONNX Runtime's QNN builder for LeakyRelu quantizes the
+    slope as UINT8 and HTP then refuses the node beside INT8 activations; a PRelu with a quantized slope maps whole."""
 
     lowered = onnx.ModelProto()
     lowered.CopyFrom(model)
@@ -88,16 +87,25 @@ def prelu_for_htp(model: onnx.ModelProto) -> onnx.ModelProto:
             nodes.append(onnx.helper.make_node("Relu", [node.input[0]], list(node.output), name=node.name))
             continue
         stem = f"{node.output[0]}_htp_slope"
-        lowered.graph.initializer.extend([
-            numpy_helper.from_array(np.array(64 if alpha >= 0 else -64, np.int8), f"{stem}_q"),
-            numpy_helper.from_array(np.array(abs(alpha) / 64, np.float32), f"{stem}_scale"),
-            numpy_helper.from_array(np.array(0, np.int8), f"{stem}_zero")])
-        nodes.append(onnx.helper.make_node("DequantizeLinear", [f"{stem}_q", f"{stem}_scale", f"{stem}_zero"], [stem],
-                                           name=f"{node.name}_slope"))
+        initializers, dequantizer = _exact_int8(alpha, stem, f"{node.name}_slope")
+        lowered.graph.initializer.extend(initializers)
+        nodes.append(dequantizer)
         nodes.append(onnx.helper.make_node("PRelu", [node.input[0], stem], list(node.output), name=node.name))
     del lowered.graph.node[:]
     lowered.graph.node.extend(nodes)
     return lowered
+
+
+def _exact_int8(value: float, stem: str, name: str) -> tuple[list, onnx.NodeProto]:
+    """(initializers, DequantizeLinear to `stem`) of a float scalar as an INT8 constant that dequantizes to it
+    exactly: +-64 at step |value| / 64 (a power of two apart, so the product is the value itself)."""
+    from onnx import numpy_helper
+
+    initializers = [numpy_helper.from_array(np.array(64 if value >= 0 else -64, np.int8), f"{stem}_q"),
+                    numpy_helper.from_array(np.array(abs(value) / 64, np.float32), f"{stem}_scale"),
+                    numpy_helper.from_array(np.array(0, np.int8), f"{stem}_zero")]
+    return initializers, onnx.helper.make_node("DequantizeLinear", [f"{stem}_q", f"{stem}_scale", f"{stem}_zero"],
+                                               [stem], name=name)
 
 
 def gelu_for_htp(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -128,11 +136,9 @@ def gelu_for_htp(model: onnx.ModelProto) -> onnx.ModelProto:
 def size_scalars_for_htp(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy of a static-shaped QDQ model whose float scalars computed from tensor shapes (an attention's
     1 / sqrt(H x W), read by a Div or Mul beside a quantized tensor) are INT8 constants, each exact (64 at step
-    |c| / 64), as a converter folds them for the shape it compiles: the HTP has no float kernels. The values are
-    read by running the graph once on ONNX Runtime's CPU at this shape. A model without such scalars comes back
-    as it is."""
-    from onnx import numpy_helper
-
+    |c| / 64, `_exact_int8`), as a converter folds them for the shape it compiles: the HTP has no float kernels.
+    The values are read by running the graph once on ONNX Runtime's CPU at this shape. A model without such
+    scalars comes back as it is."""
     index = GraphIndex(model)
     known = {init.name for init in model.graph.initializer}
 
@@ -172,12 +178,10 @@ def size_scalars_for_htp(model: onnx.ModelProto) -> onnx.ModelProto:
         c = float(np.asarray(value).reshape(-1)[0])
         if c == 0 or not np.isfinite(c):
             continue
-        stem = f"{name}_htp_constant"  # 64 x (|c| / 64): a power of two, so the step times 64 is c exactly
-        lowered.graph.initializer.extend([numpy_helper.from_array(np.array(64 if c > 0 else -64, np.int8), f"{stem}_q"),
-                                          numpy_helper.from_array(np.array(abs(c) / 64, np.float32), f"{stem}_scale"),
-                                          numpy_helper.from_array(np.array(0, np.int8), f"{stem}_zero")])
-        dequantizers.append(onnx.helper.make_node("DequantizeLinear", [f"{stem}_q", f"{stem}_scale", f"{stem}_zero"],
-                                                  [stem], name=stem))
+        stem = f"{name}_htp_constant"
+        initializers, dequantizer = _exact_int8(c, stem, stem)
+        lowered.graph.initializer.extend(initializers)
+        dequantizers.append(dequantizer)
         for node in lowered.graph.node:
             if node.op_type in ("Div", "Mul"):
                 node.input[:] = [stem if t == name else t for t in node.input]
