@@ -402,13 +402,64 @@ def test_litert_runs_the_families_tflite_with_their_ops(family, families):
 
 
 @needs_litert
-def test_what_litert_cannot_run_of_a_family_is_refused_naming_the_op(families):
-    """The SwinIR-like stand-in's attention (its sizes from Shape, MatMul, Softmax, LayerNorm, GELU's Erf) is not
-    written: the refusal names the first op the writer cannot express."""
+def test_litert_runs_the_attention_family_written_per_size(families):
+    """The SwinIR-like stand-in in LiteRT: its token layouts as stored tensors (Transposes as no op, RESHAPE with
+    sizes read at run time), FULLY_CONNECTED and BATCH_MATMUL, SOFTMAX, GELU, the LayerNorms as MEAN, SUB,
+    L2_NORMALIZATION, MUL and ADD; its 1 / sqrt(H x W) an exact INT8 constant, so a file is written per size (a
+    SizeDependent refusal without one, named). Both kernels agree with the reference within the NPU tolerance
+    (the file decomposes the LayerNorm the reference runs whole), at the probe's size and another."""
+    from ai_edge_litert import schema_py_generated as schema
+    from sr.run.runtime import tflite_model
+    from sr.run.tflite import SizeDependent
+
     name = families["swinir-light"].name
     int8 = calibrate_model(name, CalibrationConfig(method="minmax", samples=10), "npu")
-    with pytest.raises(ValueError, match="cannot express (LayerNormalization|MatMul|Reshape|Erf|Div|Softmax)"):
-        create_engine(EngineKind.LITERT, name, int8)
+    with pytest.raises(SizeDependent, match="Div '/block/Div_1' reads .* computed from the image's size"):
+        tflite_model(int8)
+    small, other = tflite_model(int8, (30, 38)), tflite_model(int8, (31, 38))
+    assert small.read_bytes() != other.read_bytes()
+    flat = schema.ModelT.InitFromObj(schema.Model.GetRootAsModel(small.read_bytes(), 0))
+    names = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
+    ops = {names[flat.operatorCodes[op.opcodeIndex].builtinCode] for op in flat.subgraphs[0].operators}
+    assert {"FULLY_CONNECTED", "BATCH_MATMUL", "SOFTMAX", "GELU", "MEAN", "L2_NORMALIZATION", "RESHAPE"} <= ops
+    assert not ops & {"DEQUANTIZE", "GATHER", "CAST"}
+    assert all(t.type in (schema.TensorType.INT8, schema.TensorType.INT32) for t in flat.subgraphs[0].tensors)
+    for kind in (EngineKind.LITERT, EngineKind.LITERT_REF):
+        engine = create_engine(kind, name, int8)
+        assert engine.conformance.passed, engine.conformance
+        assert engine.conformance.tolerance == NPU_TOLERANCE
+        probe = probe_image(30, 38, seed=4)
+        assert np.abs(engine.run(probe).astype(np.float32) -
+                      reference_engine(name, int8).run(probe).astype(np.float32)).mean() < NPU_TOLERANCE.mean_levels
+
+
+@needs_litert
+def test_the_attention_familys_bundle_ships_the_tflite_for_its_images_size(families, tmp_path):
+    """A graph that computes a float from the image's size ships the .tflite written for the first image's size,
+    and says so; that file, loaded as a user would, agrees with the reference within the NPU tolerance."""
+    from ai_edge_litert.interpreter import Interpreter
+    from sr.lab.bundle import export_bundle
+
+    name = families["swinir-light"].name
+    image = probe_image(26, 34, seed=3)
+    bundle = export_bundle(name, CalibrationConfig(method="minmax", samples=10), tmp_path, images=[image])
+    assert "model.tflite" in bundle.files
+    readme = (tmp_path / "README.md").read_text()
+    assert "`model.tflite` is written for 26 x 34 inputs (the first image's)" in readme
+    interpreter = Interpreter(model_path=str(tmp_path / "model.tflite"))
+    interpreter.resize_tensor_input(0, [1, 26, 34, 3])
+    interpreter.allocate_tensors()
+    (scale, zero), = [interpreter.get_input_details()[0]["quantization"]]
+    interpreter.set_tensor(interpreter.get_input_details()[0]["index"],
+                           np.clip(np.rint(image / 255.0 / scale) + zero, -128, 127).astype(np.int8)[None])
+    interpreter.invoke()
+    detail = interpreter.get_output_details()[0]
+    out_scale, out_zero = detail["quantization"]
+    made = (interpreter.get_tensor(detail["index"])[0].astype(np.float32) - out_zero) * out_scale * 255.0
+    int8 = calibrate_model(name, CalibrationConfig(method="minmax", samples=10), "npu")
+    wanted = reference_engine(name, int8).run(image).astype(np.float32)
+    assert made.shape == wanted.shape == (52, 68, 3)
+    assert np.abs(np.clip(np.rint(made), 0, 255) - wanted).mean() <= NPU_TOLERANCE.mean_levels
 
 
 @needs_qnn

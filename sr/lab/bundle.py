@@ -46,6 +46,7 @@ from ..quant.qdq import spec_of, tie_fused_ranges
 from ..run.conformance import EngineRefused
 from ..run.npu import litert_available, qnn_available
 from ..run.runtime import EngineKind, engine_for, tflite_model
+from ..run.tflite import SizeDependent
 from ..model.wrapper import unwrap
 from ..store import write_atomic
 
@@ -152,17 +153,21 @@ def _tflite_figures(int8: CalibratedModel, images: Sequence[np.ndarray], fp32_ou
     if not litert_available():
         return False, ["No `model.tflite`: LiteRT (`ai-edge-litert`) is not installed."]
     try:
-        write_atomic(tflite_model(int8).read_bytes(), out / "model.tflite")
+        source, sized = tflite_model(int8), None
+    except SizeDependent as error:  # a file per size: the one for the first image's size is shipped
+        source, sized = None, error
     except ValueError as error:
         return False, [f"No `model.tflite`: {error}."]
-    lines = []
+    lines, first = [], None
     for kind, what in ((EngineKind.LITERT, "XNNPACK"), (EngineKind.LITERT_REF, "TFLite's reference kernels")):
         try:
             engine = engine_for(int8.model, int8, kind=kind)
         except (ValueError, EngineRefused) as error:
             lines.append(f"`model.tflite` on LiteRT, {what}: not used ({error}).")
             continue
+        ran = len(engine.sizes)
         psnr, _ = _measure(int8, images, fp32_outputs, engine)
+        first = first or (engine.sizes[ran] if len(engine.sizes) > ran else None)
         verdict = engine.conformance
         wrapped = getattr(engine, "wrapper", None) is not None and any(engine.sides)
         around = (" (the file is your graph alone; the lab ran its own float pre- and post-processing around it: "
@@ -170,6 +175,15 @@ def _tflite_figures(int8: CalibratedModel, images: Sequence[np.ndarray], fp32_ou
         lines.append(f"`model.tflite` on LiteRT, {what}: {psnr:.2f} dB PSNR-Y vs FP32{around}; against the reference "
                      f"on the conformance probe: mean {verdict.mean_levels:.2f} levels, 99.9th percentile "
                      f"{verdict.p999_levels:.0f}, max {verdict.max_levels}.")
+    if sized is not None:
+        if first is None:
+            return False, [f"No `model.tflite`: {sized}, and LiteRT ran no image here."] + lines
+        source = tflite_model(int8, first)
+        lines.insert(0, f"`model.tflite` is written for {first[0]} x {first[1]} inputs (the first image's): "
+                        f"{sized}; a converter folds that float for the "
+                        "shape it converts, and so does the lab: the figures below ran the file written for each "
+                        "image's size.")
+    write_atomic(source.read_bytes(), out / "model.tflite")
     return True, lines
 
 

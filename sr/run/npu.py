@@ -320,6 +320,9 @@ class QnnHtpEngine(Seamless):
             return session.run(None, {session.get_inputs()[0].name: array})[0]
 
 
+SOME_SIZE = (48, 48)  # a size-dependent .tflite's input and output grids are read from its file at this size
+
+
 def litert_available() -> bool:
     """True when LiteRT's interpreter (PyPI `ai-edge-litert`) imports."""
     try:
@@ -338,11 +341,13 @@ class LiteRTEngine(Seamless):
     out the same way; one interpreter per input shape (the last few kept), images up to TILE a side whole. A
     user's graph that takes something else than the lab's image (Y, NHWC, [0, 255], pre-upsampled, a least size)
     gets it from the lab's wrapper in float (`wrapper`: `sr.model.wrapper.WrapperParts`, run by ONNX Runtime
-    exactly as the reference runs it), and its output goes back through the wrapper's other side.
+    exactly as the reference runs it), and its output goes back through the wrapper's other side. A graph that
+    computes a float from the image's size (an attention's 1 / sqrt(H x W)) runs the file written for each size
+    (`per_size`, as a converter folds that float for the shape it converts).
     """
 
-    def __init__(self, tflite: str | os.PathLike, scale: int, kernels: str = "xnnpack", name: str = "litert",
-                 wrapper=None, nhwc: bool = False):
+    def __init__(self, tflite: str | os.PathLike | None, scale: int, kernels: str = "xnnpack", name: str = "litert",
+                 wrapper=None, nhwc: bool = False, per_size=None):
         from .tflitefile import image_qparams
 
         if kernels not in ("xnnpack", "reference"):
@@ -350,7 +355,10 @@ class LiteRTEngine(Seamless):
         if not litert_available():
             raise ValueError("the litert engines need LiteRT's interpreter: pip install ai-edge-litert "
                              "(requirements.txt has it)")
-        self.path, self.scale, self.kernels = Path(tflite), scale, kernels
+        # a graph that computes a float from the image's size has a file per size: `per_size((h, w))` gives it
+        self.per_size = per_size
+        self.sizes: list[tuple[int, int]] = []  # the input sizes it ran, in order (the first 64)
+        self.path, self.scale, self.kernels = Path(tflite) if tflite else per_size(SOME_SIZE), scale, kernels
         self.content = self.path.read_bytes()
         self.input_q, self.output_q = image_qparams(self.content)
         self.name = name
@@ -367,7 +375,8 @@ class LiteRTEngine(Seamless):
         from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
         resolver = OpResolverType.BUILTIN if self.kernels == "xnnpack" else OpResolverType.BUILTIN_REF
-        interpreter = Interpreter(model_content=self.content, experimental_op_resolver_type=resolver,
+        content = self.per_size(tuple(shape[1:3])).read_bytes() if self.per_size else self.content
+        interpreter = Interpreter(model_content=content, experimental_op_resolver_type=resolver,
                                   num_threads=max(1, min(4, os.cpu_count() or 1)))
         interpreter.resize_tensor_input(interpreter.get_input_details()[0]["index"], list(shape), strict=False)
         interpreter.allocate_tensors()
@@ -388,6 +397,8 @@ class LiteRTEngine(Seamless):
         image = array if self.nhwc else array[0].transpose(1, 2, 0)[None]
         quantized = np.clip(np.rint(image / np.float32(in_scale)) + in_zero, -128, 127).astype(np.int8)
         with self.lock:
+            if len(self.sizes) < 64:
+                self.sizes.append(tuple(int(d) for d in quantized.shape[1:3]))
             interpreter = self._interpreter(quantized.shape)
             interpreter.set_tensor(interpreter.get_input_details()[0]["index"], quantized)
             interpreter.invoke()

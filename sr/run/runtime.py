@@ -10,6 +10,7 @@ Example:
 """
 from __future__ import annotations
 
+import functools
 import logging
 import platform
 import sys
@@ -31,7 +32,7 @@ from .quantize import fp32_onnx_path
 from ..quant.calibrated import CalibratedModel
 from ..quant.quantspec import Scheme
 from ..store import cache_cap_bytes, cache_root, code_digest, evict, file_sha256, short_hash
-from .tflite import WRITTEN_BY, write_tflite
+from .tflite import DECOMPOSED, WRITTEN_BY, SizeDependent, write_tflite
 
 log = logging.getLogger(__name__)
 
@@ -176,10 +177,18 @@ def create_engine(kind: EngineKind | str, model: str, int8: CalibratedModel | No
     if kind in (EngineKind.LITERT, EngineKind.LITERT_REF):
         kernels = "xnnpack" if kind is EngineKind.LITERT else "reference"
         contract = model_info(model).contract
-        engine = LiteRTEngine(tflite_model(int8), scale, kernels, name=f"{kind.value}-{int8.scheme.value}",
+        try:
+            tflite, per_size = tflite_model(int8), None
+        except SizeDependent:  # a float from the image's size: a file per size, as a converter writes one
+            tflite, per_size = None, functools.partial(tflite_model, int8)
+        engine = LiteRTEngine(tflite, scale, kernels, name=f"{kind.value}-{int8.scheme.value}",
                               wrapper=wrapper_parts(onnx.load(str(int8.fp32_onnx))),
-                              nhwc=contract is not None and contract.layout.value == "nhwc")
-        return _checked(engine, model, int8, INT8_TOLERANCE if kernels == "xnnpack" else NPU_TOLERANCE, kind.value)
+                              nhwc=contract is not None and contract.layout.value == "nhwc", per_size=per_size)
+        # XNNPACK runs the reference's arithmetic op for op: the INT8 tolerance; but where the file decomposes an op
+        # the reference runs whole (a LayerNorm: MEAN, SUB, L2_NORMALIZATION), or on the reference kernels, the NPU's
+        decomposed = any(node.op_type in DECOMPOSED for node in onnx.load(str(int8.fp32_onnx)).graph.node)
+        return _checked(engine, model, int8, INT8_TOLERANCE if kernels == "xnnpack" and not decomposed else
+                        NPU_TOLERANCE, kind.value)
     if kind is EngineKind.QNN_HTP:
         engine = QnnHtpEngine(int8.qdq_onnx, scale, htp_arch, name=f"qnn-htp-{int8.scheme.value}")
         return _checked(engine, model, int8, NPU_TOLERANCE, f"{kind.value}-v{engine.htp_arch}")
@@ -188,20 +197,25 @@ def create_engine(kind: EngineKind | str, model: str, int8: CalibratedModel | No
     return _checked(TensorRTEngine(int8.qdq_onnx, scale), model, int8, INT8_TOLERANCE, kind.value)
 
 
-def tflite_model(int8: CalibratedModel) -> Path:
-    """The full-integer .tflite of a calibrated model (`sr.run.tflite`), written once per QDQ model and writer (keyed by
-    the QDQ model's hash, which the ranges, spec and fixes are all in, and the writer's code: `WRITTEN_BY`) and kept in
-    the cache.
+def tflite_model(int8: CalibratedModel, size: tuple[int, int] | None = None) -> Path:
+    """The full-integer .tflite of a calibrated model (`sr.run.tflite`), written once per QDQ model, writer (keyed by
+    the QDQ model's hash, which the ranges, spec and fixes are all in, and the writer's code: `WRITTEN_BY`) and size
+    and kept in the cache.
+
+    Args:
+        size: the (height, width) of the user's input it is for, where the graph computes a float from the image's
+            size (an attention's 1 / sqrt(H x W)); None: any size.
 
     Raises:
         TfliteUnsupported: (a ValueError) a scheme other than npu / npu-per-tensor, or a graph the writer cannot
-            express (named).
+            express (named); `SizeDependent`, one of them, where a size is needed and none was given.
     """
     key = short_hash(f"{file_sha256(int8.qdq_onnx)} {code_digest(*(sys.modules[name] for name in WRITTEN_BY))}")
-    path = cache_root() / "tflite" / f"{int8.qdq_onnx.stem}-{key}.tflite"  # the writer's code is in the key too
+    sized = f"-{size[0]}x{size[1]}" if size else ""
+    path = cache_root() / "tflite" / f"{int8.qdq_onnx.stem}-{key}{sized}.tflite"  # the writer's code is in the key
     if not path.is_file():
         spec = spec_of(int8.fp32_onnx, int8.scheme, int8.fixes.keep_float)
-        write_tflite(int8.fp32_onnx, spec, tie_fused_ranges(spec, int8.ranges), path)
+        write_tflite(int8.fp32_onnx, spec, tie_fused_ranges(spec, int8.ranges), path, size)
         evict(path.parent, cache_cap_bytes(), keep=path)
     return path
 

@@ -12,10 +12,12 @@ within it), LEAKY_RELU, PRELU, LOGISTIC and TANH (on the specification's fixed o
 SUB and MUL of two tensors or of a tensor and an INT8 constant; MAX_POOL_2D; PADV2 (edge padding as repeated
 rows and columns); RESIZE_NEAREST_NEIGHBOR / RESIZE_BILINEAR, their size read at run time (SHAPE,
 STRIDED_SLICE); DEPTH_TO_SPACE, where a PixelShuffle's CRD channel order is folded into the producing
-convolution's output channels (no GATHER); an NHWC graph's own opening and closing transposes as nothing. Shape
-arithmetic that an exporter computes a constant with (pads from Shape x 0) is read as that constant. A graph with
-anything else (attention: MatMul, Softmax, LayerNorm), or with a tensor the spec leaves in float, is refused in
-words naming the op or the tensor.
+convolution's output channels (no GATHER); Transpose as no op (the stored tensor in another layout). Shape
+arithmetic that an exporter computes a constant with (pads from Shape x 0) is read as that constant. An attention
+block's ops (Reshape, Slice, MatMul, Softmax, an erf GELU, LayerNormalization, a float computed from the image's
+size) are written by `sr.run.tfliteseq`: RESHAPE, STRIDED_SLICE, FULLY_CONNECTED / BATCH_MATMUL, SOFTMAX, GELU, and
+a LayerNorm as MEAN, SUB, L2_NORMALIZATION, MUL, ADD; a graph with such a float is written per size. A graph with
+anything else, or with a tensor the spec leaves in float, is refused in words naming the op or the tensor.
 
 Written op by op here, onto the file built with the flatbuffer object API that ships with LiteRT (`sr.run.tflitefile`);
 the convolutions (CONV_2D, DEPTHWISE_CONV_2D, TRANSPOSE_CONV, a PixelShuffle's channel order) in `sr.run.tfliteconv`.
@@ -31,17 +33,21 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from ..graph import GraphIndex
+from ..graph import GraphIndex, gelu_units
 from ..quant.searches import TensorRange
 from ..quant.quantspec import QuantSpec, activation_qparams, constant_arrays, weight_int8
 from ..store import write_atomic
 from ..model.wrapper import unwrap
 from .tfliteconv import channel_orders, write_conv, write_transpose_conv
+from . import tfliteseq
+from .tfliteseq import NHWC, SizeDependent
 from .sessions import ort_session
 from .tflitefile import Flatbuffer, TfliteUnsupported, attribute
 
 SUPPORTED_OPS = ("Conv", "ConvTranspose", "Relu", "Clip", "LeakyRelu", "PRelu", "Sigmoid", "Tanh", "Concat", "DepthToSpace",
-                 "Add", "Sub", "Mul", "MaxPool", "Pad", "Resize", "Transpose")
+                 "Add", "Sub", "Mul", "Div", "MaxPool", "Pad", "Resize", "Transpose", "Reshape", "Slice", "MatMul",
+                 "Softmax", "LayerNormalization", "GELU (erf)")
+DECOMPOSED = ("LayerNormalization",)  # ops with no LiteRT builtin, written as several INT8 ops (`sr.run.tfliteseq`)
 _CLIPS = {(0.0, 1.0): "RELU_0_TO_1", (0.0, 6.0): "RELU6", (-1.0, 1.0): "RELU_N1_TO_1"}
 _NHWC_AXIS = {0: 0, 1: 3, 2: 1, 3: 2, -3: 3, -2: 1, -1: 2, -4: 0}
 
@@ -50,13 +56,16 @@ def _user(name: str) -> str:
     return name[len("user/"):] if name.startswith("user/") else name
 
 
-def tflite_bytes(fp32: onnx.ModelProto, spec: QuantSpec, ranges: dict[str, TensorRange]) -> bytes:
+def tflite_bytes(fp32: onnx.ModelProto, spec: QuantSpec, ranges: dict[str, TensorRange],
+                 size: tuple[int, int] | None = None) -> bytes:
     """The full-integer .tflite of an FP32 graph under a LiteRT spec (see the module docstring).
 
     Args:
         fp32: the FP32 graph the spec was derived from (the lab's wrapper is left out: the user's graph is written).
         spec: an `npu` or `npu-per-tensor` spec of it.
         ranges: every quantized tensor's range (`sr.quant.qdq.tie_fused_ranges`).
+        size: the (height, width) of the user's input it is written for, where the graph computes a float from the
+            image's size (`sr.run.tfliteseq.SizeDependent` without one); None: any size.
 
     Returns:
         the flatbuffer.
@@ -68,14 +77,18 @@ def tflite_bytes(fp32: onnx.ModelProto, spec: QuantSpec, ranges: dict[str, Tenso
     if not spec.scheme.litert:
         raise TfliteUnsupported(f"a .tflite follows LiteRT's specification: the npu or npu-per-tensor scheme, "
                                 f"not {spec.scheme.value}")
-    return _Writer(unwrap(fp32), spec, ranges).write()
+    return _Writer(unwrap(fp32), spec, ranges, size).write()
 
 
 class _Writer:
     """One user's graph written op by op into a `Flatbuffer`."""
 
-    def __init__(self, model: onnx.ModelProto, spec: QuantSpec, ranges: dict[str, TensorRange]):
-        self.model, self.flat = model, Flatbuffer()
+    def __init__(self, model: onnx.ModelProto, spec: QuantSpec, ranges: dict[str, TensorRange],
+                 size: tuple[int, int] | None = None):
+        self.model, self.flat, self.size = model, Flatbuffer(), size
+        self.layouts: dict[str, list[int]] = {}  # the stored order of a tensor's ONNX dims, where not NHWC's
+        self.shapes: dict[str, tuple[list[int], list[int]]] | None = None
+        self.nhwc = False
         self.activations = {_user(t): a for t, a in spec.activations.items()}
         self.bounds = {_user(t): r for t, r in ranges.items()}
         self.arrays, self.orders = constant_arrays(model), channel_orders(model)
@@ -95,17 +108,48 @@ class _Writer:
             layout_in.output[0] if layout_in else graph_input.name)
         if count <= 0:
             raise TfliteUnsupported(f"the input {graph_input.name!r} has no fixed channel count (NCHW expected)")
+        self.nhwc = layout_in is not None
         self.output(graph_input.name, count)
+        if self.nhwc:
+            self.layouts[graph_input.name] = [0, 1, 2, 3]
+        units = {unit.nodes[0]: unit for unit in gelu_units(GraphIndex(self.model), self.arrays)}
+        inside = {name for unit in units.values() for name in unit.nodes}
         for node in self.model.graph.node:
-            if node.op_type in ("Shape", "Constant") or not any(t in self.activations
-                                                                for t in [*node.input, *node.output]):
+            if node.name in units:
+                tfliteseq.write_gelu(self, units[node.name])
+                continue
+            if node.name in inside or node.op_type in ("Shape", "Constant") or \
+                    not any(t in self.activations for t in [*node.input, *node.output]):
                 continue  # shape arithmetic and constants: read where an op needs them (a Resize's size)
             if node.op_type not in SUPPORTED_OPS:
                 raise TfliteUnsupported(f"the .tflite writer cannot express {node.op_type} ({node.name!r}); it "
                                         f"writes {', '.join(SUPPORTED_OPS)}")
             getattr(self, f"_{node.op_type.lower()}")(node)
         result = self.model.graph.output[0].name
-        return self.flat.model([self.flat.index[graph_input.name]], [self.activation(result)])
+        if self.layouts.get(result, [0, 1, 2, 3] if self.nhwc else NHWC) != ([0, 1, 2, 3] if self.nhwc else NHWC):
+            raise TfliteUnsupported(f"the output {result!r} is not an image in the .tflite's NHWC layout")
+        return self.flat.model([self.flat.index[graph_input.name]], [self.flat.index[result]])
+
+    def shape_pair(self, name: str) -> tuple[list[int], list[int]]:
+        """`name`'s ONNX shape at two input sizes (probed once for every quantized tensor)."""
+        if self.shapes is None:
+            names = [t for t in dict.fromkeys([*self.activations, self.model.graph.output[0].name])
+                     if t != self.model.graph.input[0].name]
+            found = self.probed(names)
+            self.shapes = {t: (list(a.shape), list(b.shape)) for t, a, b in zip(names, *found)} if found else {}
+            image = self.model.graph.input[0].name
+            sides = [(1, 33, 41, self.channels[image]), (1, 47, 38, self.channels[image])]
+            self.shapes[image] = tuple(list(s) if self.nhwc else [s[0], s[3], s[1], s[2]] for s in sides)
+        if name not in self.shapes:
+            raise TfliteUnsupported(f"the shape of {name!r} could not be read by running the graph")
+        return self.shapes[name]
+
+    def at_size(self, tensors: list[str]) -> list[np.ndarray]:
+        """`tensors` as the FP32 graph computes them for the size being written."""
+        found = self.probed(tensors, [self.size])
+        if not found:
+            raise TfliteUnsupported(f"{tensors} could not be computed at {self.size[0]} x {self.size[1]}")
+        return found[0]
 
     def layout_transpose(self, image: str):
         """The Transpose NHWC -> NCHW that an NHWC graph opens with on `image` (None for an NCHW graph): in the
@@ -117,14 +161,7 @@ class _Writer:
         return None
 
     def _transpose(self, node) -> None:
-        perm = list(attribute(node, "perm", []))
-        opening = perm == [0, 3, 1, 2] and node.input[0] == self.model.graph.input[0].name
-        closing = perm == [0, 2, 3, 1] and node.output[0] == self.model.graph.output[0].name
-        if not (opening or closing):
-            raise TfliteUnsupported(f"Transpose {node.name!r} (perm {perm}): the .tflite is NHWC throughout; only an "
-                                    "NHWC graph's own opening and closing transposes are written (as nothing)")
-        self.flat.index[node.output[0]] = self.activation(node.input[0])  # the same tensor, the same grid
-        self.channels[node.output[0]] = self.channels[node.input[0]]
+        tfliteseq.write_transpose(self, node)  # the stored tensor in another layout (an NHWC graph's own: NHWC)
 
     def _convtranspose(self, node) -> None:
         write_transpose_conv(self, node)
@@ -137,7 +174,7 @@ class _Writer:
         found = self.probed([tensor])
         return found[0][0] if found and np.array_equal(found[0][0], found[1][0]) else np.array([])
 
-    def probed(self, tensors: list[str]) -> list[list[np.ndarray]]:
+    def probed(self, tensors: list[str], sizes=((33, 41), (47, 38))) -> list[list[np.ndarray]]:
         """`tensors` as the FP32 graph computes them for two input sizes (empty when it cannot run them)."""
         probe = onnx.ModelProto()
         probe.CopyFrom(self.model)
@@ -146,8 +183,8 @@ class _Writer:
         try:
             session = ort_session(probe)
             channels = self.channels[self.model.graph.input[0].name]
-            return [session.run(None, {session.get_inputs()[0].name: np.zeros((1, channels, h, w), np.float32)})
-                    for h, w in ((33, 41), (47, 38))]
+            return [session.run(None, {session.get_inputs()[0].name: np.zeros(
+                (1, h, w, channels) if self.nhwc else (1, channels, h, w), np.float32)}) for h, w in sizes]
         except Exception:  # shapes the probe cannot take, or a layout other than NCHW: left unknown
             return []
 
@@ -166,6 +203,10 @@ class _Writer:
         return activation_qparams(self.activations[name], r.low, r.high)
 
     def activation(self, name: str) -> int:
+        """The stored tensor of an activation an image op reads (stored NHWC)."""
+        if self.layouts.get(name, NHWC) != NHWC:
+            raise TfliteUnsupported(f"tensor {name!r} is read by an op that takes an NHWC image, but the graph has "
+                                    f"it in another layout (ONNX dimensions {self.layouts[name]} stored)")
         if name not in self.flat.index:
             raise TfliteUnsupported(f"tensor {name!r} is read before it is made (a graph input other than the image?)")
         return self.flat.index[name]
@@ -288,6 +329,9 @@ class _Writer:
     def _binary(self, node, op: str, options, kind: str) -> None:
         if all(t in self.arrays for t in node.input):
             raise TfliteUnsupported(f"{node.op_type} {node.name!r} of two constants")
+        if node.op_type == "Div" or any(self.layouts.get(t, NHWC) != NHWC or t not in self.arrays and
+                                        t not in self.activations for t in node.input):
+            return tfliteseq.sequence_binary(self, node, op, options, kind)
         image = next(t for t in node.input if t not in self.arrays)
         inputs = [self.operand(node, t) for t in node.input]
         self.flat.operator(op, inputs, [self.output(node.output[0], self.channels[image])], options, kind)
@@ -300,6 +344,25 @@ class _Writer:
 
     def _mul(self, node) -> None:
         self._binary(node, "MUL", self.flat.schema.MulOptionsT(), "MulOptions")
+
+    def _div(self, node) -> None:
+        self._binary(node, "MUL", self.flat.schema.MulOptionsT(), "MulOptions")  # by the divisor's reciprocal
+
+    def _reshape(self, node) -> None:
+        tfliteseq.write_reshape(self, node)
+
+    def _slice(self, node) -> None:
+        tfliteseq.write_slice(self, node)
+
+    def _matmul(self, node) -> None:
+        tfliteseq.write_matmul(self, node)
+
+    def _softmax(self, node) -> None:
+        opset = next((o.version for o in self.model.opset_import if o.domain in ("", "ai.onnx")), 13)
+        tfliteseq.write_softmax(self, node, opset)
+
+    def _layernormalization(self, node) -> None:
+        tfliteseq.write_layernorm(self, node)
 
     def _maxpool(self, node) -> None:
         kernel = list(attribute(node, "kernel_shape"))
@@ -415,13 +478,13 @@ class _Writer:
 
 
 def write_tflite(fp32_onnx: str | os.PathLike, spec: QuantSpec, ranges: dict[str, TensorRange],
-                 out: str | os.PathLike) -> Path:
+                 out: str | os.PathLike, size: tuple[int, int] | None = None) -> Path:
     """`tflite_bytes` of an FP32 model file, written atomically to `out`."""
-    write_atomic(tflite_bytes(onnx.load(str(fp32_onnx)), spec, ranges), Path(out))
+    write_atomic(tflite_bytes(onnx.load(str(fp32_onnx)), spec, ranges, size), Path(out))
     return Path(out)
 
 
 # the modules whose code writes a .tflite (the cached file's key covers them: `sr.run.runtime.tflite_model`)
-WRITTEN_BY = (__name__, write_conv.__module__, Flatbuffer.__module__)
+WRITTEN_BY = (__name__, write_conv.__module__, Flatbuffer.__module__, tfliteseq.__name__)
 
-__all__ = ["tflite_bytes", "write_tflite", "SUPPORTED_OPS", "WRITTEN_BY"]
+__all__ = ["tflite_bytes", "write_tflite", "SUPPORTED_OPS", "WRITTEN_BY", "SizeDependent", "DECOMPOSED"]

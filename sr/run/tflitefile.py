@@ -33,12 +33,15 @@ class Flatbuffer:
         self.index: dict[str, int] = {}
 
     def tensor(self, name: str, channels: int | None, qparams, data: np.ndarray | None = None,
-               dtype: int | None = None, axis: int = 0) -> int:
+               dtype: int | None = None, axis: int = 0, signature: list[int] | None = None) -> int:
+        """An INT8 activation made at run time (NHWC with `channels`, or of `signature`: -1 where the image's
+        size decides) or, with `data`, a constant of `dtype`; its index."""
         schema = self.schema
         tensor = schema.TensorT()
         tensor.name = name
         if data is None:
-            tensor.shape, tensor.shapeSignature = [1, 1, 1, channels], [1, -1, -1, channels]
+            signature = [1, -1, -1, channels] if signature is None else list(signature)
+            tensor.shape, tensor.shapeSignature = [1 if d < 0 else d for d in signature], signature
             tensor.type = schema.TensorType.INT8
             tensor.buffer = 0
         else:
