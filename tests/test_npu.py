@@ -288,6 +288,40 @@ def test_what_the_tflite_writer_cannot_express_is_refused_naming_it(tmp_path):
 
 
 @needs_litert
+def test_a_reshape_that_would_mix_the_stored_dimensions_is_refused_naming_it():
+    """The .tflite stores an NCHW image as NHWC: a Reshape merging C with H (not together in that order) cannot be
+    one RESHAPE, and is refused in words naming it; merging H with W (together) is written. (A fixed-size graph
+    with baked shapes: its sizes are read at its own size.)"""
+    from sr.quant.searches import TensorRange
+    from sr.run.tflite import tflite_bytes
+    from sr.run.tflitefile import TfliteUnsupported
+
+    rng = np.random.default_rng(0)
+
+    def model(shape: list[int]) -> onnx.ModelProto:
+        nodes = [helper.make_node("Conv", ["x", "w"], ["a"], name="c", pads=[1, 1, 1, 1]),
+                 helper.make_node("Reshape", ["a", "flat"], ["t"], name="fold"),
+                 helper.make_node("Reshape", ["t", "back"], ["b"], name="unfold"),
+                 helper.make_node("Conv", ["b", "w2"], ["y"], name="c2", pads=[1, 1, 1, 1])]
+        graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 8, 8])],
+                                  [numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "w"),
+                                   numpy_helper.from_array(rng.standard_normal((3, 4, 3, 3)).astype(np.float32), "w2"),
+                                   numpy_helper.from_array(np.array(shape, np.int64), "flat"),
+                                   numpy_helper.from_array(np.array([1, 4, 8, 8], np.int64), "back")])
+        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+    for shape, written in (([1, 4, 64], True), ([1, 32, 8], False)):
+        spec = quant_spec(model(shape), "npu")
+        ranges = {t: TensorRange(t, -1.0, 1.0, -1.0, 1.0, 0.0, "fixed") for t in spec.activations}
+        if written:
+            assert tflite_bytes(model(shape), spec, ranges)
+        else:
+            with pytest.raises(TfliteUnsupported, match="Reshape 'fold'"):
+                tflite_bytes(model(shape), spec, ranges)
+
+
+@needs_litert
 def test_the_bundle_ships_the_tflite_and_says_what_each_runtime_gave(tmp_path):
     from sr.lab.bundle import export_bundle
 

@@ -138,7 +138,7 @@ class _Writer:
             found = self.probed(names)
             self.shapes = {t: (list(a.shape), list(b.shape)) for t, a, b in zip(names, *found)} if found else {}
             image = self.model.graph.input[0].name
-            sides = [(1, 33, 41, self.channels[image]), (1, 47, 38, self.channels[image])]
+            sides = [(1, h, w, self.channels[image]) for h, w in self.probe_sizes()]
             self.shapes[image] = tuple(list(s) if self.nhwc else [s[0], s[3], s[1], s[2]] for s in sides)
         if name not in self.shapes:
             raise TfliteUnsupported(f"the shape of {name!r} could not be read by running the graph")
@@ -174,8 +174,15 @@ class _Writer:
         found = self.probed([tensor])
         return found[0][0] if found and np.array_equal(found[0][0], found[1][0]) else np.array([])
 
-    def probed(self, tensors: list[str], sizes=((33, 41), (47, 38))) -> list[list[np.ndarray]]:
-        """`tensors` as the FP32 graph computes them for two input sizes (empty when it cannot run them)."""
+    def probe_sizes(self) -> list[tuple[int, int]]:
+        """Two input sizes to run the graph at: the graph's own twice where it fixes its height and width."""
+        dims = self.model.graph.input[0].type.tensor_type.shape.dim
+        h, w = (dims[1], dims[2]) if self.nhwc else (dims[2], dims[3])
+        return [(h.dim_value, w.dim_value)] * 2 if h.dim_value > 0 and w.dim_value > 0 else [(33, 41), (47, 38)]
+
+    def probed(self, tensors: list[str], sizes=None) -> list[list[np.ndarray]]:
+        """`tensors` as the FP32 graph computes them for two input sizes (`probe_sizes`; empty when it cannot run
+        them)."""
         probe = onnx.ModelProto()
         probe.CopyFrom(self.model)
         del probe.graph.output[:]
@@ -184,7 +191,8 @@ class _Writer:
             session = ort_session(probe)
             channels = self.channels[self.model.graph.input[0].name]
             return [session.run(None, {session.get_inputs()[0].name: np.zeros(
-                (1, h, w, channels) if self.nhwc else (1, channels, h, w), np.float32)}) for h, w in sizes]
+                (1, h, w, channels) if self.nhwc else (1, channels, h, w), np.float32)})
+                for h, w in sizes or self.probe_sizes()]
         except Exception:  # shapes the probe cannot take, or a layout other than NCHW: left unknown
             return []
 

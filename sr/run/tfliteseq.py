@@ -115,7 +115,7 @@ def _groups(before: list[int], after: list[int]) -> list[tuple[list[int], list[i
     if groups:  # trailing ones join the last group
         groups[-1][0].extend(range(i, len(before)))
         groups[-1][1].extend(range(j, len(after)))
-    return groups if i >= len(before) and j >= len(after) or groups else []
+    return groups
 
 
 def write_reshape(writer, node) -> None:
@@ -124,7 +124,8 @@ def write_reshape(writer, node) -> None:
     source, target = node.input[0], node.output[0]
     (in1, in2), (out1, out2) = writer.shape_pair(source), writer.shape_pair(target)
     groups = _groups(in1, out1)
-    if not groups or any(math.prod(in2[d] for d in ins) != math.prod(out2[d] for d in outs) for ins, outs in groups):
+    if not groups or any(math.prod(a[d] for d in ins) != math.prod(b[d] for d in outs)
+                         for a, b in ((in1, out1), (in2, out2)) for ins, outs in groups):
         raise TfliteUnsupported(f"Reshape {node.name!r} ({in1} -> {out1}) does not merge or split whole dimensions")
     layout = layout_of(writer, source)
     owner = {d: k for k, (ins, _) in enumerate(groups) for d in ins}
@@ -202,9 +203,8 @@ def _stored_any(writer, name: str) -> tuple[list[int], list[int]]:
 
 def write_slice(writer, node) -> None:
     """STRIDED_SLICE of one or more axes with constant starts, ends and steps (an exporter's chunk)."""
-    values = [writer.value_of(t) if len(node.input) > k and node.input[k] else np.array([])
-              for k, t in enumerate([*node.input, "", "", "", ""][:5])]
-    starts, ends, axes, steps = (np.asarray(v).reshape(-1) for v in values[1:5])
+    bounds = [*node.input[1:], "", "", "", ""][:4]  # starts, ends, axes, steps (the last two optional)
+    starts, ends, axes, steps = (np.asarray(writer.value_of(t) if t else np.array([])).reshape(-1) for t in bounds)
     layout = layout_of(writer, node.input[0])
     rank = len(layout)
     if not len(starts) or len(ends) != len(starts):
