@@ -75,4 +75,49 @@ def gelu_units(index: GraphIndex, arrays: dict[str, np.ndarray]) -> list[GeluUni
     return units
 
 
-__all__ = ["GraphIndex", "GeluUnit", "gelu_units"]
+def op_units(index: GraphIndex, arrays: dict[str, np.ndarray]) -> list[GeluUnit | L2NormUnit]:
+    """Every group of nodes that LiteRT and QNN run as one INT8 op (`gelu_units`, `l2norm_units`)."""
+    return [*gelu_units(index, arrays), *l2norm_units(index, arrays)]
+
+
+@dataclass(frozen=True)
+class L2NormUnit:
+    """An L2 normalization as exporters write `F.normalize`, x / max(||x||_2, eps) along one axis: one op to
+    LiteRT (L2_NORMALIZATION, on its fixed output grid) and QNN (L2Norm), which quantize its input and output
+    only."""
+
+    input: str
+    output: str
+    nodes: tuple[str, ...]  # its node names, in graph order: ReduceL2, Clip (or Max), [Expand,] Div
+    axis: int
+
+
+def l2norm_units(index: GraphIndex, arrays: dict[str, np.ndarray]) -> list[L2NormUnit]:
+    """The L2 normalizations among `index`'s nodes: ReduceL2 of x along one axis (kept), a Clip (or Max) from below
+    at a small constant, optionally an Expand, and a Div of x by it; each inner tensor read by the next node only;
+    `arrays`: the graph's constants by name."""
+    def only(tensor: str) -> bool:
+        return len(index.readers(tensor)) == 1
+
+    units = []
+    for div in (n for n in index.nodes if n.op_type == "Div" and len(n.input) == 2):
+        x, chain, tensor = div.input[0], [div], div.input[1]
+        node = index.producer(tensor)
+        if node is not None and node.op_type == "Expand" and only(tensor):
+            chain, tensor = [node, *chain], node.input[0]
+            node = index.producer(tensor)
+        floor = node is not None and only(tensor) and node.op_type in ("Clip", "Max") and (
+            node.input[1] if len(node.input) > 1 else "") in arrays and float(
+            np.asarray(arrays[node.input[1]]).reshape(-1)[0]) <= 1e-4
+        reduce = floor and index.producer(node.input[0])
+        if not reduce or reduce.op_type != "ReduceL2" or reduce.input[0] != x or not only(node.input[0]):
+            continue
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in reduce.attribute}
+        axes = list(attrs.get("axes", arrays.get(reduce.input[1], []) if len(reduce.input) > 1 else []))
+        if attrs.get("keepdims", 1) != 1 or len(axes) != 1:
+            continue
+        units.append(L2NormUnit(x, div.output[0], tuple(n.name for n in (reduce, node, *chain)), int(axes[0])))
+    return units
+
+
+__all__ = ["GraphIndex", "GeluUnit", "gelu_units", "L2NormUnit", "l2norm_units", "op_units"]

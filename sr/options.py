@@ -86,8 +86,9 @@ EVAL_HELP = {
     "data": "folder of ground-truth (HR) images",
     "scale": "the scale (default: the model's own)",
     "engine": "torch, ort, openvino, openvino-bf16, ort-int8, openvino-int8, qnn-htp (Qualcomm's Hexagon NPU "
-              "arithmetic, simulated) or tensorrt (default: the model's own FP32 runtime: torch for a weight file, "
-              "ort for an ONNX model)",
+              "arithmetic, simulated), litert / litert-ref (the lab's .tflite on LiteRT's XNNPACK / reference "
+              "kernels; the npu schemes) or tensorrt (default: the model's own FP32 runtime: torch for a weight "
+              "file, ort for an ONNX model)",
     "htp_arch": "the Hexagon NPU generation --engine qnn-htp simulates: 68, 69, 73 (Snapdragon 8 Gen 2), 75, 79 "
                 "or 81",
     "recommended": "calibrate as the README's findings recommend (a method, sample count and scheme; no per-tensor "

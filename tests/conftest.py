@@ -68,6 +68,17 @@ def families(tmp_path_factory, data_dir):
             for name in standins.FAMILY_NAMES}
 
 
+@pytest.fixture(scope="session")
+def size_scaled(tmp_path_factory, data_dir):
+    """The SwinIR-like stand-in with a float computed from the image's size (its old 1 / sqrt(H x W) attention),
+    registered: the UserModel."""
+    import standins
+    from sr.run.register import register_onnx
+
+    path = tmp_path_factory.mktemp("size-scaled") / "size-scaled.onnx"
+    return register_onnx(standins.size_scaled_attention(path, str(data_dir / "T91")))
+
+
 def free_port() -> int:
     """A port no one listens on now (the OS picks it); a fixed one collides with parallel runs."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:

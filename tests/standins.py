@@ -344,19 +344,29 @@ class RrdbX4(nn.Module):
 
 class TransformerBlock(nn.Module):
     """A SwinIR-light-like transformer block: LayerNorm, attention by MatMul and Softmax, GELU MLP. Attention runs
-    across channels (Restormer's transposed attention), so any image size runs without Swin's window padding."""
+    across channels as Restormer's (MDTA): q and k L2-normalized over the pixels, a learned temperature, so any
+    image size runs without Swin's window padding and the logits stay within +-temperature whatever the size.
+    `size_scaled`: the attention this stand-in used to have, q^T k / sqrt(H x W) with no normalization (logits
+    that grow with the image's side; a float computed from the size), kept for the paths that handle one."""
 
-    def __init__(self, channels: int = 16):
+    def __init__(self, channels: int = 16, size_scaled: bool = False):
         super().__init__()
         self.norm1, self.norm2 = nn.LayerNorm(channels), nn.LayerNorm(channels)
         self.qkv, self.proj = nn.Linear(channels, 3 * channels), nn.Linear(channels, channels)
         self.mlp = nn.Sequential(nn.Linear(channels, 2 * channels), nn.GELU(), nn.Linear(2 * channels, channels))
+        self.size_scaled = size_scaled
+        self.temperature = nn.Parameter(torch.ones(1))
 
     def forward(self, x):
         batch, channels, height, width = x.shape
         tokens = x.flatten(2).transpose(1, 2)  # B, HW, C
         q, k, v = self.qkv(self.norm1(tokens)).chunk(3, dim=-1)
-        attention = torch.softmax(q.transpose(1, 2) @ k / (height * width) ** 0.5, dim=-1)  # B, C, C
+        if self.size_scaled:
+            logits = q.transpose(1, 2) @ k / (height * width) ** 0.5
+        else:
+            q, k = nn.functional.normalize(q.transpose(1, 2), dim=-1), nn.functional.normalize(k.transpose(1, 2), dim=-1)
+            logits = q @ k.transpose(1, 2) * self.temperature
+        attention = torch.softmax(logits, dim=-1)  # B, C, C
         tokens = tokens + self.proj((attention @ v.transpose(1, 2)).transpose(1, 2))
         tokens = tokens + self.mlp(self.norm2(tokens))
         return tokens.transpose(1, 2).reshape(batch, channels, height, width)
@@ -365,14 +375,23 @@ class TransformerBlock(nn.Module):
 class SwinLightLike(nn.Module):
     """SwinIR-light-like x2: conv head, one transformer block, conv, pixel shuffle."""
 
-    def __init__(self, scale: int = 2, channels: int = 16):
+    def __init__(self, scale: int = 2, channels: int = 16, size_scaled: bool = False):
         super().__init__()
-        self.head, self.block = nn.Conv2d(3, channels, 3, padding=1), TransformerBlock(channels)
+        self.head, self.block = nn.Conv2d(3, channels, 3, padding=1), TransformerBlock(channels, size_scaled)
         self.tail = nn.Sequential(nn.Conv2d(channels, 3 * scale * scale, 3, padding=1), nn.PixelShuffle(scale))
 
     def forward(self, x):
         feature = self.head(x)
         return self.tail(feature + self.block(feature))
+
+
+def size_scaled_attention(path: Path, train_dir: str, steps: int = 60) -> Path:
+    """The SwinIR-like stand-in with the attention it used to have (`TransformerBlock(size_scaled=True)`: its
+    1 / sqrt(H x W) a float computed from the image's size), trained `steps` steps: for the per-size paths."""
+    torch.manual_seed(0)
+    model = train_briefly(SwinLightLike(size_scaled=True), 2, train_dir, steps)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return _export(model, path, torch.rand(1, 3, 24, 24))
 
 
 class Waifu2xLike(nn.Module):

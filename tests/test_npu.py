@@ -436,93 +436,116 @@ def test_litert_runs_the_families_tflite_with_their_ops(family, families):
 
 
 @needs_litert
-def test_litert_runs_the_attention_family_written_per_size(families):
-    """The SwinIR-like stand-in in LiteRT: its token layouts as stored tensors (Transposes as no op, RESHAPE with
-    sizes read at run time), FULLY_CONNECTED and BATCH_MATMUL, SOFTMAX, GELU, the LayerNorms as MEAN, SUB,
-    L2_NORMALIZATION, MUL and ADD; its 1 / sqrt(H x W) an exact INT8 constant, so a file is written per size (a
-    SizeDependent refusal without one, named). Both kernels agree with the reference within the NPU tolerance
-    (the file decomposes the LayerNorm the reference runs whole), at the probe's size and another."""
+def test_litert_runs_the_attention_family(families):
+    """The SwinIR-like stand-in (Restormer's channel attention) in LiteRT, one file for every size: its token
+    layouts as stored tensors (Transposes as no op, RESHAPE with sizes read at run time), FULLY_CONNECTED and
+    BATCH_MATMUL, the normalized q and k as L2_NORMALIZATION, SOFTMAX, GELU, the LayerNorms as MEAN, SUB,
+    L2_NORMALIZATION, MUL and ADD. Both kernels agree with the reference within the NPU tolerance (the file
+    decomposes the LayerNorm the reference runs whole), at the probe's size and another."""
     from ai_edge_litert import schema_py_generated as schema
     from sr.run.runtime import tflite_model
-    from sr.run.tflite import SizeDependent
 
     name = families["swinir-light"].name
     int8 = calibrate_model(name, CalibrationConfig(method="minmax", samples=10), "npu")
-    with pytest.raises(SizeDependent, match="Div '/block/Div_1' reads .* computed from the image's size"):
-        tflite_model(int8)
-    small, other = tflite_model(int8, (30, 38)), tflite_model(int8, (31, 38))
-    assert small.read_bytes() != other.read_bytes()
-    flat = schema.ModelT.InitFromObj(schema.Model.GetRootAsModel(small.read_bytes(), 0))
+    flat = schema.ModelT.InitFromObj(schema.Model.GetRootAsModel(tflite_model(int8).read_bytes(), 0))
     names = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
-    ops = {names[flat.operatorCodes[op.opcodeIndex].builtinCode] for op in flat.subgraphs[0].operators}
-    assert {"FULLY_CONNECTED", "BATCH_MATMUL", "SOFTMAX", "GELU", "MEAN", "L2_NORMALIZATION", "RESHAPE"} <= ops
-    assert not ops & {"DEQUANTIZE", "GATHER", "CAST"}
+    ops = [names[flat.operatorCodes[op.opcodeIndex].builtinCode] for op in flat.subgraphs[0].operators]
+    assert {"FULLY_CONNECTED", "BATCH_MATMUL", "SOFTMAX", "GELU", "MEAN", "RESHAPE"} <= set(ops)
+    assert ops.count("L2_NORMALIZATION") == 4  # q and k, and one in each LayerNorm
+    assert not set(ops) & {"DEQUANTIZE", "GATHER", "CAST"}
     assert all(t.type in (schema.TensorType.INT8, schema.TensorType.INT32) for t in flat.subgraphs[0].tensors)
     for kind in (EngineKind.LITERT, EngineKind.LITERT_REF):
         engine = create_engine(kind, name, int8)
         assert engine.conformance.passed, engine.conformance
-        assert engine.conformance.tolerance == NPU_TOLERANCE
+        assert engine.conformance.tolerance == NPU_TOLERANCE and engine.per_size is None
         probe = probe_image(30, 38, seed=4)
         assert np.abs(engine.run(probe).astype(np.float32) -
                       reference_engine(name, int8).run(probe).astype(np.float32)).mean() < NPU_TOLERANCE.mean_levels
 
 
 @needs_litert
-def test_the_attention_familys_bundle_ships_the_tflite_for_its_images_size(families, tmp_path):
+def test_a_float_from_the_images_size_is_written_per_size(size_scaled):
+    """An attention scaled by 1 / sqrt(H x W) (a float computed from the size): an exact INT8 constant, so a file
+    per size (a SizeDependent refusal without one, naming the op); the engine writes one for each size it runs,
+    and agrees with the reference within the NPU tolerance."""
+    from sr.run.runtime import tflite_model
+    from sr.run.tflite import SizeDependent
+
+    int8 = calibrate_model(size_scaled.name, CalibrationConfig(method="minmax", samples=10), "npu")
+    with pytest.raises(SizeDependent, match="Div '/block/Div_1' reads .* computed from the image's size"):
+        tflite_model(int8)
+    assert tflite_model(int8, (30, 38)).read_bytes() != tflite_model(int8, (31, 38)).read_bytes()
+    for kind in (EngineKind.LITERT, EngineKind.LITERT_REF):
+        engine = create_engine(kind, size_scaled.name, int8)
+        assert engine.conformance.passed, engine.conformance
+        probe = probe_image(30, 38, seed=4)
+        assert np.abs(engine.run(probe).astype(np.float32) - reference_engine(size_scaled.name, int8).run(
+            probe).astype(np.float32)).mean() < NPU_TOLERANCE.mean_levels
+        assert (30, 38) in engine.sizes
+
+
+@needs_litert
+def test_a_size_dependent_bundle_ships_the_tflite_for_its_images_size(size_scaled, tmp_path):
     """A graph that computes a float from the image's size ships the .tflite written for the first image's size,
     and says so; that file, loaded as a user would, agrees with the reference within the NPU tolerance."""
     from ai_edge_litert.interpreter import Interpreter
     from sr.lab.bundle import export_bundle
 
-    name = families["swinir-light"].name
     image = probe_image(26, 34, seed=3)
-    bundle = export_bundle(name, CalibrationConfig(method="minmax", samples=10), tmp_path, images=[image])
+    bundle = export_bundle(size_scaled.name, CalibrationConfig(method="minmax", samples=10), tmp_path, images=[image])
     assert "model.tflite" in bundle.files
     readme = (tmp_path / "README.md").read_text()
     assert "`model.tflite` is written for 26 x 34 inputs (the first image's)" in readme
     interpreter = Interpreter(model_path=str(tmp_path / "model.tflite"))
     interpreter.resize_tensor_input(0, [1, 26, 34, 3])
     interpreter.allocate_tensors()
-    (scale, zero), = [interpreter.get_input_details()[0]["quantization"]]
+    scale, zero = interpreter.get_input_details()[0]["quantization"]
     interpreter.set_tensor(interpreter.get_input_details()[0]["index"],
                            np.clip(np.rint(image / 255.0 / scale) + zero, -128, 127).astype(np.int8)[None])
     interpreter.invoke()
     detail = interpreter.get_output_details()[0]
     out_scale, out_zero = detail["quantization"]
     made = (interpreter.get_tensor(detail["index"])[0].astype(np.float32) - out_zero) * out_scale * 255.0
-    int8 = calibrate_model(name, CalibrationConfig(method="minmax", samples=10), "npu")
-    wanted = reference_engine(name, int8).run(image).astype(np.float32)
+    int8 = calibrate_model(size_scaled.name, CalibrationConfig(method="minmax", samples=10), "npu")
+    wanted = reference_engine(size_scaled.name, int8).run(image).astype(np.float32)
     assert made.shape == wanted.shape == (52, 68, 3)
     assert np.abs(np.clip(np.rint(made), 0, 255) - wanted).mean() <= NPU_TOLERANCE.mean_levels
 
 
 @needs_qnn
-def test_the_hexagon_npu_runs_the_attention_family_whole(families):
-    """The SwinIR-like stand-in reaches the HTP whole: its erf GELU as one Gelu, its LayerNorms on INT8 scales
-    and biases (the spec's), the attention's 1 / sqrt(H x W) folded to an exact INT8 constant for each compiled
-    size; its output is checked against the reference like every family's."""
-    name = families["swinir-light"].name
-    int8 = calibrate_model(name, CalibrationConfig(method="minmax", samples=10), "npu")
-    engine = create_engine(EngineKind.QNN_HTP, name, int8)
-    assert engine.conformance.passed, engine.conformance
-    assert engine.run(probe_image(30, 38, seed=4)).shape == (60, 76, 3)  # another compiled size
+def test_the_hexagon_npu_runs_the_attention_family_whole(families, size_scaled):
+    """The SwinIR-like stand-in reaches the HTP whole: its erf GELU as one Gelu, its normalized q and k as
+    LpNormalization (HTP's L2Norm), its LayerNorms on INT8 scales and biases (the spec's); and the old
+    size-scaled attention with its 1 / sqrt(H x W) folded to an exact INT8 constant for each compiled size; each
+    output checked against the reference like every family's, at another size too."""
+    for model in (families["swinir-light"], size_scaled):
+        int8 = calibrate_model(model.name, CalibrationConfig(method="minmax", samples=10), "npu")
+        engine = create_engine(EngineKind.QNN_HTP, model.name, int8)
+        assert engine.conformance.passed, engine.conformance
+        assert engine.run(probe_image(30, 38, seed=4)).shape == (60, 76, 3)  # another compiled size
 
 
-def test_npu_quantizes_an_erf_gelu_as_one_op_and_a_layernorm_on_int8_parameters(families):
-    """LiteRT's GELU and QNN's Gelu are one INT8 op: the spec quantizes the exported GELU's input and output and
-    none of its five nodes' inner tensors or constants; a LayerNormalization's scale and bias are INT8 weights per
+def test_npu_quantizes_an_erf_gelu_and_a_normalize_as_one_op_and_a_layernorm_on_int8_parameters(families):
+    """LiteRT's GELU and L2_NORMALIZATION and QNN's Gelu and L2Norm are one INT8 op each: the spec quantizes the
+    exported GELU's and F.normalize's input and output and none of their inner tensors or constants (the
+    normalized output on LiteRT's fixed 1 / 128 grid); a LayerNormalization's scale and bias are INT8 weights per
     tensor, and its input and output INT8 (the second LayerNorm reads the first's parameters through Identity)."""
-    from sr.graph import GraphIndex, gelu_units
-    from sr.quant.quantspec import constant_arrays
+    from sr.graph import GraphIndex, gelu_units, l2norm_units
+    from sr.quant.quantspec import L2_NORM_OUTPUT, constant_arrays
 
-    fp32 = onnx.load(str(calibrate_model(families["swinir-light"].name, CalibrationConfig(method="minmax", samples=10),
-                                         "npu").fp32_onnx))
-    units = gelu_units(GraphIndex(fp32), constant_arrays(fp32))
-    assert len(units) == 1
+    int8 = calibrate_model(families["swinir-light"].name, CalibrationConfig(method="minmax", samples=10), "npu")
+    fp32 = onnx.load(str(int8.fp32_onnx))
+    gelu, l2 = gelu_units(GraphIndex(fp32), constant_arrays(fp32)), l2norm_units(GraphIndex(fp32), constant_arrays(fp32))
+    assert len(gelu) == 1 and len(l2) == 2
     spec = quant_spec(fp32, "npu")
-    inner = {o for n in fp32.graph.node if n.name in units[0].nodes[:-1] for o in n.output}
-    assert {units[0].input, units[0].output} <= set(spec.activations) and not inner & set(spec.activations)
-    assert not {t for n in fp32.graph.node if n.name in units[0].nodes for t in n.input} & set(spec.weights)
+    for unit in [*gelu, *l2]:
+        inner = {o for n in fp32.graph.node if n.name in unit.nodes[:-1] for o in n.output}
+        assert {unit.input, unit.output} <= set(spec.activations) and not inner & set(spec.activations)
+        assert not {t for n in fp32.graph.node if n.name in unit.nodes for t in n.input} & set(spec.weights)
+    for unit in l2:
+        scale, zero = activation_qparams(spec.activations[unit.output], *L2_NORM_OUTPUT)
+        assert (scale, zero) == (1 / 128, 0)
+        assert (int8.ranges[unit.output].low, int8.ranges[unit.output].high) == L2_NORM_OUTPUT
     norms = [n for n in fp32.graph.node if n.op_type == "LayerNormalization"]
     assert len(norms) == 2
     for norm in norms:
@@ -530,25 +553,30 @@ def test_npu_quantizes_an_erf_gelu_as_one_op_and_a_layernorm_on_int8_parameters(
         assert [spec.weights[t].axis for t in norm.input[1:]] == [None, None]
 
 
-def test_the_attention_lowerings_change_no_number(families):
-    """GELU's five nodes as one Gelu, and the size-derived scalar as an INT8 constant at a fixed size: ONNX
-    Runtime's CPU gives the written model's output for the lowered one."""
+def test_the_attention_lowerings_change_no_number(families, size_scaled):
+    """GELU's five nodes as one Gelu, F.normalize's four as one LpNormalization, and the size-derived scalar as an
+    INT8 constant at a fixed size: ONNX Runtime's CPU gives the written model's output for the lowered one."""
     import onnxruntime as ort
-    from sr.run.npu import gelu_for_htp, size_scalars_for_htp, static_input
+    from sr.run.npu import size_scalars_for_htp, static_input, units_for_htp
 
-    int8 = calibrate_model(families["swinir-light"].name, CalibrationConfig(method="minmax", samples=10), "npu")
-    written = static_input(onnx.load(str(int8.qdq_onnx)), (24, 20))
-    lowered = size_scalars_for_htp(gelu_for_htp(written))
-    kinds = [n.op_type for n in lowered.graph.node]
-    assert "Erf" not in kinds and kinds.count("Gelu") == 1
-    divisors = [n for n in lowered.graph.node if n.op_type == "Div" and any(t.endswith("_dequantized") for t in n.input)]
-    assert len(divisors) == 1 and any(t.endswith("_htp_constant") for t in divisors[0].input)
-    image = np.random.default_rng(2).random((1, 3, 24, 20), dtype=np.float32)
-    outputs = []
-    for model in (written, lowered):
-        session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-        outputs.append(session.run(None, {session.get_inputs()[0].name: image})[0])
-    assert np.abs(outputs[0] - outputs[1]).max() < 1e-6
+    for model, lowerings in ((size_scaled, {"Gelu": 1, "Div": 1}), (families["swinir-light"], {"Gelu": 1,
+                                                                                                "LpNormalization": 2})):
+        int8 = calibrate_model(model.name, CalibrationConfig(method="minmax", samples=10), "npu")
+        written = static_input(onnx.load(str(int8.qdq_onnx)), (24, 20))
+        lowered = size_scalars_for_htp(units_for_htp(written))
+        kinds = [n.op_type for n in lowered.graph.node]
+        assert not {"Erf", "ReduceL2", "Expand"} & set(kinds)
+        assert all(kinds.count(kind) == count for kind, count in lowerings.items() if kind != "Div")
+        if "Div" in lowerings:
+            divisors = [n for n in lowered.graph.node if n.op_type == "Div" and
+                        any(t.endswith("_dequantized") for t in n.input)]
+            assert len(divisors) == 1 and any(t.endswith("_htp_constant") for t in divisors[0].input)
+        image = np.random.default_rng(2).random((1, 3, 24, 20), dtype=np.float32)
+        outputs = []
+        for graph in (written, lowered):
+            session = ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
+            outputs.append(session.run(None, {session.get_inputs()[0].name: image})[0])
+        assert np.abs(outputs[0] - outputs[1]).max() < 1e-6
 
 
 def _pattern(kind: str) -> onnx.ModelProto:

@@ -132,6 +132,17 @@ def _attention():  # SwinIR-like: LayerNorm over channels (last axis), Q K^T, So
                           _floats("two", [2.0])], opset=20)
 
 
+def _l2_normalize():  # F.normalize as exported: ReduceL2 (axes an attribute; from opset 18 an input), Clip, Expand, Div
+    def model(opset: int) -> onnx.ModelProto:
+        axes = {"axes": [-1]} if opset < 18 else {}
+        nodes = [helper.make_node("ReduceL2", ["x"] if opset < 18 else ["x", "last"], ["norm"], keepdims=1, **axes),
+                 helper.make_node("Clip", ["norm", "eps"], ["floor"]),
+                 helper.make_node("Expand", ["floor", "shape"], ["wide"]),
+                 helper.make_node("Div", ["x", "wide"], ["y"])]
+        return _model(nodes, [_floats("eps", [1e-12]), _ints("shape", [1, 3, 5, 7]), _ints("last", [-1])], opset=opset)
+    return model(17), model(18)
+
+
 def _shape_ops():  # an exporter's int64 shape arithmetic: Shape, Gather, Cast, Unsqueeze, Squeeze, Tile, Expand,
     # ConstantOfShape
     nodes = [helper.make_node("Shape", ["x"], ["shape"]),
@@ -157,6 +168,11 @@ def _shape_ops():  # an exporter's int64 shape arithmetic: Shape, Gather, Cast, 
 @pytest.mark.parametrize("make", [_pools, _attention, _shape_ops], ids=["pools", "attention", "shape-ops"])
 def test_ops_of_modern_and_exported_graphs(make):
     _agrees(make(), atol=1e-5)
+
+
+def test_an_exported_l2_normalization_runs_as_onnx_runtime_runs_it():
+    for model in _l2_normalize():
+        _agrees(model, atol=1e-5)
 
 
 def test_the_constants_move_with_the_module():

@@ -2,15 +2,10 @@
 
 `OnnxModule(model)` executes the graph's nodes in order with torch ops; float initializers become trainable
 `nn.Parameter`s named as in the graph (for the lab's own exports these are the PyTorch state-dict names), the
-rest stay constants. Ops covered (the ones our own models and the user models the ONNX loader accepts are
-made of; `tests/test_qat.py` checks each against ONNX Runtime):
-
-    Conv, ConvTranspose, Relu, LeakyRelu, PRelu, Clip, Sigmoid, Tanh, Log, Exp, Add, Sub, Mul, Div, Concat,
-    Split (even, uneven, num_outputs), Slice (positive steps), Pad (with axes), Transpose (perm or reversed),
-    Reshape, DepthToSpace, SpaceToDepth, Resize (nearest with every coordinate transformation and nearest mode,
-    linear and cubic with half_pixel, pytorch_half_pixel, align_corners, asymmetric, tf_half_pixel_for_nn),
-    Identity, Constant (every value attribute but sparse and string)
-
+rest stay constants. Ops covered: those of `OPS` (what our own models and the user models the ONNX loader
+accepts are made of, attention included: MatMul, Softmax, LayerNormalization, ReduceMean, ReduceL2, Erf;
+`tests/test_qat.py` checks them against ONNX Runtime), e.g. Resize nearest with every coordinate transformation
+and nearest mode, linear and cubic with the usual ones; Slice with positive steps;
 plus any op a caller supplies (`extra_ops`: how `sr.tune.qat` runs fake quantization). Anything else is refused when
 the module is built, with the list of what is missing.
 
@@ -295,15 +290,17 @@ def _layer_norm(module, node, inputs):
                          None if bias is None else bias.expand(shape), a.get("epsilon", 1e-5))]
 
 
-def _reduce_mean(module, node, inputs):
-    a = _attrs(node)
-    axes = a.get("axes")
-    if axes is None and len(inputs) > 1 and inputs[1] is not None:  # axes as an input (opset 18)
-        axes = _ints(inputs[1])
-    keep = bool(a.get("keepdims", 1))
-    if not axes:
-        return [inputs[0].mean().reshape([1] * inputs[0].dim() if keep else [])]
-    return [inputs[0].mean(dim=[int(d) for d in axes], keepdim=keep)]
+def _reduce(how):
+    """ReduceMean (`how` "mean") or ReduceL2 ("l2"): over `axes` (an attribute, or an input from opset 18)."""
+    def reduce(module, node, inputs):
+        a = _attrs(node)
+        axes = a.get("axes")
+        if axes is None and len(inputs) > 1 and inputs[1] is not None:
+            axes = _ints(inputs[1])
+        keep, x = bool(a.get("keepdims", 1)), inputs[0]
+        dims = [int(d) for d in axes] if axes else list(range(x.dim()))
+        return [x.mean(dim=dims, keepdim=keep) if how == "mean" else x.square().sum(dim=dims, keepdim=keep).sqrt()]
+    return reduce
 
 
 def _gather(module, node, inputs):
@@ -359,7 +356,7 @@ def _gelu(module, node, inputs):
 
 OPS: dict[str, Op] = {
     "MaxPool": _pool("max"), "AveragePool": _pool("average"), "LayerNormalization": _layer_norm,
-    "ReduceMean": _reduce_mean, "Gather": _gather, "Unsqueeze": _unsqueeze, "Squeeze": _squeeze, "Cast": _cast,
+    "ReduceMean": _reduce("mean"), "ReduceL2": _reduce("l2"), "Gather": _gather, "Unsqueeze": _unsqueeze, "Squeeze": _squeeze, "Cast": _cast,
     "ConstantOfShape": _constant_of_shape, "Gelu": _gelu, "Erf": _unary(torch.erf), "Sqrt": _unary(torch.sqrt), "Neg": _unary(torch.neg),
     "Abs": _unary(torch.abs), "Pow": _binary(torch.pow), "MatMul": _binary(torch.matmul),
     "Softmax": lambda m, n, i: [torch.softmax(i[0], dim=_attrs(n).get("axis", -1))],

@@ -39,7 +39,7 @@ from typing import Sequence
 import numpy as np
 import onnx
 
-from ..graph import GeluUnit, GraphIndex, gelu_units
+from ..graph import GeluUnit, GraphIndex, L2NormUnit, op_units
 from ..choices import Choice
 from .trtfusion import conv_too_small, non_residual_input
 
@@ -97,9 +97,19 @@ LITERT_TWO_INPUTS = ("Concat", "Add", "Sub", "Mul", "MatMul")  # every activatio
 # "input and outputs must all have same scale/zero_point": data movement, pooling, resizing and padding
 LITERT_SAME_SCALE = ("DepthToSpace", "MaxPool", "AveragePool", "Resize", "Pad", "Reshape", "Transpose", "Squeeze",
                      "Unsqueeze", "Flatten", "Slice", "Split", "Gather")
-# the fixed output grids: LOGISTIC and SOFTMAX step 1/256 zero point -128 ([0, 255/256]), TANH step 1/128 zero
-# point 0 ([-1, 127/128])
+# the fixed output grids: LOGISTIC and SOFTMAX step 1/256 zero point -128 ([0, 255/256]), TANH and
+# L2_NORMALIZATION (an exported F.normalize, `sr.graph.l2norm_units`) step 1/128 zero point 0 ([-1, 127/128])
 LITERT_FIXED_OUTPUT = {"Sigmoid": (0.0, 255 / 256), "Softmax": (0.0, 255 / 256), "Tanh": (-1.0, 127 / 128)}
+L2_NORM_OUTPUT = (-1.0, 127 / 128)
+
+
+def litert_fixed_outputs(model: onnx.ModelProto) -> dict[str, tuple[float, float]]:
+    """{tensor: its fixed LiteRT range} for the network's Sigmoid, Softmax, Tanh and L2 normalization outputs (not
+    the lab's wrapper's)."""
+    nodes = [n for n in model.graph.node if not is_wrapper(n.name)]
+    fixed = {n.output[0]: LITERT_FIXED_OUTPUT[n.op_type] for n in nodes if n.op_type in LITERT_FIXED_OUTPUT}
+    units = op_units(GraphIndex(nodes), constant_arrays(model))
+    return fixed | {u.output: L2_NORM_OUTPUT for u in units if isinstance(u, L2NormUnit)}
 WEIGHT_AXIS = {"Conv": 0, "ConvTranspose": 1, "MatMul": 1, "Gemm": 1}  # the output-channel axis of each weight
 
 
@@ -304,7 +314,7 @@ def quant_spec(model: onnx.ModelProto, scheme: Scheme | str, keep_float: Sequenc
             continue
         quantized.extend(placed)
         if scheme.litert:
-            for name, axis in ([] if node.name in graph.gelu else _litert_constants(graph, node)):
+            for name, axis in ([] if node.name in graph.units else _litert_constants(graph, node)):
                 weights[name] = WeightSpec(name, node.name, None if per_tensor_weights else axis)
             continue
         weight = graph.arrays.get(node.input[1]) if len(node.input) > 1 else None
@@ -334,7 +344,7 @@ class _GraphFacts:
     user_nodes: list  # every node but the lab's wrapper
     producers: dict  # tensor -> its producer among the user's nodes
     inputs: set[str]  # what the user's own graph takes (the graph inputs, or what the wrapper feeds it)
-    gelu: dict[str, GeluUnit]  # node name -> the erf GELU it belongs to (one op to LiteRT and QNN)
+    units: dict[str, GeluUnit | L2NormUnit]  # node name -> the erf GELU or L2 norm it is in (one op to LiteRT, QNN)
 
     @classmethod
     def of(cls, model: onnx.ModelProto) -> "_GraphFacts":
@@ -343,8 +353,8 @@ class _GraphFacts:
         wrapper_outputs = {o for n in model.graph.node if is_wrapper(n.name) for o in n.output}
         inputs = {i.name for i in model.graph.input} | {t for n in user_nodes for t in n.input if t in wrapper_outputs}
         index = GraphIndex(user_nodes)
-        gelu = {name: unit for unit in gelu_units(index, arrays) for name in unit.nodes}
-        return cls(arrays, constants, float_activations(model), user_nodes, index.producers, inputs, gelu)
+        units = {name: unit for unit in op_units(index, arrays) for name in unit.nodes}
+        return cls(arrays, constants, float_activations(model), user_nodes, index.producers, inputs, units)
 
     def activation(self, name: str) -> bool:
         """True for a float activation of the user's graph (not a constant, not the wrapper's)."""
@@ -372,8 +382,8 @@ def _all_int8_tensors(graph: _GraphFacts, node: onnx.NodeProto, scheme: Scheme,
                       excluded: Sequence[str] = ()) -> list[str]:
     """The tensors the npu / cpu placement quantizes at `node`: its inputs and outputs for the covered ops
     (`excluded`: the nodes left out so far, whose outputs the cpu writer does not quantize)."""
-    if scheme.litert and node.name in graph.gelu:  # one op: its input and output, after its last node
-        unit = graph.gelu[node.name]
+    if scheme.litert and node.name in graph.units:  # one op: its input and output, after its last node
+        unit = graph.units[node.name]
         return [t for t in (unit.input, unit.output) if graph.activation(t)] if node.name == unit.nodes[-1] else []
     if node.op_type not in (LITERT_OPS if scheme.litert else ALL_INT8_OPS):
         return []
@@ -416,8 +426,8 @@ def fused_ties(model: onnx.ModelProto, quantized: set[str], litert: bool = False
     index = GraphIndex(model)
     consumers, producer = index.consumers, index.producers
     ties = {}
-    # LiteRT's fixed output grids (Sigmoid, Softmax, Tanh) are never moved onto another tensor's
-    pinned = {n.output[0] for n in model.graph.node if n.op_type in LITERT_FIXED_OUTPUT} if litert else set()
+    # LiteRT's fixed output grids (Sigmoid, Softmax, Tanh, L2 normalization) are never moved onto another tensor's
+    pinned = set(litert_fixed_outputs(model)) if litert else set()
     # ops whose output keeps a grid of its own (fixed, or its input's): a ReLU after one requantizes
     own_grid = (*LITERT_FIXED_OUTPUT, *(set(LITERT_SAME_SCALE) - {"DepthToSpace", "Slice"})) if litert else ()
     for node in model.graph.node:
@@ -475,5 +485,5 @@ def used_names(nodes) -> set[str]:
     return found
 
 
-__all__ = ["used_names", "weight_int8", "bias_int32", "constant_arrays", "constant_names", "LITERT_FIXED_OUTPUT", "constant_value", "Scheme", "QuantSpec", "ActivationSpec", "WeightSpec", "quant_spec", "activation_qparams",
+__all__ = ["litert_fixed_outputs", "L2_NORM_OUTPUT", "used_names", "weight_int8", "bias_int32", "constant_arrays", "constant_names", "LITERT_FIXED_OUTPUT", "constant_value", "Scheme", "QuantSpec", "ActivationSpec", "WeightSpec", "quant_spec", "activation_qparams",
            "is_wrapper", "WRAPPER_PREFIX"]

@@ -6,8 +6,8 @@ beyond) and is conformance-checked against the reference by `sr.run.runtime` bef
 model goes to the HTP as the lab wrote it, with lowerings a deployment converter makes too and that change no
 number: each LeakyRelu as a PRelu on an INT8 slope (`prelu_for_htp`), the image quantized at the graph's edge
 when only value moves lie before the first quantizer or after the last (`quantized_moves`), an exported erf GELU
-as one Gelu (`gelu_for_htp`), and for each compiled size a float scalar computed from tensor shapes as an exact
-INT8 constant (`size_scalars_for_htp`).
+as one Gelu and an exported F.normalize as one LpNormalization (`units_for_htp`), and for each compiled size a
+float scalar computed from tensor shapes as an exact INT8 constant (`size_scalars_for_htp`).
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ import onnx
 
 from .engines import Seamless
 from .sessions import fixed_size, ort_session
-from ..graph import GraphIndex, gelu_units
+from ..graph import GeluUnit, GraphIndex, op_units
 from ..store import Memo
 
 
@@ -108,24 +108,35 @@ def _exact_int8(value: float, stem: str, name: str) -> tuple[list, onnx.NodeProt
                                                [stem], name=name)
 
 
-def gelu_for_htp(model: onnx.ModelProto) -> onnx.ModelProto:
+def units_for_htp(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy of a QDQ model with each erf GELU (`sr.graph.gelu_units`: five nodes between one dequantizer and one
-    quantizer, as exporters write it) as one Gelu node, the same function, as Qualcomm's converter maps it: HTP has
-    a Gelu and no Erf."""
+    quantizer, as exporters write it) as one Gelu node, and each exported F.normalize (`sr.graph.l2norm_units`:
+    ReduceL2, Clip, Expand, Div) as one LpNormalization (p = 2), the same functions, as Qualcomm's converter maps
+    them: HTP has Gelu and L2Norm, and no Erf or ReduceL2. The shape arithmetic only the units read goes too."""
     from ..quant.quantspec import constant_arrays
 
-    units = gelu_units(GraphIndex(model), constant_arrays(model))
+    units = op_units(GraphIndex(model), constant_arrays(model))
     if not units:
         return model
     lowered = onnx.ModelProto()
     lowered.CopyFrom(model)
     last = {unit.nodes[-1]: unit for unit in units}
     inner = {name for unit in units for name in unit.nodes[:-1]}
-    nodes = [onnx.helper.make_node("Gelu", [last[n.name].input], [last[n.name].output], name=n.name,
-                                   domain="com.microsoft") if n.name in last else n
-             for n in lowered.graph.node if n.name not in inner]
-    read = {t for n in nodes for t in n.input}
-    nodes = [n for n in nodes if n.op_type != "Constant" or n.output[0] in read]  # the unit's own constants go
+
+    def one_op(node: onnx.NodeProto) -> onnx.NodeProto:
+        unit = last[node.name]
+        if isinstance(unit, GeluUnit):
+            return onnx.helper.make_node("Gelu", [unit.input], [unit.output], name=node.name, domain="com.microsoft")
+        return onnx.helper.make_node("LpNormalization", [unit.input], [unit.output], name=node.name, axis=unit.axis, p=2)
+
+    nodes = [one_op(n) if n.name in last else n for n in lowered.graph.node if n.name not in inner]
+    wanted = {o.name for o in lowered.graph.output}
+    while True:  # what no one reads any more (the units' constants, an Expand's shape arithmetic) goes
+        read = wanted | {t for n in nodes for t in n.input}
+        kept = [n for n in nodes if any(o in read for o in n.output)]
+        if len(kept) == len(nodes):
+            break
+        nodes = kept
     del lowered.graph.node[:]
     lowered.graph.node.extend(nodes)
     if not any(o.domain == "com.microsoft" for o in lowered.opset_import):
@@ -282,7 +293,7 @@ class QnnHtpEngine(Seamless):
         if not qnn_available():
             raise ValueError("the qnn-htp engine needs Qualcomm's QNN execution provider: pip install "
                              "onnxruntime-qnn (requirements.txt has it)")
-        self.model = quantized_moves(gelu_for_htp(prelu_for_htp(onnx.load(str(qdq_onnx)))))
+        self.model = quantized_moves(units_for_htp(prelu_for_htp(onnx.load(str(qdq_onnx)))))
         dims = self.model.graph.input[0].type.tensor_type.shape.dim
         self.fixed = fixed_size([d.dim_value if d.HasField("dim_value") else None for d in dims])
         self.scale, self.path, self.htp_arch = scale, Path(qdq_onnx), str(htp_arch)

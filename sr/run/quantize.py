@@ -30,7 +30,7 @@ from .engines import reference
 from .sessions import Observer, run_once
 from ..metrics import brightness_ratio, psnr_y
 from ..model.models import TuningRecord, model_info
-from ..quant.quantspec import LITERT_FIXED_OUTPUT, WRAPPER_PREFIX, Scheme
+from ..quant.quantspec import WRAPPER_PREFIX, Scheme, litert_fixed_outputs
 from ..quant.recipe import Fixes, QuantRecipe
 from ..progress import logged_progress
 from ..store import Memo, cache_root, file_identity, file_sha256, locked, write_atomic
@@ -182,9 +182,9 @@ def with_known_input_range(model_name: str | os.PathLike, fixes: Fixes, scheme: 
     output range spends levels on values the 8-bit image clips anyway; a narrower one, as mse or entropy may
     choose, can never reach white).
 
-    Under LiteRT the outputs of Sigmoid, Softmax and Tanh take the specification's fixed grids
-    (`sr.quant.quantspec.LITERT_FIXED_OUTPUT`: step 1/256 zero point -128, and 1/128 zero point 0) whatever
-    their calibrated range.
+    Under LiteRT the outputs of Sigmoid, Softmax, Tanh and an L2 normalization take the specification's fixed
+    grids (`sr.quant.quantspec.litert_fixed_outputs`: step 1/256 zero point -128, and 1/128 zero point 0)
+    whatever their calibrated range.
 
     Returns:
         `fixes`, with the user's input range fixed for a registered ONNX model (and every model's image input
@@ -239,11 +239,10 @@ _FIXED_OUTPUTS = Memo(256)  # (graph file, size, mtime) -> `_fixed_outputs`
 
 
 def _fixed_outputs(fp32: Path) -> dict[str, tuple[float, float]]:
-    """{output of a Sigmoid / Softmax / Tanh of the network (not the lab's wrapper): its fixed LiteRT range}."""
+    """{output of a Sigmoid / Softmax / Tanh / L2 normalization of the network (not the lab's wrapper): its fixed
+    LiteRT range}."""
     def read() -> dict[str, tuple[float, float]]:
-        model = onnx.load(str(fp32), load_external_data=False)
-        return {node.output[0]: LITERT_FIXED_OUTPUT[node.op_type] for node in model.graph.node
-                if node.op_type in LITERT_FIXED_OUTPUT and not node.name.startswith(WRAPPER_PREFIX)}
+        return litert_fixed_outputs(onnx.load(str(fp32), load_external_data=False))
 
     return _FIXED_OUTPUTS.get(file_identity(fp32), read)
 

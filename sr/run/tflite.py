@@ -16,7 +16,8 @@ convolution's output channels (no GATHER); Transpose as no op (the stored tensor
 arithmetic that an exporter computes a constant with (pads from Shape x 0) is read as that constant. An attention
 block's ops (Reshape, Slice, MatMul, Softmax, an erf GELU, LayerNormalization, a float computed from the image's
 size) are written by `sr.run.tfliteseq`: RESHAPE, STRIDED_SLICE, FULLY_CONNECTED / BATCH_MATMUL, SOFTMAX, GELU, and
-a LayerNorm as MEAN, SUB, L2_NORMALIZATION, MUL, ADD; a graph with such a float is written per size. A graph with
+a LayerNorm as MEAN, SUB, L2_NORMALIZATION, MUL, ADD, an exported F.normalize as L2_NORMALIZATION; a graph
+with such a float is written per size. A graph with
 anything else, or with a tensor the spec leaves in float, is refused in words naming the op or the tensor.
 
 Written op by op here, onto the file built with the flatbuffer object API that ships with LiteRT (`sr.run.tflitefile`);
@@ -33,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from ..graph import GraphIndex, gelu_units
+from ..graph import GeluUnit, GraphIndex, op_units
 from ..quant.searches import TensorRange
 from ..quant.quantspec import QuantSpec, activation_qparams, constant_arrays, weight_int8
 from ..store import write_atomic
@@ -46,7 +47,7 @@ from .tflitefile import Flatbuffer, TfliteUnsupported, attribute
 
 SUPPORTED_OPS = ("Conv", "ConvTranspose", "Relu", "Clip", "LeakyRelu", "PRelu", "Sigmoid", "Tanh", "Concat", "DepthToSpace",
                  "Add", "Sub", "Mul", "Div", "MaxPool", "Pad", "Resize", "Transpose", "Reshape", "Slice", "MatMul",
-                 "Softmax", "LayerNormalization", "GELU (erf)")
+                 "Softmax", "LayerNormalization", "GELU (erf)", "L2 normalization (ReduceL2, Clip, Expand, Div)")
 DECOMPOSED = ("LayerNormalization",)  # ops with no LiteRT builtin, written as several INT8 ops (`sr.run.tfliteseq`)
 _CLIPS = {(0.0, 1.0): "RELU_0_TO_1", (0.0, 6.0): "RELU6", (-1.0, 1.0): "RELU_N1_TO_1"}
 _NHWC_AXIS = {0: 0, 1: 3, 2: 1, 3: 2, -3: 3, -2: 1, -1: 2, -4: 0}
@@ -112,11 +113,12 @@ class _Writer:
         self.output(graph_input.name, count)
         if self.nhwc:
             self.layouts[graph_input.name] = [0, 1, 2, 3]
-        units = {unit.nodes[0]: unit for unit in gelu_units(GraphIndex(self.model), self.arrays)}
+        units = {unit.nodes[0]: unit for unit in op_units(GraphIndex(self.model), self.arrays)}
         inside = {name for unit in units.values() for name in unit.nodes}
         for node in self.model.graph.node:
             if node.name in units:
-                tfliteseq.write_gelu(self, units[node.name])
+                unit = units[node.name]
+                (tfliteseq.write_gelu if isinstance(unit, GeluUnit) else tfliteseq.write_l2_norm)(self, unit)
                 continue
             if node.name in inside or node.op_type in ("Shape", "Constant") or \
                     not any(t in self.activations for t in [*node.input, *node.output]):

@@ -8,7 +8,8 @@ dimensions it merges or splits lie together in the stored order (its shape read 
 has the size, SHAPE and STRIDED_SLICE, where more than one dimension follows the image's size); MatMul is
 FULLY_CONNECTED (a constant weight, INT8 per output channel, `keep_num_dims`) or BATCH_MATMUL (two activations,
 each read transposed where its layout has it so: `adj_x`, `adj_y`); Slice is STRIDED_SLICE; Softmax is SOFTMAX on
-its fixed grid; an exact GELU (`sr.graph.gelu_units`) is GELU; a LayerNormalization, which LiteRT has no builtin
+its fixed grid; an exact GELU (`sr.graph.gelu_units`) is GELU; an exported F.normalize (`sr.graph.l2norm_units`) is
+L2_NORMALIZATION on its fixed grid; a LayerNormalization, which LiteRT has no builtin
 for, is MEAN, SUB, L2_NORMALIZATION (its fixed grid, 1 / 128) and MUL by sqrt(C) x its scale, ADD of its bias:
 (x - mean) / sqrt(var) = sqrt(C) (x - mean) / ||x - mean||, every tensor INT8 (x - mean on a grid twice x's step;
 the LayerNorm's epsilon, 1e-5 against token variances, is left out). A float scalar computed from the image's size
@@ -65,7 +66,7 @@ def _source(writer, name: str) -> int:
     return writer.flat.index[name]
 
 
-def _last_is(writer, node, name: str, axis: int) -> list[int]:
+def _last_is(writer, name: str, axis: int) -> list[int]:
     """`name`'s layout with ONNX dimension `axis` stored last (what a row-wise op works along): where the graph
     has it elsewhere, a TRANSPOSE to the ONNX order is written and `name` stands for it from then on."""
     layout = layout_of(writer, name)
@@ -245,7 +246,7 @@ def write_matmul(writer, node) -> None:
     if right in writer.arrays:
         if right not in writer.weights or np.asarray(writer.arrays[right]).ndim != 2:
             raise TfliteUnsupported(f"MatMul {node.name!r}: its weight {right!r} is not a quantized [K, N] matrix")
-        layout = _last_is(writer, node, left, -1)
+        layout = _last_is(writer, left, -1)
         weight = np.asarray(writer.arrays[right], np.float32)
         axis = writer.weights[right].axis
         quantized, steps = weight_int8(weight, None if axis is None else 1)
@@ -277,7 +278,7 @@ def write_softmax(writer, node, opset: int) -> None:
     rank = len(writer.shape_pair(node.input[0])[0])
     if opset < 13 and axis % rank != rank - 1:
         raise TfliteUnsupported(f"Softmax {node.name!r}: opset {opset}'s softmax flattens from axis {axis}")
-    layout = _last_is(writer, node, node.input[0], axis)
+    layout = _last_is(writer, node.input[0], axis)
     options = writer.flat.schema.SoftmaxOptionsT()
     options.beta = 1.0
     tensor = made(writer, node.output[0], layout)
@@ -293,6 +294,15 @@ def write_gelu(writer, unit) -> None:
     writer.flat.operator("GELU", [_source(writer, unit.input)], [tensor], options, "GeluOptions")
 
 
+def write_l2_norm(writer, unit) -> None:
+    """L2_NORMALIZATION of an exported F.normalize (`sr.graph.l2norm_units`) along its axis, stored last; its
+    output on the fixed 1 / 128 grid (the spec's)."""
+    layout = _last_is(writer, unit.input, unit.axis)
+    tensor = made(writer, unit.output, layout)
+    writer.flat.operator("L2_NORMALIZATION", [_source(writer, unit.input)], [tensor],
+                         writer.flat.schema.L2NormOptionsT(), "L2NormOptions")
+
+
 def write_layernorm(writer, node) -> None:
     """MEAN, SUB, L2_NORMALIZATION, MUL by sqrt(C) x scale, ADD of the bias (see the module docstring)."""
     x, out = node.input[0], node.output[0]
@@ -300,7 +310,7 @@ def write_layernorm(writer, node) -> None:
     axis = int(attribute(node, "axis", -1)) % rank
     if axis != rank - 1:
         raise TfliteUnsupported(f"LayerNormalization {node.name!r}: over dimensions {axis}.. (the last only is written)")
-    layout = _last_is(writer, node, x, -1)
+    layout = _last_is(writer, x, -1)
     gamma = np.asarray(writer.arrays.get(node.input[1], np.array([])), np.float32).reshape(-1)
     beta = np.asarray(writer.arrays[node.input[2]], np.float32).reshape(-1) if len(node.input) > 2 and node.input[2] \
         else np.zeros_like(gamma)
@@ -379,7 +389,7 @@ def sequence_binary(writer, node, op: str, options, kind: str) -> None:
         raise TfliteUnsupported(f"{node.op_type} {node.name!r}: operands stored in different layouts or shapes")
     layout = list(layouts.pop())
     if any(name in writer.arrays and np.size(writer.arrays[name]) > 1 for name in node.input):
-        layout = _last_is(writer, node, activations[0], -1)  # (before its stored tensor is read below)
+        layout = _last_is(writer, activations[0], -1)  # (before its stored tensor is read below)
     inputs = [_source(writer, name) if name in writer.flat.index else
               _constant(writer, node, name, len(layout)) if name in writer.arrays else
               sized_constant(writer, node, name) for name in node.input]
@@ -388,4 +398,4 @@ def sequence_binary(writer, node, op: str, options, kind: str) -> None:
 
 
 __all__ = ["SizeDependent", "NHWC", "layout_of", "write_transpose", "write_reshape", "write_slice", "write_matmul",
-           "write_softmax", "write_gelu", "write_layernorm", "sequence_binary", "sized_constant"]
+           "write_softmax", "write_gelu", "write_l2_norm", "write_layernorm", "sequence_binary", "sized_constant"]
