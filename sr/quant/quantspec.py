@@ -382,7 +382,9 @@ def _all_int8_tensors(graph: _GraphFacts, node: onnx.NodeProto, scheme: Scheme,
                       excluded: Sequence[str] = ()) -> list[str]:
     """The tensors the npu / cpu placement quantizes at `node`: its inputs and outputs for the covered ops
     (`excluded`: the nodes left out so far, whose outputs the cpu writer does not quantize)."""
-    if scheme.litert and node.name in graph.units:  # one op: its input and output, after its last node
+    if node.name in graph.units and not scheme.litert:  # (an L2 norm's Clip is no activation's: none of it)
+        return []
+    if node.name in graph.units:  # one op: its input and output, after its last node
         unit = graph.units[node.name]
         return [t for t in (unit.input, unit.output) if graph.activation(t)] if node.name == unit.nodes[-1] else []
     if node.op_type not in (LITERT_OPS if scheme.litert else ALL_INT8_OPS):
