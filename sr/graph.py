@@ -106,8 +106,9 @@ def l2norm_units(index: GraphIndex, arrays: dict[str, np.ndarray]) -> list[L2Nor
         if node is not None and node.op_type == "Expand" and only(tensor):
             chain, tensor = [node, *chain], node.input[0]
             node = index.producer(tensor)
-        floor = node is not None and only(tensor) and node.op_type in ("Clip", "Max") and (
-            node.input[1] if len(node.input) > 1 else "") in arrays and float(
+        floor = node is not None and only(tensor) and node.op_type in ("Clip", "Max") and len(node.input) == 2 or (
+            node is not None and node.op_type == "Clip" and len(node.input) == 3 and not node.input[2])
+        floor = floor and only(tensor) and node.input[1] in arrays and float(
             np.asarray(arrays[node.input[1]]).reshape(-1)[0]) <= 1e-4
         reduce = floor and index.producer(node.input[0])
         if not reduce or reduce.op_type != "ReduceL2" or reduce.input[0] != x or not only(node.input[0]):

@@ -321,6 +321,117 @@ def test_a_reshape_that_would_mix_the_stored_dimensions_is_refused_naming_it():
                 tflite_bytes(model(shape), spec, ranges)
 
 
+def _written_against_fp32(model: onnx.ModelProto, image: np.ndarray) -> tuple[np.ndarray, np.ndarray, bytes]:
+    """(the .tflite's output, the FP32 graph's, the file) on `image` (NCHW, [0, 1]): the file written with the
+    FP32 graph's own min / max on that image as its ranges (LiteRT's fixed grids where it has them)."""
+    import onnxruntime as ort
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+    from sr.quant.qdq import tie_fused_ranges
+    from sr.quant.quantspec import litert_fixed_outputs
+    from sr.quant.searches import TensorRange
+    from sr.run.tflite import tflite_bytes
+
+    spec = quant_spec(model, "npu")
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    probe.graph.output.extend(helper.make_empty_tensor_value_info(t) for t in spec.activations if t != "y")
+    session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    values = dict(zip([o.name for o in session.get_outputs()], session.run(None, {"x": image})))
+    values["x"] = image
+    fixed = litert_fixed_outputs(model)
+    ranges = {t: TensorRange(t, *fixed.get(t, (float(values[t].min()), float(values[t].max()))), 0.0, 0.0, 0.0,
+                             "fixed") for t in spec.activations}
+    content = tflite_bytes(model, spec, tie_fused_ranges(spec, ranges))
+    interpreter = Interpreter(model_content=content, experimental_op_resolver_type=OpResolverType.BUILTIN_REF)
+    nhwc = image.transpose(0, 2, 3, 1)
+    interpreter.resize_tensor_input(0, list(nhwc.shape))
+    interpreter.allocate_tensors()
+    (scale, zero), detail = interpreter.get_input_details()[0]["quantization"], interpreter.get_output_details()[0]
+    interpreter.set_tensor(interpreter.get_input_details()[0]["index"],
+                           np.clip(np.rint(nhwc / scale) + zero, -128, 127).astype(np.int8))
+    interpreter.invoke()
+    out_scale, out_zero = detail["quantization"]
+    written = (interpreter.get_tensor(detail["index"]).astype(np.float32) - out_zero) * out_scale
+    return written.transpose(0, 3, 1, 2), values["y"], content
+
+
+def _tokens(middle: list, inputs=(), size=(8, 8)) -> onnx.ModelProto:
+    """Conv (4 channels) -> tokens [1, 4, H x W] -> `middle` (from "t" to "u", [1, 4, H x W]) -> back -> Conv."""
+    rng = np.random.default_rng(4)
+    nodes = [helper.make_node("Conv", ["x", "w"], ["a"], name="c", pads=[1, 1, 1, 1]),
+             helper.make_node("Reshape", ["a", "flat"], ["t"], name="fold"), *middle,
+             helper.make_node("Reshape", ["u", "back"], ["b"], name="unfold"),
+             helper.make_node("Conv", ["b", "w2"], ["y"], name="c2", pads=[1, 1, 1, 1])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, *size])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, *size])],
+                              [numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "w"),
+                               numpy_helper.from_array(rng.standard_normal((3, 4, 3, 3)).astype(np.float32), "w2"),
+                               numpy_helper.from_array(np.array([1, 4, size[0] * size[1]], np.int64), "flat"),
+                               numpy_helper.from_array(np.array([1, 4, *size], np.int64), "back"), *inputs])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@needs_litert
+@pytest.mark.parametrize("axis", [1, 2])
+def test_a_softmax_along_a_dimension_stored_elsewhere_is_written_along_it(axis):
+    """Softmax over the channels of [1, H x W, C] tokens (stored last) or over the pixels (stored elsewhere: a
+    TRANSPOSE moves that dimension last first): the file computes the graph's function, to INT8's error."""
+    middle = [helper.make_node("Transpose", ["t"], ["s"], perm=[0, 2, 1]),
+              helper.make_node("Softmax", ["s"], ["p"], axis=axis),
+              helper.make_node("Transpose", ["p"], ["u"], perm=[0, 2, 1])]
+    image = np.random.default_rng(5).random((1, 3, 8, 8), dtype=np.float32)
+    written, fp32, _ = _written_against_fp32(_tokens(middle), image)
+    assert np.abs(written - fp32).max() < 0.1 * np.abs(fp32).max()
+
+
+@needs_litert
+def test_divisions_litert_cannot_do_in_int8_are_refused_and_slices_follow_the_size():
+    """A Div of two activations is refused naming it (it used to be written as a MUL); a Slice ending at -1 on
+    a dimension the image's size decides is written as -1, not as the probe's size less one."""
+    from sr.run.tflite import tflite_bytes
+    from sr.run.tflitefile import TfliteUnsupported
+    from sr.quant.searches import TensorRange
+
+    middle = [helper.make_node("Div", ["t", "t"], ["u"], name="ratio")]
+    model = _tokens(middle)
+    spec = quant_spec(model, "npu")
+    with pytest.raises(TfliteUnsupported, match="Div 'ratio'"):
+        tflite_bytes(model, spec, {t: TensorRange(t, -1.0, 1.0, -1.0, 1.0, 0.0, "fixed") for t in spec.activations})
+    rng = np.random.default_rng(6)
+    nodes = [helper.make_node("Conv", ["x", "w"], ["a"], pads=[1, 1, 1, 1]),
+             helper.make_node("Slice", ["a", "zero", "less", "height"], ["s"]),
+             helper.make_node("Conv", ["s", "w2"], ["y"], pads=[1, 1, 1, 1])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, "h", "w"])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, "H", "w"])],
+                              [numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "w"),
+                               numpy_helper.from_array(rng.standard_normal((3, 4, 3, 3)).astype(np.float32), "w2"),
+                               numpy_helper.from_array(np.array([0], np.int64), "zero"),
+                               numpy_helper.from_array(np.array([-1], np.int64), "less"),
+                               numpy_helper.from_array(np.array([2], np.int64), "height")])
+    image = np.random.default_rng(7).random((1, 3, 20, 12), dtype=np.float32)
+    written, fp32, _ = _written_against_fp32(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]),
+                                             image)
+    assert written.shape == fp32.shape == (1, 3, 19, 12)
+
+
+def test_only_an_l2_normalization_is_taken_for_one():
+    """ReduceL2 -> Clip(eps) -> Expand -> Div is one L2 norm; with a Clip that also caps the norm it is not."""
+    from sr.graph import GraphIndex, l2norm_units
+    from sr.quant.quantspec import constant_arrays
+
+    for top, found in (("", 1), ("one", 0)):
+        nodes = [helper.make_node("ReduceL2", ["x"], ["n"], axes=[-1], keepdims=1),
+                 helper.make_node("Clip", ["n", "eps", top], ["f"]),
+                 helper.make_node("Expand", ["f", "shape"], ["e"]), helper.make_node("Div", ["x", "e"], ["y"])]
+        graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8])],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8])],
+                                  [numpy_helper.from_array(np.array(1e-12, np.float32), "eps"),
+                                   numpy_helper.from_array(np.array(1.0, np.float32), "one"),
+                                   numpy_helper.from_array(np.array([1, 4, 8], np.int64), "shape")])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        assert len(l2norm_units(GraphIndex(model), constant_arrays(model))) == found
+
+
 @needs_litert
 def test_the_bundle_ships_the_tflite_and_says_what_each_runtime_gave(tmp_path):
     from sr.lab.bundle import export_bundle
@@ -495,7 +606,7 @@ def test_a_size_dependent_bundle_ships_the_tflite_for_its_images_size(size_scale
     bundle = export_bundle(size_scaled.name, CalibrationConfig(method="minmax", samples=10), tmp_path, images=[image])
     assert "model.tflite" in bundle.files
     readme = (tmp_path / "README.md").read_text()
-    assert "`model.tflite` is written for 26 x 34 inputs (the first image's)" in readme
+    assert "`model.tflite` is written for 26 x 34 inputs (the first image's, or its first tile's)" in readme
     interpreter = Interpreter(model_path=str(tmp_path / "model.tflite"))
     interpreter.resize_tensor_input(0, [1, 26, 34, 3])
     interpreter.allocate_tensors()

@@ -173,6 +173,9 @@ def test_ops_of_modern_and_exported_graphs(make):
 def test_an_exported_l2_normalization_runs_as_onnx_runtime_runs_it():
     for model in _l2_normalize():
         _agrees(model, atol=1e-5)
+    x = torch.zeros(1, 3, 5, 7, requires_grad=True)  # a row that is all zero (a flat patch, fake-quantized)
+    OnnxModule(_l2_normalize()[0])(x).sum().backward()
+    assert torch.isfinite(x.grad).all()
 
 
 def test_the_constants_move_with_the_module():

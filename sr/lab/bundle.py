@@ -179,7 +179,8 @@ def _tflite_figures(int8: CalibratedModel, images: Sequence[np.ndarray], fp32_ou
         if first is None:
             return False, [f"No `model.tflite`: {sized}, and LiteRT ran no image here."] + lines
         source = tflite_model(int8, first)
-        lines.insert(0, f"`model.tflite` is written for {first[0]} x {first[1]} inputs (the first image's): "
+        lines.insert(0, f"`model.tflite` is written for {first[0]} x {first[1]} inputs (the first image's, or its "
+                        "first tile's): "
                         f"{sized}; a converter folds that float for the "
                         "shape it converts, and so does the lab: the figures below ran the file written for each "
                         "image's size.")

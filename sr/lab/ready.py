@@ -484,14 +484,14 @@ def _qat(config: ReadyConfig, judge: _Judge, best: Candidate, clock: _Clock, say
         try:  # the time budget is QAT's own max_seconds, so its end is said as such ("time budget of N s reached")
             result = quantization_aware_training(qat_config, seen, lambda: reached["loss"] <= goal or stop())
         except ValueError as error:  # an op the interpreter does not cover: the route is closed, in words
-            notes.append(f"QAT is not possible: {error}")
+            notes.append(f"{'another QAT round' if candidates else 'QAT'} is not possible: {error}")
             break
         steps += result.steps
         candidates.append(judge.candidate(f"QAT, {steps} steps", str(result.weights), best.calibration, config.scheme))
         seconds, loss = clock.left() - RESERVE_SECONDS, candidates[-1].loss_db
         if loss <= config.target_db or reached["loss"] > goal or seconds < MIN_QAT_SECONDS or stop():
             break
-        margin += max(loss - reached["loss"], 0.002)
+        margin = max(margin + 0.002, loss - reached["loss"])  # the gap between the proxy and the written model
         notes.append(f"QAT's fake-quantized validation reached {reached['loss']:.3f} dB, the written INT8 model {loss:.3f} "
                      f"dB: trained on from those weights, to {config.target_db - margin:.3f} dB fake-quantized")
         model = str(result.weights)

@@ -299,7 +299,8 @@ def _reduce(how):
             axes = _ints(inputs[1])
         keep, x = bool(a.get("keepdims", 1)), inputs[0]
         dims = [int(d) for d in axes] if axes else list(range(x.dim()))
-        return [x.mean(dim=dims, keepdim=keep) if how == "mean" else x.square().sum(dim=dims, keepdim=keep).sqrt()]
+        return [x.mean(dim=dims, keepdim=keep) if how == "mean" else  # (a zero row: gradient 0, not NaN)
+                torch.linalg.vector_norm(x, dim=dims, keepdim=keep)]
     return reduce
 
 

@@ -50,6 +50,8 @@ SUPPORTED_OPS = ("Conv", "ConvTranspose", "Relu", "Clip", "LeakyRelu", "PRelu", 
                  "Softmax", "LayerNormalization", "GELU (erf)", "L2 normalization (ReduceL2, Clip, Expand, Div)")
 DECOMPOSED = ("LayerNormalization",)  # ops with no LiteRT builtin, written as several INT8 ops (`sr.run.tfliteseq`)
 _CLIPS = {(0.0, 1.0): "RELU_0_TO_1", (0.0, 6.0): "RELU6", (-1.0, 1.0): "RELU_N1_TO_1"}
+_TOKEN_OPS = {"Reshape": tfliteseq.write_reshape, "Slice": tfliteseq.write_slice, "MatMul": tfliteseq.write_matmul,
+              "LayerNormalization": tfliteseq.write_layernorm}  # written by `sr.run.tfliteseq` as they are
 _NHWC_AXIS = {0: 0, 1: 3, 2: 1, 3: 2, -3: 3, -2: 1, -1: 2, -4: 0}
 
 
@@ -126,7 +128,10 @@ class _Writer:
             if node.op_type not in SUPPORTED_OPS:
                 raise TfliteUnsupported(f"the .tflite writer cannot express {node.op_type} ({node.name!r}); it "
                                         f"writes {', '.join(SUPPORTED_OPS)}")
-            getattr(self, f"_{node.op_type.lower()}")(node)
+            if node.op_type in _TOKEN_OPS:
+                _TOKEN_OPS[node.op_type](self, node)
+            else:
+                getattr(self, f"_{node.op_type.lower()}")(node)
         result = self.model.graph.output[0].name
         if self.layouts.get(result, [0, 1, 2, 3] if self.nhwc else NHWC) != ([0, 1, 2, 3] if self.nhwc else NHWC):
             raise TfliteUnsupported(f"the output {result!r} is not an image in the .tflite's NHWC layout")
@@ -146,11 +151,11 @@ class _Writer:
             raise TfliteUnsupported(f"the shape of {name!r} could not be read by running the graph")
         return self.shapes[name]
 
-    def at_size(self, tensors: list[str]) -> list[np.ndarray]:
-        """`tensors` as the FP32 graph computes them for the size being written."""
-        found = self.probed(tensors, [self.size])
+    def at_size(self, tensors: list[str], size: tuple[int, int]) -> list[np.ndarray]:
+        """`tensors` as the FP32 graph computes them for an input of `size`."""
+        found = self.probed(tensors, [size])
         if not found:
-            raise TfliteUnsupported(f"{tensors} could not be computed at {self.size[0]} x {self.size[1]}")
+            raise TfliteUnsupported(f"{tensors} could not be computed at {size[0]} x {size[1]}")
         return found[0]
 
     def layout_transpose(self, image: str):
@@ -213,10 +218,12 @@ class _Writer:
         return activation_qparams(self.activations[name], r.low, r.high)
 
     def activation(self, name: str) -> int:
-        """The stored tensor of an activation an image op reads (stored NHWC)."""
+        """The stored tensor of an activation an image op reads (stored NHWC; moved there if it is not)."""
         if self.layouts.get(name, NHWC) != NHWC:
-            raise TfliteUnsupported(f"tensor {name!r} is read by an op that takes an NHWC image, but the graph has "
-                                    f"it in another layout (ONNX dimensions {self.layouts[name]} stored)")
+            if len(self.layouts[name]) != 4:
+                raise TfliteUnsupported(f"tensor {name!r} (rank {len(self.layouts[name])}) is read by an op that "
+                                        "takes an NHWC image")
+            tfliteseq.moved(self, name, NHWC)  # an image the graph had stored otherwise: a TRANSPOSE to NHWC
         if name not in self.flat.index:
             raise TfliteUnsupported(f"tensor {name!r} is read before it is made (a graph input other than the image?)")
         return self.flat.index[name]
@@ -355,24 +362,15 @@ class _Writer:
     def _mul(self, node) -> None:
         self._binary(node, "MUL", self.flat.schema.MulOptionsT(), "MulOptions")
 
-    def _div(self, node) -> None:
-        self._binary(node, "MUL", self.flat.schema.MulOptionsT(), "MulOptions")  # by the divisor's reciprocal
+    def _div(self, node) -> None:  # MUL by the reciprocal of a constant, or of a float from the image's size
+        if node.input[0] not in self.flat.index or node.input[1] in self.flat.index:
+            raise TfliteUnsupported(f"Div {node.name!r}: LiteRT's INT8 ops divide an activation by a constant only")
+        self._binary(node, "MUL", self.flat.schema.MulOptionsT(), "MulOptions")
 
-    def _reshape(self, node) -> None:
-        tfliteseq.write_reshape(self, node)
-
-    def _slice(self, node) -> None:
-        tfliteseq.write_slice(self, node)
-
-    def _matmul(self, node) -> None:
-        tfliteseq.write_matmul(self, node)
 
     def _softmax(self, node) -> None:
         opset = next((o.version for o in self.model.opset_import if o.domain in ("", "ai.onnx")), 13)
         tfliteseq.write_softmax(self, node, opset)
-
-    def _layernormalization(self, node) -> None:
-        tfliteseq.write_layernorm(self, node)
 
     def _maxpool(self, node) -> None:
         kernel = list(attribute(node, "kernel_shape"))

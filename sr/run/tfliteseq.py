@@ -3,18 +3,22 @@ Restormer-like) is made of, in LiteRT's INT8 builtins.
 
 An ONNX tensor is stored in the .tflite in a *layout*: the order of its ONNX dimensions in the stored tensor
 (NCHW images are stored NHWC, [0, 2, 3, 1]; a [B, C, H x W] reshape of one is stored [B, H x W, C], [0, 2, 1]).
-A Transpose is then no op at all (the same stored tensor, another layout); a Reshape is RESHAPE where the
+A Transpose is then no op at all (the same stored tensor, another layout), and a TRANSPOSE is written only where
+an op needs its dimension stored last (a Softmax, a norm) or an image op needs NHWC (`moved`); a Reshape is
+RESHAPE where the
 dimensions it merges or splits lie together in the stored order (its shape read at run time from a tensor that
 has the size, SHAPE and STRIDED_SLICE, where more than one dimension follows the image's size); MatMul is
 FULLY_CONNECTED (a constant weight, INT8 per output channel, `keep_num_dims`) or BATCH_MATMUL (two activations,
-each read transposed where its layout has it so: `adj_x`, `adj_y`); Slice is STRIDED_SLICE; Softmax is SOFTMAX on
+each read transposed where its layout has it so: `adj_x`, `adj_y`); Slice is STRIDED_SLICE (its bounds on a
+dimension the image decides kept relative: -1, or to the end); Div of an activation by a constant is MUL by
+its reciprocal (of two activations, refused: LiteRT's DIV has no INT8); Softmax is SOFTMAX on
 its fixed grid; an exact GELU (`sr.graph.gelu_units`) is GELU; an exported F.normalize (`sr.graph.l2norm_units`) is
 L2_NORMALIZATION on its fixed grid; a LayerNormalization, which LiteRT has no builtin
 for, is MEAN, SUB, L2_NORMALIZATION (its fixed grid, 1 / 128) and MUL by sqrt(C) x its scale, ADD of its bias:
 (x - mean) / sqrt(var) = sqrt(C) (x - mean) / ||x - mean||, every tensor INT8 (x - mean on a grid twice x's step;
 the LayerNorm's epsilon, 1e-5 against token variances, is left out). A float scalar computed from the image's size
 (an attention's 1 / sqrt(H x W)) is an exact INT8 constant (64 at step |c| / 64), as a converter folds it, so such a
-graph is written for one size at a time (`SizeDependent` when no size is given).
+graph is written for one size at a time (`SizeDependent` when no size is given; a fixed-size graph at its own).
 
 `writer` below is the op-by-op writer: its `flat`, constant `arrays`, the spec's `weights`, `layouts`, the ONNX
 shapes it probed (`shapes`), its tensors' `qparams`, `int32`, and `size` (the image size it writes for, or None).
@@ -66,20 +70,30 @@ def _source(writer, name: str) -> int:
     return writer.flat.index[name]
 
 
+def moved(writer, name: str, wanted: list[int]) -> None:
+    """`name` stored in layout `wanted`: a TRANSPOSE where it is stored otherwise, and `name` stands for its
+    output from then on."""
+    layout = layout_of(writer, name)
+    if layout == wanted:
+        return
+    first, second = stored(writer, name, wanted)
+    tensor = writer.flat.tensor(f"{name}_{''.join(map(str, wanted))}", None, writer.qparams(name),
+                                signature=[a if a == b else -1 for a, b in zip(first, second)])
+    writer.flat.operator("TRANSPOSE", [_source(writer, name), writer.int32(f"{name}_perm{len(writer.flat.tensors)}",
+                                                                            [layout.index(d) for d in wanted])],
+                         [tensor], writer.flat.schema.TransposeOptionsT(), "TransposeOptions")
+    writer.flat.index[name], writer.layouts[name] = tensor, wanted
+    writer.channels[name] = first[-1] if first[-1] == second[-1] else -1
+
+
 def _last_is(writer, name: str, axis: int) -> list[int]:
     """`name`'s layout with ONNX dimension `axis` stored last (what a row-wise op works along): where the graph
-    has it elsewhere, a TRANSPOSE to the ONNX order is written and `name` stands for it from then on."""
+    has it elsewhere, moved there (the ONNX order with `axis` last)."""
     layout = layout_of(writer, name)
-    if layout[-1] == axis % len(layout):
-        return layout
-    wanted = list(range(len(layout)))
-    moved = writer.flat.tensor(f"{name}_ordered", None, writer.qparams(name),
-                               signature=[a if a == b else -1 for a, b in zip(*writer.shape_pair(name))])
-    writer.flat.operator("TRANSPOSE", [_source(writer, name), writer.int32(f"{name}_perm", [layout.index(d)
-                                                                                           for d in wanted])],
-                         [moved], writer.flat.schema.TransposeOptionsT(), "TransposeOptions")
-    writer.flat.index[name], writer.layouts[name] = moved, wanted
-    return wanted
+    axis %= len(layout)
+    if layout[-1] != axis:
+        moved(writer, name, [d for d in range(len(layout)) if d != axis] + [axis])
+    return layout_of(writer, name)
 
 
 def write_transpose(writer, node) -> None:
@@ -219,16 +233,16 @@ def write_slice(writer, node) -> None:
     for start, stop, axis, step in zip(starts, ends, axes, steps):
         axis = int(axis) % rank
         position = layout.index(axis)
-        fixed = first[axis] == second[axis]
-        if step != 1 or (not fixed and (start < 0 or 0 <= stop < max(first[axis], second[axis]))):
+        size, fixed = first[axis], first[axis] == second[axis]
+        whole = stop >= 2 ** 30  # an exporter's "to the end" (INT64_MAX, INT32_MAX)
+        if step != 1 or (not fixed and not (whole or stop < 0) or not fixed and start >= min(first[axis],
+                                                                                                  second[axis])):
             raise TfliteUnsupported(f"Slice {node.name!r}: step {step}, or bounds within a size the image decides")
-        size = first[axis]
-        begin[position] = int(start + size if start < 0 else min(start, size))
+        begin[position] = int(start if not fixed else start + size if start < 0 else min(start, size))
         begin_mask &= ~(1 << position)
-        if stop < size:
-            end[position] = int(stop + size if stop < 0 else stop)
+        if not whole and (not fixed or stop < size):
+            end[position] = int(stop if not fixed or stop >= 0 else stop + size)
             end_mask &= ~(1 << position)
-        stride[position] = 1
     schema = writer.flat.schema
     options = schema.StridedSliceOptionsT()
     options.beginMask, options.endMask = begin_mask, end_mask
@@ -348,15 +362,17 @@ def write_layernorm(writer, node) -> None:
 def sized_constant(writer, node, name: str) -> int:
     """A float scalar that `node` reads, computed from the image's size, as an exact INT8 constant for the size
     being written (its reciprocal for a Div's divisor)."""
-    if writer.size is None:
+    sizes = writer.probe_sizes()
+    size = writer.size or (sizes[0] if sizes[0] == sizes[1] else None)  # a fixed-size graph: its own size
+    if size is None:
         raise SizeDependent(f"{node.op_type} {node.name!r} reads {name!r}, a float computed from the image's size: "
                             "the .tflite is written for one size at a time")
-    value = np.asarray(writer.at_size([name])[0], np.float64).reshape(-1)
+    value = np.asarray(writer.at_size([name], size)[0], np.float64).reshape(-1)
     if value.size != 1 or not np.isfinite(value[0]) or value[0] == 0:
         raise TfliteUnsupported(f"{node.op_type} {node.name!r}: {name!r} is not one finite non-zero number")
     c = float(value[0])
     c = 1.0 / c if node.op_type == "Div" else c
-    return writer.flat.tensor(f"{name}_int8_{writer.size[0]}x{writer.size[1]}", None,
+    return writer.flat.tensor(f"{name}_int8_{size[0]}x{size[1]}", None,
                               (np.array([abs(c) / 64.0], np.float32), np.zeros(1, np.int64)),
                               np.array([64 if c > 0 else -64], np.int8), writer.flat.schema.TensorType.INT8)
 
@@ -397,5 +413,5 @@ def sequence_binary(writer, node, op: str, options, kind: str) -> None:
     writer.flat.operator(op, inputs, [tensor], options, kind)
 
 
-__all__ = ["SizeDependent", "NHWC", "layout_of", "write_transpose", "write_reshape", "write_slice", "write_matmul",
+__all__ = ["SizeDependent", "NHWC", "layout_of", "moved", "write_transpose", "write_reshape", "write_slice", "write_matmul",
            "write_softmax", "write_gelu", "write_l2_norm", "write_layernorm", "sequence_binary", "sized_constant"]
