@@ -202,6 +202,12 @@ def weight_int8(values: np.ndarray, axis: int | None) -> tuple[np.ndarray, np.nd
     return np.clip(np.rint(values / shaped), -127, 127).astype(np.int8), scale
 
 
+def exact_int8(value: float) -> tuple[int, np.float32]:
+    """A float scalar as an INT8 level and step whose product is the value itself: +-64 at step |value| / 64 (a
+    power of two apart), as a converter folds a scalar it knows (an HTP PReLU slope, a size-derived scale)."""
+    return (64 if value >= 0 else -64), np.float32(abs(value) / 64)
+
+
 def _constants(model: onnx.ModelProto) -> tuple[dict[str, np.ndarray], set[str]]:
     """(`constant_arrays`, `constant_names`)."""
     return constant_arrays(model), constant_names(model)
@@ -487,5 +493,5 @@ def used_names(nodes) -> set[str]:
     return found
 
 
-__all__ = ["litert_fixed_outputs", "L2_NORM_OUTPUT", "used_names", "weight_int8", "bias_int32", "constant_arrays", "constant_names", "LITERT_FIXED_OUTPUT", "constant_value", "Scheme", "QuantSpec", "ActivationSpec", "WeightSpec", "quant_spec", "activation_qparams",
+__all__ = ["exact_int8", "litert_fixed_outputs", "L2_NORM_OUTPUT", "used_names", "weight_int8", "bias_int32", "constant_arrays", "constant_names", "LITERT_FIXED_OUTPUT", "constant_value", "Scheme", "QuantSpec", "ActivationSpec", "WeightSpec", "quant_spec", "activation_qparams",
            "is_wrapper", "WRAPPER_PREFIX"]

@@ -100,9 +100,11 @@ def _exact_int8(value: float, stem: str, name: str) -> tuple[list, onnx.NodeProt
     """(initializers, DequantizeLinear to `stem`) of a float scalar as an INT8 constant that dequantizes to it
     exactly: +-64 at step |value| / 64 (a power of two apart, so the product is the value itself)."""
     from onnx import numpy_helper
+    from ..quant.quantspec import exact_int8
 
-    initializers = [numpy_helper.from_array(np.array(64 if value >= 0 else -64, np.int8), f"{stem}_q"),
-                    numpy_helper.from_array(np.array(abs(value) / 64, np.float32), f"{stem}_scale"),
+    level, step = exact_int8(value)
+    initializers = [numpy_helper.from_array(np.array(level, np.int8), f"{stem}_q"),
+                    numpy_helper.from_array(np.array(step, np.float32), f"{stem}_scale"),
                     numpy_helper.from_array(np.array(0, np.int8), f"{stem}_zero")]
     return initializers, onnx.helper.make_node("DequantizeLinear", [f"{stem}_q", f"{stem}_scale", f"{stem}_zero"],
                                                [stem], name=name)

@@ -181,12 +181,13 @@ def create_engine(kind: EngineKind | str, model: str, int8: CalibratedModel | No
             tflite, per_size = tflite_model(int8), None
         except SizeDependent:  # a float from the image's size: a file per size, as a converter writes one
             tflite, per_size = None, functools.partial(tflite_model, int8)
+        fp32 = onnx.load(str(int8.fp32_onnx))
         engine = LiteRTEngine(tflite, scale, kernels, name=f"{kind.value}-{int8.scheme.value}",
-                              wrapper=wrapper_parts(onnx.load(str(int8.fp32_onnx))),
+                              wrapper=wrapper_parts(fp32),
                               nhwc=contract is not None and contract.layout.value == "nhwc", per_size=per_size)
         # XNNPACK runs the reference's arithmetic op for op: the INT8 tolerance; but where the file decomposes an op
         # the reference runs whole (a LayerNorm: MEAN, SUB, L2_NORMALIZATION), or on the reference kernels, the NPU's
-        decomposed = any(node.op_type in DECOMPOSED for node in onnx.load(str(int8.fp32_onnx)).graph.node)
+        decomposed = any(node.op_type in DECOMPOSED for node in fp32.graph.node)
         return _checked(engine, model, int8, INT8_TOLERANCE if kernels == "xnnpack" and not decomposed else
                         NPU_TOLERANCE, kind.value)
     if kind is EngineKind.QNN_HTP:

@@ -50,8 +50,9 @@ SUPPORTED_OPS = ("Conv", "ConvTranspose", "Relu", "Clip", "LeakyRelu", "PRelu", 
                  "Softmax", "LayerNormalization", "GELU (erf)", "L2 normalization (ReduceL2, Clip, Expand, Div)")
 DECOMPOSED = ("LayerNormalization",)  # ops with no LiteRT builtin, written as several INT8 ops (`sr.run.tfliteseq`)
 _CLIPS = {(0.0, 1.0): "RELU_0_TO_1", (0.0, 6.0): "RELU6", (-1.0, 1.0): "RELU_N1_TO_1"}
-_TOKEN_OPS = {"Reshape": tfliteseq.write_reshape, "Slice": tfliteseq.write_slice, "MatMul": tfliteseq.write_matmul,
-              "LayerNormalization": tfliteseq.write_layernorm}  # written by `sr.run.tfliteseq` as they are
+_TOKEN_OPS = {"Transpose": tfliteseq.write_transpose, "Reshape": tfliteseq.write_reshape,
+              "Slice": tfliteseq.write_slice, "MatMul": tfliteseq.write_matmul, "Softmax": tfliteseq.write_softmax,
+              "LayerNormalization": tfliteseq.write_layernorm}  # written by `sr.run.tfliteseq`
 _NHWC_AXIS = {0: 0, 1: 3, 2: 1, 3: 2, -3: 3, -2: 1, -1: 2, -4: 0}
 
 
@@ -132,8 +133,8 @@ class _Writer:
                 _TOKEN_OPS[node.op_type](self, node)
             else:
                 getattr(self, f"_{node.op_type.lower()}")(node)
-        result = self.model.graph.output[0].name
-        if self.layouts.get(result, [0, 1, 2, 3] if self.nhwc else NHWC) != ([0, 1, 2, 3] if self.nhwc else NHWC):
+        result, image = self.model.graph.output[0].name, [0, 1, 2, 3] if self.nhwc else NHWC
+        if self.layouts.get(result, image) != image:
             raise TfliteUnsupported(f"the output {result!r} is not an image in the .tflite's NHWC layout")
         return self.flat.model([self.flat.index[graph_input.name]], [self.flat.index[result]])
 
@@ -166,9 +167,6 @@ class _Writer:
                 list(attribute(readers[0], "perm", [])) == [0, 3, 1, 2]:
             return readers[0]
         return None
-
-    def _transpose(self, node) -> None:
-        tfliteseq.write_transpose(self, node)  # the stored tensor in another layout (an NHWC graph's own: NHWC)
 
     def _convtranspose(self, node) -> None:
         write_transpose_conv(self, node)
@@ -259,10 +257,14 @@ class _Writer:
                 raise TfliteUnsupported(f"{node.op_type} {node.name!r}: a constant of shape {list(values.shape)} "
                                         "(one value, or one per channel, is written)")
             values = values.reshape(1, 1, 1, -1)
+        return self.int8(f"{name}_int8", values)
+
+    def int8(self, name: str, values) -> int:
+        """A float constant as an INT8 tensor of its shape, symmetric per tensor (`weight_int8`)."""
+        values = np.asarray(values, np.float32)
         quantized, step = weight_int8(values, None)
-        zeros = np.zeros(1, np.int64)
-        return self.flat.tensor(f"{name}_int8", None, (np.atleast_1d(step), zeros), quantized.reshape(values.shape),
-                                self.flat.schema.TensorType.INT8)
+        return self.flat.tensor(name, None, (np.atleast_1d(step), np.zeros(1, np.int64)),
+                                quantized.reshape(values.shape), self.flat.schema.TensorType.INT8)
 
     def int32(self, name: str, values) -> int:
         return self.flat.tensor(name, None, ([], []), np.asarray(values, np.int32), self.flat.schema.TensorType.INT32)
@@ -366,11 +368,6 @@ class _Writer:
         if node.input[0] not in self.flat.index or node.input[1] in self.flat.index:
             raise TfliteUnsupported(f"Div {node.name!r}: LiteRT's INT8 ops divide an activation by a constant only")
         self._binary(node, "MUL", self.flat.schema.MulOptionsT(), "MulOptions")
-
-
-    def _softmax(self, node) -> None:
-        opset = next((o.version for o in self.model.opset_import if o.domain in ("", "ai.onnx")), 13)
-        tfliteseq.write_softmax(self, node, opset)
 
     def _maxpool(self, node) -> None:
         kernel = list(attribute(node, "kernel_shape"))

@@ -21,7 +21,7 @@ the LayerNorm's epsilon, 1e-5 against token variances, is left out). A float sca
 graph is written for one size at a time (`SizeDependent` when no size is given; a fixed-size graph at its own).
 
 `writer` below is the op-by-op writer: its `flat`, constant `arrays`, the spec's `weights`, `layouts`, the ONNX
-shapes it probed (`shapes`), its tensors' `qparams`, `int32`, and `size` (the image size it writes for, or None).
+shapes it probed (`shapes`), its tensors' `qparams`, `int8` and `int32` constants, and `size` (the image size it writes for, or None).
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ import math
 
 import numpy as np
 
-from ..quant.quantspec import weight_int8
+from ..quant.quantspec import exact_int8, weight_int8
 from .tflitefile import TfliteUnsupported, attribute
 
 NHWC = [0, 2, 3, 1]  # an NCHW image's layout in the .tflite
@@ -54,10 +54,14 @@ def stored(writer, name: str, layout: list[int]) -> tuple[list[int], list[int]]:
     return tuple([shape[d] for d in layout] for shape in writer.shape_pair(name))
 
 
+def _signature(first: list[int], second: list[int]) -> list[int]:
+    """A stored shape as the .tflite states it: -1 where the two probe sizes differ (the image's size decides)."""
+    return [a if a == b else -1 for a, b in zip(first, second)]
+
+
 def made(writer, name: str, layout: list[int]) -> int:
     """The .tflite tensor of activation `name` stored in `layout` (-1 where the image's size decides)."""
-    first, second = stored(writer, name, layout)
-    signature = [a if a == b else -1 for a, b in zip(first, second)]
+    signature = _signature(*stored(writer, name, layout))
     writer.layouts[name] = layout
     writer.channels[name] = signature[-1]
     return writer.flat.tensor(name, None, writer.qparams(name), signature=signature)
@@ -76,14 +80,13 @@ def moved(writer, name: str, wanted: list[int]) -> None:
     layout = layout_of(writer, name)
     if layout == wanted:
         return
-    first, second = stored(writer, name, wanted)
+    signature = _signature(*stored(writer, name, wanted))
     tensor = writer.flat.tensor(f"{name}_{''.join(map(str, wanted))}", None, writer.qparams(name),
-                                signature=[a if a == b else -1 for a, b in zip(first, second)])
+                                signature=signature)
     writer.flat.operator("TRANSPOSE", [_source(writer, name), writer.int32(f"{name}_perm{len(writer.flat.tensors)}",
                                                                             [layout.index(d) for d in wanted])],
                          [tensor], writer.flat.schema.TransposeOptionsT(), "TransposeOptions")
-    writer.flat.index[name], writer.layouts[name] = tensor, wanted
-    writer.channels[name] = first[-1] if first[-1] == second[-1] else -1
+    writer.flat.index[name], writer.layouts[name], writer.channels[name] = tensor, wanted, signature[-1]
 
 
 def _last_is(writer, name: str, axis: int) -> list[int]:
@@ -179,13 +182,12 @@ def _shape_tensor(writer, node, dims: tuple[list[int], list[int]]) -> int:
         if a == b:
             pieces.append(writer.int32(f"{node.name}_d{k}", [a]))
             continue
-        found = next(((name, position) for name in list(writer.flat.index) if name in writer.layouts or
-                      _rank(writer, name) == 4 for position, (x, y) in enumerate(zip(*_stored_any(writer, name)))
+        found = next(((name, position, len(dims[0])) for name in list(writer.flat.index)
+                      for dims in [_stored_any(writer, name)] for position, (x, y) in enumerate(zip(*dims))
                       if (x, y) == (a, b)), None)
         if found is None:
             raise TfliteUnsupported(f"Reshape {node.name!r}: no written tensor has its size {a} (at one probe size)")
-        shape = writer.flat.plain(f"{node.name}_shape{k}", [len(_stored_any(writer, found[0])[0])],
-                                  schema.TensorType.INT32)
+        shape = writer.flat.plain(f"{node.name}_shape{k}", [found[2]], schema.TensorType.INT32)
         options = schema.ShapeOptionsT()
         options.outType = schema.TensorType.INT32
         writer.flat.operator("SHAPE", [writer.flat.index[found[0]]], [shape], options, "ShapeOptions")
@@ -202,14 +204,8 @@ def _shape_tensor(writer, node, dims: tuple[list[int], list[int]]) -> int:
     return joined
 
 
-def _rank(writer, name: str) -> int:
-    try:
-        return len(writer.shape_pair(name)[0])
-    except TfliteUnsupported:
-        return -1
-
-
 def _stored_any(writer, name: str) -> tuple[list[int], list[int]]:
+    """`name`'s stored dimensions at the two probe sizes (empty where it has no known shape or layout)."""
     try:
         return stored(writer, name, layout_of(writer, name))
     except TfliteUnsupported:
@@ -286,8 +282,9 @@ def write_matmul(writer, node) -> None:
                          "BatchMatMulOptions")
 
 
-def write_softmax(writer, node, opset: int) -> None:
+def write_softmax(writer, node) -> None:
     """SOFTMAX along the last stored dimension (its output on LiteRT's fixed grid, as the spec has it)."""
+    opset = next((o.version for o in writer.model.opset_import if o.domain in ("", "ai.onnx")), 13)
     axis = int(attribute(node, "axis", -1 if opset >= 13 else 1))
     rank = len(writer.shape_pair(node.input[0])[0])
     if opset < 13 and axis % rank != rank - 1:
@@ -333,7 +330,7 @@ def write_layernorm(writer, node) -> None:
     if first[-1] != second[-1] or gamma.size not in (1, channels) or beta.size not in (1, channels):
         raise TfliteUnsupported(f"LayerNormalization {node.name!r}: its scale and bias are not one per channel")
     schema, flat = writer.flat.schema, writer.flat
-    signature = [a if a == b else -1 for a, b in zip(first, second)]
+    signature = _signature(first, second)
     x_scale, x_zero = writer.qparams(x)
     low, high = (-128 - x_zero) * x_scale, (127 - x_zero) * x_scale
     mean = flat.tensor(f"{node.name}_mean", None, (x_scale, x_zero), signature=[*signature[:-1], 1])
@@ -346,15 +343,12 @@ def write_layernorm(writer, node) -> None:
     unit = flat.tensor(f"{node.name}_unit", None, (1.0 / 128.0, 0), signature=signature)
     flat.operator("L2_NORMALIZATION", [centred], [unit], schema.L2NormOptionsT(), "L2NormOptions")
     factor = np.broadcast_to(gamma * np.float32(math.sqrt(channels)), (channels,)).astype(np.float32)
-    levels, step = weight_int8(factor, None)
-    factor_tensor = flat.tensor(f"{node.name}_factor", None, (np.atleast_1d(step), np.zeros(1, np.int64)),
-                                levels.reshape([1] * (rank - 1) + [channels]), schema.TensorType.INT8)
+    factor_tensor = writer.int8(f"{node.name}_factor", factor.reshape([1] * (rank - 1) + [channels]))
     top = float(np.abs(factor).max(initial=0.0)) or 1.0
     scaled = flat.tensor(f"{node.name}_scaled", None, (top / 127.0, 0), signature=signature)
     flat.operator("MUL", [unit, factor_tensor], [scaled], schema.MulOptionsT(), "MulOptions")
-    shift, shift_step = weight_int8(np.broadcast_to(beta, (channels,)), None)
-    shift_tensor = flat.tensor(f"{node.name}_shift", None, (np.atleast_1d(shift_step), np.zeros(1, np.int64)),
-                               shift.reshape([1] * (rank - 1) + [channels]), schema.TensorType.INT8)
+    shift_tensor = writer.int8(f"{node.name}_shift", np.broadcast_to(beta, (channels,)).reshape(
+        [1] * (rank - 1) + [channels]))
     tensor = made(writer, out, layout)
     flat.operator("ADD", [scaled, shift_tensor], [tensor], schema.AddOptionsT(), "AddOptions")
 
@@ -370,11 +364,9 @@ def sized_constant(writer, node, name: str) -> int:
     value = np.asarray(writer.at_size([name], size)[0], np.float64).reshape(-1)
     if value.size != 1 or not np.isfinite(value[0]) or value[0] == 0:
         raise TfliteUnsupported(f"{node.op_type} {node.name!r}: {name!r} is not one finite non-zero number")
-    c = float(value[0])
-    c = 1.0 / c if node.op_type == "Div" else c
-    return writer.flat.tensor(f"{name}_int8_{size[0]}x{size[1]}", None,
-                              (np.array([abs(c) / 64.0], np.float32), np.zeros(1, np.int64)),
-                              np.array([64 if c > 0 else -64], np.int8), writer.flat.schema.TensorType.INT8)
+    level, step = exact_int8(1.0 / float(value[0]) if node.op_type == "Div" else float(value[0]))
+    return writer.flat.tensor(f"{name}_int8_{size[0]}x{size[1]}", None, (np.array([step]), np.zeros(1, np.int64)),
+                              np.array([level], np.int8), writer.flat.schema.TensorType.INT8)
 
 
 def _constant(writer, node, name: str, rank: int) -> int:
@@ -390,9 +382,7 @@ def _constant(writer, node, name: str, rank: int) -> int:
             raise TfliteUnsupported(f"{node.op_type} {node.name!r}: a constant of shape {list(values.shape)} (one "
                                     "value, or one per last dimension, is written)")
         values = values.reshape([1] * (rank - 1) + [-1])
-    levels, step = weight_int8(values, None)
-    return writer.flat.tensor(f"{name}_int8", None, (np.atleast_1d(step), np.zeros(1, np.int64)),
-                              levels.reshape(values.shape), writer.flat.schema.TensorType.INT8)
+    return writer.int8(f"{name}_int8", values)
 
 
 def sequence_binary(writer, node, op: str, options, kind: str) -> None:
